@@ -1,0 +1,20 @@
+//! flock's Raft layer, on openraft 0.9 (storage v2).
+//!
+//! - [`types`]: the openraft type configuration (commands and results are the scheduler's).
+//! - [`codec`]: versioned postcard records, used on disk and on the wire.
+//! - [`disk`]: the small [`RaftDisk`](disk::RaftDisk) trait and its redb implementation.
+//! - [`log_store`]: the durable log with group commit; [`state_machine`]: the applied
+//!   [`ClusterState`](flock_scheduler::ClusterState) and snapshots; [`store`] opens both.
+//! - [`network`]: openraft's network over gRPC; [`server`]: the gRPC service that receives it.
+
+pub mod codec;
+pub mod disk;
+pub mod log_store;
+pub mod network;
+pub mod server;
+pub mod state_machine;
+pub mod store;
+pub mod types;
+
+pub use store::Store;
+pub use types::{MemberNode, NodeId, Raft, TypeConfig};

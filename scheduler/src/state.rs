@@ -1,0 +1,659 @@
+//! The replicated desired state and the commands that change it.
+//!
+//! Every change goes through Raft as a [`Command`]; every node applies the same commands in the
+//! same order with [`ClusterState::apply`], which is deterministic and validates each command
+//! against the state it finds. A command that does not fit (a stale plan, a taken name, a wrong
+//! join secret) is rejected with an [`ApplyError`] and changes nothing.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A node's id inside its cluster. Assigned by [`Command::RegisterNode`]; the first node is 1.
+pub type NodeId = u64;
+
+/// The longest key the key-value namespace accepts, in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+/// The largest value the key-value namespace accepts, in bytes (as etcd's default request limit).
+pub const MAX_VALUE_LEN: usize = 1536 * 1024;
+/// The longest node name, in bytes.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// The desired state of a cluster, replicated to every node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Set once by [`Command::InitCluster`]; empty before.
+    pub cluster_id: String,
+    /// The secret part of the join token.
+    pub join_secret: String,
+    /// The id the next registered node gets.
+    pub next_node_id: NodeId,
+    pub nodes: BTreeMap<NodeId, Node>,
+    /// Users' cluster-wide settings.
+    pub kv: BTreeMap<String, KvEntry>,
+    /// Revision of the key-value namespace: grows by one with every change to it.
+    pub revision: u64,
+}
+
+/// A machine in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: NodeId,
+    pub name: String,
+    /// HOST:PORT that other nodes and flockctl reach this node's gRPC (Raft and API) on.
+    pub addr: String,
+    pub labels: BTreeMap<String, String>,
+    pub state: NodeState,
+}
+
+/// Whether the scheduler may place work on a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    Ready,
+    Draining,
+    Down,
+}
+
+/// One key of the key-value namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEntry {
+    pub key: String,
+    pub value: String,
+    /// Revision that created the key.
+    pub create_revision: u64,
+    /// Revision of the last change to the key.
+    pub mod_revision: u64,
+    /// Changes since it was created: 1 after the first put.
+    pub version: u64,
+}
+
+/// A change to the desired state, committed through Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// The first command of every cluster: names it and registers its first node.
+    InitCluster {
+        cluster_id: String,
+        join_secret: String,
+        node_id: NodeId,
+        name: String,
+        addr: String,
+    },
+    /// Admits a node that presented `secret`; the node gets the next free id and, when
+    /// `name` is `None`, the name `n<id>`.
+    RegisterNode {
+        secret: String,
+        name: Option<String>,
+        addr: String,
+    },
+    /// Forgets a node. Raft membership is changed before this is proposed.
+    RemoveNode { id: NodeId },
+    KvPut {
+        key: String,
+        value: String,
+    },
+    /// Sets `key` to `value` only if it holds `expect` now (`None`: only if it does not exist).
+    KvCas {
+        key: String,
+        expect: Option<String>,
+        value: String,
+    },
+    KvDelete { key: String },
+}
+
+/// What applying a [`Command`] did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    /// For log entries that carry no command (blank and membership entries).
+    Nothing,
+    ClusterInitialized,
+    NodeRegistered { id: NodeId, name: String },
+    NodeRemoved { id: NodeId },
+    KvPut(KvEntry),
+    /// `entry` is the new entry on success, the current one (if any) on failure.
+    KvCas {
+        succeeded: bool,
+        entry: Option<KvEntry>,
+    },
+    KvDeleted { existed: bool, revision: u64 },
+    /// The command did not fit the state and changed nothing.
+    Rejected(ApplyError),
+}
+
+/// Why a command was rejected. Messages name the bad input and what to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApplyError {
+    #[error("the cluster is already initialized as {cluster_id}")]
+    AlreadyInitialized { cluster_id: String },
+    #[error("the cluster is not initialized yet")]
+    NotInitialized,
+    #[error("the join token is wrong or has been rotated; get the current one with `flockctl cluster token`")]
+    WrongJoinSecret,
+    #[error("a node named {name:?} is already a member; choose another --name, or remove the old one with `flockctl node rm {name}`")]
+    NameTaken { name: String },
+    #[error("invalid node name {name:?}: {reason}")]
+    InvalidName { name: String, reason: String },
+    #[error("invalid node address {addr:?}: expected HOST:PORT")]
+    InvalidAddr { addr: String },
+    #[error("no node with id {id}")]
+    UnknownNode { id: NodeId },
+    #[error("invalid key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: String },
+    #[error("value for key {key:?} is {len} bytes; the limit is {max}")]
+    ValueTooLarge { key: String, len: usize, max: usize },
+}
+
+impl ClusterState {
+    /// Applies one command. Deterministic: the same state and command give the same result on
+    /// every node. A rejected command leaves the state unchanged.
+    pub fn apply(&mut self, cmd: &Command) -> CommandResult {
+        match self.try_apply(cmd) {
+            Ok(r) => r,
+            Err(e) => CommandResult::Rejected(e),
+        }
+    }
+
+    fn try_apply(&mut self, cmd: &Command) -> Result<CommandResult, ApplyError> {
+        if !matches!(cmd, Command::InitCluster { .. }) && self.cluster_id.is_empty() {
+            return Err(ApplyError::NotInitialized);
+        }
+        match cmd {
+            Command::InitCluster {
+                cluster_id,
+                join_secret,
+                node_id,
+                name,
+                addr,
+            } => {
+                if !self.cluster_id.is_empty() {
+                    return Err(ApplyError::AlreadyInitialized {
+                        cluster_id: self.cluster_id.clone(),
+                    });
+                }
+                validate_name(name)?;
+                validate_addr(addr)?;
+                self.cluster_id = cluster_id.clone();
+                self.join_secret = join_secret.clone();
+                self.insert_node(*node_id, name.clone(), addr.clone());
+                self.next_node_id = node_id + 1;
+                Ok(CommandResult::ClusterInitialized)
+            }
+            Command::RegisterNode { secret, name, addr } => {
+                if *secret != self.join_secret {
+                    return Err(ApplyError::WrongJoinSecret);
+                }
+                validate_addr(addr)?;
+                let id = self.next_node_id;
+                let name = match name {
+                    Some(n) => {
+                        validate_name(n)?;
+                        if self.node_by_name(n).is_some() {
+                            return Err(ApplyError::NameTaken { name: n.clone() });
+                        }
+                        n.clone()
+                    }
+                    None => self.free_default_name(id),
+                };
+                self.insert_node(id, name.clone(), addr.clone());
+                self.next_node_id = id + 1;
+                Ok(CommandResult::NodeRegistered { id, name })
+            }
+            Command::RemoveNode { id } => {
+                if self.nodes.remove(id).is_none() {
+                    return Err(ApplyError::UnknownNode { id: *id });
+                }
+                Ok(CommandResult::NodeRemoved { id: *id })
+            }
+            Command::KvPut { key, value } => {
+                validate_kv(key, value)?;
+                Ok(CommandResult::KvPut(self.kv_set(key, value)))
+            }
+            Command::KvCas { key, expect, value } => {
+                validate_kv(key, value)?;
+                let current = self.kv.get(key);
+                if current.map(|e| &e.value) != expect.as_ref() {
+                    return Ok(CommandResult::KvCas {
+                        succeeded: false,
+                        entry: current.cloned(),
+                    });
+                }
+                Ok(CommandResult::KvCas {
+                    succeeded: true,
+                    entry: Some(self.kv_set(key, value)),
+                })
+            }
+            Command::KvDelete { key } => {
+                validate_key(key)?;
+                let existed = self.kv.remove(key).is_some();
+                if existed {
+                    self.revision += 1;
+                }
+                Ok(CommandResult::KvDeleted {
+                    existed,
+                    revision: self.revision,
+                })
+            }
+        }
+    }
+
+    /// The node with this name, if any.
+    pub fn node_by_name(&self, name: &str) -> Option<&Node> {
+        self.nodes.values().find(|n| n.name == name)
+    }
+
+    /// Entries whose key starts with `prefix`, in key order.
+    pub fn kv_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a KvEntry> + 'a {
+        self.kv
+            .range(prefix.to_string()..)
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v)
+    }
+
+    fn insert_node(&mut self, id: NodeId, name: String, addr: String) {
+        self.nodes.insert(
+            id,
+            Node {
+                id,
+                name,
+                addr,
+                labels: BTreeMap::new(),
+                state: NodeState::Ready,
+            },
+        );
+    }
+
+    fn free_default_name(&self, id: NodeId) -> String {
+        let base = format!("n{id}");
+        let mut name = base.clone();
+        let mut k = 2;
+        while self.node_by_name(&name).is_some() {
+            name = format!("{base}-{k}");
+            k += 1;
+        }
+        name
+    }
+
+    fn kv_set(&mut self, key: &str, value: &str) -> KvEntry {
+        self.revision += 1;
+        let rev = self.revision;
+        let entry = self
+            .kv
+            .entry(key.to_string())
+            .and_modify(|e| {
+                e.value = value.to_string();
+                e.mod_revision = rev;
+                e.version += 1;
+            })
+            .or_insert_with(|| KvEntry {
+                key: key.to_string(),
+                value: value.to_string(),
+                create_revision: rev,
+                mod_revision: rev,
+                version: 1,
+            });
+        entry.clone()
+    }
+}
+
+/// A node name: 1 to 63 of `a-z 0-9 - _ .`, starting with a letter or digit.
+pub fn validate_name(name: &str) -> Result<(), ApplyError> {
+    let bad = |reason: &str| {
+        Err(ApplyError::InvalidName {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return bad("it is longer than 63 characters");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+        return bad("it must start with a lowercase letter or a digit");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
+    {
+        return bad("use only lowercase letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
+}
+
+/// HOST:PORT with a non-empty host and a numeric, non-zero port.
+pub fn validate_addr(addr: &str) -> Result<(), ApplyError> {
+    let ok = match addr.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApplyError::InvalidAddr {
+            addr: addr.to_string(),
+        })
+    }
+}
+
+fn validate_key(key: &str) -> Result<(), ApplyError> {
+    let bad = |reason: String| {
+        Err(ApplyError::InvalidKey {
+            key: key.to_string(),
+            reason,
+        })
+    };
+    if key.is_empty() {
+        return bad("keys must not be empty".into());
+    }
+    if key.len() > MAX_KEY_LEN {
+        return bad(format!("keys are at most {MAX_KEY_LEN} bytes"));
+    }
+    Ok(())
+}
+
+fn validate_kv(key: &str, value: &str) -> Result<(), ApplyError> {
+    validate_key(key)?;
+    if value.len() > MAX_VALUE_LEN {
+        return Err(ApplyError::ValueTooLarge {
+            key: key.to_string(),
+            len: value.len(),
+            max: MAX_VALUE_LEN,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn initialized() -> ClusterState {
+        let mut s = ClusterState::default();
+        let r = s.apply(&Command::InitCluster {
+            cluster_id: "c1".into(),
+            join_secret: "s3cret".into(),
+            node_id: 1,
+            name: "n1".into(),
+            addr: "127.0.0.1:7801".into(),
+        });
+        assert_eq!(r, CommandResult::ClusterInitialized);
+        s
+    }
+
+    fn register(s: &mut ClusterState, name: Option<&str>, secret: &str) -> CommandResult {
+        s.apply(&Command::RegisterNode {
+            secret: secret.into(),
+            name: name.map(String::from),
+            addr: "127.0.0.1:7802".into(),
+        })
+    }
+
+    #[test]
+    fn commands_before_init_are_rejected() {
+        let mut s = ClusterState::default();
+        let r = s.apply(&Command::KvPut {
+            key: "a".into(),
+            value: "1".into(),
+        });
+        assert_eq!(r, CommandResult::Rejected(ApplyError::NotInitialized));
+        assert_eq!(s, ClusterState::default());
+    }
+
+    #[test]
+    fn init_twice_is_rejected() {
+        let mut s = initialized();
+        let before = s.clone();
+        let r = s.apply(&Command::InitCluster {
+            cluster_id: "c2".into(),
+            join_secret: "x".into(),
+            node_id: 1,
+            name: "n1".into(),
+            addr: "h:1".into(),
+        });
+        assert!(matches!(
+            r,
+            CommandResult::Rejected(ApplyError::AlreadyInitialized { .. })
+        ));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn register_assigns_ids_and_default_names() {
+        let mut s = initialized();
+        assert_eq!(
+            register(&mut s, None, "s3cret"),
+            CommandResult::NodeRegistered {
+                id: 2,
+                name: "n2".into()
+            }
+        );
+        assert_eq!(
+            register(&mut s, Some("db-host"), "s3cret"),
+            CommandResult::NodeRegistered {
+                id: 3,
+                name: "db-host".into()
+            }
+        );
+        // Someone took the name "n4" by hand: the default name steps around it.
+        assert_eq!(
+            register(&mut s, Some("n5"), "s3cret"),
+            CommandResult::NodeRegistered {
+                id: 4,
+                name: "n5".into()
+            }
+        );
+        assert_eq!(
+            register(&mut s, None, "s3cret"),
+            CommandResult::NodeRegistered {
+                id: 5,
+                name: "n5-2".into()
+            }
+        );
+    }
+
+    #[test]
+    fn register_with_wrong_secret_or_taken_name_changes_nothing() {
+        let mut s = initialized();
+        let before = s.clone();
+        assert_eq!(
+            register(&mut s, None, "wrong"),
+            CommandResult::Rejected(ApplyError::WrongJoinSecret)
+        );
+        assert_eq!(
+            register(&mut s, Some("n1"), "s3cret"),
+            CommandResult::Rejected(ApplyError::NameTaken { name: "n1".into() })
+        );
+        assert!(matches!(
+            register(&mut s, Some("Bad Name"), "s3cret"),
+            CommandResult::Rejected(ApplyError::InvalidName { .. })
+        ));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn removed_name_can_be_reused() {
+        let mut s = initialized();
+        register(&mut s, Some("db"), "s3cret");
+        assert_eq!(
+            s.apply(&Command::RemoveNode { id: 2 }),
+            CommandResult::NodeRemoved { id: 2 }
+        );
+        assert_eq!(
+            register(&mut s, Some("db"), "s3cret"),
+            CommandResult::NodeRegistered {
+                id: 3,
+                name: "db".into()
+            }
+        );
+        assert_eq!(
+            s.apply(&Command::RemoveNode { id: 2 }),
+            CommandResult::Rejected(ApplyError::UnknownNode { id: 2 })
+        );
+    }
+
+    #[test]
+    fn addr_validation() {
+        assert!(validate_addr("10.0.0.1:7801").is_ok());
+        assert!(validate_addr("node-3.example:1").is_ok());
+        assert!(validate_addr("[::1]:7801").is_ok());
+        for bad in ["", "host", ":80", "host:", "host:0", "host:99999", "host:x"] {
+            assert!(validate_addr(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn kv_revisions_follow_etcd() {
+        let mut s = initialized();
+        let put = |s: &mut ClusterState, k: &str, v: &str| match s.apply(&Command::KvPut {
+            key: k.into(),
+            value: v.into(),
+        }) {
+            CommandResult::KvPut(e) => e,
+            r => panic!("{r:?}"),
+        };
+        let a1 = put(&mut s, "a", "1");
+        assert_eq!((a1.create_revision, a1.mod_revision, a1.version), (1, 1, 1));
+        put(&mut s, "b", "x");
+        let a2 = put(&mut s, "a", "2");
+        assert_eq!((a2.create_revision, a2.mod_revision, a2.version), (1, 3, 2));
+        assert_eq!(
+            s.apply(&Command::KvDelete { key: "zz".into() }),
+            CommandResult::KvDeleted {
+                existed: false,
+                revision: 3
+            }
+        );
+        assert_eq!(
+            s.apply(&Command::KvDelete { key: "a".into() }),
+            CommandResult::KvDeleted {
+                existed: true,
+                revision: 4
+            }
+        );
+        let a3 = put(&mut s, "a", "3");
+        assert_eq!((a3.create_revision, a3.version), (5, 1));
+    }
+
+    #[test]
+    fn kv_rejects_empty_key_and_huge_value() {
+        let mut s = initialized();
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(&Command::KvPut {
+                key: "".into(),
+                value: "v".into()
+            }),
+            CommandResult::Rejected(ApplyError::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            s.apply(&Command::KvCas {
+                key: "k".into(),
+                expect: None,
+                value: "v".repeat(MAX_VALUE_LEN + 1)
+            }),
+            CommandResult::Rejected(ApplyError::ValueTooLarge { .. })
+        ));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn kv_prefix_lists_only_the_prefix() {
+        let mut s = initialized();
+        for k in ["app/a", "app/b", "apq", "ap", "b"] {
+            s.apply(&Command::KvPut {
+                key: k.into(),
+                value: "v".into(),
+            });
+        }
+        let keys: Vec<_> = s.kv_prefix("app/").map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["app/a", "app/b"]);
+        assert_eq!(s.kv_prefix("").count(), 5);
+    }
+
+    fn kv_command() -> impl Strategy<Value = Command> {
+        let key = prop::sample::select(vec!["a", "b", "c"]).prop_map(String::from);
+        let val = prop::sample::select(vec!["0", "1", "2"]).prop_map(String::from);
+        prop_oneof![
+            (key.clone(), val.clone()).prop_map(|(key, value)| Command::KvPut { key, value }),
+            (key.clone(), prop::option::of(val.clone()), val)
+                .prop_map(|(key, expect, value)| Command::KvCas { key, expect, value }),
+            key.prop_map(|key| Command::KvDelete { key }),
+        ]
+    }
+
+    proptest! {
+        /// The key-value namespace behaves as a map of registers: compare it with a plain
+        /// BTreeMap, and the revision grows by exactly one per change.
+        #[test]
+        fn kv_matches_a_plain_map(cmds in prop::collection::vec(kv_command(), 0..60)) {
+            let mut s = initialized();
+            let mut model: BTreeMap<String, String> = BTreeMap::new();
+            for cmd in &cmds {
+                let rev_before = s.revision;
+                let r = s.apply(cmd);
+                let changed = match (cmd, &r) {
+                    (Command::KvPut { key, value }, CommandResult::KvPut(e)) => {
+                        model.insert(key.clone(), value.clone());
+                        prop_assert_eq!(e.mod_revision, s.revision);
+                        true
+                    }
+                    (Command::KvCas { key, expect, value }, CommandResult::KvCas { succeeded, entry }) => {
+                        let ok = model.get(key) == expect.as_ref();
+                        prop_assert_eq!(ok, *succeeded);
+                        if ok {
+                            model.insert(key.clone(), value.clone());
+                        } else {
+                            prop_assert_eq!(entry.as_ref().map(|e| &e.value), model.get(key));
+                        }
+                        ok
+                    }
+                    (Command::KvDelete { key }, CommandResult::KvDeleted { existed, .. }) => {
+                        prop_assert_eq!(*existed, model.remove(key).is_some());
+                        *existed
+                    }
+                    _ => { prop_assert!(false, "unexpected result {:?} for {:?}", r, cmd); false }
+                };
+                prop_assert_eq!(s.revision, rev_before + changed as u64);
+                let got: BTreeMap<_, _> = s.kv.iter().map(|(k, e)| (k.clone(), e.value.clone())).collect();
+                prop_assert_eq!(&got, &model);
+            }
+        }
+
+        /// Replaying the same commands gives the same state (what every replica relies on),
+        /// and the state survives its stored encoding unchanged.
+        #[test]
+        fn apply_is_deterministic(cmds in prop::collection::vec(kv_command(), 0..40)) {
+            let mut a = initialized();
+            let mut b = initialized();
+            let ra: Vec<_> = cmds.iter().map(|c| a.apply(c)).collect();
+            let rb: Vec<_> = cmds.iter().map(|c| b.apply(c)).collect();
+            prop_assert_eq!(ra, rb);
+            prop_assert_eq!(&a, &b);
+            let bytes = postcard::to_allocvec(&a).unwrap();
+            let back: ClusterState = postcard::from_bytes(&bytes).unwrap();
+            prop_assert_eq!(a, back);
+        }
+
+        /// Node names stay unique and ids never repeat, whatever is registered and removed.
+        #[test]
+        fn node_names_unique_ids_fresh(ops in prop::collection::vec((any::<bool>(), prop::option::of(prop::sample::select(vec!["n2", "n3", "db", "web"]))), 0..40)) {
+            let mut s = initialized();
+            let mut seen_ids = std::collections::BTreeSet::from([1]);
+            for (remove, name) in ops {
+                if remove {
+                    if let Some(&id) = s.nodes.keys().last() {
+                        s.apply(&Command::RemoveNode { id });
+                    }
+                } else if let CommandResult::NodeRegistered { id, .. } = register(&mut s, name, "s3cret") {
+                    prop_assert!(seen_ids.insert(id), "id {} reused", id);
+                }
+                let mut names: Vec<_> = s.nodes.values().map(|n| n.name.clone()).collect();
+                let total = names.len();
+                names.sort();
+                names.dedup();
+                prop_assert_eq!(names.len(), total);
+            }
+        }
+    }
+}
