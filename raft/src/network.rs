@@ -1,0 +1,159 @@
+//! openraft's network over gRPC: each Raft RPC is one unary call whose payload is openraft's own
+//! request, postcard-encoded (see [`crate::codec`]), tagged with the cluster id.
+
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{de::DeserializeOwned, Serialize};
+use tonic::transport::{Channel, Endpoint};
+
+use flock_proto::v1::raft_client::RaftClient;
+use flock_proto::v1::{RaftReply, RaftRequest};
+
+use crate::codec::{decode, encode};
+use crate::types::{MemberNode, NodeId, TypeConfig};
+
+/// How long a connection attempt to a peer may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A gRPC channel to `addr` (HOST:PORT), connected on first use.
+pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+/// Creates a connection per peer; openraft keeps one per replication stream.
+#[derive(Clone)]
+pub struct GrpcNetwork {
+    cluster_id: String,
+}
+
+impl GrpcNetwork {
+    pub fn new(cluster_id: impl Into<String>) -> Self {
+        GrpcNetwork {
+            cluster_id: cluster_id.into(),
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
+    type Network = GrpcConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> GrpcConnection {
+        let client = match lazy_channel(&node.addr) {
+            Ok(ch) => Ok(RaftClient::new(ch)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX)),
+            Err(e) => Err(format!("bad address {:?} for node {target}: {e}", node.addr)),
+        };
+        GrpcConnection {
+            target,
+            cluster_id: self.cluster_id.clone(),
+            client,
+        }
+    }
+}
+
+/// A connection to one peer.
+pub struct GrpcConnection {
+    target: NodeId,
+    cluster_id: String,
+    client: Result<RaftClient<Channel>, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Failure(String);
+
+/// Which RPC to make.
+enum Rpc {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+impl GrpcConnection {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, MemberNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = match &mut self.client {
+            Ok(c) => c,
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Failure(e.clone())))),
+        };
+        let mut request = tonic::Request::new(RaftRequest {
+            cluster_id: self.cluster_id.clone(),
+            payload: encode(req),
+        });
+        request.set_timeout(option.hard_ttl());
+        let reply = match rpc {
+            Rpc::AppendEntries => client.append_entries(request).await,
+            Rpc::Vote => client.vote(request).await,
+            Rpc::InstallSnapshot => client.install_snapshot(request).await,
+        };
+        let RaftReply { payload } = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let f = Failure(format!("node {}: {}", self.target, status.message()));
+                return Err(match status.code() {
+                    tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&f)),
+                    _ => RPCError::Network(NetworkError::new(&f)),
+                });
+            }
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> = decode(&payload).map_err(|e| {
+            RPCError::Network(NetworkError::new(&Failure(format!(
+                "node {} sent an undecodable reply: {e}",
+                self.target
+            ))))
+        })?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for GrpcConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>> {
+        self.call(Rpc::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, MemberNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(Rpc::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>> {
+        self.call(Rpc::Vote, &rpc, &option).await
+    }
+}

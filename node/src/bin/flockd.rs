@@ -1,0 +1,192 @@
+//! flockd: the daemon every machine of a flock cluster runs. See `flock_node::daemon`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use flock_node::daemon::{Endpoint, NodeOptions, RunningNode};
+use flock_node::datadir::DataDir;
+
+/// flock's daemon: forms a cluster with the other machines' flockd and keeps its desired state.
+#[derive(Parser, Debug)]
+#[command(name = "flockd", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a new cluster with this machine as its first node, and keep running as that node.
+    Init {
+        #[command(flatten)]
+        node: NewNode,
+    },
+    /// Join the cluster that PEER (HOST:PORT of any member) belongs to, and keep running.
+    Join {
+        peer: String,
+        /// The join token (`flockctl cluster token` prints it).
+        #[arg(long, env = "FLOCK_TOKEN")]
+        token: String,
+        /// Seconds to keep retrying an unreachable PEER before giving up.
+        #[arg(long, default_value_t = 15)]
+        join_timeout: u64,
+        #[command(flatten)]
+        node: NewNode,
+    },
+    /// Restart the node kept in a data dir, with its identity and state.
+    Run {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Bind this address instead of the one recorded at creation (the advertised address stays).
+        #[arg(long)]
+        listen: Option<String>,
+        #[command(flatten)]
+        raft: RaftArgs,
+    },
+    /// Run a local cluster on loopback in one command, with embedded defaults.
+    Dev {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// API port of the first node; the others take the next ones.
+        #[arg(long, default_value_t = 7801)]
+        port: u16,
+        /// Keep the nodes' data here (reused on the next run) instead of a temporary directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        raft: RaftArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+struct NewNode {
+    /// Directory for this node's identity and Raft store; must be empty or absent.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// HOST:PORT to serve Raft and the API on (port 0 picks a free one).
+    #[arg(long)]
+    listen: String,
+    /// HOST:PORT other nodes and flockctl reach this node on (default: the bound address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Node name (default: n<id>).
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    raft: RaftArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+struct RaftArgs {
+    /// Leader heartbeat interval, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
+    /// Minimum election timeout in milliseconds (the maximum is twice this).
+    #[arg(long, default_value_t = 500)]
+    election_timeout_ms: u64,
+    /// Take a Raft snapshot after this many log entries.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_logs: u64,
+    /// Log entries kept after a snapshot, so slightly-behind followers need no snapshot.
+    #[arg(long, default_value_t = 1_000)]
+    keep_logs: u64,
+    /// How long a request waits for a leader and for its change to commit, in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    request_timeout_ms: u64,
+}
+
+impl RaftArgs {
+    fn options(&self) -> NodeOptions {
+        NodeOptions {
+            heartbeat_ms: self.heartbeat_ms,
+            election_timeout_ms: self.election_timeout_ms,
+            snapshot_logs: self.snapshot_logs,
+            keep_logs: self.keep_logs,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+        }
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("warn,flock_node=info,flock_raft=info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flockd: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("flockd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let node = match cli.command {
+        Cmd::Dev {
+            nodes,
+            port,
+            data_dir,
+            raft,
+        } => return flock_node::dev::run(nodes, port, data_dir, &raft.options()).await,
+        Cmd::Init { node: n } => {
+            let dd = DataDir::new(&n.data_dir);
+            let ep = Endpoint::bind(&n.listen, n.advertise).await?;
+            let node = RunningNode::init(&dd, ep, n.name, &n.raft.options()).await?;
+            let token = node.token();
+            println!("flockd: join with token {token}");
+            println!(
+                "flockd: add a node with: flockd join {} --token {token} --data-dir DIR --listen HOST:PORT",
+                node.identity.advertise
+            );
+            node
+        }
+        Cmd::Join {
+            peer,
+            token,
+            join_timeout,
+            node: n,
+        } => {
+            let dd = DataDir::new(&n.data_dir);
+            let ep = Endpoint::bind(&n.listen, n.advertise).await?;
+            let node = RunningNode::join(&dd, ep, &peer, &token, n.name, Duration::from_secs(join_timeout), &n.raft.options()).await?;
+            node.wait_until_member(Duration::from_secs(30)).await?;
+            node
+        }
+        Cmd::Run {
+            data_dir,
+            listen,
+            raft,
+        } => RunningNode::run(&DataDir::new(data_dir), listen, &raft.options()).await?,
+    };
+    let id = &node.identity;
+    println!(
+        "flockd: ready node {} (id {}) of cluster {} serving on {}",
+        id.name, id.node_id, id.cluster_id, id.advertise
+    );
+    let cluster = node.cluster.clone();
+    let fatal = async move { cluster.fatal().await };
+    tokio::select! {
+        sig = flock_node::dev::shutdown_signal() => println!("flockd: {sig}, shutting down"),
+        e = fatal => {
+            let _ = node.shutdown().await;
+            anyhow::bail!("raft stopped: {e}");
+        }
+    }
+    node.shutdown().await?;
+    println!("flockd: stopped");
+    Ok(())
+}

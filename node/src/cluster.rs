@@ -1,0 +1,516 @@
+//! A running node's view of its cluster: proposing commands (forwarded to the leader when this
+//! node is not it), linearizable reads, status, and the leader's membership worker.
+//!
+//! Retries are only made when a command certainly was not applied (the local Raft said "not
+//! leader" before appending, or the leader could not be reached at all). When a command may or
+//! may not have been applied, the caller gets [`ClusterError::OutcomeUnknown`] instead: retrying a
+//! compare-and-set blindly could report failure for a write that succeeded.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use flock_proto::v1::api_client::ApiClient;
+use flock_proto::v1::{Member, PingRequest, ProposeRequest, ReadIndexRequest, StatusReply};
+use flock_raft::codec::{decode, encode};
+use flock_raft::network::lazy_channel;
+use flock_raft::state_machine::{Applied, StateView};
+use flock_raft::types::RaftMetrics;
+use flock_raft::{MemberNode, NodeId, Raft};
+use flock_scheduler::membership::{check_removal, voters_to_promote};
+use flock_scheduler::{ApplyError, Command, CommandResult};
+
+/// How long a health probe of a member may take before it counts as unreachable.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
+/// How often the leader reconciles Raft membership with the registered nodes.
+pub const MEMBERSHIP_TICK: Duration = Duration::from_millis(250);
+/// A learner within this many entries of the leader's log counts as caught up.
+pub const CAUGHT_UP_SLACK: u64 = 64;
+
+/// Errors of cluster operations; each maps to one gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("no leader could be reached within {0:?}; is a majority of voters running? (`flockctl status` lists them)")]
+    NoLeader(Duration),
+    #[error("the outcome is unknown: {0}; the change may or may not have been applied, check before retrying")]
+    OutcomeUnknown(String),
+    #[error("this node is not the leader")]
+    NotLeader,
+    #[error(transparent)]
+    Rejected(#[from] ApplyError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+}
+
+impl From<ClusterError> for tonic::Status {
+    fn from(e: ClusterError) -> Self {
+        use tonic::Status;
+        let msg = e.to_string();
+        match e {
+            ClusterError::NoLeader(_) | ClusterError::OutcomeUnknown(_) => Status::unavailable(msg),
+            ClusterError::NotLeader | ClusterError::Refused(_) => Status::failed_precondition(msg),
+            ClusterError::Invalid(_) => Status::invalid_argument(msg),
+            ClusterError::NotFound(_) => Status::not_found(msg),
+            ClusterError::PermissionDenied(_) => Status::permission_denied(msg),
+            ClusterError::Fatal(_) => Status::internal(msg),
+            ClusterError::Rejected(a) => match a {
+                ApplyError::WrongJoinSecret => Status::permission_denied(msg),
+                ApplyError::NameTaken { .. } | ApplyError::AlreadyInitialized { .. } => {
+                    Status::already_exists(msg)
+                }
+                ApplyError::UnknownNode { .. } => Status::not_found(msg),
+                ApplyError::NotInitialized => Status::unavailable(msg),
+                _ => Status::invalid_argument(msg),
+            },
+        }
+    }
+}
+
+/// True when a failed call certainly never reached the peer's handler (the connection could not
+/// be made), so retrying it elsewhere cannot apply a command twice.
+fn never_sent(status: &tonic::Status) -> bool {
+    // tonic reports a failed connect as Unavailable with the connector's error; a request that
+    // was sent and then lost reports other messages (or other codes).
+    status.code() == tonic::Code::Unavailable
+        && (status.message().contains("error trying to connect")
+            || status.message().contains("tcp connect error")
+            || status.message().contains("Connection refused"))
+}
+
+/// A running node's handle on its cluster. Shared by the API service and the workers.
+pub struct Cluster {
+    pub raft: Raft,
+    pub view: StateView,
+    pub node_id: NodeId,
+    pub node_name: String,
+    pub cluster_id: String,
+    /// How long a request may wait for a leader and for its command to apply.
+    pub request_timeout: Duration,
+    peers: Mutex<HashMap<String, ApiClient<Channel>>>,
+}
+
+/// Outcome of forwarding to the leader.
+enum Forwarded<T> {
+    Done(T),
+    /// Certainly not applied: safe to retry.
+    Retry,
+}
+
+impl Cluster {
+    pub fn new(
+        raft: Raft,
+        view: StateView,
+        node_id: NodeId,
+        node_name: String,
+        cluster_id: String,
+        request_timeout: Duration,
+    ) -> Self {
+        Cluster {
+            raft,
+            view,
+            node_id,
+            node_name,
+            cluster_id,
+            request_timeout,
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A client for the API of the node at `addr`, sharing one connection per peer.
+    pub fn peer(&self, addr: &str) -> Result<ApiClient<Channel>, ClusterError> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = lazy_channel(addr)
+            .map_err(|e| ClusterError::Invalid(format!("bad peer address {addr:?}: {e}")))?;
+        let c = ApiClient::new(ch);
+        peers.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    pub fn metrics(&self) -> RaftMetrics {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// The leader's id and address as this node knows them.
+    pub fn leader(&self) -> Option<(NodeId, MemberNode)> {
+        let m = self.metrics();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, node))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.metrics().state == ServerState::Leader
+    }
+
+    /// Runs `cmd` through Raft and returns what applying it did. Forwards to the leader when this
+    /// node is not it; waits up to `request_timeout` for a leader.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, ClusterError> {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let leader = match self.propose_local(cmd.clone(), deadline).await {
+                Err(ClusterError::NotLeader) => self.leader(),
+                other => return other,
+            };
+            if let Some((id, node)) = leader.filter(|(id, _)| *id != self.node_id) {
+                match self.forward_propose(id, &node.addr, &cmd, deadline).await? {
+                    Forwarded::Done(r) => return Ok(r),
+                    Forwarded::Retry => {}
+                }
+            }
+            self.pause_before_retry(deadline).await?;
+        }
+    }
+
+    /// Proposes on this node only; [`ClusterError::NotLeader`] when it is not the leader (and
+    /// then the command was certainly not appended).
+    pub async fn propose_local(
+        &self,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<CommandResult, ClusterError> {
+        let write = self.raft.client_write(cmd);
+        match tokio::time::timeout_at(deadline.into(), write).await {
+            Err(_) => Err(ClusterError::OutcomeUnknown(format!(
+                "not committed within {:?}",
+                self.request_timeout
+            ))),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(ClusterError::NotLeader)
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(ClusterError::Refused(e.to_string()))
+            }
+            Ok(Err(RaftError::Fatal(f))) => Err(ClusterError::Fatal(f.to_string())),
+        }
+    }
+
+    async fn forward_propose(
+        &self,
+        leader: NodeId,
+        addr: &str,
+        cmd: &Command,
+        deadline: Instant,
+    ) -> Result<Forwarded<CommandResult>, ClusterError> {
+        let mut client = self.peer(addr)?;
+        let mut req = tonic::Request::new(ProposeRequest {
+            command: encode(cmd),
+        });
+        req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        match client.propose(req).await {
+            Ok(reply) => {
+                let r = decode(&reply.into_inner().result).map_err(|e| {
+                    ClusterError::OutcomeUnknown(format!("leader {leader} sent an undecodable result: {e}"))
+                })?;
+                Ok(Forwarded::Done(r))
+            }
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => Ok(Forwarded::Retry),
+            Err(s) if never_sent(&s) => Ok(Forwarded::Retry),
+            Err(s) => Err(ClusterError::OutcomeUnknown(format!(
+                "forwarded to leader {leader} at {addr}, which did not answer: {}",
+                s.message()
+            ))),
+        }
+    }
+
+    async fn pause_before_retry(&self, deadline: Instant) -> Result<(), ClusterError> {
+        if Instant::now() >= deadline {
+            return Err(ClusterError::NoLeader(self.request_timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(())
+    }
+
+    /// Waits until this node's state machine reflects every write committed before the call
+    /// (a linearizable read point), asking the leader when this node is not it.
+    pub async fn read_barrier(&self) -> Result<(), ClusterError> {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let read = tokio::time::timeout_at(deadline.into(), self.raft.ensure_linearizable());
+            match read.await {
+                Err(_) => return Err(ClusterError::NoLeader(self.request_timeout)),
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(RaftError::Fatal(f))) => return Err(ClusterError::Fatal(f.to_string())),
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {}
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                    if let Some(node) = f.leader_node {
+                        if let Some(index) = self.remote_read_index(&node.addr, deadline).await {
+                            let wait = self
+                                .raft
+                                .wait(Some(deadline.saturating_duration_since(Instant::now())))
+                                .applied_index_at_least(Some(index), "linearizable read")
+                                .await;
+                            return wait.map(|_| ()).map_err(|_| {
+                                ClusterError::NoLeader(self.request_timeout)
+                            });
+                        }
+                    }
+                }
+            }
+            self.pause_before_retry(deadline).await?;
+        }
+    }
+
+    async fn remote_read_index(&self, addr: &str, deadline: Instant) -> Option<u64> {
+        let mut client = self.peer(addr).ok()?;
+        let mut req = tonic::Request::new(ReadIndexRequest {});
+        req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        client.read_index(req).await.ok().map(|r| r.into_inner().index)
+    }
+
+    /// On the leader: confirms leadership with a quorum and returns the index a linearizable
+    /// read must observe.
+    pub async fn local_read_index(&self) -> Result<u64, ClusterError> {
+        let read = tokio::time::timeout(self.request_timeout, self.raft.ensure_linearizable());
+        match read.await {
+            Err(_) => Err(ClusterError::NoLeader(self.request_timeout)),
+            Ok(Ok(log_id)) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                Err(ClusterError::NotLeader)
+            }
+            Ok(Err(RaftError::APIError(e))) => Err(ClusterError::Refused(e.to_string())),
+            Ok(Err(RaftError::Fatal(f))) => Err(ClusterError::Fatal(f.to_string())),
+        }
+    }
+
+    /// Reads the applied state, linearizably unless `stale`.
+    pub async fn read<T>(&self, stale: bool, f: impl FnOnce(&Applied) -> T) -> Result<T, ClusterError> {
+        if !stale {
+            self.read_barrier().await?;
+        }
+        Ok(f(&self.view.read()))
+    }
+
+    /// Probes each member's API; returns the round trip of those that answered as this cluster.
+    pub async fn probe(&self, members: &BTreeMap<NodeId, MemberNode>) -> BTreeMap<NodeId, Duration> {
+        let probes = members.iter().map(|(&id, node)| async move {
+            if id == self.node_id {
+                return Some((id, Duration::ZERO));
+            }
+            let mut client = self.peer(&node.addr).ok()?;
+            let start = Instant::now();
+            let reply = tokio::time::timeout(PROBE_TIMEOUT, client.ping(PingRequest {}))
+                .await
+                .ok()?
+                .ok()?
+                .into_inner();
+            (reply.cluster_id == self.cluster_id && reply.node_id == id).then(|| (id, start.elapsed()))
+        });
+        futures::future::join_all(probes).await.into_iter().flatten().collect()
+    }
+
+    /// This node's status: Raft figures, and for each member its role, health and lag. Health and
+    /// lag are known on the leader; elsewhere they are reported as unknown.
+    pub async fn local_status(&self) -> StatusReply {
+        let m = self.metrics();
+        let committed = self
+            .raft
+            .with_raft_state(|st| st.committed.map(|l| l.index))
+            .await
+            .ok()
+            .flatten();
+        let membership = m.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let nodes: BTreeMap<NodeId, MemberNode> =
+            membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let is_leader = m.state == ServerState::Leader;
+        let rtts = if is_leader { self.probe(&nodes).await } else { BTreeMap::new() };
+        let last = m.last_log_index.unwrap_or(0);
+        let members = nodes
+            .iter()
+            .map(|(id, node)| {
+                let matched = if !is_leader {
+                    None
+                } else if *id == self.node_id {
+                    m.last_log_index
+                } else {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(id).cloned().flatten())
+                        .map(|l| l.index)
+                };
+                let health = match (is_leader, rtts.get(id)) {
+                    (false, _) => "unknown",
+                    (true, Some(_)) => "healthy",
+                    (true, None) => "unreachable",
+                };
+                Member {
+                    id: *id,
+                    name: node.name.clone(),
+                    addr: node.addr.clone(),
+                    role: if voters.contains(id) { "voter" } else { "learner" }.into(),
+                    health: health.into(),
+                    matched_index: matched,
+                    lag: if is_leader { Some(last.saturating_sub(matched.unwrap_or(0))) } else { None },
+                    rtt_ms: rtts.get(id).map(|d| d.as_millis() as u64),
+                }
+            })
+            .collect();
+        let leader = m
+            .current_leader
+            .and_then(|id| nodes.get(&id).map(|n| (id, n.clone())));
+        StatusReply {
+            cluster_id: self.cluster_id.clone(),
+            node_id: self.node_id,
+            node_name: self.node_name.clone(),
+            leader_id: leader.as_ref().map(|(id, _)| *id),
+            leader_name: leader.as_ref().map(|(_, n)| n.name.clone()).unwrap_or_default(),
+            leader_addr: leader.as_ref().map(|(_, n)| n.addr.clone()).unwrap_or_default(),
+            term: m.current_term,
+            commit_index: committed,
+            applied_index: m.last_applied.map(|l| l.index),
+            last_log_index: m.last_log_index,
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            members,
+            state: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower if voters.contains(&self.node_id) => "follower",
+                ServerState::Follower | ServerState::Learner => "learner",
+                ServerState::Candidate => "candidate",
+                ServerState::Shutdown => "shutdown",
+            }
+            .into(),
+        }
+    }
+
+    /// Removes the node named `name`: refuses to remove the last voter, or (without `force`) a
+    /// voter whose removal leaves the healthy voters short of a quorum. Must run on the leader.
+    pub async fn remove_node(&self, name: &str, force: bool) -> Result<NodeId, ClusterError> {
+        self.read_barrier().await?;
+        let id = {
+            let a = self.view.read();
+            a.cluster
+                .node_by_name(name)
+                .map(|n| n.id)
+                .ok_or_else(|| ClusterError::NotFound(format!("no node named {name:?}; `flockctl node ls` lists them")))?
+        };
+        let membership = self.metrics().membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let nodes: BTreeMap<NodeId, MemberNode> = membership.nodes().map(|(i, n)| (*i, n.clone())).collect();
+        let healthy: BTreeSet<NodeId> = self.probe(&nodes).await.into_keys().collect();
+        check_removal(&voters, &healthy, id, force)
+            .map_err(|e| ClusterError::Refused(format!("cannot remove {name}: {e}")))?;
+        match self.propose(Command::RemoveNode { id }).await? {
+            CommandResult::NodeRemoved { id } => Ok(id),
+            CommandResult::Rejected(e) => Err(e.into()),
+            other => Err(ClusterError::Fatal(format!("unexpected result {other:?}"))),
+        }
+    }
+}
+
+/// The leader's membership worker: keeps Raft membership in line with the registered nodes
+/// (adds joined nodes as learners, drops removed ones) and promotes caught-up learners so the
+/// voter count grows to 5 and stays odd. Acts only once the leader has applied its own term's
+/// first entry, so it never acts on a state older than its leadership.
+pub async fn membership_worker(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(MEMBERSHIP_TICK) => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) = reconcile_membership(&cluster).await {
+            tracing::info!(error = %e, "membership change deferred");
+        }
+    }
+}
+
+async fn reconcile_membership(cluster: &Cluster) -> Result<(), String> {
+    let m = cluster.metrics();
+    if m.state != ServerState::Leader {
+        return Ok(());
+    }
+    if m.last_applied.map(|l| l.leader_id.term) != Some(m.current_term) {
+        return Ok(());
+    }
+    let membership = m.membership_config.membership().clone();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let members: BTreeMap<NodeId, MemberNode> = membership.nodes().map(|(i, n)| (*i, n.clone())).collect();
+    let registered: BTreeMap<NodeId, MemberNode> = cluster
+        .view
+        .read()
+        .cluster
+        .nodes
+        .values()
+        .map(|n| {
+            (
+                n.id,
+                MemberNode {
+                    name: n.name.clone(),
+                    addr: n.addr.clone(),
+                },
+            )
+        })
+        .collect();
+    let raft = &cluster.raft;
+    let fail = |e: RaftError<NodeId, ClientWriteError<NodeId, MemberNode>>| e.to_string();
+
+    // Removed nodes leave Raft membership (voters first: they are not kept as learners).
+    let gone_voters: BTreeSet<NodeId> = voters.iter().copied().filter(|id| !registered.contains_key(id)).collect();
+    if !gone_voters.is_empty() {
+        tracing::info!(nodes = ?gone_voters, "removing voters of removed nodes");
+        raft.change_membership(ChangeMembers::RemoveVoters(gone_voters), false).await.map_err(fail)?;
+        return Ok(());
+    }
+    let gone: BTreeSet<NodeId> = members.keys().copied().filter(|id| !registered.contains_key(id)).collect();
+    if !gone.is_empty() {
+        tracing::info!(nodes = ?gone, "removing learners of removed nodes");
+        raft.change_membership(ChangeMembers::RemoveNodes(gone), false).await.map_err(fail)?;
+        return Ok(());
+    }
+    // Joined nodes become learners.
+    for (id, node) in registered.iter().filter(|(id, _)| !members.contains_key(id)) {
+        tracing::info!(node = %node, id, "adding learner");
+        raft.add_learner(*id, node.clone(), false).await.map_err(fail)?;
+    }
+    // Caught-up learners become voters, keeping the count odd.
+    let last = m.last_log_index.unwrap_or(0);
+    let ready: Vec<NodeId> = members
+        .keys()
+        .copied()
+        .filter(|id| !voters.contains(id))
+        .filter(|id| {
+            let matched = m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten());
+            matched.is_some_and(|l| l.index + CAUGHT_UP_SLACK >= last)
+        })
+        .collect();
+    let promote = voters_to_promote(&voters, &ready);
+    if !promote.is_empty() {
+        tracing::info!(nodes = ?promote, "promoting learners to voters");
+        raft.change_membership(ChangeMembers::AddVoterIds(promote.into_iter().collect()), true)
+            .await
+            .map_err(fail)?;
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Resolves when Raft stops on a fatal error (a failed disk write, say), with the reason.
+    pub async fn fatal(&self) -> String {
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Err(e) = &rx.borrow().running_state {
+                return e.to_string();
+            }
+            if rx.changed().await.is_err() {
+                return "raft stopped".to_string();
+            }
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! flockctl: the operator's CLI. Every command is one or two API calls to any node.
+//!
+//! Exit codes: 0 success, 1 error, 2 bad usage, 3 a compare-and-set whose expectation did not
+//! hold, 4 a key that does not exist (`kv get`).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use flock_proto::v1::api_client::ApiClient;
+use flock_proto::v1::*;
+
+use crate::client::connect;
+
+/// Exit code of a compare-and-set whose expected value did not match.
+pub const EXIT_CAS_FAILED: i32 = 3;
+/// Exit code of `kv get` on a key that does not exist.
+pub const EXIT_NOT_FOUND: i32 = 4;
+
+/// flock's operator CLI: inspect and change a flock cluster through any of its nodes.
+#[derive(Parser, Debug)]
+#[command(name = "flockctl", version)]
+pub struct Cli {
+    /// API address of any node of the cluster.
+    #[arg(long, global = true, env = "FLOCK_ADDR", default_value = "127.0.0.1:7801")]
+    pub addr: String,
+    /// Seconds to wait for the node to answer.
+    #[arg(long, global = true, default_value_t = 10)]
+    pub timeout: u64,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Cluster id, leader, term, log indexes, and each member's role, health and lag.
+    Status(JsonFlag),
+    /// Nodes of the cluster.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Cluster-wide settings.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// The replicated key-value namespace for users' cluster-wide settings.
+    #[command(subcommand)]
+    Kv(KvCmd),
+}
+
+#[derive(Args, Debug)]
+pub struct JsonFlag {
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCmd {
+    /// List the members with their role and health.
+    Ls(JsonFlag),
+    /// Remove a node from the cluster (its Raft membership and its registration).
+    Rm {
+        name: String,
+        /// Remove a voter even if the remaining healthy voters would not form a quorum.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Print the token new nodes join with (`flockd join PEER --token TOKEN`).
+    Token,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KvCmd {
+    /// Set KEY to VALUE.
+    Put { key: String, value: String },
+    /// Print KEY's value (exit code 4 when it does not exist).
+    Get {
+        key: String,
+        /// Read this node's replica without asking the leader: fast, possibly old.
+        #[arg(long)]
+        stale: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set KEY to VALUE only if it holds OLD now (exit code 3 when it does not).
+    Cas {
+        key: String,
+        /// The value KEY must hold.
+        #[arg(long, required_unless_present = "absent", conflicts_with = "absent")]
+        expect: Option<String>,
+        /// Instead of --expect: KEY must not exist.
+        #[arg(long)]
+        absent: bool,
+        value: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete KEY.
+    Rm { key: String },
+    /// List keys starting with PREFIX (all keys without one).
+    Ls {
+        prefix: Option<String>,
+        #[arg(long)]
+        stale: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A gRPC error as a one-line message; the node's own message already says what to do.
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct KvJson<'a> {
+    key: &'a str,
+    value: &'a str,
+    mod_revision: u64,
+    create_revision: u64,
+    version: u64,
+}
+
+fn kv_json(e: &KvEntry) -> KvJson<'_> {
+    KvJson {
+        key: &e.key,
+        value: &e.value,
+        mod_revision: e.mod_revision,
+        create_revision: e.create_revision,
+        version: e.version,
+    }
+}
+
+#[derive(Serialize)]
+struct MemberJson<'a> {
+    id: u64,
+    name: &'a str,
+    addr: &'a str,
+    role: &'a str,
+    health: &'a str,
+    matched_index: Option<u64>,
+    lag: Option<u64>,
+    rtt_ms: Option<u64>,
+}
+
+fn member_json(m: &Member) -> MemberJson<'_> {
+    MemberJson {
+        id: m.id,
+        name: &m.name,
+        addr: &m.addr,
+        role: &m.role,
+        health: &m.health,
+        matched_index: m.matched_index,
+        lag: m.lag,
+        rtt_ms: m.rtt_ms,
+    }
+}
+
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    cluster_id: &'a str,
+    reported_by: &'a str,
+    leader_id: Option<u64>,
+    leader_name: &'a str,
+    leader_addr: &'a str,
+    term: u64,
+    commit_index: Option<u64>,
+    applied_index: Option<u64>,
+    last_log_index: Option<u64>,
+    snapshot_index: Option<u64>,
+    purged_index: Option<u64>,
+    members: Vec<MemberJson<'a>>,
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn members_table(members: &[Member]) -> String {
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "ID".into(),
+        "ADDRESS".into(),
+        "ROLE".into(),
+        "HEALTH".into(),
+        "MATCHED".into(),
+        "LAG".into(),
+        "RTT".into(),
+    ]];
+    for m in members {
+        rows.push([
+            m.name.clone(),
+            m.id.to_string(),
+            m.addr.clone(),
+            m.role.clone(),
+            m.health.clone(),
+            opt(m.matched_index),
+            opt(m.lag),
+            m.rtt_ms.map(|r| format!("{r}ms")).unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+async fn status(api: &mut ApiClient<Channel>) -> anyhow::Result<StatusReply> {
+    Ok(api
+        .status(StatusRequest { local: false })
+        .await
+        .map_err(status_err)?
+        .into_inner())
+}
+
+/// Runs one flockctl command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let mut api = connect(&cli.addr, Duration::from_secs(cli.timeout)).await.map_err(|e| {
+        anyhow::anyhow!("{e}\nis flockd running there? point flockctl at a node with --addr HOST:PORT or FLOCK_ADDR")
+    })?;
+    match cli.command {
+        Cmd::Status(f) => {
+            let s = status(&mut api).await?;
+            if f.json {
+                print_json(&StatusJson {
+                    cluster_id: &s.cluster_id,
+                    reported_by: &s.node_name,
+                    leader_id: s.leader_id,
+                    leader_name: &s.leader_name,
+                    leader_addr: &s.leader_addr,
+                    term: s.term,
+                    commit_index: s.commit_index,
+                    applied_index: s.applied_index,
+                    last_log_index: s.last_log_index,
+                    snapshot_index: s.snapshot_index,
+                    purged_index: s.purged_index,
+                    members: s.members.iter().map(member_json).collect(),
+                })?;
+            } else {
+                println!("cluster  {}", s.cluster_id);
+                match s.leader_id {
+                    Some(id) if id != s.node_id => println!(
+                        "leader   {} (id {id}) at {}, term {}, as last seen by {}, which cannot reach it now; health and lag unknown",
+                        s.leader_name, s.leader_addr, s.term, s.node_name
+                    ),
+                    Some(id) => println!(
+                        "leader   {} (id {id}) at {}, term {}",
+                        s.leader_name, s.leader_addr, s.term
+                    ),
+                    None => println!(
+                        "leader   none known to {} (term {}); health and lag unknown",
+                        s.node_name, s.term
+                    ),
+                }
+                println!(
+                    "log      commit {}, applied {}, last {}, snapshot {}, purged {}",
+                    opt(s.commit_index),
+                    opt(s.applied_index),
+                    opt(s.last_log_index),
+                    opt(s.snapshot_index),
+                    opt(s.purged_index)
+                );
+                println!();
+                print!("{}", members_table(&s.members));
+            }
+        }
+        Cmd::Node(NodeCmd::Ls(f)) => {
+            let s = status(&mut api).await?;
+            if f.json {
+                print_json(&s.members.iter().map(member_json).collect::<Vec<_>>())?;
+            } else {
+                print!("{}", members_table(&s.members));
+            }
+        }
+        Cmd::Node(NodeCmd::Rm { name, force }) => {
+            let r = api
+                .remove_node(RemoveNodeRequest { name: name.clone(), force })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("removed node {name} (id {})", r.node_id);
+        }
+        Cmd::Cluster(ClusterCmd::Token) => {
+            let r = api.cluster_token(ClusterTokenRequest {}).await.map_err(status_err)?;
+            println!("{}", r.into_inner().token);
+        }
+        Cmd::Kv(cmd) => return kv(&mut api, cmd).await,
+    }
+    Ok(0)
+}
+
+async fn kv(api: &mut ApiClient<Channel>, cmd: KvCmd) -> anyhow::Result<i32> {
+    match cmd {
+        KvCmd::Put { key, value } => {
+            let r = api.kv_put(KvPutRequest { key, value }).await.map_err(status_err)?.into_inner();
+            if let Some(e) = r.entry {
+                println!("revision {}", e.mod_revision);
+            }
+        }
+        KvCmd::Get { key, stale, json } => {
+            let r = api
+                .kv_get(KvGetRequest { key: key.clone(), stale })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            match r.entry {
+                Some(e) if json => print_json(&kv_json(&e))?,
+                Some(e) => println!("{}", e.value),
+                None => {
+                    if json {
+                        println!("null");
+                    } else {
+                        eprintln!("flockctl: key {key:?} does not exist");
+                    }
+                    return Ok(EXIT_NOT_FOUND);
+                }
+            }
+        }
+        KvCmd::Cas {
+            key,
+            expect,
+            absent: _,
+            value,
+            json,
+        } => {
+            let r = api
+                .kv_cas(KvCasRequest {
+                    key: key.clone(),
+                    expect: expect.clone(),
+                    value,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if json {
+                #[derive(Serialize)]
+                struct CasJson<'a> {
+                    succeeded: bool,
+                    entry: Option<KvJson<'a>>,
+                }
+                print_json(&CasJson {
+                    succeeded: r.succeeded,
+                    entry: r.entry.as_ref().map(kv_json),
+                })?;
+            } else if r.succeeded {
+                println!("revision {}", r.entry.map(|e| e.mod_revision).unwrap_or_default());
+            } else {
+                let now = match &r.entry {
+                    Some(e) => format!("holds {:?}", e.value),
+                    None => "does not exist".into(),
+                };
+                let wanted = match &expect {
+                    Some(v) => format!("{v:?}"),
+                    None => "no key".into(),
+                };
+                eprintln!("flockctl: not changed: {key:?} {now}, expected {wanted}");
+            }
+            if !r.succeeded {
+                return Ok(EXIT_CAS_FAILED);
+            }
+        }
+        KvCmd::Rm { key } => {
+            let r = api
+                .kv_delete(KvDeleteRequest { key: key.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if r.existed {
+                println!("deleted {key} at revision {}", r.revision);
+            } else {
+                println!("{key} did not exist");
+            }
+        }
+        KvCmd::Ls { prefix, stale, json } => {
+            let r = api
+                .kv_list(KvListRequest {
+                    prefix: prefix.unwrap_or_default(),
+                    stale,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if json {
+                print_json(&r.entries.iter().map(kv_json).collect::<Vec<_>>())?;
+            } else {
+                let mut rows = vec![["KEY".to_string(), "VALUE".into(), "REVISION".into()]];
+                rows.extend(
+                    r.entries
+                        .iter()
+                        .map(|e| [e.key.clone(), e.value.clone(), e.mod_revision.to_string()]),
+                );
+                print!("{}", table(&rows));
+            }
+        }
+    }
+    Ok(0)
+}

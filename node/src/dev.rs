@@ -1,0 +1,127 @@
+//! `flockd dev`: a local cluster on loopback in one command, for a first try.
+//!
+//! The nodes run in this process, each a full node with its own data dir, port and Raft, formed
+//! the way a real cluster is: the first `init`s, the others `join` with the token.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::daemon::{Endpoint, NodeOptions, RunningNode};
+use crate::datadir::DataDir;
+
+/// Waits for Ctrl-C or SIGTERM; returns which.
+pub async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupted",
+                _ = term.recv() => "terminated",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "interrupted"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "interrupted"
+    }
+}
+
+/// Runs a dev cluster of `nodes` nodes on 127.0.0.1 from `port` up, until Ctrl-C.
+/// With `data_dir`, the nodes' data is kept there and a later run restarts them.
+pub async fn run(
+    nodes: usize,
+    port: u16,
+    data_dir: Option<PathBuf>,
+    opts: &NodeOptions,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(nodes >= 1, "--nodes must be at least 1");
+    let last_port = port as usize + nodes - 1;
+    anyhow::ensure!(last_port <= u16::MAX as usize, "--port {port} leaves no room for {nodes} nodes");
+    let (root, _temp) = match data_dir {
+        Some(d) => (d, None),
+        None => {
+            let t = tempdir()?;
+            (t.clone(), Some(TempDir(t)))
+        }
+    };
+    let dir = |i: usize| DataDir::new(root.join(format!("n{i}")));
+    let addr = |i: usize| format!("127.0.0.1:{}", port as usize + i - 1);
+    let resume = dir(1).load_identity().is_ok();
+
+    let mut running: Vec<RunningNode> = Vec::new();
+    let started = async {
+        if resume {
+            for i in 1..=nodes {
+                let dd = dir(i);
+                if dd.load_identity().is_err() {
+                    anyhow::bail!("{} holds no node n{i}; remove {} to start afresh", dd.root().display(), root.display());
+                }
+                running.push(RunningNode::run(&dd, None, opts).await?);
+            }
+        } else {
+            let ep = Endpoint::bind(&addr(1), None).await.map_err(|e| {
+                anyhow::anyhow!("{e} (another flockd dev? pick other ports with --port)")
+            })?;
+            let first = RunningNode::init(&dir(1), ep, Some("n1".into()), opts).await?;
+            let token = first.token();
+            running.push(first);
+            for i in 2..=nodes {
+                let ep = Endpoint::bind(&addr(i), None).await.map_err(|e| {
+                    anyhow::anyhow!("{e} (another flockd dev? pick other ports with --port)")
+                })?;
+                let n = RunningNode::join(&dir(i), ep, &addr(1), &token, Some(format!("n{i}")), Duration::from_secs(15), opts).await?;
+                n.wait_until_member(Duration::from_secs(30)).await?;
+                running.push(n);
+            }
+        }
+        Ok(())
+    };
+    let outcome = started.await;
+    if let Err(e) = outcome {
+        for n in running.into_iter().rev() {
+            let _ = n.shutdown().await;
+        }
+        return Err(e);
+    }
+
+    println!(
+        "flock dev cluster: {nodes} node(s) on 127.0.0.1:{port}..{last_port}, data in {}{}",
+        root.display(),
+        if _temp.is_some() { " (removed on exit; --data-dir keeps it)" } else { "" }
+    );
+    for n in &running {
+        println!("  {}  {}", n.identity.name, n.identity.advertise);
+    }
+    println!("\nPoint flockctl at it:\n  export FLOCK_ADDR={}\n  flockctl status\n  flockctl kv put greeting hello\n", addr(1));
+    println!("Ctrl-C stops the cluster.");
+    println!("flockd: ready dev cluster of {nodes} node(s), first serving on {}", addr(1));
+
+    let sig = shutdown_signal().await;
+    println!("flockd dev: {sig}, stopping {nodes} node(s)");
+    for n in running.into_iter().rev() {
+        n.shutdown().await?;
+    }
+    println!("flockd dev: stopped");
+    Ok(())
+}
+
+fn tempdir() -> anyhow::Result<PathBuf> {
+    let p = std::env::temp_dir().join(format!("flock-dev-{}", crate::token::random_hex(4)));
+    std::fs::create_dir_all(&p)?;
+    Ok(p)
+}
+
+/// Removes a temporary dev data dir when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,321 @@
+//! Test harness: real `flockd` processes on loopback (port 0) and the real `flockctl`.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const FLOCKD: &str = env!("CARGO_BIN_EXE_flockd");
+pub const FLOCKCTL: &str = env!("CARGO_BIN_EXE_flockctl");
+
+/// Fast Raft timing for tests, passed to every flockd.
+pub const FAST: &[&str] = &["--heartbeat-ms", "50", "--election-timeout-ms", "300"];
+
+/// A flockd process and what it printed.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub addr: String,
+    pub lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+    pub extra: Vec<String>,
+}
+
+impl Proc {
+    /// Starts `flockd ARGS` and waits for its "ready" line (or its exit).
+    pub fn start(args: &[String], data_dir: &Path, name: &str, log: &Path) -> Result<Proc, String> {
+        let stderr = std::fs::File::create(log).expect("log file");
+        let mut child = Command::new(FLOCKD)
+            .args(args)
+            .env("RUST_LOG", "warn,flock_node=info,flock_raft=info")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn flockd");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p = Proc {
+            child: Some(child),
+            name: name.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            addr: String::new(),
+            lines: rx,
+            seen: Vec::new(),
+            extra: Vec::new(),
+        };
+        let line = p.wait_line("flockd: ready", Duration::from_secs(40)).map_err(|e| {
+            format!("{e}\n--- log {}:\n{}", log.display(), std::fs::read_to_string(log).unwrap_or_default())
+        })?;
+        p.addr = line.rsplit(' ').next().unwrap_or_default().to_string();
+        Ok(p)
+    }
+
+    /// Waits for a stdout line starting with `prefix`.
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Result<String, String> {
+        if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
+            return Ok(l.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return Ok(l);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(format!("{}: no line {prefix:?} within {timeout:?}; saw {:?}", self.name, self.seen))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.child.as_mut().and_then(|c| c.wait().ok());
+                    return Err(format!("{}: exited ({status:?}) before {prefix:?}; saw {:?}", self.name, self.seen));
+                }
+            }
+        }
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal and waits for the process to exit; returns its exit code.
+    pub fn signal_and_wait(&mut self, sig: i32, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe {
+            libc::kill(c.id() as i32, sig);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Drains stdout lines printed so far.
+    pub fn drain(&mut self) -> Vec<String> {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        self.seen.clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A cluster of flockd processes in a temp dir.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Proc>,
+    pub token: String,
+    pub extra_args: Vec<String>,
+}
+
+pub fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+impl TestCluster {
+    /// Starts `n` nodes: the first with `init`, the others with `join`, and waits until the
+    /// voter count is what the promotion rule gives.
+    pub fn start(n: usize, extra: &[&str]) -> TestCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = TestCluster {
+            dir,
+            nodes: Vec::new(),
+            token: String::new(),
+            extra_args: s(extra),
+        };
+        let d1 = c.data_dir(1);
+        let mut args = s(&["init", "--data-dir", d1.to_str().unwrap(), "--listen", "127.0.0.1:0", "--name", "n1"]);
+        args.extend(s(FAST));
+        args.extend(c.extra_args.clone());
+        let mut first = Proc::start(&args, &d1, "n1", &c.log(1, "init")).expect("n1 starts");
+        let tok = first.wait_line("flockd: join with token", Duration::from_secs(5)).expect("token line");
+        c.token = tok.rsplit(' ').next().unwrap().to_string();
+        c.nodes.push(first);
+        for i in 2..=n {
+            let p = c.join(i).expect("node joins");
+            c.nodes.push(p);
+        }
+        let voters = match n {
+            1 | 2 => 1,
+            3 | 4 => 3,
+            _ => 5,
+        };
+        c.wait_voters(voters, Duration::from_secs(30));
+        c
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("n{i}"))
+    }
+
+    pub fn log(&self, i: usize, what: &str) -> PathBuf {
+        self.dir.path().join(format!("n{i}.{what}.log"))
+    }
+
+    /// `flockd join` node `i` through node 1.
+    pub fn join(&self, i: usize) -> Result<Proc, String> {
+        let d = self.data_dir(i);
+        let name = format!("n{i}");
+        let mut args = s(&[
+            "join",
+            &self.nodes[0].addr,
+            "--token",
+            &self.token,
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            &name,
+        ]);
+        args.extend(s(FAST));
+        args.extend(self.extra_args.clone());
+        Proc::start(&args, &d, &name, &self.log(i, "join"))
+    }
+
+    /// `flockd run` node `i` (1-based) from its data dir, replacing the dead process.
+    pub fn restart(&mut self, i: usize) {
+        let d = self.data_dir(i);
+        let mut args = s(&["run", "--data-dir", d.to_str().unwrap()]);
+        args.extend(s(FAST));
+        args.extend(self.extra_args.clone());
+        let p = Proc::start(&args, &d, &format!("n{i}"), &self.log(i, "run")).expect("node restarts");
+        assert_eq!(p.addr, self.nodes[i - 1].addr, "restarted node kept its address");
+        self.nodes[i - 1] = p;
+    }
+
+    pub fn addr(&self, i: usize) -> &str {
+        &self.nodes[i - 1].addr
+    }
+
+    /// Any running node's address other than `except` (1-based index).
+    pub fn live_addr(&mut self, except: Option<usize>) -> String {
+        for i in 1..=self.nodes.len() {
+            if Some(i) != except && self.nodes[i - 1].running() {
+                return self.nodes[i - 1].addr.clone();
+            }
+        }
+        panic!("no live node");
+    }
+
+    /// `flockctl status --json` through `addr`.
+    pub fn status(&self, addr: &str) -> Value {
+        let out = ctl(addr, &["status", "--json"]);
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+
+    /// Waits until node 1 (or any live node) reports `n` healthy voters.
+    pub fn wait_voters(&mut self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let addr = self.live_addr(None);
+            let st = ctl(&addr, &["status", "--json"]);
+            if st.status.success() {
+                let v: Value = serde_json::from_slice(&st.stdout).unwrap();
+                let voters = v["members"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|m| m["role"] == "voter" && m["health"] == "healthy")
+                    .count();
+                if voters == n {
+                    return;
+                }
+                if Instant::now() > deadline {
+                    panic!("wanted {n} healthy voters; status: {v:#}");
+                }
+            } else if Instant::now() > deadline {
+                panic!("status failed: {}", String::from_utf8_lossy(&st.stderr));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The index (1-based) of the leader, as a live node reports it.
+    pub fn leader(&mut self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let addr = self.live_addr(None);
+            let v = self.status(&addr);
+            if let Some(la) = v["leader_addr"].as_str() {
+                if let Some(i) = self.nodes.iter_mut().position(|p| p.addr == la) {
+                    if self.nodes[i].running() && v["members"].as_array().unwrap().iter().any(|m| m["health"] == "healthy") {
+                        return i + 1;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader: {v:#}");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Runs flockctl against `addr`.
+pub fn ctl(addr: &str, args: &[&str]) -> Output {
+    Command::new(FLOCKCTL)
+        .arg("--addr")
+        .arg(addr)
+        .args(args)
+        .output()
+        .expect("run flockctl")
+}
+
+/// Runs flockctl and returns stdout, asserting success.
+pub fn ctl_ok(addr: &str, args: &[&str]) -> String {
+    let out = ctl(addr, args);
+    assert!(
+        out.status.success(),
+        "flockctl {args:?} at {addr} failed ({:?}): {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Stderr of a flockctl run as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
