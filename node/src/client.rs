@@ -16,8 +16,7 @@ pub async fn connect(addr: &str, timeout: Duration) -> anyhow::Result<ApiClient<
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach flockd at {addr}: {}", error_chain(&e)))?;
-    Ok(ApiClient::new(channel)
-        .max_decoding_message_size(64 * 1024 * 1024))
+    Ok(ApiClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 
 /// Connects to `addr`, retrying with exponential backoff (100 ms doubling to 2 s) until `total`

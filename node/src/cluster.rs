@@ -216,7 +216,9 @@ impl Cluster {
         match client.propose(req).await {
             Ok(reply) => {
                 let r = decode(&reply.into_inner().result).map_err(|e| {
-                    ClusterError::OutcomeUnknown(format!("leader {leader} sent an undecodable result: {e}"))
+                    ClusterError::OutcomeUnknown(format!(
+                        "leader {leader} sent an undecodable result: {e}"
+                    ))
                 })?;
                 Ok(Forwarded::Done(r))
             }
@@ -256,9 +258,9 @@ impl Cluster {
                                 .wait(Some(deadline.saturating_duration_since(Instant::now())))
                                 .applied_index_at_least(Some(index), "linearizable read")
                                 .await;
-                            return wait.map(|_| ()).map_err(|_| {
-                                ClusterError::NoLeader(self.request_timeout)
-                            });
+                            return wait
+                                .map(|_| ())
+                                .map_err(|_| ClusterError::NoLeader(self.request_timeout));
                         }
                     }
                 }
@@ -271,7 +273,11 @@ impl Cluster {
         let mut client = self.peer(addr).ok()?;
         let mut req = tonic::Request::new(ReadIndexRequest {});
         req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-        client.read_index(req).await.ok().map(|r| r.into_inner().index)
+        client
+            .read_index(req)
+            .await
+            .ok()
+            .map(|r| r.into_inner().index)
     }
 
     /// On the leader: confirms leadership with a quorum and returns the index a linearizable
@@ -290,7 +296,11 @@ impl Cluster {
     }
 
     /// Reads the applied state, linearizably unless `stale`.
-    pub async fn read<T>(&self, stale: bool, f: impl FnOnce(&Applied) -> T) -> Result<T, ClusterError> {
+    pub async fn read<T>(
+        &self,
+        stale: bool,
+        f: impl FnOnce(&Applied) -> T,
+    ) -> Result<T, ClusterError> {
         if !stale {
             self.read_barrier().await?;
         }
@@ -298,7 +308,10 @@ impl Cluster {
     }
 
     /// Probes each member's API; returns the round trip of those that answered as this cluster.
-    pub async fn probe(&self, members: &BTreeMap<NodeId, MemberNode>) -> BTreeMap<NodeId, Duration> {
+    pub async fn probe(
+        &self,
+        members: &BTreeMap<NodeId, MemberNode>,
+    ) -> BTreeMap<NodeId, Duration> {
         let probes = members.iter().map(|(&id, node)| async move {
             if id == self.node_id {
                 return Some((id, Duration::ZERO));
@@ -310,9 +323,14 @@ impl Cluster {
                 .ok()?
                 .ok()?
                 .into_inner();
-            (reply.cluster_id == self.cluster_id && reply.node_id == id).then(|| (id, start.elapsed()))
+            (reply.cluster_id == self.cluster_id && reply.node_id == id)
+                .then(|| (id, start.elapsed()))
         });
-        futures::future::join_all(probes).await.into_iter().flatten().collect()
+        futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// This node's status: Raft figures, and for each member its role, health and lag. Health and
@@ -330,7 +348,11 @@ impl Cluster {
         let nodes: BTreeMap<NodeId, MemberNode> =
             membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
         let is_leader = m.state == ServerState::Leader;
-        let rtts = if is_leader { self.probe(&nodes).await } else { BTreeMap::new() };
+        let rtts = if is_leader {
+            self.probe(&nodes).await
+        } else {
+            BTreeMap::new()
+        };
         let last = m.last_log_index.unwrap_or(0);
         let members = nodes
             .iter()
@@ -354,10 +376,19 @@ impl Cluster {
                     id: *id,
                     name: node.name.clone(),
                     addr: node.addr.clone(),
-                    role: if voters.contains(id) { "voter" } else { "learner" }.into(),
+                    role: if voters.contains(id) {
+                        "voter"
+                    } else {
+                        "learner"
+                    }
+                    .into(),
                     health: health.into(),
                     matched_index: matched,
-                    lag: if is_leader { Some(last.saturating_sub(matched.unwrap_or(0))) } else { None },
+                    lag: if is_leader {
+                        Some(last.saturating_sub(matched.unwrap_or(0)))
+                    } else {
+                        None
+                    },
                     rtt_ms: rtts.get(id).map(|d| d.as_millis() as u64),
                 }
             })
@@ -370,8 +401,14 @@ impl Cluster {
             node_id: self.node_id,
             node_name: self.node_name.clone(),
             leader_id: leader.as_ref().map(|(id, _)| *id),
-            leader_name: leader.as_ref().map(|(_, n)| n.name.clone()).unwrap_or_default(),
-            leader_addr: leader.as_ref().map(|(_, n)| n.addr.clone()).unwrap_or_default(),
+            leader_name: leader
+                .as_ref()
+                .map(|(_, n)| n.name.clone())
+                .unwrap_or_default(),
+            leader_addr: leader
+                .as_ref()
+                .map(|(_, n)| n.addr.clone())
+                .unwrap_or_default(),
             term: m.current_term,
             commit_index: committed,
             applied_index: m.last_applied.map(|l| l.index),
@@ -396,14 +433,16 @@ impl Cluster {
         self.read_barrier().await?;
         let id = {
             let a = self.view.read();
-            a.cluster
-                .node_by_name(name)
-                .map(|n| n.id)
-                .ok_or_else(|| ClusterError::NotFound(format!("no node named {name:?}; `flockctl node ls` lists them")))?
+            a.cluster.node_by_name(name).map(|n| n.id).ok_or_else(|| {
+                ClusterError::NotFound(format!(
+                    "no node named {name:?}; `flockctl node ls` lists them"
+                ))
+            })?
         };
         let membership = self.metrics().membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let nodes: BTreeMap<NodeId, MemberNode> = membership.nodes().map(|(i, n)| (*i, n.clone())).collect();
+        let nodes: BTreeMap<NodeId, MemberNode> =
+            membership.nodes().map(|(i, n)| (*i, n.clone())).collect();
         let healthy: BTreeSet<NodeId> = self.probe(&nodes).await.into_keys().collect();
         check_removal(&voters, &healthy, id, force)
             .map_err(|e| ClusterError::Refused(format!("cannot remove {name}: {e}")))?;
@@ -441,7 +480,8 @@ async fn reconcile_membership(cluster: &Cluster) -> Result<(), String> {
     }
     let membership = m.membership_config.membership().clone();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-    let members: BTreeMap<NodeId, MemberNode> = membership.nodes().map(|(i, n)| (*i, n.clone())).collect();
+    let members: BTreeMap<NodeId, MemberNode> =
+        membership.nodes().map(|(i, n)| (*i, n.clone())).collect();
     let registered: BTreeMap<NodeId, MemberNode> = cluster
         .view
         .read()
@@ -462,22 +502,39 @@ async fn reconcile_membership(cluster: &Cluster) -> Result<(), String> {
     let fail = |e: RaftError<NodeId, ClientWriteError<NodeId, MemberNode>>| e.to_string();
 
     // Removed nodes leave Raft membership (voters first: they are not kept as learners).
-    let gone_voters: BTreeSet<NodeId> = voters.iter().copied().filter(|id| !registered.contains_key(id)).collect();
+    let gone_voters: BTreeSet<NodeId> = voters
+        .iter()
+        .copied()
+        .filter(|id| !registered.contains_key(id))
+        .collect();
     if !gone_voters.is_empty() {
         tracing::info!(nodes = ?gone_voters, "removing voters of removed nodes");
-        raft.change_membership(ChangeMembers::RemoveVoters(gone_voters), false).await.map_err(fail)?;
+        raft.change_membership(ChangeMembers::RemoveVoters(gone_voters), false)
+            .await
+            .map_err(fail)?;
         return Ok(());
     }
-    let gone: BTreeSet<NodeId> = members.keys().copied().filter(|id| !registered.contains_key(id)).collect();
+    let gone: BTreeSet<NodeId> = members
+        .keys()
+        .copied()
+        .filter(|id| !registered.contains_key(id))
+        .collect();
     if !gone.is_empty() {
         tracing::info!(nodes = ?gone, "removing learners of removed nodes");
-        raft.change_membership(ChangeMembers::RemoveNodes(gone), false).await.map_err(fail)?;
+        raft.change_membership(ChangeMembers::RemoveNodes(gone), false)
+            .await
+            .map_err(fail)?;
         return Ok(());
     }
     // Joined nodes become learners.
-    for (id, node) in registered.iter().filter(|(id, _)| !members.contains_key(id)) {
+    for (id, node) in registered
+        .iter()
+        .filter(|(id, _)| !members.contains_key(id))
+    {
         tracing::info!(node = %node, id, "adding learner");
-        raft.add_learner(*id, node.clone(), false).await.map_err(fail)?;
+        raft.add_learner(*id, node.clone(), false)
+            .await
+            .map_err(fail)?;
     }
     // Caught-up learners become voters, keeping the count odd.
     let last = m.last_log_index.unwrap_or(0);
@@ -486,16 +543,22 @@ async fn reconcile_membership(cluster: &Cluster) -> Result<(), String> {
         .copied()
         .filter(|id| !voters.contains(id))
         .filter(|id| {
-            let matched = m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten());
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(id).cloned().flatten());
             matched.is_some_and(|l| l.index + CAUGHT_UP_SLACK >= last)
         })
         .collect();
     let promote = voters_to_promote(&voters, &ready);
     if !promote.is_empty() {
         tracing::info!(nodes = ?promote, "promoting learners to voters");
-        raft.change_membership(ChangeMembers::AddVoterIds(promote.into_iter().collect()), true)
-            .await
-            .map_err(fail)?;
+        raft.change_membership(
+            ChangeMembers::AddVoterIds(promote.into_iter().collect()),
+            true,
+        )
+        .await
+        .map_err(fail)?;
     }
     Ok(())
 }

@@ -24,7 +24,12 @@ pub const EXIT_NOT_FOUND: i32 = 4;
 #[command(name = "flockctl", version)]
 pub struct Cli {
     /// API address of any node of the cluster.
-    #[arg(long, global = true, env = "FLOCK_ADDR", default_value = "127.0.0.1:7801")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLOCK_ADDR",
+        default_value = "127.0.0.1:7801"
+    )]
     pub addr: String,
     /// Seconds to wait for the node to answer.
     #[arg(long, global = true, default_value_t = 10)]
@@ -206,7 +211,9 @@ fn members_table(members: &[Member]) -> String {
             m.health.clone(),
             opt(m.matched_index),
             opt(m.lag),
-            m.rtt_ms.map(|r| format!("{r}ms")).unwrap_or_else(|| "-".into()),
+            m.rtt_ms
+                .map(|r| format!("{r}ms"))
+                .unwrap_or_else(|| "-".into()),
         ]);
     }
     table(&rows)
@@ -302,14 +309,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Node(NodeCmd::Rm { name, force }) => {
             let r = api
-                .remove_node(RemoveNodeRequest { name: name.clone(), force })
+                .remove_node(RemoveNodeRequest {
+                    name: name.clone(),
+                    force,
+                })
                 .await
                 .map_err(status_err)?
                 .into_inner();
             println!("removed node {name} (id {})", r.node_id);
         }
         Cmd::Cluster(ClusterCmd::Token) => {
-            let r = api.cluster_token(ClusterTokenRequest {}).await.map_err(status_err)?;
+            let r = api
+                .cluster_token(ClusterTokenRequest {})
+                .await
+                .map_err(status_err)?;
             println!("{}", r.into_inner().token);
         }
         Cmd::Kv(cmd) => return kv(&mut api, cmd).await,
@@ -320,14 +333,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 async fn kv(api: &mut ApiClient<Channel>, cmd: KvCmd) -> anyhow::Result<i32> {
     match cmd {
         KvCmd::Put { key, value } => {
-            let r = api.kv_put(KvPutRequest { key, value }).await.map_err(status_err)?.into_inner();
+            let r = api
+                .kv_put(KvPutRequest { key, value })
+                .await
+                .map_err(status_err)?
+                .into_inner();
             if let Some(e) = r.entry {
                 println!("revision {}", e.mod_revision);
             }
         }
         KvCmd::Get { key, stale, json } => {
             let r = api
-                .kv_get(KvGetRequest { key: key.clone(), stale })
+                .kv_get(KvGetRequest {
+                    key: key.clone(),
+                    stale,
+                })
                 .await
                 .map_err(status_err)?
                 .into_inner();
@@ -371,7 +391,10 @@ async fn kv(api: &mut ApiClient<Channel>, cmd: KvCmd) -> anyhow::Result<i32> {
                     entry: r.entry.as_ref().map(kv_json),
                 })?;
             } else if r.succeeded {
-                println!("revision {}", r.entry.map(|e| e.mod_revision).unwrap_or_default());
+                println!(
+                    "revision {}",
+                    r.entry.map(|e| e.mod_revision).unwrap_or_default()
+                );
             } else {
                 let now = match &r.entry {
                     Some(e) => format!("holds {:?}", e.value),
@@ -399,7 +422,11 @@ async fn kv(api: &mut ApiClient<Channel>, cmd: KvCmd) -> anyhow::Result<i32> {
                 println!("{key} did not exist");
             }
         }
-        KvCmd::Ls { prefix, stale, json } => {
+        KvCmd::Ls {
+            prefix,
+            stale,
+            json,
+        } => {
             let r = api
                 .kv_list(KvListRequest {
                     prefix: prefix.unwrap_or_default(),

@@ -65,7 +65,11 @@ impl NodeOptions {
             max_in_snapshot_log_to_keep: self.keep_logs,
             ..Default::default()
         };
-        Ok(Arc::new(config.validate().map_err(|e| anyhow::anyhow!("bad raft timing: {e}"))?))
+        Ok(Arc::new(
+            config
+                .validate()
+                .map_err(|e| anyhow::anyhow!("bad raft timing: {e}"))?,
+        ))
     }
 }
 
@@ -82,7 +86,10 @@ impl Endpoint {
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-        Ok(Endpoint { listener, advertise })
+        Ok(Endpoint {
+            listener,
+            advertise,
+        })
     }
 
     fn addrs(&self) -> anyhow::Result<(SocketAddr, String)> {
@@ -133,7 +140,10 @@ impl RunningNode {
             bootstrapped: false,
         };
         let mut store = Store::open(&dd.store_path())?;
-        store.set_cluster_id(&identity.cluster_id).await.map_err(anyhow::Error::msg)?;
+        store
+            .set_cluster_id(&identity.cluster_id)
+            .await
+            .map_err(anyhow::Error::msg)?;
         dd.save_identity(&identity)?;
         let node = Self::start(identity, store, ep.listener, opts).await?;
         node.bootstrap(dd).await?;
@@ -183,14 +193,21 @@ impl RunningNode {
             bootstrapped: true,
         };
         let mut store = Store::open(&dd.store_path())?;
-        store.set_cluster_id(&identity.cluster_id).await.map_err(anyhow::Error::msg)?;
+        store
+            .set_cluster_id(&identity.cluster_id)
+            .await
+            .map_err(anyhow::Error::msg)?;
         dd.save_identity(&identity)?;
         Self::start(identity, store, ep.listener, opts).await
     }
 
     /// Restarts the node kept in `data_dir`, with its identity and state. `listen` overrides the
     /// address to bind (the advertised address stays).
-    pub async fn run(dd: &DataDir, listen: Option<String>, opts: &NodeOptions) -> anyhow::Result<RunningNode> {
+    pub async fn run(
+        dd: &DataDir,
+        listen: Option<String>,
+        opts: &NodeOptions,
+    ) -> anyhow::Result<RunningNode> {
         let identity = dd.load_identity()?;
         let store = Store::open(&dd.store_path())?;
         match &store.cluster_id {
@@ -269,9 +286,13 @@ impl RunningNode {
                 name: id.name.clone(),
                 addr: id.advertise.clone(),
             };
-            raft.initialize([(id.node_id, member)].into_iter().collect::<std::collections::BTreeMap<_, _>>())
-                .await
-                .map_err(|e| anyhow::anyhow!("initializing raft: {e}"))?;
+            raft.initialize(
+                [(id.node_id, member)]
+                    .into_iter()
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("initializing raft: {e}"))?;
         }
         if self.cluster.view.read().cluster.cluster_id.is_empty() {
             let cmd = Command::InitCluster {
@@ -283,7 +304,9 @@ impl RunningNode {
             };
             match self.cluster.propose(cmd).await? {
                 CommandResult::ClusterInitialized
-                | CommandResult::Rejected(flock_scheduler::ApplyError::AlreadyInitialized { .. }) => {}
+                | CommandResult::Rejected(flock_scheduler::ApplyError::AlreadyInitialized {
+                    ..
+                }) => {}
                 other => anyhow::bail!("initializing the cluster failed: {other:?}"),
             }
         }
@@ -299,7 +322,11 @@ impl RunningNode {
         let deadline = Instant::now() + timeout;
         loop {
             let m = self.cluster.metrics();
-            let member = m.membership_config.membership().get_node(&self.identity.node_id).is_some();
+            let member = m
+                .membership_config
+                .membership()
+                .get_node(&self.identity.node_id)
+                .is_some();
             if member && !self.cluster.view.read().cluster.cluster_id.is_empty() {
                 return Ok(());
             }

@@ -187,13 +187,23 @@ mod tests {
     fn damaged_or_missing_identity_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let dd = DataDir::new(tmp.path());
-        assert!(matches!(dd.load_identity(), Err(DataDirError::NoIdentity { .. })));
+        assert!(matches!(
+            dd.load_identity(),
+            Err(DataDirError::NoIdentity { .. })
+        ));
         fs::write(tmp.path().join(IDENTITY_FILE), "{ not json").unwrap();
         let e = dd.load_identity().unwrap_err();
         assert!(matches!(e, DataDirError::Corrupt { .. }), "{e}");
         let mut newer = identity();
         newer.format = IDENTITY_FORMAT + 1;
-        fs::write(tmp.path().join(IDENTITY_FILE), serde_json::to_string(&newer).unwrap()).unwrap();
-        assert!(matches!(dd.load_identity(), Err(DataDirError::TooNew { .. })));
+        fs::write(
+            tmp.path().join(IDENTITY_FILE),
+            serde_json::to_string(&newer).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(
+            dd.load_identity(),
+            Err(DataDirError::TooNew { .. })
+        ));
     }
 }

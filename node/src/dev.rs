@@ -42,7 +42,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     anyhow::ensure!(nodes >= 1, "--nodes must be at least 1");
     let last_port = port as usize + nodes - 1;
-    anyhow::ensure!(last_port <= u16::MAX as usize, "--port {port} leaves no room for {nodes} nodes");
+    anyhow::ensure!(
+        last_port <= u16::MAX as usize,
+        "--port {port} leaves no room for {nodes} nodes"
+    );
     let (root, _temp) = match data_dir {
         Some(d) => (d, None),
         None => {
@@ -60,7 +63,11 @@ pub async fn run(
             for i in 1..=nodes {
                 let dd = dir(i);
                 if dd.load_identity().is_err() {
-                    anyhow::bail!("{} holds no node n{i}; remove {} to start afresh", dd.root().display(), root.display());
+                    anyhow::bail!(
+                        "{} holds no node n{i}; remove {} to start afresh",
+                        dd.root().display(),
+                        root.display()
+                    );
                 }
                 running.push(RunningNode::run(&dd, None, opts).await?);
             }
@@ -75,7 +82,16 @@ pub async fn run(
                 let ep = Endpoint::bind(&addr(i), None).await.map_err(|e| {
                     anyhow::anyhow!("{e} (another flockd dev? pick other ports with --port)")
                 })?;
-                let n = RunningNode::join(&dir(i), ep, &addr(1), &token, Some(format!("n{i}")), Duration::from_secs(15), opts).await?;
+                let n = RunningNode::join(
+                    &dir(i),
+                    ep,
+                    &addr(1),
+                    &token,
+                    Some(format!("n{i}")),
+                    Duration::from_secs(15),
+                    opts,
+                )
+                .await?;
                 n.wait_until_member(Duration::from_secs(30)).await?;
                 running.push(n);
             }
@@ -93,14 +109,21 @@ pub async fn run(
     println!(
         "flock dev cluster: {nodes} node(s) on 127.0.0.1:{port}..{last_port}, data in {}{}",
         root.display(),
-        if _temp.is_some() { " (removed on exit; --data-dir keeps it)" } else { "" }
+        if _temp.is_some() {
+            " (removed on exit; --data-dir keeps it)"
+        } else {
+            ""
+        }
     );
     for n in &running {
         println!("  {}  {}", n.identity.name, n.identity.advertise);
     }
     println!("\nPoint flockctl at it:\n  export FLOCK_ADDR={}\n  flockctl status\n  flockctl kv put greeting hello\n", addr(1));
     println!("Ctrl-C stops the cluster.");
-    println!("flockd: ready dev cluster of {nodes} node(s), first serving on {}", addr(1));
+    println!(
+        "flockd: ready dev cluster of {nodes} node(s), first serving on {}",
+        addr(1)
+    );
 
     let sig = shutdown_signal().await;
     println!("flockd dev: {sig}, stopping {nodes} node(s)");

@@ -24,7 +24,8 @@ impl JoinToken {
     pub fn parse(token: &str) -> Result<Self, BadToken> {
         let bad = || BadToken {
             // Never echo a whole secret back into logs or terminals.
-            shown: token.chars().take(24).collect::<String>() + if token.len() > 24 { "…" } else { "" },
+            shown: token.chars().take(24).collect::<String>()
+                + if token.len() > 24 { "…" } else { "" },
         };
         let rest = token.trim().strip_prefix(PREFIX).ok_or_else(bad)?;
         let (cluster_id, secret) = rest.split_once('-').ok_or_else(bad)?;
@@ -65,10 +66,20 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_refused_without_echoing_the_secret() {
-        for bad in ["", "FLOCK-1-", "FLOCK-1-abc", "FLOCK-2-ab-cd", "FLOCK-1-ab-zz", "SWMTKN-1-ab-cd"] {
+        for bad in [
+            "",
+            "FLOCK-1-",
+            "FLOCK-1-abc",
+            "FLOCK-2-ab-cd",
+            "FLOCK-1-ab-zz",
+            "SWMTKN-1-ab-cd",
+        ] {
             assert!(JoinToken::parse(bad).is_err(), "{bad} accepted");
         }
         let e = JoinToken::parse("FLOCK-1-abcd-0123456789abcdef0123456789abcdefXYZ").unwrap_err();
-        assert!(!e.to_string().contains("0123456789abcdef0123456789abcdef"), "{e}");
+        assert!(
+            !e.to_string().contains("0123456789abcdef0123456789abcdef"),
+            "{e}"
+        );
     }
 }

@@ -37,7 +37,11 @@ fn t01_three_nodes_form_and_a_follower_write_is_readable_everywhere() {
     assert!(out.starts_with("revision "), "{out}");
     for i in 1..=3 {
         // Linearizable reads on every node, followers included, see the write at once.
-        assert_eq!(ctl_ok(c.addr(i), &["kv", "get", "greeting"]), "hello", "node {i}");
+        assert_eq!(
+            ctl_ok(c.addr(i), &["kv", "get", "greeting"]),
+            "hello",
+            "node {i}"
+        );
     }
     // Stale reads see it once the node has applied it.
     for i in 1..=3 {
@@ -46,7 +50,12 @@ fn t01_three_nodes_form_and_a_follower_write_is_readable_everywhere() {
         });
     }
     let ls: Value = serde_json::from_str(&ctl_ok(c.addr(3), &["node", "ls", "--json"])).unwrap();
-    let names: Vec<_> = ls.as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<_> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(names, ["n1", "n2", "n3"]);
 }
 
@@ -66,12 +75,25 @@ fn t02_kv_semantics_through_flockctl() {
     ctl_ok(a, &["kv", "cas", "app/a", "--expect", "1", "x"]);
     assert_eq!(ctl_ok(a, &["kv", "get", "app/a"]), "x");
     // --absent: only when the key does not exist
-    assert_eq!(ctl(a, &["kv", "cas", "app/a", "--absent", "y"]).status.code(), Some(3));
+    assert_eq!(
+        ctl(a, &["kv", "cas", "app/a", "--absent", "y"])
+            .status
+            .code(),
+        Some(3)
+    );
     ctl_ok(a, &["kv", "cas", "new", "--absent", "y"]);
     let e: Value = serde_json::from_str(&ctl_ok(a, &["kv", "get", "app/a", "--json"])).unwrap();
-    assert_eq!((e["version"].as_u64(), e["create_revision"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(
+        (e["version"].as_u64(), e["create_revision"].as_u64()),
+        (Some(2), Some(1))
+    );
     let ls: Value = serde_json::from_str(&ctl_ok(a, &["kv", "ls", "app/", "--json"])).unwrap();
-    let keys: Vec<_> = ls.as_array().unwrap().iter().map(|e| e["key"].as_str().unwrap()).collect();
+    let keys: Vec<_> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
     assert_eq!(keys, ["app/a", "app/b"]);
     assert!(ctl_ok(a, &["kv", "rm", "app/b"]).starts_with("deleted app/b"));
     assert_eq!(ctl(a, &["kv", "get", "app/b"]).status.code(), Some(4));
@@ -80,11 +102,19 @@ fn t02_kv_semantics_through_flockctl() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("invalid key"), "{}", stderr(&o));
     let o = ctl(a, &["kv", "cas", "k", "v"]);
-    assert_eq!(o.status.code(), Some(2), "usage error without --expect/--absent");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "usage error without --expect/--absent"
+    );
 }
 
 /// Writes keys through `addr`s in a loop until `stop`; returns the acknowledged key/values.
-fn writer(addrs: Vec<String>, prefix: &'static str, stop: Arc<AtomicBool>) -> thread::JoinHandle<BTreeMap<String, String>> {
+fn writer(
+    addrs: Vec<String>,
+    prefix: &'static str,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<BTreeMap<String, String>> {
     thread::spawn(move || {
         let mut acked = BTreeMap::new();
         let mut i = 0;
@@ -92,7 +122,10 @@ fn writer(addrs: Vec<String>, prefix: &'static str, stop: Arc<AtomicBool>) -> th
             let key = format!("{prefix}/{i}");
             let val = format!("v{i}");
             let addr = &addrs[i % addrs.len()];
-            if ctl(addr, &["--timeout", "3", "kv", "put", &key, &val]).status.success() {
+            if ctl(addr, &["--timeout", "3", "kv", "put", &key, &val])
+                .status
+                .success()
+            {
                 acked.insert(key, val);
             }
             i += 1;
@@ -111,10 +144,19 @@ fn assert_all_present(addr: &str, acked: &BTreeMap<String, String>, stale: bool)
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["key"].as_str().unwrap().into(), e["value"].as_str().unwrap().into()))
+        .map(|e| {
+            (
+                e["key"].as_str().unwrap().into(),
+                e["value"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     for (k, v) in acked {
-        assert_eq!(have.get(k), Some(v), "acknowledged write {k}={v} missing on {addr}");
+        assert_eq!(
+            have.get(k),
+            Some(v),
+            "acknowledged write {k}={v} missing on {addr}"
+        );
     }
 }
 
@@ -122,7 +164,10 @@ fn assert_all_present(addr: &str, acked: &BTreeMap<String, String>, stale: bool)
 fn t03_kill9_leader_new_leader_keeps_every_acknowledged_write_and_old_leader_catches_up() {
     let mut c = TestCluster::start(3, &[]);
     let old = c.leader();
-    let followers: Vec<String> = (1..=3).filter(|&i| i != old).map(|i| c.addr(i).to_string()).collect();
+    let followers: Vec<String> = (1..=3)
+        .filter(|&i| i != old)
+        .map(|i| c.addr(i).to_string())
+        .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(followers.clone(), "k", stop.clone());
     thread::sleep(Duration::from_millis(1500));
@@ -130,7 +175,10 @@ fn t03_kill9_leader_new_leader_keeps_every_acknowledged_write_and_old_leader_cat
     let killed_at = Instant::now();
     let new = c.leader();
     assert_ne!(new, old);
-    eprintln!("new leader n{new} known {:?} after kill", killed_at.elapsed());
+    eprintln!(
+        "new leader n{new} known {:?} after kill",
+        killed_at.elapsed()
+    );
     thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     let acked = w.join().unwrap();
@@ -142,7 +190,8 @@ fn t03_kill9_leader_new_leader_keeps_every_acknowledged_write_and_old_leader_cat
     c.restart(old);
     let addr = c.addr(old).to_string();
     until("restarted node catches up", Duration::from_secs(20), || {
-        let ls: Value = serde_json::from_str(&ctl_ok(&addr, &["kv", "ls", "--stale", "--json"])).unwrap();
+        let ls: Value =
+            serde_json::from_str(&ctl_ok(&addr, &["kv", "ls", "--stale", "--json"])).unwrap();
         (ls.as_array().unwrap().len() >= acked.len()).then_some(())
     });
     assert_all_present(&addr, &acked, true);
@@ -155,7 +204,12 @@ fn t04_follower_far_behind_catches_up_from_a_snapshot() {
     let leader = c.leader();
     let lagger = if leader == 3 { 2 } else { 3 };
     let before = c.status(c.addr(leader));
-    let lag_last = before["members"].as_array().unwrap().iter().find(|m| m["name"] == format!("n{lagger}")).unwrap()["matched_index"]
+    let lag_last = before["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == format!("n{lagger}"))
+        .unwrap()["matched_index"]
         .as_u64()
         .unwrap();
     c.nodes[lagger - 1].kill9();
@@ -165,15 +219,23 @@ fn t04_follower_far_behind_catches_up_from_a_snapshot() {
         ctl_ok(&la, &["kv", "put", &format!("s/{i}"), &format!("{i}")]);
         acked.insert(format!("s/{i}"), format!("{i}"));
     }
-    let st = until("leader purges its log past the lagging node", Duration::from_secs(10), || {
-        let st = c.status(&la);
-        (st["purged_index"].as_u64().unwrap_or(0) > lag_last).then_some(st)
-    });
-    eprintln!("lagging node had {lag_last}; leader purged up to {}", st["purged_index"]);
+    let st = until(
+        "leader purges its log past the lagging node",
+        Duration::from_secs(10),
+        || {
+            let st = c.status(&la);
+            (st["purged_index"].as_u64().unwrap_or(0) > lag_last).then_some(st)
+        },
+    );
+    eprintln!(
+        "lagging node had {lag_last}; leader purged up to {}",
+        st["purged_index"]
+    );
     c.restart(lagger);
     let addr = c.addr(lagger).to_string();
     until("lagging node catches up", Duration::from_secs(20), || {
-        let ls: Value = serde_json::from_str(&ctl_ok(&addr, &["kv", "ls", "--stale", "--json"])).unwrap();
+        let ls: Value =
+            serde_json::from_str(&ctl_ok(&addr, &["kv", "ls", "--stale", "--json"])).unwrap();
         (ls.as_array().unwrap().len() >= acked.len()).then_some(())
     });
     assert_all_present(&addr, &acked, true);
@@ -189,23 +251,58 @@ fn t05_wrong_token_is_refused_and_the_node_not_added() {
     let secretless = format!("{}-{}", c.token.rsplit_once('-').unwrap().0, "00112233");
     let d = c.dir.path().join("intruder");
     let o = std::process::Command::new(FLOCKD)
-        .args(["join", c.addr(1), "--token", &secretless, "--data-dir", d.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args([
+            "join",
+            c.addr(1),
+            "--token",
+            &secretless,
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("token is wrong"), "{}", stderr(&o));
     let other_cluster = "FLOCK-1-0123456789abcdef-00112233";
     let o = std::process::Command::new(FLOCKD)
-        .args(["join", c.addr(1), "--token", other_cluster, "--data-dir", d.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args([
+            "join",
+            c.addr(1),
+            "--token",
+            other_cluster,
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("token is for cluster 0123456789abcdef"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("token is for cluster 0123456789abcdef"),
+        "{}",
+        stderr(&o)
+    );
     let o = std::process::Command::new(FLOCKD)
-        .args(["join", c.addr(1), "--token", "garbage", "--data-dir", d.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args([
+            "join",
+            c.addr(1),
+            "--token",
+            "garbage",
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
-    assert!(stderr(&o).contains("malformed join token"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("malformed join token"),
+        "{}",
+        stderr(&o)
+    );
     let ls: Value = serde_json::from_str(&ctl_ok(c.addr(1), &["node", "ls", "--json"])).unwrap();
     assert_eq!(ls.as_array().unwrap().len(), 1, "{ls:#}");
     assert!(!d.join("identity.json").exists());
@@ -235,13 +332,23 @@ fn t06_unreachable_peer_is_reported_with_its_address() {
     let took = started.elapsed();
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
-    assert!(e.contains(&format!("cannot reach flockd at {peer}")) && e.contains("gave up after"), "{e}");
-    assert!(e.matches("retrying").count() >= 2, "retries with backoff: {e}");
+    assert!(
+        e.contains(&format!("cannot reach flockd at {peer}")) && e.contains("gave up after"),
+        "{e}"
+    );
+    assert!(
+        e.matches("retrying").count() >= 2,
+        "retries with backoff: {e}"
+    );
     assert!(took < Duration::from_secs(10), "{took:?}");
     // flockctl names the address too.
     let o = ctl(&peer, &["status"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains(&format!("cannot reach flockd at {peer}")), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("cannot reach flockd at {peer}")),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -250,40 +357,83 @@ fn t07_data_dirs_are_never_overwritten() {
     let d1 = c.data_dir(1);
     // init on a node's data dir is refused, naming it.
     let o = std::process::Command::new(FLOCKD)
-        .args(["init", "--data-dir", d1.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args([
+            "init",
+            "--data-dir",
+            d1.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("already holds node n1"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("already holds node n1"),
+        "{}",
+        stderr(&o)
+    );
     // run on a directory that is not a node's is refused.
     let empty = c.dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    let o = std::process::Command::new(FLOCKD).args(["run", "--data-dir", empty.to_str().unwrap()]).output().unwrap();
-    assert!(stderr(&o).contains("not a flock data dir"), "{}", stderr(&o));
-    // A second flockd on the same data dir while the first runs is refused.
     let o = std::process::Command::new(FLOCKD)
-        .args(["run", "--data-dir", d1.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args(["run", "--data-dir", empty.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(stderr(&o).contains("used by another running flockd"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not a flock data dir"),
+        "{}",
+        stderr(&o)
+    );
+    // A second flockd on the same data dir while the first runs is refused.
+    let o = std::process::Command::new(FLOCKD)
+        .args([
+            "run",
+            "--data-dir",
+            d1.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&o).contains("used by another running flockd"),
+        "{}",
+        stderr(&o)
+    );
 
     // A corrupt store is refused at start and left as it was.
-    assert_eq!(c.nodes[0].signal_and_wait(libc::SIGTERM, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        c.nodes[0].signal_and_wait(libc::SIGTERM, Duration::from_secs(10)),
+        Some(0)
+    );
     let store = d1.join("raft.redb");
     let mut bytes = std::fs::read(&store).unwrap();
     for b in bytes.iter_mut().take(4096) {
         *b = 0xAB;
     }
     std::fs::write(&store, &bytes).unwrap();
-    let o = std::process::Command::new(FLOCKD).args(["run", "--data-dir", d1.to_str().unwrap()]).output().unwrap();
+    let o = std::process::Command::new(FLOCKD)
+        .args(["run", "--data-dir", d1.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("raft store"), "{}", stderr(&o));
-    assert_eq!(std::fs::read(&store).unwrap(), bytes, "corrupt store was modified");
+    assert_eq!(
+        std::fs::read(&store).unwrap(),
+        bytes,
+        "corrupt store was modified"
+    );
     // A corrupt identity likewise.
     std::fs::write(d1.join("identity.json"), "{ nope").unwrap();
-    let o = std::process::Command::new(FLOCKD).args(["run", "--data-dir", d1.to_str().unwrap()]).output().unwrap();
+    let o = std::process::Command::new(FLOCKD)
+        .args(["run", "--data-dir", d1.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(stderr(&o).contains("is damaged"), "{}", stderr(&o));
-    assert_eq!(std::fs::read_to_string(d1.join("identity.json")).unwrap(), "{ nope");
+    assert_eq!(
+        std::fs::read_to_string(d1.join("identity.json")).unwrap(),
+        "{ nope"
+    );
 }
 
 #[test]
@@ -291,11 +441,20 @@ fn t08_another_clusters_data_dir_is_refused() {
     let a = TestCluster::start(1, &[]);
     let mut b = TestCluster::start(1, &[]);
     // Swap in cluster A's identity with B's store: refused, nothing written.
-    assert_eq!(b.nodes[0].signal_and_wait(libc::SIGTERM, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        b.nodes[0].signal_and_wait(libc::SIGTERM, Duration::from_secs(10)),
+        Some(0)
+    );
     let ida = std::fs::read_to_string(a.data_dir(1).join("identity.json")).unwrap();
     std::fs::write(b.data_dir(1).join("identity.json"), &ida).unwrap();
     let o = std::process::Command::new(FLOCKD)
-        .args(["run", "--data-dir", b.data_dir(1).to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args([
+            "run",
+            "--data-dir",
+            b.data_dir(1).to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
@@ -311,8 +470,15 @@ fn t09_sigterm_shuts_down_in_order_and_loses_nothing() {
         acked.insert(format!("t/{i}"), "x".to_string());
     }
     for i in 1..=3 {
-        assert_eq!(c.nodes[i - 1].signal_and_wait(libc::SIGTERM, Duration::from_secs(15)), Some(0), "n{i} exit code");
-        assert!(c.nodes[i - 1].drain().iter().any(|l| l == "flockd: stopped"));
+        assert_eq!(
+            c.nodes[i - 1].signal_and_wait(libc::SIGTERM, Duration::from_secs(15)),
+            Some(0),
+            "n{i} exit code"
+        );
+        assert!(c.nodes[i - 1]
+            .drain()
+            .iter()
+            .any(|l| l == "flockd: stopped"));
     }
     for i in 1..=3 {
         c.restart(i);
@@ -325,14 +491,25 @@ fn t09_sigterm_shuts_down_in_order_and_loses_nothing() {
 fn t10_node_rm_guards_quorum_and_the_last_voter() {
     let mut c = TestCluster::start(4, &[]);
     let v = c.status(c.addr(1));
-    let learner = v["members"].as_array().unwrap().iter().find(|m| m["role"] == "learner").expect("4th node is a learner")["name"]
+    let learner = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "learner")
+        .expect("4th node is a learner")["name"]
         .as_str()
         .unwrap()
         .to_string();
     // Kill one voter that is not the leader.
     let leader = c.leader();
     let voters: Vec<usize> = (1..=4)
-        .filter(|i| v["members"].as_array().unwrap().iter().any(|m| m["name"] == format!("n{i}") && m["role"] == "voter"))
+        .filter(|i| {
+            v["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == format!("n{i}") && m["role"] == "voter")
+        })
         .collect();
     let dead = *voters.iter().find(|&&i| i != leader).unwrap();
     let healthy_other = *voters.iter().find(|&&i| i != leader && i != dead).unwrap();
@@ -347,10 +524,17 @@ fn t10_node_rm_guards_quorum_and_the_last_voter() {
     until("learner promoted", Duration::from_secs(15), || {
         let v = c.status(&la);
         let m = v["members"].as_array().unwrap().clone();
-        (m.len() == 3 && m.iter().all(|m| m["role"] == "voter") && m.iter().any(|m| m["name"] == learner.as_str())).then_some(())
+        (m.len() == 3
+            && m.iter().all(|m| m["role"] == "voter")
+            && m.iter().any(|m| m["name"] == learner.as_str()))
+        .then_some(())
     });
     let o = ctl(&la, &["node", "rm", "nosuch"]);
-    assert!(stderr(&o).contains("no node named \"nosuch\""), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no node named \"nosuch\""),
+        "{}",
+        stderr(&o)
+    );
     // The name is free again.
     let _ = &mut c;
 }
@@ -368,10 +552,27 @@ fn t12_sixth_node_stays_a_learner_with_the_full_state() {
     let c = TestCluster::start(6, &[]);
     ctl_ok(c.addr(1), &["kv", "put", "k", "v"]);
     let v = c.status(c.addr(6));
-    let roles: Vec<_> = v["members"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
+    let roles: Vec<_> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
     assert_eq!(roles.iter().filter(|r| **r == "voter").count(), 5, "{v:#}");
-    assert_eq!(roles.iter().filter(|r| **r == "learner").count(), 1, "{v:#}");
-    let learner = v["members"].as_array().unwrap().iter().find(|m| m["role"] == "learner").unwrap()["addr"].as_str().unwrap().to_string();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "learner").count(),
+        1,
+        "{v:#}"
+    );
+    let learner = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "learner")
+        .unwrap()["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
     until("learner has the state", Duration::from_secs(5), || {
         (ctl_ok(&learner, &["kv", "get", "k", "--stale"]) == "v").then_some(())
     });
@@ -385,17 +586,37 @@ fn t13_dev_cluster_comes_up_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("dev.log");
     let mut p = Proc::start(
-        &s(&["dev", "--nodes", "3", "--port", &port.to_string(), "--data-dir", dir.path().join("dev").to_str().unwrap()]),
+        &s(&[
+            "dev",
+            "--nodes",
+            "3",
+            "--port",
+            &port.to_string(),
+            "--data-dir",
+            dir.path().join("dev").to_str().unwrap(),
+        ]),
         dir.path(),
         "dev",
         &log,
     )
     .expect("flockd dev comes up");
-    let export = p.wait_line("  export FLOCK_ADDR=", Duration::from_secs(30)).unwrap();
-    let addr = export.trim().trim_start_matches("export FLOCK_ADDR=").to_string();
+    let export = p
+        .wait_line("  export FLOCK_ADDR=", Duration::from_secs(30))
+        .unwrap();
+    let addr = export
+        .trim()
+        .trim_start_matches("export FLOCK_ADDR=")
+        .to_string();
     let v: Value = serde_json::from_str(&ctl_ok(&addr, &["status", "--json"])).unwrap();
     assert_eq!(v["members"].as_array().unwrap().len(), 3, "{v:#}");
     ctl_ok(&addr, &["kv", "put", "dev", "ok"]);
-    assert_eq!(p.signal_and_wait(libc::SIGINT, Duration::from_secs(20)), Some(0));
-    assert!(p.drain().iter().any(|l| l == "flockd dev: stopped"), "{:?}", p.seen);
+    assert_eq!(
+        p.signal_and_wait(libc::SIGINT, Duration::from_secs(20)),
+        Some(0)
+    );
+    assert!(
+        p.drain().iter().any(|l| l == "flockd dev: stopped"),
+        "{:?}",
+        p.seen
+    );
 }

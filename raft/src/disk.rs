@@ -149,12 +149,10 @@ fn read_meta<T: serde::de::DeserializeOwned>(
     key: &str,
 ) -> Result<Option<T>, DiskError> {
     match table.get(key).map_err(err)? {
-        Some(v) => decode(v.value())
-            .map(Some)
-            .map_err(|e| DiskError::Corrupt {
-                what: key.into(),
-                source: e,
-            }),
+        Some(v) => decode(v.value()).map(Some).map_err(|e| DiskError::Corrupt {
+            what: key.into(),
+            source: e,
+        }),
         None => Ok(None),
     }
 }
@@ -215,7 +213,8 @@ impl RaftDisk for RedbDisk {
                         meta.insert(K_VOTE, encode(v).as_slice()).map_err(err)?;
                     }
                     WriteOp::Committed(c) => {
-                        meta.insert(K_COMMITTED, encode(c).as_slice()).map_err(err)?;
+                        meta.insert(K_COMMITTED, encode(c).as_slice())
+                            .map_err(err)?;
                     }
                     WriteOp::Append(entries) => {
                         for e in entries {

@@ -62,9 +62,9 @@ impl DiskWriter {
                     }
                     for job in jobs {
                         match job.waiter {
-                            Waiter::Flushed(cb) => cb.log_io_completed(
-                                result.clone().map_err(io::Error::other),
-                            ),
+                            Waiter::Flushed(cb) => {
+                                cb.log_io_completed(result.clone().map_err(io::Error::other))
+                            }
                             Waiter::Notify(tx) => {
                                 let _ = tx.send(result.clone());
                             }
@@ -146,7 +146,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        Ok(self.mem().logs.range(range).map(|(_, e)| e.clone()).collect())
+        Ok(self
+            .mem()
+            .logs
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 }
 
@@ -192,7 +197,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.mem().committed)
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -205,7 +214,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         self.writer
-            .submit(vec![WriteOp::Append(entries)], true, Waiter::Flushed(callback))
+            .submit(
+                vec![WriteOp::Append(entries)],
+                true,
+                Waiter::Flushed(callback),
+            )
             .map_err(write_err)
     }
 

@@ -55,7 +55,10 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             Ok(ch) => Ok(RaftClient::new(ch)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX)),
-            Err(e) => Err(format!("bad address {:?} for node {target}: {e}", node.addr)),
+            Err(e) => Err(format!(
+                "bad address {:?} for node {target}: {e}",
+                node.addr
+            )),
         };
         GrpcConnection {
             target,
@@ -134,7 +137,8 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>>
+    {
         self.call(Rpc::AppendEntries, &rpc, &option).await
     }
 

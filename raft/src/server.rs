@@ -43,7 +43,10 @@ fn reply<T: Serialize>(result: &T) -> Result<Response<RaftReply>, Status> {
 
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
-    async fn append_entries(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
         let rpc = self.open(req)?;
         reply(&self.raft.append_entries(rpc).await)
     }
@@ -53,7 +56,10 @@ impl raft_server::Raft for RaftService {
         reply(&self.raft.vote(rpc).await)
     }
 
-    async fn install_snapshot(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
         let rpc = self.open(req)?;
         reply(&self.raft.install_snapshot(rpc).await)
     }

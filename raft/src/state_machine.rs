@@ -16,7 +16,9 @@ use flock_scheduler::{ClusterState, CommandResult};
 use crate::codec::{decode, encode};
 use crate::disk::{DiskError, StoredSnapshot, WriteOp};
 use crate::log_store::DiskWriter;
-use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::types::{
+    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
 
 /// What the state machine holds: the cluster state and where in the log it stands.
 #[derive(Clone, Debug, Default)]
@@ -102,7 +104,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         self.writer
             .write(vec![WriteOp::Snapshot(stored.clone())], true)
             .await
-            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &std::io::Error::other(e))))?;
+            .map_err(|e| {
+                StorageError::from(StorageIOError::write_snapshot(
+                    Some(meta.signature()),
+                    &std::io::Error::other(e),
+                ))
+            })?;
         *self.current() = Some(stored);
         Ok(Snapshot {
             meta,

@@ -54,6 +54,11 @@ impl Store {
 
     /// Splits off the parts openraft takes, keeping the writer thread's handle.
     pub fn into_parts(self) -> (LogStore, StateMachine, DiskWriter, JoinHandle<()>) {
-        (self.log, self.state_machine, self.writer, self.writer_thread)
+        (
+            self.log,
+            self.state_machine,
+            self.writer,
+            self.writer_thread,
+        )
     }
 }

@@ -21,7 +21,7 @@ pub fn voters_to_promote(voters: &BTreeSet<NodeId>, ready_learners: &[NodeId]) -
         .filter(|id| !voters.contains(id))
         .collect();
     let mut target = (voters.len() + candidates.len()).min(MAX_VOTERS);
-    if target % 2 == 0 {
+    if target.is_multiple_of(2) {
         target -= 1;
     }
     if target <= voters.len() {
@@ -90,7 +90,10 @@ mod tests {
         assert!(voters_to_promote(&set(&[1]), &[2]).is_empty());
         assert_eq!(voters_to_promote(&set(&[1]), &[2, 3]), vec![2, 3]);
         assert_eq!(voters_to_promote(&set(&[1]), &[2, 3, 4]), vec![2, 3]);
-        assert_eq!(voters_to_promote(&set(&[1]), &[2, 3, 4, 5]), vec![2, 3, 4, 5]);
+        assert_eq!(
+            voters_to_promote(&set(&[1]), &[2, 3, 4, 5]),
+            vec![2, 3, 4, 5]
+        );
         assert_eq!(
             voters_to_promote(&set(&[1, 2, 3]), &[4, 5, 6, 7]),
             vec![4, 5]
@@ -111,7 +114,10 @@ mod tests {
     #[test]
     fn removal_rules() {
         let voters = set(&[1, 2, 3]);
-        assert_eq!(check_removal(&set(&[1]), &set(&[1]), 1, true), Err(RemovalRefused::LastVoter));
+        assert_eq!(
+            check_removal(&set(&[1]), &set(&[1]), 1, true),
+            Err(RemovalRefused::LastVoter)
+        );
         assert_eq!(check_removal(&voters, &set(&[1, 2, 3]), 3, false), Ok(()));
         // Node 2 is down; removing healthy node 3 leaves {1, 2} with one healthy: no quorum.
         assert_eq!(

@@ -86,7 +86,9 @@ pub enum Command {
         addr: String,
     },
     /// Forgets a node. Raft membership is changed before this is proposed.
-    RemoveNode { id: NodeId },
+    RemoveNode {
+        id: NodeId,
+    },
     KvPut {
         key: String,
         value: String,
@@ -97,7 +99,9 @@ pub enum Command {
         expect: Option<String>,
         value: String,
     },
-    KvDelete { key: String },
+    KvDelete {
+        key: String,
+    },
 }
 
 /// What applying a [`Command`] did.
@@ -106,15 +110,23 @@ pub enum CommandResult {
     /// For log entries that carry no command (blank and membership entries).
     Nothing,
     ClusterInitialized,
-    NodeRegistered { id: NodeId, name: String },
-    NodeRemoved { id: NodeId },
+    NodeRegistered {
+        id: NodeId,
+        name: String,
+    },
+    NodeRemoved {
+        id: NodeId,
+    },
     KvPut(KvEntry),
     /// `entry` is the new entry on success, the current one (if any) on failure.
     KvCas {
         succeeded: bool,
         entry: Option<KvEntry>,
     },
-    KvDeleted { existed: bool, revision: u64 },
+    KvDeleted {
+        existed: bool,
+        revision: u64,
+    },
     /// The command did not fit the state and changed nothing.
     Rejected(ApplyError),
 }

@@ -71,7 +71,8 @@ impl Api for ApiService {
 
     async fn join(&self, req: Request<JoinRequest>) -> Reply<JoinReply> {
         let req = req.into_inner();
-        let token = JoinToken::parse(&req.token).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let token =
+            JoinToken::parse(&req.token).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if token.cluster_id != self.cluster.cluster_id {
             return Err(Status::permission_denied(format!(
                 "the token is for cluster {}, but this node belongs to cluster {}",
@@ -101,14 +102,21 @@ impl Api for ApiService {
         let c = &self.cluster;
         let req = req.into_inner();
         if !c.is_leader() {
-            let (_, leader) = c.leader().ok_or(ClusterError::NoLeader(c.request_timeout))?;
+            let (_, leader) = c
+                .leader()
+                .ok_or(ClusterError::NoLeader(c.request_timeout))?;
             return c.peer(&leader.addr)?.remove_node(req).await;
         }
         let id = c.remove_node(&req.name, req.force).await?;
         // Give the membership worker a moment, so `node ls` right after shows the change.
         let deadline = Instant::now() + c.request_timeout;
         while Instant::now() < deadline && c.is_leader() {
-            let still = c.metrics().membership_config.membership().get_node(&id).is_some();
+            let still = c
+                .metrics()
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .is_some();
             if !still {
                 break;
             }
@@ -155,7 +163,11 @@ impl Api for ApiService {
 
     async fn kv_cas(&self, req: Request<KvCasRequest>) -> Reply<KvCasReply> {
         let KvCasRequest { key, expect, value } = req.into_inner();
-        match self.cluster.propose(Command::KvCas { key, expect, value }).await? {
+        match self
+            .cluster
+            .propose(Command::KvCas { key, expect, value })
+            .await?
+        {
             CommandResult::KvCas { succeeded, entry } => Ok(Response::new(KvCasReply {
                 succeeded,
                 entry: entry.as_ref().map(to_proto),

@@ -162,7 +162,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let dd = DataDir::new(&n.data_dir);
             let ep = Endpoint::bind(&n.listen, n.advertise).await?;
-            let node = RunningNode::join(&dd, ep, &peer, &token, n.name, Duration::from_secs(join_timeout), &n.raft.options()).await?;
+            let node = RunningNode::join(
+                &dd,
+                ep,
+                &peer,
+                &token,
+                n.name,
+                Duration::from_secs(join_timeout),
+                &n.raft.options(),
+            )
+            .await?;
             node.wait_until_member(Duration::from_secs(30)).await?;
             node
         }

@@ -57,9 +57,15 @@ impl Proc {
             seen: Vec::new(),
             extra: Vec::new(),
         };
-        let line = p.wait_line("flockd: ready", Duration::from_secs(40)).map_err(|e| {
-            format!("{e}\n--- log {}:\n{}", log.display(), std::fs::read_to_string(log).unwrap_or_default())
-        })?;
+        let line = p
+            .wait_line("flockd: ready", Duration::from_secs(40))
+            .map_err(|e| {
+                format!(
+                    "{e}\n--- log {}:\n{}",
+                    log.display(),
+                    std::fs::read_to_string(log).unwrap_or_default()
+                )
+            })?;
         p.addr = line.rsplit(' ').next().unwrap_or_default().to_string();
         Ok(p)
     }
@@ -80,11 +86,17 @@ impl Proc {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(format!("{}: no line {prefix:?} within {timeout:?}; saw {:?}", self.name, self.seen))
+                    return Err(format!(
+                        "{}: no line {prefix:?} within {timeout:?}; saw {:?}",
+                        self.name, self.seen
+                    ))
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = self.child.as_mut().and_then(|c| c.wait().ok());
-                    return Err(format!("{}: exited ({status:?}) before {prefix:?}; saw {:?}", self.name, self.seen));
+                    return Err(format!(
+                        "{}: exited ({status:?}) before {prefix:?}; saw {:?}",
+                        self.name, self.seen
+                    ));
                 }
             }
         }
@@ -161,11 +173,21 @@ impl TestCluster {
             extra_args: s(extra),
         };
         let d1 = c.data_dir(1);
-        let mut args = s(&["init", "--data-dir", d1.to_str().unwrap(), "--listen", "127.0.0.1:0", "--name", "n1"]);
+        let mut args = s(&[
+            "init",
+            "--data-dir",
+            d1.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "n1",
+        ]);
         args.extend(s(FAST));
         args.extend(c.extra_args.clone());
         let mut first = Proc::start(&args, &d1, "n1", &c.log(1, "init")).expect("n1 starts");
-        let tok = first.wait_line("flockd: join with token", Duration::from_secs(5)).expect("token line");
+        let tok = first
+            .wait_line("flockd: join with token", Duration::from_secs(5))
+            .expect("token line");
         c.token = tok.rsplit(' ').next().unwrap().to_string();
         c.nodes.push(first);
         for i in 2..=n {
@@ -216,8 +238,13 @@ impl TestCluster {
         let mut args = s(&["run", "--data-dir", d.to_str().unwrap()]);
         args.extend(s(FAST));
         args.extend(self.extra_args.clone());
-        let p = Proc::start(&args, &d, &format!("n{i}"), &self.log(i, "run")).expect("node restarts");
-        assert_eq!(p.addr, self.nodes[i - 1].addr, "restarted node kept its address");
+        let p =
+            Proc::start(&args, &d, &format!("n{i}"), &self.log(i, "run")).expect("node restarts");
+        assert_eq!(
+            p.addr,
+            self.nodes[i - 1].addr,
+            "restarted node kept its address"
+        );
         self.nodes[i - 1] = p;
     }
 
@@ -238,7 +265,11 @@ impl TestCluster {
     /// `flockctl status --json` through `addr`.
     pub fn status(&self, addr: &str) -> Value {
         let out = ctl(addr, &["status", "--json"]);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status json")
     }
 
@@ -277,7 +308,13 @@ impl TestCluster {
             let v = self.status(&addr);
             if let Some(la) = v["leader_addr"].as_str() {
                 if let Some(i) = self.nodes.iter_mut().position(|p| p.addr == la) {
-                    if self.nodes[i].running() && v["members"].as_array().unwrap().iter().any(|m| m["health"] == "healthy") {
+                    if self.nodes[i].running()
+                        && v["members"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .any(|m| m["health"] == "healthy")
+                    {
                         return i + 1;
                     }
                 }
@@ -317,5 +354,9 @@ pub fn stderr(o: &Output) -> String {
 
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
