@@ -31,7 +31,9 @@ use crate::token::{random_hex, JoinToken};
 pub struct NodeOptions {
     /// Leader heartbeat interval, ms. Default 100.
     pub heartbeat_ms: u64,
-    /// Minimum election timeout, ms; the maximum is twice this. Default 500.
+    /// Minimum election timeout, ms; the maximum is 4/3 of it. Default 300. openraft also makes
+    /// a follower wait one leader lease (the maximum) after the last heartbeat before it stands,
+    /// so a dead leader is replaced after roughly lease + timeout = 0.7 to 0.8 s by default.
     pub election_timeout_ms: u64,
     /// Build a snapshot after this many new log entries. Default 10000.
     pub snapshot_logs: u64,
@@ -45,7 +47,7 @@ impl Default for NodeOptions {
     fn default() -> Self {
         NodeOptions {
             heartbeat_ms: 100,
-            election_timeout_ms: 500,
+            election_timeout_ms: 300,
             snapshot_logs: 10_000,
             keep_logs: 1_000,
             request_timeout: Duration::from_secs(5),
@@ -59,7 +61,7 @@ impl NodeOptions {
             cluster_name: cluster_id.to_string(),
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_timeout_ms,
-            election_timeout_max: self.election_timeout_ms * 2,
+            election_timeout_max: self.election_timeout_ms + self.election_timeout_ms / 3,
             install_snapshot_timeout: 10_000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs),
             max_in_snapshot_log_to_keep: self.keep_logs,

@@ -85,8 +85,9 @@ struct RaftArgs {
     /// Leader heartbeat interval, in milliseconds.
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
-    /// Minimum election timeout in milliseconds (the maximum is twice this).
-    #[arg(long, default_value_t = 500)]
+    /// Minimum election timeout in milliseconds (the maximum is 4/3 of it). A dead leader is
+    /// replaced after about twice this.
+    #[arg(long, default_value_t = 300)]
     election_timeout_ms: u64,
     /// Take a Raft snapshot after this many log entries.
     #[arg(long, default_value_t = 10_000)]
