@@ -60,7 +60,10 @@ impl From<ClusterError> for tonic::Status {
         use tonic::Status;
         let msg = e.to_string();
         match e {
-            ClusterError::NoLeader(_) | ClusterError::OutcomeUnknown(_) => Status::unavailable(msg),
+            // gRPC's own contract: UNAVAILABLE is safe to retry (nothing was applied);
+            // DEADLINE_EXCEEDED may have been applied. Clients such as the jepsen workload rely on it.
+            ClusterError::NoLeader(_) => Status::unavailable(msg),
+            ClusterError::OutcomeUnknown(_) => Status::deadline_exceeded(msg),
             ClusterError::NotLeader | ClusterError::Refused(_) => Status::failed_precondition(msg),
             ClusterError::Invalid(_) => Status::invalid_argument(msg),
             ClusterError::NotFound(_) => Status::not_found(msg),
