@@ -1,15 +1,59 @@
-//! Connecting to a node's API, as flockctl and a joining node do.
+//! Connecting to a node's API over mutual TLS, as flockctl and a joining node do, and the client
+//! config file (`admin.conf`) that holds what flockctl needs to do it.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use flock_proto::v1::api_client::ApiClient;
 
-/// Connects to the API at `addr` (HOST:PORT), failing with a message naming the address.
-pub async fn connect(addr: &str, timeout: Duration) -> anyhow::Result<ApiClient<Channel>> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+use crate::pki::{client_tls, read_private, write_private};
+
+/// What flockctl needs to reach a cluster: where, whom to trust, and who it is.
+/// Written by `flockd init` (DATA_DIR/admin.conf) and `flockctl cluster admin-config`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClientConfig {
+    pub format: u32,
+    pub cluster_id: String,
+    /// API addresses (HOST:PORT) of members; flockctl tries them in order.
+    pub addrs: Vec<String>,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl ClientConfig {
+    /// Reads a config, refusing one that group or others can read (it holds a private key).
+    pub fn load(path: &Path) -> anyhow::Result<ClientConfig> {
+        let text = read_private(path)?;
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not a flock client config: {e}", path.display()))
+    }
+
+    /// Writes the config with 0600 permissions.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        write_private(path, &text)?;
+        Ok(())
+    }
+
+    pub fn tls(&self) -> ClientTlsConfig {
+        client_tls(&self.ca_pem, Some((&self.cert_pem, &self.key_pem)))
+    }
+}
+
+/// Connects to the API at `addr` (HOST:PORT) over TLS, failing with a message naming the address.
+pub async fn connect(
+    addr: &str,
+    tls: &ClientTlsConfig,
+    timeout: Duration,
+) -> anyhow::Result<ApiClient<Channel>> {
+    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
         .map_err(|e| anyhow::anyhow!("bad address {addr:?} (expected HOST:PORT): {e}"))?
+        .tls_config(tls.clone())
+        .map_err(|e| anyhow::anyhow!("TLS setup for {addr}: {}", error_chain(&e)))?
         .connect_timeout(timeout)
         .tcp_nodelay(true);
     let channel = endpoint
@@ -19,21 +63,32 @@ pub async fn connect(addr: &str, timeout: Duration) -> anyhow::Result<ApiClient<
     Ok(ApiClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 
-/// Connects to `addr`, retrying with exponential backoff (100 ms doubling to 2 s) until `total`
-/// has passed; then fails naming the address and the last error.
-pub async fn connect_with_retry(addr: &str, total: Duration) -> anyhow::Result<ApiClient<Channel>> {
+/// Runs `attempt` until it succeeds or `total` has passed, with exponential backoff (100 ms
+/// doubling to 2 s); then fails with the last error and how long it tried. `retry` says which
+/// errors are worth another attempt.
+pub async fn with_backoff<T, F, Fut>(
+    what: &str,
+    total: Duration,
+    retry: impl Fn(&anyhow::Error) -> bool,
+    mut attempt: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
     let deadline = Instant::now() + total;
     let mut delay = Duration::from_millis(100);
     let mut attempts = 0;
     loop {
         attempts += 1;
-        match connect(addr, Duration::from_secs(2)).await {
-            Ok(c) => return Ok(c),
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if !retry(&e) => return Err(e),
             Err(e) if Instant::now() + delay >= deadline => {
-                anyhow::bail!("{e} (gave up after {attempts} attempts over {total:?}); check the address and that flockd runs there")
+                anyhow::bail!("{e:#} (gave up after {attempts} attempts over {total:?}); check {what} and that flockd runs there")
             }
             Err(e) => {
-                tracing::info!(error = %e, "retrying in {delay:?}");
+                tracing::info!(error = %format!("{e:#}"), "retrying in {delay:?}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use tokio::sync::watch;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::{Member, PingRequest, ProposeRequest, ReadIndexRequest, StatusReply};
@@ -102,6 +102,8 @@ pub struct Cluster {
     pub cluster_id: String,
     /// How long a request may wait for a leader and for its command to apply.
     pub request_timeout: Duration,
+    /// This node's client identity for calls to peers.
+    tls: ClientTlsConfig,
     peers: Mutex<HashMap<String, ApiClient<Channel>>>,
 }
 
@@ -120,6 +122,7 @@ impl Cluster {
         node_name: String,
         cluster_id: String,
         request_timeout: Duration,
+        tls: ClientTlsConfig,
     ) -> Self {
         Cluster {
             raft,
@@ -128,6 +131,7 @@ impl Cluster {
             node_name,
             cluster_id,
             request_timeout,
+            tls,
             peers: Mutex::new(HashMap::new()),
         }
     }
@@ -138,7 +142,7 @@ impl Cluster {
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }
-        let ch = lazy_channel(addr)
+        let ch = lazy_channel(addr, &self.tls)
             .map_err(|e| ClusterError::Invalid(format!("bad peer address {addr:?}: {e}")))?;
         let c = ApiClient::new(ch);
         peers.insert(addr.to_string(), c.clone());

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 error, 2 bad usage, 3 a compare-and-set whose expectation did not
 //! hold, 4 a key that does not exist (`kv get`).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -12,7 +13,8 @@ use tonic::transport::Channel;
 use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::*;
 
-use crate::client::connect;
+use crate::client::{connect, ClientConfig};
+use crate::pki::new_key_and_csr;
 
 /// Exit code of a compare-and-set whose expected value did not match.
 pub const EXIT_CAS_FAILED: i32 = 3;
@@ -23,14 +25,13 @@ pub const EXIT_NOT_FOUND: i32 = 4;
 #[derive(Parser, Debug)]
 #[command(name = "flockctl", version)]
 pub struct Cli {
-    /// API address of any node of the cluster.
-    #[arg(
-        long,
-        global = true,
-        env = "FLOCK_ADDR",
-        default_value = "127.0.0.1:7801"
-    )]
-    pub addr: String,
+    /// Client config: the cluster's CA, an admin certificate and key, and member addresses.
+    /// `flockd init` writes one to DATA_DIR/admin.conf; `flockctl cluster admin-config` makes more.
+    #[arg(long, global = true, env = "FLOCK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// API address of a node to talk to, instead of the config's addresses.
+    #[arg(long, global = true, env = "FLOCK_ADDR")]
+    pub addr: Option<String>,
     /// Seconds to wait for the node to answer.
     #[arg(long, global = true, default_value_t = 10)]
     pub timeout: u64,
@@ -76,7 +77,20 @@ pub enum NodeCmd {
 #[derive(Subcommand, Debug)]
 pub enum ClusterCmd {
     /// Print the token new nodes join with (`flockd join PEER --token TOKEN`).
-    Token,
+    Token {
+        /// Replace the token's secret first: old tokens stop working, members are unaffected.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Issue another admin client config (a new key and certificate) into FILE.
+    AdminConfig {
+        /// Where to write it (created with mode 0600; an existing file is not overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Label in the certificate, to tell admins apart.
+        #[arg(long, default_value = "admin")]
+        label: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -248,11 +262,44 @@ async fn status(api: &mut ApiClient<Channel>) -> anyhow::Result<StatusReply> {
         .into_inner())
 }
 
+/// Loads the client config named by --config or FLOCK_CONFIG.
+fn load_config(cli: &Cli) -> anyhow::Result<ClientConfig> {
+    let path = cli.config.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no client config: give --config FILE or set FLOCK_CONFIG (flockd init wrote DATA_DIR/admin.conf; `flockd dev` prints the export line)"
+        )
+    })?;
+    ClientConfig::load(path)
+}
+
+/// Connects to the first address that answers: --addr, else the config's addresses in order.
+async fn connect_any(cli: &Cli, config: &ClientConfig) -> anyhow::Result<ApiClient<Channel>> {
+    let addrs = match &cli.addr {
+        Some(a) => vec![a.clone()],
+        None => config.addrs.clone(),
+    };
+    let tls = config.tls();
+    let mut errors = Vec::new();
+    for addr in &addrs {
+        match connect(addr, &tls, Duration::from_secs(cli.timeout)).await {
+            Ok(c) => return Ok(c),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    anyhow::bail!(
+        "{}\nis flockd running there? point flockctl at a node with --addr HOST:PORT or FLOCK_ADDR",
+        if errors.is_empty() {
+            "the config names no addresses".to_string()
+        } else {
+            errors.join("\n")
+        }
+    )
+}
+
 /// Runs one flockctl command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let mut api = connect(&cli.addr, Duration::from_secs(cli.timeout)).await.map_err(|e| {
-        anyhow::anyhow!("{e}\nis flockd running there? point flockctl at a node with --addr HOST:PORT or FLOCK_ADDR")
-    })?;
+    let config = load_config(&cli)?;
+    let mut api = connect_any(&cli, &config).await?;
     match cli.command {
         Cmd::Status(f) => {
             let s = status(&mut api).await?;
@@ -318,12 +365,42 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .into_inner();
             println!("removed node {name} (id {})", r.node_id);
         }
-        Cmd::Cluster(ClusterCmd::Token) => {
+        Cmd::Cluster(ClusterCmd::Token { rotate }) => {
             let r = api
-                .cluster_token(ClusterTokenRequest {})
+                .cluster_token(ClusterTokenRequest { rotate })
                 .await
                 .map_err(status_err)?;
+            if rotate {
+                eprintln!("flockctl: join secret rotated; tokens issued before no longer work");
+            }
             println!("{}", r.into_inner().token);
+        }
+        Cmd::Cluster(ClusterCmd::AdminConfig { out, label }) => {
+            if out.exists() {
+                anyhow::bail!(
+                    "{} exists; choose another --out (flockctl never overwrites a config)",
+                    out.display()
+                );
+            }
+            let (key_pem, csr_pem) = new_key_and_csr()?;
+            let r = api
+                .issue_admin_cert(IssueAdminCertRequest { csr_pem, label })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            ClientConfig {
+                format: 1,
+                cluster_id: r.cluster_id,
+                addrs: r.addrs,
+                ca_pem: r.ca_pem,
+                cert_pem: r.cert_pem,
+                key_pem,
+            }
+            .save(&out)?;
+            println!(
+                "wrote {} (mode 0600); use it with --config or FLOCK_CONFIG",
+                out.display()
+            );
         }
         Cmd::Kv(cmd) => return kv(&mut api, cmd).await,
     }

@@ -1,6 +1,7 @@
 //! Starting and stopping a node: `init` (a new cluster), `join` (an existing one), `run` (restart
 //! from a data dir). Startup builds everything, then starts the server and workers; shutdown
-//! stops them in a fixed order: API/Raft server, membership worker, Raft, store flush.
+//! stops them in a fixed order: API/Raft server, membership worker, QUIC endpoint, Raft, store
+//! flush. Every connection is mutual TLS with the cluster CA's certificates (see [`crate::pki`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,10 +21,16 @@ use flock_raft::{MemberNode, Raft, Store};
 use flock_scheduler::state::{validate_addr, validate_name};
 use flock_scheduler::{Command, CommandResult};
 
+use flock_raft::server::Authorize;
+
 use crate::api::ApiService;
-use crate::client::connect_with_retry;
+use crate::client::{connect, with_backoff, ClientConfig};
 use crate::cluster::{membership_worker, Cluster};
 use crate::datadir::{DataDir, Identity, IDENTITY_FORMAT};
+use crate::pki::{
+    client_tls, fetch_pinned_ca, fingerprint, new_key_and_csr, pem_to_der, read_private, role_of,
+    write_private, Authorizer, CertAuthority, NodeTls, PkiError, Role, TlsPaths,
+};
 use crate::token::{random_hex, JoinToken};
 
 /// Raft and request timing. Every field has a default suited to a LAN or one machine.
@@ -112,8 +119,11 @@ impl Endpoint {
 pub struct RunningNode {
     pub cluster: Arc<Cluster>,
     pub identity: Identity,
-    /// The address the server is bound to.
+    /// The address the server is bound to (TCP for gRPC, and UDP for QUIC on the same port).
     pub bound: SocketAddr,
+    /// The QUIC endpoint snapshot streams use, with the same certificates as gRPC.
+    pub quic: quinn::Endpoint,
+    pub tls: NodeTls,
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     worker: JoinHandle<()>,
@@ -121,7 +131,8 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
-    /// Creates a new cluster with this node as its only member, in an empty `data_dir`.
+    /// Creates a new cluster with this node as its only member, in an empty `data_dir`: the
+    /// cluster CA, this node's certificate, and an admin client config (`DATA_DIR/admin.conf`).
     pub async fn init(
         dd: &DataDir,
         ep: Endpoint,
@@ -141,18 +152,40 @@ impl RunningNode {
             advertise,
             bootstrapped: false,
         };
+        let paths = TlsPaths::new(dd.root());
+        let (ca, ca_key_pem) = CertAuthority::create(&identity.cluster_id)?;
+        let (key_pem, csr_pem) = new_key_and_csr()?;
+        let tls = NodeTls {
+            ca_pem: ca.cert_pem.clone(),
+            cert_pem: ca.sign_csr(&csr_pem, &Role::Node(identity.node_id))?,
+            key_pem,
+        };
+        tls.save(&paths)?;
+        write_private(&paths.ca_key(), &ca_key_pem)?;
+        let (admin_key, admin_csr) = new_key_and_csr()?;
+        ClientConfig {
+            format: 1,
+            cluster_id: identity.cluster_id.clone(),
+            addrs: vec![identity.advertise.clone()],
+            ca_pem: ca.cert_pem.clone(),
+            cert_pem: ca.sign_csr(&admin_csr, &Role::Admin("admin".into()))?,
+            key_pem: admin_key,
+        }
+        .save(&dd.admin_config_path())?;
         let mut store = Store::open(&dd.store_path())?;
         store
             .set_cluster_id(&identity.cluster_id)
             .await
             .map_err(anyhow::Error::msg)?;
         dd.save_identity(&identity)?;
-        let node = Self::start(identity, store, ep.listener, opts).await?;
+        let node = Self::start(identity, store, ep.listener, tls, Some(ca), opts).await?;
         node.bootstrap(dd).await?;
         Ok(node)
     }
 
-    /// Joins the cluster that `peer` belongs to, with a node in an empty `data_dir`.
+    /// Joins the cluster that `peer` belongs to, with a node in an empty `data_dir`. Checks that
+    /// `peer` presents the CA the token names before sending anything; the node's key never
+    /// leaves it (the cluster signs a request for it).
     pub async fn join(
         dd: &DataDir,
         ep: Endpoint,
@@ -168,23 +201,44 @@ impl RunningNode {
         }
         dd.prepare_new()?;
         let (bound, advertise) = ep.addrs()?;
-        let mut client = connect_with_retry(peer, join_timeout).await?;
+        let fp = token.ca_fingerprint.clone();
+        // Only an unreachable peer is worth retrying; a wrong CA is final.
+        let ca_pem = with_backoff(
+            "the address",
+            join_timeout,
+            |e| {
+                e.downcast_ref::<PkiError>()
+                    .is_some_and(|p| matches!(p, PkiError::Unreachable { .. }))
+            },
+            || async { Ok(fetch_pinned_ca(peer, &fp).await?) },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot join through {peer}: {e:#}"))?;
+        let mut client = connect(peer, &client_tls(&ca_pem, None), Duration::from_secs(5)).await?;
+        let (key_pem, csr_pem) = new_key_and_csr()?;
         let reply = client
             .join(JoinRequest {
                 token: token.render(),
                 name: name.unwrap_or_default(),
                 addr: advertise.clone(),
+                csr_pem,
             })
             .await
             .map_err(|s| anyhow::anyhow!("{peer} refused the join: {}", s.message()))?
             .into_inner();
-        if reply.cluster_id != token.cluster_id {
-            anyhow::bail!(
-                "{peer} answered for cluster {}, but the token is for cluster {}",
-                reply.cluster_id,
-                token.cluster_id
-            );
+        if fingerprint(&pem_to_der(&reply.ca_pem, "CA certificate")?) != token.ca_fingerprint {
+            anyhow::bail!("{peer} answered with a CA other than the token's; refusing it");
         }
+        if role_of(&pem_to_der(&reply.cert_pem, "node certificate")?)? != Role::Node(reply.node_id)
+        {
+            anyhow::bail!("{peer} answered with a certificate for another node; refusing it");
+        }
+        let tls = NodeTls {
+            ca_pem: reply.ca_pem,
+            cert_pem: reply.cert_pem,
+            key_pem,
+        };
+        tls.save(&TlsPaths::new(dd.root()))?;
         let identity = Identity {
             format: IDENTITY_FORMAT,
             cluster_id: reply.cluster_id,
@@ -200,7 +254,7 @@ impl RunningNode {
             .await
             .map_err(anyhow::Error::msg)?;
         dd.save_identity(&identity)?;
-        Self::start(identity, store, ep.listener, opts).await
+        Self::start(identity, store, ep.listener, tls, None, opts).await
     }
 
     /// Restarts the node kept in `data_dir`, with its identity and state. `listen` overrides the
@@ -211,6 +265,16 @@ impl RunningNode {
         opts: &NodeOptions,
     ) -> anyhow::Result<RunningNode> {
         let identity = dd.load_identity()?;
+        let paths = TlsPaths::new(dd.root());
+        let tls = NodeTls::load(&paths)?;
+        let ca = if paths.ca_key().exists() {
+            Some(CertAuthority::load(
+                &tls.ca_pem,
+                &read_private(&paths.ca_key())?,
+            )?)
+        } else {
+            None
+        };
         let store = Store::open(&dd.store_path())?;
         match &store.cluster_id {
             Some(c) if *c == identity.cluster_id => {}
@@ -225,7 +289,7 @@ impl RunningNode {
         let listener = TcpListener::bind(&listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-        let node = Self::start(identity, store, listener, opts).await?;
+        let node = Self::start(identity, store, listener, tls, ca, opts).await?;
         if !node.identity.bootstrapped {
             node.bootstrap(dd).await?;
         }
@@ -236,6 +300,8 @@ impl RunningNode {
         identity: Identity,
         store: Store,
         listener: TcpListener,
+        tls: NodeTls,
+        ca: Option<CertAuthority>,
         opts: &NodeOptions,
     ) -> anyhow::Result<RunningNode> {
         let bound = listener.local_addr()?;
@@ -243,34 +309,59 @@ impl RunningNode {
         let closer = store.closer();
         let (log, sm, _, _) = store.into_parts();
         let view = sm.view();
-        let network = GrpcNetwork::new(identity.cluster_id.clone());
+        let network = GrpcNetwork::new(identity.cluster_id.clone(), tls.client());
         let raft = Raft::new(identity.node_id, config, network, log, sm)
             .await
             .map_err(|e| anyhow::anyhow!("starting raft: {e}"))?;
         let cluster = Arc::new(Cluster::new(
             raft.clone(),
-            view,
+            view.clone(),
             identity.node_id,
             identity.name.clone(),
             identity.cluster_id.clone(),
             opts.request_timeout,
+            tls.client(),
         ));
+        let auth = Authorizer::new(view);
+        let raft_auth = auth.clone();
+        let quic_auth = auth.clone();
+        let authorize: Authorize =
+            Arc::new(move |req| raft_auth.check_node(&req.peer_certs()).map(|_| ()));
+        let api = ApiService::server(
+            cluster.clone(),
+            auth,
+            tls.ca_pem.clone(),
+            tls.ca_fingerprint()?,
+            ca.map(Arc::new),
+        );
+        let quic = quinn::Endpoint::server(tls.quic_server()?, bound)
+            .map_err(|e| anyhow::anyhow!("cannot open the QUIC endpoint on udp {bound}: {e}"))?;
+        let mut quic = quic;
+        quic.set_default_client_config(tls.quic_client()?);
         let (stop, stopped) = watch::channel(false);
         let mut server_stop = stopped.clone();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
+                .tls_config(tls.server())?
                 .tcp_nodelay(true)
-                .add_service(RaftService::server(raft, identity.cluster_id.clone()))
-                .add_service(ApiService::server(cluster.clone()))
+                .add_service(RaftService::server(
+                    raft,
+                    identity.cluster_id.clone(),
+                    authorize,
+                ))
+                .add_service(api)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                     let _ = server_stop.changed().await;
                 }),
         );
-        let worker = tokio::spawn(membership_worker(cluster.clone(), stopped));
+        let worker = tokio::spawn(membership_worker(cluster.clone(), stopped.clone()));
+        tokio::spawn(crate::transfer::serve(quic.clone(), quic_auth, stopped));
         Ok(RunningNode {
             cluster,
             identity,
             bound,
+            quic,
+            tls,
             stop,
             server,
             worker,
@@ -343,13 +434,12 @@ impl RunningNode {
     }
 
     /// The join token of this node's cluster.
-    pub fn token(&self) -> String {
-        let a = self.cluster.view.read();
-        JoinToken {
-            cluster_id: a.cluster.cluster_id.clone(),
-            secret: a.cluster.join_secret.clone(),
+    pub fn token(&self) -> anyhow::Result<String> {
+        Ok(JoinToken {
+            ca_fingerprint: self.tls.ca_fingerprint()?,
+            secret: self.cluster.view.read().cluster.join_secret.clone(),
         }
-        .render()
+        .render())
     }
 
     /// Stops the node in order: server, worker, Raft, then flushes the store.
@@ -361,9 +451,11 @@ impl RunningNode {
             _ => {}
         }
         let _ = self.worker.await;
+        self.quic.close(0u32.into(), b"shutdown");
         if let Err(e) = self.cluster.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.quic.wait_idle()).await;
         self.closer
             .write(Vec::new(), true)
             .await

@@ -80,6 +80,11 @@ impl DataDir {
         &self.root
     }
 
+    /// The admin client config `flockd init` writes (what `flockctl --config` reads).
+    pub fn admin_config_path(&self) -> PathBuf {
+        self.root.join("admin.conf")
+    }
+
     pub fn store_path(&self) -> PathBuf {
         self.root.join(STORE_FILE)
     }

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::client::ClientConfig;
 use crate::daemon::{Endpoint, NodeOptions, RunningNode};
 use crate::datadir::DataDir;
 
@@ -76,7 +77,7 @@ pub async fn run(
                 anyhow::anyhow!("{e} (another flockd dev? pick other ports with --port)")
             })?;
             let first = RunningNode::init(&dir(1), ep, Some("n1".into()), opts).await?;
-            let token = first.token();
+            let token = first.token()?;
             running.push(first);
             for i in 2..=nodes {
                 let ep = Endpoint::bind(&addr(i), None).await.map_err(|e| {
@@ -118,7 +119,18 @@ pub async fn run(
     for n in &running {
         println!("  {}  {}", n.identity.name, n.identity.advertise);
     }
-    println!("\nPoint flockctl at it:\n  export FLOCK_ADDR={}\n  flockctl status\n  flockctl kv put greeting hello\n", addr(1));
+    // The admin config init wrote names node 1 only; list every node so flockctl fails over.
+    let conf_path = dir(1).admin_config_path();
+    let mut conf = ClientConfig::load(&conf_path)?;
+    conf.addrs = running
+        .iter()
+        .map(|n| n.identity.advertise.clone())
+        .collect();
+    conf.save(&conf_path)?;
+    println!(
+        "\nPoint flockctl at it:\n  export FLOCK_CONFIG={}\n  flockctl status\n  flockctl kv put greeting hello\n",
+        conf_path.display()
+    );
     println!("Ctrl-C stops the cluster.");
     println!(
         "flockd: ready dev cluster of {nodes} node(s), first serving on {}",

@@ -6,8 +6,10 @@
 //! - [`cluster`]: proposing and reading through Raft with leader forwarding, status, and the
 //!   leader's membership worker.
 //! - [`api`]: the gRPC API flockctl talks to.
-//! - [`client`]: connecting to a node; [`token`]: join tokens; [`dev`]: `flockd dev`.
+//! - [`client`]: connecting to a node and the client config; [`token`]: join tokens;
+//!   [`pki`]: the cluster CA, certificates, TLS and who may call what; [`dev`]: `flockd dev`.
 //! - [`ctl`]: flockctl's commands and their output.
+//! - [`transfer`]: the QUIC endpoint for snapshot streams between nodes.
 
 pub mod api;
 pub mod client;
@@ -16,4 +18,6 @@ pub mod ctl;
 pub mod daemon;
 pub mod datadir;
 pub mod dev;
+pub mod pki;
 pub mod token;
+pub mod transfer;

@@ -1,7 +1,8 @@
-//! Join tokens: `FLOCK-1-<cluster id>-<secret>`.
+//! Join tokens: `FLOCK-1-<CA fingerprint>-<secret>`, after Docker Swarm's `SWMTKN-1-...`.
 //!
-//! The cluster id lets a joining node check it is talking to the cluster it means to join; the
-//! secret admits it (checked by the leader, inside `ClusterState::apply`).
+//! The fingerprint (hex SHA-256 of the cluster CA certificate) lets a joining node check that it
+//! talks to the cluster it means to join before it sends anything; the secret admits it (checked
+//! inside `ClusterState::apply`, so a rotated secret is refused by every leader alike).
 
 use rand::RngCore;
 
@@ -10,12 +11,12 @@ const PREFIX: &str = "FLOCK-1-";
 /// A parsed join token.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JoinToken {
-    pub cluster_id: String,
+    pub ca_fingerprint: String,
     pub secret: String,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("malformed join token {shown:?}: expected FLOCK-1-<cluster id>-<secret> as printed by `flockctl cluster token`")]
+#[error("malformed join token {shown:?}: expected FLOCK-1-<CA fingerprint>-<secret> as printed by `flockctl cluster token`")]
 pub struct BadToken {
     shown: String,
 }
@@ -28,19 +29,19 @@ impl JoinToken {
                 + if token.len() > 24 { "…" } else { "" },
         };
         let rest = token.trim().strip_prefix(PREFIX).ok_or_else(bad)?;
-        let (cluster_id, secret) = rest.split_once('-').ok_or_else(bad)?;
+        let (fp, secret) = rest.split_once('-').ok_or_else(bad)?;
         let hex = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
-        if !hex(cluster_id) || !hex(secret) {
+        if fp.len() != 64 || !hex(fp) || !hex(secret) {
             return Err(bad());
         }
         Ok(JoinToken {
-            cluster_id: cluster_id.to_string(),
+            ca_fingerprint: fp.to_ascii_lowercase(),
             secret: secret.to_string(),
         })
     }
 
     pub fn render(&self) -> String {
-        format!("{PREFIX}{}-{}", self.cluster_id, self.secret)
+        format!("{PREFIX}{}-{}", self.ca_fingerprint, self.secret)
     }
 }
 
@@ -58,7 +59,7 @@ mod tests {
     #[test]
     fn roundtrip() {
         let t = JoinToken {
-            cluster_id: random_hex(8),
+            ca_fingerprint: random_hex(32),
             secret: random_hex(16),
         };
         assert_eq!(JoinToken::parse(&t.render()).unwrap(), t);
@@ -66,17 +67,20 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_refused_without_echoing_the_secret() {
+        let fp = "ab".repeat(32);
         for bad in [
-            "",
-            "FLOCK-1-",
-            "FLOCK-1-abc",
-            "FLOCK-2-ab-cd",
-            "FLOCK-1-ab-zz",
-            "SWMTKN-1-ab-cd",
+            "".to_string(),
+            "FLOCK-1-".into(),
+            format!("FLOCK-1-{fp}"),
+            format!("FLOCK-2-{fp}-cd"),
+            format!("FLOCK-1-{fp}-zz"),
+            "FLOCK-1-abcd-00".into(),
+            format!("SWMTKN-1-{fp}-cd"),
         ] {
-            assert!(JoinToken::parse(bad).is_err(), "{bad} accepted");
+            assert!(JoinToken::parse(&bad).is_err(), "{bad} accepted");
         }
-        let e = JoinToken::parse("FLOCK-1-abcd-0123456789abcdef0123456789abcdefXYZ").unwrap_err();
+        let e = JoinToken::parse(&format!("FLOCK-1-{fp}-0123456789abcdef0123456789abcdefXYZ"))
+            .unwrap_err();
         assert!(
             !e.to_string().contains("0123456789abcdef0123456789abcdef"),
             "{e}"

@@ -33,12 +33,12 @@ fn t01_three_nodes_form_and_a_follower_write_is_readable_everywhere() {
     assert!(v["cluster_id"].as_str().unwrap().len() >= 8);
     assert!(v["commit_index"].as_u64().unwrap() >= 1);
 
-    let out = ctl_ok(c.addr(follower), &["kv", "put", "greeting", "hello"]);
+    let out = c.ctl_ok(c.addr(follower), &["kv", "put", "greeting", "hello"]);
     assert!(out.starts_with("revision "), "{out}");
     for i in 1..=3 {
         // Linearizable reads on every node, followers included, see the write at once.
         assert_eq!(
-            ctl_ok(c.addr(i), &["kv", "get", "greeting"]),
+            c.ctl_ok(c.addr(i), &["kv", "get", "greeting"]),
             "hello",
             "node {i}"
         );
@@ -46,10 +46,10 @@ fn t01_three_nodes_form_and_a_follower_write_is_readable_everywhere() {
     // Stale reads see it once the node has applied it.
     for i in 1..=3 {
         until("stale read", Duration::from_secs(5), || {
-            (ctl_ok(c.addr(i), &["kv", "get", "greeting", "--stale"]) == "hello").then_some(())
+            (c.ctl_ok(c.addr(i), &["kv", "get", "greeting", "--stale"]) == "hello").then_some(())
         });
     }
-    let ls: Value = serde_json::from_str(&ctl_ok(c.addr(3), &["node", "ls", "--json"])).unwrap();
+    let ls: Value = serde_json::from_str(&c.ctl_ok(c.addr(3), &["node", "ls", "--json"])).unwrap();
     let names: Vec<_> = ls
         .as_array()
         .unwrap()
@@ -63,31 +63,31 @@ fn t01_three_nodes_form_and_a_follower_write_is_readable_everywhere() {
 fn t02_kv_semantics_through_flockctl() {
     let c = TestCluster::start(1, &[]);
     let a = c.addr(1);
-    assert_eq!(ctl(a, &["kv", "get", "missing"]).status.code(), Some(4));
-    assert_eq!(ctl_ok(a, &["kv", "put", "app/a", "1"]), "revision 1");
-    ctl_ok(a, &["kv", "put", "app/b", "2"]);
-    ctl_ok(a, &["kv", "put", "other", "3"]);
+    assert_eq!(c.ctl(a, &["kv", "get", "missing"]).status.code(), Some(4));
+    assert_eq!(c.ctl_ok(a, &["kv", "put", "app/a", "1"]), "revision 1");
+    c.ctl_ok(a, &["kv", "put", "app/b", "2"]);
+    c.ctl_ok(a, &["kv", "put", "other", "3"]);
     // cas with the wrong expectation: exit 3, nothing changed
-    let o = ctl(a, &["kv", "cas", "app/a", "--expect", "9", "x"]);
+    let o = c.ctl(a, &["kv", "cas", "app/a", "--expect", "9", "x"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("holds \"1\""), "{}", stderr(&o));
-    assert_eq!(ctl_ok(a, &["kv", "get", "app/a"]), "1");
-    ctl_ok(a, &["kv", "cas", "app/a", "--expect", "1", "x"]);
-    assert_eq!(ctl_ok(a, &["kv", "get", "app/a"]), "x");
+    assert_eq!(c.ctl_ok(a, &["kv", "get", "app/a"]), "1");
+    c.ctl_ok(a, &["kv", "cas", "app/a", "--expect", "1", "x"]);
+    assert_eq!(c.ctl_ok(a, &["kv", "get", "app/a"]), "x");
     // --absent: only when the key does not exist
     assert_eq!(
-        ctl(a, &["kv", "cas", "app/a", "--absent", "y"])
+        c.ctl(a, &["kv", "cas", "app/a", "--absent", "y"])
             .status
             .code(),
         Some(3)
     );
-    ctl_ok(a, &["kv", "cas", "new", "--absent", "y"]);
-    let e: Value = serde_json::from_str(&ctl_ok(a, &["kv", "get", "app/a", "--json"])).unwrap();
+    c.ctl_ok(a, &["kv", "cas", "new", "--absent", "y"]);
+    let e: Value = serde_json::from_str(&c.ctl_ok(a, &["kv", "get", "app/a", "--json"])).unwrap();
     assert_eq!(
         (e["version"].as_u64(), e["create_revision"].as_u64()),
         (Some(2), Some(1))
     );
-    let ls: Value = serde_json::from_str(&ctl_ok(a, &["kv", "ls", "app/", "--json"])).unwrap();
+    let ls: Value = serde_json::from_str(&c.ctl_ok(a, &["kv", "ls", "app/", "--json"])).unwrap();
     let keys: Vec<_> = ls
         .as_array()
         .unwrap()
@@ -95,13 +95,15 @@ fn t02_kv_semantics_through_flockctl() {
         .map(|e| e["key"].as_str().unwrap())
         .collect();
     assert_eq!(keys, ["app/a", "app/b"]);
-    assert!(ctl_ok(a, &["kv", "rm", "app/b"]).starts_with("deleted app/b"));
-    assert_eq!(ctl(a, &["kv", "get", "app/b"]).status.code(), Some(4));
+    assert!(c
+        .ctl_ok(a, &["kv", "rm", "app/b"])
+        .starts_with("deleted app/b"));
+    assert_eq!(c.ctl(a, &["kv", "get", "app/b"]).status.code(), Some(4));
     // bad input is named
-    let o = ctl(a, &["kv", "put", "", "v"]);
+    let o = c.ctl(a, &["kv", "put", "", "v"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("invalid key"), "{}", stderr(&o));
-    let o = ctl(a, &["kv", "cas", "k", "v"]);
+    let o = c.ctl(a, &["kv", "cas", "k", "v"]);
     assert_eq!(
         o.status.code(),
         Some(2),
@@ -111,6 +113,7 @@ fn t02_kv_semantics_through_flockctl() {
 
 /// Writes keys through `addr`s in a loop until `stop`; returns the acknowledged key/values.
 fn writer(
+    config: std::path::PathBuf,
     addrs: Vec<String>,
     prefix: &'static str,
     stop: Arc<AtomicBool>,
@@ -122,7 +125,7 @@ fn writer(
             let key = format!("{prefix}/{i}");
             let val = format!("v{i}");
             let addr = &addrs[i % addrs.len()];
-            if ctl(addr, &["--timeout", "3", "kv", "put", &key, &val])
+            if ctl(&config, addr, &["--timeout", "3", "kv", "put", &key, &val])
                 .status
                 .success()
             {
@@ -134,12 +137,12 @@ fn writer(
     })
 }
 
-fn assert_all_present(addr: &str, acked: &BTreeMap<String, String>, stale: bool) {
+fn assert_all_present(c: &TestCluster, addr: &str, acked: &BTreeMap<String, String>, stale: bool) {
     let mut args = vec!["kv", "ls", "--json"];
     if stale {
         args.push("--stale");
     }
-    let ls: Value = serde_json::from_str(&ctl_ok(addr, &args)).unwrap();
+    let ls: Value = serde_json::from_str(&c.ctl_ok(addr, &args)).unwrap();
     let have: BTreeMap<String, String> = ls
         .as_array()
         .unwrap()
@@ -169,7 +172,7 @@ fn t03_kill9_leader_new_leader_keeps_every_acknowledged_write_and_old_leader_cat
         .map(|i| c.addr(i).to_string())
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let w = writer(followers.clone(), "k", stop.clone());
+    let w = writer(c.config(), followers.clone(), "k", stop.clone());
     thread::sleep(Duration::from_millis(1500));
     c.nodes[old - 1].kill9();
     let killed_at = Instant::now();
@@ -184,17 +187,17 @@ fn t03_kill9_leader_new_leader_keeps_every_acknowledged_write_and_old_leader_cat
     let acked = w.join().unwrap();
     assert!(acked.len() > 10, "only {} writes acknowledged", acked.len());
     for a in &followers {
-        assert_all_present(a, &acked, false);
+        assert_all_present(&c, a, &acked, false);
     }
     // The killed leader restarts from its data dir and catches up.
     c.restart(old);
     let addr = c.addr(old).to_string();
     until("restarted node catches up", Duration::from_secs(20), || {
         let ls: Value =
-            serde_json::from_str(&ctl_ok(&addr, &["kv", "ls", "--stale", "--json"])).unwrap();
+            serde_json::from_str(&c.ctl_ok(&addr, &["kv", "ls", "--stale", "--json"])).unwrap();
         (ls.as_array().unwrap().len() >= acked.len()).then_some(())
     });
-    assert_all_present(&addr, &acked, true);
+    assert_all_present(&c, &addr, &acked, true);
     c.wait_voters(3, Duration::from_secs(20));
 }
 
@@ -216,7 +219,7 @@ fn t04_follower_far_behind_catches_up_from_a_snapshot() {
     let la = c.addr(leader).to_string();
     let mut acked = BTreeMap::new();
     for i in 0..120 {
-        ctl_ok(&la, &["kv", "put", &format!("s/{i}"), &format!("{i}")]);
+        c.ctl_ok(&la, &["kv", "put", &format!("s/{i}"), &format!("{i}")]);
         acked.insert(format!("s/{i}"), format!("{i}"));
     }
     let st = until(
@@ -235,10 +238,10 @@ fn t04_follower_far_behind_catches_up_from_a_snapshot() {
     let addr = c.addr(lagger).to_string();
     until("lagging node catches up", Duration::from_secs(20), || {
         let ls: Value =
-            serde_json::from_str(&ctl_ok(&addr, &["kv", "ls", "--stale", "--json"])).unwrap();
+            serde_json::from_str(&c.ctl_ok(&addr, &["kv", "ls", "--stale", "--json"])).unwrap();
         (ls.as_array().unwrap().len() >= acked.len()).then_some(())
     });
-    assert_all_present(&addr, &acked, true);
+    assert_all_present(&c, &addr, &acked, true);
     // The entries it lacked were purged from every log it could have been sent: the only way to
     // have caught up is the snapshot it installed.
     let local = c.status(&la);
@@ -265,7 +268,8 @@ fn t05_wrong_token_is_refused_and_the_node_not_added() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("token is wrong"), "{}", stderr(&o));
-    let other_cluster = "FLOCK-1-0123456789abcdef-00112233";
+    let other_cluster =
+        "FLOCK-1-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef-00112233";
     let o = std::process::Command::new(FLOCKD)
         .args([
             "join",
@@ -281,7 +285,7 @@ fn t05_wrong_token_is_refused_and_the_node_not_added() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("token is for cluster 0123456789abcdef"),
+        stderr(&o).contains("belongs to another cluster"),
         "{}",
         stderr(&o)
     );
@@ -303,7 +307,7 @@ fn t05_wrong_token_is_refused_and_the_node_not_added() {
         "{}",
         stderr(&o)
     );
-    let ls: Value = serde_json::from_str(&ctl_ok(c.addr(1), &["node", "ls", "--json"])).unwrap();
+    let ls: Value = serde_json::from_str(&c.ctl_ok(c.addr(1), &["node", "ls", "--json"])).unwrap();
     assert_eq!(ls.as_array().unwrap().len(), 1, "{ls:#}");
     assert!(!d.join("identity.json").exists());
 }
@@ -319,7 +323,7 @@ fn t06_unreachable_peer_is_reported_with_its_address() {
             "join",
             &peer,
             "--token",
-            "FLOCK-1-00-00",
+            "FLOCK-1-0000000000000000000000000000000000000000000000000000000000000000-00",
             "--join-timeout",
             "2",
             "--data-dir",
@@ -342,7 +346,8 @@ fn t06_unreachable_peer_is_reported_with_its_address() {
     );
     assert!(took < Duration::from_secs(10), "{took:?}");
     // flockctl names the address too.
-    let o = ctl(&peer, &["status"]);
+    let c = TestCluster::start(1, &[]);
+    let o = c.ctl(&peer, &["status"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).contains(&format!("cannot reach flockd at {peer}")),
@@ -466,7 +471,7 @@ fn t09_sigterm_shuts_down_in_order_and_loses_nothing() {
     let mut c = TestCluster::start(3, &[]);
     let mut acked = BTreeMap::new();
     for i in 0..30 {
-        ctl_ok(c.addr(1 + i % 3), &["kv", "put", &format!("t/{i}"), "x"]);
+        c.ctl_ok(c.addr(1 + i % 3), &["kv", "put", &format!("t/{i}"), "x"]);
         acked.insert(format!("t/{i}"), "x".to_string());
     }
     for i in 1..=3 {
@@ -484,7 +489,7 @@ fn t09_sigterm_shuts_down_in_order_and_loses_nothing() {
         c.restart(i);
     }
     c.wait_voters(3, Duration::from_secs(20));
-    assert_all_present(c.addr(2), &acked, false);
+    assert_all_present(&c, c.addr(2), &acked, false);
 }
 
 #[test]
@@ -516,11 +521,11 @@ fn t10_node_rm_guards_quorum_and_the_last_voter() {
     c.nodes[dead - 1].kill9();
     let la = c.addr(leader).to_string();
     // Removing a healthy voter now would leave {leader, dead}: refused without --force.
-    let o = ctl(&la, &["node", "rm", &format!("n{healthy_other}")]);
+    let o = c.ctl(&la, &["node", "rm", &format!("n{healthy_other}")]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
     // Removing the dead voter is fine; the learner is then promoted to keep three voters.
-    ctl_ok(&la, &["node", "rm", &format!("n{dead}")]);
+    c.ctl_ok(&la, &["node", "rm", &format!("n{dead}")]);
     until("learner promoted", Duration::from_secs(15), || {
         let v = c.status(&la);
         let m = v["members"].as_array().unwrap().clone();
@@ -529,7 +534,7 @@ fn t10_node_rm_guards_quorum_and_the_last_voter() {
             && m.iter().any(|m| m["name"] == learner.as_str()))
         .then_some(())
     });
-    let o = ctl(&la, &["node", "rm", "nosuch"]);
+    let o = c.ctl(&la, &["node", "rm", "nosuch"]);
     assert!(
         stderr(&o).contains("no node named \"nosuch\""),
         "{}",
@@ -542,7 +547,7 @@ fn t10_node_rm_guards_quorum_and_the_last_voter() {
 #[test]
 fn t11_last_voter_cannot_be_removed() {
     let c = TestCluster::start(1, &[]);
-    let o = ctl(c.addr(1), &["node", "rm", "n1", "--force"]);
+    let o = c.ctl(c.addr(1), &["node", "rm", "n1", "--force"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("last voter"), "{}", stderr(&o));
 }
@@ -550,7 +555,7 @@ fn t11_last_voter_cannot_be_removed() {
 #[test]
 fn t12_sixth_node_stays_a_learner_with_the_full_state() {
     let c = TestCluster::start(6, &[]);
-    ctl_ok(c.addr(1), &["kv", "put", "k", "v"]);
+    c.ctl_ok(c.addr(1), &["kv", "put", "k", "v"]);
     let v = c.status(c.addr(6));
     let roles: Vec<_> = v["members"]
         .as_array()
@@ -574,10 +579,10 @@ fn t12_sixth_node_stays_a_learner_with_the_full_state() {
         .unwrap()
         .to_string();
     until("learner has the state", Duration::from_secs(5), || {
-        (ctl_ok(&learner, &["kv", "get", "k", "--stale"]) == "v").then_some(())
+        (c.ctl_ok(&learner, &["kv", "get", "k", "--stale"]) == "v").then_some(())
     });
     // A linearizable read through the learner works too.
-    assert_eq!(ctl_ok(&learner, &["kv", "get", "k"]), "v");
+    assert_eq!(c.ctl_ok(&learner, &["kv", "get", "k"]), "v");
 }
 
 #[test]
@@ -601,15 +606,13 @@ fn t13_dev_cluster_comes_up_and_stops_on_ctrl_c() {
     )
     .expect("flockd dev comes up");
     let export = p
-        .wait_line("  export FLOCK_ADDR=", Duration::from_secs(30))
+        .wait_line("  export FLOCK_CONFIG=", Duration::from_secs(30))
         .unwrap();
-    let addr = export
-        .trim()
-        .trim_start_matches("export FLOCK_ADDR=")
-        .to_string();
-    let v: Value = serde_json::from_str(&ctl_ok(&addr, &["status", "--json"])).unwrap();
+    let config = std::path::PathBuf::from(export.trim().trim_start_matches("export FLOCK_CONFIG="));
+    let addr = format!("127.0.0.1:{port}");
+    let v: Value = serde_json::from_str(&ctl_ok(&config, &addr, &["status", "--json"])).unwrap();
     assert_eq!(v["members"].as_array().unwrap().len(), 3, "{v:#}");
-    ctl_ok(&addr, &["kv", "put", "dev", "ok"]);
+    ctl_ok(&config, &addr, &["kv", "put", "dev", "ok"]);
     assert_eq!(
         p.signal_and_wait(libc::SIGINT, Duration::from_secs(20)),
         Some(0)

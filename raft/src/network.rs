@@ -12,7 +12,7 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use serde::{de::DeserializeOwned, Serialize};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use flock_proto::v1::raft_client::RaftClient;
 use flock_proto::v1::{RaftReply, RaftRequest};
@@ -23,9 +23,10 @@ use crate::types::{MemberNode, NodeId, TypeConfig};
 /// How long a connection attempt to a peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// A gRPC channel to `addr` (HOST:PORT), connected on first use.
-pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+/// A gRPC channel over mutual TLS to `addr` (HOST:PORT), connected on first use.
+pub fn lazy_channel(addr: &str, tls: &ClientTlsConfig) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls.clone())?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
@@ -37,12 +38,15 @@ pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
 #[derive(Clone)]
 pub struct GrpcNetwork {
     cluster_id: String,
+    tls: ClientTlsConfig,
 }
 
 impl GrpcNetwork {
-    pub fn new(cluster_id: impl Into<String>) -> Self {
+    /// A network for `cluster_id` whose connections use `tls` (this node's client identity).
+    pub fn new(cluster_id: impl Into<String>, tls: ClientTlsConfig) -> Self {
         GrpcNetwork {
             cluster_id: cluster_id.into(),
+            tls,
         }
     }
 }
@@ -51,7 +55,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = GrpcConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> GrpcConnection {
-        let client = match lazy_channel(&node.addr) {
+        let client = match lazy_channel(&node.addr, &self.tls) {
             Ok(ch) => Ok(RaftClient::new(ch)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX)),

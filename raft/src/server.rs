@@ -1,5 +1,7 @@
 //! The gRPC service that receives Raft RPCs from peers and hands them to openraft.
 
+use std::sync::Arc;
+
 use serde::{de::DeserializeOwned, Serialize};
 use tonic::{Request, Response, Status};
 
@@ -9,21 +11,31 @@ use flock_proto::v1::{RaftReply, RaftRequest};
 use crate::codec::{decode, encode};
 use crate::types::Raft;
 
+/// Decides whether the caller of a Raft RPC may make it (from its TLS certificate).
+pub type Authorize = Arc<dyn Fn(&Request<RaftRequest>) -> Result<(), Status> + Send + Sync>;
+
 /// Serves `flock.v1.Raft` for one node.
 pub struct RaftService {
     raft: Raft,
     cluster_id: String,
+    authorize: Authorize,
 }
 
 impl RaftService {
-    /// A tonic service for `raft`, accepting only requests for `cluster_id`.
-    pub fn server(raft: Raft, cluster_id: String) -> RaftServer<RaftService> {
-        RaftServer::new(RaftService { raft, cluster_id })
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
+    /// A tonic service for `raft`, accepting only requests for `cluster_id` from callers that
+    /// `authorize` admits.
+    pub fn server(raft: Raft, cluster_id: String, authorize: Authorize) -> RaftServer<RaftService> {
+        RaftServer::new(RaftService {
+            raft,
+            cluster_id,
+            authorize,
+        })
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
     }
 
     fn open<T: DeserializeOwned>(&self, req: Request<RaftRequest>) -> Result<T, Status> {
+        (self.authorize)(&req)?;
         let req = req.into_inner();
         if req.cluster_id != self.cluster_id {
             return Err(Status::failed_precondition(format!(

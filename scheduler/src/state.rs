@@ -26,6 +26,9 @@ pub struct ClusterState {
     pub cluster_id: String,
     /// The secret part of the join token.
     pub join_secret: String,
+    /// The node whose data dir holds the cluster CA's key (the one that created the cluster):
+    /// joins and admin certificates are signed there.
+    pub ca_holder: NodeId,
     /// The id the next registered node gets.
     pub next_node_id: NodeId,
     pub nodes: BTreeMap<NodeId, Node>,
@@ -85,9 +88,13 @@ pub enum Command {
         name: Option<String>,
         addr: String,
     },
-    /// Forgets a node. Raft membership is changed before this is proposed.
+    /// Forgets a node; the leader's membership worker then drops it from Raft membership.
     RemoveNode {
         id: NodeId,
+    },
+    /// Replaces the join secret: tokens with the old one stop working; members are unaffected.
+    RotateJoinSecret {
+        secret: String,
     },
     KvPut {
         key: String,
@@ -117,6 +124,7 @@ pub enum CommandResult {
     NodeRemoved {
         id: NodeId,
     },
+    JoinSecretRotated,
     KvPut(KvEntry),
     /// `entry` is the new entry on success, the current one (if any) on failure.
     KvCas {
@@ -185,6 +193,7 @@ impl ClusterState {
                 validate_addr(addr)?;
                 self.cluster_id = cluster_id.clone();
                 self.join_secret = join_secret.clone();
+                self.ca_holder = *node_id;
                 self.insert_node(*node_id, name.clone(), addr.clone());
                 self.next_node_id = node_id + 1;
                 Ok(CommandResult::ClusterInitialized)
@@ -214,6 +223,10 @@ impl ClusterState {
                     return Err(ApplyError::UnknownNode { id: *id });
                 }
                 Ok(CommandResult::NodeRemoved { id: *id })
+            }
+            Command::RotateJoinSecret { secret } => {
+                self.join_secret = secret.clone();
+                Ok(CommandResult::JoinSecretRotated)
             }
             Command::KvPut { key, value } => {
                 validate_kv(key, value)?;
@@ -481,6 +494,26 @@ mod tests {
             CommandResult::Rejected(ApplyError::InvalidName { .. })
         ));
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn rotated_secret_refuses_the_old_one() {
+        let mut s = initialized();
+        assert_eq!(s.ca_holder, 1);
+        assert_eq!(
+            s.apply(&Command::RotateJoinSecret {
+                secret: "new".into()
+            }),
+            CommandResult::JoinSecretRotated
+        );
+        assert_eq!(
+            register(&mut s, None, "s3cret"),
+            CommandResult::Rejected(ApplyError::WrongJoinSecret)
+        );
+        assert!(matches!(
+            register(&mut s, None, "new"),
+            CommandResult::NodeRegistered { .. }
+        ));
     }
 
     #[test]

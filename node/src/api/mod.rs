@@ -15,16 +15,76 @@ use flock_raft::codec::{decode, encode};
 use flock_scheduler::{Command, CommandResult};
 
 use crate::cluster::{Cluster, ClusterError};
-use crate::token::JoinToken;
+use crate::pki::{Authorizer, CertAuthority, Role};
+use crate::token::{random_hex, JoinToken};
 
 /// The API service of one node.
 pub struct ApiService {
     cluster: Arc<Cluster>,
+    auth: Authorizer,
+    /// This cluster's CA certificate (PEM) and its fingerprint.
+    ca_pem: String,
+    ca_fingerprint: String,
+    /// The CA's signing key, on the node that created the cluster only.
+    ca: Option<Arc<CertAuthority>>,
 }
 
 impl ApiService {
-    pub fn server(cluster: Arc<Cluster>) -> ApiServer<ApiService> {
-        ApiServer::new(ApiService { cluster })
+    pub fn server(
+        cluster: Arc<Cluster>,
+        auth: Authorizer,
+        ca_pem: String,
+        ca_fingerprint: String,
+        ca: Option<Arc<CertAuthority>>,
+    ) -> ApiServer<ApiService> {
+        ApiServer::new(ApiService {
+            cluster,
+            auth,
+            ca_pem,
+            ca_fingerprint,
+            ca,
+        })
+    }
+
+    /// Every call but Join needs a certificate of this cluster.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<Role, Status> {
+        self.auth.check(&req.peer_certs())
+    }
+
+    /// A client for the node holding the CA key, for signing requests this node cannot do.
+    fn ca_holder(
+        &self,
+    ) -> Result<flock_proto::v1::api_client::ApiClient<tonic::transport::Channel>, Status> {
+        let (id, addr) = {
+            let a = self.cluster.view.read();
+            let id = a.cluster.ca_holder;
+            (id, a.cluster.nodes.get(&id).map(|n| n.addr.clone()))
+        };
+        let addr = addr.ok_or_else(|| {
+            Status::unavailable(format!(
+                "the cluster CA was on node {id}, which is no longer a member; new certificates cannot be signed"
+            ))
+        })?;
+        Ok(self.cluster.peer(&addr)?)
+    }
+
+    fn token(&self, secret: &str) -> String {
+        JoinToken {
+            ca_fingerprint: self.ca_fingerprint.clone(),
+            secret: secret.to_string(),
+        }
+        .render()
+    }
+}
+
+fn unreachable_ca(s: Status) -> Status {
+    if s.code() == tonic::Code::Unavailable {
+        Status::unavailable(format!(
+            "the node holding the cluster CA cannot be reached ({}); joins and new certificates need it",
+            s.message()
+        ))
+    } else {
+        s
     }
 }
 
@@ -47,6 +107,7 @@ type Reply<T> = Result<Response<T>, Status>;
 #[tonic::async_trait]
 impl Api for ApiService {
     async fn status(&self, req: Request<StatusRequest>) -> Reply<StatusReply> {
+        self.authorize(&req)?;
         let c = &self.cluster;
         if !req.into_inner().local && !c.is_leader() {
             if let Some((_, leader)) = c.leader() {
@@ -62,7 +123,8 @@ impl Api for ApiService {
         Ok(Response::new(c.local_status().await))
     }
 
-    async fn ping(&self, _req: Request<PingRequest>) -> Reply<PingReply> {
+    async fn ping(&self, req: Request<PingRequest>) -> Reply<PingReply> {
+        self.authorize(&req)?;
         Ok(Response::new(PingReply {
             cluster_id: self.cluster.cluster_id.clone(),
             node_id: self.cluster.node_id,
@@ -70,15 +132,23 @@ impl Api for ApiService {
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Reply<JoinReply> {
+        // No certificate yet: the token's secret is what admits the caller.
         let req = req.into_inner();
         let token =
             JoinToken::parse(&req.token).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if token.cluster_id != self.cluster.cluster_id {
+        if token.ca_fingerprint != self.ca_fingerprint {
             return Err(Status::permission_denied(format!(
-                "the token is for cluster {}, but this node belongs to cluster {}",
-                token.cluster_id, self.cluster.cluster_id
+                "the token names CA {}, but this cluster's CA is {}",
+                token.ca_fingerprint, self.ca_fingerprint
             )));
         }
+        let Some(ca) = &self.ca else {
+            return self.ca_holder()?.join(req).await.map_err(unreachable_ca);
+        };
+        // Check the request before registering anything.
+        rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem).map_err(|e| {
+            Status::invalid_argument(format!("bad certificate signing request: {e}"))
+        })?;
         let cmd = Command::RegisterNode {
             secret: token.secret,
             name: (!req.name.is_empty()).then_some(req.name),
@@ -86,11 +156,16 @@ impl Api for ApiService {
         };
         match self.cluster.propose(cmd).await? {
             CommandResult::NodeRegistered { id, name } => {
+                let cert_pem = ca
+                    .sign_csr(&req.csr_pem, &Role::Node(id))
+                    .map_err(|e| Status::internal(e.to_string()))?;
                 tracing::info!(id, %name, "node registered");
                 Ok(Response::new(JoinReply {
                     cluster_id: self.cluster.cluster_id.clone(),
                     node_id: id,
                     name,
+                    cert_pem,
+                    ca_pem: self.ca_pem.clone(),
                 }))
             }
             CommandResult::Rejected(e) => Err(ClusterError::from(e).into()),
@@ -98,7 +173,45 @@ impl Api for ApiService {
         }
     }
 
+    async fn issue_admin_cert(
+        &self,
+        req: Request<IssueAdminCertRequest>,
+    ) -> Reply<IssueAdminCertReply> {
+        self.authorize(&req)?;
+        let Some(ca) = &self.ca else {
+            return self
+                .ca_holder()?
+                .issue_admin_cert(req.into_inner())
+                .await
+                .map_err(unreachable_ca);
+        };
+        let req = req.into_inner();
+        let label = if req.label.is_empty() {
+            "admin".to_string()
+        } else {
+            req.label
+        };
+        flock_scheduler::state::validate_name(&label)
+            .map_err(|e| Status::invalid_argument(format!("--label: {e}")))?;
+        let cert_pem = ca
+            .sign_csr(&req.csr_pem, &Role::Admin(label))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let addrs = self
+            .cluster
+            .read(false, |a| {
+                a.cluster.nodes.values().map(|n| n.addr.clone()).collect()
+            })
+            .await?;
+        Ok(Response::new(IssueAdminCertReply {
+            cert_pem,
+            ca_pem: self.ca_pem.clone(),
+            cluster_id: self.cluster.cluster_id.clone(),
+            addrs,
+        }))
+    }
+
     async fn remove_node(&self, req: Request<RemoveNodeRequest>) -> Reply<RemoveNodeReply> {
+        self.authorize(&req)?;
         let c = &self.cluster;
         let req = req.into_inner();
         if !c.is_leader() {
@@ -125,20 +238,38 @@ impl Api for ApiService {
         Ok(Response::new(RemoveNodeReply { node_id: id }))
     }
 
-    async fn cluster_token(&self, _req: Request<ClusterTokenRequest>) -> Reply<ClusterTokenReply> {
-        let token = self
+    async fn cluster_token(&self, req: Request<ClusterTokenRequest>) -> Reply<ClusterTokenReply> {
+        self.authorize(&req)?;
+        if req.into_inner().rotate {
+            let secret = random_hex(16);
+            match self
+                .cluster
+                .propose(Command::RotateJoinSecret {
+                    secret: secret.clone(),
+                })
+                .await?
+            {
+                CommandResult::JoinSecretRotated => {
+                    tracing::info!("join secret rotated");
+                    return Ok(Response::new(ClusterTokenReply {
+                        token: self.token(&secret),
+                    }));
+                }
+                CommandResult::Rejected(e) => return Err(ClusterError::from(e).into()),
+                other => return Err(unexpected(other)),
+            }
+        }
+        let secret = self
             .cluster
-            .read(false, |a| JoinToken {
-                cluster_id: a.cluster.cluster_id.clone(),
-                secret: a.cluster.join_secret.clone(),
-            })
+            .read(false, |a| a.cluster.join_secret.clone())
             .await?;
         Ok(Response::new(ClusterTokenReply {
-            token: token.render(),
+            token: self.token(&secret),
         }))
     }
 
     async fn kv_put(&self, req: Request<KvPutRequest>) -> Reply<KvPutReply> {
+        self.authorize(&req)?;
         let KvPutRequest { key, value } = req.into_inner();
         match self.cluster.propose(Command::KvPut { key, value }).await? {
             CommandResult::KvPut(e) => Ok(Response::new(KvPutReply {
@@ -150,6 +281,7 @@ impl Api for ApiService {
     }
 
     async fn kv_get(&self, req: Request<KvGetRequest>) -> Reply<KvGetReply> {
+        self.authorize(&req)?;
         let KvGetRequest { key, stale } = req.into_inner();
         let reply = self
             .cluster
@@ -162,6 +294,7 @@ impl Api for ApiService {
     }
 
     async fn kv_cas(&self, req: Request<KvCasRequest>) -> Reply<KvCasReply> {
+        self.authorize(&req)?;
         let KvCasRequest { key, expect, value } = req.into_inner();
         match self
             .cluster
@@ -178,6 +311,7 @@ impl Api for ApiService {
     }
 
     async fn kv_delete(&self, req: Request<KvDeleteRequest>) -> Reply<KvDeleteReply> {
+        self.authorize(&req)?;
         let key = req.into_inner().key;
         match self.cluster.propose(Command::KvDelete { key }).await? {
             CommandResult::KvDeleted { existed, revision } => {
@@ -189,6 +323,7 @@ impl Api for ApiService {
     }
 
     async fn kv_list(&self, req: Request<KvListRequest>) -> Reply<KvListReply> {
+        self.authorize(&req)?;
         let KvListRequest { prefix, stale } = req.into_inner();
         let reply = self
             .cluster
@@ -201,6 +336,7 @@ impl Api for ApiService {
     }
 
     async fn propose(&self, req: Request<ProposeRequest>) -> Reply<ProposeReply> {
+        self.auth.check_node(&req.peer_certs())?;
         let cmd: Command = decode(&req.into_inner().command)
             .map_err(|e| Status::invalid_argument(format!("undecodable command: {e}")))?;
         let deadline = Instant::now() + self.cluster.request_timeout;
@@ -210,7 +346,8 @@ impl Api for ApiService {
         }))
     }
 
-    async fn read_index(&self, _req: Request<ReadIndexRequest>) -> Reply<ReadIndexReply> {
+    async fn read_index(&self, req: Request<ReadIndexRequest>) -> Reply<ReadIndexReply> {
+        self.auth.check_node(&req.peer_certs())?;
         let index = self.cluster.local_read_index().await?;
         Ok(Response::new(ReadIndexReply { index }))
     }

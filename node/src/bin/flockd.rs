@@ -147,7 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let dd = DataDir::new(&n.data_dir);
             let ep = Endpoint::bind(&n.listen, n.advertise).await?;
             let node = RunningNode::init(&dd, ep, n.name, &n.raft.options()).await?;
-            let token = node.token();
+            let token = node.token()?;
             println!("flockd: join with token {token}");
             println!(
                 "flockd: add a node with: flockd join {} --token {token} --data-dir DIR --listen HOST:PORT",

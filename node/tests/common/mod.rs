@@ -262,9 +262,23 @@ impl TestCluster {
         panic!("no live node");
     }
 
+    /// The admin client config `flockd init` wrote.
+    pub fn config(&self) -> PathBuf {
+        self.data_dir(1).join("admin.conf")
+    }
+
+    /// flockctl with this cluster's admin config.
+    pub fn ctl(&self, addr: &str, args: &[&str]) -> Output {
+        ctl(&self.config(), addr, args)
+    }
+
+    pub fn ctl_ok(&self, addr: &str, args: &[&str]) -> String {
+        ctl_ok(&self.config(), addr, args)
+    }
+
     /// `flockctl status --json` through `addr`.
     pub fn status(&self, addr: &str) -> Value {
-        let out = ctl(addr, &["status", "--json"]);
+        let out = self.ctl(addr, &["status", "--json"]);
         assert!(
             out.status.success(),
             "status failed: {}",
@@ -278,7 +292,7 @@ impl TestCluster {
         let deadline = Instant::now() + timeout;
         loop {
             let addr = self.live_addr(None);
-            let st = ctl(&addr, &["status", "--json"]);
+            let st = self.ctl(&addr, &["status", "--json"]);
             if st.status.success() {
                 let v: Value = serde_json::from_slice(&st.stdout).unwrap();
                 let voters = v["members"]
@@ -325,19 +339,23 @@ impl TestCluster {
     }
 }
 
-/// Runs flockctl against `addr`.
-pub fn ctl(addr: &str, args: &[&str]) -> Output {
+/// Runs flockctl with client config `config` against `addr`.
+pub fn ctl(config: &Path, addr: &str, args: &[&str]) -> Output {
     Command::new(FLOCKCTL)
+        .arg("--config")
+        .arg(config)
         .arg("--addr")
         .arg(addr)
         .args(args)
+        .env_remove("FLOCK_CONFIG")
+        .env_remove("FLOCK_ADDR")
         .output()
         .expect("run flockctl")
 }
 
 /// Runs flockctl and returns stdout, asserting success.
-pub fn ctl_ok(addr: &str, args: &[&str]) -> String {
-    let out = ctl(addr, args);
+pub fn ctl_ok(config: &Path, addr: &str, args: &[&str]) -> String {
+    let out = ctl(config, addr, args);
     assert!(
         out.status.success(),
         "flockctl {args:?} at {addr} failed ({:?}): {}",

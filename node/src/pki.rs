@@ -1,0 +1,591 @@
+//! The cluster's public key infrastructure: a CA made at `flockd init`, one certificate per node
+//! and per admin, and the TLS configurations every connection of flock uses (gRPC between nodes,
+//! flockctl to nodes, QUIC for snapshot streams).
+//!
+//! Identity lives in the certificate's common name: `node-<id>` or `admin-<label>`. Every node
+//! certificate also names [`SERVER_NAME`], the name clients verify, so a node is checked by its
+//! signature from the cluster's CA, not by a host name. Node ids are never reused, so a removed
+//! node is refused by id (see [`Authorizer`]).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use sha2::{Digest, Sha256};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+use flock_raft::state_machine::StateView;
+use flock_scheduler::NodeId;
+
+/// The DNS name on every node certificate, verified by every client.
+pub const SERVER_NAME: &str = "flock-node";
+
+/// Who a certificate speaks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    Node(NodeId),
+    Admin(String),
+}
+
+impl Role {
+    fn common_name(&self) -> String {
+        match self {
+            Role::Node(id) => format!("node-{id}"),
+            Role::Admin(label) => format!("admin-{label}"),
+        }
+    }
+}
+
+/// Errors of the PKI layer; messages name the file or input and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is readable by group or others (mode {mode:o}); a private key must be private: chmod 600 {path}")]
+    KeyTooOpen { path: String, mode: u32 },
+    #[error("{what}: {reason}")]
+    Bad { what: String, reason: String },
+    #[error("cannot reach flockd at {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
+}
+
+fn bad(what: &str, reason: impl ToString) -> PkiError {
+    PkiError::Bad {
+        what: what.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Hex SHA-256 of a DER certificate: the CA fingerprint carried in join tokens.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+/// The DER of the first certificate in a PEM text.
+pub fn pem_to_der(pem: &str, what: &str) -> Result<CertificateDer<'static>, PkiError> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| bad(what, format!("not a PEM certificate: {e:?}")))
+}
+
+/// The role named in a DER certificate's common name.
+pub fn role_of(der: &[u8]) -> Result<Role, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| bad("peer certificate", e))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .ok_or_else(|| bad("peer certificate", "no common name"))?;
+    if let Some(id) = cn.strip_prefix("node-") {
+        return id
+            .parse()
+            .map(Role::Node)
+            .map_err(|_| bad("peer certificate", format!("bad node id in {cn:?}")));
+    }
+    if let Some(label) = cn.strip_prefix("admin-") {
+        return Ok(Role::Admin(label.to_string()));
+    }
+    Err(bad("peer certificate", format!("unknown role {cn:?}")))
+}
+
+/// The cluster's certificate authority, held by the node that created the cluster.
+pub struct CertAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    pub cert_pem: String,
+}
+
+impl CertAuthority {
+    /// A new CA for cluster `cluster_id`; returns it and its private key in PEM.
+    pub fn create(cluster_id: &str) -> Result<(CertAuthority, String), PkiError> {
+        let key = KeyPair::generate().map_err(|e| bad("CA key", e))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("flock cluster {cluster_id} CA"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| bad("CA certificate", e))?;
+        let key_pem = key.serialize_pem();
+        Ok((
+            CertAuthority {
+                issuer: Issuer::new(params, key),
+                cert_pem: cert.pem(),
+            },
+            key_pem,
+        ))
+    }
+
+    /// The CA kept in PEM files.
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<CertAuthority, PkiError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| bad("CA key", e))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| bad("CA certificate", e))?;
+        Ok(CertAuthority {
+            issuer,
+            cert_pem: cert_pem.to_string(),
+        })
+    }
+
+    /// Signs a certificate for `role` over the public key of a PEM certificate signing request.
+    /// Only the key is taken from the request; names and usages are the CA's choice.
+    pub fn sign_csr(&self, csr_pem: &str, role: &Role) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| bad("certificate signing request", e))?;
+        self.issue(&csr.public_key, role)
+    }
+
+    /// Signs a certificate for `role` over `public_key`.
+    pub fn issue(&self, public_key: &impl PublicKeyData, role: &Role) -> Result<String, PkiError> {
+        let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()])
+            .map_err(|e| bad("certificate", e))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, role.common_name());
+        params.distinguished_name = dn;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(|e| bad("certificate", e))?;
+        Ok(cert.pem())
+    }
+}
+
+/// A fresh key pair and a certificate signing request for it, in PEM.
+pub fn new_key_and_csr() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(|e| bad("key", e))?;
+    let csr = CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(|e| bad("certificate signing request", e))?;
+    let csr_pem = csr
+        .pem()
+        .map_err(|e| bad("certificate signing request", e))?;
+    Ok((key.serialize_pem(), csr_pem))
+}
+
+/// Writes a file readable by its owner only (0600), atomically.
+pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(contents.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)?;
+    Ok(())
+}
+
+/// Writes a public file (certificates), atomically.
+pub fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, contents).map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)?;
+    Ok(())
+}
+
+/// Reads a private file, refusing one that group or others can read.
+pub fn read_private(path: &Path) -> Result<String, PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mode = fs::metadata(path).map_err(io)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(PkiError::KeyTooOpen {
+            path: path.display().to_string(),
+            mode: mode & 0o777,
+        });
+    }
+    fs::read_to_string(path).map_err(io)
+}
+
+pub fn read_public(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// A node's TLS material, in its data dir under `tls/`.
+#[derive(Clone)]
+pub struct NodeTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Paths of a node's TLS files.
+pub struct TlsPaths {
+    pub dir: PathBuf,
+}
+
+impl TlsPaths {
+    pub fn new(data_dir: &Path) -> Self {
+        TlsPaths {
+            dir: data_dir.join("tls"),
+        }
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+    pub fn node_cert(&self) -> PathBuf {
+        self.dir.join("node.crt")
+    }
+    pub fn node_key(&self) -> PathBuf {
+        self.dir.join("node.key")
+    }
+}
+
+impl NodeTls {
+    /// Loads a node's TLS files, refusing a key that others can read.
+    pub fn load(paths: &TlsPaths) -> Result<NodeTls, PkiError> {
+        Ok(NodeTls {
+            ca_pem: read_public(&paths.ca_cert())?,
+            cert_pem: read_public(&paths.node_cert())?,
+            key_pem: read_private(&paths.node_key())?,
+        })
+    }
+
+    /// Writes a node's TLS files (the key 0600).
+    pub fn save(&self, paths: &TlsPaths) -> Result<(), PkiError> {
+        fs::create_dir_all(&paths.dir).map_err(|source| PkiError::Io {
+            path: paths.dir.display().to_string(),
+            source,
+        })?;
+        fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            PkiError::Io {
+                path: paths.dir.display().to_string(),
+                source,
+            }
+        })?;
+        write_public(&paths.ca_cert(), &self.ca_pem)?;
+        write_public(&paths.node_cert(), &self.cert_pem)?;
+        write_private(&paths.node_key(), &self.key_pem)
+    }
+
+    /// Fingerprint of the cluster CA.
+    pub fn ca_fingerprint(&self) -> Result<String, PkiError> {
+        Ok(fingerprint(&pem_to_der(&self.ca_pem, "CA certificate")?))
+    }
+
+    /// gRPC server TLS: presents the node certificate (with the CA after it, so a joining node
+    /// can pin the CA), accepts client certificates signed by the CA, and lets clients without one
+    /// reach the handlers, which refuse them with "not a member" (all but Join).
+    pub fn server(&self) -> ServerTlsConfig {
+        let chain = format!("{}\n{}", self.cert_pem.trim_end(), self.ca_pem);
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(chain, &self.key_pem))
+            .client_ca_root(Certificate::from_pem(&self.ca_pem))
+            .client_auth_optional(true)
+    }
+
+    /// gRPC client TLS for node-to-node calls.
+    pub fn client(&self) -> ClientTlsConfig {
+        client_tls(&self.ca_pem, Some((&self.cert_pem, &self.key_pem)))
+    }
+
+    fn rustls_parts(
+        &self,
+    ) -> Result<
+        (
+            rustls::RootCertStore,
+            Vec<CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ),
+        PkiError,
+    > {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(pem_to_der(&self.ca_pem, "CA certificate")?)
+            .map_err(|e| bad("CA certificate", e))?;
+        let chain = vec![pem_to_der(&self.cert_pem, "node certificate")?];
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| bad("node key", format!("{e:?}")))?;
+        Ok((roots, chain, key))
+    }
+
+    /// QUIC (quinn) server config: mutual TLS, a client certificate of this CA required.
+    pub fn quic_server(&self) -> Result<quinn::ServerConfig, PkiError> {
+        let (roots, chain, key) = self.rustls_parts()?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| bad("QUIC client verifier", e))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| bad("QUIC TLS", e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| bad("QUIC TLS", e))?;
+        tls.alpn_protocols = vec![QUIC_ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| bad("QUIC TLS", e))?;
+        Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+    }
+
+    /// QUIC (quinn) client config: verifies the peer against the CA, presents this node's cert.
+    pub fn quic_client(&self) -> Result<quinn::ClientConfig, PkiError> {
+        let (roots, chain, key) = self.rustls_parts()?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| bad("QUIC TLS", e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| bad("QUIC TLS", e))?;
+        tls.alpn_protocols = vec![QUIC_ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| bad("QUIC TLS", e))?;
+        Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+    }
+}
+
+/// ALPN of flock's QUIC streams.
+pub const QUIC_ALPN: &[u8] = b"flock-stream/1";
+
+/// gRPC client TLS trusting `ca_pem`, with an optional client identity (cert, key).
+pub fn client_tls(ca_pem: &str, identity: Option<(&str, &str)>) -> ClientTlsConfig {
+    let mut c = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(SERVER_NAME);
+    if let Some((cert, key)) = identity {
+        c = c.identity(Identity::from_pem(cert, key));
+    }
+    c
+}
+
+/// Connects to `addr` over TLS without trusting anything, only to read the certificates the server
+/// presents, and returns the one whose fingerprint is `pin`: the CA a join token names. Nothing
+/// is sent but the TLS handshake.
+pub async fn fetch_pinned_ca(addr: &str, pin: &str) -> Result<String, PkiError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let seen = Arc::new(CaptureChain {
+        chain: Mutex::new(Vec::new()),
+        provider: provider.clone(),
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("TLS", e))?
+        .dangerous()
+        .with_custom_certificate_verifier(seen.clone())
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| PkiError::Unreachable {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+    let name = ServerName::try_from(SERVER_NAME).map_err(|e| bad("server name", e))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let handshake = connector.connect(name, tcp).await;
+    let chain = seen.chain.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if chain.is_empty() {
+        return Err(bad(
+            addr,
+            match handshake {
+                Err(e) => format!("TLS handshake failed: {e}"),
+                Ok(_) => "presented no certificate".to_string(),
+            },
+        ));
+    }
+    for der in &chain {
+        if fingerprint(der) == pin {
+            return Ok(pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())));
+        }
+    }
+    Err(bad(
+        addr,
+        format!(
+            "it belongs to another cluster: its CA fingerprint is {}, the token names {}",
+            chain.last().map(|d| fingerprint(d)).unwrap_or_default(),
+            pin
+        ),
+    ))
+}
+
+/// A certificate verifier that trusts nothing and records what the server presented; the
+/// handshake signatures are still checked so the chain is at least the server's own.
+#[derive(Debug)]
+struct CaptureChain {
+    chain: Mutex<Vec<CertificateDer<'static>>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for CaptureChain {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let mut chain = vec![end_entity.clone().into_owned()];
+        chain.extend(intermediates.iter().map(|c| c.clone().into_owned()));
+        *self.chain.lock().unwrap_or_else(|p| p.into_inner()) = chain;
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Decides who may call what, from the caller's certificate and the replicated state.
+#[derive(Clone)]
+pub struct Authorizer {
+    view: StateView,
+}
+
+/// The peer certificates of a request, as tonic exposes them.
+pub type PeerCerts = Option<Arc<Vec<CertificateDer<'static>>>>;
+
+impl Authorizer {
+    pub fn new(view: StateView) -> Self {
+        Authorizer { view }
+    }
+
+    /// The caller's role: it must present a certificate of this cluster's CA (checked by the TLS
+    /// layer), and a node must not have been removed. A node id at or past the next id this
+    /// node knows of was registered after its last applied entry (or this node is still joining):
+    /// the CA signed it, so it is accepted.
+    pub fn check(&self, certs: &PeerCerts) -> Result<Role, tonic::Status> {
+        let der = certs
+            .as_ref()
+            .and_then(|c| c.first())
+            .ok_or_else(|| tonic::Status::unauthenticated(
+                "not a member: this call needs a client certificate of this cluster (flockctl: --config FILE or FLOCK_CONFIG)",
+            ))?;
+        let role = role_of(der)
+            .map_err(|e| tonic::Status::unauthenticated(format!("not a member: {e}")))?;
+        if let Role::Node(id) = role {
+            let a = self.view.read();
+            if id < a.cluster.next_node_id && !a.cluster.nodes.contains_key(&id) {
+                return Err(tonic::Status::permission_denied(format!(
+                    "not a member: node {id} was removed from the cluster"
+                )));
+            }
+        }
+        Ok(role)
+    }
+
+    /// As [`check`](Self::check), and the caller must be a node.
+    pub fn check_node(&self, certs: &PeerCerts) -> Result<NodeId, tonic::Status> {
+        match self.check(certs)? {
+            Role::Node(id) => Ok(id),
+            Role::Admin(_) => Err(tonic::Status::permission_denied("only nodes may call this")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificates_carry_their_role_and_chain_to_the_ca() {
+        let (ca, key_pem) = CertAuthority::create("c0ffee").unwrap();
+        let ca = CertAuthority::load(&ca.cert_pem, &key_pem).unwrap();
+        let (_, csr) = new_key_and_csr().unwrap();
+        let node = ca.sign_csr(&csr, &Role::Node(7)).unwrap();
+        assert_eq!(
+            role_of(&pem_to_der(&node, "n").unwrap()).unwrap(),
+            Role::Node(7)
+        );
+        let admin = ca.sign_csr(&csr, &Role::Admin("ops".into())).unwrap();
+        assert_eq!(
+            role_of(&pem_to_der(&admin, "a").unwrap()).unwrap(),
+            Role::Admin("ops".into())
+        );
+        assert!(ca.sign_csr("garbage", &Role::Node(1)).is_err());
+    }
+
+    #[test]
+    fn open_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.key");
+        write_private(&p, "secret").unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(read_private(&p).unwrap(), "secret");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_private(&p).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+    }
+}
