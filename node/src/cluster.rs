@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tonic::transport::{Channel, ClientTlsConfig};
 
 use flock_proto::v1::api_client::ApiClient;
@@ -33,7 +33,7 @@ pub const MEMBERSHIP_TICK: Duration = Duration::from_millis(250);
 pub const CAUGHT_UP_SLACK: u64 = 64;
 
 /// Errors of cluster operations; each maps to one gRPC status.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("no leader could be reached within {0:?}; is a majority of voters running? (`flockctl status` lists them)")]
     NoLeader(Duration),
@@ -104,6 +104,8 @@ pub struct Cluster {
     pub request_timeout: Duration,
     /// This node's client identity for calls to peers.
     tls: ClientTlsConfig,
+    /// Proposals on their way into Raft, batched (see [`run_batcher`]).
+    proposals: mpsc::UnboundedSender<Proposal>,
     peers: Mutex<HashMap<String, ApiClient<Channel>>>,
 }
 
@@ -124,7 +126,10 @@ impl Cluster {
         request_timeout: Duration,
         tls: ClientTlsConfig,
     ) -> Self {
+        let (proposals, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_batcher(raft.clone(), request_timeout, rx));
         Cluster {
+            proposals,
             raft,
             view,
             node_id,
@@ -191,20 +196,17 @@ impl Cluster {
         cmd: Command,
         deadline: Instant,
     ) -> Result<CommandResult, ClusterError> {
-        let write = self.raft.client_write(cmd);
-        match tokio::time::timeout_at(deadline.into(), write).await {
+        let (tx, rx) = oneshot::channel();
+        self.proposals
+            .send(Proposal { cmd, tx })
+            .map_err(|_| ClusterError::Fatal("the node is shutting down".into()))?;
+        match tokio::time::timeout_at(deadline.into(), rx).await {
             Err(_) => Err(ClusterError::OutcomeUnknown(format!(
                 "not committed within {:?}",
                 self.request_timeout
             ))),
-            Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(ClusterError::NotLeader)
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(ClusterError::Refused(e.to_string()))
-            }
-            Ok(Err(RaftError::Fatal(f))) => Err(ClusterError::Fatal(f.to_string())),
+            Ok(Err(_)) => Err(ClusterError::Fatal("the node is shutting down".into())),
+            Ok(Ok(r)) => r,
         }
     }
 
@@ -580,6 +582,94 @@ impl Cluster {
             }
             if rx.changed().await.is_err() {
                 return "raft stopped".to_string();
+            }
+        }
+    }
+}
+
+/// A command waiting to be proposed, and who waits for its result.
+struct Proposal {
+    cmd: Command,
+    tx: oneshot::Sender<Result<CommandResult, ClusterError>>,
+}
+
+/// Most commands in one batch.
+const MAX_BATCH: usize = 512;
+/// Batches in Raft at once: two, so one batch's fsync on the leader overlaps the previous one's
+/// replication.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Proposes commands through Raft, batching those that arrive while earlier batches are in
+/// flight into one [`Command::Batch`] entry. openraft 0.9 appends (and fsyncs) each client write
+/// on its own, so without this every write would wait for its own fsync; with it, concurrent
+/// writes share one.
+async fn run_batcher(raft: Raft, timeout: Duration, mut rx: mpsc::UnboundedReceiver<Proposal>) {
+    let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            propose_batch(&raft, timeout, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn propose_batch(raft: &Raft, timeout: Duration, batch: Vec<Proposal>) {
+    let (mut cmds, txs): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.tx)).unzip();
+    let single = cmds.len() == 1;
+    let cmd = match (single, cmds.pop()) {
+        (true, Some(c)) => c,
+        (_, last) => {
+            cmds.extend(last);
+            Command::Batch(cmds)
+        }
+    };
+    let outcome = match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
+        Err(_) => Err(ClusterError::OutcomeUnknown(format!(
+            "not committed within {timeout:?}"
+        ))),
+        Ok(Ok(resp)) => Ok(resp.data),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+            Err(ClusterError::NotLeader)
+        }
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+            Err(ClusterError::Refused(e.to_string()))
+        }
+        Ok(Err(RaftError::Fatal(f))) => Err(ClusterError::Fatal(f.to_string())),
+    };
+    match outcome {
+        Ok(CommandResult::Batch(results)) if !single && results.len() == txs.len() => {
+            for (tx, r) in txs.into_iter().zip(results) {
+                let _ = tx.send(Ok(r));
+            }
+        }
+        Ok(r) if single => {
+            for tx in txs {
+                let _ = tx.send(Ok(r.clone()));
+            }
+        }
+        Ok(other) => {
+            let e = ClusterError::Fatal(format!("unexpected result for a batch: {other:?}"));
+            for tx in txs {
+                let _ = tx.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            for tx in txs {
+                let _ = tx.send(Err(e.clone()));
             }
         }
     }

@@ -109,6 +109,9 @@ pub enum Command {
     KvDelete {
         key: String,
     },
+    /// Several commands in one log entry, applied in order, each on its own (one rejected command
+    /// does not undo the others). The leader batches concurrent proposals so they share one fsync.
+    Batch(Vec<Command>),
 }
 
 /// What applying a [`Command`] did.
@@ -137,6 +140,8 @@ pub enum CommandResult {
     },
     /// The command did not fit the state and changed nothing.
     Rejected(ApplyError),
+    /// One result per command of a [`Command::Batch`], in order.
+    Batch(Vec<CommandResult>),
 }
 
 /// Why a command was rejected. Messages name the bad input and what to do.
@@ -160,12 +165,24 @@ pub enum ApplyError {
     InvalidKey { key: String, reason: String },
     #[error("value for key {key:?} is {len} bytes; the limit is {max}")]
     ValueTooLarge { key: String, len: usize, max: usize },
+    #[error("a batch cannot contain another batch")]
+    NestedBatch,
 }
 
 impl ClusterState {
     /// Applies one command. Deterministic: the same state and command give the same result on
     /// every node. A rejected command leaves the state unchanged.
     pub fn apply(&mut self, cmd: &Command) -> CommandResult {
+        if let Command::Batch(cmds) = cmd {
+            return CommandResult::Batch(
+                cmds.iter()
+                    .map(|c| match c {
+                        Command::Batch(_) => CommandResult::Rejected(ApplyError::NestedBatch),
+                        c => self.apply(c),
+                    })
+                    .collect(),
+            );
+        }
         match self.try_apply(cmd) {
             Ok(r) => r,
             Err(e) => CommandResult::Rejected(e),
@@ -246,6 +263,8 @@ impl ClusterState {
                     entry: Some(self.kv_set(key, value)),
                 })
             }
+            // `apply` unpacks batches; one reaching here was nested.
+            Command::Batch(_) => Err(ApplyError::NestedBatch),
             Command::KvDelete { key } => {
                 validate_key(key)?;
                 let existed = self.kv.remove(key).is_some();
@@ -678,6 +697,17 @@ mod tests {
             let bytes = postcard::to_allocvec(&a).unwrap();
             let back: ClusterState = postcard::from_bytes(&bytes).unwrap();
             prop_assert_eq!(a, back);
+        }
+
+        /// A batch applies exactly as its commands one by one.
+        #[test]
+        fn batch_equals_sequence(cmds in prop::collection::vec(kv_command(), 0..30)) {
+            let mut one = initialized();
+            let mut batch = initialized();
+            let singles: Vec<_> = cmds.iter().map(|c| one.apply(c)).collect();
+            let r = batch.apply(&Command::Batch(cmds.clone()));
+            prop_assert_eq!(r, CommandResult::Batch(singles));
+            prop_assert_eq!(one, batch);
         }
 
         /// Node names stay unique and ids never repeat, whatever is registered and removed.
