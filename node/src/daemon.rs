@@ -350,7 +350,7 @@ impl RunningNode {
                     authorize,
                 ))
                 .add_service(api)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(incoming_nodelay(listener), async move {
                     let _ = server_stop.changed().await;
                 }),
         );
@@ -462,4 +462,19 @@ impl RunningNode {
             .map_err(|e| anyhow::anyhow!("flushing the raft store: {e}"))?;
         Ok(())
     }
+}
+
+/// Accepted connections with Nagle's algorithm off: tonic sets TCP_NODELAY only on sockets it
+/// accepts itself, and small Raft and API messages must not wait for delayed ACKs.
+fn incoming_nodelay(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|s| {
+        s.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        })
+    })
 }
