@@ -253,55 +253,46 @@ fn t05_wrong_token_is_refused_and_the_node_not_added() {
     let c = TestCluster::start(1, &[]);
     let secretless = format!("{}-{}", c.token.rsplit_once('-').unwrap().0, "00112233");
     let d = c.dir.path().join("intruder");
-    let o = std::process::Command::new(FLOCKD)
-        .args([
-            "join",
-            c.addr(1),
-            "--token",
-            &secretless,
-            "--data-dir",
-            d.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
+    let o = flockd(&[
+        "join",
+        c.addr(1),
+        "--token",
+        &secretless,
+        "--data-dir",
+        d.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("token is wrong"), "{}", stderr(&o));
     let other_cluster =
         "FLOCK-1-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef-00112233";
-    let o = std::process::Command::new(FLOCKD)
-        .args([
-            "join",
-            c.addr(1),
-            "--token",
-            other_cluster,
-            "--data-dir",
-            d.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
+    let o = flockd(&[
+        "join",
+        c.addr(1),
+        "--token",
+        other_cluster,
+        "--data-dir",
+        d.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).contains("belongs to another cluster"),
         "{}",
         stderr(&o)
     );
-    let o = std::process::Command::new(FLOCKD)
-        .args([
-            "join",
-            c.addr(1),
-            "--token",
-            "garbage",
-            "--data-dir",
-            d.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
+    let o = flockd(&[
+        "join",
+        c.addr(1),
+        "--token",
+        "garbage",
+        "--data-dir",
+        d.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     assert!(
         stderr(&o).contains("malformed join token"),
         "{}",
@@ -318,21 +309,18 @@ fn t06_unreachable_peer_is_reported_with_its_address() {
     let port = free_port();
     let peer = format!("127.0.0.1:{port}");
     let started = Instant::now();
-    let o = std::process::Command::new(FLOCKD)
-        .args([
-            "join",
-            &peer,
-            "--token",
-            "FLOCK-1-0000000000000000000000000000000000000000000000000000000000000000-00",
-            "--join-timeout",
-            "2",
-            "--data-dir",
-            dir.path().join("d").to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
+    let o = flockd(&[
+        "join",
+        &peer,
+        "--token",
+        "FLOCK-1-0000000000000000000000000000000000000000000000000000000000000000-00",
+        "--join-timeout",
+        "2",
+        "--data-dir",
+        dir.path().join("d").to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     let took = started.elapsed();
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
@@ -361,16 +349,13 @@ fn t07_data_dirs_are_never_overwritten() {
     let mut c = TestCluster::start(1, &[]);
     let d1 = c.data_dir(1);
     // init on a node's data dir is refused, naming it.
-    let o = std::process::Command::new(FLOCKD)
-        .args([
-            "init",
-            "--data-dir",
-            d1.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
+    let o = flockd(&[
+        "init",
+        "--data-dir",
+        d1.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).contains("already holds node n1"),
@@ -380,26 +365,20 @@ fn t07_data_dirs_are_never_overwritten() {
     // run on a directory that is not a node's is refused.
     let empty = c.dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    let o = std::process::Command::new(FLOCKD)
-        .args(["run", "--data-dir", empty.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = flockd(&["run", "--data-dir", empty.to_str().unwrap()]);
     assert!(
         stderr(&o).contains("not a flock data dir"),
         "{}",
         stderr(&o)
     );
     // A second flockd on the same data dir while the first runs is refused.
-    let o = std::process::Command::new(FLOCKD)
-        .args([
-            "run",
-            "--data-dir",
-            d1.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
+    let o = flockd(&[
+        "run",
+        "--data-dir",
+        d1.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     assert!(
         stderr(&o).contains("used by another running flockd"),
         "{}",
@@ -417,10 +396,7 @@ fn t07_data_dirs_are_never_overwritten() {
         *b = 0xAB;
     }
     std::fs::write(&store, &bytes).unwrap();
-    let o = std::process::Command::new(FLOCKD)
-        .args(["run", "--data-dir", d1.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = flockd(&["run", "--data-dir", d1.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("raft store"), "{}", stderr(&o));
     assert_eq!(
@@ -430,10 +406,7 @@ fn t07_data_dirs_are_never_overwritten() {
     );
     // A corrupt identity likewise.
     std::fs::write(d1.join("identity.json"), "{ nope").unwrap();
-    let o = std::process::Command::new(FLOCKD)
-        .args(["run", "--data-dir", d1.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = flockd(&["run", "--data-dir", d1.to_str().unwrap()]);
     assert!(stderr(&o).contains("is damaged"), "{}", stderr(&o));
     assert_eq!(
         std::fs::read_to_string(d1.join("identity.json")).unwrap(),
@@ -452,16 +425,13 @@ fn t08_another_clusters_data_dir_is_refused() {
     );
     let ida = std::fs::read_to_string(a.data_dir(1).join("identity.json")).unwrap();
     std::fs::write(b.data_dir(1).join("identity.json"), &ida).unwrap();
-    let o = std::process::Command::new(FLOCKD)
-        .args([
-            "run",
-            "--data-dir",
-            b.data_dir(1).to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
+    let o = flockd(&[
+        "run",
+        "--data-dir",
+        b.data_dir(1).to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("refusing to start"), "{}", stderr(&o));
 }

@@ -378,3 +378,11 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Runs flockd to completion (for commands that are expected to fail or exit).
+pub fn flockd(args: &[&str]) -> Output {
+    Command::new(FLOCKD)
+        .args(args)
+        .output()
+        .expect("run flockd")
+}
