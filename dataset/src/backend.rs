@@ -1,0 +1,259 @@
+//! The [`Backend`] trait every storage backend implements, and the plain values it speaks.
+
+use std::fmt;
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::error::DatasetError;
+use crate::name::{DatasetName, SnapshotName};
+
+/// Which backend made a stream (streams of different backends are not interchangeable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// Plain directories ([`crate::dir::DirBackend`]).
+    Dir,
+    /// The zfs CLI ([`crate::zfs::ZfsBackend`]).
+    Zfs,
+}
+
+impl BackendKind {
+    /// The byte that stands for this kind in a stream header.
+    pub fn wire(self) -> u8 {
+        match self {
+            BackendKind::Dir => 1,
+            BackendKind::Zfs => 2,
+        }
+    }
+
+    /// The kind a stream header's byte stands for.
+    pub fn from_wire(byte: u8) -> Option<Self> {
+        match byte {
+            1 => Some(BackendKind::Dir),
+            2 => Some(BackendKind::Zfs),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Dir => "dir",
+            BackendKind::Zfs => "zfs",
+        })
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "dir" => Ok(BackendKind::Dir),
+            "zfs" => Ok(BackendKind::Zfs),
+            other => Err(format!("unknown backend {other:?}: use \"dir\" or \"zfs\"")),
+        }
+    }
+}
+
+/// A dataset as a backend reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatasetInfo {
+    /// The dataset's name.
+    pub name: DatasetName,
+    /// Bytes the dataset holds: its live files plus what only its snapshots keep.
+    pub used_bytes: u64,
+    /// The size limit in bytes, if one was set.
+    pub limit: Option<u64>,
+    /// Where an application sees the dataset's files.
+    pub mount_path: PathBuf,
+}
+
+/// One snapshot of a dataset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The snapshot's name, unique within its dataset.
+    pub name: SnapshotName,
+    /// An identifier that a stream carries along: a received snapshot has the sender's guid, so
+    /// two nodes holding the same guid hold the same data (zfs's own guid on `zfs`).
+    pub guid: u64,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+/// What a stream carries: one dataset, from an optional base snapshot to a target snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamSpec {
+    /// The dataset.
+    pub dataset: DatasetName,
+    /// The snapshot the receiver must already hold as its latest (`None`: a full stream).
+    pub base: Option<SnapshotName>,
+    /// The snapshot the stream creates on the receiver.
+    pub target: SnapshotName,
+}
+
+impl StreamSpec {
+    /// A full stream of `target`.
+    pub fn full(dataset: DatasetName, target: SnapshotName) -> Self {
+        StreamSpec {
+            dataset,
+            base: None,
+            target,
+        }
+    }
+
+    /// An incremental stream from `base` to `target`.
+    pub fn incremental(dataset: DatasetName, base: SnapshotName, target: SnapshotName) -> Self {
+        StreamSpec {
+            dataset,
+            base: Some(base),
+            target,
+        }
+    }
+}
+
+/// The byte stream of a snapshot, as [`Backend::send`] returns it: read it to the end.
+///
+/// A failure of the producer (zfs send exiting non-zero, a snapshot file vanishing) surfaces as
+/// an error from `read`, never as a clean early end of stream.
+pub struct SendStream {
+    reader: Box<dyn Read + Send>,
+    size_hint: Option<u64>,
+}
+
+impl SendStream {
+    /// Wraps a reader; `size_hint` is the exact or estimated length, for progress reports.
+    pub fn new(reader: Box<dyn Read + Send>, size_hint: Option<u64>) -> Self {
+        SendStream { reader, size_hint }
+    }
+
+    /// The stream's length if the backend knows it (exact for `dir`, estimated for `zfs`).
+    pub fn size_hint(&self) -> Option<u64> {
+        self.size_hint
+    }
+}
+
+impl Read for SendStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+impl fmt::Debug for SendStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendStream")
+            .field("size_hint", &self.size_hint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A storage backend: datasets with ordered snapshots that stream between nodes.
+///
+/// Calls block (file system work, child processes); async callers run them on
+/// `spawn_blocking`, as [`crate::transfer`] does for streams. One backend value owns its root:
+/// do not point two live instances at the same directory or zfs root.
+pub trait Backend: Send + Sync {
+    /// Which backend this is; streams only go between backends of the same kind.
+    fn kind(&self) -> BackendKind;
+
+    /// Creates an empty dataset, with a size limit in bytes if given.
+    fn create(
+        &self,
+        dataset: &DatasetName,
+        limit: Option<u64>,
+    ) -> Result<DatasetInfo, DatasetError>;
+
+    /// Destroys a dataset with all its snapshots; the name is free again at once.
+    fn destroy(&self, dataset: &DatasetName) -> Result<(), DatasetError>;
+
+    /// The dataset, or `None` if it does not exist (a half-received dataset does not).
+    fn info(&self, dataset: &DatasetName) -> Result<Option<DatasetInfo>, DatasetError>;
+
+    /// Every dataset, sorted by name.
+    fn list(&self) -> Result<Vec<DatasetInfo>, DatasetError>;
+
+    /// Takes a snapshot of the dataset's live files.
+    fn snapshot(
+        &self,
+        dataset: &DatasetName,
+        snapshot: &SnapshotName,
+    ) -> Result<SnapshotInfo, DatasetError>;
+
+    /// The dataset's snapshots, oldest first.
+    fn snapshots(&self, dataset: &DatasetName) -> Result<Vec<SnapshotInfo>, DatasetError>;
+
+    /// Destroys one snapshot.
+    fn destroy_snapshot(
+        &self,
+        dataset: &DatasetName,
+        snapshot: &SnapshotName,
+    ) -> Result<(), DatasetError>;
+
+    /// Puts the live files back to `snapshot` and destroys every later snapshot
+    /// (`zfs rollback -r`).
+    fn rollback(&self, dataset: &DatasetName, snapshot: &SnapshotName) -> Result<(), DatasetError>;
+
+    /// Where an application sees the dataset's files.
+    fn mount_path(&self, dataset: &DatasetName) -> Result<PathBuf, DatasetError>;
+
+    /// Opens the backend stream of `spec.target` (full) or of the changes from `spec.base`
+    /// (incremental). Both snapshots must exist, base older than target.
+    fn send(&self, spec: &StreamSpec) -> Result<SendStream, DatasetError>;
+
+    /// Receives a stream made by [`Backend::send`] on another node and commits `spec.target`.
+    ///
+    /// Reads `stream` to its end. Commits only if the stream ended cleanly and the backend
+    /// stream verified; otherwise the dataset stays exactly at its latest snapshot (incremental)
+    /// or does not exist (full), and the error is [`DatasetError::Stream`] (truncated, corrupt,
+    /// interrupted) or [`DatasetError::NoSpace`]. A full stream needs a dataset that does not
+    /// exist and creates it with `limit`; an incremental stream needs `spec.base` to be the
+    /// dataset's latest snapshot, and local changes since it are discarded (`zfs receive -F`).
+    fn receive(
+        &self,
+        spec: &StreamSpec,
+        limit: Option<u64>,
+        stream: &mut dyn Read,
+    ) -> Result<SnapshotInfo, DatasetError>;
+
+    /// The dataset's latest snapshot, if it has one.
+    fn latest_snapshot(&self, dataset: &DatasetName) -> Result<Option<SnapshotInfo>, DatasetError> {
+        Ok(self.snapshots(dataset)?.pop())
+    }
+}
+
+/// The newest snapshot of `ours` that `theirs` also holds (same name and guid): where an
+/// incremental stream between two holders starts, and where a returning stale primary rolls
+/// back to. `None` means a full stream is needed.
+pub fn newest_common_snapshot<'a>(
+    ours: &'a [SnapshotInfo],
+    theirs: &[SnapshotInfo],
+) -> Option<&'a SnapshotInfo> {
+    ours.iter()
+        .rev()
+        .find(|s| theirs.iter().any(|t| t.name == s.name && t.guid == s.guid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(name: &str, guid: u64) -> SnapshotInfo {
+        SnapshotInfo {
+            name: SnapshotName::new(name).expect("valid"),
+            guid,
+            created_unix: 0,
+        }
+    }
+
+    #[test]
+    fn newest_common_snapshot_matches_name_and_guid() {
+        let ours = [snap("s1", 1), snap("s2", 2), snap("s3", 3)];
+        let theirs = [snap("s1", 1), snap("s2", 2), snap("s3", 99)];
+        assert_eq!(
+            newest_common_snapshot(&ours, &theirs).map(|s| s.guid),
+            Some(2)
+        );
+        assert!(newest_common_snapshot(&ours, &[snap("s1", 7)]).is_none());
+        assert!(newest_common_snapshot(&[], &theirs).is_none());
+    }
+}

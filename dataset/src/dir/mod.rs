@@ -1,0 +1,778 @@
+//! The `dir` backend: datasets as plain directories, the embedded default (no setup).
+//!
+//! ```text
+//! ROOT/FORMAT                          "flock-dir 1": the layout version
+//! ROOT/datasets/NAME/dataset.json      {"format":1,"limit":BYTES|null}
+//! ROOT/datasets/NAME/live/             the mount path: what the application sees
+//! ROOT/datasets/NAME/snapshots/SEQ/    one snapshot: info.json + tree/ (SEQ orders them)
+//! ROOT/datasets/NAME/resync            marker: make live/ match the latest snapshot again
+//! ROOT/staging/RANDOM/                 work in progress (new datasets, snapshots, receives)
+//! ROOT/trash/RANDOM/                   destroyed datasets and snapshots being deleted
+//! ```
+//!
+//! Every change is prepared under `staging/` and committed by one `rename` (`RENAME_NOREPLACE`
+//! for new names), with a `syncfs` before and after; `open` clears `staging/` and `trash/` and
+//! finishes any live-tree resync a crash interrupted. So a dataset or snapshot either exists
+//! complete or not at all.
+//!
+//! A snapshot copies the live tree, hard-linking each file that is unchanged since the previous
+//! snapshot. "Unchanged" is decided rsync-style (same size, mode, owner, mtime) and made safe
+//! against same-tick rewrites the way git treats "racy" index entries: the live file's ctime
+//! (which user space cannot set) must also be older than the moment the previous snapshot
+//! began. A file written in the very clock tick a snapshot began is therefore copied again by
+//! the next snapshot, once. Snapshot trees are never modified, so equal inodes in two snapshots
+//! mean an unchanged file, which makes incremental streams exact.
+//!
+//! Used bytes: distinct files across all snapshots plus live files that differ from the latest
+//! snapshot (the counterpart of zfs's `used`). The size limit is enforced when a stream is
+//! received, not while an application writes (plain directories have no quota).
+//!
+//! Not carried: extended attributes, ACLs, hard links inside the live tree (each name becomes its
+//! own file), sockets, fifos and device nodes (skipped with a warning). A snapshot of a tree
+//! that is being written is not atomic (zfs's are); stop or quiesce the app for a consistent one.
+
+mod stream;
+mod tree;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, BackendKind, DatasetInfo, SendStream, SnapshotInfo, StreamSpec};
+use crate::error::DatasetError;
+use crate::name::{DatasetName, SnapshotName};
+use stream::{ApplyError, DirSendReader, Expect, SnapRef, StreamStart};
+use tree::{Stamp, TrustedTree};
+
+const FORMAT_LINE: &str = "flock-dir 1\n";
+
+#[derive(Serialize, Deserialize)]
+struct DatasetMeta {
+    format: u32,
+    limit: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotMeta {
+    format: u32,
+    name: String,
+    guid: u64,
+    created_unix: u64,
+    /// The file system time when the snapshot began (see `tree::unchanged`).
+    taken_at: Stamp,
+}
+
+/// A snapshot on disk.
+struct Snap {
+    seq: u64,
+    dir: PathBuf,
+    meta: SnapshotMeta,
+    info: SnapshotInfo,
+}
+
+impl Snap {
+    fn tree(&self) -> PathBuf {
+        self.dir.join("tree")
+    }
+    fn snap_ref(&self) -> SnapRef {
+        SnapRef {
+            name: self.meta.name.clone(),
+            guid: self.meta.guid,
+        }
+    }
+}
+
+/// Datasets as plain directories under one root directory.
+pub struct DirBackend {
+    root: PathBuf,
+    locks: Mutex<HashMap<DatasetName, Arc<Mutex<()>>>>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves nothing half-done on disk that `open` would not
+    // also recover from, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<(), DatasetError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| DatasetError::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!("cannot encode: {e}"),
+    })?;
+    fs::write(path, bytes).map_err(|e| DatasetError::io("write", path, e))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, DatasetError> {
+    let bytes = fs::read(path).map_err(|e| DatasetError::io("read", path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| DatasetError::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!("unreadable ({e}); restore it or destroy the dataset"),
+    })
+}
+
+fn create_dir(path: &Path) -> Result<(), DatasetError> {
+    fs::create_dir(path).map_err(|e| DatasetError::io("create directory", path, e))
+}
+
+fn clear_dir(path: &Path) -> Result<(), DatasetError> {
+    let rd = fs::read_dir(path).map_err(|e| DatasetError::io("read directory", path, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| DatasetError::io("read directory", path, e))?;
+        tree::remove_any(&entry.path())?;
+    }
+    Ok(())
+}
+
+impl DirBackend {
+    /// Opens (creating if needed) a dir backend rooted at `root`, and recovers from a crash:
+    /// unfinished work in `staging/` and `trash/` is removed, interrupted live resyncs redone.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, DatasetError> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(|e| DatasetError::io("create directory", &root, e))?;
+        let format = root.join("FORMAT");
+        match fs::read_to_string(&format) {
+            Ok(s) if s == FORMAT_LINE => {}
+            Ok(s) => {
+                return Err(DatasetError::Corrupt {
+                    path: format,
+                    detail: format!(
+                        "layout {:?} is not the one this build reads ({:?}); use a matching flock version",
+                        s.trim(),
+                        FORMAT_LINE.trim()
+                    ),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::write(&format, FORMAT_LINE).map_err(|e| DatasetError::io("write", &format, e))?
+            }
+            Err(e) => return Err(DatasetError::io("read", &format, e)),
+        }
+        for sub in ["datasets", "staging", "trash"] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(|e| DatasetError::io("create directory", &p, e))?;
+        }
+        clear_dir(&root.join("staging"))?;
+        clear_dir(&root.join("trash"))?;
+        let backend = DirBackend {
+            root,
+            locks: Mutex::new(HashMap::new()),
+        };
+        for info in backend.list_names()? {
+            let dir = backend.dataset_dir(&info);
+            if dir.join("resync").exists() {
+                tracing::warn!(dataset = %info, "finishing an interrupted rollback or receive");
+                backend.resync_live(&info)?;
+            }
+        }
+        Ok(backend)
+    }
+
+    /// The directory this backend keeps its datasets under.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dataset_dir(&self, ds: &DatasetName) -> PathBuf {
+        self.root.join("datasets").join(ds.as_str())
+    }
+
+    fn live_dir(&self, ds: &DatasetName) -> PathBuf {
+        self.dataset_dir(ds).join("live")
+    }
+
+    fn lock_dataset(&self, ds: &DatasetName) -> Arc<Mutex<()>> {
+        lock(&self.locks).entry(ds.clone()).or_default().clone()
+    }
+
+    fn staging(&self) -> Result<PathBuf, DatasetError> {
+        let p = self
+            .root
+            .join("staging")
+            .join(format!("{:016x}", rand::random::<u64>()));
+        create_dir(&p)?;
+        Ok(p)
+    }
+
+    /// Moves `path` into trash/ (atomically out of sight) and deletes it.
+    fn discard(&self, path: &Path) -> Result<(), DatasetError> {
+        let trash = self
+            .root
+            .join("trash")
+            .join(format!("{:016x}", rand::random::<u64>()));
+        fs::rename(path, &trash).map_err(|e| DatasetError::io("move to trash", path, e))?;
+        tree::remove_any(&trash)
+    }
+
+    /// Reads the clock of the file system holding our root.
+    fn fs_clock(&self, dir: &Path) -> Result<Stamp, DatasetError> {
+        let probe = dir.join(format!(".clock-{:016x}", rand::random::<u64>()));
+        fs::write(&probe, b"").map_err(|e| self.full_or_io(None, "write", &probe, e))?;
+        let stamp = tree::fs_now(&probe)?;
+        tree::remove_any(&probe)?;
+        Ok(stamp)
+    }
+
+    fn full_or_io(
+        &self,
+        ds: Option<&DatasetName>,
+        action: &'static str,
+        path: &Path,
+        e: io::Error,
+    ) -> DatasetError {
+        if tree::is_full(&e) {
+            self.no_space(ds.map_or("(none)", |d| d.as_str()))
+        } else {
+            DatasetError::io(action, path, e)
+        }
+    }
+
+    fn no_space(&self, ds: &str) -> DatasetError {
+        DatasetError::NoSpace {
+            dataset: ds.to_string(),
+            detail: format!(
+                "the file system holding {} is full; free space there",
+                self.root.display()
+            ),
+        }
+    }
+
+    /// Maps a full file system, wherever it surfaced, to `NoSpace` for `ds`.
+    fn classify(&self, ds: &DatasetName, e: DatasetError) -> DatasetError {
+        match e {
+            DatasetError::Io { ref source, .. } if tree::is_full(source) => {
+                self.no_space(ds.as_str())
+            }
+            other => other,
+        }
+    }
+
+    fn list_names(&self) -> Result<Vec<DatasetName>, DatasetError> {
+        let dir = self.root.join("datasets");
+        let rd = fs::read_dir(&dir).map_err(|e| DatasetError::io("read directory", &dir, e))?;
+        let mut names = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| DatasetError::io("read directory", &dir, e))?;
+            match entry.file_name().to_str().map(DatasetName::new) {
+                Some(Ok(name)) => names.push(name),
+                _ => tracing::warn!(path = %entry.path().display(), "ignoring a stray entry"),
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn require(&self, ds: &DatasetName) -> Result<PathBuf, DatasetError> {
+        let dir = self.dataset_dir(ds);
+        if dir.join("dataset.json").is_file() {
+            Ok(dir)
+        } else {
+            Err(DatasetError::NotFound {
+                dataset: ds.to_string(),
+            })
+        }
+    }
+
+    fn snaps(&self, ds: &DatasetName) -> Result<Vec<Snap>, DatasetError> {
+        let dir = self.require(ds)?.join("snapshots");
+        let rd = fs::read_dir(&dir).map_err(|e| DatasetError::io("read directory", &dir, e))?;
+        let mut out = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| DatasetError::io("read directory", &dir, e))?;
+            let Some(seq) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                tracing::warn!(path = %entry.path().display(), "ignoring a stray entry");
+                continue;
+            };
+            let meta: SnapshotMeta = read_json(&entry.path().join("info.json"))?;
+            let name = SnapshotName::new(&meta.name).map_err(|e| DatasetError::Corrupt {
+                path: entry.path(),
+                detail: e.to_string(),
+            })?;
+            out.push(Snap {
+                seq,
+                dir: entry.path(),
+                info: SnapshotInfo {
+                    name,
+                    guid: meta.guid,
+                    created_unix: meta.created_unix,
+                },
+                meta,
+            });
+        }
+        out.sort_by_key(|s| s.seq);
+        Ok(out)
+    }
+
+    fn find_snap(
+        &self,
+        ds: &DatasetName,
+        snaps: &[Snap],
+        name: &SnapshotName,
+    ) -> Result<usize, DatasetError> {
+        snaps
+            .iter()
+            .position(|s| &s.info.name == name)
+            .ok_or_else(|| DatasetError::SnapshotNotFound {
+                dataset: ds.to_string(),
+                snapshot: name.to_string(),
+            })
+    }
+
+    fn dataset_info(&self, ds: &DatasetName) -> Result<DatasetInfo, DatasetError> {
+        let dir = self.require(ds)?;
+        let meta: DatasetMeta = read_json(&dir.join("dataset.json"))?;
+        let snaps = self.snaps(ds)?;
+        let trees: Vec<PathBuf> = snaps.iter().map(Snap::tree).collect();
+        let latest_tree = snaps.last().map(Snap::tree);
+        let latest = snaps
+            .last()
+            .zip(latest_tree.as_deref())
+            .map(|(s, root)| TrustedTree {
+                root,
+                taken_at: s.meta.taken_at,
+            });
+        let live = self.live_dir(ds);
+        let used = tree::used_bytes(&trees, latest, Some(&live))?;
+        Ok(DatasetInfo {
+            name: ds.clone(),
+            used_bytes: used,
+            limit: meta.limit,
+            mount_path: live,
+        })
+    }
+
+    /// Makes live/ match the latest snapshot and clears the resync marker.
+    fn resync_live(&self, ds: &DatasetName) -> Result<(), DatasetError> {
+        let dir = self.require(ds)?;
+        let live = self.live_dir(ds);
+        match self.snaps(ds)?.last() {
+            Some(s) => {
+                let t = s.tree();
+                tree::sync_to(
+                    &t,
+                    &live,
+                    Some(TrustedTree {
+                        root: &t,
+                        taken_at: s.meta.taken_at,
+                    }),
+                )?;
+            }
+            None => {
+                tree::remove_any(&live)?;
+                create_dir(&live)?;
+            }
+        }
+        tree::sync_fs(&self.root)?;
+        tree::remove_any(&dir.join("resync"))
+    }
+
+    fn mark_resync(&self, dir: &Path) -> Result<(), DatasetError> {
+        let marker = dir.join("resync");
+        fs::write(&marker, b"").map_err(|e| DatasetError::io("write", &marker, e))?;
+        tree::sync_fs(&self.root)
+    }
+
+    fn next_seq(snaps: &[Snap]) -> u64 {
+        snaps.last().map_or(1, |s| s.seq + 1)
+    }
+
+    fn snap_path(dir: &Path, seq: u64) -> PathBuf {
+        dir.join("snapshots").join(format!("{seq:020}"))
+    }
+
+    fn receive_full(
+        &self,
+        spec: &StreamSpec,
+        limit: Option<u64>,
+        stream: &mut dyn Read,
+    ) -> Result<SnapshotInfo, DatasetError> {
+        let ds = &spec.dataset;
+        let final_dir = self.dataset_dir(ds);
+        if final_dir.exists() {
+            return Err(DatasetError::AlreadyExists {
+                dataset: ds.to_string(),
+            });
+        }
+        let staging = self.staging()?;
+        let result = (|| {
+            create_dir(&staging.join("live"))?;
+            create_dir(&staging.join("snapshots"))?;
+            write_json(
+                &staging.join("dataset.json"),
+                &DatasetMeta { format: 1, limit },
+            )?;
+            let snap_dir = Self::snap_path(&staging, 1);
+            create_dir(&snap_dir)?;
+            let tree_dir = snap_dir.join("tree");
+            create_dir(&tree_dir)?;
+            let applied = stream::apply(
+                stream,
+                &tree_dir,
+                None,
+                &Expect {
+                    base: None,
+                    target_name: spec.target.as_str(),
+                },
+                limit,
+            )
+            .map_err(|e| self.apply_error(ds, limit, e))?;
+            tree::sync_to(&tree_dir, &staging.join("live"), None)?;
+            let meta = SnapshotMeta {
+                format: 1,
+                name: spec.target.to_string(),
+                guid: applied.start.target.guid,
+                created_unix: applied.start.created_unix,
+                taken_at: self.fs_clock(&staging)?,
+            };
+            write_json(&snap_dir.join("info.json"), &meta)?;
+            tree::sync_fs(&self.root)?;
+            match tree::rename_noreplace(&staging, &final_dir) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY)) =>
+                {
+                    return Err(DatasetError::AlreadyExists {
+                        dataset: ds.to_string(),
+                    })
+                }
+                Err(e) => return Err(DatasetError::io("commit dataset", &final_dir, e)),
+            }
+            tree::sync_fs(&self.root)?;
+            Ok(SnapshotInfo {
+                name: spec.target.clone(),
+                guid: meta.guid,
+                created_unix: meta.created_unix,
+            })
+        })();
+        if result.is_err() {
+            // Leaves no half-written dataset behind (staging is also cleared at open).
+            if let Err(e) = tree::remove_any(&staging) {
+                tracing::warn!(error = %e, "could not clean up a failed receive");
+            }
+        }
+        result.map_err(|e| self.classify(ds, e))
+    }
+
+    fn receive_incremental(
+        &self,
+        spec: &StreamSpec,
+        base: &SnapshotName,
+        stream: &mut dyn Read,
+    ) -> Result<SnapshotInfo, DatasetError> {
+        let ds = &spec.dataset;
+        let dir = self.require(ds)?;
+        let meta: DatasetMeta = read_json(&dir.join("dataset.json"))?;
+        let snaps = self.snaps(ds)?;
+        let Some(latest) = snaps.last().filter(|s| &s.info.name == base) else {
+            return Err(DatasetError::BaseMismatch {
+                dataset: ds.to_string(),
+                base: base.to_string(),
+                latest: snaps
+                    .last()
+                    .map_or("none".to_string(), |s| s.info.name.to_string()),
+            });
+        };
+        if snaps.iter().any(|s| s.info.name == spec.target) {
+            return Err(DatasetError::SnapshotExists {
+                dataset: ds.to_string(),
+                snapshot: spec.target.to_string(),
+            });
+        }
+        let budget = match meta.limit {
+            Some(limit) => {
+                let trees: Vec<PathBuf> = snaps.iter().map(Snap::tree).collect();
+                Some(limit.saturating_sub(tree::used_bytes(&trees, None, None)?))
+            }
+            None => None,
+        };
+        let staging = self.staging()?;
+        let result = (|| {
+            let snap_dir = staging.join("snap");
+            create_dir(&snap_dir)?;
+            let tree_dir = snap_dir.join("tree");
+            let base_tree = latest.tree();
+            tree::link_clone(&base_tree, &tree_dir)?;
+            let applied = stream::apply(
+                stream,
+                &tree_dir,
+                Some(&base_tree),
+                &Expect {
+                    base: Some(&latest.snap_ref()),
+                    target_name: spec.target.as_str(),
+                },
+                budget,
+            )
+            .map_err(|e| self.apply_error(ds, meta.limit, e))?;
+            let info = SnapshotMeta {
+                format: 1,
+                name: spec.target.to_string(),
+                guid: applied.start.target.guid,
+                created_unix: applied.start.created_unix,
+                taken_at: self.fs_clock(&staging)?,
+            };
+            write_json(&snap_dir.join("info.json"), &info)?;
+            // Commit: from here the snapshot exists; live/ follows (redone at open if we crash).
+            self.mark_resync(&dir)?;
+            let final_snap = Self::snap_path(&dir, Self::next_seq(&snaps));
+            tree::rename_noreplace(&snap_dir, &final_snap)
+                .map_err(|e| DatasetError::io("commit snapshot", &final_snap, e))?;
+            tree::sync_fs(&self.root)?;
+            let new_tree = final_snap.join("tree");
+            tree::sync_to(
+                &new_tree,
+                &self.live_dir(ds),
+                Some(TrustedTree {
+                    root: &base_tree,
+                    taken_at: latest.meta.taken_at,
+                }),
+            )?;
+            tree::sync_fs(&self.root)?;
+            tree::remove_any(&dir.join("resync"))?;
+            Ok(SnapshotInfo {
+                name: spec.target.clone(),
+                guid: info.guid,
+                created_unix: info.created_unix,
+            })
+        })();
+        if let Err(e) = tree::remove_any(&staging) {
+            tracing::warn!(error = %e, "could not clean up a receive's staging area");
+        }
+        result.map_err(|e| self.classify(ds, e))
+    }
+
+    fn apply_error(&self, ds: &DatasetName, limit: Option<u64>, e: ApplyError) -> DatasetError {
+        match e {
+            ApplyError::Stream(source) => DatasetError::Stream {
+                dataset: ds.to_string(),
+                source,
+            },
+            ApplyError::OverLimit { budget } => DatasetError::NoSpace {
+                dataset: ds.to_string(),
+                detail: format!(
+                    "the stream needs more than the {budget} bytes its size limit{} leaves; raise the limit",
+                    limit.map_or(String::new(), |l| format!(" of {l} bytes"))
+                ),
+            },
+            ApplyError::Full => self.no_space(ds.as_str()),
+            ApplyError::Local(e) => self.classify(ds, e),
+        }
+    }
+}
+
+impl Backend for DirBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Dir
+    }
+
+    fn create(&self, ds: &DatasetName, limit: Option<u64>) -> Result<DatasetInfo, DatasetError> {
+        let guard = self.lock_dataset(ds);
+        let _held = lock(&guard);
+        let final_dir = self.dataset_dir(ds);
+        if final_dir.exists() {
+            return Err(DatasetError::AlreadyExists {
+                dataset: ds.to_string(),
+            });
+        }
+        let staging = self.staging()?;
+        let result = (|| {
+            create_dir(&staging.join("live"))?;
+            create_dir(&staging.join("snapshots"))?;
+            write_json(
+                &staging.join("dataset.json"),
+                &DatasetMeta { format: 1, limit },
+            )?;
+            tree::sync_fs(&self.root)?;
+            tree::rename_noreplace(&staging, &final_dir).map_err(|e| {
+                if matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY)) {
+                    DatasetError::AlreadyExists {
+                        dataset: ds.to_string(),
+                    }
+                } else {
+                    DatasetError::io("commit dataset", &final_dir, e)
+                }
+            })?;
+            tree::sync_fs(&self.root)
+        })();
+        if result.is_err() {
+            let _ = tree::remove_any(&staging);
+        }
+        result.map_err(|e| self.classify(ds, e))?;
+        self.dataset_info(ds)
+    }
+
+    fn destroy(&self, ds: &DatasetName) -> Result<(), DatasetError> {
+        let guard = self.lock_dataset(ds);
+        let _held = lock(&guard);
+        let dir = self.require(ds)?;
+        self.discard(&dir)?;
+        tree::sync_fs(&self.root)
+    }
+
+    fn info(&self, ds: &DatasetName) -> Result<Option<DatasetInfo>, DatasetError> {
+        match self.dataset_info(ds) {
+            Ok(info) => Ok(Some(info)),
+            Err(DatasetError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<DatasetInfo>, DatasetError> {
+        let mut out = Vec::new();
+        for ds in self.list_names()? {
+            // A dataset destroyed while we list is simply not listed.
+            if let Some(info) = self.info(&ds)? {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+
+    fn snapshot(
+        &self,
+        ds: &DatasetName,
+        snapshot: &SnapshotName,
+    ) -> Result<SnapshotInfo, DatasetError> {
+        let guard = self.lock_dataset(ds);
+        let _held = lock(&guard);
+        let dir = self.require(ds)?;
+        let snaps = self.snaps(ds)?;
+        if snaps.iter().any(|s| &s.info.name == snapshot) {
+            return Err(DatasetError::SnapshotExists {
+                dataset: ds.to_string(),
+                snapshot: snapshot.to_string(),
+            });
+        }
+        let staging = self.staging()?;
+        let result = (|| {
+            // The staging directory's ctime is the file system's "now" as the copy begins.
+            let taken_at = tree::fs_now(&staging)?;
+            let snap_dir = staging.join("snap");
+            create_dir(&snap_dir)?;
+            let prev_tree = snaps.last().map(Snap::tree);
+            let prev = snaps
+                .last()
+                .zip(prev_tree.as_deref())
+                .map(|(s, root)| TrustedTree {
+                    root,
+                    taken_at: s.meta.taken_at,
+                });
+            tree::snapshot_copy(&self.live_dir(ds), &snap_dir.join("tree"), prev)?;
+            let meta = SnapshotMeta {
+                format: 1,
+                name: snapshot.to_string(),
+                guid: rand::random::<u64>() | 1,
+                created_unix: now_unix(),
+                taken_at,
+            };
+            write_json(&snap_dir.join("info.json"), &meta)?;
+            tree::sync_fs(&self.root)?;
+            let final_snap = Self::snap_path(&dir, Self::next_seq(&snaps));
+            tree::rename_noreplace(&snap_dir, &final_snap)
+                .map_err(|e| DatasetError::io("commit snapshot", &final_snap, e))?;
+            tree::sync_fs(&self.root)?;
+            Ok(SnapshotInfo {
+                name: snapshot.clone(),
+                guid: meta.guid,
+                created_unix: meta.created_unix,
+            })
+        })();
+        if let Err(e) = tree::remove_any(&staging) {
+            tracing::warn!(error = %e, "could not clean up a snapshot's staging area");
+        }
+        result.map_err(|e| self.classify(ds, e))
+    }
+
+    fn snapshots(&self, ds: &DatasetName) -> Result<Vec<SnapshotInfo>, DatasetError> {
+        Ok(self.snaps(ds)?.into_iter().map(|s| s.info).collect())
+    }
+
+    fn destroy_snapshot(
+        &self,
+        ds: &DatasetName,
+        snapshot: &SnapshotName,
+    ) -> Result<(), DatasetError> {
+        let guard = self.lock_dataset(ds);
+        let _held = lock(&guard);
+        let snaps = self.snaps(ds)?;
+        let i = self.find_snap(ds, &snaps, snapshot)?;
+        self.discard(&snaps[i].dir)?;
+        tree::sync_fs(&self.root)
+    }
+
+    fn rollback(&self, ds: &DatasetName, snapshot: &SnapshotName) -> Result<(), DatasetError> {
+        let guard = self.lock_dataset(ds);
+        let _held = lock(&guard);
+        let dir = self.require(ds)?;
+        let snaps = self.snaps(ds)?;
+        let i = self.find_snap(ds, &snaps, snapshot)?;
+        self.mark_resync(&dir)?;
+        // Newest first, so an interruption leaves a prefix of the history, never a gap.
+        for later in snaps[i + 1..].iter().rev() {
+            self.discard(&later.dir)?;
+        }
+        self.resync_live(ds).map_err(|e| self.classify(ds, e))
+    }
+
+    fn mount_path(&self, ds: &DatasetName) -> Result<PathBuf, DatasetError> {
+        self.require(ds)?;
+        Ok(self.live_dir(ds))
+    }
+
+    fn send(&self, spec: &StreamSpec) -> Result<SendStream, DatasetError> {
+        let ds = &spec.dataset;
+        let snaps = self.snaps(ds)?;
+        let t = self.find_snap(ds, &snaps, &spec.target)?;
+        let target = &snaps[t];
+        let base = match &spec.base {
+            Some(b) => {
+                let i = self.find_snap(ds, &snaps, b)?;
+                if i >= t {
+                    return Err(DatasetError::BaseMismatch {
+                        dataset: ds.to_string(),
+                        base: b.to_string(),
+                        latest: format!("{} (the base must be older than the target)", spec.target),
+                    });
+                }
+                Some(&snaps[i])
+            }
+            None => None,
+        };
+        let start = StreamStart {
+            base: base.map(Snap::snap_ref),
+            target: target.snap_ref(),
+            created_unix: target.meta.created_unix,
+        };
+        let base_tree = base.map(Snap::tree);
+        let (reader, len) = DirSendReader::open(start, base_tree.as_deref(), &target.tree())?;
+        Ok(SendStream::new(Box::new(reader), Some(len)))
+    }
+
+    fn receive(
+        &self,
+        spec: &StreamSpec,
+        limit: Option<u64>,
+        stream: &mut dyn Read,
+    ) -> Result<SnapshotInfo, DatasetError> {
+        let guard = self.lock_dataset(&spec.dataset);
+        let _held = lock(&guard);
+        match &spec.base {
+            None => self.receive_full(spec, limit, stream),
+            Some(base) => self.receive_incremental(spec, base, stream),
+        }
+    }
+}

@@ -1,0 +1,668 @@
+//! The `dir` backend's stream format, version 1.
+//!
+//! ```text
+//! stream  = header record* end
+//! header  = "FLKDIR\0\0" version:u16 flags:u8 [base:str base_guid:u64] target:str
+//!           target_guid:u64 created_unix:u64           flags bit 0: incremental (base present)
+//! record  = 'D' path meta                              directory (created or metadata changed)
+//!         | 'F' path meta size:u64 bytes[size]         regular file (new or changed: whole file)
+//!         | 'L' path meta target:bytes                 symlink
+//!         | 'X' path                                   delete path (recursively) from the base
+//! end     = 'E' records:u64 file_bytes:u64 blake3(every byte before this field):[32]
+//! path    = len:u32 bytes    relative, no "." / ".." / empty components; "" is the root (D only)
+//! meta    = mode:u32 uid:u32 gid:u32 mtime_sec:i64 mtime_nsec:u32
+//! str     = len:u16 utf8     bytes = len:u32 bytes      integers big-endian
+//! ```
+//!
+//! A full stream lists every entry of the target snapshot, parents before children. An
+//! incremental stream first deletes what the target lacks (`X`, topmost path only), then lists
+//! new directories, directories whose metadata changed, files that are not the very same inode
+//! as in the base snapshot (snapshots hard-link unchanged files, so that comparison is exact),
+//! and new or changed symlinks. Directory metadata is applied after all records, children first.
+//!
+//! The stream checks itself (its own BLAKE3) so that a raw stream, outside the network
+//! framing, is verified too.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use super::tree::{self, at, Entry, Kind, Meta, Stamp};
+use crate::error::{DatasetError, StreamError};
+
+const MAGIC: [u8; 8] = *b"FLKDIR\0\0";
+const VERSION: u16 = 1;
+const FLAG_INCREMENTAL: u8 = 1;
+const MAX_PATH: usize = 4096;
+const COPY_CHUNK: usize = 256 << 10;
+const META_LEN: usize = 4 + 4 + 4 + 8 + 4;
+
+/// A snapshot as a stream names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SnapRef {
+    pub name: String,
+    pub guid: u64,
+}
+
+/// What a stream's header says.
+#[derive(Clone, Debug)]
+pub(crate) struct StreamStart {
+    pub base: Option<SnapRef>,
+    pub target: SnapRef,
+    pub created_unix: u64,
+}
+
+enum Record {
+    Dir(PathBuf, Meta),
+    File(PathBuf, Meta, u64),
+    Symlink(PathBuf, Meta, PathBuf),
+    Delete(PathBuf),
+}
+
+fn record_for(e: Entry) -> Record {
+    match e.kind {
+        Kind::Dir => Record::Dir(e.rel, e.meta),
+        Kind::File { size } => Record::File(e.rel, e.meta, size),
+        Kind::Symlink { target } => Record::Symlink(e.rel, e.meta, target.into()),
+    }
+}
+
+/// The records of a full stream of the snapshot tree `tree`.
+fn plan_full(tree: &Path) -> Result<Vec<Record>, DatasetError> {
+    Ok(tree::walk(tree)?.into_iter().map(record_for).collect())
+}
+
+/// The records that turn the snapshot tree `base` into `target`.
+fn plan_incremental(base: &Path, target: &Path) -> Result<Vec<Record>, DatasetError> {
+    let base_entries = tree::walk(base)?;
+    let target_entries = tree::walk(target)?;
+    let in_target: HashMap<&Path, &Entry> = target_entries
+        .iter()
+        .map(|e| (e.rel.as_path(), e))
+        .collect();
+    let same_kind = |a: &Kind, b: &Kind| std::mem::discriminant(a) == std::mem::discriminant(b);
+
+    let mut plan = Vec::new();
+    let mut deleted: HashSet<&Path> = HashSet::new();
+    for b in &base_entries {
+        let gone = match in_target.get(b.rel.as_path()) {
+            Some(t) => !same_kind(&t.kind, &b.kind),
+            None => true,
+        };
+        if gone && !b.rel.ancestors().skip(1).any(|a| deleted.contains(a)) {
+            deleted.insert(&b.rel);
+            plan.push(Record::Delete(b.rel.clone()));
+        }
+    }
+    let in_base: HashMap<&Path, &Entry> =
+        base_entries.iter().map(|e| (e.rel.as_path(), e)).collect();
+    for t in target_entries.iter() {
+        let changed = match in_base.get(t.rel.as_path()) {
+            None => true,
+            Some(b) if !same_kind(&b.kind, &t.kind) => true,
+            Some(b) => match t.kind {
+                Kind::Dir => b.meta != t.meta,
+                Kind::File { .. } => b.ino != t.ino,
+                Kind::Symlink { .. } => b.kind != t.kind || b.meta != t.meta,
+            },
+        };
+        if changed {
+            plan.push(record_for(t.clone()));
+        }
+    }
+    Ok(plan)
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_meta(out: &mut Vec<u8>, m: &Meta) {
+    out.extend_from_slice(&m.mode.to_be_bytes());
+    out.extend_from_slice(&m.uid.to_be_bytes());
+    out.extend_from_slice(&m.gid.to_be_bytes());
+    out.extend_from_slice(&m.mtime.sec.to_be_bytes());
+    out.extend_from_slice(&m.mtime.nsec.to_be_bytes());
+}
+
+fn encode_start(s: &StreamStart) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_be_bytes());
+    out.push(if s.base.is_some() {
+        FLAG_INCREMENTAL
+    } else {
+        0
+    });
+    if let Some(b) = &s.base {
+        put_str(&mut out, &b.name);
+        out.extend_from_slice(&b.guid.to_be_bytes());
+    }
+    put_str(&mut out, &s.target.name);
+    out.extend_from_slice(&s.target.guid.to_be_bytes());
+    out.extend_from_slice(&s.created_unix.to_be_bytes());
+    out
+}
+
+fn encode_record(r: &Record, out: &mut Vec<u8>) {
+    match r {
+        Record::Dir(p, m) => {
+            out.push(b'D');
+            put_bytes(out, p.as_os_str().as_bytes());
+            put_meta(out, m);
+        }
+        Record::File(p, m, size) => {
+            out.push(b'F');
+            put_bytes(out, p.as_os_str().as_bytes());
+            put_meta(out, m);
+            out.extend_from_slice(&size.to_be_bytes());
+        }
+        Record::Symlink(p, m, target) => {
+            out.push(b'L');
+            put_bytes(out, p.as_os_str().as_bytes());
+            put_meta(out, m);
+            put_bytes(out, target.as_os_str().as_bytes());
+        }
+        Record::Delete(p) => {
+            out.push(b'X');
+            put_bytes(out, p.as_os_str().as_bytes());
+        }
+    }
+}
+
+struct OpenFile {
+    file: fs::File,
+    path: PathBuf,
+    remaining: u64,
+}
+
+/// A `dir` stream, produced lazily as it is read: record headers from a plan made up front,
+/// file contents straight from the snapshot's files.
+pub(crate) struct DirSendReader {
+    tree: PathBuf,
+    plan: std::vec::IntoIter<Record>,
+    buf: Vec<u8>,
+    pos: usize,
+    file: Option<OpenFile>,
+    hasher: blake3::Hasher,
+    records: u64,
+    file_bytes: u64,
+    finished: bool,
+}
+
+impl DirSendReader {
+    /// Plans the stream from `base` (if any) to `target` (snapshot trees); returns the reader
+    /// and the stream's exact length.
+    pub(crate) fn open(
+        start: StreamStart,
+        base: Option<&Path>,
+        target: &Path,
+    ) -> Result<(Self, u64), DatasetError> {
+        let plan = match base {
+            Some(base) => plan_incremental(base, target)?,
+            None => plan_full(target)?,
+        };
+        let head = encode_start(&start);
+        let mut len = head.len() as u64 + 1 + 16 + 32;
+        let mut scratch = Vec::new();
+        for r in &plan {
+            scratch.clear();
+            encode_record(r, &mut scratch);
+            len += scratch.len() as u64;
+            if let Record::File(_, _, size) = r {
+                len += size;
+            }
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&head);
+        let reader = DirSendReader {
+            tree: target.to_path_buf(),
+            plan: plan.into_iter(),
+            buf: head,
+            pos: 0,
+            file: None,
+            hasher,
+            records: 0,
+            file_bytes: 0,
+            finished: false,
+        };
+        Ok((reader, len))
+    }
+}
+
+impl Read for DirSendReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.pos < self.buf.len() {
+                let n = out.len().min(self.buf.len() - self.pos);
+                out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+                self.pos += n;
+                return Ok(n);
+            }
+            if let Some(f) = &mut self.file {
+                if f.remaining == 0 {
+                    self.file = None;
+                    continue;
+                }
+                let want = out
+                    .len()
+                    .min(usize::try_from(f.remaining).unwrap_or(usize::MAX));
+                let n = f.file.read(&mut out[..want]).map_err(|e| {
+                    io::Error::new(e.kind(), format!("reading {}: {e}", f.path.display()))
+                })?;
+                if n == 0 {
+                    return Err(io::Error::other(format!(
+                        "snapshot file {} is shorter than when the send began",
+                        f.path.display()
+                    )));
+                }
+                self.hasher.update(&out[..n]);
+                f.remaining -= n as u64;
+                self.file_bytes += n as u64;
+                return Ok(n);
+            }
+            self.buf.clear();
+            self.pos = 0;
+            match self.plan.next() {
+                Some(r) => {
+                    encode_record(&r, &mut self.buf);
+                    self.records += 1;
+                    if let Record::File(rel, _, size) = &r {
+                        let path = at(&self.tree, rel);
+                        let file = fs::File::open(&path).map_err(|e| {
+                            io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
+                        })?;
+                        self.file = Some(OpenFile {
+                            file,
+                            path,
+                            remaining: *size,
+                        });
+                    }
+                    self.hasher.update(&self.buf);
+                }
+                None if !self.finished => {
+                    self.buf.push(b'E');
+                    self.buf.extend_from_slice(&self.records.to_be_bytes());
+                    self.buf.extend_from_slice(&self.file_bytes.to_be_bytes());
+                    self.hasher.update(&self.buf);
+                    let hash = self.hasher.finalize();
+                    self.buf.extend_from_slice(hash.as_bytes());
+                    self.finished = true;
+                }
+                None => return Ok(0),
+            }
+        }
+    }
+}
+
+/// Why receiving into a tree failed.
+#[derive(Debug)]
+pub(crate) enum ApplyError {
+    /// The stream was bad (truncated, corrupt, interrupted, unexpected).
+    Stream(StreamError),
+    /// The stream needs more than the size limit leaves (`budget` bytes).
+    OverLimit { budget: u64 },
+    /// The file system is full.
+    Full,
+    /// A local file system error.
+    Local(DatasetError),
+}
+
+impl From<DatasetError> for ApplyError {
+    fn from(e: DatasetError) -> Self {
+        match e {
+            DatasetError::Io { ref source, .. } if tree::is_full(source) => ApplyError::Full,
+            e => ApplyError::Local(e),
+        }
+    }
+}
+
+/// What the receiver expects of a stream's header.
+pub(crate) struct Expect<'a> {
+    /// `None` for a full stream; else the receiver's latest snapshot.
+    pub base: Option<&'a SnapRef>,
+    pub target_name: &'a str,
+}
+
+/// Totals of an applied stream.
+pub(crate) struct Applied {
+    pub start: StreamStart,
+}
+
+struct Input<'a> {
+    src: &'a mut dyn Read,
+    hasher: blake3::Hasher,
+    offset: u64,
+}
+
+impl Input<'_> {
+    fn exact(&mut self, buf: &mut [u8]) -> Result<(), ApplyError> {
+        self.src
+            .read_exact(buf)
+            .map_err(|e| ApplyError::Stream(StreamError::from_io(e, self.offset)))?;
+        self.hasher.update(buf);
+        self.offset += buf.len() as u64;
+        Ok(())
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ApplyError> {
+        let mut b = [0u8; N];
+        self.exact(&mut b)?;
+        Ok(b)
+    }
+    fn u8(&mut self) -> Result<u8, ApplyError> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u32(&mut self) -> Result<u32, ApplyError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, ApplyError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    fn corrupt(&self, detail: impl Into<String>) -> ApplyError {
+        ApplyError::Stream(StreamError::Corrupt {
+            offset: self.offset,
+            detail: detail.into(),
+        })
+    }
+    fn str(&mut self) -> Result<String, ApplyError> {
+        let len = u16::from_be_bytes(self.array()?) as usize;
+        let mut b = vec![0u8; len];
+        self.exact(&mut b)?;
+        String::from_utf8(b).map_err(|_| self.corrupt("snapshot name is not UTF-8"))
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>, ApplyError> {
+        let len = self.u32()? as usize;
+        if len > MAX_PATH {
+            return Err(self.corrupt(format!("path of {len} bytes")));
+        }
+        let mut b = vec![0u8; len];
+        self.exact(&mut b)?;
+        Ok(b)
+    }
+    fn path(&mut self) -> Result<PathBuf, ApplyError> {
+        let b = self.bytes()?;
+        let p = PathBuf::from(OsStr::from_bytes(&b));
+        let valid = !b.contains(&0)
+            && !b.starts_with(b"/")
+            && !b.ends_with(b"/")
+            && !b.windows(2).any(|w| w == b"//")
+            && p.components().all(|c| matches!(c, Component::Normal(_)));
+        if !valid {
+            return Err(self.corrupt(format!("unsafe path {:?}", p.display())));
+        }
+        Ok(p)
+    }
+    fn meta(&mut self) -> Result<Meta, ApplyError> {
+        let b: [u8; META_LEN] = self.array()?;
+        let u32_at = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let mut sec = [0u8; 8];
+        sec.copy_from_slice(&b[12..20]);
+        let meta = Meta {
+            mode: u32_at(0),
+            uid: u32_at(4),
+            gid: u32_at(8),
+            mtime: Stamp {
+                sec: i64::from_be_bytes(sec),
+                nsec: u32_at(20),
+            },
+        };
+        if meta.mode > 0o7777 || meta.mtime.nsec >= 1_000_000_000 {
+            return Err(self.corrupt("invalid mode or mtime"));
+        }
+        Ok(meta)
+    }
+}
+
+/// Applies a `dir` stream to `tree`: an empty directory for a full stream, a hard-link clone of
+/// the base snapshot (`base_tree`) for an incremental one. Writes at most `budget` bytes of file
+/// data. Returns only after the stream's end record verified and the input reached its end.
+pub(crate) fn apply(
+    src: &mut dyn Read,
+    tree: &Path,
+    base_tree: Option<&Path>,
+    expect: &Expect<'_>,
+    budget: Option<u64>,
+) -> Result<Applied, ApplyError> {
+    let mut input = Input {
+        src,
+        hasher: blake3::Hasher::new(),
+        offset: 0,
+    };
+    let magic: [u8; 8] = input.array()?;
+    if magic != MAGIC {
+        return Err(ApplyError::Stream(StreamError::BadMagic { format: "dir" }));
+    }
+    let version = u16::from_be_bytes(input.array()?);
+    if version != VERSION {
+        return Err(ApplyError::Stream(StreamError::UnsupportedVersion {
+            format: "dir",
+            found: version,
+            supported: VERSION,
+        }));
+    }
+    let flags = input.u8()?;
+    if flags & !FLAG_INCREMENTAL != 0 {
+        return Err(input.corrupt(format!("unknown flags {flags:#x}")));
+    }
+    let base = if flags & FLAG_INCREMENTAL != 0 {
+        let name = input.str()?;
+        Some(SnapRef {
+            name,
+            guid: input.u64()?,
+        })
+    } else {
+        None
+    };
+    let target = SnapRef {
+        name: input.str()?,
+        guid: input.u64()?,
+    };
+    let created_unix = input.u64()?;
+    let unexpected = |msg: String| ApplyError::Stream(StreamError::Unexpected(msg));
+    match (&base, expect.base) {
+        (None, None) => {}
+        (Some(b), Some(e)) if b == e => {}
+        (Some(b), Some(e)) => {
+            return Err(unexpected(format!(
+                "the stream starts from snapshot {} (guid {:016x}), the receiver holds {} (guid {:016x})",
+                b.name, b.guid, e.name, e.guid
+            )))
+        }
+        (Some(b), None) => {
+            return Err(unexpected(format!(
+                "an incremental stream from {} where a full stream was expected",
+                b.name
+            )))
+        }
+        (None, Some(_)) => {
+            return Err(unexpected(
+                "a full stream where an incremental stream was expected".into(),
+            ))
+        }
+    }
+    if target.name != expect.target_name {
+        return Err(unexpected(format!(
+            "the stream creates snapshot {}, expected {}",
+            target.name, expect.target_name
+        )));
+    }
+
+    let mut dir_meta: HashMap<PathBuf, Meta> = HashMap::new();
+    let mut safe_dirs: HashSet<PathBuf> = HashSet::new();
+    let mut records = 0u64;
+    let mut file_bytes = 0u64;
+    let mut chunk = vec![0u8; COPY_CHUNK];
+    loop {
+        let tag = input.u8()?;
+        if tag == b'E' {
+            break;
+        }
+        records += 1;
+        let rel = input.path()?;
+        if tag != b'D' && rel.as_os_str().is_empty() {
+            return Err(input.corrupt("only a directory record may name the root"));
+        }
+        // Every ancestor must be a real directory inside the tree: a stream may not write
+        // through a symlink it planted.
+        for anc in rel.ancestors().skip(1) {
+            if anc.as_os_str().is_empty() || safe_dirs.contains(anc) {
+                continue;
+            }
+            match fs::symlink_metadata(at(tree, anc)) {
+                Ok(md) if md.is_dir() => {
+                    safe_dirs.insert(anc.to_path_buf());
+                }
+                _ => {
+                    return Err(input.corrupt(format!(
+                        "{} has no parent directory {}",
+                        rel.display(),
+                        anc.display()
+                    )))
+                }
+            }
+        }
+        let path = at(tree, &rel);
+        match tag {
+            b'D' => {
+                let meta = input.meta()?;
+                match fs::symlink_metadata(&path) {
+                    Ok(md) if md.is_dir() => {}
+                    Ok(_) => {
+                        tree::remove_any(&path)?;
+                        create_dir(&path)?;
+                    }
+                    Err(_) => create_dir(&path)?,
+                }
+                dir_meta.insert(rel, meta);
+            }
+            b'F' => {
+                let meta = input.meta()?;
+                let size = input.u64()?;
+                safe_dirs.remove(&rel);
+                // Unlink first: the old name may be a hard link into the base snapshot.
+                tree::remove_any(&path)?;
+                let mut file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| DatasetError::io("create file", &path, e))?;
+                let mut left = size;
+                while left > 0 {
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+                    if let Some(budget) = budget {
+                        if file_bytes + n as u64 > budget {
+                            return Err(ApplyError::OverLimit { budget });
+                        }
+                    }
+                    input.exact(&mut chunk[..n])?;
+                    file.write_all(&chunk[..n])
+                        .map_err(|e| DatasetError::io("write file", &path, e))?;
+                    left -= n as u64;
+                    file_bytes += n as u64;
+                }
+                drop(file);
+                tree::set_meta(&path, &Kind::File { size }, &meta)?;
+            }
+            b'L' => {
+                let meta = input.meta()?;
+                let target = PathBuf::from(OsStr::from_bytes(&input.bytes()?));
+                safe_dirs.remove(&rel);
+                tree::remove_any(&path)?;
+                std::os::unix::fs::symlink(&target, &path)
+                    .map_err(|e| DatasetError::io("create symlink", &path, e))?;
+                tree::set_meta(
+                    &path,
+                    &Kind::Symlink {
+                        target: target.into_os_string(),
+                    },
+                    &meta,
+                )?;
+            }
+            b'X' => {
+                if base_tree.is_none() {
+                    return Err(input.corrupt("a delete record in a full stream"));
+                }
+                safe_dirs.remove(&rel);
+                tree::remove_any(&path)?;
+            }
+            other => return Err(input.corrupt(format!("unknown record tag 0x{other:02x}"))),
+        }
+    }
+    let counted_records = input.u64()?;
+    let counted_bytes = input.u64()?;
+    let expected_hash = input.hasher.finalize();
+    let mut hash = [0u8; 32];
+    input
+        .src
+        .read_exact(&mut hash)
+        .map_err(|e| ApplyError::Stream(StreamError::from_io(e, input.offset)))?;
+    if &hash != expected_hash.as_bytes() {
+        return Err(ApplyError::Stream(StreamError::ChecksumMismatch {
+            offset: input.offset,
+        }));
+    }
+    if counted_records != records || counted_bytes != file_bytes {
+        return Err(input.corrupt(format!(
+            "end record says {counted_records} records and {counted_bytes} bytes, received {records} and {file_bytes}"
+        )));
+    }
+    // The stream must end here; reading on also makes a framed reader verify its trailer.
+    let mut probe = [0u8; 1];
+    loop {
+        match input.src.read(&mut probe) {
+            Ok(0) => break,
+            Ok(_) => return Err(input.corrupt("data after the end record")),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ApplyError::Stream(StreamError::from_io(e, input.offset))),
+        }
+    }
+
+    // Directory metadata last, children first; unlisted directories keep the base's.
+    for e in tree::walk(tree)?.iter().rev() {
+        if e.kind != Kind::Dir {
+            continue;
+        }
+        let meta = match dir_meta.get(&e.rel) {
+            Some(m) => *m,
+            None => match base_tree
+                .map(|b| tree::stat(b, &e.rel))
+                .transpose()?
+                .flatten()
+            {
+                Some(b) if b.kind == Kind::Dir => b.meta,
+                _ => {
+                    return Err(ApplyError::Stream(StreamError::Corrupt {
+                        offset: input.offset,
+                        detail: format!("directory {:?} has no metadata record", e.rel),
+                    }))
+                }
+            },
+        };
+        tree::set_meta(&at(tree, &e.rel), &Kind::Dir, &meta)?;
+    }
+    Ok(Applied {
+        start: StreamStart {
+            base,
+            target,
+            created_unix,
+        },
+    })
+}
+
+fn create_dir(path: &Path) -> Result<(), DatasetError> {
+    fs::create_dir(path).map_err(|e| DatasetError::io("create directory", path, e))
+}
