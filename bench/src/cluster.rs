@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::etcdpb;
-use flock_proto::v1::{api_client::ApiClient, KvPutRequest};
+use flock_proto::v1::{api_client::ApiClient, KvPutRequest, StatusRequest};
 
 /// Which system a client talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +46,8 @@ pub trait Cluster {
     fn kill(&mut self, i: usize) -> impl Future<Output = Result<()>>;
     /// Starts member `i` again on its data dir and waits until it serves as part of the cluster.
     fn restart(&mut self, i: usize) -> impl Future<Output = Result<()>>;
+    /// Per-member clients that ask each member whom it sees as leader (see `LeaderProbe`).
+    fn leader_probe(&self) -> Result<LeaderProbe>;
     /// Fails if a member the harness did not kill has exited.
     fn check_running(&mut self) -> impl Future<Output = Result<()>>;
     /// Kills every member.
@@ -135,5 +137,63 @@ impl KvClient {
             }
         }
         Ok(())
+    }
+}
+
+/// Asks one member whom it sees as leader, from its own view and without forwarding, so the
+/// answer comes at once even while there is no leader. The failover rounds use it to time the
+/// election itself, apart from what a client sees of it.
+pub enum LeaderProbe {
+    Flock {
+        clients: Vec<ApiClient<Channel>>,
+        /// Member addresses and names, to map a Status reply's leader to a member index.
+        addrs: Vec<String>,
+        names: Vec<String>,
+    },
+    Etcd {
+        clients: Vec<etcdpb::maintenance_client::MaintenanceClient<Channel>>,
+        /// Member ids, to map a Status reply's leader id to a member index.
+        ids: Vec<u64>,
+    },
+}
+
+/// How long one probe may take; a member that does not answer in time sees no leader.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+
+impl LeaderProbe {
+    /// The member that member `i` sees as leader now, if any.
+    pub async fn leader_seen_by(&mut self, i: usize) -> Option<usize> {
+        match self {
+            LeaderProbe::Flock {
+                clients,
+                addrs,
+                names,
+            } => {
+                let reply = tokio::time::timeout(
+                    PROBE_TIMEOUT,
+                    clients[i].status(StatusRequest { local: true }),
+                )
+                .await
+                .ok()?
+                .ok()?
+                .into_inner();
+                reply.leader_id?;
+                addrs
+                    .iter()
+                    .position(|a| *a == reply.leader_addr)
+                    .or_else(|| names.iter().position(|n| *n == reply.leader_name))
+            }
+            LeaderProbe::Etcd { clients, ids } => {
+                let reply = tokio::time::timeout(
+                    PROBE_TIMEOUT,
+                    clients[i].status(etcdpb::StatusRequest {}),
+                )
+                .await
+                .ok()?
+                .ok()?
+                .into_inner();
+                ids.iter().position(|&id| id != 0 && id == reply.leader)
+            }
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! A three-member etcd cluster on loopback, started from the `etcd` binary (Debian's
-//! etcd-server, 3.4) with its default Raft timing and fsync.
+//! etcd-server, 3.4) with its default Raft timing and fsync, plaintext or, with `--etcd-tls`,
+//! with mutual TLS on client and peer connections as flock has (certificates from a CA made
+//! for the run, ECDSA P-256 like flock's).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,7 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::cluster::{Cluster, KvClient, System};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+use crate::cluster::{Cluster, KvClient, LeaderProbe, System, Target};
 use crate::etcdpb;
 use crate::proc::{free_addrs, Daemon};
 use crate::progress;
@@ -35,6 +43,97 @@ pub struct EtcdCluster {
     initial_cluster: String,
     token: String,
     members: Vec<Member>,
+    tls: Option<Tls>,
+}
+
+/// The files etcd's TLS flags name, and the client side of the same TLS.
+struct Tls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    client: ClientTlsConfig,
+}
+
+impl Tls {
+    /// A CA, one certificate for every member (server and client use, for 127.0.0.1: members
+    /// check each other's peer URL against it) and one client certificate, under `dir`.
+    fn create(dir: &Path) -> Result<Tls> {
+        let pki = |what: &str, e: rcgen::Error| anyhow!("cannot make etcd's {what}: {e}");
+        let ca_key = KeyPair::generate().map_err(|e| pki("CA key", e))?;
+        let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| pki("CA", e))?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "flock-bench etcd CA");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_pem = ca.self_signed(&ca_key).map_err(|e| pki("CA", e))?.pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf = |names: Vec<String>, cn: &str| -> Result<(String, String)> {
+            let key = KeyPair::generate().map_err(|e| pki("key", e))?;
+            let mut params = CertificateParams::new(names).map_err(|e| pki("certificate", e))?;
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.key_usages = vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ];
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let cert = params
+                .signed_by(&key, &issuer)
+                .map_err(|e| pki("certificate", e))?;
+            Ok((cert.pem(), key.serialize_pem()))
+        };
+        let (member_cert, member_key) =
+            leaf(vec!["127.0.0.1".into(), "localhost".into()], "etcd member")?;
+        let (client_cert, client_key) = leaf(vec![], "flock-bench")?;
+
+        let tls = Tls {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("member.pem"),
+            key: dir.join("member-key.pem"),
+            client: ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&ca_pem))
+                .identity(Identity::from_pem(&client_cert, &client_key)),
+        };
+        for (path, pem) in [
+            (&tls.ca, &ca_pem),
+            (&tls.cert, &member_cert),
+            (&tls.key, &member_key),
+        ] {
+            std::fs::write(path, pem)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(tls)
+    }
+
+    /// etcd's flags for mutual TLS on both the client and the peer port.
+    fn flags(&self) -> Vec<String> {
+        let (ca, cert, key) = (
+            self.ca.to_string_lossy(),
+            self.cert.to_string_lossy(),
+            self.key.to_string_lossy(),
+        );
+        [
+            ("--trusted-ca-file", &ca),
+            ("--cert-file", &cert),
+            ("--key-file", &key),
+            ("--peer-trusted-ca-file", &ca),
+            ("--peer-cert-file", &cert),
+            ("--peer-key-file", &key),
+        ]
+        .iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value.to_string()])
+        .chain([
+            "--client-cert-auth".into(),
+            "--peer-client-cert-auth".into(),
+        ])
+        .collect()
+    }
 }
 
 /// `etcd --version`'s first line ("etcd Version: 3.4.23"), to check the binary and report it.
@@ -68,10 +167,13 @@ pub async fn version(etcd: &Path) -> Result<String> {
 }
 
 impl EtcdCluster {
-    /// Starts three members under `dir` and waits until each accepts a write.
-    pub async fn start(etcd: &Path, dir: &Path) -> Result<EtcdCluster> {
+    /// Starts three members under `dir` (with mutual TLS if `tls`) and waits until each
+    /// accepts a write.
+    pub async fn start(etcd: &Path, dir: &Path, tls: bool) -> Result<EtcdCluster> {
+        let tls = if tls { Some(Tls::create(dir)?) } else { None };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let addrs = free_addrs(6)?;
-        let mut members: Vec<Member> = (0..3)
+        let members: Vec<Member> = (0..3)
             .map(|i| {
                 let name = format!("e{}", i + 1);
                 Member {
@@ -87,7 +189,7 @@ impl EtcdCluster {
             .collect();
         let initial_cluster = members
             .iter()
-            .map(|m| format!("{}=http://{}", m.name, m.peer))
+            .map(|m| format!("{}={scheme}://{}", m.name, m.peer))
             .collect::<Vec<_>>()
             .join(",");
         let token = format!(
@@ -96,16 +198,17 @@ impl EtcdCluster {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         );
-        // All three at once: a new etcd member waits for its peers before it serves.
-        for m in &mut members {
-            m.daemon = Some(spawn(etcd, m, &initial_cluster, &token, "new")?);
-        }
         let mut cluster = EtcdCluster {
             etcd: etcd.to_path_buf(),
             initial_cluster,
             token,
             members,
+            tls,
         };
+        // All three at once: a new etcd member waits for its peers before it serves.
+        for i in 0..cluster.members.len() {
+            cluster.members[i].daemon = Some(cluster.spawn(i, "new")?);
+        }
         for i in 0..3 {
             cluster.wait_serving(i).await?;
         }
@@ -115,12 +218,12 @@ impl EtcdCluster {
     /// Waits until member `i` accepts a write (forwarded to the leader if it follows, so this
     /// also proves it is part of a cluster with a leader) and records its member id.
     async fn wait_serving(&mut self, i: usize) -> Result<()> {
-        let url = self.client_url(i);
+        let target = self.target(i);
         let start = Instant::now();
         let mut last_err = String::from("no attempt yet");
         while start.elapsed() < READY_TIMEOUT {
             self.check_running().await?;
-            match try_serving(&url).await {
+            match try_serving(&target).await {
                 Ok(id) => {
                     self.members[i].id = id;
                     return Ok(());
@@ -138,16 +241,16 @@ impl EtcdCluster {
     }
 }
 
-/// One write and one Status call through `url`; returns the member id that answered.
-async fn try_serving(url: &str) -> Result<u64> {
-    let mut kv = KvClient::connect(System::Etcd, url).await?;
+/// One write and one Status call through `target`; returns the member id that answered.
+async fn try_serving(target: &Target) -> Result<u64> {
+    let mut kv = KvClient::connect(System::Etcd, target).await?;
     tokio::time::timeout(
         Duration::from_secs(2),
         kv.put("bench/ready".to_string(), "ok"),
     )
     .await
     .context("put timed out")??;
-    let status = status(url).await?;
+    let status = status(target).await?;
     if status.leader == 0 {
         bail!("member knows no leader");
     }
@@ -157,62 +260,66 @@ async fn try_serving(url: &str) -> Result<u64> {
         .ok_or_else(|| anyhow!("Status reply without header"))
 }
 
-/// The Maintenance.Status RPC on `url`.
-async fn status(url: &str) -> Result<etcdpb::StatusResponse> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
-        .connect_timeout(Duration::from_millis(500))
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to etcd at {url}"))?;
+/// The Maintenance.Status RPC on `target`.
+async fn status(target: &Target) -> Result<etcdpb::StatusResponse> {
+    let channel = target.connect().await?;
     let mut client = etcdpb::maintenance_client::MaintenanceClient::new(channel);
     let reply = tokio::time::timeout(
         Duration::from_secs(2),
         client.status(etcdpb::StatusRequest {}),
     )
     .await
-    .with_context(|| format!("etcd Status at {url} timed out"))??;
+    .with_context(|| format!("etcd Status at {} timed out", target.url))??;
     Ok(reply.into_inner())
 }
 
-fn spawn(
-    etcd: &Path,
-    m: &Member,
-    initial_cluster: &str,
-    token: &str,
-    state: &str,
-) -> Result<Daemon> {
-    let args: Vec<String> = [
-        "--name",
-        &m.name,
-        "--data-dir",
-        &m.data_dir.to_string_lossy(),
-        "--listen-client-urls",
-        &format!("http://{}", m.client),
-        "--advertise-client-urls",
-        &format!("http://{}", m.client),
-        "--listen-peer-urls",
-        &format!("http://{}", m.peer),
-        "--initial-advertise-peer-urls",
-        &format!("http://{}", m.peer),
-        "--initial-cluster",
-        initial_cluster,
-        "--initial-cluster-token",
-        token,
-        "--initial-cluster-state",
-        state,
-        "--heartbeat-interval",
-        &HEARTBEAT_MS.to_string(),
-        "--election-timeout",
-        &ELECTION_TIMEOUT_MS.to_string(),
-        "--logger",
-        "zap",
-        "--log-level",
-        "warn",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    Daemon::spawn(format!("etcd {}", m.name), etcd, &args, &[], m.log.clone())
+impl EtcdCluster {
+    /// Starts member `i`; `state` is etcd's `--initial-cluster-state` ("new" or "existing").
+    fn spawn(&self, i: usize, state: &str) -> Result<Daemon> {
+        let m = &self.members[i];
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut args: Vec<String> = [
+            "--name",
+            &m.name,
+            "--data-dir",
+            &m.data_dir.to_string_lossy(),
+            "--listen-client-urls",
+            &format!("{scheme}://{}", m.client),
+            "--advertise-client-urls",
+            &format!("{scheme}://{}", m.client),
+            "--listen-peer-urls",
+            &format!("{scheme}://{}", m.peer),
+            "--initial-advertise-peer-urls",
+            &format!("{scheme}://{}", m.peer),
+            "--initial-cluster",
+            &self.initial_cluster,
+            "--initial-cluster-token",
+            &self.token,
+            "--initial-cluster-state",
+            state,
+            "--heartbeat-interval",
+            &HEARTBEAT_MS.to_string(),
+            "--election-timeout",
+            &ELECTION_TIMEOUT_MS.to_string(),
+            "--logger",
+            "zap",
+            "--log-level",
+            "warn",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(tls) = &self.tls {
+            args.extend(tls.flags());
+        }
+        Daemon::spawn(
+            format!("etcd {}", m.name),
+            &self.etcd,
+            &args,
+            &[],
+            m.log.clone(),
+        )
+    }
 }
 
 impl Cluster for EtcdCluster {
@@ -228,8 +335,25 @@ impl Cluster for EtcdCluster {
         &self.members[i].name
     }
 
-    fn client_url(&self, i: usize) -> String {
-        format!("http://{}", self.members[i].client)
+    fn target(&self, i: usize) -> Target {
+        match &self.tls {
+            Some(tls) => Target {
+                url: format!("https://{}", self.members[i].client),
+                tls: Some(tls.client.clone()),
+            },
+            None => Target {
+                url: format!("http://{}", self.members[i].client),
+                tls: None,
+            },
+        }
+    }
+
+    fn transport(&self) -> &'static str {
+        if self.tls.is_some() {
+            "mutual TLS on client and peer connections (--etcd-tls)"
+        } else {
+            "plaintext (etcd's default; --etcd-tls gives it mutual TLS like flock's)"
+        }
     }
 
     async fn leader(&self) -> Result<usize> {
@@ -238,7 +362,7 @@ impl Cluster for EtcdCluster {
             if m.daemon.is_none() {
                 continue;
             }
-            match status(&self.client_url(i)).await {
+            match status(&self.target(i)).await {
                 Ok(s) if s.leader != 0 => {
                     return self
                         .members
@@ -266,15 +390,22 @@ impl Cluster for EtcdCluster {
         if self.members[i].daemon.is_some() {
             bail!("etcd {} is still running", self.members[i].name);
         }
-        let d = spawn(
-            &self.etcd,
-            &self.members[i],
-            &self.initial_cluster,
-            &self.token,
-            "existing",
-        )?;
+        let d = self.spawn(i, "existing")?;
         self.members[i].daemon = Some(d);
         self.wait_serving(i).await
+    }
+
+    fn leader_probe(&self) -> Result<LeaderProbe> {
+        Ok(LeaderProbe::Etcd {
+            clients: (0..self.members.len())
+                .map(|i| {
+                    Ok(etcdpb::maintenance_client::MaintenanceClient::new(
+                        self.target(i).endpoint()?.connect_lazy(),
+                    ))
+                })
+                .collect::<Result<_>>()?,
+            ids: self.members.iter().map(|m| m.id).collect(),
+        })
     }
 
     async fn check_running(&mut self) -> Result<()> {

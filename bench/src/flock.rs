@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use flock_proto::v1::{api_client::ApiClient, StatusReply, StatusRequest};
+use tonic::transport::ClientTlsConfig;
 
-use crate::cluster::{Cluster, KvClient, System};
+use crate::cluster::{Cluster, KvClient, LeaderProbe, System, Target};
 use crate::proc::{free_addrs, Daemon};
 
 /// How long a node may take to print `flockd: ready`, and the cluster to reach three voters.
@@ -32,8 +33,9 @@ struct Node {
 pub struct FlockCluster {
     flockd: PathBuf,
     nodes: Vec<Node>,
-    /// Whether the cluster speaks mutual TLS (a flockd that writes an admin client config).
-    tls: bool,
+    /// The client side of flock's mutual TLS, from the admin client config `flockd init`
+    /// writes; `None` for a flockd from before TLS (it writes none and serves plaintext).
+    tls: Option<ClientTlsConfig>,
 }
 
 /// `flockd --version`, for the report; "unknown" if it has none.
@@ -63,7 +65,7 @@ impl FlockCluster {
     pub async fn start(flockd: &Path, dir: &Path) -> Result<FlockCluster> {
         let addrs = free_addrs(3)?;
         let mut cluster = FlockCluster {
-            tls: false,
+            tls: None,
             flockd: flockd.to_path_buf(),
             nodes: addrs
                 .iter()
@@ -95,14 +97,14 @@ impl FlockCluster {
             ],
         )?;
         init.wait_for_line(READY_LINE, READY_TIMEOUT).await?;
-        // A flockd with mutual TLS writes the admin client config at init; an older one does not.
+        // A flockd with mutual TLS writes the admin client config at init (the one flockctl
+        // uses); an older one does not.
         let admin = cluster.nodes[0].data_dir.join("admin.conf");
-        cluster.tls = admin.exists();
-        crate::cluster::set_flock_tls(if cluster.tls {
-            Some(flock_node::client::ClientConfig::load(&admin)?.tls())
-        } else {
-            None
-        });
+        if admin.exists() {
+            let config = flock_node::client::ClientConfig::load(&admin)
+                .with_context(|| format!("cannot load flock's admin config {}", admin.display()))?;
+            cluster.tls = Some(config.tls());
+        }
         let token_line = init.wait_for_line(TOKEN_LINE, READY_TIMEOUT).await?;
         let token = token_line
             .split_whitespace()
@@ -160,18 +162,18 @@ impl FlockCluster {
     /// Waits until, asked through node `via`, the cluster has three healthy voters and a
     /// leader, and a write through `via` is acknowledged.
     async fn wait_whole(&mut self, via: usize) -> Result<()> {
-        let url = self.client_url(via);
+        let target = self.target(via);
         let start = Instant::now();
         let mut last = String::from("no answer yet");
         while start.elapsed() < READY_TIMEOUT {
             self.check_running().await?;
-            match status(&url).await {
+            match status(&target).await {
                 Ok(s) => {
                     let voters = s.members.iter().filter(|m| m.role == "voter").count();
                     let healthy = s.members.iter().all(|m| m.health == "healthy");
                     last = describe(&s);
                     if voters == self.nodes.len() && healthy && s.leader_id.is_some() {
-                        let mut kv = KvClient::connect(System::Flock, &url).await?;
+                        let mut kv = KvClient::connect(System::Flock, &target).await?;
                         match tokio::time::timeout(
                             Duration::from_secs(2),
                             kv.put("bench/ready".to_string(), "ok"),
@@ -199,18 +201,15 @@ impl FlockCluster {
     }
 }
 
-/// `Api/Status` with `local: false` (the leader's view) through `url`.
-async fn status(url: &str) -> Result<StatusReply> {
-    let channel = crate::cluster::endpoint(url)?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to flockd at {url}"))?;
+/// `Api/Status` with `local: false` (the leader's view) through `target`.
+async fn status(target: &Target) -> Result<StatusReply> {
+    let channel = target.connect().await?;
     let reply = tokio::time::timeout(
         Duration::from_secs(2),
         ApiClient::new(channel).status(StatusRequest { local: false }),
     )
     .await
-    .with_context(|| format!("flock Status at {url} timed out"))??;
+    .with_context(|| format!("flock Status at {} timed out", target.url))??;
     Ok(reply.into_inner())
 }
 
@@ -245,9 +244,20 @@ impl Cluster for FlockCluster {
         &self.nodes[i].name
     }
 
-    fn client_url(&self, i: usize) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://{}", self.nodes[i].addr)
+    fn target(&self, i: usize) -> Target {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        Target {
+            url: format!("{scheme}://{}", self.nodes[i].addr),
+            tls: self.tls.clone(),
+        }
+    }
+
+    fn transport(&self) -> &'static str {
+        if self.tls.is_some() {
+            "mutual TLS on client and Raft connections (flockd's own certificates)"
+        } else {
+            "plaintext (a flockd from before mutual TLS)"
+        }
     }
 
     async fn leader(&self) -> Result<usize> {
@@ -256,7 +266,7 @@ impl Cluster for FlockCluster {
             if n.daemon.is_none() {
                 continue;
             }
-            match status(&self.client_url(i)).await {
+            match status(&self.target(i)).await {
                 Ok(s) if s.leader_id.is_some() => {
                     return self
                         .nodes
@@ -294,6 +304,16 @@ impl Cluster for FlockCluster {
         d.wait_for_line(READY_LINE, READY_TIMEOUT).await?;
         self.nodes[i].daemon = Some(d);
         self.wait_whole(i).await
+    }
+
+    fn leader_probe(&self) -> Result<LeaderProbe> {
+        Ok(LeaderProbe::Flock {
+            clients: (0..self.nodes.len())
+                .map(|i| Ok(ApiClient::new(self.target(i).endpoint()?.connect_lazy())))
+                .collect::<Result<_>>()?,
+            addrs: self.nodes.iter().map(|n| n.addr.to_string()).collect(),
+            names: self.nodes.iter().map(|n| n.name.clone()).collect(),
+        })
     }
 
     async fn check_running(&mut self) -> Result<()> {

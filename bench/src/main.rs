@@ -7,6 +7,10 @@
 //!   putting 64-byte values to distinct keys one at a time (`workload::throughput`);
 //! - the write gap across a `kill -9` of the leader (`workload::failover`).
 //!
+//! flockd speaks mutual TLS (the bench connects with the admin config `flockd init` writes; a
+//! flockd from before TLS writes none and is reached in plaintext); etcd runs plaintext, its
+//! default, unless `--etcd-tls` gives it mutual TLS too. The report states which ran.
+//!
 //! Map: `proc` runs daemons and watches their output; `flock` and `etcd` start, kill and restart
 //! each system's members behind the `cluster::Cluster` trait; `cluster::KvClient` is the one
 //! client both are driven with; `workload` measures; `report` prints the table, updates
@@ -48,6 +52,10 @@ struct Args {
     /// The etcd binary (3.4).
     #[arg(long, value_name = "PATH", default_value = "etcd")]
     etcd: PathBuf,
+    /// Run etcd with mutual TLS on client and peer connections, as flockd always runs; without
+    /// it etcd runs plaintext (its default), which spares it the cost of TLS that flock pays.
+    #[arg(long)]
+    etcd_tls: bool,
     /// Concurrent clients for the throughput runs, one run per value.
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     clients: Vec<usize>,
@@ -170,7 +178,7 @@ async fn run(args: Args) -> Result<()> {
                     let dir = run_dir.join("etcd");
                     mkdir(&dir)?;
                     progress!("etcd: starting 3 etcd ({})", args.etcd.display());
-                    let cluster = EtcdCluster::start(&args.etcd, &dir).await?;
+                    let cluster = EtcdCluster::start(&args.etcd, &dir, args.etcd_tls).await?;
                     let settings = format!(
                         "--heartbeat-interval {} --election-timeout {} (etcd's defaults; the \
                          election timeout is drawn from [{1}, 2 x {1}) ms), fsync on",
@@ -287,12 +295,14 @@ async fn suite(
         failover.push(workload::failover(&mut cluster, round, BEFORE_KILL).await?);
     }
     let gaps: Vec<f64> = failover.iter().map(|r| r.gap_ms).collect();
+    let transport = cluster.transport().to_string();
     progress!("{name}: stopping the cluster");
     cluster.shutdown().await?;
     Ok(SystemResult {
         system: name.to_string(),
         version: version.to_string(),
         settings: settings.to_string(),
+        transport,
         throughput,
         failover_median_ms: workload::median(&gaps),
         failover,

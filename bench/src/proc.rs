@@ -163,8 +163,11 @@ impl Daemon {
     }
 }
 
-/// `n` distinct free loopback addresses. All listeners are held until all are chosen, so the
-/// kernel cannot hand out the same port twice.
+/// `n` distinct loopback addresses whose ports were free a moment ago: bind port 0, read the
+/// port the kernel chose, let it go when the daemon is about to bind it. All listeners are held
+/// until all are chosen, so the kernel cannot hand out the same port twice. Another process
+/// could take a port in between; the daemon then fails with a bind error in its log. etcd's
+/// well-known ports are skipped in case a system etcd runs there.
 pub fn free_addrs(n: usize) -> Result<Vec<SocketAddr>> {
     let mut held = Vec::with_capacity(n);
     let mut addrs = Vec::with_capacity(n);

@@ -34,7 +34,7 @@ pub struct Throughput {
     pub errors: u64,
 }
 
-/// `clients` tasks, each with its own gRPC channel to `url`, each putting `VALUE` under
+/// `clients` tasks, each with its own gRPC channel to the leader, each putting `VALUE` under
 /// `bench/<client>/<i>` one at a time, for `warmup` (not measured) and then `duration`.
 pub async fn throughput(
     cluster: &impl Cluster,
@@ -44,11 +44,11 @@ pub async fn throughput(
     duration: Duration,
 ) -> Result<Throughput> {
     let system = cluster.system();
-    let url = cluster.client_url(leader);
+    let target = cluster.target(leader);
     // Connect everyone before the clock starts, so connection setup is not measured.
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
-        conns.push(KvClient::connect(system, &url).await?);
+        conns.push(KvClient::connect(system, &target).await?);
     }
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + warmup;
@@ -119,6 +119,8 @@ pub const FAILOVER_PUT_TIMEOUT: Duration = Duration::from_millis(500);
 /// members answering "no leader" at once are not hammered in a busy loop (which would steal
 /// CPU from the election it waits for). It bounds the gap's resolution to about 10 ms.
 const RETRY_FLOOR: Duration = Duration::from_millis(10);
+/// How often the live members are asked whom they see as leader after the kill.
+const PROBE_EVERY: Duration = Duration::from_millis(20);
 /// How long a round may take to see a write acknowledged after the kill.
 const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
 
@@ -131,6 +133,10 @@ pub struct FailoverRound {
     pub gap_ms: f64,
     /// From the moment the leader was dead (reaped) to the first acknowledged write after it.
     pub dead_to_ack_ms: f64,
+    /// From the moment the leader was dead to the first probe in which a live member named a
+    /// new leader (members asked every `PROBE_EVERY`, from their own view): the election
+    /// alone, without the client's retry timing.
+    pub dead_to_leader_ms: Option<f64>,
     /// Every failed put of the round, in order: what the client saw during the gap.
     pub failures: Vec<Failure>,
 }
@@ -175,7 +181,7 @@ pub async fn failover(
     let leader = cluster.leader().await?;
     let n = cluster.size();
     let clients = (0..n)
-        .map(|i| KvClient::lazy(system, &cluster.client_url(i)))
+        .map(|i| KvClient::lazy(system, &cluster.target(i)))
         .collect::<Result<Vec<_>>>()?;
     let (alive_tx, alive_rx) = watch::channel(vec![true; n]);
     let (acked_tx, mut acked_rx) = watch::channel::<Option<Instant>>(None);
@@ -224,6 +230,19 @@ pub async fn failover(
         w
     });
 
+    // Connect the probe now, so no handshake falls into the gap, and check it names the leader.
+    let mut probe = cluster.leader_probe()?;
+    for i in 0..n {
+        if probe.leader_seen_by(i).await != Some(leader) {
+            progress!(
+                "{}: warning: {} does not name {} as leader before the kill",
+                system.name(),
+                cluster.member_name(i),
+                cluster.member_name(leader)
+            );
+        }
+    }
+
     tokio::time::sleep(before_kill).await;
     let killed = cluster.member_name(leader).to_string();
     progress!("{}: round {round}: kill -9 leader {killed}", system.name());
@@ -235,12 +254,34 @@ pub async fn failover(
     // Wait for an acknowledgement of a write sent after the leader was dead.
     // `wait_for` returns a read guard on the channel; keep only whether it succeeded, or the
     // writer's next `send_replace` would block on that guard.
-    let waited = tokio::time::timeout(
-        FAILOVER_LIMIT,
-        acked_rx.wait_for(|t| t.is_some_and(|t| t > dead)),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
+    let writer_through = acked_rx.clone();
+    let acked = async {
+        tokio::time::timeout(
+            FAILOVER_LIMIT,
+            acked_rx.wait_for(|t| t.is_some_and(|t| t > dead)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    };
+    // Meanwhile, ask the live members every PROBE_EVERY whom they see as leader; give up 2 s
+    // after the writer got through (the probe is then broken, not the cluster).
+    let elected = async {
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        while dead.elapsed() < FAILOVER_LIMIT {
+            tick.tick().await;
+            let through = *writer_through.borrow();
+            if through.is_some_and(|t| t > dead && t.elapsed() > Duration::from_secs(2)) {
+                break;
+            }
+            for i in (0..n).filter(|&i| i != leader) {
+                if probe.leader_seen_by(i).await.is_some_and(|l| l != leader) {
+                    return Some(Instant::now());
+                }
+            }
+        }
+        None
+    };
+    let (waited, elected) = tokio::join!(acked, elected);
     // Let a few more writes through, then stop the writer.
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop_tx.send_replace(true);
@@ -297,11 +338,14 @@ pub async fn failover(
     let new_leader = cluster.leader().await?;
     let new_leader = cluster.member_name(new_leader).to_string();
     progress!(
-        "{}: round {round}: gap {:.0} ms ({} failed puts), new leader {new_leader}; \
-         restarting {killed}",
+        "{}: round {round}: gap {:.0} ms ({} failed puts), new leader {new_leader} seen {} \
+         after the kill; restarting {killed}",
         system.name(),
         ms(gap),
-        failures.len()
+        failures.len(),
+        elected
+            .map(|t| format!("{:.0} ms", ms(t.duration_since(dead))))
+            .unwrap_or_else(|| "never".into())
     );
     cluster.restart(leader).await?;
     Ok(FailoverRound {
@@ -310,6 +354,7 @@ pub async fn failover(
         new_leader,
         gap_ms: ms(gap),
         dead_to_ack_ms: ms(first_after.duration_since(dead)),
+        dead_to_leader_ms: elected.map(|t| ms(t.duration_since(dead))),
         failures,
     })
 }
