@@ -1,0 +1,281 @@
+//! The test cluster as docker-compose runs it (`docker-compose.test.yml`), driven through the
+//! `docker`, `docker-compose`, `nsenter` and `iptables` commands on the host.
+//!
+//! Network faults are iptables rules in each container's network namespace, entered from the
+//! host with `nsenter -t <pid> -n`, so the image needs no tools of its own. Only traffic between
+//! nodes is dropped; the harness (on the host, via the bridge's gateway) reaches every node.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::process::Command;
+
+/// One node of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    /// Service and node name, e.g. `n1`.
+    pub name: String,
+    pub container: String,
+    /// Address on the compose network.
+    pub ip: String,
+}
+
+impl Node {
+    /// The API address the harness uses.
+    pub fn api_addr(&self) -> String {
+        format!("{}:7801", self.ip)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error(
+        "cannot run {cmd}: {source}; is it installed? (test.sh installs what the suite needs)"
+    )]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{cmd} failed ({status}): {stderr}")]
+    Failed {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{cmd} took longer than {timeout:?}")]
+    Timeout { cmd: String, timeout: Duration },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Runs a command, returning its stdout; fails with its stderr when it exits non-zero.
+pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<String, DockerError> {
+    let cmd = format!("{program} {}", args.join(" "));
+    let child = Command::new(program).args(args).kill_on_drop(true).output();
+    let out = tokio::time::timeout(timeout, child)
+        .await
+        .map_err(|_| DockerError::Timeout {
+            cmd: cmd.clone(),
+            timeout,
+        })?
+        .map_err(|source| DockerError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(DockerError::Failed {
+            cmd,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+const SHORT: Duration = Duration::from_secs(30);
+
+/// The compose project the tests run.
+#[derive(Clone, Debug)]
+pub struct Compose {
+    pub file: PathBuf,
+    pub project: String,
+}
+
+impl Compose {
+    fn args<'a>(&'a self, file: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec!["-f", file, "-p", self.project.as_str()];
+        a.extend_from_slice(rest);
+        a
+    }
+
+    async fn compose(&self, rest: &[&str], timeout: Duration) -> Result<String, DockerError> {
+        let file = self.file.display().to_string();
+        run("docker-compose", &self.args(&file, rest), timeout).await
+    }
+
+    /// Removes the cluster's containers, network and volumes.
+    pub async fn down(&self) -> Result<(), DockerError> {
+        self.compose(
+            &["down", "-v", "--remove-orphans", "-t", "5"],
+            Duration::from_secs(120),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Starts a fresh cluster (new containers, so new data dirs).
+    pub async fn up(&self) -> Result<(), DockerError> {
+        self.compose(
+            &["up", "-d", "--force-recreate", "--renew-anon-volumes"],
+            Duration::from_secs(180),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The services of the compose file (the node names), sorted.
+    pub async fn services(&self) -> Result<Vec<String>, DockerError> {
+        let out = self.compose(&["config", "--services"], SHORT).await?;
+        let mut s: Vec<String> = out.lines().map(|l| l.trim().to_string()).collect();
+        s.retain(|l| !l.is_empty());
+        s.sort();
+        Ok(s)
+    }
+
+    /// The running cluster's nodes, with their containers and addresses.
+    pub async fn nodes(&self) -> Result<Vec<Node>, DockerError> {
+        let mut nodes = Vec::new();
+        for name in self.services().await? {
+            let id = self.compose(&["ps", "-q", &name], SHORT).await?;
+            let container = id.trim().to_string();
+            if container.is_empty() {
+                return Err(DockerError::Other(format!(
+                    "service {name} has no container; is the cluster up? ({})",
+                    self.file.display()
+                )));
+            }
+            let ip = run(
+                "docker",
+                &[
+                    "inspect",
+                    "-f",
+                    "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+                    &container,
+                ],
+                SHORT,
+            )
+            .await?;
+            let ip = ip.split_whitespace().next().unwrap_or("").to_string();
+            if ip.is_empty() {
+                return Err(DockerError::Other(format!(
+                    "container of {name} has no address on the compose network; give it a static ipv4_address"
+                )));
+            }
+            nodes.push(Node {
+                name,
+                container,
+                ip,
+            });
+        }
+        Ok(nodes)
+    }
+
+    /// Saves each node's container log under `dir/<node>.log`.
+    pub async fn save_logs(&self, nodes: &[Node], dir: &Path) -> Result<(), DockerError> {
+        for n in nodes {
+            let out = Command::new("docker")
+                .args(["logs", "--timestamps", &n.container])
+                .output()
+                .await
+                .map_err(|source| DockerError::Spawn {
+                    cmd: "docker logs".into(),
+                    source,
+                })?;
+            let mut text = out.stdout;
+            text.extend_from_slice(&out.stderr);
+            let path = dir.join(format!("{}.log", n.name));
+            std::fs::write(&path, text)
+                .map_err(|e| DockerError::Other(format!("{}: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies `path` out of the node's container to `dest` on the host.
+pub async fn copy_from(node: &Node, path: &str, dest: &Path) -> Result<(), DockerError> {
+    let src = format!("{}:{path}", node.container);
+    let dest = dest.display().to_string();
+    run("docker", &["cp", &src, &dest], SHORT).await.map(|_| ())
+}
+
+/// `docker kill -s KILL`: the process dies at once, as with kill -9 on a machine.
+pub async fn kill(node: &Node) -> Result<(), DockerError> {
+    run("docker", &["kill", "-s", "KILL", &node.container], SHORT)
+        .await
+        .map(|_| ())
+}
+
+/// Starts a stopped container; its entrypoint restarts flockd from the data dir.
+pub async fn start(node: &Node) -> Result<(), DockerError> {
+    run("docker", &["start", &node.container], SHORT)
+        .await
+        .map(|_| ())
+}
+
+pub async fn pause(node: &Node) -> Result<(), DockerError> {
+    run("docker", &["pause", &node.container], SHORT)
+        .await
+        .map(|_| ())
+}
+
+pub async fn unpause(node: &Node) -> Result<(), DockerError> {
+    run("docker", &["unpause", &node.container], SHORT)
+        .await
+        .map(|_| ())
+}
+
+/// The container's state as docker reports it: `running`, `paused`, `exited`, ...
+pub async fn state(node: &Node) -> Result<String, DockerError> {
+    let out = run(
+        "docker",
+        &["inspect", "-f", "{{.State.Status}}", &node.container],
+        SHORT,
+    )
+    .await?;
+    Ok(out.trim().to_string())
+}
+
+async fn pid(node: &Node) -> Result<String, DockerError> {
+    let out = run(
+        "docker",
+        &["inspect", "-f", "{{.State.Pid}}", &node.container],
+        SHORT,
+    )
+    .await?;
+    let pid = out.trim().to_string();
+    if pid.is_empty() || pid == "0" {
+        return Err(DockerError::Other(format!(
+            "{} is not running: no network namespace to change",
+            node.name
+        )));
+    }
+    Ok(pid)
+}
+
+async fn iptables(node: &Node, args: &[&str]) -> Result<(), DockerError> {
+    let pid = pid(node).await?;
+    let mut a = vec!["-t", pid.as_str(), "-n", "iptables", "-w", "5"];
+    a.extend_from_slice(args);
+    run("nsenter", &a, SHORT).await.map(|_| ())
+}
+
+/// Makes `node` drop every packet from the nodes in `from` (it sees them no more; together
+/// with the same rule on their side the link is cut both ways).
+pub async fn drop_from(node: &Node, from: &[&Node]) -> Result<(), DockerError> {
+    for other in from {
+        iptables(node, &["-A", "INPUT", "-s", &other.ip, "-j", "DROP"]).await?;
+    }
+    Ok(())
+}
+
+/// Removes every rule the harness added on `node`.
+pub async fn heal(node: &Node) -> Result<(), DockerError> {
+    iptables(node, &["-F", "INPUT"]).await
+}
+
+/// Applies a grudge: each node drops traffic from the nodes it holds a grudge against.
+pub async fn apply_grudge(
+    nodes: &[Node],
+    grudge: &BTreeMap<String, Vec<String>>,
+) -> Result<(), DockerError> {
+    for (name, others) in grudge {
+        let Some(node) = nodes.iter().find(|n| &n.name == name) else {
+            return Err(DockerError::Other(format!("unknown node {name}")));
+        };
+        let from: Vec<&Node> = nodes.iter().filter(|n| others.contains(&n.name)).collect();
+        drop_from(node, &from).await?;
+    }
+    Ok(())
+}

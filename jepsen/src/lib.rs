@@ -1,0 +1,22 @@
+//! flock-jepsen: fault injection against a docker-compose flock cluster, with a checked history.
+//!
+//! - [`runner`]: one run, start to end (cluster up, clients and nemesis, heal, recovery,
+//!   convergence, final reads, check, report).
+//! - [`workload`]: what clients do and which checkers judge it ([`workload::register`]: read,
+//!   write, cas on the key-value namespace).
+//! - [`nemesis`]: kill -9, pause, partitions (and leader-targeted variants), seeded schedules.
+//! - [`checker`]: WGL linearizability search, the per-key register checker with minimal
+//!   failing sub-histories, and run figures. Pure: no IO.
+//! - [`history`]: the recorded ops and faults, as JSON lines.
+//! - [`client`]: the one place connections to nodes are made, and what a failed call means.
+//! - [`docker`]: docker, docker-compose, nsenter and iptables on the host.
+//! - [`report`]: `report.md` and the `timeline.png` of a run.
+
+pub mod checker;
+pub mod client;
+pub mod docker;
+pub mod history;
+pub mod nemesis;
+pub mod report;
+pub mod runner;
+pub mod workload;

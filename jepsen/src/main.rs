@@ -1,0 +1,281 @@
+//! flock-jepsen: runs the fault-injection test against the docker-compose cluster, or re-checks
+//! a stored history. See jepsen/README.md.
+//!
+//! Exit codes: 0 valid, 1 invalid (a violation, or the cluster did not recover or converge),
+//! 2 bad usage, 3 undecided (the checker ran out of budget), 4 the run could not be made.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use flock_jepsen::checker::{self, stats::Stats};
+use flock_jepsen::docker::Compose;
+use flock_jepsen::history::History;
+use flock_jepsen::nemesis::parse_nemeses;
+use flock_jepsen::runner::{self, RunOptions};
+use flock_jepsen::workload::register::{ReadMode, Register, RegisterOptions};
+use flock_jepsen::workload::Workload;
+
+#[derive(Parser, Debug)]
+#[command(name = "flock-jepsen", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start a fresh 5-node cluster, run the register workload under faults, check the history.
+    Test(Box<TestArgs>),
+    /// Check a stored history.jsonl again (and redraw its timeline next to it).
+    Check {
+        history: PathBuf,
+        /// Search steps per key before the key is reported undecided.
+        #[arg(long, default_value_t = 20_000_000)]
+        max_steps: u64,
+    },
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (examples: 90s, 3m, 1h)"))
+}
+
+#[derive(Args, Debug)]
+struct TestArgs {
+    /// How long the workload runs under faults.
+    #[arg(long, default_value = "3m", value_parser = duration)]
+    time_limit: Duration,
+    /// Seed of the fault schedule and the clients' choices (default: random, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Faults: all, none, kill, pause, partition, or single kinds (kill-leader, pause-leader,
+    /// partition-halves, partition-leader, partition-bridge, partition-ring), comma-separated.
+    #[arg(long, default_value = "all")]
+    nemesis: String,
+    /// Quiet time between faults (drawn between half and one and a half times this).
+    #[arg(long, default_value = "8s", value_parser = duration)]
+    fault_interval: Duration,
+    /// How long a fault lasts (drawn between half and one and a half times this).
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    fault_hold: Duration,
+    /// linearizable (the default, must pass) or stale (`--stale` reads; may be anomalous).
+    #[arg(long, value_enum, default_value_t = ReadMode::Linearizable)]
+    read_mode: ReadMode,
+    /// Concurrent clients, spread over the nodes.
+    #[arg(long, default_value_t = 10)]
+    concurrency: usize,
+    /// Target ops per second, all clients together.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Keys in use at a time.
+    #[arg(long, default_value_t = 5)]
+    keys: usize,
+    /// Ops on a key before a fresh key replaces it.
+    #[arg(long, default_value_t = 200)]
+    ops_per_key: u64,
+    /// How long a client waits for an answer before recording the op as unknown.
+    #[arg(long, default_value = "7s", value_parser = duration)]
+    op_timeout: Duration,
+    /// After the faults end, every node must serve a write and a linearizable read within this.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    recovery_bound: Duration,
+    /// ... and every node's replica must equal the final reads within this.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    convergence_bound: Duration,
+    /// Search steps per key before the checker gives up on it (undecided).
+    #[arg(long, default_value_t = 20_000_000)]
+    max_steps: u64,
+    /// The compose file of the test cluster.
+    #[arg(long, default_value = "docker-compose.test.yml")]
+    compose_file: PathBuf,
+    /// docker-compose project name.
+    #[arg(long, default_value = "flock-jepsen")]
+    project: String,
+    /// Where runs are stored (a directory per run).
+    #[arg(long, default_value = "jepsen/store")]
+    store: PathBuf,
+    /// Use the flock-test image as it is (do not run docker/build-image.sh).
+    #[arg(long)]
+    no_build: bool,
+    /// Use the cluster that is running instead of starting a fresh one.
+    #[arg(long)]
+    no_setup: bool,
+    /// Leave the cluster running at the end.
+    #[arg(long)]
+    keep_cluster: bool,
+    /// Admin config to connect with (default: copied from n1, which created the cluster).
+    #[arg(long)]
+    admin_config: Option<PathBuf>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flock-jepsen: cannot start the runtime: {e}");
+            std::process::exit(4);
+        }
+    };
+    let code = match cli.command {
+        Cmd::Test(args) => rt.block_on(test(*args)),
+        Cmd::Check { history, max_steps } => check(&history, max_steps),
+    };
+    std::process::exit(code);
+}
+
+/// The repository root: where docker/ and the compose file are.
+fn repo_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+async fn test(a: TestArgs) -> i32 {
+    let nemeses = match parse_nemeses(&a.nemesis) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("flock-jepsen: --nemesis: {e}");
+            return 2;
+        }
+    };
+    let seed = a.seed.unwrap_or_else(rand::random);
+    let root = repo_root();
+    let at_root = |p: &PathBuf| {
+        if p.is_absolute() {
+            p.clone()
+        } else {
+            root.join(p)
+        }
+    };
+    let mut command_line: Vec<String> = std::env::args().collect();
+    if a.seed.is_none() {
+        command_line.push(format!("--seed {seed}"));
+    }
+    let opts = RunOptions {
+        compose: Compose {
+            file: at_root(&a.compose_file),
+            project: a.project.clone(),
+        },
+        build: !a.no_build,
+        setup: !a.no_setup,
+        teardown: !a.keep_cluster,
+        repo_root: root.clone(),
+        store: at_root(&a.store),
+        seed,
+        time_limit: a.time_limit,
+        nemeses,
+        fault_interval: a.fault_interval,
+        fault_hold: a.fault_hold,
+        concurrency: a.concurrency,
+        rate: a.rate,
+        op_timeout: a.op_timeout,
+        recovery_bound: a.recovery_bound,
+        convergence_bound: a.convergence_bound,
+        register: RegisterOptions {
+            prefix: "jepsen/".into(),
+            keys: a.keys,
+            ops_per_key: a.ops_per_key,
+            read_mode: a.read_mode,
+            max_steps: a.max_steps,
+        },
+        admin_config: a.admin_config.clone(),
+        command_line: command_line.join(" "),
+    };
+    match runner::run(opts).await {
+        Ok((verdict, dir)) => {
+            for c in &verdict.checks {
+                println!("jepsen: {}: {}", c.checker, c.summary);
+            }
+            let s = &verdict.stats;
+            println!(
+                "jepsen: {} ops ({} ok, {} fail, {} unknown); longest without any ok op {:.2}s, without an ok write {:.2}s",
+                s.all.total,
+                s.all.ok,
+                s.all.fail,
+                s.all.unknown,
+                s.longest_unavailable.seconds,
+                s.longest_without_write.seconds
+            );
+            println!("jepsen: report {}", dir.join("report.md").display());
+            match verdict.valid {
+                Some(true) => {
+                    println!("jepsen: VALID (seed {seed})");
+                    0
+                }
+                Some(false) => {
+                    println!("jepsen: INVALID (seed {seed}); see {}", dir.display());
+                    1
+                }
+                None => {
+                    println!("jepsen: UNDECIDED (seed {seed}); see {}", dir.display());
+                    3
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("flock-jepsen: the run could not be made: {e}");
+            4
+        }
+    }
+}
+
+fn check(path: &Path, max_steps: u64) -> i32 {
+    let history = match History::load(path) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("flock-jepsen: {e}");
+            return 4;
+        }
+    };
+    let register = Register::new(RegisterOptions {
+        prefix: String::new(),
+        keys: 1,
+        ops_per_key: 1,
+        read_mode: ReadMode::Linearizable,
+        max_steps,
+    });
+    let results: Vec<_> = register
+        .checkers()
+        .iter()
+        .map(|c| c.check(&history))
+        .collect();
+    for r in &results {
+        println!("{}: {}", r.checker, r.summary);
+        if let Some(anomalies) = r.details.get("anomalies").and_then(|a| a.as_array()) {
+            for a in anomalies {
+                print!(
+                    "{}",
+                    a.get("explanation").and_then(|e| e.as_str()).unwrap_or("")
+                );
+            }
+        }
+    }
+    let stats = Stats::of(&history, 0, history.end_ns());
+    println!(
+        "{} ops ({} ok, {} fail, {} unknown); longest without any ok op {:.2}s",
+        stats.all.total,
+        stats.all.ok,
+        stats.all.fail,
+        stats.all.unknown,
+        stats.longest_unavailable.seconds
+    );
+    for (kind, f) in &stats.by_fault {
+        println!(
+            "{kind}: {} faults, longest without an ok op: median {:.2}s, max {:.2}s",
+            f.count, f.median_gap_s, f.max_gap_s
+        );
+    }
+    if let Some(dir) = path.parent() {
+        let png = dir.join("timeline.png");
+        match flock_jepsen::report::timeline_only(&png, &history) {
+            Ok(()) => println!("timeline {}", png.display()),
+            Err(e) => eprintln!("flock-jepsen: {e}"),
+        }
+    }
+    match checker::overall(&results) {
+        Some(true) => 0,
+        Some(false) => 1,
+        None => 3,
+    }
+}

@@ -1,0 +1,500 @@
+//! A run's report: `report.md` (verdict, figures, faults, anomalies) and `timeline.png`, the
+//! latency of every op and the throughput over time with the faults shaded.
+//!
+//! The PNG is drawn with plotters' bitmap backend; text uses ab_glyph with a TrueType font read
+//! at run time (DejaVu Sans from Debian's `fonts-dejavu-core`, or `FLOCK_JEPSEN_FONT`), so no
+//! system font library is linked. Without a font the chart is drawn without text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::checker::register::describe;
+use crate::history::{History, Op, Outcome};
+use crate::nemesis::{describe_plan, Step};
+use crate::runner::{RunError, RunOptions, Verdict};
+use crate::workload::register::CAS_NOT_APPLIED;
+
+const FONT_PATHS: [&str; 3] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+];
+
+/// Registers a font for plotters once; false when none could be read.
+fn font() -> bool {
+    static FONT: OnceLock<bool> = OnceLock::new();
+    *FONT.get_or_init(|| {
+        let env = std::env::var("FLOCK_JEPSEN_FONT").ok();
+        for path in env.iter().map(String::as_str).chain(FONT_PATHS) {
+            if let Ok(bytes) = std::fs::read(path) {
+                // plotters keeps fonts for the life of the process.
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// Writes `report.md` and `timeline.png` into `dir`.
+pub fn write(
+    dir: &Path,
+    history: &History,
+    verdict: &Verdict,
+    steps: &[Step],
+    opts: &RunOptions,
+    workload_end_ns: u64,
+) -> Result<(), RunError> {
+    let png = dir.join("timeline.png");
+    let drawn = timeline(&png, history, workload_end_ns).err();
+    let md = markdown(history, verdict, steps, opts, drawn.as_deref());
+    let path = dir.join("report.md");
+    std::fs::write(&path, md).map_err(|source| RunError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn yes_no(v: Option<bool>) -> &'static str {
+    match v {
+        Some(true) => "VALID",
+        Some(false) => "INVALID",
+        None => "UNDECIDED",
+    }
+}
+
+fn markdown(
+    history: &History,
+    v: &Verdict,
+    steps: &[Step],
+    opts: &RunOptions,
+    png_error: Option<&str>,
+) -> String {
+    let mut s = String::new();
+    let meta = history.meta.as_ref();
+    let _ = writeln!(s, "# flock-jepsen run: {}\n", yes_no(v.valid));
+    let _ = writeln!(
+        s,
+        "- seed **{}**, started {}, workload {} with {} reads, nemeses: {}",
+        v.seed,
+        meta.map(|m| m.started.as_str()).unwrap_or("?"),
+        meta.map(|m| m.workload.as_str()).unwrap_or("?"),
+        meta.map(|m| m.read_mode.as_str()).unwrap_or("?"),
+        meta.map(|m| m.nemeses.join(", ")).unwrap_or_default()
+    );
+    let _ = writeln!(s, "- repeat: `{}`", opts.command_line);
+    let _ = writeln!(
+        s,
+        "- nodes: {}; {} clients, about {} ops/s; key prefix `{}`\n",
+        meta.map(|m| m.nodes.join(" ")).unwrap_or_default(),
+        opts.concurrency,
+        opts.rate,
+        opts.register.prefix
+    );
+    let _ = writeln!(s, "## Checks\n");
+    for c in &v.checks {
+        let _ = writeln!(
+            s,
+            "- **{}**: {} — {}",
+            c.checker,
+            yes_no(c.valid),
+            c.summary
+        );
+    }
+    let r = &v.recovery;
+    let _ = writeln!(
+        s,
+        "- **recovery** (write + linearizable read on every node within {:.0}s of the heal): {} — {}",
+        r.bound_s,
+        if r.ok { "VALID" } else { "INVALID" },
+        r.nodes
+            .iter()
+            .map(|(n, t)| match t {
+                Some(t) => format!("{n} {t:.1}s"),
+                None => format!("{n} never"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let c = &v.convergence;
+    let _ = writeln!(
+        s,
+        "- **convergence** (every replica equal to the final reads within {:.0}s): {} — {}\n",
+        c.bound_s,
+        if c.ok { "VALID" } else { "INVALID" },
+        match c.converged_after_s {
+            Some(t) => format!("{} keys, equal after {t:.1}s", c.keys),
+            None => c.differences.join("; "),
+        }
+    );
+
+    let st = &v.stats;
+    let _ = writeln!(s, "## Figures (workload phase, {:.0}s)\n", st.duration_s);
+    let _ = writeln!(
+        s,
+        "| ops | total | ok | fail | unknown |\n|---|---:|---:|---:|---:|"
+    );
+    let _ = writeln!(
+        s,
+        "| all | {} | {} | {} | {} |",
+        st.all.total, st.all.ok, st.all.fail, st.all.unknown
+    );
+    for (f, c) in st.by_f.iter().chain(st.by_node.iter()) {
+        let _ = writeln!(
+            s,
+            "| {f} | {} | {} | {} | {} |",
+            c.total, c.ok, c.fail, c.unknown
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n- latency of ok ops: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        st.latency.p50_ms, st.latency.p99_ms, st.latency.max_ms
+    );
+    for (what, g) in [
+        ("no op succeeded", &st.longest_unavailable),
+        ("no write succeeded", &st.longest_without_write),
+    ] {
+        let _ = writeln!(
+            s,
+            "- longest time {what}: **{:.2}s** ({:.1}s to {:.1}s{})",
+            g.seconds,
+            g.from_s,
+            g.to_s,
+            if g.during.is_empty() {
+                String::new()
+            } else {
+                format!(", during {}", g.during.join(", "))
+            }
+        );
+    }
+    if !st.by_fault.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nLongest time without any ok op, per fault (from its start to 5 s after its end):\n\n\
+             | fault | count | median | max |\n|---|---:|---:|---:|"
+        );
+        for (kind, f) in &st.by_fault {
+            let _ = writeln!(
+                s,
+                "| {kind} | {} | {:.2}s | {:.2}s |",
+                f.count, f.median_gap_s, f.max_gap_s
+            );
+        }
+    }
+    let _ = writeln!(s, "\n## Timeline\n");
+    match png_error {
+        None => {
+            let _ = writeln!(
+                s,
+                "![timeline](timeline.png)\n\nTop: latency of each op (green ok, grey a compare-and-set \
+                 that found another value, red fail, orange unknown, drawn when the client gave up). \
+                 Bottom: ok ops per second, and failed or unknown ones. Shaded: faults."
+            );
+        }
+        Some(e) => {
+            let _ = writeln!(s, "(no timeline: {e})");
+        }
+    }
+
+    let _ = writeln!(
+        s,
+        "\n## Faults\n\n| start | stop | fault | detail |\n|---:|---:|---|---|"
+    );
+    for f in history.fault_intervals() {
+        let _ = writeln!(
+            s,
+            "| {:.1}s | {:.1}s | {} | {} |",
+            f.start_ns as f64 / 1e9,
+            f.stop_ns as f64 / 1e9,
+            f.fault,
+            f.detail
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nThe seed's schedule (leader-targeted faults pick the leader when they start):\n\n```"
+    );
+    for line in describe_plan(steps) {
+        let _ = writeln!(s, "{line}");
+    }
+    let _ = writeln!(s, "```");
+
+    for c in &v.checks {
+        let Some(anomalies) = c.details.get("anomalies").and_then(|a| a.as_array()) else {
+            continue;
+        };
+        if anomalies.is_empty() {
+            continue;
+        }
+        let _ = writeln!(s, "\n## Anomalies ({})\n", c.checker);
+        for a in anomalies.iter().take(10) {
+            let text = a.get("explanation").and_then(|e| e.as_str()).unwrap_or("");
+            let _ = writeln!(s, "```\n{text}```\n");
+        }
+        if anomalies.len() > 10 {
+            let _ = writeln!(s, "({} more in verdict.json)", anomalies.len() - 10);
+        }
+    }
+    // Unknown outcomes, the cases a reader most often asks about.
+    let unknown: Vec<String> = history
+        .ops
+        .iter()
+        .filter(|o| o.outcome == Outcome::Unknown)
+        .take(5)
+        .map(describe)
+        .collect();
+    if !unknown.is_empty() {
+        let _ = writeln!(s, "\n## First unknown outcomes\n\n```");
+        for u in unknown {
+            let _ = writeln!(s, "{u}");
+        }
+        let _ = writeln!(s, "```");
+    }
+    s
+}
+
+/// How an op is drawn: a compare-and-set that found another value is an answer, not an error.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Ok,
+    NotApplied,
+    Fail,
+    Unknown,
+}
+
+impl Class {
+    fn of(op: &Op) -> Class {
+        let not_applied = op
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with(CAS_NOT_APPLIED));
+        match op.outcome {
+            Outcome::Ok => Class::Ok,
+            Outcome::Unknown => Class::Unknown,
+            Outcome::Fail if not_applied => Class::NotApplied,
+            Outcome::Fail => Class::Fail,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Class::Ok => "ok",
+            Class::NotApplied => "cas not applied",
+            Class::Fail => "fail",
+            Class::Unknown => "unknown",
+        }
+    }
+}
+
+/// Colours of fault kinds, in the order they first appear.
+fn fault_colors(history: &History) -> BTreeMap<String, RGBColor> {
+    const PALETTE: [RGBColor; 8] = [
+        RGBColor(230, 85, 13),
+        RGBColor(49, 130, 189),
+        RGBColor(117, 107, 177),
+        RGBColor(158, 154, 200),
+        RGBColor(253, 174, 107),
+        RGBColor(116, 196, 118),
+        RGBColor(222, 45, 38),
+        RGBColor(99, 99, 99),
+    ];
+    let mut m = BTreeMap::new();
+    for f in history.fault_intervals() {
+        let n = m.len();
+        m.entry(f.fault).or_insert(PALETTE[n % PALETTE.len()]);
+    }
+    m
+}
+
+fn timeline(path: &Path, history: &History, workload_end_ns: u64) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| format!("cannot draw {}: {e}", path.display());
+    let text = font();
+    let root = BitMapBackend::new(path, (1800, 1000)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (upper, lower) = root.split_vertically(620);
+    let end_s = (history.end_ns().max(workload_end_ns) as f64 / 1e9).max(1.0);
+    latency_chart(&upper, history, end_s, text).map_err(|e| err(&e))?;
+    throughput_chart(&lower, history, end_s, text).map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+fn latency_chart(
+    area: &DrawingArea<BitMapBackend, Shift>,
+    history: &History,
+    end_s: f64,
+    text: bool,
+) -> DrawResult {
+    let max_ms = history
+        .ops
+        .iter()
+        .map(|o| o.latency_ns() as f64 / 1e6)
+        .fold(10.0f64, f64::max)
+        * 1.5;
+    let mut b = ChartBuilder::on(area);
+    b.margin(15);
+    if text {
+        b.caption("latency of each op (ms, log scale)", ("sans-serif", 22))
+            .x_label_area_size(35)
+            .y_label_area_size(70);
+    }
+    let mut chart = b.build_cartesian_2d(0f64..end_s, (0.1f64..max_ms).log_scale())?;
+    let mut mesh = chart.configure_mesh();
+    if text {
+        mesh.x_desc("seconds since start").y_desc("ms");
+    } else {
+        mesh.x_labels(0).y_labels(0);
+    }
+    mesh.draw()?;
+    let colors = fault_colors(history);
+    chart.draw_series(history.fault_intervals().into_iter().map(|f| {
+        let c = colors
+            .get(&f.fault)
+            .copied()
+            .unwrap_or(RGBColor(128, 128, 128));
+        Rectangle::new(
+            [
+                (f.start_ns as f64 / 1e9, 0.1),
+                (f.stop_ns as f64 / 1e9, max_ms),
+            ],
+            c.mix(0.18).filled(),
+        )
+    }))?;
+    // Errors last, so that they show on top of the many ok ops.
+    for (class, color) in [
+        (Class::NotApplied, RGBColor(170, 170, 170)),
+        (Class::Ok, RGBColor(44, 160, 44)),
+        (Class::Fail, RGBColor(214, 39, 40)),
+        (Class::Unknown, RGBColor(255, 127, 14)),
+    ] {
+        let series = chart.draw_series(
+            history
+                .ops
+                .iter()
+                .filter(|o| Class::of(o) == class)
+                .map(|o| {
+                    let y = (o.latency_ns() as f64 / 1e6).max(0.1);
+                    Circle::new((o.complete_ns as f64 / 1e9, y), 2, color.mix(0.6).filled())
+                }),
+        )?;
+        if text {
+            series
+                .label(class.label())
+                .legend(move |(x, y)| Circle::new((x, y), 4, color.filled()));
+        }
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
+    }
+    Ok(())
+}
+
+fn throughput_chart(
+    area: &DrawingArea<BitMapBackend, Shift>,
+    history: &History,
+    end_s: f64,
+    text: bool,
+) -> DrawResult {
+    let buckets = end_s.ceil() as usize + 1;
+    let mut ok = vec![0u32; buckets];
+    let mut bad = vec![0u32; buckets];
+    for o in &history.ops {
+        let i = ((o.complete_ns as f64 / 1e9) as usize).min(buckets - 1);
+        match Class::of(o) {
+            Class::Ok => ok[i] += 1,
+            Class::NotApplied => {}
+            Class::Fail | Class::Unknown => bad[i] += 1,
+        }
+    }
+    let max = ok
+        .iter()
+        .chain(bad.iter())
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        * 1.2;
+    let mut b = ChartBuilder::on(area);
+    b.margin(15);
+    if text {
+        b.caption(
+            "ops per second: ok (green), failed or unknown (red); shaded: faults",
+            ("sans-serif", 22),
+        )
+        .x_label_area_size(35)
+        .y_label_area_size(70);
+    }
+    let mut chart = b.build_cartesian_2d(0f64..end_s, 0f64..max)?;
+    let mut mesh = chart.configure_mesh();
+    if text {
+        mesh.x_desc("seconds since start").y_desc("ops/s");
+    } else {
+        mesh.x_labels(0).y_labels(0);
+    }
+    mesh.draw()?;
+    let colors = fault_colors(history);
+    for (fault, color) in &colors {
+        let color = *color;
+        let series = chart.draw_series(
+            history
+                .fault_intervals()
+                .into_iter()
+                .filter(|f| &f.fault == fault)
+                .map(|f| {
+                    Rectangle::new(
+                        [
+                            (f.start_ns as f64 / 1e9, 0.0),
+                            (f.stop_ns as f64 / 1e9, max),
+                        ],
+                        color.mix(0.18).filled(),
+                    )
+                }),
+        )?;
+        if text {
+            series.label(fault.as_str()).legend(move |(x, y)| {
+                Rectangle::new([(x - 6, y - 6), (x + 6, y + 6)], color.mix(0.5).filled())
+            });
+        }
+    }
+    chart.draw_series(LineSeries::new(
+        ok.iter()
+            .enumerate()
+            .map(|(i, n)| (i as f64 + 0.5, *n as f64)),
+        RGBColor(44, 160, 44).stroke_width(2),
+    ))?;
+    chart.draw_series(LineSeries::new(
+        bad.iter()
+            .enumerate()
+            .map(|(i, n)| (i as f64 + 0.5, *n as f64)),
+        RGBColor(214, 39, 40).stroke_width(1),
+    ))?;
+    if text && !colors.is_empty() {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
+    }
+    Ok(())
+}
+
+/// Draws the timeline of a stored history (for `flock-jepsen check`).
+pub fn timeline_only(path: &Path, history: &History) -> Result<(), String> {
+    timeline(path, history, history.end_ns())
+}

@@ -1,0 +1,54 @@
+//! Workloads: what the clients do, and which checkers judge the result.
+//!
+//! A workload generates calls ([`Workload::next_call`]), carries one out against a node
+//! ([`Workload::invoke`]), names the calls to make once the cluster has healed (final reads) and
+//! the checkers for its history. The runner supplies clients, timing, outcomes and faults.
+//!
+//! - [`register`]: read, write and compare-and-set on a few keys of the key-value namespace.
+//!
+//! Datasets, apps, moves and the mesh will add their own workloads here.
+
+pub mod register;
+
+use std::future::Future;
+
+use rand::rngs::StdRng;
+
+use crate::checker::Checker;
+use crate::client::{Api, Failure};
+use crate::history::{Call, Op, Outcome};
+
+/// What a call that got an answer returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Done {
+    /// `Ok`, or `Fail` when the answer says the op did not take effect (a compare-and-set whose
+    /// expectation did not hold).
+    pub outcome: Outcome,
+    pub read: Option<Option<String>>,
+    pub revision: Option<u64>,
+    pub note: Option<String>,
+}
+
+pub trait Workload: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    /// The next call a client makes.
+    fn next_call(&self, rng: &mut StdRng) -> Call;
+
+    /// Makes `call` on a node. `Err` says what a failure means for its effect.
+    fn invoke(
+        &self,
+        api: &mut Api,
+        call: &Call,
+    ) -> impl Future<Output = Result<Done, Failure>> + Send;
+
+    /// Learns from a completed op (e.g. which values a compare-and-set can expect).
+    fn observe(&self, op: &Op);
+
+    /// Calls to make after the faults end and the cluster recovered, so the history ends with
+    /// what the cluster finally holds.
+    fn final_calls(&self) -> Vec<Call>;
+
+    /// The checkers that judge this workload's history.
+    fn checkers(&self) -> Vec<Box<dyn Checker>>;
+}
