@@ -82,16 +82,42 @@ impl From<ClusterError> for tonic::Status {
     }
 }
 
-/// True when a failed call certainly never reached the peer's handler (the connection could not
-/// be made), so retrying it elsewhere cannot apply a command twice.
-fn never_sent(status: &tonic::Status) -> bool {
-    // tonic reports a failed connect as Unavailable with the connector's error; a request that
-    // was sent and then lost reports other messages (or other codes).
-    status.code() == tonic::Code::Unavailable
-        && (status.message().contains("error trying to connect")
-            || status.message().contains("tcp connect error")
-            || status.message().contains("Connection refused"))
+/// True when a failed call certainly never reached the peer's handler (no connection could be
+/// made: refused, timed out connecting, or the name did not resolve), so retrying it elsewhere
+/// cannot apply a command twice.
+pub fn never_sent(status: &tonic::Status) -> bool {
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    // tonic reports a failed connect as UNAVAILABLE with the connector's error in the message or
+    // in the error chain; a request that was sent and then lost reports other errors.
+    let connect_failed = |text: &str| {
+        [
+            "error trying to connect",
+            "tcp connect error",
+            "Connection refused",
+            "dns error",
+        ]
+        .iter()
+        .any(|m| text.contains(m))
+    };
+    if connect_failed(status.message()) {
+        return true;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = cur {
+        if connect_failed(&e.to_string()) {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
+
+/// How long one forwarded call to the leader may take before this node looks again for the
+/// leader: a leader that died or was cut off without closing its connections would otherwise
+/// hold the call for the whole request timeout, long after a new leader was elected.
+pub const FORWARD_ATTEMPT: Duration = Duration::from_millis(1500);
 
 /// A running node's handle on its cluster. Shared by the API service and the workers.
 pub struct Cluster {
@@ -221,8 +247,18 @@ impl Cluster {
         let mut req = tonic::Request::new(ProposeRequest {
             command: encode(cmd),
         });
-        req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-        match client.propose(req).await {
+        let attempt = deadline
+            .saturating_duration_since(Instant::now())
+            .min(FORWARD_ATTEMPT);
+        req.set_timeout(attempt);
+        let answer = tokio::time::timeout(attempt, client.propose(req))
+            .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {attempt:?}"
+                )))
+            });
+        match answer {
             Ok(reply) => {
                 let r = decode(&reply.into_inner().result).map_err(|e| {
                     ClusterError::OutcomeUnknown(format!(
@@ -281,10 +317,14 @@ impl Cluster {
     async fn remote_read_index(&self, addr: &str, deadline: Instant) -> Option<u64> {
         let mut client = self.peer(addr).ok()?;
         let mut req = tonic::Request::new(ReadIndexRequest {});
-        req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-        client
-            .read_index(req)
+        // Reads have no effect: on a silent leader give up early and look for the new one.
+        let attempt = deadline
+            .saturating_duration_since(Instant::now())
+            .min(FORWARD_ATTEMPT);
+        req.set_timeout(attempt);
+        tokio::time::timeout(attempt, client.read_index(req))
             .await
+            .ok()?
             .ok()
             .map(|r| r.into_inner().index)
     }
@@ -629,6 +669,13 @@ async fn run_batcher(raft: Raft, timeout: Duration, mut rx: mpsc::UnboundedRecei
 
 async fn propose_batch(raft: &Raft, timeout: Duration, batch: Vec<Proposal>) {
     let (mut cmds, txs): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.tx)).unzip();
+    // Not the leader: refuse before appending, so the caller may safely send it elsewhere.
+    if raft.metrics().borrow().state != ServerState::Leader {
+        for tx in txs {
+            let _ = tx.send(Err(ClusterError::NotLeader));
+        }
+        return;
+    }
     let single = cmds.len() == 1;
     let cmd = match (single, cmds.pop()) {
         (true, Some(c)) => c,
@@ -642,9 +689,12 @@ async fn propose_batch(raft: &Raft, timeout: Duration, batch: Vec<Proposal>) {
             "not committed within {timeout:?}"
         ))),
         Ok(Ok(resp)) => Ok(resp.data),
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-            Err(ClusterError::NotLeader)
-        }
+        // openraft answers ForwardToLeader both when it refuses before appending and when it
+        // truncates an appended entry; a truncated entry may still be held, and later committed,
+        // by another node (with five voters), so after submitting as leader it is unknown.
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(
+            ClusterError::OutcomeUnknown("leadership changed while the write was in flight".into()),
+        ),
         Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
             Err(ClusterError::Refused(e.to_string()))
         }
@@ -672,5 +722,33 @@ async fn propose_batch(raft: &Raft, timeout: Duration, batch: Vec<Proposal>) {
                 let _ = tx.send(Err(e.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forward to a leader whose name no longer resolves (a dead container) was never sent:
+    /// it must be retried, not reported as an unknown outcome.
+    #[tokio::test]
+    async fn unresolvable_leader_counts_as_never_sent() {
+        let ch = lazy_channel("no-such-node.invalid:7801", &ClientTlsConfig::new()).unwrap();
+        let status = ApiClient::new(ch).ping(PingRequest {}).await.unwrap_err();
+        assert!(never_sent(&status), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn refused_connection_counts_as_never_sent() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let ch = lazy_channel(&format!("127.0.0.1:{port}"), &ClientTlsConfig::new()).unwrap();
+        let status = ApiClient::new(ch).ping(PingRequest {}).await.unwrap_err();
+        assert!(never_sent(&status), "{status:?}");
+        assert!(!never_sent(&tonic::Status::deadline_exceeded("x")));
+        assert!(!never_sent(&tonic::Status::unavailable("connection reset")));
     }
 }

@@ -1,6 +1,8 @@
 //! openraft's network over gRPC: each Raft RPC is one unary call whose payload is openraft's own
 //! request, postcard-encoded (see [`crate::codec`]), tagged with the cluster id.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
@@ -29,8 +31,11 @@ pub fn lazy_channel(addr: &str, tls: &ClientTlsConfig) -> Result<Channel, tonic:
         .tls_config(tls.clone())?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
+        // Detect a peer that vanished without closing its connections (a paused or partitioned
+        // node) within about two seconds, instead of letting requests hang on the dead connection.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(1))
+        .keep_alive_while_idle(true)
         .connect_lazy())
 }
 
@@ -39,6 +44,10 @@ pub fn lazy_channel(addr: &str, tls: &ClientTlsConfig) -> Result<Channel, tonic:
 pub struct GrpcNetwork {
     cluster_id: String,
     tls: ClientTlsConfig,
+    /// One channel per peer address. openraft asks for a new client for every replication
+    /// stream and every leadership check (each linearizable read); a channel per call would mean
+    /// a TCP and TLS handshake per read.
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl GrpcNetwork {
@@ -47,7 +56,26 @@ impl GrpcNetwork {
         GrpcNetwork {
             cluster_id: cluster_id.into(),
             tls,
+            channels: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ch) = channels.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = lazy_channel(addr, &self.tls)?;
+        channels.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// How many peer channels are open (for tests).
+    pub fn channel_count(&self) -> usize {
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 }
 
@@ -55,7 +83,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = GrpcConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> GrpcConnection {
-        let client = match lazy_channel(&node.addr, &self.tls) {
+        let client = match self.channel(&node.addr) {
             Ok(ch) => Ok(RaftClient::new(ch)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX)),

@@ -263,6 +263,11 @@ impl Api for ApiService {
             .cluster
             .read(false, |a| a.cluster.join_secret.clone())
             .await?;
+        if secret.is_empty() {
+            return Err(Status::unavailable(
+                "the cluster is still initializing (its first entry is not applied yet); try again",
+            ));
+        }
         Ok(Response::new(ClusterTokenReply {
             token: self.token(&secret),
         }))
