@@ -686,31 +686,7 @@ impl Backend for ZfsBackend {
     }
 
     fn create(&self, ds: &DatasetName, limit: Option<u64>) -> Result<DatasetInfo, DatasetError> {
-        let container = self.container(ds);
-        let quota = format!(
-            "quota={}",
-            limit.map_or("none".to_string(), |l| l.to_string())
-        );
-        let state = format!("{STATE_PROP}=creating");
-        match self.zfs(&[
-            "create",
-            "-o",
-            "canmount=off",
-            "-o",
-            &quota,
-            "-o",
-            &state,
-            &container,
-        ]) {
-            Ok(_) => {}
-            Err(f) if f.exists() => {
-                return Err(DatasetError::AlreadyExists {
-                    dataset: ds.to_string(),
-                })
-            }
-            Err(f) if f.no_space() => return Err(self.no_space(ds, limit, &f.stderr)),
-            Err(f) => return Err(f.into_error()),
-        }
+        let container = self.create_container(ds, limit, "creating")?;
         let ready = format!("{STATE_PROP}=ready");
         let finish = self
             .zfs(&["create", &self.data(ds)])
@@ -888,31 +864,7 @@ impl Backend for ZfsBackend {
         let target = self.snap(ds, &spec.target);
         match &spec.base {
             None => {
-                let container = self.container(ds);
-                let quota = format!(
-                    "quota={}",
-                    limit.map_or("none".to_string(), |l| l.to_string())
-                );
-                let state = format!("{STATE_PROP}=receiving");
-                match self.zfs(&[
-                    "create",
-                    "-o",
-                    "canmount=off",
-                    "-o",
-                    &quota,
-                    "-o",
-                    &state,
-                    &container,
-                ]) {
-                    Ok(_) => {}
-                    Err(f) if f.exists() => {
-                        return Err(DatasetError::AlreadyExists {
-                            dataset: ds.to_string(),
-                        })
-                    }
-                    Err(f) if f.no_space() => return Err(self.no_space(ds, limit, &f.stderr)),
-                    Err(f) => return Err(f.into_error()),
-                }
+                let container = self.create_container(ds, limit, "receiving")?;
                 if let Err(failure) =
                     self.pump_receive(spec, limit, 0, &["receive", &target], stream)
                 {
@@ -967,5 +919,40 @@ impl Backend for ZfsBackend {
         let snaps = self.snapshot_infos(ds)?;
         let i = self.find_snapshot(ds, &snaps, &spec.target)?;
         Ok(snaps[i].clone())
+    }
+}
+
+impl ZfsBackend {
+    /// Creates the dataset's container (`ROOT/NAME`, quota = `limit`, not mounted) in `state`;
+    /// returns its zfs name.
+    fn create_container(
+        &self,
+        ds: &DatasetName,
+        limit: Option<u64>,
+        state: &str,
+    ) -> Result<String, DatasetError> {
+        let container = self.container(ds);
+        let quota = format!(
+            "quota={}",
+            limit.map_or("none".to_string(), |l| l.to_string())
+        );
+        let state = format!("{STATE_PROP}={state}");
+        match self.zfs(&[
+            "create",
+            "-o",
+            "canmount=off",
+            "-o",
+            &quota,
+            "-o",
+            &state,
+            &container,
+        ]) {
+            Ok(_) => Ok(container),
+            Err(f) if f.exists() => Err(DatasetError::AlreadyExists {
+                dataset: ds.to_string(),
+            }),
+            Err(f) if f.no_space() => Err(self.no_space(ds, limit, &f.stderr)),
+            Err(f) => Err(f.into_error()),
+        }
     }
 }
