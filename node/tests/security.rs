@@ -65,9 +65,14 @@ fn s02_certificate_from_another_ca_is_rejected_at_the_handshake() {
     // Trusts A's CA (so the client side is happy) but presents B's certificate.
     let mixed = client_tls(&ca.ca_pem, Some((&cb.cert_pem, &cb.key_pem)));
     let e = status_with(a.addr(1), mixed).unwrap_err();
-    assert!(!e.contains("Ok"), "{e}");
+    // Refused by the TLS layer, not by a handler: with TLS 1.3 the client may finish its side
+    // of the handshake before the server rejects the certificate, so the failure shows up as a
+    // failed connect or as the first call being cancelled or reset.
+    assert!(!e.contains("not a member"), "reached a handler: {e}");
     assert!(
-        e.contains("connect") || e.contains("Unavailable") || e.contains("Unknown"),
+        ["connect", "Unavailable", "Unknown", "Cancelled"]
+            .iter()
+            .any(|k| e.contains(k)),
         "{e}"
     );
     // flockctl with B's config against A: B's CA does not vouch for A's server either.
