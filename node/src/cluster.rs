@@ -477,17 +477,20 @@ impl Cluster {
     }
 
     /// Removes the node named `name`: refuses to remove the last voter, or (without `force`) a
-    /// voter whose removal leaves the healthy voters short of a quorum. Must run on the leader.
+    /// voter whose removal leaves the healthy voters short of a quorum, or the node holding the
+    /// cluster CA's key. Must run on the leader.
     pub async fn remove_node(&self, name: &str, force: bool) -> Result<NodeId, ClusterError> {
         self.read_barrier().await?;
-        let id = {
+        let (id, ca_holder) = {
             let a = self.view.read();
-            a.cluster.node_by_name(name).map(|n| n.id).ok_or_else(|| {
+            let id = a.cluster.node_by_name(name).map(|n| n.id).ok_or_else(|| {
                 ClusterError::NotFound(format!(
                     "no node named {name:?}; `flockctl node ls` lists them"
                 ))
-            })?
+            })?;
+            (id, a.cluster.ca_holder)
         };
+
         let membership = self.metrics().membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let nodes: BTreeMap<NodeId, MemberNode> =
@@ -495,6 +498,11 @@ impl Cluster {
         let healthy: BTreeSet<NodeId> = self.probe(&nodes).await.into_keys().collect();
         check_removal(&voters, &healthy, id, force)
             .map_err(|e| ClusterError::Refused(format!("cannot remove {name}: {e}")))?;
+        if id == ca_holder && !force {
+            return Err(ClusterError::Refused(format!(
+                "cannot remove {name}: it holds the cluster CA's key; without it no node can join and no admin config can be issued; use --force to remove it anyway"
+            )));
+        }
         match self.propose(Command::RemoveNode { id }).await? {
             CommandResult::NodeRemoved { id } => Ok(id),
             CommandResult::Rejected(e) => Err(e.into()),

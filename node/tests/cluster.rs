@@ -486,14 +486,19 @@ fn t10_node_rm_guards_quorum_and_the_last_voter() {
                 .any(|m| m["name"] == format!("n{i}") && m["role"] == "voter")
         })
         .collect();
-    let dead = *voters.iter().find(|&&i| i != leader).unwrap();
+    // Not n1: it holds the CA key, and removing it has its own guard (t11).
+    let dead = *voters.iter().find(|&&i| i != leader && i != 1).unwrap();
     let healthy_other = *voters.iter().find(|&&i| i != leader && i != dead).unwrap();
     c.nodes[dead - 1].kill9();
     let la = c.addr(leader).to_string();
     // Removing a healthy voter now would leave {leader, dead}: refused without --force.
     let o = c.ctl(&la, &["node", "rm", &format!("n{healthy_other}")]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("quorum") && stderr(&o).contains("--force"),
+        "{}",
+        stderr(&o)
+    );
     // Removing the dead voter is fine; the learner is then promoted to keep three voters.
     c.ctl_ok(&la, &["node", "rm", &format!("n{dead}")]);
     until("learner promoted", Duration::from_secs(15), || {
@@ -515,7 +520,17 @@ fn t10_node_rm_guards_quorum_and_the_last_voter() {
 }
 
 #[test]
-fn t11_last_voter_cannot_be_removed() {
+fn t11_last_voter_and_the_ca_holder_are_guarded() {
+    // n1 created the cluster and holds the CA key: removing it needs --force.
+    let three = TestCluster::start(3, &[]);
+    let o = three.ctl(three.addr(2), &["node", "rm", "n1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("holds the cluster CA"),
+        "{}",
+        stderr(&o)
+    );
+    // Even with --force, the last voter stays.
     let c = TestCluster::start(1, &[]);
     let o = c.ctl(c.addr(1), &["node", "rm", "n1", "--force"]);
     assert_eq!(o.status.code(), Some(1));
