@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use flock_proto::v1::{KvGetRequest, KvListRequest, KvPutRequest, StatusRequest};
+use flock_proto::v1::{KvListRequest, StatusRequest};
 
 use crate::checker::{self, stats::Stats, CheckResult};
 use crate::client::{self, Api, ClientConfig, Failure};
@@ -475,37 +475,10 @@ impl Workload for Probe {
         }
     }
     async fn invoke(&self, api: &mut Api, call: &Call) -> Result<crate::workload::Done, Failure> {
-        let ok = |read, revision| crate::workload::Done {
-            outcome: Outcome::Ok,
-            read,
-            revision,
-            note: None,
-        };
-        match call {
-            Call::Read { key, stale } => {
-                let r = api
-                    .kv_get(KvGetRequest {
-                        key: key.clone(),
-                        stale: *stale,
-                    })
-                    .await
-                    .map_err(|s| client::classify(&s))?
-                    .into_inner();
-                Ok(ok(Some(r.entry.map(|e| e.value)), Some(r.revision)))
-            }
-            Call::Write { key, value } => {
-                let r = api
-                    .kv_put(KvPutRequest {
-                        key: key.clone(),
-                        value: value.clone(),
-                    })
-                    .await
-                    .map_err(|s| client::classify(&s))?
-                    .into_inner();
-                Ok(ok(None, r.entry.map(|e| e.mod_revision)))
-            }
-            Call::Cas { .. } => Err(Failure::Definite("probes do not cas".into())),
+        if let Call::Cas { .. } = call {
+            return Err(Failure::Definite("probes do not cas".into()));
         }
+        crate::workload::register::invoke_kv(api, call).await
     }
     fn observe(&self, _op: &Op) {}
     fn final_calls(&self) -> Vec<Call> {

@@ -144,61 +144,7 @@ impl Workload for Register {
     }
 
     async fn invoke(&self, api: &mut Api, call: &Call) -> Result<Done, Failure> {
-        let ok = |read, revision| Done {
-            outcome: Outcome::Ok,
-            read,
-            revision,
-            note: None,
-        };
-        match call {
-            Call::Read { key, stale } => {
-                let r = api
-                    .kv_get(KvGetRequest {
-                        key: key.clone(),
-                        stale: *stale,
-                    })
-                    .await
-                    .map_err(|s| classify(&s))?
-                    .into_inner();
-                Ok(ok(Some(r.entry.map(|e| e.value)), Some(r.revision)))
-            }
-            Call::Write { key, value } => {
-                let r = api
-                    .kv_put(KvPutRequest {
-                        key: key.clone(),
-                        value: value.clone(),
-                    })
-                    .await
-                    .map_err(|s| classify(&s))?
-                    .into_inner();
-                Ok(ok(None, r.entry.map(|e| e.mod_revision)))
-            }
-            Call::Cas { key, expect, value } => {
-                let r = api
-                    .kv_cas(KvCasRequest {
-                        key: key.clone(),
-                        expect: expect.clone(),
-                        value: value.clone(),
-                    })
-                    .await
-                    .map_err(|s| classify(&s))?
-                    .into_inner();
-                if r.succeeded {
-                    Ok(ok(None, r.entry.map(|e| e.mod_revision)))
-                } else {
-                    let now = match r.entry {
-                        Some(e) => format!("value is {}", e.value),
-                        None => "key is absent".to_string(),
-                    };
-                    Ok(Done {
-                        outcome: Outcome::Fail,
-                        read: None,
-                        revision: None,
-                        note: Some(format!("{CAS_NOT_APPLIED}: {now}")),
-                    })
-                }
-            }
-        }
+        invoke_kv(api, call).await
     }
 
     fn observe(&self, op: &Op) {
@@ -231,6 +177,66 @@ impl Workload for Register {
         vec![Box::new(RegisterLinearizable {
             max_steps: self.opts.max_steps,
         })]
+    }
+}
+
+/// Makes a key-value call (read, write or compare-and-set) and says what its answer means.
+/// Shared with the runner's recovery probes.
+pub(crate) async fn invoke_kv(api: &mut Api, call: &Call) -> Result<Done, Failure> {
+    let ok = |read, revision| Done {
+        outcome: Outcome::Ok,
+        read,
+        revision,
+        note: None,
+    };
+    match call {
+        Call::Read { key, stale } => {
+            let r = api
+                .kv_get(KvGetRequest {
+                    key: key.clone(),
+                    stale: *stale,
+                })
+                .await
+                .map_err(|s| classify(&s))?
+                .into_inner();
+            Ok(ok(Some(r.entry.map(|e| e.value)), Some(r.revision)))
+        }
+        Call::Write { key, value } => {
+            let r = api
+                .kv_put(KvPutRequest {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .await
+                .map_err(|s| classify(&s))?
+                .into_inner();
+            Ok(ok(None, r.entry.map(|e| e.mod_revision)))
+        }
+        Call::Cas { key, expect, value } => {
+            let r = api
+                .kv_cas(KvCasRequest {
+                    key: key.clone(),
+                    expect: expect.clone(),
+                    value: value.clone(),
+                })
+                .await
+                .map_err(|s| classify(&s))?
+                .into_inner();
+            if r.succeeded {
+                Ok(ok(None, r.entry.map(|e| e.mod_revision)))
+            } else {
+                let now = match r.entry {
+                    Some(e) => format!("value is {}", e.value),
+                    None => "key is absent".to_string(),
+                };
+                Ok(Done {
+                    outcome: Outcome::Fail,
+                    read: None,
+                    revision: None,
+                    note: Some(format!("{CAS_NOT_APPLIED}: {now}")),
+                })
+            }
+        }
     }
 }
 
