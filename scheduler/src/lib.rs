@@ -3,15 +3,25 @@
 //! - [`state`]: [`ClusterState`], the desired state every node replicates through Raft, the
 //!   [`Command`]s that change it and [`ClusterState::apply`], a pure function that validates a
 //!   command against the state and returns a typed [`CommandResult`].
+//! - [`config`]: Flocker's application.yml/deployment.yml and compose files, parsed and resolved
+//!   against the cluster's nodes, with errors that name file, line and field.
+//! - [`app`]: deployed applications and the deploy planner (placement, changes).
+//! - [`dataset`]: datasets in the desired state (primary, epoch, replicas, snapshots, moves)
+//!   and the rules that keep one writer per dataset.
 //! - [`membership`]: decisions about Raft membership (which learners to promote to voters,
 //!   whether removing a voter keeps a quorum), as plain functions over plain values.
 //!
 //! The Raft layer (`flock-raft`) stores commands and calls `apply`; the node (`flock-node`)
 //! asks the planners what to do and carries it out.
 
+pub mod app;
+pub mod config;
+pub mod dataset;
 pub mod membership;
 pub mod state;
 
+pub use app::{App, Change};
+pub use dataset::{Dataset, DatasetId, DatasetMove, SnapshotRecord};
 pub use state::{
     ApplyError, ClusterState, Command, CommandResult, KvEntry, Node, NodeId, NodeState,
     MAX_KEY_LEN, MAX_VALUE_LEN,

@@ -9,6 +9,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::app::{App, Change};
+use crate::config::PlannedApp;
+use crate::dataset::{Dataset, DatasetId, SnapshotRecord};
+
 /// A node's id inside its cluster. Assigned by [`Command::RegisterNode`]; the first node is 1.
 pub type NodeId = u64;
 
@@ -36,6 +40,14 @@ pub struct ClusterState {
     pub kv: BTreeMap<String, KvEntry>,
     /// Revision of the key-value namespace: grows by one with every change to it.
     pub revision: u64,
+    /// Datasets by id.
+    pub datasets: BTreeMap<DatasetId, Dataset>,
+    /// The id the next created dataset gets (ids are never reused).
+    pub next_dataset_id: DatasetId,
+    /// The deployed applications, by name.
+    pub apps: BTreeMap<String, App>,
+    /// Grows by one with every deploy.
+    pub deploy_generation: u64,
 }
 
 /// A machine in the cluster.
@@ -112,6 +124,51 @@ pub enum Command {
     /// Several commands in one log entry, applied in order, each on its own (one rejected command
     /// does not undo the others). The leader batches concurrent proposals so they share one fsync.
     Batch(Vec<Command>),
+    // New variants go last: a variant's index is its encoding in stored log entries.
+    /// Creates a dataset with `primary` as its first holder; the primary's agent creates it.
+    CreateDataset {
+        name: String,
+        primary: NodeId,
+        size_limit: Option<u64>,
+    },
+    /// The primary took `snapshot` under `epoch`.
+    RecordSnapshot {
+        dataset: DatasetId,
+        epoch: u64,
+        snapshot: SnapshotRecord,
+    },
+    /// The primary rolled the dataset back to snapshot `to` under `epoch`; later snapshots are
+    /// gone.
+    RollbackDataset {
+        dataset: DatasetId,
+        epoch: u64,
+        to: String,
+    },
+    /// Forgets a dataset; every holder's agent destroys its copy, and the name is free again.
+    DeleteDataset {
+        dataset: DatasetId,
+    },
+    /// Starts moving a dataset to `to`: its primary streams the data there, then commits.
+    BeginDatasetMove {
+        dataset: DatasetId,
+        to: NodeId,
+    },
+    /// `to` holds `snapshot`, the newest one, so it becomes the primary under epoch + 1; the
+    /// old primary keeps its copy as a replica.
+    CommitDatasetMove {
+        dataset: DatasetId,
+        epoch: u64,
+        to: NodeId,
+        snapshot: String,
+    },
+    /// Gives up a dataset move; the primary stays where it is.
+    CancelDatasetMove {
+        dataset: DatasetId,
+    },
+    /// Replaces the whole application configuration (`flockctl deploy`).
+    Deploy {
+        apps: BTreeMap<String, PlannedApp>,
+    },
 }
 
 /// What applying a [`Command`] did.
@@ -137,6 +194,31 @@ pub enum CommandResult {
     KvDeleted {
         existed: bool,
         revision: u64,
+    },
+    DatasetCreated {
+        id: DatasetId,
+    },
+    SnapshotRecorded,
+    RolledBack {
+        /// How many recorded snapshots the rollback destroyed.
+        dropped: usize,
+    },
+    DatasetDeleted {
+        /// The nodes that held a copy and now destroy it.
+        holders: Vec<NodeId>,
+    },
+    MoveBegun {
+        epoch: u64,
+    },
+    MoveCommitted {
+        epoch: u64,
+    },
+    MoveCancelled {
+        to: Option<NodeId>,
+    },
+    Deployed {
+        generation: u64,
+        changes: Vec<Change>,
     },
     /// The command did not fit the state and changed nothing.
     Rejected(ApplyError),
@@ -167,6 +249,50 @@ pub enum ApplyError {
     ValueTooLarge { key: String, len: usize, max: usize },
     #[error("a batch cannot contain another batch")]
     NestedBatch,
+    #[error("invalid dataset name {name:?}: {reason}")]
+    InvalidDatasetName { name: String, reason: String },
+    #[error("invalid snapshot name {name:?}: {reason}")]
+    InvalidSnapshotName { name: String, reason: String },
+    #[error("a dataset named {name:?} already exists; choose another name, or remove it with `flockctl dataset rm {name}`")]
+    DatasetExists { name: String },
+    #[error("dataset {name:?}: a size limit of 0 bytes leaves no room for data; give a size such as 1G, or none for no limit")]
+    ZeroSizeLimit { name: String },
+    #[error("no dataset with id {id}")]
+    UnknownDataset { id: DatasetId },
+    #[error("dataset {dataset:?} has no snapshot {snapshot:?}; list them with `flockctl dataset snapshots {dataset}`")]
+    UnknownSnapshot { dataset: String, snapshot: String },
+    #[error("dataset {dataset:?} already has a snapshot named {snapshot:?}; choose another --tag")]
+    SnapshotExists { dataset: String, snapshot: String },
+    #[error("dataset {dataset:?} changed hands (epoch {current}, this request was made under epoch {epoch}); retry")]
+    StaleEpoch {
+        dataset: String,
+        epoch: u64,
+        current: u64,
+    },
+    #[error("node {name:?} is down")]
+    NodeDown { name: String },
+    #[error("dataset {dataset:?} is already on that node")]
+    AlreadyPrimary { dataset: String },
+    #[error("dataset {dataset:?} is already moving to node {to}; wait for it, or cancel it with `flockctl dataset move {dataset} --cancel`")]
+    MoveInProgress { dataset: String, to: NodeId },
+    #[error("dataset {dataset:?} is not moving to node {to}")]
+    NoSuchMove { dataset: String, to: NodeId },
+    #[error(
+        "invalid app name {name:?}: use letters, digits, '_', '.', ':' and '-', at most 40 bytes"
+    )]
+    InvalidAppName { name: String },
+    #[error("apps {other:?} and {app:?} both publish external port {port}; external ports are unique in the cluster")]
+    PortTaken {
+        port: u16,
+        app: String,
+        other: String,
+    },
+    #[error("no node is ready to run apps")]
+    NoReadyNode,
+    #[error("dataset {dataset:?} is the volume of app {app:?}; remove the app from the deployment first (its dataset moves with it)")]
+    DatasetInUse { dataset: String, app: String },
+    #[error("node {name:?} is the primary of dataset {dataset:?}; move the dataset away (`flockctl dataset move {dataset} --to NODE`) or remove it first")]
+    PrimaryOfDataset { name: String, dataset: String },
 }
 
 impl ClusterState {
@@ -236,9 +362,17 @@ impl ClusterState {
                 Ok(CommandResult::NodeRegistered { id, name })
             }
             Command::RemoveNode { id } => {
-                if self.nodes.remove(id).is_none() {
+                let Some(node) = self.nodes.get(id) else {
                     return Err(ApplyError::UnknownNode { id: *id });
+                };
+                if let Some(ds) = self.datasets.values().find(|d| d.primary == *id) {
+                    return Err(ApplyError::PrimaryOfDataset {
+                        name: node.name.clone(),
+                        dataset: ds.name.clone(),
+                    });
                 }
+                self.nodes.remove(id);
+                self.forget_dataset_holder(*id);
                 Ok(CommandResult::NodeRemoved { id: *id })
             }
             Command::RotateJoinSecret { secret } => {
@@ -263,6 +397,35 @@ impl ClusterState {
                     entry: Some(self.kv_set(key, value)),
                 })
             }
+            Command::CreateDataset {
+                name,
+                primary,
+                size_limit,
+            } => self.create_dataset(name, *primary, *size_limit),
+            Command::RecordSnapshot {
+                dataset,
+                epoch,
+                snapshot,
+            } => self.record_snapshot(*dataset, *epoch, snapshot),
+            Command::RollbackDataset { dataset, epoch, to } => {
+                self.rollback_dataset(*dataset, *epoch, to)
+            }
+            Command::DeleteDataset { dataset } => {
+                self.dataset_unused(*dataset)?;
+                self.delete_dataset(*dataset)
+            }
+            Command::BeginDatasetMove { dataset, to } => {
+                self.dataset_unused(*dataset)?;
+                self.begin_dataset_move(*dataset, *to)
+            }
+            Command::Deploy { apps } => self.deploy(apps),
+            Command::CommitDatasetMove {
+                dataset,
+                epoch,
+                to,
+                snapshot,
+            } => self.commit_dataset_move(*dataset, *epoch, *to, snapshot),
+            Command::CancelDatasetMove { dataset } => self.cancel_dataset_move(*dataset),
             // `apply` unpacks batches; one reaching here was nested.
             Command::Batch(_) => Err(ApplyError::NestedBatch),
             Command::KvDelete { key } => {
@@ -276,6 +439,20 @@ impl ClusterState {
                     revision: self.revision,
                 })
             }
+        }
+    }
+
+    /// Refuses a user's change to a dataset that an app's volume uses.
+    fn dataset_unused(&self, id: DatasetId) -> Result<(), ApplyError> {
+        match self.apps_of_dataset(id).next() {
+            Some((app, _)) => Err(ApplyError::DatasetInUse {
+                dataset: self
+                    .datasets
+                    .get(&id)
+                    .map_or_else(String::new, |d| d.name.clone()),
+                app: app.clone(),
+            }),
+            None => Ok(()),
         }
     }
 

@@ -1,0 +1,425 @@
+//! Applications in the desired state, and the planner that turns a deployed configuration into
+//! placements.
+//!
+//! `flockctl deploy` resolves the user's files into a [`Plan`] (see [`crate::config`]) and
+//! proposes it as one [`crate::Command::Deploy`]: the whole configuration replaces the previous
+//! one in a single log entry, so a leader dying mid-deploy leaves either the old or the new
+//! configuration in force. [`plan_deploy`] computes what changes (pure, deterministic); `apply`
+//! runs it again on the state it finds, so a plan computed from a stale view is re-checked.
+//!
+//! Placement: an app pinned by deployment.yml goes to its node; an unpinned app stays where it
+//! is, else goes where its dataset lives, else to the ready node with the fewest apps (lowest
+//! id on a tie). An app with a volume gets a dataset named after it, created on its node; when
+//! the app's node changes, the dataset is moved there (the app starts once it arrived).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AppSpec, PlannedApp};
+use crate::dataset::DatasetId;
+use crate::state::{ApplyError, ClusterState, CommandResult, NodeId, NodeState};
+
+/// A deployed application.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct App {
+    pub spec: AppSpec,
+    /// The node deployment.yml pinned it to.
+    pub pinned: Option<NodeId>,
+    /// The node it should run on.
+    pub node: NodeId,
+    /// The dataset of its volume.
+    pub dataset: Option<DatasetId>,
+}
+
+/// One change a deploy makes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    Start {
+        app: String,
+        node: NodeId,
+    },
+    Stop {
+        app: String,
+        node: NodeId,
+    },
+    Move {
+        app: String,
+        from: NodeId,
+        to: NodeId,
+    },
+    Update {
+        app: String,
+        node: NodeId,
+    },
+}
+
+impl Change {
+    pub fn app(&self) -> &str {
+        match self {
+            Change::Start { app, .. }
+            | Change::Stop { app, .. }
+            | Change::Move { app, .. }
+            | Change::Update { app, .. } => app,
+        }
+    }
+}
+
+fn usable(state: &ClusterState, node: NodeId) -> bool {
+    state
+        .nodes
+        .get(&node)
+        .is_some_and(|n| n.state == NodeState::Ready)
+}
+
+/// Where each app of `apps` goes and what changes, given `state`. Pure and deterministic.
+pub fn plan_deploy(
+    state: &ClusterState,
+    apps: &BTreeMap<String, PlannedApp>,
+) -> Result<(BTreeMap<String, NodeId>, Vec<Change>), ApplyError> {
+    let mut ports: BTreeMap<u16, &str> = BTreeMap::new();
+    for (name, app) in apps {
+        crate::dataset::validate_dataset_name(name)
+            .map_err(|_| ApplyError::InvalidAppName { name: name.clone() })?;
+        for p in &app.spec.ports {
+            if let Some(other) = ports.insert(p.external, name) {
+                return Err(ApplyError::PortTaken {
+                    port: p.external,
+                    app: name.clone(),
+                    other: other.to_string(),
+                });
+            }
+        }
+        if let Some(node) = app.node {
+            if !state.nodes.contains_key(&node) {
+                return Err(ApplyError::UnknownNode { id: node });
+            }
+        }
+    }
+    if state.nodes.values().all(|n| n.state != NodeState::Ready) {
+        return Err(ApplyError::NoReadyNode);
+    }
+    // Load of each ready node: apps already placed that stay where they are, counted as we go.
+    let mut load: BTreeMap<NodeId, usize> = state
+        .nodes
+        .values()
+        .filter(|n| n.state == NodeState::Ready)
+        .map(|n| (n.id, 0))
+        .collect();
+    let mut placed = BTreeMap::new();
+    let datasets_by_name: BTreeMap<&str, &crate::dataset::Dataset> = state
+        .datasets
+        .values()
+        .map(|d| (d.name.as_str(), d))
+        .collect();
+    // Pinned apps and apps that stay first, so the spread sees them.
+    let mut order: Vec<&String> = apps.keys().collect();
+    order.sort_by_key(|name| {
+        let pinned = apps[*name].node.is_some();
+        let staying = state.apps.get(*name).is_some_and(|a| usable(state, a.node));
+        (!(pinned || staying), (*name).clone())
+    });
+    for name in order {
+        let app = &apps[name];
+        let dataset_home = datasets_by_name
+            .get(name.as_str())
+            .filter(|_| app.spec.volume.is_some())
+            .map(|d| d.primary)
+            .filter(|n| usable(state, *n));
+        let node = match app.node {
+            Some(pin) => pin,
+            None => match state
+                .apps
+                .get(name)
+                .map(|a| a.node)
+                .filter(|n| usable(state, *n))
+            {
+                Some(n) => n,
+                None => match dataset_home {
+                    Some(n) => n,
+                    None => *load
+                        .iter()
+                        .min_by_key(|(id, count)| (**count, **id))
+                        .map(|(id, _)| id)
+                        .expect("a ready node exists"),
+                },
+            },
+        };
+        *load.entry(node).or_default() += 1;
+        placed.insert(name.clone(), node);
+    }
+    let mut changes = Vec::new();
+    for (name, old) in &state.apps {
+        if !apps.contains_key(name) {
+            changes.push(Change::Stop {
+                app: name.clone(),
+                node: old.node,
+            });
+        }
+    }
+    for (name, node) in &placed {
+        match state.apps.get(name) {
+            None => changes.push(Change::Start {
+                app: name.clone(),
+                node: *node,
+            }),
+            Some(old) if old.node != *node => changes.push(Change::Move {
+                app: name.clone(),
+                from: old.node,
+                to: *node,
+            }),
+            Some(old) if old.spec != apps[name].spec => changes.push(Change::Update {
+                app: name.clone(),
+                node: *node,
+            }),
+            Some(_) => {}
+        }
+    }
+    Ok((placed, changes))
+}
+
+impl ClusterState {
+    pub(crate) fn deploy(
+        &mut self,
+        apps: &BTreeMap<String, PlannedApp>,
+    ) -> Result<CommandResult, ApplyError> {
+        let (placed, changes) = plan_deploy(self, apps)?;
+        // Datasets first: every check that can fail is done, so the rest cannot half-apply.
+        let mut next = self.clone();
+        let mut new_apps = BTreeMap::new();
+        for (name, app) in apps {
+            let node = placed[name];
+            let dataset = match &app.spec.volume {
+                None => None,
+                Some(vol) => Some(match next.dataset_by_name(name).map(|d| d.id) {
+                    Some(id) => {
+                        let ds = &next.datasets[&id];
+                        if ds.primary != node && ds.moving.as_ref().map(|m| m.to) != Some(node) {
+                            // The dataset follows the app (issue 7 makes this a live move).
+                            next.cancel_dataset_move(id)?;
+                            next.begin_dataset_move(id, node)?;
+                        }
+                        id
+                    }
+                    None => match next.create_dataset(name, node, vol.maximum_size)? {
+                        CommandResult::DatasetCreated { id } => id,
+                        _ => unreachable!("create_dataset returns DatasetCreated"),
+                    },
+                }),
+            };
+            new_apps.insert(
+                name.clone(),
+                App {
+                    spec: app.spec.clone(),
+                    pinned: app.node,
+                    node,
+                    dataset,
+                },
+            );
+        }
+        next.apps = new_apps;
+        next.deploy_generation += 1;
+        *self = next;
+        Ok(CommandResult::Deployed {
+            generation: self.deploy_generation,
+            changes,
+        })
+    }
+
+    /// Apps that use dataset `id`.
+    pub fn apps_of_dataset(&self, id: DatasetId) -> impl Iterator<Item = (&String, &App)> {
+        self.apps.iter().filter(move |(_, a)| a.dataset == Some(id))
+    }
+
+    /// External ports in use, by app.
+    pub fn published_ports(&self) -> BTreeSet<u16> {
+        self.apps
+            .values()
+            .flat_map(|a| a.spec.ports.iter().map(|p| p.external))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{PortMap, RestartPolicy, Volume};
+    use crate::state::Command;
+    use proptest::prelude::*;
+
+    fn cluster(nodes: u64) -> ClusterState {
+        let mut s = ClusterState::default();
+        s.apply(&Command::InitCluster {
+            cluster_id: "c".into(),
+            join_secret: "s".into(),
+            node_id: 1,
+            name: "n1".into(),
+            addr: "h:1".into(),
+        });
+        for _ in 1..nodes {
+            s.apply(&Command::RegisterNode {
+                secret: "s".into(),
+                name: None,
+                addr: "h:2".into(),
+            });
+        }
+        s
+    }
+
+    fn spec(name: &str, port: Option<u16>, volume: bool) -> AppSpec {
+        AppSpec {
+            name: name.into(),
+            image: None,
+            command: Some(vec!["run".into()]),
+            ports: port
+                .map(|p| {
+                    vec![PortMap {
+                        internal: 80,
+                        external: p,
+                    }]
+                })
+                .unwrap_or_default(),
+            links: vec![],
+            volume: volume.then(|| Volume {
+                mountpoint: "/data".into(),
+                maximum_size: None,
+            }),
+            environment: BTreeMap::new(),
+            restart_policy: RestartPolicy::Never,
+            mem_limit: None,
+            cpu_shares: None,
+        }
+    }
+
+    fn plan(apps: &[(&str, Option<u16>, bool, Option<NodeId>)]) -> BTreeMap<String, PlannedApp> {
+        apps.iter()
+            .map(|(n, p, v, node)| {
+                (
+                    n.to_string(),
+                    PlannedApp {
+                        spec: spec(n, *p, *v),
+                        node: *node,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn deploy(s: &mut ClusterState, apps: &BTreeMap<String, PlannedApp>) -> CommandResult {
+        s.apply(&Command::Deploy { apps: apps.clone() })
+    }
+
+    #[test]
+    fn deploy_places_creates_datasets_and_twice_changes_nothing() {
+        let mut s = cluster(3);
+        let p = plan(&[
+            ("db", Some(5432), true, Some(2)),
+            ("web", Some(80), false, None),
+            ("worker", None, false, None),
+        ]);
+        let CommandResult::Deployed { changes, .. } = deploy(&mut s, &p) else {
+            panic!()
+        };
+        assert_eq!(changes.len(), 3);
+        assert_eq!(s.apps["db"].node, 2);
+        // Spread: web and worker avoid n2 (which has db) and each other.
+        assert_eq!((s.apps["web"].node, s.apps["worker"].node), (1, 3));
+        let ds = s.dataset_by_name("db").unwrap();
+        assert_eq!((ds.primary, s.apps["db"].dataset), (2, Some(ds.id)));
+        let before = s.clone();
+        let CommandResult::Deployed { changes, .. } = deploy(&mut s, &p) else {
+            panic!()
+        };
+        assert!(changes.is_empty(), "{changes:?}");
+        assert_eq!(s.apps, before.apps);
+        assert_eq!(s.datasets, before.datasets);
+    }
+
+    #[test]
+    fn a_repinned_app_moves_with_its_dataset_and_a_dropped_app_stops() {
+        let mut s = cluster(3);
+        deploy(
+            &mut s,
+            &plan(&[("db", None, true, Some(1)), ("old", None, false, None)]),
+        );
+        let CommandResult::Deployed { changes, .. } =
+            deploy(&mut s, &plan(&[("db", None, true, Some(3))]))
+        else {
+            panic!()
+        };
+        assert!(changes.contains(&Change::Move {
+            app: "db".into(),
+            from: 1,
+            to: 3
+        }));
+        assert!(changes
+            .iter()
+            .any(|c| matches!(c, Change::Stop { app, .. } if app == "old")));
+        let ds = s.dataset_by_name("db").unwrap();
+        assert_eq!(ds.primary, 1, "the data moves first");
+        assert_eq!(ds.moving.as_ref().map(|m| m.to), Some(3));
+        assert!(!s.apps.contains_key("old"));
+    }
+
+    #[test]
+    fn bad_deploys_change_nothing() {
+        let mut s = cluster(2);
+        deploy(&mut s, &plan(&[("db", Some(1000), true, None)]));
+        let before = s.clone();
+        for bad in [
+            plan(&[("a", Some(80), false, None), ("b", Some(80), false, None)]),
+            plan(&[("a", None, false, Some(9))]),
+            plan(&[("bad/name", None, false, None)]),
+        ] {
+            let r = deploy(&mut s, &bad);
+            assert!(matches!(r, CommandResult::Rejected(_)), "{r:?}");
+            assert_eq!(s, before);
+        }
+    }
+
+    proptest! {
+        /// Any sequence of deploys: external ports never collide, every app sits on a member,
+        /// an app with a volume has its dataset, and deploying the same config again is a no-op.
+        #[test]
+        fn deploys_keep_the_invariants(rounds in prop::collection::vec(
+            prop::collection::vec((0..6usize, prop::option::of(0..4u16), any::<bool>(), prop::option::of(1..4u64)), 0..6),
+            1..6,
+        )) {
+            let names = ["a", "b", "c", "d", "e", "f"];
+            let mut s = cluster(3);
+            for round in rounds {
+                let apps: Vec<_> = round
+                    .iter()
+                    .map(|(i, p, v, n)| (names[*i], p.map(|p| 8000 + p), *v, *n))
+                    .collect();
+                let p = plan(&apps);
+                let before = s.clone();
+                match deploy(&mut s, &p) {
+                    CommandResult::Rejected(_) => prop_assert_eq!(&s, &before),
+                    CommandResult::Deployed { .. } => {
+                        let mut ports = BTreeSet::new();
+                        for (name, app) in &s.apps {
+                            prop_assert!(s.nodes.contains_key(&app.node));
+                            for port in &app.spec.ports {
+                                prop_assert!(ports.insert(port.external), "port {} twice", port.external);
+                            }
+                            prop_assert_eq!(app.spec.volume.is_some(), app.dataset.is_some());
+                            if let Some(id) = app.dataset {
+                                let ds = &s.datasets[&id];
+                                prop_assert_eq!(&ds.name, name);
+                                prop_assert!(ds.primary == app.node || ds.moving.as_ref().map(|m| m.to) == Some(app.node));
+                            }
+                        }
+                        let again = s.clone();
+                        let CommandResult::Deployed { changes, .. } = deploy(&mut s, &p) else {
+                            panic!("a config that deployed once deploys again")
+                        };
+                        prop_assert!(changes.is_empty());
+                        prop_assert_eq!(&s.apps, &again.apps);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Reading typed fields out of the YAML tree, with errors that point at them. Shared by the
+//! Flocker and the compose readers.
+
+use std::collections::BTreeMap;
+
+use super::yaml::{Pos, Val, Yaml};
+use super::ConfigError;
+
+/// The file being read, for errors.
+#[derive(Clone, Copy)]
+pub(crate) struct Ctx<'f> {
+    pub file: &'f str,
+}
+
+/// `path.key`, with the key quoted when it is not a plain word: `nodes."172.16.255.250"`.
+pub(crate) fn child(path: &str, key: &str) -> String {
+    let word = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let key = if word {
+        key.to_string()
+    } else {
+        format!("{key:?}")
+    };
+    if path.is_empty() {
+        key
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// `path[i]`.
+pub(crate) fn index(path: &str, i: usize) -> String {
+    format!("{path}[{i}]")
+}
+
+impl<'f> Ctx<'f> {
+    pub fn err(&self, at: Pos, path: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.file, at, path, message)
+    }
+
+    fn expected(&self, y: &Yaml, path: &str, what: &str) -> ConfigError {
+        self.err(
+            y.at,
+            path,
+            format!("expected {what}, found {}", y.describe()),
+        )
+    }
+
+    /// The entries of a mapping.
+    pub fn mapping<'y>(&self, y: &'y Yaml, path: &str) -> Result<&'y [(Yaml, Yaml)], ConfigError> {
+        match &y.val {
+            Val::Map(entries) => Ok(entries),
+            _ => Err(self.expected(y, path, "a mapping")),
+        }
+    }
+
+    /// The entries of a mapping; an empty value is an empty mapping.
+    pub fn mapping_or_empty<'y>(
+        &self,
+        y: &'y Yaml,
+        path: &str,
+    ) -> Result<&'y [(Yaml, Yaml)], ConfigError> {
+        if y.is_null() {
+            Ok(&[])
+        } else {
+            self.mapping(y, path)
+        }
+    }
+
+    /// The items of a list.
+    pub fn list<'y>(&self, y: &'y Yaml, path: &str) -> Result<&'y [Yaml], ConfigError> {
+        match &y.val {
+            Val::Seq(items) => Ok(items),
+            _ => Err(self.expected(y, path, "a list")),
+        }
+    }
+
+    /// A scalar's text as written; empty values are refused.
+    pub fn string(&self, y: &Yaml, path: &str) -> Result<String, ConfigError> {
+        match &y.val {
+            Val::Scalar { text, .. } if !y.is_null() => Ok(text.clone()),
+            _ => Err(self.expected(y, path, "a string")),
+        }
+    }
+
+    /// A non-negative integer (written as digits, quoted or not).
+    pub fn uint(&self, y: &Yaml, path: &str) -> Result<u64, ConfigError> {
+        match &y.val {
+            Val::Scalar { text, .. } if is_digits(text) => text
+                .parse()
+                .map_err(|_| self.err(y.at, path, format!("{text} is too large"))),
+            _ => Err(self.expected(y, path, "a whole number")),
+        }
+    }
+
+    /// A TCP port, 1 to 65535.
+    pub fn port(&self, y: &Yaml, path: &str) -> Result<u16, ConfigError> {
+        match &y.val {
+            Val::Scalar { text, .. } if is_digits(text) => port_number(text)
+                .ok_or_else(|| self.err(y.at, path, format!("{text} is not a port (1 to 65535)"))),
+            _ => Err(self.expected(y, path, "a port number")),
+        }
+    }
+
+    /// Refuses keys not in `allowed`, naming the ones that are (and the likely one meant).
+    pub fn check_keys(
+        &self,
+        entries: &[(Yaml, Yaml)],
+        path: &str,
+        allowed: &[&str],
+        what: &str,
+    ) -> Result<(), ConfigError> {
+        for (k, _) in entries {
+            let key = k.scalar().unwrap_or_default();
+            if !allowed.contains(&key) {
+                return Err(self.unknown_key(k.at, path, key, allowed, what));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn unknown_key(
+        &self,
+        at: Pos,
+        path: &str,
+        key: &str,
+        allowed: &[&str],
+        what: &str,
+    ) -> ConfigError {
+        let hint = match allowed.iter().find(|a| near(a, key)) {
+            Some(a) => format!("did you mean {a:?}? "),
+            None => String::new(),
+        };
+        self.err(
+            at,
+            path,
+            format!(
+                "unknown key {key:?}; {hint}{what} takes {}",
+                allowed.join(", ")
+            ),
+        )
+    }
+
+    /// The value of a key that must be there; the error points at `owner_at`, the key of the
+    /// mapping that lacks it.
+    pub fn required<'y>(
+        &self,
+        entries: &'y [(Yaml, Yaml)],
+        owner_at: Pos,
+        path: &str,
+        key: &str,
+        hint: &str,
+    ) -> Result<&'y Yaml, ConfigError> {
+        get(entries, key).ok_or_else(|| self.err(owner_at, path, format!("missing {key}{hint}")))
+    }
+
+    /// What the app runs: `image` (a container; `command`, if also given, replaces the
+    /// image's command, as in compose) or `command` alone (a process).
+    pub fn what_to_run(
+        &self,
+        entries: &[(Yaml, Yaml)],
+        owner_at: Pos,
+        path: &str,
+    ) -> Result<(Option<String>, Option<Vec<String>>), ConfigError> {
+        match (entry(entries, "image"), entry(entries, "command")) {
+            (Some((_, image)), None) => Ok((Some(self.image(image, &child(path, "image"))?), None)),
+            (None, Some((_, command))) => {
+                Ok((None, Some(self.command(command, &child(path, "command"))?)))
+            }
+            (Some((_, image)), Some((_, command))) => Ok((
+                Some(self.image(image, &child(path, "image"))?),
+                Some(self.command(command, &child(path, "command"))?),
+            )),
+            (None, None) => Err(self.err(
+                owner_at,
+                path,
+                "missing image (a container image) or command (a process to run)",
+            )),
+        }
+    }
+
+    fn image(&self, y: &Yaml, path: &str) -> Result<String, ConfigError> {
+        let image = self.string(y, path)?;
+        if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(self.err(
+                y.at,
+                path,
+                format!("{image:?} is not an image name (no spaces: postgres:9.4)"),
+            ));
+        }
+        Ok(image)
+    }
+
+    /// A command: a list of words, or one string split as a POSIX shell would (quotes and
+    /// backslashes; no variables, globs or pipes).
+    pub fn command(&self, y: &Yaml, path: &str) -> Result<Vec<String>, ConfigError> {
+        let words = match &y.val {
+            Val::Seq(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match &item.val {
+                    Val::Scalar { text, .. } => Ok(text.clone()),
+                    _ => Err(self.expected(item, &index(path, i), "a string")),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Val::Scalar { text, .. } if !y.is_null() => shlex::split(text).ok_or_else(|| {
+                self.err(
+                    y.at,
+                    path,
+                    format!("{text:?} has an unclosed quote or a trailing backslash"),
+                )
+            })?,
+            _ => return Err(self.expected(y, path, "a command (a string or a list)")),
+        };
+        if words.first().is_none_or(|w| w.is_empty()) {
+            return Err(self.err(y.at, path, "the command is empty"));
+        }
+        if words.iter().any(|w| w.contains('\0')) {
+            return Err(self.err(y.at, path, "the command contains a NUL character"));
+        }
+        Ok(words)
+    }
+
+    /// Environment variables: a mapping of names to values (a value is taken as written;
+    /// an empty value is ""), or, when `list_ok`, a list of `NAME=VALUE` (or `NAME` for "").
+    pub fn environment(
+        &self,
+        y: &Yaml,
+        path: &str,
+        list_ok: bool,
+    ) -> Result<BTreeMap<String, String>, ConfigError> {
+        let mut env = BTreeMap::new();
+        let mut add = |name: String, value: String, at: Pos, item_path: &str| {
+            if name.is_empty() || name.contains(['=', '\0']) {
+                return Err(self.err(
+                    at,
+                    item_path,
+                    format!("{name:?} is not a variable name (no '=', not empty)"),
+                ));
+            }
+            if value.contains('\0') {
+                return Err(self.err(at, item_path, "the value contains a NUL character"));
+            }
+            if env.insert(name.clone(), value).is_some() {
+                return Err(self.err(at, item_path, format!("{name} is set twice")));
+            }
+            Ok(())
+        };
+        match &y.val {
+            Val::Map(entries) => {
+                for (k, v) in entries {
+                    let name = k.scalar().unwrap_or_default().to_string();
+                    let item_path = child(path, &name);
+                    let value = match &v.val {
+                        _ if v.is_null() => String::new(),
+                        Val::Scalar { text, .. } => text.clone(),
+                        _ => return Err(self.expected(v, &item_path, "a string")),
+                    };
+                    add(name, value, k.at, &item_path)?;
+                }
+            }
+            Val::Seq(items) if list_ok => {
+                for (i, item) in items.iter().enumerate() {
+                    let item_path = index(path, i);
+                    let text = self.string(item, &item_path)?;
+                    // fig's rule: NAME=VALUE, or NAME alone for an empty value.
+                    let (name, value) = text.split_once('=').unwrap_or((&text, ""));
+                    add(name.to_string(), value.to_string(), item.at, &item_path)?;
+                }
+            }
+            _ if y.is_null() => {}
+            _ => {
+                let what = if list_ok {
+                    "a mapping of names to values, or a list of NAME=VALUE"
+                } else {
+                    "a mapping of names to values (lists of NAME=VALUE are for compose files)"
+                };
+                return Err(self.expected(y, path, what));
+            }
+        }
+        Ok(env)
+    }
+
+    /// A size in bytes: an integer, or a string such as 500M or 1G (see [`super::parse_size`]).
+    pub fn size(&self, y: &Yaml, path: &str) -> Result<u64, ConfigError> {
+        match &y.val {
+            Val::Scalar { text, .. } if !y.is_null() => {
+                super::parse_size(text).map_err(|m| self.err(y.at, path, m))
+            }
+            _ => Err(self.expected(y, path, "a size (500M, 1G or bytes)")),
+        }
+    }
+
+    /// `mem_limit`: bytes, as an integer or a size string; not zero.
+    pub fn mem_limit(&self, y: &Yaml, path: &str) -> Result<u64, ConfigError> {
+        let bytes = self.size(y, path)?;
+        if bytes == 0 {
+            return Err(self.err(y.at, path, "0 is not a limit; leave mem_limit out for none"));
+        }
+        Ok(bytes)
+    }
+
+    /// `cpu_shares`: a positive integer.
+    pub fn cpu_shares(&self, y: &Yaml, path: &str) -> Result<u64, ConfigError> {
+        let shares = self.uint(y, path)?;
+        if shares == 0 {
+            return Err(self.err(
+                y.at,
+                path,
+                "0 is not a weight; leave cpu_shares out for the default (1024)",
+            ));
+        }
+        Ok(shares)
+    }
+}
+
+/// The value of `key` in a mapping's entries.
+pub(crate) fn get<'y>(entries: &'y [(Yaml, Yaml)], key: &str) -> Option<&'y Yaml> {
+    entry(entries, key).map(|(_, v)| v)
+}
+
+/// The key node and value of `key` in a mapping's entries.
+pub(crate) fn entry<'y>(entries: &'y [(Yaml, Yaml)], key: &str) -> Option<(&'y Yaml, &'y Yaml)> {
+    entries
+        .iter()
+        .find(|(k, _)| k.scalar() == Some(key))
+        .map(|(k, v)| (k, v))
+}
+
+pub(crate) fn is_digits(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// A port number 1..=65535 written as digits.
+pub(crate) fn port_number(text: &str) -> Option<u16> {
+    if !is_digits(text) {
+        return None;
+    }
+    text.parse::<u16>().ok().filter(|p| *p != 0)
+}
+
+/// Whether `a` is a likely misspelling of `b`: at most two edits apart.
+fn near(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len().abs_diff(b.len()) > 2 {
+        return false;
+    }
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()] <= 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert_eq!(child("", "applications"), "applications");
+        assert_eq!(child("applications", "web"), "applications.web");
+        assert_eq!(child("nodes", "172.16.255.250"), "nodes.\"172.16.255.250\"");
+        assert_eq!(index("a.ports", 2), "a.ports[2]");
+    }
+
+    #[test]
+    fn near_misses() {
+        assert!(near("image", "imgae"));
+        assert!(near("ports", "port"));
+        assert!(!near("volume", "links"));
+    }
+}

@@ -1,0 +1,353 @@
+//! Flocker's `application.yml`:
+//!
+//! ```yaml
+//! "version": 1
+//! "applications":
+//!   "postgres":
+//!     "image": "postgres:9.4"          # or "command": "postgres -D /data" (flock)
+//!     "ports": [{"internal": 5432, "external": 5432}]
+//!     "links": [{"local_port": 80, "remote_port": 8080, "alias": "web"}]
+//!     "volume": {"mountpoint": "/var/lib/postgresql/data", "maximum_size": "1G"}
+//!     "environment": {"POSTGRES_USER": "admin"}
+//!     "restart_policy": {"name": "on-failure", "maximum_retry_count": 10}
+//!     "mem_limit": 100000000
+//!     "cpu_shares": 512
+//! ```
+//!
+//! Keys and rules as `FlockerConfiguration` in Flocker's `flocker/control/_config.py`.
+
+use std::collections::BTreeMap;
+
+use super::fields::{child, entry, get, index, Ctx};
+use super::spec::{
+    check_alias, check_app_name, normalize_mountpoint, AppSource, AppSpec, Applications, Format,
+    Link, PortMap, RestartPolicy, Volume, MIN_VOLUME_SIZE,
+};
+use super::yaml::{Pos, Val, Yaml};
+use super::ConfigError;
+
+const TOP_KEYS: &[&str] = &["version", "applications"];
+const APP_KEYS: &[&str] = &[
+    "image",
+    "command",
+    "ports",
+    "links",
+    "volume",
+    "environment",
+    "restart_policy",
+    "mem_limit",
+    "cpu_shares",
+];
+
+pub(crate) fn read(file: &str, doc: &Yaml) -> Result<Applications, ConfigError> {
+    let cx = Ctx { file };
+    let top = cx.mapping(doc, "")?;
+    cx.check_keys(top, "", TOP_KEYS, "Flocker's application.yml")?;
+    check_version(cx, top, doc.at)?;
+    let apps_node = get(top, "applications")
+        .ok_or_else(|| cx.err(doc.at, "", "missing applications: {NAME: {image: ...}}"))?;
+    let mut apps = BTreeMap::new();
+    let mut sources = BTreeMap::new();
+    for (key, value) in cx.mapping_or_empty(apps_node, "applications")? {
+        let name = key.scalar().unwrap_or_default();
+        let path = child("applications", name);
+        check_app_name(name).map_err(|m| cx.err(key.at, &path, m))?;
+        let (spec, source) = read_app(cx, name, key.at, value, &path)?;
+        apps.insert(name.to_string(), spec);
+        sources.insert(name.to_string(), source);
+    }
+    Ok(Applications {
+        file: file.to_string(),
+        format: Format::Flocker,
+        apps,
+        sources,
+    })
+}
+
+/// `version: 1`, required (Flocker's only version).
+pub(crate) fn check_version(cx: Ctx, top: &[(Yaml, Yaml)], doc_at: Pos) -> Result<(), ConfigError> {
+    let Some(version) = get(top, "version") else {
+        return Err(cx.err(doc_at, "", "missing version: 1"));
+    };
+    if version.scalar() != Some("1") {
+        return Err(cx.err(
+            version.at,
+            "version",
+            format!(
+                "{} is not supported; write version: 1",
+                version
+                    .scalar()
+                    .map_or_else(|| version.describe(), str::to_string)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn read_app(
+    cx: Ctx,
+    name: &str,
+    at: Pos,
+    y: &Yaml,
+    path: &str,
+) -> Result<(AppSpec, AppSource), ConfigError> {
+    let map = cx.mapping(y, path)?;
+    cx.check_keys(map, path, APP_KEYS, "an application")?;
+    let (image, command) = cx.what_to_run(map, at, path)?;
+    let mut source = AppSource {
+        at,
+        ports: Vec::new(),
+    };
+    let mut ports = Vec::new();
+    if let Some(list) = get(map, "ports") {
+        let ports_path = child(path, "ports");
+        for (i, item) in cx.list(list, &ports_path)?.iter().enumerate() {
+            let item_path = index(&ports_path, i);
+            let (port, ext_at) = read_port(cx, item, &item_path)?;
+            let ext_path = child(&item_path, "external");
+            if let Some(j) = ports
+                .iter()
+                .position(|p: &PortMap| p.external == port.external)
+            {
+                return Err(cx.err(
+                    ext_at,
+                    &ext_path,
+                    format!(
+                        "external port {} is already published by {}",
+                        port.external,
+                        index(&ports_path, j)
+                    ),
+                ));
+            }
+            ports.push(port);
+            source.ports.push((ext_at, ext_path));
+        }
+    }
+    let mut links = Vec::new();
+    if let Some(list) = get(map, "links") {
+        let links_path = child(path, "links");
+        for (i, item) in cx.list(list, &links_path)?.iter().enumerate() {
+            let item_path = index(&links_path, i);
+            let link = read_link(cx, item, &item_path)?;
+            check_new_link(cx, &links, &link, item.at, &item_path)?;
+            links.push(link);
+        }
+    }
+    let volume = match get(map, "volume") {
+        Some(v) => Some(read_volume(cx, v, &child(path, "volume"))?),
+        None => None,
+    };
+    let environment = match get(map, "environment") {
+        Some(v) => cx.environment(v, &child(path, "environment"), false)?,
+        None => BTreeMap::new(),
+    };
+    let restart_policy = match get(map, "restart_policy") {
+        Some(v) => read_restart_policy(cx, v, &child(path, "restart_policy"))?,
+        None => RestartPolicy::Never,
+    };
+    let mem_limit = match get(map, "mem_limit") {
+        Some(v) => Some(cx.mem_limit(v, &child(path, "mem_limit"))?),
+        None => None,
+    };
+    let cpu_shares = match get(map, "cpu_shares") {
+        Some(v) => Some(cx.cpu_shares(v, &child(path, "cpu_shares"))?),
+        None => None,
+    };
+    let spec = AppSpec {
+        name: name.to_string(),
+        image,
+        command,
+        ports,
+        links,
+        volume,
+        environment,
+        restart_policy,
+        mem_limit,
+        cpu_shares,
+    };
+    Ok((spec, source))
+}
+
+/// `{internal: 80, external: 8080}`; also returns where the external port is written.
+fn read_port(cx: Ctx, y: &Yaml, path: &str) -> Result<(PortMap, Pos), ConfigError> {
+    if let Some((external, internal)) = y.scalar().and_then(|t| t.split_once(':')) {
+        return Err(cx.err(
+            y.at,
+            path,
+            format!(
+                "{:?} is the compose form; application.yml writes {{internal: {internal}, \
+                 external: {external}}}",
+                y.scalar().unwrap_or_default()
+            ),
+        ));
+    }
+    let map = cx.mapping(y, path)?;
+    cx.check_keys(map, path, &["internal", "external"], "a port")?;
+    let hint = " (a port is {internal: PORT_IN_APP, external: PUBLISHED_PORT})";
+    let internal = cx.required(map, y.at, path, "internal", hint)?;
+    let external = cx.required(map, y.at, path, "external", hint)?;
+    let port = PortMap {
+        internal: cx.port(internal, &child(path, "internal"))?,
+        external: cx.port(external, &child(path, "external"))?,
+    };
+    Ok((port, external.at))
+}
+
+/// `{local_port: 80, remote_port: 8080, alias: "web"}`.
+fn read_link(cx: Ctx, y: &Yaml, path: &str) -> Result<Link, ConfigError> {
+    let map = cx.mapping(y, path)?;
+    let keys = ["local_port", "remote_port", "alias"];
+    cx.check_keys(map, path, &keys, "a link")?;
+    let hint = " (a link is {local_port: PORT, remote_port: PUBLISHED_PORT, alias: NAME})";
+    let local = cx.required(map, y.at, path, "local_port", hint)?;
+    let remote = cx.required(map, y.at, path, "remote_port", hint)?;
+    let alias = cx.required(map, y.at, path, "alias", hint)?;
+    let alias_path = child(path, "alias");
+    let alias_text = cx.string(alias, &alias_path)?;
+    check_alias(&alias_text).map_err(|m| cx.err(alias.at, &alias_path, m))?;
+    Ok(Link {
+        local_port: cx.port(local, &child(path, "local_port"))?,
+        remote_port: cx.port(remote, &child(path, "remote_port"))?,
+        alias: alias_text,
+    })
+}
+
+/// Two links that would set the same environment variables are refused.
+pub(crate) fn check_new_link(
+    cx: Ctx,
+    links: &[Link],
+    link: &Link,
+    at: Pos,
+    path: &str,
+) -> Result<(), ConfigError> {
+    let var = |l: &Link| (l.alias.to_ascii_uppercase().replace('-', "_"), l.local_port);
+    if links.iter().any(|l| var(l) == var(link)) {
+        return Err(cx.err(
+            at,
+            path,
+            format!(
+                "another link already sets {}_PORT_{}_TCP; give this one another alias",
+                var(link).0,
+                link.local_port
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `{mountpoint: /data, maximum_size: 1G}`.
+fn read_volume(cx: Ctx, y: &Yaml, path: &str) -> Result<Volume, ConfigError> {
+    let map = cx.mapping(y, path)?;
+    cx.check_keys(map, path, &["mountpoint", "maximum_size"], "a volume")?;
+    let mountpoint = cx.required(
+        map,
+        y.at,
+        path,
+        "mountpoint",
+        " (where the app sees its data: /var/lib/data)",
+    )?;
+    let mp_path = child(path, "mountpoint");
+    let mp_text = cx.string(mountpoint, &mp_path)?;
+    let mountpoint_text =
+        normalize_mountpoint(&mp_text).map_err(|m| cx.err(mountpoint.at, &mp_path, m))?;
+    let maximum_size = match entry(map, "maximum_size") {
+        Some((_, size)) => {
+            let size_path = child(path, "maximum_size");
+            Some(volume_size(cx, size, &size_path)?)
+        }
+        None => None,
+    };
+    Ok(Volume {
+        mountpoint: mountpoint_text,
+        maximum_size,
+    })
+}
+
+/// A volume's `maximum_size`: a size of at least [`MIN_VOLUME_SIZE`].
+fn volume_size(cx: Ctx, y: &Yaml, path: &str) -> Result<u64, ConfigError> {
+    let bytes = cx.size(y, path)?;
+    if bytes < MIN_VOLUME_SIZE {
+        let text = y.scalar().unwrap_or_default();
+        let hint = if super::fields::is_digits(text) {
+            format!("; did you mean \"{text}M\"?")
+        } else {
+            String::new()
+        };
+        return Err(cx.err(
+            y.at,
+            path,
+            format!("{text:?} is {bytes} bytes, too small for a volume (at least 1M){hint}"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// `{name: never|always|on-failure, maximum_retry_count: N}` (N only with on-failure), or the
+/// name alone.
+fn read_restart_policy(cx: Ctx, y: &Yaml, path: &str) -> Result<RestartPolicy, ConfigError> {
+    let names = "never, always or on-failure";
+    let (name_node, retries) = match &y.val {
+        Val::Map(map) => {
+            cx.check_keys(
+                map,
+                path,
+                &["name", "maximum_retry_count"],
+                "a restart_policy",
+            )?;
+            let name = cx.required(map, y.at, path, "name", &format!(" ({names})"))?;
+            (name, entry(map, "maximum_retry_count"))
+        }
+        Val::Scalar { .. } if !y.is_null() => (y, None),
+        _ => {
+            return Err(cx.err(
+                y.at,
+                path,
+                format!(
+                "expected a mapping such as {{name: on-failure, maximum_retry_count: 5}}, found {}",
+                y.describe()
+            ),
+            ))
+        }
+    };
+    let name_path = if std::ptr::eq(name_node, y) {
+        path.to_string()
+    } else {
+        child(path, "name")
+    };
+    let name = cx.string(name_node, &name_path)?;
+    let policy = match name.as_str() {
+        "never" => RestartPolicy::Never,
+        "always" => RestartPolicy::Always,
+        "on-failure" => RestartPolicy::OnFailure { max_retry: None },
+        _ => {
+            return Err(cx.err(
+                name_node.at,
+                &name_path,
+                format!("{name:?} is not a restart policy (use {names})"),
+            ))
+        }
+    };
+    match (policy, retries) {
+        (_, None) => Ok(policy),
+        (RestartPolicy::OnFailure { .. }, Some((_, count))) => {
+            let count_path = child(path, "maximum_retry_count");
+            let n = cx.uint(count, &count_path)?;
+            match u32::try_from(n) {
+                Ok(n) if n >= 1 => Ok(RestartPolicy::OnFailure { max_retry: Some(n) }),
+                _ => Err(cx.err(
+                    count.at,
+                    &count_path,
+                    format!(
+                        "{n} is not a retry count (1 to {}); leave it out for no limit",
+                        u32::MAX
+                    ),
+                )),
+            }
+        }
+        (_, Some((k, _))) => Err(cx.err(
+            k.at,
+            path,
+            format!("maximum_retry_count goes only with on-failure, not {name}"),
+        )),
+    }
+}

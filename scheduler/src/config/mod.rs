@@ -1,0 +1,132 @@
+//! Reading the configuration files users already have: Flocker's `application.yml` and
+//! `deployment.yml`, and fig/compose files, into plain values. Pure: callers read the files
+//! and pass their names (for messages) and their text.
+//!
+//! - [`parse_application`]: an application file in any of three forms, told apart as Flocker
+//!   did: a top-level `version` + `applications` is Flocker's form ([`Format::Flocker`]); a
+//!   top-level `services` is a compose v2/v3 file ([`Format::Compose`]); otherwise every
+//!   top-level key is a fig service ([`Format::Fig`], what `fig.yml` and compose v1 look like).
+//! - [`parse_deployment`]: `version: 1`, `nodes: {NODE: [APP, ...]}`.
+//! - [`resolve`]: applications + deployment + the cluster's nodes -> a [`Plan`] (each deployed
+//!   app with the node it is pinned to); [`resolve_unpinned`] for a compose file deployed alone.
+//! - [`to_flocker_yaml`]: the inverse of [`parse_application`], in Flocker's form.
+//!
+//! Every error is a [`ConfigError`] naming the file, the line and column, the field and what to
+//! do: `app.yml:7:21: applications.db.volume.maximum_size: "12X" is not a size (use 500M, 1G or
+//! bytes)`.
+//!
+//! The rules follow Flocker's own reader (`flocker/control/_config.py`, tag 1.0.0 and later)
+//! and its documentation (`docs/using/config/configuration.rst`), with these differences:
+//! - an app may give `command` (a process, for the process driver) instead of `image`; with
+//!   both, the app is a container whose image's command `command` replaces (as in compose);
+//! - a deployment node may be named by the node's name or address (Flocker wanted an IPv4
+//!   address), and its apps may be one name instead of a list (as Flocker's documentation wrote
+//!   it, though its reader refused it);
+//! - a volume's `maximum_size` may be an integer as well as a string, and is at least
+//!   [`MIN_VOLUME_SIZE`]; `mem_limit` may be a size string (`512M`) as well as bytes;
+//! - `restart_policy` may be the policy's name alone (`restart_policy: always`);
+//! - scalars are read as written: an environment value `8080` or `true` is that text (Flocker
+//!   wanted quoted strings), and an empty one is "";
+//! - keys Flocker ignored (unknown top-level keys) are errors, so a typo is not silently lost;
+//! - compose files may also use `restart`, `cpu_shares`, long-form ports, named volumes,
+//!   anchors and merge keys, and `services:` (compose v2/v3).
+
+mod compose;
+mod deployment;
+mod fields;
+mod flocker;
+mod render;
+mod spec;
+mod yaml;
+
+pub use deployment::{resolve, resolve_unpinned, Deployment, DeploymentNode};
+pub use render::to_flocker_yaml;
+pub use spec::{
+    parse_size, AppSpec, Applications, Format, Link, NodeRef, Plan, PlannedApp, PortMap,
+    RestartPolicy, Volume, MAX_APP_NAME_LEN, MIN_VOLUME_SIZE,
+};
+
+use yaml::{Pos, Yaml};
+
+/// A configuration file that cannot be used, and where: `file:line:column: field: message`.
+///
+/// `line` and `column` count from 1 (columns in characters). `path` names the field in the
+/// document (`applications.web.ports[0].external`); it is empty for errors about the whole file
+/// or its YAML syntax.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {}{message}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(file: &str, at: Pos, path: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_string(),
+            line: at.line.max(1),
+            column: at.col.max(1),
+            path: path.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses an application file: Flocker's `application.yml`, a fig file or a compose file
+/// (see the module documentation for how the form is told apart).
+pub fn parse_application(file: &str, text: &str) -> Result<Applications, ConfigError> {
+    let doc = document(
+        file,
+        text,
+        "expected version: 1 and applications: (Flocker's application.yml) or compose services",
+    )?;
+    let map = fields::Ctx { file }.mapping(&doc, "")?;
+    let has = |key: &str| {
+        map.iter()
+            .find(|(k, _)| k.scalar() == Some(key))
+            .is_some_and(|(_, v)| !compose::is_service(v))
+    };
+    if has("applications") {
+        flocker::read(file, &doc)
+    } else if has("services") {
+        compose::read(file, &doc, Format::Compose)
+    } else if let Some((k, _)) = map.iter().find(|(k, _)| k.scalar() == Some("version")) {
+        Err(ConfigError::new(
+            file,
+            k.at,
+            "",
+            "a file with a version needs applications: (Flocker's application.yml) or \
+             services: (a compose file)",
+        ))
+    } else {
+        compose::read(file, &doc, Format::Fig)
+    }
+}
+
+/// Parses Flocker's `deployment.yml`: `version: 1` and `nodes`, a mapping from a node (its
+/// name, its address HOST:PORT, or its host) to the names of the apps it runs.
+pub fn parse_deployment(file: &str, text: &str) -> Result<Deployment, ConfigError> {
+    let doc = document(file, text, "expected version: 1 and nodes:")?;
+    deployment::read(file, &doc)
+}
+
+fn document(file: &str, text: &str, expected: &str) -> Result<Yaml, ConfigError> {
+    match yaml::parse(text) {
+        Ok(Some(doc)) => Ok(doc),
+        Ok(None) => Err(ConfigError::new(
+            file,
+            Pos { line: 1, col: 1 },
+            "",
+            format!("the file is empty; {expected}"),
+        )),
+        Err(e) => Err(ConfigError::new(
+            file,
+            e.at,
+            "",
+            format!("not valid YAML: {}", e.message),
+        )),
+    }
+}

@@ -1,0 +1,312 @@
+//! The values the config files describe. [`AppSpec`] goes into the replicated desired state,
+//! so it is plain data with serde; positions in the source files stay in [`Applications`] and
+//! [`crate::config::Deployment`], for the messages of [`crate::config::resolve`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::yaml::Pos;
+
+/// The longest app name: an app's volume is a dataset named after the app, so app names obey
+/// the dataset name limit (`crate::dataset::MAX_DATASET_NAME_LEN`).
+pub const MAX_APP_NAME_LEN: usize = 40;
+
+/// The smallest `maximum_size` a volume may have: 1 MiB. A smaller limit cannot hold a file
+/// system worth having, and is almost always a forgotten unit (`maximum_size: 500` for 500M).
+pub const MIN_VOLUME_SIZE: u64 = 1 << 20;
+
+/// One application: what to run (a container image or a command), how to reach it and what
+/// it keeps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppSpec {
+    pub name: String,
+    /// A container image (`postgres`, `clusterhq/mongodb:3.0`), for the docker driver.
+    /// At least one of `image` and `command` is set; with both, `command` replaces the
+    /// image's command.
+    pub image: Option<String>,
+    /// A program and its arguments, for the process driver.
+    pub command: Option<Vec<String>>,
+    /// Published ports: the routing mesh listens on `external` on every node and forwards to
+    /// `internal` in the app. External ports are unique in the cluster.
+    pub ports: Vec<PortMap>,
+    /// Other apps this one reaches through the mesh, announced to it as environment variables
+    /// `ALIAS_PORT_<local_port>_TCP=tcp://HOST:<remote_port>` (Flocker's and Docker's form).
+    pub links: Vec<Link>,
+    /// The app's persistent data: a dataset named after the app, mounted at `mountpoint`.
+    pub volume: Option<Volume>,
+    pub environment: BTreeMap<String, String>,
+    pub restart_policy: RestartPolicy,
+    /// Memory limit in bytes.
+    pub mem_limit: Option<u64>,
+    /// Relative CPU weight (Docker's default is 1024).
+    pub cpu_shares: Option<u64>,
+}
+
+/// A published port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PortMap {
+    /// The port the app listens on.
+    pub internal: u16,
+    /// The port published on every node of the cluster.
+    pub external: u16,
+}
+
+/// A link to another app's published port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Link {
+    /// The port the app expects (names its environment variables).
+    pub local_port: u16,
+    /// The external port the other app publishes (where the variables point).
+    pub remote_port: u16,
+    /// The variables' prefix: letters, digits, `_` and `-` (upper-cased, `-` as `_`).
+    pub alias: String,
+}
+
+/// Where an app keeps its data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// An absolute path inside the app, normalized (no trailing or doubled `/`).
+    pub mountpoint: String,
+    /// The dataset's size limit in bytes; `None` for no limit.
+    pub maximum_size: Option<u64>,
+}
+
+/// What to do when the app exits. Flocker's default, and compose's, is `Never`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    #[default]
+    Never,
+    Always,
+    /// Restart after a non-zero exit, at most `max_retry` times (`None`: without a limit).
+    OnFailure {
+        max_retry: Option<u32>,
+    },
+}
+
+/// The form an application file was written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Flocker's `application.yml`: `version: 1`, `applications: {...}`.
+    Flocker,
+    /// fig's `fig.yml` (compose v1): services at the top level.
+    Fig,
+    /// A compose v2/v3 file: `services: {...}`.
+    Compose,
+}
+
+/// The applications an application file defines.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applications {
+    /// The file name given to [`crate::config::parse_application`], for messages.
+    pub file: String,
+    pub format: Format,
+    pub apps: BTreeMap<String, AppSpec>,
+    pub(crate) sources: BTreeMap<String, AppSource>,
+}
+
+/// Where an app and its external ports are written, for the messages of `resolve`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct AppSource {
+    pub at: Pos,
+    /// For each of the app's ports (same order): the position and path of its external port.
+    pub ports: Vec<(Pos, String)>,
+}
+
+/// A node of the cluster as a deployment file may name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRef {
+    pub id: u64,
+    pub name: String,
+    /// HOST:PORT. A deployment may name the node by it, or by HOST alone.
+    pub addr: String,
+}
+
+/// The apps to run, each with the node it is pinned to (`None`: the scheduler places it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub apps: BTreeMap<String, PlannedApp>,
+}
+
+/// One app of a [`Plan`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedApp {
+    pub spec: AppSpec,
+    pub node: Option<u64>,
+}
+
+/// Parses a size in bytes: a number, optionally with a fraction, and an optional unit. Units
+/// are powers of 1024 and case-insensitive: `K`, `M`, `G`, `T`, `P`, also written `KB`/`KiB`
+/// and so on, and `B` for bytes. A fraction is rounded up to the next byte (Flocker's rule:
+/// `2.1M` is 2202010 bytes). Examples: `1073741824`, `500M`, `2.5G`, `1 GiB`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let bad = || format!("{text:?} is not a size (use 500M, 1G or bytes)");
+    let t = text.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (whole, rest) = t.split_at(digits_end);
+    if whole.is_empty() {
+        return Err(bad());
+    }
+    let (fraction, unit) = match rest.strip_prefix('.') {
+        Some(r) => {
+            let end = r.find(|c: char| !c.is_ascii_digit()).unwrap_or(r.len());
+            r.split_at(end)
+        }
+        None => ("", rest),
+    };
+    let shift = match unit.trim_start().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        "P" | "PB" | "PIB" => 50,
+        _ => return Err(bad()),
+    };
+    let too_big = || format!("{text:?} is too large (at most 16 EiB)");
+    // Exact arithmetic: bytes = ceil((whole + fraction) * 2^shift). With whole < 2^64,
+    // fraction < 10^18 < 2^60 and shift <= 50, nothing below overflows a u128.
+    let whole: u64 = whole.parse().map_err(|_| too_big())?;
+    let mut bytes = u128::from(whole) << shift;
+    let fraction = fraction.trim_end_matches('0');
+    if !fraction.is_empty() {
+        if fraction.len() > 18 {
+            return Err(bad());
+        }
+        let numerator: u128 = fraction.parse().map_err(|_| bad())?;
+        let denominator = 10u128.pow(fraction.len() as u32);
+        bytes += (numerator << shift).div_ceil(denominator);
+    }
+    u64::try_from(bytes).map_err(|_| too_big())
+}
+
+/// An app name: 1 to [`MAX_APP_NAME_LEN`] ASCII letters, digits, `_`, `.` and `-`, starting
+/// with a letter or a digit (a valid container and dataset name).
+pub(crate) fn check_app_name(name: &str) -> Result<(), String> {
+    let Some(first) = name.chars().next() else {
+        return Err("an application name cannot be empty".into());
+    };
+    if name.len() > MAX_APP_NAME_LEN {
+        return Err(format!(
+            "the application name {name:?} is longer than {MAX_APP_NAME_LEN} characters"
+        ));
+    }
+    if !first.is_ascii_alphanumeric() {
+        return Err(format!(
+            "the application name {name:?} must start with a letter or a digit"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "the application name {name:?} contains {c:?} (use letters, digits, '_', '.' and '-')"
+        ));
+    }
+    Ok(())
+}
+
+/// A link alias: ASCII letters, digits, `_` and `-`, starting with a letter or a digit.
+pub(crate) fn check_alias(alias: &str) -> Result<(), String> {
+    let ok = alias
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && alias
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{alias:?} is not a link alias (use letters, digits, '_' and '-', starting with a \
+             letter or a digit)"
+        ))
+    }
+}
+
+/// Normalizes an absolute mountpoint: `/var/lib/es/` -> `/var/lib/es`.
+pub(crate) fn normalize_mountpoint(path: &str) -> Result<String, String> {
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{path:?} is not an absolute path (write /var/lib/data)"
+        ));
+    }
+    if let Some(c) = path.chars().find(|c| !c.is_ascii() || c.is_ascii_control()) {
+        return Err(format!(
+            "{path:?} contains {c:?}: a mountpoint is printable ASCII (as in Flocker)"
+        ));
+    }
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.is_empty() {
+        return Err("a volume cannot be mounted at / (write /var/lib/data)".into());
+    }
+    if parts.iter().any(|p| *p == "." || *p == "..") {
+        return Err(format!(
+            "{path:?} contains . or ..: write the path without them"
+        ));
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_follow_flockers_rules() {
+        assert_eq!(parse_size("1073741824"), Ok(1 << 30));
+        assert_eq!(parse_size("500M"), Ok(500 << 20));
+        assert_eq!(parse_size("500m"), Ok(500 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2.5G"), Ok(5 << 29));
+        // Flocker's example: fractions round up to the next byte.
+        assert_eq!(parse_size("2.1M"), Ok(2202010));
+        assert_eq!(parse_size("1K"), Ok(1024));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("1 GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("1.0"), Ok(1));
+        assert_eq!(parse_size("1."), Ok(1));
+        assert_eq!(parse_size("0.5"), Ok(1));
+        assert_eq!(parse_size("16383P"), Ok(16383 << 50));
+        assert_eq!(
+            parse_size("12X"),
+            Err("\"12X\" is not a size (use 500M, 1G or bytes)".into())
+        );
+        assert!(parse_size("").is_err());
+        assert!(parse_size(".5G").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("1.2.3").is_err());
+        assert_eq!(
+            parse_size("16384P"),
+            Err("\"16384P\" is too large (at most 16 EiB)".into())
+        );
+        assert!(parse_size("99999999999999999999999999999999999999999").is_err());
+    }
+
+    #[test]
+    fn mountpoints_are_normalized() {
+        assert_eq!(
+            normalize_mountpoint("/var/lib/elasticsearch/"),
+            Ok("/var/lib/elasticsearch".into())
+        );
+        assert_eq!(normalize_mountpoint("//data//db"), Ok("/data/db".into()));
+        assert!(normalize_mountpoint("data").is_err());
+        assert!(normalize_mountpoint("/").is_err());
+        assert!(normalize_mountpoint("/a/../b").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_app_name("site-clusterhq.com").is_ok());
+        assert!(check_app_name("mongodb-volume-example").is_ok());
+        assert!(check_app_name("-x").is_err());
+        assert!(check_app_name("a b").is_err());
+        assert!(check_app_name(&"a".repeat(41)).is_err());
+        assert!(check_alias("es").is_ok());
+        assert!(check_alias("my_db-1").is_ok());
+        assert!(check_alias("a.b").is_err());
+        assert!(check_alias("").is_err());
+    }
+}
