@@ -139,12 +139,13 @@ fn joined<T>(
 }
 
 /// [`send_framed`] for async writers (a QUIC send stream): the backend runs on
-/// `spawn_blocking`, chunks cross a bounded channel.
+/// `spawn_blocking`, chunks cross a bounded channel. `progress` gets the payload bytes sent so
+/// far and the stream's size hint (see [`crate::SendStream::size_hint`]).
 pub async fn send_framed_async<W>(
     backend: Arc<dyn Backend>,
     spec: StreamSpec,
     dst: &mut W,
-    mut progress: impl FnMut(u64) + Send,
+    mut progress: impl FnMut(u64, Option<u64>) + Send,
 ) -> Result<Sent, DatasetError>
 where
     W: AsyncWrite + Unpin + ?Sized,
@@ -156,6 +157,8 @@ where
         tokio::task::spawn_blocking(move || open_send(&*backend, &spec))
     };
     let (header, mut stream) = joined(opened.await)?;
+    let size_hint = header.size_hint;
+    progress(0, size_hint);
     // Dropped with the future: the producer then sees a closed channel and stops.
     let _producer = tokio::task::spawn_blocking(move || loop {
         let mut buf = vec![0u8; DEFAULT_FRAME_LEN];
@@ -182,7 +185,7 @@ where
                 let prefix = enc.frame_prefix(&chunk);
                 dst.write_all(&prefix).await.map_err(fail)?;
                 dst.write_all(&chunk).await.map_err(fail)?;
-                progress(enc.totals().payload_bytes);
+                progress(enc.totals().payload_bytes, size_hint);
             }
             Err(e) => {
                 let _ = dst.write_all(&enc.abort(&e.to_string())).await;

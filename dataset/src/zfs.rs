@@ -41,6 +41,28 @@ const DMU_BACKUP_MAGIC: u64 = 0x2F5B_ACBAC;
 /// Serializes zfs management commands within the process (see [`ZfsBackend::zfs`]).
 static ZFS_COMMANDS: Mutex<()> = Mutex::new(());
 
+/// An exclusive `flock(2)` on a file in the temp dir, held while one zfs command runs. Best
+/// effort: without the file, commands still run (serialized within the process).
+struct HostLock(#[allow(dead_code)] Option<std::fs::File>);
+
+impl HostLock {
+    fn acquire() -> Self {
+        use std::os::fd::AsRawFd;
+        let path = std::env::temp_dir().join("flock-zfs-commands.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ok();
+        if let Some(f) = &file {
+            // SAFETY: a valid open descriptor; the lock goes with the file.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        }
+        HostLock(file)
+    }
+}
+
 /// Datasets as zfs file systems under one root dataset of a pool.
 #[derive(Debug)]
 pub struct ZfsBackend {
@@ -209,9 +231,11 @@ impl ZfsBackend {
 
     fn zfs(&self, args: &[&str]) -> Result<String, Failure> {
         // zfs-fuse 0.7 wedged (FUSE mounts stopped answering) when management commands ran
-        // concurrently in our tests, never when they ran one at a time: serialize them.
-        // Streams (`zfs send`/`zfs receive`) run beside them.
+        // concurrently in our tests, never when they ran one at a time: serialize them, within
+        // the process and across the processes of one machine (several flockd on one host, as
+        // in tests and `flockd dev`). Streams (`zfs send`/`zfs receive`) run beside them.
         let _one_at_a_time = ZFS_COMMANDS.lock().unwrap_or_else(|e| e.into_inner());
+        let _host_wide = HostLock::acquire();
         run(&self.zfs, args)
     }
 

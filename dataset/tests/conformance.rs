@@ -531,7 +531,7 @@ fn async_transfer_over_a_pipe(f: &mut dyn Fixture) {
             let a = a.clone();
             async move {
                 let mut last = 0;
-                let sent = send_framed_async(a, spec, &mut tx, |n| last = n).await;
+                let sent = send_framed_async(a, spec, &mut tx, |n, _| last = n).await;
                 (sent, last)
             }
         });
