@@ -74,7 +74,18 @@ impl From<ClusterError> for tonic::Status {
                 ApplyError::NameTaken { .. } | ApplyError::AlreadyInitialized { .. } => {
                     Status::already_exists(msg)
                 }
-                ApplyError::UnknownNode { .. } => Status::not_found(msg),
+                ApplyError::DatasetExists { .. } | ApplyError::SnapshotExists { .. } => {
+                    Status::already_exists(msg)
+                }
+                ApplyError::UnknownNode { .. }
+                | ApplyError::UnknownDataset { .. }
+                | ApplyError::UnknownSnapshot { .. } => Status::not_found(msg),
+                ApplyError::MoveInProgress { .. }
+                | ApplyError::NoSuchMove { .. }
+                | ApplyError::AlreadyPrimary { .. }
+                | ApplyError::PrimaryOfDataset { .. }
+                | ApplyError::NodeDown { .. } => Status::failed_precondition(msg),
+                ApplyError::StaleEpoch { .. } => Status::aborted(msg),
                 ApplyError::NotInitialized => Status::unavailable(msg),
                 _ => Status::invalid_argument(msg),
             },

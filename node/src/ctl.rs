@@ -1,7 +1,7 @@
 //! flockctl: the operator's CLI. Every command is one or two API calls to any node.
 //!
 //! Exit codes: 0 success, 1 error, 2 bad usage, 3 a compare-and-set whose expectation did not
-//! hold, 4 a key that does not exist (`kv get`).
+//! hold, 4 a key, dataset, snapshot or node that does not exist.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -52,6 +52,24 @@ pub enum Cmd {
     /// The replicated key-value namespace for users' cluster-wide settings.
     #[command(subcommand)]
     Kv(KvCmd),
+    /// Datasets: create, list, snapshot, roll back, remove, and move them between nodes.
+    #[command(subcommand)]
+    Dataset(crate::ctl_dataset::DatasetCmd),
+    /// Make the cluster run a configuration: Flocker's DEPLOYMENT APPLICATION files
+    /// (deployment.yml, application.yml), or one compose file. The whole configuration
+    /// replaces the previous one; deploying the same files again changes nothing.
+    Deploy {
+        #[arg(required = true, num_args = 1..=2, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Print the changes (start, stop, move, update) without making them.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deployed applications.
+    #[command(subcommand)]
+    App(crate::ctl_app::AppCmd),
 }
 
 #[derive(Args, Debug)]
@@ -234,7 +252,7 @@ fn members_table(members: &[Member]) -> String {
 }
 
 /// Left-aligned columns separated by two spaces.
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
+pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0usize; N];
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -403,6 +421,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             );
         }
         Cmd::Kv(cmd) => return kv(&mut api, cmd).await,
+        Cmd::Dataset(cmd) => return crate::ctl_dataset::run(&mut api, cmd).await,
+        Cmd::Deploy {
+            files,
+            dry_run,
+            json,
+        } => return crate::ctl_app::deploy(&mut api, &files, dry_run, json).await,
+        Cmd::App(cmd) => return crate::ctl_app::run(&mut api, cmd).await,
     }
     Ok(0)
 }

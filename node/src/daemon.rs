@@ -27,11 +27,14 @@ use crate::api::ApiService;
 use crate::client::{connect, with_backoff, ClientConfig};
 use crate::cluster::{membership_worker, Cluster};
 use crate::datadir::{DataDir, Identity, IDENTITY_FORMAT};
+use crate::datasets::{Datasets, StorageChoice};
 use crate::pki::{
     client_tls, fetch_pinned_ca, fingerprint, new_key_and_csr, pem_to_der, read_private, role_of,
     write_private, Authorizer, CertAuthority, NodeTls, PkiError, Role, TlsPaths,
 };
 use crate::token::{random_hex, JoinToken};
+use crate::transfer::Peers;
+use flock_dataset::Backend;
 
 /// Raft and request timing. Every field has a default suited to a LAN or one machine.
 #[derive(Clone, Debug)]
@@ -48,6 +51,8 @@ pub struct NodeOptions {
     pub keep_logs: u64,
     /// How long a request waits for a leader and for its command to commit. Default 5 s.
     pub request_timeout: Duration,
+    /// Where datasets live; `None`: what the data dir recorded, or `dir` for a new node.
+    pub storage: Option<StorageChoice>,
 }
 
 impl Default for NodeOptions {
@@ -58,6 +63,7 @@ impl Default for NodeOptions {
             snapshot_logs: 10_000,
             keep_logs: 1_000,
             request_timeout: Duration::from_secs(5),
+            storage: None,
         }
     }
 }
@@ -124,6 +130,8 @@ pub struct RunningNode {
     /// The QUIC endpoint snapshot streams use, with the same certificates as gRPC.
     pub quic: quinn::Endpoint,
     pub tls: NodeTls,
+    /// The process driver that runs this node's apps.
+    pub drivers: crate::driver::Drivers,
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     worker: JoinHandle<()>,
@@ -139,6 +147,7 @@ impl RunningNode {
         name: Option<String>,
         opts: &NodeOptions,
     ) -> anyhow::Result<RunningNode> {
+        let checked = check_storage(opts)?;
         dd.prepare_new()?;
         let (bound, advertise) = ep.addrs()?;
         let name = name.unwrap_or_else(|| "n1".to_string());
@@ -177,8 +186,19 @@ impl RunningNode {
             .set_cluster_id(&identity.cluster_id)
             .await
             .map_err(anyhow::Error::msg)?;
+        // Written with the identity: a node that failed to start leaves its dir reusable.
+        let backend = open_new_storage(dd, opts, checked)?;
         dd.save_identity(&identity)?;
-        let node = Self::start(identity, store, ep.listener, tls, Some(ca), opts).await?;
+        let node = Self::start(
+            identity,
+            store,
+            ep.listener,
+            tls,
+            Some(ca),
+            (backend, dd.root().join("apps")),
+            opts,
+        )
+        .await?;
         node.bootstrap(dd).await?;
         Ok(node)
     }
@@ -199,6 +219,7 @@ impl RunningNode {
         if let Some(n) = &name {
             validate_name(n).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
         }
+        let checked = check_storage(opts)?;
         dd.prepare_new()?;
         let (bound, advertise) = ep.addrs()?;
         let fp = token.ca_fingerprint.clone();
@@ -253,8 +274,19 @@ impl RunningNode {
             .set_cluster_id(&identity.cluster_id)
             .await
             .map_err(anyhow::Error::msg)?;
+        // Written with the identity: a node that failed to start leaves its dir reusable.
+        let backend = open_new_storage(dd, opts, checked)?;
         dd.save_identity(&identity)?;
-        Self::start(identity, store, ep.listener, tls, None, opts).await
+        Self::start(
+            identity,
+            store,
+            ep.listener,
+            tls,
+            None,
+            (backend, dd.root().join("apps")),
+            opts,
+        )
+        .await
     }
 
     /// Restarts the node kept in `data_dir`, with its identity and state. `listen` overrides the
@@ -289,7 +321,17 @@ impl RunningNode {
         let listener = TcpListener::bind(&listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-        let node = Self::start(identity, store, listener, tls, ca, opts).await?;
+        let backend = StorageChoice::resolve(dd, opts.storage.as_ref())?.open(dd)?;
+        let node = Self::start(
+            identity,
+            store,
+            listener,
+            tls,
+            ca,
+            (backend, dd.root().join("apps")),
+            opts,
+        )
+        .await?;
         if !node.identity.bootstrapped {
             node.bootstrap(dd).await?;
         }
@@ -302,9 +344,17 @@ impl RunningNode {
         listener: TcpListener,
         tls: NodeTls,
         ca: Option<CertAuthority>,
+        (backend, apps_root): (Arc<dyn Backend>, std::path::PathBuf),
         opts: &NodeOptions,
     ) -> anyhow::Result<RunningNode> {
         let bound = listener.local_addr()?;
+        let datasets = Arc::new(Datasets::new(backend, identity.node_id));
+        let drivers = crate::driver::Drivers::open(
+            apps_root,
+            &format!("{}-{}", identity.cluster_id, identity.name),
+        )
+        .await?;
+        let apps_view = crate::apps::AppsView::default();
         let config = opts.raft_config(&identity.cluster_id)?;
         let closer = store.closer();
         let (log, sm, _, _) = store.into_parts();
@@ -333,11 +383,14 @@ impl RunningNode {
             tls.ca_pem.clone(),
             tls.ca_fingerprint()?,
             ca.map(Arc::new),
+            crate::api::LocalParts {
+                datasets: datasets.clone(),
+                drivers: drivers.clone(),
+                apps: apps_view.clone(),
+            },
         );
-        let quic = quinn::Endpoint::server(tls.quic_server()?, bound)
+        let quic = crate::transfer::quic::bind_endpoint(bound, &tls)
             .map_err(|e| anyhow::anyhow!("cannot open the QUIC endpoint on udp {bound}: {e}"))?;
-        let mut quic = quic;
-        quic.set_default_client_config(tls.quic_client()?);
         let (stop, stopped) = watch::channel(false);
         let mut server_stop = stopped.clone();
         let server = tokio::spawn(
@@ -355,13 +408,35 @@ impl RunningNode {
                 }),
         );
         let worker = tokio::spawn(membership_worker(cluster.clone(), stopped.clone()));
-        tokio::spawn(crate::transfer::serve(quic.clone(), quic_auth, stopped));
+        tokio::spawn(crate::transfer::serve(
+            quic.clone(),
+            quic_auth,
+            datasets.clone(),
+            cluster.view.clone(),
+            stopped.clone(),
+        ));
+        tokio::spawn(crate::apps::run(
+            cluster.clone(),
+            datasets.clone(),
+            drivers.clone(),
+            apps_view,
+            stopped.clone(),
+        ));
+        let peers = Arc::new(Peers::new(quic.clone()));
+        tokio::spawn(crate::datasets::agent::run(
+            cluster.clone(),
+            datasets.clone(),
+            peers,
+            drivers.clone(),
+            stopped,
+        ));
         Ok(RunningNode {
             cluster,
             identity,
             bound,
             quic,
             tls,
+            drivers,
             stop,
             server,
             worker,
@@ -461,6 +536,29 @@ impl RunningNode {
             .await
             .map_err(|e| anyhow::anyhow!("flushing the raft store: {e}"))?;
         Ok(())
+    }
+}
+
+/// For a new node: opens a zfs backend before anything is written, so that a node that cannot
+/// use zfs says so at once and leaves its data dir untouched.
+fn check_storage(opts: &NodeOptions) -> anyhow::Result<Option<Arc<dyn Backend>>> {
+    match &opts.storage {
+        Some(z @ StorageChoice::Zfs { .. }) => Ok(Some(z.open(&DataDir::new("/nonexistent"))?)),
+        _ => Ok(None),
+    }
+}
+
+/// For a new node, once its data dir is prepared: records the storage choice and opens it.
+fn open_new_storage(
+    dd: &DataDir,
+    opts: &NodeOptions,
+    checked: Option<Arc<dyn Backend>>,
+) -> anyhow::Result<Arc<dyn Backend>> {
+    let choice = opts.storage.clone().unwrap_or(StorageChoice::Dir);
+    choice.save(dd)?;
+    match checked {
+        Some(b) => Ok(b),
+        None => choice.open(dd),
     }
 }
 

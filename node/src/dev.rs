@@ -138,9 +138,17 @@ pub async fn run(
     );
 
     let sig = shutdown_signal().await;
-    println!("flockd dev: {sig}, stopping {nodes} node(s)");
+    println!("flockd dev: {sig}, stopping {nodes} node(s) and their apps");
     for n in running.into_iter().rev() {
+        // Apps outlive a real flockd (a restarted one adopts them); a dev cluster takes its
+        // apps along, so that a first try leaves no processes or containers behind (their data
+        // stays in the datasets; a next run on the same --data-dir starts them again).
+        // The node first, so that its agent does not restart what is stopped here.
+        let drivers = n.drivers.clone();
         n.shutdown().await?;
+        for (i, kind) in drivers.list().await {
+            drivers.remove(kind, &i.app).await;
+        }
     }
     println!("flockd dev: stopped");
     Ok(())

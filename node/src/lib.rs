@@ -9,15 +9,22 @@
 //! - [`client`]: connecting to a node and the client config; [`token`]: join tokens;
 //!   [`pki`]: the cluster CA, certificates, TLS and who may call what; [`dev`]: `flockd dev`.
 //! - [`ctl`]: flockctl's commands and their output.
-//! - [`transfer`]: the QUIC endpoint for snapshot streams between nodes.
+//! - [`driver`]: running apps on this node (the process driver).
+//! - [`datasets`]: the node's storage backend, dataset operations and the convergence agent.
+//! - [`transfer`]: snapshot streams between nodes over QUIC.
 
 pub mod api;
+pub mod apps;
 pub mod client;
 pub mod cluster;
 pub mod ctl;
+pub mod ctl_app;
+pub mod ctl_dataset;
 pub mod daemon;
 pub mod datadir;
+pub mod datasets;
 pub mod dev;
+pub mod driver;
 pub mod pki;
 pub mod token;
 pub mod transfer;

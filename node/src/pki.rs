@@ -345,8 +345,10 @@ impl NodeTls {
         Ok((roots, chain, key))
     }
 
-    /// QUIC (quinn) server config: mutual TLS, a client certificate of this CA required.
-    pub fn quic_server(&self) -> Result<quinn::ServerConfig, PkiError> {
+    /// rustls server config for node-to-node streams: TLS 1.3 only, a client certificate of
+    /// this CA required (mutual TLS), no ALPN. The QUIC endpoint uses it with [`QUIC_ALPN`];
+    /// the same over TCP is what stream benchmarks compare QUIC against.
+    pub fn tls13_server(&self) -> Result<rustls::ServerConfig, PkiError> {
         let (roots, chain, key) = self.rustls_parts()?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -355,12 +357,30 @@ impl NodeTls {
         )
         .build()
         .map_err(|e| bad("QUIC client verifier", e))?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| bad("QUIC TLS", e))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
-            .map_err(|e| bad("QUIC TLS", e))?;
+            .map_err(|e| bad("QUIC TLS", e))
+    }
+
+    /// rustls client config for node-to-node streams: TLS 1.3 only, verifies the peer against
+    /// the CA (as [`SERVER_NAME`]), presents this node's certificate; no ALPN.
+    pub fn tls13_client(&self) -> Result<rustls::ClientConfig, PkiError> {
+        let (roots, chain, key) = self.rustls_parts()?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| bad("QUIC TLS", e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| bad("QUIC TLS", e))
+    }
+
+    /// QUIC (quinn) server config: mutual TLS, a client certificate of this CA required.
+    pub fn quic_server(&self) -> Result<quinn::ServerConfig, PkiError> {
+        let mut tls = self.tls13_server()?;
         tls.alpn_protocols = vec![QUIC_ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| bad("QUIC TLS", e))?;
@@ -369,14 +389,7 @@ impl NodeTls {
 
     /// QUIC (quinn) client config: verifies the peer against the CA, presents this node's cert.
     pub fn quic_client(&self) -> Result<quinn::ClientConfig, PkiError> {
-        let (roots, chain, key) = self.rustls_parts()?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| bad("QUIC TLS", e))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| bad("QUIC TLS", e))?;
+        let mut tls = self.tls13_client()?;
         tls.alpn_protocols = vec![QUIC_ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| bad("QUIC TLS", e))?;

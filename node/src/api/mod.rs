@@ -3,6 +3,11 @@
 //! Handlers translate requests into [`Cluster`] operations: writes become scheduler commands
 //! proposed through Raft (forwarded to the leader by [`Cluster::propose`]), reads are served from
 //! the local state machine after a read barrier unless the caller asked for a stale read.
+//! Dataset calls are in [`datasets`].
+
+mod apps;
+mod datasets;
+pub use datasets::resolve_node;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,8 +20,16 @@ use flock_raft::codec::{decode, encode};
 use flock_scheduler::{Command, CommandResult};
 
 use crate::cluster::{Cluster, ClusterError};
+use crate::datasets::Datasets;
 use crate::pki::{Authorizer, CertAuthority, Role};
 use crate::token::{random_hex, JoinToken};
+
+/// What runs on this node that the API reports on: datasets, the app driver, the app agent.
+pub struct LocalParts {
+    pub datasets: Arc<Datasets>,
+    pub drivers: crate::driver::Drivers,
+    pub apps: crate::apps::AppsView,
+}
 
 /// The API service of one node.
 pub struct ApiService {
@@ -27,6 +40,11 @@ pub struct ApiService {
     ca_fingerprint: String,
     /// The CA's signing key, on the node that created the cluster only.
     ca: Option<Arc<CertAuthority>>,
+    /// This node's datasets.
+    datasets: Arc<Datasets>,
+    /// This node's app driver and the app agent's view.
+    drivers: crate::driver::Drivers,
+    apps: crate::apps::AppsView,
 }
 
 impl ApiService {
@@ -36,13 +54,22 @@ impl ApiService {
         ca_pem: String,
         ca_fingerprint: String,
         ca: Option<Arc<CertAuthority>>,
+        local: LocalParts,
     ) -> ApiServer<ApiService> {
+        let LocalParts {
+            datasets,
+            drivers,
+            apps,
+        } = local;
         ApiServer::new(ApiService {
             cluster,
             auth,
             ca_pem,
             ca_fingerprint,
             ca,
+            datasets,
+            drivers,
+            apps,
         })
     }
 
@@ -355,5 +382,68 @@ impl Api for ApiService {
         self.auth.check_node(&req.peer_certs())?;
         let index = self.cluster.local_read_index().await?;
         Ok(Response::new(ReadIndexReply { index }))
+    }
+
+    async fn dataset_create(
+        &self,
+        req: Request<DatasetCreateRequest>,
+    ) -> Reply<DatasetCreateReply> {
+        self.do_dataset_create(req).await
+    }
+
+    async fn dataset_list(&self, req: Request<DatasetListRequest>) -> Reply<DatasetListReply> {
+        self.do_dataset_list(req).await
+    }
+
+    async fn dataset_snapshot(
+        &self,
+        req: Request<DatasetSnapshotRequest>,
+    ) -> Reply<DatasetSnapshotReply> {
+        self.do_dataset_snapshot(req).await
+    }
+
+    async fn dataset_rollback(
+        &self,
+        req: Request<DatasetRollbackRequest>,
+    ) -> Reply<DatasetRollbackReply> {
+        self.do_dataset_rollback(req).await
+    }
+
+    async fn dataset_remove(
+        &self,
+        req: Request<DatasetRemoveRequest>,
+    ) -> Reply<DatasetRemoveReply> {
+        self.do_dataset_remove(req).await
+    }
+
+    async fn dataset_move(&self, req: Request<DatasetMoveRequest>) -> Reply<DatasetMoveReply> {
+        self.do_dataset_move(req).await
+    }
+
+    async fn local_datasets(
+        &self,
+        req: Request<LocalDatasetsRequest>,
+    ) -> Reply<LocalDatasetsReply> {
+        self.do_local_datasets(req).await
+    }
+
+    async fn deploy(&self, req: Request<DeployRequest>) -> Reply<DeployReply> {
+        self.do_deploy(req).await
+    }
+
+    async fn app_list(&self, req: Request<AppListRequest>) -> Reply<AppListReply> {
+        self.do_app_list(req).await
+    }
+
+    async fn app_remove(&self, req: Request<AppRemoveRequest>) -> Reply<DeployReply> {
+        self.do_app_remove(req).await
+    }
+
+    async fn app_logs(&self, req: Request<AppLogsRequest>) -> Reply<AppLogsReply> {
+        self.do_app_logs(req).await
+    }
+
+    async fn local_apps(&self, req: Request<LocalAppsRequest>) -> Reply<LocalAppsReply> {
+        self.do_local_apps(req).await
     }
 }

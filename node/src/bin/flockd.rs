@@ -8,6 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use flock_node::daemon::{Endpoint, NodeOptions, RunningNode};
 use flock_node::datadir::DataDir;
+use flock_node::datasets::StorageChoice;
 
 /// flock's daemon: forms a cluster with the other machines' flockd and keeps its desired state.
 #[derive(Parser, Debug)]
@@ -43,6 +44,9 @@ enum Cmd {
         /// Bind this address instead of the one recorded at creation (the advertised address stays).
         #[arg(long)]
         listen: Option<String>,
+        /// Must match what the data dir recorded at creation, if given.
+        #[command(flatten)]
+        storage: StorageArgs,
         #[command(flatten)]
         raft: RaftArgs,
     },
@@ -77,7 +81,28 @@ struct NewNode {
     #[arg(long)]
     name: Option<String>,
     #[command(flatten)]
+    storage: StorageArgs,
+    #[command(flatten)]
     raft: RaftArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+struct StorageArgs {
+    /// Where datasets live: "dir" (directories under the data dir; the default) or "zfs".
+    #[arg(long, value_name = "dir|zfs")]
+    backend: Option<String>,
+    /// The zfs pool (or POOL/PATH) for datasets; implies --backend zfs.
+    #[arg(long, value_name = "POOL")]
+    zfs_pool: Option<String>,
+}
+
+impl StorageArgs {
+    fn options(&self, raft: &RaftArgs) -> anyhow::Result<NodeOptions> {
+        Ok(NodeOptions {
+            storage: StorageChoice::from_flags(self.backend.as_deref(), self.zfs_pool.as_deref())?,
+            ..raft.options()
+        })
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -108,6 +133,7 @@ impl RaftArgs {
             snapshot_logs: self.snapshot_logs,
             keep_logs: self.keep_logs,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            storage: None,
         }
     }
 }
@@ -146,7 +172,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Init { node: n } => {
             let dd = DataDir::new(&n.data_dir);
             let ep = Endpoint::bind(&n.listen, n.advertise).await?;
-            let node = RunningNode::init(&dd, ep, n.name, &n.raft.options()).await?;
+            let opts = n.storage.options(&n.raft)?;
+            let node = RunningNode::init(&dd, ep, n.name, &opts).await?;
             let token = node.token()?;
             println!("flockd: join with token {token}");
             println!(
@@ -162,6 +189,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             node: n,
         } => {
             let dd = DataDir::new(&n.data_dir);
+            let opts = n.storage.options(&n.raft)?;
             let ep = Endpoint::bind(&n.listen, n.advertise).await?;
             let node = RunningNode::join(
                 &dd,
@@ -170,7 +198,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &token,
                 n.name,
                 Duration::from_secs(join_timeout),
-                &n.raft.options(),
+                &opts,
             )
             .await?;
             node.wait_until_member(Duration::from_secs(30)).await?;
@@ -179,8 +207,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Run {
             data_dir,
             listen,
+            storage,
             raft,
-        } => RunningNode::run(&DataDir::new(data_dir), listen, &raft.options()).await?,
+        } => RunningNode::run(&DataDir::new(data_dir), listen, &storage.options(&raft)?).await?,
     };
     let id = &node.identity;
     println!(

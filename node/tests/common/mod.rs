@@ -155,6 +155,8 @@ pub struct TestCluster {
     pub nodes: Vec<Proc>,
     pub token: String,
     pub extra_args: Vec<String>,
+    /// Arguments for one node only (index 0 is node 1), after `extra_args`.
+    pub node_args: Vec<Vec<String>>,
 }
 
 pub fn s(v: &[&str]) -> Vec<String> {
@@ -165,12 +167,18 @@ impl TestCluster {
     /// Starts `n` nodes: the first with `init`, the others with `join`, and waits until the
     /// voter count is what the promotion rule gives.
     pub fn start(n: usize, extra: &[&str]) -> TestCluster {
+        Self::start_with(n, extra, Vec::new())
+    }
+
+    /// As [`start`](Self::start), with `node_args[i]` given to node i + 1 only.
+    pub fn start_with(n: usize, extra: &[&str], node_args: Vec<Vec<String>>) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut c = TestCluster {
             dir,
             nodes: Vec::new(),
             token: String::new(),
             extra_args: s(extra),
+            node_args,
         };
         let d1 = c.data_dir(1);
         let mut args = s(&[
@@ -184,6 +192,7 @@ impl TestCluster {
         ]);
         args.extend(s(FAST));
         args.extend(c.extra_args.clone());
+        args.extend(c.args_of(1));
         let mut first = Proc::start(&args, &d1, "n1", &c.log(1, "init")).expect("n1 starts");
         let tok = first
             .wait_line("flockd: join with token", Duration::from_secs(5))
@@ -201,6 +210,10 @@ impl TestCluster {
         };
         c.wait_voters(voters, Duration::from_secs(30));
         c
+    }
+
+    fn args_of(&self, i: usize) -> Vec<String> {
+        self.node_args.get(i - 1).cloned().unwrap_or_default()
     }
 
     pub fn data_dir(&self, i: usize) -> PathBuf {
@@ -229,6 +242,7 @@ impl TestCluster {
         ]);
         args.extend(s(FAST));
         args.extend(self.extra_args.clone());
+        args.extend(self.args_of(i));
         Proc::start(&args, &d, &name, &self.log(i, "join"))
     }
 
@@ -238,6 +252,7 @@ impl TestCluster {
         let mut args = s(&["run", "--data-dir", d.to_str().unwrap()]);
         args.extend(s(FAST));
         args.extend(self.extra_args.clone());
+        args.extend(self.args_of(i));
         let p =
             Proc::start(&args, &d, &format!("n{i}"), &self.log(i, "run")).expect("node restarts");
         assert_eq!(

@@ -1,0 +1,265 @@
+//! The application calls of the API: deploy through Raft, status from the nodes that run them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::future::join_all;
+use tonic::{Request, Response, Status};
+
+use flock_proto::v1 as pb;
+use flock_scheduler::app::{plan_deploy, Change};
+use flock_scheduler::config::PlannedApp;
+use flock_scheduler::{ClusterState, Command, CommandResult, NodeId};
+
+use super::datasets::{node_name, FORWARDED};
+use super::{unexpected, ApiService, Reply};
+use crate::cluster::ClusterError;
+
+const NODE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn changes_proto(state: &ClusterState, changes: &[Change]) -> Vec<pb::AppChange> {
+    changes
+        .iter()
+        .map(|c| {
+            let (kind, node, from) = match c {
+                Change::Start { node, .. } => ("start", *node, None),
+                Change::Stop { node, .. } => ("stop", *node, None),
+                Change::Update { node, .. } => ("update", *node, None),
+                Change::Move { from, to, .. } => ("move", *to, Some(*from)),
+            };
+            pb::AppChange {
+                kind: kind.into(),
+                app: c.app().to_string(),
+                node: node_name(state, node),
+                from_node: from.map(|f| node_name(state, f)).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+impl ApiService {
+    /// Deploys `apps` (or, with `dry_run`, says what deploying them would change).
+    async fn deploy_plan(
+        &self,
+        apps: BTreeMap<String, PlannedApp>,
+        dry_run: bool,
+    ) -> Reply<pb::DeployReply> {
+        if dry_run {
+            let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
+            let (_, changes) = plan_deploy(&state, &apps).map_err(ClusterError::from)?;
+            return Ok(Response::new(pb::DeployReply {
+                changes: changes_proto(&state, &changes),
+                generation: state.deploy_generation,
+            }));
+        }
+        match self.cluster.propose(Command::Deploy { apps }).await? {
+            CommandResult::Deployed {
+                generation,
+                changes,
+            } => {
+                let state = self.cluster.view.read().cluster.clone();
+                Ok(Response::new(pb::DeployReply {
+                    changes: changes_proto(&state, &changes),
+                    generation,
+                }))
+            }
+            CommandResult::Rejected(e) => Err(ClusterError::from(e).into()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub(super) async fn do_deploy(
+        &self,
+        req: Request<pb::DeployRequest>,
+    ) -> Reply<pb::DeployReply> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let apps: BTreeMap<String, PlannedApp> = serde_json::from_str(&req.plan_json)
+            .map_err(|e| Status::invalid_argument(format!("undecodable deploy plan: {e}")))?;
+        self.deploy_plan(apps, req.dry_run).await
+    }
+
+    pub(super) async fn do_app_remove(
+        &self,
+        req: Request<pb::AppRemoveRequest>,
+    ) -> Reply<pb::DeployReply> {
+        self.authorize(&req)?;
+        let name = req.into_inner().name;
+        let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
+        if !state.apps.contains_key(&name) {
+            return Err(ClusterError::NotFound(format!(
+                "no app named {name:?} (`flockctl app ls` lists them)"
+            ))
+            .into());
+        }
+        let apps = state
+            .apps
+            .iter()
+            .filter(|(n, _)| **n != name)
+            .map(|(n, a)| {
+                (
+                    n.clone(),
+                    PlannedApp {
+                        spec: a.spec.clone(),
+                        node: a.pinned,
+                    },
+                )
+            })
+            .collect();
+        self.deploy_plan(apps, false).await
+    }
+
+    pub(super) async fn do_local_apps(
+        &self,
+        req: Request<pb::LocalAppsRequest>,
+    ) -> Reply<pb::LocalAppsReply> {
+        self.authorize(&req)?;
+        Ok(Response::new(self.local_apps_report()))
+    }
+
+    fn local_apps_report(&self) -> pb::LocalAppsReply {
+        let state = self.cluster.view.read().cluster.clone();
+        let view = self.apps.snapshot();
+        pb::LocalAppsReply {
+            apps: view
+                .iter()
+                .filter_map(|(name, local)| {
+                    let app = state.apps.get(name)?;
+                    Some(crate::apps::status(&state, name, app, Some(local)))
+                })
+                .collect(),
+        }
+    }
+
+    pub(super) async fn do_app_list(
+        &self,
+        req: Request<pb::AppListRequest>,
+    ) -> Reply<pb::AppListReply> {
+        self.authorize(&req)?;
+        let name = req.into_inner().name;
+        let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
+        if !name.is_empty() && !state.apps.contains_key(&name) {
+            return Err(ClusterError::NotFound(format!(
+                "no app named {name:?} (`flockctl app ls` lists them)"
+            ))
+            .into());
+        }
+        let nodes: Vec<(NodeId, String)> = state
+            .apps
+            .values()
+            .map(|a| a.node)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|id| state.nodes.get(&id).map(|n| (id, n.addr.clone())))
+            .collect();
+        let reports: BTreeMap<NodeId, Option<pb::LocalAppsReply>> =
+            join_all(nodes.iter().map(|(id, addr)| async move {
+                if *id == self.cluster.node_id {
+                    return (*id, Some(self.local_apps_report()));
+                }
+                let Ok(mut client) = self.cluster.peer(addr) else {
+                    return (*id, None);
+                };
+                let mut req = Request::new(pb::LocalAppsRequest {});
+                req.set_timeout(NODE_TIMEOUT);
+                let r = tokio::time::timeout(NODE_TIMEOUT, client.local_apps(req)).await;
+                (*id, r.ok().and_then(|r| r.ok()).map(|r| r.into_inner()))
+            }))
+            .await
+            .into_iter()
+            .collect();
+        let apps = state
+            .apps
+            .iter()
+            .filter(|(n, _)| name.is_empty() || **n == name)
+            .map(|(n, app)| match reports.get(&app.node) {
+                Some(Some(r)) => match r.apps.iter().find(|a| a.name == *n) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let mut s = crate::apps::status(&state, n, app, None);
+                        s.state = "starting".into();
+                        s
+                    }
+                },
+                _ => {
+                    let mut s = crate::apps::status(&state, n, app, None);
+                    s.state = "unreachable".into();
+                    s.detail = format!("node {} did not answer", s.node);
+                    s
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::AppListReply {
+            apps,
+            generation: state.deploy_generation,
+        }))
+    }
+
+    pub(super) async fn do_app_logs(
+        &self,
+        req: Request<pb::AppLogsRequest>,
+    ) -> Reply<pb::AppLogsReply> {
+        self.authorize(&req)?;
+        let name = req.get_ref().name.clone();
+        let state = self.cluster.read(true, |a| a.cluster.clone()).await?;
+        let app = state.apps.get(&name).ok_or_else(|| {
+            ClusterError::NotFound(format!(
+                "no app named {name:?} (`flockctl app ls` lists them)"
+            ))
+        })?;
+        if app.node != self.cluster.node_id {
+            if req.metadata().contains_key(FORWARDED) {
+                return Err(Status::unavailable("the app moved; try again"));
+            }
+            let addr = state
+                .nodes
+                .get(&app.node)
+                .map(|n| n.addr.clone())
+                .ok_or_else(|| Status::unavailable("the app's node is not a member"))?;
+            let mut fwd = Request::new(req.into_inner());
+            fwd.metadata_mut()
+                .insert(FORWARDED, "1".parse().expect("ascii"));
+            return self.cluster.peer(&addr)?.app_logs(fwd).await;
+        }
+        let req = req.into_inner();
+        let tail = if req.tail == 0 {
+            100
+        } else {
+            req.tail as usize
+        };
+        if crate::driver::Kind::of(app.spec.image.as_deref()) == crate::driver::Kind::Docker {
+            // Containers' logs come from the engine: the tail, once (no following by offset).
+            let lines = match req.since_offset {
+                Some(_) => Vec::new(),
+                None => {
+                    self.drivers
+                        .logs(crate::driver::Kind::Docker, &name, tail)
+                        .await
+                }
+            };
+            return Ok(Response::new(pb::AppLogsReply { lines, offset: 0 }));
+        }
+        let driver = self.drivers.process.clone();
+        let read = tokio::task::spawn_blocking(move || driver.logs(&name, tail))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let (lines, offset) = match read {
+            Ok(r) => r,
+            Err(crate::driver::DriverError::NotHere { .. }) => (Vec::new(), 0),
+            Err(e) => return Err(Status::internal(e.to_string())),
+        };
+        let (lines, offset) = match req.since_offset {
+            // Following: only what came after the caller's offset.
+            Some(since) if since <= offset => {
+                let driver = self.drivers.process.clone();
+                let app = req.name.clone();
+                tokio::task::spawn_blocking(move || driver.logs_since(&app, since))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(|e| Status::internal(e.to_string()))?
+            }
+            _ => (lines, offset),
+        };
+        Ok(Response::new(pb::AppLogsReply { lines, offset }))
+    }
+}

@@ -1,0 +1,568 @@
+//! The dataset calls of the API: desired state through Raft, observed state from the holders.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use tonic::{Request, Response, Status};
+
+use flock_proto::v1 as pb;
+use flock_scheduler::dataset::validate_snapshot_name;
+use flock_scheduler::{ClusterState, Command, CommandResult, Dataset, NodeId};
+
+use super::{unexpected, ApiService, Reply};
+use crate::cluster::ClusterError;
+use crate::datasets::{blocking, DatasetGuard, LocalCopy, TransferState};
+
+/// Metadata that marks a call one node forwarded to another (forwarded at most once).
+pub(super) const FORWARDED: &str = "flock-forwarded";
+/// How long `dataset ls` waits for each node's report.
+const HOLDER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a rollback waits for the pushes of its dataset to end.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// The node named by `name` (its name or its id).
+pub fn resolve_node(state: &ClusterState, name: &str) -> Result<NodeId, ClusterError> {
+    if let Some(n) = state.node_by_name(name) {
+        return Ok(n.id);
+    }
+    if let Ok(id) = name.parse::<NodeId>() {
+        if state.nodes.contains_key(&id) {
+            return Ok(id);
+        }
+    }
+    let known: Vec<&str> = state.nodes.values().map(|n| n.name.as_str()).collect();
+    Err(ClusterError::NotFound(format!(
+        "no node named {name:?}; the nodes are {} (`flockctl node ls`)",
+        known.join(", ")
+    )))
+}
+
+fn find_dataset(state: &ClusterState, name: &str) -> Result<Dataset, ClusterError> {
+    state.dataset_by_name(name).cloned().ok_or_else(|| {
+        ClusterError::NotFound(format!(
+            "no dataset named {name:?} (`flockctl dataset ls` lists them)"
+        ))
+    })
+}
+
+pub(super) fn node_name(state: &ClusterState, id: NodeId) -> String {
+    state
+        .nodes
+        .get(&id)
+        .map_or_else(|| format!("node-{id}"), |n| n.name.clone())
+}
+
+fn snapshot_proto(s: &flock_scheduler::SnapshotRecord) -> pb::Snapshot {
+    pb::Snapshot {
+        name: s.name.clone(),
+        guid: s.guid,
+        created_unix: s.created_unix,
+        epoch: s.epoch,
+    }
+}
+
+fn dataset_proto(state: &ClusterState, ds: &Dataset) -> pb::Dataset {
+    pb::Dataset {
+        id: ds.id,
+        name: ds.name.clone(),
+        size_limit: ds.size_limit,
+        primary_id: ds.primary,
+        primary_name: node_name(state, ds.primary),
+        epoch: ds.epoch,
+        replicas: ds.replicas.iter().map(|r| node_name(state, *r)).collect(),
+        snapshots: ds.snapshots.iter().map(snapshot_proto).collect(),
+        moving_to: ds
+            .moving
+            .as_ref()
+            .map(|m| node_name(state, m.to))
+            .unwrap_or_default(),
+        holders: Vec::new(),
+        transfers: Vec::new(),
+    }
+}
+
+fn local_proto(c: &LocalCopy) -> pb::LocalDataset {
+    pb::LocalDataset {
+        id: c.id,
+        name: c.name.clone(),
+        used_bytes: c.used_bytes,
+        size_limit: c.limit,
+        mount_path: c.mount_path.display().to_string(),
+        snapshots: c
+            .snapshots
+            .iter()
+            .map(|s| pb::Snapshot {
+                name: s.name.to_string(),
+                guid: s.guid,
+                created_unix: s.created_unix,
+                epoch: 0,
+            })
+            .collect(),
+    }
+}
+
+fn transfer_proto(state: &ClusterState, t: &TransferState) -> pb::Transfer {
+    pb::Transfer {
+        dataset: t.dataset.clone(),
+        to_node: node_name(state, t.to),
+        phase: t.phase.to_string(),
+        bytes: t.bytes,
+        total: t.total.unwrap_or(0),
+        bytes_per_sec: t.rate(),
+        last_error: t.last_error.clone().unwrap_or_default(),
+    }
+}
+
+fn rejected(r: CommandResult) -> Status {
+    match r {
+        CommandResult::Rejected(e) => ClusterError::from(e).into(),
+        other => unexpected(other),
+    }
+}
+
+impl ApiService {
+    async fn local_report(&self) -> pb::LocalDatasetsReply {
+        let datasets = &self.datasets;
+        let state = self.cluster.view.read().cluster.clone();
+        let transfers = datasets
+            .transfers()
+            .iter()
+            .map(|t| transfer_proto(&state, t))
+            .collect();
+        match datasets.local().await {
+            Ok(copies) => pb::LocalDatasetsReply {
+                backend: datasets.backend.kind().to_string(),
+                datasets: copies.iter().map(local_proto).collect(),
+                transfers,
+                error: String::new(),
+            },
+            Err(e) => pb::LocalDatasetsReply {
+                backend: datasets.backend.kind().to_string(),
+                datasets: Vec::new(),
+                transfers,
+                error: e.to_string(),
+            },
+        }
+    }
+
+    /// Each node's report, `None` for nodes that did not answer in time.
+    async fn reports(
+        &self,
+        nodes: &[(NodeId, String)],
+    ) -> Vec<(NodeId, Option<pb::LocalDatasetsReply>)> {
+        join_all(nodes.iter().map(|(id, addr)| async move {
+            if *id == self.cluster.node_id {
+                return (*id, Some(self.local_report().await));
+            }
+            let Ok(mut client) = self.cluster.peer(addr) else {
+                return (*id, None);
+            };
+            let mut req = Request::new(pb::LocalDatasetsRequest {});
+            req.set_timeout(HOLDER_TIMEOUT);
+            let r = tokio::time::timeout(HOLDER_TIMEOUT, client.local_datasets(req)).await;
+            (*id, r.ok().and_then(|r| r.ok()).map(|r| r.into_inner()))
+        }))
+        .await
+    }
+
+    pub(super) async fn do_local_datasets(
+        &self,
+        req: Request<pb::LocalDatasetsRequest>,
+    ) -> Reply<pb::LocalDatasetsReply> {
+        self.authorize(&req)?;
+        Ok(Response::new(self.local_report().await))
+    }
+
+    pub(super) async fn do_dataset_create(
+        &self,
+        req: Request<pb::DatasetCreateRequest>,
+    ) -> Reply<pb::DatasetCreateReply> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let primary = if req.node.is_empty() {
+            self.cluster.node_id
+        } else {
+            self.cluster
+                .read(false, |a| resolve_node(&a.cluster, &req.node))
+                .await??
+        };
+        let cmd = Command::CreateDataset {
+            name: req.name.clone(),
+            primary,
+            size_limit: req.size_limit,
+        };
+        let id = match self.cluster.propose(cmd).await? {
+            CommandResult::DatasetCreated { id } => id,
+            other => return Err(rejected(other)),
+        };
+        // Wait (briefly) for the primary to create it, so that it is usable on return.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr = self
+            .cluster
+            .view
+            .read()
+            .cluster
+            .nodes
+            .get(&primary)
+            .map(|n| n.addr.clone());
+        while let Some(addr) = &addr {
+            let reports = self.reports(&[(primary, addr.clone())]).await;
+            let ready = reports[0]
+                .1
+                .as_ref()
+                .is_some_and(|r| r.datasets.iter().any(|d| d.id == id));
+            if ready || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let dataset = self.cluster.read(true, |a| {
+            a.cluster
+                .datasets
+                .get(&id)
+                .map(|d| dataset_proto(&a.cluster, d))
+        });
+        Ok(Response::new(pb::DatasetCreateReply {
+            dataset: dataset.await?,
+        }))
+    }
+
+    pub(super) async fn do_dataset_list(
+        &self,
+        req: Request<pb::DatasetListRequest>,
+    ) -> Reply<pb::DatasetListReply> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let (state, wanted) = self
+            .cluster
+            .read(false, |a| {
+                let wanted = if req.name.is_empty() {
+                    Ok(a.cluster.datasets.values().cloned().collect::<Vec<_>>())
+                } else {
+                    find_dataset(&a.cluster, &req.name).map(|d| vec![d])
+                };
+                (a.cluster.clone(), wanted)
+            })
+            .await?;
+        let wanted = wanted?;
+        let mut out: Vec<pb::Dataset> = wanted.iter().map(|d| dataset_proto(&state, d)).collect();
+        if req.desired_only || wanted.is_empty() {
+            return Ok(Response::new(pb::DatasetListReply { datasets: out }));
+        }
+        let nodes: Vec<(NodeId, String)> = state
+            .nodes
+            .values()
+            .map(|n| (n.id, n.addr.clone()))
+            .collect();
+        let reports = self.reports(&nodes).await;
+        for (ds, p) in wanted.iter().zip(out.iter_mut()) {
+            for h in ds.holders() {
+                let role = if h == ds.primary {
+                    "primary"
+                } else if ds.replicas.contains(&h) {
+                    "replica"
+                } else {
+                    "target"
+                };
+                let mut holder = pb::Holder {
+                    node_id: h,
+                    node_name: node_name(&state, h),
+                    role: role.into(),
+                    ..Default::default()
+                };
+                match reports
+                    .iter()
+                    .find(|(id, _)| *id == h)
+                    .and_then(|(_, r)| r.as_ref())
+                {
+                    None => holder.state = "unreachable".into(),
+                    Some(r) if !r.error.is_empty() => {
+                        holder.state = "error".into();
+                        holder.error = r.error.clone();
+                    }
+                    Some(r) => match r.datasets.iter().find(|d| d.id == ds.id) {
+                        Some(d) => {
+                            holder.state = "ready".into();
+                            holder.used_bytes = d.used_bytes;
+                            holder.mount_path = d.mount_path.clone();
+                            holder.latest_snapshot = d
+                                .snapshots
+                                .last()
+                                .map(|s| s.name.clone())
+                                .unwrap_or_default();
+                        }
+                        None => holder.state = "missing".into(),
+                    },
+                }
+                p.holders.push(holder);
+            }
+            if let Some((_, Some(r))) = reports.iter().find(|(id, _)| *id == ds.primary) {
+                p.transfers = r
+                    .transfers
+                    .iter()
+                    .filter(|t| t.dataset == ds.name)
+                    .cloned()
+                    .collect();
+            }
+        }
+        Ok(Response::new(pb::DatasetListReply { datasets: out }))
+    }
+
+    /// For the calls the primary carries out: the dataset named `name`, with its lock held on
+    /// this node, when this node is its primary; otherwise the request marked as forwarded and
+    /// the primary's address to send it to (an error if it was forwarded already).
+    async fn on_primary<T>(
+        &self,
+        req: Request<T>,
+        name: &str,
+        exclusive: bool,
+    ) -> Result<Result<(Dataset, DatasetGuard), (Request<T>, String)>, Status> {
+        let ds = self
+            .cluster
+            .read(false, |a| find_dataset(&a.cluster, name))
+            .await??;
+        if ds.primary != self.cluster.node_id {
+            if req.metadata().contains_key(FORWARDED) {
+                return Err(Status::unavailable(format!(
+                    "node {} is not the primary of {name} here; try again",
+                    self.cluster.node_name
+                )));
+            }
+            let addr = self
+                .cluster
+                .view
+                .read()
+                .cluster
+                .nodes
+                .get(&ds.primary)
+                .map(|n| n.addr.clone())
+                .ok_or_else(|| Status::unavailable("the dataset's primary is not a member"))?;
+            let mut fwd = Request::new(req.into_inner());
+            fwd.metadata_mut()
+                .insert(FORWARDED, "1".parse().expect("ascii"));
+            return Ok(Err((fwd, addr)));
+        }
+        // A rollback waits for pushes of the dataset to end, but not forever.
+        let guard = if exclusive {
+            tokio::time::timeout(LOCK_WAIT, self.datasets.lock(ds.id))
+                .await
+                .map_err(|_| {
+                    Status::unavailable(format!(
+                        "{name} is busy (a push to another node is running, `flockctl dataset ls {name}` shows it); try again"
+                    ))
+                })?
+        } else {
+            self.datasets.share(ds.id).await
+        };
+        // The state may have moved on while this waited for the lock.
+        let ds = self
+            .cluster
+            .read(true, |a| find_dataset(&a.cluster, name))
+            .await??;
+        if ds.primary != self.cluster.node_id {
+            return Err(Status::unavailable(format!(
+                "{name} moved to another node; try again"
+            )));
+        }
+        Ok(Ok((ds, guard)))
+    }
+
+    pub(super) async fn do_dataset_snapshot(
+        &self,
+        req: Request<pb::DatasetSnapshotRequest>,
+    ) -> Reply<pb::DatasetSnapshotReply> {
+        self.authorize(&req)?;
+        let name = req.get_ref().name.clone();
+        let tag = req.get_ref().tag.clone();
+        if !tag.is_empty() {
+            validate_snapshot_name(&tag).map_err(ClusterError::from)?;
+        }
+        let (ds, _guard) = match self.on_primary(req, &name, false).await? {
+            Ok(locked) => locked,
+            Err((fwd, addr)) => return self.cluster.peer(&addr)?.dataset_snapshot(fwd).await,
+        };
+        let datasets = &self.datasets;
+        if ds.snapshots.iter().any(|s| s.name == tag) {
+            return Err(
+                ClusterError::from(flock_scheduler::ApplyError::SnapshotExists {
+                    dataset: name,
+                    snapshot: tag,
+                })
+                .into(),
+            );
+        }
+        if datasets.local_copy(&ds).await.map_err(ds_err)?.is_none() {
+            return Err(Status::unavailable(format!(
+                "the primary {} has not created {name} yet; try again in a moment",
+                self.cluster.node_name
+            )));
+        }
+        let record = datasets
+            .snapshot(&ds, (!tag.is_empty()).then_some(tag.as_str()))
+            .await
+            .map_err(ds_err)?;
+        let cmd = Command::RecordSnapshot {
+            dataset: ds.id,
+            epoch: ds.epoch,
+            snapshot: record.clone(),
+        };
+        match self.cluster.propose(cmd).await {
+            Ok(CommandResult::SnapshotRecorded) => Ok(Response::new(pb::DatasetSnapshotReply {
+                snapshot: Some(snapshot_proto(&record)),
+            })),
+            Ok(other) => {
+                // Not recorded: take it back, so the copy matches what Raft says.
+                let name = crate::datasets::backend_name(&ds).map_err(ds_err)?;
+                let snap = flock_dataset::SnapshotName::new(record.name.clone()).map_err(ds_err)?;
+                let _ =
+                    blocking(&datasets.backend, move |b| b.destroy_snapshot(&name, &snap)).await;
+                Err(rejected(other))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(super) async fn do_dataset_rollback(
+        &self,
+        req: Request<pb::DatasetRollbackRequest>,
+    ) -> Reply<pb::DatasetRollbackReply> {
+        self.authorize(&req)?;
+        let name = req.get_ref().name.clone();
+        let to = req.get_ref().snapshot.clone();
+        let (ds, _guard) = match self.on_primary(req, &name, true).await? {
+            Ok(locked) => locked,
+            Err((fwd, addr)) => return self.cluster.peer(&addr)?.dataset_rollback(fwd).await,
+        };
+        let datasets = &self.datasets;
+        if !ds.snapshots.iter().any(|s| s.name == to) {
+            return Err(
+                ClusterError::from(flock_scheduler::ApplyError::UnknownSnapshot {
+                    dataset: name,
+                    snapshot: to,
+                })
+                .into(),
+            );
+        }
+        let backend_name = crate::datasets::backend_name(&ds).map_err(ds_err)?;
+        let snap = flock_dataset::SnapshotName::new(to.clone()).map_err(ds_err)?;
+        blocking(&datasets.backend, move |b| b.rollback(&backend_name, &snap))
+            .await
+            .map_err(ds_err)?;
+        let cmd = Command::RollbackDataset {
+            dataset: ds.id,
+            epoch: ds.epoch,
+            to,
+        };
+        match self.cluster.propose(cmd).await? {
+            CommandResult::RolledBack { dropped } => Ok(Response::new(pb::DatasetRollbackReply {
+                dropped: dropped as u64,
+            })),
+            other => Err(rejected(other)),
+        }
+    }
+
+    pub(super) async fn do_dataset_remove(
+        &self,
+        req: Request<pb::DatasetRemoveRequest>,
+    ) -> Reply<pb::DatasetRemoveReply> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let ds = self
+            .cluster
+            .read(false, |a| find_dataset(&a.cluster, &req.name))
+            .await??;
+        let holders = match self
+            .cluster
+            .propose(Command::DeleteDataset { dataset: ds.id })
+            .await?
+        {
+            CommandResult::DatasetDeleted { holders } => holders,
+            other => return Err(rejected(other)),
+        };
+        let wait = if req.wait_ms == 0 {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_millis(req.wait_ms)
+        };
+        let deadline = Instant::now() + wait;
+        let nodes: Vec<(NodeId, String)> = {
+            let s = self.cluster.view.read();
+            holders
+                .iter()
+                .filter_map(|h| s.cluster.nodes.get(h).map(|n| (n.id, n.addr.clone())))
+                .collect()
+        };
+        loop {
+            let pending: Vec<NodeId> = self
+                .reports(&nodes)
+                .await
+                .into_iter()
+                .filter(|(_, r)| {
+                    r.as_ref()
+                        .is_none_or(|r| r.datasets.iter().any(|d| d.id == ds.id))
+                })
+                .map(|(id, _)| id)
+                .collect();
+            if pending.is_empty() || Instant::now() >= deadline {
+                let s = self.cluster.view.read();
+                return Ok(Response::new(pb::DatasetRemoveReply {
+                    pending: pending
+                        .iter()
+                        .map(|id| node_name(&s.cluster, *id))
+                        .collect(),
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub(super) async fn do_dataset_move(
+        &self,
+        req: Request<pb::DatasetMoveRequest>,
+    ) -> Reply<pb::DatasetMoveReply> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let (ds, to) = self
+            .cluster
+            .read(false, |a| -> Result<_, ClusterError> {
+                let ds = find_dataset(&a.cluster, &req.name)?;
+                let to = if req.cancel {
+                    None
+                } else {
+                    Some(resolve_node(&a.cluster, &req.to)?)
+                };
+                Ok((ds, to))
+            })
+            .await??;
+        let cmd = match to {
+            None => Command::CancelDatasetMove { dataset: ds.id },
+            Some(to) => Command::BeginDatasetMove { dataset: ds.id, to },
+        };
+        match self.cluster.propose(cmd).await? {
+            CommandResult::MoveBegun { .. } | CommandResult::MoveCancelled { .. } => {}
+            other => return Err(rejected(other)),
+        }
+        let dataset = self
+            .cluster
+            .read(true, |a| {
+                a.cluster
+                    .datasets
+                    .get(&ds.id)
+                    .map(|d| dataset_proto(&a.cluster, d))
+            })
+            .await?;
+        Ok(Response::new(pb::DatasetMoveReply { dataset }))
+    }
+}
+
+fn ds_err(e: flock_dataset::DatasetError) -> Status {
+    use flock_dataset::DatasetError as E;
+    let msg = e.to_string();
+    match e {
+        E::NotFound { .. } | E::SnapshotNotFound { .. } => Status::not_found(msg),
+        E::AlreadyExists { .. } | E::SnapshotExists { .. } => Status::already_exists(msg),
+        E::InvalidName { .. } => Status::invalid_argument(msg),
+        E::NoSpace { .. } => Status::resource_exhausted(msg),
+        _ => Status::internal(msg),
+    }
+}

@@ -1,0 +1,350 @@
+//! The app agent every node runs: it makes the apps running here match the desired state and
+//! applies restart policies.
+//!
+//! - An app placed on this node starts once its dataset (if it has a volume) has its primary
+//!   here and is not moving: the app never runs on a copy that is not the current one.
+//! - An instance started from another spec is stopped and started again (an update).
+//! - An instance whose app is not placed here any more is stopped and removed.
+//! - An exited app is restarted per its restart policy, after an exponential backoff (1 s,
+//!   doubling, at most [`MAX_BACKOFF`]); on-failure gives up after its maximum and the app shows
+//!   as failed with its last exit status and output.
+//!
+//! After a flockd restart, the driver's records make the running instances adopted, not
+//! started again. What the agent sees is kept in [`AppsView`] for the API (`app ls`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use flock_proto::v1 as pb;
+use flock_scheduler::config::RestartPolicy;
+use flock_scheduler::{App, ClusterState};
+
+use crate::cluster::Cluster;
+use crate::datasets::Datasets;
+use crate::driver::{Drivers, Instance, Kind, RunSpec, RunState};
+
+const TICK: Duration = Duration::from_millis(300);
+/// The longest wait before restarting an exited app.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const LAST_LINES: usize = 10;
+
+/// What the agent knows of one app on this node.
+#[derive(Clone, Debug, Default)]
+pub struct Local {
+    pub state: &'static str,
+    pub restarts: u32,
+    pub last_code: Option<i32>,
+    pub last_signal: Option<i32>,
+    pub detail: String,
+    pub last_lines: Vec<String>,
+    pub id: String,
+    next_start: Option<Instant>,
+    /// The spec whose start failed (not retried until the spec changes).
+    failed_start: Option<String>,
+}
+
+/// The agent's view, shared with the API.
+#[derive(Clone, Default)]
+pub struct AppsView(Arc<Mutex<BTreeMap<String, Local>>>);
+
+impl AppsView {
+    pub fn snapshot(&self) -> BTreeMap<String, Local> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The status of `name` for the API, from the desired state and this node's view.
+pub fn status(state: &ClusterState, name: &str, app: &App, local: Option<&Local>) -> pb::AppStatus {
+    let node_name = state
+        .nodes
+        .get(&app.node)
+        .map_or_else(|| format!("node-{}", app.node), |n| n.name.clone());
+    let mut s = pb::AppStatus {
+        name: name.to_string(),
+        node: node_name,
+        image: app.spec.image.clone().unwrap_or_default(),
+        command: app.spec.command.clone().unwrap_or_default(),
+        ports: app
+            .spec
+            .ports
+            .iter()
+            .map(|p| format!("{}:{}", p.external, p.internal))
+            .collect(),
+        dataset: app
+            .dataset
+            .and_then(|d| state.datasets.get(&d))
+            .map(|d| d.name.clone())
+            .unwrap_or_default(),
+        restart_policy: match app.spec.restart_policy {
+            RestartPolicy::Never => "never".into(),
+            RestartPolicy::Always => "always".into(),
+            RestartPolicy::OnFailure { max_retry: None } => "on-failure".into(),
+            RestartPolicy::OnFailure { max_retry: Some(n) } => format!("on-failure:{n}"),
+        },
+        driver: match Kind::of(app.spec.image.as_deref()) {
+            Kind::Process => "process".into(),
+            Kind::Docker => "docker".into(),
+        },
+        ..Default::default()
+    };
+    if let Some(l) = local {
+        s.state = l.state.to_string();
+        s.restarts = l.restarts;
+        s.last_exit_code = l.last_code;
+        s.last_signal = l.last_signal;
+        s.detail = l.detail.clone();
+        s.last_lines = l.last_lines.clone();
+        s.id = l.id.clone();
+    }
+    s
+}
+
+/// Docker-style link variables for `app`'s links: `ALIAS_PORT_<local>_TCP=tcp://HOST:PORT`
+/// and its `_ADDR`, `_PORT` and `_PROTO` parts, pointing at the node that runs the app
+/// publishing the link's remote port, and at that app's port there. (The routing mesh will
+/// make them point at the mesh, so that they stay valid while the peer moves.)
+pub fn link_env(state: &ClusterState, app: &App) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for link in &app.spec.links {
+        let target = state.apps.values().find_map(|other| {
+            let port = other
+                .spec
+                .ports
+                .iter()
+                .find(|p| p.external == link.remote_port)?;
+            let node = state.nodes.get(&other.node)?;
+            let host = node
+                .addr
+                .rsplit_once(':')
+                .map_or(node.addr.as_str(), |(h, _)| h);
+            Some((
+                host.trim_matches(|c| c == '[' || c == ']').to_string(),
+                port.internal,
+            ))
+        });
+        let Some((host, port)) = target else {
+            continue;
+        };
+        let prefix = format!(
+            "{}_PORT_{}_TCP",
+            link.alias.to_ascii_uppercase().replace('-', "_"),
+            link.local_port
+        );
+        env.insert(prefix.clone(), format!("tcp://{host}:{port}"));
+        env.insert(format!("{prefix}_ADDR"), host);
+        env.insert(format!("{prefix}_PORT"), port.to_string());
+        env.insert(format!("{prefix}_PROTO"), "tcp".into());
+    }
+    env
+}
+
+/// Runs until `shutdown`.
+pub async fn run(
+    cluster: Arc<Cluster>,
+    datasets: Arc<Datasets>,
+    drivers: Drivers,
+    view: AppsView,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        converge(&cluster, &datasets, &drivers, &view).await;
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+fn backoff(restarts: u32) -> Duration {
+    Duration::from_secs(1u64 << restarts.min(5)).min(MAX_BACKOFF)
+}
+
+async fn converge(cluster: &Cluster, datasets: &Datasets, drivers: &Drivers, view: &AppsView) {
+    let me = cluster.node_id;
+    let state = cluster.view.read().cluster.clone();
+    let instances: BTreeMap<String, (Instance, Kind)> = drivers
+        .list()
+        .await
+        .into_iter()
+        .map(|(i, k)| (i.app.clone(), (i, k)))
+        .collect();
+    // Instances whose app is not placed here any more.
+    for (app, (_, kind)) in &instances {
+        let here = state.apps.get(app).is_some_and(|a| a.node == me);
+        if !here {
+            tracing::info!(app, "stopping an app that is no longer placed on this node");
+            drivers.remove(*kind, app).await;
+            view.0.lock().unwrap_or_else(|p| p.into_inner()).remove(app);
+        }
+    }
+    for (name, app) in state.apps.iter().filter(|(_, a)| a.node == me) {
+        let mut local = view
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .unwrap_or_default();
+        step(
+            name,
+            app,
+            &state,
+            datasets,
+            drivers,
+            instances.get(name),
+            &mut local,
+        )
+        .await;
+        view.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), local);
+    }
+}
+
+/// One app placed on this node: start, update, restart or leave it.
+async fn step(
+    name: &str,
+    app: &App,
+    state: &ClusterState,
+    datasets: &Datasets,
+    drivers: &Drivers,
+    found: Option<&(Instance, Kind)>,
+    local: &mut Local,
+) {
+    let me = datasets.node_id;
+    let kind = Kind::of(app.spec.image.as_deref());
+    // An instance of the other driver (the app switched between image and command) goes.
+    if let Some((i, k)) = found.filter(|(_, k)| *k != kind) {
+        drivers.remove(*k, &i.app).await;
+    }
+    let instance = found.filter(|(_, k)| *k == kind).map(|(i, _)| i);
+    let mut dataset_path = None;
+    if let Some(id) = app.dataset {
+        let Some(ds) = state.datasets.get(&id) else {
+            local.state = "waiting";
+            local.detail = "its dataset is gone".into();
+            return;
+        };
+        if ds.primary != me || ds.moving.is_some() {
+            // Another node holds the current copy: this one may not write it.
+            if let Some(i) = instance.filter(|i| matches!(i.state, RunState::Running { .. })) {
+                tracing::warn!(app = name, "stopping: its dataset is not primary here");
+                drivers.stop(kind, &i.app).await;
+            }
+            local.state = "waiting";
+            local.detail = format!("waiting for dataset {} to arrive on this node", ds.name);
+            return;
+        }
+        match datasets.local_copy(ds).await {
+            Ok(Some(copy)) => dataset_path = Some(copy.mount_path),
+            _ => {
+                local.state = "waiting";
+                local.detail = format!("waiting for dataset {} to be created", ds.name);
+                return;
+            }
+        }
+    }
+    let mut env = app.spec.environment.clone();
+    env.extend(link_env(state, app));
+    let spec = RunSpec {
+        app: name.to_string(),
+        image: app.spec.image.clone(),
+        command: app.spec.command.clone(),
+        env,
+        dataset_path,
+        mountpoint: app.spec.volume.as_ref().map(|v| v.mountpoint.clone()),
+        ports: app
+            .spec
+            .ports
+            .iter()
+            .map(|p| (p.internal, p.external))
+            .collect(),
+        mem_limit: app.spec.mem_limit,
+        cpu_shares: app.spec.cpu_shares,
+    };
+    let fingerprint = spec.fingerprint();
+    if local.failed_start.as_ref() == Some(&fingerprint) {
+        return;
+    }
+    match instance.map(|i| (&i.state, i.fingerprint == fingerprint)) {
+        Some((RunState::Running { .. }, true)) => {
+            local.state = "running";
+            local.detail.clear();
+            local.id = instance.map(|i| i.id.clone()).unwrap_or_default();
+            return;
+        }
+        Some((RunState::Running { .. }, false)) => {
+            tracing::info!(app = name, "updating: its spec changed");
+            drivers.stop(kind, name).await;
+            local.restarts = 0;
+        }
+        Some((RunState::Exited { code, signal }, same)) if same => {
+            if local.state == "running" || local.state == "starting" || local.state.is_empty() {
+                // Just exited (or found exited at startup).
+                local.last_code = *code;
+                local.last_signal = *signal;
+                local.last_lines = drivers.logs(kind, name, LAST_LINES).await;
+                tracing::info!(app = name, ?code, ?signal, "app exited");
+            }
+            let failed = *code != Some(0);
+            let restart = match app.spec.restart_policy {
+                RestartPolicy::Never => false,
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure { max_retry } => {
+                    failed && max_retry.is_none_or(|m| local.restarts < m)
+                }
+            };
+            if !restart {
+                let gave_up =
+                    matches!(app.spec.restart_policy, RestartPolicy::OnFailure { .. }) && failed;
+                local.state = if gave_up { "failed" } else { "exited" };
+                local.detail = match (code, signal) {
+                    (Some(c), _) => format!("exited with status {c}"),
+                    (None, Some(s)) => format!("killed by signal {s}"),
+                    _ => "exited".into(),
+                };
+                if gave_up {
+                    local.detail.push_str(&format!(
+                        "; gave up after {} restart(s) (restart_policy on-failure)",
+                        local.restarts
+                    ));
+                }
+                return;
+            }
+            let at = *local
+                .next_start
+                .get_or_insert_with(|| Instant::now() + backoff(local.restarts));
+            if Instant::now() < at {
+                local.state = "restarting";
+                local.detail = format!(
+                    "restarting in {:.1}s (exit {:?}, signal {:?})",
+                    at.saturating_duration_since(Instant::now()).as_secs_f64(),
+                    code,
+                    signal
+                );
+                return;
+            }
+            local.restarts += 1;
+        }
+        _ => {}
+    }
+    local.next_start = None;
+    match drivers.start(kind, &spec).await {
+        Ok(i) => {
+            tracing::info!(app = name, id = %i.id, "started");
+            local.state = "running";
+            local.detail.clear();
+            local.id = i.id;
+        }
+        Err(e) => {
+            tracing::warn!(app = name, error = %e, "start failed");
+            local.state = "failed";
+            local.detail = e.to_string();
+            local.failed_start = Some(fingerprint);
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! `flockctl deploy` and `flockctl app ...`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Subcommand;
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use flock_proto::v1::api_client::ApiClient;
+use flock_proto::v1::*;
+use flock_scheduler::config::{self, NodeRef};
+
+use crate::ctl_dataset::status_err;
+
+#[derive(Subcommand, Debug)]
+pub enum AppCmd {
+    /// List the deployed apps: node, state, restarts, ports, dataset.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything about one app, with its last output lines when it failed.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an app from the deployment (its dataset stays; `flockctl dataset rm` removes it).
+    Rm { name: String },
+    /// Print an app's output (stdout and stderr), from the node that runs it.
+    Logs {
+        name: String,
+        /// Lines from the end.
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+        /// Keep printing new output until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+fn read(path: &Path) -> anyhow::Result<(String, String)> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    Ok((name, text))
+}
+
+/// `flockctl deploy DEPLOYMENT APPLICATION` or `flockctl deploy COMPOSE_FILE`.
+pub async fn deploy(
+    api: &mut ApiClient<Channel>,
+    files: &[PathBuf],
+    dry_run: bool,
+    json_out: bool,
+) -> anyhow::Result<i32> {
+    let plan = match files {
+        [app] => {
+            let (name, text) = read(app)?;
+            let apps = config::parse_application(&name, &text)?;
+            config::resolve_unpinned(&apps)?
+        }
+        [deployment, app] => {
+            let (dname, dtext) = read(deployment)?;
+            let (aname, atext) = read(app)?;
+            let dep = config::parse_deployment(&dname, &dtext)?;
+            let apps = config::parse_application(&aname, &atext)?;
+            let members = api
+                .status(StatusRequest { local: false })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .members;
+            let nodes: Vec<NodeRef> = members
+                .iter()
+                .map(|m| NodeRef {
+                    id: m.id,
+                    name: m.name.clone(),
+                    addr: m.addr.clone(),
+                })
+                .collect();
+            config::resolve(&apps, &dep, &nodes)?
+        }
+        _ => anyhow::bail!(
+            "give DEPLOYMENT APPLICATION (Flocker's deployment.yml and application.yml), or one compose file"
+        ),
+    };
+    let r = api
+        .deploy(DeployRequest {
+            plan_json: serde_json::to_string(&plan.apps)?,
+            dry_run,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if json_out {
+        let changes: Vec<Value> = r
+            .changes
+            .iter()
+            .map(|c| {
+                json!({"kind": c.kind, "app": c.app, "node": c.node,
+                "from": (!c.from_node.is_empty()).then_some(&c.from_node)})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"dry_run": dry_run, "generation": r.generation, "changes": changes})
+            )?
+        );
+        return Ok(0);
+    }
+    let verb = if dry_run { "would " } else { "" };
+    if r.changes.is_empty() {
+        println!("no changes: the cluster already runs this configuration");
+    }
+    for c in &r.changes {
+        match c.kind.as_str() {
+            "move" => println!("{verb}move {} from {} to {}", c.app, c.from_node, c.node),
+            kind => println!("{verb}{kind} {} on {}", c.app, c.node),
+        }
+    }
+    Ok(0)
+}
+
+fn app_json(a: &AppStatus) -> Value {
+    json!({
+        "name": a.name, "node": a.node, "state": a.state, "restarts": a.restarts,
+        "last_exit_code": a.last_exit_code, "last_signal": a.last_signal,
+        "image": (!a.image.is_empty()).then_some(&a.image),
+        "command": (!a.command.is_empty()).then_some(&a.command),
+        "ports": a.ports, "dataset": (!a.dataset.is_empty()).then_some(&a.dataset),
+        "restart_policy": a.restart_policy, "driver": a.driver, "id": a.id,
+        "detail": (!a.detail.is_empty()).then_some(&a.detail), "last_lines": a.last_lines,
+    })
+}
+
+/// Runs one `flockctl app` command.
+pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i32> {
+    match cmd {
+        AppCmd::Ls { json } => {
+            let r = api
+                .app_list(AppListRequest::default())
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&Value::Array(
+                        r.apps.iter().map(app_json).collect()
+                    ))?
+                );
+                return Ok(0);
+            }
+            let mut rows = vec![[
+                "NAME".to_string(),
+                "NODE".into(),
+                "STATE".into(),
+                "RESTARTS".into(),
+                "PORTS".into(),
+                "DATASET".into(),
+                "DETAIL".into(),
+            ]];
+            for a in &r.apps {
+                rows.push([
+                    a.name.clone(),
+                    a.node.clone(),
+                    a.state.clone(),
+                    a.restarts.to_string(),
+                    a.ports.join(","),
+                    a.dataset.clone(),
+                    a.detail.clone(),
+                ]);
+            }
+            print!("{}", crate::ctl::table(&rows));
+        }
+        AppCmd::Show { name, json } => {
+            let r = api
+                .app_list(AppListRequest { name })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let a = r
+                .apps
+                .first()
+                .ok_or_else(|| anyhow::anyhow!("the node returned no app"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&app_json(a))?);
+                return Ok(0);
+            }
+            println!("name            {}", a.name);
+            println!("node            {}", a.node);
+            println!("state           {}", a.state);
+            if !a.detail.is_empty() {
+                println!("detail          {}", a.detail);
+            }
+            println!("driver          {}", a.driver);
+            if !a.image.is_empty() {
+                println!("image           {}", a.image);
+            }
+            if !a.command.is_empty() {
+                println!("command         {}", a.command.join(" "));
+            }
+            println!(
+                "restart policy  {} ({} restart(s))",
+                a.restart_policy, a.restarts
+            );
+            if let Some(c) = a.last_exit_code {
+                println!("last exit       status {c}");
+            }
+            if let Some(s) = a.last_signal {
+                println!("last exit       signal {s}");
+            }
+            if !a.ports.is_empty() {
+                println!("ports           {}", a.ports.join(", "));
+            }
+            if !a.dataset.is_empty() {
+                println!("dataset         {}", a.dataset);
+            }
+            if !a.last_lines.is_empty() {
+                println!("last output:");
+                for l in &a.last_lines {
+                    println!("  {l}");
+                }
+            }
+        }
+        AppCmd::Rm { name } => {
+            let r = api
+                .app_remove(AppRemoveRequest { name: name.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let node = r
+                .changes
+                .iter()
+                .find(|c| c.app == name)
+                .map(|c| c.node.clone())
+                .unwrap_or_default();
+            println!("removed app {name} (stopping on {node}); its dataset, if any, stays");
+        }
+        AppCmd::Logs { name, tail, follow } => {
+            let r = api
+                .app_logs(AppLogsRequest {
+                    name: name.clone(),
+                    tail,
+                    since_offset: None,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            for l in &r.lines {
+                println!("{l}");
+            }
+            let mut offset = r.offset;
+            if !follow {
+                return Ok(0);
+            }
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let r = api
+                    .app_logs(AppLogsRequest {
+                        name: name.clone(),
+                        tail,
+                        since_offset: Some(offset),
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                for l in &r.lines {
+                    println!("{l}");
+                }
+                offset = r.offset;
+            }
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,526 @@
+//! `flockctl dataset ...`: datasets, their snapshots and moves.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use clap::Subcommand;
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use flock_proto::v1::api_client::ApiClient;
+use flock_proto::v1::*;
+
+/// An error that flockctl exits with code 4 for: the named thing does not exist.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
+#[derive(Subcommand, Debug)]
+pub enum DatasetCmd {
+    /// Create a dataset on a node (default: the node flockctl talks to).
+    Create {
+        name: String,
+        /// The node to create it on (name or id).
+        #[arg(long)]
+        node: Option<String>,
+        /// Size limit, such as 512M, 10G or 1.5TiB (bytes without a unit); none by default.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List datasets: primary, space used, snapshots, and the state of each holder's copy.
+    Ls {
+        /// Only this dataset.
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a snapshot on the dataset's primary.
+    Snapshot {
+        name: String,
+        /// The snapshot's name (default: the time, such as 2026-11-23T23-15-49.123Z).
+        #[arg(long)]
+        tag: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a dataset's recorded snapshots, oldest first.
+    Snapshots {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put the dataset back to SNAPSHOT; later snapshots are destroyed.
+    Rollback { name: String, snapshot: String },
+    /// Destroy a dataset on every node that holds it; the name is free again at once.
+    Rm {
+        name: String,
+        /// Seconds to wait for every holder to confirm.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+    },
+    /// Move a dataset (one no application uses) to another node, with its snapshots.
+    Move {
+        name: String,
+        /// The node to move it to (name or id).
+        #[arg(long, required_unless_present = "cancel", conflicts_with = "cancel")]
+        to: Option<String>,
+        /// Give up the move in progress; the dataset stays where it is.
+        #[arg(long)]
+        cancel: bool,
+        /// Return once the move is recorded; follow it with `flockctl dataset ls NAME`.
+        #[arg(long)]
+        no_wait: bool,
+        /// Progress as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses a size: a number with an optional unit (K, M, G, T, P; KB/KiB and friends are all
+/// powers of 1024, as zfs counts).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || {
+        format!(
+            "{s:?} is not a size; write a number with an optional unit, such as 512M, 10G or 1.5T"
+        )
+    };
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        "P" | "PB" | "PIB" => 50,
+        _ => return Err(bad()),
+    };
+    let bytes = n * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} is not a usable size (at least 1 byte)"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Bytes for people: 1.5 GiB.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A gRPC error as flockctl reports it: NOT_FOUND becomes [`NotFound`] (exit code 4).
+pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
+    if s.code() == tonic::Code::NotFound {
+        NotFound(s.message().to_string()).into()
+    } else {
+        anyhow::anyhow!("{}", s.message())
+    }
+}
+
+fn snapshot_json(s: &Snapshot) -> Value {
+    json!({"name": s.name, "guid": s.guid, "created_unix": s.created_unix, "epoch": s.epoch})
+}
+
+fn transfer_json(t: &Transfer) -> Value {
+    json!({
+        "dataset": t.dataset, "to": t.to_node, "phase": t.phase, "bytes": t.bytes,
+        "total": (t.total > 0).then_some(t.total), "bytes_per_sec": t.bytes_per_sec,
+        "last_error": (!t.last_error.is_empty()).then_some(&t.last_error),
+    })
+}
+
+fn dataset_json(d: &Dataset) -> Value {
+    json!({
+        "id": d.id,
+        "name": d.name,
+        "size_limit": d.size_limit,
+        "primary": d.primary_name,
+        "epoch": d.epoch,
+        "replicas": d.replicas,
+        "moving_to": (!d.moving_to.is_empty()).then_some(&d.moving_to),
+        "snapshots": d.snapshots.iter().map(snapshot_json).collect::<Vec<_>>(),
+        "holders": d.holders.iter().map(|h| json!({
+            "node": h.node_name, "role": h.role, "state": h.state, "used_bytes": h.used_bytes,
+            "latest_snapshot": (!h.latest_snapshot.is_empty()).then_some(&h.latest_snapshot),
+            "mount_path": (!h.mount_path.is_empty()).then_some(&h.mount_path),
+            "error": (!h.error.is_empty()).then_some(&h.error),
+        })).collect::<Vec<_>>(),
+        "transfers": d.transfers.iter().map(transfer_json).collect::<Vec<_>>(),
+    })
+}
+
+fn print_json(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn datasets_table(ds: &[Dataset]) -> String {
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "PRIMARY".into(),
+        "EPOCH".into(),
+        "USED".into(),
+        "LIMIT".into(),
+        "SNAPSHOTS".into(),
+        "HOLDERS".into(),
+    ]];
+    for d in ds {
+        let used = d
+            .holders
+            .iter()
+            .find(|h| h.role == "primary" && h.state == "ready")
+            .map_or_else(|| "-".to_string(), |h| human(h.used_bytes));
+        let snaps = match d.snapshots.last() {
+            Some(s) => format!("{} (latest {})", d.snapshots.len(), s.name),
+            None => "0".into(),
+        };
+        let mut holders: Vec<String> = d
+            .holders
+            .iter()
+            .map(|h| format!("{}:{}:{}", h.node_name, h.role, h.state))
+            .collect();
+        if !d.moving_to.is_empty() {
+            holders.push(format!("moving to {}", d.moving_to));
+        }
+        rows.push([
+            d.name.clone(),
+            d.primary_name.clone(),
+            d.epoch.to_string(),
+            used,
+            d.size_limit.map_or_else(|| "none".into(), human),
+            snaps,
+            holders.join(" "),
+        ]);
+    }
+    crate::ctl::table(&rows)
+}
+
+async fn get(api: &mut ApiClient<Channel>, name: &str) -> anyhow::Result<Dataset> {
+    api.dataset_list(DatasetListRequest {
+        name: name.to_string(),
+        desired_only: false,
+    })
+    .await
+    .map_err(status_err)?
+    .into_inner()
+    .datasets
+    .pop()
+    .ok_or_else(|| NotFound(format!("no dataset named {name:?}")).into())
+}
+
+/// Runs one `flockctl dataset` command.
+pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Result<i32> {
+    match cmd {
+        DatasetCmd::Create {
+            name,
+            node,
+            size,
+            json,
+        } => {
+            let d = api
+                .dataset_create(DatasetCreateRequest {
+                    name: name.clone(),
+                    node: node.unwrap_or_default(),
+                    size_limit: size,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .dataset
+                .ok_or_else(|| anyhow::anyhow!("the node returned no dataset"))?;
+            if json {
+                print_json(&dataset_json(&d))?;
+            } else {
+                println!(
+                    "created dataset {} on {}{}",
+                    d.name,
+                    d.primary_name,
+                    d.size_limit
+                        .map(|l| format!(" (limit {})", human(l)))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        DatasetCmd::Ls { name, json } => {
+            let ds = api
+                .dataset_list(DatasetListRequest {
+                    name: name.unwrap_or_default(),
+                    desired_only: false,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .datasets;
+            if json {
+                print_json(&Value::Array(ds.iter().map(dataset_json).collect()))?;
+            } else {
+                print!("{}", datasets_table(&ds));
+            }
+        }
+        DatasetCmd::Snapshot { name, tag, json } => {
+            let s = api
+                .dataset_snapshot(DatasetSnapshotRequest {
+                    name: name.clone(),
+                    tag: tag.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .snapshot
+                .ok_or_else(|| anyhow::anyhow!("the node returned no snapshot"))?;
+            if json {
+                print_json(&snapshot_json(&s))?;
+            } else {
+                println!("{name}@{}", s.name);
+            }
+        }
+        DatasetCmd::Snapshots { name, json } => {
+            let d = api
+                .dataset_list(DatasetListRequest {
+                    name,
+                    desired_only: true,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .datasets
+                .pop()
+                .ok_or_else(|| anyhow::anyhow!("the node returned no dataset"))?;
+            if json {
+                print_json(&Value::Array(
+                    d.snapshots.iter().map(snapshot_json).collect(),
+                ))?;
+            } else {
+                let mut rows = vec![["NAME".to_string(), "CREATED".into(), "EPOCH".into()]];
+                for s in &d.snapshots {
+                    rows.push([
+                        s.name.clone(),
+                        crate::datasets::time_name(
+                            std::time::UNIX_EPOCH + Duration::from_secs(s.created_unix),
+                        ),
+                        s.epoch.to_string(),
+                    ]);
+                }
+                print!("{}", crate::ctl::table(&rows));
+            }
+        }
+        DatasetCmd::Rollback { name, snapshot } => {
+            let r = api
+                .dataset_rollback(DatasetRollbackRequest {
+                    name: name.clone(),
+                    snapshot: snapshot.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!(
+                "rolled {name} back to {snapshot}; {} later snapshot(s) destroyed",
+                r.dropped
+            );
+        }
+        DatasetCmd::Rm { name, wait } => {
+            let r = api
+                .dataset_remove(DatasetRemoveRequest {
+                    name: name.clone(),
+                    wait_ms: wait.max(1) * 1000,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if r.pending.is_empty() {
+                println!("removed dataset {name}");
+            } else {
+                println!(
+                    "removed dataset {name}; {} did not confirm yet and will destroy their copy when they can",
+                    r.pending.join(", ")
+                );
+            }
+        }
+        DatasetCmd::Move {
+            name,
+            to,
+            cancel,
+            no_wait,
+            json,
+        } => {
+            let r = api
+                .dataset_move(DatasetMoveRequest {
+                    name: name.clone(),
+                    to: to.clone().unwrap_or_default(),
+                    cancel,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if cancel {
+                println!("cancelled the move of {name}; it stays on its primary");
+                return Ok(0);
+            }
+            let d = r
+                .dataset
+                .ok_or_else(|| anyhow::anyhow!("the node returned no dataset"))?;
+            if no_wait {
+                if json {
+                    print_json(&dataset_json(&d))?;
+                } else {
+                    println!(
+                        "moving {name} to {}; follow it with `flockctl dataset ls {name}`",
+                        d.moving_to
+                    );
+                }
+                return Ok(0);
+            }
+            let to = to.unwrap_or_default();
+            // The target's name (the user may have given its id); a quick move may be over.
+            let target = if !d.moving_to.is_empty() {
+                d.moving_to.clone()
+            } else if d.primary_id.to_string() == to {
+                d.primary_name.clone()
+            } else {
+                to
+            };
+            return follow_move(api, &name, &target, json).await;
+        }
+    }
+    Ok(0)
+}
+
+/// Waits for a move to end, showing its progress.
+async fn follow_move(
+    api: &mut ApiClient<Channel>,
+    name: &str,
+    to: &str,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let mut last_line = Instant::now() - Duration::from_secs(10);
+    let mut last_error = String::new();
+    loop {
+        let d = get(api, name).await?;
+        let t = d.transfers.iter().find(|t| t.to_node == to);
+        if let Some(t) = t {
+            if !t.last_error.is_empty() {
+                last_error = t.last_error.clone();
+            }
+            if json {
+                println!(
+                    "{}",
+                    json!({"event": "progress", "phase": t.phase, "bytes": t.bytes,
+                        "total": (t.total > 0).then_some(t.total), "bytes_per_sec": t.bytes_per_sec,
+                        "last_error": (!t.last_error.is_empty()).then_some(&t.last_error)})
+                );
+            } else if let Some(b) = &bar {
+                b.set_prefix(t.phase.clone());
+                b.set_length(t.total.max(t.bytes));
+                b.set_position(t.bytes);
+                b.set_message(if t.last_error.is_empty() {
+                    String::new()
+                } else {
+                    format!("(retrying: {})", t.last_error)
+                });
+            } else if last_line.elapsed() >= Duration::from_secs(2) {
+                last_line = Instant::now();
+                eprintln!(
+                    "flockctl: {name}: {} {} of {} at {}/s{}",
+                    t.phase,
+                    human(t.bytes),
+                    if t.total > 0 {
+                        human(t.total)
+                    } else {
+                        "?".into()
+                    },
+                    human(t.bytes_per_sec as u64),
+                    if t.last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (retrying: {})", t.last_error)
+                    }
+                );
+            }
+        }
+        if d.moving_to.is_empty() {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            let secs = started.elapsed().as_secs_f64();
+            if d.primary_name == to {
+                if json {
+                    println!(
+                        "{}",
+                        json!({"event": "done", "dataset": name, "primary": to, "epoch": d.epoch, "seconds": secs})
+                    );
+                } else {
+                    println!("moved {name} to {to} (epoch {}) in {secs:.1}s", d.epoch);
+                }
+                return Ok(0);
+            }
+            let why = if last_error.is_empty() {
+                "the move was cancelled".to_string()
+            } else {
+                last_error
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({"event": "failed", "dataset": name, "primary": d.primary_name, "error": why})
+                );
+            }
+            anyhow::bail!(
+                "{name} did not move to {to}: {why}; it stays on {}",
+                d.primary_name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("2 tb"), Ok(2 << 40));
+        for bad in ["", "G", "ten", "10X", "-5M", "0", "1e3"] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(3 << 29), "1.5 GiB");
+    }
+}

@@ -1,0 +1,412 @@
+//! A node's datasets: the storage backend it was configured with, the operations the API and the
+//! agent carry out on it, and the pushes it runs.
+//!
+//! - [`StorageChoice`]: `dir` (the embedded default, under the data dir) or `zfs` on a pool,
+//!   recorded in the data dir at creation so a restart uses the same one.
+//! - [`Datasets`]: one per node. Work on one dataset takes its lock: shared for what only adds
+//!   to it or reads it (snapshots, pushes out), exclusive for what changes or removes what is
+//!   there (create, receive, rollback, destroy); backend calls run on `spawn_blocking`.
+//! - [`agent`]: the convergence loop that makes the node's backend match the desired state.
+//!
+//! A dataset's name on the backend is `NAME.ID` ([`flock_scheduler::dataset::local_name`]).
+
+pub mod agent;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use flock_dataset::{Backend, DatasetError, DatasetName, DirBackend, SnapshotName, ZfsBackend};
+use flock_scheduler::dataset::{parse_local_name, DatasetId};
+use flock_scheduler::{Dataset, NodeId, SnapshotRecord};
+
+use crate::datadir::DataDir;
+
+const STORAGE_FILE: &str = "storage.json";
+
+/// Where a node keeps its datasets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum StorageChoice {
+    /// Plain directories under `DATA_DIR/storage`.
+    Dir,
+    /// File systems under `pool` (`POOL` or `POOL/PATH`), through the zfs CLI.
+    Zfs { pool: String },
+}
+
+impl StorageChoice {
+    /// From flockd's `--backend` and `--zfs-pool`.
+    pub fn from_flags(backend: Option<&str>, pool: Option<&str>) -> anyhow::Result<Option<Self>> {
+        match (backend, pool) {
+            (None, None) => Ok(None),
+            (Some("dir"), None) => Ok(Some(StorageChoice::Dir)),
+            (Some("dir"), Some(_)) => {
+                anyhow::bail!("--zfs-pool goes with --backend zfs, not --backend dir")
+            }
+            (Some("zfs") | None, Some(p)) => Ok(Some(StorageChoice::Zfs {
+                pool: p.to_string(),
+            })),
+            (Some("zfs"), None) => {
+                anyhow::bail!("--backend zfs needs --zfs-pool POOL (a pool `zpool list` shows)")
+            }
+            (Some(other), _) => {
+                anyhow::bail!("unknown --backend {other:?}: use \"dir\" (the default) or \"zfs\"")
+            }
+        }
+    }
+
+    /// The choice recorded in `dd`, if any.
+    pub fn load(dd: &DataDir) -> anyhow::Result<Option<Self>> {
+        let path = dd.root().join(STORAGE_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!("{} is damaged: {e}; refusing to start", path.display())
+            })?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Records the choice in `dd` (atomically).
+    pub fn save(&self, dd: &DataDir) -> anyhow::Result<()> {
+        let path = dd.root().join(STORAGE_FILE);
+        let tmp = dd.root().join(format!("{STORAGE_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(self).expect("storage choice serializes");
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// The choice to use for a node in `dd`: the recorded one; `asked` must agree with it. A
+    /// node without a record (created before datasets existed, or new) records `asked` or `dir`.
+    pub fn resolve(dd: &DataDir, asked: Option<&StorageChoice>) -> anyhow::Result<StorageChoice> {
+        match (Self::load(dd)?, asked) {
+            (Some(saved), Some(asked)) if saved != *asked => anyhow::bail!(
+                "{} keeps its datasets in {}, not {}; start it without --backend/--zfs-pool, or give the same ones",
+                dd.root().display(),
+                saved.describe(),
+                asked.describe()
+            ),
+            (Some(saved), _) => Ok(saved),
+            (None, asked) => {
+                let choice = asked.cloned().unwrap_or(StorageChoice::Dir);
+                choice.save(dd)?;
+                Ok(choice)
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            StorageChoice::Dir => "directories (--backend dir)".into(),
+            StorageChoice::Zfs { pool } => format!("zfs pool {pool} (--backend zfs)"),
+        }
+    }
+
+    /// Opens the backend: says at start when zfs is missing, its daemon is down or the pool
+    /// does not exist.
+    pub fn open(&self, dd: &DataDir) -> anyhow::Result<Arc<dyn Backend>> {
+        Ok(match self {
+            StorageChoice::Dir => {
+                let root = dir_root(dd.root());
+                Arc::new(DirBackend::open(&root).map_err(|e| {
+                    anyhow::anyhow!("cannot open the dataset directory {}: {e}", root.display())
+                })?)
+            }
+            StorageChoice::Zfs { pool } => Arc::new(
+                ZfsBackend::open(pool)
+                    .map_err(|e| anyhow::anyhow!("cannot use zfs pool {pool}: {e}"))?,
+            ),
+        })
+    }
+}
+
+/// Where the `dir` backend of the node in `data_dir` keeps its datasets.
+pub fn dir_root(data_dir: &Path) -> PathBuf {
+    data_dir.join("storage")
+}
+
+/// A push of a dataset to another node, as the API reports it.
+#[derive(Clone, Debug)]
+pub struct TransferState {
+    pub dataset: String,
+    pub to: NodeId,
+    pub phase: &'static str,
+    pub bytes: u64,
+    pub total: Option<u64>,
+    pub started: Instant,
+    pub last_error: Option<String>,
+}
+
+impl TransferState {
+    /// Bytes per second since the push started.
+    pub fn rate(&self) -> f64 {
+        let secs = self.started.elapsed().as_secs_f64();
+        if secs > 0.0 {
+            self.bytes as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Held while working on a dataset (see [`Datasets::lock`] and [`Datasets::share`]).
+pub enum DatasetGuard {
+    Shared(tokio::sync::OwnedRwLockReadGuard<()>),
+    Exclusive(tokio::sync::OwnedRwLockWriteGuard<()>),
+}
+
+/// A dataset as this node's backend holds it.
+#[derive(Clone, Debug)]
+pub struct LocalCopy {
+    pub id: DatasetId,
+    pub name: String,
+    pub used_bytes: u64,
+    pub limit: Option<u64>,
+    pub mount_path: PathBuf,
+    pub snapshots: Vec<flock_dataset::SnapshotInfo>,
+}
+
+/// A node's datasets.
+pub struct Datasets {
+    pub backend: Arc<dyn Backend>,
+    pub node_id: NodeId,
+    locks: Mutex<HashMap<DatasetId, Arc<tokio::sync::RwLock<()>>>>,
+    transfers: Mutex<BTreeMap<DatasetId, TransferState>>,
+}
+
+/// Runs a blocking backend call off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    backend: &Arc<dyn Backend>,
+    f: impl FnOnce(&dyn Backend) -> Result<T, DatasetError> + Send + 'static,
+) -> Result<T, DatasetError> {
+    let backend = backend.clone();
+    match tokio::task::spawn_blocking(move || f(&*backend)).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(DatasetError::Cancelled),
+    }
+}
+
+/// The backend name of `ds`.
+pub fn backend_name(ds: &Dataset) -> Result<DatasetName, DatasetError> {
+    DatasetName::new(ds.local_name())
+}
+
+impl Datasets {
+    pub fn new(backend: Arc<dyn Backend>, node_id: NodeId) -> Self {
+        Datasets {
+            backend,
+            node_id,
+            locks: Mutex::new(HashMap::new()),
+            transfers: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn rwlock(&self, id: DatasetId) -> Arc<tokio::sync::RwLock<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .clone()
+    }
+
+    /// Exclusive work on one dataset: create, receive, rollback, destroy.
+    pub async fn lock(&self, id: DatasetId) -> DatasetGuard {
+        DatasetGuard::Exclusive(self.rwlock(id).write_owned().await)
+    }
+
+    /// Work that only adds to a dataset or reads its snapshots: taking a snapshot, sending
+    /// one. Several run at once; a push to a slow peer does not hold up a snapshot.
+    pub async fn share(&self, id: DatasetId) -> DatasetGuard {
+        DatasetGuard::Shared(self.rwlock(id).read_owned().await)
+    }
+
+    /// Whether some task works on the dataset now.
+    pub fn busy(&self, id: DatasetId) -> bool {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|m| m.try_write().is_err())
+    }
+
+    /// Every flock dataset the backend holds, with its snapshots.
+    pub async fn local(&self) -> Result<Vec<LocalCopy>, DatasetError> {
+        blocking(&self.backend, |b| {
+            let mut out = Vec::new();
+            for info in b.list()? {
+                let Some((name, id)) = parse_local_name(info.name.as_str()) else {
+                    continue;
+                };
+                let snapshots = match b.snapshots(&info.name) {
+                    Ok(s) => s,
+                    // Destroyed between the two calls.
+                    Err(DatasetError::NotFound { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
+                out.push(LocalCopy {
+                    id,
+                    name: name.to_string(),
+                    used_bytes: info.used_bytes,
+                    limit: info.limit,
+                    mount_path: info.mount_path,
+                    snapshots,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// This node's copy of `ds`, if it has one.
+    pub async fn local_copy(&self, ds: &Dataset) -> Result<Option<LocalCopy>, DatasetError> {
+        let name = backend_name(ds)?;
+        let id = ds.id;
+        let plain = ds.name.clone();
+        blocking(&self.backend, move |b| {
+            let Some(info) = b.info(&name)? else {
+                return Ok(None);
+            };
+            Ok(Some(LocalCopy {
+                id,
+                name: plain,
+                used_bytes: info.used_bytes,
+                limit: info.limit,
+                mount_path: info.mount_path,
+                snapshots: b.snapshots(&name)?,
+            }))
+        })
+        .await
+    }
+
+    /// Takes snapshot `tag` (or one named after the time) of the primary's copy of `ds`. The
+    /// caller holds the dataset's lock and records it in Raft.
+    pub async fn snapshot(
+        &self,
+        ds: &Dataset,
+        tag: Option<&str>,
+    ) -> Result<SnapshotRecord, DatasetError> {
+        let name = backend_name(ds)?;
+        let snap = SnapshotName::new(match tag {
+            Some(t) => t.to_string(),
+            None => time_name(SystemTime::now()),
+        })?;
+        let epoch = ds.epoch;
+        blocking(&self.backend, move |b| {
+            let info = b.snapshot(&name, &snap)?;
+            Ok(SnapshotRecord {
+                name: info.name.to_string(),
+                guid: info.guid,
+                created_unix: info.created_unix,
+                epoch,
+            })
+        })
+        .await
+    }
+
+    /// Puts the record of a push in the table the API reports.
+    pub fn set_transfer(&self, id: DatasetId, f: impl FnOnce(&mut Option<TransferState>)) {
+        let mut t = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entry = t.remove(&id);
+        f(&mut entry);
+        if let Some(e) = entry {
+            t.insert(id, e);
+        }
+    }
+
+    /// The pushes this node runs or ran lately.
+    pub fn transfers(&self) -> Vec<TransferState> {
+        let mut t = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
+        // Finished or failed pushes stay visible for a while, so a CLI can tell how they ended.
+        t.retain(|_, s| {
+            matches!(s.phase, "full" | "incremental" | "snapshot" | "committing")
+                || s.started.elapsed() < Duration::from_secs(600)
+        });
+        t.values().cloned().collect()
+    }
+}
+
+/// A snapshot name from a time: `2026-11-23T23-15-49.123Z` (UTC, sortable, valid everywhere).
+pub fn time_name(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}-{:02}-{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_names_are_utc_and_valid_snapshot_names() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_475_749_123);
+        let n = time_name(t);
+        assert_eq!(n, "2026-11-23T23-15-49.123Z");
+        SnapshotName::new(n).unwrap();
+        assert_eq!(time_name(UNIX_EPOCH), "1970-01-01T00-00-00.000Z");
+        assert_eq!(
+            time_name(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00-00-00.000Z"
+        );
+    }
+
+    #[test]
+    fn storage_flags() {
+        assert_eq!(StorageChoice::from_flags(None, None).unwrap(), None);
+        assert_eq!(
+            StorageChoice::from_flags(None, Some("tank")).unwrap(),
+            Some(StorageChoice::Zfs {
+                pool: "tank".into()
+            })
+        );
+        for (b, p) in [
+            (Some("zfs"), None),
+            (Some("dir"), Some("tank")),
+            (Some("btrfs"), None),
+        ] {
+            assert!(StorageChoice::from_flags(b, p).is_err(), "{b:?} {p:?}");
+        }
+    }
+
+    #[test]
+    fn recorded_storage_wins_and_a_conflict_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path());
+        assert_eq!(
+            StorageChoice::resolve(&dd, None).unwrap(),
+            StorageChoice::Dir
+        );
+        let zfs = StorageChoice::Zfs { pool: "p".into() };
+        let e = StorageChoice::resolve(&dd, Some(&zfs))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keeps its datasets in directories"), "{e}");
+        assert_eq!(
+            StorageChoice::resolve(&dd, Some(&StorageChoice::Dir)).unwrap(),
+            StorageChoice::Dir
+        );
+    }
+}

@@ -1,0 +1,412 @@
+//! The `docker` driver: runs an app's `image` as a container of the local Docker engine,
+//! through bollard over the engine's unix socket.
+//!
+//! A container is named `flock-NODE-APP` and labelled as flock's:
+//!
+//! ```text
+//! flock.node=NODE   the node label the driver was made with: list() sees only these
+//! flock.app=APP     the app
+//! flock.spec=FP     RunSpec::fingerprint() of the spec it was started from
+//! ```
+//!
+//! The engine keeps the containers, so a restarted flockd finds them by label and adopts them;
+//! nothing else is kept on disk. The restart policy is "no": flockd's agent restarts apps.
+//!
+//! Ports: each internal port of `ports` is exposed and published on the host on the same
+//! port number, bound to 0.0.0.0 (the external port of the pair is the cluster's business, not
+//! the container's): the app is reachable on NODE:INTERNAL, as with the process driver, where
+//! the app listens on the host's INTERNAL port itself.
+//!
+//! No image is ever pulled: an image missing on this node is an error that says so.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bollard::container::{
+    Config, CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogsOptions,
+    RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+};
+use bollard::errors::Error as BollardError;
+use bollard::models::{HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
+use bollard::Docker;
+use futures::StreamExt;
+
+use super::{DriverError, Instance, RunSpec, RunState};
+
+/// The engine's socket (bollard's default).
+pub const DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// Label keys marking a container as flock's.
+pub const LABEL_NODE: &str = "flock.node";
+pub const LABEL_APP: &str = "flock.app";
+pub const LABEL_SPEC: &str = "flock.spec";
+
+/// Runs apps as containers of the local Docker engine; one per node.
+#[derive(Debug, Clone)]
+pub struct DockerDriver {
+    docker: Docker,
+    node_label: String,
+}
+
+fn docker_err(app: &str, what: &str) -> impl FnOnce(BollardError) -> DriverError {
+    let (app, what) = (app.to_string(), what.to_string());
+    move |e| DriverError::Docker {
+        app,
+        what,
+        detail: e.to_string(),
+    }
+}
+
+fn is_not_found(e: &BollardError) -> bool {
+    matches!(
+        e,
+        BollardError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Seconds since the epoch of an RFC 3339 time as the engine writes it
+/// ("2026-11-24T01:10:00.123456789Z"); `None` for anything else, or the engine's zero time.
+fn parse_rfc3339(t: &str) -> Option<u64> {
+    let num = |s: &str| s.parse::<i64>().ok();
+    let (date, time) = t.split_once('T')?;
+    let mut d = date.splitn(3, '-');
+    let (y, m, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    let hms = time.get(..8)?;
+    let mut h = hms.splitn(3, ':');
+    let (hh, mm, ss) = (num(h.next()?)?, num(h.next()?)?, num(h.next()?)?);
+    // The offset, if not Z: "+HH:MM" or "-HH:MM" at the end.
+    let rest = &time[8..];
+    let offset = match rest.rfind(['+', '-']) {
+        Some(i) if rest.len() - i == 6 => {
+            let sign = if &rest[i..=i] == "-" { -1 } else { 1 };
+            sign * (num(&rest[i + 1..i + 3])? * 3600 + num(&rest[i + 4..i + 6])? * 60)
+        }
+        _ => 0,
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss - offset;
+    u64::try_from(secs).ok().filter(|s| *s > 0)
+}
+
+impl DockerDriver {
+    /// Connects to the local engine at [`DOCKER_SOCKET`] and agrees on an API version with it.
+    pub async fn connect(node_label: &str) -> Result<DockerDriver, DriverError> {
+        let unavailable = |e: BollardError| DriverError::EngineUnavailable {
+            socket: DOCKER_SOCKET.to_string(),
+            detail: e.to_string(),
+        };
+        let docker = Docker::connect_with_socket_defaults().map_err(unavailable)?;
+        let docker = docker.negotiate_version().await.map_err(unavailable)?;
+        docker.ping().await.map_err(unavailable)?;
+        Ok(DockerDriver {
+            docker,
+            node_label: node_label.to_string(),
+        })
+    }
+
+    /// The bollard client, for callers that need more of the engine.
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// The container name of `app` on this node.
+    pub fn container_name(&self, app: &str) -> String {
+        format!("flock-{}-{}", self.node_label, app)
+    }
+
+    /// The instance of `app`, if its container exists (running or not).
+    pub async fn instance(&self, app: &str) -> Option<Instance> {
+        let c = match self
+            .docker
+            .inspect_container(&self.container_name(app), None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(c) => c,
+            Err(_) => return None,
+        };
+        let labels = c.config.as_ref()?.labels.clone().unwrap_or_default();
+        if labels.get(LABEL_NODE) != Some(&self.node_label) {
+            return None;
+        }
+        let st = c.state.unwrap_or_default();
+        let state = if st.running == Some(true) {
+            RunState::Running {
+                since_unix: st
+                    .started_at
+                    .as_deref()
+                    .and_then(parse_rfc3339)
+                    .unwrap_or_else(now_unix),
+            }
+        } else {
+            RunState::Exited {
+                // A container created but never started has no exit code.
+                code: st
+                    .started_at
+                    .as_deref()
+                    .and_then(parse_rfc3339)
+                    .and(st.exit_code)
+                    .and_then(|c| i32::try_from(c).ok()),
+                signal: None,
+            }
+        };
+        Some(Instance {
+            app: labels.get(LABEL_APP).cloned().unwrap_or_else(|| app.into()),
+            fingerprint: labels.get(LABEL_SPEC).cloned().unwrap_or_default(),
+            state,
+            id: c.id.unwrap_or_default(),
+        })
+    }
+
+    /// Every container of this node's label, running or exited, by app.
+    pub async fn list(&self) -> Vec<Instance> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_NODE}={}", self.node_label)],
+        )]);
+        let Ok(summaries) = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters,
+                ..Default::default()
+            }))
+            .await
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for s in summaries {
+            let Some(app) = s.labels.as_ref().and_then(|l| l.get(LABEL_APP)) else {
+                continue;
+            };
+            if let Some(i) = self.instance(app).await {
+                out.push(i);
+            }
+        }
+        out.sort_by(|a, b| a.app.cmp(&b.app));
+        out
+    }
+
+    /// Starts a container for `spec`. Refused while one of the app runs; an exited one is
+    /// removed first.
+    pub async fn start(&self, spec: &RunSpec) -> Result<Instance, DriverError> {
+        let app = &spec.app;
+        let image = spec
+            .image
+            .as_ref()
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| DriverError::NoImage { app: app.clone() })?;
+        let name = self.container_name(app);
+        if let Some(old) = self.instance(app).await {
+            if matches!(old.state, RunState::Running { .. }) {
+                return Err(DriverError::AlreadyRunning {
+                    app: app.clone(),
+                    id: old.id,
+                });
+            }
+        }
+        // The name may be taken by a container not ours by label (a half-made one): remove it.
+        self.remove_container(app, &name).await?;
+        match self.docker.inspect_image(image).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {
+                return Err(DriverError::ImageMissing {
+                    app: app.clone(),
+                    image: image.clone(),
+                })
+            }
+            Err(e) => return Err(docker_err(app, &format!("inspect image {image}"))(e)),
+        }
+
+        let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.push(format!("FLOCK_APP={app}"));
+        if let Some(m) = &spec.mountpoint {
+            if spec.dataset_path.is_some() {
+                env.push(format!("FLOCK_DATASET_PATH={m}"));
+            }
+        }
+        if let Some((internal, _)) = spec.ports.first() {
+            env.push(format!("PORT={internal}"));
+        }
+        let binds = match (&spec.dataset_path, &spec.mountpoint) {
+            (Some(p), Some(m)) => Some(vec![format!("{}:{m}", p.display())]),
+            _ => None,
+        };
+        let mut exposed = HashMap::new();
+        let mut bindings = HashMap::new();
+        for (internal, _) in &spec.ports {
+            let key = format!("{internal}/tcp");
+            exposed.insert(key.clone(), HashMap::new());
+            bindings.insert(
+                key,
+                Some(vec![PortBinding {
+                    host_ip: Some("0.0.0.0".into()),
+                    host_port: Some(internal.to_string()),
+                }]),
+            );
+        }
+        let labels = HashMap::from([
+            (LABEL_NODE.to_string(), self.node_label.clone()),
+            (LABEL_APP.to_string(), app.clone()),
+            (LABEL_SPEC.to_string(), spec.fingerprint()),
+        ]);
+        let host_config = HostConfig {
+            binds,
+            port_bindings: (!bindings.is_empty()).then_some(bindings),
+            memory: spec.mem_limit.and_then(|m| i64::try_from(m).ok()),
+            cpu_shares: spec.cpu_shares.and_then(|c| i64::try_from(c).ok()),
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            }),
+            ..Default::default()
+        };
+        let config = Config {
+            image: Some(image.clone()),
+            cmd: spec.command.clone().filter(|c| !c.is_empty()),
+            env: Some(env),
+            labels: Some(labels),
+            exposed_ports: (!exposed.is_empty()).then_some(exposed),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: name.clone(),
+                    platform: None,
+                }),
+                config,
+            )
+            .await
+            .map_err(docker_err(app, "create the container"))?;
+        if let Err(e) = self
+            .docker
+            .start_container(&created.id, None::<StartContainerOptions<String>>)
+            .await
+        {
+            // Not started, it would only be in the way of the next try.
+            let _ = self.remove_container(app, &name).await;
+            return Err(docker_err(app, "start the container")(e));
+        }
+        Ok(self.instance(app).await.unwrap_or(Instance {
+            app: app.clone(),
+            fingerprint: spec.fingerprint(),
+            state: RunState::Running {
+                since_unix: now_unix(),
+            },
+            id: created.id,
+        }))
+    }
+
+    /// Stops the app's container: SIGTERM, then SIGKILL after `grace`. The container and its
+    /// log stay (see [`remove`](Self::remove)).
+    pub async fn stop(&self, app: &str, grace: Duration) -> Result<(), DriverError> {
+        let t = i64::try_from(grace.as_secs_f64().ceil() as u64).unwrap_or(i64::MAX);
+        match self
+            .docker
+            .stop_container(&self.container_name(app), Some(StopContainerOptions { t }))
+            .await
+        {
+            Ok(()) => Ok(()),
+            // 304: it was not running; 404: there is none.
+            Err(BollardError::DockerResponseServerError {
+                status_code: 304 | 404,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(docker_err(app, "stop the container")(e)),
+        }
+    }
+
+    async fn remove_container(&self, app: &str, name: &str) -> Result<(), DriverError> {
+        match self
+            .docker
+            .remove_container(
+                name,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Err(e) if !is_not_found(&e) => Err(docker_err(app, "remove the container")(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops the app and removes its container, log included.
+    pub async fn remove(&self, app: &str) -> Result<(), DriverError> {
+        self.stop(app, super::process::STOP_GRACE).await?;
+        self.remove_container(app, &self.container_name(app)).await
+    }
+
+    /// The last `tail` lines of the container's stdout and stderr.
+    pub async fn logs(&self, app: &str, tail: usize) -> Result<Vec<String>, DriverError> {
+        let name = self.container_name(app);
+        let mut stream = self.docker.logs(
+            &name,
+            Some(LogsOptions {
+                stdout: true,
+                stderr: true,
+                tail: tail.to_string(),
+                ..Default::default()
+            }),
+        );
+        let mut text = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(out) => text.extend_from_slice(out.as_ref()),
+                Err(e) if is_not_found(&e) => {
+                    return Err(DriverError::NotHere {
+                        app: app.to_string(),
+                    })
+                }
+                Err(e) => return Err(docker_err(app, "read the logs")(e)),
+            }
+        }
+        let mut lines: Vec<String> = String::from_utf8_lossy(&text)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let skip = lines.len().saturating_sub(tail);
+        Ok(lines.split_off(skip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rfc3339;
+
+    #[test]
+    fn engine_times_parse() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:10Z"), Some(10));
+        assert_eq!(
+            parse_rfc3339("2026-11-24T01:10:00.123456789Z"),
+            Some(1_795_482_600)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-24T02:10:00+01:00"),
+            Some(1_795_482_600)
+        );
+        assert_eq!(parse_rfc3339("0001-01-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339("garbage"), None);
+    }
+}

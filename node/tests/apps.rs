@@ -1,0 +1,228 @@
+//! Applications with the process driver, against real flockd processes: deploy, self-healing
+//! restarts, adoption after a flockd restart, and a redeploy that moves an app with its data.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The test app, built beside flockd by the workspace build.
+fn testapp() -> PathBuf {
+    let p = PathBuf::from(FLOCKD).with_file_name("flock-testapp");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build -p flock-testapp` (./test.sh builds the whole workspace)",
+        p.display()
+    );
+    p
+}
+
+fn app(c: &TestCluster, name: &str) -> Value {
+    serde_json::from_str(&c.ctl_ok(c.addr(1), &["app", "show", name, "--json"])).unwrap()
+}
+
+fn ask(addr: &str, req: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("{req}\n").as_bytes()).ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    Some(line.trim().to_string())
+}
+
+fn pid_alive(pid: &str) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+fn write_files(dir: &std::path::Path, port: u16, counter_on: &str) -> (PathBuf, PathBuf) {
+    let application = dir.join("application.yml");
+    fs::write(
+        &application,
+        format!(
+            r#"version: 1
+applications:
+  counter:
+    command: ["{}", "--listen", "127.0.0.1:{port}"]
+    ports:
+      - internal: {port}
+        external: {ext}
+    volume:
+      mountpoint: /data
+      maximum_size: 64M
+    restart_policy:
+      name: always
+  crasher:
+    command: "sh -c 'echo about to fail; exit 7'"
+    restart_policy:
+      name: on-failure
+      maximum_retry_count: 2
+  ghost:
+    command: ["/no/such/program"]
+"#,
+            testapp().display(),
+            ext = port + 1
+        ),
+    )
+    .unwrap();
+    let deployment = dir.join("deployment.yml");
+    let others: Vec<&str> = ["n1", "n2", "n3"]
+        .into_iter()
+        .filter(|n| *n != counter_on)
+        .collect();
+    fs::write(
+        &deployment,
+        format!(
+            "version: 1\nnodes:\n  {counter_on}: [counter]\n  {}: [crasher, ghost]\n  {}: []\n",
+            others[0], others[1]
+        ),
+    )
+    .unwrap();
+    (deployment, application)
+}
+
+#[test]
+fn a01_deploy_heal_adopt_and_move_with_the_process_driver() {
+    let mut c = TestCluster::start(3, &[]);
+    let port = free_port();
+    let app_addr = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let (dep, appl) = write_files(dir.path(), port, "n1");
+    let (dep_s, appl_s) = (dep.to_str().unwrap(), appl.to_str().unwrap());
+
+    // An unknown node is refused before anything changes.
+    let bad = dir.path().join("bad-deployment.yml");
+    fs::write(&bad, "version: 1\nnodes:\n  n9: [counter]\n").unwrap();
+    let out = c.ctl(
+        c.addr(1),
+        &["deploy", bad.to_str().unwrap(), appl_s, "--dry-run"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("bad-deployment.yml:3"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("n9"), "{}", stderr(&out));
+
+    let dry = c.ctl_ok(c.addr(2), &["deploy", dep_s, appl_s, "--dry-run"]);
+    assert!(dry.contains("would start counter on n1"), "{dry}");
+    let ls: Value = serde_json::from_str(&c.ctl_ok(c.addr(1), &["app", "ls", "--json"])).unwrap();
+    assert_eq!(ls, Value::Array(vec![]), "a dry run changed nothing");
+    let out = c.ctl_ok(c.addr(2), &["deploy", dep_s, appl_s]);
+    assert!(out.contains("start counter on n1"), "{out}");
+    assert_eq!(
+        c.ctl_ok(c.addr(3), &["deploy", dep_s, appl_s]),
+        "no changes: the cluster already runs this configuration"
+    );
+
+    let first = until("counter to run", Duration::from_secs(20), || {
+        let a = app(&c, "counter");
+        (a["state"] == "running" && ask(&app_addr, "PING").is_some()).then_some(a)
+    });
+    for i in 1..=5 {
+        assert_eq!(
+            ask(&app_addr, &format!("APPEND v{i}")).as_deref(),
+            Some(format!("OK {i}").as_str())
+        );
+    }
+    // on-failure gives up after its maximum, with the exit status and output to show.
+    let crasher = until("crasher to fail for good", Duration::from_secs(30), || {
+        let a = app(&c, "crasher");
+        (a["state"] == "failed").then_some(a)
+    });
+    assert_eq!(crasher["restarts"], 2);
+    assert_eq!(crasher["last_exit_code"], 7);
+    assert_eq!(crasher["last_lines"][0], "about to fail");
+    let ghost = app(&c, "ghost");
+    assert_eq!(ghost["state"], "failed");
+    assert!(
+        ghost["detail"]
+            .as_str()
+            .unwrap()
+            .contains("\"/no/such/program\" not found"),
+        "{ghost}"
+    );
+    let logs = c.ctl_ok(c.addr(1), &["app", "logs", "crasher"]);
+    assert!(logs.starts_with("about to fail"), "{logs}");
+
+    // A crashed app is restarted (always), on its data.
+    let pid = first["id"].as_str().unwrap().to_string();
+    unsafe { libc::kill(pid.parse().unwrap(), libc::SIGKILL) };
+    let healed = until("counter to be restarted", Duration::from_secs(20), || {
+        let a = app(&c, "counter");
+        (a["state"] == "running" && a["id"] != pid && a["restarts"] == 1).then_some(a)
+    });
+    let pid = healed["id"].as_str().unwrap().to_string();
+    until(
+        "the restarted counter to answer",
+        Duration::from_secs(10),
+        || ask(&app_addr, "COUNT"),
+    );
+    assert_eq!(ask(&app_addr, "COUNT").as_deref(), Some("COUNT 5"));
+
+    // flockd dies and comes back: it adopts the running app instead of starting another.
+    c.nodes[0].kill9();
+    thread::sleep(Duration::from_millis(500));
+    assert!(pid_alive(&pid), "the app died with flockd");
+    c.restart(1);
+    thread::sleep(Duration::from_secs(2));
+    let adopted = until("n1 to report counter", Duration::from_secs(20), || {
+        let a = app(&c, "counter");
+        (a["state"] == "running").then_some(a)
+    });
+    assert_eq!(adopted["id"].as_str(), Some(pid.as_str()), "{adopted}");
+    assert_eq!(ask(&app_addr, "COUNT").as_deref(), Some("COUNT 5"));
+
+    // Redeployed on n2: stops on n1, the dataset moves, it starts on n2 with every write.
+    let (dep2, _) = write_files(dir.path(), port, "n2");
+    let out = c.ctl_ok(c.addr(1), &["deploy", dep2.to_str().unwrap(), appl_s]);
+    assert!(out.contains("move counter from n1 to n2"), "{out}");
+    let moved = until("counter to run on n2", Duration::from_secs(60), || {
+        let a = app(&c, "counter");
+        (a["node"] == "n2" && a["state"] == "running" && ask(&app_addr, "PING").is_some())
+            .then_some(a)
+    });
+    assert_ne!(moved["id"].as_str(), Some(pid.as_str()));
+    assert!(!pid_alive(&pid), "the old instance still runs on n1");
+    assert_eq!(ask(&app_addr, "COUNT").as_deref(), Some("COUNT 5"));
+    let ds: Value =
+        serde_json::from_str(&c.ctl_ok(c.addr(3), &["dataset", "ls", "counter", "--json"]))
+            .unwrap();
+    assert_eq!(ds[0]["primary"], "n2");
+    // A dataset an app uses cannot be removed or moved by hand.
+    let rm = c.ctl(c.addr(1), &["dataset", "rm", "counter"]);
+    assert!(
+        stderr(&rm).contains("volume of app \"counter\""),
+        "{}",
+        stderr(&rm)
+    );
+
+    let out = c.ctl_ok(c.addr(1), &["app", "rm", "counter"]);
+    assert!(out.contains("removed app counter"), "{out}");
+    let new_pid = moved["id"].as_str().unwrap().to_string();
+    until("counter to stop", Duration::from_secs(20), || {
+        (!pid_alive(&new_pid)).then_some(())
+    });
+    let missing = c.ctl(c.addr(1), &["app", "show", "counter"]);
+    assert_eq!(missing.status.code(), Some(4), "{}", stderr(&missing));
+    c.ctl_ok(c.addr(1), &["app", "rm", "crasher"]);
+    c.ctl_ok(c.addr(1), &["app", "rm", "ghost"]);
+}
