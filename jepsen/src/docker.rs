@@ -279,3 +279,95 @@ pub async fn apply_grudge(
     }
     Ok(())
 }
+
+/// What `docker exec` said: its exit code (`None` when killed by a signal), stdout and stderr.
+#[derive(Clone, Debug)]
+pub struct ExecOutput {
+    pub code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl ExecOutput {
+    /// Whether docker refused to run the command at all (the container is stopped, paused or
+    /// gone), so nothing ran inside it.
+    pub fn not_run(&self) -> bool {
+        const REFUSALS: [&str; 4] = [
+            "is not running",
+            "is paused",
+            "No such container",
+            "is restarting",
+        ];
+        self.code != Some(0) && REFUSALS.iter().any(|r| self.stderr.contains(r))
+    }
+}
+
+/// `docker exec [-i] [-w DIR] CONTAINER ARGS...`, feeding `stdin` when given. A non-zero exit
+/// is returned as an [`ExecOutput`], not as an error; errors are failures to run `docker` or a
+/// timeout (then the `docker` client is killed, but what it started inside the container may
+/// still be running).
+pub async fn exec(
+    node: &Node,
+    workdir: Option<&str>,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<ExecOutput, DockerError> {
+    use tokio::io::AsyncWriteExt;
+    let mut a: Vec<&str> = vec!["exec"];
+    if stdin.is_some() {
+        a.push("-i");
+    }
+    if let Some(w) = workdir {
+        a.extend(["-w", w]);
+    }
+    a.push(&node.container);
+    a.extend_from_slice(args);
+    let cmd = format!("docker exec {} {}", node.name, args.join(" "));
+    let shown = if cmd.chars().count() > 200 {
+        format!("{}...", cmd.chars().take(200).collect::<String>())
+    } else {
+        cmd
+    };
+    let work = async {
+        let mut child = Command::new("docker")
+            .args(&a)
+            .stdin(if stdin.is_some() {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| DockerError::Spawn {
+                cmd: shown.clone(),
+                source,
+            })?;
+        if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            // A broken pipe shows in the exit status and stderr; the caller judges those.
+            let _ = pipe.write_all(data).await;
+            let _ = pipe.shutdown().await;
+            drop(pipe);
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|source| DockerError::Spawn {
+                cmd: shown.clone(),
+                source,
+            })?;
+        Ok(ExecOutput {
+            code: out.status.code(),
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| DockerError::Timeout {
+            cmd: shown.clone(),
+            timeout,
+        })?
+}

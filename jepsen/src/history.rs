@@ -10,7 +10,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-/// What an operation asked for. Register workload: `read`, `write`, `cas` on one key.
+/// What an operation asked for. Register workload: `read`, `write`, `cas` on one key. Dataset
+/// workload: the `ds_*` calls on one dataset (see [`crate::workload::dataset`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "f", rename_all = "snake_case")]
 pub enum Call {
@@ -28,27 +29,162 @@ pub enum Call {
         expect: Option<String>,
         value: String,
     },
+    /// Create dataset `dataset` with `primary` as its primary (`DatasetCreate`).
+    DsCreate { dataset: String, primary: String },
+    /// Write file `file` (`bytes` long, SHA-256 `sha256`) into the live directory of `primary`,
+    /// which a linearizable read just before showed as the primary of `dataset` under `epoch`.
+    /// (The op's `node` is the same node: the container written to.)
+    DsWrite {
+        dataset: String,
+        file: String,
+        bytes: u64,
+        sha256: String,
+        primary: String,
+        epoch: u64,
+    },
+    /// Snapshot `dataset` under the name `tag` (`DatasetSnapshot`).
+    DsSnapshot { dataset: String, tag: String },
+    /// Begin a move of `dataset` to `to` (`DatasetMove`).
+    DsMove { dataset: String, to: String },
+    /// Cancel the move of `dataset` in progress (`DatasetMove` with `cancel`).
+    DsCancelMove { dataset: String },
+    /// Read the desired state of `dataset` (`DatasetList`, linearizable), with what each
+    /// holder reports when `holders`.
+    DsState {
+        dataset: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        holders: bool,
+    },
+    /// Read every snapshot's files on the disk of node `disk` (after the run; the op's `node`
+    /// is the same).
+    DsRead { disk: String },
 }
 
 impl Call {
+    /// The register's key, or the dataset's name (`*` for a read of a node's whole disk).
     pub fn key(&self) -> &str {
         match self {
             Call::Read { key, .. } | Call::Write { key, .. } | Call::Cas { key, .. } => key,
+            Call::DsCreate { dataset, .. }
+            | Call::DsWrite { dataset, .. }
+            | Call::DsSnapshot { dataset, .. }
+            | Call::DsMove { dataset, .. }
+            | Call::DsCancelMove { dataset }
+            | Call::DsState { dataset, .. } => dataset,
+            Call::DsRead { .. } => "*",
         }
     }
 
-    /// Short name of the function: `read`, `write`, `cas`.
+    /// Short name of the function: `read`, `write`, `cas`, `ds_write`, ...
     pub fn f(&self) -> &'static str {
         match self {
             Call::Read { .. } => "read",
             Call::Write { .. } => "write",
             Call::Cas { .. } => "cas",
+            Call::DsCreate { .. } => "ds_create",
+            Call::DsWrite { .. } => "ds_write",
+            Call::DsSnapshot { .. } => "ds_snapshot",
+            Call::DsMove { .. } => "ds_move",
+            Call::DsCancelMove { .. } => "ds_cancel_move",
+            Call::DsState { .. } => "ds_state",
+            Call::DsRead { .. } => "ds_read",
         }
     }
 
+    /// Whether the call changes nothing (a failed one is `fail`, never `unknown`).
     pub fn is_read(&self) -> bool {
-        matches!(self, Call::Read { .. })
+        matches!(
+            self,
+            Call::Read { .. } | Call::DsState { .. } | Call::DsRead { .. }
+        )
     }
+
+    /// Whether the call belongs to the register workload (the key-value namespace).
+    pub fn is_register(&self) -> bool {
+        matches!(
+            self,
+            Call::Read { .. } | Call::Write { .. } | Call::Cas { .. }
+        )
+    }
+}
+
+/// What a dataset call returned, beyond its outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DsResult {
+    /// A dataset as `DatasetList` answered.
+    State(DsState),
+    /// The snapshot `DatasetSnapshot` took and recorded.
+    Snapshot(DsSnap),
+    /// What a node's disk holds: every snapshot of every dataset, file by file.
+    Disk(NodeDisk),
+}
+
+/// A dataset's desired state (Raft's), and the holders' reports when asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DsState {
+    pub id: u64,
+    pub primary: String,
+    pub epoch: u64,
+    /// The target of a move in progress, empty when none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub moving_to: String,
+    /// The recorded snapshots, oldest first.
+    pub snapshots: Vec<DsSnap>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<DsHolder>,
+}
+
+/// A recorded snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DsSnap {
+    pub name: String,
+    pub guid: u64,
+    pub epoch: u64,
+}
+
+/// One node's copy of a dataset, as `DatasetList` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DsHolder {
+    pub node: String,
+    /// `primary`, `replica` or `target`.
+    pub role: String,
+    /// `ready`, `missing`, `unreachable` or `error`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub latest_snapshot: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mount_path: String,
+}
+
+/// Every dataset copy on one node's disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDisk {
+    pub datasets: Vec<DiskDataset>,
+}
+
+/// One dataset copy on a node's disk: the backend's name (`NAME.ID`) and its snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskDataset {
+    pub local_name: String,
+    pub snapshots: Vec<DiskSnapshot>,
+}
+
+/// One snapshot on a node's disk, as its metadata names it, with every regular file in it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSnapshot {
+    pub name: String,
+    pub guid: u64,
+    /// File name (relative to the snapshot's root) -> `SIZE:SHA256`.
+    pub files: std::collections::BTreeMap<String, String>,
+    /// Entries other than regular files and directories, and anything unreadable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+/// How a file's size and digest are written in [`DiskSnapshot::files`].
+pub fn file_digest(bytes: u64, sha256: &str) -> String {
+    format!("{bytes}:{sha256}")
 }
 
 /// How an operation ended, as far as the client can tell.
@@ -101,6 +237,9 @@ pub struct Op {
     pub complete_ns: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What a dataset call returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ds: Option<DsResult>,
 }
 
 impl Op {
@@ -142,7 +281,8 @@ pub struct RunMeta {
     pub key_prefix: String,
 }
 
-/// A line of `history.jsonl`.
+/// A line of `history.jsonl`. (An op's call is flattened into it: no call may have a field an
+/// [`Op`] has, such as `node`.)
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Record {
@@ -320,6 +460,7 @@ mod tests {
             invoke_ns: 10,
             complete_ns: 20,
             error: Some("deadline exceeded".into()),
+            ds: None,
         });
         let line = serde_json::to_string(&op).expect("serializes");
         assert!(line.contains(r#""type":"op""#), "{line}");
@@ -341,6 +482,7 @@ mod tests {
             invoke_ns: 1,
             complete_ns: 2,
             error: None,
+            ds: None,
         });
         let line = serde_json::to_string(&read).expect("serializes");
         let back: Record = serde_json::from_str(&line).expect("parses");
@@ -348,6 +490,115 @@ mod tests {
             back, read,
             "a read of a missing key stays Some(None): {line}"
         );
+    }
+
+    #[test]
+    fn dataset_ops_roundtrip_through_json_lines() {
+        let base = Op {
+            index: 1,
+            process: 3,
+            node: "n2".into(),
+            call: Call::DsWrite {
+                dataset: "d".into(),
+                file: "f00001".into(),
+                bytes: 5,
+                sha256: "ab".into(),
+                primary: "n2".into(),
+                epoch: 2,
+            },
+            outcome: Outcome::Ok,
+            read: None,
+            revision: None,
+            invoke_ns: 1,
+            complete_ns: 2,
+            error: None,
+            ds: None,
+        };
+        let disk = NodeDisk {
+            datasets: vec![DiskDataset {
+                local_name: "d.1".into(),
+                snapshots: vec![DiskSnapshot {
+                    name: "s1".into(),
+                    guid: 9,
+                    files: [("f00001".to_string(), file_digest(5, "ab"))].into(),
+                    problems: Vec::new(),
+                }],
+            }],
+        };
+        let state = DsState {
+            id: 1,
+            primary: "n2".into(),
+            epoch: 2,
+            moving_to: "n3".into(),
+            snapshots: vec![DsSnap {
+                name: "s1".into(),
+                guid: 9,
+                epoch: 2,
+            }],
+            holders: vec![DsHolder {
+                node: "n2".into(),
+                role: "primary".into(),
+                state: "ready".into(),
+                latest_snapshot: "s1".into(),
+                mount_path: "/data/x".into(),
+            }],
+        };
+        let calls = [
+            (base.call.clone(), None),
+            (
+                Call::DsCreate {
+                    dataset: "d".into(),
+                    primary: "n1".into(),
+                },
+                None,
+            ),
+            (
+                Call::DsSnapshot {
+                    dataset: "d".into(),
+                    tag: "s1".into(),
+                },
+                Some(DsResult::Snapshot(DsSnap {
+                    name: "s1".into(),
+                    guid: 9,
+                    epoch: 2,
+                })),
+            ),
+            (
+                Call::DsState {
+                    dataset: "d".into(),
+                    holders: true,
+                },
+                Some(DsResult::State(state)),
+            ),
+            (
+                Call::DsRead { disk: "n2".into() },
+                Some(DsResult::Disk(disk)),
+            ),
+            (
+                Call::DsMove {
+                    dataset: "d".into(),
+                    to: "n3".into(),
+                },
+                None,
+            ),
+            (
+                Call::DsCancelMove {
+                    dataset: "d".into(),
+                },
+                None,
+            ),
+        ];
+        for (call, ds) in calls {
+            let r = Record::Op(Op {
+                call,
+                ds,
+                ..base.clone()
+            });
+            let line = serde_json::to_string(&r).expect("serializes");
+            let back: Record =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert_eq!(back, r);
+        }
     }
 
     #[test]

@@ -3,13 +3,15 @@
 //! - [`runner`]: one run, start to end (cluster up, clients and nemesis, heal, recovery,
 //!   convergence, final reads, check, report).
 //! - [`workload`]: what clients do and which checkers judge it ([`workload::register`]: read,
-//!   write, cas on the key-value namespace).
+//!   write, cas on the key-value namespace; [`workload::dataset`]: datasets created, written,
+//!   snapshotted and moved, then read back from every node's disk).
 //! - [`nemesis`]: kill -9, pause, partitions (and leader-targeted variants), seeded schedules.
 //! - [`checker`]: WGL linearizability search, the per-key register checker with minimal
-//!   failing sub-histories, and run figures. Pure: no IO.
+//!   failing sub-histories, the dataset checker (every acknowledged snapshot reads back
+//!   byte-identical), and run figures. Pure: no IO.
 //! - [`history`]: the recorded ops and faults, as JSON lines.
 //! - [`client`]: the one place connections to nodes are made, and what a failed call means.
-//! - [`docker`]: docker, docker-compose, nsenter and iptables on the host.
+//! - [`docker`]: docker, docker-compose, docker exec, nsenter and iptables on the host.
 //! - [`report`]: `report.md` and the `timeline.png` of a run.
 
 pub mod checker;

@@ -13,7 +13,8 @@ use flock_jepsen::checker::{self, stats::Stats};
 use flock_jepsen::docker::Compose;
 use flock_jepsen::history::History;
 use flock_jepsen::nemesis::parse_nemeses;
-use flock_jepsen::runner::{self, RunOptions};
+use flock_jepsen::runner::{self, RunOptions, Workloads};
+use flock_jepsen::workload::dataset::DatasetOptions;
 use flock_jepsen::workload::register::{ReadMode, Register, RegisterOptions};
 use flock_jepsen::workload::Workload;
 
@@ -26,7 +27,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Start a fresh 5-node cluster, run the register workload under faults, check the history.
+    /// Start a fresh 5-node cluster, run the workloads under faults, check the history.
     Test(Box<TestArgs>),
     /// Check a stored history.jsonl again (and redraw its timeline next to it).
     Check {
@@ -41,8 +42,22 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (examples: 90s, 3m, 1h)"))
 }
 
+/// Which workloads a run makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum WorkloadArg {
+    /// Key-value reads, writes and compare-and-sets, checked for linearizability.
+    Register,
+    /// Datasets created, written, snapshotted and moved; snapshots read back.
+    Dataset,
+    /// Both, side by side.
+    All,
+}
+
 #[derive(Args, Debug)]
 struct TestArgs {
+    /// The workloads: register, dataset or all (both at once).
+    #[arg(long, value_enum, default_value_t = WorkloadArg::All)]
+    workload: WorkloadArg,
     /// How long the workload runs under faults.
     #[arg(long, default_value = "3m", value_parser = duration)]
     time_limit: Duration,
@@ -86,6 +101,28 @@ struct TestArgs {
     /// Search steps per key before the checker gives up on it (undecided).
     #[arg(long, default_value_t = 20_000_000)]
     max_steps: u64,
+    /// Dataset writers (each writes, snapshots and moves its own dataset).
+    #[arg(long, default_value_t = 3)]
+    datasets: usize,
+    /// Acknowledged writes before a writer moves on to a fresh dataset.
+    #[arg(long, default_value_t = 50)]
+    writes_per_dataset: u64,
+    /// Chance that a dataset round ends with a move to another node.
+    #[arg(long, default_value_t = 0.15)]
+    move_probability: f64,
+    /// A dataset move still running after this is cancelled.
+    #[arg(long, default_value = "20s", value_parser = duration)]
+    move_timeout: Duration,
+    /// Time limit of each dataset call and file write.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    dataset_op_timeout: Duration,
+    /// The largest file a dataset write makes, in bytes.
+    #[arg(long, default_value_t = 2 << 20)]
+    max_file_bytes: u64,
+    /// After the heal, every dataset must take a write and a snapshot within this, and then
+    /// every holder must have the newest snapshot within this again.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    dataset_bound: Duration,
     /// The compose file of the test cluster.
     #[arg(long, default_value = "docker-compose.test.yml")]
     compose_file: PathBuf,
@@ -179,6 +216,20 @@ async fn test(a: TestArgs) -> i32 {
             read_mode: a.read_mode,
             max_steps: a.max_steps,
         },
+        workloads: Workloads {
+            register: a.workload != WorkloadArg::Dataset,
+            dataset: (a.workload != WorkloadArg::Register).then(|| DatasetOptions {
+                writers: a.datasets.max(1),
+                writes_per_dataset: a.writes_per_dataset.max(1),
+                move_probability: a.move_probability,
+                move_timeout: a.move_timeout,
+                op_timeout: a.dataset_op_timeout,
+                max_file_bytes: a.max_file_bytes,
+                recovery_bound: a.dataset_bound,
+                settle_bound: a.dataset_bound,
+                ..DatasetOptions::default()
+            }),
+        },
         admin_config: a.admin_config.clone(),
         command_line: command_line.join(" "),
     };
@@ -197,6 +248,23 @@ async fn test(a: TestArgs) -> i32 {
                 s.longest_unavailable.seconds,
                 s.longest_without_write.seconds
             );
+            if let Some(d) = &verdict.datasets {
+                println!(
+                    "jepsen: datasets after the heal: {} of {} took a write and a snapshot within {:.0}s; holders {}; disks read: {}",
+                    d.recovered.values().filter(|t| t.is_some()).count(),
+                    d.recovered.len(),
+                    d.recovery_bound_s,
+                    match d.settled_after_s {
+                        Some(t) => format!("settled after {t:.1}s"),
+                        None => format!("NOT settled: {}", d.unsettled.join("; ")),
+                    },
+                    d.disks_read
+                        .iter()
+                        .map(|(n, ok)| format!("{n} {}", if *ok { "ok" } else { "FAILED" }))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
             println!("jepsen: report {}", dir.join("report.md").display());
             match verdict.valid {
                 Some(true) => {
@@ -235,11 +303,14 @@ fn check(path: &Path, max_steps: u64) -> i32 {
         read_mode: ReadMode::Linearizable,
         max_steps,
     });
-    let results: Vec<_> = register
-        .checkers()
-        .iter()
-        .map(|c| c.check(&history))
-        .collect();
+    let mut checkers = Vec::new();
+    if history.ops.iter().any(|o| o.call.is_register()) {
+        checkers.extend(register.checkers());
+    }
+    if history.ops.iter().any(|o| !o.call.is_register()) {
+        checkers.push(Box::new(checker::dataset::SnapshotsReadBack) as Box<dyn checker::Checker>);
+    }
+    let results: Vec<_> = checkers.iter().map(|c| c.check(&history)).collect();
     for r in &results {
         println!("{}: {}", r.checker, r.summary);
         if let Some(anomalies) = r.details.get("anomalies").and_then(|a| a.as_array()) {

@@ -82,7 +82,7 @@ fn markdown(
     let _ = writeln!(s, "# flock-jepsen run: {}\n", yes_no(v.valid));
     let _ = writeln!(
         s,
-        "- seed **{}**, started {}, workload {} with {} reads, nemeses: {}",
+        "- seed **{}**, started {}, workload {} ({} reads), nemeses: {}",
         v.seed,
         meta.map(|m| m.started.as_str()).unwrap_or("?"),
         meta.map(|m| m.workload.as_str()).unwrap_or("?"),
@@ -92,11 +92,27 @@ fn markdown(
     let _ = writeln!(s, "- repeat: `{}`", opts.command_line);
     let _ = writeln!(
         s,
-        "- nodes: {}; {} clients, about {} ops/s; key prefix `{}`\n",
+        "- nodes: {}; {}{}\n",
         meta.map(|m| m.nodes.join(" ")).unwrap_or_default(),
-        opts.concurrency,
-        opts.rate,
-        opts.register.prefix
+        if opts.workloads.register {
+            format!(
+                "register: {} clients, about {} ops/s, key prefix `{}`",
+                opts.concurrency, opts.rate, opts.register.prefix
+            )
+        } else {
+            String::new()
+        },
+        match &opts.workloads.dataset {
+            Some(d) => format!(
+                "{}datasets: {} writers, a fresh dataset after {} acknowledged writes, moves with probability {}, files up to {} KiB",
+                if opts.workloads.register { "; " } else { "" },
+                d.writers,
+                d.writes_per_dataset,
+                d.move_probability,
+                d.max_file_bytes >> 10
+            ),
+            None => String::new(),
+        }
     );
     let _ = writeln!(s, "## Checks\n");
     for c in &v.checks {
@@ -134,6 +150,41 @@ fn markdown(
             None => c.differences.join("; "),
         }
     );
+    if let Some(d) = &v.datasets {
+        let _ = writeln!(
+            s,
+            "- **dataset recovery** (a write and a snapshot on every dataset within {:.0}s of the heal): {} — {}",
+            d.recovery_bound_s,
+            if d.recovered.values().all(Option::is_some) { "VALID" } else { "INVALID" },
+            d.recovered
+                .iter()
+                .map(|(n, t)| match t {
+                    Some(t) => format!("{n} {t:.1}s"),
+                    None => format!("{n} never"),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _ = writeln!(
+            s,
+            "- **dataset holders settle** (no move left, every holder ready with the newest snapshot, within {:.0}s; then every disk read): {} — {}; disks read: {}\n",
+            d.settle_bound_s,
+            if d.settled_after_s.is_some() && d.disks_read.values().all(|r| *r) {
+                "VALID"
+            } else {
+                "INVALID"
+            },
+            match d.settled_after_s {
+                Some(t) => format!("settled after {t:.1}s"),
+                None => d.unsettled.join("; "),
+            },
+            d.disks_read
+                .iter()
+                .map(|(n, ok)| format!("{n} {}", if *ok { "ok" } else { "FAILED" }))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
 
     let st = &v.stats;
     let _ = writeln!(s, "## Figures (workload phase, {:.0}s)\n", st.duration_s);
@@ -188,6 +239,9 @@ fn markdown(
                 f.count, f.median_gap_s, f.max_gap_s
             );
         }
+    }
+    if v.datasets.is_some() {
+        datasets_section(&mut s, history, v);
     }
     let _ = writeln!(s, "\n## Timeline\n");
     match png_error {
@@ -259,6 +313,139 @@ fn markdown(
         let _ = writeln!(s, "```");
     }
     s
+}
+
+/// The dataset workload's figures: per dataset, latencies of its calls, the longest time without
+/// a snapshot, and the checker's notes.
+fn datasets_section(s: &mut String, history: &History, v: &Verdict) {
+    let Some(check) = v.checks.iter().find(|c| c.checker == "datasets") else {
+        return;
+    };
+    let d = &check.details;
+    let _ = writeln!(
+        s,
+        "\n## Datasets\n\nPer dataset (writes and snapshots include the round after the heal; \
+         fenced: acknowledged writes no move could overtake, see jepsen/README.md):\n\n\
+         | dataset | writes ok/fail/unknown | fenced | MiB ok | snapshots ok/fail/unknown | recorded | moves ok/fail/unknown | committed | final primary | holders | copies read | file checks |\n\
+         |---|---|---:|---:|---|---:|---|---:|---|---|---:|---:|"
+    );
+    if let Some(m) = d.get("datasets").and_then(|m| m.as_object()) {
+        for (name, f) in m {
+            let n = |k: &str| f.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+            let _ = writeln!(
+                s,
+                "| {name} | {}/{}/{} | {} | {:.1} | {}/{}/{} | {} | {}/{}/{} | {} | {} | {} | {} | {} |",
+                n("writes_ok"),
+                n("writes_fail"),
+                n("writes_unknown"),
+                n("writes_fenced"),
+                n("bytes_ok") as f64 / 1048576.0,
+                n("snapshots_ok"),
+                n("snapshots_fail"),
+                n("snapshots_unknown"),
+                n("recorded"),
+                n("moves_ok"),
+                n("moves_fail"),
+                n("moves_unknown"),
+                n("moves_committed"),
+                f.get("final_primary").and_then(|x| x.as_str()).unwrap_or(""),
+                f.get("final_holders")
+                    .and_then(|x| x.as_array())
+                    .map(|a| a.iter().filter_map(|h| h.as_str()).collect::<Vec<_>>().join(" "))
+                    .unwrap_or_default(),
+                n("copies_read"),
+                n("files_checked"),
+            );
+        }
+    }
+    // Latencies of the dataset calls during the workload.
+    let _ = writeln!(
+        s,
+        "\nLatency of ok dataset calls (workload phase):\n\n| call | ok | p50 | p99 | max |\n|---|---:|---:|---:|---:|"
+    );
+    let end = v.stats.duration_s;
+    let mut by_f: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for o in history.ops.iter().filter(|o| {
+        !o.call.is_register() && o.outcome == Outcome::Ok && (o.invoke_ns as f64 / 1e9) <= end
+    }) {
+        by_f.entry(o.call.f())
+            .or_default()
+            .push(o.latency_ns() as f64 / 1e6);
+    }
+    for (f, mut l) in by_f {
+        l.sort_by(f64::total_cmp);
+        let p = |q: f64| l[(((l.len() - 1) as f64) * q).round() as usize];
+        let _ = writeln!(
+            s,
+            "| {f} | {} | {:.0} ms | {:.0} ms | {:.0} ms |",
+            l.len(),
+            p(0.5),
+            p(0.99),
+            p(1.0)
+        );
+    }
+    // The longest time a dataset took no snapshot while its writer was asking for them: between
+    // two acknowledged snapshots, or from the last one to the last attempt, in the workload
+    // phase (a writer that moved on to a fresh dataset asks no more).
+    let end_ns = (end * 1e9) as u64;
+    let mut worst: Option<(f64, String, f64, f64)> = None;
+    let mut per: BTreeMap<&str, Vec<(u64, bool)>> = BTreeMap::new();
+    for o in history.ops.iter().filter(|o| o.invoke_ns <= end_ns) {
+        if let crate::history::Call::DsSnapshot { dataset, .. } = &o.call {
+            per.entry(dataset.as_str())
+                .or_default()
+                .push((o.complete_ns, o.outcome == Outcome::Ok));
+        }
+    }
+    for (name, mut ops) in per {
+        ops.sort_unstable();
+        let mut last_ok: Option<u64> = None;
+        for (t, ok) in ops {
+            if let Some(from) = last_ok {
+                let gap = t.saturating_sub(from) as f64 / 1e9;
+                if worst.as_ref().is_none_or(|b| gap > b.0) {
+                    worst = Some((gap, name.to_string(), from as f64 / 1e9, t as f64 / 1e9));
+                }
+            }
+            if ok {
+                last_ok = Some(t);
+            }
+        }
+    }
+    if let Some((gap, name, from, to)) = worst {
+        let during: Vec<String> = history
+            .fault_intervals()
+            .iter()
+            .filter(|f| (f.start_ns as f64 / 1e9) < to && (f.stop_ns as f64 / 1e9) > from)
+            .map(|f| format!("{} ({})", f.fault, f.detail))
+            .collect();
+        let shown = during.len().min(4);
+        let _ = writeln!(
+            s,
+            "\n- longest time a dataset's writer asked for snapshots and none was acknowledged: **{gap:.2}s** ({name}, {from:.1}s to {to:.1}s{}{})",
+            if during.is_empty() {
+                String::new()
+            } else {
+                format!(", during {}", during[..shown].join(", "))
+            },
+            if during.len() > shown {
+                format!(" and {} more faults", during.len() - shown)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if let Some(notes) = d.get("notes").and_then(|n| n.as_array()) {
+        if !notes.is_empty() {
+            let _ = writeln!(s, "\nChecker notes (no violation):\n");
+            for n in notes.iter().take(10) {
+                let _ = writeln!(s, "- {}", n.as_str().unwrap_or(""));
+            }
+            if notes.len() > 10 {
+                let _ = writeln!(s, "- ({} more in verdict.json)", notes.len() - 10);
+            }
+        }
+    }
 }
 
 /// How an op is drawn: a compare-and-set that found another value is an answer, not an error.

@@ -22,8 +22,29 @@ use crate::history::{
 };
 use crate::nemesis::{self, Active, FaultKind, Nemesis, Step};
 use crate::report;
+use crate::workload::dataset::{self, DatasetOptions, DatasetPhase};
 use crate::workload::register::{Register, RegisterOptions};
 use crate::workload::Workload;
+
+/// Which workloads a run makes, side by side on the same cluster.
+#[derive(Clone, Debug)]
+pub struct Workloads {
+    /// The register workload (key-value reads, writes, compare-and-sets).
+    pub register: bool,
+    /// The dataset workload, with its settings.
+    pub dataset: Option<DatasetOptions>,
+}
+
+impl Workloads {
+    /// `register`, `dataset` or `register+dataset`.
+    pub fn name(&self) -> String {
+        match (self.register, self.dataset.is_some()) {
+            (true, true) => "register+dataset".into(),
+            (false, true) => "dataset".into(),
+            _ => "register".into(),
+        }
+    }
+}
 
 /// Everything a run needs to know.
 #[derive(Clone, Debug)]
@@ -50,6 +71,7 @@ pub struct RunOptions {
     pub recovery_bound: Duration,
     pub convergence_bound: Duration,
     pub register: RegisterOptions,
+    pub workloads: Workloads,
     /// The admin config to connect with; by default `admin.conf` is copied from the first node,
     /// which created the cluster.
     pub admin_config: Option<PathBuf>,
@@ -88,6 +110,9 @@ pub struct Verdict {
     pub checks: Vec<CheckResult>,
     pub recovery: Recovery,
     pub convergence: Convergence,
+    /// The dataset workload's phase after the faults, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datasets: Option<DatasetPhase>,
     pub stats: Stats,
 }
 
@@ -116,8 +141,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
 
 /// Appends to the history (file and memory) from every task.
 #[derive(Clone)]
-struct Recorder {
-    t0: Instant,
+pub(crate) struct Recorder {
+    pub(crate) t0: Instant,
     inner: Arc<Mutex<RecorderInner>>,
 }
 
@@ -129,7 +154,7 @@ struct RecorderInner {
 }
 
 impl Recorder {
-    fn now_ns(&self) -> u64 {
+    pub(crate) fn now_ns(&self) -> u64 {
         self.t0.elapsed().as_nanos() as u64
     }
 
@@ -142,7 +167,7 @@ impl Recorder {
     }
 
     /// Records a completed op under the next index, and returns it with that index.
-    fn record_op(&self, mut op: Op) -> Op {
+    pub(crate) fn record_op(&self, mut op: Op) -> Op {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         op.index = g.next_index;
         g.next_index += 1;
@@ -185,14 +210,14 @@ impl Recorder {
 }
 
 /// A client's view of one node: connects on first use and after a transport error.
-struct Conn {
+pub(crate) struct Conn {
     addr: String,
     cfg: ClientConfig,
-    api: Option<Api>,
+    pub(crate) api: Option<Api>,
 }
 
 impl Conn {
-    fn new(node: &Node, cfg: &ClientConfig) -> Conn {
+    pub(crate) fn new(node: &Node, cfg: &ClientConfig) -> Conn {
         Conn {
             addr: node.api_addr(),
             cfg: cfg.clone(),
@@ -200,7 +225,7 @@ impl Conn {
         }
     }
 
-    async fn api(&mut self) -> Result<&mut Api, Failure> {
+    pub(crate) async fn api(&mut self) -> Result<&mut Api, Failure> {
         if self.api.is_none() {
             let api = client::connect(&self.addr, &self.cfg)
                 .await
@@ -225,34 +250,48 @@ async fn perform<W: Workload>(
     call: Call,
     timeout: Duration,
 ) -> Op {
-    let invoke_ns = rec.now_ns();
     let attempt = async {
         let api = conn.api().await?;
         w.invoke(api, &call).await
     };
+    let (op, broken) = record_call(rec, node, process, call.clone(), timeout, attempt).await;
+    if broken {
+        conn.api = None;
+    }
+    w.observe(&op);
+    op
+}
+
+/// Runs `attempt` (which carries out `call` on `node`) with a time limit and records it as an
+/// op: `ok` or `fail` as its answer says; when it fails without knowing, or does not answer in
+/// time, `fail` for a read and `unknown` for anything else. Also returns whether the
+/// connection it used may be broken (a transport error or a timeout).
+pub(crate) async fn record_call(
+    rec: &Recorder,
+    node: &str,
+    process: u64,
+    call: Call,
+    timeout: Duration,
+    attempt: impl std::future::Future<Output = Result<crate::workload::Done, Failure>>,
+) -> (Op, bool) {
+    let invoke_ns = rec.now_ns();
     let result = tokio::time::timeout(timeout, attempt).await;
     let complete_ns = rec.now_ns();
-    let (outcome, done, error) = match result {
-        Ok(Ok(done)) => (done.outcome, Some(done.clone()), done.note.clone()),
-        Ok(Err(Failure::Definite(m))) => (Outcome::Fail, None, Some(m)),
-        Ok(Err(Failure::Indefinite(m))) => {
-            conn.api = None;
-            let o = if call.is_read() {
-                Outcome::Fail
-            } else {
-                Outcome::Unknown
-            };
-            (o, None, Some(m))
-        }
-        Err(_) => {
-            conn.api = None;
-            let o = if call.is_read() {
-                Outcome::Fail
-            } else {
-                Outcome::Unknown
-            };
-            (o, None, Some(format!("no answer within {timeout:?}")))
-        }
+    let unknown = if call.is_read() {
+        Outcome::Fail
+    } else {
+        Outcome::Unknown
+    };
+    let (outcome, done, error, broken) = match result {
+        Ok(Ok(done)) => (done.outcome, Some(done.clone()), done.note.clone(), false),
+        Ok(Err(Failure::Definite(m))) => (Outcome::Fail, None, Some(m), false),
+        Ok(Err(Failure::Indefinite(m))) => (unknown, None, Some(m), true),
+        Err(_) => (
+            unknown,
+            None,
+            Some(format!("no answer within {timeout:?}")),
+            true,
+        ),
     };
     let op = Op {
         index: 0,
@@ -265,10 +304,9 @@ async fn perform<W: Workload>(
         invoke_ns,
         complete_ns,
         error,
+        ds: done.and_then(|d| d.ds),
     };
-    let op = rec.record_op(op);
-    w.observe(&op);
-    op
+    (rec.record_op(op), broken)
 }
 
 /// A client: calls from the workload, one at a time, on one node, at about `rate` per second.
@@ -670,7 +708,7 @@ async fn run_on_cluster(
     let prefix = opts.register.prefix.clone();
     let meta = RunMeta {
         seed: opts.seed,
-        workload: "register".into(),
+        workload: opts.workloads.name(),
         read_mode: opts.register.read_mode.as_str().into(),
         nemeses: opts.nemeses.iter().map(|k| k.name().to_string()).collect(),
         nodes: names.to_vec(),
@@ -712,7 +750,7 @@ async fn run_on_cluster(
     let concurrency = opts.concurrency.max(1) as u64;
     let mean_delay = Duration::from_secs_f64(concurrency as f64 / opts.rate.max(0.1));
     let mut clients = Vec::new();
-    for w in 0..concurrency {
+    for w in (0..concurrency).filter(|_| opts.workloads.register) {
         let node = nodes[(w as usize) % nodes.len()].clone();
         clients.push(tokio::spawn(client_loop(
             workload.clone(),
@@ -727,6 +765,18 @@ async fn run_on_cluster(
             stop_rx.clone(),
         )));
     }
+    let ds_ctx = opts.workloads.dataset.as_ref().map(|o| {
+        Arc::new(dataset::Ctx::new(
+            rec.clone(),
+            nodes.to_vec(),
+            client.clone(),
+            o.clone(),
+            opts.seed,
+        ))
+    });
+    let writers = ds_ctx
+        .clone()
+        .map(|ctx| tokio::spawn(dataset::run_writers(ctx, stop_rx.clone())));
     let nemesis_task = tokio::spawn(nemesis_loop(
         nem.clone(),
         steps.clone(),
@@ -772,110 +822,128 @@ async fn run_on_cluster(
     );
     let healed_at = Instant::now();
 
-    // Recovery: every node serves a write and a linearizable read within the bound.
-    let deadline = healed_at + opts.recovery_bound;
-    let probes = nodes.iter().enumerate().map(|(i, n)| {
-        let rec = rec.clone();
-        let cfg = client.clone();
-        let prefix = prefix.clone();
-        let timeout = opts.op_timeout;
-        async move {
-            let at = recover_node(
-                &rec,
-                n,
-                &cfg,
-                &prefix,
-                1_000_000 + i as u64,
-                deadline,
-                timeout,
-            )
-            .await;
-            (
-                n.name.clone(),
-                at.map(|t| t.duration_since(healed_at).as_secs_f64()),
-            )
-        }
-    });
-    let probes = futures::future::join_all(probes);
-    let (recovered, _) = tokio::join!(probes, futures::future::join_all(clients));
-    let recovered: BTreeMap<String, Option<f64>> = recovered.into_iter().collect();
-    let recovery = Recovery {
-        bound_s: opts.recovery_bound.as_secs_f64(),
-        ok: recovered.values().all(Option::is_some),
-        nodes: recovered,
-        heal_actions,
-    };
-    println!(
-        "jepsen: recovery after heal: {}",
-        recovery
-            .nodes
-            .iter()
-            .map(|(n, t)| match t {
-                Some(t) => format!("{n} {t:.1}s"),
-                None => format!("{n} NOT within {:?}", opts.recovery_bound),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    // The register side (recovery probes, final reads, convergence) and the dataset side
+    // (a write and a snapshot on every dataset, settling, reading the disks) at the same time.
+    let register_side = async {
+        // Recovery: every node serves a write and a linearizable read within the bound.
+        let deadline = healed_at + opts.recovery_bound;
+        let probes = nodes.iter().enumerate().map(|(i, n)| {
+            let rec = rec.clone();
+            let cfg = client.clone();
+            let prefix = prefix.clone();
+            let timeout = opts.op_timeout;
+            async move {
+                let at = recover_node(
+                    &rec,
+                    n,
+                    &cfg,
+                    &prefix,
+                    1_000_000 + i as u64,
+                    deadline,
+                    timeout,
+                )
+                .await;
+                (
+                    n.name.clone(),
+                    at.map(|t| t.duration_since(healed_at).as_secs_f64()),
+                )
+            }
+        });
+        let probes = futures::future::join_all(probes);
+        let (recovered, _) = tokio::join!(probes, futures::future::join_all(clients));
+        let recovered: BTreeMap<String, Option<f64>> = recovered.into_iter().collect();
+        let recovery = Recovery {
+            bound_s: opts.recovery_bound.as_secs_f64(),
+            ok: recovered.values().all(Option::is_some),
+            nodes: recovered,
+            heal_actions,
+        };
+        println!(
+            "jepsen: recovery after heal: {}",
+            recovery
+                .nodes
+                .iter()
+                .map(|(n, t)| match t {
+                    Some(t) => format!("{n} {t:.1}s"),
+                    None => format!("{n} NOT within {:?}", opts.recovery_bound),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
 
-    // Final reads of every key the workload used, retried until they succeed.
-    let mut expected = BTreeMap::new();
-    let final_deadline = Instant::now() + opts.convergence_bound;
-    let mut conns: Vec<Conn> = nodes.iter().map(|n| Conn::new(n, client)).collect();
-    for (i, call) in workload.final_calls().into_iter().enumerate() {
-        let key = call.key().to_string();
-        loop {
-            let j = i % nodes.len();
-            let op = perform(
-                &Probe,
-                &rec,
-                &mut conns[j],
-                &nodes[j].name,
-                2_000_000,
-                call.clone(),
-                opts.op_timeout,
-            )
-            .await;
-            if op.outcome == Outcome::Ok {
-                expected.insert(key.clone(), op.read.clone().flatten());
-                break;
+        // Final reads of every key the workload used, retried until they succeed.
+        let mut expected = BTreeMap::new();
+        let final_deadline = Instant::now() + opts.convergence_bound;
+        let mut conns: Vec<Conn> = nodes.iter().map(|n| Conn::new(n, client)).collect();
+        for (i, call) in workload.final_calls().into_iter().enumerate() {
+            let key = call.key().to_string();
+            loop {
+                let j = i % nodes.len();
+                let op = perform(
+                    &Probe,
+                    &rec,
+                    &mut conns[j],
+                    &nodes[j].name,
+                    2_000_000,
+                    call.clone(),
+                    opts.op_timeout,
+                )
+                .await;
+                if op.outcome == Outcome::Ok {
+                    expected.insert(key.clone(), op.read.clone().flatten());
+                    break;
+                }
+                if Instant::now() > final_deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            if Instant::now() > final_deadline {
-                break;
+        }
+        let convergence = converge(nodes, client, &prefix, &expected, opts.convergence_bound).await;
+        println!(
+            "jepsen: convergence: {}",
+            match convergence.converged_after_s {
+                Some(t) => format!(
+                    "all {} nodes hold the same {} keys after {t:.1}s",
+                    nodes.len(),
+                    convergence.keys
+                ),
+                None => format!(
+                    "NOT within {:?}: {}",
+                    opts.convergence_bound,
+                    convergence.differences.join(" / ")
+                ),
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    let convergence = converge(nodes, client, &prefix, &expected, opts.convergence_bound).await;
-    println!(
-        "jepsen: convergence: {}",
-        match convergence.converged_after_s {
-            Some(t) => format!(
-                "all {} nodes hold the same {} keys after {t:.1}s",
-                nodes.len(),
-                convergence.keys
-            ),
-            None => format!(
-                "NOT within {:?}: {}",
-                opts.convergence_bound,
-                convergence.differences.join(" / ")
-            ),
-        }
-    );
+        );
+        (recovery, convergence)
+    };
+    let dataset_side = async {
+        let (Some(ctx), Some(task)) = (ds_ctx, writers) else {
+            return None;
+        };
+        let cursors = task.await.unwrap_or_default();
+        Some(dataset::finish(ctx, cursors, healed_at).await)
+    };
+    let ((recovery, convergence), datasets) = tokio::join!(register_side, dataset_side);
 
     let history = rec.finish()?;
     println!("jepsen: checking {} ops", history.ops.len());
-    let mut checks: Vec<CheckResult> = workload
-        .checkers()
-        .iter()
-        .map(|c| c.check(&history))
-        .collect();
+    let mut checkers = Vec::new();
+    if opts.workloads.register {
+        checkers.extend(workload.checkers());
+    }
+    if opts.workloads.dataset.is_some() {
+        checkers.push(Box::new(checker::dataset::SnapshotsReadBack) as Box<dyn checker::Checker>);
+    }
+    let mut checks: Vec<CheckResult> = checkers.iter().map(|c| c.check(&history)).collect();
     let stats = Stats::of(&history, 0, workload_end_ns);
     // Stats are informational, but a run in which a function never succeeded checked nothing.
+    // (Cancelling a stuck move is housekeeping: a run may need none, or end with one that
+    // failed because the move finished meanwhile.)
     let never: Vec<&String> = stats
         .by_f
         .iter()
-        .filter(|(_, c)| c.ok == 0)
+        .filter(|(f, c)| c.ok == 0 && f.as_str() != "ds_cancel_move")
         .map(|(f, _)| f)
         .collect();
     checks.push(CheckResult {
@@ -891,8 +959,9 @@ async fn run_on_cluster(
         },
         details: serde_json::Value::Null,
     });
+    let datasets_ok = datasets.as_ref().is_none_or(|d| d.ok);
     let valid = match checker::overall(&checks) {
-        Some(true) if recovery.ok && convergence.ok => Some(true),
+        Some(true) if recovery.ok && convergence.ok && datasets_ok => Some(true),
         Some(true) => Some(false),
         other => other,
     };
@@ -902,6 +971,7 @@ async fn run_on_cluster(
         checks,
         recovery,
         convergence,
+        datasets,
         stats,
     };
     let vpath = dir.join("verdict.json");

@@ -3,11 +3,14 @@
 //! - [`linearizable`]: the WGL search, generic over a sequential model.
 //! - [`register`]: per-key register linearizability of the key-value workload, with minimal
 //!   failing sub-histories.
+//! - [`dataset`]: every snapshot reported complete reads back byte-identical (the dataset
+//!   workload).
 //! - [`stats`]: counts, latencies and the longest unavailability (informational).
 //!
-//! Each workload names the checkers that judge it ([`Checker`]); later workloads (datasets,
-//! apps) add their own next to these.
+//! Each workload names the checkers that judge it ([`Checker`]); later workloads (apps) add
+//! their own next to these.
 
+pub mod dataset;
 pub mod linearizable;
 pub mod register;
 pub mod stats;

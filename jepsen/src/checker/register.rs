@@ -94,6 +94,8 @@ fn key_history(ops: &[&Op]) -> KeyHistory {
             (Call::Cas { expect, value, .. }, _) => {
                 RegisterOp::Cas(expect.as_deref().map(&mut intern), intern(value))
             }
+            // Not a register op (the caller passes register ops only).
+            _ => continue,
         };
         raw.push((
             i,
@@ -166,7 +168,7 @@ impl RegisterVerdict {
 /// most `max_steps` search steps per key.
 pub fn check_registers(ops: &[Op], max_steps: u64) -> RegisterVerdict {
     let mut by_key: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
-    for op in ops {
+    for op in ops.iter().filter(|o| o.call.is_register()) {
         by_key.entry(op.call.key()).or_default().push(op);
     }
     let mut verdict = RegisterVerdict::default();
@@ -310,7 +312,7 @@ fn explain(key: &str, minimal: &[Op], all: &[&Op]) -> String {
         .iter()
         .filter_map(|o| match &o.call {
             Call::Write { value, .. } | Call::Cas { value, .. } => Some(value.as_str()),
-            Call::Read { .. } => None,
+            _ => None,
         })
         .collect();
     for op in &sorted {
@@ -361,6 +363,20 @@ pub fn describe(op: &Op) -> String {
         Call::Cas { expect, value, .. } => {
             format!("cas {} -> {value}", expect.as_deref().unwrap_or("<absent>"))
         }
+        Call::DsCreate { dataset, primary } => format!("create dataset {dataset} on {primary}"),
+        Call::DsWrite {
+            dataset,
+            file,
+            bytes,
+            primary,
+            epoch,
+            ..
+        } => format!("write {dataset}/{file} ({bytes} bytes) on {primary} (epoch {epoch})"),
+        Call::DsSnapshot { dataset, tag } => format!("snapshot {dataset}@{tag}"),
+        Call::DsMove { dataset, to } => format!("move {dataset} to {to}"),
+        Call::DsCancelMove { dataset } => format!("cancel the move of {dataset}"),
+        Call::DsState { dataset, .. } => format!("state of {dataset}"),
+        Call::DsRead { disk } => format!("read the snapshots on {disk}'s disk"),
     };
     let result = match (&op.read, op.outcome) {
         (Some(v), Outcome::Ok) => format!(" = {}", v.as_deref().unwrap_or("<absent>")),
@@ -408,6 +424,7 @@ mod tests {
             invoke_ns: t.0,
             complete_ns: t.1,
             error: None,
+            ds: None,
         }
     }
     fn read(key: &str) -> Call {

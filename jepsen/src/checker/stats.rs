@@ -65,7 +65,8 @@ pub struct Stats {
     pub latency: Latency,
     /// Longest time in which no op of any kind succeeded anywhere.
     pub longest_unavailable: Gap,
-    /// Longest time in which no write (write or cas) succeeded.
+    /// Longest time in which no write (write or cas; a dataset call that changes something when
+    /// only the dataset workload ran) succeeded.
     pub longest_without_write: Gap,
     pub duration_s: f64,
     pub faults: usize,
@@ -147,8 +148,14 @@ impl Stats {
                 },
             );
         }
-        s.longest_without_write =
-            longest_gap(&ok_times(&|o| !o.call.is_read()), from_ns, to_ns, &faults);
+        // Register writes when the register workload ran, else any write (dataset writes).
+        let register = ops.iter().any(|o| o.call.is_register());
+        s.longest_without_write = longest_gap(
+            &ok_times(&|o| !o.call.is_read() && (o.call.is_register() || !register)),
+            from_ns,
+            to_ns,
+            &faults,
+        );
         s
     }
 }
@@ -225,6 +232,7 @@ mod tests {
                 invoke_ns: t * 1_000_000_000,
                 complete_ns: t * 1_000_000_000 + 1,
                 error: None,
+                ds: None,
             }));
         }
         h.push(ev(10, "start"));

@@ -5,9 +5,12 @@
 //! the checkers for its history. The runner supplies clients, timing, outcomes and faults.
 //!
 //! - [`register`]: read, write and compare-and-set on a few keys of the key-value namespace.
+//! - [`dataset`]: datasets created, written, snapshotted and moved by one writer each; its
+//!   writers run their own sequential protocol, so it does not go through [`Workload`].
 //!
-//! Datasets, apps, moves and the mesh will add their own workloads here.
+//! Apps, app moves and the mesh will add their own workloads here.
 
+pub mod dataset;
 pub mod register;
 
 use std::future::Future;
@@ -27,6 +30,8 @@ pub struct Done {
     pub read: Option<Option<String>>,
     pub revision: Option<u64>,
     pub note: Option<String>,
+    /// What a dataset call returned.
+    pub ds: Option<crate::history::DsResult>,
 }
 
 pub trait Workload: Send + Sync + 'static {

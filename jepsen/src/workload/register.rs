@@ -188,6 +188,7 @@ pub(crate) async fn invoke_kv(api: &mut Api, call: &Call) -> Result<Done, Failur
         read,
         revision,
         note: None,
+        ds: None,
     };
     match call {
         Call::Read { key, stale } => {
@@ -234,9 +235,14 @@ pub(crate) async fn invoke_kv(api: &mut Api, call: &Call) -> Result<Done, Failur
                     read: None,
                     revision: None,
                     note: Some(format!("{CAS_NOT_APPLIED}: {now}")),
+                    ds: None,
                 })
             }
         }
+        other => Err(Failure::Definite(format!(
+            "{} is not a key-value call",
+            other.f()
+        ))),
     }
 }
 
@@ -265,7 +271,7 @@ mod tests {
                 Call::Write { key, value } | Call::Cas { key, value, .. } => {
                     written.entry(key).or_default().push(value)
                 }
-                Call::Read { .. } => {}
+                _ => {}
             }
         }
         for (key, mut vals) in written {
@@ -300,6 +306,7 @@ mod tests {
             invoke_ns: 0,
             complete_ns: 1,
             error: None,
+            ds: None,
         });
         let mut expects_77 = 0;
         for _ in 0..100 {
