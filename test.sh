@@ -44,9 +44,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 
-# --- jepsen (issue 4): a short fault-injection run (kills and partitions, about 3 minutes of
-# workload) against a 5-node docker-compose cluster built from this source; fails on any
-# violation. Needs root, a running docker engine; installs docker-compose, iptables, nsenter,
+# --- jepsen (issues 4, 5): a short fault-injection run (kills and partitions, about 3 minutes of
+# workload: the register workload and the dataset workload) against a 5-node docker-compose
+# cluster built from this source; fails on any violation. Needs root, a running docker engine; installs docker-compose, iptables, nsenter,
 # busybox-static (the image's shell) and a font for the report's timeline if missing.
 # FLOCK_SKIP_JEPSEN=1 skips it. The long run and the options: jepsen/README.md.
 if [ "${FLOCK_SKIP_JEPSEN:-0}" != 1 ]; then
