@@ -193,7 +193,9 @@ impl Agent {
             let Some(latest) = ds.latest_snapshot() else {
                 continue;
             };
-            for &r in &ds.replicas {
+            // A replica that is the move's target gets the move's push instead.
+            let target = ds.moving.as_ref().map(|m| m.to);
+            for &r in ds.replicas.iter().filter(|&&r| Some(r) != target) {
                 let job = Job::Replicate(ds.id, r);
                 if self.replicated.get(&(ds.id, r)) == Some(&latest.guid) || !self.may_start(job) {
                     continue;

@@ -56,11 +56,52 @@ enum Holding {
 }
 
 /// What the sender will do: the receiver goes back to `base` (destroys its copy when `None`),
-/// then receives `target` if set.
-#[derive(Debug, Serialize, Deserialize)]
+/// then receives `target` if set. Both `None`: the receiver already holds a newer snapshot of
+/// the primary's history than the one pushed, and keeps everything as it is.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Plan {
     base: Option<String>,
     target: Option<String>,
+}
+
+impl Plan {
+    fn is_nothing(&self) -> bool {
+        self.base.is_none() && self.target.is_none()
+    }
+}
+
+/// The sender's plan for one step, from what it holds and what the receiver holds: `chain` (the
+/// recorded snapshots up to the push's target, oldest first), `later` (the guids of the
+/// sender's own snapshots after the target) and `theirs`. The index in `chain` of the snapshot
+/// to send, if any.
+///
+/// A receiver holding one of `later` is ahead of this push (a later push, such as a move's, got
+/// there first): it is left alone. Going back to the newest common snapshot would throw away
+/// snapshots of the primary's own history, and with them writes it acknowledged.
+fn plan_step(
+    chain: &[flock_dataset::SnapshotInfo],
+    later: &[u64],
+    theirs: &[flock_dataset::SnapshotInfo],
+) -> (Plan, Option<usize>) {
+    if theirs.iter().any(|t| later.contains(&t.guid)) {
+        let nothing = Plan {
+            base: None,
+            target: None,
+        };
+        return (nothing, None);
+    }
+    let last = chain.last().expect("the chain ends with the target");
+    let common = newest_common_snapshot(chain, theirs);
+    let next = match common {
+        None => Some(0),
+        Some(c) if c.guid == last.guid => None,
+        Some(c) => chain.iter().position(|s| s.guid == c.guid).map(|i| i + 1),
+    };
+    let plan = Plan {
+        base: common.map(|c| c.name.to_string()),
+        target: next.map(|i| chain[i].name.to_string()),
+    };
+    (plan, next)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -164,6 +205,7 @@ pub async fn push(
         })
         .cloned()
         .collect();
+    let later: Vec<u64> = ours[idx + 1..].iter().map(|s| s.guid).collect();
     let mut total = Pushed {
         base: None,
         bytes: 0,
@@ -172,7 +214,7 @@ pub async fn push(
     let mut first = true;
     loop {
         let done_before = total.bytes;
-        let step = push_step(conn, datasets, ds, &chain, to_name, |phase, n, est| {
+        let step = push_step(conn, datasets, ds, &chain, &later, to_name, |phase, n, est| {
             progress(phase, done_before + n, est.map(|e| done_before + e))
         })
         .await?;
@@ -203,6 +245,7 @@ async fn push_step(
     datasets: &Datasets,
     ds: &Dataset,
     chain: &[flock_dataset::SnapshotInfo],
+    later: &[u64],
     to_name: &str,
     mut progress: impl FnMut(&'static str, u64, Option<u64>) + Send,
 ) -> Result<Step, PushError> {
@@ -245,27 +288,16 @@ async fn push_step(
         })
         .collect();
     let last = chain.last().expect("the chain ends with the target");
-    let common = newest_common_snapshot(chain, &theirs).cloned();
-    let next = match &common {
-        None => Some(&chain[0]),
-        Some(c) if c.guid == last.guid => None,
-        Some(c) => chain
-            .iter()
-            .position(|s| s.guid == c.guid)
-            .map(|i| &chain[i + 1]),
-    };
-    let plan = Plan {
-        base: common.as_ref().map(|c| c.name.to_string()),
-        target: next.map(|n| n.name.to_string()),
-    };
+    let (plan, next) = plan_step(chain, later, &theirs);
+    let next = next.map(|i| &chain[i]);
     write_msg(&mut send, &plan).await.map_err(|e| broke(&e))?;
     let mut bytes = 0;
     if let Some(next) = next {
-        let spec = match &common {
-            Some(c) => StreamSpec::incremental(name, c.name.clone(), next.name.clone()),
+        let spec = match &plan.base {
+            Some(base) => StreamSpec::incremental(name, SnapshotName::new(base)?, next.name.clone()),
             None => StreamSpec::full(name, next.name.clone()),
         };
-        let phase = if common.is_some() {
+        let phase = if plan.base.is_some() {
             "incremental"
         } else {
             "full"
@@ -354,16 +386,21 @@ pub async fn receive(
         name,
         epoch,
     } = request;
+    if let Err(reason) = admit(&view, datasets.node_id, peer, dataset, &name, epoch) {
+        tracing::info!(peer, dataset = %name, %reason, "refused a push");
+        return refuse(send, reason).await;
+    }
+    let _guard = datasets.lock(dataset).await;
+    // The state may have moved on while this push waited for the lock (another push from the
+    // same primary held it, and the move it carried has been committed since): admit it again,
+    // or a push admitted under an old epoch could overwrite the copy of a new primary.
     let ds = match admit(&view, datasets.node_id, peer, dataset, &name, epoch) {
         Ok(ds) => ds,
         Err(reason) => {
-            tracing::info!(peer, dataset = %name, %reason, "refused a push");
-            let _ = write_msg(&mut send, &Holding::Refused(reason)).await;
-            let _ = send.finish();
-            return;
+            tracing::info!(peer, dataset = %name, %reason, "refused a push after waiting for the dataset");
+            return refuse(send, reason).await;
         }
     };
-    let _guard = datasets.lock(ds.id).await;
     let outcome = match receive_locked(&ds, &mut send, recv, &datasets, cancel).await {
         Ok(Some(guid)) => {
             tracing::info!(peer, dataset = %name, guid, "received a snapshot");
@@ -382,6 +419,11 @@ pub async fn receive(
     let _ = send.finish();
     // Let the outcome reach the sender before the stream is dropped.
     let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+}
+
+async fn refuse(mut send: quinn::SendStream, reason: String) {
+    let _ = write_msg(&mut send, &Holding::Refused(reason)).await;
+    let _ = send.finish();
 }
 
 /// Whether `peer` may push dataset `id` to this node now; the dataset if so.
@@ -444,6 +486,9 @@ async fn receive_locked(
     };
     write_msg(send, &holding).await.map_err(stream_err)?;
     let plan: Plan = read_msg(&mut recv).await.map_err(stream_err)?;
+    if plan.is_nothing() {
+        return Ok(None);
+    }
     // Go back to the base: the primary's history wins over anything only this copy has.
     {
         let name = name.clone();
@@ -555,5 +600,71 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FlipFailpoint<'
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flock_dataset::SnapshotInfo;
+
+    fn snaps(list: &[(&str, u64)]) -> Vec<SnapshotInfo> {
+        list.iter()
+            .map(|(n, g)| SnapshotInfo {
+                name: SnapshotName::new(*n).expect("valid"),
+                guid: *g,
+                created_unix: 0,
+            })
+            .collect()
+    }
+
+    fn plan(base: Option<&str>, target: Option<&str>) -> Plan {
+        Plan {
+            base: base.map(str::to_string),
+            target: target.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn sends_the_next_snapshot_after_the_newest_common_one() {
+        let chain = snaps(&[("s1", 1), ("s2", 2), ("s3", 3)]);
+        assert_eq!(
+            plan_step(&chain, &[], &snaps(&[])),
+            (plan(None, Some("s1")), Some(0))
+        );
+        assert_eq!(
+            plan_step(&chain, &[], &snaps(&[("s1", 1)])),
+            (plan(Some("s1"), Some("s2")), Some(1))
+        );
+        assert_eq!(
+            plan_step(&chain, &[], &snaps(&[("s1", 1), ("s2", 2), ("s3", 3)])),
+            (plan(Some("s3"), None), None)
+        );
+    }
+
+    #[test]
+    fn a_copy_that_diverged_goes_back_to_the_common_snapshot() {
+        let chain = snaps(&[("s1", 1), ("s2", 2)]);
+        // s2 with another guid, and x: a former primary's snapshots nobody recorded.
+        let theirs = snaps(&[("s1", 1), ("s2", 9), ("x", 10)]);
+        assert_eq!(
+            plan_step(&chain, &[], &theirs),
+            (plan(Some("s1"), Some("s2")), Some(1))
+        );
+    }
+
+    #[test]
+    fn a_receiver_ahead_of_the_push_is_left_alone() {
+        // A replica push of s2 that waited while the move's push delivered m3: going back to s2
+        // would drop m3 and the writes in it, on the node about to become the primary.
+        let chain = snaps(&[("s1", 1), ("s2", 2)]);
+        let theirs = snaps(&[("s1", 1), ("s2", 2), ("m3", 3)]);
+        assert_eq!(plan_step(&chain, &[3], &theirs), (plan(None, None), None));
+        assert!(plan(None, None).is_nothing());
+        // Without the sender holding m3 it is a stray snapshot: back to s2.
+        assert_eq!(
+            plan_step(&chain, &[], &theirs),
+            (plan(Some("s2"), None), None)
+        );
     }
 }
