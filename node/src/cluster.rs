@@ -414,6 +414,8 @@ impl Cluster {
             BTreeMap::new()
         };
         let last = m.last_log_index.unwrap_or(0);
+        let placement: BTreeMap<NodeId, flock_scheduler::Node> =
+            self.view.read().cluster.nodes.clone();
         let members = nodes
             .iter()
             .map(|(id, node)| {
@@ -450,6 +452,22 @@ impl Cluster {
                         None
                     },
                     rtt_ms: rtts.get(id).map(|d| d.as_millis() as u64),
+                    labels: placement
+                        .get(id)
+                        .map(|n| n.labels.clone().into_iter().collect())
+                        .unwrap_or_default(),
+                    memory: placement
+                        .get(id)
+                        .and_then(|n| n.capacity.as_ref())
+                        .map(|c| c.memory),
+                    cpus: placement
+                        .get(id)
+                        .and_then(|n| n.capacity.as_ref())
+                        .map(|c| c.cpus),
+                    docker: placement
+                        .get(id)
+                        .and_then(|n| n.capacity.as_ref())
+                        .map(|c| c.docker),
                 }
             })
             .collect();

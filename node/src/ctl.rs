@@ -188,6 +188,10 @@ struct MemberJson<'a> {
     matched_index: Option<u64>,
     lag: Option<u64>,
     rtt_ms: Option<u64>,
+    labels: std::collections::BTreeMap<&'a str, &'a str>,
+    memory: Option<u64>,
+    cpus: Option<u32>,
+    docker: Option<bool>,
 }
 
 fn member_json(m: &Member) -> MemberJson<'_> {
@@ -200,6 +204,14 @@ fn member_json(m: &Member) -> MemberJson<'_> {
         matched_index: m.matched_index,
         lag: m.lag,
         rtt_ms: m.rtt_ms,
+        labels: m
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        memory: m.memory,
+        cpus: m.cpus,
+        docker: m.docker,
     }
 }
 
@@ -233,6 +245,7 @@ fn members_table(members: &[Member]) -> String {
         "MATCHED".into(),
         "LAG".into(),
         "RTT".into(),
+        "LABELS".into(),
     ]];
     for m in members {
         rows.push([
@@ -246,9 +259,23 @@ fn members_table(members: &[Member]) -> String {
             m.rtt_ms
                 .map(|r| format!("{r}ms"))
                 .unwrap_or_else(|| "-".into()),
+            labels_text(&m.labels),
         ]);
     }
     table(&rows)
+}
+
+/// `k=v,k2=v2` in key order, or `-`.
+fn labels_text(labels: &std::collections::HashMap<String, String>) -> String {
+    let sorted: std::collections::BTreeMap<_, _> = labels.iter().collect();
+    if sorted.is_empty() {
+        return "-".into();
+    }
+    sorted
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Left-aligned columns separated by two spaces.

@@ -108,10 +108,14 @@ pub async fn deploy(
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &json!({"dry_run": dry_run, "generation": r.generation, "changes": changes})
+                &json!({"dry_run": dry_run, "generation": r.generation, "changes": changes,
+                    "warnings": r.warnings})
             )?
         );
         return Ok(0);
+    }
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
     }
     let verb = if dry_run { "would " } else { "" };
     if r.changes.is_empty() {

@@ -53,6 +53,8 @@ pub struct NodeOptions {
     pub request_timeout: Duration,
     /// Where datasets live; `None`: what the data dir recorded, or `dir` for a new node.
     pub storage: Option<StorageChoice>,
+    /// The node's labels for placement constraints; `None` keeps the ones the cluster has.
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl Default for NodeOptions {
@@ -64,6 +66,7 @@ impl Default for NodeOptions {
             keep_logs: 1_000,
             request_timeout: Duration::from_secs(5),
             storage: None,
+            labels: None,
         }
     }
 }
@@ -420,6 +423,12 @@ impl RunningNode {
             datasets.clone(),
             drivers.clone(),
             apps_view,
+            stopped.clone(),
+        ));
+        tokio::spawn(crate::report::run(
+            cluster.clone(),
+            opts.labels.clone(),
+            crate::report::local_capacity(drivers.docker.is_some()),
             stopped.clone(),
         ));
         let peers = Arc::new(Peers::new(quic.clone()));

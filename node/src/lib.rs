@@ -12,6 +12,7 @@
 //! - [`driver`]: running apps on this node (the process driver).
 //! - [`datasets`]: the node's storage backend, dataset operations and the convergence agent.
 //! - [`transfer`]: snapshot streams between nodes over QUIC.
+//! - [`report`]: the node's capacity and labels, reported to the cluster at start.
 
 pub mod api;
 pub mod apps;
@@ -26,5 +27,6 @@ pub mod datasets;
 pub mod dev;
 pub mod driver;
 pub mod pki;
+pub mod report;
 pub mod token;
 pub mod transfer;

@@ -74,8 +74,6 @@ applications:
     restart_policy:
       name: on-failure
       maximum_retry_count: 2
-  ghost:
-    command: ["/no/such/program"]
 "#,
             testapp().display(),
             ext = port + 1
@@ -90,7 +88,7 @@ applications:
     fs::write(
         &deployment,
         format!(
-            "version: 1\nnodes:\n  {counter_on}: [counter]\n  {}: [crasher, ghost]\n  {}: []\n",
+            "version: 1\nnodes:\n  {counter_on}: [counter]\n  {}: [crasher]\n  {}: []\n",
             others[0], others[1]
         ),
     )
@@ -151,15 +149,6 @@ fn a01_deploy_heal_adopt_and_move_with_the_process_driver() {
     assert_eq!(crasher["restarts"], 2);
     assert_eq!(crasher["last_exit_code"], 7);
     assert_eq!(crasher["last_lines"][0], "about to fail");
-    let ghost = app(&c, "ghost");
-    assert_eq!(ghost["state"], "failed");
-    assert!(
-        ghost["detail"]
-            .as_str()
-            .unwrap()
-            .contains("\"/no/such/program\" not found"),
-        "{ghost}"
-    );
     let logs = c.ctl_ok(c.addr(1), &["app", "logs", "crasher"]);
     assert!(logs.starts_with("about to fail"), "{logs}");
 
@@ -224,5 +213,100 @@ fn a01_deploy_heal_adopt_and_move_with_the_process_driver() {
     let missing = c.ctl(c.addr(1), &["app", "show", "counter"]);
     assert_eq!(missing.status.code(), Some(4), "{}", stderr(&missing));
     c.ctl_ok(c.addr(1), &["app", "rm", "crasher"]);
-    c.ctl_ok(c.addr(1), &["app", "rm", "ghost"]);
+}
+
+/// Where apps may go: labels and constraints, memory and cpu reservations against what nodes
+/// report, and a program missing on the node it would run on, each refused before anything is
+/// deployed, at --dry-run too.
+#[test]
+fn a02_placement_fits_apps_to_nodes_and_refuses_what_cannot_run() {
+    let c = TestCluster::start_with(3, &[], vec![vec![], vec![], s(&["--label", "disk=ssd"])]);
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    // Every node reports its capacity shortly after it starts; n3 its label.
+    let status = until("the nodes to report", Duration::from_secs(20), || {
+        let st = c.status(c.addr(1));
+        let nodes = st["members"].as_array()?.clone();
+        nodes
+            .iter()
+            .all(|n| {
+                n["memory"].as_u64().is_some_and(|m| m > 0)
+                    && n["cpus"].as_u64().is_some_and(|c| c > 0)
+            })
+            .then_some(nodes)
+    });
+    let n3 = status.iter().find(|n| n["name"] == "n3").unwrap();
+    assert_eq!(n3["labels"]["disk"], "ssd", "{n3}");
+
+    let compose = write(
+        "compose.yml",
+        "services:\n  fast:\n    command: sleep 600\n    deploy:\n      placement:\n        constraints: [node.labels.disk == ssd]\n  anywhere:\n    command: sleep 600\n    deploy:\n      placement:\n        constraints: [\"node.hostname != n1\", \"node.hostname != n3\"]\n",
+    );
+    let dry = c.ctl_ok(c.addr(1), &["deploy", &compose, "--dry-run"]);
+    assert!(dry.contains("would start fast on n3"), "{dry}");
+    assert!(dry.contains("would start anywhere on n2"), "{dry}");
+
+    // More memory than any node has: refused with each node's reason.
+    let greedy = write(
+        "greedy.yml",
+        "services:\n  greedy:\n    command: sleep 600\n    mem_limit: 100000g\n",
+    );
+    let out = c.ctl(c.addr(2), &["deploy", &greedy, "--dry-run"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("no ready node can run app \"greedy\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("n1: mem_limit") && err.contains("n3: mem_limit"),
+        "{err}"
+    );
+
+    // Pinned where its constraint does not hold: refused, naming the constraint.
+    let apps = write(
+        "application.yml",
+        "version: 1\napplications:\n  fast:\n    command: sleep 600\n    constraints: [node.labels.disk == ssd]\n  ghost:\n    command: [/no/such/program]\n",
+    );
+    let pinned = write("deployment.yml", "version: 1\nnodes:\n  n1: [fast]\n");
+    let err = stderr(&c.ctl(c.addr(1), &["deploy", &pinned, &apps]));
+    assert!(
+        err.contains("app \"fast\" cannot run on node \"n1\"")
+            && err.contains("node.labels.disk == ssd"),
+        "{err}"
+    );
+
+    // A program missing on the node it would run on: refused by that node's preflight, at
+    // --dry-run and for real, and nothing is deployed.
+    let ghostly = write(
+        "ghost-deployment.yml",
+        "version: 1\nnodes:\n  n3: [fast]\n  n2: [ghost]\n",
+    );
+    for extra in [&["--dry-run"][..], &[]] {
+        let mut args = vec!["deploy", ghostly.as_str(), apps.as_str()];
+        args.extend(extra);
+        let out = c.ctl(c.addr(1), &args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("nothing was deployed")
+                && err.contains("app ghost on node n2: command /no/such/program does not exist"),
+            "{err}"
+        );
+    }
+    let ls: Value = serde_json::from_str(&c.ctl_ok(c.addr(1), &["app", "ls", "--json"])).unwrap();
+    assert_eq!(ls, Value::Array(vec![]), "nothing deployed");
+
+    let out = c.ctl_ok(c.addr(3), &["deploy", &compose]);
+    assert!(out.contains("start fast on n3"), "{out}");
+    until("fast to run on n3", Duration::from_secs(20), || {
+        let a = app(&c, "fast");
+        (a["node"] == "n3" && a["state"] == "running").then_some(())
+    });
+    c.ctl_ok(c.addr(1), &["app", "rm", "fast"]);
+    c.ctl_ok(c.addr(1), &["app", "rm", "anywhere"]);
 }

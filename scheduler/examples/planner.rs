@@ -1,6 +1,8 @@
 //! How the deploy planner's time grows with apps and nodes (pure, in-process): plans a fresh
-//! deploy of N apps (10% with a volume, half of them pinned) on M nodes, then the same
-//! configuration again (the converged case), and prints the medians of 5 runs.
+//! deploy of N apps (10% with a volume, half of them pinned, each with a memory and cpu
+//! reservation, one in twenty unpinned constrained to the tenth of the nodes labelled
+//! disk=ssd) on M nodes that report their capacity, then the same configuration again (the
+//! converged case), and prints the medians of 5 runs.
 //!
 //! `cargo run --release -p flock-scheduler --example planner`
 
@@ -9,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use flock_scheduler::app::plan_deploy;
 use flock_scheduler::config::{AppSpec, PlannedApp, PortMap, RestartPolicy, Volume};
+use flock_scheduler::fit::Capacity;
 use flock_scheduler::{ClusterState, Command, CommandResult};
 
 fn cluster(nodes: u64) -> ClusterState {
@@ -25,6 +28,23 @@ fn cluster(nodes: u64) -> ClusterState {
             secret: "s".into(),
             name: None,
             addr: format!("10.0.{}.{}:7801", i / 250, i % 250),
+        });
+    }
+    // Every node reports 64 GiB and 16 cpus, and every tenth a label the constrained apps want.
+    for id in 1..=nodes {
+        let labels = if id % 10 == 0 {
+            [("disk".to_string(), "ssd".to_string())].into()
+        } else {
+            BTreeMap::new()
+        };
+        s.apply(&Command::ReportNode {
+            id,
+            labels: Some(labels),
+            capacity: Capacity {
+                memory: 64 << 30,
+                cpus: 16,
+                docker: true,
+            },
         });
     }
     s
@@ -53,8 +73,14 @@ fn apps(n: usize, nodes: u64) -> BTreeMap<String, PlannedApp> {
                 }),
                 environment: BTreeMap::new(),
                 restart_policy: RestartPolicy::Always,
-                mem_limit: None,
-                cpu_shares: None,
+                mem_limit: Some(256 << 20),
+                cpu_shares: Some(64),
+                // One app in twenty (all unpinned) wants an ssd node.
+                constraints: if i % 20 == 1 {
+                    vec!["node.labels.disk == ssd".parse().expect("valid")]
+                } else {
+                    vec![]
+                },
             };
             let node = (i % 2 == 0).then_some(1 + (i as u64 * 7919) % nodes);
             (name, PlannedApp { spec, node })

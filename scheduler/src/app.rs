@@ -9,7 +9,8 @@
 //!
 //! Placement: an app pinned by deployment.yml goes to its node; an unpinned app stays where it
 //! is, else goes where its dataset lives, else to the ready node with the fewest apps (lowest
-//! id on a tie). An app with a volume gets a dataset named after it, created on its node; when
+//! id on a tie); always to a node it fits ([`crate::fit`]: driver, labels, memory, cpu), or the
+//! deploy is refused with each node's reason. An app with a volume gets a dataset named after it, created on its node; when
 //! the app's node changes, the dataset is moved there (the app starts once it arrived).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AppSpec, PlannedApp};
 use crate::dataset::DatasetId;
+use crate::fit::{misfit, Reserved};
 use crate::state::{ApplyError, ClusterState, CommandResult, NodeId, NodeState};
 
 /// A deployed application.
@@ -119,33 +121,63 @@ pub fn plan_deploy(
         let staying = state.apps.get(*name).is_some_and(|a| usable(state, a.node));
         (!(pinned || staying), (*name).clone())
     });
+    // What the apps placed so far reserve on each node.
+    let mut reserved: BTreeMap<NodeId, Reserved> = BTreeMap::new();
     for name in order {
         let app = &apps[name];
-        let dataset_home = datasets_by_name
-            .get(name.as_str())
-            .filter(|_| app.spec.volume.is_some())
-            .map(|d| d.primary)
-            .filter(|n| usable(state, *n));
+        let misfit_on = |node: NodeId, reserved: &BTreeMap<NodeId, Reserved>| {
+            let n = &state.nodes[&node];
+            misfit(
+                n,
+                &app.spec,
+                reserved.get(&node).copied().unwrap_or_default(),
+            )
+        };
+        let fits = |node: &NodeId| usable(state, *node) && misfit_on(*node, &reserved).is_none();
         let node = match app.node {
-            Some(pin) => pin,
-            None => match state
-                .apps
-                .get(name)
-                .map(|a| a.node)
-                .filter(|n| usable(state, *n))
-            {
-                Some(n) => n,
-                None => match dataset_home {
-                    Some(n) => n,
-                    None => *load
-                        .iter()
+            Some(pin) => {
+                if let Some(reason) = misfit_on(pin, &reserved) {
+                    return Err(ApplyError::PinnedMisfit {
+                        app: name.clone(),
+                        node: state.nodes[&pin].name.clone(),
+                        reason,
+                    });
+                }
+                pin
+            }
+            None => {
+                let staying = state.apps.get(name).map(|a| a.node).filter(fits);
+                let dataset_home = datasets_by_name
+                    .get(name.as_str())
+                    .filter(|_| app.spec.volume.is_some())
+                    .map(|d| d.primary)
+                    .filter(fits);
+                let spread = || {
+                    load.iter()
+                        .filter(|(id, _)| fits(id))
                         .min_by_key(|(id, count)| (**count, **id))
-                        .map(|(id, _)| id)
-                        .expect("a ready node exists"),
-                },
-            },
+                        .map(|(id, _)| *id)
+                };
+                match staying.or(dataset_home).or_else(spread) {
+                    Some(n) => n,
+                    None => {
+                        let reasons: Vec<String> = load
+                            .keys()
+                            .filter_map(|id| {
+                                misfit_on(*id, &reserved)
+                                    .map(|r| format!("{}: {r}", state.nodes[id].name))
+                            })
+                            .collect();
+                        return Err(ApplyError::NoFittingNode {
+                            app: name.clone(),
+                            reasons: reasons.join("; "),
+                        });
+                    }
+                }
+            }
         };
         *load.entry(node).or_default() += 1;
+        reserved.entry(node).or_default().add(&app.spec);
         placed.insert(name.clone(), node);
     }
     let mut changes = Vec::new();
@@ -288,6 +320,7 @@ mod tests {
             restart_policy: RestartPolicy::Never,
             mem_limit: None,
             cpu_shares: None,
+            constraints: vec![],
         }
     }
 
@@ -416,6 +449,79 @@ mod tests {
                         };
                         prop_assert!(changes.is_empty());
                         prop_assert_eq!(&s.apps, &again.apps);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+
+        /// Nodes with reported capacity and labels, apps with reservations, images and
+        /// constraints: a deploy that succeeds never puts more on a node than it reported, an
+        /// image only where docker works, an app only where its constraints hold; a rejected one
+        /// changes nothing; and the same config again changes nothing.
+        #[test]
+        fn deploys_never_overcommit_a_node(
+            nodes in prop::collection::vec((1..5u64, 1..3u32, any::<bool>(), any::<bool>()), 1..5),
+            rounds in prop::collection::vec(
+                prop::collection::vec(
+                    (0..6usize, prop::option::of(1..6u64), prop::option::of(1..5u64), any::<bool>(), prop::option::of(any::<bool>()), prop::option::of(1..5u64)),
+                    0..6,
+                ),
+                1..5,
+            ),
+        ) {
+            const GIB: u64 = 1 << 30;
+            let names = ["a", "b", "c", "d", "e", "f"];
+            let mut s = cluster(nodes.len() as u64);
+            for (i, (mem, cpus, docker, ssd)) in nodes.iter().enumerate() {
+                let labels = if *ssd { [("disk".to_string(), "ssd".to_string())].into() } else { BTreeMap::new() };
+                let r = s.apply(&Command::ReportNode {
+                    id: i as u64 + 1,
+                    labels: Some(labels),
+                    capacity: crate::fit::Capacity { memory: mem * GIB, cpus: *cpus, docker: *docker },
+                });
+                prop_assert_eq!(r, CommandResult::NodeReported);
+            }
+            for round in rounds {
+                let p: BTreeMap<String, PlannedApp> = round
+                    .iter()
+                    .map(|(i, mem, cpu, image, ssd, pin)| {
+                        let mut spec = spec(names[*i], None, false);
+                        spec.mem_limit = mem.map(|m| m * GIB / 2);
+                        spec.cpu_shares = cpu.map(|c| c * 512);
+                        if *image {
+                            spec.image = Some("busybox".into());
+                        }
+                        if let Some(want) = ssd {
+                            let op = if *want { "==" } else { "!=" };
+                            spec.constraints = vec![format!("node.labels.disk {op} ssd").parse().unwrap()];
+                        }
+                        let node = pin.filter(|n| *n <= nodes.len() as u64);
+                        (names[*i].to_string(), PlannedApp { spec, node })
+                    })
+                    .collect();
+                let before = s.clone();
+                match deploy(&mut s, &p) {
+                    CommandResult::Rejected(e) => {
+                        prop_assert!(matches!(e, ApplyError::PinnedMisfit { .. } | ApplyError::NoFittingNode { .. }), "{e}");
+                        prop_assert_eq!(&s, &before);
+                    }
+                    CommandResult::Deployed { .. } => {
+                        let mut used: BTreeMap<NodeId, Reserved> = BTreeMap::new();
+                        for app in s.apps.values() {
+                            let node = &s.nodes[&app.node];
+                            prop_assert_eq!(misfit(node, &app.spec, Reserved::default()), None);
+                            used.entry(app.node).or_default().add(&app.spec);
+                        }
+                        for (id, r) in &used {
+                            let cap = s.nodes[id].capacity.clone().unwrap();
+                            prop_assert!(r.memory <= cap.memory, "node {} memory {} of {}", id, r.memory, cap.memory);
+                            prop_assert!(r.cpu_shares <= cap.cpu_shares(), "node {} cpu {} of {}", id, r.cpu_shares, cap.cpu_shares());
+                        }
+                        let CommandResult::Deployed { changes, .. } = deploy(&mut s, &p) else {
+                            panic!("a config that deployed once deploys again")
+                        };
+                        prop_assert!(changes.is_empty(), "{:?}", changes);
                     }
                     other => panic!("{other:?}"),
                 }

@@ -6,6 +6,7 @@
 //! - [`config`]: Flocker's application.yml/deployment.yml and compose files, parsed and resolved
 //!   against the cluster's nodes, with errors that name file, line and field.
 //! - [`app`]: deployed applications and the deploy planner (placement, changes).
+//! - [`fit`]: whether an app fits a node (driver, labels, memory and cpu).
 //! - [`dataset`]: datasets in the desired state (primary, epoch, replicas, snapshots, moves)
 //!   and the rules that keep one writer per dataset.
 //! - [`membership`]: decisions about Raft membership (which learners to promote to voters,
@@ -17,6 +18,7 @@
 pub mod app;
 pub mod config;
 pub mod dataset;
+pub mod fit;
 pub mod membership;
 pub mod state;
 

@@ -59,6 +59,9 @@ pub struct Node {
     pub addr: String,
     pub labels: BTreeMap<String, String>,
     pub state: NodeState,
+    /// What the node offers apps, as it last reported ([`Command::ReportNode`]); `None` until
+    /// it has.
+    pub capacity: Option<crate::fit::Capacity>,
 }
 
 /// Whether the scheduler may place work on a node.
@@ -169,6 +172,13 @@ pub enum Command {
     Deploy {
         apps: BTreeMap<String, PlannedApp>,
     },
+    /// A node's capacity, and its labels when it was started with some (`None` keeps the
+    /// ones it has), as it reports them when it starts.
+    ReportNode {
+        id: NodeId,
+        labels: Option<BTreeMap<String, String>>,
+        capacity: crate::fit::Capacity,
+    },
 }
 
 /// What applying a [`Command`] did.
@@ -224,6 +234,7 @@ pub enum CommandResult {
     Rejected(ApplyError),
     /// One result per command of a [`Command::Batch`], in order.
     Batch(Vec<CommandResult>),
+    NodeReported,
 }
 
 /// Why a command was rejected. Messages name the bad input and what to do.
@@ -293,6 +304,16 @@ pub enum ApplyError {
     DatasetInUse { dataset: String, app: String },
     #[error("node {name:?} is the primary of dataset {dataset:?}; move the dataset away (`flockctl dataset move {dataset} --to NODE`) or remove it first")]
     PrimaryOfDataset { name: String, dataset: String },
+    #[error("app {app:?} cannot run on node {node:?}, where deployment.yml puts it: {reason}")]
+    PinnedMisfit {
+        app: String,
+        node: String,
+        reason: String,
+    },
+    #[error("no ready node can run app {app:?}: {reasons}")]
+    NoFittingNode { app: String, reasons: String },
+    #[error("invalid node labels: {reason}")]
+    InvalidLabels { reason: String },
 }
 
 impl ClusterState {
@@ -419,6 +440,25 @@ impl ClusterState {
                 self.begin_dataset_move(*dataset, *to)
             }
             Command::Deploy { apps } => self.deploy(apps),
+            Command::ReportNode {
+                id,
+                labels,
+                capacity,
+            } => {
+                if let Some(labels) = labels {
+                    crate::fit::validate_labels(labels)
+                        .map_err(|reason| ApplyError::InvalidLabels { reason })?;
+                }
+                let node = self
+                    .nodes
+                    .get_mut(id)
+                    .ok_or(ApplyError::UnknownNode { id: *id })?;
+                if let Some(labels) = labels {
+                    node.labels = labels.clone();
+                }
+                node.capacity = Some(capacity.clone());
+                Ok(CommandResult::NodeReported)
+            }
             Command::CommitDatasetMove {
                 dataset,
                 epoch,
@@ -478,6 +518,7 @@ impl ClusterState {
                 addr,
                 labels: BTreeMap::new(),
                 state: NodeState::Ready,
+                capacity: None,
             },
         );
     }

@@ -157,6 +157,7 @@ fn image_app(name: &str, image: &str) -> AppSpec {
         restart_policy: RestartPolicy::Never,
         mem_limit: None,
         cpu_shares: None,
+        constraints: vec![],
     }
 }
 
@@ -297,6 +298,9 @@ services:
         protocol: tcp
     volumes:
       - dbdata:/var/lib/postgresql/data
+    deploy:
+      placement:
+        constraints: ["node.labels.disk == ssd", "node.hostname!=n3"]
   web:
     command: python3 -m http.server 'with space' 8000
     ports: ["8000:8000/tcp"]
@@ -327,6 +331,10 @@ fn compose_v3_files() {
     });
     db.restart_policy = RestartPolicy::OnFailure { max_retry: Some(3) };
     db.mem_limit = Some(512 << 20);
+    db.constraints = vec![
+        "node.labels.disk == ssd".parse().unwrap(),
+        "node.hostname != n3".parse().unwrap(),
+    ];
     let web = AppSpec {
         name: "web".into(),
         image: None,
@@ -350,6 +358,7 @@ fn compose_v3_files() {
         restart_policy: RestartPolicy::Always,
         mem_limit: None,
         cpu_shares: Some(512),
+        constraints: vec![],
     };
     assert_eq!(apps.apps["db"], db);
     assert_eq!(apps.apps["web"], web);
@@ -551,12 +560,12 @@ fn application_errors() {
         (
             "a misspelt key",
             app("    imgae: postgres\n"),
-            "app.yml:4:5: applications.db: unknown key \"imgae\"; did you mean \"image\"? an application takes image, command, ports, links, volume, environment, restart_policy, mem_limit, cpu_shares",
+            "app.yml:4:5: applications.db: unknown key \"imgae\"; did you mean \"image\"? an application takes image, command, ports, links, volume, environment, restart_policy, mem_limit, cpu_shares, constraints",
         ),
         (
             "a fig key in Flocker's form",
             app("    image: postgres\n    volumes: [/data]\n"),
-            "app.yml:5:5: applications.db: unknown key \"volumes\"; did you mean \"volume\"? an application takes image, command, ports, links, volume, environment, restart_policy, mem_limit, cpu_shares",
+            "app.yml:5:5: applications.db: unknown key \"volumes\"; did you mean \"volume\"? an application takes image, command, ports, links, volume, environment, restart_policy, mem_limit, cpu_shares, constraints",
         ),
         (
             "a port out of range",
@@ -748,7 +757,7 @@ fn compose_errors() {
         (
             "an unsupported key",
             app_error("services:\n  web:\n    image: nginx\n    depends_on: [db]\n"),
-            "app.yml:4:5: services.web: depends_on is not supported by flock; a service takes image, command, ports, links, volumes, environment, restart, mem_limit, cpu_shares",
+            "app.yml:4:5: services.web: depends_on is not supported by flock; a service takes image, command, ports, links, volumes, environment, restart, mem_limit, cpu_shares, deploy",
         ),
         (
             "networks",
@@ -764,6 +773,16 @@ fn compose_errors() {
             "restart unless-stopped",
             app_error("web:\n  image: nginx\n  restart: unless-stopped\n"),
             "app.yml:3:12: web.restart: unless-stopped is not supported: flock keeps a deployed app running unless its config changes; use always",
+        ),
+        (
+            "a constraint on what flock does not know",
+            app_error("web:\n  image: nginx\n  deploy:\n    placement:\n      constraints: [node.role == manager]\n"),
+            "app.yml:5:21: web.deploy.placement.constraints[0]: constraint \"node.role == manager\": flock places by node.labels.KEY and node.hostname, not \"node.role\"",
+        ),
+        (
+            "swarm's deploy keys",
+            app_error("web:\n  image: nginx\n  deploy:\n    replicas: 2\n"),
+            "app.yml:4:5: web.deploy: unknown key \"replicas\"; deploy takes placement",
         ),
         (
             "restart on-failure:0",

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use flock_scheduler::config::{
-    parse_application, parse_deployment, to_flocker_yaml, AppSpec, Link, PortMap, RestartPolicy,
-    Volume, MIN_VOLUME_SIZE,
+    parse_application, parse_deployment, to_flocker_yaml, AppSpec, Constraint, ConstraintKey, Link,
+    PortMap, RestartPolicy, Volume, MIN_VOLUME_SIZE,
 };
 use proptest::prelude::*;
 
@@ -86,6 +86,17 @@ fn what_to_run() -> impl Strategy<Value = (Option<String>, Option<Vec<String>>)>
     ]
 }
 
+/// A placement constraint on a label (a key without `=`, `!` or spaces at its ends) or the
+/// node's name.
+fn constraint() -> impl Strategy<Value = Constraint> {
+    let word = "[a-zA-Z0-9._/-]{1,12}";
+    (proptest::option::of(word), any::<bool>(), word).prop_map(|(label, equal, value)| Constraint {
+        key: label.map_or(ConstraintKey::NodeName, ConstraintKey::Label),
+        equal,
+        value,
+    })
+}
+
 prop_compose! {
     fn app_spec()(
         name in "[a-zA-Z0-9][a-zA-Z0-9_.-]{0,39}",
@@ -97,10 +108,11 @@ prop_compose! {
         restart_policy in restart_policy(),
         mem_limit in proptest::option::of(1..=u64::MAX),
         cpu_shares in proptest::option::of(1..=u64::MAX),
+        constraints in proptest::collection::vec(constraint(), 0..3),
     ) -> AppSpec {
         AppSpec {
             name, image, command, ports, links, volume, environment, restart_policy, mem_limit,
-            cpu_shares,
+            cpu_shares, constraints,
         }
     }
 }

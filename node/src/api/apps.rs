@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use flock_proto::v1 as pb;
 use flock_scheduler::app::{plan_deploy, Change};
-use flock_scheduler::config::PlannedApp;
+use flock_scheduler::config::{AppSpec, PlannedApp};
 use flock_scheduler::{ClusterState, Command, CommandResult, NodeId};
 
 use super::datasets::{node_name, FORWARDED};
@@ -44,12 +44,17 @@ impl ApiService {
         apps: BTreeMap<String, PlannedApp>,
         dry_run: bool,
     ) -> Reply<pb::DeployReply> {
+        // Plan on the current state and ask each node that gets an app whether it can run it,
+        // so a missing image or program is an error now, with nothing deployed. `apply` plans
+        // again on the state it finds (a deploy may have come between).
+        let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
+        let (_, changes) = plan_deploy(&state, &apps).map_err(ClusterError::from)?;
+        let warnings = self.preflight(&state, &apps, &changes).await?;
         if dry_run {
-            let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
-            let (_, changes) = plan_deploy(&state, &apps).map_err(ClusterError::from)?;
             return Ok(Response::new(pb::DeployReply {
                 changes: changes_proto(&state, &changes),
                 generation: state.deploy_generation,
+                warnings,
             }));
         }
         match self.cluster.propose(Command::Deploy { apps }).await? {
@@ -61,11 +66,110 @@ impl ApiService {
                 Ok(Response::new(pb::DeployReply {
                     changes: changes_proto(&state, &changes),
                     generation,
+                    warnings,
                 }))
             }
             CommandResult::Rejected(e) => Err(ClusterError::from(e).into()),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Asks every node that starts, moves in or updates an app of `changes` whether it can run
+    /// it. An error listing every problem found; otherwise warnings naming the nodes that did
+    /// not answer (their apps were not checked).
+    async fn preflight(
+        &self,
+        state: &ClusterState,
+        apps: &BTreeMap<String, PlannedApp>,
+        changes: &[Change],
+    ) -> Result<Vec<String>, Status> {
+        let mut by_node: BTreeMap<NodeId, Vec<&AppSpec>> = BTreeMap::new();
+        for c in changes {
+            let node = match c {
+                Change::Start { node, .. } | Change::Update { node, .. } => *node,
+                Change::Move { to, .. } => *to,
+                Change::Stop { .. } => continue,
+            };
+            by_node.entry(node).or_default().push(&apps[c.app()].spec);
+        }
+        let answers = join_all(by_node.iter().map(|(id, specs)| async move {
+            if *id == self.cluster.node_id {
+                let mut problems = Vec::new();
+                for spec in specs {
+                    if let Some(p) = self.drivers.preflight(spec).await {
+                        problems.push(pb::AppProblem {
+                            app: spec.name.clone(),
+                            problem: p,
+                        });
+                    }
+                }
+                return (*id, Some(problems));
+            }
+            let Some(node) = state.nodes.get(id) else {
+                return (*id, None);
+            };
+            let Ok(mut client) = self.cluster.peer(&node.addr) else {
+                return (*id, None);
+            };
+            let spec_json = specs
+                .iter()
+                .map(|s| serde_json::to_string(s).expect("an AppSpec is plain data"))
+                .collect();
+            let mut req = Request::new(pb::CheckAppsRequest { spec_json });
+            req.set_timeout(NODE_TIMEOUT);
+            let r = tokio::time::timeout(NODE_TIMEOUT, client.check_apps(req)).await;
+            (
+                *id,
+                r.ok().and_then(|r| r.ok()).map(|r| r.into_inner().problems),
+            )
+        }))
+        .await;
+        let mut problems = Vec::new();
+        let mut warnings = Vec::new();
+        for (id, answer) in answers {
+            let name = node_name(state, id);
+            match answer {
+                Some(ps) => problems.extend(
+                    ps.into_iter()
+                        .map(|p| format!("app {} on node {name}: {}", p.app, p.problem)),
+                ),
+                None => warnings.push(format!(
+                    "node {name} did not answer; whether it can run {} was not checked",
+                    by_node[&id]
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            }
+        }
+        if problems.is_empty() {
+            Ok(warnings)
+        } else {
+            Err(Status::failed_precondition(format!(
+                "nothing was deployed: {}",
+                problems.join("; ")
+            )))
+        }
+    }
+
+    pub(super) async fn do_check_apps(
+        &self,
+        req: Request<pb::CheckAppsRequest>,
+    ) -> Reply<pb::CheckAppsReply> {
+        self.authorize(&req)?;
+        let mut problems = Vec::new();
+        for json in req.into_inner().spec_json {
+            let spec: AppSpec = serde_json::from_str(&json)
+                .map_err(|e| Status::invalid_argument(format!("undecodable app spec: {e}")))?;
+            if let Some(p) = self.drivers.preflight(&spec).await {
+                problems.push(pb::AppProblem {
+                    app: spec.name,
+                    problem: p,
+                });
+            }
+        }
+        Ok(Response::new(pb::CheckAppsReply { problems }))
     }
 
     pub(super) async fn do_deploy(

@@ -446,4 +446,8 @@ impl Api for ApiService {
     async fn local_apps(&self, req: Request<LocalAppsRequest>) -> Reply<LocalAppsReply> {
         self.do_local_apps(req).await
     }
+
+    async fn check_apps(&self, req: Request<CheckAppsRequest>) -> Reply<CheckAppsReply> {
+        self.do_check_apps(req).await
+    }
 }

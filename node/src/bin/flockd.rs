@@ -94,12 +94,22 @@ struct StorageArgs {
     /// The zfs pool (or POOL/PATH) for datasets; implies --backend zfs.
     #[arg(long, value_name = "POOL")]
     zfs_pool: Option<String>,
+    /// A label for placement constraints (`node.labels.KEY == VALUE` in an app's
+    /// deploy.placement.constraints); repeat for several. Given on `run`, they replace the
+    /// node's labels; left out, the node keeps the ones it has.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
 }
 
 impl StorageArgs {
     fn options(&self, raft: &RaftArgs) -> anyhow::Result<NodeOptions> {
         Ok(NodeOptions {
             storage: StorageChoice::from_flags(self.backend.as_deref(), self.zfs_pool.as_deref())?,
+            labels: if self.labels.is_empty() {
+                None
+            } else {
+                Some(flock_node::report::parse_labels(&self.labels)?)
+            },
             ..raft.options()
         })
     }
@@ -134,6 +144,7 @@ impl RaftArgs {
             keep_logs: self.keep_logs,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             storage: None,
+            labels: None,
         }
     }
 }

@@ -203,6 +203,16 @@ impl DockerDriver {
         out
     }
 
+    /// Whether the engine has `image` (flock never pulls); the engine's error when it could
+    /// not tell.
+    pub async fn has_image(&self, image: &str) -> Result<bool, String> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Starts a container for `spec`. Refused while one of the app runs; an exited one is
     /// removed first.
     pub async fn start(&self, spec: &RunSpec) -> Result<Instance, DriverError> {

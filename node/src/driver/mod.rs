@@ -180,6 +180,37 @@ impl Drivers {
             })
     }
 
+    /// Why `spec` could not start on this node, as far as can be told before it starts: its
+    /// driver missing, its image not in the local engine, its program not found. `None` when
+    /// nothing is known to stop it.
+    pub async fn preflight(&self, spec: &flock_scheduler::config::AppSpec) -> Option<String> {
+        match Kind::of(spec.image.as_deref()) {
+            Kind::Docker => {
+                let image = spec.image.as_deref().unwrap_or_default();
+                let Some(docker) = &self.docker else {
+                    return Some(format!(
+                        "the app has an image and this node has no docker driver: {}",
+                        self.docker_error
+                    ));
+                };
+                match docker.has_image(image).await {
+                    Ok(true) => None,
+                    Ok(false) => Some(format!(
+                        "image {image} is not in this node's Docker engine, and flock never pulls; \
+                         `docker pull {image}` (or `docker load`) on the node first"
+                    )),
+                    Err(e) => Some(format!(
+                        "the Docker engine could not tell whether it has image {image}: {e}"
+                    )),
+                }
+            }
+            Kind::Process => {
+                let program = spec.command.as_ref()?.first()?;
+                program_problem(program, std::env::var_os("PATH").as_deref())
+            }
+        }
+    }
+
     /// Every instance of both drivers, with the driver that runs it.
     pub async fn list(&self) -> Vec<(Instance, Kind)> {
         let p = self.process.clone();
@@ -256,5 +287,61 @@ impl Drivers {
                 Err(_) => Vec::new(),
             },
         }
+    }
+}
+
+/// Why the process driver could not run `program`: an absolute path that is not an executable
+/// file, or a bare name found in no directory of `path`. A relative path with a `/` is looked up
+/// in the app's working directory (its dataset) when it starts, so it is not judged here.
+fn program_problem(program: &str, path: Option<&std::ffi::OsStr>) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.starts_with('/') {
+        let p = std::path::Path::new(program);
+        return match std::fs::metadata(p) {
+            Err(_) => Some(format!("command {program} does not exist on this node")),
+            Ok(_) if !executable(p) => Some(format!("command {program} is not an executable file")),
+            Ok(_) => None,
+        };
+    }
+    if program.contains('/') {
+        return None;
+    }
+    let path = path.unwrap_or_else(|| std::ffi::OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+    if std::env::split_paths(path).any(|d| executable(&d.join(program))) {
+        return None;
+    }
+    Some(format!(
+        "command {program:?} is not found in flockd's PATH on this node ({}); install it there or give its absolute path",
+        path.to_string_lossy()
+    ))
+}
+
+#[cfg(test)]
+mod preflight_tests {
+    use super::program_problem;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn programs_are_looked_up_as_the_driver_would() {
+        assert_eq!(
+            program_problem("sh", Some(OsStr::new("/nowhere:/bin"))),
+            None
+        );
+        let m = program_problem("no-such-program-flock", Some(OsStr::new("/bin"))).unwrap();
+        assert!(
+            m.contains("not found in flockd's PATH") && m.contains("/bin"),
+            "{m}"
+        );
+        assert_eq!(program_problem("/bin/sh", None), None);
+        let m = program_problem("/no/such/program", None).unwrap();
+        assert!(m.contains("does not exist"), "{m}");
+        let plain = tempfile::NamedTempFile::new().expect("a temp file");
+        let plain = plain.path().to_str().expect("utf-8").to_string();
+        let m = program_problem(&plain, None).unwrap();
+        assert!(m.contains("not an executable"), "{m}");
+        assert_eq!(program_problem("./run.sh", None), None);
     }
 }

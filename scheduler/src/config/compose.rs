@@ -39,6 +39,7 @@ const SERVICE_KEYS: &[&str] = &[
     "restart",
     "mem_limit",
     "cpu_shares",
+    "deploy",
 ];
 
 /// Service keys of compose that flock does not read: refused as unsupported rather than
@@ -52,7 +53,6 @@ const COMPOSE_ONLY_KEYS: &[&str] = &[
     "cpus",
     "cpuset",
     "depends_on",
-    "deploy",
     "devices",
     "dns",
     "dns_search",
@@ -332,6 +332,10 @@ fn read_service(
         Some(v) => Some(cx.cpu_shares(v, &child(path, "cpu_shares"))?),
         None => None,
     };
+    let constraints = match get(map, "deploy") {
+        Some(v) => read_deploy(cx, v, &child(path, "deploy"))?,
+        None => Vec::new(),
+    };
     let spec = AppSpec {
         name: name.to_string(),
         image,
@@ -343,8 +347,26 @@ fn read_service(
         restart_policy,
         mem_limit,
         cpu_shares,
+        constraints,
     };
     Ok((spec, source, links))
+}
+
+/// `deploy:`, of which flock reads `placement: {constraints: [...]}`; the rest of it (replicas,
+/// resources, update policies) is Swarm's and refused.
+fn read_deploy(cx: Ctx, y: &Yaml, path: &str) -> Result<Vec<super::spec::Constraint>, ConfigError> {
+    let map = cx.mapping(y, path)?;
+    cx.check_keys(map, path, &["placement"], "deploy")?;
+    let Some(placement) = get(map, "placement") else {
+        return Ok(Vec::new());
+    };
+    let placement_path = child(path, "placement");
+    let pmap = cx.mapping(placement, &placement_path)?;
+    cx.check_keys(pmap, &placement_path, &["constraints"], "placement")?;
+    match get(pmap, "constraints") {
+        Some(v) => cx.constraints(v, &child(&placement_path, "constraints")),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// `"EXTERNAL:INTERNAL"` (optionally `/tcp`), or compose's long form

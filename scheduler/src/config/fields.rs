@@ -104,6 +104,24 @@ impl<'f> Ctx<'f> {
         }
     }
 
+    /// A list of placement constraints, `["node.labels.disk == ssd", ...]`.
+    pub fn constraints(
+        &self,
+        y: &Yaml,
+        path: &str,
+    ) -> Result<Vec<super::spec::Constraint>, ConfigError> {
+        let mut out = Vec::new();
+        for (i, item) in self.list(y, path)?.iter().enumerate() {
+            let item_path = index(path, i);
+            let text = self.string(item, &item_path)?;
+            let c = text
+                .parse()
+                .map_err(|m: String| self.err(item.at, &item_path, m))?;
+            out.push(c);
+        }
+        Ok(out)
+    }
+
     /// Refuses keys not in `allowed`, naming the ones that are (and the likely one meant).
     pub fn check_keys(
         &self,

@@ -37,6 +37,8 @@ const APP_KEYS: &[&str] = &[
     "restart_policy",
     "mem_limit",
     "cpu_shares",
+    // flock's own: compose's deploy.placement.constraints, for Flocker's format.
+    "constraints",
 ];
 
 pub(crate) fn read(file: &str, doc: &Yaml) -> Result<Applications, ConfigError> {
@@ -153,6 +155,10 @@ fn read_app(
         Some(v) => Some(cx.cpu_shares(v, &child(path, "cpu_shares"))?),
         None => None,
     };
+    let constraints = match get(map, "constraints") {
+        Some(v) => cx.constraints(v, &child(path, "constraints"))?,
+        None => Vec::new(),
+    };
     let spec = AppSpec {
         name: name.to_string(),
         image,
@@ -164,6 +170,7 @@ fn read_app(
         restart_policy,
         mem_limit,
         cpu_shares,
+        constraints,
     };
     Ok((spec, source))
 }

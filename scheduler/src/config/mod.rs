@@ -42,8 +42,8 @@ mod yaml;
 pub use deployment::{resolve, resolve_unpinned, Deployment, DeploymentNode};
 pub use render::to_flocker_yaml;
 pub use spec::{
-    parse_size, AppSpec, Applications, Format, Link, NodeRef, Plan, PlannedApp, PortMap,
-    RestartPolicy, Volume, MAX_APP_NAME_LEN, MIN_VOLUME_SIZE,
+    parse_size, AppSpec, Applications, Constraint, ConstraintKey, Format, Link, NodeRef, Plan,
+    PlannedApp, PortMap, RestartPolicy, Volume, MAX_APP_NAME_LEN, MIN_VOLUME_SIZE,
 };
 
 use yaml::{Pos, Yaml};

@@ -89,6 +89,12 @@ fn render_app(out: &mut String, app: &AppSpec) {
     if let Some(c) = app.cpu_shares {
         let _ = writeln!(out, "    \"cpu_shares\": {c}");
     }
+    if !app.constraints.is_empty() {
+        out.push_str("    \"constraints\":\n");
+        for c in &app.constraints {
+            let _ = writeln!(out, "      - {}", quote(&c.to_string()));
+        }
+    }
 }
 
 /// A YAML double-quoted scalar: `\` and `"` escaped, and every control or non-printable

@@ -39,8 +39,77 @@ pub struct AppSpec {
     pub restart_policy: RestartPolicy,
     /// Memory limit in bytes.
     pub mem_limit: Option<u64>,
-    /// Relative CPU weight (Docker's default is 1024).
+    /// Relative CPU weight (Docker's default is 1024); the scheduler reserves 1024 shares per
+    /// cpu of a node (see [`crate::fit`]).
     pub cpu_shares: Option<u64>,
+    /// Where the app may run: compose's `deploy.placement.constraints`.
+    #[serde(default)]
+    pub constraints: Vec<Constraint>,
+}
+
+/// A placement constraint, as compose writes them: `node.labels.disk == ssd`,
+/// `node.hostname != n3` (`node.name` is the same as `node.hostname`: the node's flock name).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Constraint {
+    pub key: ConstraintKey,
+    /// `==` (true) or `!=`.
+    pub equal: bool,
+    pub value: String,
+}
+
+/// What a [`Constraint`] looks at.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ConstraintKey {
+    NodeName,
+    Label(String),
+}
+
+impl std::fmt::Display for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let op = if self.equal { "==" } else { "!=" };
+        match &self.key {
+            ConstraintKey::NodeName => write!(f, "node.hostname {op} {}", self.value),
+            ConstraintKey::Label(k) => write!(f, "node.labels.{k} {op} {}", self.value),
+        }
+    }
+}
+
+impl std::str::FromStr for Constraint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Constraint, String> {
+        let (lhs, rhs, equal) = if let Some((l, r)) = s.split_once("==") {
+            (l, r, true)
+        } else if let Some((l, r)) = s.split_once("!=") {
+            (l, r, false)
+        } else {
+            return Err(format!(
+                "constraint {s:?} has no == or !=; write it as node.labels.KEY == VALUE or node.hostname != NAME"
+            ));
+        };
+        let (lhs, value) = (lhs.trim(), rhs.trim());
+        if value.is_empty() || value.contains(['=', '!']) {
+            return Err(format!(
+                "constraint {s:?}: the value after the operator is missing or malformed"
+            ));
+        }
+        let key = match lhs {
+            "node.hostname" | "node.name" => ConstraintKey::NodeName,
+            _ => match lhs.strip_prefix("node.labels.") {
+                Some(k) if !k.is_empty() => ConstraintKey::Label(k.to_string()),
+                _ => {
+                    return Err(format!(
+                        "constraint {s:?}: flock places by node.labels.KEY and node.hostname, not {lhs:?}"
+                    ))
+                }
+            },
+        };
+        Ok(Constraint {
+            key,
+            equal,
+            value: value.to_string(),
+        })
+    }
 }
 
 /// A published port.
