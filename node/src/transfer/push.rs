@@ -214,9 +214,15 @@ pub async fn push(
     let mut first = true;
     loop {
         let done_before = total.bytes;
-        let step = push_step(conn, datasets, ds, &chain, &later, to_name, |phase, n, est| {
-            progress(phase, done_before + n, est.map(|e| done_before + e))
-        })
+        let step = push_step(
+            conn,
+            datasets,
+            ds,
+            &chain,
+            &later,
+            to_name,
+            |phase, n, est| progress(phase, done_before + n, est.map(|e| done_before + e)),
+        )
         .await?;
         if first {
             total.base = step.base.clone();
@@ -294,7 +300,9 @@ async fn push_step(
     let mut bytes = 0;
     if let Some(next) = next {
         let spec = match &plan.base {
-            Some(base) => StreamSpec::incremental(name, SnapshotName::new(base)?, next.name.clone()),
+            Some(base) => {
+                StreamSpec::incremental(name, SnapshotName::new(base)?, next.name.clone())
+            }
             None => StreamSpec::full(name, next.name.clone()),
         };
         let phase = if plan.base.is_some() {
