@@ -149,6 +149,9 @@ pub async fn run(
     view: AppsView,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    if !cluster.caught_up(&mut shutdown).await {
+        return;
+    }
     loop {
         converge(&cluster, &datasets, &drivers, &view).await;
         tokio::select! {

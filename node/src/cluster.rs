@@ -325,6 +325,27 @@ impl Cluster {
         }
     }
 
+    /// Waits until this node has applied everything the cluster committed before the call (a
+    /// read barrier, retried until it succeeds); `false` when `shutdown` came first. The agents
+    /// call it before they first act: after a restart the local state may lag far behind (the
+    /// committed index is not written durably with every entry), and acting on it would stop
+    /// or start apps and destroy copies the current state wants kept.
+    pub async fn caught_up(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return false,
+                r = self.read_barrier() => match r {
+                    Ok(()) => return true,
+                    Err(e) => tracing::info!(error = %e, "waiting to catch up with the cluster before acting"),
+                },
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return false,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
     async fn remote_read_index(&self, addr: &str, deadline: Instant) -> Option<u64> {
         let mut client = self.peer(addr).ok()?;
         let mut req = tonic::Request::new(ReadIndexRequest {});

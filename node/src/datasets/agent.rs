@@ -71,6 +71,9 @@ pub async fn run(
         retry_at: HashMap::new(),
         reported_missing: HashSet::new(),
     };
+    if !agent.cluster.caught_up(&mut shutdown).await {
+        return;
+    }
     let mut seen = None;
     let mut last_look = Instant::now() - FULL_LOOK;
     loop {
