@@ -121,6 +121,7 @@ pub fn plan_deploy(
         let staying = state.apps.get(*name).is_some_and(|a| usable(state, a.node));
         (!(pinned || staying), (*name).clone())
     });
+    let mut by_load: BTreeSet<(usize, NodeId)> = load.iter().map(|(id, c)| (*c, *id)).collect();
     // What the apps placed so far reserve on each node.
     let mut reserved: BTreeMap<NodeId, Reserved> = BTreeMap::new();
     for name in order {
@@ -152,12 +153,9 @@ pub fn plan_deploy(
                     .filter(|_| app.spec.volume.is_some())
                     .map(|d| d.primary)
                     .filter(fits);
-                let spread = || {
-                    load.iter()
-                        .filter(|(id, _)| fits(id))
-                        .min_by_key(|(id, count)| (**count, **id))
-                        .map(|(id, _)| *id)
-                };
+                // The least loaded node that fits: in (load, id) order, so an app that fits
+                // the first node costs one lookup, not a scan of every node.
+                let spread = || by_load.iter().map(|(_, id)| *id).find(|id| fits(id));
                 match staying.or(dataset_home).or_else(spread) {
                     Some(n) => n,
                     None => {
@@ -176,7 +174,11 @@ pub fn plan_deploy(
                 }
             }
         };
-        *load.entry(node).or_default() += 1;
+        let count = load.entry(node).or_default();
+        if by_load.remove(&(*count, node)) {
+            by_load.insert((*count + 1, node));
+        }
+        *count += 1;
         reserved.entry(node).or_default().add(&app.spec);
         placed.insert(name.clone(), node);
     }
