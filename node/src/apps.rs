@@ -1,8 +1,9 @@
 //! The app agent every node runs: it makes the apps running here match the desired state and
 //! applies restart policies.
 //!
-//! - An app placed on this node starts once its dataset (if it has a volume) has its primary
-//!   here and is not moving: the app never runs on a copy that is not the current one.
+//! - An app runs where `ClusterState::app_runs_on` says: its node, or while its dataset moves,
+//!   the dataset's primary until the move's handoff: the app never runs on a copy that is not
+//!   the current one, nor in two places.
 //! - An instance started from another spec is stopped and started again (an update).
 //! - An instance whose app is not placed here any more is stopped and removed.
 //! - An exited app is restarted per its restart policy, after an exponential backoff (1 s,
@@ -27,6 +28,8 @@ use crate::datasets::Datasets;
 use crate::driver::{Drivers, Instance, Kind, RunSpec, RunState};
 
 const TICK: Duration = Duration::from_millis(300);
+/// The shortest time between two looks when the replicated state keeps changing.
+const MIN_GAP: Duration = Duration::from_millis(20);
 /// The longest wait before restarting an exited app.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const LAST_LINES: usize = 10;
@@ -152,11 +155,30 @@ pub async fn run(
     if !cluster.caught_up(&mut shutdown).await {
         return;
     }
+    let mut changes = cluster.metrics_watch();
     loop {
         converge(&cluster, &datasets, &drivers, &view).await;
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(TICK) => {}
+        // Again after TICK, or sooner when the replicated state changes (a move's handoff or
+        // commit must not wait a whole tick: it is the app's downtime), but at most every
+        // MIN_GAP under a busy log.
+        let seen = changes.borrow().last_applied;
+        let tick = tokio::time::sleep(TICK);
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = &mut tick => break,
+                r = changes.changed() => {
+                    if r.is_err() {
+                        (&mut tick).await;
+                        break;
+                    }
+                    if changes.borrow().last_applied != seen {
+                        tokio::time::sleep(MIN_GAP).await;
+                        break;
+                    }
+                }
+            }
         }
     }
 }
@@ -174,16 +196,24 @@ async fn converge(cluster: &Cluster, datasets: &Datasets, drivers: &Drivers, vie
         .into_iter()
         .map(|(i, k)| (i.app.clone(), (i, k)))
         .collect();
-    // Instances whose app is not placed here any more.
+    // Instances whose app may not run here now: placed elsewhere, or its dataset is handing
+    // off (an app whose dataset moves keeps running on the primary until the handoff).
     for (app, (_, kind)) in &instances {
-        let here = state.apps.get(app).is_some_and(|a| a.node == me);
+        let here = state
+            .apps
+            .get(app)
+            .is_some_and(|a| state.app_runs_on(a) == Some(me));
         if !here {
-            tracing::info!(app, "stopping an app that is no longer placed on this node");
+            tracing::info!(app, "stopping an app that may not run on this node now");
             drivers.remove(*kind, app).await;
             view.0.lock().unwrap_or_else(|p| p.into_inner()).remove(app);
         }
     }
-    for (name, app) in state.apps.iter().filter(|(_, a)| a.node == me) {
+    for (name, app) in state
+        .apps
+        .iter()
+        .filter(|(_, a)| a.node == me || state.app_runs_on(a) == Some(me))
+    {
         let mut local = view
             .0
             .lock()
@@ -232,8 +262,9 @@ async fn step(
             local.detail = "its dataset is gone".into();
             return;
         };
-        if ds.primary != me || ds.moving.is_some() {
-            // Another node holds the current copy: this one may not write it.
+        if state.app_runs_on(app) != Some(me) || ds.primary != me {
+            // Another node holds the current copy, or it is handing off: this one may not
+            // write it.
             if let Some(i) = instance.filter(|i| matches!(i.state, RunState::Running { .. })) {
                 tracing::warn!(app = name, "stopping: its dataset is not primary here");
                 drivers.stop(kind, &i.app).await;

@@ -79,12 +79,18 @@ impl From<ClusterError> for tonic::Status {
                 }
                 ApplyError::UnknownNode { .. }
                 | ApplyError::UnknownDataset { .. }
+                | ApplyError::UnknownApp { .. }
                 | ApplyError::UnknownSnapshot { .. } => Status::not_found(msg),
                 ApplyError::MoveInProgress { .. }
                 | ApplyError::NoSuchMove { .. }
                 | ApplyError::AlreadyPrimary { .. }
                 | ApplyError::PrimaryOfDataset { .. }
-                | ApplyError::NodeDown { .. } => Status::failed_precondition(msg),
+                | ApplyError::NodeDown { .. }
+                | ApplyError::PinnedMisfit { .. }
+                | ApplyError::NoFittingNode { .. }
+                | ApplyError::AppAlreadyThere { .. }
+                | ApplyError::AppNotMoving { .. }
+                | ApplyError::NotHandedOff { .. } => Status::failed_precondition(msg),
                 ApplyError::StaleEpoch { .. } => Status::aborted(msg),
                 ApplyError::NotInitialized => Status::unavailable(msg),
                 _ => Status::invalid_argument(msg),
@@ -193,6 +199,11 @@ impl Cluster {
 
     pub fn metrics(&self) -> RaftMetrics {
         self.raft.metrics().borrow().clone()
+    }
+
+    /// Raft's metrics as they change (each applied entry changes `last_applied`).
+    pub fn metrics_watch(&self) -> tokio::sync::watch::Receiver<RaftMetrics> {
+        self.raft.metrics()
     }
 
     /// The leader's id and address as this node knows them.

@@ -28,6 +28,23 @@ pub enum AppCmd {
     },
     /// Remove an app from the deployment (its dataset stays; `flockctl dataset rm` removes it).
     Rm { name: String },
+    /// Move an app to another node with its data: the data is copied while the app runs,
+    /// then the app stops for the last delta only and starts on the target.
+    Move {
+        name: String,
+        /// The target node (name or id).
+        #[arg(long, required_unless_present = "cancel")]
+        to: Option<String>,
+        /// Give up a move that has not committed: the app stays on (or returns to) its source.
+        #[arg(long, conflicts_with_all = ["to", "no_wait"])]
+        cancel: bool,
+        /// Return once the move is recorded; `flockctl app ls` shows its progress.
+        #[arg(long)]
+        no_wait: bool,
+        /// Progress events as JSON lines, then a final "done" or "failed" event.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print an app's output (stdout and stderr), from the node that runs it.
     Logs {
         name: String,
@@ -231,6 +248,47 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
                     println!("  {l}");
                 }
             }
+        }
+        AppCmd::Move {
+            name,
+            to,
+            cancel,
+            no_wait,
+            json,
+        } => {
+            let r = api
+                .app_move(AppMoveRequest {
+                    name: name.clone(),
+                    to: to.unwrap_or_default(),
+                    cancel,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if cancel {
+                println!("cancelled the move of {name}; it stays on {}", r.to_node);
+                return Ok(0);
+            }
+            if r.dataset.is_empty() {
+                // Nothing to carry: it stops on the source and starts on the target.
+                if json {
+                    println!(
+                        "{}",
+                        json!({"event": "done", "app": name, "from": r.from_node, "to": r.to_node})
+                    );
+                } else {
+                    println!("moved {name} from {} to {}", r.from_node, r.to_node);
+                }
+                return Ok(0);
+            }
+            if no_wait {
+                println!(
+                    "moving {name} from {} to {} with dataset {}; follow it with `flockctl app ls`",
+                    r.from_node, r.to_node, r.dataset
+                );
+                return Ok(0);
+            }
+            return crate::ctl_dataset::follow_move(api, &r.dataset, &r.to_node, json).await;
         }
         AppCmd::Rm { name } => {
             let r = api

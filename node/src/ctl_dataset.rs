@@ -402,7 +402,7 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
 }
 
 /// Waits for a move to end, showing its progress.
-async fn follow_move(
+pub(crate) async fn follow_move(
     api: &mut ApiClient<Channel>,
     name: &str,
     to: &str,

@@ -227,12 +227,7 @@ impl ClusterState {
                 None => None,
                 Some(vol) => Some(match next.dataset_by_name(name).map(|d| d.id) {
                     Some(id) => {
-                        let ds = &next.datasets[&id];
-                        if ds.primary != node && ds.moving.as_ref().map(|m| m.to) != Some(node) {
-                            // The dataset follows the app (issue 7 makes this a live move).
-                            next.cancel_dataset_move(id)?;
-                            next.begin_dataset_move(id, node)?;
-                        }
+                        next.dataset_follows(id, node)?;
                         id
                     }
                     None => match next.create_dataset(name, node, vol.maximum_size)? {
@@ -258,6 +253,100 @@ impl ClusterState {
             generation: self.deploy_generation,
             changes,
         })
+    }
+
+    /// Makes dataset `id` go where its app goes: a move to `node` (the app keeps running on
+    /// the primary until the move's handoff), or none when it is there already.
+    fn dataset_follows(&mut self, id: DatasetId, node: NodeId) -> Result<(), ApplyError> {
+        let ds = &self.datasets[&id];
+        let target = ds.moving.as_ref().map(|m| m.to);
+        if ds.primary == node {
+            if target.is_some() {
+                self.cancel_dataset_move(id)?;
+            }
+        } else if target != Some(node) {
+            self.cancel_dataset_move(id)?;
+            self.begin_dataset_move(id, node)?;
+        }
+        Ok(())
+    }
+
+    /// Where app `app` may run now: its node, or while its dataset moves, the dataset's
+    /// primary until the handoff, then nowhere until the move commits. `None` also while its
+    /// dataset is not on its node for another reason. The app agents start an app only where
+    /// this says, so an app with a dataset never runs in two places.
+    pub fn app_runs_on(&self, app: &App) -> Option<NodeId> {
+        let Some(id) = app.dataset else {
+            return Some(app.node);
+        };
+        let ds = self.datasets.get(&id)?;
+        match &ds.moving {
+            Some(m) if m.handoff => None,
+            Some(_) => Some(ds.primary),
+            None => (ds.primary == app.node).then_some(app.node),
+        }
+    }
+
+    pub(crate) fn move_app(&mut self, name: &str, to: NodeId) -> Result<CommandResult, ApplyError> {
+        let app = self
+            .apps
+            .get(name)
+            .ok_or_else(|| ApplyError::UnknownApp {
+                name: name.to_string(),
+            })?
+            .clone();
+        self.usable_node(to)?;
+        let node = &self.nodes[&to];
+        if app.node == to {
+            return Err(ApplyError::AppAlreadyThere {
+                app: name.to_string(),
+                node: node.name.clone(),
+            });
+        }
+        let mut reserved = Reserved::default();
+        for other in self.apps.iter().filter(|(n, a)| *n != name && a.node == to) {
+            reserved.add(&other.1.spec);
+        }
+        if let Some(reason) = misfit(node, &app.spec, reserved) {
+            return Err(ApplyError::PinnedMisfit {
+                app: name.to_string(),
+                node: node.name.clone(),
+                reason,
+            });
+        }
+        let mut next = self.clone();
+        if let Some(id) = app.dataset {
+            next.dataset_follows(id, to)?;
+        }
+        let moved = next.apps.get_mut(name).expect("checked above");
+        moved.node = to;
+        moved.pinned = Some(to);
+        *self = next;
+        Ok(CommandResult::AppMoved {
+            from: app.node,
+            dataset: app.dataset,
+        })
+    }
+
+    pub(crate) fn cancel_app_move(&mut self, name: &str) -> Result<CommandResult, ApplyError> {
+        let app = self.apps.get(name).ok_or_else(|| ApplyError::UnknownApp {
+            name: name.to_string(),
+        })?;
+        let moving = app
+            .dataset
+            .and_then(|id| self.datasets.get(&id))
+            .filter(|d| d.moving.is_some())
+            .map(|d| (d.id, d.primary));
+        let Some((id, primary)) = moving else {
+            return Err(ApplyError::AppNotMoving {
+                app: name.to_string(),
+            });
+        };
+        self.cancel_dataset_move(id)?;
+        let app = self.apps.get_mut(name).expect("checked above");
+        app.node = primary;
+        app.pinned = Some(primary);
+        Ok(CommandResult::AppMoveCancelled { node: primary })
     }
 
     /// Apps that use dataset `id`.
@@ -410,6 +499,119 @@ mod tests {
             assert!(matches!(r, CommandResult::Rejected(_)), "{r:?}");
             assert_eq!(s, before);
         }
+    }
+
+    #[test]
+    fn an_app_moves_in_two_phases_and_never_runs_in_two_places() {
+        let mut s = cluster(3);
+        deploy(&mut s, &plan(&[("db", Some(5432), true, Some(1))]));
+        let id = s.apps["db"].dataset.unwrap();
+        let runs = |s: &ClusterState| s.app_runs_on(&s.apps["db"]);
+        assert_eq!(runs(&s), Some(1));
+        let r = s.apply(&Command::MoveApp {
+            app: "db".into(),
+            to: 2,
+        });
+        assert_eq!(
+            r,
+            CommandResult::AppMoved {
+                from: 1,
+                dataset: Some(id)
+            }
+        );
+        // Phase one: it keeps running on the primary while the data streams.
+        assert_eq!((s.apps["db"].node, runs(&s)), (2, Some(1)));
+        s.apply(&Command::RecordSnapshot {
+            dataset: id,
+            epoch: 1,
+            snapshot: crate::dataset::SnapshotRecord {
+                name: "m1".into(),
+                guid: 7,
+                created_unix: 0,
+                epoch: 1,
+            },
+        });
+        let commit = Command::CommitDatasetMove {
+            dataset: id,
+            epoch: 1,
+            to: 2,
+            snapshot: "m1".into(),
+        };
+        assert!(matches!(
+            s.apply(&commit),
+            CommandResult::Rejected(ApplyError::NotHandedOff { .. })
+        ));
+        // Phase two: nowhere until the commit, then on the target under epoch 2.
+        assert_eq!(
+            s.apply(&Command::HandoffDatasetMove {
+                dataset: id,
+                epoch: 1,
+                to: 2
+            }),
+            CommandResult::HandedOff
+        );
+        assert_eq!(runs(&s), None);
+        assert_eq!(s.apply(&commit), CommandResult::MoveCommitted { epoch: 2 });
+        assert_eq!(runs(&s), Some(2));
+        // Moving it back and cancelling, before and after the handoff: back on the primary.
+        s.apply(&Command::MoveApp {
+            app: "db".into(),
+            to: 3,
+        });
+        assert_eq!(runs(&s), Some(2));
+        assert_eq!(
+            s.apply(&Command::CancelAppMove { app: "db".into() }),
+            CommandResult::AppMoveCancelled { node: 2 }
+        );
+        assert_eq!(
+            (s.apps["db"].node, runs(&s), s.datasets[&id].moving.clone()),
+            (2, Some(2), None)
+        );
+        s.apply(&Command::MoveApp {
+            app: "db".into(),
+            to: 3,
+        });
+        s.apply(&Command::HandoffDatasetMove {
+            dataset: id,
+            epoch: 2,
+            to: 3,
+        });
+        assert_eq!(runs(&s), None);
+        s.apply(&Command::CancelAppMove { app: "db".into() });
+        assert_eq!(runs(&s), Some(2));
+        // Bad input.
+        assert!(matches!(
+            s.apply(&Command::MoveApp {
+                app: "nope".into(),
+                to: 3
+            }),
+            CommandResult::Rejected(ApplyError::UnknownApp { .. })
+        ));
+        assert!(matches!(
+            s.apply(&Command::MoveApp {
+                app: "db".into(),
+                to: 2
+            }),
+            CommandResult::Rejected(ApplyError::AppAlreadyThere { .. })
+        ));
+        assert!(matches!(
+            s.apply(&Command::MoveApp {
+                app: "db".into(),
+                to: 9
+            }),
+            CommandResult::Rejected(ApplyError::UnknownNode { .. })
+        ));
+        assert!(matches!(
+            s.apply(&Command::CancelAppMove { app: "db".into() }),
+            CommandResult::Rejected(ApplyError::AppNotMoving { .. })
+        ));
+        // A redeploy that puts it back where its data is cancels the move.
+        s.apply(&Command::MoveApp {
+            app: "db".into(),
+            to: 3,
+        });
+        deploy(&mut s, &plan(&[("db", Some(5432), true, Some(2))]));
+        assert_eq!((runs(&s), s.datasets[&id].moving.clone()), (Some(2), None));
     }
 
     proptest! {

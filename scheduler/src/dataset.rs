@@ -55,9 +55,15 @@ pub struct SnapshotRecord {
 }
 
 /// A dataset move in progress: the primary streams the data to `to`, then commits.
+///
+/// A dataset an app uses moves in two phases: while `handoff` is false the app keeps running
+/// on the primary and the primary streams snapshots to `to` (full, then incremental rounds);
+/// then [`crate::Command::HandoffDatasetMove`] sets `handoff`, the app stops everywhere, the
+/// primary streams the last delta and commits. The commit is refused before the handoff.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatasetMove {
     pub to: NodeId,
+    pub handoff: bool,
 }
 
 impl Dataset {
@@ -146,7 +152,7 @@ impl ClusterState {
             .ok_or(ApplyError::UnknownDataset { id })
     }
 
-    fn usable_node(&self, id: NodeId) -> Result<(), ApplyError> {
+    pub(crate) fn usable_node(&self, id: NodeId) -> Result<(), ApplyError> {
         match self.nodes.get(&id) {
             None => Err(ApplyError::UnknownNode { id }),
             Some(n) if n.state == NodeState::Down => Err(ApplyError::NodeDown {
@@ -260,7 +266,7 @@ impl ClusterState {
                     to: m.to,
                 })
             }
-            None => ds.moving = Some(DatasetMove { to }),
+            None => ds.moving = Some(DatasetMove { to, handoff: false }),
         }
         Ok(CommandResult::MoveBegun { epoch: ds.epoch })
     }
@@ -293,6 +299,26 @@ impl ClusterState {
         ds.epoch += 1;
         ds.moving = None;
         Ok(CommandResult::MoveCommitted { epoch: ds.epoch })
+    }
+
+    pub(crate) fn handoff_dataset_move(
+        &mut self,
+        id: DatasetId,
+        epoch: u64,
+        to: NodeId,
+    ) -> Result<CommandResult, ApplyError> {
+        let ds = self.dataset_mut(id)?;
+        check_epoch(ds, epoch)?;
+        match &mut ds.moving {
+            Some(m) if m.to == to => {
+                m.handoff = true;
+                Ok(CommandResult::HandedOff)
+            }
+            _ => Err(ApplyError::NoSuchMove {
+                dataset: ds.name.clone(),
+                to,
+            }),
+        }
     }
 
     pub(crate) fn cancel_dataset_move(

@@ -172,6 +172,23 @@ pub enum Command {
     Deploy {
         apps: BTreeMap<String, PlannedApp>,
     },
+    /// The app using the dataset has had its time on the primary: it stops, the last delta
+    /// goes to `to` and the move commits (see [`crate::dataset::DatasetMove`]).
+    HandoffDatasetMove {
+        dataset: DatasetId,
+        epoch: u64,
+        to: NodeId,
+    },
+    /// Moves an app to node `to` (`flockctl app move`), with its dataset.
+    MoveApp {
+        app: String,
+        to: NodeId,
+    },
+    /// Gives up an app's move that has not committed: it stays on (or goes back to) its
+    /// dataset's primary.
+    CancelAppMove {
+        app: String,
+    },
     /// A node's capacity, and its labels when it was started with some (`None` keeps the
     /// ones it has), as it reports them when it starts.
     ReportNode {
@@ -235,6 +252,15 @@ pub enum CommandResult {
     /// One result per command of a [`Command::Batch`], in order.
     Batch(Vec<CommandResult>),
     NodeReported,
+    HandedOff,
+    AppMoved {
+        from: NodeId,
+        /// The app's dataset, which now moves too.
+        dataset: Option<DatasetId>,
+    },
+    AppMoveCancelled {
+        node: NodeId,
+    },
 }
 
 /// Why a command was rejected. Messages name the bad input and what to do.
@@ -314,6 +340,14 @@ pub enum ApplyError {
     NoFittingNode { app: String, reasons: String },
     #[error("invalid node labels: {reason}")]
     InvalidLabels { reason: String },
+    #[error("dataset {dataset:?} is still in the first phase of its move (its app runs on the primary); hand off first")]
+    NotHandedOff { dataset: String },
+    #[error("no app named {name:?} (`flockctl app ls` lists them)")]
+    UnknownApp { name: String },
+    #[error("app {app:?} is already on node {node:?}")]
+    AppAlreadyThere { app: String, node: String },
+    #[error("app {app:?} is not moving")]
+    AppNotMoving { app: String },
 }
 
 impl ClusterState {
@@ -464,8 +498,40 @@ impl ClusterState {
                 epoch,
                 to,
                 snapshot,
-            } => self.commit_dataset_move(*dataset, *epoch, *to, snapshot),
-            Command::CancelDatasetMove { dataset } => self.cancel_dataset_move(*dataset),
+            } => {
+                let handed_off = self
+                    .datasets
+                    .get(dataset)
+                    .and_then(|d| d.moving.as_ref())
+                    .is_some_and(|m| m.handoff);
+                if !handed_off && self.apps_of_dataset(*dataset).next().is_some() {
+                    return Err(ApplyError::NotHandedOff {
+                        dataset: self.datasets[dataset].name.clone(),
+                    });
+                }
+                self.commit_dataset_move(*dataset, *epoch, *to, snapshot)
+            }
+            Command::HandoffDatasetMove { dataset, epoch, to } => {
+                self.handoff_dataset_move(*dataset, *epoch, *to)
+            }
+            Command::MoveApp { app, to } => self.move_app(app, *to),
+            Command::CancelAppMove { app } => self.cancel_app_move(app),
+            Command::CancelDatasetMove { dataset } => {
+                // An app whose dataset's move is given up (a target without room) stays on
+                // the primary, where its data is.
+                let r = self.cancel_dataset_move(*dataset)?;
+                if let Some(primary) = self.datasets.get(dataset).map(|d| d.primary) {
+                    for app in self
+                        .apps
+                        .values_mut()
+                        .filter(|a| a.dataset == Some(*dataset))
+                    {
+                        app.node = primary;
+                        app.pinned = Some(primary);
+                    }
+                }
+                Ok(r)
+            }
             // `apply` unpacks batches; one reaching here was nested.
             Command::Batch(_) => Err(ApplyError::NestedBatch),
             Command::KvDelete { key } => {

@@ -153,6 +153,80 @@ impl ApiService {
         }
     }
 
+    pub(super) async fn do_app_move(
+        &self,
+        req: Request<pb::AppMoveRequest>,
+    ) -> Reply<pb::AppMoveReply> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
+        let Some(app) = state.apps.get(&req.name) else {
+            return Err(ClusterError::NotFound(format!(
+                "no app named {:?} (`flockctl app ls` lists them)",
+                req.name
+            ))
+            .into());
+        };
+        let dataset = app
+            .dataset
+            .and_then(|id| state.datasets.get(&id))
+            .map(|d| d.name.clone())
+            .unwrap_or_default();
+        if req.cancel {
+            return match self
+                .cluster
+                .propose(Command::CancelAppMove { app: req.name })
+                .await?
+            {
+                CommandResult::AppMoveCancelled { node } => Ok(Response::new(pb::AppMoveReply {
+                    from_node: node_name(&state, app.node),
+                    to_node: node_name(&state, node),
+                    dataset,
+                })),
+                CommandResult::Rejected(e) => Err(ClusterError::from(e).into()),
+                other => Err(unexpected(other)),
+            };
+        }
+        let to = super::resolve_node(&state, &req.to)?;
+        // The target must be able to start it before anything moves or stops.
+        let move_change = [Change::Move {
+            app: req.name.clone(),
+            from: app.node,
+            to,
+        }];
+        let one: BTreeMap<String, PlannedApp> = [(
+            req.name.clone(),
+            PlannedApp {
+                spec: app.spec.clone(),
+                node: Some(to),
+            },
+        )]
+        .into();
+        let warnings = self.preflight(&state, &one, &move_change).await?;
+        if !warnings.is_empty() {
+            return Err(Status::unavailable(format!(
+                "{}; the move was not started",
+                warnings.join("; ")
+            )));
+        }
+        match self
+            .cluster
+            .propose(Command::MoveApp {
+                app: req.name.clone(),
+                to,
+            })
+            .await?
+        {
+            CommandResult::AppMoved { from, .. } => Ok(Response::new(pb::AppMoveReply {
+                from_node: node_name(&state, from),
+                to_node: node_name(&state, to),
+                dataset,
+            })),
+            CommandResult::Rejected(e) => Err(ClusterError::from(e).into()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub(super) async fn do_check_apps(
         &self,
         req: Request<pb::CheckAppsRequest>,
@@ -248,10 +322,12 @@ impl ApiService {
             ))
             .into());
         }
+        // An app is reported by the node it runs on: while its dataset moves, the primary.
+        let where_of = |a: &flock_scheduler::App| state.app_runs_on(a).unwrap_or(a.node);
         let nodes: Vec<(NodeId, String)> = state
             .apps
             .values()
-            .map(|a| a.node)
+            .map(where_of)
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .filter_map(|id| state.nodes.get(&id).map(|n| (id, n.addr.clone())))
@@ -276,9 +352,33 @@ impl ApiService {
             .apps
             .iter()
             .filter(|(n, _)| name.is_empty() || **n == name)
-            .map(|(n, app)| match reports.get(&app.node) {
+            .map(|(n, app)| match reports.get(&where_of(app)) {
                 Some(Some(r)) => match r.apps.iter().find(|a| a.name == *n) {
-                    Some(s) => s.clone(),
+                    Some(s) => {
+                        let mut s = s.clone();
+                        if let Some(ds) = app
+                            .dataset
+                            .and_then(|id| state.datasets.get(&id))
+                            .filter(|d| d.moving.is_some())
+                        {
+                            let phase = if ds.moving.as_ref().is_some_and(|m| m.handoff) {
+                                "handing off"
+                            } else {
+                                "copying its data while it runs"
+                            };
+                            s.node = node_name(&state, where_of(app));
+                            s.detail = format!(
+                                "moving to {}: {phase}{}",
+                                node_name(&state, app.node),
+                                if s.detail.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!("; {}", s.detail)
+                                }
+                            );
+                        }
+                        s
+                    }
                     None => {
                         let mut s = crate::apps::status(&state, n, app, None);
                         s.state = "starting".into();

@@ -447,6 +447,10 @@ impl Api for ApiService {
         self.do_local_apps(req).await
     }
 
+    async fn app_move(&self, req: Request<AppMoveRequest>) -> Reply<AppMoveReply> {
+        self.do_app_move(req).await
+    }
+
     async fn check_apps(&self, req: Request<CheckAppsRequest>) -> Reply<CheckAppsReply> {
         self.do_check_apps(req).await
     }

@@ -31,6 +31,12 @@ use crate::transfer::Peers;
 const TICK: Duration = Duration::from_millis(300);
 const FULL_LOOK: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// The most copy rounds of a move's first phase.
+const MAX_ROUNDS: u32 = 8;
+/// A delta this small goes in the move's last round, with the app stopped.
+const SMALL_DELTA: u64 = 4 << 20;
+/// How long the move waits for the app using the dataset to stop after the handoff.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a push task is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -296,7 +302,14 @@ impl MoveTask {
     }
 
     /// Carries out the move of `id` to `to` that Raft recorded, until it is committed,
-    /// cancelled, or fails for good.
+    /// cancelled, or fails for good (the agent runs it again after a failure; every step
+    /// starts from what Raft recorded, so a restarted node resumes where the move was).
+    ///
+    /// A dataset an app uses moves in two phases. One, while the app runs here: snapshot and
+    /// push (full, then incremental) in rounds while the delta shrinks. Then the handoff is
+    /// recorded; the app's agent here stops it. Two: once it has stopped, a last snapshot and
+    /// push carry the final delta, and the commit makes `to` the primary under epoch + 1,
+    /// where the app then starts. The downtime is the last round's, whatever the size.
     async fn run(&self, id: DatasetId, to: NodeId) -> Result<(), String> {
         let me = self.cluster.node_id;
         let (to_name, addr) = self.node(to)?;
@@ -304,11 +317,9 @@ impl MoveTask {
         let Some(ds) = self.current(id) else {
             return Ok(());
         };
-        if ds.primary != me || ds.moving.as_ref().map(|m| m.to) != Some(to) {
+        let Some(moving) = ds.moving.clone().filter(|m| ds.primary == me && m.to == to) else {
             return Ok(());
-        }
-        // An app writing the dataset here must stop first (its agent stops it once the app is
-        // placed elsewhere), or its last writes would miss the move's snapshot.
+        };
         let users: Vec<String> = {
             let s = self.cluster.view.read();
             s.cluster
@@ -316,72 +327,11 @@ impl MoveTask {
                 .map(|(n, _)| n.clone())
                 .collect()
         };
-        let running = self
-            .drivers
-            .list()
-            .await
-            .into_iter()
-            .filter(|(i, _)| users.contains(&i.app))
-            .any(|(i, _)| matches!(i.state, crate::driver::RunState::Running { .. }));
-        if running {
-            return Err(format!(
-                "waiting for the app using {} to stop here",
-                ds.name
-            ));
-        }
-        // What the API reports about this move (bytes: `None` keeps the count).
         let progress =
             |phase: &'static str, bytes: Option<u64>, total: Option<u64>, error: Option<String>| {
-                self.datasets.set_transfer(id, |t| {
-                    let fresh = || TransferState {
-                        dataset: ds.name.clone(),
-                        to,
-                        phase,
-                        bytes: 0,
-                        total: None,
-                        started: Instant::now(),
-                        last_error: None,
-                    };
-                    let t = t.get_or_insert_with(fresh);
-                    if t.to != to || (matches!(t.phase, "done" | "failed") && phase == "snapshot") {
-                        *t = fresh();
-                    }
-                    if t.phase != phase && matches!(phase, "full" | "incremental") {
-                        // A new stream: its own byte count and rate.
-                        t.started = Instant::now();
-                        t.total = None;
-                    }
-                    t.phase = phase;
-                    if let Some(b) = bytes {
-                        t.bytes = b;
-                    }
-                    if total.is_some() {
-                        t.total = total;
-                    }
-                    if error.is_some() {
-                        t.last_error = error;
-                    }
-                })
+                self.progress(&ds.name, id, to, phase, bytes, total, error)
             };
         progress("snapshot", Some(0), None, None);
-        // The newest snapshot, taken now so the move carries the live data.
-        let record = self
-            .datasets
-            .snapshot(&ds, Some(&format!("move-{}", time_name(SystemTime::now()))))
-            .await
-            .map_err(|e| e.to_string())?;
-        let recorded = self
-            .cluster
-            .propose(Command::RecordSnapshot {
-                dataset: id,
-                epoch: ds.epoch,
-                snapshot: record.clone(),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        if let CommandResult::Rejected(e) = recorded {
-            return Err(format!("recording the move's snapshot: {e}"));
-        }
         let conn = match self.peers.connect(to, &addr).await {
             Ok(c) => c,
             Err(e) => {
@@ -390,38 +340,61 @@ impl MoveTask {
                 return Err(e);
             }
         };
-        let pushed = push(
-            &conn,
-            &self.datasets,
-            &ds,
-            &record.name,
-            &to_name,
-            |phase, n, total| progress(phase, Some(n), total, None),
-        )
-        .await;
-        match pushed {
-            Ok(p) => {
-                tracing::info!(dataset = %ds.name, to = %to_name, base = ?p.base, bytes = p.bytes, "pushed the move's snapshot");
-            }
-            Err(e @ PushError::NoSpace { .. }) => {
-                let msg = e.to_string();
-                progress("failed", None, None, Some(msg.clone()));
-                // Waiting cannot make room: give the move up, the dataset stays here.
-                let _ = self
-                    .cluster
-                    .propose(Command::CancelDatasetMove { dataset: id })
-                    .await;
-                return Err(msg);
-            }
-            Err(e) => {
-                if matches!(e, PushError::Connection { .. }) {
-                    self.peers.forget(to).await;
+        if !users.is_empty() && !moving.handoff {
+            // Phase one: the app runs on; each round sends what changed since the last.
+            let mut last: Option<u64> = None;
+            for round in 1..=MAX_ROUNDS {
+                let pushed = self
+                    .snapshot_and_push(&ds, &conn, &to_name, &progress)
+                    .await?;
+                tracing::info!(dataset = %ds.name, to = %to_name, round, bytes = pushed.bytes, "copied while the app runs");
+                if pushed.bytes <= SMALL_DELTA || last.is_some_and(|l| pushed.bytes >= l) {
+                    break;
                 }
-                let msg = e.to_string();
-                progress("retrying", None, None, Some(msg.clone()));
-                return Err(msg);
+                last = Some(pushed.bytes);
+            }
+            progress("handoff", None, None, None);
+            let handed = self
+                .cluster
+                .propose(Command::HandoffDatasetMove {
+                    dataset: id,
+                    epoch: ds.epoch,
+                    to,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            match handed {
+                CommandResult::HandedOff => {}
+                CommandResult::Rejected(
+                    e @ (ApplyError::NoSuchMove { .. } | ApplyError::StaleEpoch { .. }),
+                ) => {
+                    progress("failed", None, None, Some(e.to_string()));
+                    return Ok(());
+                }
+                other => return Err(format!("recording the handoff: {other:?}")),
             }
         }
+        // Phase two: the app stops (its agent here sees the handoff), then the last delta.
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            let running = self
+                .drivers
+                .list()
+                .await
+                .into_iter()
+                .filter(|(i, _)| users.contains(&i.app))
+                .any(|(i, _)| matches!(i.state, crate::driver::RunState::Running { .. }));
+            if !running {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("the app using {} did not stop here", ds.name));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let record = self
+            .snapshot_and_push(&ds, &conn, &to_name, &progress)
+            .await?;
         progress("committing", None, None, None);
         let committed = self
             .cluster
@@ -429,7 +402,7 @@ impl MoveTask {
                 dataset: id,
                 epoch: ds.epoch,
                 to,
-                snapshot: record.name.clone(),
+                snapshot: record.snapshot.clone(),
             })
             .await
             .map_err(|e| e.to_string())?;
@@ -456,4 +429,124 @@ impl MoveTask {
             other => Err(format!("committing the move: {other:?}")),
         }
     }
+
+    /// Takes a snapshot of `ds` here, records it under the dataset's epoch, and pushes the
+    /// target every recorded snapshot it lacks. A target without room cancels the move.
+    async fn snapshot_and_push(
+        &self,
+        ds: &Dataset,
+        conn: &quinn::Connection,
+        to_name: &str,
+        progress: &(impl Fn(&'static str, Option<u64>, Option<u64>, Option<String>) + Sync),
+    ) -> Result<MoveRound, String> {
+        progress("snapshot", None, None, None);
+        let record = self
+            .datasets
+            .snapshot(ds, Some(&format!("move-{}", time_name(SystemTime::now()))))
+            .await
+            .map_err(|e| e.to_string())?;
+        let recorded = self
+            .cluster
+            .propose(Command::RecordSnapshot {
+                dataset: ds.id,
+                epoch: ds.epoch,
+                snapshot: record.clone(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if let CommandResult::Rejected(e) = recorded {
+            return Err(format!("recording the move's snapshot: {e}"));
+        }
+        // The snapshot just recorded is part of the history the push carries.
+        let mut ds = ds.clone();
+        ds.snapshots.push(record.clone());
+        let pushed = push(
+            conn,
+            &self.datasets,
+            &ds,
+            &record.name,
+            to_name,
+            |phase, n, total| progress(phase, Some(n), total, None),
+        )
+        .await;
+        match pushed {
+            Ok(p) => {
+                tracing::info!(dataset = %ds.name, to = %to_name, base = ?p.base, bytes = p.bytes, "pushed the move's snapshot");
+                Ok(MoveRound {
+                    snapshot: record.name,
+                    bytes: p.bytes,
+                })
+            }
+            Err(e @ PushError::NoSpace { .. }) => {
+                let msg = e.to_string();
+                progress("failed", None, None, Some(msg.clone()));
+                // Waiting cannot make room: give the move up, the dataset stays here.
+                let _ = self
+                    .cluster
+                    .propose(Command::CancelDatasetMove { dataset: ds.id })
+                    .await;
+                Err(msg)
+            }
+            Err(e) => {
+                if matches!(e, PushError::Connection { .. }) {
+                    self.peers
+                        .forget(ds.moving.as_ref().map_or(0, |m| m.to))
+                        .await;
+                }
+                let msg = e.to_string();
+                progress("retrying", None, None, Some(msg.clone()));
+                Err(msg)
+            }
+        }
+    }
+
+    /// What the API reports about a move (bytes: `None` keeps the count).
+    #[allow(clippy::too_many_arguments)]
+    fn progress(
+        &self,
+        name: &str,
+        id: DatasetId,
+        to: NodeId,
+        phase: &'static str,
+        bytes: Option<u64>,
+        total: Option<u64>,
+        error: Option<String>,
+    ) {
+        self.datasets.set_transfer(id, |t| {
+            let fresh = || TransferState {
+                dataset: name.to_string(),
+                to,
+                phase,
+                bytes: 0,
+                total: None,
+                started: Instant::now(),
+                last_error: None,
+            };
+            let t = t.get_or_insert_with(fresh);
+            if t.to != to || (matches!(t.phase, "done" | "failed") && phase == "snapshot") {
+                *t = fresh();
+            }
+            if t.phase != phase && matches!(phase, "full" | "incremental") {
+                // A new stream: its own byte count and rate.
+                t.started = Instant::now();
+                t.total = None;
+            }
+            t.phase = phase;
+            if let Some(b) = bytes {
+                t.bytes = b;
+            }
+            if total.is_some() {
+                t.total = total;
+            }
+            if error.is_some() {
+                t.last_error = error;
+            }
+        })
+    }
+}
+
+/// One snapshot a move pushed, and the payload bytes it took.
+struct MoveRound {
+    snapshot: String,
+    bytes: u64,
 }
