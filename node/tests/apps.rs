@@ -310,3 +310,182 @@ fn a02_placement_fits_apps_to_nodes_and_refuses_what_cannot_run() {
     c.ctl_ok(c.addr(1), &["app", "rm", "fast"]);
     c.ctl_ok(c.addr(1), &["app", "rm", "anywhere"]);
 }
+
+/// Deterministic incompressible bytes.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Appends `w<i>` to the test app as fast as it answers, on one connection (a new one after an
+/// error), until `stop`; every acknowledged entry with the time of its OK.
+fn writer(
+    addr: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(String, Instant)> {
+    use std::sync::atomic::Ordering;
+    let mut acked = Vec::new();
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(s) = TcpStream::connect(&addr) else {
+            thread::sleep(Duration::from_millis(5));
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            let v = format!("w{i}");
+            let mut line = String::new();
+            let ok = w.write_all(format!("APPEND {v}\n").as_bytes()).is_ok()
+                && r.read_line(&mut line).is_ok_and(|n| n > 0)
+                && line.starts_with("OK ");
+            if !ok {
+                break;
+            }
+            acked.push((v, Instant::now()));
+        }
+    }
+    acked
+}
+
+/// Every entry the test app at `addr` holds.
+fn read_all(addr: &str) -> Vec<String> {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(b"READ\n").unwrap();
+    let mut out = Vec::new();
+    for line in BufReader::new(s).lines() {
+        let line = line.unwrap();
+        if line == "END" {
+            break;
+        }
+        out.push(
+            line.split_once(' ')
+                .map_or(line.clone(), |(_, t)| t.to_string()),
+        );
+    }
+    out
+}
+
+/// `flockctl app move` of the test app, from n1 to n3, while a client appends to it without
+/// pause: every acknowledged append is there after the move, the bulk data too, the app runs
+/// once, on n3, and the dataset's primary is n3. Prints the longest gap between two acks.
+fn move_under_writes(c: &TestCluster, bulk: usize) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let port = free_port();
+    let app_addr = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let (dep, appl) = write_files(dir.path(), port, "n1");
+    c.ctl_ok(
+        c.addr(1),
+        &["deploy", dep.to_str().unwrap(), appl.to_str().unwrap()],
+    );
+    until("counter to run", Duration::from_secs(30), || {
+        let a = app(c, "counter");
+        (a["state"] == "running" && ask(&app_addr, "PING").is_some()).then_some(())
+    });
+    let d: Value =
+        serde_json::from_str(&c.ctl_ok(c.addr(1), &["dataset", "ls", "counter", "--json"]))
+            .unwrap();
+    let holder = d[0]["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["node"] == "n1")
+        .unwrap_or_else(|| panic!("n1 holds no copy: {d:#}"));
+    let live = PathBuf::from(holder["mount_path"].as_str().unwrap());
+    let data = pattern(11, bulk);
+    fs::write(live.join("bulk.bin"), &data).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (addr, stop) = (app_addr.clone(), stop.clone());
+        thread::spawn(move || writer(addr, stop))
+    };
+    thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let out = c.ctl_ok(
+        c.addr(2),
+        &["app", "move", "counter", "--to", "n3", "--json"],
+    );
+    let took = started.elapsed();
+    let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["event"], "done", "{out}");
+    let moved = until("counter to run on n3", Duration::from_secs(30), || {
+        let a = app(c, "counter");
+        (a["node"] == "n3" && a["state"] == "running").then_some(a)
+    });
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let acked = w.join().unwrap();
+    assert!(acked.len() > 10, "the writer got {} acks", acked.len());
+    let held: std::collections::HashSet<String> = read_all(&app_addr).into_iter().collect();
+    let lost: Vec<&String> = acked
+        .iter()
+        .map(|(v, _)| v)
+        .filter(|v| !held.contains(*v))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged appends lost, first {:?}",
+        lost.len(),
+        lost.first()
+    );
+    let gap = acked
+        .windows(2)
+        .map(|p| p[1].1 - p[0].1)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "app move of {} MiB: {:.2}s in all, {} appends acknowledged, longest gap between two {:.3}s",
+        bulk >> 20,
+        took.as_secs_f64(),
+        acked.len(),
+        gap.as_secs_f64()
+    );
+    let d: Value =
+        serde_json::from_str(&c.ctl_ok(c.addr(1), &["dataset", "ls", "counter", "--json"]))
+            .unwrap();
+    assert_eq!(d[0]["primary"], "n3", "{d:#}");
+    let n3 = d[0]["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["node"] == "n3")
+        .unwrap();
+    let moved_bulk =
+        fs::read(PathBuf::from(n3["mount_path"].as_str().unwrap()).join("bulk.bin")).unwrap();
+    assert!(moved_bulk == data, "bulk.bin differs on n3");
+    // One instance, on n3: nothing answers for counter on n1's driver.
+    let pid = moved["id"].as_str().unwrap();
+    assert!(pid_alive(pid));
+    c.ctl_ok(c.addr(1), &["app", "rm", "counter"]);
+    c.ctl_ok(c.addr(1), &["app", "rm", "crasher"]);
+}
+
+#[test]
+fn a03_app_move_under_writes_dir() {
+    let c = TestCluster::start(3, &[]);
+    move_under_writes(&c, 40 << 20);
+}
+
+#[test]
+fn a04_app_move_under_writes_zfs() {
+    let mut pools = Pools::new();
+    let args: Vec<Vec<String>> = (0..3).map(|_| zfs_args(&pools.create(256))).collect();
+    let c = TestCluster::start_with(3, &[], args);
+    move_under_writes(&c, 24 << 20);
+    drop(c);
+}

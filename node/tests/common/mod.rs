@@ -401,3 +401,96 @@ pub fn flockd(args: &[&str]) -> Output {
         .output()
         .expect("run flockd")
 }
+
+// ---------------------------------------------------------------------------------------------
+// zfs pools
+
+/// File-backed zfs pools for one test, destroyed on drop; holds the lock that keeps zfs tests
+/// of all test binaries one at a time (zfs-fuse wedged under concurrent tests).
+pub struct Pools {
+    names: Vec<String>,
+    dir: tempfile::TempDir,
+    _lock: std::fs::File,
+}
+
+impl Pools {
+    pub fn new() -> Pools {
+        use std::os::fd::AsRawFd;
+        let path = std::env::temp_dir().join("flock-dataset-zfs-tests.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        // SAFETY: a valid descriptor; released when the file closes.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let zpool = Command::new("zpool").args(["list", "-H"]).output();
+        match zpool {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!(
+                "the zfs-fuse daemon does not answer (start it with /usr/sbin/zfs-fuse; ./test.sh does): {}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => panic!(
+                "zfs is not installed ({e}): apt-get install zfs-fuse, then start /usr/sbin/zfs-fuse (./test.sh does both)"
+            ),
+        }
+        Pools {
+            names: Vec::new(),
+            dir: tempfile::tempdir().unwrap(),
+            _lock: lock,
+        }
+    }
+
+    /// A new pool of `mib` MiB; its name.
+    pub fn create(&mut self, mib: u64) -> String {
+        let name = format!("flocknodetest{}x{}", std::process::id(), self.names.len());
+        let file = self.dir.path().join(format!("{name}.img"));
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let mnt = self.dir.path().join(format!("{name}.mnt"));
+        let out = Command::new("zpool")
+            .args(["create", "-m"])
+            .arg(&mnt)
+            .arg(&name)
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "zpool create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.names.push(name.clone());
+        name
+    }
+}
+
+impl Drop for Pools {
+    fn drop(&mut self) {
+        for n in &self.names {
+            for _ in 0..20 {
+                let ok = Command::new("zpool")
+                    .args(["destroy", "-f", n])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(250));
+            }
+        }
+    }
+}
+
+pub fn zfs_args(pool: &str) -> Vec<String> {
+    vec![
+        "--backend".into(),
+        "zfs".into(),
+        "--zfs-pool".into(),
+        format!("{pool}/flock"),
+    ]
+}
