@@ -489,3 +489,127 @@ fn a04_app_move_under_writes_zfs() {
     move_under_writes(&c, 24 << 20);
     drop(c);
 }
+
+/// The flock-testapp processes serving `port` on this machine.
+fn instances(port: u16) -> usize {
+    let needle = format!("127.0.0.1:{port}");
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("flock-testapp") && c.contains(&needle))
+        .count()
+}
+
+/// Moves interrupted by killing (kill -9) the source, the target or the leader in each phase,
+/// or cancelled in each phase, while a client appends without pause: each ends with the app
+/// running once, on the target (on the source when cancelled), with every acknowledged append;
+/// while the first phase is interrupted the app keeps serving on the source. A failpoint holds the move 3 s after the step, for the kill to land there.
+#[test]
+fn a05_moves_interrupted_by_kills_end_in_one_copy_with_every_acked_write() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // (step held, the node killed: "source" n2, "target" n3, or "leader")
+    let cases = [
+        ("copied", "target"),
+        ("copied", "source"),
+        ("handoff", "source"),
+        ("handoff", "target"),
+        ("handoff", "leader"),
+        ("copied", "leader"),
+        ("copied", "cancel"),
+        ("handoff", "cancel"),
+    ];
+    for (step, victim) in cases {
+        // SAFETY: nextest runs each test in its own process, and no other thread reads the
+        // environment here; the flockd processes inherit it.
+        unsafe { std::env::set_var("FLOCK_FAILPOINT_MOVE_HOLD", format!("{step}:3000")) };
+        let mut c = TestCluster::start(3, &[]);
+        let port = free_port();
+        let app_addr = format!("127.0.0.1:{port}");
+        let dir = tempfile::tempdir().unwrap();
+        let (dep, appl) = write_files(dir.path(), port, "n2");
+        c.ctl_ok(
+            c.addr(1),
+            &["deploy", dep.to_str().unwrap(), appl.to_str().unwrap()],
+        );
+        until("counter to run on n2", Duration::from_secs(30), || {
+            let a = app(&c, "counter");
+            (a["state"] == "running" && ask(&app_addr, "PING").is_some()).then_some(())
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let w = {
+            let (addr, stop) = (app_addr.clone(), stop.clone());
+            thread::spawn(move || writer(addr, stop))
+        };
+        thread::sleep(Duration::from_millis(300));
+        c.ctl_ok(
+            c.addr(1),
+            &["app", "move", "counter", "--to", "n3", "--no-wait"],
+        );
+        let held = "failpoint: holding the move";
+        until(
+            &format!("the move to reach {step}"),
+            Duration::from_secs(30),
+            || {
+                let log = fs::read_to_string(c.log(2, "join")).unwrap_or_default();
+                log.lines()
+                    .any(|l| l.contains(held) && l.contains(step))
+                    .then_some(())
+            },
+        );
+        // A cancelled move ends on the source, every other one on the target.
+        let end = if victim == "cancel" { "n2" } else { "n3" };
+        if victim == "cancel" {
+            let out = c.ctl_ok(c.addr(3), &["app", "move", "counter", "--cancel"]);
+            assert!(out.contains("stays on n2"), "{out}");
+        } else {
+            let i = match victim {
+                "source" => 2,
+                "target" => 3,
+                _ => c.leader(),
+            };
+            c.nodes[i - 1].kill9();
+            if step == "copied" && i != 2 {
+                thread::sleep(Duration::from_millis(300));
+                assert!(
+                    ask(&app_addr, "PING").is_some_and(|p| p.starts_with("PONG")),
+                    "{step}/{victim}: the app stopped on the source during the first phase"
+                );
+            }
+            thread::sleep(Duration::from_secs(1));
+            c.restart(i);
+        }
+        let moved = until(
+            &format!("{step}/{victim}: counter to run on {end}"),
+            Duration::from_secs(90),
+            || {
+                let a = app(&c, "counter");
+                (a["node"] == end && a["state"] == "running" && ask(&app_addr, "PING").is_some())
+                    .then_some(a)
+            },
+        );
+        thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        let acked = w.join().unwrap();
+        let all: std::collections::HashSet<String> = read_all(&app_addr).into_iter().collect();
+        let lost = acked.iter().filter(|(v, _)| !all.contains(v)).count();
+        assert_eq!(
+            lost,
+            0,
+            "{step}/{victim}: {lost} of {} acknowledged appends lost",
+            acked.len()
+        );
+        assert_eq!(
+            instances(port),
+            1,
+            "{step}/{victim}: counter runs more than once: {moved}"
+        );
+        eprintln!("{step}/{victim}: ok, {} appends acknowledged", acked.len());
+        c.ctl_ok(c.addr(1), &["app", "rm", "counter"]);
+        c.ctl_ok(c.addr(1), &["app", "rm", "crasher"]);
+        until("counter to stop", Duration::from_secs(20), || {
+            (instances(port) == 0).then_some(())
+        });
+    }
+}

@@ -353,6 +353,7 @@ impl MoveTask {
                 }
                 last = Some(pushed.bytes);
             }
+            failpoint_hold("copied").await;
             progress("handoff", None, None, None);
             let handed = self
                 .cluster
@@ -374,6 +375,7 @@ impl MoveTask {
                 other => return Err(format!("recording the handoff: {other:?}")),
             }
         }
+        failpoint_hold("handoff").await;
         // Phase two: the app stops (its agent here sees the handoff), then the last delta.
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
@@ -542,6 +544,25 @@ impl MoveTask {
                 t.last_error = error;
             }
         })
+    }
+}
+
+/// The environment variable of a fault-injection point for tests: `STEP:MS` makes a move wait
+/// MS milliseconds after STEP, `copied` (the first phase's last round) or `handoff` (the handoff
+/// recorded, before the app is waited for), so a test can kill a node in that phase.
+pub const MOVE_HOLD_FAILPOINT: &str = "FLOCK_FAILPOINT_MOVE_HOLD";
+
+async fn failpoint_hold(step: &str) {
+    let Ok(v) = std::env::var(MOVE_HOLD_FAILPOINT) else {
+        return;
+    };
+    let ms = v
+        .split_once(':')
+        .filter(|(s, _)| *s == step)
+        .and_then(|(_, ms)| ms.parse::<u64>().ok());
+    if let Some(ms) = ms {
+        tracing::warn!(step, ms, "failpoint: holding the move");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
 
