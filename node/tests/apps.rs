@@ -558,6 +558,23 @@ fn a05_moves_interrupted_by_kills_end_in_one_copy_with_every_acked_write() {
                     .then_some(())
             },
         );
+        // app ls tells where the app is and how far its move got.
+        let a = app(&c, "counter");
+        let phase = if step == "copied" {
+            "copying its data while it runs"
+        } else {
+            "handing off"
+        };
+        let detail = a["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(&format!("moving to n3: {phase}")), "{a}");
+        if step == "copied" {
+            assert_eq!(
+                (&a["node"], &a["state"]),
+                (&Value::from("n2"), &Value::from("running")),
+                "{a}"
+            );
+            assert!(detail.contains("MiB"), "{a}");
+        }
         // A cancelled move ends on the source, every other one on the target.
         let end = if victim == "cancel" { "n2" } else { "n3" };
         if victim == "cancel" {

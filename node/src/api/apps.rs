@@ -298,12 +298,37 @@ impl ApiService {
     fn local_apps_report(&self) -> pb::LocalAppsReply {
         let state = self.cluster.view.read().cluster.clone();
         let view = self.apps.snapshot();
+        let transfers = self.datasets.transfers();
         pb::LocalAppsReply {
             apps: view
                 .iter()
                 .filter_map(|(name, local)| {
                     let app = state.apps.get(name)?;
-                    Some(crate::apps::status(&state, name, app, Some(local)))
+                    let mut s = crate::apps::status(&state, name, app, Some(local));
+                    // A move this node carries out for the app's dataset: how far it is.
+                    let moving = app
+                        .dataset
+                        .and_then(|id| state.datasets.get(&id))
+                        .filter(|d| d.moving.is_some() && d.primary == self.cluster.node_id);
+                    if let Some(t) =
+                        moving.and_then(|d| transfers.iter().find(|t| t.dataset == d.name))
+                    {
+                        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+                        let mut p = format!("{} {:.1} MiB", t.phase, mib(t.bytes));
+                        if let Some(total) = t.total {
+                            p.push_str(&format!(" of {:.1} MiB", mib(total)));
+                        }
+                        p.push_str(&format!(" at {:.1} MiB/s", t.rate() / (1 << 20) as f64));
+                        if let Some(e) = &t.last_error {
+                            p.push_str(&format!(" (retrying: {e})"));
+                        }
+                        s.detail = if s.detail.is_empty() {
+                            p
+                        } else {
+                            format!("{p}; {}", s.detail)
+                        };
+                    }
+                    Some(s)
                 })
                 .collect(),
         }
