@@ -274,6 +274,20 @@ async fn step(
             return;
         }
         match datasets.local_copy(ds).await {
+            // The copy here must hold the newest recorded snapshot (a move's last one): an app
+            // never starts on data older than what its dataset's record says it has.
+            Ok(Some(copy))
+                if ds
+                    .latest_snapshot()
+                    .is_some_and(|l| !copy.snapshots.iter().any(|s| s.guid == l.guid)) =>
+            {
+                local.state = "waiting";
+                local.detail = format!(
+                    "waiting: this copy of dataset {} lacks its newest recorded snapshot",
+                    ds.name
+                );
+                return;
+            }
             Ok(Some(copy)) => dataset_path = Some(copy.mount_path),
             _ => {
                 local.state = "waiting";
