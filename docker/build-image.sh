@@ -1,10 +1,11 @@
 #!/bin/sh
 # Builds the flock-test image that docker-compose.test.yml runs, from local files only:
-# FROM scratch + flockd and flockctl (release build), every shared library `ldd` lists for
-# them, and Debian's busybox-static for a shell. No image is pulled.
+# FROM scratch + flockd, flockctl and flock-testapp (release build; the jepsen app workload runs
+# the test app under the process driver), every shared library `ldd` lists for them, and
+# Debian's busybox-static for a shell (and the apps' `sh -c` commands). No image is pulled.
 #
-#   docker/build-image.sh                      # cargo build --release -p flock-node, then the image
-#   FLOCK_BIN_DIR=DIR docker/build-image.sh    # use DIR/flockd and DIR/flockctl as they are
+#   docker/build-image.sh                      # cargo build --release -p flock-node -p flock-testapp, then the image
+#   FLOCK_BIN_DIR=DIR docker/build-image.sh    # use DIR/flockd, DIR/flockctl and DIR/flock-testapp as they are
 #   FLOCK_TEST_IMAGE=name:tag                  # image name (default flock-test:latest)
 set -eu
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ CTX=target/flock-test-image
 if [ -n "${FLOCK_BIN_DIR:-}" ]; then
   BIN=$FLOCK_BIN_DIR
 else
-  cargo build --release -p flock-node
+  cargo build --release -p flock-node -p flock-testapp
   BIN=target/release
 fi
 BUSYBOX=$(command -v busybox || true)
@@ -30,7 +31,11 @@ cp "$BUSYBOX" "$ROOT/bin/busybox"
 for applet in $("$BUSYBOX" --list); do
   [ "$applet" = busybox ] || ln -sf busybox "$ROOT/bin/$applet"
 done
-for b in flockd flockctl; do
+for b in flockd flockctl flock-testapp; do
+  if [ ! -x "$BIN/$b" ]; then
+    echo "build-image.sh: $BIN/$b is missing" >&2
+    exit 1
+  fi
   # Debug info makes the binary ten times larger; symbols stay for backtraces.
   objcopy --strip-debug "$BIN/$b" "$ROOT/usr/local/bin/$b" 2>/dev/null || cp "$BIN/$b" "$ROOT/usr/local/bin/$b"
   for lib in $(ldd "$BIN/$b" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do

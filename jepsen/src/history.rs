@@ -4,6 +4,7 @@
 //! Times are nanoseconds since the start of the run, taken from one monotonic clock on the
 //! host, so every client's ops and every fault share a time line.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
@@ -11,7 +12,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 /// What an operation asked for. Register workload: `read`, `write`, `cas` on one key. Dataset
-/// workload: the `ds_*` calls on one dataset (see [`crate::workload::dataset`]).
+/// workload: the `ds_*` calls on one dataset (see [`crate::workload::dataset`]). App workload:
+/// the `app_*` calls (see [`crate::workload::app`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "f", rename_all = "snake_case")]
 pub enum Call {
@@ -58,6 +60,27 @@ pub enum Call {
     /// Read every snapshot's files on the disk of node `disk` (after the run; the op's `node`
     /// is the same).
     DsRead { disk: String },
+    /// Deploy the configuration `apps` (`Deploy`, which replaces the whole configuration): each
+    /// app pinned to a node.
+    AppDeploy { apps: BTreeMap<String, AppPin> },
+    /// What the op's node runs now (`LocalApps`: that node's agent's view, not forwarded).
+    AppLocal {},
+    /// The cluster's view (`AppList`): the desired node of every app (a linearizable read of the
+    /// desired state) and the state its node reports.
+    AppList {},
+}
+
+/// Where a deploy pins an app, and what the app is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppPin {
+    /// The node it is pinned to.
+    pub node: String,
+    /// Whether it has a volume (a dataset): a stateful app, which must never run twice.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub volume: bool,
+    /// What runs, briefly (`flock-testapp :9101`, `sleep loop`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub what: String,
 }
 
 impl Call {
@@ -71,7 +94,9 @@ impl Call {
             | Call::DsMove { dataset, .. }
             | Call::DsCancelMove { dataset }
             | Call::DsState { dataset, .. } => dataset,
-            Call::DsRead { .. } => "*",
+            Call::DsRead { .. } | Call::AppDeploy { .. } | Call::AppLocal {} | Call::AppList {} => {
+                "*"
+            }
         }
     }
 
@@ -88,6 +113,9 @@ impl Call {
             Call::DsCancelMove { .. } => "ds_cancel_move",
             Call::DsState { .. } => "ds_state",
             Call::DsRead { .. } => "ds_read",
+            Call::AppDeploy { .. } => "app_deploy",
+            Call::AppLocal {} => "app_local",
+            Call::AppList {} => "app_list",
         }
     }
 
@@ -95,7 +123,11 @@ impl Call {
     pub fn is_read(&self) -> bool {
         matches!(
             self,
-            Call::Read { .. } | Call::DsState { .. } | Call::DsRead { .. }
+            Call::Read { .. }
+                | Call::DsState { .. }
+                | Call::DsRead { .. }
+                | Call::AppLocal {}
+                | Call::AppList {}
         )
     }
 
@@ -106,6 +138,69 @@ impl Call {
             Call::Read { .. } | Call::Write { .. } | Call::Cas { .. }
         )
     }
+
+    /// Whether the call belongs to the dataset workload (the `ds_*` calls).
+    pub fn is_dataset(&self) -> bool {
+        matches!(
+            self,
+            Call::DsCreate { .. }
+                | Call::DsWrite { .. }
+                | Call::DsSnapshot { .. }
+                | Call::DsMove { .. }
+                | Call::DsCancelMove { .. }
+                | Call::DsState { .. }
+                | Call::DsRead { .. }
+        )
+    }
+
+    /// Whether the call belongs to the app workload (the `app_*` calls).
+    pub fn is_app(&self) -> bool {
+        matches!(
+            self,
+            Call::AppDeploy { .. } | Call::AppLocal {} | Call::AppList {}
+        )
+    }
+}
+
+/// What an app call returned, beyond its outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AppResult {
+    /// A deploy's answer: the configuration's generation and what it changes
+    /// (`move APP n2->n3`, `start APP n1`, ...).
+    Deployed {
+        generation: u64,
+        changes: Vec<String>,
+    },
+    /// `LocalApps`: every app the node's agent knows of, with its state there.
+    Local { apps: Vec<AppSeen> },
+    /// `AppList`: every app of the desired state, with its desired node and the state that
+    /// node reports.
+    List { generation: u64, apps: Vec<AppSeen> },
+}
+
+/// One app as `LocalApps` or `AppList` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppSeen {
+    pub app: String,
+    /// `AppList`: the node it runs on (empty in `LocalApps`, which is one node's view). That is
+    /// the node it should run on, except while its dataset moves: then the dataset's primary,
+    /// where it runs until the move's handoff, and `moving_to` names its node.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
+    /// `AppList`: the node the app's dataset is moving to with it, while it moves.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub moving_to: String,
+    /// `running`, `starting`, `waiting`, `exited`, `failed`, `restarting`, `unreachable`.
+    pub state: String,
+    /// The driver's instance id (the process driver: the pid).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// Its dataset, if it has a volume.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dataset: String,
 }
 
 /// What a dataset call returned, beyond its outcome.
@@ -182,6 +277,17 @@ pub struct DiskSnapshot {
     pub problems: Vec<String>,
 }
 
+impl AppSeen {
+    /// `AppList`: the node the desired state places the app on.
+    pub fn desired(&self) -> &str {
+        if self.moving_to.is_empty() {
+            &self.node
+        } else {
+            &self.moving_to
+        }
+    }
+}
+
 /// How a file's size and digest are written in [`DiskSnapshot::files`].
 pub fn file_digest(bytes: u64, sha256: &str) -> String {
     format!("{bytes}:{sha256}")
@@ -240,6 +346,9 @@ pub struct Op {
     /// What a dataset call returned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ds: Option<DsResult>,
+    /// What an app call returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<AppResult>,
 }
 
 impl Op {
@@ -287,7 +396,8 @@ pub struct RunMeta {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Record {
     Meta(RunMeta),
-    Op(Op),
+    /// Boxed: an op (with what a call returned) is much larger than the other records.
+    Op(Box<Op>),
     Nemesis(NemesisEvent),
 }
 
@@ -320,7 +430,7 @@ impl History {
     pub fn push(&mut self, r: Record) {
         match r {
             Record::Meta(m) => self.meta = Some(m),
-            Record::Op(o) => self.ops.push(o),
+            Record::Op(o) => self.ops.push(*o),
             Record::Nemesis(n) => self.nemesis.push(n),
         }
     }
@@ -445,7 +555,7 @@ mod tests {
 
     #[test]
     fn records_roundtrip_through_json_lines() {
-        let op = Record::Op(Op {
+        let op = Record::Op(Box::new(Op {
             index: 3,
             process: 7,
             node: "n2".into(),
@@ -461,14 +571,15 @@ mod tests {
             complete_ns: 20,
             error: Some("deadline exceeded".into()),
             ds: None,
-        });
+            app: None,
+        }));
         let line = serde_json::to_string(&op).expect("serializes");
         assert!(line.contains(r#""type":"op""#), "{line}");
         assert!(line.contains(r#""f":"cas""#), "{line}");
         let back: Record = serde_json::from_str(&line).expect("parses");
         assert_eq!(back, op);
 
-        let read = Record::Op(Op {
+        let read = Record::Op(Box::new(Op {
             index: 4,
             process: 1,
             node: "n1".into(),
@@ -483,7 +594,8 @@ mod tests {
             complete_ns: 2,
             error: None,
             ds: None,
-        });
+            app: None,
+        }));
         let line = serde_json::to_string(&read).expect("serializes");
         let back: Record = serde_json::from_str(&line).expect("parses");
         assert_eq!(
@@ -513,6 +625,7 @@ mod tests {
             complete_ns: 2,
             error: None,
             ds: None,
+            app: None,
         };
         let disk = NodeDisk {
             datasets: vec![DiskDataset {
@@ -589,15 +702,97 @@ mod tests {
             ),
         ];
         for (call, ds) in calls {
-            let r = Record::Op(Op {
+            let r = Record::Op(Box::new(Op {
                 call,
                 ds,
                 ..base.clone()
-            });
+            }));
             let line = serde_json::to_string(&r).expect("serializes");
             let back: Record =
                 serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
             assert_eq!(back, r);
+        }
+    }
+
+    #[test]
+    fn app_ops_roundtrip_through_json_lines() {
+        let seen = AppSeen {
+            app: "ja-s1".into(),
+            node: "n2".into(),
+            state: "running".into(),
+            id: "41".into(),
+            detail: String::new(),
+            dataset: "ja-s1".into(),
+            moving_to: String::new(),
+        };
+        let base = Op {
+            index: 1,
+            process: 7_100_000,
+            node: "n2".into(),
+            call: Call::AppLocal {},
+            outcome: Outcome::Ok,
+            read: None,
+            revision: None,
+            invoke_ns: 1,
+            complete_ns: 2,
+            error: None,
+            ds: None,
+            app: Some(AppResult::Local {
+                apps: vec![AppSeen {
+                    node: String::new(),
+                    ..seen.clone()
+                }],
+            }),
+        };
+        let deploy = Call::AppDeploy {
+            apps: [(
+                "ja-s1".to_string(),
+                AppPin {
+                    node: "n3".into(),
+                    volume: true,
+                    what: "flock-testapp :9101".into(),
+                },
+            )]
+            .into(),
+        };
+        let ops = [
+            base.clone(),
+            Op {
+                call: Call::AppList {},
+                app: Some(AppResult::List {
+                    generation: 4,
+                    apps: vec![
+                        seen.clone(),
+                        AppSeen {
+                            moving_to: "n4".into(),
+                            ..seen
+                        },
+                    ],
+                }),
+                ..base.clone()
+            },
+            Op {
+                call: deploy,
+                app: Some(AppResult::Deployed {
+                    generation: 5,
+                    changes: vec!["move ja-s1 n2->n3".into()],
+                }),
+                ..base.clone()
+            },
+            Op {
+                outcome: Outcome::Fail,
+                app: None,
+                error: Some("Unavailable: no leader".into()),
+                ..base
+            },
+        ];
+        for op in ops {
+            assert!(op.call.is_app() && !op.call.is_dataset() && !op.call.is_register());
+            let r = Record::Op(Box::new(op));
+            let line = serde_json::to_string(&r).expect("serializes");
+            let back: Record =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert_eq!(back, r, "{line}");
         }
     }
 

@@ -14,6 +14,7 @@ use flock_jepsen::docker::Compose;
 use flock_jepsen::history::History;
 use flock_jepsen::nemesis::parse_nemeses;
 use flock_jepsen::runner::{self, RunOptions, Workloads};
+use flock_jepsen::workload::app::AppOptions;
 use flock_jepsen::workload::dataset::DatasetOptions;
 use flock_jepsen::workload::register::{ReadMode, Register, RegisterOptions};
 use flock_jepsen::workload::Workload;
@@ -35,6 +36,10 @@ enum Cmd {
         /// Search steps per key before the key is reported undecided.
         #[arg(long, default_value_t = 20_000_000)]
         max_steps: u64,
+        /// The app workload's bound: after the heal, every app must run once on its node
+        /// within this.
+        #[arg(long, default_value = "60s", value_parser = duration)]
+        app_bound: Duration,
     },
 }
 
@@ -49,13 +54,15 @@ enum WorkloadArg {
     Register,
     /// Datasets created, written, snapshotted and moved; snapshots read back.
     Dataset,
-    /// Both, side by side.
+    /// Apps deployed and moved between nodes; every node asked what it runs.
+    App,
+    /// All three, side by side.
     All,
 }
 
 #[derive(Args, Debug)]
 struct TestArgs {
-    /// The workloads: register, dataset or all (both at once).
+    /// The workloads: register, dataset, app or all (the three at once).
     #[arg(long, value_enum, default_value_t = WorkloadArg::All)]
     workload: WorkloadArg,
     /// How long the workload runs under faults.
@@ -123,6 +130,15 @@ struct TestArgs {
     /// every holder must have the newest snapshot within this again.
     #[arg(long, default_value = "60s", value_parser = duration)]
     dataset_bound: Duration,
+    /// Apps the app workload deploys (half of them, rounded up, with a volume).
+    #[arg(long, default_value_t = 6)]
+    apps: usize,
+    /// Mean time between two deploys of the app workload (each moves one or two apps).
+    #[arg(long, default_value = "8s", value_parser = duration)]
+    deploy_interval: Duration,
+    /// After the heal, every app must run exactly once, on its node, within this.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    app_bound: Duration,
     /// The compose file of the test cluster.
     #[arg(long, default_value = "docker-compose.test.yml")]
     compose_file: PathBuf,
@@ -157,7 +173,11 @@ fn main() {
     };
     let code = match cli.command {
         Cmd::Test(args) => rt.block_on(test(*args)),
-        Cmd::Check { history, max_steps } => check(&history, max_steps),
+        Cmd::Check {
+            history,
+            max_steps,
+            app_bound,
+        } => check(&history, max_steps, app_bound),
     };
     std::process::exit(code);
 }
@@ -217,17 +237,25 @@ async fn test(a: TestArgs) -> i32 {
             max_steps: a.max_steps,
         },
         workloads: Workloads {
-            register: a.workload != WorkloadArg::Dataset,
-            dataset: (a.workload != WorkloadArg::Register).then(|| DatasetOptions {
-                writers: a.datasets.max(1),
-                writes_per_dataset: a.writes_per_dataset.max(1),
-                move_probability: a.move_probability,
-                move_timeout: a.move_timeout,
-                op_timeout: a.dataset_op_timeout,
-                max_file_bytes: a.max_file_bytes,
-                recovery_bound: a.dataset_bound,
-                settle_bound: a.dataset_bound,
-                ..DatasetOptions::default()
+            register: matches!(a.workload, WorkloadArg::Register | WorkloadArg::All),
+            app: matches!(a.workload, WorkloadArg::App | WorkloadArg::All).then(|| AppOptions {
+                apps: a.apps.max(1),
+                deploy_interval: a.deploy_interval,
+                bound: a.app_bound,
+                ..AppOptions::default()
+            }),
+            dataset: matches!(a.workload, WorkloadArg::Dataset | WorkloadArg::All).then(|| {
+                DatasetOptions {
+                    writers: a.datasets.max(1),
+                    writes_per_dataset: a.writes_per_dataset.max(1),
+                    move_probability: a.move_probability,
+                    move_timeout: a.move_timeout,
+                    op_timeout: a.dataset_op_timeout,
+                    max_file_bytes: a.max_file_bytes,
+                    recovery_bound: a.dataset_bound,
+                    settle_bound: a.dataset_bound,
+                    ..DatasetOptions::default()
+                }
             }),
         },
         admin_config: a.admin_config.clone(),
@@ -265,6 +293,22 @@ async fn test(a: TestArgs) -> i32 {
                         .join(", ")
                 );
             }
+            if let Some(p) = &verdict.apps {
+                println!(
+                    "jepsen: apps after the heal: {}",
+                    match p.converged_after_s {
+                        Some(t) => format!(
+                            "every app ran once on its node after {t:.1}s (bound {:.0}s)",
+                            p.bound_s
+                        ),
+                        None => format!(
+                            "NOT converged within {:.0}s: {}",
+                            p.bound_s,
+                            p.unconverged.join("; ")
+                        ),
+                    }
+                );
+            }
             println!("jepsen: report {}", dir.join("report.md").display());
             match verdict.valid {
                 Some(true) => {
@@ -288,7 +332,7 @@ async fn test(a: TestArgs) -> i32 {
     }
 }
 
-fn check(path: &Path, max_steps: u64) -> i32 {
+fn check(path: &Path, max_steps: u64, app_bound: Duration) -> i32 {
     let history = match History::load(path) {
         Ok(h) => h,
         Err(e) => {
@@ -307,8 +351,11 @@ fn check(path: &Path, max_steps: u64) -> i32 {
     if history.ops.iter().any(|o| o.call.is_register()) {
         checkers.extend(register.checkers());
     }
-    if history.ops.iter().any(|o| !o.call.is_register()) {
+    if history.ops.iter().any(|o| o.call.is_dataset()) {
         checkers.push(Box::new(checker::dataset::SnapshotsReadBack) as Box<dyn checker::Checker>);
+    }
+    if history.ops.iter().any(|o| o.call.is_app()) {
+        checkers.push(Box::new(checker::app::AppsRunRight { bound: app_bound }));
     }
     let results: Vec<_> = checkers.iter().map(|c| c.check(&history)).collect();
     for r in &results {

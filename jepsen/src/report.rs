@@ -92,7 +92,7 @@ fn markdown(
     let _ = writeln!(s, "- repeat: `{}`", opts.command_line);
     let _ = writeln!(
         s,
-        "- nodes: {}; {}{}\n",
+        "- nodes: {}; {}{}{}\n",
         meta.map(|m| m.nodes.join(" ")).unwrap_or_default(),
         if opts.workloads.register {
             format!(
@@ -110,6 +110,17 @@ fn markdown(
                 d.writes_per_dataset,
                 d.move_probability,
                 d.max_file_bytes >> 10
+            ),
+            None => String::new(),
+        },
+        match &opts.workloads.app {
+            Some(a) => format!(
+                "{}apps: {} ({} stateful), a deploy moving one or two of them about every {:.0}s, every node polled every {} ms",
+                if opts.workloads.register || opts.workloads.dataset.is_some() { "; " } else { "" },
+                a.apps,
+                a.apps.div_ceil(2),
+                a.deploy_interval.as_secs_f64(),
+                a.poll_interval.as_millis()
             ),
             None => String::new(),
         }
@@ -186,6 +197,22 @@ fn markdown(
         );
     }
 
+    if let Some(a) = &v.apps {
+        let _ = writeln!(
+            s,
+            "- **apps after the heal** (every app of the final configuration running once, on its node, and nowhere else, within {:.0}s): {} — {}\n",
+            a.bound_s,
+            if a.ok { "VALID" } else { "INVALID" },
+            match a.converged_after_s {
+                Some(t) => format!(
+                    "after {t:.1}s (generation {})",
+                    a.final_generation.unwrap_or(0)
+                ),
+                None => a.unconverged.join("; "),
+            }
+        );
+    }
+
     let st = &v.stats;
     let _ = writeln!(s, "## Figures (workload phase, {:.0}s)\n", st.duration_s);
     let _ = writeln!(
@@ -242,6 +269,9 @@ fn markdown(
     }
     if v.datasets.is_some() {
         datasets_section(&mut s, history, v);
+    }
+    if v.apps.is_some() {
+        apps_section(&mut s, history, v);
     }
     let _ = writeln!(s, "\n## Timeline\n");
     match png_error {
@@ -366,7 +396,7 @@ fn datasets_section(s: &mut String, history: &History, v: &Verdict) {
     let end = v.stats.duration_s;
     let mut by_f: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for o in history.ops.iter().filter(|o| {
-        !o.call.is_register() && o.outcome == Outcome::Ok && (o.invoke_ns as f64 / 1e9) <= end
+        o.call.is_dataset() && o.outcome == Outcome::Ok && (o.invoke_ns as f64 / 1e9) <= end
     }) {
         by_f.entry(o.call.f())
             .or_default()
@@ -438,6 +468,115 @@ fn datasets_section(s: &mut String, history: &History, v: &Verdict) {
     if let Some(notes) = d.get("notes").and_then(|n| n.as_array()) {
         if !notes.is_empty() {
             let _ = writeln!(s, "\nChecker notes (no violation):\n");
+            for n in notes.iter().take(10) {
+                let _ = writeln!(s, "- {}", n.as_str().unwrap_or(""));
+            }
+            if notes.len() > 10 {
+                let _ = writeln!(s, "- ({} more in verdict.json)", notes.len() - 10);
+            }
+        }
+    }
+}
+
+/// Latency percentiles (p50, p99, max, in ms) of the ok ops that `pick` selects, invoked in the
+/// workload phase (`end_s`), by function.
+fn latencies(history: &History, end_s: f64, pick: impl Fn(&Op) -> bool) -> String {
+    let mut s = String::from("| call | ok | p50 | p99 | max |\n|---|---:|---:|---:|---:|\n");
+    let mut by_f: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for o in history
+        .ops
+        .iter()
+        .filter(|o| pick(o) && o.outcome == Outcome::Ok && (o.invoke_ns as f64 / 1e9) <= end_s)
+    {
+        by_f.entry(o.call.f())
+            .or_default()
+            .push(o.latency_ns() as f64 / 1e6);
+    }
+    for (f, mut l) in by_f {
+        l.sort_by(f64::total_cmp);
+        let p = |q: f64| l[(((l.len() - 1) as f64) * q).round() as usize];
+        let _ = writeln!(
+            s,
+            "| {f} | {} | {:.0} ms | {:.0} ms | {:.0} ms |",
+            l.len(),
+            p(0.5),
+            p(0.99),
+            p(1.0)
+        );
+    }
+    s
+}
+
+/// The app workload's figures: per app, moves asked, instances seen, the intervals in which one
+/// instance provably ran, the longest time no node was seen running it; the calls' latencies.
+fn apps_section(s: &mut String, history: &History, v: &Verdict) {
+    let Some(check) = v.checks.iter().find(|c| c.checker == "apps") else {
+        return;
+    };
+    let d = &check.details;
+    let n = |k: &str| d.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let _ = writeln!(
+        s,
+        "\n## Apps\n\n- deploys ok/fail/unknown: {}/{}/{}; LocalApps polls ok/failed: {}/{}; AppList reads ok/failed: {}/{}\n\
+         - the running-twice claim covers {} intervals in which one instance of a stateful app provably ran ({:.0} s in all)\n",
+        n("deploys_ok"),
+        n("deploys_fail"),
+        n("deploys_unknown"),
+        n("polls_ok"),
+        n("polls_fail"),
+        n("lists_ok"),
+        n("lists_fail"),
+        n("stateful_runs"),
+        d.get("stateful_run_seconds").and_then(|x| x.as_f64()).unwrap_or(0.0),
+    );
+    let _ = writeln!(
+        s,
+        "Per app (intervals: in which one instance provably ran, see jepsen/README.md; overlaps: \
+         instances on two nodes seen running at once, a violation for a stateful app):\n\n\
+         | app | stateful | moves asked | seen running | instances | nodes | intervals | interval s | overlaps | longest unseen | final node | final state |\n\
+         |---|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|"
+    );
+    if let Some(m) = d.get("apps").and_then(|m| m.as_object()) {
+        for (name, f) in m {
+            let n = |k: &str| f.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+            let x = |k: &str| f.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+            let t = |k: &str| f.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {:.1}s | {} | {} |",
+                if f.get("stateful").and_then(|b| b.as_bool()).unwrap_or(false) {
+                    "yes"
+                } else {
+                    "no"
+                },
+                n("moves_asked"),
+                n("seen_running"),
+                n("instances"),
+                f.get("nodes")
+                    .and_then(|x| x.as_array())
+                    .map(|a| a
+                        .iter()
+                        .filter_map(|h| h.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" "))
+                    .unwrap_or_default(),
+                n("runs"),
+                x("run_seconds"),
+                n("overlaps"),
+                x("longest_unseen_s"),
+                t("final_node"),
+                t("final_state"),
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nLatency of ok app calls (workload phase):\n\n{}",
+        latencies(history, v.stats.duration_s, |o| o.call.is_app())
+    );
+    if let Some(notes) = d.get("notes").and_then(|n| n.as_array()) {
+        if !notes.is_empty() {
+            let _ = writeln!(s, "Checker notes (no violation):\n");
             for n in notes.iter().take(10) {
                 let _ = writeln!(s, "- {}", n.as_str().unwrap_or(""));
             }

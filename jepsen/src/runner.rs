@@ -22,6 +22,7 @@ use crate::history::{
 };
 use crate::nemesis::{self, Active, FaultKind, Nemesis, Step};
 use crate::report;
+use crate::workload::app::{self, AppOptions, AppPhase};
 use crate::workload::dataset::{self, DatasetOptions, DatasetPhase};
 use crate::workload::register::{Register, RegisterOptions};
 use crate::workload::Workload;
@@ -33,16 +34,28 @@ pub struct Workloads {
     pub register: bool,
     /// The dataset workload, with its settings.
     pub dataset: Option<DatasetOptions>,
+    /// The app workload, with its settings.
+    pub app: Option<AppOptions>,
 }
 
 impl Workloads {
-    /// `register`, `dataset` or `register+dataset`.
+    /// The workloads that run, joined with `+`: `register`, `dataset`, `app`,
+    /// `register+dataset+app`, ...
     pub fn name(&self) -> String {
-        match (self.register, self.dataset.is_some()) {
-            (true, true) => "register+dataset".into(),
-            (false, true) => "dataset".into(),
-            _ => "register".into(),
+        let mut w = Vec::new();
+        if self.register {
+            w.push("register");
         }
+        if self.dataset.is_some() {
+            w.push("dataset");
+        }
+        if self.app.is_some() {
+            w.push("app");
+        }
+        if w.is_empty() {
+            w.push("register");
+        }
+        w.join("+")
     }
 }
 
@@ -113,6 +126,9 @@ pub struct Verdict {
     /// The dataset workload's phase after the faults, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub datasets: Option<DatasetPhase>,
+    /// The app workload's phase after the faults, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apps: Option<AppPhase>,
     pub stats: Stats,
 }
 
@@ -171,7 +187,7 @@ impl Recorder {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         op.index = g.next_index;
         g.next_index += 1;
-        let r = Record::Op(op.clone());
+        let r = Record::Op(Box::new(op.clone()));
         if let Err(e) = g.writer.write(&r) {
             g.error.get_or_insert(e);
         }
@@ -304,7 +320,8 @@ pub(crate) async fn record_call(
         invoke_ns,
         complete_ns,
         error,
-        ds: done.and_then(|d| d.ds),
+        ds: done.as_ref().and_then(|d| d.ds.clone()),
+        app: done.and_then(|d| d.app),
     };
     (rec.record_op(op), broken)
 }
@@ -777,6 +794,16 @@ async fn run_on_cluster(
     let writers = ds_ctx
         .clone()
         .map(|ctx| tokio::spawn(dataset::run_writers(ctx, stop_rx.clone())));
+    let app_ctx = opts.workloads.app.as_ref().map(|o| {
+        Arc::new(app::Ctx::new(
+            rec.clone(),
+            nodes.to_vec(),
+            client.clone(),
+            o.clone(),
+            opts.seed,
+        ))
+    });
+    let app_tasks = app_ctx.clone().map(|ctx| app::start(ctx, stop_rx.clone()));
     let nemesis_task = tokio::spawn(nemesis_loop(
         nem.clone(),
         steps.clone(),
@@ -822,8 +849,9 @@ async fn run_on_cluster(
     );
     let healed_at = Instant::now();
 
-    // The register side (recovery probes, final reads, convergence) and the dataset side
-    // (a write and a snapshot on every dataset, settling, reading the disks) at the same time.
+    // The register side (recovery probes, final reads, convergence), the dataset side (a write
+    // and a snapshot on every dataset, settling, reading the disks) and the app side (every app
+    // once on its node) at the same time.
     let register_side = async {
         // Recovery: every node serves a write and a linearizable read within the bound.
         let deadline = healed_at + opts.recovery_bound;
@@ -924,7 +952,14 @@ async fn run_on_cluster(
         let cursors = task.await.unwrap_or_default();
         Some(dataset::finish(ctx, cursors, healed_at).await)
     };
-    let ((recovery, convergence), datasets) = tokio::join!(register_side, dataset_side);
+    let app_side = async {
+        let (Some(ctx), Some(tasks)) = (app_ctx, app_tasks) else {
+            return None;
+        };
+        Some(app::finish(ctx, tasks, healed_at).await)
+    };
+    let ((recovery, convergence), datasets, apps) =
+        tokio::join!(register_side, dataset_side, app_side);
 
     let history = rec.finish()?;
     println!("jepsen: checking {} ops", history.ops.len());
@@ -934,6 +969,9 @@ async fn run_on_cluster(
     }
     if opts.workloads.dataset.is_some() {
         checkers.push(Box::new(checker::dataset::SnapshotsReadBack) as Box<dyn checker::Checker>);
+    }
+    if let Some(a) = &opts.workloads.app {
+        checkers.push(Box::new(checker::app::AppsRunRight { bound: a.bound }));
     }
     let mut checks: Vec<CheckResult> = checkers.iter().map(|c| c.check(&history)).collect();
     let stats = Stats::of(&history, 0, workload_end_ns);
@@ -960,8 +998,9 @@ async fn run_on_cluster(
         details: serde_json::Value::Null,
     });
     let datasets_ok = datasets.as_ref().is_none_or(|d| d.ok);
+    let apps_ok = apps.as_ref().is_none_or(|a| a.ok);
     let valid = match checker::overall(&checks) {
-        Some(true) if recovery.ok && convergence.ok && datasets_ok => Some(true),
+        Some(true) if recovery.ok && convergence.ok && datasets_ok && apps_ok => Some(true),
         Some(true) => Some(false),
         other => other,
     };
@@ -972,6 +1011,7 @@ async fn run_on_cluster(
         recovery,
         convergence,
         datasets,
+        apps,
         stats,
     };
     let vpath = dir.join("verdict.json");

@@ -239,7 +239,7 @@ pub fn check_datasets(ops: &[Op]) -> DatasetVerdict {
     }
     let mut by_dataset: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
     for op in ops {
-        if matches!(op.call, Call::DsRead { .. }) || op.call.is_register() {
+        if matches!(op.call, Call::DsRead { .. }) || !op.call.is_dataset() {
             continue;
         }
         by_dataset.entry(op.call.key()).or_default().push(op);
@@ -786,6 +786,7 @@ mod tests {
                 complete_ns: self.t + 5,
                 error: None,
                 ds,
+                app: None,
             });
             self.ops.last_mut().expect("just pushed")
         }

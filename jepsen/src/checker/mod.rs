@@ -5,11 +5,14 @@
 //!   failing sub-histories.
 //! - [`dataset`]: every snapshot reported complete reads back byte-identical (the dataset
 //!   workload).
+//! - [`app`]: a stateful app never runs on two nodes at once, and after the faults every app
+//!   runs exactly once on its node (the app workload).
 //! - [`stats`]: counts, latencies and the longest unavailability (informational).
 //!
-//! Each workload names the checkers that judge it ([`Checker`]); later workloads (apps) add
+//! Each workload names the checkers that judge it ([`Checker`]); later workloads (the mesh) add
 //! their own next to these.
 
+pub mod app;
 pub mod dataset;
 pub mod linearizable;
 pub mod register;

@@ -349,6 +349,45 @@ fn explain(key: &str, minimal: &[Op], all: &[&Op]) -> String {
     s
 }
 
+/// What an app call returned, on one line: running apps with their ids, the others' states.
+fn describe_app_result(r: &crate::history::AppResult) -> String {
+    use crate::history::{AppResult, AppSeen};
+    let seen = |apps: &[AppSeen]| -> String {
+        if apps.is_empty() {
+            return "nothing".into();
+        }
+        apps.iter()
+            .map(|a| {
+                let at = if a.node.is_empty() {
+                    String::new()
+                } else {
+                    format!("@{}", a.node)
+                };
+                if a.state == "running" {
+                    format!("{}{at} running {}", a.app, a.id)
+                } else {
+                    format!("{}{at} {}", a.app, a.state)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match r {
+        AppResult::Deployed {
+            generation,
+            changes,
+        } => format!(
+            "generation {generation}{}{}",
+            if changes.is_empty() { "" } else { ": " },
+            changes.join(", ")
+        ),
+        AppResult::Local { apps } => seen(apps),
+        AppResult::List { generation, apps } => {
+            format!("generation {generation}: {}", seen(apps))
+        }
+    }
+}
+
 /// One op on one line: `[invoke, complete] process on node: f args -> outcome result`.
 pub fn describe(op: &Op) -> String {
     let call = match &op.call {
@@ -377,9 +416,19 @@ pub fn describe(op: &Op) -> String {
         Call::DsCancelMove { dataset } => format!("cancel the move of {dataset}"),
         Call::DsState { dataset, .. } => format!("state of {dataset}"),
         Call::DsRead { disk } => format!("read the snapshots on {disk}'s disk"),
+        Call::AppDeploy { apps } => format!(
+            "deploy {}",
+            apps.iter()
+                .map(|(a, p)| format!("{a}@{}", p.node))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        Call::AppLocal {} => "local apps".to_string(),
+        Call::AppList {} => "app list".to_string(),
     };
-    let result = match (&op.read, op.outcome) {
-        (Some(v), Outcome::Ok) => format!(" = {}", v.as_deref().unwrap_or("<absent>")),
+    let result = match (&op.read, op.outcome, &op.app) {
+        (Some(v), Outcome::Ok, _) => format!(" = {}", v.as_deref().unwrap_or("<absent>")),
+        (_, Outcome::Ok, Some(a)) => format!(" = {}", describe_app_result(a)),
         _ => String::new(),
     };
     let complete = match op.outcome {
@@ -425,6 +474,7 @@ mod tests {
             complete_ns: t.1,
             error: None,
             ds: None,
+            app: None,
         }
     }
     fn read(key: &str) -> Call {

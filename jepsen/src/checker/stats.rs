@@ -218,7 +218,7 @@ mod tests {
         };
         // An ok op every second, except from 11 s to 16 s; the leader dies at 10 s.
         for t in (0..30u64).filter(|t| !(11..16).contains(t)) {
-            h.push(Record::Op(Op {
+            h.push(Record::Op(Box::new(Op {
                 index: t,
                 process: 0,
                 node: "n2".into(),
@@ -233,7 +233,8 @@ mod tests {
                 complete_ns: t * 1_000_000_000 + 1,
                 error: None,
                 ds: None,
-            }));
+                app: None,
+            })));
         }
         h.push(ev(10, "start"));
         h.push(ev(20, "stop"));

@@ -247,6 +247,7 @@ fn done(ds: Option<DsResult>) -> Done {
         revision: None,
         note: None,
         ds,
+        app: None,
     }
 }
 

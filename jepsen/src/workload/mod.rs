@@ -7,9 +7,12 @@
 //! - [`register`]: read, write and compare-and-set on a few keys of the key-value namespace.
 //! - [`dataset`]: datasets created, written, snapshotted and moved by one writer each; its
 //!   writers run their own sequential protocol, so it does not go through [`Workload`].
+//! - [`app`]: apps deployed and moved between nodes by one deployer, while pollers ask every
+//!   node what it runs; like [`dataset`], it runs its own tasks.
 //!
-//! Apps, app moves and the mesh will add their own workloads here.
+//! The mesh will add its own workload here.
 
+pub mod app;
 pub mod dataset;
 pub mod register;
 
@@ -32,6 +35,8 @@ pub struct Done {
     pub note: Option<String>,
     /// What a dataset call returned.
     pub ds: Option<crate::history::DsResult>,
+    /// What an app call returned.
+    pub app: Option<crate::history::AppResult>,
 }
 
 pub trait Workload: Send + Sync + 'static {

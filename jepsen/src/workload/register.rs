@@ -189,6 +189,7 @@ pub(crate) async fn invoke_kv(api: &mut Api, call: &Call) -> Result<Done, Failur
         revision,
         note: None,
         ds: None,
+        app: None,
     };
     match call {
         Call::Read { key, stale } => {
@@ -236,6 +237,7 @@ pub(crate) async fn invoke_kv(api: &mut Api, call: &Call) -> Result<Done, Failur
                     revision: None,
                     note: Some(format!("{CAS_NOT_APPLIED}: {now}")),
                     ds: None,
+                    app: None,
                 })
             }
         }
@@ -307,6 +309,7 @@ mod tests {
             complete_ns: 1,
             error: None,
             ds: None,
+            app: None,
         });
         let mut expects_77 = 0;
         for _ in 0..100 {
