@@ -156,6 +156,7 @@ fn app_json(a: &AppStatus) -> Value {
         "ports": a.ports, "dataset": (!a.dataset.is_empty()).then_some(&a.dataset),
         "restart_policy": a.restart_policy, "driver": a.driver, "id": a.id,
         "detail": (!a.detail.is_empty()).then_some(&a.detail), "last_lines": a.last_lines,
+        "moving_to": (!a.moving_to.is_empty()).then_some(&a.moving_to),
     })
 }
 

@@ -567,6 +567,7 @@ fn a05_moves_interrupted_by_kills_end_in_one_copy_with_every_acked_write() {
         };
         let detail = a["detail"].as_str().unwrap_or_default();
         assert!(detail.contains(&format!("moving to n3: {phase}")), "{a}");
+        assert_eq!(a["moving_to"], "n3", "{a}");
         if step == "copied" {
             assert_eq!(
                 (&a["node"], &a["state"]),

@@ -392,6 +392,7 @@ impl ApiService {
                                 "copying its data while it runs"
                             };
                             s.node = node_name(&state, where_of(app));
+                            s.moving_to = node_name(&state, app.node);
                             s.detail = format!(
                                 "moving to {}: {phase}{}",
                                 node_name(&state, app.node),
