@@ -311,20 +311,6 @@ fn a02_placement_fits_apps_to_nodes_and_refuses_what_cannot_run() {
     c.ctl_ok(c.addr(1), &["app", "rm", "anywhere"]);
 }
 
-/// Deterministic incompressible bytes.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Appends `w<i>` to the test app as fast as it answers, on one connection (a new one after an
 /// error), until `stop`; every acknowledged entry with the time of its OK.
 fn writer(

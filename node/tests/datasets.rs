@@ -45,20 +45,6 @@ fn mount_path(d: &Value, node: &str) -> PathBuf {
     PathBuf::from(h["mount_path"].as_str().unwrap())
 }
 
-/// Deterministic bytes: `len` of them from `seed` (xorshift), incompressible.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Every regular file under `dir` with its contents, by relative path.
 fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {

@@ -16,44 +16,16 @@ use std::net::TcpStream;
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Once;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 
-const IMAGE: &str = "flock-test-busybox:latest";
+const IMAGE: &str = TEST_IMAGE;
 const GREETING: &str = "hello-from-flock";
 const MEM_LIMIT: u64 = 64 << 20;
 const CPU_SHARES: u64 = 512;
-
-/// The test image, built once per test process if it is missing. Fails, with the reason, when
-/// there is no engine.
-fn ensure_image() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let ping = Command::new("docker").args(["version"]).output();
-        assert!(
-            ping.as_ref().is_ok_and(|o| o.status.success()),
-            "the docker deploy tests need the docker CLI and a running Docker engine \
-             (at /var/run/docker.sock, where flockd looks for it): {ping:?}"
-        );
-        let have = Command::new("docker")
-            .args(["image", "inspect", IMAGE])
-            .output()
-            .expect("run docker");
-        if !have.status.success() {
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../docker/build-testapp-image.sh");
-            let st = Command::new("sh")
-                .arg(&script)
-                .status()
-                .expect("run the script");
-            assert!(st.success(), "{} failed", script.display());
-        }
-    });
-}
 
 /// Runs `docker ARGS`; its stdout, or `Err(stderr)`.
 fn docker(args: &[&str]) -> Result<String, String> {
@@ -135,7 +107,7 @@ impl Drop for DockerCluster {
 
 impl DockerCluster {
     fn start(n: usize) -> DockerCluster {
-        ensure_image();
+        ensure_test_image();
         let c = TestCluster::start(n, &[]);
         let st = c.status(c.addr(1));
         let cluster_id = st["cluster_id"]

@@ -2,42 +2,18 @@
 //! (built by docker/build-testapp-image.sh from Debian's busybox-static, FROM scratch; no image
 //! is pulled). These tests need a running engine and fail when there is none.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::Command;
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use bollard::container::InspectContainerOptions;
+use common::{ensure_test_image, TEST_IMAGE};
 use flock_node::driver::docker::{DockerDriver, LABEL_APP, LABEL_NODE, LABEL_SPEC};
 use flock_node::driver::{DriverError, RunSpec, RunState};
 
-const IMAGE: &str = "flock-test-busybox:latest";
-
-/// The test image, built once per test process if it is missing.
-fn ensure_image() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let ping = Command::new("docker").args(["version"]).output();
-        assert!(
-            ping.as_ref().is_ok_and(|o| o.status.success()),
-            "the docker driver tests need a running Docker engine: {ping:?}"
-        );
-        let have = Command::new("docker")
-            .args(["image", "inspect", IMAGE])
-            .output()
-            .expect("run docker");
-        if !have.status.success() {
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../docker/build-testapp-image.sh");
-            let st = Command::new("sh")
-                .arg(&script)
-                .status()
-                .expect("run the script");
-            assert!(st.success(), "{} failed", script.display());
-        }
-    });
-}
+const IMAGE: &str = TEST_IMAGE;
 
 /// Removes every container of a node label when dropped, also on a panic.
 struct Cleanup(String);
@@ -74,7 +50,7 @@ fn node_label(test: &str) -> (String, Cleanup) {
 }
 
 async fn connect(node: &str) -> DockerDriver {
-    ensure_image();
+    ensure_test_image();
     match DockerDriver::connect(node).await {
         Ok(d) => d,
         Err(e) => panic!("the docker driver tests need a running Docker engine: {e}"),

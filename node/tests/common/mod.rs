@@ -494,3 +494,48 @@ pub fn zfs_args(pool: &str) -> Vec<String> {
         format!("{pool}/flock"),
     ]
 }
+
+/// The image the docker tests run: Debian's busybox-static FROM scratch, built locally by
+/// docker/build-testapp-image.sh (nothing can be pulled).
+pub const TEST_IMAGE: &str = "flock-test-busybox:latest";
+
+/// Builds [`TEST_IMAGE`] once per test process if it is missing. Fails, with the reason, when
+/// there is no Docker engine.
+pub fn ensure_test_image() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let ping = Command::new("docker").args(["version"]).output();
+        assert!(
+            ping.as_ref().is_ok_and(|o| o.status.success()),
+            "the docker tests need the docker CLI and a running Docker engine \
+             (at /var/run/docker.sock, where flockd looks for it): {ping:?}"
+        );
+        let have = Command::new("docker")
+            .args(["image", "inspect", TEST_IMAGE])
+            .output()
+            .expect("run docker");
+        if !have.status.success() {
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../docker/build-testapp-image.sh");
+            let st = Command::new("sh")
+                .arg(&script)
+                .status()
+                .expect("run the script");
+            assert!(st.success(), "{} failed", script.display());
+        }
+    });
+}
+
+/// Deterministic incompressible bytes: `len` of them from `seed` (xorshift).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
