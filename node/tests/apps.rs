@@ -441,6 +441,18 @@ fn move_under_writes(c: &TestCluster, bulk: usize) {
         acked.len(),
         gap.as_secs_f64()
     );
+    // The rounds after the first, and the last one above all (the app is stopped for it), are
+    // incremental: the downtime must not grow with the data.
+    let log = fs::read_to_string(c.log(1, "init")).unwrap();
+    let pushes: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("pushed the move's snapshot"))
+        .collect();
+    assert!(pushes.len() >= 2, "{pushes:#?}");
+    assert!(
+        pushes[1..].iter().all(|l| l.contains("base=Some")),
+        "a later round of the move sent the whole dataset: {pushes:#?}"
+    );
     let d: Value =
         serde_json::from_str(&c.ctl_ok(c.addr(1), &["dataset", "ls", "counter", "--json"]))
             .unwrap();

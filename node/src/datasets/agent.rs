@@ -314,7 +314,7 @@ impl MoveTask {
         let me = self.cluster.node_id;
         let (to_name, addr) = self.node(to)?;
         let _guard = self.datasets.share(id).await;
-        let Some(ds) = self.current(id) else {
+        let Some(mut ds) = self.current(id) else {
             return Ok(());
         };
         let Some(moving) = ds.moving.clone().filter(|m| ds.primary == me && m.to == to) else {
@@ -327,9 +327,10 @@ impl MoveTask {
                 .map(|(n, _)| n.clone())
                 .collect()
         };
+        let name = ds.name.clone();
         let progress =
             |phase: &'static str, bytes: Option<u64>, total: Option<u64>, error: Option<String>| {
-                self.progress(&ds.name, id, to, phase, bytes, total, error)
+                self.progress(&name, id, to, phase, bytes, total, error)
             };
         progress("snapshot", Some(0), None, None);
         let conn = match self.peers.connect(to, &addr).await {
@@ -345,7 +346,7 @@ impl MoveTask {
             let mut last: Option<u64> = None;
             for round in 1..=MAX_ROUNDS {
                 let pushed = self
-                    .snapshot_and_push(&ds, &conn, &to_name, &progress)
+                    .snapshot_and_push(&mut ds, &conn, &to_name, &progress)
                     .await?;
                 tracing::info!(dataset = %ds.name, to = %to_name, round, bytes = pushed.bytes, "copied while the app runs");
                 if pushed.bytes <= SMALL_DELTA || last.is_some_and(|l| pushed.bytes >= l) {
@@ -395,7 +396,7 @@ impl MoveTask {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let record = self
-            .snapshot_and_push(&ds, &conn, &to_name, &progress)
+            .snapshot_and_push(&mut ds, &conn, &to_name, &progress)
             .await?;
         progress("committing", None, None, None);
         let committed = self
@@ -432,11 +433,12 @@ impl MoveTask {
         }
     }
 
-    /// Takes a snapshot of `ds` here, records it under the dataset's epoch, and pushes the
-    /// target every recorded snapshot it lacks. A target without room cancels the move.
+    /// Takes a snapshot of `ds` here, records it under the dataset's epoch (and in `ds`, so
+    /// the next round's push starts from it), and pushes the target every recorded snapshot it
+    /// lacks: incremental from the newest one both hold. A target without room cancels the move.
     async fn snapshot_and_push(
         &self,
-        ds: &Dataset,
+        ds: &mut Dataset,
         conn: &quinn::Connection,
         to_name: &str,
         progress: &(impl Fn(&'static str, Option<u64>, Option<u64>, Option<String>) + Sync),
@@ -460,12 +462,12 @@ impl MoveTask {
             return Err(format!("recording the move's snapshot: {e}"));
         }
         // The snapshot just recorded is part of the history the push carries.
-        let mut ds = ds.clone();
         ds.snapshots.push(record.clone());
+        let ds = &*ds;
         let pushed = push(
             conn,
             &self.datasets,
-            &ds,
+            ds,
             &record.name,
             to_name,
             |phase, n, total| progress(phase, Some(n), total, None),
