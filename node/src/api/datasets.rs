@@ -104,6 +104,7 @@ fn local_proto(c: &LocalCopy) -> pb::LocalDataset {
 fn transfer_proto(state: &ClusterState, t: &TransferState) -> pb::Transfer {
     pb::Transfer {
         dataset: t.dataset.clone(),
+        dataset_id: t.id,
         to_node: node_name(state, t.to),
         phase: t.phase.to_string(),
         bytes: t.bytes,
@@ -300,7 +301,7 @@ impl ApiService {
                 p.transfers = r
                     .transfers
                     .iter()
-                    .filter(|t| t.dataset == ds.name)
+                    .filter(|t| t.dataset_id == ds.id)
                     .cloned()
                     .collect();
             }

@@ -519,6 +519,7 @@ impl MoveTask {
         self.datasets.set_transfer(id, |t| {
             let fresh = || TransferState {
                 dataset: name.to_string(),
+                id,
                 to,
                 phase,
                 bytes: 0,

@@ -134,6 +134,7 @@ pub fn dir_root(data_dir: &Path) -> PathBuf {
 #[derive(Clone, Debug)]
 pub struct TransferState {
     pub dataset: String,
+    pub id: DatasetId,
     pub to: NodeId,
     pub phase: &'static str,
     pub bytes: u64,
