@@ -310,9 +310,7 @@ impl ApiService {
                         .dataset
                         .and_then(|id| state.datasets.get(&id))
                         .filter(|d| d.moving.is_some() && d.primary == self.cluster.node_id);
-                    if let Some(t) =
-                        moving.and_then(|d| transfers.iter().find(|t| t.id == d.id))
-                    {
+                    if let Some(t) = moving.and_then(|d| transfers.iter().find(|t| t.id == d.id)) {
                         let mib = |b: u64| b as f64 / (1 << 20) as f64;
                         let mut p = format!("{} {:.1} MiB", t.phase, mib(t.bytes));
                         if let Some(total) = t.total {
