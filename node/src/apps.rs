@@ -106,10 +106,15 @@ pub fn status(state: &ClusterState, name: &str, app: &App, local: Option<&Local>
 }
 
 /// Docker-style link variables for `app`'s links: `ALIAS_PORT_<local>_TCP=tcp://HOST:PORT`
-/// and its `_ADDR`, `_PORT` and `_PROTO` parts, pointing at the node that runs the app
-/// publishing the link's remote port, and at that app's port there. (The routing mesh will
-/// make them point at the mesh, so that they stay valid while the peer moves.)
-pub fn link_env(state: &ClusterState, app: &App) -> BTreeMap<String, String> {
+/// and its `_ADDR`, `_PORT` and `_PROTO` parts. With the routing mesh on (`mesh_host`, where
+/// this node's mesh listens), they point at the mesh and the linked app's external port, so
+/// they stay valid while the linked app moves; without it, at the node that runs the linked
+/// app now and the app's internal port there.
+pub fn link_env(
+    state: &ClusterState,
+    app: &App,
+    mesh_host: Option<&str>,
+) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     for link in &app.spec.links {
         let target = state.apps.values().find_map(|other| {
@@ -118,15 +123,13 @@ pub fn link_env(state: &ClusterState, app: &App) -> BTreeMap<String, String> {
                 .ports
                 .iter()
                 .find(|p| p.external == link.remote_port)?;
-            let node = state.nodes.get(&other.node)?;
-            let host = node
-                .addr
-                .rsplit_once(':')
-                .map_or(node.addr.as_str(), |(h, _)| h);
-            Some((
-                host.trim_matches(|c| c == '[' || c == ']').to_string(),
-                port.internal,
-            ))
+            if let Some(host) = mesh_host {
+                return Some((host.to_string(), port.external));
+            }
+            let node = state
+                .nodes
+                .get(&state.app_runs_on(other).unwrap_or(other.node))?;
+            Some((crate::mesh::host_of(&node.addr).to_string(), port.internal))
         });
         let Some((host, port)) = target else {
             continue;
@@ -144,41 +147,39 @@ pub fn link_env(state: &ClusterState, app: &App) -> BTreeMap<String, String> {
     env
 }
 
+/// What the agent works with on this node.
+struct Here<'a> {
+    datasets: &'a Datasets,
+    drivers: &'a Drivers,
+    /// Where this node's routing mesh listens, for link variables; `None`: the mesh is off.
+    mesh_host: Option<&'a str>,
+}
+
 /// Runs until `shutdown`.
 pub async fn run(
     cluster: Arc<Cluster>,
     datasets: Arc<Datasets>,
     drivers: Drivers,
     view: AppsView,
+    mesh_host: Option<String>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     if !cluster.caught_up(&mut shutdown).await {
         return;
     }
+    let here = Here {
+        datasets: &datasets,
+        drivers: &drivers,
+        mesh_host: mesh_host.as_deref(),
+    };
     let mut changes = cluster.metrics_watch();
     loop {
-        converge(&cluster, &datasets, &drivers, &view).await;
+        converge(&cluster, &here, &view).await;
         // Again after TICK, or sooner when the replicated state changes (a move's handoff or
         // commit must not wait a whole tick: it is the app's downtime), but at most every
         // MIN_GAP under a busy log.
-        let seen = changes.borrow().last_applied;
-        let tick = tokio::time::sleep(TICK);
-        tokio::pin!(tick);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = &mut tick => break,
-                r = changes.changed() => {
-                    if r.is_err() {
-                        (&mut tick).await;
-                        break;
-                    }
-                    if changes.borrow().last_applied != seen {
-                        tokio::time::sleep(MIN_GAP).await;
-                        break;
-                    }
-                }
-            }
+        if !Cluster::next_change(&mut changes, TICK, MIN_GAP, &mut shutdown).await {
+            return;
         }
     }
 }
@@ -187,8 +188,9 @@ fn backoff(restarts: u32) -> Duration {
     Duration::from_secs(1u64 << restarts.min(5)).min(MAX_BACKOFF)
 }
 
-async fn converge(cluster: &Cluster, datasets: &Datasets, drivers: &Drivers, view: &AppsView) {
+async fn converge(cluster: &Cluster, here: &Here<'_>, view: &AppsView) {
     let me = cluster.node_id;
+    let drivers = here.drivers;
     let state = cluster.view.read().cluster.clone();
     let instances: BTreeMap<String, (Instance, Kind)> = drivers
         .list()
@@ -221,16 +223,7 @@ async fn converge(cluster: &Cluster, datasets: &Datasets, drivers: &Drivers, vie
             .get(name)
             .cloned()
             .unwrap_or_default();
-        step(
-            name,
-            app,
-            &state,
-            datasets,
-            drivers,
-            instances.get(name),
-            &mut local,
-        )
-        .await;
+        step(name, app, &state, here, instances.get(name), &mut local).await;
         view.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -243,11 +236,11 @@ async fn step(
     name: &str,
     app: &App,
     state: &ClusterState,
-    datasets: &Datasets,
-    drivers: &Drivers,
+    here: &Here<'_>,
     found: Option<&(Instance, Kind)>,
     local: &mut Local,
 ) {
+    let (datasets, drivers) = (here.datasets, here.drivers);
     let me = datasets.node_id;
     let kind = Kind::of(app.spec.image.as_deref());
     // An instance of the other driver (the app switched between image and command) goes.
@@ -297,7 +290,7 @@ async fn step(
         }
     }
     let mut env = app.spec.environment.clone();
-    env.extend(link_env(state, app));
+    env.extend(link_env(state, app, here.mesh_host));
     let spec = RunSpec {
         app: name.to_string(),
         image: app.spec.image.clone(),

@@ -90,7 +90,10 @@ impl From<ClusterError> for tonic::Status {
                 | ApplyError::NoFittingNode { .. }
                 | ApplyError::AppAlreadyThere { .. }
                 | ApplyError::AppNotMoving { .. }
-                | ApplyError::NotHandedOff { .. } => Status::failed_precondition(msg),
+                | ApplyError::NotHandedOff { .. }
+                | ApplyError::VolumeMounted { .. }
+                | ApplyError::NotOnNode { .. }
+                | ApplyError::VolumeMoving { .. } => Status::failed_precondition(msg),
                 ApplyError::StaleEpoch { .. } => Status::aborted(msg),
                 ApplyError::NotInitialized => Status::unavailable(msg),
                 _ => Status::invalid_argument(msg),
@@ -204,6 +207,36 @@ impl Cluster {
     /// Raft's metrics as they change (each applied entry changes `last_applied`).
     pub fn metrics_watch(&self) -> tokio::sync::watch::Receiver<RaftMetrics> {
         self.raft.metrics()
+    }
+
+    /// For agents that act on the replicated state: waits `tick`, or less when an entry is
+    /// applied (then `min_gap` more, so a busy log does not make the agent spin). `changes` is
+    /// the agent's [`metrics_watch`](Self::metrics_watch). False when `shutdown` fires.
+    pub async fn next_change(
+        changes: &mut tokio::sync::watch::Receiver<RaftMetrics>,
+        tick: Duration,
+        min_gap: Duration,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
+        let seen = changes.borrow().last_applied;
+        let tick = tokio::time::sleep(tick);
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return false,
+                _ = &mut tick => return true,
+                r = changes.changed() => {
+                    if r.is_err() {
+                        (&mut tick).await;
+                        return true;
+                    }
+                    if changes.borrow().last_applied != seen {
+                        tokio::time::sleep(min_gap).await;
+                        return true;
+                    }
+                }
+            }
+        }
     }
 
     /// The leader's id and address as this node knows them.

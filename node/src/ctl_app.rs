@@ -157,7 +157,36 @@ fn app_json(a: &AppStatus) -> Value {
         "restart_policy": a.restart_policy, "driver": a.driver, "id": a.id,
         "detail": (!a.detail.is_empty()).then_some(&a.detail), "last_lines": a.last_lines,
         "moving_to": (!a.moving_to.is_empty()).then_some(&a.moving_to),
+        "endpoints": a.endpoints, "mesh_problems": a.mesh_problems,
     })
+}
+
+/// The ENDPOINTS cell: every address on a small cluster, the first few and a count on a big one.
+fn endpoints_cell(a: &AppStatus) -> String {
+    const SHOWN: usize = 3;
+    let mut cell = a
+        .endpoints
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(",");
+    if a.endpoints.len() > SHOWN {
+        cell.push_str(&format!(" +{} more", a.endpoints.len() - SHOWN));
+    }
+    cell
+}
+
+/// The DETAIL cell: the app's detail, then what keeps nodes from serving its ports.
+fn detail_cell(a: &AppStatus) -> String {
+    let mut parts = Vec::new();
+    if !a.detail.is_empty() {
+        parts.push(a.detail.clone());
+    }
+    if !a.mesh_problems.is_empty() {
+        parts.push(format!("mesh: {}", a.mesh_problems.join("; ")));
+    }
+    parts.join("; ")
 }
 
 /// Runs one `flockctl app` command.
@@ -184,6 +213,7 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
                 "STATE".into(),
                 "RESTARTS".into(),
                 "PORTS".into(),
+                "ENDPOINTS".into(),
                 "DATASET".into(),
                 "DETAIL".into(),
             ]];
@@ -194,8 +224,9 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
                     a.state.clone(),
                     a.restarts.to_string(),
                     a.ports.join(","),
+                    endpoints_cell(a),
                     a.dataset.clone(),
-                    a.detail.clone(),
+                    detail_cell(a),
                 ]);
             }
             print!("{}", crate::ctl::table(&rows));
@@ -239,6 +270,12 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
             }
             if !a.ports.is_empty() {
                 println!("ports           {}", a.ports.join(", "));
+            }
+            if !a.endpoints.is_empty() {
+                println!("endpoints       {}", a.endpoints.join(", "));
+            }
+            for p in &a.mesh_problems {
+                println!("not served      {p}");
             }
             if !a.dataset.is_empty() {
                 println!("dataset         {}", a.dataset);

@@ -60,6 +60,18 @@ pub enum DatasetCmd {
         #[arg(long, default_value_t = 10)]
         wait: u64,
     },
+    /// Forget the Docker containers' mounts of a dataset, when they are gone without
+    /// unmounting (their node died): the dataset may move again. Only with --force, and only
+    /// once those containers are known to be stopped.
+    Unmount {
+        name: String,
+        /// Only the mounts on this node (name or id).
+        #[arg(long)]
+        node: Option<String>,
+        /// Yes: the containers are gone.
+        #[arg(long)]
+        force: bool,
+    },
     /// Move a dataset (one no application uses) to another node, with its snapshots.
     Move {
         name: String,
@@ -162,6 +174,7 @@ fn dataset_json(d: &Dataset) -> Value {
             "error": (!h.error.is_empty()).then_some(&h.error),
         })).collect::<Vec<_>>(),
         "transfers": d.transfers.iter().map(transfer_json).collect::<Vec<_>>(),
+        "mounts": d.mounts.iter().map(|m| json!({"node": m.node, "id": m.id})).collect::<Vec<_>>(),
     })
 }
 
@@ -198,6 +211,10 @@ fn datasets_table(ds: &[Dataset]) -> String {
         if !d.moving_to.is_empty() {
             holders.push(format!("moving to {}", d.moving_to));
         }
+        if let Some(m) = d.mounts.first() {
+            let n = d.mounts.iter().filter(|x| x.node == m.node).count();
+            holders.push(format!("mounted by {n} container(s) on {}", m.node));
+        }
         rows.push([
             d.name.clone(),
             d.primary_name.clone(),
@@ -227,6 +244,25 @@ async fn get(api: &mut ApiClient<Channel>, name: &str) -> anyhow::Result<Dataset
 /// Runs one `flockctl dataset` command.
 pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Result<i32> {
     match cmd {
+        DatasetCmd::Unmount { name, node, force } => {
+            if !force {
+                eprintln!(
+                    "flockctl: this forgets the Docker containers' mounts of {name}, as if they had unmounted it; \
+                     a container still running would then share it with the next node that mounts it. \
+                     Once they are gone (their node died or was wiped), run it again with --force"
+                );
+                return Ok(2);
+            }
+            let r = api
+                .dataset_unmount(DatasetUnmountRequest {
+                    name: name.clone(),
+                    node: node.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("forgot {} mount(s) of {name}", r.dropped);
+        }
         DatasetCmd::Create {
             name,
             node,

@@ -55,6 +55,33 @@ pub struct NodeOptions {
     pub storage: Option<StorageChoice>,
     /// The node's labels for placement constraints; `None` keeps the ones the cluster has.
     pub labels: Option<std::collections::BTreeMap<String, String>>,
+    /// Where the routing mesh listens.
+    pub mesh: MeshAddr,
+    /// The Docker volume plugin's name (its socket: `/run/docker/plugins/NAME.sock`); `None`:
+    /// no plugin. Default: none; flockd's `init`, `join` and `run` serve "flock".
+    pub plugin: Option<String>,
+}
+
+/// Where a node's routing mesh listens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MeshAddr {
+    /// On the address the node listens on (all interfaces when it listens on all).
+    #[default]
+    Listen,
+    At(std::net::IpAddr),
+    Off,
+}
+
+impl std::str::FromStr for MeshAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(MeshAddr::Off),
+            _ => s.parse().map(MeshAddr::At).map_err(|_| {
+                format!("{s:?} is not an IP address: give the address the routing mesh listens on (0.0.0.0 for all), or \"off\"")
+            }),
+        }
+    }
 }
 
 impl Default for NodeOptions {
@@ -67,6 +94,8 @@ impl Default for NodeOptions {
             request_timeout: Duration::from_secs(5),
             storage: None,
             labels: None,
+            mesh: MeshAddr::Listen,
+            plugin: None,
         }
     }
 }
@@ -135,6 +164,11 @@ pub struct RunningNode {
     pub tls: NodeTls,
     /// The process driver that runs this node's apps.
     pub drivers: crate::driver::Drivers,
+    /// Where the routing mesh listens; `None` when it is off.
+    pub mesh: Option<std::net::IpAddr>,
+    /// The Docker volume plugin's socket, when it is served.
+    pub plugin: Option<std::path::PathBuf>,
+    plugin_task: Option<JoinHandle<()>>,
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     worker: JoinHandle<()>,
@@ -358,6 +392,12 @@ impl RunningNode {
         )
         .await?;
         let apps_view = crate::apps::AppsView::default();
+        let mesh_view = crate::mesh::MeshView::default();
+        let mesh = match opts.mesh {
+            MeshAddr::Listen => Some(bound.ip()),
+            MeshAddr::At(ip) => Some(ip),
+            MeshAddr::Off => None,
+        };
         let config = opts.raft_config(&identity.cluster_id)?;
         let closer = store.closer();
         let (log, sm, _, _) = store.into_parts();
@@ -390,6 +430,7 @@ impl RunningNode {
                 datasets: datasets.clone(),
                 drivers: drivers.clone(),
                 apps: apps_view.clone(),
+                mesh: mesh_view.clone(),
             },
         );
         let quic = crate::transfer::quic::bind_endpoint(bound, &tls)
@@ -423,14 +464,35 @@ impl RunningNode {
             datasets.clone(),
             drivers.clone(),
             apps_view,
+            mesh.map(|ip| crate::mesh::link_host(ip, &identity.advertise)),
             stopped.clone(),
         ));
+        if let Some(ip) = mesh {
+            tokio::spawn(crate::mesh::run(
+                cluster.clone(),
+                crate::mesh::MeshOptions::new(ip),
+                mesh_view,
+                stopped.clone(),
+            ));
+        }
         tokio::spawn(crate::report::run(
             cluster.clone(),
             opts.labels.clone(),
             crate::report::local_capacity(drivers.docker.is_some()),
             stopped.clone(),
         ));
+        // The plugin is a front door, not the node's job: a socket it cannot have is a warning.
+        let plugin_socket = opts.plugin.as_ref().and_then(|name| {
+            crate::plugin::PluginSocket::bind(std::path::Path::new(crate::plugin::PLUGIN_DIR), name)
+                .inspect_err(|e| tracing::warn!("{e}; the Docker volume plugin is off"))
+                .ok()
+        });
+        let plugin = plugin_socket.as_ref().map(|p| p.path.clone());
+        let plugin_task = plugin_socket.map(|socket| {
+            let mut volumes = crate::plugin::Volumes::new(cluster.clone(), datasets.clone());
+            volumes.docker = drivers.docker.as_ref().map(|d| d.client().clone());
+            tokio::spawn(socket.serve(Arc::new(volumes), stopped.clone()))
+        });
         let peers = Arc::new(Peers::new(quic.clone()));
         tokio::spawn(crate::datasets::agent::run(
             cluster.clone(),
@@ -440,6 +502,9 @@ impl RunningNode {
             stopped,
         ));
         Ok(RunningNode {
+            plugin,
+            plugin_task,
+            mesh,
             cluster,
             identity,
             bound,
@@ -535,6 +600,9 @@ impl RunningNode {
             _ => {}
         }
         let _ = self.worker.await;
+        if let Some(t) = self.plugin_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
         self.quic.close(0u32.into(), b"shutdown");
         if let Err(e) = self.cluster.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::client::ClientConfig;
-use crate::daemon::{Endpoint, NodeOptions, RunningNode};
+use crate::daemon::{Endpoint, MeshAddr, NodeOptions, RunningNode};
 use crate::datadir::DataDir;
 
 /// Waits for Ctrl-C or SIGTERM; returns which.
@@ -57,6 +57,17 @@ pub async fn run(
     let dir = |i: usize| DataDir::new(root.join(format!("n{i}")));
     let addr = |i: usize| format!("127.0.0.1:{}", port as usize + i - 1);
     let resume = dir(1).load_identity().is_ok();
+    // Each node's routing mesh on its own loopback address (127.0.0.I), so that every node can
+    // listen on every published port.
+    let opts_of = |i: usize| {
+        let mut o = opts.clone();
+        if o.mesh == MeshAddr::Listen {
+            o.mesh = MeshAddr::At(std::net::IpAddr::from([127, 0, 0, (i % 255) as u8]));
+        }
+        // One Docker engine, several nodes: each its own volume plugin, flock-n1, flock-n2...
+        o.plugin = o.plugin.map(|p| format!("{p}-n{i}"));
+        o
+    };
 
     let mut running: Vec<RunningNode> = Vec::new();
     let started = async {
@@ -70,13 +81,13 @@ pub async fn run(
                         root.display()
                     );
                 }
-                running.push(RunningNode::run(&dd, None, opts).await?);
+                running.push(RunningNode::run(&dd, None, &opts_of(i)).await?);
             }
         } else {
             let ep = Endpoint::bind(&addr(1), None).await.map_err(|e| {
                 anyhow::anyhow!("{e} (another flockd dev? pick other ports with --port)")
             })?;
-            let first = RunningNode::init(&dir(1), ep, Some("n1".into()), opts).await?;
+            let first = RunningNode::init(&dir(1), ep, Some("n1".into()), &opts_of(1)).await?;
             let token = first.token()?;
             running.push(first);
             for i in 2..=nodes {
@@ -90,7 +101,7 @@ pub async fn run(
                     &token,
                     Some(format!("n{i}")),
                     Duration::from_secs(15),
-                    opts,
+                    &opts_of(i),
                 )
                 .await?;
                 n.wait_until_member(Duration::from_secs(30)).await?;
@@ -117,7 +128,21 @@ pub async fn run(
         }
     );
     for n in &running {
-        println!("  {}  {}", n.identity.name, n.identity.advertise);
+        match n.mesh {
+            Some(ip) => println!(
+                "  {}  {}  (apps' published ports on {ip})",
+                n.identity.name, n.identity.advertise
+            ),
+            None => println!("  {}  {}", n.identity.name, n.identity.advertise),
+        }
+    }
+    for n in running.iter().filter(|n| n.plugin.is_some()) {
+        println!(
+            "  docker run -v demo:/data --volume-driver={}-{} ...   (node {}'s volume plugin)",
+            opts.plugin.as_deref().unwrap_or_default(),
+            n.identity.name,
+            n.identity.name
+        );
     }
     // The admin config init wrote names node 1 only; list every node so flockctl fails over.
     let conf_path = dir(1).admin_config_path();

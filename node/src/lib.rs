@@ -12,7 +12,9 @@
 //! - [`driver`]: running apps on this node (the process driver).
 //! - [`datasets`]: the node's storage backend, dataset operations and the convergence agent.
 //! - [`transfer`]: snapshot streams between nodes over QUIC.
+//! - [`mesh`]: the routing mesh, which forwards every app's external port on every node.
 //! - [`report`]: the node's capacity and labels, reported to the cluster at start.
+//! - [`plugin`]: the Docker volume plugin, on a unix socket.
 
 pub mod api;
 pub mod apps;
@@ -26,7 +28,9 @@ pub mod datadir;
 pub mod datasets;
 pub mod dev;
 pub mod driver;
+pub mod mesh;
 pub mod pki;
+pub mod plugin;
 pub mod report;
 pub mod token;
 pub mod transfer;

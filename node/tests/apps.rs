@@ -4,8 +4,6 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -13,43 +11,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The test app, built beside flockd by the workspace build.
-fn testapp() -> PathBuf {
-    let p = PathBuf::from(FLOCKD).with_file_name("flock-testapp");
-    assert!(
-        p.exists(),
-        "{} is missing: build it with `cargo build -p flock-testapp` (./test.sh builds the whole workspace)",
-        p.display()
-    );
-    p
-}
-
 fn app(c: &TestCluster, name: &str) -> Value {
     serde_json::from_str(&c.ctl_ok(c.addr(1), &["app", "show", name, "--json"])).unwrap()
-}
-
-fn ask(addr: &str, req: &str) -> Option<String> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("{req}\n").as_bytes()).ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    Some(line.trim().to_string())
-}
-
-fn pid_alive(pid: &str) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }
 
 fn write_files(dir: &std::path::Path, port: u16, counter_on: &str) -> (PathBuf, PathBuf) {
@@ -311,59 +274,6 @@ fn a02_placement_fits_apps_to_nodes_and_refuses_what_cannot_run() {
     c.ctl_ok(c.addr(1), &["app", "rm", "anywhere"]);
 }
 
-/// Appends `w<i>` to the test app as fast as it answers, on one connection (a new one after an
-/// error), until `stop`; every acknowledged entry with the time of its OK.
-fn writer(
-    addr: String,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Vec<(String, Instant)> {
-    use std::sync::atomic::Ordering;
-    let mut acked = Vec::new();
-    let mut i = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(s) = TcpStream::connect(&addr) else {
-            thread::sleep(Duration::from_millis(5));
-            continue;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut w = s.try_clone().unwrap();
-        let mut r = BufReader::new(s);
-        while !stop.load(Ordering::Relaxed) {
-            i += 1;
-            let v = format!("w{i}");
-            let mut line = String::new();
-            let ok = w.write_all(format!("APPEND {v}\n").as_bytes()).is_ok()
-                && r.read_line(&mut line).is_ok_and(|n| n > 0)
-                && line.starts_with("OK ");
-            if !ok {
-                break;
-            }
-            acked.push((v, Instant::now()));
-        }
-    }
-    acked
-}
-
-/// Every entry the test app at `addr` holds.
-fn read_all(addr: &str) -> Vec<String> {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut w = s.try_clone().unwrap();
-    w.write_all(b"READ\n").unwrap();
-    let mut out = Vec::new();
-    for line in BufReader::new(s).lines() {
-        let line = line.unwrap();
-        if line == "END" {
-            break;
-        }
-        out.push(
-            line.split_once(' ')
-                .map_or(line.clone(), |(_, t)| t.to_string()),
-        );
-    }
-    out
-}
-
 /// `flockctl app move` of the test app, from n1 to n3, while a client appends to it without
 /// pause: every acknowledged append is there after the move, the bulk data too, the app runs
 /// once, on n3, and the dataset's primary is n3. Prints the longest gap between two acks.
@@ -505,24 +415,55 @@ fn instances(port: u16) -> usize {
 /// while the first phase is interrupted the app keeps serving on the source. A failpoint holds the move 3 s after the step, for the kill to land there.
 #[test]
 fn a05_moves_interrupted_by_kills_end_in_one_copy_with_every_acked_write() {
+    // (step held, the node killed: "source" n2, "target" n3, or "leader"; or "cancel")
+    interrupted_moves(
+        &[
+            ("copied", "target"),
+            ("copied", "source"),
+            ("handoff", "source"),
+            ("handoff", "target"),
+            ("handoff", "leader"),
+            ("copied", "leader"),
+            ("copied", "cancel"),
+            ("handoff", "cancel"),
+        ],
+        false,
+    );
+}
+
+/// a05's kills on the zfs backend (real zfs-fuse pools), in both phases.
+#[test]
+fn a06_moves_interrupted_by_kills_on_zfs() {
+    interrupted_moves(
+        &[
+            ("copied", "target"),
+            ("copied", "source"),
+            ("copied", "leader"),
+            ("handoff", "source"),
+            ("handoff", "target"),
+            ("handoff", "leader"),
+        ],
+        true,
+    );
+}
+
+/// For each (step, victim): a move of the test app from n2 to n3 under writes, held at `step`
+/// by the failpoint, then the victim killed and restarted (or the move cancelled). Every case
+/// ends with the app running once, where it should, with every acknowledged append.
+fn interrupted_moves(cases: &[(&str, &str)], zfs: bool) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    // (step held, the node killed: "source" n2, "target" n3, or "leader")
-    let cases = [
-        ("copied", "target"),
-        ("copied", "source"),
-        ("handoff", "source"),
-        ("handoff", "target"),
-        ("handoff", "leader"),
-        ("copied", "leader"),
-        ("copied", "cancel"),
-        ("handoff", "cancel"),
-    ];
-    for (step, victim) in cases {
+    for &(step, victim) in cases {
         // SAFETY: nextest runs each test in its own process, and no other thread reads the
         // environment here; the flockd processes inherit it.
         unsafe { std::env::set_var("FLOCK_FAILPOINT_MOVE_HOLD", format!("{step}:3000")) };
-        let mut c = TestCluster::start(3, &[]);
+        // Fresh pools per case, destroyed after its cluster (dropped first: declared later).
+        let mut pools = zfs.then(Pools::new);
+        let args: Vec<Vec<String>> = match pools.as_mut() {
+            Some(p) => (0..3).map(|_| zfs_args(&p.create(128))).collect(),
+            None => Vec::new(),
+        };
+        let mut c = TestCluster::start_with(3, &[], args);
         let port = free_port();
         let app_addr = format!("127.0.0.1:{port}");
         let dir = tempfile::tempdir().unwrap();

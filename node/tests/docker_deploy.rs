@@ -27,23 +27,6 @@ const GREETING: &str = "hello-from-flock";
 const MEM_LIMIT: u64 = 64 << 20;
 const CPU_SHARES: u64 = 512;
 
-/// Runs `docker ARGS`; its stdout, or `Err(stderr)`.
-fn docker(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .expect("run docker");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
-    } else {
-        Err(format!(
-            "docker {args:?} failed ({:?}): {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// Full ids of the containers (running or not) carrying every label of `labels`.
 fn containers_with(labels: &[String]) -> Vec<String> {
     let mut args = vec!["ps", "-aq", "--no-trunc"];

@@ -252,6 +252,8 @@ impl ClusterState {
         to: NodeId,
     ) -> Result<CommandResult, ApplyError> {
         self.usable_node(to)?;
+        // Docker containers write it where it is: it moves once the last one unmounted.
+        self.not_mounted(id)?;
         let ds = self.dataset_mut(id)?;
         if ds.primary == to {
             return Err(ApplyError::AlreadyPrimary {

@@ -11,6 +11,8 @@
 //!   and the rules that keep one writer per dataset.
 //! - [`membership`]: decisions about Raft membership (which learners to promote to voters,
 //!   whether removing a voter keeps a quorum), as plain functions over plain values.
+//! - [`mount`]: Docker containers' mounts of datasets (the volume plugin), and the rule that a
+//!   dataset is mounted only on its primary and never moves while mounted.
 //!
 //! The Raft layer (`flock-raft`) stores commands and calls `apply`; the node (`flock-node`)
 //! asks the planners what to do and carries it out.
@@ -20,6 +22,7 @@ pub mod config;
 pub mod dataset;
 pub mod fit;
 pub mod membership;
+pub mod mount;
 pub mod state;
 
 pub use app::{App, Change};

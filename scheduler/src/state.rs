@@ -48,6 +48,8 @@ pub struct ClusterState {
     pub apps: BTreeMap<String, App>,
     /// Grows by one with every deploy.
     pub deploy_generation: u64,
+    /// Docker containers' mounts of datasets, by dataset (see [`crate::mount`]).
+    pub mounts: BTreeMap<DatasetId, crate::mount::Mounts>,
 }
 
 /// A machine in the cluster.
@@ -196,6 +198,24 @@ pub enum Command {
         labels: Option<BTreeMap<String, String>>,
         capacity: crate::fit::Capacity,
     },
+    /// A Docker container (Docker's mount `id`) mounted the dataset on `node`, its primary.
+    MountVolume {
+        dataset: DatasetId,
+        node: NodeId,
+        id: String,
+    },
+    /// The container with mount `id` on `node` unmounted the dataset.
+    UnmountVolume {
+        dataset: DatasetId,
+        node: NodeId,
+        id: String,
+    },
+    /// Drops the dataset's recorded mounts (on `node` only, if given): the operator's way out
+    /// when a node died with containers that no longer exist.
+    ForgetMounts {
+        dataset: DatasetId,
+        node: Option<NodeId>,
+    },
 }
 
 /// What applying a [`Command`] did.
@@ -260,6 +280,17 @@ pub enum CommandResult {
     },
     AppMoveCancelled {
         node: NodeId,
+    },
+    /// The dataset's mounts on the node, this one included.
+    VolumeMounted {
+        mounts: usize,
+    },
+    /// The dataset's mounts left on the node.
+    VolumeUnmounted {
+        mounts: usize,
+    },
+    MountsForgotten {
+        dropped: usize,
     },
 }
 
@@ -348,6 +379,24 @@ pub enum ApplyError {
     AppAlreadyThere { app: String, node: String },
     #[error("app {app:?} is not moving")]
     AppNotMoving { app: String },
+    #[error("volume {dataset:?} is in use by {containers} container(s) on node {node:?}; stop them there first (if {node:?} is gone for good: `flockctl dataset unmount {dataset} --force`)")]
+    VolumeMounted {
+        dataset: String,
+        node: String,
+        containers: usize,
+    },
+    #[error(
+        "volume {dataset:?} is on node {primary:?}, not on {node:?}; it must move there first"
+    )]
+    NotOnNode {
+        dataset: String,
+        node: String,
+        primary: String,
+    },
+    #[error("volume {dataset:?} is moving to node {to:?}; try again when the move is done (`flockctl dataset ls {dataset}`)")]
+    VolumeMoving { dataset: String, to: String },
+    #[error("invalid mount id {id:?}: expected 1 to 128 bytes")]
+    InvalidMountId { id: String },
 }
 
 impl ClusterState {
@@ -428,6 +477,7 @@ impl ClusterState {
                 }
                 self.nodes.remove(id);
                 self.forget_dataset_holder(*id);
+                self.prune_mounts(Some(*id));
                 Ok(CommandResult::NodeRemoved { id: *id })
             }
             Command::RotateJoinSecret { secret } => {
@@ -467,13 +517,17 @@ impl ClusterState {
             }
             Command::DeleteDataset { dataset } => {
                 self.dataset_unused(*dataset)?;
+                self.not_mounted(*dataset)?;
                 self.delete_dataset(*dataset)
             }
             Command::BeginDatasetMove { dataset, to } => {
                 self.dataset_unused(*dataset)?;
                 self.begin_dataset_move(*dataset, *to)
             }
-            Command::Deploy { apps } => self.deploy(apps),
+            Command::Deploy { apps } => {
+                self.deploy_not_mounted(apps)?;
+                self.deploy(apps)
+            }
             Command::ReportNode {
                 id,
                 labels,
@@ -532,6 +586,11 @@ impl ClusterState {
                 }
                 Ok(r)
             }
+            Command::MountVolume { dataset, node, id } => self.mount_volume(*dataset, *node, id),
+            Command::UnmountVolume { dataset, node, id } => Ok(CommandResult::VolumeUnmounted {
+                mounts: self.unmount_volume(*dataset, *node, id),
+            }),
+            Command::ForgetMounts { dataset, node } => self.forget_mounts(*dataset, *node),
             // `apply` unpacks batches; one reaching here was nested.
             Command::Batch(_) => Err(ApplyError::NestedBatch),
             Command::KvDelete { key } => {

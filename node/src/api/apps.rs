@@ -329,7 +329,34 @@ impl ApiService {
                     Some(s)
                 })
                 .collect(),
+            mesh: self.mesh_report(),
         }
+    }
+
+    /// This node's routing mesh, for `app ls`; `None` when it is off.
+    fn mesh_report(&self) -> Option<pb::MeshReport> {
+        use crate::mesh::PortState;
+        let m = self.mesh.snapshot();
+        Some(pb::MeshReport {
+            addr: m.ip?.to_string(),
+            ports: m
+                .ports
+                .into_iter()
+                .map(|(port, (app, st))| {
+                    let (state, problem) = match st {
+                        PortState::Serving => ("serving", String::new()),
+                        PortState::ServedByApp => ("served by the app", String::new()),
+                        PortState::Problem(p) => ("problem", p),
+                    };
+                    pb::MeshPort {
+                        port: port.into(),
+                        app,
+                        state: state.into(),
+                        problem,
+                    }
+                })
+                .collect(),
+        })
     }
 
     pub(super) async fn do_app_list(
@@ -346,14 +373,12 @@ impl ApiService {
             .into());
         }
         // An app is reported by the node it runs on: while its dataset moves, the primary.
+        // Every node is asked: each reports its routing mesh too.
         let where_of = |a: &flock_scheduler::App| state.app_runs_on(a).unwrap_or(a.node);
         let nodes: Vec<(NodeId, String)> = state
-            .apps
-            .values()
-            .map(where_of)
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .filter_map(|id| state.nodes.get(&id).map(|n| (id, n.addr.clone())))
+            .nodes
+            .iter()
+            .map(|(id, n)| (*id, n.addr.clone()))
             .collect();
         let reports: BTreeMap<NodeId, Option<pb::LocalAppsReply>> =
             join_all(nodes.iter().map(|(id, addr)| async move {
@@ -415,6 +440,12 @@ impl ApiService {
                     s.detail = format!("node {} did not answer", s.node);
                     s
                 }
+            })
+            .map(|mut s: pb::AppStatus| {
+                if let Some(app) = state.apps.get(&s.name) {
+                    (s.endpoints, s.mesh_problems) = mesh_endpoints(&state, app, &reports);
+                }
+                s
             })
             .collect();
         Ok(Response::new(pb::AppListReply {
@@ -490,4 +521,44 @@ impl ApiService {
         };
         Ok(Response::new(pb::AppLogsReply { lines, offset }))
     }
+}
+
+/// Where `app`'s external ports are served through the mesh (HOST:PORT on each node that
+/// serves them), and the nodes that do not serve them, with why.
+fn mesh_endpoints(
+    state: &ClusterState,
+    app: &flock_scheduler::App,
+    reports: &BTreeMap<NodeId, Option<pb::LocalAppsReply>>,
+) -> (Vec<String>, Vec<String>) {
+    let (mut endpoints, mut problems) = (Vec::new(), Vec::new());
+    for p in &app.spec.ports {
+        for (id, report) in reports {
+            let node = node_name(state, *id);
+            let Some(report) = report else {
+                problems.push(format!("{node}: did not answer"));
+                continue;
+            };
+            let Some(mesh) = &report.mesh else {
+                problems.push(format!("{node}: the routing mesh is off"));
+                continue;
+            };
+            let host = match mesh.addr.parse::<std::net::IpAddr>() {
+                Ok(ip) => {
+                    crate::mesh::link_host(ip, state.nodes.get(id).map_or("", |n| n.addr.as_str()))
+                }
+                Err(_) => mesh.addr.clone(),
+            };
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host
+            };
+            match mesh.ports.iter().find(|m| m.port == u32::from(p.external)) {
+                Some(m) if m.state != "problem" => endpoints.push(format!("{host}:{}", p.external)),
+                Some(m) => problems.push(format!("{node}: {}", m.problem)),
+                None => problems.push(format!("{node}: not listening on {} yet", p.external)),
+            }
+        }
+    }
+    (endpoints, problems)
 }

@@ -78,6 +78,13 @@ fn dataset_proto(state: &ClusterState, ds: &Dataset) -> pb::Dataset {
             .unwrap_or_default(),
         holders: Vec::new(),
         transfers: Vec::new(),
+        mounts: state
+            .mounts_of(ds.id)
+            .map(|(node, id)| pb::VolumeMount {
+                node: node_name(state, *node),
+                id: id.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -553,6 +560,45 @@ impl ApiService {
             })
             .await?;
         Ok(Response::new(pb::DatasetMoveReply { dataset }))
+    }
+}
+
+impl ApiService {
+    /// `flockctl dataset unmount NAME --force`: forgets Docker's mounts of the dataset, for
+    /// containers that are gone without unmounting (their node died).
+    pub(super) async fn do_dataset_unmount(
+        &self,
+        req: Request<pb::DatasetUnmountRequest>,
+    ) -> Reply<pb::DatasetUnmountReply> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let (ds, node) = self
+            .cluster
+            .read(false, |a| -> Result<_, ClusterError> {
+                let ds = find_dataset(&a.cluster, &req.name)?;
+                let node = if req.node.is_empty() {
+                    None
+                } else {
+                    Some(resolve_node(&a.cluster, &req.node)?)
+                };
+                Ok((ds, node))
+            })
+            .await??;
+        match self
+            .cluster
+            .propose(Command::ForgetMounts {
+                dataset: ds.id,
+                node,
+            })
+            .await?
+        {
+            CommandResult::MountsForgotten { dropped } => {
+                Ok(Response::new(pb::DatasetUnmountReply {
+                    dropped: dropped as u64,
+                }))
+            }
+            other => Err(rejected(other)),
+        }
     }
 }
 

@@ -29,6 +29,7 @@ pub struct LocalParts {
     pub datasets: Arc<Datasets>,
     pub drivers: crate::driver::Drivers,
     pub apps: crate::apps::AppsView,
+    pub mesh: crate::mesh::MeshView,
 }
 
 /// The API service of one node.
@@ -45,6 +46,8 @@ pub struct ApiService {
     /// This node's app driver and the app agent's view.
     drivers: crate::driver::Drivers,
     apps: crate::apps::AppsView,
+    /// This node's routing mesh, as it reports itself.
+    mesh: crate::mesh::MeshView,
 }
 
 impl ApiService {
@@ -60,6 +63,7 @@ impl ApiService {
             datasets,
             drivers,
             apps,
+            mesh,
         } = local;
         ApiServer::new(ApiService {
             cluster,
@@ -70,6 +74,7 @@ impl ApiService {
             datasets,
             drivers,
             apps,
+            mesh,
         })
     }
 
@@ -418,6 +423,13 @@ impl Api for ApiService {
 
     async fn dataset_move(&self, req: Request<DatasetMoveRequest>) -> Reply<DatasetMoveReply> {
         self.do_dataset_move(req).await
+    }
+
+    async fn dataset_unmount(
+        &self,
+        req: Request<DatasetUnmountRequest>,
+    ) -> Reply<DatasetUnmountReply> {
+        self.do_dataset_unmount(req).await
     }
 
     async fn local_datasets(

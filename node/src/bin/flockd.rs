@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use flock_node::daemon::{Endpoint, NodeOptions, RunningNode};
+use flock_node::daemon::{Endpoint, MeshAddr, NodeOptions, RunningNode};
 use flock_node::datadir::DataDir;
 use flock_node::datasets::StorageChoice;
 
@@ -61,6 +61,10 @@ enum Cmd {
         /// Keep the nodes' data here (reused on the next run) instead of a temporary directory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Serve each node's Docker volume plugin as PREFIX-n1, PREFIX-n2... (none by default:
+        /// the engine remembers every plugin it used until it restarts).
+        #[arg(long, value_name = "PREFIX")]
+        plugin_name: Option<String>,
         #[command(flatten)]
         raft: RaftArgs,
     },
@@ -99,6 +103,17 @@ struct StorageArgs {
     /// node's labels; left out, the node keeps the ones it has.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
+    /// The address the routing mesh listens on for apps' published ports (default: the
+    /// address --listen binds; 0.0.0.0 for every interface), or "off".
+    #[arg(long, value_name = "IP|off")]
+    mesh_addr: Option<MeshAddr>,
+    /// The Docker volume plugin's name, what `docker run --volume-driver=NAME` takes; it is
+    /// served on /run/docker/plugins/NAME.sock. Default: flock.
+    #[arg(long, value_name = "NAME")]
+    plugin_name: Option<String>,
+    /// Serve no Docker volume plugin (unless --plugin-name is given).
+    #[arg(long, env = "FLOCK_NO_PLUGIN")]
+    no_plugin: bool,
 }
 
 impl StorageArgs {
@@ -109,6 +124,12 @@ impl StorageArgs {
                 None
             } else {
                 Some(flock_node::report::parse_labels(&self.labels)?)
+            },
+            mesh: self.mesh_addr.unwrap_or_default(),
+            plugin: match (&self.plugin_name, self.no_plugin) {
+                (Some(name), _) => Some(name.clone()),
+                (None, true) => None,
+                (None, false) => Some(flock_node::plugin::DEFAULT_NAME.to_string()),
             },
             ..raft.options()
         })
@@ -145,6 +166,8 @@ impl RaftArgs {
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             storage: None,
             labels: None,
+            mesh: MeshAddr::Listen,
+            plugin: None,
         }
     }
 }
@@ -178,8 +201,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             nodes,
             port,
             data_dir,
+            plugin_name,
             raft,
-        } => return flock_node::dev::run(nodes, port, data_dir, &raft.options()).await,
+        } => {
+            let opts = NodeOptions {
+                plugin: plugin_name,
+                ..raft.options()
+            };
+            return flock_node::dev::run(nodes, port, data_dir, &opts).await;
+        }
         Cmd::Init { node: n } => {
             let dd = DataDir::new(&n.data_dir);
             let ep = Endpoint::bind(&n.listen, n.advertise).await?;

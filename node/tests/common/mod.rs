@@ -2,7 +2,8 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -35,6 +36,9 @@ impl Proc {
         let mut child = Command::new(FLOCKD)
             .args(args)
             .env("RUST_LOG", "warn,flock_node=info,flock_raft=info")
+            // No Docker volume plugin unless a test names one (--plugin-name): a flockd killed
+            // with -9 leaves its socket behind, and the engine waits on it in `docker volume ls`.
+            .env("FLOCK_NO_PLUGIN", "true")
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -212,8 +216,15 @@ impl TestCluster {
         c
     }
 
+    /// Node `i`'s own flags. Each node's routing mesh listens on its own loopback address,
+    /// 127.0.0.(i+1) ([`mesh_ip`]), so that every node can listen on every published port, and
+    /// apps that tests run on 127.0.0.1 never share an address with a mesh.
     fn args_of(&self, i: usize) -> Vec<String> {
-        self.node_args.get(i - 1).cloned().unwrap_or_default()
+        let mut args = self.node_args.get(i - 1).cloned().unwrap_or_default();
+        if !args.iter().any(|a| a == "--mesh-addr") {
+            args.extend(["--mesh-addr".to_string(), mesh_ip(i)]);
+        }
+        args
     }
 
     pub fn data_dir(&self, i: usize) -> PathBuf {
@@ -385,6 +396,11 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
+/// Where node `i`'s routing mesh listens in a [`TestCluster`].
+pub fn mesh_ip(i: usize) -> String {
+    format!("127.0.0.{}", i + 1)
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -398,6 +414,7 @@ pub fn free_port() -> u16 {
 pub fn flockd(args: &[&str]) -> Output {
     Command::new(FLOCKD)
         .args(args)
+        .env("FLOCK_NO_PLUGIN", "true")
         .output()
         .expect("run flockd")
 }
@@ -538,4 +555,114 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+// The test app (flock-testapp) and its clients.
+
+/// Polls `f` every 100 ms until it gives a value; fails the test after `timeout`.
+pub fn until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The test app, built beside flockd by the workspace build.
+pub fn testapp() -> PathBuf {
+    let p = PathBuf::from(FLOCKD).with_file_name("flock-testapp");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build -p flock-testapp` (./test.sh builds the whole workspace)",
+        p.display()
+    );
+    p
+}
+
+/// One request to the test app at `addr` on a new connection; its reply line.
+pub fn ask(addr: &str, req: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("{req}\n").as_bytes()).ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    Some(line.trim().to_string())
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn pid_alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+/// Appends `w<i>` to the test app as fast as it answers, on one connection (a new one after an
+/// error), until `stop`; every acknowledged entry with the time of its OK.
+pub fn writer(
+    addr: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(String, Instant)> {
+    use std::sync::atomic::Ordering;
+    let mut acked = Vec::new();
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(s) = TcpStream::connect(&addr) else {
+            thread::sleep(Duration::from_millis(5));
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            let v = format!("w{i}");
+            let mut line = String::new();
+            let ok = w.write_all(format!("APPEND {v}\n").as_bytes()).is_ok()
+                && r.read_line(&mut line).is_ok_and(|n| n > 0)
+                && line.starts_with("OK ");
+            if !ok {
+                break;
+            }
+            acked.push((v, Instant::now()));
+        }
+    }
+    acked
+}
+
+/// Every entry the test app at `addr` holds.
+pub fn read_all(addr: &str) -> Vec<String> {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(b"READ\n").unwrap();
+    let mut out = Vec::new();
+    for line in BufReader::new(s).lines() {
+        let line = line.unwrap();
+        if line == "END" {
+            break;
+        }
+        out.push(
+            line.split_once(' ')
+                .map_or(line.clone(), |(_, t)| t.to_string()),
+        );
+    }
+    out
+}
+
+/// Runs `docker ARGS`; its stdout, or `Err(stderr)`.
+pub fn docker(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run docker");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    } else {
+        Err(format!(
+            "docker {args:?} failed ({:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }

@@ -1,0 +1,135 @@
+//! One client connection through the mesh: find where the app runs now, connect there, and
+//! forward both ways until both sides have ended.
+
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use flock_scheduler::ClusterState;
+
+use super::splice::pump;
+use super::MeshOptions;
+use crate::cluster::Cluster;
+
+/// Where a connection to an external port goes now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// No app publishes the port (any more).
+    Nobody,
+    /// The app is handed off between nodes: it runs nowhere until the move commits.
+    Moving,
+    /// HOST:PORT of the app on the node that runs it.
+    At(String),
+}
+
+/// Where a connection to external `port` goes in `state`.
+pub fn target(state: &ClusterState, port: u16) -> Target {
+    let found = state.apps.values().find_map(|app| {
+        let p = app.spec.ports.iter().find(|p| p.external == port)?;
+        Some((app, p.internal))
+    });
+    let Some((app, internal)) = found else {
+        return Target::Nobody;
+    };
+    match state.app_runs_on(app).and_then(|id| state.nodes.get(&id)) {
+        Some(node) => {
+            let host = super::host_of(&node.addr);
+            Target::At(if host.contains(':') {
+                format!("[{host}]:{internal}")
+            } else {
+                format!("{host}:{internal}")
+            })
+        }
+        None => Target::Moving,
+    }
+}
+
+/// Pause between attempts to reach an app that did not accept.
+const RETRY_GAP: Duration = Duration::from_millis(25);
+/// The most one connect may take (a node that is down and drops packets).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub(super) async fn connection(
+    client: TcpStream,
+    port: u16,
+    cluster: Arc<Cluster>,
+    opts: MeshOptions,
+) {
+    let Some(backend) = reach(port, &cluster, &opts).await else {
+        refuse(client);
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = backend.set_nodelay(true);
+    if let Err(e) = tokio::try_join!(half(&client, &backend), half(&backend, &client)) {
+        tracing::debug!(port, error = %e, "routing mesh: connection ended with an error");
+        // A reset on one side is passed on as a reset.
+        refuse(client);
+    }
+}
+
+/// One way of a connection: forwards until the sender ends, then passes its end of stream on
+/// (the other way stays open: a client may half-close and still read the reply).
+async fn half(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
+    let n = pump(from, to).await?;
+    let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+    Ok(n)
+}
+
+/// Connects to the app behind `port`, following it while it moves. `None`: refuse the client.
+async fn reach(port: u16, cluster: &Cluster, opts: &MeshOptions) -> Option<TcpStream> {
+    let start = Instant::now();
+    let mut changes = cluster.metrics_watch();
+    // Since when the app has been somewhere (a new place restarts the retry budget: the app
+    // is starting there).
+    let mut placed: Option<(String, Instant)> = None;
+    loop {
+        let now = Instant::now();
+        let t = target(&cluster.view.read().cluster, port);
+        match t {
+            Target::Nobody => return None,
+            Target::Moving => {
+                if now >= start + opts.hold {
+                    tracing::info!(
+                        port,
+                        "routing mesh: the app stayed in a move too long; refusing"
+                    );
+                    return None;
+                }
+                placed = None;
+                // Wait for the next applied entry (the move's commit), or a little.
+                let _ = tokio::time::timeout(RETRY_GAP * 4, changes.changed()).await;
+            }
+            Target::At(addr) => {
+                let since = match &placed {
+                    Some((a, t)) if *a == addr => *t,
+                    _ => {
+                        placed = Some((addr.clone(), now));
+                        now
+                    }
+                };
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
+                    Ok(Ok(s)) => return Some(s),
+                    Ok(Err(e)) if now >= since + opts.retry => {
+                        tracing::info!(port, %addr, error = %e, "routing mesh: the app does not accept; refusing");
+                        return None;
+                    }
+                    Err(_) if now >= since + opts.retry => {
+                        tracing::info!(port, %addr, "routing mesh: the app's node does not answer; refusing");
+                        return None;
+                    }
+                    _ => tokio::time::sleep(RETRY_GAP).await,
+                }
+            }
+        }
+    }
+}
+
+/// Closes with a reset, so the client sees "connection reset" at once rather than a clean end.
+fn refuse(client: TcpStream) {
+    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+    drop(client);
+}

@@ -1,0 +1,367 @@
+//! The Docker volume plugin: flockd answers Docker's volume plugin protocol on a unix socket
+//! (`/run/docker/plugins/NAME.sock`, where the engine discovers plugins by name), so that
+//! `docker run -v demo:/data --volume-driver=flock ...` works on any node and the dataset moves
+//! to the node that mounts it.
+//!
+//! - this file: the socket (binding, refusing one another process serves, removal at
+//!   shutdown) and the HTTP layer: every endpoint takes JSON whatever the content type, and
+//!   answers `{"Err": "..."}` with a message for a Docker user, never hangs.
+//! - [`volumes`]: what each call does to the cluster: datasets through Raft, mounts recorded per
+//!   Docker mount id ([`flock_scheduler::mount`]), the move before a mount.
+//!
+//! The protocol: <https://docs.docker.com/engine/extend/plugins_volume/>.
+
+pub mod volumes;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+
+pub use volumes::Volumes;
+
+/// Where the Docker engine looks for plugin sockets.
+pub const PLUGIN_DIR: &str = "/run/docker/plugins";
+/// The plugin name flockd registers unless told otherwise.
+pub const DEFAULT_NAME: &str = "flock";
+/// The content type of the plugin protocol.
+pub const CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1+json";
+
+/// Errors of setting the plugin's socket up.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("invalid plugin name {0:?}: use letters, digits, '_', '.' and '-' (Docker's --volume-driver takes it)")]
+    InvalidName(String),
+    #[error("{path} is served by another process (another flockd with the same --plugin-name?); give this one another --plugin-name, or --no-plugin")]
+    InUse { path: PathBuf },
+    #[error("cannot serve the Docker volume plugin at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A plugin name: what `--volume-driver` takes, and the socket's file name.
+pub fn validate_name(name: &str) -> Result<(), PluginError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PluginError::InvalidName(name.to_string()))
+    }
+}
+
+/// The bound socket of the plugin.
+pub struct PluginSocket {
+    pub path: PathBuf,
+    listener: UnixListener,
+    /// The socket file's inode, so that shutdown removes only its own.
+    ino: u64,
+}
+
+impl PluginSocket {
+    /// Binds `DIR/NAME.sock`, replacing a stale socket that no process answers on, refusing one
+    /// that another process serves.
+    pub fn bind(dir: &Path, name: &str) -> Result<PluginSocket, PluginError> {
+        validate_name(name)?;
+        let path = dir.join(format!("{name}.sock"));
+        let io = |source| PluginError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(PluginError::InUse { path });
+            }
+            std::fs::remove_file(&path).map_err(io)?;
+        }
+        let listener = UnixListener::bind(&path).map_err(io)?;
+        let ino = std::fs::metadata(&path).map_err(io)?.ino();
+        Ok(PluginSocket {
+            path,
+            listener,
+            ino,
+        })
+    }
+
+    /// Serves the plugin until `shutdown`, then removes the socket file (if it is still ours).
+    pub async fn serve(self, volumes: Arc<Volumes>, mut shutdown: watch::Receiver<bool>) {
+        let PluginSocket {
+            path,
+            listener,
+            ino,
+        } = self;
+        // Calls wait in the socket's backlog meanwhile (bounded: Docker would give up).
+        let limit = volumes.call_limit();
+        match tokio::time::timeout(limit, volumes.forget_stale_mounts()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("recorded Docker mounts of this node not checked: {e}"),
+            Err(_) => tracing::warn!(
+                "recorded Docker mounts of this node not checked: no answer within {limit:?}"
+            ),
+        }
+        tracing::info!(socket = %path.display(), "serving the Docker volume plugin");
+        let r = axum::serve(listener, router(volumes))
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "the Docker volume plugin stopped");
+        }
+        if std::fs::metadata(&path).is_ok_and(|m| m.ino() == ino) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// The plugin's routes over `volumes`.
+pub fn router(volumes: Arc<Volumes>) -> Router {
+    Router::new()
+        .route("/Plugin.Activate", post(activate))
+        .route("/VolumeDriver.Capabilities", post(capabilities))
+        .route("/VolumeDriver.Create", post(create))
+        .route("/VolumeDriver.Remove", post(remove))
+        .route("/VolumeDriver.Mount", post(mount))
+        .route("/VolumeDriver.Unmount", post(unmount))
+        .route("/VolumeDriver.Path", post(path))
+        .route("/VolumeDriver.Get", post(get))
+        .route("/VolumeDriver.List", post(list))
+        .fallback(unknown)
+        .with_state(volumes)
+}
+
+/// A reply in the protocol's content type.
+fn reply(status: StatusCode, body: Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn ok(body: Value) -> Response {
+    reply(StatusCode::OK, body)
+}
+
+/// A failed call: Docker shows `Err` to its user.
+fn err(msg: impl std::fmt::Display) -> Response {
+    ok(json!({ "Err": msg.to_string() }))
+}
+
+/// The request body as `T`; Docker sends JSON under its own content type, so the type is not
+/// checked. The error is the answer to send.
+fn parse<T: DeserializeOwned>(call: &str, body: &Bytes) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(reply(
+            StatusCode::BAD_REQUEST,
+            json!({ "Err": format!("flock: malformed {call} request ({e}); expected JSON such as {{\"Name\": \"demo\"}}") }),
+        ))
+    })
+}
+
+/// Runs a call with a bound on its time: Docker's client gives up after a minute or two, and
+/// an answer that says why is better than a broken pipe.
+async fn bounded(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Response>,
+) -> Response {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r,
+        Err(_) => err(format!(
+            "flock: {what} took longer than {}s (is a majority of the cluster's nodes up? `flockctl status`); try again",
+            limit.as_secs()
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct NameReq {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CreateReq {
+    name: String,
+    #[serde(default)]
+    opts: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct MountReq {
+    name: String,
+    #[serde(rename = "ID", default)]
+    id: String,
+}
+
+async fn activate() -> Response {
+    ok(json!({ "Implements": ["VolumeDriver"] }))
+}
+
+async fn capabilities() -> Response {
+    ok(json!({ "Capabilities": { "Scope": "global" } }))
+}
+
+async fn unknown(uri: axum::http::Uri) -> Response {
+    reply(
+        StatusCode::NOT_FOUND,
+        json!({ "Err": format!("flock: {} is not a call of the volume plugin protocol", uri.path()) }),
+    )
+}
+
+async fn create(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
+    let req: CreateReq = match parse("VolumeDriver.Create", &body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    bounded(v.call_limit(), "creating the volume", async {
+        match v.create(&req.name, req.opts.unwrap_or_default()).await {
+            Ok(()) => ok(json!({ "Err": "" })),
+            Err(e) => err(e),
+        }
+    })
+    .await
+}
+
+async fn remove(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
+    let req: NameReq = match parse("VolumeDriver.Remove", &body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    bounded(v.call_limit(), "removing the volume", async {
+        match v.remove(&req.name).await {
+            Ok(()) => ok(json!({ "Err": "" })),
+            Err(e) => err(e),
+        }
+    })
+    .await
+}
+
+async fn mount(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
+    let req: MountReq = match parse("VolumeDriver.Mount", &body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    // The mount bounds its own wait (and says how far the move got); this is a backstop.
+    bounded(
+        v.mount_wait + v.call_limit(),
+        "mounting the volume",
+        async {
+            match v.mount(&req.name, &req.id).await {
+                Ok(p) => ok(json!({ "Mountpoint": p.display().to_string(), "Err": "" })),
+                Err(e) => err(e),
+            }
+        },
+    )
+    .await
+}
+
+async fn unmount(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
+    let req: MountReq = match parse("VolumeDriver.Unmount", &body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    bounded(v.call_limit(), "unmounting the volume", async {
+        match v.unmount(&req.name, &req.id).await {
+            Ok(()) => ok(json!({ "Err": "" })),
+            Err(e) => err(e),
+        }
+    })
+    .await
+}
+
+async fn path(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
+    let req: NameReq = match parse("VolumeDriver.Path", &body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    bounded(v.call_limit(), "looking the volume up", async {
+        match v.path(&req.name).await {
+            Ok(p) => ok(json!({
+                "Mountpoint": p.map(|p| p.display().to_string()).unwrap_or_default(),
+                "Err": ""
+            })),
+            Err(e) => err(e),
+        }
+    })
+    .await
+}
+
+async fn get(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
+    let req: NameReq = match parse("VolumeDriver.Get", &body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    bounded(v.call_limit(), "looking the volume up", async {
+        match v.get(&req.name).await {
+            Ok(vol) => ok(json!({ "Volume": vol, "Err": "" })),
+            Err(e) => err(e),
+        }
+    })
+    .await
+}
+
+async fn list(State(v): State<Arc<Volumes>>) -> Response {
+    bounded(v.call_limit(), "listing the volumes", async {
+        ok(json!({ "Volumes": v.list(), "Err": "" }))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_names() {
+        for good in ["flock", "flock-n1", "a.b_c"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-x", "a/b", "a b", "../x"] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_live_socket_is_not_taken_over_and_a_stale_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let first = PluginSocket::bind(dir.path(), "p").unwrap();
+            assert!(matches!(
+                PluginSocket::bind(dir.path(), "p"),
+                Err(PluginError::InUse { .. })
+            ));
+            drop(first);
+            // The file is left behind, and nobody answers: it is replaced.
+            assert!(dir.path().join("p.sock").exists());
+            PluginSocket::bind(dir.path(), "p").unwrap();
+        });
+    }
+}
