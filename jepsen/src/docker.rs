@@ -76,6 +76,48 @@ pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<Stri
 
 const SHORT: Duration = Duration::from_secs(30);
 
+/// Where the engine finds volume plugins by their unix sockets.
+const PLUGIN_DIR: &str = "/run/docker/plugins";
+
+/// A compose command that failed or hung may have waited on the engine's volume lookups: the
+/// engine asks every volume plugin it ever saw on each lookup by name (compose looks the
+/// project's named volumes up), and keeps asking one whose socket vanished until dockerd
+/// restarts, for many seconds each time. When a volume listing is slow too, says so, naming
+/// the plugin sockets.
+async fn with_plugin_hint(r: Result<String, DockerError>) -> Result<String, DockerError> {
+    let Err(e) = r else {
+        return r;
+    };
+    if !matches!(e, DockerError::Timeout { .. } | DockerError::Failed { .. }) {
+        return Err(e);
+    }
+    let started = std::time::Instant::now();
+    let slow = run("docker", &["volume", "ls", "-q"], Duration::from_secs(5))
+        .await
+        .is_err()
+        || started.elapsed() > Duration::from_secs(3);
+    if !slow {
+        return Err(e);
+    }
+    let sockets: Vec<String> = std::fs::read_dir(PLUGIN_DIR)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    Err(DockerError::Other(format!(
+        "{e}\n(the engine's volume lookups hang: `docker volume ls` took more than 3 s. On each \
+         lookup the engine asks every volume plugin it has seen, and it keeps asking one whose \
+         socket vanished until dockerd restarts{}; compose cannot work until then. Restart dockerd, then run again.)",
+        if sockets.is_empty() {
+            String::new()
+        } else {
+            format!(" (sockets in {PLUGIN_DIR}: {})", sockets.join(" "))
+        }
+    )))
+}
+
 /// The compose project the tests run.
 #[derive(Clone, Debug)]
 pub struct Compose {
@@ -97,22 +139,24 @@ impl Compose {
 
     /// Removes the cluster's containers, network and volumes.
     pub async fn down(&self) -> Result<(), DockerError> {
-        self.compose(
-            &["down", "-v", "--remove-orphans", "-t", "5"],
-            Duration::from_secs(120),
-        )
-        .await
-        .map(|_| ())
+        let r = self
+            .compose(
+                &["down", "-v", "--remove-orphans", "-t", "5"],
+                Duration::from_secs(120),
+            )
+            .await;
+        with_plugin_hint(r).await.map(|_| ())
     }
 
     /// Starts a fresh cluster (new containers, so new data dirs).
     pub async fn up(&self) -> Result<(), DockerError> {
-        self.compose(
-            &["up", "-d", "--force-recreate", "--renew-anon-volumes"],
-            Duration::from_secs(180),
-        )
-        .await
-        .map(|_| ())
+        let r = self
+            .compose(
+                &["up", "-d", "--force-recreate", "--renew-anon-volumes"],
+                Duration::from_secs(180),
+            )
+            .await;
+        with_plugin_hint(r).await.map(|_| ())
     }
 
     /// The services of the compose file (the node names), sorted.

@@ -68,6 +68,43 @@ pub enum Call {
     /// The cluster's view (`AppList`): the desired node of every app (a linearizable read of the
     /// desired state) and the state its node reports.
     AppList {},
+    /// Move workload (its calls name their app `app_name` in the history: an op's `app` is
+    /// what a call returned): deploy its apps (`Deploy`; only when the app workload does not run,
+    /// which otherwise deploys them with its own, unpinned).
+    MvDeploy { apps: Vec<String> },
+    /// Move workload: `APPEND value` to the test app `app`, through the op's node (direct:
+    /// the node that runs it, at its internal port; mesh: any node, at its external port).
+    MvAppend {
+        #[serde(rename = "app_name")]
+        app: String,
+        value: String,
+        /// `direct` or `mesh`.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        via: String,
+    },
+    /// Move workload: `READ` the whole log of `app` (after the faults).
+    MvRead {
+        #[serde(rename = "app_name")]
+        app: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        via: String,
+    },
+    /// Move workload: `AppMove` of `app` to `to` (returns once the move is recorded).
+    MvMove {
+        #[serde(rename = "app_name")]
+        app: String,
+        to: String,
+    },
+    /// Move workload: `AppMove` with `cancel`.
+    MvCancel {
+        #[serde(rename = "app_name")]
+        app: String,
+    },
+    /// Move workload: `AppList` of `app` (where it runs, and where it moves to).
+    MvLocate {
+        #[serde(rename = "app_name")]
+        app: String,
+    },
 }
 
 /// Where a deploy pins an app, and what the app is.
@@ -97,6 +134,12 @@ impl Call {
             Call::DsRead { .. } | Call::AppDeploy { .. } | Call::AppLocal {} | Call::AppList {} => {
                 "*"
             }
+            Call::MvDeploy { .. } => "*",
+            Call::MvAppend { app, .. }
+            | Call::MvRead { app, .. }
+            | Call::MvMove { app, .. }
+            | Call::MvCancel { app }
+            | Call::MvLocate { app } => app,
         }
     }
 
@@ -116,6 +159,12 @@ impl Call {
             Call::AppDeploy { .. } => "app_deploy",
             Call::AppLocal {} => "app_local",
             Call::AppList {} => "app_list",
+            Call::MvDeploy { .. } => "mv_deploy",
+            Call::MvAppend { .. } => "mv_append",
+            Call::MvRead { .. } => "mv_read",
+            Call::MvMove { .. } => "mv_move",
+            Call::MvCancel { .. } => "mv_cancel",
+            Call::MvLocate { .. } => "mv_locate",
         }
     }
 
@@ -128,6 +177,8 @@ impl Call {
                 | Call::DsRead { .. }
                 | Call::AppLocal {}
                 | Call::AppList {}
+                | Call::MvRead { .. }
+                | Call::MvLocate { .. }
         )
     }
 
@@ -150,6 +201,19 @@ impl Call {
                 | Call::DsCancelMove { .. }
                 | Call::DsState { .. }
                 | Call::DsRead { .. }
+        )
+    }
+
+    /// Whether the call belongs to the move workload (the `mv_*` calls).
+    pub fn is_move(&self) -> bool {
+        matches!(
+            self,
+            Call::MvDeploy { .. }
+                | Call::MvAppend { .. }
+                | Call::MvRead { .. }
+                | Call::MvMove { .. }
+                | Call::MvCancel { .. }
+                | Call::MvLocate { .. }
         )
     }
 
@@ -177,6 +241,16 @@ pub enum AppResult {
     /// `AppList`: every app of the desired state, with its desired node and the state that
     /// node reports.
     List { generation: u64, apps: Vec<AppSeen> },
+    /// The test app acknowledged an `APPEND` at `seq`; `instance`: what `PING` answered on
+    /// the same connection (unique to the process that took it).
+    Appended { seq: u64, instance: String },
+    /// The test app's whole log (`READ`), each entry `(seq, text)`, from `instance`.
+    Log {
+        instance: String,
+        entries: Vec<(u64, String)>,
+    },
+    /// `AppMove` (or its cancel) answered: from where to where.
+    Moved { from: String, to: String },
 }
 
 /// One app as `LocalApps` or `AppList` reports it.
@@ -788,6 +862,89 @@ mod tests {
         ];
         for op in ops {
             assert!(op.call.is_app() && !op.call.is_dataset() && !op.call.is_register());
+            let r = Record::Op(Box::new(op));
+            let line = serde_json::to_string(&r).expect("serializes");
+            let back: Record =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert_eq!(back, r, "{line}");
+        }
+    }
+
+    #[test]
+    fn move_ops_roundtrip_through_json_lines() {
+        let base = Op {
+            index: 1,
+            process: 8_000_000,
+            node: "n2".into(),
+            call: Call::MvAppend {
+                app: "jm-1".into(),
+                value: "w0-1".into(),
+                via: "direct".into(),
+            },
+            outcome: Outcome::Ok,
+            read: None,
+            revision: None,
+            invoke_ns: 1,
+            complete_ns: 2,
+            error: None,
+            ds: None,
+            app: Some(AppResult::Appended {
+                seq: 3,
+                instance: "7-123".into(),
+            }),
+        };
+        let app = || "jm-1".to_string();
+        let ops = [
+            base.clone(),
+            Op {
+                call: Call::MvRead {
+                    app: app(),
+                    via: "mesh".into(),
+                },
+                app: Some(AppResult::Log {
+                    instance: "7-123".into(),
+                    entries: vec![(1, "w0-1".into()), (2, "w1-1".into())],
+                }),
+                ..base.clone()
+            },
+            Op {
+                call: Call::MvMove {
+                    app: app(),
+                    to: "n3".into(),
+                },
+                app: Some(AppResult::Moved {
+                    from: "n2".into(),
+                    to: "n3".into(),
+                }),
+                ..base.clone()
+            },
+            Op {
+                call: Call::MvCancel { app: app() },
+                outcome: Outcome::Unknown,
+                app: None,
+                ..base.clone()
+            },
+            Op {
+                call: Call::MvLocate { app: app() },
+                app: Some(AppResult::List {
+                    generation: 2,
+                    apps: vec![AppSeen {
+                        app: app(),
+                        node: "n2".into(),
+                        state: "running".into(),
+                        ..Default::default()
+                    }],
+                }),
+                ..base.clone()
+            },
+            Op {
+                call: Call::MvDeploy { apps: vec![app()] },
+                app: None,
+                ..base
+            },
+        ];
+        for op in ops {
+            assert!(op.call.is_move() && !op.call.is_app() && !op.call.is_register());
             let r = Record::Op(Box::new(op));
             let line = serde_json::to_string(&r).expect("serializes");
             let back: Record =

@@ -16,6 +16,7 @@ use flock_jepsen::nemesis::parse_nemeses;
 use flock_jepsen::runner::{self, RunOptions, Workloads};
 use flock_jepsen::workload::app::AppOptions;
 use flock_jepsen::workload::dataset::DatasetOptions;
+use flock_jepsen::workload::moves::{self, MoveOptions, Via};
 use flock_jepsen::workload::register::{ReadMode, Register, RegisterOptions};
 use flock_jepsen::workload::Workload;
 
@@ -56,13 +57,15 @@ enum WorkloadArg {
     Dataset,
     /// Apps deployed and moved between nodes; every node asked what it runs.
     App,
-    /// All three, side by side.
+    /// A stateful test app written to while it is moved between nodes; its log read back.
+    Move,
+    /// All four, side by side.
     All,
 }
 
 #[derive(Args, Debug)]
 struct TestArgs {
-    /// The workloads: register, dataset, app or all (the three at once).
+    /// The workloads: register, dataset, app, move or all (the four at once).
     #[arg(long, value_enum, default_value_t = WorkloadArg::All)]
     workload: WorkloadArg,
     /// How long the workload runs under faults.
@@ -139,6 +142,30 @@ struct TestArgs {
     /// After the heal, every app must run exactly once, on its node, within this.
     #[arg(long, default_value = "60s", value_parser = duration)]
     app_bound: Duration,
+    /// How the move workload's clients reach its app: direct (the node that runs it, at the
+    /// app's internal port), mesh (a random node, at its external port: the routing mesh), or
+    /// mixed (even clients direct, odd ones through the mesh).
+    #[arg(long, value_enum, default_value_t = Via::Mixed)]
+    move_via: Via,
+    /// The move workload's test apps (each with a dataset).
+    #[arg(long, default_value_t = 1)]
+    move_apps: usize,
+    /// The move workload's appending clients (spread over its apps).
+    #[arg(long, default_value_t = 4)]
+    move_clients: usize,
+    /// Target appends per second of the move workload, all clients together.
+    #[arg(long, default_value_t = 40.0)]
+    move_rate: f64,
+    /// Mean time between two moves of the move workload's app.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    move_interval: Duration,
+    /// Chance that the move workload cancels a move a moment after asking for it.
+    #[arg(long, default_value_t = 0.2)]
+    move_cancel_probability: f64,
+    /// After the heal, the move workload's app must run in one place and its log be read
+    /// within this.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    move_bound: Duration,
     /// The compose file of the test cluster.
     #[arg(long, default_value = "docker-compose.test.yml")]
     compose_file: PathBuf,
@@ -205,6 +232,31 @@ async fn test(a: TestArgs) -> i32 {
             root.join(p)
         }
     };
+    let with_app = matches!(a.workload, WorkloadArg::App | WorkloadArg::All);
+    let move_opts =
+        matches!(a.workload, WorkloadArg::Move | WorkloadArg::All).then(|| MoveOptions {
+            apps: a.move_apps.max(1),
+            via: a.move_via,
+            clients: a.move_clients.max(1),
+            rate: a.move_rate,
+            move_interval: a.move_interval,
+            cancel_probability: a.move_cancel_probability,
+            bound: a.move_bound,
+            // A deploy replaces the whole configuration: with the app workload, its deployer
+            // deploys the move workload's apps with its own.
+            deploy: !with_app,
+            ..MoveOptions::default()
+        });
+    let extra = match &move_opts {
+        Some(m) if with_app => match moves::specs(m) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("flock-jepsen: {e}");
+                return 2;
+            }
+        },
+        _ => Vec::new(),
+    };
     let mut command_line: Vec<String> = std::env::args().collect();
     if a.seed.is_none() {
         command_line.push(format!("--seed {seed}"));
@@ -238,12 +290,14 @@ async fn test(a: TestArgs) -> i32 {
         },
         workloads: Workloads {
             register: matches!(a.workload, WorkloadArg::Register | WorkloadArg::All),
-            app: matches!(a.workload, WorkloadArg::App | WorkloadArg::All).then(|| AppOptions {
+            app: with_app.then(|| AppOptions {
                 apps: a.apps.max(1),
                 deploy_interval: a.deploy_interval,
                 bound: a.app_bound,
+                extra,
                 ..AppOptions::default()
             }),
+            moves: move_opts,
             dataset: matches!(a.workload, WorkloadArg::Dataset | WorkloadArg::All).then(|| {
                 DatasetOptions {
                     writers: a.datasets.max(1),
@@ -309,6 +363,22 @@ async fn test(a: TestArgs) -> i32 {
                     }
                 );
             }
+            if let Some(m) = &verdict.moves {
+                println!(
+                    "jepsen: move workload after the heal: {}",
+                    if m.ok {
+                        m.read_after_s
+                            .iter()
+                            .map(|(app, t)| {
+                                format!("{app}'s log read {:.1}s after the heal", t.unwrap_or(0.0))
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    } else {
+                        format!("NOT within {:.0}s: {}", m.bound_s, m.problems.join("; "))
+                    }
+                );
+            }
             println!("jepsen: report {}", dir.join("report.md").display());
             match verdict.valid {
                 Some(true) => {
@@ -357,6 +427,9 @@ fn check(path: &Path, max_steps: u64, app_bound: Duration) -> i32 {
     if history.ops.iter().any(|o| o.call.is_app()) {
         checkers.push(Box::new(checker::app::AppsRunRight { bound: app_bound }));
     }
+    if history.ops.iter().any(|o| o.call.is_move()) {
+        checkers.push(Box::new(checker::moves::NoWriteLost));
+    }
     let results: Vec<_> = checkers.iter().map(|c| c.check(&history)).collect();
     for r in &results {
         println!("{}: {}", r.checker, r.summary);
@@ -365,6 +438,34 @@ fn check(path: &Path, max_steps: u64, app_bound: Duration) -> i32 {
                 print!(
                     "{}",
                     a.get("explanation").and_then(|e| e.as_str()).unwrap_or("")
+                );
+            }
+        }
+    }
+    // The move workload's moves, with their fates and the downtime around each.
+    for r in results.iter().filter(|r| r.checker == "moves") {
+        let apps = r.details.get("apps").and_then(|a| a.as_object());
+        for (app, f) in apps.into_iter().flatten() {
+            for m in f
+                .get("moves")
+                .and_then(|m| m.as_array())
+                .into_iter()
+                .flatten()
+            {
+                let x = |k: &str| m.get(k).and_then(|v| v.as_f64());
+                let t = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or("");
+                println!(
+                    "{app}: move at {:.1}s {} -> {} {}; handoff {}; longest without an ack {:.2}s ({})",
+                    x("at_s").unwrap_or(0.0),
+                    t("from"),
+                    t("to"),
+                    t("fate"),
+                    match (x("handoff_s"), x("handoff_at_s")) {
+                        (Some(h), Some(at)) => format!("{h:.2}s (at {at:.1}s)"),
+                        _ => "-".into(),
+                    },
+                    x("gap_s").unwrap_or(0.0),
+                    t("faults")
                 );
             }
         }

@@ -92,7 +92,7 @@ fn markdown(
     let _ = writeln!(s, "- repeat: `{}`", opts.command_line);
     let _ = writeln!(
         s,
-        "- nodes: {}; {}{}{}\n",
+        "- nodes: {}; {}{}{}{}\n",
         meta.map(|m| m.nodes.join(" ")).unwrap_or_default(),
         if opts.workloads.register {
             format!(
@@ -121,6 +121,26 @@ fn markdown(
                 a.apps.div_ceil(2),
                 a.deploy_interval.as_secs_f64(),
                 a.poll_interval.as_millis()
+            ),
+            None => String::new(),
+        },
+        match &opts.workloads.moves {
+            Some(m) => format!(
+                "{}move: {} test app(s), {} appending clients ({}, about {} appends/s), a move about every {:.0}s, cancelled with probability {}",
+                if opts.workloads.register
+                    || opts.workloads.dataset.is_some()
+                    || opts.workloads.app.is_some()
+                {
+                    "; "
+                } else {
+                    ""
+                },
+                m.apps,
+                m.clients,
+                m.via.as_str(),
+                m.rate,
+                m.move_interval.as_secs_f64(),
+                m.cancel_probability
             ),
             None => String::new(),
         }
@@ -213,6 +233,30 @@ fn markdown(
         );
     }
 
+    if let Some(m) = &v.moves {
+        let _ = writeln!(
+            s,
+            "- **move workload after the heal** (each app running in one place, its log read, within {:.0}s): {} — {}\n",
+            m.bound_s,
+            if m.ok { "VALID" } else { "INVALID" },
+            if m.ok {
+                m.read_after_s
+                    .iter()
+                    .map(|(a, t)| {
+                        format!(
+                            "{a} on {} after {:.1}s",
+                            m.final_node.get(a).map(String::as_str).unwrap_or("?"),
+                            t.unwrap_or(0.0)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            } else {
+                m.problems.join("; ")
+            }
+        );
+    }
+
     let st = &v.stats;
     let _ = writeln!(s, "## Figures (workload phase, {:.0}s)\n", st.duration_s);
     let _ = writeln!(
@@ -272,6 +316,9 @@ fn markdown(
     }
     if v.apps.is_some() {
         apps_section(&mut s, history, v);
+    }
+    if v.moves.is_some() {
+        moves_section(&mut s, history, v);
     }
     let _ = writeln!(s, "\n## Timeline\n");
     match png_error {
@@ -585,6 +632,127 @@ fn apps_section(s: &mut String, history: &History, v: &Verdict) {
             }
         }
     }
+}
+
+/// The move workload's figures: per app, appends, what the final log held, moves and their
+/// fates with the downtime around each, acknowledgements per instance.
+fn moves_section(s: &mut String, history: &History, v: &Verdict) {
+    let Some(check) = v.checks.iter().find(|c| c.checker == "moves") else {
+        return;
+    };
+    let Some(apps) = check.details.get("apps").and_then(|m| m.as_object()) else {
+        return;
+    };
+    let _ = writeln!(s, "\n## Move workload\n");
+    for (name, f) in apps {
+        let n = |k: &str| f.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        let x = |k: &str| f.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+        let t = |k: &str| f.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+        let _ = writeln!(
+            s,
+            "**{name}**: appends ok/fail/unknown {}/{}/{} (unknown ones in the final log: {}, not: {}); final log {} entries, read on {} (instance {}); \
+             moves asked ok/refused/unknown {}/{}/{}, of the accepted: {} committed, {} cancelled, {} superseded, {} unresolved; cancels ok/fail/unknown {}/{}/{}; \
+             longest time without an acknowledged append {:.2}s ({:.1}s to {:.1}s)\n",
+            n("acked"),
+            n("failed"),
+            n("unknown"),
+            n("unknown_present"),
+            n("unknown_absent"),
+            n("final_entries"),
+            t("final_node"),
+            t("final_instance"),
+            n("moves_ok"),
+            n("moves_fail"),
+            n("moves_unknown"),
+            n("committed"),
+            n("cancelled"),
+            n("superseded"),
+            n("unresolved"),
+            n("cancels_ok"),
+            n("cancels_fail"),
+            n("cancels_unknown"),
+            x("longest_gap_s"),
+            x("longest_gap_from_s"),
+            x("longest_gap_to_s"),
+        );
+        let _ = writeln!(
+            s,
+            "Accepted moves (handoff: from the last acknowledged append before the first one another instance took after the move (direct: on the target) to that one, and when; downtime: the longest time without an acknowledged append from the move to the next move or cancel, with the faults during it):\n\n\
+             | asked at | from | to | fate | handoff | at | downtime | from | to | faults during it |\n|---:|---|---|---|---:|---:|---:|---:|---:|---|"
+        );
+        for m in f
+            .get("moves")
+            .and_then(|m| m.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let x = |k: &str| m.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+            let t = |k: &str| m.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+            let opt = |k: &str, unit: &str, digits: usize| {
+                m.get(k)
+                    .and_then(|x| x.as_f64())
+                    .map(|v| format!("{v:.digits$}{unit}"))
+                    .unwrap_or_else(|| "-".into())
+            };
+            let _ = writeln!(
+                s,
+                "| {:.1}s | {} | {} | {} | {} | {} | {:.2}s | {:.1}s | {:.1}s | {} |",
+                x("at_s"),
+                t("from"),
+                t("to"),
+                t("fate"),
+                opt("handoff_s", "s", 2),
+                opt("handoff_at_s", "s", 1),
+                x("gap_s"),
+                x("gap_from_s"),
+                x("gap_to_s"),
+                t("faults")
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nAcknowledgements per instance (process) of the app:\n\n| instance | through | acks | seqs | first | last |\n|---|---|---:|---|---:|---:|"
+        );
+        for i in f
+            .get("instances")
+            .and_then(|m| m.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let seqs = i
+                .get("seqs")
+                .and_then(|x| x.as_array())
+                .map(|a| {
+                    a.iter()
+                        .map(|v| v.as_u64().unwrap_or(0).to_string())
+                        .collect::<Vec<_>>()
+                        .join("..")
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {:.1}s | {:.1}s |",
+                i.get("instance").and_then(|x| x.as_str()).unwrap_or(""),
+                i.get("nodes")
+                    .and_then(|x| x.as_array())
+                    .map(|a| a
+                        .iter()
+                        .filter_map(|h| h.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" "))
+                    .unwrap_or_default(),
+                i.get("acks").and_then(|x| x.as_u64()).unwrap_or(0),
+                seqs,
+                i.get("first_s").and_then(|x| x.as_f64()).unwrap_or(0.0),
+                i.get("last_s").and_then(|x| x.as_f64()).unwrap_or(0.0),
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nLatency of ok move-workload calls (workload phase):\n\n{}",
+        latencies(history, v.stats.duration_s, |o| o.call.is_move())
+    );
 }
 
 /// How an op is drawn: a compare-and-set that found another value is an answer, not an error.

@@ -24,6 +24,7 @@ use crate::nemesis::{self, Active, FaultKind, Nemesis, Step};
 use crate::report;
 use crate::workload::app::{self, AppOptions, AppPhase};
 use crate::workload::dataset::{self, DatasetOptions, DatasetPhase};
+use crate::workload::moves::{self, MoveOptions, MovePhase};
 use crate::workload::register::{Register, RegisterOptions};
 use crate::workload::Workload;
 
@@ -36,6 +37,8 @@ pub struct Workloads {
     pub dataset: Option<DatasetOptions>,
     /// The app workload, with its settings.
     pub app: Option<AppOptions>,
+    /// The move workload, with its settings.
+    pub moves: Option<MoveOptions>,
 }
 
 impl Workloads {
@@ -51,6 +54,9 @@ impl Workloads {
         }
         if self.app.is_some() {
             w.push("app");
+        }
+        if self.moves.is_some() {
+            w.push("move");
         }
         if w.is_empty() {
             w.push("register");
@@ -129,6 +135,9 @@ pub struct Verdict {
     /// The app workload's phase after the faults, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub apps: Option<AppPhase>,
+    /// The move workload's phase after the faults, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moves: Option<MovePhase>,
     pub stats: Stats,
 }
 
@@ -804,6 +813,18 @@ async fn run_on_cluster(
         ))
     });
     let app_tasks = app_ctx.clone().map(|ctx| app::start(ctx, stop_rx.clone()));
+    let move_ctx = opts.workloads.moves.as_ref().map(|o| {
+        Arc::new(moves::Ctx::new(
+            rec.clone(),
+            nodes.to_vec(),
+            client.clone(),
+            o.clone(),
+            opts.seed,
+        ))
+    });
+    let move_tasks = move_ctx
+        .clone()
+        .map(|ctx| moves::start(ctx, stop_rx.clone()));
     let nemesis_task = tokio::spawn(nemesis_loop(
         nem.clone(),
         steps.clone(),
@@ -958,8 +979,14 @@ async fn run_on_cluster(
         };
         Some(app::finish(ctx, tasks, healed_at).await)
     };
-    let ((recovery, convergence), datasets, apps) =
-        tokio::join!(register_side, dataset_side, app_side);
+    let move_side = async {
+        let (Some(ctx), Some(tasks)) = (move_ctx, move_tasks) else {
+            return None;
+        };
+        Some(moves::finish(ctx, tasks, healed_at).await)
+    };
+    let ((recovery, convergence), datasets, apps, moves_phase) =
+        tokio::join!(register_side, dataset_side, app_side, move_side);
 
     let history = rec.finish()?;
     println!("jepsen: checking {} ops", history.ops.len());
@@ -973,15 +1000,19 @@ async fn run_on_cluster(
     if let Some(a) = &opts.workloads.app {
         checkers.push(Box::new(checker::app::AppsRunRight { bound: a.bound }));
     }
+    if opts.workloads.moves.is_some() {
+        checkers.push(Box::new(checker::moves::NoWriteLost));
+    }
     let mut checks: Vec<CheckResult> = checkers.iter().map(|c| c.check(&history)).collect();
     let stats = Stats::of(&history, 0, workload_end_ns);
     // Stats are informational, but a run in which a function never succeeded checked nothing.
     // (Cancelling a stuck move is housekeeping: a run may need none, or end with one that
-    // failed because the move finished meanwhile.)
+    // failed because the move finished meanwhile. The move workload's cancels are drawn by
+    // chance and fail when the move is done already.)
     let never: Vec<&String> = stats
         .by_f
         .iter()
-        .filter(|(f, c)| c.ok == 0 && f.as_str() != "ds_cancel_move")
+        .filter(|(f, c)| c.ok == 0 && !matches!(f.as_str(), "ds_cancel_move" | "mv_cancel"))
         .map(|(f, _)| f)
         .collect();
     checks.push(CheckResult {
@@ -999,8 +1030,11 @@ async fn run_on_cluster(
     });
     let datasets_ok = datasets.as_ref().is_none_or(|d| d.ok);
     let apps_ok = apps.as_ref().is_none_or(|a| a.ok);
+    let moves_ok = moves_phase.as_ref().is_none_or(|m| m.ok);
     let valid = match checker::overall(&checks) {
-        Some(true) if recovery.ok && convergence.ok && datasets_ok && apps_ok => Some(true),
+        Some(true) if recovery.ok && convergence.ok && datasets_ok && apps_ok && moves_ok => {
+            Some(true)
+        }
         Some(true) => Some(false),
         other => other,
     };
@@ -1012,6 +1046,7 @@ async fn run_on_cluster(
         convergence,
         datasets,
         apps,
+        moves: moves_phase,
         stats,
     };
     let vpath = dir.join("verdict.json");

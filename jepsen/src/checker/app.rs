@@ -33,7 +33,9 @@
 //! - **not-started**: an app of F never seen running on F's node in any poll after the heal,
 //!   with the state and detail `AppList` gave for it.
 //! - **config-mismatch**: F is the plan of the last acknowledged deploy, or of a deploy whose
-//!   outcome is unknown (it may have taken effect at any time after it was invoked).
+//!   outcome is unknown (it may have taken effect at any time after it was invoked). Apps no
+//!   deploy names (the move workload's, which ride along unpinned and move by `AppMove`) are
+//!   left out of this comparison, and judged like the others otherwise.
 //!
 //! What the claim leans on: `LocalApps` answers from the node agent's view, which the agent
 //! refreshes every 300 ms from the driver (which checks that each recorded pid is alive and is
@@ -561,8 +563,19 @@ pub fn check_apps(history: &History, bound_ns: u64) -> AppVerdict {
             _ => BTreeMap::new(),
         }
     };
+    // Apps no deploy of this workload names belong to another workload (the move workload's,
+    // deployed unpinned with these deploys and moved by its own calls): not part of the plans.
+    let planned: BTreeSet<&str> = deploys
+        .iter()
+        .filter_map(|d| match &d.call {
+            Call::AppDeploy { apps } => Some(apps.keys().map(String::as_str)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
     let placed: BTreeMap<String, String> = placement
         .iter()
+        .filter(|(a, _)| planned.is_empty() || planned.contains(**a))
         .map(|(a, n)| (a.to_string(), n.to_string()))
         .collect();
     if !candidates.is_empty() && !candidates.iter().any(|d| plan_of(d) == placed) {
@@ -1139,6 +1152,59 @@ mod tests {
         h.poll("n2", &[], (950, 960));
         let v = h.check();
         assert_eq!(v.valid(), Some(true), "{v:#?}");
+    }
+
+    #[test]
+    fn another_workloads_app_is_judged_but_not_part_of_the_plans() {
+        // M (the move workload's) is in no deploy's plan; it runs on n1, then on n2.
+        const M: &str = "jm-1";
+        let run = |twice: bool| {
+            let mut h = H::new();
+            h.deploy(&[(S, "n1", true)], Outcome::Ok, (0, 10));
+            h.poll(
+                "n1",
+                &[(S, "running", "11"), (M, "running", "12")],
+                (100, 110),
+            );
+            h.poll("n2", &[], (150, 160));
+            h.poll("n1", &[(S, "running", "11")], (200, 210));
+            h.poll("n2", &[(M, "running", "21")], (250, 260));
+            if twice {
+                h.poll(
+                    "n1",
+                    &[(S, "running", "11"), (M, "running", "12")],
+                    (300, 310),
+                );
+                h.poll("n2", &[(M, "running", "21")], (320, 330));
+                h.poll(
+                    "n1",
+                    &[(S, "running", "11"), (M, "running", "12")],
+                    (340, 350),
+                );
+            }
+            h.nemesis(500, "heal", "all", "nothing left to undo");
+            h.list(
+                &[(S, "n1", "running", ""), (M, "n2", "running", "")],
+                (510, 520),
+            );
+            // M has a dataset: stateful.
+            if let Some(AppResult::List { apps, .. }) =
+                h.h.ops.last_mut().and_then(|o| o.app.as_mut())
+            {
+                apps[1].dataset = M.into();
+            }
+            h.poll("n1", &[(S, "running", "11")], (600, 610));
+            h.poll("n2", &[(M, "running", "21")], (600, 610));
+            h.poll("n3", &[], (600, 610));
+            h.check()
+        };
+        let v = run(false);
+        assert_eq!(v.valid(), Some(true), "{v:#?}");
+        assert!(v.apps[M].stateful);
+        assert_eq!(v.apps[M].final_node, "n2");
+        let v = run(true);
+        assert_eq!(kinds(&v), vec!["running-twice"], "{v:#?}");
+        assert_eq!(v.anomalies[0].app, M);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //!   workload).
 //! - [`app`]: a stateful app never runs on two nodes at once, and after the faults every app
 //!   runs exactly once on its node (the app workload).
+//! - [`moves`]: no acknowledged append to a moving app is lost, and no two copies of it took
+//!   appends at once (the move workload).
 //! - [`stats`]: counts, latencies and the longest unavailability (informational).
 //!
 //! Each workload names the checkers that judge it ([`Checker`]); later workloads (the mesh) add
@@ -15,6 +17,7 @@
 pub mod app;
 pub mod dataset;
 pub mod linearizable;
+pub mod moves;
 pub mod register;
 pub mod stats;
 

@@ -385,6 +385,16 @@ fn describe_app_result(r: &crate::history::AppResult) -> String {
         AppResult::List { generation, apps } => {
             format!("generation {generation}: {}", seen(apps))
         }
+        AppResult::Appended { seq, instance } => format!("OK {seq} (instance {instance})"),
+        AppResult::Log { instance, entries } => format!(
+            "{} entries{} (instance {instance})",
+            entries.len(),
+            entries
+                .last()
+                .map(|(s, t)| format!(", the last {s} {t}"))
+                .unwrap_or_default()
+        ),
+        AppResult::Moved { from, to } => format!("{from} -> {to}"),
     }
 }
 
@@ -425,6 +435,12 @@ pub fn describe(op: &Op) -> String {
         ),
         Call::AppLocal {} => "local apps".to_string(),
         Call::AppList {} => "app list".to_string(),
+        Call::MvDeploy { apps } => format!("deploy {}", apps.join(" ")),
+        Call::MvAppend { app, value, via } => format!("append {value} to {app} ({via})"),
+        Call::MvRead { app, via } => format!("read the log of {app} ({via})"),
+        Call::MvMove { app, to } => format!("move {app} to {to}"),
+        Call::MvCancel { app } => format!("cancel the move of {app}"),
+        Call::MvLocate { app } => format!("locate {app}"),
     };
     let result = match (&op.read, op.outcome, &op.app) {
         (Some(v), Outcome::Ok, _) => format!(" = {}", v.as_deref().unwrap_or("<absent>")),

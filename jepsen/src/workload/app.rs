@@ -32,6 +32,7 @@
 //! heal plus a few seconds, a last `AppList` is read and the pollers stop.
 //! [`crate::checker::app`] judges the history.
 
+use super::pause;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,6 +86,10 @@ pub struct AppOptions {
     pub bound: Duration,
     /// ... and go on doing so for this long before the harness stops looking.
     pub stable: Duration,
+    /// Apps of other workloads (the move workload's), deployed unpinned with every deploy (a
+    /// deploy replaces the whole configuration), so that they stay where they run; not
+    /// recorded in the deploys' plans.
+    pub extra: Vec<AppSpec>,
 }
 
 impl Default for AppOptions {
@@ -101,6 +106,7 @@ impl Default for AppOptions {
             op_timeout: Duration::from_secs(10),
             bound: Duration::from_secs(60),
             stable: Duration::from_secs(3),
+            extra: Vec::new(),
         }
     }
 }
@@ -212,6 +218,25 @@ pub fn plan_json(
             PlannedApp {
                 spec: d.spec()?,
                 node: Some(*id),
+            },
+        );
+    }
+    serde_json::to_string(&apps).map_err(|e| e.to_string())
+}
+
+/// `plan` (JSON of a plan's apps) with `extra` added, unpinned: they stay where they run.
+pub fn with_extra(plan: &str, extra: &[AppSpec]) -> Result<String, String> {
+    if extra.is_empty() {
+        return Ok(plan.to_string());
+    }
+    let mut apps: BTreeMap<String, PlannedApp> =
+        serde_json::from_str(plan).map_err(|e| e.to_string())?;
+    for spec in extra {
+        apps.insert(
+            spec.name.clone(),
+            PlannedApp {
+                spec: spec.clone(),
+                node: None,
             },
         );
     }
@@ -397,17 +422,6 @@ async fn member_ids(ctx: &Ctx) -> Result<BTreeMap<String, u64>, String> {
     Err(last)
 }
 
-/// Sleeps for `d` or until `stop`; true if stopped.
-async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
-    if *stop.borrow() {
-        return true;
-    }
-    tokio::select! {
-        _ = tokio::time::sleep(d) => *stop.borrow(),
-        _ = stop.changed() => true,
-    }
-}
-
 /// One deploy of `pins` through a random node, recorded.
 async fn deploy_op(
     ctx: &Ctx,
@@ -436,7 +450,7 @@ async fn deploy_op(
     };
     let plan = {
         let ids = ctx.ids.lock().unwrap_or_else(|p| p.into_inner());
-        plan_json(&ctx.defs, pins, &ids)
+        plan_json(&ctx.defs, pins, &ids).and_then(|p| with_extra(&p, &ctx.opts.extra))
     };
     let i = rng.random_range(0..conns.len());
     let conn = &mut conns[i];
@@ -817,6 +831,14 @@ mod tests {
         assert_eq!(s1.spec.restart_policy, RestartPolicy::Always);
         assert_eq!(s1.spec.ports[0].external, 9101);
         assert!(plan_json(&defs, &pins, &BTreeMap::new()).is_err());
+        // Another workload's apps ride along, unpinned.
+        let extra = crate::workload::moves::specs(&Default::default()).unwrap();
+        let json = with_extra(&json, &extra).unwrap();
+        let back: BTreeMap<String, PlannedApp> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.len(), 7);
+        assert_eq!(back["jm-1"].node, None);
+        assert!(back["jm-1"].spec.volume.is_some());
+        assert_eq!(back["ja-s1"].node, Some(7));
     }
 
     fn seen(app: &str, node: &str, state: &str) -> AppSeen {

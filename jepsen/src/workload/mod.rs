@@ -9,11 +9,14 @@
 //!   writers run their own sequential protocol, so it does not go through [`Workload`].
 //! - [`app`]: apps deployed and moved between nodes by one deployer, while pollers ask every
 //!   node what it runs; like [`dataset`], it runs its own tasks.
+//! - [`moves`]: clients append to a stateful test app through whichever node runs it while a
+//!   mover moves it between nodes; its own tasks too.
 //!
 //! The mesh will add its own workload here.
 
 pub mod app;
 pub mod dataset;
+pub mod moves;
 pub mod register;
 
 use std::future::Future;
@@ -61,4 +64,18 @@ pub trait Workload: Send + Sync + 'static {
 
     /// The checkers that judge this workload's history.
     fn checkers(&self) -> Vec<Box<dyn Checker>>;
+}
+
+/// Sleeps for `d` or until `stop`; true if stopped.
+pub(crate) async fn pause(
+    d: std::time::Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    if *stop.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *stop.borrow(),
+        _ = stop.changed() => true,
+    }
 }
