@@ -21,6 +21,7 @@ mod etcd;
 mod flock;
 mod proc;
 mod report;
+mod sysinfo;
 mod workload;
 
 /// etcd's v3 API, the part flock-bench calls (see proto/etcd.proto).

@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::sysinfo;
 use crate::workload::{median, FailoverRound, Throughput};
 
 #[derive(Debug, Serialize)]
@@ -34,25 +35,10 @@ impl Machine {
     /// What this machine is, from /proc; unknown parts say "unknown". `busy_before` comes
     /// from `cpu_busy` before the run.
     pub fn here(busy_before: f64) -> Machine {
-        let nproc = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0);
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into());
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split_once(':'))
-                    .map(|(_, v)| v.trim().to_string())
-            })
-            .unwrap_or_else(|| "unknown".into());
         Machine {
-            nproc,
-            kernel,
-            cpu,
+            nproc: sysinfo::nproc(),
+            kernel: sysinfo::kernel().unwrap_or_else(|| "unknown".into()),
+            cpu: sysinfo::cpu_model().unwrap_or_else(|| "unknown".into()),
             busy_before,
             load_end: load_average(),
         }
@@ -61,34 +47,15 @@ impl Machine {
 
 /// Share of CPU time (all CPUs) not idle over `window`, from /proc/stat (0 if unreadable).
 pub async fn cpu_busy(window: std::time::Duration) -> f64 {
-    /// (total, idle + iowait) jiffies since boot.
-    fn sample() -> Option<(u64, u64)> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        let idle = fields.get(3)? + fields.get(4)?;
-        Some((fields.iter().sum(), idle))
-    }
-    let Some((t0, i0)) = sample() else {
-        return 0.0;
-    };
-    tokio::time::sleep(window).await;
-    match sample() {
-        Some((t1, i1)) if t1 > t0 => 1.0 - (i1 - i0) as f64 / (t1 - t0) as f64,
-        _ => 0.0,
-    }
+    tokio::task::spawn_blocking(move || sysinfo::cpu_busy(window))
+        .await
+        .unwrap_or(0.0)
 }
 
 /// The 1-minute load average from /proc/loadavg (0 if unreadable).
 pub fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+    sysinfo::load_average()
+        .and_then(|s| s.parse().ok())
         .unwrap_or(0.0)
 }
 

@@ -25,20 +25,30 @@
 //! which stops its apps) and removes its data dir at the end, also on error (`--keep` keeps
 //! it, with flockd's log). Every wait is bounded; any check that fails exits non-zero.
 
+#[path = "../devcluster.rs"]
+mod devcluster;
+#[path = "../sysinfo.rs"]
+mod sysinfo;
+
 use std::collections::HashSet;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Parser;
 use serde_json::Value;
+
+use devcluster::{
+    bin_dir, catch_sigint, check_interrupted, command_line, commands_block, human, load_average,
+    machine, note, pid_alive, start_clock, until, write_pattern, Dev, Pattern,
+};
 
 /// Downtime of `flockctl app move` (two-phase) against a naive stop-copy-start move, per
 /// dataset size, on a `flockd dev` cluster.
@@ -71,240 +81,13 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(2);
 /// How long the writer goes on writing before and after a move.
 const SETTLE: Duration = Duration::from_secs(1);
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-static STARTED: OnceLock<Instant> = OnceLock::new();
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// A progress line on stderr, with the time since the start.
-fn note(msg: impl AsRef<str>) {
-    let t = STARTED.get_or_init(Instant::now).elapsed().as_secs_f64();
-    eprintln!("[{t:7.1}s] {}", msg.as_ref());
-}
-
-/// Polls `f` every `every` until it gives a value; fails after `timeout`, or on an error.
-fn until<T>(
-    what: &str,
-    timeout: Duration,
-    every: Duration,
-    mut f: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        check_interrupted()?;
-        if let Some(v) = f()? {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "timed out after {:.0}s waiting for {what}",
-                timeout.as_secs_f64()
-            );
-        }
-        thread::sleep(every);
-    }
-}
-
-/// What a command printed, each stdout line with the time it arrived.
-struct Output {
-    status: ExitStatus,
-    lines: Vec<(Instant, String)>,
-    stderr: String,
-}
-
-impl Output {
-    fn stdout(&self) -> String {
-        self.lines
-            .iter()
-            .map(|(_, l)| l.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-/// Runs `cmd` to its end, killing it after `timeout`.
-fn run_bounded(cmd: &mut Command, timeout: Duration, what: &str) -> Result<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {what}"))?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let (tx, rx) = mpsc::channel();
-    let out = thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send((Instant::now(), line)).is_err() {
-                break;
-            }
-        }
-    });
-    let err = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().context("waiting for a child")? {
-            break st;
-        }
-        if Instant::now() >= deadline || INTERRUPTED.load(Ordering::SeqCst) {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = out.join();
-            let lines: Vec<String> = rx.try_iter().map(|(_, l)| l).collect();
-            bail!(
-                "{what} {} after {:.1}s; it printed {:?} and on stderr {:?}",
-                if INTERRUPTED.load(Ordering::SeqCst) {
-                    "interrupted"
-                } else {
-                    "timed out"
-                },
-                (Instant::now() + timeout - deadline).as_secs_f64(),
-                lines,
-                err.join().unwrap_or_default().trim()
-            );
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
-    let _ = out.join();
-    Ok(Output {
-        status,
-        lines: rx.try_iter().collect(),
-        stderr: err.join().unwrap_or_default(),
-    })
-}
-
-fn pid_alive(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
-}
-
-/// A `flockd dev` cluster, stopped and its data dir removed on drop.
-struct Dev {
-    child: Mutex<Child>,
-    dir: PathBuf,
-    bin: PathBuf,
-    config: PathBuf,
-    keep: bool,
-    /// Every app process seen, killed at the end should flockd leave one behind.
-    app_pids: Mutex<Vec<u32>>,
-    /// Every flockctl command run, as written (without the config).
-    commands: Mutex<Vec<String>>,
-}
-
+/// What flock-move asks of the cluster about its app and the app's dataset.
 impl Dev {
-    fn start(bin: &Path, port: u16, keep: bool) -> Result<Dev> {
-        for p in port..=port.saturating_add(2) {
-            TcpListener::bind(("127.0.0.1", p))
-                .and_then(|_| UdpSocket::bind(("127.0.0.1", p)))
-                .with_context(|| {
-                    format!("port {p} is in use (another flockd dev?); pick others with --port")
-                })?;
-        }
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!("flock-move-{}-{nanos:x}", std::process::id()));
-        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let log = fs::File::create(dir.join("flockd.log"))?;
-        let data = dir.join("dev");
-        let spawned = Command::new(bin.join("flockd"))
-            .arg("dev")
-            .arg("--port")
-            .arg(port.to_string())
-            .arg("--data-dir")
-            .arg(&data)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn();
-        let child = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = fs::remove_dir_all(&dir);
-                return Err(anyhow!(
-                    "cannot start {}: {e}",
-                    bin.join("flockd").display()
-                ));
-            }
-        };
-        let dev = Dev {
-            child: Mutex::new(child),
-            config: data.join("n1").join("admin.conf"),
-            dir,
-            bin: bin.to_path_buf(),
-            keep,
-            app_pids: Mutex::new(Vec::new()),
-            commands: Mutex::new(Vec::new()),
-        };
-        note(format!(
-            "flockd dev --port {port} --data-dir {}",
-            data.display()
-        ));
-        until(
-            "flockd dev to be ready",
-            Duration::from_secs(90),
-            Duration::from_millis(100),
-            || {
-                let exited = dev
-                    .child
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .try_wait()?;
-                if let Some(st) = exited {
-                    bail!("flockd dev exited ({st}): {}", dev.log_tail(30));
-                }
-                Ok(fs::read_to_string(dev.dir.join("flockd.log"))
-                    .unwrap_or_default()
-                    .contains("flockd: ready dev cluster")
-                    .then_some(()))
-            },
-        )?;
-        // Every node reports its capacity shortly after it starts; placement needs it.
-        until(
-            "the 3 nodes to report to `flockctl status`",
-            Duration::from_secs(60),
-            Duration::from_millis(200),
-            || {
-                let Ok(out) = dev.flockctl(&["status", "--json"], Duration::from_secs(10)) else {
-                    return Ok(None);
-                };
-                if !out.status.success() {
-                    return Ok(None);
-                }
-                let st: Value = serde_json::from_str(&out.stdout()).unwrap_or_default();
-                let members = st["members"].as_array().cloned().unwrap_or_default();
-                Ok((members.len() == 3
-                    && members
-                        .iter()
-                        .all(|m| m["memory"].as_u64().is_some_and(|x| x > 0)))
-                .then_some(()))
-            },
-        )?;
-        Ok(dev)
-    }
-
-    fn log_len(&self) -> u64 {
-        fs::metadata(self.dir.join("flockd.log")).map_or(0, |m| m.len())
-    }
-
     /// What flockd logged about the app and its dataset after byte `from` of its log: each
     /// push of a move's snapshot ("full" or "incremental", and the payload), and a timeline of
     /// pushes, stops, commits and starts in seconds since `t0` (wall clock).
     fn log_events(&self, from: u64, t0: SystemTime) -> LogEvents {
-        let text = fs::read(self.dir.join("flockd.log")).unwrap_or_default();
-        let text = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default());
+        let text = self.log_since(from);
         let mut ev = LogEvents::default();
         for l in text.lines() {
             let field = |k: &str| {
@@ -342,42 +125,6 @@ impl Dev {
         ev
     }
 
-    /// The last `n` lines of flockd's log.
-    fn log_tail(&self, n: usize) -> String {
-        let text = fs::read_to_string(self.dir.join("flockd.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    fn flockctl(&self, args: &[&str], timeout: Duration) -> Result<Output> {
-        let shown = format!("flockctl {}", args.join(" "));
-        self.commands
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(shown.clone());
-        run_bounded(
-            Command::new(self.bin.join("flockctl"))
-                .args(args)
-                .env("FLOCK_CONFIG", &self.config),
-            timeout,
-            &shown,
-        )
-    }
-
-    /// Runs flockctl, which must succeed; its stdout.
-    fn ctl(&self, args: &[&str], timeout: Duration) -> Result<String> {
-        let out = self.flockctl(args, timeout)?;
-        if !out.status.success() {
-            bail!(
-                "flockctl {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                out.stderr.trim()
-            );
-        }
-        Ok(out.stdout())
-    }
-
     fn json(&self, args: &[&str]) -> Result<Value> {
         let text = self.ctl(args, Duration::from_secs(30))?;
         serde_json::from_str(&text).with_context(|| format!("flockctl {}: {text}", args.join(" ")))
@@ -385,12 +132,7 @@ impl Dev {
 
     fn app(&self) -> Result<Value> {
         let a = self.json(&["app", "show", APP, "--json"])?;
-        if let Some(pid) = a["id"].as_str().and_then(|i| i.parse::<u32>().ok()) {
-            let mut pids = self.app_pids.lock().unwrap_or_else(|p| p.into_inner());
-            if !pids.contains(&pid) {
-                pids.push(pid);
-            }
-        }
+        self.saw_app(&a);
         Ok(a)
     }
 
@@ -439,81 +181,12 @@ impl Dev {
     }
 }
 
-impl Drop for Dev {
-    fn drop(&mut self) {
-        note("stopping flockd dev (SIGINT)");
-        let child = self.child.get_mut().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
-                _ => {
-                    eprintln!("flock-move: flockd dev did not stop within 60s: killing it");
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-            }
-        }
-        for &pid in self
-            .app_pids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let ours = fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("flock-testapp"));
-            if ours && pid_alive(pid) {
-                eprintln!("flock-move: app process {pid} outlived flockd: killing its group");
-                // SAFETY: the process driver starts each app as its own process group leader.
-                unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
-            }
-        }
-        if self.keep {
-            eprintln!("flock-move: kept {} (flockd.log, dev/)", self.dir.display());
-        } else if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("flock-move: cannot remove {}: {e}", self.dir.display());
-        }
-    }
-}
-
-/// Deterministic incompressible bytes (xorshift64), block after block.
-struct Pattern(u64);
-
-impl Pattern {
-    fn new(seed: u64) -> Pattern {
-        Pattern(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn fill(&mut self, block: &mut [u8]) {
-        for chunk in block.chunks_mut(8) {
-            let x = &mut self.0;
-            *x ^= *x << 13;
-            *x ^= *x >> 7;
-            *x ^= *x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-        }
-    }
-}
-
 const BLOCK: usize = 1 << 20;
 
 fn write_bulk(path: &Path, size: u64, seed: u64) -> Result<()> {
     let mut f =
         fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut p = Pattern::new(seed);
-    let mut block = vec![0u8; BLOCK];
-    let mut left = size;
-    while left > 0 {
-        check_interrupted()?;
-        let n = left.min(BLOCK as u64) as usize;
-        p.fill(&mut block[..n]);
-        f.write_all(&block[..n])?;
-        left -= n as u64;
-    }
+    write_pattern(&mut f, size, seed)?;
     f.sync_all()?;
     Ok(())
 }
@@ -794,16 +467,6 @@ struct Row {
     writer_errors: u64,
 }
 
-fn human(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes & ((1 << 30) - 1) == 0 {
-        format!("{} GiB", bytes >> 30)
-    } else if bytes >= 1 << 20 && bytes & ((1 << 20) - 1) == 0 {
-        format!("{} MiB", bytes >> 20)
-    } else {
-        format!("{bytes} B")
-    }
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
 }
@@ -836,20 +499,12 @@ fn write_configs(dir: &Path, testapp: &Path, port: u16, size: u64) -> Result<Pat
 
 /// Deploys the app pinned to `node`; waits until it runs there; its process id.
 fn deploy(dev: &Dev, conf: &Path, node: &str) -> Result<u32> {
-    let dep = conf.join(format!("deployment-{node}.yml"));
-    let appl = conf.join("application.yml");
-    let out = dev.ctl(
-        &[
-            "deploy",
-            dep.to_str().context("a UTF-8 path")?,
-            appl.to_str().context("a UTF-8 path")?,
-        ],
-        Duration::from_secs(60),
+    dev.deploy(
+        &conf.join(format!("deployment-{node}.yml")),
+        &conf.join("application.yml"),
+        APP,
+        node,
     )?;
-    ensure!(
-        out.contains(&format!("start {APP} on {node}")),
-        "deploy did not start {APP} on {node}: {out}"
-    );
     dev.wait_running(node, Duration::from_secs(60))
 }
 
@@ -1078,65 +733,13 @@ fn ping(addr: SocketAddr) -> bool {
     run().unwrap_or(false)
 }
 
-fn cpu_busy(window: Duration) -> f64 {
-    fn sample() -> Option<(u64, u64)> {
-        let stat = fs::read_to_string("/proc/stat").ok()?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        Some((fields.iter().sum(), fields.get(3)? + fields.get(4)?))
-    }
-    let Some((t0, i0)) = sample() else {
-        return 0.0;
-    };
-    thread::sleep(window);
-    match sample() {
-        Some((t1, i1)) if t1 > t0 => 1.0 - (i1 - i0) as f64 / (t1 - t0) as f64,
-        _ => 0.0,
-    }
-}
-
-fn load_average() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn machine(busy: f64) -> String {
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    format!(
-        "{} CPUs ({cpu}), Linux {}; CPUs {:.0}% busy in the second before the run, 1-minute load average {} at its start",
-        thread::available_parallelism().map_or(0, |n| n.get()),
-        fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map_or_else(|_| "?".into(), |s| s.trim().to_string()),
-        busy * 100.0,
-        load_average()
-    )
-}
-
 fn report(rows: &[Row], args: &Args, date: &str, machine: &str, commands: &[String]) -> String {
     let mut s = String::new();
     s.push_str(&format!(
         "- date: {date}\n- machine: {machine}; 1-minute load average {} at its end\n",
         load_average()
     ));
-    s.push_str(&format!(
-        "- command: `{}`\n",
-        std::env::args().collect::<Vec<_>>().join(" ")
-    ));
+    s.push_str(&command_line());
     s.push_str(&format!(
         "- setup: `flockd dev` (3 nodes on 127.0.0.1, dir backend, process driver); flock-testapp pinned to n1 with a volume holding a bulk file of SIZE incompressible bytes; one writer appending without pause on one connection (fsync before each OK); two-phase = `flockctl app move` n1 -> n2; naive = `app rm`, `dataset move` n2 -> {}, redeploy pinned to {}\n\n",
         args.naive_to, args.naive_to
@@ -1192,20 +795,7 @@ fn report(rows: &[Row], args: &Args, date: &str, machine: &str, commands: &[Stri
             }
         ));
     }
-    s.push_str("\nCommands (FLOCK_CONFIG=DATA/n1/admin.conf):\n\n```sh\n");
-    s.push_str(&format!(
-        "flockd dev --port {} --data-dir DATA    # stopped with SIGINT at the end\n",
-        args.port
-    ));
-    let mut seen = HashSet::new();
-    for c in commands {
-        let generic = c.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
-        if seen.insert(generic) {
-            s.push_str(c);
-            s.push('\n');
-        }
-    }
-    s.push_str("```\n");
+    s.push_str(&commands_block(args.port, commands));
     s
 }
 
@@ -1215,29 +805,20 @@ fn run(args: &Args) -> Result<()> {
         ["n1", "n3"].contains(&args.naive_to.as_str()),
         "--naive-to must be n1 or n3 (the two-phase move goes to n2)"
     );
-    let bin = match &args.bin_dir {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("this binary has no directory")?
-            .to_path_buf(),
-    };
-    for b in ["flockd", "flockctl", "flock-testapp"] {
-        ensure!(
-            bin.join(b).exists(),
-            "{} is missing: cargo build --release -p flock-node -p flock-testapp -p flock-bench",
-            bin.join(b).display()
-        );
-    }
+    let bin = bin_dir(
+        args.bin_dir.as_deref(),
+        &["flockd", "flockctl", "flock-testapp"],
+        "cargo build --release -p flock-node -p flock-testapp -p flock-bench",
+    )?;
     let testapp = bin.join("flock-testapp").canonicalize()?;
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let busy = cpu_busy(Duration::from_secs(1));
+    let busy = sysinfo::cpu_busy(Duration::from_secs(1));
     let machine = machine(busy);
     note(format!("machine: {machine}"));
     let app_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr: SocketAddr = ([127, 0, 0, 1], app_port).into();
 
-    let dev = Dev::start(&bin, args.port, args.keep)?;
+    let dev = Dev::start(&bin, args.port, args.keep, "flock-move", "flock-testapp")?;
     let conf = dev.dir.join("conf");
     fs::create_dir_all(&conf)?;
     let mut rows = Vec::new();
@@ -1256,28 +837,19 @@ fn run(args: &Args) -> Result<()> {
         Ok(())
     })();
     if let Err(e) = result {
-        eprintln!(
-            "flock-move: failed: {e:#}\n--- the end of flockd's log ({}) ---\n{}\n---",
-            dev.dir.join("flockd.log").display(),
-            dev.log_tail(60)
-        );
+        dev.print_failure(&e);
         return Err(e);
     }
-    let commands = dev
-        .commands
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let commands = dev.commands();
     drop(dev);
     println!("{}", report(&rows, args, &date, &machine, &commands));
     Ok(())
 }
 
 fn main() -> ExitCode {
-    STARTED.get_or_init(Instant::now);
+    start_clock();
     let args = Args::parse();
-    // SAFETY: the handler only stores to an atomic.
-    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    catch_sigint();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

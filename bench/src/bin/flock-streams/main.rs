@@ -25,6 +25,8 @@ mod datasets;
 mod nodes;
 mod raw;
 mod report;
+#[path = "../../sysinfo.rs"]
+mod sysinfo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -228,7 +230,7 @@ fn run(args: Args) -> Result<()> {
     }
     let tls = node_tls()?;
     let pair = Pair::new(args.workers)?;
-    let busy_before = report::cpu_busy(std::time::Duration::from_secs(1));
+    let busy_before = sysinfo::cpu_busy(std::time::Duration::from_secs(1));
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let mut report = Report::new(date, busy_before, &args.command_line());
     report.settings = report::settings(&pair, &tls)?;

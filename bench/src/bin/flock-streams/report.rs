@@ -1,7 +1,6 @@
 //! The tables, and the generated part of bench/RESULTS.md's "Snapshot streams" section.
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 
@@ -10,6 +9,7 @@ use flock_node::transfer::quic::QuicTuning;
 
 use crate::datasets::Moved;
 use crate::raw::{Measure, Pair};
+use crate::sysinfo;
 
 pub const BEGIN: &str =
     "<!-- flock-streams: latest run (generated; text outside these markers is kept) -->";
@@ -127,34 +127,10 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Share of CPU time (all CPUs) not idle over `window`, from /proc/stat (0 if unreadable).
-pub fn cpu_busy(window: Duration) -> f64 {
-    fn sample() -> Option<(u64, u64)> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        Some((fields.iter().sum(), fields.get(3)? + fields.get(4)?))
-    }
-    let Some((t0, i0)) = sample() else {
-        return 0.0;
-    };
-    std::thread::sleep(window);
-    match sample() {
-        Some((t1, i1)) if t1 > t0 => 1.0 - (i1 - i0) as f64 / (t1 - t0) as f64,
-        _ => 0.0,
-    }
-}
-
 /// The 1-minute load average (0 if unreadable).
 pub fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+    sysinfo::load_average()
+        .and_then(|s| s.parse().ok())
         .unwrap_or(0.0)
 }
 
@@ -194,23 +170,12 @@ pub fn settings(pair: &Pair, tls: &NodeTls) -> Result<String> {
 
 impl Report {
     pub fn new(date: String, busy_before: f64, command: &str) -> Report {
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split_once(':'))
-                    .map(|(_, v)| v.trim().to_string())
-            })
-            .unwrap_or_else(|| "unknown".into());
         Report {
             date,
             machine: Machine {
-                nproc: std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(0),
-                cpu,
-                kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+                nproc: sysinfo::nproc(),
+                cpu: sysinfo::cpu_model().unwrap_or_else(|| "unknown".into()),
+                kernel: sysinfo::kernel().unwrap_or_else(|| "unknown".into()),
                 busy_before,
                 load_end: 0.0,
             },
