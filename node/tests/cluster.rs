@@ -561,7 +561,7 @@ fn t12_sixth_node_stays_a_learner_with_the_full_state() {
 
 #[test]
 fn t13_dev_cluster_comes_up_and_stops_on_ctrl_c() {
-    let port = free_port();
+    let port = free_ports(3);
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("dev.log");
     let mut p = Proc::start(

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bollard::container::InspectContainerOptions;
-use common::{ensure_test_image, TEST_IMAGE};
+use common::{ensure_test_image, free_port, TEST_IMAGE};
 use flock_node::driver::docker::{DockerDriver, LABEL_APP, LABEL_NODE, LABEL_SPEC};
 use flock_node::driver::{DriverError, RunSpec, RunState};
 
@@ -55,14 +55,6 @@ async fn connect(node: &str) -> DockerDriver {
         Ok(d) => d,
         Err(e) => panic!("the docker driver tests need a running Docker engine: {e}"),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("0.0.0.0:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn spec(app: &str, script: &str) -> RunSpec {

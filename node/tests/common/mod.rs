@@ -401,13 +401,40 @@ pub fn mesh_ip(i: usize) -> String {
     format!("127.0.0.{}", i + 1)
 }
 
-/// A free loopback port (bound, then released).
+/// A free loopback port, for a server a test starts on a port it names; see [`free_ports`].
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports(1)
+}
+
+/// The first of `n` consecutive ports that are free on 127.0.0.1 for TCP and UDP (a dev cluster
+/// takes one per node, a flockd its port for both). They are taken below the kernel's ephemeral
+/// range (32768 up on Linux), not from it: a port the kernel hands out to bind(0) is handed out
+/// again to the next outgoing connection, which in a busy test run took one between this check
+/// and the server's bind ("Address already in use"). The search starts at a place that depends
+/// on the process id, so test processes running side by side rarely try the same ports.
+pub fn free_ports(n: u16) -> u16 {
+    use std::net::{TcpListener, UdpSocket};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000; // up to 31_999
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = u32::from(n.max(1));
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let at = NEXT.fetch_add(n, Ordering::Relaxed);
+        let base = LOW + (start + at) % (SPAN - n);
+        let free = (base..base + n).all(|p| {
+            let p = p as u16;
+            TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok()
+        });
+        if free {
+            return base as u16;
+        }
+    }
+    panic!(
+        "no {n} consecutive free ports on 127.0.0.1 between {LOW} and {}",
+        LOW + SPAN
+    )
 }
 
 /// Runs flockd to completion (for commands that are expected to fail or exit).
