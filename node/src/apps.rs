@@ -173,12 +173,29 @@ pub async fn run(
         mesh_host: mesh_host.as_deref(),
     };
     let mut changes = cluster.metrics_watch();
+    let mut last: Option<(ClusterState, Instant)> = None;
     loop {
-        converge(&cluster, &here, &view).await;
-        // Again after TICK, or sooner when the replicated state changes (a move's handoff or
-        // commit must not wait a whole tick: it is the app's downtime), but at most every
-        // MIN_GAP under a busy log.
-        if !Cluster::next_change(&mut changes, TICK, MIN_GAP, &mut shutdown).await {
+        // Again after TICK (local events: an exit, a backoff's end, a dataset's arrival), or
+        // sooner when the replicated state changes (a move's handoff or commit must not wait a
+        // whole tick: it is the app's downtime), but at most every MIN_GAP under a busy log,
+        // and not for an entry that changed only the key-value namespace: a busy key-value
+        // workload would have every node list its instances (docker: an API call) 50 times a
+        // second.
+        let due = match &last {
+            None => true,
+            Some((seen, at)) => {
+                at.elapsed() >= TICK || !cluster.view.read().cluster.same_but_kv(seen)
+            }
+        };
+        if due {
+            let state = cluster.view.read().cluster.clone();
+            converge(&cluster, &state, &here, &view).await;
+            last = Some((state, Instant::now()));
+        }
+        let wait = last
+            .as_ref()
+            .map_or(TICK, |(_, at)| TICK.saturating_sub(at.elapsed()));
+        if !Cluster::next_change(&mut changes, wait, MIN_GAP, &mut shutdown).await {
             return;
         }
     }
@@ -188,10 +205,9 @@ fn backoff(restarts: u32) -> Duration {
     Duration::from_secs(1u64 << restarts.min(5)).min(MAX_BACKOFF)
 }
 
-async fn converge(cluster: &Cluster, here: &Here<'_>, view: &AppsView) {
+async fn converge(cluster: &Cluster, state: &ClusterState, here: &Here<'_>, view: &AppsView) {
     let me = cluster.node_id;
     let drivers = here.drivers;
-    let state = cluster.view.read().cluster.clone();
     let instances: BTreeMap<String, (Instance, Kind)> = drivers
         .list()
         .await
@@ -223,7 +239,7 @@ async fn converge(cluster: &Cluster, here: &Here<'_>, view: &AppsView) {
             .get(name)
             .cloned()
             .unwrap_or_default();
-        step(name, app, &state, here, instances.get(name), &mut local).await;
+        step(name, app, state, here, instances.get(name), &mut local).await;
         view.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())

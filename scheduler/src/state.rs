@@ -400,6 +400,37 @@ pub enum ApplyError {
 }
 
 impl ClusterState {
+    /// Whether `self` and `other` are the same but for the key-value namespace (`kv` and
+    /// `revision`): the agents act on the rest, and a busy key-value workload changes only that.
+    /// Every other field is compared (the destructuring makes a new field a compile error here
+    /// until it is placed).
+    pub fn same_but_kv(&self, other: &ClusterState) -> bool {
+        let ClusterState {
+            cluster_id,
+            join_secret,
+            ca_holder,
+            next_node_id,
+            nodes,
+            kv: _,
+            revision: _,
+            datasets,
+            next_dataset_id,
+            apps,
+            deploy_generation,
+            mounts,
+        } = self;
+        *cluster_id == other.cluster_id
+            && *join_secret == other.join_secret
+            && *ca_holder == other.ca_holder
+            && *next_node_id == other.next_node_id
+            && *nodes == other.nodes
+            && *datasets == other.datasets
+            && *next_dataset_id == other.next_dataset_id
+            && *apps == other.apps
+            && *deploy_generation == other.deploy_generation
+            && *mounts == other.mounts
+    }
+
     /// Applies one command. Deterministic: the same state and command give the same result on
     /// every node. A rejected command leaves the state unchanged.
     pub fn apply(&mut self, cmd: &Command) -> CommandResult {
@@ -1040,6 +1071,19 @@ mod tests {
             let bytes = postcard::to_allocvec(&a).unwrap();
             let back: ClusterState = postcard::from_bytes(&bytes).unwrap();
             prop_assert_eq!(a, back);
+        }
+
+        /// Key-value commands leave a state `same_but_kv` as before; registering a node does not.
+        #[test]
+        fn kv_commands_change_only_the_kv(cmds in prop::collection::vec(kv_command(), 1..40)) {
+            let before = initialized();
+            let mut s = before.clone();
+            for c in &cmds {
+                s.apply(c);
+            }
+            prop_assert!(s.same_but_kv(&before) && before.same_but_kv(&s));
+            register(&mut s, Some("n2"), "s3cret");
+            prop_assert!(!s.same_but_kv(&before));
         }
 
         /// A batch applies exactly as its commands one by one.
