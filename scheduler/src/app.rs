@@ -368,26 +368,8 @@ mod tests {
     use super::*;
     use crate::config::{PortMap, RestartPolicy, Volume};
     use crate::state::Command;
+    use crate::testutil::cluster;
     use proptest::prelude::*;
-
-    fn cluster(nodes: u64) -> ClusterState {
-        let mut s = ClusterState::default();
-        s.apply(&Command::InitCluster {
-            cluster_id: "c".into(),
-            join_secret: "s".into(),
-            node_id: 1,
-            name: "n1".into(),
-            addr: "h:1".into(),
-        });
-        for _ in 1..nodes {
-            s.apply(&Command::RegisterNode {
-                secret: "s".into(),
-                name: None,
-                addr: "h:2".into(),
-            });
-        }
-        s
-    }
 
     fn spec(name: &str, port: Option<u16>, volume: bool) -> AppSpec {
         AppSpec {

@@ -359,27 +359,9 @@ fn check_epoch(ds: &Dataset, epoch: u64) -> Result<(), ApplyError> {
 mod tests {
     use super::*;
     use crate::state::Command;
+    use crate::testutil::cluster;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
-
-    fn cluster(nodes: u64) -> ClusterState {
-        let mut s = ClusterState::default();
-        s.apply(&Command::InitCluster {
-            cluster_id: "c".into(),
-            join_secret: "s".into(),
-            node_id: 1,
-            name: "n1".into(),
-            addr: "h:1".into(),
-        });
-        for _ in 1..nodes {
-            s.apply(&Command::RegisterNode {
-                secret: "s".into(),
-                name: None,
-                addr: "h:2".into(),
-            });
-        }
-        s
-    }
 
     fn create(s: &mut ClusterState, name: &str, primary: NodeId) -> CommandResult {
         s.apply(&Command::CreateDataset {

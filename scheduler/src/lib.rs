@@ -24,6 +24,8 @@ pub mod fit;
 pub mod membership;
 pub mod mount;
 pub mod state;
+#[cfg(test)]
+mod testutil;
 
 pub use app::{App, Change};
 pub use dataset::{Dataset, DatasetId, DatasetMove, SnapshotRecord};

@@ -177,21 +177,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn cluster(nodes: u64) -> ClusterState {
-        let mut s = ClusterState::default();
-        s.apply(&Command::InitCluster {
-            cluster_id: "c".into(),
-            join_secret: "s".into(),
-            node_id: 1,
-            name: "n1".into(),
-            addr: "h:1".into(),
-        });
-        for _ in 1..nodes {
-            s.apply(&Command::RegisterNode {
-                secret: "s".into(),
-                name: None,
-                addr: "h:2".into(),
-            });
-        }
+        let mut s = crate::testutil::cluster(nodes);
         for name in ["demo", "other"] {
             s.apply(&Command::CreateDataset {
                 name: name.into(),
