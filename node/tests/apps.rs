@@ -22,24 +22,13 @@ fn write_files(dir: &std::path::Path, port: u16, counter_on: &str) -> (PathBuf, 
         format!(
             r#"version: 1
 applications:
-  counter:
-    command: ["{}", "--listen", "127.0.0.1:{port}"]
-    ports:
-      - internal: {port}
-        external: {ext}
-    volume:
-      mountpoint: /data
-      maximum_size: 64M
-    restart_policy:
-      name: always
-  crasher:
+{}  crasher:
     command: "sh -c 'echo about to fail; exit 7'"
     restart_policy:
       name: on-failure
       maximum_retry_count: 2
 "#,
-            testapp().display(),
-            ext = port + 1
+            counter_app(port, port + 1)
         ),
     )
     .unwrap();

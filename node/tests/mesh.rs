@@ -35,24 +35,14 @@ fn files(dir: &Path, port: u16, ext: u16, extra: &str) -> (PathBuf, PathBuf) {
         format!(
             r#"version: 1
 applications:
-  counter:
-    command: ["{}", "--listen", "127.0.0.1:{port}"]
-    ports:
-      - internal: {port}
-        external: {ext}
-    volume:
-      mountpoint: /data
-      maximum_size: 64M
-    restart_policy:
-      name: always
-  peer:
+{}  peer:
     command: ["sh", "-c", "env | grep ^DB_ | sort; exec sleep 100000"]
     links:
       - local_port: 5432
         remote_port: {ext}
         alias: db
 {extra}"#,
-            testapp().display(),
+            counter_app(port, ext),
         ),
     )
     .unwrap();

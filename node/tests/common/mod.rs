@@ -598,6 +598,25 @@ pub fn until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>)
     }
 }
 
+/// application.yml's entry for `counter`: the test app, stateful (a 64M volume at /data),
+/// listening on 127.0.0.1:`port`, published as `ext`, always restarted.
+pub fn counter_app(port: u16, ext: u16) -> String {
+    format!(
+        r#"  counter:
+    command: ["{}", "--listen", "127.0.0.1:{port}"]
+    ports:
+      - internal: {port}
+        external: {ext}
+    volume:
+      mountpoint: /data
+      maximum_size: 64M
+    restart_policy:
+      name: always
+"#,
+        testapp().display()
+    )
+}
+
 /// The test app, built beside flockd by the workspace build.
 pub fn testapp() -> PathBuf {
     let p = PathBuf::from(FLOCKD).with_file_name("flock-testapp");
