@@ -264,6 +264,13 @@ async fn step(
         drivers.remove(*k, &i.app).await;
     }
     let instance = found.filter(|(_, k)| *k == kind).map(|(i, _)| i);
+    if local.state.is_empty() {
+        // The first look since flockd started: the restart count goes on from the one the
+        // instance was started with (restart policies' maximums hold across flockd restarts).
+        if let Some(i) = instance {
+            local.restarts = i.restarts;
+        }
+    }
     let mut dataset_path = None;
     if let Some(id) = app.dataset {
         let Some(ds) = state.datasets.get(&id) else {
@@ -390,7 +397,7 @@ async fn step(
         _ => {}
     }
     local.next_start = None;
-    match drivers.start(kind, &spec).await {
+    match drivers.start(kind, &spec, local.restarts).await {
         Ok(i) => {
             tracing::info!(app = name, id = %i.id, "started");
             local.state = "running";

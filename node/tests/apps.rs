@@ -130,7 +130,30 @@ fn a01_deploy_heal_adopt_and_move_with_the_process_driver() {
         (a["state"] == "running").then_some(a)
     });
     assert_eq!(adopted["id"].as_str(), Some(pid.as_str()), "{adopted}");
+    assert_eq!(
+        adopted["restarts"], 1,
+        "the restart count survives flockd: {adopted}"
+    );
     assert_eq!(ask(&app_addr, "COUNT").as_deref(), Some("COUNT 5"));
+
+    // The same on crasher's node (n2): on-failure's maximum holds across a flockd restart, so
+    // the app that gave up is not run again.
+    assert_eq!(crasher["node"], "n2", "{crasher}");
+    c.nodes[1].kill9();
+    c.restart(2);
+    thread::sleep(Duration::from_secs(3)); // a restart would come after a 1 s backoff
+    let crasher = until("n2 to report crasher", Duration::from_secs(20), || {
+        let a = app(&c, "crasher");
+        (a["state"] != "").then_some(a)
+    });
+    assert_eq!(crasher["state"], "failed", "{crasher}");
+    assert_eq!(crasher["restarts"], 2, "{crasher}");
+    let logs = c.ctl_ok(c.addr(1), &["app", "logs", "crasher"]);
+    assert_eq!(
+        logs.lines().filter(|l| *l == "about to fail").count(),
+        3,
+        "crasher ran once and was restarted twice, never again: {logs}"
+    );
 
     // Redeployed on n2: stops on n1, the dataset moves, it starts on n2 with every write.
     let (dep2, _) = write_files(dir.path(), port, "n2");

@@ -99,7 +99,7 @@ async fn runs_a_container_with_its_dataset_env_limits_and_ports_and_is_adopted()
     s.cpu_shares = Some(512);
     s.ports = vec![(port, 80)];
 
-    let started = d.start(&s).await.unwrap();
+    let started = d.start(&s, 0).await.unwrap();
     assert_eq!(started.app, "web");
     assert_eq!(started.fingerprint, s.fingerprint());
     assert!(
@@ -171,7 +171,7 @@ async fn runs_a_container_with_its_dataset_env_limits_and_ports_and_is_adopted()
     assert_eq!(std::fs::read_to_string(&f).unwrap(), "data\n");
 
     // Running: a second start is refused.
-    let again = d.start(&s).await.unwrap_err();
+    let again = d.start(&s, 0).await.unwrap_err();
     assert!(
         matches!(again, DriverError::AlreadyRunning { .. }),
         "{again}"
@@ -183,6 +183,7 @@ async fn runs_a_container_with_its_dataset_env_limits_and_ports_and_is_adopted()
     assert_eq!(adopted.len(), 1);
     assert_eq!(adopted[0].id, started.id);
     assert_eq!(adopted[0].fingerprint, s.fingerprint());
+    assert_eq!(adopted[0].restarts, 0);
     assert!(matches!(adopted[0].state, RunState::Running { .. }));
 
     // Stop: sh ignores SIGTERM as pid 1, so the grace runs out and it is killed.
@@ -203,8 +204,12 @@ async fn runs_a_container_with_its_dataset_env_limits_and_ports_and_is_adopted()
 
     // Start again: the exited container is replaced.
     std::fs::remove_file(&f).unwrap();
-    let restarted = d2.start(&s).await.unwrap();
+    let restarted = d2.start(&s, 4).await.unwrap();
     assert_ne!(restarted.id, started.id);
+    // The restart count it was started with is kept on the container, for the next flockd.
+    assert_eq!(restarted.restarts, 4);
+    let d3 = DockerDriver::connect(&node).await.unwrap();
+    assert_eq!(d3.instance("web").await.map(|i| i.restarts), Some(4));
     assert_eq!(containers(&node), vec![restarted.id[..12].to_string()]);
     wait_for("/data/f again", || async { f.exists() }).await;
 
@@ -223,7 +228,7 @@ async fn runs_a_container_with_its_dataset_env_limits_and_ports_and_is_adopted()
 async fn an_exit_code_and_the_image_override_are_reported() {
     let (node, _cleanup) = node_label("exit");
     let d = connect(&node).await;
-    d.start(&spec("quick", "echo out; echo err >&2; exit 3"))
+    d.start(&spec("quick", "echo out; echo err >&2; exit 3"), 0)
         .await
         .unwrap();
     wait_for("the exit", || async {
@@ -247,7 +252,7 @@ async fn an_exit_code_and_the_image_override_are_reported() {
     // Without `command`, the image's own (sh with no input) runs and exits 0.
     let mut s = spec("quick", "");
     s.command = None;
-    d.start(&s).await.unwrap();
+    d.start(&s, 0).await.unwrap();
     wait_for("the second exit", || async {
         d.list().await.first().map(|i| i.state.clone())
             == Some(RunState::Exited {
@@ -266,7 +271,7 @@ async fn a_missing_image_or_no_image_is_a_clear_error() {
     let d = connect(&node).await;
     let mut s = spec("x", "true");
     s.image = Some("flock-no-such-image:never".into());
-    let e = d.start(&s).await.unwrap_err();
+    let e = d.start(&s, 0).await.unwrap_err();
     assert_eq!(
         e.to_string(),
         "app x: image flock-no-such-image:never is not on this node; build or load it \
@@ -274,7 +279,7 @@ async fn a_missing_image_or_no_image_is_a_clear_error() {
     );
     s.image = None;
     assert!(matches!(
-        d.start(&s).await,
+        d.start(&s, 0).await,
         Err(DriverError::NoImage { .. })
     ));
     assert!(containers(&node).is_empty());

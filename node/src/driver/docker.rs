@@ -7,6 +7,7 @@
 //! flock.node=NODE   the node label the driver was made with: list() sees only these
 //! flock.app=APP     the app
 //! flock.spec=FP     RunSpec::fingerprint() of the spec it was started from
+//! flock.restarts=N  how many times the app had been restarted when it started
 //! ```
 //!
 //! The engine keeps the containers, so a restarted flockd finds them by label and adopts them;
@@ -40,6 +41,7 @@ pub const DOCKER_SOCKET: &str = "/var/run/docker.sock";
 pub const LABEL_NODE: &str = "flock.node";
 pub const LABEL_APP: &str = "flock.app";
 pub const LABEL_SPEC: &str = "flock.spec";
+pub const LABEL_RESTARTS: &str = "flock.restarts";
 
 /// Runs apps as containers of the local Docker engine; one per node.
 #[derive(Debug, Clone)]
@@ -170,6 +172,10 @@ impl DockerDriver {
             fingerprint: labels.get(LABEL_SPEC).cloned().unwrap_or_default(),
             state,
             id: c.id.unwrap_or_default(),
+            restarts: labels
+                .get(LABEL_RESTARTS)
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(0),
         })
     }
 
@@ -213,9 +219,9 @@ impl DockerDriver {
         }
     }
 
-    /// Starts a container for `spec`. Refused while one of the app runs; an exited one is
-    /// removed first.
-    pub async fn start(&self, spec: &RunSpec) -> Result<Instance, DriverError> {
+    /// Starts a container for `spec`, labelled with `restarts`. Refused while one of the app
+    /// runs; an exited one is removed first.
+    pub async fn start(&self, spec: &RunSpec, restarts: u32) -> Result<Instance, DriverError> {
         let app = &spec.app;
         let image = spec
             .image
@@ -275,6 +281,7 @@ impl DockerDriver {
             (LABEL_NODE.to_string(), self.node_label.clone()),
             (LABEL_APP.to_string(), app.clone()),
             (LABEL_SPEC.to_string(), spec.fingerprint()),
+            (LABEL_RESTARTS.to_string(), restarts.to_string()),
         ]);
         let host_config = HostConfig {
             binds,
@@ -323,6 +330,7 @@ impl DockerDriver {
                 since_unix: now_unix(),
             },
             id: created.id,
+            restarts,
         }))
     }
 

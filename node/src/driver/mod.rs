@@ -51,6 +51,9 @@ pub struct Instance {
     pub state: RunState,
     /// The driver's id for it (a pid, a container id).
     pub id: String,
+    /// How many times the app had been restarted (by its restart policy) when this instance
+    /// started: kept with the instance, so a restarted flockd counts on from there.
+    pub restarts: u32,
 }
 
 /// Whether an instance runs.
@@ -226,11 +229,17 @@ impl Drivers {
         out
     }
 
-    pub async fn start(&self, kind: Kind, spec: &RunSpec) -> Result<Instance, DriverError> {
+    /// Starts `spec`, recording `restarts` with the instance ([`Instance::restarts`]).
+    pub async fn start(
+        &self,
+        kind: Kind,
+        spec: &RunSpec,
+        restarts: u32,
+    ) -> Result<Instance, DriverError> {
         match kind {
             Kind::Process => {
                 let (p, s) = (self.process.clone(), spec.clone());
-                tokio::task::spawn_blocking(move || p.start(&s))
+                tokio::task::spawn_blocking(move || p.start(&s, restarts))
                     .await
                     .map_err(|e| DriverError::Io {
                         app: spec.app.clone(),
@@ -238,7 +247,7 @@ impl Drivers {
                         source: std::io::Error::other(e.to_string()),
                     })?
             }
-            Kind::Docker => self.docker(&spec.app)?.start(spec).await,
+            Kind::Docker => self.docker(&spec.app)?.start(spec, restarts).await,
         }
     }
 

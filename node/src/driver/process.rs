@@ -7,6 +7,7 @@
 //! ROOT/APP/pid          "PID STARTTIME STARTED_UNIX": STARTTIME (from /proc/PID/stat) tells the
 //!                       process apart from a later one that reuses the pid
 //! ROOT/APP/exit         "code N" or "signal N", written when flockd saw it exit
+//! ROOT/APP/restarts     how many times the app had been restarted when it started
 //! ROOT/APP/output.log   stdout and stderr
 //! ```
 //!
@@ -118,6 +119,10 @@ impl ProcessDriver {
             fingerprint: spec.fingerprint(),
             state,
             id: rec.map(|r| r.pid.to_string()).unwrap_or_default(),
+            restarts: fs::read_to_string(dir.join("restarts"))
+                .ok()
+                .and_then(|r| r.trim().parse().ok())
+                .unwrap_or(0),
         })
     }
 
@@ -134,8 +139,9 @@ impl ProcessDriver {
         out
     }
 
-    /// Starts `spec`'s command. Refused while an instance of the app runs.
-    pub fn start(&self, spec: &RunSpec) -> Result<Instance, DriverError> {
+    /// Starts `spec`'s command, recording `restarts` with it. Refused while an instance of the
+    /// app runs.
+    pub fn start(&self, spec: &RunSpec, restarts: u32) -> Result<Instance, DriverError> {
         let app = &spec.app;
         if let Some(r) = self.pid_record(app).filter(PidRecord::alive) {
             return Err(DriverError::AlreadyRunning {
@@ -206,6 +212,11 @@ impl ProcessDriver {
             let _ = child.wait();
             return Err(Self::io(app, "record the spec")(e));
         }
+        if let Err(e) = write_atomic(&dir.join("restarts"), format!("{restarts}\n").as_bytes()) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Self::io(app, "record its restarts")(e));
+        }
         let pid = child.id() as i32;
         let start = proc_start(pid).map_or(0, |(s, _)| s);
         let rec = PidRecord {
@@ -240,6 +251,7 @@ impl ProcessDriver {
                 since_unix: rec.since_unix,
             },
             id: pid.to_string(),
+            restarts,
         })
     }
 
@@ -405,7 +417,7 @@ mod tests {
             ],
         );
         s.dataset_path = Some(data.clone());
-        d.start(&s).unwrap();
+        d.start(&s, 3).unwrap();
         assert_eq!(
             wait_exit(&d, "echo"),
             RunState::Exited {
@@ -417,6 +429,16 @@ mod tests {
         let data = data.display().to_string();
         assert_eq!(lines, ["hi 8080 echo", data.as_str(), data.as_str()]);
         assert_eq!(d.instance("echo").unwrap().fingerprint, s.fingerprint());
+        // The restart count it was started with, read back from its record.
+        assert_eq!(d.instance("echo").unwrap().restarts, 3);
+        assert_eq!(
+            ProcessDriver::new(tmp.path().join("apps"))
+                .unwrap()
+                .instance("echo")
+                .unwrap()
+                .restarts,
+            3
+        );
     }
 
     #[test]
@@ -428,9 +450,9 @@ mod tests {
             "sleeper",
             &["sh", "-c", "sleep 300 & echo $! > child; wait"],
         );
-        let started = d.start(&s).unwrap();
+        let started = d.start(&s, 0).unwrap();
         assert!(matches!(started.state, RunState::Running { .. }));
-        let again = d.start(&s).unwrap_err();
+        let again = d.start(&s, 0).unwrap_err();
         assert!(
             matches!(again, DriverError::AlreadyRunning { .. }),
             "{again}"
@@ -473,7 +495,7 @@ mod tests {
     fn a_missing_command_is_a_clear_error() {
         let tmp = tempfile::tempdir().unwrap();
         let d = ProcessDriver::new(tmp.path()).unwrap();
-        let e = d.start(&spec("x", &["/no/such/program"])).unwrap_err();
+        let e = d.start(&spec("x", &["/no/such/program"]), 0).unwrap_err();
         assert!(
             e.to_string()
                 .contains("command \"/no/such/program\" not found"),
@@ -482,6 +504,6 @@ mod tests {
         let mut s = spec("y", &[]);
         s.command = None;
         s.image = Some("busybox".into());
-        assert!(matches!(d.start(&s), Err(DriverError::NoCommand { .. })));
+        assert!(matches!(d.start(&s, 0), Err(DriverError::NoCommand { .. })));
     }
 }
