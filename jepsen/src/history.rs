@@ -627,6 +627,32 @@ pub fn secs(ns: u64) -> String {
 mod tests {
     use super::*;
 
+    /// An ok op of `process` on n2, from 1 to 2 ns: the base of the roundtrip tests.
+    fn base_op(process: u64, call: Call, app: Option<AppResult>) -> Op {
+        Op {
+            index: 1,
+            process,
+            node: "n2".into(),
+            call,
+            outcome: Outcome::Ok,
+            read: None,
+            revision: None,
+            invoke_ns: 1,
+            complete_ns: 2,
+            error: None,
+            ds: None,
+            app,
+        }
+    }
+
+    /// `op` as a record reads back from its JSON line unchanged.
+    fn assert_roundtrips(op: Op) {
+        let r = Record::Op(Box::new(op));
+        let line = serde_json::to_string(&r).expect("serializes");
+        let back: Record = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(back, r, "{line}");
+    }
+
     #[test]
     fn records_roundtrip_through_json_lines() {
         let op = Record::Op(Box::new(Op {
@@ -680,11 +706,9 @@ mod tests {
 
     #[test]
     fn dataset_ops_roundtrip_through_json_lines() {
-        let base = Op {
-            index: 1,
-            process: 3,
-            node: "n2".into(),
-            call: Call::DsWrite {
+        let base = base_op(
+            3,
+            Call::DsWrite {
                 dataset: "d".into(),
                 file: "f00001".into(),
                 bytes: 5,
@@ -692,15 +716,8 @@ mod tests {
                 primary: "n2".into(),
                 epoch: 2,
             },
-            outcome: Outcome::Ok,
-            read: None,
-            revision: None,
-            invoke_ns: 1,
-            complete_ns: 2,
-            error: None,
-            ds: None,
-            app: None,
-        };
+            None,
+        );
         let disk = NodeDisk {
             datasets: vec![DiskDataset {
                 local_name: "d.1".into(),
@@ -776,15 +793,11 @@ mod tests {
             ),
         ];
         for (call, ds) in calls {
-            let r = Record::Op(Box::new(Op {
+            assert_roundtrips(Op {
                 call,
                 ds,
                 ..base.clone()
-            }));
-            let line = serde_json::to_string(&r).expect("serializes");
-            let back: Record =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-            assert_eq!(back, r);
+            });
         }
     }
 
@@ -799,25 +812,16 @@ mod tests {
             dataset: "ja-s1".into(),
             moving_to: String::new(),
         };
-        let base = Op {
-            index: 1,
-            process: 7_100_000,
-            node: "n2".into(),
-            call: Call::AppLocal {},
-            outcome: Outcome::Ok,
-            read: None,
-            revision: None,
-            invoke_ns: 1,
-            complete_ns: 2,
-            error: None,
-            ds: None,
-            app: Some(AppResult::Local {
+        let base = base_op(
+            7_100_000,
+            Call::AppLocal {},
+            Some(AppResult::Local {
                 apps: vec![AppSeen {
                     node: String::new(),
                     ..seen.clone()
                 }],
             }),
-        };
+        );
         let deploy = Call::AppDeploy {
             apps: [(
                 "ja-s1".to_string(),
@@ -862,37 +866,24 @@ mod tests {
         ];
         for op in ops {
             assert!(op.call.is_app() && !op.call.is_dataset() && !op.call.is_register());
-            let r = Record::Op(Box::new(op));
-            let line = serde_json::to_string(&r).expect("serializes");
-            let back: Record =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-            assert_eq!(back, r, "{line}");
+            assert_roundtrips(op);
         }
     }
 
     #[test]
     fn move_ops_roundtrip_through_json_lines() {
-        let base = Op {
-            index: 1,
-            process: 8_000_000,
-            node: "n2".into(),
-            call: Call::MvAppend {
+        let base = base_op(
+            8_000_000,
+            Call::MvAppend {
                 app: "jm-1".into(),
                 value: "w0-1".into(),
                 via: "direct".into(),
             },
-            outcome: Outcome::Ok,
-            read: None,
-            revision: None,
-            invoke_ns: 1,
-            complete_ns: 2,
-            error: None,
-            ds: None,
-            app: Some(AppResult::Appended {
+            Some(AppResult::Appended {
                 seq: 3,
                 instance: "7-123".into(),
             }),
-        };
+        );
         let app = || "jm-1".to_string();
         let ops = [
             base.clone(),
@@ -945,11 +936,7 @@ mod tests {
         ];
         for op in ops {
             assert!(op.call.is_move() && !op.call.is_app() && !op.call.is_register());
-            let r = Record::Op(Box::new(op));
-            let line = serde_json::to_string(&r).expect("serializes");
-            let back: Record =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-            assert_eq!(back, r, "{line}");
+            assert_roundtrips(op);
         }
     }
 

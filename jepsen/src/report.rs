@@ -70,6 +70,66 @@ fn yes_no(v: Option<bool>) -> &'static str {
     }
 }
 
+/// Seconds after the heal per name (`never` for none), comma-separated.
+fn after_heal(times: &BTreeMap<String, Option<f64>>) -> String {
+    times
+        .iter()
+        .map(|(n, t)| match t {
+            Some(t) => format!("{n} {t:.1}s"),
+            None => format!("{n} never"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A JSON object of a checker's details; absent fields read as 0 or empty.
+struct Fields<'a>(&'a serde_json::Value);
+
+impl Fields<'_> {
+    fn n(&self, k: &str) -> u64 {
+        self.0.get(k).and_then(|x| x.as_u64()).unwrap_or(0)
+    }
+
+    fn x(&self, k: &str) -> f64 {
+        self.0.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0)
+    }
+
+    fn t(&self, k: &str) -> &str {
+        self.0.get(k).and_then(|x| x.as_str()).unwrap_or("")
+    }
+
+    /// An array of strings, space-separated.
+    fn list(&self, k: &str) -> String {
+        self.0
+            .get(k)
+            .and_then(|x| x.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|h| h.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The checker's notes (at most 10), under `heading`, if it has any.
+fn checker_notes(s: &mut String, details: &serde_json::Value, heading: &str) {
+    let Some(notes) = details.get("notes").and_then(|n| n.as_array()) else {
+        return;
+    };
+    if notes.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "{heading}");
+    for n in notes.iter().take(10) {
+        let _ = writeln!(s, "- {}", n.as_str().unwrap_or(""));
+    }
+    if notes.len() > 10 {
+        let _ = writeln!(s, "- ({} more in verdict.json)", notes.len() - 10);
+    }
+}
+
 fn markdown(
     history: &History,
     v: &Verdict,
@@ -161,14 +221,7 @@ fn markdown(
         "- **recovery** (write + linearizable read on every node within {:.0}s of the heal): {} — {}",
         r.bound_s,
         if r.ok { "VALID" } else { "INVALID" },
-        r.nodes
-            .iter()
-            .map(|(n, t)| match t {
-                Some(t) => format!("{n} {t:.1}s"),
-                None => format!("{n} never"),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
+        after_heal(&r.nodes)
     );
     let c = &v.convergence;
     let _ = writeln!(
@@ -187,14 +240,7 @@ fn markdown(
             "- **dataset recovery** (a write and a snapshot on every dataset within {:.0}s of the heal): {} — {}",
             d.recovery_bound_s,
             if d.recovered.values().all(Option::is_some) { "VALID" } else { "INVALID" },
-            d.recovered
-                .iter()
-                .map(|(n, t)| match t {
-                    Some(t) => format!("{n} {t:.1}s"),
-                    None => format!("{n} never"),
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
+            after_heal(&d.recovered)
         );
         let _ = writeln!(
             s,
@@ -408,59 +454,37 @@ fn datasets_section(s: &mut String, history: &History, v: &Verdict) {
     );
     if let Some(m) = d.get("datasets").and_then(|m| m.as_object()) {
         for (name, f) in m {
-            let n = |k: &str| f.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+            let f = Fields(f);
             let _ = writeln!(
                 s,
                 "| {name} | {}/{}/{} | {} | {:.1} | {}/{}/{} | {} | {}/{}/{} | {} | {} | {} | {} | {} |",
-                n("writes_ok"),
-                n("writes_fail"),
-                n("writes_unknown"),
-                n("writes_fenced"),
-                n("bytes_ok") as f64 / 1048576.0,
-                n("snapshots_ok"),
-                n("snapshots_fail"),
-                n("snapshots_unknown"),
-                n("recorded"),
-                n("moves_ok"),
-                n("moves_fail"),
-                n("moves_unknown"),
-                n("moves_committed"),
-                f.get("final_primary").and_then(|x| x.as_str()).unwrap_or(""),
-                f.get("final_holders")
-                    .and_then(|x| x.as_array())
-                    .map(|a| a.iter().filter_map(|h| h.as_str()).collect::<Vec<_>>().join(" "))
-                    .unwrap_or_default(),
-                n("copies_read"),
-                n("files_checked"),
+                f.n("writes_ok"),
+                f.n("writes_fail"),
+                f.n("writes_unknown"),
+                f.n("writes_fenced"),
+                f.n("bytes_ok") as f64 / 1048576.0,
+                f.n("snapshots_ok"),
+                f.n("snapshots_fail"),
+                f.n("snapshots_unknown"),
+                f.n("recorded"),
+                f.n("moves_ok"),
+                f.n("moves_fail"),
+                f.n("moves_unknown"),
+                f.n("moves_committed"),
+                f.t("final_primary"),
+                f.list("final_holders"),
+                f.n("copies_read"),
+                f.n("files_checked"),
             );
         }
     }
     // Latencies of the dataset calls during the workload.
-    let _ = writeln!(
-        s,
-        "\nLatency of ok dataset calls (workload phase):\n\n| call | ok | p50 | p99 | max |\n|---|---:|---:|---:|---:|"
-    );
     let end = v.stats.duration_s;
-    let mut by_f: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    for o in history.ops.iter().filter(|o| {
-        o.call.is_dataset() && o.outcome == Outcome::Ok && (o.invoke_ns as f64 / 1e9) <= end
-    }) {
-        by_f.entry(o.call.f())
-            .or_default()
-            .push(o.latency_ns() as f64 / 1e6);
-    }
-    for (f, mut l) in by_f {
-        l.sort_by(f64::total_cmp);
-        let p = |q: f64| l[(((l.len() - 1) as f64) * q).round() as usize];
-        let _ = writeln!(
-            s,
-            "| {f} | {} | {:.0} ms | {:.0} ms | {:.0} ms |",
-            l.len(),
-            p(0.5),
-            p(0.99),
-            p(1.0)
-        );
-    }
+    let _ = write!(
+        s,
+        "\nLatency of ok dataset calls (workload phase):\n\n{}",
+        latencies(history, end, |o| o.call.is_dataset())
+    );
     // The longest time a dataset took no snapshot while its writer was asking for them: between
     // two acknowledged snapshots, or from the last one to the last attempt, in the workload
     // phase (a writer that moved on to a fresh dataset asks no more).
@@ -512,17 +536,7 @@ fn datasets_section(s: &mut String, history: &History, v: &Verdict) {
             }
         );
     }
-    if let Some(notes) = d.get("notes").and_then(|n| n.as_array()) {
-        if !notes.is_empty() {
-            let _ = writeln!(s, "\nChecker notes (no violation):\n");
-            for n in notes.iter().take(10) {
-                let _ = writeln!(s, "- {}", n.as_str().unwrap_or(""));
-            }
-            if notes.len() > 10 {
-                let _ = writeln!(s, "- ({} more in verdict.json)", notes.len() - 10);
-            }
-        }
-    }
+    checker_notes(s, d, "\nChecker notes (no violation):\n");
 }
 
 /// Latency percentiles (p50, p99, max, in ms) of the ok ops that `pick` selects, invoked in the
@@ -561,20 +575,20 @@ fn apps_section(s: &mut String, history: &History, v: &Verdict) {
         return;
     };
     let d = &check.details;
-    let n = |k: &str| d.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let fd = Fields(d);
     let _ = writeln!(
         s,
         "\n## Apps\n\n- deploys ok/fail/unknown: {}/{}/{}; LocalApps polls ok/failed: {}/{}; AppList reads ok/failed: {}/{}\n\
          - the running-twice claim covers {} intervals in which one instance of a stateful app provably ran ({:.0} s in all)\n",
-        n("deploys_ok"),
-        n("deploys_fail"),
-        n("deploys_unknown"),
-        n("polls_ok"),
-        n("polls_fail"),
-        n("lists_ok"),
-        n("lists_fail"),
-        n("stateful_runs"),
-        d.get("stateful_run_seconds").and_then(|x| x.as_f64()).unwrap_or(0.0),
+        fd.n("deploys_ok"),
+        fd.n("deploys_fail"),
+        fd.n("deploys_unknown"),
+        fd.n("polls_ok"),
+        fd.n("polls_fail"),
+        fd.n("lists_ok"),
+        fd.n("lists_fail"),
+        fd.n("stateful_runs"),
+        fd.x("stateful_run_seconds"),
     );
     let _ = writeln!(
         s,
@@ -585,34 +599,22 @@ fn apps_section(s: &mut String, history: &History, v: &Verdict) {
     );
     if let Some(m) = d.get("apps").and_then(|m| m.as_object()) {
         for (name, f) in m {
-            let n = |k: &str| f.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-            let x = |k: &str| f.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
-            let t = |k: &str| f.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+            let stateful = f.get("stateful").and_then(|b| b.as_bool()).unwrap_or(false);
+            let f = Fields(f);
             let _ = writeln!(
                 s,
                 "| {name} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {:.1}s | {} | {} |",
-                if f.get("stateful").and_then(|b| b.as_bool()).unwrap_or(false) {
-                    "yes"
-                } else {
-                    "no"
-                },
-                n("moves_asked"),
-                n("seen_running"),
-                n("instances"),
-                f.get("nodes")
-                    .and_then(|x| x.as_array())
-                    .map(|a| a
-                        .iter()
-                        .filter_map(|h| h.as_str())
-                        .collect::<Vec<_>>()
-                        .join(" "))
-                    .unwrap_or_default(),
-                n("runs"),
-                x("run_seconds"),
-                n("overlaps"),
-                x("longest_unseen_s"),
-                t("final_node"),
-                t("final_state"),
+                if stateful { "yes" } else { "no" },
+                f.n("moves_asked"),
+                f.n("seen_running"),
+                f.n("instances"),
+                f.list("nodes"),
+                f.n("runs"),
+                f.x("run_seconds"),
+                f.n("overlaps"),
+                f.x("longest_unseen_s"),
+                f.t("final_node"),
+                f.t("final_state"),
             );
         }
     }
@@ -621,17 +623,7 @@ fn apps_section(s: &mut String, history: &History, v: &Verdict) {
         "\nLatency of ok app calls (workload phase):\n\n{}",
         latencies(history, v.stats.duration_s, |o| o.call.is_app())
     );
-    if let Some(notes) = d.get("notes").and_then(|n| n.as_array()) {
-        if !notes.is_empty() {
-            let _ = writeln!(s, "Checker notes (no violation):\n");
-            for n in notes.iter().take(10) {
-                let _ = writeln!(s, "- {}", n.as_str().unwrap_or(""));
-            }
-            if notes.len() > 10 {
-                let _ = writeln!(s, "- ({} more in verdict.json)", notes.len() - 10);
-            }
-        }
-    }
+    checker_notes(s, d, "Checker notes (no violation):\n");
 }
 
 /// The move workload's figures: per app, appends, what the final log held, moves and their
@@ -645,35 +637,33 @@ fn moves_section(s: &mut String, history: &History, v: &Verdict) {
     };
     let _ = writeln!(s, "\n## Move workload\n");
     for (name, f) in apps {
-        let n = |k: &str| f.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-        let x = |k: &str| f.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
-        let t = |k: &str| f.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+        let fig = Fields(f);
         let _ = writeln!(
             s,
             "**{name}**: appends ok/fail/unknown {}/{}/{} (unknown ones in the final log: {}, not: {}); final log {} entries, read on {} (instance {}); \
              moves asked ok/refused/unknown {}/{}/{}, of the accepted: {} committed, {} cancelled, {} superseded, {} unresolved; cancels ok/fail/unknown {}/{}/{}; \
              longest time without an acknowledged append {:.2}s ({:.1}s to {:.1}s)\n",
-            n("acked"),
-            n("failed"),
-            n("unknown"),
-            n("unknown_present"),
-            n("unknown_absent"),
-            n("final_entries"),
-            t("final_node"),
-            t("final_instance"),
-            n("moves_ok"),
-            n("moves_fail"),
-            n("moves_unknown"),
-            n("committed"),
-            n("cancelled"),
-            n("superseded"),
-            n("unresolved"),
-            n("cancels_ok"),
-            n("cancels_fail"),
-            n("cancels_unknown"),
-            x("longest_gap_s"),
-            x("longest_gap_from_s"),
-            x("longest_gap_to_s"),
+            fig.n("acked"),
+            fig.n("failed"),
+            fig.n("unknown"),
+            fig.n("unknown_present"),
+            fig.n("unknown_absent"),
+            fig.n("final_entries"),
+            fig.t("final_node"),
+            fig.t("final_instance"),
+            fig.n("moves_ok"),
+            fig.n("moves_fail"),
+            fig.n("moves_unknown"),
+            fig.n("committed"),
+            fig.n("cancelled"),
+            fig.n("superseded"),
+            fig.n("unresolved"),
+            fig.n("cancels_ok"),
+            fig.n("cancels_fail"),
+            fig.n("cancels_unknown"),
+            fig.x("longest_gap_s"),
+            fig.x("longest_gap_from_s"),
+            fig.x("longest_gap_to_s"),
         );
         let _ = writeln!(
             s,
@@ -686,8 +676,7 @@ fn moves_section(s: &mut String, history: &History, v: &Verdict) {
             .into_iter()
             .flatten()
         {
-            let x = |k: &str| m.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
-            let t = |k: &str| m.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+            let mv = Fields(m);
             let opt = |k: &str, unit: &str, digits: usize| {
                 m.get(k)
                     .and_then(|x| x.as_f64())
@@ -697,16 +686,16 @@ fn moves_section(s: &mut String, history: &History, v: &Verdict) {
             let _ = writeln!(
                 s,
                 "| {:.1}s | {} | {} | {} | {} | {} | {:.2}s | {:.1}s | {:.1}s | {} |",
-                x("at_s"),
-                t("from"),
-                t("to"),
-                t("fate"),
+                mv.x("at_s"),
+                mv.t("from"),
+                mv.t("to"),
+                mv.t("fate"),
                 opt("handoff_s", "s", 2),
                 opt("handoff_at_s", "s", 1),
-                x("gap_s"),
-                x("gap_from_s"),
-                x("gap_to_s"),
-                t("faults")
+                mv.x("gap_s"),
+                mv.x("gap_from_s"),
+                mv.x("gap_to_s"),
+                mv.t("faults")
             );
         }
         let _ = writeln!(
@@ -729,22 +718,16 @@ fn moves_section(s: &mut String, history: &History, v: &Verdict) {
                         .join("..")
                 })
                 .unwrap_or_default();
+            let i = Fields(i);
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {:.1}s | {:.1}s |",
-                i.get("instance").and_then(|x| x.as_str()).unwrap_or(""),
-                i.get("nodes")
-                    .and_then(|x| x.as_array())
-                    .map(|a| a
-                        .iter()
-                        .filter_map(|h| h.as_str())
-                        .collect::<Vec<_>>()
-                        .join(" "))
-                    .unwrap_or_default(),
-                i.get("acks").and_then(|x| x.as_u64()).unwrap_or(0),
+                i.t("instance"),
+                i.list("nodes"),
+                i.n("acks"),
                 seqs,
-                i.get("first_s").and_then(|x| x.as_f64()).unwrap_or(0.0),
-                i.get("last_s").and_then(|x| x.as_f64()).unwrap_or(0.0),
+                i.x("first_s"),
+                i.x("last_s"),
             );
         }
     }
@@ -991,4 +974,36 @@ fn throughput_chart(
 /// Draws the timeline of a stored history (for `flock-jepsen check`).
 pub fn timeline_only(path: &Path, history: &History) -> Result<(), String> {
     timeline(path, history, history.end_ns())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_read_absent_ones_as_zero_or_empty() {
+        let v = serde_json::json!({"n": 3, "x": 1.5, "t": "a", "l": ["n1", "n2"]});
+        let f = Fields(&v);
+        assert_eq!(
+            (f.n("n"), f.x("x"), f.t("t"), f.list("l")),
+            (3, 1.5, "a", "n1 n2".into())
+        );
+        assert_eq!(
+            (f.n("?"), f.x("?"), f.t("?"), f.list("?")),
+            (0, 0.0, "", String::new())
+        );
+        let times = [("n1".to_string(), Some(1.25)), ("n2".to_string(), None)].into();
+        assert_eq!(after_heal(&times), "n1 1.2s, n2 never");
+    }
+
+    #[test]
+    fn checker_notes_show_ten_at_most() {
+        let mut s = String::new();
+        checker_notes(&mut s, &serde_json::json!({"notes": []}), "Notes:");
+        assert_eq!(s, "");
+        let notes: Vec<String> = (0..12).map(|i| format!("n{i}")).collect();
+        checker_notes(&mut s, &serde_json::json!({ "notes": notes }), "Notes:");
+        assert!(s.starts_with("Notes:\n- n0\n"), "{s}");
+        assert!(s.ends_with("- n9\n- (2 more in verdict.json)\n"), "{s}");
+    }
 }

@@ -50,8 +50,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::register::describe;
-use super::{CheckResult, Checker};
-use crate::history::{AppResult, AppSeen, Call, FaultInterval, History, Op, Outcome};
+use super::{faults_during, kinds_of, validity, CheckResult, Checker};
+use crate::history::{AppResult, AppSeen, Call, History, Op, Outcome};
 
 /// What the checker found about one app.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -117,13 +117,7 @@ pub struct AppVerdict {
 
 impl AppVerdict {
     pub fn valid(&self) -> Option<bool> {
-        if !self.anomalies.is_empty() {
-            Some(false)
-        } else if !self.undecided.is_empty() {
-            None
-        } else {
-            Some(true)
-        }
+        validity(&self.anomalies, &self.undecided)
     }
 }
 
@@ -140,7 +134,6 @@ impl Checker for AppsRunRight {
 
     fn check(&self, history: &History) -> CheckResult {
         let v = check_apps(history, self.bound.as_nanos() as u64);
-        let kinds: BTreeSet<&str> = v.anomalies.iter().map(|a| a.kind.as_str()).collect();
         let stateful = v.apps.values().filter(|a| a.stateful).count();
         let summary = match v.valid() {
             Some(true) => format!(
@@ -159,7 +152,7 @@ impl Checker for AppsRunRight {
             Some(false) => format!(
                 "{} findings ({}) in {} apps",
                 v.anomalies.len(),
-                kinds.into_iter().collect::<Vec<_>>().join(", "),
+                kinds_of(v.anomalies.iter().map(|a| a.kind.as_str())),
                 v.anomalies
                     .iter()
                     .map(|a| a.app.as_str())
@@ -168,12 +161,7 @@ impl Checker for AppsRunRight {
             ),
             None => format!("undecided: {}", v.undecided.join("; ")),
         };
-        CheckResult {
-            checker: self.name().into(),
-            valid: v.valid(),
-            summary,
-            details: serde_json::to_value(&v).unwrap_or(serde_json::Value::Null),
-        }
+        CheckResult::new(self.name(), v.valid(), summary, &v)
     }
 }
 
@@ -250,19 +238,6 @@ impl Run<'_> {
     }
     fn to(&self) -> u64 {
         self.polls[self.polls.len() - 1].invoke_ns
-    }
-}
-
-fn faults_during(faults: &[FaultInterval], from: u64, to: u64) -> String {
-    let f: Vec<String> = faults
-        .iter()
-        .filter(|f| f.start_ns < to && f.stop_ns > from)
-        .map(|f| format!("{} ({})", f.fault, f.detail))
-        .collect();
-    if f.is_empty() {
-        "none".into()
-    } else {
-        f.join(", ")
     }
 }
 
@@ -758,24 +733,20 @@ pub fn check_apps(history: &History, bound_ns: u64) -> AppVerdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{AppPin, NemesisEvent, Record, RunMeta};
+    use crate::checker::testutil::{ms, sorted_kinds, Builder};
+    use crate::history::{AppPin, Record, RunMeta};
 
     const S: &str = "ja-s1";
     const L: &str = "ja-l1";
 
-    /// Builds a history; times in milliseconds.
-    struct H {
-        h: History,
-    }
-
-    fn ms(t: u64) -> u64 {
-        t * 1_000_000
-    }
+    /// The app workload's ops, numbered from 0, of process 0, after the run's meta.
+    struct Apps;
+    type H = Builder<Apps>;
 
     impl H {
         fn new() -> H {
-            let mut h = History::default();
-            h.push(Record::Meta(RunMeta {
+            let mut h = H::start(0, 0);
+            h.h.push(Record::Meta(RunMeta {
                 seed: 1,
                 workload: "app".into(),
                 read_mode: "linearizable".into(),
@@ -784,31 +755,7 @@ mod tests {
                 started: String::new(),
                 key_prefix: String::new(),
             }));
-            H { h }
-        }
-        fn op(
-            &mut self,
-            node: &str,
-            call: Call,
-            outcome: Outcome,
-            t: (u64, u64),
-            app: Option<AppResult>,
-        ) {
-            let index = self.h.ops.len() as u64;
-            self.h.push(Record::Op(Box::new(Op {
-                index,
-                process: 0,
-                node: node.into(),
-                call,
-                outcome,
-                read: None,
-                revision: None,
-                invoke_ns: ms(t.0),
-                complete_ns: ms(t.1),
-                error: None,
-                ds: None,
-                app,
-            })));
+            h
         }
         /// A deploy of `pins` (app, node, stateful).
         fn deploy(&mut self, pins: &[(&str, &str, bool)], outcome: Outcome, t: (u64, u64)) {
@@ -883,23 +830,13 @@ mod tests {
                 }),
             );
         }
-        fn nemesis(&mut self, t: u64, action: &str, fault: &str, detail: &str) {
-            self.h.push(Record::Nemesis(NemesisEvent {
-                time_ns: ms(t),
-                action: action.into(),
-                fault: fault.into(),
-                detail: detail.into(),
-            }));
-        }
         fn check(&self) -> AppVerdict {
             check_apps(&self.h, ms(10_000))
         }
     }
 
     fn kinds(v: &AppVerdict) -> Vec<&str> {
-        let mut k: Vec<&str> = v.anomalies.iter().map(|a| a.kind.as_str()).collect();
-        k.sort_unstable();
-        k
+        sorted_kinds(v.anomalies.iter().map(|a| a.kind.as_str()))
     }
 
     /// S moves from n1 to n2 and L from n2 to n3, cleanly; then the heal and a good end.

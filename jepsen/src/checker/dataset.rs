@@ -45,7 +45,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::Serialize;
 
 use super::register::describe;
-use super::{CheckResult, Checker};
+use super::{kinds_of, validity, CheckResult, Checker};
 use crate::history::{
     file_digest, Call, DiskSnapshot, DsResult, DsSnap, DsState, History, Op, Outcome,
 };
@@ -107,13 +107,7 @@ pub struct DatasetVerdict {
 
 impl DatasetVerdict {
     pub fn valid(&self) -> Option<bool> {
-        if !self.anomalies.is_empty() {
-            Some(false)
-        } else if !self.undecided.is_empty() {
-            None
-        } else {
-            Some(true)
-        }
+        validity(&self.anomalies, &self.undecided)
     }
 }
 
@@ -127,7 +121,6 @@ impl Checker for SnapshotsReadBack {
 
     fn check(&self, history: &History) -> CheckResult {
         let v = check_datasets(&history.ops);
-        let kinds: BTreeSet<&str> = v.anomalies.iter().map(|a| a.kind.as_str()).collect();
         let summary = match v.valid() {
             Some(true) => format!(
                 "{} acknowledged snapshots of {} datasets read back byte-identical ({} copies, {} file checks)",
@@ -139,7 +132,7 @@ impl Checker for SnapshotsReadBack {
             Some(false) => format!(
                 "{} findings ({}) in {} datasets",
                 v.anomalies.len(),
-                kinds.into_iter().collect::<Vec<_>>().join(", "),
+                kinds_of(v.anomalies.iter().map(|a| a.kind.as_str())),
                 v.anomalies
                     .iter()
                     .map(|a| a.dataset.as_str())
@@ -148,12 +141,7 @@ impl Checker for SnapshotsReadBack {
             ),
             None => format!("undecided: {}", v.undecided.join("; ")),
         };
-        CheckResult {
-            checker: self.name().into(),
-            valid: v.valid(),
-            summary,
-            details: serde_json::to_value(&v).unwrap_or(serde_json::Value::Null),
-        }
+        CheckResult::new(self.name(), v.valid(), summary, &v)
     }
 }
 

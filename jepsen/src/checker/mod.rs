@@ -20,10 +20,14 @@ pub mod linearizable;
 pub mod moves;
 pub mod register;
 pub mod stats;
+#[cfg(test)]
+pub(crate) mod testutil;
+
+use std::collections::BTreeSet;
 
 use serde::Serialize;
 
-use crate::history::History;
+use crate::history::{FaultInterval, History};
 
 /// The answer of one checker.
 #[derive(Clone, Debug, Serialize)]
@@ -35,6 +39,65 @@ pub struct CheckResult {
     pub summary: String,
     /// The checker's own findings.
     pub details: serde_json::Value,
+}
+
+impl CheckResult {
+    /// The answer of `checker`, with `details` (a verdict) as JSON, `null` if it does not
+    /// serialize.
+    pub(crate) fn new(
+        checker: &str,
+        valid: Option<bool>,
+        summary: String,
+        details: &impl Serialize,
+    ) -> CheckResult {
+        CheckResult {
+            checker: checker.into(),
+            valid,
+            summary,
+            details: serde_json::to_value(details).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
+/// A verdict's validity: invalid with any anomaly, else undecided with anything undecided, else
+/// valid.
+pub(crate) fn validity<A, U>(anomalies: &[A], undecided: &[U]) -> Option<bool> {
+    if !anomalies.is_empty() {
+        Some(false)
+    } else if !undecided.is_empty() {
+        None
+    } else {
+        Some(true)
+    }
+}
+
+/// The distinct kinds of findings, sorted, joined by commas (for a summary).
+pub(crate) fn kinds_of<'a>(kinds: impl IntoIterator<Item = &'a str>) -> String {
+    kinds
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The faults that overlap `from..to` (ns), as `fault (detail)`.
+pub(crate) fn faults_in(faults: &[FaultInterval], from: u64, to: u64) -> Vec<String> {
+    faults
+        .iter()
+        .filter(|f| f.start_ns < to && f.stop_ns > from)
+        .map(|f| format!("{} ({})", f.fault, f.detail))
+        .collect()
+}
+
+/// [`faults_in`], joined by commas, or `none`.
+pub(crate) fn faults_during(faults: &[FaultInterval], from: u64, to: u64) -> String {
+    let f = faults_in(faults, from, to);
+    if f.is_empty() {
+        "none".into()
+    } else {
+        f.join(", ")
+    }
 }
 
 /// Something that judges a history.
@@ -75,12 +138,7 @@ impl Checker for RegisterLinearizable {
                 v.keys_checked
             ),
         };
-        CheckResult {
-            checker: self.name().into(),
-            valid: v.valid(),
-            summary,
-            details: serde_json::to_value(&v).unwrap_or(serde_json::Value::Null),
-        }
+        CheckResult::new(self.name(), v.valid(), summary, &v)
     }
 }
 
@@ -92,5 +150,31 @@ pub fn overall(results: &[CheckResult]) -> Option<bool> {
         None
     } else {
         Some(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_verdict_helpers() {
+        let none: [u8; 0] = [];
+        assert_eq!(validity(&[1], &["u"]), Some(false));
+        assert_eq!(validity(&none, &["u"]), None);
+        assert_eq!(validity(&none, &none), Some(true));
+        assert_eq!(kinds_of(["lost", "dup", "lost"]), "dup, lost");
+        let faults = [FaultInterval {
+            start_ns: 10,
+            stop_ns: 20,
+            fault: "kill".into(),
+            detail: "kill -9 n1".into(),
+        }];
+        assert_eq!(faults_during(&faults, 15, 30), "kill (kill -9 n1)");
+        assert_eq!(faults_during(&faults, 20, 30), "none");
+        assert!(faults_in(&faults, 0, 10).is_empty());
+        let r = CheckResult::new("x", None, "s".into(), &serde_json::json!({"a": 1}));
+        assert_eq!((r.checker.as_str(), r.valid), ("x", None));
+        assert_eq!(r.details["a"], 1);
     }
 }

@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use super::register::describe;
-use super::{CheckResult, Checker};
+use super::{faults_during, kinds_of, validity, CheckResult, Checker};
 use crate::history::{AppResult, Call, FaultInterval, History, Op, Outcome};
 
 /// One accepted move. Its window runs from its invocation to the next move or cancel that
@@ -126,13 +126,7 @@ pub struct MoveVerdict {
 
 impl MoveVerdict {
     pub fn valid(&self) -> Option<bool> {
-        if !self.anomalies.is_empty() {
-            Some(false)
-        } else if !self.undecided.is_empty() {
-            None
-        } else {
-            Some(true)
-        }
+        validity(&self.anomalies, &self.undecided)
     }
 }
 
@@ -146,7 +140,6 @@ impl Checker for NoWriteLost {
 
     fn check(&self, history: &History) -> CheckResult {
         let v = check_moves(history);
-        let kinds: BTreeSet<&str> = v.anomalies.iter().map(|a| a.kind.as_str()).collect();
         let sum = |f: &dyn Fn(&MoveFigures) -> u64| v.apps.values().map(f).sum::<u64>();
         let summary = match v.valid() {
             Some(true) => format!(
@@ -165,35 +158,17 @@ impl Checker for NoWriteLost {
             Some(false) => format!(
                 "{} findings ({}) over {} acknowledged appends",
                 v.anomalies.len(),
-                kinds.into_iter().collect::<Vec<_>>().join(", "),
+                kinds_of(v.anomalies.iter().map(|a| a.kind.as_str())),
                 sum(&|f| f.acked)
             ),
             None => format!("undecided: {}", v.undecided.join("; ")),
         };
-        CheckResult {
-            checker: self.name().into(),
-            valid: v.valid(),
-            summary,
-            details: serde_json::to_value(&v).unwrap_or(serde_json::Value::Null),
-        }
+        CheckResult::new(self.name(), v.valid(), summary, &v)
     }
 }
 
 fn s(ns: u64) -> f64 {
     ns as f64 / 1e9
-}
-
-fn faults_during(faults: &[FaultInterval], from: u64, to: u64) -> String {
-    let f: Vec<String> = faults
-        .iter()
-        .filter(|f| f.start_ns < to && f.stop_ns > from)
-        .map(|f| format!("{} ({})", f.fault, f.detail))
-        .collect();
-    if f.is_empty() {
-        "none".into()
-    } else {
-        f.join(", ")
-    }
 }
 
 /// An acknowledged append.
@@ -711,49 +686,18 @@ fn check_app(v: &mut MoveVerdict, app: &str, all: &[&Op], faults: &[FaultInterva
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{AppSeen, NemesisEvent, Record};
+    use crate::checker::testutil::{sorted_kinds, Builder};
+    use crate::history::AppSeen;
 
     const A: &str = "jm-1";
 
-    fn ms(t: u64) -> u64 {
-        t * 1_000_000
-    }
-
-    struct H {
-        h: History,
-        next: u64,
-    }
+    /// The move workload's ops, numbered from 1, of process 1.
+    struct Moves;
+    type H = Builder<Moves>;
 
     impl H {
         fn new() -> H {
-            H {
-                h: History::default(),
-                next: 0,
-            }
-        }
-        fn op(
-            &mut self,
-            node: &str,
-            call: Call,
-            outcome: Outcome,
-            t: (u64, u64),
-            app: Option<AppResult>,
-        ) {
-            self.next += 1;
-            self.h.push(Record::Op(Box::new(Op {
-                index: self.next,
-                process: 1,
-                node: node.into(),
-                call,
-                outcome,
-                read: None,
-                revision: None,
-                invoke_ns: ms(t.0),
-                complete_ns: ms(t.1),
-                error: None,
-                ds: None,
-                app,
-            })));
+            H::start(1, 1)
         }
         fn append(
             &mut self,
@@ -839,23 +783,13 @@ mod tests {
                 }),
             );
         }
-        fn nemesis(&mut self, t: u64, action: &str, fault: &str, detail: &str) {
-            self.h.push(Record::Nemesis(NemesisEvent {
-                time_ns: ms(t),
-                action: action.into(),
-                fault: fault.into(),
-                detail: detail.into(),
-            }));
-        }
         fn check(&self) -> MoveVerdict {
             check_moves(&self.h)
         }
     }
 
     fn kinds(v: &MoveVerdict) -> Vec<&str> {
-        let mut k: Vec<&str> = v.anomalies.iter().map(|a| a.kind.as_str()).collect();
-        k.sort_unstable();
-        k
+        sorted_kinds(v.anomalies.iter().map(|a| a.kind.as_str()))
     }
 
     /// Three acks on n1's instance i1, a move to n2 that commits, an unknown append that

@@ -154,13 +154,7 @@ pub struct RegisterVerdict {
 
 impl RegisterVerdict {
     pub fn valid(&self) -> Option<bool> {
-        if !self.anomalies.is_empty() {
-            Some(false)
-        } else if !self.undecided_keys.is_empty() {
-            None
-        } else {
-            Some(true)
-        }
+        super::validity(&self.anomalies, &self.undecided_keys)
     }
 }
 

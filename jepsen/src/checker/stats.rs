@@ -176,11 +176,7 @@ pub fn longest_gap(times: &[u64], from: u64, to: u64, faults: &[FaultInterval]) 
         seconds: len as f64 / 1e9,
         from_s: a as f64 / 1e9,
         to_s: b as f64 / 1e9,
-        during: faults
-            .iter()
-            .filter(|f| f.start_ns < b && f.stop_ns > a)
-            .map(|f| format!("{} ({})", f.fault, f.detail))
-            .collect(),
+        during: super::faults_in(faults, a, b),
     }
 }
 

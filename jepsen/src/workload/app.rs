@@ -140,20 +140,32 @@ impl AppDef {
             mountpoint: MOUNTPOINT.into(),
             maximum_size: None,
         });
-        serde_json::from_value(serde_json::json!({
-            "name": self.name,
-            "image": null,
-            "command": self.command,
-            "ports": ports,
-            "links": [],
-            "volume": volume,
-            "environment": {},
-            "restart_policy": RestartPolicy::Always,
-            "mem_limit": null,
-            "cpu_shares": null,
-        }))
-        .map_err(|e| format!("the spec of {}: {e}", self.name))
+        spec_of(&self.name, &self.command, ports, volume)
     }
+}
+
+/// The spec flockctl would make of an app of the test image from an application.yml (always
+/// restarted, no links, environment or limits). Made through serde, so that fields the scheduler
+/// adds with a default need nothing here.
+pub(crate) fn spec_of(
+    name: &str,
+    command: &[String],
+    ports: Vec<PortMap>,
+    volume: Option<Volume>,
+) -> Result<AppSpec, String> {
+    serde_json::from_value(serde_json::json!({
+        "name": name,
+        "image": null,
+        "command": command,
+        "ports": ports,
+        "links": [],
+        "volume": volume,
+        "environment": {},
+        "restart_policy": RestartPolicy::Always,
+        "mem_limit": null,
+        "cpu_shares": null,
+    }))
+    .map_err(|e| format!("the spec of {name}: {e}"))
 }
 
 /// The workload's apps: stateful testapps first, then stateless loops and testapps in turn.
@@ -306,20 +318,15 @@ pub(crate) struct Tasks {
     stop_polls: watch::Sender<bool>,
 }
 
-fn done(app: AppResult) -> Done {
-    Done {
-        outcome: Outcome::Ok,
-        read: None,
-        revision: None,
-        note: None,
-        ds: None,
-        app: Some(app),
-    }
+fn seen(s: pb::AppStatus) -> AppSeen {
+    let moving_to = moving_to(&s.detail).unwrap_or_default();
+    seen_as(s, moving_to)
 }
 
-fn seen(s: pb::AppStatus) -> AppSeen {
+/// An app's status as recorded, with `moving_to` as the caller reads it.
+pub(crate) fn seen_as(s: pb::AppStatus, moving_to: String) -> AppSeen {
     AppSeen {
-        moving_to: moving_to(&s.detail).unwrap_or_default(),
+        moving_to,
         app: s.name,
         node: s.node,
         state: s.state,
@@ -355,7 +362,7 @@ async fn deploy(api: &mut Api, plan_json: String) -> Result<Done, Failure> {
             k => format!("{k} {} {}", c.app, c.node),
         })
         .collect();
-    Ok(done(AppResult::Deployed {
+    Ok(Done::app(AppResult::Deployed {
         generation: r.generation,
         changes,
     }))
@@ -376,18 +383,23 @@ async fn local_apps(api: &mut Api) -> Result<Done, Failure> {
             ..seen(s)
         })
         .collect();
-    Ok(done(AppResult::Local { apps }))
+    Ok(Done::app(AppResult::Local { apps }))
 }
 
-async fn app_list(api: &mut Api) -> Result<Done, Failure> {
+/// `AppList` of `name` (all apps when empty), each app's status recorded by `seen`.
+pub(crate) async fn app_list(
+    api: &mut Api,
+    name: &str,
+    seen: fn(pb::AppStatus) -> AppSeen,
+) -> Result<Done, Failure> {
     let r = api
         .app_list(pb::AppListRequest {
-            name: String::new(),
+            name: name.to_string(),
         })
         .await
         .map_err(|s| classify(&s))?
         .into_inner();
-    Ok(done(AppResult::List {
+    Ok(Done::app(AppResult::List {
         generation: r.generation,
         apps: r.apps.into_iter().map(seen).collect(),
     }))
@@ -594,7 +606,7 @@ async fn list_op(
     let conn = &mut conns[i];
     let attempt = async {
         let api = conn.api().await?;
-        app_list(api).await
+        app_list(api, "", seen).await
     };
     let (op, broken) = record_call(
         &ctx.rec,

@@ -240,17 +240,6 @@ struct Writer {
     moving_since: Option<Instant>,
 }
 
-fn done(ds: Option<DsResult>) -> Done {
-    Done {
-        outcome: Outcome::Ok,
-        read: None,
-        revision: None,
-        note: None,
-        ds,
-        app: None,
-    }
-}
-
 fn state_of(d: pb::Dataset) -> DsState {
     DsState {
         id: d.id,
@@ -292,7 +281,7 @@ async fn invoke(api: &mut Api, call: &Call) -> Result<Done, Failure> {
             })
             .await
             .map_err(err)?;
-            Ok(done(None))
+            Ok(Done::ds(None))
         }
         Call::DsSnapshot { dataset, tag } => {
             let r = api
@@ -306,7 +295,7 @@ async fn invoke(api: &mut Api, call: &Call) -> Result<Done, Failure> {
             let s = r
                 .snapshot
                 .ok_or_else(|| Failure::Indefinite("an answer without the snapshot".into()))?;
-            Ok(done(Some(DsResult::Snapshot(DsSnap {
+            Ok(Done::ds(Some(DsResult::Snapshot(DsSnap {
                 name: s.name,
                 guid: s.guid,
                 epoch: s.epoch,
@@ -320,7 +309,7 @@ async fn invoke(api: &mut Api, call: &Call) -> Result<Done, Failure> {
             })
             .await
             .map_err(err)?;
-            Ok(done(None))
+            Ok(Done::ds(None))
         }
         Call::DsCancelMove { dataset } => {
             api.dataset_move(pb::DatasetMoveRequest {
@@ -330,7 +319,7 @@ async fn invoke(api: &mut Api, call: &Call) -> Result<Done, Failure> {
             })
             .await
             .map_err(err)?;
-            Ok(done(None))
+            Ok(Done::ds(None))
         }
         Call::DsState { dataset, holders } => {
             let r = api
@@ -346,7 +335,7 @@ async fn invoke(api: &mut Api, call: &Call) -> Result<Done, Failure> {
                 .into_iter()
                 .find(|d| &d.name == dataset)
                 .ok_or_else(|| Failure::Definite(format!("{dataset} is not listed")))?;
-            Ok(done(Some(DsResult::State(state_of(d)))))
+            Ok(Done::ds(Some(DsResult::State(state_of(d)))))
         }
         other => Err(Failure::Definite(format!(
             "{} is not an API call",
@@ -404,7 +393,7 @@ async fn write_file(
             .lines()
             .find_map(|l| l.split_whitespace().next().filter(|h| h.len() == 64));
         if got == Some(sha256) {
-            return Ok(done(None));
+            return Ok(Done::ds(None));
         }
         return Err(Failure::Indefinite(format!(
             "the file in place has SHA-256 {got:?}, not {sha256}"
@@ -858,7 +847,7 @@ pub(crate) async fn finish(
             let attempt = async {
                 read_disk(n, ctx.opts.op_timeout * 4)
                     .await
-                    .map(|d| done(Some(DsResult::Disk(d))))
+                    .map(|d| Done::ds(Some(DsResult::Disk(d))))
                     .map_err(Failure::Definite)
             };
             let (op, _) = record_call(

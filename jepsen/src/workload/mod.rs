@@ -42,6 +42,33 @@ pub struct Done {
     pub app: Option<crate::history::AppResult>,
 }
 
+impl Done {
+    /// An ok answer that returned nothing.
+    pub(crate) fn ok() -> Done {
+        Done {
+            outcome: Outcome::Ok,
+            read: None,
+            revision: None,
+            note: None,
+            ds: None,
+            app: None,
+        }
+    }
+
+    /// An ok answer of a dataset call.
+    pub(crate) fn ds(ds: Option<crate::history::DsResult>) -> Done {
+        Done { ds, ..Done::ok() }
+    }
+
+    /// An ok answer of an app call.
+    pub(crate) fn app(app: crate::history::AppResult) -> Done {
+        Done {
+            app: Some(app),
+            ..Done::ok()
+        }
+    }
+}
+
 pub trait Workload: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 

@@ -44,7 +44,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use flock_proto::v1 as pb;
-use flock_scheduler::config::{AppSpec, PlannedApp, PortMap, RestartPolicy, Volume};
+use flock_scheduler::config::{AppSpec, PlannedApp, PortMap, Volume};
 
 use super::Done;
 use crate::client::{classify, ClientConfig, Failure};
@@ -161,19 +161,15 @@ pub fn specs(opts: &MoveOptions) -> Result<Vec<AppSpec>, String> {
         .enumerate()
         .map(|(i, name)| {
             let (internal, external) = ports(opts, i);
-            serde_json::from_value(serde_json::json!({
-                "name": name,
-                "image": null,
-                "command": ["flock-testapp"],
-                "ports": [PortMap { internal, external }],
-                "links": [],
-                "volume": Volume { mountpoint: "/data".into(), maximum_size: None },
-                "environment": {},
-                "restart_policy": RestartPolicy::Always,
-                "mem_limit": null,
-                "cpu_shares": null,
-            }))
-            .map_err(|e| format!("the spec of {name}: {e}"))
+            super::app::spec_of(
+                &name,
+                &["flock-testapp".to_string()],
+                vec![PortMap { internal, external }],
+                Some(Volume {
+                    mountpoint: "/data".into(),
+                    maximum_size: None,
+                }),
+            )
         })
         .collect()
 }
@@ -263,32 +259,14 @@ pub(crate) struct Tasks {
     mover: JoinHandle<()>,
 }
 
-fn done(app: AppResult) -> Done {
-    Done {
-        outcome: Outcome::Ok,
-        read: None,
-        revision: None,
-        note: None,
-        ds: None,
-        app: Some(app),
-    }
-}
-
-fn seen(s: pb::AppStatus) -> AppSeen {
+/// An app's status as recorded: its target from `moving_to`, or else from the detail.
+fn seen(mut s: pb::AppStatus) -> AppSeen {
     let moving_to = if s.moving_to.is_empty() {
         super::app::moving_to(&s.detail).unwrap_or_default()
     } else {
-        s.moving_to
+        std::mem::take(&mut s.moving_to)
     };
-    AppSeen {
-        moving_to,
-        app: s.name,
-        node: s.node,
-        state: s.state,
-        id: s.id,
-        detail: s.detail,
-        dataset: s.dataset,
-    }
+    super::app::seen_as(s, moving_to)
 }
 
 /// One `AppList` of `app` through node `i`, recorded; what it showed, if it answered.
@@ -302,17 +280,7 @@ async fn locate_op(
     let conn = &mut conns[i];
     let attempt = async {
         let api = conn.api().await?;
-        let r = api
-            .app_list(pb::AppListRequest {
-                name: app.to_string(),
-            })
-            .await
-            .map_err(|s| classify(&s))?
-            .into_inner();
-        Ok(done(AppResult::List {
-            generation: r.generation,
-            apps: r.apps.into_iter().map(seen).collect(),
-        }))
+        super::app::app_list(api, app, seen).await
     };
     let (op, broken) = record_call(
         &ctx.rec,
@@ -607,7 +575,7 @@ async fn append(ac: &mut AppConn, value: &str, limit: Duration) -> Result<Done, 
         }
     };
     match parse_ok(&line) {
-        Some(seq) => Ok(done(AppResult::Appended {
+        Some(seq) => Ok(Done::app(AppResult::Appended {
             seq,
             instance: ac.instance.clone(),
         })),
@@ -651,7 +619,7 @@ async fn move_op(
                 .await
                 .map_err(|s| classify(&s))?
                 .into_inner();
-            Ok(done(AppResult::Moved {
+            Ok(Done::app(AppResult::Moved {
                 from: r.from_node,
                 to: r.to_node,
             }))
@@ -709,7 +677,7 @@ async fn deploy(ctx: &Ctx, conns: &mut [Conn], rng: &mut StdRng, stop: &mut watc
                 .await
                 .map_err(|s| classify(&s))?
                 .into_inner();
-            Ok(done(AppResult::Deployed {
+            Ok(Done::app(AppResult::Deployed {
                 generation: r.generation,
                 changes: r
                     .changes
@@ -985,7 +953,7 @@ async fn read_op(ctx: &Ctx, app: &str, node: &str, rng: &mut StdRng) -> Op {
             entries.push(e);
             line = ac.line().await.map_err(Failure::Definite)?;
         }
-        Ok(done(AppResult::Log {
+        Ok(Done::app(AppResult::Log {
             instance: ac.instance.clone(),
             entries,
         }))
@@ -1022,7 +990,10 @@ mod tests {
         assert_eq!(specs[0].ports[0].internal, 9201);
         assert_eq!(specs[0].ports[0].external, 9301);
         assert_eq!(specs[1].ports[0].internal, 9202);
-        assert_eq!(specs[0].restart_policy, RestartPolicy::Always);
+        assert_eq!(
+            specs[0].restart_policy,
+            flock_scheduler::config::RestartPolicy::Always
+        );
         assert_eq!(
             specs[0].command.as_deref(),
             Some(&["flock-testapp".to_string()][..])

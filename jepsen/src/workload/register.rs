@@ -184,12 +184,9 @@ impl Workload for Register {
 /// Shared with the runner's recovery probes.
 pub(crate) async fn invoke_kv(api: &mut Api, call: &Call) -> Result<Done, Failure> {
     let ok = |read, revision| Done {
-        outcome: Outcome::Ok,
         read,
         revision,
-        note: None,
-        ds: None,
-        app: None,
+        ..Done::ok()
     };
     match call {
         Call::Read { key, stale } => {
@@ -233,11 +230,8 @@ pub(crate) async fn invoke_kv(api: &mut Api, call: &Call) -> Result<Done, Failur
                 };
                 Ok(Done {
                     outcome: Outcome::Fail,
-                    read: None,
-                    revision: None,
                     note: Some(format!("{CAS_NOT_APPLIED}: {now}")),
-                    ds: None,
-                    app: None,
+                    ..Done::ok()
                 })
             }
         }
