@@ -392,6 +392,12 @@ fn compose_v2_and_command_lists() {
         parse_application("c.yml", text).unwrap().format,
         Format::Compose
     );
+    // unless-stopped is always: nothing but a config change stops a deployed app.
+    let text = "services:\n  a:\n    image: nginx\n    restart: unless-stopped\n";
+    assert_eq!(
+        parse_application("c.yml", text).unwrap().apps["a"].restart_policy,
+        RestartPolicy::Always
+    );
 }
 
 #[test]
@@ -757,7 +763,7 @@ fn compose_errors() {
         (
             "an unsupported key",
             app_error("services:\n  web:\n    image: nginx\n    depends_on: [db]\n"),
-            "app.yml:4:5: services.web: depends_on is not supported by flock; a service takes image, command, ports, links, volumes, environment, restart, mem_limit, cpu_shares, deploy",
+            "app.yml:4:5: services.web: depends_on is not supported by flock (apps start independently on their nodes: an app that needs another should retry until it answers, with restart: always; remove depends_on); a service takes image, command, ports, links, volumes, environment, restart, mem_limit, cpu_shares, deploy",
         ),
         (
             "networks",
@@ -768,11 +774,6 @@ fn compose_errors() {
             "compose version 1",
             app_error("version: \"1\"\nservices:\n  web:\n    image: nginx\n"),
             "app.yml:1:10: version: compose file version \"1\" is not supported (use \"2\", \"3\" or leave version out)",
-        ),
-        (
-            "restart unless-stopped",
-            app_error("web:\n  image: nginx\n  restart: unless-stopped\n"),
-            "app.yml:3:12: web.restart: unless-stopped is not supported: flock keeps a deployed app running unless its config changes; use always",
         ),
         (
             "a constraint on what flock does not know",
@@ -787,7 +788,7 @@ fn compose_errors() {
         (
             "restart on-failure:0",
             app_error("web:\n  image: nginx\n  restart: on-failure:0\n"),
-            "app.yml:3:12: web.restart: \"on-failure:0\" is not a restart policy (use no, always, on-failure or on-failure:N)",
+            "app.yml:3:12: web.restart: \"on-failure:0\" is not a restart policy (use no, always, unless-stopped, on-failure or on-failure:N)",
         ),
         (
             "a top-level value that is not a service",

@@ -254,11 +254,18 @@ fn read_service(
             ));
         }
         if COMPOSE_ONLY_KEYS.contains(&key) {
+            let why = match key {
+                "depends_on" => {
+                    " (apps start independently on their nodes: an app that needs another \
+                     should retry until it answers, with restart: always; remove depends_on)"
+                }
+                _ => "",
+            };
             return Err(cx.err(
                 k.at,
                 path,
                 format!(
-                    "{key} is not supported by flock; a service takes {}",
+                    "{key} is not supported by flock{why}; a service takes {}",
                     SERVICE_KEYS.join(", ")
                 ),
             ));
@@ -490,21 +497,16 @@ fn is_host_path(source: &str) -> bool {
     source.starts_with(['/', '.', '~'])
 }
 
-/// `restart: no | always | on-failure | on-failure:N`.
+/// `restart: no | always | unless-stopped | on-failure | on-failure:N`. `unless-stopped` is
+/// `always`: nothing stops a deployed app but a change of its config, which replaces it.
 fn read_restart(cx: Ctx, y: &Yaml, path: &str) -> Result<RestartPolicy, ConfigError> {
     let text = cx.string(y, path)?;
-    let use_ = "use no, always, on-failure or on-failure:N";
+    let use_ = "use no, always, unless-stopped, on-failure or on-failure:N";
     match text.as_str() {
         // YAML 1.1 readers see `no` as false; either way it means no.
         "no" | "false" | "never" => Ok(RestartPolicy::Never),
-        "always" => Ok(RestartPolicy::Always),
+        "always" | "unless-stopped" => Ok(RestartPolicy::Always),
         "on-failure" => Ok(RestartPolicy::OnFailure { max_retry: None }),
-        "unless-stopped" => Err(cx.err(
-            y.at,
-            path,
-            "unless-stopped is not supported: flock keeps a deployed app running unless its \
-             config changes; use always",
-        )),
         _ => match text.strip_prefix("on-failure:").map(str::parse::<u32>) {
             Some(Ok(n)) if n >= 1 => Ok(RestartPolicy::OnFailure { max_retry: Some(n) }),
             _ => Err(cx.err(
