@@ -366,36 +366,9 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{PortMap, RestartPolicy, Volume};
     use crate::state::Command;
-    use crate::testutil::cluster;
+    use crate::testutil::{cluster, spec};
     use proptest::prelude::*;
-
-    fn spec(name: &str, port: Option<u16>, volume: bool) -> AppSpec {
-        AppSpec {
-            name: name.into(),
-            image: None,
-            command: Some(vec!["run".into()]),
-            ports: port
-                .map(|p| {
-                    vec![PortMap {
-                        internal: 80,
-                        external: p,
-                    }]
-                })
-                .unwrap_or_default(),
-            links: vec![],
-            volume: volume.then(|| Volume {
-                mountpoint: "/data".into(),
-                maximum_size: None,
-            }),
-            environment: BTreeMap::new(),
-            restart_policy: RestartPolicy::Never,
-            mem_limit: None,
-            cpu_shares: None,
-            constraints: vec![],
-        }
-    }
 
     fn plan(apps: &[(&str, Option<u16>, bool, Option<NodeId>)]) -> BTreeMap<String, PlannedApp> {
         apps.iter()

@@ -355,24 +355,8 @@ mod tests {
 
     #[test]
     fn an_app_dataset_cannot_be_mounted_nor_a_mounted_one_deployed() {
-        use crate::config::{AppSpec, RestartPolicy, Volume};
         let mut s = cluster(2);
-        let spec = AppSpec {
-            name: "demo".into(),
-            image: None,
-            command: Some(vec!["run".into()]),
-            ports: vec![],
-            links: vec![],
-            volume: Some(Volume {
-                mountpoint: "/data".into(),
-                maximum_size: None,
-            }),
-            environment: BTreeMap::new(),
-            restart_policy: RestartPolicy::Never,
-            mem_limit: None,
-            cpu_shares: None,
-            constraints: vec![],
-        };
+        let spec = crate::testutil::spec("demo", None, true);
         let apps: BTreeMap<String, PlannedApp> =
             [("demo".to_string(), PlannedApp { spec, node: None })].into();
         mount(&mut s, 1, 1, "a");

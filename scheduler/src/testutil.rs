@@ -1,5 +1,8 @@
 //! Fixtures for the model's unit tests.
 
+use std::collections::BTreeMap;
+
+use crate::config::{AppSpec, PortMap, RestartPolicy, Volume};
 use crate::state::Command;
 use crate::ClusterState;
 
@@ -21,4 +24,32 @@ pub(crate) fn cluster(nodes: u64) -> ClusterState {
         });
     }
     s
+}
+
+/// An app of the process driver, with port 80 published as `port` and a volume at /data if
+/// asked, never restarted.
+pub(crate) fn spec(name: &str, port: Option<u16>, volume: bool) -> AppSpec {
+    AppSpec {
+        name: name.into(),
+        image: None,
+        command: Some(vec!["run".into()]),
+        ports: port
+            .map(|p| {
+                vec![PortMap {
+                    internal: 80,
+                    external: p,
+                }]
+            })
+            .unwrap_or_default(),
+        links: vec![],
+        volume: volume.then(|| Volume {
+            mountpoint: "/data".into(),
+            maximum_size: None,
+        }),
+        environment: BTreeMap::new(),
+        restart_policy: RestartPolicy::Never,
+        mem_limit: None,
+        cpu_shares: None,
+        constraints: vec![],
+    }
 }
