@@ -229,15 +229,7 @@ impl Volumes {
     pub async fn remove(&self, name: &str) -> Result<()> {
         let ds = match self.dataset(name).await {
             Ok((ds, _)) => ds,
-            Err(_)
-                if self
-                    .cluster
-                    .view
-                    .read()
-                    .cluster
-                    .dataset_by_name(name)
-                    .is_none() =>
-            {
+            Err(_) if self.known(name).is_none() => {
                 check_name(name)?;
                 return Ok(());
             }
@@ -418,14 +410,7 @@ impl Volumes {
     /// Drops the mount; an unknown volume or mount is fine (Docker may repeat itself).
     pub async fn unmount(&self, name: &str, mount_id: &str) -> Result<()> {
         check_name(name)?;
-        let Some(ds) = self
-            .cluster
-            .view
-            .read()
-            .cluster
-            .dataset_by_name(name)
-            .cloned()
-        else {
+        let Some(ds) = self.known(name) else {
             return Ok(());
         };
         let cmd = Command::UnmountVolume {
@@ -437,6 +422,16 @@ impl Volumes {
             CommandResult::VolumeUnmounted { .. } => Ok(()),
             other => Err(rejected(other)),
         }
+    }
+
+    /// The dataset `name` as this node's replicated state has it.
+    fn known(&self, name: &str) -> Option<Dataset> {
+        self.cluster
+            .view
+            .read()
+            .cluster
+            .dataset_by_name(name)
+            .cloned()
     }
 
     /// This node's path of the dataset when it is its primary.
@@ -455,14 +450,7 @@ impl Volumes {
     /// The path of a volume mounted here; nothing when it is not.
     pub async fn path(&self, name: &str) -> Result<Option<PathBuf>> {
         check_name(name)?;
-        let ds = self
-            .cluster
-            .view
-            .read()
-            .cluster
-            .dataset_by_name(name)
-            .cloned()
-            .ok_or_else(|| not_found(name))?;
+        let ds = self.known(name).ok_or_else(|| not_found(name))?;
         Ok(self.local_path(&ds).await)
     }
 
