@@ -266,7 +266,8 @@ impl ApiService {
         let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
         if !state.apps.contains_key(&name) {
             return Err(ClusterError::NotFound(format!(
-                "no app named {name:?} (`flockctl app ls` lists them)"
+                "no app named {} (`flockctl app ls` lists them)",
+                flock_scheduler::shown(&name)
             ))
             .into());
         }
@@ -368,7 +369,8 @@ impl ApiService {
         let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
         if !name.is_empty() && !state.apps.contains_key(&name) {
             return Err(ClusterError::NotFound(format!(
-                "no app named {name:?} (`flockctl app ls` lists them)"
+                "no app named {} (`flockctl app ls` lists them)",
+                flock_scheduler::shown(&name)
             ))
             .into());
         }
@@ -463,7 +465,8 @@ impl ApiService {
         let state = self.cluster.read(true, |a| a.cluster.clone()).await?;
         let app = state.apps.get(&name).ok_or_else(|| {
             ClusterError::NotFound(format!(
-                "no app named {name:?} (`flockctl app ls` lists them)"
+                "no app named {} (`flockctl app ls` lists them)",
+                flock_scheduler::shown(&name)
             ))
         })?;
         if app.node != self.cluster.node_id {

@@ -8,9 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::yaml::Pos;
 
-/// The longest app name: an app's volume is a dataset named after the app, so app names obey
-/// the dataset name limit (`crate::dataset::MAX_DATASET_NAME_LEN`).
-pub const MAX_APP_NAME_LEN: usize = 40;
+pub use crate::limits::MAX_APP_NAME_LEN;
 
 /// The smallest `maximum_size` a volume may have: 1 MiB. A smaller limit cannot hold a file
 /// system worth having, and is almost always a forgotten unit (`maximum_size: 500` for 500M).
@@ -257,7 +255,8 @@ pub(crate) fn check_app_name(name: &str) -> Result<(), String> {
     };
     if name.len() > MAX_APP_NAME_LEN {
         return Err(format!(
-            "the application name {name:?} is longer than {MAX_APP_NAME_LEN} characters"
+            "the application name {} is longer than {MAX_APP_NAME_LEN} characters",
+            crate::limits::shown(name)
         ));
     }
     if !first.is_ascii_alphanumeric() {
