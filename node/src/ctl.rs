@@ -312,7 +312,10 @@ pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
                 line.push_str("  ");
             }
             line.push_str(c);
-            line.extend(std::iter::repeat_n(' ', w.saturating_sub(c.chars().count())));
+            line.extend(std::iter::repeat_n(
+                ' ',
+                w.saturating_sub(c.chars().count()),
+            ));
         }
         out.push_str(line.trim_end());
         out.push('\n');
@@ -605,13 +608,11 @@ async fn kv(api: &mut ApiClient<Channel>, cmd: KvCmd) -> anyhow::Result<i32> {
                 print_json(&entries.iter().map(kv_json).collect::<Vec<_>>())?;
             } else {
                 let mut rows = vec![["KEY".to_string(), "VALUE".into(), "REVISION".into()]];
-                rows.extend(entries.iter().map(|e| {
-                    [
-                        cell(&e.key),
-                        cell(&e.value),
-                        e.mod_revision.to_string(),
-                    ]
-                }));
+                rows.extend(
+                    entries
+                        .iter()
+                        .map(|e| [cell(&e.key), cell(&e.value), e.mod_revision.to_string()]),
+                );
                 print!("{}", table(&rows));
             }
         }

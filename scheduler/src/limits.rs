@@ -142,7 +142,11 @@ pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApplyError>
     }
     for (k, v) in labels {
         len_at_most("label key", k, MAX_LABEL_LEN)?;
-        len_at_most(&format!("the value of label {}", shown(k)), v, MAX_LABEL_LEN)?;
+        len_at_most(
+            &format!("the value of label {}", shown(k)),
+            v,
+            MAX_LABEL_LEN,
+        )?;
     }
     Ok(())
 }
@@ -175,7 +179,11 @@ pub fn check_app(name: &str, spec: &AppSpec) -> Result<(), ApplyError> {
     if let Some(cmd) = &spec.command {
         let mut total = 0usize;
         for (i, arg) in cmd.iter().enumerate() {
-            len_at_most(&format!("argument {i} of app {app}'s command"), arg, MAX_ARG_BYTES)?;
+            len_at_most(
+                &format!("argument {i} of app {app}'s command"),
+                arg,
+                MAX_ARG_BYTES,
+            )?;
             total += arg.len() + 1;
         }
         if total > MAX_COMMAND_LINE_BYTES {
@@ -197,11 +205,19 @@ pub fn check_app(name: &str, spec: &AppSpec) -> Result<(), ApplyError> {
         )?;
     }
     for l in &spec.links {
-        len_at_most(&format!("a link alias of app {app}"), &l.alias, MAX_FIELD_LEN)?;
+        len_at_most(
+            &format!("a link alias of app {app}"),
+            &l.alias,
+            MAX_FIELD_LEN,
+        )?;
     }
     for c in &spec.constraints {
         if let crate::config::ConstraintKey::Label(k) = &c.key {
-            len_at_most(&format!("a constraint's label of app {app}"), k, MAX_FIELD_LEN)?;
+            len_at_most(
+                &format!("a constraint's label of app {app}"),
+                k,
+                MAX_FIELD_LEN,
+            )?;
         }
         len_at_most(
             &format!("a constraint's value of app {app}"),
@@ -242,7 +258,11 @@ impl Command {
         self.check_fields()?;
         let bytes = encoded_len(self);
         if bytes > MAX_COMMAND_BYTES {
-            return Err(too_large("the command, encoded,".into(), bytes, MAX_COMMAND_BYTES));
+            return Err(too_large(
+                "the command, encoded,".into(),
+                bytes,
+                MAX_COMMAND_BYTES,
+            ));
         }
         Ok(())
     }
@@ -316,5 +336,352 @@ impl Command {
             | Command::HandoffDatasetMove { .. }
             | Command::ForgetMounts { .. } => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConstraintKey, Link, Volume};
+    use crate::dataset::SnapshotRecord;
+    use crate::fit::Capacity;
+
+    fn long(n: usize) -> String {
+        "x".repeat(n)
+    }
+
+    fn too_large(cmd: &Command) -> (String, usize, usize) {
+        match cmd.check_limits() {
+            Err(ApplyError::TooLarge { what, len, max }) => (what, len, max),
+            other => panic!("{cmd:.80?}: expected TooLarge, got {other:?}"),
+        }
+    }
+
+    fn app(env: &[(&str, usize)], cmd: Vec<String>) -> PlannedApp {
+        let mut spec = crate::testutil::spec("web", Some(8080), true);
+        spec.environment = env.iter().map(|(k, n)| (k.to_string(), long(*n))).collect();
+        spec.command = Some(cmd);
+        PlannedApp { spec, node: None }
+    }
+
+    fn deploy(apps: Vec<(String, PlannedApp)>) -> Command {
+        Command::Deploy {
+            apps: apps.into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn shown_is_bounded_and_says_the_length() {
+        assert_eq!(shown("db"), "\"db\"");
+        let s = shown(&long(100_000));
+        assert!(s.len() < 100, "{s}");
+        assert!(s.ends_with("…(100000 bytes)"), "{s}");
+        // Cut on a character boundary.
+        let s = shown(&"é".repeat(1000));
+        assert!(s.contains("…(2000 bytes)"), "{s}");
+        assert_eq!(
+            shown(&long(SHOWN_CHARS)),
+            format!("{:?}", long(SHOWN_CHARS))
+        );
+    }
+
+    #[test]
+    fn kv_commands() {
+        let ok = Command::KvPut {
+            key: long(MAX_KEY_LEN),
+            value: long(MAX_VALUE_LEN),
+        };
+        assert_eq!(ok.check_limits(), Ok(()));
+        let (what, len, max) = too_large(&Command::KvPut {
+            key: long(100_000),
+            value: "v".into(),
+        });
+        assert!(what.starts_with("key \"xxx") && what.len() < 100, "{what}");
+        assert_eq!((len, max), (100_000, MAX_KEY_LEN));
+        let big = long(1_600_000);
+        for cmd in [
+            Command::KvPut {
+                key: "k".into(),
+                value: big.clone(),
+            },
+            Command::KvCas {
+                key: "k".into(),
+                expect: None,
+                value: big.clone(),
+            },
+            Command::KvCas {
+                key: "k".into(),
+                expect: Some(big.clone()),
+                value: "v".into(),
+            },
+        ] {
+            assert_eq!(
+                cmd.check_limits(),
+                Err(ApplyError::ValueTooLarge {
+                    key: "k".into(),
+                    len: 1_600_000,
+                    max: MAX_VALUE_LEN
+                })
+            );
+        }
+        too_large(&Command::KvDelete { key: long(1025) });
+        too_large(&Command::KvCas {
+            key: long(1025),
+            expect: None,
+            value: "v".into(),
+        });
+    }
+
+    #[test]
+    fn node_commands() {
+        too_large(&Command::RegisterNode {
+            secret: long(3_800_000),
+            name: None,
+            addr: "h:1".into(),
+        });
+        too_large(&Command::RegisterNode {
+            secret: "s".into(),
+            name: Some(long(64)),
+            addr: "h:1".into(),
+        });
+        too_large(&Command::RegisterNode {
+            secret: "s".into(),
+            name: None,
+            addr: format!("{}:1", long(MAX_ADDR_LEN)),
+        });
+        let init = |cluster_id: String, join_secret: String, name: String, addr: String| {
+            Command::InitCluster {
+                cluster_id,
+                join_secret,
+                node_id: 1,
+                name,
+                addr,
+            }
+        };
+        let s = || "s".to_string();
+        assert_eq!(init(s(), s(), s(), "h:1".into()).check_limits(), Ok(()));
+        too_large(&init(long(257), s(), s(), "h:1".into()));
+        too_large(&init(s(), long(257), s(), "h:1".into()));
+        too_large(&init(s(), s(), long(64), "h:1".into()));
+        too_large(&init(s(), s(), s(), long(301)));
+        too_large(&Command::RotateJoinSecret { secret: long(257) });
+        let report = |labels: BTreeMap<String, String>| Command::ReportNode {
+            id: 1,
+            labels: Some(labels),
+            capacity: Capacity {
+                memory: 1,
+                cpus: 1,
+                docker: false,
+            },
+        };
+        assert_eq!(
+            report(BTreeMap::from([("disk".into(), "ssd".into())])).check_limits(),
+            Ok(())
+        );
+        too_large(&report(BTreeMap::from([(long(64), "ssd".into())])));
+        too_large(&report(BTreeMap::from([("disk".into(), long(64))])));
+        too_large(&report(
+            (0..=MAX_LABELS)
+                .map(|i| (i.to_string(), String::new()))
+                .collect(),
+        ));
+    }
+
+    #[test]
+    fn dataset_and_mount_commands() {
+        let (what, _, _) = too_large(&Command::CreateDataset {
+            name: long(100_000),
+            primary: 1,
+            size_limit: None,
+        });
+        assert!(what.len() < 100, "{what}");
+        let err = Command::CreateDataset {
+            name: long(100_000),
+            primary: 1,
+            size_limit: None,
+        }
+        .check_limits()
+        .unwrap_err()
+        .to_string();
+        assert!(err.len() < 200, "{err}");
+        too_large(&Command::RecordSnapshot {
+            dataset: 1,
+            epoch: 1,
+            snapshot: SnapshotRecord {
+                name: long(65),
+                guid: 1,
+                created_unix: 1,
+                epoch: 1,
+            },
+        });
+        too_large(&Command::RollbackDataset {
+            dataset: 1,
+            epoch: 1,
+            to: long(65),
+        });
+        too_large(&Command::CommitDatasetMove {
+            dataset: 1,
+            epoch: 1,
+            to: 2,
+            snapshot: long(65),
+        });
+        too_large(&Command::MoveApp {
+            app: long(41),
+            to: 2,
+        });
+        too_large(&Command::CancelAppMove { app: long(41) });
+        too_large(&Command::MountVolume {
+            dataset: 1,
+            node: 1,
+            id: long(129),
+        });
+        too_large(&Command::UnmountVolume {
+            dataset: 1,
+            node: 1,
+            id: long(129),
+        });
+        for ok in [
+            Command::RemoveNode { id: 1 },
+            Command::DeleteDataset { dataset: 1 },
+            Command::BeginDatasetMove { dataset: 1, to: 2 },
+            Command::CancelDatasetMove { dataset: 1 },
+            Command::HandoffDatasetMove {
+                dataset: 1,
+                epoch: 1,
+                to: 2,
+            },
+            Command::ForgetMounts {
+                dataset: 1,
+                node: None,
+            },
+        ] {
+            assert_eq!(ok.check_limits(), Ok(()));
+        }
+    }
+
+    #[test]
+    fn deploy_commands() {
+        let one = |a: PlannedApp| deploy(vec![("web".into(), a)]);
+        assert_eq!(
+            one(app(&[("A", 1000)], vec!["run".into()])).check_limits(),
+            Ok(())
+        );
+        // A 3.6 MB environment in variables of 100 KB: the total is refused.
+        let env: Vec<(String, usize)> = (0..36).map(|i| (format!("V{i}"), 100_000)).collect();
+        let env: Vec<(&str, usize)> = env.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+        let (what, len, max) = too_large(&one(app(&env, vec!["run".into()])));
+        assert_eq!(what, "the environment of app \"web\"");
+        assert!(len > 3_600_000 && max == MAX_ENV_TOTAL_BYTES);
+        // One variable over MAX_ENV_VAR_BYTES.
+        let (what, ..) = too_large(&one(app(&[("BIG", MAX_ENV_VAR_BYTES)], vec![])));
+        assert!(what.contains("\"BIG\""), "{what}");
+        // The command line: one argument, and all together.
+        too_large(&one(app(&[], vec![long(MAX_ARG_BYTES + 1)])));
+        too_large(&one(app(&[], vec![long(100 * 1024); 11])));
+        // Other fields.
+        let mut a = app(&[], vec![]);
+        a.spec.image = Some(long(MAX_FIELD_LEN + 1));
+        too_large(&one(a));
+        let mut a = app(&[], vec![]);
+        a.spec.volume = Some(Volume {
+            mountpoint: long(MAX_FIELD_LEN + 1),
+            maximum_size: None,
+        });
+        too_large(&one(a));
+        let mut a = app(&[], vec![]);
+        a.spec.links = vec![Link {
+            local_port: 1,
+            remote_port: 2,
+            alias: long(MAX_FIELD_LEN + 1),
+        }];
+        too_large(&one(a));
+        let mut a = app(&[], vec![]);
+        a.spec.constraints = vec![crate::config::Constraint {
+            key: ConstraintKey::Label(long(MAX_FIELD_LEN + 1)),
+            equal: true,
+            value: "x".into(),
+        }];
+        too_large(&one(a));
+        // The app's name, as a key and in its spec.
+        too_large(&deploy(vec![(long(100_000), app(&[], vec![]))]));
+        let mut a = app(&[], vec![]);
+        a.spec.name = long(41);
+        too_large(&one(a));
+        // Within every per-field limit, the spec as a whole: 8 variables of 120 KB, 8
+        // arguments of 120 KB and 100 links with 4 KB aliases.
+        let env: Vec<(String, usize)> = (0..8).map(|i| (format!("V{i}"), 120_000)).collect();
+        let env: Vec<(&str, usize)> = env.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+        let mut a = app(&env, vec![long(120_000); 8]);
+        a.spec.links = (0..100)
+            .map(|i| Link {
+                local_port: i,
+                remote_port: i,
+                alias: long(4000),
+            })
+            .collect();
+        let (what, ..) = too_large(&one(a));
+        assert!(what.starts_with("the spec of app"), "{what}");
+        // Too many apps.
+        let apps = (0..=MAX_DEPLOY_APPS)
+            .map(|i| (format!("a{i}"), app(&[], vec![])))
+            .collect();
+        let (what, ..) = too_large(&deploy(apps));
+        assert_eq!(what, "the number of apps in the deploy");
+        // Apps each within limits, together over MAX_COMMAND_BYTES.
+        let env: Vec<(String, usize)> = (0..7).map(|i| (format!("V{i}"), 120_000)).collect();
+        let env: Vec<(&str, usize)> = env.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+        let apps = (0..6)
+            .map(|i| (format!("a{i}"), app(&env, vec![])))
+            .collect();
+        let (what, len, max) = too_large(&deploy(apps));
+        assert_eq!(what, "the command, encoded,");
+        assert!(len > MAX_COMMAND_BYTES && max == MAX_COMMAND_BYTES);
+    }
+
+    #[test]
+    fn batches_check_each_command_and_their_total() {
+        let put = |value: usize| Command::KvPut {
+            key: "k".into(),
+            value: long(value),
+        };
+        assert_eq!(
+            Command::Batch(vec![put(10), put(10)]).check_limits(),
+            Ok(())
+        );
+        assert!(matches!(
+            Command::Batch(vec![put(10), put(MAX_VALUE_LEN + 1)]).check_limits(),
+            Err(ApplyError::ValueTooLarge { .. })
+        ));
+        too_large(&Command::Batch(vec![Command::KvDelete { key: long(1025) }]));
+        too_large(&Command::Batch(vec![
+            put(MAX_VALUE_LEN),
+            put(MAX_VALUE_LEN),
+            put(MAX_VALUE_LEN),
+        ]));
+    }
+
+    #[test]
+    fn encoded_len_is_the_codec_size() {
+        let cmd = Command::KvPut {
+            key: "k".into(),
+            value: long(300),
+        };
+        let mut bytes = vec![1u8];
+        bytes.extend(postcard::to_allocvec(&cmd).unwrap());
+        assert_eq!(encoded_len(&cmd), bytes.len());
+    }
+
+    #[test]
+    fn apply_errors_quote_input_bounded() {
+        let e = crate::dataset::validate_dataset_name(&long(100_000)).unwrap_err();
+        assert!(e.to_string().len() < 200, "{e}");
+        let e = crate::state::validate_name(&long(100_000)).unwrap_err();
+        assert!(e.to_string().len() < 200, "{e}");
+        let e = crate::state::validate_addr(&long(100_000)).unwrap_err();
+        assert!(e.to_string().len() < 200, "{e}");
+        let e = ApplyError::UnknownApp {
+            name: long(100_000),
+        };
+        assert!(e.to_string().len() < 200, "{e}");
     }
 }

@@ -397,7 +397,11 @@ pub enum ApplyError {
     /// A field (or the whole command) over its size limit (see [`crate::limits`]); `what` names
     /// it, quoting user input only as [`shown`] does.
     #[error("{what} is {len} bytes; the limit is {max} bytes")]
-    TooLarge { what: String, len: usize, max: usize },
+    TooLarge {
+        what: String,
+        len: usize,
+        max: usize,
+    },
 }
 
 impl ClusterState {
