@@ -44,6 +44,12 @@ impl ApiService {
         apps: BTreeMap<String, PlannedApp>,
         dry_run: bool,
     ) -> Reply<pb::DeployReply> {
+        // Sizes first: an oversized deploy is refused before it is planned or sent to nodes.
+        let cmd = Command::Deploy { apps };
+        cmd.check_limits().map_err(ClusterError::from)?;
+        let Command::Deploy { apps } = cmd else {
+            unreachable!("built just above")
+        };
         // Plan on the current state and ask each node that gets an app whether it can run it,
         // so a missing image or program is an error now, with nothing deployed. `apply` plans
         // again on the state it finds (a deploy may have come between).

@@ -467,10 +467,10 @@ fn read_volumes(cx: Ctx, key_at: Pos, y: &Yaml, path: &str) -> Result<Option<Vol
     if parts.len() > 1 && matches!(parts.last(), Some(&"rw")) {
         parts.pop();
     }
-    let mountpoint =
-        match parts.as_slice() {
-            [path_only] => *path_only,
-            [source, target] if is_host_path(source) => return Err(cx.err(
+    let mountpoint = match parts.as_slice() {
+        [path_only] => *path_only,
+        [source, target] if is_host_path(source) => {
+            return Err(cx.err(
                 item.at,
                 &item_path,
                 format!(
@@ -479,17 +479,20 @@ fn read_volumes(cx: Ctx, key_at: Pos, y: &Yaml, path: &str) -> Result<Option<Vol
                     source_shown = crate::limits::shown(&source),
                     target_shown = crate::limits::shown(&target)
                 ),
-            )),
-            [_, target] => *target,
-            _ => return Err(cx.err(
+            ))
+        }
+        [_, target] => *target,
+        _ => {
+            return Err(cx.err(
                 item.at,
                 &item_path,
                 format!(
                     "{text_shown} is not a volume; write \"/path\" or \"NAME:/path\" (read-write)",
                     text_shown = crate::limits::shown(&text)
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let mountpoint =
         normalize_mountpoint(mountpoint).map_err(|m| cx.err(item.at, &item_path, m))?;
     Ok(Some(Volume {
