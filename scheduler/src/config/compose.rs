@@ -410,7 +410,7 @@ fn read_port(cx: Ctx, y: &Yaml, path: &str) -> Result<(PortMap, Pos), ConfigErro
                         path,
                         format!(
                             "{text_shown}: only tcp ports are supported, not {proto}",
-                            text_shown = crate::limits::shown(&text)
+                            text_shown = crate::limits::shown(text)
                         ),
                     ))
                 }
@@ -420,20 +420,20 @@ fn read_port(cx: Ctx, y: &Yaml, path: &str) -> Result<(PortMap, Pos), ConfigErro
             match parts.as_slice() {
                 [external, internal] => match (port_number(external), port_number(internal)) {
                     (Some(external), Some(internal)) => Ok((PortMap { internal, external }, y.at)),
-                    _ if spec.contains('-') => Err(cx.err(y.at, path, format!("{text_shown}: port ranges are not supported; list each port", text_shown = crate::limits::shown(&text)))),
-                    _ => Err(cx.err(y.at, path, format!("{text_shown} is not a port mapping (ports are 1 to 65535); {form}", text_shown = crate::limits::shown(&text)))),
+                    _ if spec.contains('-') => Err(cx.err(y.at, path, format!("{text_shown}: port ranges are not supported; list each port", text_shown = crate::limits::shown(text)))),
+                    _ => Err(cx.err(y.at, path, format!("{text_shown} is not a port mapping (ports are 1 to 65535); {form}", text_shown = crate::limits::shown(text)))),
                 },
                 [_] => Err(cx.err(
                     y.at,
                     path,
-                    format!("{text_shown} has no external port; {form} (the mesh publishes EXTERNAL on every node)", text_shown = crate::limits::shown(&text)),
+                    format!("{text_shown} has no external port; {form} (the mesh publishes EXTERNAL on every node)", text_shown = crate::limits::shown(text)),
                 )),
                 [_, _, _] => Err(cx.err(
                     y.at,
                     path,
-                    format!("{text_shown}: binding to one address is not supported (the mesh publishes a port on every node); {form}", text_shown = crate::limits::shown(&text)),
+                    format!("{text_shown}: binding to one address is not supported (the mesh publishes a port on every node); {form}", text_shown = crate::limits::shown(text)),
                 )),
-                _ => Err(cx.err(y.at, path, format!("{text_shown} is not a port mapping; {form}", text_shown = crate::limits::shown(&text)))),
+                _ => Err(cx.err(y.at, path, format!("{text_shown} is not a port mapping; {form}", text_shown = crate::limits::shown(text)))),
             }
         }
         _ => Err(cx.err(
@@ -476,8 +476,8 @@ fn read_volumes(cx: Ctx, key_at: Pos, y: &Yaml, path: &str) -> Result<Option<Vol
                 format!(
                     "{source_shown} is a host directory, which does not move with the app; write \
                      {target_shown} alone (or NAME:{target}) for a volume flock manages",
-                    source_shown = crate::limits::shown(&source),
-                    target_shown = crate::limits::shown(&target)
+                    source_shown = crate::limits::shown(source),
+                    target_shown = crate::limits::shown(target)
                 ),
             ))
         }

@@ -94,7 +94,7 @@ pub(crate) fn read(file: &str, doc: &Yaml) -> Result<Deployment, ConfigError> {
                          application runs on one node",
                         first_at.line,
                         app_shown = crate::limits::shown(&app),
-                        first_node_shown = crate::limits::shown(&first_node)
+                        first_node_shown = crate::limits::shown(first_node)
                     ),
                 ));
             }
@@ -133,7 +133,7 @@ pub fn resolve(
                 &path,
                 format!(
                     "{:?} and {other_shown} (line {}) are the same node, {}; list its apps under one key",
-                    entry.key, at.line, node.name, other_shown = crate::limits::shown(&other)
+                    entry.key, at.line, node.name, other_shown = crate::limits::shown(other)
                 ),
             ));
         }
@@ -152,7 +152,7 @@ pub fn resolve(
                         "{app_shown} is not an application in {} ({})",
                         apps.file,
                         defined(apps),
-                        app_shown = crate::limits::shown(&app)
+                        app_shown = crate::limits::shown(app)
                     ),
                 ));
             };
@@ -213,7 +213,7 @@ fn find_node<'n>(
                         "{key_shown} is the address of several nodes: {}; name one by its name or \
                          HOST:PORT",
                         list_nodes(several),
-                        key_shown = crate::limits::shown(&key)
+                        key_shown = crate::limits::shown(key)
                     ),
                 ))
             }
@@ -230,7 +230,7 @@ fn find_node<'n>(
         path,
         format!(
             "no node is named or addressed {key_shown}; {known}",
-            key_shown = crate::limits::shown(&key)
+            key_shown = crate::limits::shown(key)
         ),
     ))
 }

@@ -21,7 +21,7 @@ pub(crate) fn child(path: &str, key: &str) -> String {
     let key = if word {
         key.to_string()
     } else {
-        format!("{key_shown}", key_shown = crate::limits::shown(&key))
+        crate::limits::shown(key).to_string()
     };
     if path.is_empty() {
         key
@@ -150,7 +150,7 @@ impl<'f> Ctx<'f> {
         let hint = match allowed.iter().find(|a| near(a, key)) {
             Some(a) => format!(
                 "did you mean {a_shown}? ",
-                a_shown = crate::limits::shown(&a)
+                a_shown = crate::limits::shown(a)
             ),
             None => String::new(),
         };
@@ -160,7 +160,7 @@ impl<'f> Ctx<'f> {
             format!(
                 "unknown key {key_shown}; {hint}{what} takes {}",
                 allowed.join(", "),
-                key_shown = crate::limits::shown(&key)
+                key_shown = crate::limits::shown(key)
             ),
         )
     }
@@ -236,7 +236,7 @@ impl<'f> Ctx<'f> {
                     path,
                     format!(
                         "{text_shown} has an unclosed quote or a trailing backslash",
-                        text_shown = crate::limits::shown(&text)
+                        text_shown = crate::limits::shown(text)
                     ),
                 )
             })?,

@@ -285,7 +285,7 @@ fn volume_size(cx: Ctx, y: &Yaml, path: &str) -> Result<u64, ConfigError> {
             path,
             format!(
                 "{text_shown} is {bytes} bytes, too small for a volume (at least 1M){hint}",
-                text_shown = crate::limits::shown(&text)
+                text_shown = crate::limits::shown(text)
             ),
         ));
     }

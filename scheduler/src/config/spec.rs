@@ -82,14 +82,14 @@ impl std::str::FromStr for Constraint {
             (l, r, false)
         } else {
             return Err(format!(
-                "constraint {s_shown} has no == or !=; write it as node.labels.KEY == VALUE or node.hostname != NAME", s_shown = crate::limits::shown(&s)
+                "constraint {s_shown} has no == or !=; write it as node.labels.KEY == VALUE or node.hostname != NAME", s_shown = crate::limits::shown(s)
             ));
         };
         let (lhs, value) = (lhs.trim(), rhs.trim());
         if value.is_empty() || value.contains(['=', '!']) {
             return Err(format!(
                 "constraint {s_shown}: the value after the operator is missing or malformed",
-                s_shown = crate::limits::shown(&s)
+                s_shown = crate::limits::shown(s)
             ));
         }
         let key = match lhs {
@@ -98,7 +98,7 @@ impl std::str::FromStr for Constraint {
                 Some(k) if !k.is_empty() => ConstraintKey::Label(k.to_string()),
                 _ => {
                     return Err(format!(
-                        "constraint {s_shown}: flock places by node.labels.KEY and node.hostname, not {lhs_shown}", s_shown = crate::limits::shown(&s), lhs_shown = crate::limits::shown(&lhs)
+                        "constraint {s_shown}: flock places by node.labels.KEY and node.hostname, not {lhs_shown}", s_shown = crate::limits::shown(s), lhs_shown = crate::limits::shown(lhs)
                     ))
                 }
             },
@@ -211,7 +211,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let bad = || {
         format!(
             "{text_shown} is not a size (use 500M, 1G or bytes)",
-            text_shown = crate::limits::shown(&text)
+            text_shown = crate::limits::shown(text)
         )
     };
     let t = text.trim();
@@ -239,7 +239,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let too_big = || {
         format!(
             "{text_shown} is too large (at most 16 EiB)",
-            text_shown = crate::limits::shown(&text)
+            text_shown = crate::limits::shown(text)
         )
     };
     // Exact arithmetic: bytes = ceil((whole + fraction) * 2^shift). With whole < 2^64,
@@ -273,7 +273,7 @@ pub(crate) fn check_app_name(name: &str) -> Result<(), String> {
     if !first.is_ascii_alphanumeric() {
         return Err(format!(
             "the application name {name_shown} must start with a letter or a digit",
-            name_shown = crate::limits::shown(&name)
+            name_shown = crate::limits::shown(name)
         ));
     }
     if let Some(c) = name
@@ -281,7 +281,7 @@ pub(crate) fn check_app_name(name: &str) -> Result<(), String> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
     {
         return Err(format!(
-            "the application name {name_shown} contains {c:?} (use letters, digits, '_', '.' and '-')", name_shown = crate::limits::shown(&name)
+            "the application name {name_shown} contains {c:?} (use letters, digits, '_', '.' and '-')", name_shown = crate::limits::shown(name)
         ));
     }
     Ok(())
@@ -302,7 +302,7 @@ pub(crate) fn check_alias(alias: &str) -> Result<(), String> {
         Err(format!(
             "{alias_shown} is not a link alias (use letters, digits, '_' and '-', starting with a \
              letter or a digit)",
-            alias_shown = crate::limits::shown(&alias)
+            alias_shown = crate::limits::shown(alias)
         ))
     }
 }
@@ -312,13 +312,13 @@ pub(crate) fn normalize_mountpoint(path: &str) -> Result<String, String> {
     if !path.starts_with('/') {
         return Err(format!(
             "{path_shown} is not an absolute path (write /var/lib/data)",
-            path_shown = crate::limits::shown(&path)
+            path_shown = crate::limits::shown(path)
         ));
     }
     if let Some(c) = path.chars().find(|c| !c.is_ascii() || c.is_ascii_control()) {
         return Err(format!(
             "{path_shown} contains {c:?}: a mountpoint is printable ASCII (as in Flocker)",
-            path_shown = crate::limits::shown(&path)
+            path_shown = crate::limits::shown(path)
         ));
     }
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
@@ -328,7 +328,7 @@ pub(crate) fn normalize_mountpoint(path: &str) -> Result<String, String> {
     if parts.iter().any(|p| *p == "." || *p == "..") {
         return Err(format!(
             "{path_shown} contains . or ..: write the path without them",
-            path_shown = crate::limits::shown(&path)
+            path_shown = crate::limits::shown(path)
         ));
     }
     Ok(format!("/{}", parts.join("/")))
