@@ -737,6 +737,14 @@ struct Proposal {
 
 /// Most commands in one batch.
 const MAX_BATCH: usize = 512;
+/// Most bytes of commands in one batch, encoded: a batch is one log entry, and entries travel to
+/// peers in calls bounded in bytes (a command larger than this goes alone).
+/// TODO: flock_scheduler::limits::MAX_COMMAND_BYTES once it lands (the same 4 MiB).
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+fn command_bytes(cmd: &Command) -> usize {
+    postcard::experimental::serialized_size(cmd).unwrap_or(usize::MAX)
+}
 /// Batches in Raft at once: two, so one batch's fsync on the leader overlaps the previous one's
 /// replication.
 const BATCHES_IN_FLIGHT: usize = 2;
@@ -747,17 +755,32 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// writes share one.
 async fn run_batcher(raft: Raft, timeout: Duration, mut rx: mpsc::UnboundedReceiver<Proposal>) {
     let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    // A proposal that did not fit in the previous batch: the first of the next.
+    let mut held: Option<Proposal> = None;
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = rx.recv().await else {
-            return;
+        let first = match held.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
         };
+        let mut bytes = command_bytes(&first.cmd);
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) => {
+                    let more = command_bytes(&p.cmd);
+                    if bytes.saturating_add(more) > MAX_BATCH_BYTES {
+                        held = Some(p);
+                        break;
+                    }
+                    bytes += more;
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }
