@@ -399,3 +399,114 @@ fn w02_a_full_disk_stops_flockd_saying_why_and_nothing_acknowledged_is_lost() {
         acked.len()
     );
 }
+
+/// `flockd dev` runs its nodes in one process: a full disk under its data dir stops the whole
+/// dev cluster (exit 1, naming the node, its data dir and the error) instead of leaving it up
+/// without Raft; with the space freed, the same command resumes it with every acknowledged write.
+#[test]
+fn w03_flockd_dev_on_a_full_disk_exits_saying_why_and_resumes_with_nothing_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("disk");
+    let _tmpfs = Tmpfs::mount(&mnt, 48);
+    let data = mnt.join("dev");
+    let port = free_ports(3);
+    let mut args = s(&[
+        "dev",
+        "--nodes",
+        "3",
+        "--port",
+        &port.to_string(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    args.extend(s(FAST));
+    let log = tmp.path().join("dev.log");
+    let mut dev = Proc::start(&args, &data, "dev", &log).expect("flockd dev starts");
+    let conf = ClientConfig::load(&data.join("n1").join("admin.conf")).unwrap();
+    let rt = rt();
+    let addrs: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", port + i)).collect();
+    let mut acked: BTreeMap<String, String> = BTreeMap::new();
+    let write = |acked: &mut BTreeMap<String, String>, i: usize| {
+        let (key, value) = (format!("k/{i:04}"), format!("{i}:{}", "v".repeat(64 << 10)));
+        if rt
+            .block_on(put(
+                &conf,
+                &addrs[i % 3],
+                &key,
+                &value,
+                Duration::from_secs(5),
+            ))
+            .is_ok()
+        {
+            acked.insert(key, value);
+        }
+    };
+    for i in 0..10 {
+        write(&mut acked, i);
+    }
+    assert_eq!(acked.len(), 10, "writes before the disk fills");
+
+    let filler = mnt.join("filler");
+    fill(&filler);
+    let full_at = Instant::now();
+    let mut i = 10;
+    while dev.running() && full_at.elapsed() < Duration::from_secs(60) {
+        write(&mut acked, i);
+        i += 1;
+    }
+    let code = dev
+        .child
+        .as_mut()
+        .and_then(|ch| ch.try_wait().ok().flatten())
+        .map(|s| s.code());
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let said = text
+        .lines()
+        .find(|l| l.contains("raft stopped"))
+        .map(str::to_string);
+    println!(
+        "flockd dev exited {:?} after the disk filled, with {code:?}: {said:?}",
+        full_at.elapsed()
+    );
+    assert!(
+        !dev.running(),
+        "flockd dev still runs 60 s after its disk filled:\n{text}"
+    );
+    assert_eq!(code, Some(Some(1)), "{text}");
+    let said = said.unwrap_or_else(|| panic!("no reason given:\n{text}"));
+    assert!(said.contains(&data.display().to_string()), "{said}");
+    assert!(
+        said.contains("No space left on device") || said.contains("os error 28"),
+        "{said}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let mut dev =
+        Proc::start(&args, &data, "dev", &tmp.path().join("dev2.log")).expect("flockd dev resumes");
+    for _ in 0..5 {
+        write(&mut acked, i);
+        i += 1;
+    }
+    rt.block_on(async {
+        let mut client = api(&conf, &addrs[0]).await;
+        for (key, value) in &acked {
+            let r = client
+                .kv_get(KvGetRequest {
+                    key: key.clone(),
+                    stale: false,
+                })
+                .await
+                .unwrap_or_else(|s| panic!("get {key}: {s:?}"))
+                .into_inner();
+            assert!(r.entry.is_some_and(|e| e.value == *value), "{key}");
+        }
+    });
+    println!(
+        "{} acknowledged writes read back after the restart",
+        acked.len()
+    );
+    assert_eq!(
+        dev.signal_and_wait(libc::SIGTERM, Duration::from_secs(30)),
+        Some(0)
+    );
+}
