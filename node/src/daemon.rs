@@ -108,6 +108,9 @@ impl NodeOptions {
             election_timeout_min: self.election_timeout_ms,
             election_timeout_max: self.election_timeout_ms + self.election_timeout_ms / 3,
             install_snapshot_timeout: 10_000,
+            // Each InstallSnapshot call carries at most this much (the Raft service's message
+            // limit is far above it); AppendEntries are bounded in bytes by the log reader.
+            snapshot_max_chunk_size: flock_raft::network::SNAPSHOT_CHUNK_BYTES,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs),
             max_in_snapshot_log_to_keep: self.keep_logs,
             ..Default::default()
