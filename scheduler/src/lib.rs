@@ -30,6 +30,6 @@ mod testutil;
 pub use app::{App, Change};
 pub use dataset::{Dataset, DatasetId, DatasetMove, SnapshotRecord};
 pub use state::{
-    ApplyError, ClusterState, Command, CommandResult, KvEntry, Node, NodeId, NodeState,
-    MAX_KEY_LEN, MAX_VALUE_LEN,
+    hash_join_secret, is_secret_hash, ApplyError, ClusterState, Command, CommandResult, KvEntry,
+    Node, NodeId, NodeState, MAX_KEY_LEN, MAX_VALUE_LEN,
 };
