@@ -32,7 +32,7 @@ use crate::pki::{
     client_tls, fetch_pinned_ca, fingerprint, new_key_and_csr, pem_to_der, read_private, role_of,
     write_private, Authorizer, CertAuthority, NodeTls, PkiError, Role, TlsPaths,
 };
-use crate::token::{random_hex, JoinToken};
+use crate::token::{new_secret, random_hex, JoinSecretFile, JoinToken};
 use crate::transfer::Peers;
 use flock_dataset::Backend;
 
@@ -168,6 +168,8 @@ pub struct RunningNode {
     pub mesh: Option<std::net::IpAddr>,
     /// The Docker volume plugin's socket, when it is served.
     pub plugin: Option<std::path::PathBuf>,
+    /// The join secret's file, on the CA holder.
+    secret: Option<JoinSecretFile>,
     plugin_task: Option<JoinHandle<()>>,
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -208,6 +210,7 @@ impl RunningNode {
         };
         tls.save(&paths)?;
         write_private(&paths.ca_key(), &ca_key_pem)?;
+        JoinSecretFile::new(dd.root()).write(&new_secret())?;
         let (admin_key, admin_csr) = new_key_and_csr()?;
         ClientConfig {
             format: 1,
@@ -231,7 +234,7 @@ impl RunningNode {
             store,
             ep.listener,
             tls,
-            Some(ca),
+            Some((ca, JoinSecretFile::new(dd.root()))),
             (backend, dd.root().join("apps")),
             opts,
         )
@@ -337,10 +340,17 @@ impl RunningNode {
         let paths = TlsPaths::new(dd.root());
         let tls = NodeTls::load(&paths)?;
         let ca = if paths.ca_key().exists() {
-            Some(CertAuthority::load(
-                &tls.ca_pem,
-                &read_private(&paths.ca_key())?,
-            )?)
+            let secret = JoinSecretFile::new(dd.root());
+            if identity.bootstrapped && secret.read()?.is_none() {
+                tracing::warn!(
+                    "{} does not exist: this cluster's join secret was made by an older flockd, which kept it in the replicated state; run `flockctl cluster token --rotate` once every node runs this version",
+                    secret.path().display()
+                );
+            }
+            Some((
+                CertAuthority::load(&tls.ca_pem, &read_private(&paths.ca_key())?)?,
+                secret,
+            ))
         } else {
             None
         };
@@ -380,7 +390,7 @@ impl RunningNode {
         store: Store,
         listener: TcpListener,
         tls: NodeTls,
-        ca: Option<CertAuthority>,
+        ca: Option<(CertAuthority, JoinSecretFile)>,
         (backend, apps_root): (Arc<dyn Backend>, std::path::PathBuf),
         opts: &NodeOptions,
     ) -> anyhow::Result<RunningNode> {
@@ -415,6 +425,7 @@ impl RunningNode {
             opts.request_timeout,
             tls.client(),
         ));
+        let secret = ca.as_ref().map(|(_, f)| f.clone());
         let auth = Authorizer::new(view);
         let raft_auth = auth.clone();
         let quic_auth = auth.clone();
@@ -425,7 +436,7 @@ impl RunningNode {
             auth,
             tls.ca_pem.clone(),
             tls.ca_fingerprint()?,
-            ca.map(Arc::new),
+            ca.map(|(ca, secret)| (Arc::new(ca), secret)),
             crate::api::LocalParts {
                 datasets: datasets.clone(),
                 drivers: drivers.clone(),
@@ -502,6 +513,7 @@ impl RunningNode {
             stopped,
         ));
         Ok(RunningNode {
+            secret,
             plugin,
             plugin_task,
             mesh,
@@ -537,9 +549,20 @@ impl RunningNode {
             .map_err(|e| anyhow::anyhow!("initializing raft: {e}"))?;
         }
         if self.cluster.view.read().cluster.cluster_id.is_empty() {
+            // `init` wrote the secret; a data dir an older flockd left half-initialized has none.
+            let file = JoinSecretFile::new(dd.root());
+            let secret = match file.read()? {
+                Some(s) => s,
+                None => {
+                    let s = new_secret();
+                    file.write(&s)?;
+                    s
+                }
+            };
             let cmd = Command::InitCluster {
                 cluster_id: id.cluster_id.clone(),
-                join_secret: random_hex(16),
+                // Only the hash goes into the log and the state.
+                join_secret: flock_scheduler::hash_join_secret(&secret),
                 node_id: id.node_id,
                 name: id.name.clone(),
                 addr: id.advertise.clone(),
@@ -582,11 +605,19 @@ impl RunningNode {
         }
     }
 
-    /// The join token of this node's cluster.
+    /// The join token of this node's cluster; on the CA holder only (the node `init` made).
     pub fn token(&self) -> anyhow::Result<String> {
+        let hash = self.cluster.view.read().cluster.join_secret_hash.clone();
+        let secret = self
+            .secret
+            .as_ref()
+            .ok_or_else(|| {
+                anyhow::anyhow!("only the node holding the cluster CA knows the join secret")
+            })?
+            .current(&hash)?;
         Ok(JoinToken {
             ca_fingerprint: self.tls.ca_fingerprint()?,
-            secret: self.cluster.view.read().cluster.join_secret.clone(),
+            secret,
         }
         .render())
     }

@@ -22,7 +22,7 @@ use flock_scheduler::{Command, CommandResult};
 use crate::cluster::{Cluster, ClusterError};
 use crate::datasets::Datasets;
 use crate::pki::{Authorizer, CertAuthority, Role};
-use crate::token::{random_hex, JoinToken};
+use crate::token::{new_secret, JoinSecretFile, JoinToken, SecretError};
 
 /// What runs on this node that the API reports on: datasets, the app driver, the app agent.
 pub struct LocalParts {
@@ -41,6 +41,10 @@ pub struct ApiService {
     ca_fingerprint: String,
     /// The CA's signing key, on the node that created the cluster only.
     ca: Option<Arc<CertAuthority>>,
+    /// The join secret in plain text, on the CA holder only.
+    secret: Option<JoinSecretFile>,
+    /// One rotation of the join secret at a time (file, then proposal).
+    rotating: tokio::sync::Mutex<()>,
     /// This node's datasets.
     datasets: Arc<Datasets>,
     /// This node's app driver and the app agent's view.
@@ -56,7 +60,7 @@ impl ApiService {
         auth: Authorizer,
         ca_pem: String,
         ca_fingerprint: String,
-        ca: Option<Arc<CertAuthority>>,
+        ca: Option<(Arc<CertAuthority>, JoinSecretFile)>,
         local: LocalParts,
     ) -> ApiServer<ApiService> {
         let LocalParts {
@@ -65,12 +69,15 @@ impl ApiService {
             apps,
             mesh,
         } = local;
+        let (ca, secret) = ca.unzip();
         ApiServer::new(ApiService {
             cluster,
             auth,
             ca_pem,
             ca_fingerprint,
             ca,
+            secret,
+            rotating: tokio::sync::Mutex::new(()),
             datasets,
             drivers,
             apps,
@@ -181,8 +188,8 @@ impl Api for ApiService {
         rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem).map_err(|e| {
             Status::invalid_argument(format!("bad certificate signing request: {e}"))
         })?;
-        let cmd = Command::RegisterNode {
-            secret: token.secret,
+        let cmd = Command::RegisterNodeHashed {
+            secret_hash: flock_scheduler::hash_join_secret(&token.secret),
             name: (!req.name.is_empty()).then_some(req.name),
             addr: req.addr,
         };
@@ -272,34 +279,44 @@ impl Api for ApiService {
 
     async fn cluster_token(&self, req: Request<ClusterTokenRequest>) -> Reply<ClusterTokenReply> {
         self.authorize(&req)?;
+        // The plaintext secret is on the CA holder only.
+        let Some(file) = &self.secret else {
+            return self
+                .ca_holder()?
+                .cluster_token(req.into_inner())
+                .await
+                .map_err(unreachable_ca);
+        };
         if req.into_inner().rotate {
-            let secret = random_hex(16);
-            match self
-                .cluster
-                .propose(Command::RotateJoinSecret {
-                    secret: secret.clone(),
-                })
-                .await?
-            {
+            let _one = self.rotating.lock().await;
+            let secret = new_secret();
+            // The file first: a secret in effect is always one this node can print (a rotation
+            // that fails after this leaves the file ahead of the state, which `current` reports).
+            file.write(&secret)
+                .map_err(|e| Status::internal(format!("rotating the join secret: {e}")))?;
+            let cmd = Command::SetJoinSecretHash {
+                secret_hash: flock_scheduler::hash_join_secret(&secret),
+            };
+            return match self.cluster.propose(cmd).await? {
                 CommandResult::JoinSecretRotated => {
                     tracing::info!("join secret rotated");
-                    return Ok(Response::new(ClusterTokenReply {
+                    Ok(Response::new(ClusterTokenReply {
                         token: self.token(&secret),
-                    }));
+                    }))
                 }
-                CommandResult::Rejected(e) => return Err(ClusterError::from(e).into()),
-                other => return Err(unexpected(other)),
-            }
+                CommandResult::Rejected(e) => Err(ClusterError::from(e).into()),
+                other => Err(unexpected(other)),
+            };
         }
-        let secret = self
+        let hash = self
             .cluster
-            .read(false, |a| a.cluster.join_secret.clone())
+            .read(false, |a| a.cluster.join_secret_hash.clone())
             .await?;
-        if secret.is_empty() {
-            return Err(Status::unavailable(
-                "the cluster is still initializing (its first entry is not applied yet); try again",
-            ));
-        }
+        let secret = file.current(&hash).map_err(|e| match e {
+            SecretError::NotInitialized => Status::unavailable(e.to_string()),
+            SecretError::Io(_) => Status::internal(e.to_string()),
+            _ => Status::failed_precondition(e.to_string()),
+        })?;
         Ok(Response::new(ClusterTokenReply {
             token: self.token(&secret),
         }))
