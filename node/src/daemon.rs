@@ -427,6 +427,7 @@ impl RunningNode {
         ));
         let secret = ca.as_ref().map(|(_, f)| f.clone());
         let auth = Authorizer::new(view);
+        let edge = crate::edge::AuthLayer::new(auth.clone());
         let raft_auth = auth.clone();
         let quic_auth = auth.clone();
         let authorize: Authorize =
@@ -452,6 +453,8 @@ impl RunningNode {
             tonic::transport::Server::builder()
                 .tls_config(tls.server())?
                 .tcp_nodelay(true)
+                // Before any service: nothing but Join is read without a member's certificate.
+                .layer(edge)
                 .add_service(RaftService::server(
                     raft,
                     identity.cluster_id.clone(),

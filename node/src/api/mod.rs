@@ -24,6 +24,11 @@ use crate::datasets::Datasets;
 use crate::pki::{Authorizer, CertAuthority, Role};
 use crate::token::{new_secret, JoinSecretFile, JoinToken, SecretError};
 
+/// The largest API request decoded, in bytes: room for the largest command
+/// (`flock_scheduler::limits::MAX_COMMAND_BYTES`, 4 MiB) in a `Propose` or a deploy, with
+/// framing to spare.
+pub const MAX_API_MESSAGE: usize = 8 << 20;
+
 /// What runs on this node that the API reports on: datasets, the app driver, the app agent.
 pub struct LocalParts {
     pub datasets: Arc<Datasets>,
@@ -70,7 +75,7 @@ impl ApiService {
             mesh,
         } = local;
         let (ca, secret) = ca.unzip();
-        ApiServer::new(ApiService {
+        let service = ApiService {
             cluster,
             auth,
             ca_pem,
@@ -82,7 +87,8 @@ impl ApiService {
             drivers,
             apps,
             mesh,
-        })
+        };
+        ApiServer::new(service).max_decoding_message_size(MAX_API_MESSAGE)
     }
 
     /// Every call but Join needs a certificate of this cluster.
