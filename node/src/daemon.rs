@@ -277,16 +277,31 @@ impl RunningNode {
         .map_err(|e| anyhow::anyhow!("cannot join through {peer}: {e:#}"))?;
         let mut client = connect(peer, &client_tls(&ca_pem, None), Duration::from_secs(5)).await?;
         let (key_pem, csr_pem) = new_key_and_csr()?;
-        let reply = client
-            .join(JoinRequest {
-                token: token.render(),
-                name: name.unwrap_or_default(),
-                addr: advertise.clone(),
-                csr_pem,
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("{peer} refused the join: {}", s.message()))?
-            .into_inner();
+        let request = JoinRequest {
+            token: token.render(),
+            name: name.unwrap_or_default(),
+            addr: advertise.clone(),
+            csr_pem,
+        };
+        let deadline = Instant::now() + join_timeout;
+        let reply = loop {
+            match client.join(request.clone()).await {
+                Ok(r) => break r.into_inner(),
+                // Too many joins from this address just now: wait as long as the node says.
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                    let wait = retry_after(&s);
+                    if Instant::now() + wait > deadline {
+                        anyhow::bail!(
+                            "{peer} refused the join: {} (still refused after {join_timeout:?}; --join-timeout waits longer)",
+                            s.message()
+                        );
+                    }
+                    tracing::info!("{peer}: {}; retrying", s.message());
+                    tokio::time::sleep(wait).await;
+                }
+                Err(s) => anyhow::bail!("{peer} refused the join: {}", s.message()),
+            }
+        };
         if fingerprint(&pem_to_der(&reply.ca_pem, "CA certificate")?) != token.ca_fingerprint {
             anyhow::bail!("{peer} answered with a CA other than the token's; refusing it");
         }
@@ -648,6 +663,18 @@ impl RunningNode {
             .map_err(|e| anyhow::anyhow!("flushing the raft store: {e}"))?;
         Ok(())
     }
+}
+
+/// How long a RESOURCE_EXHAUSTED join refusal asks the caller to wait (1 s when it does not
+/// say; at most 60 s, whatever it says).
+fn retry_after(s: &tonic::Status) -> Duration {
+    let ms = s
+        .metadata()
+        .get(crate::api::RETRY_AFTER_MS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1000);
+    Duration::from_millis(ms.clamp(10, 60_000))
 }
 
 /// For a new node: opens a zfs backend before anything is written, so that a node that cannot

@@ -7,7 +7,9 @@
 
 mod apps;
 mod datasets;
+mod join;
 pub use datasets::resolve_node;
+pub use join::RETRY_AFTER_MS;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +52,8 @@ pub struct ApiService {
     secret: Option<JoinSecretFile>,
     /// One rotation of the join secret at a time (file, then proposal).
     rotating: tokio::sync::Mutex<()>,
+    /// Joins per source address.
+    join_limiter: join::JoinLimiter,
     /// This node's datasets.
     datasets: Arc<Datasets>,
     /// This node's app driver and the app agent's view.
@@ -83,6 +87,7 @@ impl ApiService {
             ca,
             secret,
             rotating: tokio::sync::Mutex::new(()),
+            join_limiter: join::JoinLimiter::default(),
             datasets,
             drivers,
             apps,
@@ -178,44 +183,7 @@ impl Api for ApiService {
 
     async fn join(&self, req: Request<JoinRequest>) -> Reply<JoinReply> {
         // No certificate yet: the token's secret is what admits the caller.
-        let req = req.into_inner();
-        let token =
-            JoinToken::parse(&req.token).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if token.ca_fingerprint != self.ca_fingerprint {
-            return Err(Status::permission_denied(format!(
-                "the token names CA {}, but this cluster's CA is {}",
-                token.ca_fingerprint, self.ca_fingerprint
-            )));
-        }
-        let Some(ca) = &self.ca else {
-            return self.ca_holder()?.join(req).await.map_err(unreachable_ca);
-        };
-        // Check the request before registering anything.
-        rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem).map_err(|e| {
-            Status::invalid_argument(format!("bad certificate signing request: {e}"))
-        })?;
-        let cmd = Command::RegisterNodeHashed {
-            secret_hash: flock_scheduler::hash_join_secret(&token.secret),
-            name: (!req.name.is_empty()).then_some(req.name),
-            addr: req.addr,
-        };
-        match self.cluster.propose(cmd).await? {
-            CommandResult::NodeRegistered { id, name } => {
-                let cert_pem = ca
-                    .sign_csr(&req.csr_pem, &Role::Node(id))
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                tracing::info!(id, %name, "node registered");
-                Ok(Response::new(JoinReply {
-                    cluster_id: self.cluster.cluster_id.clone(),
-                    node_id: id,
-                    name,
-                    cert_pem,
-                    ca_pem: self.ca_pem.clone(),
-                }))
-            }
-            CommandResult::Rejected(e) => Err(ClusterError::from(e).into()),
-            other => Err(unexpected(other)),
-        }
+        self.do_join(req).await
     }
 
     async fn issue_admin_cert(
