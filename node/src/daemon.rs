@@ -32,7 +32,7 @@ use crate::pki::{
     client_tls, fetch_pinned_ca, fingerprint, new_key_and_csr, pem_to_der, read_private, role_of,
     write_private, Authorizer, CertAuthority, NodeTls, PkiError, Role, TlsPaths,
 };
-use crate::token::{random_hex, JoinToken};
+use crate::token::{new_secret, random_hex, JoinSecretFile, JoinToken};
 use crate::transfer::Peers;
 use flock_dataset::Backend;
 
@@ -171,6 +171,8 @@ pub struct RunningNode {
     pub mesh: Option<std::net::IpAddr>,
     /// The Docker volume plugin's socket, when it is served.
     pub plugin: Option<std::path::PathBuf>,
+    /// The join secret's file, on the CA holder.
+    secret: Option<JoinSecretFile>,
     plugin_task: Option<JoinHandle<()>>,
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -211,6 +213,7 @@ impl RunningNode {
         };
         tls.save(&paths)?;
         write_private(&paths.ca_key(), &ca_key_pem)?;
+        JoinSecretFile::new(dd.root()).write(&new_secret())?;
         let (admin_key, admin_csr) = new_key_and_csr()?;
         ClientConfig {
             format: 1,
@@ -234,7 +237,7 @@ impl RunningNode {
             store,
             ep.listener,
             tls,
-            Some(ca),
+            Some((ca, JoinSecretFile::new(dd.root()))),
             (backend, dd.root().join("apps")),
             opts,
         )
@@ -277,16 +280,31 @@ impl RunningNode {
         .map_err(|e| anyhow::anyhow!("cannot join through {peer}: {e:#}"))?;
         let mut client = connect(peer, &client_tls(&ca_pem, None), Duration::from_secs(5)).await?;
         let (key_pem, csr_pem) = new_key_and_csr()?;
-        let reply = client
-            .join(JoinRequest {
-                token: token.render(),
-                name: name.unwrap_or_default(),
-                addr: advertise.clone(),
-                csr_pem,
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("{peer} refused the join: {}", s.message()))?
-            .into_inner();
+        let request = JoinRequest {
+            token: token.render(),
+            name: name.unwrap_or_default(),
+            addr: advertise.clone(),
+            csr_pem,
+        };
+        let deadline = Instant::now() + join_timeout;
+        let reply = loop {
+            match client.join(request.clone()).await {
+                Ok(r) => break r.into_inner(),
+                // Too many joins from this address just now: wait as long as the node says.
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                    let wait = retry_after(&s);
+                    if Instant::now() + wait > deadline {
+                        anyhow::bail!(
+                            "{peer} refused the join: {} (still refused after {join_timeout:?}; --join-timeout waits longer)",
+                            s.message()
+                        );
+                    }
+                    tracing::info!("{peer}: {}; retrying", s.message());
+                    tokio::time::sleep(wait).await;
+                }
+                Err(s) => anyhow::bail!("{peer} refused the join: {}", s.message()),
+            }
+        };
         if fingerprint(&pem_to_der(&reply.ca_pem, "CA certificate")?) != token.ca_fingerprint {
             anyhow::bail!("{peer} answered with a CA other than the token's; refusing it");
         }
@@ -340,10 +358,17 @@ impl RunningNode {
         let paths = TlsPaths::new(dd.root());
         let tls = NodeTls::load(&paths)?;
         let ca = if paths.ca_key().exists() {
-            Some(CertAuthority::load(
-                &tls.ca_pem,
-                &read_private(&paths.ca_key())?,
-            )?)
+            let secret = JoinSecretFile::new(dd.root());
+            if identity.bootstrapped && secret.read()?.is_none() {
+                tracing::warn!(
+                    "{} does not exist: this cluster's join secret was made by an older flockd, which kept it in the replicated state; run `flockctl cluster token --rotate` once every node runs this version",
+                    secret.path().display()
+                );
+            }
+            Some((
+                CertAuthority::load(&tls.ca_pem, &read_private(&paths.ca_key())?)?,
+                secret,
+            ))
         } else {
             None
         };
@@ -383,7 +408,7 @@ impl RunningNode {
         store: Store,
         listener: TcpListener,
         tls: NodeTls,
-        ca: Option<CertAuthority>,
+        ca: Option<(CertAuthority, JoinSecretFile)>,
         (backend, apps_root): (Arc<dyn Backend>, std::path::PathBuf),
         opts: &NodeOptions,
     ) -> anyhow::Result<RunningNode> {
@@ -418,7 +443,9 @@ impl RunningNode {
             opts.request_timeout,
             tls.client(),
         ));
+        let secret = ca.as_ref().map(|(_, f)| f.clone());
         let auth = Authorizer::new(view);
+        let edge = crate::edge::AuthLayer::new(auth.clone());
         let raft_auth = auth.clone();
         let quic_auth = auth.clone();
         let authorize: Authorize =
@@ -428,7 +455,7 @@ impl RunningNode {
             auth,
             tls.ca_pem.clone(),
             tls.ca_fingerprint()?,
-            ca.map(Arc::new),
+            ca.map(|(ca, secret)| (Arc::new(ca), secret)),
             crate::api::LocalParts {
                 datasets: datasets.clone(),
                 drivers: drivers.clone(),
@@ -444,6 +471,8 @@ impl RunningNode {
             tonic::transport::Server::builder()
                 .tls_config(tls.server())?
                 .tcp_nodelay(true)
+                // Before any service: nothing but Join is read without a member's certificate.
+                .layer(edge)
                 .add_service(RaftService::server(
                     raft,
                     identity.cluster_id.clone(),
@@ -505,6 +534,7 @@ impl RunningNode {
             stopped,
         ));
         Ok(RunningNode {
+            secret,
             plugin,
             plugin_task,
             mesh,
@@ -540,9 +570,20 @@ impl RunningNode {
             .map_err(|e| anyhow::anyhow!("initializing raft: {e}"))?;
         }
         if self.cluster.view.read().cluster.cluster_id.is_empty() {
+            // `init` wrote the secret; a data dir an older flockd left half-initialized has none.
+            let file = JoinSecretFile::new(dd.root());
+            let secret = match file.read()? {
+                Some(s) => s,
+                None => {
+                    let s = new_secret();
+                    file.write(&s)?;
+                    s
+                }
+            };
             let cmd = Command::InitCluster {
                 cluster_id: id.cluster_id.clone(),
-                join_secret: random_hex(16),
+                // Only the hash goes into the log and the state.
+                join_secret: flock_scheduler::hash_join_secret(&secret),
                 node_id: id.node_id,
                 name: id.name.clone(),
                 addr: id.advertise.clone(),
@@ -585,11 +626,19 @@ impl RunningNode {
         }
     }
 
-    /// The join token of this node's cluster.
+    /// The join token of this node's cluster; on the CA holder only (the node `init` made).
     pub fn token(&self) -> anyhow::Result<String> {
+        let hash = self.cluster.view.read().cluster.join_secret_hash.clone();
+        let secret = self
+            .secret
+            .as_ref()
+            .ok_or_else(|| {
+                anyhow::anyhow!("only the node holding the cluster CA knows the join secret")
+            })?
+            .current(&hash)?;
         Ok(JoinToken {
             ca_fingerprint: self.tls.ca_fingerprint()?,
-            secret: self.cluster.view.read().cluster.join_secret.clone(),
+            secret,
         }
         .render())
     }
@@ -617,6 +666,18 @@ impl RunningNode {
             .map_err(|e| anyhow::anyhow!("flushing the raft store: {e}"))?;
         Ok(())
     }
+}
+
+/// How long a RESOURCE_EXHAUSTED join refusal asks the caller to wait (1 s when it does not
+/// say; at most 60 s, whatever it says).
+fn retry_after(s: &tonic::Status) -> Duration {
+    let ms = s
+        .metadata()
+        .get(crate::api::RETRY_AFTER_MS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1000);
+    Duration::from_millis(ms.clamp(10, 60_000))
 }
 
 /// For a new node: opens a zfs backend before anything is written, so that a node that cannot

@@ -5,7 +5,8 @@
 //! - [`daemon`]: start (`init`, `join`, `run`) and ordered shutdown of a node.
 //! - [`cluster`]: proposing and reading through Raft with leader forwarding, status, and the
 //!   leader's membership worker.
-//! - [`api`]: the gRPC API flockctl talks to.
+//! - [`api`]: the gRPC API flockctl talks to; [`edge`]: what a caller must present before a
+//!   request's body is read.
 //! - [`client`]: connecting to a node and the client config; [`token`]: join tokens;
 //!   [`pki`]: the cluster CA, certificates, TLS and who may call what; [`dev`]: `flockd dev`.
 //! - [`ctl`]: flockctl's commands and their output.
@@ -28,6 +29,7 @@ pub mod datadir;
 pub mod datasets;
 pub mod dev;
 pub mod driver;
+pub mod edge;
 pub mod mesh;
 pub mod pki;
 pub mod plugin;

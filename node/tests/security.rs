@@ -293,3 +293,369 @@ fn s08_quic_endpoint_requires_a_cluster_certificate() {
         assert!(refused, "a QUIC client without a certificate was kept");
     });
 }
+
+/// VmHWM (peak resident set) and VmRSS of process `pid`, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// A TLS channel that trusts the cluster's CA and presents no certificate.
+async fn anonymous_channel(c: &TestCluster, i: usize) -> tonic::transport::Channel {
+    let conf = config(c);
+    Endpoint::from_shared(format!("https://{}", c.addr(i)))
+        .unwrap()
+        .tls_config(client_tls(&conf.ca_pem, None))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Sends one gRPC message of `len` bytes (zeros after the 5-byte gRPC frame header that
+/// declares it) to `path`, streamed in 1 MiB chunks as the server takes them. Returns the gRPC
+/// status code of the answer and how many bytes the server let the client send.
+async fn send_huge(ch: &tonic::transport::Channel, path: &str, len: u32) -> (tonic::Code, usize) {
+    use futures::StreamExt;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tonic::codegen::{http, Service};
+
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let mut header = vec![0u8];
+    header.extend_from_slice(&len.to_be_bytes());
+    const CHUNK: usize = 1 << 20;
+    let zeros = bytes::Bytes::from(vec![0u8; CHUNK]);
+    let chunks = (0..(len as usize).div_ceil(CHUNK)).map(move |k| {
+        let n = CHUNK.min(len as usize - k * CHUNK);
+        zeros.slice(..n)
+    });
+    let frames = futures::stream::iter(std::iter::once(bytes::Bytes::from(header)).chain(chunks))
+        .map(move |b| {
+            counter.fetch_add(b.len(), Ordering::Relaxed);
+            Ok::<_, tonic::Status>(http_body::Frame::data(b))
+        });
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://{}{path}", "flock"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(http_body_util::StreamBody::new(
+            frames,
+        )))
+        .unwrap();
+    let mut ch = ch.clone();
+    futures::future::poll_fn(|cx| ch.poll_ready(cx))
+        .await
+        .unwrap();
+    let code = match tokio::time::timeout(Duration::from_secs(60), ch.call(req)).await {
+        Err(_) => panic!("{path}: no answer within 60 s"),
+        Ok(Err(e)) => panic!("{path}: {e}"),
+        Ok(Ok(resp)) => {
+            let from_headers = tonic::Status::from_header_map(resp.headers());
+            match from_headers {
+                Some(s) => s.code(),
+                None => {
+                    let body = resp.into_body().collect().await;
+                    match body {
+                        Ok(b) => b
+                            .trailers()
+                            .and_then(tonic::Status::from_header_map)
+                            .map_or(tonic::Code::Ok, |s| s.code()),
+                        Err(s) => s.code(),
+                    }
+                }
+            }
+        }
+    };
+    (code, sent.load(Ordering::Relaxed))
+}
+
+#[test]
+fn s20_no_certificate_no_memory_300mb_messages_are_refused_before_their_body_is_read() {
+    let mut c = TestCluster::start(1, &[]);
+    let pid = c.nodes[0].child.as_ref().unwrap().id();
+    const BIG: u32 = 300_000_000;
+    rt().block_on(async {
+        let ch = anonymous_channel(&c, 1).await;
+        // Warm up: the connection and its buffers exist before the first measurement.
+        let (code, _) = send_huge(&ch, "/flock.v1.Api/KvPut", 16).await;
+        assert_eq!(code, tonic::Code::Unauthenticated);
+        let (hwm0, rss0) = memory_kib(pid);
+        for path in [
+            "/flock.v1.Raft/AppendEntries",
+            "/flock.v1.Raft/Vote",
+            "/flock.v1.Raft/InstallSnapshot",
+            "/flock.v1.Api/KvPut",
+            "/flock.v1.Api/Deploy",
+            "/flock.v1.Api/Propose",
+        ] {
+            // 300 MB, and 60 MB and 7 MB: under the Raft (64 MiB) and API (8 MiB) message
+            // limits, so that only the missing certificate refuses them.
+            for len in [BIG, 60_000_000, 7_000_000] {
+                let (code, sent) = send_huge(&ch, path, len).await;
+                assert_eq!(code, tonic::Code::Unauthenticated, "{path} {len}");
+                assert!(sent < 8 << 20, "{path} {len}: the server took {sent} bytes");
+            }
+        }
+        // Join is open, but its body stops at 64 KiB (1 MB is under the API's limit).
+        for len in [BIG, 1_000_000] {
+            let (code, sent) = send_huge(&ch, "/flock.v1.Api/Join", len).await;
+            assert!(
+                matches!(
+                    code,
+                    tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+                ),
+                "Join {len}: {code:?}"
+            );
+            if len == 1_000_000 {
+                assert_eq!(code, tonic::Code::ResourceExhausted);
+            }
+            assert!(sent < 8 << 20, "Join {len}: the server took {sent} bytes");
+        }
+        let (hwm1, rss1) = memory_kib(pid);
+        eprintln!("flockd VmHWM {hwm0} -> {hwm1} KiB, VmRSS {rss0} -> {rss1} KiB");
+        assert!(
+            hwm1 < hwm0 + 6 * 1024,
+            "flockd's peak RSS grew from {hwm0} to {hwm1} KiB"
+        );
+    });
+    // The node keeps serving.
+    c.ctl_ok(c.addr(1), &["kv", "put", "still", "here"]);
+    assert_eq!(c.ctl_ok(c.addr(1), &["kv", "get", "still"]), "here");
+    assert!(c.nodes[0].running());
+}
+
+fn last_log_index(c: &TestCluster) -> u64 {
+    c.status(c.addr(1))["last_log_index"].as_u64().unwrap()
+}
+
+/// A Join call without a certificate; retried while the node says there are too many.
+async fn join_call(
+    ch: &tonic::transport::Channel,
+    req: flock_proto::v1::JoinRequest,
+) -> Result<(), tonic::Status> {
+    loop {
+        match ApiClient::new(ch.clone()).join(req.clone()).await {
+            Err(s) if s.metadata().contains_key("retry-after-ms") => {
+                assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+                let ms: u64 = s
+                    .metadata()
+                    .get("retry-after-ms")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .expect("a retry-after-ms hint in milliseconds");
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            r => return r.map(|_| ()),
+        }
+    }
+}
+
+#[test]
+fn s21_failed_joins_write_nothing_and_a_legitimate_join_follows() {
+    use flock_proto::v1::JoinRequest;
+    let mut c = TestCluster::start(1, &[]);
+    let good = flock_node::token::JoinToken::parse(&c.token).unwrap();
+    let wrong = flock_node::token::JoinToken {
+        secret: "00".repeat(16),
+        ..good.clone()
+    }
+    .render();
+    // Settled: the first node's start-up entries are in.
+    let before = until("a quiet log", Duration::from_secs(10), || {
+        let a = last_log_index(&c);
+        std::thread::sleep(Duration::from_millis(500));
+        (a == last_log_index(&c)).then_some(a)
+    });
+    let (_, csr) = flock_node::pki::new_key_and_csr().unwrap();
+    let req = |token: &str, name: &str, addr: &str, csr: &str| JoinRequest {
+        token: token.to_string(),
+        name: name.to_string(),
+        addr: addr.to_string(),
+        csr_pem: csr.to_string(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (denied, limited) = rt.block_on(async {
+        let ch = anonymous_channel(&c, 1).await;
+        // With the right secret, every other field is still checked before anything is proposed.
+        for (what, r, code) in [
+            (
+                "bad CSR",
+                req(&c.token, "", "127.0.0.1:9", "garbage"),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                "bad name",
+                req(&c.token, "Bad Name", "127.0.0.1:9", &csr),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                "taken name",
+                req(&c.token, "n1", "127.0.0.1:9", &csr),
+                tonic::Code::AlreadyExists,
+            ),
+            (
+                "bad addr",
+                req(&c.token, "", "nowhere", &csr),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                "long addr",
+                req(&c.token, "", &"a".repeat(1000), &csr),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                "a request past 64 KiB",
+                req(&c.token, "", &"a".repeat(100_000), &csr),
+                tonic::Code::ResourceExhausted,
+            ),
+            (
+                "long name",
+                req(&c.token, &"a".repeat(1000), "127.0.0.1:9", &csr),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                "long CSR",
+                req(&c.token, "", "127.0.0.1:9", &"A".repeat(20_000)),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                "long token",
+                req(
+                    &format!("{}{}", c.token, "0".repeat(1000)),
+                    "",
+                    "127.0.0.1:9",
+                    &csr,
+                ),
+                tonic::Code::InvalidArgument,
+            ),
+        ] {
+            let e = join_call(&ch, r).await.expect_err(what);
+            assert_eq!(e.code(), code, "{what}: {e:?}");
+            assert!(
+                e.message().len() < 400,
+                "{what}: the error echoes the input: {}",
+                e.message().len()
+            );
+        }
+        // 1,000 joins with a wrong secret at once, once the source's bucket has refilled
+        // (5 joins, one more a second): some reach the secret check, the rest are refused
+        // before it.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let calls = (0..1000).map(|_| {
+            let ch = ch.clone();
+            let r = req(&wrong, "", "127.0.0.1:9", &csr);
+            tokio::spawn(async move { ApiClient::new(ch).join(r).await.map(|_| ()) })
+        });
+        let (mut denied, mut limited) = (0, 0);
+        for call in futures::future::join_all(calls).await {
+            match call.unwrap() {
+                Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                    assert!(s.message().contains("token is wrong"), "{s:?}");
+                    denied += 1
+                }
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => limited += 1,
+                other => panic!("a join with a wrong secret: {other:?}"),
+            }
+        }
+        (denied, limited)
+    });
+    eprintln!("1000 wrong joins: {denied} refused for the secret, {limited} rate-limited");
+    assert!(denied >= 1, "no join reached the secret check");
+    assert!(limited >= 900, "only {limited} of 1000 rate-limited");
+    assert_eq!(last_log_index(&c), before, "a failed join wrote to the log");
+    // The legitimate join that follows (from the same address, which is still rate-limited)
+    // waits as it is told and gets in.
+    let p = c.join(2).expect("the legitimate join works");
+    c.nodes.push(p);
+    c.wait_voters(1, Duration::from_secs(10));
+    assert!(c.ctl_ok(c.addr(1), &["node", "ls"]).contains("n2"));
+}
+
+/// Every regular file under `dir` that holds one of `needles`, with the needle's index.
+fn files_holding(dir: &Path, needles: &[Vec<u8>]) -> Vec<(std::path::PathBuf, usize)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                let bytes = std::fs::read(e.path()).unwrap();
+                for (k, n) in needles.iter().enumerate() {
+                    if bytes.windows(n.len()).any(|w| w == n.as_slice()) {
+                        found.push((e.path(), k));
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn s22_the_join_secret_is_in_no_file_but_the_ca_holders_secret_file() {
+    use std::os::unix::fs::PermissionsExt;
+    // Snapshots every few entries, so snapshot files are searched too.
+    let mut c = TestCluster::start(3, &["--snapshot-logs", "5", "--keep-logs", "2"]);
+    let first = c.token.clone();
+    let rotated = c.ctl_ok(c.addr(3), &["cluster", "token", "--rotate"]);
+    assert_ne!(rotated, first);
+    for i in 0..20 {
+        c.ctl_ok(c.addr(2), &["kv", "put", &format!("k{i}"), "v"]);
+    }
+    // The rotated token works, through a node that is not the CA holder too.
+    assert_eq!(c.ctl_ok(c.addr(2), &["cluster", "token"]), rotated);
+    c.token = rotated.clone();
+    let p = c.join(4).expect("joins with the rotated token");
+    c.nodes.push(p);
+    c.ctl_ok(c.addr(4), &["kv", "put", "after", "join"]);
+    let secret_file = c.data_dir(1).join("tls").join("join.secret");
+    assert_eq!(
+        std::fs::metadata(&secret_file)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let mut needles = Vec::new();
+    for t in [&first, &rotated] {
+        let secret = flock_node::token::JoinToken::parse(t).unwrap().secret;
+        needles.push(secret.as_bytes().to_vec());
+        needles.push(hex::decode(&secret).unwrap());
+    }
+    // Stop the nodes so that everything they hold is written out.
+    for n in &mut c.nodes {
+        assert_eq!(
+            n.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)),
+            Some(0)
+        );
+    }
+    let mut found = Vec::new();
+    for i in 1..=4 {
+        found.extend(files_holding(&c.data_dir(i), &needles));
+    }
+    // Only the current secret's text, only in the CA holder's file.
+    assert_eq!(
+        found,
+        vec![(secret_file, 2)],
+        "the secret is in other files"
+    );
+}

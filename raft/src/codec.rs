@@ -14,6 +14,8 @@ pub enum CodecError {
     Empty,
     #[error("record format {0} is newer than this build reads ({RECORD_VERSION}); upgrade flockd")]
     UnknownVersion(u8),
+    #[error("snapshot data format {0} is not one this build reads; upgrade flockd")]
+    UnknownSnapshotVersion(u8),
     #[error("undecodable record: {0}")]
     Postcard(#[from] postcard::Error),
 }

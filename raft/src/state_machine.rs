@@ -4,6 +4,10 @@
 //! Applying a command is [`ClusterState::apply`], nothing more. The state is not written on every
 //! apply: the log is durable, and after a restart openraft re-applies the committed entries that
 //! follow the last snapshot. A snapshot is fsync'ed before openraft may purge the log it covers.
+//!
+//! A snapshot's data is the encoded [`ClusterState`] behind its own format byte
+//! ([`SNAPSHOT_DATA_VERSION`]), so the state's layout can change while log entries keep theirs;
+//! [`decode_cluster`] reads every format an older build wrote.
 
 use std::io::Cursor;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -13,12 +17,85 @@ use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
 
 use flock_scheduler::{ClusterState, CommandResult};
 
-use crate::codec::{decode, encode};
+use crate::codec::CodecError;
 use crate::disk::{DiskError, StoredSnapshot, WriteOp};
 use crate::log_store::DiskWriter;
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
+
+/// The format of a snapshot's data that this build writes: 1 held the join secret in plain
+/// text (and no revoked admins); 2 holds its hash.
+pub const SNAPSHOT_DATA_VERSION: u8 = 2;
+
+/// A snapshot's data: the format byte, then the postcard encoding of the state.
+pub fn encode_cluster(cluster: &ClusterState) -> Vec<u8> {
+    // As codec::encode: postcard fails only on types serde cannot size, never on plain data.
+    postcard::to_extend(cluster, vec![SNAPSHOT_DATA_VERSION]).expect("postcard encodes plain data")
+}
+
+/// Reads a snapshot's data in any format a build of flock wrote.
+pub fn decode_cluster(bytes: &[u8]) -> Result<ClusterState, CodecError> {
+    match bytes.split_first() {
+        None => Err(CodecError::Empty),
+        Some((&1, rest)) => Ok(postcard::from_bytes::<legacy::ClusterStateV1>(rest)?.into()),
+        Some((&SNAPSHOT_DATA_VERSION, rest)) => Ok(postcard::from_bytes(rest)?),
+        Some((&v, _)) => Err(CodecError::UnknownSnapshotVersion(v)),
+    }
+}
+
+/// Snapshot data formats of older builds.
+mod legacy {
+    use std::collections::BTreeMap;
+
+    use flock_scheduler::{
+        hash_join_secret, App, ClusterState, Dataset, DatasetId, KvEntry, Node, NodeId,
+    };
+    use serde::Deserialize;
+
+    /// [`ClusterState`] as format 1 laid it out (fields in this order): the join secret in
+    /// plain text, no revoked admins.
+    #[derive(Deserialize)]
+    pub(super) struct ClusterStateV1 {
+        cluster_id: String,
+        join_secret: String,
+        ca_holder: NodeId,
+        next_node_id: NodeId,
+        nodes: BTreeMap<NodeId, Node>,
+        kv: BTreeMap<String, KvEntry>,
+        revision: u64,
+        datasets: BTreeMap<DatasetId, Dataset>,
+        next_dataset_id: DatasetId,
+        apps: BTreeMap<String, App>,
+        deploy_generation: u64,
+        mounts: BTreeMap<DatasetId, flock_scheduler::mount::Mounts>,
+    }
+
+    impl From<ClusterStateV1> for ClusterState {
+        fn from(v1: ClusterStateV1) -> Self {
+            ClusterState {
+                // The hash of the empty secret (before init) would not be "no secret".
+                join_secret_hash: if v1.join_secret.is_empty() {
+                    String::new()
+                } else {
+                    hash_join_secret(&v1.join_secret)
+                },
+                cluster_id: v1.cluster_id,
+                ca_holder: v1.ca_holder,
+                next_node_id: v1.next_node_id,
+                nodes: v1.nodes,
+                kv: v1.kv,
+                revision: v1.revision,
+                datasets: v1.datasets,
+                next_dataset_id: v1.next_dataset_id,
+                apps: v1.apps,
+                deploy_generation: v1.deploy_generation,
+                mounts: v1.mounts,
+                revoked_admins: Default::default(),
+            }
+        }
+    }
+}
 
 /// What the state machine holds: the cluster state and where in the log it stands.
 #[derive(Clone, Debug, Default)]
@@ -58,7 +135,7 @@ impl StateMachine {
             Some(s) => Applied {
                 last_applied: s.meta.last_log_id,
                 membership: s.meta.last_membership.clone(),
-                cluster: decode(&s.data).map_err(|e| DiskError::Corrupt {
+                cluster: decode_cluster(&s.data).map_err(|e| DiskError::Corrupt {
                     what: "snapshot".into(),
                     source: e,
                 })?,
@@ -86,7 +163,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let (data, last_log_id, last_membership) = {
             let a = self.applied.read().unwrap_or_else(|p| p.into_inner());
-            (encode(&a.cluster), a.last_applied, a.membership.clone())
+            (
+                encode_cluster(&a.cluster),
+                a.last_applied,
+                a.membership.clone(),
+            )
         };
         let snapshot_id = match last_log_id {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
@@ -162,7 +243,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let cluster: ClusterState = decode(&data).map_err(|e| {
+        let cluster = decode_cluster(&data).map_err(|e| {
             StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
         })?;
         let stored = StoredSnapshot {
@@ -191,5 +272,126 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flock_scheduler::{hash_join_secret, Command, SnapshotRecord};
+
+    const LEGACY_SECRET: &str = "00112233445566778899aabbccddeeff";
+
+    /// The commands behind [`V1_SNAPSHOT`].
+    fn legacy_commands() -> Vec<Command> {
+        vec![
+            Command::InitCluster {
+                cluster_id: "c-legacy".into(),
+                join_secret: LEGACY_SECRET.into(),
+                node_id: 1,
+                name: "n1".into(),
+                addr: "10.0.0.1:7801".into(),
+            },
+            Command::RegisterNode {
+                secret: LEGACY_SECRET.into(),
+                name: Some("db".into()),
+                addr: "10.0.0.2:7801".into(),
+            },
+            Command::KvPut {
+                key: "k".into(),
+                value: "v".into(),
+            },
+            Command::CreateDataset {
+                name: "pg".into(),
+                primary: 2,
+                size_limit: Some(1 << 30),
+            },
+            Command::RecordSnapshot {
+                dataset: 1,
+                epoch: 1,
+                snapshot: SnapshotRecord {
+                    name: "s1".into(),
+                    guid: 7,
+                    created_unix: 1_700_000_000,
+                    epoch: 1,
+                },
+            },
+            Command::MountVolume {
+                dataset: 1,
+                node: 2,
+                id: "m1".into(),
+            },
+        ]
+    }
+
+    /// The snapshot data the build before format 2 (main at 09a9b89) wrote for the state after
+    /// [`legacy_commands`]: `codec::encode(&cluster)` of its `ClusterState`, made with that
+    /// build's own code, not with the legacy struct here.
+    const V1_SNAPSHOT: &str = "0108632d6c65676163792030303131323233333434353536363737383839396161626263636464656566660103020101026e310d31302e302e302e313a3738303100000002020264620d31302e302e302e323a3738303100000001016b016b017601010101010101027067018080808004020100010273310780e2cfaa06010002000001010102026d31";
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn replayed() -> ClusterState {
+        let mut s = ClusterState::default();
+        for c in legacy_commands() {
+            assert!(
+                !matches!(s.apply(&c), CommandResult::Rejected(_)),
+                "{c:?} rejected"
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn a_v1_snapshot_decodes_with_the_secret_hashed() {
+        let bytes = unhex(V1_SNAPSHOT);
+        // The plaintext is in the old snapshot, and not in what it becomes.
+        let needle = LEGACY_SECRET.as_bytes();
+        assert!(bytes.windows(needle.len()).any(|w| w == needle));
+        let cluster = decode_cluster(&bytes).unwrap();
+        assert_eq!(cluster.join_secret_hash, hash_join_secret(LEGACY_SECRET));
+        assert!(cluster.revoked_admins.is_empty());
+        // Same state as replaying the old log with this build.
+        assert_eq!(cluster, replayed());
+        let again = encode_cluster(&cluster);
+        assert_eq!(again[0], SNAPSHOT_DATA_VERSION);
+        assert!(!again.windows(needle.len()).any(|w| w == needle));
+        assert_eq!(decode_cluster(&again).unwrap(), cluster);
+    }
+
+    #[test]
+    fn an_empty_v1_state_stays_without_a_secret() {
+        let bytes = crate::codec::encode(&ClusterState::default());
+        // An empty state has the same bytes in both layouts but for the empty deny list.
+        assert_eq!(
+            decode_cluster(&bytes[..bytes.len() - 1]).unwrap(),
+            ClusterState::default()
+        );
+    }
+
+    #[test]
+    fn v2_roundtrips_and_unknown_formats_are_refused() {
+        let mut s = replayed();
+        s.apply(&Command::RevokeAdmin {
+            label: "alice".into(),
+        });
+        let bytes = encode_cluster(&s);
+        assert_eq!(decode_cluster(&bytes).unwrap(), s);
+        assert!(matches!(decode_cluster(&[]), Err(CodecError::Empty)));
+        let mut future = bytes.clone();
+        future[0] = 3;
+        assert!(matches!(
+            decode_cluster(&future),
+            Err(CodecError::UnknownSnapshotVersion(3))
+        ));
+        assert!(matches!(
+            decode_cluster(&bytes[..bytes.len() / 2]),
+            Err(CodecError::Postcard(_))
+        ));
     }
 }

@@ -34,6 +34,6 @@ pub use app::{App, Change};
 pub use dataset::{Dataset, DatasetId, DatasetMove, SnapshotRecord};
 pub use limits::{shown, MAX_COMMAND_BYTES};
 pub use state::{
-    ApplyError, ClusterState, Command, CommandResult, KvEntry, Node, NodeId, NodeState,
-    MAX_KEY_LEN, MAX_VALUE_LEN,
+    hash_join_secret, is_secret_hash, ApplyError, ClusterState, Command, CommandResult, KvEntry,
+    Node, NodeId, NodeState, MAX_KEY_LEN, MAX_VALUE_LEN,
 };

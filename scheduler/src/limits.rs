@@ -291,6 +291,21 @@ impl Command {
             Command::RotateJoinSecret { secret } => {
                 len_at_most("join secret", secret, MAX_SECRET_LEN)
             }
+            Command::RegisterNodeHashed {
+                secret_hash,
+                name,
+                addr,
+            } => {
+                len_at_most("join secret hash", secret_hash, MAX_SECRET_LEN)?;
+                if let Some(name) = name {
+                    len_at_most("node name", name, MAX_NAME_LEN)?;
+                }
+                len_at_most("node address", addr, MAX_ADDR_LEN)
+            }
+            Command::SetJoinSecretHash { secret_hash } => {
+                len_at_most("join secret hash", secret_hash, MAX_SECRET_LEN)
+            }
+            Command::RevokeAdmin { label } => len_at_most("admin label", label, MAX_NAME_LEN),
             Command::KvPut { key, value: v } => {
                 key_len(key)?;
                 value(key, v)

@@ -5,9 +5,10 @@
 //! against the state it finds. A command that does not fit (a stale plan, a taken name, a wrong
 //! join secret) is rejected with an [`ApplyError`] and changes nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::app::{App, Change};
 use crate::config::PlannedApp;
@@ -24,8 +25,10 @@ pub use crate::limits::{MAX_KEY_LEN, MAX_NAME_LEN, MAX_VALUE_LEN};
 pub struct ClusterState {
     /// Set once by [`Command::InitCluster`]; empty before.
     pub cluster_id: String,
-    /// The secret part of the join token.
-    pub join_secret: String,
+    /// `sha256:<hex>` of the secret part of the join token (see [`hash_join_secret`]); the
+    /// plaintext lives only in the CA holder's data dir, so a store, a snapshot or a backup
+    /// reveals no usable token.
+    pub join_secret_hash: String,
     /// The node whose data dir holds the cluster CA's key (the one that created the cluster):
     /// joins and admin certificates are signed there.
     pub ca_holder: NodeId,
@@ -46,6 +49,8 @@ pub struct ClusterState {
     pub deploy_generation: u64,
     /// Docker containers' mounts of datasets, by dataset (see [`crate::mount`]).
     pub mounts: BTreeMap<DatasetId, crate::mount::Mounts>,
+    /// Labels of admin certificates that no node accepts any more ([`Command::RevokeAdmin`]).
+    pub revoked_admins: BTreeSet<String>,
 }
 
 /// A machine in the cluster.
@@ -87,6 +92,8 @@ pub struct KvEntry {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// The first command of every cluster: names it and registers its first node.
+    /// `join_secret` is the secret's hash (`sha256:<hex>`, see [`hash_join_secret`]); a
+    /// plaintext secret (as logs written before hashing carry) is hashed when applied.
     InitCluster {
         cluster_id: String,
         join_secret: String,
@@ -95,7 +102,8 @@ pub enum Command {
         addr: String,
     },
     /// Admits a node that presented `secret`; the node gets the next free id and, when
-    /// `name` is `None`, the name `n<id>`.
+    /// `name` is `None`, the name `n<id>`. Kept for logs written before the secret was hashed:
+    /// new code proposes [`Command::RegisterNodeHashed`], which carries no plaintext.
     RegisterNode {
         secret: String,
         name: Option<String>,
@@ -106,6 +114,8 @@ pub enum Command {
         id: NodeId,
     },
     /// Replaces the join secret: tokens with the old one stop working; members are unaffected.
+    /// Kept for logs written before the secret was hashed: new code proposes
+    /// [`Command::SetJoinSecretHash`].
     RotateJoinSecret {
         secret: String,
     },
@@ -212,6 +222,23 @@ pub enum Command {
         dataset: DatasetId,
         node: Option<NodeId>,
     },
+    /// Admits a node whose secret the proposer checked and hashed ([`hash_join_secret`]); apply
+    /// checks the hash again (the secret may have been rotated since). As
+    /// [`Command::RegisterNode`], without the plaintext in the log.
+    RegisterNodeHashed {
+        secret_hash: String,
+        name: Option<String>,
+        addr: String,
+    },
+    /// Replaces the join secret by the one with this hash (`sha256:<hex>`): tokens with the
+    /// old secret stop working; members are unaffected.
+    SetJoinSecretHash {
+        secret_hash: String,
+    },
+    /// Revokes every admin certificate with this label, on every node. Revoking twice is fine.
+    RevokeAdmin {
+        label: String,
+    },
 }
 
 /// What applying a [`Command`] did.
@@ -287,6 +314,10 @@ pub enum CommandResult {
     },
     MountsForgotten {
         dropped: usize,
+    },
+    AdminRevoked {
+        /// Whether the label was revoked before.
+        already: bool,
     },
 }
 
@@ -402,6 +433,8 @@ pub enum ApplyError {
         len: usize,
         max: usize,
     },
+    #[error("invalid join secret hash: expected sha256: and 64 lowercase hex digits")]
+    InvalidSecretHash,
 }
 
 impl ClusterState {
@@ -412,7 +445,7 @@ impl ClusterState {
     pub fn same_but_kv(&self, other: &ClusterState) -> bool {
         let ClusterState {
             cluster_id,
-            join_secret,
+            join_secret_hash,
             ca_holder,
             next_node_id,
             nodes,
@@ -423,9 +456,10 @@ impl ClusterState {
             apps,
             deploy_generation,
             mounts,
+            revoked_admins,
         } = self;
         *cluster_id == other.cluster_id
-            && *join_secret == other.join_secret
+            && *join_secret_hash == other.join_secret_hash
             && *ca_holder == other.ca_holder
             && *next_node_id == other.next_node_id
             && *nodes == other.nodes
@@ -434,6 +468,7 @@ impl ClusterState {
             && *apps == other.apps
             && *deploy_generation == other.deploy_generation
             && *mounts == other.mounts
+            && *revoked_admins == other.revoked_admins
     }
 
     /// Applies one command. Deterministic: the same state and command give the same result on
@@ -475,32 +510,24 @@ impl ClusterState {
                 validate_name(name)?;
                 validate_addr(addr)?;
                 self.cluster_id = cluster_id.clone();
-                self.join_secret = join_secret.clone();
+                self.join_secret_hash = if is_secret_hash(join_secret) {
+                    join_secret.clone()
+                } else {
+                    hash_join_secret(join_secret)
+                };
                 self.ca_holder = *node_id;
                 self.insert_node(*node_id, name.clone(), addr.clone());
                 self.next_node_id = node_id + 1;
                 Ok(CommandResult::ClusterInitialized)
             }
             Command::RegisterNode { secret, name, addr } => {
-                if *secret != self.join_secret {
-                    return Err(ApplyError::WrongJoinSecret);
-                }
-                validate_addr(addr)?;
-                let id = self.next_node_id;
-                let name = match name {
-                    Some(n) => {
-                        validate_name(n)?;
-                        if self.node_by_name(n).is_some() {
-                            return Err(ApplyError::NameTaken { name: n.clone() });
-                        }
-                        n.clone()
-                    }
-                    None => self.free_default_name(id),
-                };
-                self.insert_node(id, name.clone(), addr.clone());
-                self.next_node_id = id + 1;
-                Ok(CommandResult::NodeRegistered { id, name })
+                self.register_node(&hash_join_secret(secret), name, addr)
             }
+            Command::RegisterNodeHashed {
+                secret_hash,
+                name,
+                addr,
+            } => self.register_node(secret_hash, name, addr),
             Command::RemoveNode { id } => {
                 let Some(node) = self.nodes.get(id) else {
                     return Err(ApplyError::UnknownNode { id: *id });
@@ -517,8 +544,20 @@ impl ClusterState {
                 Ok(CommandResult::NodeRemoved { id: *id })
             }
             Command::RotateJoinSecret { secret } => {
-                self.join_secret = secret.clone();
+                self.join_secret_hash = hash_join_secret(secret);
                 Ok(CommandResult::JoinSecretRotated)
+            }
+            Command::SetJoinSecretHash { secret_hash } => {
+                if !is_secret_hash(secret_hash) {
+                    return Err(ApplyError::InvalidSecretHash);
+                }
+                self.join_secret_hash = secret_hash.clone();
+                Ok(CommandResult::JoinSecretRotated)
+            }
+            Command::RevokeAdmin { label } => {
+                validate_name(label)?;
+                let already = !self.revoked_admins.insert(label.clone());
+                Ok(CommandResult::AdminRevoked { already })
             }
             Command::KvPut { key, value } => {
                 validate_kv(key, value)?;
@@ -657,6 +696,45 @@ impl ClusterState {
         }
     }
 
+    /// Registers a node that presented the secret with hash `secret_hash`.
+    fn register_node(
+        &mut self,
+        secret_hash: &str,
+        name: &Option<String>,
+        addr: &str,
+    ) -> Result<CommandResult, ApplyError> {
+        if !self.join_secret_matches(secret_hash) {
+            return Err(ApplyError::WrongJoinSecret);
+        }
+        validate_addr(addr)?;
+        let id = self.next_node_id;
+        let name = match name {
+            Some(n) => {
+                validate_name(n)?;
+                if self.node_by_name(n).is_some() {
+                    return Err(ApplyError::NameTaken { name: n.clone() });
+                }
+                n.clone()
+            }
+            None => self.free_default_name(id),
+        };
+        self.insert_node(id, name.clone(), addr.to_string());
+        self.next_node_id = id + 1;
+        Ok(CommandResult::NodeRegistered { id, name })
+    }
+
+    /// Whether `secret_hash` (as [`hash_join_secret`] gives) is the hash of the current join
+    /// secret, compared in constant time. Never true before the cluster has a secret.
+    pub fn join_secret_matches(&self, secret_hash: &str) -> bool {
+        !self.join_secret_hash.is_empty()
+            && constant_time_eq(secret_hash.as_bytes(), self.join_secret_hash.as_bytes())
+    }
+
+    /// Whether admin certificates with this label are revoked.
+    pub fn admin_revoked(&self, label: &str) -> bool {
+        self.revoked_admins.contains(label)
+    }
+
     /// The node with this name, if any.
     pub fn node_by_name(&self, name: &str) -> Option<&Node> {
         self.nodes.values().find(|n| n.name == name)
@@ -715,6 +793,37 @@ impl ClusterState {
             });
         entry.clone()
     }
+}
+
+/// What [`hash_join_secret`] puts before the hex digest.
+pub const SECRET_HASH_PREFIX: &str = "sha256:";
+
+/// The form the replicated state keeps the join secret in: `sha256:<hex>` of SHA-256 over a
+/// domain-separation tag and the secret. The secret is 128 random bits (`flockd` makes it), so a
+/// fast hash is enough: there is nothing to guess a dictionary of, and no salt or slow KDF
+/// would add anything against 2^128 tries.
+pub fn hash_join_secret(secret: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"flock join secret v1\0");
+    h.update(secret.as_bytes());
+    format!("{SECRET_HASH_PREFIX}{}", hex::encode(h.finalize()))
+}
+
+/// Whether `s` has the form [`hash_join_secret`] gives. (A plaintext secret is hex only, so it
+/// never has this form.)
+pub fn is_secret_hash(s: &str) -> bool {
+    s.strip_prefix(SECRET_HASH_PREFIX).is_some_and(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// Byte equality whose time depends only on the lengths, not on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 /// A node name: 1 to 63 of `a-z 0-9 - _ .`, starting with a letter or digit.
@@ -912,6 +1021,137 @@ mod tests {
             register(&mut s, None, "new"),
             CommandResult::NodeRegistered { .. }
         ));
+    }
+
+    #[test]
+    fn the_state_holds_only_the_secret_hash() {
+        let s = initialized();
+        assert_eq!(s.join_secret_hash, hash_join_secret("s3cret"));
+        assert!(is_secret_hash(&s.join_secret_hash));
+        assert!(!format!("{s:?}").contains("s3cret"));
+        // Domain-separated: not the plain SHA-256 of the secret.
+        let plain = hex::encode(Sha256::digest(b"s3cret"));
+        assert!(!s.join_secret_hash.contains(&plain));
+    }
+
+    #[test]
+    fn init_with_a_hash_stores_it_as_is() {
+        let mut s = ClusterState::default();
+        let h = hash_join_secret("abcd");
+        s.apply(&Command::InitCluster {
+            cluster_id: "c1".into(),
+            join_secret: h.clone(),
+            node_id: 1,
+            name: "n1".into(),
+            addr: "127.0.0.1:7801".into(),
+        });
+        assert_eq!(s.join_secret_hash, h);
+        // The old plaintext command and the hashed one admit the same secret.
+        assert!(matches!(
+            register(&mut s, None, "abcd"),
+            CommandResult::NodeRegistered { id: 2, .. }
+        ));
+        assert!(matches!(
+            s.apply(&Command::RegisterNodeHashed {
+                secret_hash: h.clone(),
+                name: None,
+                addr: "h:2".into()
+            }),
+            CommandResult::NodeRegistered { id: 3, .. }
+        ));
+        // The hash itself is not a secret that RegisterNode accepts.
+        assert_eq!(
+            register(&mut s, None, &h),
+            CommandResult::Rejected(ApplyError::WrongJoinSecret)
+        );
+    }
+
+    #[test]
+    fn hashed_register_with_wrong_hash_changes_nothing() {
+        let mut s = initialized();
+        let before = s.clone();
+        for bad in [
+            hash_join_secret("wrong"),
+            String::new(),
+            "sha256:".into(),
+            hash_join_secret("s3cret")[..20].to_string(),
+        ] {
+            assert_eq!(
+                s.apply(&Command::RegisterNodeHashed {
+                    secret_hash: bad,
+                    name: None,
+                    addr: "h:2".into()
+                }),
+                CommandResult::Rejected(ApplyError::WrongJoinSecret)
+            );
+        }
+        assert_eq!(s, before);
+        // Before init there is no secret: nothing matches, not even the empty hash.
+        assert!(!ClusterState::default().join_secret_matches(""));
+    }
+
+    #[test]
+    fn set_secret_hash_rotates_and_refuses_malformed_hashes() {
+        let mut s = initialized();
+        let before = s.clone();
+        for bad in ["s3cret", "sha256:xyz", &"A".repeat(71)] {
+            assert_eq!(
+                s.apply(&Command::SetJoinSecretHash {
+                    secret_hash: bad.to_string()
+                }),
+                CommandResult::Rejected(ApplyError::InvalidSecretHash)
+            );
+        }
+        assert_eq!(s, before);
+        assert_eq!(
+            s.apply(&Command::SetJoinSecretHash {
+                secret_hash: hash_join_secret("new")
+            }),
+            CommandResult::JoinSecretRotated
+        );
+        assert_eq!(
+            register(&mut s, None, "s3cret"),
+            CommandResult::Rejected(ApplyError::WrongJoinSecret)
+        );
+        assert!(matches!(
+            register(&mut s, None, "new"),
+            CommandResult::NodeRegistered { .. }
+        ));
+    }
+
+    #[test]
+    fn revoke_admin_is_idempotent_and_validates_the_label() {
+        let mut s = initialized();
+        assert!(!s.admin_revoked("alice"));
+        assert_eq!(
+            s.apply(&Command::RevokeAdmin {
+                label: "alice".into()
+            }),
+            CommandResult::AdminRevoked { already: false }
+        );
+        assert_eq!(
+            s.apply(&Command::RevokeAdmin {
+                label: "alice".into()
+            }),
+            CommandResult::AdminRevoked { already: true }
+        );
+        assert!(s.admin_revoked("alice") && !s.admin_revoked("bob"));
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(&Command::RevokeAdmin {
+                label: "Not A Label".into()
+            }),
+            CommandResult::Rejected(ApplyError::InvalidName { .. })
+        ));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"", b""));
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
     }
 
     #[test]

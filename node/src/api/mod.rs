@@ -7,7 +7,9 @@
 
 mod apps;
 mod datasets;
+mod join;
 pub use datasets::resolve_node;
+pub use join::RETRY_AFTER_MS;
 
 use std::ops::Bound;
 use std::sync::Arc;
@@ -23,7 +25,12 @@ use flock_scheduler::{limits, Command, CommandResult};
 use crate::cluster::{Cluster, ClusterError};
 use crate::datasets::Datasets;
 use crate::pki::{Authorizer, CertAuthority, Role};
-use crate::token::{random_hex, JoinToken};
+use crate::token::{new_secret, JoinSecretFile, JoinToken, SecretError};
+
+/// The largest API request decoded, in bytes: room for the largest command
+/// (`flock_scheduler::limits::MAX_COMMAND_BYTES`, 4 MiB) in a `Propose` or a deploy, with
+/// framing to spare.
+pub const MAX_API_MESSAGE: usize = 8 << 20;
 
 /// What runs on this node that the API reports on: datasets, the app driver, the app agent.
 pub struct LocalParts {
@@ -42,6 +49,12 @@ pub struct ApiService {
     ca_fingerprint: String,
     /// The CA's signing key, on the node that created the cluster only.
     ca: Option<Arc<CertAuthority>>,
+    /// The join secret in plain text, on the CA holder only.
+    secret: Option<JoinSecretFile>,
+    /// One rotation of the join secret at a time (file, then proposal).
+    rotating: tokio::sync::Mutex<()>,
+    /// Joins per source address.
+    join_limiter: join::JoinLimiter,
     /// This node's datasets.
     datasets: Arc<Datasets>,
     /// This node's app driver and the app agent's view.
@@ -57,7 +70,7 @@ impl ApiService {
         auth: Authorizer,
         ca_pem: String,
         ca_fingerprint: String,
-        ca: Option<Arc<CertAuthority>>,
+        ca: Option<(Arc<CertAuthority>, JoinSecretFile)>,
         local: LocalParts,
     ) -> ApiServer<ApiService> {
         let LocalParts {
@@ -66,17 +79,22 @@ impl ApiService {
             apps,
             mesh,
         } = local;
-        ApiServer::new(ApiService {
+        let (ca, secret) = ca.unzip();
+        let service = ApiService {
             cluster,
             auth,
             ca_pem,
             ca_fingerprint,
             ca,
+            secret,
+            rotating: tokio::sync::Mutex::new(()),
+            join_limiter: join::JoinLimiter::default(),
             datasets,
             drivers,
             apps,
             mesh,
-        })
+        };
+        ApiServer::new(service).max_decoding_message_size(MAX_API_MESSAGE)
     }
 
     /// Every call but Join needs a certificate of this cluster.
@@ -170,44 +188,7 @@ impl Api for ApiService {
 
     async fn join(&self, req: Request<JoinRequest>) -> Reply<JoinReply> {
         // No certificate yet: the token's secret is what admits the caller.
-        let req = req.into_inner();
-        let token =
-            JoinToken::parse(&req.token).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if token.ca_fingerprint != self.ca_fingerprint {
-            return Err(Status::permission_denied(format!(
-                "the token names CA {}, but this cluster's CA is {}",
-                token.ca_fingerprint, self.ca_fingerprint
-            )));
-        }
-        let Some(ca) = &self.ca else {
-            return self.ca_holder()?.join(req).await.map_err(unreachable_ca);
-        };
-        // Check the request before registering anything.
-        rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem).map_err(|e| {
-            Status::invalid_argument(format!("bad certificate signing request: {e}"))
-        })?;
-        let cmd = Command::RegisterNode {
-            secret: token.secret,
-            name: (!req.name.is_empty()).then_some(req.name),
-            addr: req.addr,
-        };
-        match self.cluster.propose(cmd).await? {
-            CommandResult::NodeRegistered { id, name } => {
-                let cert_pem = ca
-                    .sign_csr(&req.csr_pem, &Role::Node(id))
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                tracing::info!(id, %name, "node registered");
-                Ok(Response::new(JoinReply {
-                    cluster_id: self.cluster.cluster_id.clone(),
-                    node_id: id,
-                    name,
-                    cert_pem,
-                    ca_pem: self.ca_pem.clone(),
-                }))
-            }
-            CommandResult::Rejected(e) => Err(ClusterError::from(e).into()),
-            other => Err(unexpected(other)),
-        }
+        self.do_join(req).await
     }
 
     async fn issue_admin_cert(
@@ -277,34 +258,44 @@ impl Api for ApiService {
 
     async fn cluster_token(&self, req: Request<ClusterTokenRequest>) -> Reply<ClusterTokenReply> {
         self.authorize(&req)?;
+        // The plaintext secret is on the CA holder only.
+        let Some(file) = &self.secret else {
+            return self
+                .ca_holder()?
+                .cluster_token(req.into_inner())
+                .await
+                .map_err(unreachable_ca);
+        };
         if req.into_inner().rotate {
-            let secret = random_hex(16);
-            match self
-                .cluster
-                .propose(Command::RotateJoinSecret {
-                    secret: secret.clone(),
-                })
-                .await?
-            {
+            let _one = self.rotating.lock().await;
+            let secret = new_secret();
+            // The file first: a secret in effect is always one this node can print (a rotation
+            // that fails after this leaves the file ahead of the state, which `current` reports).
+            file.write(&secret)
+                .map_err(|e| Status::internal(format!("rotating the join secret: {e}")))?;
+            let cmd = Command::SetJoinSecretHash {
+                secret_hash: flock_scheduler::hash_join_secret(&secret),
+            };
+            return match self.cluster.propose(cmd).await? {
                 CommandResult::JoinSecretRotated => {
                     tracing::info!("join secret rotated");
-                    return Ok(Response::new(ClusterTokenReply {
+                    Ok(Response::new(ClusterTokenReply {
                         token: self.token(&secret),
-                    }));
+                    }))
                 }
-                CommandResult::Rejected(e) => return Err(ClusterError::from(e).into()),
-                other => return Err(unexpected(other)),
-            }
+                CommandResult::Rejected(e) => Err(ClusterError::from(e).into()),
+                other => Err(unexpected(other)),
+            };
         }
-        let secret = self
+        let hash = self
             .cluster
-            .read(false, |a| a.cluster.join_secret.clone())
+            .read(false, |a| a.cluster.join_secret_hash.clone())
             .await?;
-        if secret.is_empty() {
-            return Err(Status::unavailable(
-                "the cluster is still initializing (its first entry is not applied yet); try again",
-            ));
-        }
+        let secret = file.current(&hash).map_err(|e| match e {
+            SecretError::NotInitialized => Status::unavailable(e.to_string()),
+            SecretError::Io(_) => Status::internal(e.to_string()),
+            _ => Status::failed_precondition(e.to_string()),
+        })?;
         Ok(Response::new(ClusterTokenReply {
             token: self.token(&secret),
         }))
