@@ -31,6 +31,7 @@
 //! own file), sockets, fifos and device nodes (skipped with a warning). A snapshot of a tree
 //! that is being written is not atomic (zfs's are); stop or quiesce the app for a consistent one.
 
+mod dirfd;
 mod stream;
 mod tree;
 
