@@ -392,7 +392,7 @@ fn copy_stable(src: &mut Tree, e: &Entry, dst: &mut Tree) -> Result<(), DatasetE
         Copied::Done => Ok(()),
         Copied::Vanished => Err(DatasetError::io(
             "copy",
-            &src.show(&e.rel),
+            src.show(&e.rel),
             io::Error::other("changed while it was being copied (snapshot trees never change)"),
         )),
     }
