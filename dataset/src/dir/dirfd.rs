@@ -94,7 +94,7 @@ impl Dir {
         })
     }
 
-    /// The subdirectory `name`, not followed if it is a symlink (`ELOOP`).
+    /// The subdirectory `name`, not followed if it is a symlink (`ENOTDIR` or `ELOOP`).
     pub(crate) fn open_dir(&self, name: &OsStr) -> io::Result<Dir> {
         let c = name_c(name)?;
         // SAFETY: valid descriptor and NUL-terminated name.
@@ -436,4 +436,78 @@ pub(crate) fn set_fd_meta(
     // SAFETY: as above; `times` points at two timespecs.
     check(unsafe { libc::futimens(raw, times.as_ptr()) })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `a/b` is a real directory, `a/link` a symlink to a directory outside holding `secret`.
+    fn tree() -> (tempfile::TempDir, Dir) {
+        let tmp = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir_all(tmp.path().join("root/a/b")).expect("mkdir");
+        std::fs::create_dir_all(tmp.path().join("outside")).expect("mkdir");
+        std::fs::write(tmp.path().join("outside/secret"), b"s").expect("write");
+        std::os::unix::fs::symlink(tmp.path().join("outside"), tmp.path().join("root/a/link"))
+            .expect("symlink");
+        std::os::unix::fs::symlink(
+            tmp.path().join("outside/secret"),
+            tmp.path().join("root/a/file-link"),
+        )
+        .expect("symlink");
+        let root = Dir::open(&tmp.path().join("root")).expect("open");
+        (tmp, root)
+    }
+
+    fn lookups(root: &Dir) {
+        assert!(root.open_rel(Path::new("a/b")).is_ok());
+        for through in ["a/link", "a/link/x", "a/../a/b", "/a"] {
+            let err = root.open_rel(Path::new(through)).expect_err(through);
+            assert!(
+                vanished(&err) || err.kind() == io::ErrorKind::InvalidInput,
+                "{through}: {err}"
+            );
+        }
+        let a = root.open_rel(Path::new("a")).expect("a");
+        let err = a.open_dir(OsStr::new("link")).expect_err("a symlink");
+        assert!(
+            matches!(err.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)),
+            "{err}"
+        );
+        let err = a.open_file(OsStr::new("file-link")).expect_err("a symlink");
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP));
+        assert_eq!(
+            a.read_link(OsStr::new("link"))
+                .expect("readlink")
+                .as_bytes(),
+            root.open_rel(Path::new("a"))
+                .and_then(|d| d.read_link(OsStr::new("link")))
+                .expect("readlink")
+                .as_bytes()
+        );
+        assert_eq!(a.names().expect("names"), ["b", "file-link", "link"]);
+    }
+
+    #[test]
+    fn no_lookup_follows_a_symlink_with_openat2_or_without() {
+        let (_tmp, root) = tree();
+        lookups(&root);
+        // The per-component fallback (kernels before 5.6, or a seccomp filter).
+        OPENAT2.store(false, Ordering::Relaxed);
+        lookups(&root);
+        OPENAT2.store(true, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn remove_all_removes_a_symlink_not_what_it_points_to() {
+        let (tmp, root) = tree();
+        let a = root.open_rel(Path::new("a")).expect("a");
+        a.remove_all(OsStr::new("link")).expect("remove");
+        a.remove_all(OsStr::new("missing"))
+            .expect("a missing name is fine");
+        assert!(tmp.path().join("outside/secret").exists());
+        root.remove_all(OsStr::new("a")).expect("remove");
+        assert!(tmp.path().join("outside/secret").exists());
+        assert!(!tmp.path().join("root/a").exists());
+    }
 }
