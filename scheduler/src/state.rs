@@ -5,7 +5,7 @@
 //! against the state it finds. A command that does not fit (a stale plan, a taken name, a wrong
 //! join secret) is rejected with an [`ApplyError`] and changes nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +50,8 @@ pub struct ClusterState {
     pub deploy_generation: u64,
     /// Docker containers' mounts of datasets, by dataset (see [`crate::mount`]).
     pub mounts: BTreeMap<DatasetId, crate::mount::Mounts>,
+    /// Labels of admin certificates that no node accepts any more ([`Command::RevokeAdmin`]).
+    pub revoked_admins: BTreeSet<String>,
 }
 
 /// A machine in the cluster.
@@ -216,6 +218,10 @@ pub enum Command {
         dataset: DatasetId,
         node: Option<NodeId>,
     },
+    /// Revokes every admin certificate with this label, on every node. Revoking twice is fine.
+    RevokeAdmin {
+        label: String,
+    },
 }
 
 /// What applying a [`Command`] did.
@@ -291,6 +297,10 @@ pub enum CommandResult {
     },
     MountsForgotten {
         dropped: usize,
+    },
+    AdminRevoked {
+        /// Whether the label was revoked before.
+        already: bool,
     },
 }
 
@@ -418,6 +428,7 @@ impl ClusterState {
             apps,
             deploy_generation,
             mounts,
+            revoked_admins,
         } = self;
         *cluster_id == other.cluster_id
             && *join_secret == other.join_secret
@@ -429,6 +440,7 @@ impl ClusterState {
             && *apps == other.apps
             && *deploy_generation == other.deploy_generation
             && *mounts == other.mounts
+            && *revoked_admins == other.revoked_admins
     }
 
     /// Applies one command. Deterministic: the same state and command give the same result on
@@ -510,6 +522,11 @@ impl ClusterState {
                 self.forget_dataset_holder(*id);
                 self.prune_mounts(Some(*id));
                 Ok(CommandResult::NodeRemoved { id: *id })
+            }
+            Command::RevokeAdmin { label } => {
+                validate_name(label)?;
+                let already = !self.revoked_admins.insert(label.clone());
+                Ok(CommandResult::AdminRevoked { already })
             }
             Command::RotateJoinSecret { secret } => {
                 self.join_secret = secret.clone();
@@ -650,6 +667,11 @@ impl ClusterState {
             }),
             None => Ok(()),
         }
+    }
+
+    /// Whether admin certificates with this label are revoked.
+    pub fn admin_revoked(&self, label: &str) -> bool {
+        self.revoked_admins.contains(label)
     }
 
     /// The node with this name, if any.
