@@ -156,7 +156,22 @@ pub enum KvCmd {
 
 /// A gRPC error as a one-line message; the node's own message already says what to do.
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
+    // A refused handshake surfaces on the first call as a bare "transport error": the reason
+    // is in the sources.
+    let mut msg = s.message().to_string();
+    let mut cur = std::error::Error::source(&s);
+    while let Some(e) = cur {
+        let t = e.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        cur = e.source();
+    }
+    if msg.contains("CertificateExpired") {
+        msg.push_str(" (the certificate in this client config has expired: ask an administrator for a new one, flockctl cluster admin-config --out FILE)");
+    }
+    anyhow::anyhow!("{msg}")
 }
 
 fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {

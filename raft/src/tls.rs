@@ -178,7 +178,11 @@ impl TlsIdentity {
     }
 
     /// A client configuration that presents this identity and accepts only `peer`.
-    pub fn client_config(&self, peer: Peer, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+    pub fn client_config(
+        &self,
+        peer: Peer,
+        alpn: &[&[u8]],
+    ) -> Result<rustls::ClientConfig, TlsError> {
         let webpki =
             WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
                 .build()
@@ -195,7 +199,7 @@ impl TlsIdentity {
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
-        config.alpn_protocols = vec![alpn.to_vec()];
+        config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Ok(config)
     }
 
@@ -206,7 +210,7 @@ impl TlsIdentity {
     pub fn server_config(
         &self,
         require_client_cert: bool,
-        alpn: &[u8],
+        alpn: &[&[u8]],
     ) -> Result<rustls::ServerConfig, TlsError> {
         let builder =
             WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone());
@@ -221,7 +225,7 @@ impl TlsIdentity {
             .map_err(|e| bad("TLS", e))?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
-        config.alpn_protocols = vec![alpn.to_vec()];
+        config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Ok(config)
     }
 }
@@ -244,14 +248,6 @@ impl rustls::server::ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.0.certified()
     }
-}
-
-/// The peer presented a certificate of the cluster, but not the one the client meant to reach.
-#[derive(Debug, thiserror::Error)]
-#[error("the server's certificate names {found:?}, not {expected} (the node this connection meant to reach)")]
-struct WrongPeer {
-    found: String,
-    expected: Peer,
 }
 
 /// Verifies a server as the CA's webpki verifier does (chain, validity, server-auth usage, the
@@ -288,12 +284,20 @@ impl ServerCertVerifier for PeerVerifier {
             (_, None) => false,
         };
         if !ok {
+            // Reads: certificate not valid for name "node-3"; certificate is only valid for
+            // common name "node-2".
             let found: String = cn.chars().take(80).collect();
+            let expected = match self.peer {
+                Peer::Node(id) => format!("node-{id}"),
+                Peer::AnyNode => "node-N".to_string(),
+            };
+            let expected = ServerName::try_from(expected)
+                .map_err(|_| rustls::Error::General("bad expected name".into()))?;
             return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(WrongPeer {
-                    found,
-                    expected: self.peer,
-                }))),
+                rustls::CertificateError::NotValidForNameContext {
+                    expected,
+                    presented: vec![format!("common name {found:?}")],
+                },
             ));
         }
         Ok(ServerCertVerified::assertion())
@@ -334,8 +338,48 @@ pub fn peer_channel(
     peer: Peer,
     connect_timeout: Duration,
 ) -> Result<Channel, TlsError> {
+    let (endpoint, connector) = peer_endpoint(addr, identity, peer, connect_timeout)?;
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+/// As [`peer_channel`], connected before it returns: an error names the address and why.
+pub async fn connect_peer(
+    addr: &str,
+    identity: &TlsIdentity,
+    peer: Peer,
+    connect_timeout: Duration,
+) -> Result<Channel, TlsError> {
+    let (endpoint, connector) = peer_endpoint(addr, identity, peer, connect_timeout)?;
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| bad(&format!("cannot reach flockd at {addr}"), error_chain(&e)))
+}
+
+/// An error and its sources, joined (tonic's transport error says little alone).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn peer_endpoint(
+    addr: &str,
+    identity: &TlsIdentity,
+    peer: Peer,
+    connect_timeout: Duration,
+) -> Result<(Endpoint, PeerConnector), TlsError> {
+    let shown: String = addr.chars().take(100).collect();
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| bad(&format!("address {addr:?}"), format!("expected HOST:PORT: {e}")))?
+        .map_err(|e| bad(&format!("address {shown:?}"), format!("expected HOST:PORT: {e}")))?
         .connect_timeout(connect_timeout)
         // Detect a peer that vanished without closing its connections (a paused or partitioned
         // node) within about two seconds, instead of letting requests hang on the dead connection.
@@ -345,9 +389,9 @@ pub fn peer_channel(
     let connector = PeerConnector {
         addr: addr.to_string(),
         peer,
-        tls: tokio_rustls::TlsConnector::from(Arc::new(identity.client_config(peer, ALPN_H2)?)),
+        tls: tokio_rustls::TlsConnector::from(Arc::new(identity.client_config(peer, &[ALPN_H2])?)),
     };
-    Ok(endpoint.connect_with_connector_lazy(connector))
+    Ok((endpoint, connector))
 }
 
 /// Dials one peer for tonic: TCP (no Nagle), then TLS that accepts only [`PeerConnector::peer`].
@@ -362,14 +406,14 @@ type Connecting = Pin<
     Box<
         dyn Future<
                 Output = std::io::Result<
-                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<NoSigPipe>>,
                 >,
             > + Send,
     >,
 >;
 
 impl tonic::codegen::Service<tonic::codegen::http::Uri> for PeerConnector {
-    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<NoSigPipe>>;
     type Error = std::io::Error;
     type Future = Connecting;
 
@@ -406,7 +450,7 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for PeerConnector {
             let _ = tcp.set_nodelay(true);
             let name = ServerName::try_from(SERVER_NAME)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-            let tls = this.tls.connect(name, tcp).await.map_err(|e| {
+            let tls = this.tls.connect(name, NoSigPipe(tcp)).await.map_err(|e| {
                 std::io::Error::new(
                     e.kind(),
                     format!(
@@ -418,6 +462,41 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for PeerConnector {
             Ok(hyper_util::rt::TokioIo::new(tls))
         })
     }
+}
+
+/// A TCP stream written with `send` only, never `writev`: std sends with MSG_NOSIGNAL, but
+/// `writev` has no such flag, and a vectored write to a connection the server already closed
+/// (it refused this side's certificate) would raise SIGPIPE, which kills a process that
+/// restored its default action (flockctl does, to die quietly on a closed stdout).
+pub struct NoSigPipe(TcpStream);
+
+impl tokio::io::AsyncRead for NoSigPipe {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for NoSigPipe {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+    // poll_write_vectored: the default, one `poll_write` of the first non-empty buffer.
 }
 
 /// TLS connections accepted on `listener` with the server configuration `config`, handshakes
