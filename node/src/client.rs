@@ -5,11 +5,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use flock_proto::v1::api_client::ApiClient;
 
-use crate::pki::{client_tls, read_private, write_private};
+use crate::pki::{client_tls, read_private, write_private, Peer, PkiError, TlsIdentity};
 
 /// What flockctl needs to reach a cluster: where, whom to trust, and who it is.
 /// Written by `flockd init` (DATA_DIR/admin.conf) and `flockctl cluster admin-config`.
@@ -39,27 +39,33 @@ impl ClientConfig {
         Ok(())
     }
 
+    /// tonic's TLS for this config (jepsen's client); it checks the CA and the server-auth
+    /// usage, not that the server is a node: flockctl uses [`identity`](Self::identity).
     pub fn tls(&self) -> ClientTlsConfig {
         client_tls(&self.ca_pem, Some((&self.cert_pem, &self.key_pem)))
     }
+
+    /// The identity flockctl connects with: its admin certificate, and any node of the CA
+    /// accepted as the server (never an admin certificate).
+    pub fn identity(&self) -> anyhow::Result<TlsIdentity> {
+        Ok(
+            TlsIdentity::from_pem(&self.ca_pem, Some((&self.cert_pem, &self.key_pem)))
+                .map_err(|e| PkiError::Bad {
+                    what: "client config".into(),
+                    reason: e.to_string(),
+                })?,
+        )
+    }
 }
 
-/// Connects to the API at `addr` (HOST:PORT) over TLS, failing with a message naming the address.
+/// Connects to the API at `addr` (HOST:PORT) over TLS, presenting `tls`, and accepting any node
+/// of its CA as the server; fails with a message naming the address.
 pub async fn connect(
     addr: &str,
-    tls: &ClientTlsConfig,
+    tls: &TlsIdentity,
     timeout: Duration,
 ) -> anyhow::Result<ApiClient<Channel>> {
-    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
-        .map_err(|e| anyhow::anyhow!("bad address {addr:?} (expected HOST:PORT): {e}"))?
-        .tls_config(tls.clone())
-        .map_err(|e| anyhow::anyhow!("TLS setup for {addr}: {}", error_chain(&e)))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach flockd at {addr}: {}", error_chain(&e)))?;
+    let channel = flock_raft::tls::connect_peer(addr, tls, Peer::AnyNode, timeout).await?;
     Ok(ApiClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 

@@ -13,12 +13,13 @@ use std::time::{Duration, Instant};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tonic::transport::{Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 
 use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::{Member, PingRequest, ProposeRequest, ReadIndexRequest, StatusReply};
 use flock_raft::codec::{decode, encode};
 use flock_raft::network::lazy_channel;
+use flock_raft::tls::{Peer, TlsIdentity};
 use flock_raft::state_machine::{Applied, StateView};
 use flock_raft::types::RaftMetrics;
 use flock_raft::{MemberNode, NodeId, Raft};
@@ -149,10 +150,10 @@ pub struct Cluster {
     /// How long a request may wait for a leader and for its command to apply.
     pub request_timeout: Duration,
     /// This node's client identity for calls to peers.
-    tls: ClientTlsConfig,
+    tls: TlsIdentity,
     /// Proposals on their way into Raft, batched (see [`run_batcher`]).
     proposals: mpsc::UnboundedSender<Proposal>,
-    peers: Mutex<HashMap<String, ApiClient<Channel>>>,
+    peers: Mutex<HashMap<(NodeId, String), ApiClient<Channel>>>,
 }
 
 /// Outcome of forwarding to the leader.
@@ -170,7 +171,7 @@ impl Cluster {
         node_name: String,
         cluster_id: String,
         request_timeout: Duration,
-        tls: ClientTlsConfig,
+        tls: TlsIdentity,
     ) -> Self {
         let (proposals, rx) = mpsc::unbounded_channel();
         tokio::spawn(run_batcher(raft.clone(), request_timeout, rx));
@@ -187,17 +188,28 @@ impl Cluster {
         }
     }
 
-    /// A client for the API of the node at `addr`, sharing one connection per peer.
-    pub fn peer(&self, addr: &str) -> Result<ApiClient<Channel>, ClusterError> {
+    /// A client for the API of node `id` at `addr`, sharing one connection per peer; the
+    /// connection is refused unless the peer's certificate is node `id`'s.
+    pub fn peer(&self, id: NodeId, addr: &str) -> Result<ApiClient<Channel>, ClusterError> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = peers.get(addr) {
+        let key = (id, addr.to_string());
+        if let Some(c) = peers.get(&key) {
             return Ok(c.clone());
         }
-        let ch = lazy_channel(addr, &self.tls)
-            .map_err(|e| ClusterError::Invalid(format!("bad peer address {addr:?}: {e}")))?;
+        let ch = lazy_channel(addr, &self.tls, Peer::Node(id))
+            .map_err(|e| ClusterError::Invalid(format!("bad address of node {id}: {e}")))?;
         let c = ApiClient::new(ch);
-        peers.insert(addr.to_string(), c.clone());
+        peers.insert(key, c.clone());
         Ok(c)
+    }
+
+    /// Drops the cached peer connections (after this node's certificate was renewed), so new
+    /// calls connect with the new certificate.
+    pub fn reset_peers(&self) {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     pub fn metrics(&self) -> RaftMetrics {
@@ -314,7 +326,7 @@ impl Cluster {
         cmd: &Command,
         deadline: Instant,
     ) -> Result<Forwarded<CommandResult>, ClusterError> {
-        let mut client = self.peer(addr)?;
+        let mut client = self.peer(leader, addr)?;
         let mut req = tonic::Request::new(ProposeRequest {
             command: encode(cmd),
         });
@@ -367,8 +379,10 @@ impl Cluster {
                 Ok(Err(RaftError::Fatal(f))) => return Err(ClusterError::Fatal(f.to_string())),
                 Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {}
                 Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                    if let Some(node) = f.leader_node {
-                        if let Some(index) = self.remote_read_index(&node.addr, deadline).await {
+                    if let (Some(leader), Some(node)) = (f.leader_id, f.leader_node) {
+                        if let Some(index) =
+                            self.remote_read_index(leader, &node.addr, deadline).await
+                        {
                             let wait = self
                                 .raft
                                 .wait(Some(deadline.saturating_duration_since(Instant::now())))
@@ -406,8 +420,8 @@ impl Cluster {
         }
     }
 
-    async fn remote_read_index(&self, addr: &str, deadline: Instant) -> Option<u64> {
-        let mut client = self.peer(addr).ok()?;
+    async fn remote_read_index(&self, id: NodeId, addr: &str, deadline: Instant) -> Option<u64> {
+        let mut client = self.peer(id, addr).ok()?;
         let mut req = tonic::Request::new(ReadIndexRequest {});
         // Reads have no effect: on a silent leader give up early and look for the new one.
         let attempt = deadline
@@ -457,7 +471,7 @@ impl Cluster {
             if id == self.node_id {
                 return Some((id, Duration::ZERO));
             }
-            let mut client = self.peer(&node.addr).ok()?;
+            let mut client = self.peer(id, &node.addr).ok()?;
             let start = Instant::now();
             let reply = tokio::time::timeout(PROBE_TIMEOUT, client.ping(PingRequest {}))
                 .await
@@ -875,11 +889,16 @@ async fn propose_batch(raft: &Raft, timeout: Duration, batch: Vec<Proposal>) {
 mod tests {
     use super::*;
 
+    fn test_identity() -> TlsIdentity {
+        let (ca, _) = crate::pki::CertAuthority::create("c0ffee").unwrap();
+        TlsIdentity::from_pem(&ca.cert_pem, None).unwrap()
+    }
+
     /// A forward to a leader whose name no longer resolves (a dead container) was never sent:
     /// it must be retried, not reported as an unknown outcome.
     #[tokio::test]
     async fn unresolvable_leader_counts_as_never_sent() {
-        let ch = lazy_channel("no-such-node.invalid:7801", &ClientTlsConfig::new()).unwrap();
+        let ch = lazy_channel("no-such-node.invalid:7801", &test_identity(), Peer::Node(2)).unwrap();
         let status = ApiClient::new(ch).ping(PingRequest {}).await.unwrap_err();
         assert!(never_sent(&status), "{status:?}");
     }
@@ -891,7 +910,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let ch = lazy_channel(&format!("127.0.0.1:{port}"), &ClientTlsConfig::new()).unwrap();
+        let ch = lazy_channel(&format!("127.0.0.1:{port}"), &test_identity(), Peer::Node(2)).unwrap();
         let status = ApiClient::new(ch).ping(PingRequest {}).await.unwrap_err();
         assert!(never_sent(&status), "{status:?}");
         assert!(!never_sent(&tonic::Status::deadline_exceeded("x")));

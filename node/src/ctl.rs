@@ -101,14 +101,19 @@ pub enum ClusterCmd {
         #[arg(long)]
         rotate: bool,
     },
-    /// Issue another admin client config (a new key and certificate) into FILE.
+    /// Issue another admin client config (a new key and certificate) into FILE, or revoke
+    /// every admin certificate with a label (--revoke LABEL).
     AdminConfig {
         /// Where to write it (created with mode 0600; an existing file is not overwritten).
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, required_unless_present = "revoke", conflicts_with = "revoke")]
+        out: Option<PathBuf>,
         /// Label in the certificate, to tell admins apart.
         #[arg(long, default_value = "admin")]
         label: String,
+        /// Revoke every admin certificate labelled LABEL, on every node, for good (the label
+        /// cannot be issued again). Not the label of the config making the call.
+        #[arg(long, value_name = "LABEL")]
+        revoke: Option<String>,
     },
 }
 
@@ -152,7 +157,22 @@ pub enum KvCmd {
 
 /// A gRPC error as a one-line message; the node's own message already says what to do.
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
+    // A refused handshake surfaces on the first call as a bare "transport error": the reason
+    // is in the sources.
+    let mut msg = s.message().to_string();
+    let mut cur = std::error::Error::source(&s);
+    while let Some(e) = cur {
+        let t = e.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        cur = e.source();
+    }
+    if msg.contains("CertificateExpired") {
+        msg.push_str(" (the certificate in this client config has expired: ask an administrator for a new one, flockctl cluster admin-config --out FILE)");
+    }
+    anyhow::anyhow!("{msg}")
 }
 
 fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
@@ -347,7 +367,7 @@ async fn connect_any(cli: &Cli, config: &ClientConfig) -> anyhow::Result<ApiClie
         Some(a) => vec![a.clone()],
         None => config.addrs.clone(),
     };
-    let tls = config.tls();
+    let tls = config.identity()?;
     let mut errors = Vec::new();
     for addr in &addrs {
         match connect(addr, &tls, Duration::from_secs(cli.timeout)).await {
@@ -444,7 +464,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             println!("{}", r.into_inner().token);
         }
-        Cmd::Cluster(ClusterCmd::AdminConfig { out, label }) => {
+        Cmd::Cluster(ClusterCmd::AdminConfig {
+            revoke: Some(label),
+            ..
+        }) => {
+            let r = api
+                .revoke_admin(RevokeAdminRequest {
+                    label: label.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if r.already {
+                println!("admin certificates labelled {label:?} were already revoked");
+            } else {
+                println!("revoked admin certificates labelled {label:?} on every node");
+            }
+        }
+        Cmd::Cluster(ClusterCmd::AdminConfig {
+            out: Some(out),
+            label,
+            ..
+        }) => {
             if out.exists() {
                 anyhow::bail!(
                     "{} exists; choose another --out (flockctl never overwrites a config)",
@@ -470,6 +511,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 "wrote {} (mode 0600); use it with --config or FLOCK_CONFIG",
                 out.display()
             );
+        }
+        Cmd::Cluster(ClusterCmd::AdminConfig { .. }) => {
+            anyhow::bail!("give --out FILE (a new admin config) or --revoke LABEL")
         }
         Cmd::Kv(cmd) => return kv(&mut api, cmd).await,
         Cmd::Dataset(cmd) => return crate::ctl_dataset::run(&mut api, cmd).await,

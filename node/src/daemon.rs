@@ -11,7 +11,6 @@ use openraft::{Config, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use flock_proto::v1::JoinRequest;
 use flock_raft::log_store::DiskWriter;
@@ -29,8 +28,8 @@ use crate::cluster::{membership_worker, Cluster};
 use crate::datadir::{DataDir, Identity, IDENTITY_FORMAT};
 use crate::datasets::{Datasets, StorageChoice};
 use crate::pki::{
-    client_tls, fetch_pinned_ca, fingerprint, new_key_and_csr, pem_to_der, read_private, role_of,
-    write_private, Authorizer, CertAuthority, NodeTls, PkiError, Role, TlsPaths,
+    fetch_pinned_ca, fingerprint, new_key_and_csr, pem_to_der, read_private, role_of,
+    write_private, Authorizer, CertAuthority, NodeTls, PkiError, Role, TlsIdentity, TlsPaths,
 };
 use crate::token::{new_secret, random_hex, JoinSecretFile, JoinToken};
 use crate::transfer::Peers;
@@ -239,7 +238,7 @@ impl RunningNode {
             identity,
             store,
             ep.listener,
-            tls,
+            (tls, paths),
             Some((ca, JoinSecretFile::new(dd.root()))),
             (backend, dd.root().join("apps")),
             opts,
@@ -282,7 +281,8 @@ impl RunningNode {
         )
         .await
         .map_err(|e| anyhow::anyhow!("cannot join through {peer}: {e:#}"))?;
-        let mut client = connect(peer, &client_tls(&ca_pem, None), Duration::from_secs(5)).await?;
+        let pinned = TlsIdentity::from_pem(&ca_pem, None)?;
+        let mut client = connect(peer, &pinned, Duration::from_secs(5)).await?;
         let (key_pem, csr_pem) = new_key_and_csr()?;
         let request = JoinRequest {
             token: token.render(),
@@ -321,7 +321,8 @@ impl RunningNode {
             cert_pem: reply.cert_pem,
             key_pem,
         };
-        tls.save(&TlsPaths::new(dd.root()))?;
+        let paths = TlsPaths::new(dd.root());
+        tls.save(&paths)?;
         let identity = Identity {
             format: IDENTITY_FORMAT,
             cluster_id: reply.cluster_id,
@@ -345,7 +346,7 @@ impl RunningNode {
             identity,
             store,
             ep.listener,
-            tls,
+            (tls, paths),
             None,
             (backend, dd.root().join("apps")),
             opts,
@@ -409,7 +410,7 @@ impl RunningNode {
             identity,
             store,
             listener,
-            tls,
+            (tls, paths),
             ca,
             (backend, dd.root().join("apps")),
             opts,
@@ -425,7 +426,7 @@ impl RunningNode {
         identity: Identity,
         store: Store,
         listener: TcpListener,
-        tls: NodeTls,
+        (tls, paths): (NodeTls, TlsPaths),
         ca: Option<(CertAuthority, JoinSecretFile)>,
         (backend, apps_root): (Arc<dyn Backend>, std::path::PathBuf),
         opts: &NodeOptions,
@@ -448,8 +449,10 @@ impl RunningNode {
         let closer = store.closer();
         let (log, sm, _, _) = store.into_parts();
         let view = sm.view();
-        let network = GrpcNetwork::new(identity.cluster_id.clone(), tls.client());
-        let raft = Raft::new(identity.node_id, config, network, log, sm)
+        // One identity for every connection, client and server: renewal replaces its certificate.
+        let tls_identity = tls.identity()?;
+        let network = GrpcNetwork::new(identity.cluster_id.clone(), tls_identity.clone());
+        let raft = Raft::new(identity.node_id, config, network.clone(), log, sm)
             .await
             .map_err(|e| anyhow::anyhow!("starting raft: {e}"))?;
         let cluster = Arc::new(Cluster::new(
@@ -459,7 +462,7 @@ impl RunningNode {
             identity.name.clone(),
             identity.cluster_id.clone(),
             opts.request_timeout,
-            tls.client(),
+            tls_identity.clone(),
         ));
         let secret = ca.as_ref().map(|(_, f)| f.clone());
         let auth = Authorizer::new(view);
@@ -468,12 +471,13 @@ impl RunningNode {
         let quic_auth = auth.clone();
         let authorize: Authorize =
             Arc::new(move |req| raft_auth.check_node(&req.peer_certs()).map(|_| ()));
+        let (ca, secret_file) = ca.map(|(ca, f)| (Arc::new(ca), f)).unzip();
         let api = ApiService::server(
             cluster.clone(),
             auth,
             tls.ca_pem.clone(),
             tls.ca_fingerprint()?,
-            ca.map(|(ca, secret)| (Arc::new(ca), secret)),
+            ca.clone().zip(secret_file),
             crate::api::LocalParts {
                 datasets: datasets.clone(),
                 drivers: drivers.clone(),
@@ -481,14 +485,21 @@ impl RunningNode {
                 mesh: mesh_view.clone(),
             },
         );
-        let quic = crate::transfer::quic::bind_endpoint(bound, &tls)
-            .map_err(|e| anyhow::anyhow!("cannot open the QUIC endpoint on udp {bound}: {e}"))?;
+        let (quic, quic_tuning) =
+            crate::transfer::quic::bind_endpoint(bound, &tls, &tls_identity).map_err(|e| {
+                anyhow::anyhow!("cannot open the QUIC endpoint on udp {bound}: {e}")
+            })?;
         let (stop, stopped) = watch::channel(false);
         let mut server_stop = stopped.clone();
+        // TLS is done here rather than by tonic, so that a renewed certificate is presented
+        // without a restart; tonic still reads the client's certificates from these streams.
+        let incoming = flock_raft::tls::tls_incoming(
+            listener,
+            Arc::new(NodeTls::grpc_server(&tls_identity)?),
+            stopped.clone(),
+        );
         let server = tokio::spawn(
             tonic::transport::Server::builder()
-                .tls_config(tls.server())?
-                .tcp_nodelay(true)
                 // Before any service: nothing but Join is read without a member's certificate.
                 .layer(edge)
                 .add_service(RaftService::server(
@@ -497,7 +508,7 @@ impl RunningNode {
                     authorize,
                 ))
                 .add_service(api)
-                .serve_with_incoming_shutdown(incoming_nodelay(listener), async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = server_stop.changed().await;
                 }),
         );
@@ -543,7 +554,20 @@ impl RunningNode {
             volumes.docker = drivers.docker.as_ref().map(|d| d.client().clone());
             tokio::spawn(socket.serve(Arc::new(volumes), stopped.clone()))
         });
-        let peers = Arc::new(Peers::new(quic.clone()));
+        let peers = Arc::new(Peers::new(quic.clone(), tls_identity.clone(), quic_tuning));
+        tokio::spawn(crate::renew::run(
+            crate::renew::Renewal {
+                paths,
+                ca_pem: tls.ca_pem.clone(),
+                key_pem: tls.key_pem.clone(),
+                identity: tls_identity,
+                ca,
+                cluster: cluster.clone(),
+                network,
+                peers: peers.clone(),
+            },
+            stopped.clone(),
+        ));
         tokio::spawn(crate::datasets::agent::run(
             cluster.clone(),
             datasets.clone(),
@@ -719,19 +743,4 @@ fn open_new_storage(
         Some(b) => Ok(b),
         None => choice.open(dd),
     }
-}
-
-/// Accepted connections with Nagle's algorithm off: tonic sets TCP_NODELAY only on sockets it
-/// accepts itself, and small Raft and API messages must not wait for delayed ACKs.
-fn incoming_nodelay(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use futures::StreamExt;
-    TcpListenerStream::new(listener).map(|s| {
-        s.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY");
-            }
-        })
-    })
 }

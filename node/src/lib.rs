@@ -16,6 +16,7 @@
 //! - [`mesh`]: the routing mesh, which forwards every app's external port on every node.
 //! - [`report`]: the node's capacity and labels, reported to the cluster at start.
 //! - [`plugin`]: the Docker volume plugin, on a unix socket.
+//! - [`renew`]: a node renews its own certificate before it expires.
 
 pub mod api;
 pub mod apps;
@@ -33,6 +34,7 @@ pub mod edge;
 pub mod mesh;
 pub mod pki;
 pub mod plugin;
+pub mod renew;
 pub mod report;
 pub mod token;
 pub mod transfer;

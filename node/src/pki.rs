@@ -3,9 +3,16 @@
 //! flockctl to nodes, QUIC for snapshot streams).
 //!
 //! Identity lives in the certificate's common name: `node-<id>` or `admin-<label>`. Every node
-//! certificate also names [`SERVER_NAME`], the name clients verify, so a node is checked by its
-//! signature from the cluster's CA, not by a host name. Node ids are never reused, so a removed
-//! node is refused by id (see [`Authorizer`]).
+//! certificate also names [`SERVER_NAME`] and may serve (server-auth usage); an admin
+//! certificate may only be a client. Clients check the CN of the server they reach
+//! ([`flock_raft::tls`]): node to node, the node they meant; flockctl, any node. Node ids are
+//! never reused, so a removed node is refused by id, and a revoked admin by label (see
+//! [`Authorizer`]).
+//!
+//! Certificates expire: nodes after [`NODE_CERT_VALIDITY`], admins after
+//! [`ADMIN_CERT_VALIDITY`] (both overridden by the environment variable [`VALIDITY_ENV`] of the
+//! CA holder's flockd, for tests). Every handshake refuses an expired certificate, and a node
+//! renews its own before it expires (see [`crate::renew`]).
 
 use std::fs;
 use std::io::Write;
@@ -19,13 +26,59 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use sha2::{Digest, Sha256};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use std::time::{Duration, SystemTime};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+pub use flock_raft::tls::{Peer, TlsIdentity, SERVER_NAME};
 
 use flock_raft::state_machine::StateView;
 use flock_scheduler::NodeId;
 
-/// The DNS name on every node certificate, verified by every client.
-pub const SERVER_NAME: &str = "flock-node";
+/// How long a node certificate is valid; nodes renew theirs after two thirds of it.
+pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How long an admin certificate (`flockctl cluster admin-config`) is valid.
+pub const ADMIN_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Overrides both validities (a duration such as `30s`, `20m`, `2h`, `7d`), read by the CA
+/// holder's flockd when it signs. Meant for tests of expiry and renewal.
+pub const VALIDITY_ENV: &str = "FLOCK_CERT_VALIDITY";
+
+/// How long the certificates a CA signs are valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub node: Duration,
+    pub admin: Duration,
+}
+
+impl Default for Validity {
+    fn default() -> Self {
+        Validity {
+            node: NODE_CERT_VALIDITY,
+            admin: ADMIN_CERT_VALIDITY,
+        }
+    }
+}
+
+impl Validity {
+    /// The defaults, or both set to [`VALIDITY_ENV`] when it is set.
+    pub fn from_env() -> Result<Validity, PkiError> {
+        match std::env::var(VALIDITY_ENV) {
+            Err(_) => Ok(Validity::default()),
+            Ok(v) => {
+                let shown: String = v.chars().take(40).collect();
+                let d = humantime::parse_duration(v.trim())
+                    .ok()
+                    .filter(|d| *d >= Duration::from_secs(5))
+                    .ok_or_else(|| {
+                        bad(
+                            VALIDITY_ENV,
+                            format!("{shown:?} is not a duration of at least 5s (for example 30s, 20m, 90d)"),
+                        )
+                    })?;
+                Ok(Validity { node: d, admin: d })
+            }
+        }
+    }
+}
 
 /// Who a certificate speaks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,14 +134,8 @@ pub fn pem_to_der(pem: &str, what: &str) -> Result<CertificateDer<'static>, PkiE
 
 /// The role named in a DER certificate's common name.
 pub fn role_of(der: &[u8]) -> Result<Role, PkiError> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| bad("peer certificate", e))?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|c| c.as_str().ok())
-        .ok_or_else(|| bad("peer certificate", "no common name"))?;
+    let cn = flock_raft::tls::common_name(der).map_err(|e| bad("peer certificate", e))?;
+    let cn = cn.as_str();
     if let Some(id) = cn.strip_prefix("node-") {
         return id
             .parse()
@@ -105,6 +152,8 @@ pub fn role_of(der: &[u8]) -> Result<Role, PkiError> {
 pub struct CertAuthority {
     issuer: Issuer<'static, KeyPair>,
     pub cert_pem: String,
+    /// How long the certificates it signs are valid.
+    pub validity: Validity,
 }
 
 impl CertAuthority {
@@ -129,6 +178,7 @@ impl CertAuthority {
             CertAuthority {
                 issuer: Issuer::new(params, key),
                 cert_pem: cert.pem(),
+                validity: Validity::from_env()?,
             },
             key_pem,
         ))
@@ -142,6 +192,7 @@ impl CertAuthority {
         Ok(CertAuthority {
             issuer,
             cert_pem: cert_pem.to_string(),
+            validity: Validity::from_env()?,
         })
     }
 
@@ -153,10 +204,26 @@ impl CertAuthority {
         self.issue(&csr.public_key, role)
     }
 
-    /// Signs a certificate for `role` over `public_key`.
+    /// Signs a certificate for `role` over `public_key`, valid from a little before now (for
+    /// clocks slightly behind) for the role's [`Validity`]. A node's may serve and be a client
+    /// and names [`SERVER_NAME`]; an admin's may only be a client.
     pub fn issue(&self, public_key: &impl PublicKeyData, role: &Role) -> Result<String, PkiError> {
-        let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()])
-            .map_err(|e| bad("certificate", e))?;
+        let (names, usages, lifetime) = match role {
+            Role::Node(_) => (
+                vec![SERVER_NAME.to_string()],
+                vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ],
+                self.validity.node,
+            ),
+            Role::Admin(_) => (
+                vec![],
+                vec![ExtendedKeyUsagePurpose::ClientAuth],
+                self.validity.admin,
+            ),
+        };
+        let mut params = CertificateParams::new(names).map_err(|e| bad("certificate", e))?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, role.common_name());
         params.distinguished_name = dn;
@@ -164,10 +231,11 @@ impl CertAuthority {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
+        let now = SystemTime::now();
+        let skew = (lifetime / 10).min(Duration::from_secs(300));
+        params.not_before = time::OffsetDateTime::from(now - skew);
+        params.not_after = time::OffsetDateTime::from(now + lifetime);
         let cert = params
             .signed_by(public_key, &self.issuer)
             .map_err(|e| bad("certificate", e))?;
@@ -308,93 +376,59 @@ impl NodeTls {
         Ok(fingerprint(&pem_to_der(&self.ca_pem, "CA certificate")?))
     }
 
-    /// gRPC server TLS: presents the node certificate (with the CA after it, so a joining node
-    /// can pin the CA), accepts client certificates signed by the CA, and lets clients without one
-    /// reach the handlers, which refuse them with "not a member" (all but Join).
-    pub fn server(&self) -> ServerTlsConfig {
-        let chain = format!("{}\n{}", self.cert_pem.trim_end(), self.ca_pem);
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(chain, &self.key_pem))
-            .client_ca_root(Certificate::from_pem(&self.ca_pem))
-            .client_auth_optional(true)
+    /// This node's TLS identity, for every connection it makes and serves (the CA is sent after
+    /// the certificate, so a joining node can pin it). Replace its certificate on renewal.
+    pub fn identity(&self) -> Result<TlsIdentity, PkiError> {
+        TlsIdentity::from_pem(&self.ca_pem, Some((&self.cert_pem, &self.key_pem)))
+            .map_err(|e| bad("node TLS", e))
     }
 
-    /// gRPC client TLS for node-to-node calls.
-    pub fn client(&self) -> ClientTlsConfig {
-        client_tls(&self.ca_pem, Some((&self.cert_pem, &self.key_pem)))
+    /// gRPC server TLS: presents `identity`'s certificate of the moment, accepts client
+    /// certificates signed by the CA (chain, expiry, client-auth usage), and lets clients without
+    /// one reach the handlers, which refuse them with "not a member" (all but Join).
+    pub fn grpc_server(identity: &TlsIdentity) -> Result<rustls::ServerConfig, PkiError> {
+        identity
+            .server_config(false, &[flock_raft::tls::ALPN_H2])
+            .map_err(|e| bad("gRPC TLS", e))
     }
 
-    fn rustls_parts(
-        &self,
-    ) -> Result<
-        (
-            rustls::RootCertStore,
-            Vec<CertificateDer<'static>>,
-            rustls::pki_types::PrivateKeyDer<'static>,
-        ),
-        PkiError,
-    > {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(pem_to_der(&self.ca_pem, "CA certificate")?)
-            .map_err(|e| bad("CA certificate", e))?;
-        let chain = vec![pem_to_der(&self.cert_pem, "node certificate")?];
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
-            .map_err(|e| bad("node key", format!("{e:?}")))?;
-        Ok((roots, chain, key))
-    }
-
-    /// rustls server config for node-to-node streams: TLS 1.3 only, a client certificate of
-    /// this CA required (mutual TLS), no ALPN. The QUIC endpoint uses it with [`QUIC_ALPN`];
-    /// the same over TCP is what stream benchmarks compare QUIC against.
+    /// rustls server config for node-to-node streams: a client certificate of this CA required
+    /// (mutual TLS), no ALPN. The QUIC endpoint's is the same with [`QUIC_ALPN`]; over TCP it
+    /// is what stream benchmarks compare QUIC against.
     pub fn tls13_server(&self) -> Result<rustls::ServerConfig, PkiError> {
-        let (roots, chain, key) = self.rustls_parts()?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider.clone(),
-        )
-        .build()
-        .map_err(|e| bad("QUIC client verifier", e))?;
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| bad("QUIC TLS", e))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .map_err(|e| bad("QUIC TLS", e))
+        self.identity()?
+            .server_config(true, &[])
+            .map_err(|e| bad("stream TLS", e))
     }
 
-    /// rustls client config for node-to-node streams: TLS 1.3 only, verifies the peer against
-    /// the CA (as [`SERVER_NAME`]), presents this node's certificate; no ALPN.
+    /// rustls client config for node-to-node streams: accepts any node of the CA, presents this
+    /// node's certificate; no ALPN.
     pub fn tls13_client(&self) -> Result<rustls::ClientConfig, PkiError> {
-        let (roots, chain, key) = self.rustls_parts()?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| bad("QUIC TLS", e))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| bad("QUIC TLS", e))
+        self.identity()?
+            .client_config(Peer::AnyNode, &[])
+            .map_err(|e| bad("stream TLS", e))
     }
+}
 
-    /// QUIC (quinn) server config: mutual TLS, a client certificate of this CA required.
-    pub fn quic_server(&self) -> Result<quinn::ServerConfig, PkiError> {
-        let mut tls = self.tls13_server()?;
-        tls.alpn_protocols = vec![QUIC_ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-            .map_err(|e| bad("QUIC TLS", e))?;
-        Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
-    }
+/// QUIC (quinn) server config: mutual TLS, a client certificate of this CA required;
+/// presents `identity`'s certificate of the moment.
+pub fn quic_server(identity: &TlsIdentity) -> Result<quinn::ServerConfig, PkiError> {
+    let tls = identity
+        .server_config(true, &[QUIC_ALPN])
+        .map_err(|e| bad("QUIC TLS", e))?;
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| bad("QUIC TLS", e))?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+}
 
-    /// QUIC (quinn) client config: verifies the peer against the CA, presents this node's cert.
-    pub fn quic_client(&self) -> Result<quinn::ClientConfig, PkiError> {
-        let mut tls = self.tls13_client()?;
-        tls.alpn_protocols = vec![QUIC_ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| bad("QUIC TLS", e))?;
-        Ok(quinn::ClientConfig::new(Arc::new(crypto)))
-    }
+/// QUIC (quinn) client config: accepts only `peer`, presents `identity`'s certificate.
+pub fn quic_client(identity: &TlsIdentity, peer: Peer) -> Result<quinn::ClientConfig, PkiError> {
+    let tls = identity
+        .client_config(peer, &[QUIC_ALPN])
+        .map_err(|e| bad("QUIC TLS", e))?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| bad("QUIC TLS", e))?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }
 
 /// ALPN of flock's QUIC streams.
@@ -533,7 +567,8 @@ impl Authorizer {
     }
 
     /// The caller's role: it must present a certificate of this cluster's CA (checked by the TLS
-    /// layer), and a node must not have been removed. A node id at or past the next id this
+    /// layer, with its expiry), a node must not have been removed, and an admin's label must
+    /// not have been revoked. A node id at or past the next id this
     /// node knows of was registered after its last applied entry (or this node is still joining):
     /// the CA signed it, so it is accepted.
     pub fn check(&self, certs: &PeerCerts) -> Result<Role, tonic::Status> {
@@ -545,12 +580,21 @@ impl Authorizer {
             ))?;
         let role = role_of(der)
             .map_err(|e| tonic::Status::unauthenticated(format!("not a member: {e}")))?;
-        if let Role::Node(id) = role {
-            let a = self.view.read();
-            if id < a.cluster.next_node_id && !a.cluster.nodes.contains_key(&id) {
-                return Err(tonic::Status::permission_denied(format!(
-                    "not a member: node {id} was removed from the cluster"
-                )));
+        let a = self.view.read();
+        match &role {
+            Role::Node(id) => {
+                if *id < a.cluster.next_node_id && !a.cluster.nodes.contains_key(id) {
+                    return Err(tonic::Status::permission_denied(format!(
+                        "not a member: node {id} was removed from the cluster"
+                    )));
+                }
+            }
+            Role::Admin(label) => {
+                if a.cluster.admin_revoked(label) {
+                    return Err(tonic::Status::permission_denied(format!(
+                        "not a member: admin certificates labelled {label:?} were revoked; ask an administrator for a new admin config (flockctl cluster admin-config --label NEW)"
+                    )));
+                }
             }
         }
         Ok(role)

@@ -26,7 +26,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 async fn api(c: &TestCluster, i: usize) -> ApiClient<Channel> {
     let conf = ClientConfig::load(&c.config()).unwrap();
-    flock_node::client::connect(c.addr(i), &conf.tls(), Duration::from_secs(3))
+    flock_node::client::connect(c.addr(i), &conf.identity().unwrap(), Duration::from_secs(3))
         .await
         .unwrap()
 }

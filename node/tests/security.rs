@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use flock_node::client::ClientConfig;
-use flock_node::pki::{client_tls, NodeTls, TlsPaths};
+use flock_node::pki::{client_tls, NodeTls, Peer, TlsIdentity, TlsPaths};
 use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::StatusRequest;
 use tonic::transport::Endpoint;
@@ -252,7 +252,9 @@ fn s08_quic_endpoint_requires_a_cluster_certificate() {
     rt().block_on(async {
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         // A member's certificate: the connection is established and stays up.
-        ep.set_default_client_config(n1.quic_client().unwrap());
+        ep.set_default_client_config(
+            flock_node::pki::quic_client(&n1.identity().unwrap(), Peer::Node(1)).unwrap(),
+        );
         let conn = ep
             .connect(addr, flock_node::pki::SERVER_NAME)
             .unwrap()
@@ -658,4 +660,220 @@ fn s22_the_join_secret_is_in_no_file_but_the_ca_holders_secret_file() {
         vec![(secret_file, 2)],
         "the secret is in other files"
     );
+}
+
+/// Status through flock's own connector ([`flock_raft::tls::connect_peer`], what nodes and
+/// flockctl use), presenting `tls` and accepting only `peer`; the error text, if any.
+fn status_as(addr: &str, tls: &TlsIdentity, peer: Peer) -> Result<(), String> {
+    rt().block_on(async {
+        let ch = flock_raft::tls::connect_peer(addr, tls, peer, Duration::from_secs(3))
+            .await
+            .map_err(|e| e.to_string())?;
+        ApiClient::new(ch)
+            .status(StatusRequest { local: true })
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    })
+}
+
+fn node_identity(c: &TestCluster, i: usize) -> TlsIdentity {
+    NodeTls::load(&TlsPaths::new(&c.data_dir(i)))
+        .unwrap()
+        .identity()
+        .unwrap()
+}
+
+#[test]
+fn s30_a_node_reached_as_another_node_is_refused() {
+    let c = TestCluster::start(3, &[]);
+    let n1 = node_identity(&c, 1);
+    // Node 2's address, dialled as node 2: accepted; as node 3 (an address that went to the
+    // wrong machine): refused at the handshake, before any request is sent.
+    status_as(c.addr(2), &n1, Peer::Node(2)).unwrap();
+    let e = status_as(c.addr(2), &n1, Peer::Node(3)).unwrap_err();
+    assert!(
+        e.contains("not valid for name \"node-3\"") && e.contains("common name \"node-2\""),
+        "{e}"
+    );
+    // flockctl accepts any node.
+    status_as(c.addr(2), &n1, Peer::AnyNode).unwrap();
+    // QUIC snapshot streams: the same check.
+    rt().block_on(async {
+        let tls = NodeTls::load(&TlsPaths::new(&c.data_dir(1))).unwrap();
+        let opened = flock_node::transfer::quic::QuicTuning::default()
+            .open_with("127.0.0.1:0".parse().unwrap(), &tls, &n1, false)
+            .unwrap();
+        let peers = flock_node::transfer::Peers::new(opened.endpoint, n1.clone(), opened.tuning);
+        peers.connect(2, c.addr(2)).await.expect("node 2 as node 2");
+        let e = peers.connect(3, c.addr(2)).await.unwrap_err().to_string();
+        assert!(e.contains("node-3"), "{e}");
+    });
+}
+
+#[test]
+fn s31_an_admin_certificate_cannot_serve() {
+    use rustls::pki_types::pem::PemObject;
+    let c = TestCluster::start(1, &[]);
+    let conf = config(&c);
+    let n1 = node_identity(&c, 1);
+    let paths = TlsPaths::new(&c.data_dir(1));
+    let ca_key = flock_node::pki::read_private(&paths.ca_key()).unwrap();
+    // An admin certificate as issued now (client-auth usage only), and one made the old way
+    // (server-auth usage too, as certificates issued before this check carry): neither serves.
+    let old_style = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(
+            &conf.ca_pem,
+            rcgen::KeyPair::from_pem(&ca_key).unwrap(),
+        )
+        .unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![flock_node::pki::SERVER_NAME.into()]).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "admin-old");
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        (p.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
+    };
+    for (what, cert, key, expect) in [
+        ("issued admin", conf.cert_pem.clone(), conf.key_pem.clone(), "extended key usage for server authentication"),
+        ("old-style admin", old_style.0, old_style.1, "admin-old"),
+    ] {
+        let e = rt().block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let chain = vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+            let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+            let serve = tokio::spawn(async move {
+                if let Ok((tcp, _)) = listener.accept().await {
+                    let _ = acceptor.accept(tcp).await;
+                }
+            });
+            let r = flock_raft::tls::connect_peer(&addr, &n1, Peer::AnyNode, Duration::from_secs(3))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            serve.abort();
+            r
+        });
+        let e = e.expect_err(what);
+        assert!(e.contains(expect), "{what}: {e}");
+    }
+}
+
+#[test]
+fn s32_a_revoked_admin_config_is_refused_on_every_node() {
+    let c = TestCluster::start(3, &[]);
+    let ops = c.dir.path().join("ops.conf");
+    c.ctl_ok(
+        c.addr(1),
+        &["cluster", "admin-config", "--out", ops.to_str().unwrap(), "--label", "ops"],
+    );
+    for i in 1..=3 {
+        ctl_ok(&ops, c.addr(i), &["kv", "put", "k", "ops"]);
+    }
+    // An admin cannot revoke the label it calls with.
+    let o = ctl(&ops, c.addr(2), &["cluster", "admin-config", "--revoke", "ops"]);
+    assert!(stderr(&o).contains("issue another admin config first"), "{}", stderr(&o));
+    let out = c.ctl_ok(c.addr(2), &["cluster", "admin-config", "--revoke", "ops"]);
+    assert!(out.contains("revoked"), "{out}");
+    for i in 1..=3 {
+        let o = ctl(&ops, c.addr(i), &["kv", "put", "k", "again"]);
+        assert_eq!(o.status.code(), Some(1), "n{i}");
+        assert!(stderr(&o).contains("were revoked"), "n{i}: {}", stderr(&o));
+        // The other admin still works everywhere.
+        c.ctl_ok(c.addr(i), &["kv", "put", "k", "admin"]);
+    }
+    // The label cannot be issued again.
+    let again = c.dir.path().join("ops2.conf");
+    let o = c.ctl(
+        c.addr(3),
+        &["cluster", "admin-config", "--out", again.to_str().unwrap(), "--label", "ops"],
+    );
+    assert!(stderr(&o).contains("were revoked"), "{}", stderr(&o));
+    assert!(!again.exists());
+    // Revoking again is fine and says so.
+    let out = c.ctl_ok(c.addr(3), &["cluster", "admin-config", "--revoke", "ops"]);
+    assert!(out.contains("already"), "{out}");
+}
+
+/// The not-after time of the first certificate in a PEM file.
+fn not_after(pem_path: &Path) -> std::time::SystemTime {
+    let pem = std::fs::read_to_string(pem_path).unwrap();
+    let der = flock_node::pki::pem_to_der(&pem, "cert").unwrap();
+    flock_raft::tls::validity(&der).unwrap().1
+}
+
+#[test]
+fn s33_certificates_expire_and_nodes_renew_their_own() {
+    const VALIDITY: u64 = 30;
+    let c = TestCluster::start_env(
+        3,
+        &[],
+        Vec::new(),
+        vec![("FLOCK_CERT_VALIDITY".into(), format!("{VALIDITY}s"))],
+    );
+    let originals: Vec<(String, std::time::SystemTime)> = (1..=3)
+        .map(|i| {
+            let p = TlsPaths::new(&c.data_dir(i)).node_cert();
+            (std::fs::read_to_string(&p).unwrap(), not_after(&p))
+        })
+        .collect();
+    let admin_expiry = {
+        let der = flock_node::pki::pem_to_der(&config(&c).cert_pem, "admin").unwrap();
+        flock_raft::tls::validity(&der).unwrap().1
+    };
+    let latest = originals.iter().map(|(_, t)| *t).max().unwrap().max(admin_expiry);
+    let now = std::time::SystemTime::now();
+    assert!(
+        latest <= now + Duration::from_secs(VALIDITY + 1),
+        "certificates carry the configured validity"
+    );
+    // Past every original certificate's expiry (and the admin config's).
+    std::thread::sleep(latest.duration_since(now).unwrap_or_default() + Duration::from_secs(2));
+    for i in 1..=3 {
+        // The node renewed its certificate on disk...
+        let p = TlsPaths::new(&c.data_dir(i)).node_cert();
+        assert!(not_after(&p) > originals[i - 1].1, "n{i} renewed its certificate");
+        // ...presents it (this client refuses an expired server certificate), and the cluster
+        // takes writes through every node (forwarded to the leader with the new certificates).
+        let me = NodeTls::load(&TlsPaths::new(&c.data_dir(i))).unwrap();
+        rt().block_on(async {
+            let ch = flock_raft::tls::connect_peer(
+                c.addr(i),
+                &me.identity().unwrap(),
+                Peer::Node(i as u64),
+                Duration::from_secs(3),
+            )
+            .await
+            .unwrap();
+            ApiClient::new(ch)
+                .kv_put(flock_proto::v1::KvPutRequest {
+                    key: format!("after-expiry-{i}"),
+                    value: "ok".into(),
+                })
+                .await
+                .unwrap_or_else(|s| panic!("write through n{i}: {s:?}"));
+        });
+        // An expired certificate is refused: the admin config's, and the node's original one.
+        let o = c.ctl(c.addr(i), &["status"]);
+        assert_eq!(o.status.code(), Some(1), "n{i}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("not a member"), "n{i}: {}", stderr(&o));
+        let old = TlsIdentity::from_pem(&me.ca_pem, Some((&originals[i - 1].0, &me.key_pem))).unwrap();
+        let e = status_as(c.addr(i % 3 + 1), &old, Peer::AnyNode).unwrap_err();
+        assert!(!e.contains("not a member"), "reached a handler with an expired certificate: {e}");
+    }
+    let log = std::fs::read_to_string(c.log(2, "join")).unwrap();
+    assert!(log.contains("renewed this node's certificate"), "{log}");
 }

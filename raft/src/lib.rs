@@ -6,6 +6,8 @@
 //! - [`log_store`]: the durable log with group commit; [`state_machine`]: the applied
 //!   [`ClusterState`](flock_scheduler::ClusterState) and snapshots; [`store`] opens both.
 //! - [`network`]: openraft's network over gRPC; [`server`]: the gRPC service that receives it.
+//! - [`tls`]: TLS identities, the client that checks a peer is the node it meant to reach, and
+//!   the server's accept loop.
 
 pub mod codec;
 pub mod disk;
@@ -14,6 +16,7 @@ pub mod network;
 pub mod server;
 pub mod state_machine;
 pub mod store;
+pub mod tls;
 pub mod types;
 
 pub use store::Store;

@@ -25,16 +25,16 @@ use openraft::raft::{
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 
 use flock_proto::v1::raft_client::RaftClient;
 use flock_proto::v1::{RaftReply, RaftRequest};
 
 use crate::codec::{decode, encode};
+use crate::tls::{peer_channel, Peer, TlsError, TlsIdentity};
 use crate::types::{Entry, LogId, MemberNode, NodeId, TypeConfig, Vote};
 
-/// How long a connection attempt to a peer may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+pub use crate::tls::CONNECT_TIMEOUT;
 
 /// The largest message the Raft service receives or sends, either way. AppendEntries stay near
 /// [`MAX_APPEND_BYTES`] (a single entry is at most one command, 4 MiB, or one proposal batch of
@@ -82,34 +82,26 @@ pub fn call_timeout(base: Duration, bytes: usize) -> Duration {
     base + Duration::from_micros((bytes as u64).saturating_mul(1_000_000) / MIN_BYTES_PER_SEC)
 }
 
-/// A gRPC channel over mutual TLS to `addr` (HOST:PORT), connected on first use.
-pub fn lazy_channel(addr: &str, tls: &ClientTlsConfig) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls.clone())?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        // Detect a peer that vanished without closing its connections (a paused or partitioned
-        // node) within about two seconds, instead of letting requests hang on the dead connection.
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(1))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+/// A gRPC channel over mutual TLS to node `target` at `addr` (HOST:PORT), connected on first
+/// use; the connection is refused unless the peer's certificate is `target`'s.
+pub fn lazy_channel(addr: &str, tls: &TlsIdentity, target: Peer) -> Result<Channel, TlsError> {
+    peer_channel(addr, tls, target, CONNECT_TIMEOUT)
 }
 
 /// Creates a connection per peer; openraft keeps one per replication stream.
 #[derive(Clone)]
 pub struct GrpcNetwork {
     cluster_id: String,
-    tls: ClientTlsConfig,
-    /// One channel per peer address. openraft asks for a new client for every replication
+    tls: TlsIdentity,
+    /// One channel per peer (id and address). openraft asks for a new client for every replication
     /// stream and every leadership check (each linearizable read); a channel per call would mean
     /// a TCP and TLS handshake per read.
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
 }
 
 impl GrpcNetwork {
     /// A network for `cluster_id` whose connections use `tls` (this node's client identity).
-    pub fn new(cluster_id: impl Into<String>, tls: ClientTlsConfig) -> Self {
+    pub fn new(cluster_id: impl Into<String>, tls: TlsIdentity) -> Self {
         GrpcNetwork {
             cluster_id: cluster_id.into(),
             tls,
@@ -117,14 +109,24 @@ impl GrpcNetwork {
         }
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, TlsError> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ch) = channels.get(addr) {
+        let key = (target, addr.to_string());
+        if let Some(ch) = channels.get(&key) {
             return Ok(ch.clone());
         }
-        let ch = lazy_channel(addr, &self.tls)?;
-        channels.insert(addr.to_string(), ch.clone());
+        let ch = lazy_channel(addr, &self.tls, Peer::Node(target))?;
+        channels.insert(key, ch.clone());
         Ok(ch)
+    }
+
+    /// Drops the cached channels (after this node's certificate was renewed): new clients
+    /// connect afresh with the new certificate.
+    pub fn reset_channels(&self) {
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// How many peer channels are open (for tests).
@@ -140,7 +142,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = GrpcConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> GrpcConnection {
-        let client = match self.channel(&node.addr) {
+        let client = match self.channel(target, &node.addr) {
             Ok(ch) => Ok(RaftClient::new(ch)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)),

@@ -114,7 +114,7 @@ impl ApiService {
             let Some(node) = state.nodes.get(id) else {
                 return (*id, None);
             };
-            let Ok(mut client) = self.cluster.peer(&node.addr) else {
+            let Ok(mut client) = self.cluster.peer(*id, &node.addr) else {
                 return (*id, None);
             };
             let spec_json = specs
@@ -393,7 +393,7 @@ impl ApiService {
                 if *id == self.cluster.node_id {
                     return (*id, Some(self.local_apps_report()));
                 }
-                let Ok(mut client) = self.cluster.peer(addr) else {
+                let Ok(mut client) = self.cluster.peer(*id, addr) else {
                     return (*id, None);
                 };
                 let mut req = Request::new(pb::LocalAppsRequest {});
@@ -487,7 +487,7 @@ impl ApiService {
             let mut fwd = Request::new(req.into_inner());
             fwd.metadata_mut()
                 .insert(FORWARDED, "1".parse().expect("ascii"));
-            return self.cluster.peer(&addr)?.app_logs(fwd).await;
+            return self.cluster.peer(app.node, &addr)?.app_logs(fwd).await;
         }
         let req = req.into_inner();
         let tail = if req.tail == 0 {

@@ -164,7 +164,7 @@ impl ApiService {
             if *id == self.cluster.node_id {
                 return (*id, Some(self.local_report().await));
             }
-            let Ok(mut client) = self.cluster.peer(addr) else {
+            let Ok(mut client) = self.cluster.peer(*id, addr) else {
                 return (*id, None);
             };
             let mut req = Request::new(pb::LocalDatasetsRequest {});
@@ -326,7 +326,7 @@ impl ApiService {
         req: Request<T>,
         name: &str,
         exclusive: bool,
-    ) -> Result<Result<(Dataset, DatasetGuard), (Request<T>, String)>, Status> {
+    ) -> Result<Result<(Dataset, DatasetGuard), (Request<T>, NodeId, String)>, Status> {
         let ds = self
             .cluster
             .read(false, |a| find_dataset(&a.cluster, name))
@@ -350,7 +350,7 @@ impl ApiService {
             let mut fwd = Request::new(req.into_inner());
             fwd.metadata_mut()
                 .insert(FORWARDED, "1".parse().expect("ascii"));
-            return Ok(Err((fwd, addr)));
+            return Ok(Err((fwd, ds.primary, addr)));
         }
         // A rollback waits for pushes of the dataset to end, but not forever.
         let guard = if exclusive {
@@ -389,7 +389,7 @@ impl ApiService {
         }
         let (ds, _guard) = match self.on_primary(req, &name, false).await? {
             Ok(locked) => locked,
-            Err((fwd, addr)) => return self.cluster.peer(&addr)?.dataset_snapshot(fwd).await,
+            Err((fwd, id, addr)) => return self.cluster.peer(id, &addr)?.dataset_snapshot(fwd).await,
         };
         let datasets = &self.datasets;
         if ds.snapshots.iter().any(|s| s.name == tag) {
@@ -441,7 +441,7 @@ impl ApiService {
         let to = req.get_ref().snapshot.clone();
         let (ds, _guard) = match self.on_primary(req, &name, true).await? {
             Ok(locked) => locked,
-            Err((fwd, addr)) => return self.cluster.peer(&addr)?.dataset_rollback(fwd).await,
+            Err((fwd, id, addr)) => return self.cluster.peer(id, &addr)?.dataset_rollback(fwd).await,
         };
         let datasets = &self.datasets;
         if !ds.snapshots.iter().any(|s| s.name == to) {

@@ -116,7 +116,7 @@ impl ApiService {
                 "the cluster CA was on node {id}, which is no longer a member; new certificates cannot be signed"
             ))
         })?;
-        Ok(self.cluster.peer(&addr)?)
+        Ok(self.cluster.peer(id, &addr)?)
     }
 
     fn token(&self, secret: &str) -> String {
@@ -159,14 +159,18 @@ type Reply<T> = Result<Response<T>, Status>;
 /// flockctl, which accepts replies up to 64 MiB) holds; a larger list is refused.
 const KV_LIST_UNPAGED_BYTES: usize = 32 << 20;
 
+/// The largest certificate signing request a node may send to renew its certificate (a CSR
+/// for flock's keys is well under 1 KiB).
+const MAX_CSR_BYTES: usize = 16 * 1024;
+
 #[tonic::async_trait]
 impl Api for ApiService {
     async fn status(&self, req: Request<StatusRequest>) -> Reply<StatusReply> {
         self.authorize(&req)?;
         let c = &self.cluster;
         if !req.into_inner().local && !c.is_leader() {
-            if let Some((_, leader)) = c.leader() {
-                if let Ok(mut client) = c.peer(&leader.addr) {
+            if let Some((leader_id, leader)) = c.leader() {
+                if let Ok(mut client) = c.peer(leader_id, &leader.addr) {
                     let mut fwd = Request::new(StatusRequest { local: true });
                     fwd.set_timeout(Duration::from_secs(3));
                     if let Ok(r) = client.status(fwd).await {
@@ -211,6 +215,15 @@ impl Api for ApiService {
         };
         flock_scheduler::state::validate_name(&label)
             .map_err(|e| Status::invalid_argument(format!("--label: {e}")))?;
+        if self
+            .cluster
+            .read(false, |a| a.cluster.admin_revoked(&label))
+            .await?
+        {
+            return Err(Status::failed_precondition(format!(
+                "admin certificates labelled {label:?} were revoked; choose another --label"
+            )));
+        }
         let cert_pem = ca
             .sign_csr(&req.csr_pem, &Role::Admin(label))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -233,10 +246,10 @@ impl Api for ApiService {
         let c = &self.cluster;
         let req = req.into_inner();
         if !c.is_leader() {
-            let (_, leader) = c
+            let (leader_id, leader) = c
                 .leader()
                 .ok_or(ClusterError::NoLeader(c.request_timeout))?;
-            return c.peer(&leader.addr)?.remove_node(req).await;
+            return c.peer(leader_id, &leader.addr)?.remove_node(req).await;
         }
         let id = c.remove_node(&req.name, req.force).await?;
         // Give the membership worker a moment, so `node ls` right after shows the change.
@@ -432,6 +445,61 @@ impl Api for ApiService {
         self.auth.check_node(&req.peer_certs())?;
         let index = self.cluster.local_read_index().await?;
         Ok(Response::new(ReadIndexReply { index }))
+    }
+
+    async fn renew_node_cert(
+        &self,
+        req: Request<RenewNodeCertRequest>,
+    ) -> Reply<RenewNodeCertReply> {
+        // The caller's current certificate names the id it gets a certificate for: a node can
+        // renew only its own, and a removed node none.
+        let id = self.auth.check_node(&req.peer_certs())?;
+        let Some(ca) = &self.ca else {
+            let holder = self.cluster.view.read().cluster.ca_holder;
+            return Err(Status::failed_precondition(format!(
+                "this node does not hold the cluster CA; ask node {holder}"
+            )));
+        };
+        let csr_pem = req.into_inner().csr_pem;
+        if csr_pem.len() > MAX_CSR_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "certificate signing request of {} bytes; at most {MAX_CSR_BYTES} are accepted",
+                csr_pem.len()
+            )));
+        }
+        let cert_pem = ca
+            .sign_csr(&csr_pem, &Role::Node(id))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(node = id, "renewed a node certificate");
+        Ok(Response::new(RenewNodeCertReply { cert_pem }))
+    }
+
+    async fn revoke_admin(&self, req: Request<RevokeAdminRequest>) -> Reply<RevokeAdminReply> {
+        let caller = self.authorize(&req)?;
+        let label = req.into_inner().label;
+        flock_scheduler::state::validate_name(&label)
+            .map_err(|e| Status::invalid_argument(format!("--revoke: {e}")))?;
+        // Revoking the label one calls with would lock the caller out with nothing to replace
+        // it: issue another admin config first and revoke with that one.
+        if caller == Role::Admin(label.clone()) {
+            return Err(Status::failed_precondition(format!(
+                "this call is made with an admin certificate labelled {label:?}, the label to revoke; issue another admin config first (flockctl cluster admin-config --out FILE --label NEW) and revoke {label:?} with it"
+            )));
+        }
+        match self
+            .cluster
+            .propose(Command::RevokeAdmin {
+                label: label.clone(),
+            })
+            .await?
+        {
+            CommandResult::AdminRevoked { already } => {
+                tracing::info!(%label, "admin certificates revoked");
+                Ok(Response::new(RevokeAdminReply { already }))
+            }
+            CommandResult::Rejected(e) => Err(ClusterError::from(e).into()),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn dataset_create(

@@ -363,7 +363,7 @@ impl Volumes {
     /// The primary's report of the push of `ds`, if it answers.
     async fn transfer(&self, state: &ClusterState, ds: &Dataset) -> Option<pb::Transfer> {
         let addr = state.nodes.get(&ds.primary)?.addr.clone();
-        let mut client = self.cluster.peer(&addr).ok()?;
+        let mut client = self.cluster.peer(ds.primary, &addr).ok()?;
         let mut req = tonic::Request::new(pb::LocalDatasetsRequest {});
         req.set_timeout(REPORT_WAIT);
         let reply = tokio::time::timeout(REPORT_WAIT, client.local_datasets(req))

@@ -18,7 +18,7 @@ use flock_raft::state_machine::StateView;
 use flock_scheduler::NodeId;
 
 use crate::datasets::Datasets;
-use crate::pki::{role_of, Authorizer, Role, SERVER_NAME};
+use crate::pki::{Authorizer, Peer, TlsIdentity, SERVER_NAME};
 
 pub mod lanes;
 pub mod push;
@@ -95,19 +95,24 @@ pub async fn serve(
 /// QUIC connections to peer nodes, one per node, made on demand and remade when they close.
 pub struct Peers {
     endpoint: quinn::Endpoint,
+    identity: TlsIdentity,
+    tuning: quic::QuicTuning,
     conns: tokio::sync::Mutex<HashMap<NodeId, quinn::Connection>>,
 }
 
 impl Peers {
-    pub fn new(endpoint: quinn::Endpoint) -> Self {
+    /// Connections from `endpoint`, presenting `identity`, with the endpoint's `tuning`.
+    pub fn new(endpoint: quinn::Endpoint, identity: TlsIdentity, tuning: quic::QuicTuning) -> Self {
         Peers {
             endpoint,
+            identity,
+            tuning,
             conns: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
-    /// A connection to node `id` at `addr` (HOST:PORT, UDP): refused unless the peer's
-    /// certificate is node `id`'s.
+    /// A connection to node `id` at `addr` (HOST:PORT, UDP): the TLS handshake fails unless
+    /// the peer's certificate is node `id`'s.
     pub async fn connect(&self, id: NodeId, addr: &str) -> anyhow::Result<quinn::Connection> {
         if let Some(c) = self.conns.lock().await.get(&id) {
             if c.close_reason().is_none() {
@@ -120,21 +125,14 @@ impl Peers {
             .map_err(|e| anyhow::anyhow!("cannot resolve node {id}'s address {addr}: {e}"))?
             .next()
             .ok_or_else(|| anyhow::anyhow!("node {id}'s address {addr} resolves to nothing"))?;
+        let config = self.tuning.client_config(&self.identity, Peer::Node(id))?;
         let conn = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            self.endpoint.connect(sock, SERVER_NAME)?,
+            self.endpoint.connect_with(config, sock, SERVER_NAME)?,
         )
         .await
         .map_err(|_| anyhow::anyhow!("no QUIC answer from node {id} at {addr} within 10 s"))?
         .map_err(|e| anyhow::anyhow!("QUIC connection to node {id} at {addr}: {e}"))?;
-        let who = peer_certs(&conn)
-            .as_ref()
-            .and_then(|c| c.first().map(|d| role_of(d)))
-            .transpose()?;
-        if who != Some(Role::Node(id)) {
-            conn.close(1u32.into(), b"wrong node");
-            anyhow::bail!("{addr} answered as {who:?}, not as node {id}");
-        }
         let mut conns = self.conns.lock().await;
         match conns.get(&id) {
             // Another task connected meanwhile: use one connection per peer.
@@ -147,6 +145,12 @@ impl Peers {
                 Ok(conn)
             }
         }
+    }
+
+    /// Forgets every connection (after this node's certificate was renewed), so the next
+    /// pushes connect with the new one; pushes under way finish on theirs.
+    pub async fn forget_all(&self) {
+        self.conns.lock().await.clear();
     }
 
     /// Forgets the connection to `id` (after it failed), so the next push connects afresh.

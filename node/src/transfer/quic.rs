@@ -50,7 +50,7 @@ use quinn::{
     ServerConfig, TransportConfig, VarInt,
 };
 
-use crate::pki::{NodeTls, PkiError};
+use crate::pki::{NodeTls, Peer, PkiError, TlsIdentity};
 
 /// The largest UDP payload flock's endpoint accepts and probes for: what one IPv4 datagram can
 /// carry (65535 less the IP and UDP headers), and what a loopback interface's 64 KiB MTU carries.
@@ -239,26 +239,44 @@ impl QuicTuning {
         e
     }
 
-    /// The QUIC server configuration: the node's mutual TLS ([`NodeTls::quic_server`]) with
+    /// The QUIC server configuration: the node's mutual TLS ([`crate::pki::quic_server`]) with
     /// these transport parameters.
-    pub fn server_config(&self, tls: &NodeTls) -> Result<ServerConfig, PkiError> {
-        let mut c = tls.quic_server()?;
+    pub fn server_config(&self, identity: &TlsIdentity) -> Result<ServerConfig, PkiError> {
+        let mut c = crate::pki::quic_server(identity)?;
         c.transport_config(Arc::new(self.transport()));
         Ok(c)
     }
 
-    /// The QUIC client configuration ([`NodeTls::quic_client`]) with these transport parameters.
-    pub fn client_config(&self, tls: &NodeTls) -> Result<ClientConfig, PkiError> {
-        let mut c = tls.quic_client()?;
+    /// The QUIC client configuration ([`crate::pki::quic_client`]), accepting only `peer`,
+    /// with these transport parameters.
+    pub fn client_config(
+        &self,
+        identity: &TlsIdentity,
+        peer: Peer,
+    ) -> Result<ClientConfig, PkiError> {
+        let mut c = crate::pki::quic_client(identity, peer)?;
         c.transport_config(Arc::new(self.transport()));
         Ok(c)
     }
 
     /// Opens a QUIC endpoint on UDP `addr` with the node's TLS: the socket with this tuning's
-    /// buffers, the receive windows fitted to what the kernel granted, the client configuration
-    /// as its default, and accepting connections when `serve`. Must be called within a tokio
-    /// runtime.
+    /// buffers, the receive windows fitted to what the kernel granted, a client configuration
+    /// that accepts any node as its default, and accepting connections when `serve`. Must be
+    /// called within a tokio runtime.
     pub fn open(&self, addr: SocketAddr, tls: &NodeTls, serve: bool) -> io::Result<Opened> {
+        let identity = tls.identity().map_err(|e| io::Error::other(e.to_string()))?;
+        self.open_with(addr, tls, &identity, serve)
+    }
+
+    /// As [`open`](Self::open), presenting `identity` (whose certificate may be replaced later:
+    /// the endpoint presents the new one from then on).
+    pub fn open_with(
+        &self,
+        addr: SocketAddr,
+        tls: &NodeTls,
+        identity: &TlsIdentity,
+        serve: bool,
+    ) -> io::Result<Opened> {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
             socket2::Type::DGRAM,
@@ -278,7 +296,7 @@ impl QuicTuning {
         let tuning = self.fitted(recv_buffer);
         let pki = |e: PkiError| io::Error::other(e.to_string());
         let server = if serve {
-            Some(tuning.server_config(tls).map_err(pki)?)
+            Some(tuning.server_config(identity).map_err(pki)?)
         } else {
             None
         };
@@ -294,7 +312,11 @@ impl QuicTuning {
             .max_udp_payload_size(tuning.max_udp_payload)
             .expect("max_udp_payload is within 1200..=65527");
         let mut endpoint = Endpoint::new_with_abstract_socket(config, server, udp, runtime)?;
-        endpoint.set_default_client_config(tuning.client_config(tls).map_err(pki)?);
+        endpoint.set_default_client_config(
+            tuning
+                .client_config(identity, Peer::AnyNode)
+                .map_err(pki)?,
+        );
         Ok(Opened {
             endpoint,
             recv_buffer,
@@ -371,21 +393,16 @@ pub fn transport_config() -> TransportConfig {
     QuicTuning::default().transport()
 }
 
-/// flockd's QUIC server configuration: mutual TLS with the tuned transport.
-pub fn server_config(tls: &NodeTls) -> Result<ServerConfig, PkiError> {
-    QuicTuning::default().server_config(tls)
-}
-
-/// flockd's QUIC client configuration: mutual TLS with the tuned transport.
-pub fn client_config(tls: &NodeTls) -> Result<ClientConfig, PkiError> {
-    QuicTuning::default().client_config(tls)
-}
-
 /// Opens flockd's QUIC endpoint on UDP `addr` ([`QuicTuning::open`] with the defaults):
-/// serving connections, and dialling with the same TLS. Logs the socket buffers granted, and
+/// serving connections, and dialling with the same TLS; returns it with its tuning (windows
+/// fitted to the socket), which connections to peers use. Logs the socket buffers granted, and
 /// warns when they are too small for full speed.
-pub fn bind_endpoint(addr: SocketAddr, tls: &NodeTls) -> io::Result<Endpoint> {
-    let opened = QuicTuning::default().open(addr, tls, true)?;
+pub fn bind_endpoint(
+    addr: SocketAddr,
+    tls: &NodeTls,
+    identity: &TlsIdentity,
+) -> io::Result<(Endpoint, QuicTuning)> {
+    let opened = QuicTuning::default().open_with(addr, tls, identity, true)?;
     let window = opened.tuning.receive_window;
     if opened.recv_buffer < (8 << 20) {
         tracing::warn!(
@@ -402,7 +419,7 @@ pub fn bind_endpoint(addr: SocketAddr, tls: &NodeTls) -> io::Result<Endpoint> {
             "QUIC endpoint open"
         );
     }
-    Ok(opened.endpoint)
+    Ok((opened.endpoint, opened.tuning))
 }
 
 /// The most bytes one UDP send may carry over IPv4; a GSO batch is one send.

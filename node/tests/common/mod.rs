@@ -32,9 +32,21 @@ pub struct Proc {
 impl Proc {
     /// Starts `flockd ARGS` and waits for its "ready" line (or its exit).
     pub fn start(args: &[String], data_dir: &Path, name: &str, log: &Path) -> Result<Proc, String> {
+        Self::start_env(args, data_dir, name, log, &[])
+    }
+
+    /// As [`start`](Self::start), with these environment variables set.
+    pub fn start_env(
+        args: &[String],
+        data_dir: &Path,
+        name: &str,
+        log: &Path,
+        env: &[(String, String)],
+    ) -> Result<Proc, String> {
         let stderr = std::fs::File::create(log).expect("log file");
         let mut child = Command::new(FLOCKD)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "warn,flock_node=info,flock_raft=info")
             // No Docker volume plugin unless a test names one (--plugin-name): a flockd killed
             // with -9 leaves its socket behind, and the engine waits on it in `docker volume ls`.
@@ -161,6 +173,8 @@ pub struct TestCluster {
     pub extra_args: Vec<String>,
     /// Arguments for one node only (index 0 is node 1), after `extra_args`.
     pub node_args: Vec<Vec<String>>,
+    /// Environment variables every flockd of the cluster starts with.
+    pub env: Vec<(String, String)>,
 }
 
 pub fn s(v: &[&str]) -> Vec<String> {
@@ -176,6 +190,16 @@ impl TestCluster {
 
     /// As [`start`](Self::start), with `node_args[i]` given to node i + 1 only.
     pub fn start_with(n: usize, extra: &[&str], node_args: Vec<Vec<String>>) -> TestCluster {
+        Self::start_env(n, extra, node_args, Vec::new())
+    }
+
+    /// As [`start_with`](Self::start_with), every flockd with the environment variables `env`.
+    pub fn start_env(
+        n: usize,
+        extra: &[&str],
+        node_args: Vec<Vec<String>>,
+        env: Vec<(String, String)>,
+    ) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut c = TestCluster {
             dir,
@@ -183,6 +207,7 @@ impl TestCluster {
             token: String::new(),
             extra_args: s(extra),
             node_args,
+            env,
         };
         let d1 = c.data_dir(1);
         let mut args = s(&[
@@ -197,7 +222,8 @@ impl TestCluster {
         args.extend(s(FAST));
         args.extend(c.extra_args.clone());
         args.extend(c.args_of(1));
-        let mut first = Proc::start(&args, &d1, "n1", &c.log(1, "init")).expect("n1 starts");
+        let mut first =
+            Proc::start_env(&args, &d1, "n1", &c.log(1, "init"), &c.env).expect("n1 starts");
         let tok = first
             .wait_line("flockd: join with token", Duration::from_secs(5))
             .expect("token line");
@@ -254,7 +280,7 @@ impl TestCluster {
         args.extend(s(FAST));
         args.extend(self.extra_args.clone());
         args.extend(self.args_of(i));
-        Proc::start(&args, &d, &name, &self.log(i, "join"))
+        Proc::start_env(&args, &d, &name, &self.log(i, "join"), &self.env)
     }
 
     /// `flockd run` node `i` (1-based) from its data dir, replacing the dead process.
@@ -265,7 +291,8 @@ impl TestCluster {
         args.extend(self.extra_args.clone());
         args.extend(self.args_of(i));
         let p =
-            Proc::start(&args, &d, &format!("n{i}"), &self.log(i, "run")).expect("node restarts");
+            Proc::start_env(&args, &d, &format!("n{i}"), &self.log(i, "run"), &self.env)
+                .expect("node restarts");
         assert_eq!(
             p.addr,
             self.nodes[i - 1].addr,
