@@ -803,28 +803,39 @@ async fn run_batcher(raft: Raft, timeout: Duration, mut rx: mpsc::UnboundedRecei
                 None => return,
             },
         };
-        // One batch is one log entry: it keeps to MAX_COMMAND_BYTES like any command.
-        let mut bytes = BATCH_OVERHEAD + first.bytes;
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) if bytes + p.bytes > limits::MAX_COMMAND_BYTES => {
-                    carried = Some(p);
-                    break;
-                }
-                Ok(p) => {
-                    bytes += p.bytes;
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+        let batch = fill_batch(first, &mut rx, &mut carried);
         let raft = raft.clone();
         tokio::spawn(async move {
             propose_batch(&raft, timeout, batch).await;
             drop(permit);
         });
     }
+}
+
+/// A batch: `first` and the proposals waiting in `rx`, at most [`MAX_BATCH`] of them and
+/// within [`limits::MAX_COMMAND_BYTES`] encoded (one batch is one log entry, which keeps to
+/// that like any command); a proposal that does not fit is left in `carried` for the next one.
+fn fill_batch(
+    first: Proposal,
+    rx: &mut mpsc::UnboundedReceiver<Proposal>,
+    carried: &mut Option<Proposal>,
+) -> Vec<Proposal> {
+    let mut bytes = BATCH_OVERHEAD + first.bytes;
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(p) if bytes + p.bytes > limits::MAX_COMMAND_BYTES => {
+                *carried = Some(p);
+                break;
+            }
+            Ok(p) => {
+                bytes += p.bytes;
+                batch.push(p);
+            }
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 async fn propose_batch(raft: &Raft, timeout: Duration, batch: Vec<Proposal>) {
@@ -892,6 +903,76 @@ mod tests {
     fn test_identity() -> TlsIdentity {
         let (ca, _) = crate::pki::CertAuthority::create("c0ffee").unwrap();
         TlsIdentity::from_pem(&ca.cert_pem, None).unwrap()
+    }
+
+    /// Concurrent proposals of the largest kv value: batches stay within MAX_COMMAND_BYTES
+    /// (encoded, as Raft stores them), and every proposal goes, in order.
+    #[test]
+    fn batches_keep_to_the_command_limit() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let value = "m".repeat(flock_scheduler::MAX_VALUE_LEN);
+        let mut waiters = Vec::new();
+        for k in 0..8 {
+            let cmd = Command::KvPut {
+                key: format!("k{k}"),
+                value: value.clone(),
+            };
+            let bytes = checked_size(&cmd).unwrap();
+            let (ptx, prx) = oneshot::channel();
+            waiters.push(prx);
+            tx.send(Proposal {
+                cmd,
+                bytes,
+                tx: ptx,
+            })
+            .unwrap();
+        }
+        for k in 0..600 {
+            let cmd = Command::KvDelete {
+                key: format!("small{k}"),
+            };
+            let bytes = checked_size(&cmd).unwrap();
+            let (ptx, _) = oneshot::channel();
+            tx.send(Proposal {
+                cmd,
+                bytes,
+                tx: ptx,
+            })
+            .unwrap();
+        }
+        drop(tx);
+        let mut carried = None;
+        let mut keys = Vec::new();
+        let mut batches = 0;
+        loop {
+            let first = match carried.take() {
+                Some(p) => p,
+                None => match rx.try_recv() {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let batch = fill_batch(first, &mut rx, &mut carried);
+            assert!(batch.len() <= MAX_BATCH);
+            let cmds: Vec<Command> = batch.into_iter().map(|p| p.cmd).collect();
+            keys.extend(cmds.iter().map(|c| match c {
+                Command::KvPut { key, .. } | Command::KvDelete { key } => key.clone(),
+                _ => unreachable!(),
+            }));
+            let entry = Command::Batch(cmds);
+            assert!(encode(&entry).len() <= limits::MAX_COMMAND_BYTES);
+            assert_eq!(entry.check_limits(), Ok(()));
+            batches += 1;
+        }
+        let want: Vec<String> = (0..8)
+            .map(|k| format!("k{k}"))
+            .chain((0..600).map(|k| format!("small{k}")))
+            .collect();
+        assert_eq!(keys, want);
+        // Two of the largest values a batch (4 MiB holds two of 1.5 MiB, not three).
+        // Four batches hold the large puts, two each (the fourth fills up to MAX_BATCH with
+        // small ones); a fifth takes the remaining small ones.
+        assert_eq!(batches, 5);
     }
 
     /// A forward to a leader whose name no longer resolves (a dead container) was never sent:

@@ -116,6 +116,18 @@ fn len_at_most(what: &str, s: &str, max: usize) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// As [`len_at_most`], for a secret: named, never quoted.
+fn secret_len(secret: &str) -> Result<(), ApplyError> {
+    if secret.len() > MAX_SECRET_LEN {
+        return Err(too_large(
+            "the join secret".into(),
+            secret.len(),
+            MAX_SECRET_LEN,
+        ));
+    }
+    Ok(())
+}
+
 fn key_len(key: &str) -> Result<(), ApplyError> {
     len_at_most("key", key, MAX_KEY_LEN)
 }
@@ -277,20 +289,18 @@ impl Command {
                 addr,
             } => {
                 len_at_most("cluster id", cluster_id, MAX_CLUSTER_ID_LEN)?;
-                len_at_most("join secret", join_secret, MAX_SECRET_LEN)?;
+                secret_len(join_secret)?;
                 len_at_most("node name", name, MAX_NAME_LEN)?;
                 len_at_most("node address", addr, MAX_ADDR_LEN)
             }
             Command::RegisterNode { secret, name, addr } => {
-                len_at_most("join secret", secret, MAX_SECRET_LEN)?;
+                secret_len(secret)?;
                 if let Some(name) = name {
                     len_at_most("node name", name, MAX_NAME_LEN)?;
                 }
                 len_at_most("node address", addr, MAX_ADDR_LEN)
             }
-            Command::RotateJoinSecret { secret } => {
-                len_at_most("join secret", secret, MAX_SECRET_LEN)
-            }
+            Command::RotateJoinSecret { secret } => secret_len(secret),
             Command::RegisterNodeHashed {
                 secret_hash,
                 name,
@@ -449,11 +459,13 @@ mod tests {
 
     #[test]
     fn node_commands() {
-        too_large(&Command::RegisterNode {
+        let (what, len, _) = too_large(&Command::RegisterNode {
             secret: long(3_800_000),
             name: None,
             addr: "h:1".into(),
         });
+        // A secret is never quoted.
+        assert_eq!((what.as_str(), len), ("the join secret", 3_800_000));
         too_large(&Command::RegisterNode {
             secret: "s".into(),
             name: Some(long(64)),
