@@ -188,7 +188,7 @@ impl TlsIdentity {
         let name = ServerName::try_from(SERVER_NAME).map_err(|e| bad("server name", e))?;
         let verifier = Arc::new(PeerVerifier { webpki, peer, name });
         let mut config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| bad("TLS", e))?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
@@ -215,7 +215,7 @@ impl TlsIdentity {
         };
         let verifier = builder.build().map_err(|e| bad("TLS client verifier", e))?;
         let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| bad("TLS", e))?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
