@@ -640,7 +640,11 @@ mod tests {
             let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
             let eku = cert.extended_key_usage().unwrap().unwrap().value.clone();
             let (from, to) = flock_raft::tls::validity(&der).unwrap();
-            (eku.server_auth, eku.client_auth, to.duration_since(from).unwrap())
+            (
+                eku.server_auth,
+                eku.client_auth,
+                to.duration_since(from).unwrap(),
+            )
         };
         let skew = |d: Duration| (d / 10).min(Duration::from_secs(300));
         let node = ca.sign_csr(&csr, &Role::Node(3)).unwrap();
