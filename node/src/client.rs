@@ -49,11 +49,12 @@ impl ClientConfig {
     /// accepted as the server (never an admin certificate).
     pub fn identity(&self) -> anyhow::Result<TlsIdentity> {
         Ok(
-            TlsIdentity::from_pem(&self.ca_pem, Some((&self.cert_pem, &self.key_pem)))
-                .map_err(|e| PkiError::Bad {
+            TlsIdentity::from_pem(&self.ca_pem, Some((&self.cert_pem, &self.key_pem))).map_err(
+                |e| PkiError::Bad {
                     what: "client config".into(),
                     reason: e.to_string(),
-                })?,
+                },
+            )?,
         )
     }
 }

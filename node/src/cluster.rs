@@ -19,8 +19,8 @@ use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::{Member, PingRequest, ProposeRequest, ReadIndexRequest, StatusReply};
 use flock_raft::codec::{decode, encode};
 use flock_raft::network::lazy_channel;
-use flock_raft::tls::{Peer, TlsIdentity};
 use flock_raft::state_machine::{Applied, StateView};
+use flock_raft::tls::{Peer, TlsIdentity};
 use flock_raft::types::RaftMetrics;
 use flock_raft::{MemberNode, NodeId, Raft};
 use flock_scheduler::membership::{check_removal, voters_to_promote};
@@ -206,10 +206,7 @@ impl Cluster {
     /// Drops the cached peer connections (after this node's certificate was renewed), so new
     /// calls connect with the new certificate.
     pub fn reset_peers(&self) {
-        self.peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     pub fn metrics(&self) -> RaftMetrics {
@@ -979,7 +976,8 @@ mod tests {
     /// it must be retried, not reported as an unknown outcome.
     #[tokio::test]
     async fn unresolvable_leader_counts_as_never_sent() {
-        let ch = lazy_channel("no-such-node.invalid:7801", &test_identity(), Peer::Node(2)).unwrap();
+        let ch =
+            lazy_channel("no-such-node.invalid:7801", &test_identity(), Peer::Node(2)).unwrap();
         let status = ApiClient::new(ch).ping(PingRequest {}).await.unwrap_err();
         assert!(never_sent(&status), "{status:?}");
     }
@@ -991,7 +989,12 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let ch = lazy_channel(&format!("127.0.0.1:{port}"), &test_identity(), Peer::Node(2)).unwrap();
+        let ch = lazy_channel(
+            &format!("127.0.0.1:{port}"),
+            &test_identity(),
+            Peer::Node(2),
+        )
+        .unwrap();
         let status = ApiClient::new(ch).ping(PingRequest {}).await.unwrap_err();
         assert!(never_sent(&status), "{status:?}");
         assert!(!never_sent(&tonic::Status::deadline_exceeded("x")));

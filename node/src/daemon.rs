@@ -485,10 +485,8 @@ impl RunningNode {
                 mesh: mesh_view.clone(),
             },
         );
-        let (quic, quic_tuning) =
-            crate::transfer::quic::bind_endpoint(bound, &tls, &tls_identity).map_err(|e| {
-                anyhow::anyhow!("cannot open the QUIC endpoint on udp {bound}: {e}")
-            })?;
+        let (quic, quic_tuning) = crate::transfer::quic::bind_endpoint(bound, &tls, &tls_identity)
+            .map_err(|e| anyhow::anyhow!("cannot open the QUIC endpoint on udp {bound}: {e}"))?;
         let (stop, stopped) = watch::channel(false);
         let mut server_stop = stopped.clone();
         // TLS is done here rather than by tonic, so that a renewed certificate is presented

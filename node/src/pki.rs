@@ -632,6 +632,34 @@ mod tests {
     }
 
     #[test]
+    fn admins_are_clients_only_and_certificates_expire() {
+        let (ca, _) = CertAuthority::create("c0ffee").unwrap();
+        let (_, csr) = new_key_and_csr().unwrap();
+        let usages = |pem: &str| {
+            let der = pem_to_der(pem, "c").unwrap();
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            let eku = cert.extended_key_usage().unwrap().unwrap().value.clone();
+            let (from, to) = flock_raft::tls::validity(&der).unwrap();
+            (
+                eku.server_auth,
+                eku.client_auth,
+                to.duration_since(from).unwrap(),
+            )
+        };
+        let skew = |d: Duration| (d / 10).min(Duration::from_secs(300));
+        let node = ca.sign_csr(&csr, &Role::Node(3)).unwrap();
+        assert_eq!(
+            usages(&node),
+            (true, true, NODE_CERT_VALIDITY + skew(NODE_CERT_VALIDITY))
+        );
+        let admin = ca.sign_csr(&csr, &Role::Admin("ops".into())).unwrap();
+        assert_eq!(
+            usages(&admin),
+            (false, true, ADMIN_CERT_VALIDITY + skew(ADMIN_CERT_VALIDITY))
+        );
+    }
+
+    #[test]
     fn open_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k.key");

@@ -728,23 +728,33 @@ fn s31_an_admin_certificate_cannot_serve() {
             rcgen::KeyPair::from_pem(&ca_key).unwrap(),
         )
         .unwrap();
-        let mut p = rcgen::CertificateParams::new(vec![flock_node::pki::SERVER_NAME.into()]).unwrap();
+        let mut p =
+            rcgen::CertificateParams::new(vec![flock_node::pki::SERVER_NAME.into()]).unwrap();
         p.distinguished_name
             .push(rcgen::DnType::CommonName, "admin-old");
         p.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        (p.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
+        (
+            p.signed_by(&key, &issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
     };
     for (what, cert, key, expect) in [
-        ("issued admin", conf.cert_pem.clone(), conf.key_pem.clone(), "extended key usage for server authentication"),
+        (
+            "issued admin",
+            conf.cert_pem.clone(),
+            conf.key_pem.clone(),
+            "extended key usage for server authentication",
+        ),
         ("old-style admin", old_style.0, old_style.1, "admin-old"),
     ] {
         let e = rt().block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap().to_string();
-            let chain = vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+            let chain =
+                vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
             let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
             let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
                 rustls::crypto::ring::default_provider(),
@@ -760,10 +770,11 @@ fn s31_an_admin_certificate_cannot_serve() {
                     let _ = acceptor.accept(tcp).await;
                 }
             });
-            let r = flock_raft::tls::connect_peer(&addr, &n1, Peer::AnyNode, Duration::from_secs(3))
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string());
+            let r =
+                flock_raft::tls::connect_peer(&addr, &n1, Peer::AnyNode, Duration::from_secs(3))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
             serve.abort();
             r
         });
@@ -778,14 +789,29 @@ fn s32_a_revoked_admin_config_is_refused_on_every_node() {
     let ops = c.dir.path().join("ops.conf");
     c.ctl_ok(
         c.addr(1),
-        &["cluster", "admin-config", "--out", ops.to_str().unwrap(), "--label", "ops"],
+        &[
+            "cluster",
+            "admin-config",
+            "--out",
+            ops.to_str().unwrap(),
+            "--label",
+            "ops",
+        ],
     );
     for i in 1..=3 {
         ctl_ok(&ops, c.addr(i), &["kv", "put", "k", "ops"]);
     }
     // An admin cannot revoke the label it calls with.
-    let o = ctl(&ops, c.addr(2), &["cluster", "admin-config", "--revoke", "ops"]);
-    assert!(stderr(&o).contains("issue another admin config first"), "{}", stderr(&o));
+    let o = ctl(
+        &ops,
+        c.addr(2),
+        &["cluster", "admin-config", "--revoke", "ops"],
+    );
+    assert!(
+        stderr(&o).contains("issue another admin config first"),
+        "{}",
+        stderr(&o)
+    );
     let out = c.ctl_ok(c.addr(2), &["cluster", "admin-config", "--revoke", "ops"]);
     assert!(out.contains("revoked"), "{out}");
     for i in 1..=3 {
@@ -799,7 +825,14 @@ fn s32_a_revoked_admin_config_is_refused_on_every_node() {
     let again = c.dir.path().join("ops2.conf");
     let o = c.ctl(
         c.addr(3),
-        &["cluster", "admin-config", "--out", again.to_str().unwrap(), "--label", "ops"],
+        &[
+            "cluster",
+            "admin-config",
+            "--out",
+            again.to_str().unwrap(),
+            "--label",
+            "ops",
+        ],
     );
     assert!(stderr(&o).contains("were revoked"), "{}", stderr(&o));
     assert!(!again.exists());
@@ -834,7 +867,12 @@ fn s33_certificates_expire_and_nodes_renew_their_own() {
         let der = flock_node::pki::pem_to_der(&config(&c).cert_pem, "admin").unwrap();
         flock_raft::tls::validity(&der).unwrap().1
     };
-    let latest = originals.iter().map(|(_, t)| *t).max().unwrap().max(admin_expiry);
+    let latest = originals
+        .iter()
+        .map(|(_, t)| *t)
+        .max()
+        .unwrap()
+        .max(admin_expiry);
     let now = std::time::SystemTime::now();
     assert!(
         latest <= now + Duration::from_secs(VALIDITY + 1),
@@ -845,7 +883,10 @@ fn s33_certificates_expire_and_nodes_renew_their_own() {
     for i in 1..=3 {
         // The node renewed its certificate on disk...
         let p = TlsPaths::new(&c.data_dir(i)).node_cert();
-        assert!(not_after(&p) > originals[i - 1].1, "n{i} renewed its certificate");
+        assert!(
+            not_after(&p) > originals[i - 1].1,
+            "n{i} renewed its certificate"
+        );
         // ...presents it (this client refuses an expired server certificate), and the cluster
         // takes writes through every node (forwarded to the leader with the new certificates).
         let me = NodeTls::load(&TlsPaths::new(&c.data_dir(i))).unwrap();
@@ -870,9 +911,13 @@ fn s33_certificates_expire_and_nodes_renew_their_own() {
         let o = c.ctl(c.addr(i), &["status"]);
         assert_eq!(o.status.code(), Some(1), "n{i}: {}", stderr(&o));
         assert!(!stderr(&o).contains("not a member"), "n{i}: {}", stderr(&o));
-        let old = TlsIdentity::from_pem(&me.ca_pem, Some((&originals[i - 1].0, &me.key_pem))).unwrap();
+        let old =
+            TlsIdentity::from_pem(&me.ca_pem, Some((&originals[i - 1].0, &me.key_pem))).unwrap();
         let e = status_as(c.addr(i % 3 + 1), &old, Peer::AnyNode).unwrap_err();
-        assert!(!e.contains("not a member"), "reached a handler with an expired certificate: {e}");
+        assert!(
+            !e.contains("not a member"),
+            "reached a handler with an expired certificate: {e}"
+        );
     }
     let log = std::fs::read_to_string(c.log(2, "join")).unwrap();
     assert!(log.contains("renewed this node's certificate"), "{log}");

@@ -73,8 +73,7 @@ fn bad(what: &str, reason: impl ToString) -> TlsError {
 
 /// The common name of a DER certificate.
 pub fn common_name(der: &[u8]) -> Result<String, TlsError> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| bad("certificate", e))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| bad("certificate", e))?;
     let cn = cert
         .subject()
         .iter_common_name()
@@ -86,8 +85,7 @@ pub fn common_name(der: &[u8]) -> Result<String, TlsError> {
 
 /// A DER certificate's validity period (not before, not after).
 pub fn validity(der: &[u8]) -> Result<(SystemTime, SystemTime), TlsError> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| bad("certificate", e))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| bad("certificate", e))?;
     let at = |t: i64| UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
     let v = cert.validity();
     Ok((at(v.not_before.timestamp()), at(v.not_after.timestamp())))
@@ -188,13 +186,9 @@ impl TlsIdentity {
                 .build()
                 .map_err(|e| bad("TLS verifier", e))?;
         let name = ServerName::try_from(SERVER_NAME).map_err(|e| bad("server name", e))?;
-        let verifier = Arc::new(PeerVerifier {
-            webpki,
-            peer,
-            name,
-        });
+        let verifier = Arc::new(PeerVerifier { webpki, peer, name });
         let mut config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| bad("TLS", e))?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
@@ -221,7 +215,7 @@ impl TlsIdentity {
         };
         let verifier = builder.build().map_err(|e| bad("TLS client verifier", e))?;
         let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| bad("TLS", e))?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
@@ -379,7 +373,12 @@ fn peer_endpoint(
 ) -> Result<(Endpoint, PeerConnector), TlsError> {
     let shown: String = addr.chars().take(100).collect();
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| bad(&format!("address {shown:?}"), format!("expected HOST:PORT: {e}")))?
+        .map_err(|e| {
+            bad(
+                &format!("address {shown:?}"),
+                format!("expected HOST:PORT: {e}"),
+            )
+        })?
         .connect_timeout(connect_timeout)
         // Detect a peer that vanished without closing its connections (a paused or partitioned
         // node) within about two seconds, instead of letting requests hang on the dead connection.
@@ -507,8 +506,7 @@ pub fn tls_incoming(
     listener: tokio::net::TcpListener,
     config: Arc<rustls::ServerConfig>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> impl futures::Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>>
-{
+) -> impl futures::Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {

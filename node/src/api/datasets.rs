@@ -389,7 +389,9 @@ impl ApiService {
         }
         let (ds, _guard) = match self.on_primary(req, &name, false).await? {
             Ok(locked) => locked,
-            Err((fwd, id, addr)) => return self.cluster.peer(id, &addr)?.dataset_snapshot(fwd).await,
+            Err((fwd, id, addr)) => {
+                return self.cluster.peer(id, &addr)?.dataset_snapshot(fwd).await
+            }
         };
         let datasets = &self.datasets;
         if ds.snapshots.iter().any(|s| s.name == tag) {
@@ -441,7 +443,9 @@ impl ApiService {
         let to = req.get_ref().snapshot.clone();
         let (ds, _guard) = match self.on_primary(req, &name, true).await? {
             Ok(locked) => locked,
-            Err((fwd, id, addr)) => return self.cluster.peer(id, &addr)?.dataset_rollback(fwd).await,
+            Err((fwd, id, addr)) => {
+                return self.cluster.peer(id, &addr)?.dataset_rollback(fwd).await
+            }
         };
         let datasets = &self.datasets;
         if !ds.snapshots.iter().any(|s| s.name == to) {

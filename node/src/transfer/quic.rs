@@ -264,7 +264,9 @@ impl QuicTuning {
     /// that accepts any node as its default, and accepting connections when `serve`. Must be
     /// called within a tokio runtime.
     pub fn open(&self, addr: SocketAddr, tls: &NodeTls, serve: bool) -> io::Result<Opened> {
-        let identity = tls.identity().map_err(|e| io::Error::other(e.to_string()))?;
+        let identity = tls
+            .identity()
+            .map_err(|e| io::Error::other(e.to_string()))?;
         self.open_with(addr, tls, &identity, serve)
     }
 
@@ -312,11 +314,8 @@ impl QuicTuning {
             .max_udp_payload_size(tuning.max_udp_payload)
             .expect("max_udp_payload is within 1200..=65527");
         let mut endpoint = Endpoint::new_with_abstract_socket(config, server, udp, runtime)?;
-        endpoint.set_default_client_config(
-            tuning
-                .client_config(identity, Peer::AnyNode)
-                .map_err(pki)?,
-        );
+        endpoint
+            .set_default_client_config(tuning.client_config(identity, Peer::AnyNode).map_err(pki)?);
         Ok(Opened {
             endpoint,
             recv_buffer,

@@ -290,9 +290,8 @@ impl TestCluster {
         args.extend(s(FAST));
         args.extend(self.extra_args.clone());
         args.extend(self.args_of(i));
-        let p =
-            Proc::start_env(&args, &d, &format!("n{i}"), &self.log(i, "run"), &self.env)
-                .expect("node restarts");
+        let p = Proc::start_env(&args, &d, &format!("n{i}"), &self.log(i, "run"), &self.env)
+            .expect("node restarts");
         assert_eq!(
             p.addr,
             self.nodes[i - 1].addr,
