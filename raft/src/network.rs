@@ -160,6 +160,8 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     }
 }
 
+// openraft's RaftNetwork fixes this error type (280 bytes), hence `result_large_err` allowed on
+// the few functions that return it.
 type AppendResult =
     Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>>;
 
@@ -192,6 +194,7 @@ impl Outcome {
         matches!(self, Outcome::Unreachable(_) | Outcome::Failed(_))
     }
 
+    #[allow(clippy::result_large_err)]
     fn into_result(self) -> AppendResult {
         match self {
             Outcome::Success => Ok(AppendEntriesResponse::Success),
@@ -334,6 +337,7 @@ impl GrpcConnection {
 
     /// Sends entries in a task of their own (see the module doc), or waits for the running call
     /// that already carries them.
+    #[allow(clippy::result_large_err)]
     async fn append_detached(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -419,6 +423,7 @@ impl GrpcConnection {
     }
 }
 
+#[allow(clippy::result_large_err)]
 fn unreachable_result(target: NodeId) -> AppendResult {
     Err(RPCError::Network(NetworkError::new(&Failure(format!(
         "node {target}: the replication call stopped without an answer"
