@@ -162,6 +162,8 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     }
 }
 
+// openraft's RaftNetwork fixes this error type (280 bytes), hence `result_large_err` allowed on
+// the few functions that return it.
 type AppendResult =
     Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>>;
 
@@ -194,6 +196,7 @@ impl Outcome {
         matches!(self, Outcome::Unreachable(_) | Outcome::Failed(_))
     }
 
+    #[allow(clippy::result_large_err)]
     fn into_result(self) -> AppendResult {
         match self {
             Outcome::Success => Ok(AppendEntriesResponse::Success),
@@ -336,6 +339,7 @@ impl GrpcConnection {
 
     /// Sends entries in a task of their own (see the module doc), or waits for the running call
     /// that already carries them.
+    #[allow(clippy::result_large_err)]
     async fn append_detached(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -421,6 +425,7 @@ impl GrpcConnection {
     }
 }
 
+#[allow(clippy::result_large_err)]
 fn unreachable_result(target: NodeId) -> AppendResult {
     Err(RPCError::Network(NetworkError::new(&Failure(format!(
         "node {target}: the replication call stopped without an answer"
