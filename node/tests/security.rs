@@ -612,8 +612,8 @@ fn files_holding(dir: &Path, needles: &[Vec<u8>]) -> Vec<(std::path::PathBuf, us
 #[test]
 fn s22_the_join_secret_is_in_no_file_but_the_ca_holders_secret_file() {
     use std::os::unix::fs::PermissionsExt;
-    // Snapshots every few entries, so snapshot files are searched too.
-    let mut c = TestCluster::start(3, &["--snapshot-logs", "5", "--keep-logs", "2"]);
+    // Snapshots every few entries, so snapshots are searched too, and the whole log is kept.
+    let mut c = TestCluster::start(3, &["--snapshot-logs", "5", "--keep-logs", "1000"]);
     let first = c.token.clone();
     let rotated = c.ctl_ok(c.addr(3), &["cluster", "token", "--rotate"]);
     assert_ne!(rotated, first);
