@@ -659,3 +659,40 @@ fn s22_the_join_secret_is_in_no_file_but_the_ca_holders_secret_file() {
         "the secret is in other files"
     );
 }
+
+#[test]
+fn s23_a_ca_holder_without_the_secret_file_asks_for_a_rotation() {
+    // As a cluster made by a flockd that kept the secret in the replicated state: the CA holder
+    // has no tls/join.secret.
+    let mut c = TestCluster::start(2, &[]);
+    assert_eq!(
+        c.nodes[0].signal_and_wait(libc::SIGTERM, Duration::from_secs(10)),
+        Some(0)
+    );
+    std::fs::remove_file(c.data_dir(1).join("tls").join("join.secret")).unwrap();
+    c.restart(1);
+    for i in [1, 2] {
+        let o = c.ctl(c.addr(i), &["cluster", "token"]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            stderr(&o).contains("cluster token --rotate"),
+            "n{i}: {}",
+            stderr(&o)
+        );
+    }
+    // The old token still admits (its hash is in the state) until the rotation.
+    let old = c.token.clone();
+    let p = c.join(3).expect("the old token works until rotated");
+    c.nodes.push(p);
+    let new = c.ctl_ok(c.addr(2), &["cluster", "token", "--rotate"]);
+    assert_eq!(c.ctl_ok(c.addr(1), &["cluster", "token"]), new);
+    let o = join(&c, &old, &c.dir.path().join("late"));
+    assert!(
+        stderr(&o).contains("token is wrong or has been rotated"),
+        "{}",
+        stderr(&o)
+    );
+    c.token = new;
+    let p = c.join(4).expect("the rotated token works");
+    c.nodes.push(p);
+}
