@@ -622,8 +622,18 @@ fn s22_the_join_secret_is_in_no_file_but_the_ca_holders_secret_file() {
     }
     // The rotated token works, through a node that is not the CA holder too.
     assert_eq!(c.ctl_ok(c.addr(2), &["cluster", "token"]), rotated);
-    c.token = rotated.clone();
-    let p = c.join(4).expect("joins with the rotated token");
+    // Joined through a node that is not the CA holder: it checks, then forwards.
+    let d4 = c.data_dir(4);
+    let mut args = s(&["join", c.addr(2), "--token", &rotated, "--data-dir"]);
+    args.extend(s(&[
+        d4.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        "n4",
+    ]));
+    args.extend(s(FAST));
+    let p = Proc::start(&args, &d4, "n4", &c.log(4, "join")).expect("joins with the rotated token");
     c.nodes.push(p);
     c.ctl_ok(c.addr(4), &["kv", "put", "after", "join"]);
     let secret_file = c.data_dir(1).join("tls").join("join.secret");
