@@ -1,9 +1,15 @@
 //! Tests of what only one backend has: the dir backend's crash recovery, its "unchanged file"
-//! rule and its defences against hostile streams; the zfs backend's start-up checks.
+//! rule and its defences against hostile streams and against applications that swap a
+//! directory for a symlink out of the dataset; the zfs backend's start-up checks.
 
 mod support;
 
 use std::fs;
+use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use flock_dataset::{Backend, DatasetError, DirBackend, StreamSpec, ZfsBackend};
 use support::*;
@@ -88,13 +94,28 @@ fn dir_unchanged_files_are_shared_between_snapshots() {
     );
 }
 
-/// A hand-made `dir` stream (format v1, see `dir::stream`).
+/// A hand-made full `dir` stream (format v1, see `dir::stream`) creating snapshot s1.
 fn dir_stream(records: &[Vec<u8>], file_bytes: u64) -> Vec<u8> {
+    dir_stream_from(None, "s1", records, file_bytes)
+}
+
+/// A hand-made `dir` stream from `base` (name, guid) to snapshot `target`.
+fn dir_stream_from(
+    base: Option<(&str, u64)>,
+    target: &str,
+    records: &[Vec<u8>],
+    file_bytes: u64,
+) -> Vec<u8> {
     let mut out = b"FLKDIR\0\0".to_vec();
     out.extend_from_slice(&1u16.to_be_bytes());
-    out.push(0);
-    out.extend_from_slice(&2u16.to_be_bytes());
-    out.extend_from_slice(b"s1");
+    out.push(u8::from(base.is_some()));
+    if let Some((name, guid)) = base {
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&guid.to_be_bytes());
+    }
+    out.extend_from_slice(&(target.len() as u16).to_be_bytes());
+    out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(&42u64.to_be_bytes());
     out.extend_from_slice(&1_700_000_000u64.to_be_bytes());
     for r in records {
@@ -175,6 +196,341 @@ fn dir_receive_refuses_streams_that_write_outside_the_dataset() {
         0,
         "something escaped"
     );
+}
+
+fn symlink_record(path: &str, target: &Path) -> Vec<u8> {
+    let target = target.to_str().expect("utf-8 path").as_bytes();
+    let mut tail = (target.len() as u32).to_be_bytes().to_vec();
+    tail.extend_from_slice(target);
+    record(b'L', path, 0, &tail)
+}
+
+fn stream_error_text(res: Result<flock_dataset::SnapshotInfo, DatasetError>) -> String {
+    match res {
+        Err(e @ DatasetError::Stream { .. }) => e.to_string(),
+        other => panic!("a hostile stream was not rejected as a bad stream: {other:?}"),
+    }
+}
+
+#[test]
+fn dir_receive_refuses_escaping_streams_with_a_clear_error_and_keeps_the_last_snapshot() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).expect("mkdir");
+    let b = DirBackend::open(tmp.path().join("node")).expect("open");
+    let d = ds("victim");
+    let root = record(b'D', "", 0o755, &[]);
+
+    let escape = dir_stream(&[root.clone(), file_record("../escape", b"evil")], 4);
+    let msg = stream_error_text(b.receive(
+        &StreamSpec::full(d.clone(), snap("s1")),
+        None,
+        &mut &escape[..],
+    ));
+    assert!(
+        msg.contains("../escape") && msg.contains("unsafe path"),
+        "{msg}"
+    );
+    let long = format!("{}/../escape", "x".repeat(3000));
+    let escape = dir_stream(&[root.clone(), file_record(&long, b"evil")], 4);
+    let msg = stream_error_text(b.receive(
+        &StreamSpec::full(d.clone(), snap("s1")),
+        None,
+        &mut &escape[..],
+    ));
+    assert!(
+        msg.len() < 600 && msg.contains("(3010 bytes)"),
+        "the error must show a bounded prefix and the length: {} bytes: {msg:.300}",
+        msg.len()
+    );
+
+    // A good first snapshot, with a symlink of the app's own pointing outside.
+    let good = dir_stream(
+        &[
+            root.clone(),
+            file_record("ok.txt", b"fine"),
+            symlink_record("app-link", &outside),
+        ],
+        4,
+    );
+    let s1 = b
+        .receive(
+            &StreamSpec::full(d.clone(), snap("s1")),
+            None,
+            &mut &good[..],
+        )
+        .expect("a well-formed stream");
+    let live = b.mount_path(&d).expect("mount");
+    assert_eq!(
+        fs::read_link(live.join("app-link")).expect("a symlink stays a symlink"),
+        outside
+    );
+
+    let inc = StreamSpec::incremental(d.clone(), snap("s1"), snap("s2"));
+    let base = Some(("s1", s1.guid));
+    let hostile = [
+        // A symlink the stream plants, then a file under it.
+        dir_stream_from(
+            base,
+            "s2",
+            &[
+                symlink_record("a", &outside),
+                file_record("a/evil", b"evil"),
+            ],
+            4,
+        ),
+        // A directory under it.
+        dir_stream_from(
+            base,
+            "s2",
+            &[
+                symlink_record("a", &outside),
+                record(b'D', "a/sub", 0o755, &[]),
+            ],
+            0,
+        ),
+        // A file under the base's own symlink.
+        dir_stream_from(base, "s2", &[file_record("app-link/evil", b"evil")], 4),
+        // A symlink replacing a directory the stream made, then a file under it.
+        dir_stream_from(
+            base,
+            "s2",
+            &[
+                record(b'D', "d", 0o755, &[]),
+                file_record("d/fine", b"fine"),
+                symlink_record("d", &outside),
+                file_record("d/evil", b"evil"),
+            ],
+            8,
+        ),
+        // A delete through the symlink.
+        dir_stream_from(base, "s2", &[record_x("app-link/x")], 0),
+        dir_stream_from(base, "s2", &[file_record("../escape", b"evil")], 4),
+    ];
+    fs::write(outside.join("x"), b"keep me").expect("write");
+    for (i, stream) in hostile.iter().enumerate() {
+        let msg = stream_error_text(b.receive(&inc, None, &mut &stream[..]));
+        assert!(
+            msg.contains("never through a link") || msg.contains("unsafe path"),
+            "stream {i}: {msg}"
+        );
+        assert_eq!(snapshot_names(&b, &d), ["s1"], "stream {i}");
+        assert_eq!(fs::read(live.join("ok.txt")).expect("read"), b"fine");
+    }
+    let left: Vec<_> = fs::read_dir(&outside)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(left, ["x"], "something was written or removed outside");
+    assert_eq!(fs::read(outside.join("x")).expect("read"), b"keep me");
+    assert!(!tmp.path().join("escape").exists());
+}
+
+fn record_x(path: &str) -> Vec<u8> {
+    let mut r = vec![b'X'];
+    r.extend_from_slice(&(path.len() as u32).to_be_bytes());
+    r.extend_from_slice(path.as_bytes());
+    r
+}
+
+/// The symlink-swap race: while the dir backend snapshots, sends and sizes a dataset, an
+/// "application" keeps swapping a directory of its live tree for a symlink to a directory
+/// outside (a stand-in for /etc, and for flockd's own tls/). No byte of what is outside may
+/// reach a snapshot, a stream or the used-bytes count.
+#[test]
+fn dir_snapshots_sends_and_sizes_never_follow_a_swapped_symlink() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let marker: Vec<u8> = format!("OUTSIDE-MARKER-{:016x}", std::process::id() as u64 * 0x9e37)
+        .into_bytes()
+        .repeat(4096);
+    // Same names outside as inside, so a walk that crosses the link finds what it expects.
+    let etc = tmp.path().join("etc");
+    let tls = tmp.path().join("tls");
+    write(&etc, "passwd", &marker);
+    write(&etc, "deeper/node.key", &marker);
+    write(&tls, "passwd", &marker);
+    write(&tls, "node.key", &marker);
+    let b = DirBackend::open(tmp.path().join("node")).expect("open");
+    let d = ds("app");
+    b.create(&d, None).expect("create");
+    let live = b.mount_path(&d).expect("mount");
+    write(&live, "top.txt", b"top");
+    write(&live, "sub/passwd", b"inside");
+    write(&live, "sub/deeper/node.key", b"inside");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (stop, live, etc, tls) = (stop.clone(), live.clone(), etc.clone(), tls.clone());
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Errors are fine: the backend may be looking at the same names.
+                let (dir, parked, to) = if swaps.is_multiple_of(2) {
+                    (live.join("sub"), live.join("sub.parked"), &etc)
+                } else {
+                    (
+                        live.join("sub/deeper"),
+                        live.join("sub/deeper.parked"),
+                        &tls,
+                    )
+                };
+                if fs::rename(&dir, &parked).is_ok() {
+                    let _ = std::os::unix::fs::symlink(to, &dir);
+                    std::thread::yield_now();
+                    let _ = fs::remove_file(&dir);
+                    let _ = fs::rename(&parked, &dir);
+                }
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let contains_marker = |bytes: &[u8]| bytes.windows(32).any(|w| w == &marker[..32]);
+    let started = Instant::now();
+    let mut done = 0;
+    let mut failure = None;
+    for i in 0..400 {
+        if started.elapsed() > Duration::from_secs(15) {
+            break;
+        }
+        let name = snap(&format!("s{i}"));
+        b.snapshot(&d, &name).expect("snapshot");
+        let mut full = Vec::new();
+        b.send(&StreamSpec::full(d.clone(), name.clone()))
+            .expect("send")
+            .read_to_end(&mut full)
+            .expect("read full stream");
+        let mut inc = Vec::new();
+        if i > 0 {
+            b.send(&StreamSpec::incremental(
+                d.clone(),
+                snap(&format!("s{}", i - 1)),
+                name.clone(),
+            ))
+            .expect("send incremental")
+            .read_to_end(&mut inc)
+            .expect("read incremental stream");
+        }
+        let used = b.info(&d).expect("info").expect("exists").used_bytes;
+        if contains_marker(&full) || contains_marker(&inc) {
+            failure = Some(format!("iteration {i}: a stream holds the outside marker"));
+            break;
+        }
+        if used >= marker.len() as u64 {
+            failure = Some(format!(
+                "iteration {i}: used bytes {used} count a file outside the dataset"
+            ));
+            break;
+        }
+        if i >= 2 {
+            b.destroy_snapshot(&d, &snap(&format!("s{}", i - 2)))
+                .expect("destroy an old snapshot");
+        }
+        done += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.join().expect("swapper");
+    if let Some(f) = failure {
+        panic!("{f} (after {swaps} swaps)");
+    }
+    // The snapshots on disk, read without following anything.
+    for entry in walkdir(&tmp.path().join("node/datasets/app/snapshots")) {
+        if entry.1 {
+            let bytes = fs::read(&entry.0).expect("read snapshot file");
+            assert!(
+                !contains_marker(&bytes),
+                "{} holds the marker",
+                entry.0.display()
+            );
+        }
+    }
+    assert!(done >= 100 && swaps >= 100, "{done} rounds, {swaps} swaps");
+    eprintln!(
+        "{done} snapshot rounds against {swaps} swaps in {:?}",
+        started.elapsed()
+    );
+}
+
+/// Every path under `root` with whether it is a regular file (symlinks not followed).
+fn walkdir(root: &Path) -> Vec<(std::path::PathBuf, bool)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = fs::symlink_metadata(&p).expect("lstat");
+        if md.is_dir() {
+            for e in fs::read_dir(&p).expect("ls") {
+                stack.push(e.expect("entry").path());
+            }
+        }
+        out.push((p, md.is_file()));
+    }
+    out
+}
+
+/// A rollback or receive writes into the live tree while the application swaps one of its
+/// directories for a symlink to a directory outside: nothing outside is written or removed.
+#[test]
+fn dir_rollback_never_writes_through_a_swapped_symlink() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let etc = tmp.path().join("etc");
+    write(&etc, "passwd", b"root:x:0:0");
+    let b = DirBackend::open(tmp.path().join("node")).expect("open");
+    let d = ds("app");
+    b.create(&d, None).expect("create");
+    let live = b.mount_path(&d).expect("mount");
+    write(&live, "sub/passwd", b"the app's own");
+    write(&live, "sub/new-file", b"rolled back into place");
+    b.snapshot(&d, &snap("s1")).expect("s1");
+    let stop = Arc::new(AtomicBool::new(false));
+    // Held by the test while it changes the live tree itself (its own writes follow links).
+    let quiet = Arc::new(std::sync::Mutex::new(()));
+    let swapper = {
+        let (stop, live, etc, quiet) = (stop.clone(), live.clone(), etc.clone(), quiet.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _swapping = quiet.lock().expect("lock");
+                let (dir, parked) = (live.join("sub"), live.join("sub.parked"));
+                if fs::rename(&dir, &parked).is_ok() {
+                    let _ = std::os::unix::fs::symlink(&etc, &dir);
+                    std::thread::yield_now();
+                    let _ = fs::remove_file(&dir);
+                    let _ = fs::rename(&parked, &dir);
+                    let _ = fs::remove_dir_all(&parked);
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let mut rounds = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        {
+            let _still = quiet.lock().expect("lock");
+            let _ = fs::remove_file(live.join("sub/new-file"));
+            let _ = fs::write(live.join("sub/passwd"), b"changed");
+        }
+        // A rollback that meets a symlink where a directory was fails (and is redone at the
+        // next open); what matters is where it wrote.
+        let _ = b.rollback(&d, &snap("s1"));
+        rounds += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().expect("swapper");
+    let names: Vec<_> = fs::read_dir(&etc)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(
+        names,
+        ["passwd"],
+        "a file was written outside ({rounds} rollbacks)"
+    );
+    assert_eq!(fs::read(etc.join("passwd")).expect("read"), b"root:x:0:0");
+    b.rollback(&d, &snap("s1")).expect("a quiet rollback works");
+    assert_eq!(
+        fs::read(live.join("sub/passwd")).expect("read"),
+        b"the app's own"
+    );
+    eprintln!("{rounds} rollbacks");
 }
 
 #[test]

@@ -565,6 +565,8 @@ async fn replica(
     let list = api.kv_list(KvListRequest {
         prefix: prefix.to_string(),
         stale: true,
+        // One reply (not paged): the workload's keys are few.
+        ..Default::default()
     });
     let r = tokio::time::timeout(Duration::from_secs(5), list)
         .await

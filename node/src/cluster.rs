@@ -23,7 +23,7 @@ use flock_raft::state_machine::{Applied, StateView};
 use flock_raft::types::RaftMetrics;
 use flock_raft::{MemberNode, NodeId, Raft};
 use flock_scheduler::membership::{check_removal, voters_to_promote};
-use flock_scheduler::{ApplyError, Command, CommandResult};
+use flock_scheduler::{limits, ApplyError, Command, CommandResult};
 
 /// How long a health probe of a member may take before it counts as unreachable.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
@@ -253,10 +253,13 @@ impl Cluster {
 
     /// Runs `cmd` through Raft and returns what applying it did. Forwards to the leader when this
     /// node is not it; waits up to `request_timeout` for a leader.
+    /// A command over a size limit ([`Command::check_limits`]) is refused at once, before it
+    /// is forwarded or proposed: it never reaches the log.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResult, ClusterError> {
+        let bytes = checked_size(&cmd)?;
         let deadline = Instant::now() + self.request_timeout;
         loop {
-            let leader = match self.propose_local(cmd.clone(), deadline).await {
+            let leader = match self.propose_checked(cmd.clone(), bytes, deadline).await {
                 Err(ClusterError::NotLeader) => self.leader(),
                 other => return other,
             };
@@ -271,15 +274,28 @@ impl Cluster {
     }
 
     /// Proposes on this node only; [`ClusterError::NotLeader`] when it is not the leader (and
-    /// then the command was certainly not appended).
+    /// then the command was certainly not appended). Checks the command's size limits first,
+    /// as [`propose`](Self::propose) does (this is also the path of a peer's forwarded command).
     pub async fn propose_local(
         &self,
         cmd: Command,
         deadline: Instant,
     ) -> Result<CommandResult, ClusterError> {
+        let bytes = checked_size(&cmd)?;
+        self.propose_checked(cmd, bytes, deadline).await
+    }
+
+    /// [`propose_local`](Self::propose_local) of a command whose limits were checked; `bytes`
+    /// is its encoded size.
+    async fn propose_checked(
+        &self,
+        cmd: Command,
+        bytes: usize,
+        deadline: Instant,
+    ) -> Result<CommandResult, ClusterError> {
         let (tx, rx) = oneshot::channel();
         self.proposals
-            .send(Proposal { cmd, tx })
+            .send(Proposal { cmd, bytes, tx })
             .map_err(|_| ClusterError::Fatal("the node is shutting down".into()))?;
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Err(_) => Err(ClusterError::OutcomeUnknown(format!(
@@ -579,7 +595,8 @@ impl Cluster {
             let a = self.view.read();
             let id = a.cluster.node_by_name(name).map(|n| n.id).ok_or_else(|| {
                 ClusterError::NotFound(format!(
-                    "no node named {name:?}; `flockctl node ls` lists them"
+                    "no node named {}; `flockctl node ls` lists them",
+                    flock_scheduler::shown(name)
                 ))
             })?;
             (id, a.cluster.ca_holder)
@@ -732,8 +749,20 @@ impl Cluster {
 /// A command waiting to be proposed, and who waits for its result.
 struct Proposal {
     cmd: Command,
+    /// Its encoded size, for bounding batches.
+    bytes: usize,
     tx: oneshot::Sender<Result<CommandResult, ClusterError>>,
 }
+
+/// Checks `cmd` against every size limit; its encoded size when it keeps to them.
+fn checked_size(cmd: &Command) -> Result<usize, ClusterError> {
+    cmd.check_limits()?;
+    Ok(limits::encoded_len(cmd))
+}
+
+/// Bytes a [`Command::Batch`] adds around its commands' own encodings (its tag and length;
+/// generous).
+const BATCH_OVERHEAD: usize = 16;
 
 /// Most commands in one batch.
 const MAX_BATCH: usize = 512;
@@ -747,17 +776,32 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// writes share one.
 async fn run_batcher(raft: Raft, timeout: Duration, mut rx: mpsc::UnboundedReceiver<Proposal>) {
     let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    // A proposal that did not fit the previous batch starts the next one.
+    let mut carried: Option<Proposal> = None;
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = rx.recv().await else {
-            return;
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
         };
+        // One batch is one log entry: it keeps to MAX_COMMAND_BYTES like any command.
+        let mut bytes = BATCH_OVERHEAD + first.bytes;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) if bytes + p.bytes > limits::MAX_COMMAND_BYTES => {
+                    carried = Some(p);
+                    break;
+                }
+                Ok(p) => {
+                    bytes += p.bytes;
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }

@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 
 use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::*;
+use flock_scheduler::shown;
 
 use crate::client::{connect, ClientConfig};
 use crate::pki::new_key_and_csr;
@@ -278,7 +279,24 @@ fn labels_text(labels: &std::collections::HashMap<String, String>) -> String {
         .join(",")
 }
 
-/// Left-aligned columns separated by two spaces.
+/// Entries per `kv ls` page flockctl asks for (the server may send fewer).
+const KV_LIST_PAGE: u32 = 1000;
+
+/// The most characters of a key or value `kv ls` shows in its table (`--json` shows them whole).
+const CELL_CHARS: usize = 80;
+
+/// A table cell for a key or value: cut to [`CELL_CHARS`] characters, with `…` and the length
+/// when cut, and its line breaks and tabs shown as `\n` and `\t` (one row per entry).
+fn cell(text: &str) -> String {
+    let one_line = |s: &str| s.replace('\n', "\\n").replace('\t', "\\t");
+    match text.char_indices().nth(CELL_CHARS) {
+        None => one_line(text),
+        Some((cut, _)) => format!("{}…({} bytes)", one_line(&text[..cut]), text.len()),
+    }
+}
+
+/// Left-aligned columns separated by two spaces. Cells of any width (padded by hand: a format
+/// width is at most 65535).
 pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0usize; N];
     for r in rows {
@@ -288,12 +306,18 @@ pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
     }
     let mut out = String::new();
     for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
+        let mut line = String::new();
+        for (i, (c, w)) in r.iter().zip(widths).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(c);
+            line.extend(std::iter::repeat_n(
+                ' ',
+                w.saturating_sub(c.chars().count()),
+            ));
+        }
+        out.push_str(line.trim_end());
         out.push('\n');
     }
     out
@@ -487,7 +511,7 @@ async fn kv(api: &mut ApiClient<Channel>, cmd: KvCmd) -> anyhow::Result<i32> {
                     if json {
                         println!("null");
                     } else {
-                        eprintln!("flockctl: key {key:?} does not exist");
+                        eprintln!("flockctl: key {} does not exist", shown(&key));
                     }
                     return Ok(EXIT_NOT_FOUND);
                 }
@@ -526,14 +550,17 @@ async fn kv(api: &mut ApiClient<Channel>, cmd: KvCmd) -> anyhow::Result<i32> {
                 );
             } else {
                 let now = match &r.entry {
-                    Some(e) => format!("holds {:?}", e.value),
+                    Some(e) => format!("holds {}", shown(&e.value)),
                     None => "does not exist".into(),
                 };
                 let wanted = match &expect {
-                    Some(v) => format!("{v:?}"),
+                    Some(v) => shown(v),
                     None => "no key".into(),
                 };
-                eprintln!("flockctl: not changed: {key:?} {now}, expected {wanted}");
+                eprintln!(
+                    "flockctl: not changed: {} {now}, expected {wanted}",
+                    shown(&key)
+                );
             }
             if !r.succeeded {
                 return Ok(EXIT_CAS_FAILED);
@@ -556,22 +583,35 @@ async fn kv(api: &mut ApiClient<Channel>, cmd: KvCmd) -> anyhow::Result<i32> {
             stale,
             json,
         } => {
-            let r = api
-                .kv_list(KvListRequest {
-                    prefix: prefix.unwrap_or_default(),
-                    stale,
-                })
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let prefix = prefix.unwrap_or_default();
+            // Page by page (each page a read of its own), until the server says there is no more.
+            let mut entries: Vec<KvEntry> = Vec::new();
+            loop {
+                let start_after = entries.last().map(|e| e.key.clone()).unwrap_or_default();
+                let r = api
+                    .kv_list(KvListRequest {
+                        prefix: prefix.clone(),
+                        stale,
+                        limit: KV_LIST_PAGE,
+                        start_after,
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                let progressed = !r.entries.is_empty();
+                entries.extend(r.entries);
+                if !r.more || !progressed {
+                    break;
+                }
+            }
             if json {
-                print_json(&r.entries.iter().map(kv_json).collect::<Vec<_>>())?;
+                print_json(&entries.iter().map(kv_json).collect::<Vec<_>>())?;
             } else {
                 let mut rows = vec![["KEY".to_string(), "VALUE".into(), "REVISION".into()]];
                 rows.extend(
-                    r.entries
+                    entries
                         .iter()
-                        .map(|e| [e.key.clone(), e.value.clone(), e.mod_revision.to_string()]),
+                        .map(|e| [cell(&e.key), cell(&e.value), e.mod_revision.to_string()]),
                 );
                 print!("{}", table(&rows));
             }

@@ -10,6 +10,7 @@ use tonic::transport::Channel;
 use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::*;
 use flock_scheduler::config::{self, NodeRef};
+use flock_scheduler::limits;
 
 use crate::ctl_dataset::status_err;
 
@@ -57,9 +58,26 @@ pub enum AppCmd {
     },
 }
 
+/// Reads a config file: refused before reading when it is larger than
+/// [`limits::MAX_CONFIG_FILE_BYTES`] (and never read past that, should it grow meanwhile).
 fn read(path: &Path) -> anyhow::Result<(String, String)> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    use std::io::Read;
+    let cannot = |e: std::io::Error| anyhow::anyhow!("cannot read {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let len = file.metadata().map_err(cannot)?.len();
+    config::check_file_size(&path.display().to_string(), len)?;
+    let mut bytes = Vec::new();
+    file.take(limits::MAX_CONFIG_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    config::check_file_size(&path.display().to_string(), bytes.len() as u64)?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read {}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
     let name = path.file_name().map_or_else(
         || path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),

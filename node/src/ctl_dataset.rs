@@ -238,7 +238,7 @@ async fn get(api: &mut ApiClient<Channel>, name: &str) -> anyhow::Result<Dataset
     .into_inner()
     .datasets
     .pop()
-    .ok_or_else(|| NotFound(format!("no dataset named {name:?}")).into())
+    .ok_or_else(|| NotFound(format!("no dataset named {}", flock_scheduler::shown(name))).into())
 }
 
 /// Runs one `flockctl dataset` command.

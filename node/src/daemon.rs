@@ -108,6 +108,9 @@ impl NodeOptions {
             election_timeout_min: self.election_timeout_ms,
             election_timeout_max: self.election_timeout_ms + self.election_timeout_ms / 3,
             install_snapshot_timeout: 10_000,
+            // Each InstallSnapshot call carries at most this much (the Raft service's message
+            // limit is far above it); AppendEntries are bounded in bytes by the log reader.
+            snapshot_max_chunk_size: flock_raft::network::SNAPSHOT_CHUNK_BYTES,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs),
             max_in_snapshot_log_to_keep: self.keep_logs,
             ..Default::default()
@@ -186,6 +189,7 @@ impl RunningNode {
         name: Option<String>,
         opts: &NodeOptions,
     ) -> anyhow::Result<RunningNode> {
+        crate::datadir::restrict_umask();
         let checked = check_storage(opts)?;
         dd.prepare_new()?;
         let (bound, advertise) = ep.addrs()?;
@@ -222,6 +226,8 @@ impl RunningNode {
         }
         .save(&dd.admin_config_path())?;
         let mut store = Store::open(&dd.store_path())?;
+        // Before anything is written to it (whatever umask redb created it with).
+        crate::datadir::make_private(&dd.store_path())?;
         store
             .set_cluster_id(&identity.cluster_id)
             .await
@@ -259,6 +265,7 @@ impl RunningNode {
         if let Some(n) = &name {
             validate_name(n).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
         }
+        crate::datadir::restrict_umask();
         let checked = check_storage(opts)?;
         dd.prepare_new()?;
         let (bound, advertise) = ep.addrs()?;
@@ -325,6 +332,8 @@ impl RunningNode {
             bootstrapped: true,
         };
         let mut store = Store::open(&dd.store_path())?;
+        // Before anything is written to it (whatever umask redb created it with).
+        crate::datadir::make_private(&dd.store_path())?;
         store
             .set_cluster_id(&identity.cluster_id)
             .await
@@ -351,7 +360,18 @@ impl RunningNode {
         listen: Option<String>,
         opts: &NodeOptions,
     ) -> anyhow::Result<RunningNode> {
+        crate::datadir::restrict_umask();
         let identity = dd.load_identity()?;
+        let tightened = dd.tighten()?;
+        if !tightened.is_empty() {
+            tracing::warn!(
+                "{} in {} could be read or listed by other users; took group and other permissions away from {} paths: {}",
+                if tightened.len() == 1 { "a file or directory" } else { "files and directories" },
+                dd.root().display(),
+                tightened.len(),
+                crate::datadir::describe_tightened(dd.root(), &tightened)
+            );
+        }
         let paths = TlsPaths::new(dd.root());
         let tls = NodeTls::load(&paths)?;
         let ca = if paths.ca_key().exists() {
@@ -370,6 +390,7 @@ impl RunningNode {
             None
         };
         let store = Store::open(&dd.store_path())?;
+        crate::datadir::make_private(&dd.store_path())?;
         match &store.cluster_id {
             Some(c) if *c == identity.cluster_id => {}
             found => anyhow::bail!(

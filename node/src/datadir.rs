@@ -2,10 +2,17 @@
 //!
 //! A data dir is never overwritten: `init` and `join` want an empty or new directory, `run`
 //! wants one that holds an identity, and a store that disagrees with its identity is refused.
+//!
+//! It is private to flockd's user: the directory is 0700 and everything flockd writes in it is
+//! 0600 (directories 0700), whatever the umask flockd was started with ([`restrict_umask`]);
+//! `flockd run` tightens what it finds looser ([`DataDir::tighten`]), except applications'
+//! data (dataset trees, an app's work dir), whose modes belong to the application.
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +65,74 @@ pub enum DataDirError {
     },
 }
 
+/// The umask flockd was started with, before [`restrict_umask`] (`u32::MAX`: not changed).
+static ORIGINAL_UMASK: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// Makes everything this process creates from now on private to its user (umask 077),
+/// whatever umask it was started with. Processes flockd starts for apps get the original umask
+/// back ([`original_umask`]).
+pub fn restrict_umask() {
+    // SAFETY: umask only replaces the process's file mode creation mask.
+    let old = unsafe { libc::umask(0o077) };
+    // Keep the first original: a second call would see 077.
+    let _ =
+        ORIGINAL_UMASK.compare_exchange(u32::MAX, old as u32, Ordering::SeqCst, Ordering::SeqCst);
+}
+
+/// The umask flockd was started with, if [`restrict_umask`] changed it.
+pub fn original_umask() -> Option<libc::mode_t> {
+    match ORIGINAL_UMASK.load(Ordering::SeqCst) {
+        u32::MAX => None,
+        m => Some(m as libc::mode_t),
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename) as a 0600 file, whatever the
+/// umask.
+pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    // A temp file left by an older flockd keeps its mode through open: set it.
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+/// Creates `path` and its missing parents as 0700 directories, whatever the umask.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
+/// Makes `path` (a file flockd wrote) 0600 or stricter.
+pub fn make_private(path: &Path) -> Result<(), DataDirError> {
+    let mode = fs::symlink_metadata(path)
+        .map_err(io_err(path))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o700))
+            .map_err(io_err(path))?;
+    }
+    Ok(())
+}
+
+/// One mode `DataDir::tighten` changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tightened {
+    pub path: PathBuf,
+    pub from: u32,
+    pub to: u32,
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
     move |source| DataDirError::Io {
         path: path.display().to_string(),
@@ -102,7 +177,10 @@ impl DataDir {
                 cluster_id: id.cluster_id,
             });
         }
-        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        create_private_dir(&self.root).map_err(io_err(&self.root))?;
+        // An empty directory made by someone else may be open to others.
+        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(&self.root))?;
         let mut entries = fs::read_dir(&self.root).map_err(io_err(&self.root))?;
         if let Some(first) = entries.next() {
             let first = first.map_err(io_err(&self.root))?;
@@ -142,17 +220,108 @@ impl DataDir {
     /// Writes the identity atomically: a temp file, fsync, rename, fsync of the directory.
     pub fn save_identity(&self, id: &Identity) -> Result<(), DataDirError> {
         let path = self.identity_path();
-        let tmp = self.root.join(format!("{IDENTITY_FILE}.tmp"));
         let text = serde_json::to_string_pretty(id).expect("identity serializes");
-        let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        write_private_atomic(&path, text.as_bytes()).map_err(io_err(&path))?;
         fs::File::open(&self.root)
             .and_then(|d| d.sync_all())
             .map_err(io_err(&self.root))?;
         Ok(())
     }
+
+    /// Takes group and other permissions away from everything in the data dir that flockd
+    /// wrote (the directory itself included; symlinks are not followed), and returns what it
+    /// changed. Left alone: applications' data ([`holds_app_data`]), and private keys in
+    /// `tls/`, which `flockd run` refuses rather than fixes when others could read them (they
+    /// may have been read: replace the node, or chmod 600 them knowing that).
+    pub fn tighten(&self) -> Result<Vec<Tightened>, DataDirError> {
+        let mut changed = Vec::new();
+        let mut stack = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            let path = if rel.as_os_str().is_empty() {
+                self.root.clone()
+            } else {
+                self.root.join(&rel)
+            };
+            let md = match fs::symlink_metadata(&path) {
+                Ok(md) => md,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            let ft = md.file_type();
+            if ft.is_symlink() || holds_app_data(&rel) || is_tls_key(&rel) {
+                continue;
+            }
+            let mode = md.permissions().mode() & 0o7777;
+            if mode & 0o077 != 0 {
+                let to = mode & 0o700;
+                fs::set_permissions(&path, fs::Permissions::from_mode(to))
+                    .map_err(io_err(&path))?;
+                changed.push(Tightened {
+                    path: path.clone(),
+                    from: mode,
+                    to,
+                });
+            }
+            if ft.is_dir() {
+                for entry in fs::read_dir(&path).map_err(io_err(&path))? {
+                    let entry = entry.map_err(io_err(&path))?;
+                    stack.push(rel.join(entry.file_name()));
+                }
+            }
+        }
+        Ok(changed)
+    }
+}
+
+/// True if `rel` (relative to a data dir) is an application's data: inside the `dir`
+/// backend's datasets (see `DirBackend::holds_app_data`), or a process-driver app's work dir.
+pub fn holds_app_data(rel: &Path) -> bool {
+    let mut parts = rel.components().map(|c| c.as_os_str());
+    match parts.next() {
+        Some(top) if top == "storage" => {
+            let below: PathBuf = parts.collect();
+            flock_dataset::DirBackend::holds_app_data(&below)
+        }
+        Some(top) if top == "apps" => {
+            let _app = parts.next();
+            parts.next().is_some_and(|w| w == "work")
+        }
+        _ => false,
+    }
+}
+
+/// A private key in `tls/` (`*.key`).
+fn is_tls_key(rel: &Path) -> bool {
+    let mut parts = rel.components().map(|c| c.as_os_str());
+    parts.next().is_some_and(|t| t == "tls")
+        && parts
+            .next()
+            .is_some_and(|n| n.to_string_lossy().ends_with(".key"))
+        && parts.next().is_none()
+}
+
+/// A log line's worth of what [`DataDir::tighten`] changed below `root`: at most 32 paths
+/// (relative to `root`, sorted), and how many more.
+pub fn describe_tightened(root: &Path, changed: &[Tightened]) -> String {
+    let mut all: Vec<String> = changed
+        .iter()
+        .map(|t| {
+            let rel = t.path.strip_prefix(root).unwrap_or(&t.path);
+            let shown = if rel.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                rel
+            };
+            format!("{} {:04o}->{:04o}", shown.display(), t.from, t.to)
+        })
+        .collect();
+    all.sort();
+    let more = all.len().saturating_sub(32);
+    all.truncate(32);
+    if more > 0 {
+        all.push(format!("and {more} more"));
+    }
+    all.join(", ")
 }
 
 #[cfg(test)]

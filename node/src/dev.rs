@@ -33,6 +33,18 @@ pub async fn shutdown_signal() -> &'static str {
     }
 }
 
+/// What flockd says when a node's Raft stopped on a fatal error (a failed write to its store,
+/// most often a full disk): which node, where its data is, and what to do.
+pub fn raft_stopped(node: &str, data_dir: &std::path::Path, error: &str) -> String {
+    format!(
+        "raft stopped on node {node} (data dir {}): {error}; flockd exits rather than serve \
+         without Raft. Fix the cause (free space if the disk is full), then start it again \
+         (`flockd run --data-dir {}`); its state is kept",
+        data_dir.display(),
+        data_dir.display()
+    )
+}
+
 /// Runs a dev cluster of `nodes` nodes on 127.0.0.1 from `port` up, until Ctrl-C.
 /// With `data_dir`, the nodes' data is kept there and a later run restarts them.
 pub async fn run(
@@ -162,21 +174,62 @@ pub async fn run(
         addr(1)
     );
 
-    let sig = shutdown_signal().await;
-    println!("flockd dev: {sig}, stopping {nodes} node(s) and their apps");
+    // One process, several nodes: when any node's Raft stops on a fatal error, the whole dev
+    // cluster stops (exit 1) rather than run on without it; `--data-dir` keeps every node's
+    // state for the next run.
+    let fatal = futures::future::select_all(running.iter().map(|n| {
+        let cluster = n.cluster.clone();
+        Box::pin(async move { cluster.fatal().await })
+    }));
+    let failed = tokio::select! {
+        sig = shutdown_signal() => {
+            println!("flockd dev: {sig}, stopping {nodes} node(s) and their apps");
+            None
+        }
+        (e, i, _) = fatal => {
+            let n = &running[i];
+            let again = match &_temp {
+                Some(_) => "its temporary data is removed on exit".to_string(),
+                None => format!("`flockd dev --data-dir {}` starts it again", root.display()),
+            };
+            let msg = format!(
+                "raft stopped on node {} (data dir {}): {e}; the dev cluster stops rather than \
+                 run without it. Fix the cause (free space if the disk is full); {again}",
+                n.identity.name,
+                dir(i + 1).root().display()
+            );
+            eprintln!("flockd dev: {msg}");
+            println!("flockd dev: stopping {nodes} node(s) and their apps");
+            Some(())
+        }
+    };
     for n in running.into_iter().rev() {
         // Apps outlive a real flockd (a restarted one adopts them); a dev cluster takes its
         // apps along, so that a first try leaves no processes or containers behind (their data
         // stays in the datasets; a next run on the same --data-dir starts them again).
         // The node first, so that its agent does not restart what is stopped here.
         let drivers = n.drivers.clone();
-        n.shutdown().await?;
+        let name = n.identity.name.clone();
+        match n.shutdown().await {
+            Ok(()) => {}
+            // A node whose Raft failed may fail to flush too; stop the others all the same.
+            Err(e) if failed.is_some() => eprintln!("flockd dev: stopping {name}: {e:#}"),
+            Err(e) => return Err(e),
+        }
         for (i, kind) in drivers.list().await {
             drivers.remove(kind, &i.app).await;
         }
     }
-    println!("flockd dev: stopped");
-    Ok(())
+    match failed {
+        Some(_) => {
+            println!("flockd dev: stopped");
+            anyhow::bail!("dev cluster stopped: a node's raft failed (see above)")
+        }
+        None => {
+            println!("flockd dev: stopped");
+            Ok(())
+        }
+    }
 }
 
 fn tempdir() -> anyhow::Result<PathBuf> {

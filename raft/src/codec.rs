@@ -24,7 +24,11 @@ pub enum CodecError {
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     // postcard fails only on types that serde cannot describe with a known length; every type
     // we encode is a plain struct or enum, so a failure is a bug in this build, not bad input.
-    postcard::to_extend(value, vec![RECORD_VERSION]).expect("postcard encodes plain data")
+    // Through io::Write: whole strings and byte arrays are copied at once (postcard's extend
+    // flavour copies byte by byte, about 60 MB/s in a debug build); the bytes are the same.
+    let mut out = vec![RECORD_VERSION];
+    postcard::to_io(value, &mut out).expect("postcard encodes plain data");
+    out
 }
 
 /// Decodes a versioned record.

@@ -19,6 +19,7 @@ use openraft::{OptionalSend, RaftLogReader, StorageIOError};
 use tokio::sync::oneshot;
 
 use crate::disk::{DiskError, DiskState, RaftDisk, WriteOp};
+use crate::network::{entry_bytes, fitting};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// Who waits for a write.
@@ -152,6 +153,20 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .range(range)
             .map(|(_, e)| e.clone())
             .collect())
+    }
+
+    /// For replication: entries from `start`, as many as fit in about
+    /// [`MAX_APPEND_BYTES`](crate::network::MAX_APPEND_BYTES) (at least one), so that no
+    /// AppendEntries is built beyond what a peer takes in one call.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let mem = self.mem();
+        let in_range: Vec<&Entry> = mem.logs.range(start..end).map(|(_, e)| e).collect();
+        let (n, _) = fitting(in_range.iter().map(|e| entry_bytes(e)));
+        Ok(in_range[..n].iter().map(|e| (*e).clone()).collect())
     }
 }
 

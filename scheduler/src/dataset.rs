@@ -17,11 +17,7 @@ use crate::state::{ApplyError, ClusterState, CommandResult, NodeId, NodeState};
 /// A dataset's id: assigned at creation, never reused.
 pub type DatasetId = u64;
 
-/// The longest dataset name, in bytes (the backend name adds `.ID`).
-pub const MAX_DATASET_NAME_LEN: usize = 40;
-
-/// The longest snapshot name, in bytes.
-pub const MAX_SNAPSHOT_NAME_LEN: usize = 64;
+pub use crate::limits::{MAX_DATASET_NAME_LEN, MAX_SNAPSHOT_NAME_LEN};
 
 /// A dataset: a file system with snapshots that lives on one primary node at a time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -118,19 +118,22 @@ fn bytes(n: u64) -> String {
 /// bytes (keys) and 0-63 bytes (values). The reason when not.
 pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
     let ok = |s: &str| {
-        s.len() <= 63
+        s.len() <= crate::limits::MAX_LABEL_LEN
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
     };
     for (k, v) in labels {
         if k.is_empty() || !ok(k) {
             return Err(format!(
-                "label key {k:?}: use 1-63 letters, digits, '.', '_', '-' or '/'"
+                "label key {}: use 1-63 letters, digits, '.', '_', '-' or '/'",
+                crate::limits::shown(k)
             ));
         }
         if !ok(v) {
             return Err(format!(
-                "label {k}={v:?}: use at most 63 letters, digits, '.', '_', '-' or '/'"
+                "label {}={}: use at most 63 letters, digits, '.', '_', '-' or '/'",
+                crate::limits::shown(k),
+                crate::limits::shown(v)
             ));
         }
     }

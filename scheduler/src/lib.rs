@@ -11,6 +11,8 @@
 //!   and the rules that keep one writer per dataset.
 //! - [`membership`]: decisions about Raft membership (which learners to promote to voters,
 //!   whether removing a voter keeps a quorum), as plain functions over plain values.
+//! - [`limits`]: every size limit in one place, [`Command::check_limits`] (run before a command
+//!   is proposed) and [`shown`], how errors quote user input.
 //! - [`mount`]: Docker containers' mounts of datasets (the volume plugin), and the rule that a
 //!   dataset is mounted only on its primary and never moves while mounted.
 //!
@@ -21,6 +23,7 @@ pub mod app;
 pub mod config;
 pub mod dataset;
 pub mod fit;
+pub mod limits;
 pub mod membership;
 pub mod mount;
 pub mod state;
@@ -29,6 +32,7 @@ mod testutil;
 
 pub use app::{App, Change};
 pub use dataset::{Dataset, DatasetId, DatasetMove, SnapshotRecord};
+pub use limits::{shown, MAX_COMMAND_BYTES};
 pub use state::{
     hash_join_secret, is_secret_hash, ApplyError, ClusterState, Command, CommandResult, KvEntry,
     Node, NodeId, NodeState, MAX_KEY_LEN, MAX_VALUE_LEN,

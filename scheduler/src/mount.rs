@@ -26,7 +26,7 @@ use crate::dataset::DatasetId;
 use crate::state::{ApplyError, ClusterState, CommandResult, NodeId};
 
 /// The longest mount id accepted, in bytes (Docker's are 64 hex digits).
-pub const MAX_MOUNT_ID_LEN: usize = 128;
+pub use crate::limits::MAX_MOUNT_ID_LEN;
 
 /// The mounts of one dataset: (node, Docker's mount id).
 pub type Mounts = BTreeSet<(NodeId, String)>;

@@ -13,16 +13,12 @@ use sha2::{Digest, Sha256};
 use crate::app::{App, Change};
 use crate::config::PlannedApp;
 use crate::dataset::{Dataset, DatasetId, SnapshotRecord};
+use crate::limits::shown;
 
 /// A node's id inside its cluster. Assigned by [`Command::RegisterNode`]; the first node is 1.
 pub type NodeId = u64;
 
-/// The longest key the key-value namespace accepts, in bytes.
-pub const MAX_KEY_LEN: usize = 1024;
-/// The largest value the key-value namespace accepts, in bytes (as etcd's default request limit).
-pub const MAX_VALUE_LEN: usize = 1536 * 1024;
-/// The longest node name, in bytes.
-pub const MAX_NAME_LEN: usize = 63;
+pub use crate::limits::{MAX_KEY_LEN, MAX_NAME_LEN, MAX_VALUE_LEN};
 
 /// The desired state of a cluster, replicated to every node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -334,33 +330,33 @@ pub enum ApplyError {
     NotInitialized,
     #[error("the join token is wrong or has been rotated; get the current one with `flockctl cluster token`")]
     WrongJoinSecret,
-    #[error("a node named {name:?} is already a member; choose another --name, or remove the old one with `flockctl node rm {name}`")]
+    #[error("a node named {n} is already a member; choose another --name, or remove the old one with `flockctl node rm {name}`", n = shown(.name))]
     NameTaken { name: String },
-    #[error("invalid node name {name:?}: {reason}")]
+    #[error("invalid node name {n}: {reason}", n = shown(.name))]
     InvalidName { name: String, reason: String },
-    #[error("invalid node address {addr:?}: expected HOST:PORT")]
+    #[error("invalid node address {a}: expected HOST:PORT", a = shown(.addr))]
     InvalidAddr { addr: String },
     #[error("no node with id {id}")]
     UnknownNode { id: NodeId },
-    #[error("invalid key {key:?}: {reason}")]
+    #[error("invalid key {k}: {reason}", k = shown(.key))]
     InvalidKey { key: String, reason: String },
-    #[error("value for key {key:?} is {len} bytes; the limit is {max}")]
+    #[error("value for key {k} is {len} bytes; the limit is {max}", k = shown(.key))]
     ValueTooLarge { key: String, len: usize, max: usize },
     #[error("a batch cannot contain another batch")]
     NestedBatch,
-    #[error("invalid dataset name {name:?}: {reason}")]
+    #[error("invalid dataset name {n}: {reason}", n = shown(.name))]
     InvalidDatasetName { name: String, reason: String },
-    #[error("invalid snapshot name {name:?}: {reason}")]
+    #[error("invalid snapshot name {n}: {reason}", n = shown(.name))]
     InvalidSnapshotName { name: String, reason: String },
-    #[error("a dataset named {name:?} already exists; choose another name, or remove it with `flockctl dataset rm {name}`")]
+    #[error("a dataset named {n} already exists; choose another name, or remove it with `flockctl dataset rm {name}`", n = shown(.name))]
     DatasetExists { name: String },
     #[error("dataset {name:?}: a size limit of 0 bytes leaves no room for data; give a size such as 1G, or none for no limit")]
     ZeroSizeLimit { name: String },
     #[error("no dataset with id {id}")]
     UnknownDataset { id: DatasetId },
-    #[error("dataset {dataset:?} has no snapshot {snapshot:?}; list them with `flockctl dataset snapshots {dataset}`")]
+    #[error("dataset {dataset:?} has no snapshot {s}; list them with `flockctl dataset snapshots {dataset}`", s = shown(.snapshot))]
     UnknownSnapshot { dataset: String, snapshot: String },
-    #[error("dataset {dataset:?} already has a snapshot named {snapshot:?}; choose another --tag")]
+    #[error("dataset {dataset:?} already has a snapshot named {s}; choose another --tag", s = shown(.snapshot))]
     SnapshotExists { dataset: String, snapshot: String },
     #[error("dataset {dataset:?} changed hands (epoch {current}, this request was made under epoch {epoch}); retry")]
     StaleEpoch {
@@ -377,7 +373,8 @@ pub enum ApplyError {
     #[error("dataset {dataset:?} is not moving to node {to}")]
     NoSuchMove { dataset: String, to: NodeId },
     #[error(
-        "invalid app name {name:?}: use letters, digits, '_', '.', ':' and '-', at most 40 bytes"
+        "invalid app name {n}: use letters, digits, '_', '.', ':' and '-', at most 40 bytes",
+        n = shown(.name)
     )]
     InvalidAppName { name: String },
     #[error("apps {other:?} and {app:?} both publish external port {port}; external ports are unique in the cluster")]
@@ -404,7 +401,7 @@ pub enum ApplyError {
     InvalidLabels { reason: String },
     #[error("dataset {dataset:?} is still in the first phase of its move (its app runs on the primary); hand off first")]
     NotHandedOff { dataset: String },
-    #[error("no app named {name:?} (`flockctl app ls` lists them)")]
+    #[error("no app named {n} (`flockctl app ls` lists them)", n = shown(.name))]
     UnknownApp { name: String },
     #[error("app {app:?} is already on node {node:?}")]
     AppAlreadyThere { app: String, node: String },
@@ -426,8 +423,16 @@ pub enum ApplyError {
     },
     #[error("volume {dataset:?} is moving to node {to:?}; try again when the move is done (`flockctl dataset ls {dataset}`)")]
     VolumeMoving { dataset: String, to: String },
-    #[error("invalid mount id {id:?}: expected 1 to 128 bytes")]
+    #[error("invalid mount id {i}: expected 1 to 128 bytes", i = shown(.id))]
     InvalidMountId { id: String },
+    /// A field (or the whole command) over its size limit (see [`crate::limits`]); `what` names
+    /// it, quoting user input only as [`shown`] does.
+    #[error("{what} is {len} bytes; the limit is {max} bytes")]
+    TooLarge {
+        what: String,
+        len: usize,
+        max: usize,
+    },
     #[error("invalid join secret hash: expected sha256: and 64 lowercase hex digits")]
     InvalidSecretHash,
 }

@@ -27,10 +27,19 @@
 //! snapshot (the counterpart of zfs's `used`). The size limit is enforced when a stream is
 //! received, not while an application writes (plain directories have no quota).
 //!
+//! No link is followed out of a dataset: live trees belong to applications, which may swap a
+//! directory for a symlink (to `/etc`, to flockd's `tls/`) at any moment, so every tree is
+//! opened at its root and walked, copied, sized, sent and written one name at a time relative
+//! to directory descriptors, never following a symlink (`openat2` with `RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS`, else `openat` with `O_NOFOLLOW` per component; see `dirfd`). A symlink
+//! is stored as a symlink (its target text). A received stream that names `..`, an absolute
+//! path, or a path through a symlink is refused, and the dataset stays at its last snapshot.
+//!
 //! Not carried: extended attributes, ACLs, hard links inside the live tree (each name becomes its
 //! own file), sockets, fifos and device nodes (skipped with a warning). A snapshot of a tree
 //! that is being written is not atomic (zfs's are); stop or quiesce the app for a consistent one.
 
+mod dirfd;
 mod stream;
 mod tree;
 
@@ -126,6 +135,15 @@ fn create_dir(path: &Path) -> Result<(), DatasetError> {
     fs::create_dir(path).map_err(|e| DatasetError::io("create directory", path, e))
 }
 
+/// A new dataset's empty live tree: 0755 whatever the process's umask (flockd keeps its own
+/// files private with umask 077; the dataset's root belongs to the application).
+fn create_live(path: &Path) -> Result<(), DatasetError> {
+    use std::os::unix::fs::PermissionsExt;
+    create_dir(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+        .map_err(|e| DatasetError::io("set the mode of", path, e))
+}
+
 fn clear_dir(path: &Path) -> Result<(), DatasetError> {
     let rd = fs::read_dir(path).map_err(|e| DatasetError::io("read directory", path, e))?;
     for entry in rd {
@@ -182,6 +200,25 @@ impl DirBackend {
     /// The directory this backend keeps its datasets under.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// True if `rel` (relative to a backend root) is an application's data or inside it: a
+    /// dataset's `live/` tree, a snapshot's `tree/`, or anything in `staging/` or `trash/`
+    /// (trees in transit). Their modes belong to the application and travel with snapshots, so
+    /// whoever tightens flockd's files leaves them alone; what keeps others out of them is the
+    /// private directories above.
+    pub fn holds_app_data(rel: &Path) -> bool {
+        let parts: Vec<&std::ffi::OsStr> = rel.components().map(|c| c.as_os_str()).collect();
+        match parts.as_slice() {
+            [top, _, ..] if *top == "staging" || *top == "trash" => true,
+            [top, _, live, ..] if *top == "datasets" && *live == "live" => true,
+            [top, _, snaps, _, tree, ..]
+                if *top == "datasets" && *snaps == "snapshots" && *tree == "tree" =>
+            {
+                true
+            }
+            _ => false,
+        }
     }
 
     fn dataset_dir(&self, ds: &DatasetName) -> PathBuf {
@@ -374,7 +411,7 @@ impl DirBackend {
             }
             None => {
                 tree::remove_any(&live)?;
-                create_dir(&live)?;
+                create_live(&live)?;
             }
         }
         tree::sync_fs(&self.root)?;
@@ -590,7 +627,7 @@ impl Backend for DirBackend {
         }
         let staging = self.staging()?;
         let result = (|| {
-            create_dir(&staging.join("live"))?;
+            create_live(&staging.join("live"))?;
             create_dir(&staging.join("snapshots"))?;
             write_json(
                 &staging.join("dataset.json"),

@@ -27,11 +27,12 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use super::tree::{self, at, Entry, Kind, Meta, Stamp};
+use super::dirfd::vanished;
+use super::tree::{self, Entry, Kind, Meta, Stamp, Tree};
 use crate::error::{DatasetError, StreamError};
 
 const MAGIC: [u8; 8] = *b"FLKDIR\0\0";
@@ -187,9 +188,9 @@ struct OpenFile {
 }
 
 /// A `dir` stream, produced lazily as it is read: record headers from a plan made up front,
-/// file contents straight from the snapshot's files.
+/// file contents straight from the snapshot's files (opened without following symlinks).
 pub(crate) struct DirSendReader {
-    tree: PathBuf,
+    tree: Tree,
     plan: std::vec::IntoIter<Record>,
     buf: Vec<u8>,
     pos: usize,
@@ -226,7 +227,7 @@ impl DirSendReader {
         let mut hasher = blake3::Hasher::new();
         hasher.update(&head);
         let reader = DirSendReader {
-            tree: target.to_path_buf(),
+            tree: Tree::open(target)?,
             plan: plan.into_iter(),
             buf: head,
             pos: 0,
@@ -281,10 +282,23 @@ impl Read for DirSendReader {
                     encode_record(&r, &mut self.buf);
                     self.records += 1;
                     if let Record::File(rel, _, size) = &r {
-                        let path = at(&self.tree, rel);
-                        let file = fs::File::open(&path).map_err(|e| {
-                            io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
-                        })?;
+                        let path = self.tree.show(rel);
+                        let opened = self
+                            .tree
+                            .parent(rel)
+                            .and_then(|(dir, name)| dir.open_file(name))
+                            .map_err(|e| {
+                                io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
+                            })?;
+                        let file = match opened {
+                            Some((file, st)) if st.st_size as u64 == *size => file,
+                            _ => {
+                                return Err(io::Error::other(format!(
+                                    "snapshot file {} is no longer the regular file of {size} bytes it was when the send began",
+                                    path.display()
+                                )))
+                            }
+                        };
                         self.file = Some(OpenFile {
                             file,
                             path,
@@ -401,7 +415,10 @@ impl Input<'_> {
             && !b.windows(2).any(|w| w == b"//")
             && p.components().all(|c| matches!(c, Component::Normal(_)));
         if !valid {
-            return Err(self.corrupt(format!("unsafe path {:?}", p.display())));
+            return Err(self.corrupt(format!(
+                "refusing the unsafe path {}: a stream may name only relative paths of plain names inside its dataset (no '..', '.', leading '/' or empty name)",
+                bounded(&p)
+            )));
         }
         Ok(p)
     }
@@ -500,8 +517,8 @@ pub(crate) fn apply(
         )));
     }
 
+    let mut out = Tree::open(tree)?;
     let mut dir_meta: HashMap<PathBuf, Meta> = HashMap::new();
-    let mut safe_dirs: HashSet<PathBuf> = HashSet::new();
     let mut records = 0u64;
     let mut file_bytes = 0u64;
     let mut chunk = vec![0u8; COPY_CHUNK];
@@ -512,54 +529,54 @@ pub(crate) fn apply(
         }
         records += 1;
         let rel = input.path()?;
-        if tag != b'D' && rel.as_os_str().is_empty() {
-            return Err(input.corrupt("only a directory record may name the root"));
-        }
-        // Every ancestor must be a real directory inside the tree: a stream may not write
-        // through a symlink it planted.
-        for anc in rel.ancestors().skip(1) {
-            if anc.as_os_str().is_empty() || safe_dirs.contains(anc) {
-                continue;
+        if rel.as_os_str().is_empty() {
+            if tag != b'D' {
+                return Err(input.corrupt("only a directory record may name the root"));
             }
-            match fs::symlink_metadata(at(tree, anc)) {
-                Ok(md) if md.is_dir() => {
-                    safe_dirs.insert(anc.to_path_buf());
-                }
-                _ => {
-                    return Err(input.corrupt(format!(
-                        "{} has no parent directory {}",
-                        rel.display(),
-                        anc.display()
-                    )))
-                }
-            }
+            dir_meta.insert(rel, input.meta()?);
+            continue;
         }
-        let path = at(tree, &rel);
+        let shown = out.show(&rel);
+        let local = |action: &'static str| {
+            let shown = shown.clone();
+            move |e: io::Error| ApplyError::from(DatasetError::io(action, &shown, e))
+        };
+        // The parent is opened from the tree's root one name at a time, never through a
+        // symlink: a stream may not write through a link it planted (or one in the base).
+        let (dir, name) = match out.parent(&rel) {
+            Ok(x) => x,
+            Err(e) if vanished(&e) => {
+                return Err(input.corrupt(format!(
+                    "refusing {}: its parent is not a directory of the stream (missing, a file or a symlink); a stream may write only inside its dataset, never through a link",
+                    bounded(&rel)
+                )))
+            }
+            Err(e) => return Err(local("open the directory of")(e)),
+        };
         match tag {
             b'D' => {
                 let meta = input.meta()?;
-                match fs::symlink_metadata(&path) {
-                    Ok(md) if md.is_dir() => {}
+                match dir.stat_at(name) {
+                    Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {}
                     Ok(_) => {
-                        tree::remove_any(&path)?;
-                        create_dir(&path)?;
+                        dir.remove_all(name).map_err(local("remove"))?;
+                        dir.mkdir(name).map_err(local("create directory"))?;
+                        out.forget();
                     }
-                    Err(_) => create_dir(&path)?,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                        dir.mkdir(name).map_err(local("create directory"))?
+                    }
+                    Err(e) => return Err(local("stat")(e)),
                 }
                 dir_meta.insert(rel, meta);
             }
             b'F' => {
                 let meta = input.meta()?;
                 let size = input.u64()?;
-                safe_dirs.remove(&rel);
                 // Unlink first: the old name may be a hard link into the base snapshot.
-                tree::remove_any(&path)?;
-                let mut file = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| DatasetError::io("create file", &path, e))?;
+                dir.remove_all(name).map_err(local("remove"))?;
+                let mut file = dir.create_file(name).map_err(local("create file"))?;
+                out.forget();
                 let mut left = size;
                 while left > 0 {
                     let n = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
@@ -569,35 +586,27 @@ pub(crate) fn apply(
                         }
                     }
                     input.exact(&mut chunk[..n])?;
-                    file.write_all(&chunk[..n])
-                        .map_err(|e| DatasetError::io("write file", &path, e))?;
+                    file.write_all(&chunk[..n]).map_err(local("write file"))?;
                     left -= n as u64;
                     file_bytes += n as u64;
                 }
-                drop(file);
-                tree::set_meta(&path, &Kind::File { size }, &meta)?;
+                tree::set_fd_meta(file.as_fd(), &meta).map_err(local("set metadata of"))?;
             }
             b'L' => {
                 let meta = input.meta()?;
-                let target = PathBuf::from(OsStr::from_bytes(&input.bytes()?));
-                safe_dirs.remove(&rel);
-                tree::remove_any(&path)?;
-                std::os::unix::fs::symlink(&target, &path)
-                    .map_err(|e| DatasetError::io("create symlink", &path, e))?;
-                tree::set_meta(
-                    &path,
-                    &Kind::Symlink {
-                        target: target.into_os_string(),
-                    },
-                    &meta,
-                )?;
+                let target = input.bytes()?;
+                dir.remove_all(name).map_err(local("remove"))?;
+                dir.symlink(OsStr::from_bytes(&target), name)
+                    .map_err(local("create symlink"))?;
+                tree::set_link_meta(dir, name, &meta).map_err(local("set metadata of"))?;
+                out.forget();
             }
             b'X' => {
                 if base_tree.is_none() {
                     return Err(input.corrupt("a delete record in a full stream"));
                 }
-                safe_dirs.remove(&rel);
-                tree::remove_any(&path)?;
+                dir.remove_all(name).map_err(local("remove"))?;
+                out.forget();
             }
             other => return Err(input.corrupt(format!("unknown record tag 0x{other:02x}"))),
         }
@@ -632,14 +641,16 @@ pub(crate) fn apply(
     }
 
     // Directory metadata last, children first; unlisted directories keep the base's.
+    let mut base_snap = base_tree.map(Tree::open).transpose()?;
     for e in tree::walk(tree)?.iter().rev() {
         if e.kind != Kind::Dir {
             continue;
         }
         let meta = match dir_meta.get(&e.rel) {
             Some(m) => *m,
-            None => match base_tree
-                .map(|b| tree::stat(b, &e.rel))
+            None => match base_snap
+                .as_mut()
+                .map(|b| b.stat(&e.rel))
                 .transpose()?
                 .flatten()
             {
@@ -652,7 +663,7 @@ pub(crate) fn apply(
                 }
             },
         };
-        tree::set_meta(&at(tree, &e.rel), &Kind::Dir, &meta)?;
+        out.set_dir_meta(&e.rel, &meta)?;
     }
     Ok(Applied {
         start: StreamStart {
@@ -663,6 +674,16 @@ pub(crate) fn apply(
     })
 }
 
-fn create_dir(path: &Path) -> Result<(), DatasetError> {
-    fs::create_dir(path).map_err(|e| DatasetError::io("create directory", path, e))
+/// A path from a stream for a message: at most 100 bytes of it, and its length.
+fn bounded(p: &Path) -> String {
+    let b = p.as_os_str().as_bytes();
+    if b.len() <= 100 {
+        format!("{:?}", p.display().to_string())
+    } else {
+        format!(
+            "{:?}... ({} bytes)",
+            String::from_utf8_lossy(&b[..100]),
+            b.len()
+        )
+    }
 }

@@ -5,17 +5,25 @@
 //! same-tick modifications the way git handles "racy" index entries: a live file is trusted to
 //! equal a snapshot's copy only if its ctime is older than the moment that snapshot began. ctime
 //! cannot be set from user space and changes on every write, chmod, chown, rename and link.
+//!
+//! Nothing here follows a symlink inside a tree: trees are opened at their root and every path
+//! below is resolved from that descriptor one name at a time (see [`super::dirfd`]), so a live
+//! tree whose directories an application swaps for symlinks (to `/etc`, to flockd's `tls/`)
+//! while it is copied, walked or written yields nothing from outside it and receives nothing
+//! outside it. Symlinks are copied as symlinks: their target text.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::{CString, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::dirfd::{self, vanished, Dir};
 use crate::error::DatasetError;
 
 /// A file system timestamp.
@@ -53,7 +61,7 @@ pub(crate) struct Entry {
     pub ctime: Stamp,
 }
 
-/// `root/rel`, with "" meaning `root` itself.
+/// `root/rel`, with "" meaning `root` itself (for messages and flockd's own paths).
 pub(crate) fn at(root: &Path, rel: &Path) -> PathBuf {
     if rel.as_os_str().is_empty() {
         root.to_path_buf()
@@ -62,83 +70,202 @@ pub(crate) fn at(root: &Path, rel: &Path) -> PathBuf {
     }
 }
 
-fn entry_from(rel: PathBuf, path: &Path, md: &fs::Metadata) -> io::Result<Option<Entry>> {
-    let ft = md.file_type();
-    let kind = if ft.is_dir() {
-        Kind::Dir
-    } else if ft.is_file() {
-        Kind::File { size: md.len() }
-    } else if ft.is_symlink() {
-        Kind::Symlink {
-            target: fs::read_link(path)?.into_os_string(),
-        }
-    } else {
-        tracing::warn!(path = %path.display(), "skipping a socket, fifo or device: the dir backend stores only files, directories and symlinks");
-        return Ok(None);
-    };
-    Ok(Some(Entry {
+fn stamp(sec: i64, nsec: i64) -> Stamp {
+    Stamp {
+        sec,
+        nsec: nsec as u32,
+    }
+}
+
+fn meta_of(st: &libc::stat) -> Meta {
+    Meta {
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        mtime: stamp(st.st_mtime, st.st_mtime_nsec),
+    }
+}
+
+fn timespec(s: Stamp) -> libc::timespec {
+    libc::timespec {
+        tv_sec: s.sec as libc::time_t,
+        tv_nsec: s.nsec as libc::c_long,
+    }
+}
+
+fn is_type(st: &libc::stat, t: libc::mode_t) -> bool {
+    st.st_mode & libc::S_IFMT == t
+}
+
+fn entry_of(rel: PathBuf, st: &libc::stat, kind: Kind) -> Entry {
+    Entry {
         rel,
         kind,
-        meta: Meta {
-            mode: md.mode() & 0o7777,
-            uid: md.uid(),
-            gid: md.gid(),
-            mtime: Stamp {
-                sec: md.mtime(),
-                nsec: md.mtime_nsec() as u32,
-            },
-        },
-        ino: (md.dev(), md.ino()),
-        ctime: Stamp {
-            sec: md.ctime(),
-            nsec: md.ctime_nsec() as u32,
-        },
-    }))
-}
-
-/// The entry at `root/rel`, `None` if it does not exist or is not a supported type.
-pub(crate) fn stat(root: &Path, rel: &Path) -> Result<Option<Entry>, DatasetError> {
-    let path = at(root, rel);
-    match fs::symlink_metadata(&path) {
-        Ok(md) => entry_from(rel.to_path_buf(), &path, &md)
-            .map_err(|e| DatasetError::io("read", &path, e)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(DatasetError::io("stat", &path, e)),
+        meta: meta_of(st),
+        ino: (st.st_dev, st.st_ino),
+        ctime: stamp(st.st_ctime, st.st_ctime_nsec),
     }
 }
 
-/// Every entry under `root`, parents before children, siblings sorted by name.
-///
-/// Entries that vanish during the walk (a live tree in use) are left out.
-pub(crate) fn walk(root: &Path) -> Result<Vec<Entry>, DatasetError> {
-    if stat(root, Path::new(""))?.is_none() {
-        return Err(DatasetError::io(
-            "walk",
+/// The parent of a non-empty relative path and its last name.
+fn split(rel: &Path) -> io::Result<(&Path, &OsStr)> {
+    match (rel.parent(), rel.file_name()) {
+        (Some(parent), Some(name)) => Ok((parent, name)),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the tree's root has no parent",
+        )),
+    }
+}
+
+/// A tree opened at its root: every path below it is resolved from the root's descriptor
+/// without following a symlink (see [`dirfd`](super::dirfd)). Keeps the last directory it
+/// opened, as walks and copies visit siblings one after another.
+pub(crate) struct Tree {
+    path: PathBuf,
+    root: Dir,
+    last: Option<(PathBuf, Dir)>,
+}
+
+impl Tree {
+    /// Opens the tree at `path` (which must be a directory, not a symlink).
+    pub(crate) fn open(path: &Path) -> Result<Tree, DatasetError> {
+        let root = Dir::open(path).map_err(|e| DatasetError::io("open directory", path, e))?;
+        Ok(Tree {
+            path: path.to_path_buf(),
             root,
-            io::Error::from(io::ErrorKind::NotFound),
-        ));
+            last: None,
+        })
     }
+
+    /// `root/rel`, for messages.
+    pub(crate) fn show(&self, rel: &Path) -> PathBuf {
+        at(&self.path, rel)
+    }
+
+    /// The directory `rel` of the tree.
+    pub(crate) fn dir(&mut self, rel: &Path) -> io::Result<&Dir> {
+        if rel.as_os_str().is_empty() {
+            return Ok(&self.root);
+        }
+        if !matches!(&self.last, Some((p, _)) if p == rel) {
+            self.last = None;
+            let d = self.root.open_rel(rel)?;
+            self.last = Some((rel.to_path_buf(), d));
+        }
+        match &self.last {
+            Some((_, d)) => Ok(d),
+            None => Err(io::Error::other("no directory open")),
+        }
+    }
+
+    /// The directory holding `rel` (non-empty) and `rel`'s last name.
+    pub(crate) fn parent<'a>(&mut self, rel: &'a Path) -> io::Result<(&Dir, &'a OsStr)> {
+        let (parent, name) = split(rel)?;
+        Ok((self.dir(parent)?, name))
+    }
+
+    /// Forgets the directory kept open (after a removal, which may have removed it).
+    pub(crate) fn forget(&mut self) {
+        self.last = None;
+    }
+
+    /// The entry at `rel`, `None` if it does not exist, is not a supported type, or a
+    /// directory on the way is gone or no longer a directory.
+    pub(crate) fn stat(&mut self, rel: &Path) -> Result<Option<Entry>, DatasetError> {
+        let shown = self.show(rel);
+        let res = if rel.as_os_str().is_empty() {
+            self.root
+                .fstat()
+                .map(|st| Some(entry_of(PathBuf::new(), &st, Kind::Dir)))
+        } else {
+            self.parent(rel)
+                .and_then(|(dir, name)| lookup(dir, rel, name))
+        };
+        match res {
+            Ok(e) => Ok(e),
+            Err(e) if vanished(&e) || e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+            Err(e) => Err(DatasetError::io("stat", &shown, e)),
+        }
+    }
+
+    /// Removes whatever is at `rel` (non-empty; a directory recursively); missing is fine.
+    pub(crate) fn remove(&mut self, rel: &Path) -> Result<(), DatasetError> {
+        let shown = self.show(rel);
+        let res = self
+            .parent(rel)
+            .and_then(|(dir, name)| dir.remove_all(name));
+        self.forget();
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(DatasetError::io("remove", &shown, e)),
+        }
+    }
+
+    /// Applies a directory's metadata to the directory `rel`.
+    pub(crate) fn set_dir_meta(&mut self, rel: &Path, meta: &Meta) -> Result<(), DatasetError> {
+        let shown = self.show(rel);
+        self.dir(rel)
+            .and_then(|d| set_fd_meta(d.fd(), meta))
+            .map_err(|e| DatasetError::io("set metadata of", &shown, e))
+    }
+}
+
+/// The entry `name` of `dir` (at `rel` in its tree); a symlink is read, never followed.
+fn lookup(dir: &Dir, rel: &Path, name: &OsStr) -> io::Result<Option<Entry>> {
+    let st = dir.stat_at(name)?;
+    let kind = if is_type(&st, libc::S_IFDIR) {
+        Kind::Dir
+    } else if is_type(&st, libc::S_IFREG) {
+        Kind::File {
+            size: st.st_size as u64,
+        }
+    } else if is_type(&st, libc::S_IFLNK) {
+        Kind::Symlink {
+            target: dir.read_link(name)?,
+        }
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(entry_of(rel.to_path_buf(), &st, kind)))
+}
+
+/// Applies owner, mode and mtime to an open file or directory.
+pub(crate) fn set_fd_meta(fd: BorrowedFd<'_>, meta: &Meta) -> io::Result<()> {
+    dirfd::set_fd_meta(fd, meta.uid, meta.gid, meta.mode, timespec(meta.mtime))
+}
+
+/// Applies owner and mtime to the symlink `name` of `dir`.
+pub(crate) fn set_link_meta(dir: &Dir, name: &OsStr, meta: &Meta) -> io::Result<()> {
+    dir.set_link_meta(name, meta.uid, meta.gid, timespec(meta.mtime))
+}
+
+/// Every entry under `root`, parents before children, siblings sorted by name. Directories
+/// are opened without following symlinks and described by `fstat` of the opened directory.
+///
+/// Entries that vanish or change type during the walk (a live tree in use) are left out.
+pub(crate) fn walk(root: &Path) -> Result<Vec<Entry>, DatasetError> {
+    let mut tree = Tree::open(root)?;
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        let Some(entry) = stat(root, &rel)? else {
-            continue;
+        let shown = tree.show(&rel);
+        let listed = if rel.as_os_str().is_empty() {
+            tree.root
+                .fstat()
+                .and_then(|st| Ok((st, tree.root.names()?)))
+                .map(Some)
+        } else {
+            walk_one(&mut tree, &rel, &mut out)
         };
-        let is_dir = entry.kind == Kind::Dir;
-        out.push(entry);
-        if !is_dir {
-            continue;
-        }
-        let dir = at(root, &rel);
-        let mut names: Vec<OsString> = match fs::read_dir(&dir) {
-            Ok(rd) => rd
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<io::Result<_>>()
-                .map_err(|e| DatasetError::io("read directory", &dir, e))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(DatasetError::io("read directory", &dir, e)),
+        let (st, names) = match listed {
+            Ok(Some(x)) => x,
+            Ok(None) => continue,
+            Err(e) if vanished(&e) || e.raw_os_error() == Some(libc::EINVAL) => continue,
+            Err(e) => return Err(DatasetError::io("read directory", &shown, e)),
         };
-        names.sort();
+        out.push(entry_of(rel.clone(), &st, Kind::Dir));
         // Reverse so that the stack pops them in name order.
         for name in names.into_iter().rev() {
             stack.push(rel.join(name));
@@ -147,57 +274,33 @@ pub(crate) fn walk(root: &Path) -> Result<Vec<Entry>, DatasetError> {
     Ok(out)
 }
 
-fn cpath(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
-}
-
-/// Applies owner, mode and mtime to `path` (owner first: chown clears setuid bits).
-pub(crate) fn set_meta(path: &Path, kind: &Kind, meta: &Meta) -> Result<(), DatasetError> {
-    let c = cpath(path).map_err(|e| DatasetError::io("set metadata of", path, e))?;
-    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    let rc = unsafe { libc::lchown(c.as_ptr(), meta.uid, meta.gid) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        // Unprivileged: keep our own uid/gid rather than fail.
-        if e.raw_os_error() != Some(libc::EPERM) {
-            return Err(DatasetError::io("change owner of", path, e));
+/// Visits `rel` (non-empty) in a walk: a file or symlink goes to `out`; a directory is opened
+/// (kept as the tree's open directory, its children come next) and returned with its names.
+fn walk_one(
+    tree: &mut Tree,
+    rel: &Path,
+    out: &mut Vec<Entry>,
+) -> io::Result<Option<(libc::stat, Vec<OsString>)>> {
+    let (parent, name) = tree.parent(rel)?;
+    let st = parent.stat_at(name)?;
+    if !is_type(&st, libc::S_IFDIR) {
+        match lookup(parent, rel, name)? {
+            Some(e) => out.push(e),
+            None => {
+                tracing::warn!(path = %tree.show(rel).display(), "skipping a socket, fifo or device: the dir backend stores only files, directories and symlinks")
+            }
         }
+        return Ok(None);
     }
-    if !matches!(kind, Kind::Symlink { .. }) {
-        fs::set_permissions(path, fs::Permissions::from_mode(meta.mode))
-            .map_err(|e| DatasetError::io("change mode of", path, e))?;
-    }
-    let times = [
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        libc::timespec {
-            tv_sec: meta.mtime.sec as libc::time_t,
-            tv_nsec: meta.mtime.nsec as libc::c_long,
-        },
-    ];
-    // SAFETY: `c` is a valid path and `times` points at two timespecs, as utimensat expects.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc != 0 {
-        return Err(DatasetError::io(
-            "set mtime of",
-            path,
-            io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    let sub = parent.open_dir(name)?;
+    let st = sub.fstat()?;
+    let names = sub.names()?;
+    tree.last = Some((rel.to_path_buf(), sub));
+    Ok(Some((st, names)))
 }
 
-/// Removes whatever is at `path` (a directory recursively); a missing path is fine.
+/// Removes whatever is at `path` (a directory recursively); a missing path is fine. For
+/// flockd's own paths (staging, trash, markers, a whole live directory).
 pub(crate) fn remove_any(path: &Path) -> Result<(), DatasetError> {
     let res = match fs::symlink_metadata(path) {
         Ok(md) if md.is_dir() => fs::remove_dir_all(path),
@@ -211,40 +314,107 @@ pub(crate) fn remove_any(path: &Path) -> Result<(), DatasetError> {
     }
 }
 
-/// Copies the regular file `src` to the new path `dst` (reflinks where the file system can).
-fn copy_file(src: &Path, dst: &Path) -> Result<(), DatasetError> {
-    remove_any(dst)?;
-    fs::copy(src, dst).map_err(|e| DatasetError::io("copy file to", dst, e))?;
-    Ok(())
+/// What became of one entry to copy.
+#[derive(PartialEq, Eq)]
+enum Copied {
+    Done,
+    /// It vanished or changed type in the source since the walk (a live tree in use).
+    Vanished,
 }
 
-/// Creates `dst` as a copy of one entry of `src_root` (directories empty, metadata applied
-/// later by the caller for directories).
-fn create_like(src_root: &Path, e: &Entry, dst: &Path) -> Result<(), DatasetError> {
+/// Creates `e` of the tree `src` in the tree `dst` (directories empty, their metadata applied
+/// later by the caller). A file's content and metadata are what the opened source file holds.
+fn copy_entry(src: &mut Tree, e: &Entry, dst: &mut Tree) -> Result<Copied, DatasetError> {
+    let target = dst.show(&e.rel);
+    let source = src.show(&e.rel);
+    let dst_err = |action: &'static str| {
+        let target = target.clone();
+        move |err: io::Error| DatasetError::io(action, &target, err)
+    };
     match &e.kind {
-        Kind::Dir => match fs::create_dir(dst) {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::AlreadyExists && dst.is_dir() => {}
-            Err(err) => return Err(DatasetError::io("create directory", dst, err)),
-        },
-        Kind::File { .. } => {
-            copy_file(&at(src_root, &e.rel), dst)?;
-            set_meta(dst, &e.kind, &e.meta)?;
+        Kind::Dir => {
+            let (d, name) = dst.parent(&e.rel).map_err(dst_err("open directory of"))?;
+            match d.mkdir(name) {
+                Ok(()) => {}
+                Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
+                    let st = d.stat_at(name).map_err(dst_err("stat"))?;
+                    if !is_type(&st, libc::S_IFDIR) {
+                        return Err(DatasetError::io("create directory", &target, err));
+                    }
+                }
+                Err(err) => return Err(DatasetError::io("create directory", &target, err)),
+            }
         }
-        Kind::Symlink { target } => {
-            remove_any(dst)?;
-            std::os::unix::fs::symlink(target, dst)
-                .map_err(|err| DatasetError::io("create symlink", dst, err))?;
-            set_meta(dst, &e.kind, &e.meta)?;
+        Kind::File { .. } => {
+            let opened = match src.parent(&e.rel).and_then(|(d, name)| d.open_file(name)) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(Copied::Vanished),
+                Err(err) if vanished(&err) => return Ok(Copied::Vanished),
+                Err(err) => return Err(DatasetError::io("open", &source, err)),
+            };
+            let (mut from, st) = opened;
+            let (d, name) = dst.parent(&e.rel).map_err(dst_err("open directory of"))?;
+            d.remove_all(name).map_err(dst_err("remove"))?;
+            let mut to = d.create_file(name).map_err(dst_err("create file"))?;
+            // std::io::copy uses copy_file_range (reflinks where the file system can).
+            io::copy(&mut from, &mut to).map_err(|err| {
+                if is_full(&err) {
+                    DatasetError::io("write file", &target, err)
+                } else {
+                    DatasetError::io("copy file", &source, err)
+                }
+            })?;
+            set_fd_meta(to.as_fd(), &meta_of(&st)).map_err(dst_err("set metadata of"))?;
+        }
+        Kind::Symlink { .. } => {
+            let link = src
+                .parent(&e.rel)
+                .and_then(|(d, name)| Ok((d.read_link(name)?, d.stat_at(name)?)));
+            let (text, st) = match link {
+                Ok(x) => x,
+                Err(err) if vanished(&err) || err.raw_os_error() == Some(libc::EINVAL) => {
+                    return Ok(Copied::Vanished)
+                }
+                Err(err) => return Err(DatasetError::io("read symlink", &source, err)),
+            };
+            let (d, name) = dst.parent(&e.rel).map_err(dst_err("open directory of"))?;
+            d.remove_all(name).map_err(dst_err("remove"))?;
+            d.symlink(&text, name).map_err(dst_err("create symlink"))?;
+            set_link_meta(d, name, &meta_of(&st)).map_err(dst_err("set metadata of"))?;
         }
     }
-    Ok(())
+    Ok(Copied::Done)
 }
 
-fn set_dir_metas(root: &Path, entries: &[Entry]) -> Result<(), DatasetError> {
+/// Copies `e` from a tree that does not change (a snapshot): vanishing is an error there.
+fn copy_stable(src: &mut Tree, e: &Entry, dst: &mut Tree) -> Result<(), DatasetError> {
+    match copy_entry(src, e, dst)? {
+        Copied::Done => Ok(()),
+        Copied::Vanished => Err(DatasetError::io(
+            "copy",
+            src.show(&e.rel),
+            io::Error::other("changed while it was being copied (snapshot trees never change)"),
+        )),
+    }
+}
+
+/// Hard-links `rel` of `from` to the same place in `to` (the entry itself, never followed).
+fn link_entry(from: &mut Tree, rel: &Path, to: &mut Tree) -> Result<(), DatasetError> {
+    let target = to.show(rel);
+    let (td, name) = to
+        .parent(rel)
+        .map_err(|err| DatasetError::io("open directory of", &target, err))?;
+    let (fd, from_name) = from
+        .parent(rel)
+        .map_err(|err| DatasetError::io("open directory of", &target, err))?;
+    fd.link_to(from_name, td, name)
+        .map_err(|err| DatasetError::io("hard-link file", &target, err))
+}
+
+fn set_dir_metas(dst: &mut Tree, entries: &[Entry]) -> Result<(), DatasetError> {
     // Children before parents: writing into a directory changes its mtime.
     for e in entries.iter().rev().filter(|e| e.kind == Kind::Dir) {
-        set_meta(&at(root, &e.rel), &e.kind, &e.meta)?;
+        dst.set_dir_meta(&e.rel, &e.meta)?;
     }
     Ok(())
 }
@@ -265,59 +435,62 @@ pub(crate) fn unchanged(live: &Entry, snap: &Entry, taken_at: Stamp) -> bool {
         && live.ctime < taken_at
 }
 
-/// Copies the tree `src` into the new directory `dst` (which must exist), hard-linking files
-/// that are unchanged since `prev` instead of copying them.
+/// Copies the tree `src` into the new directory `dst` (which must not exist), hard-linking
+/// files that are unchanged since `prev` instead of copying them. `src` may be in use: what
+/// vanishes or turns into something else during the copy is left out, and nothing outside
+/// `src` is ever read (no symlink is followed).
 pub(crate) fn snapshot_copy(
     src: &Path,
     dst: &Path,
     prev: Option<TrustedTree<'_>>,
 ) -> Result<(), DatasetError> {
     let entries = walk(src)?;
+    fs::create_dir(dst).map_err(|e| DatasetError::io("create directory", dst, e))?;
+    let mut s = Tree::open(src)?;
+    let mut d = Tree::open(dst)?;
+    let mut p = prev.map(|p| Tree::open(p.root)).transpose()?;
+    let mut dirs = Vec::new();
     for e in &entries {
-        let target = at(dst, &e.rel);
-        if let (Kind::File { .. }, Some(prev)) = (&e.kind, prev) {
-            if let Some(old) = stat(prev.root, &e.rel)? {
+        if e.rel.as_os_str().is_empty() {
+            dirs.push(e.clone());
+            continue;
+        }
+        if let (Kind::File { .. }, Some(prev), Some(p)) = (&e.kind, prev, p.as_mut()) {
+            if let Some(old) = p.stat(&e.rel)? {
                 if unchanged(e, &old, prev.taken_at) {
-                    let from = at(prev.root, &e.rel);
-                    fs::hard_link(&from, &target)
-                        .map_err(|err| DatasetError::io("hard-link snapshot file", &target, err))?;
+                    link_entry(p, &e.rel, &mut d)?;
                     continue;
                 }
             }
         }
-        match create_like(src, e, &target) {
-            Ok(()) => {}
-            // The live tree is in use: a file deleted since the walk is simply not in the snapshot.
-            Err(DatasetError::Io { source, .. })
-                if source.kind() == io::ErrorKind::NotFound && !e.rel.as_os_str().is_empty() =>
-            {
-                continue
-            }
-            Err(err) => return Err(err),
+        if copy_entry(&mut s, e, &mut d)? == Copied::Done && e.kind == Kind::Dir {
+            dirs.push(e.clone());
         }
     }
-    set_dir_metas(dst, &entries)
+    set_dir_metas(&mut d, &dirs)
 }
 
 /// Clones the tree `src` into the new path `dst`: directories recreated, files hard-linked,
 /// symlinks recreated, metadata kept. The start of an incremental receive.
 pub(crate) fn link_clone(src: &Path, dst: &Path) -> Result<(), DatasetError> {
     let entries = walk(src)?;
-    for e in &entries {
-        let target = at(dst, &e.rel);
+    fs::create_dir(dst).map_err(|e| DatasetError::io("create directory", dst, e))?;
+    let mut s = Tree::open(src)?;
+    let mut d = Tree::open(dst)?;
+    for e in entries.iter().filter(|e| !e.rel.as_os_str().is_empty()) {
         match &e.kind {
-            Kind::File { .. } => fs::hard_link(at(src, &e.rel), &target)
-                .map_err(|err| DatasetError::io("hard-link file", &target, err))?,
-            _ => create_like(src, e, &target)?,
+            Kind::File { .. } => link_entry(&mut s, &e.rel, &mut d)?,
+            _ => copy_stable(&mut s, e, &mut d)?,
         }
     }
-    set_dir_metas(dst, &entries)
+    set_dir_metas(&mut d, &entries)
 }
 
 /// Makes the tree `dst` identical to the snapshot tree `src`: removes what `src` lacks, copies
 /// what differs. A file is kept when [`unchanged`] against `src` (with `trust.taken_at`) and,
 /// if `trust.root` differs from `src`, when `src`'s file is the very inode of `trust.root`'s
-/// file at the same path (it did not change between those two snapshots).
+/// file at the same path (it did not change between those two snapshots). `dst` may be a live
+/// tree in use: nothing is written through a symlink in it.
 pub(crate) fn sync_to(
     src: &Path,
     dst: &Path,
@@ -329,34 +502,41 @@ pub(crate) fn sync_to(
     if fs::symlink_metadata(dst).is_err() {
         fs::create_dir_all(dst).map_err(|e| DatasetError::io("create directory", dst, e))?;
     }
-    // Remove what src lacks (and whatever changed type), deepest first is not needed:
-    // removing a directory removes its subtree, later misses are ignored.
-    for d in walk(dst)? {
+    let mut d = Tree::open(dst)?;
+    // Remove what src lacks (and whatever changed type); removing a directory removes its
+    // subtree, later misses are ignored.
+    for cur in walk(dst)? {
         let keep = wanted
-            .get(d.rel.as_path())
-            .is_some_and(|k| std::mem::discriminant(*k) == std::mem::discriminant(&d.kind));
+            .get(cur.rel.as_path())
+            .is_some_and(|k| std::mem::discriminant(*k) == std::mem::discriminant(&cur.kind));
         if !keep {
-            remove_any(&at(dst, &d.rel))?;
+            d.remove(&cur.rel)?;
         }
     }
-    for e in &entries {
-        let target = at(dst, &e.rel);
-        let current = stat(dst, &e.rel)?;
+    let mut s = Tree::open(src)?;
+    let mut t = match trust {
+        Some(t) if t.root != src => Some(Tree::open(t.root)?),
+        _ => None,
+    };
+    for e in entries.iter().filter(|e| !e.rel.as_os_str().is_empty()) {
+        let current = d.stat(&e.rel)?;
         let keep = match (&e.kind, &current, trust) {
-            (Kind::File { .. }, Some(cur), Some(t)) => {
-                unchanged(cur, e, t.taken_at)
-                    && (t.root == src
-                        || stat(t.root, &e.rel)?.is_some_and(|base| base.ino == e.ino))
+            (Kind::File { .. }, Some(cur), Some(tr)) => {
+                unchanged(cur, e, tr.taken_at)
+                    && match t.as_mut() {
+                        None => true,
+                        Some(t) => t.stat(&e.rel)?.is_some_and(|base| base.ino == e.ino),
+                    }
             }
             (Kind::Symlink { .. }, Some(cur), _) => cur.kind == e.kind && cur.meta == e.meta,
             (Kind::Dir, Some(_), _) => true,
             _ => false,
         };
         if !keep {
-            create_like(src, e, &target)?;
+            copy_stable(&mut s, e, &mut d)?;
         }
     }
-    set_dir_metas(dst, &entries)
+    set_dir_metas(&mut d, &entries)
 }
 
 /// Bytes of the distinct files across `snapshot_trees`, plus the live files that differ from
@@ -380,13 +560,16 @@ pub(crate) fn used_bytes(
     let Some(live) = live else {
         return Ok(total);
     };
+    let mut latest_tree = latest.map(|t| Tree::open(t.root)).transpose()?;
     for e in walk(live)? {
         let Kind::File { size } = e.kind else {
             continue;
         };
-        let shared = match latest {
-            Some(t) => stat(t.root, &e.rel)?.is_some_and(|s| unchanged(&e, &s, t.taken_at)),
-            None => false,
+        let shared = match (latest, latest_tree.as_mut()) {
+            (Some(t), Some(tree)) => tree
+                .stat(&e.rel)?
+                .is_some_and(|s| unchanged(&e, &s, t.taken_at)),
+            _ => false,
         };
         if !shared {
             total += size;
@@ -414,6 +597,11 @@ pub(crate) fn sync_fs(path: &Path) -> Result<(), DatasetError> {
         return Err(DatasetError::io("sync", path, io::Error::last_os_error()));
     }
     Ok(())
+}
+
+fn cpath(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
 
 /// Renames `from` to `to`, failing with `AlreadyExists` if `to` exists.

@@ -44,6 +44,12 @@ impl ApiService {
         apps: BTreeMap<String, PlannedApp>,
         dry_run: bool,
     ) -> Reply<pb::DeployReply> {
+        // Sizes first: an oversized deploy is refused before it is planned or sent to nodes.
+        let cmd = Command::Deploy { apps };
+        cmd.check_limits().map_err(ClusterError::from)?;
+        let Command::Deploy { apps } = cmd else {
+            unreachable!("built just above")
+        };
         // Plan on the current state and ask each node that gets an app whether it can run it,
         // so a missing image or program is an error now, with nothing deployed. `apply` plans
         // again on the state it finds (a deploy may have come between).
@@ -266,7 +272,8 @@ impl ApiService {
         let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
         if !state.apps.contains_key(&name) {
             return Err(ClusterError::NotFound(format!(
-                "no app named {name:?} (`flockctl app ls` lists them)"
+                "no app named {} (`flockctl app ls` lists them)",
+                flock_scheduler::shown(&name)
             ))
             .into());
         }
@@ -368,7 +375,8 @@ impl ApiService {
         let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
         if !name.is_empty() && !state.apps.contains_key(&name) {
             return Err(ClusterError::NotFound(format!(
-                "no app named {name:?} (`flockctl app ls` lists them)"
+                "no app named {} (`flockctl app ls` lists them)",
+                flock_scheduler::shown(&name)
             ))
             .into());
         }
@@ -463,7 +471,8 @@ impl ApiService {
         let state = self.cluster.read(true, |a| a.cluster.clone()).await?;
         let app = state.apps.get(&name).ok_or_else(|| {
             ClusterError::NotFound(format!(
-                "no app named {name:?} (`flockctl app ls` lists them)"
+                "no app named {} (`flockctl app ls` lists them)",
+                flock_scheduler::shown(&name)
             ))
         })?;
         if app.node != self.cluster.node_id {

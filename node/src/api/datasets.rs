@@ -32,7 +32,8 @@ pub fn resolve_node(state: &ClusterState, name: &str) -> Result<NodeId, ClusterE
     }
     let known: Vec<&str> = state.nodes.values().map(|n| n.name.as_str()).collect();
     Err(ClusterError::NotFound(format!(
-        "no node named {name:?}; the nodes are {} (`flockctl node ls`)",
+        "no node named {}; the nodes are {} (`flockctl node ls`)",
+        flock_scheduler::shown(name),
         known.join(", ")
     )))
 }
@@ -40,7 +41,8 @@ pub fn resolve_node(state: &ClusterState, name: &str) -> Result<NodeId, ClusterE
 fn find_dataset(state: &ClusterState, name: &str) -> Result<Dataset, ClusterError> {
     state.dataset_by_name(name).cloned().ok_or_else(|| {
         ClusterError::NotFound(format!(
-            "no dataset named {name:?} (`flockctl dataset ls` lists them)"
+            "no dataset named {} (`flockctl dataset ls` lists them)",
+            flock_scheduler::shown(name)
         ))
     })
 }

@@ -11,6 +11,7 @@ mod join;
 pub use datasets::resolve_node;
 pub use join::RETRY_AFTER_MS;
 
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,7 @@ use tonic::{Request, Response, Status};
 use flock_proto::v1::api_server::{Api, ApiServer};
 use flock_proto::v1::*;
 use flock_raft::codec::{decode, encode};
-use flock_scheduler::{Command, CommandResult};
+use flock_scheduler::{limits, Command, CommandResult};
 
 use crate::cluster::{Cluster, ClusterError};
 use crate::datasets::Datasets;
@@ -153,6 +154,10 @@ fn unexpected(r: CommandResult) -> Status {
 }
 
 type Reply<T> = Result<Response<T>, Status>;
+
+/// The most bytes of entries one `KvList` reply to a client that does not page (an older
+/// flockctl, which accepts replies up to 64 MiB) holds; a larger list is refused.
+const KV_LIST_UNPAGED_BYTES: usize = 32 << 20;
 
 #[tonic::async_trait]
 impl Api for ApiService {
@@ -352,14 +357,63 @@ impl Api for ApiService {
 
     async fn kv_list(&self, req: Request<KvListRequest>) -> Reply<KvListReply> {
         self.authorize(&req)?;
-        let KvListRequest { prefix, stale } = req.into_inner();
+        let KvListRequest {
+            prefix,
+            stale,
+            limit,
+            start_after,
+        } = req.into_inner();
+        // An older flockctl neither pages nor knows `more`: it gets the whole list, or an error
+        // when that is too large for one reply (rather than a list cut short).
+        let paged = limit > 0 || !start_after.is_empty();
+        let (max_entries, max_bytes) = if paged {
+            (
+                (limit as usize).min(limits::KV_LIST_PAGE_ENTRIES),
+                limits::KV_LIST_PAGE_BYTES,
+            )
+        } else {
+            (usize::MAX, KV_LIST_UNPAGED_BYTES)
+        };
         let reply = self
             .cluster
-            .read(stale, |a| KvListReply {
-                entries: a.cluster.kv_prefix(&prefix).map(to_proto).collect(),
-                revision: a.cluster.revision,
+            .read(stale, |a| {
+                let from = if start_after.as_str() >= prefix.as_str() {
+                    Bound::Excluded(start_after.as_str())
+                } else {
+                    Bound::Included(prefix.as_str())
+                };
+                let mut page = KvListReply {
+                    entries: Vec::new(),
+                    revision: a.cluster.revision,
+                    more: false,
+                };
+                let mut bytes = 0;
+                let keys = a
+                    .cluster
+                    .kv
+                    .range::<str, _>((from, Bound::Unbounded))
+                    .take_while(|(k, _)| k.starts_with(prefix.as_str()));
+                for (_, e) in keys {
+                    let size = 2 * e.key.len() + e.value.len() + 64;
+                    let full = page.entries.len() >= max_entries
+                        || (!page.entries.is_empty() && bytes + size > max_bytes);
+                    if full {
+                        page.more = true;
+                        break;
+                    }
+                    bytes += size;
+                    page.entries.push(to_proto(e));
+                }
+                page
             })
             .await?;
+        if reply.more && !paged {
+            return Err(Status::out_of_range(format!(
+                "the keys under prefix {} are more than {} MiB, too many for one reply; upgrade flockctl, which lists them in pages",
+                limits::shown(&prefix),
+                KV_LIST_UNPAGED_BYTES >> 20
+            )));
+        }
         Ok(Response::new(reply))
     }
 

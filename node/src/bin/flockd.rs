@@ -196,6 +196,11 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let data_dir = match &cli.command {
+        Cmd::Init { node } | Cmd::Join { node, .. } => node.data_dir.clone(),
+        Cmd::Run { data_dir, .. } => data_dir.clone(),
+        Cmd::Dev { .. } => PathBuf::new(),
+    };
     let node = match cli.command {
         Cmd::Dev {
             nodes,
@@ -262,8 +267,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tokio::select! {
         sig = flock_node::dev::shutdown_signal() => println!("flockd: {sig}, shutting down"),
         e = fatal => {
+            // Never a flockd serving without Raft: stop, say why, and let a supervisor (or the
+            // operator, once the cause is fixed) start it again.
+            let name = node.identity.name.clone();
+            eprintln!("flockd: {}", flock_node::dev::raft_stopped(&name, &data_dir, &e));
             let _ = node.shutdown().await;
-            anyhow::bail!("raft stopped: {e}");
+            anyhow::bail!("stopped: raft failed on node {name} (see above)");
         }
     }
     node.shutdown().await?;

@@ -73,11 +73,8 @@ impl StorageChoice {
     /// Records the choice in `dd` (atomically).
     pub fn save(&self, dd: &DataDir) -> anyhow::Result<()> {
         let path = dd.root().join(STORAGE_FILE);
-        let tmp = dd.root().join(format!("{STORAGE_FILE}.tmp"));
         let text = serde_json::to_string_pretty(self).expect("storage choice serializes");
-        std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, &path))
+        crate::datadir::write_private_atomic(&path, text.as_bytes())
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 

@@ -9,7 +9,12 @@
 //! ROOT/APP/exit         "code N" or "signal N", written when flockd saw it exit
 //! ROOT/APP/restarts     how many times the app had been restarted when it started
 //! ROOT/APP/output.log   stdout and stderr
+//! ROOT/APP/work/        the working directory of an app without a dataset (the app's own)
 //! ```
+//!
+//! Everything here is private to flockd's user (directories 0700, files 0600, whatever the
+//! umask): a spec holds the app's environment, often passwords, and its log what it printed.
+//! The app itself runs with the umask flockd was started with.
 //!
 //! The process outlives flockd (its own process group, not killed with flockd), so a restarted
 //! flockd adopts it from the pid file. Calls block (files, signals, waiting for an exit): run
@@ -18,12 +23,14 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{DriverError, Instance, RunSpec, RunState};
+use crate::datadir::create_private_dir;
 
 /// How long a stopped app may take to exit after SIGTERM before it gets SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -78,7 +85,7 @@ impl ProcessDriver {
     /// A driver keeping its records under `root` (created if missing).
     pub fn new(root: impl Into<PathBuf>) -> std::io::Result<ProcessDriver> {
         let root = root.into();
-        fs::create_dir_all(&root)?;
+        create_private_dir(&root)?;
         Ok(ProcessDriver { root })
     }
 
@@ -155,7 +162,7 @@ impl ProcessDriver {
             .filter(|c| !c.is_empty())
             .ok_or_else(|| DriverError::NoCommand { app: app.clone() })?;
         let dir = self.dir(app);
-        fs::create_dir_all(&dir).map_err(Self::io(app, format!("create {}", dir.display())))?;
+        create_private_dir(&dir).map_err(Self::io(app, format!("create {}", dir.display())))?;
         let _ = fs::remove_file(dir.join("exit"));
         let _ = fs::remove_file(dir.join("pid"));
         let workdir = match &spec.dataset_path {
@@ -169,8 +176,12 @@ impl ProcessDriver {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(dir.join("output.log"))
             .map_err(Self::io(app, "open output.log"))?;
+        // A log an older flockd created keeps its mode through open: set it.
+        log.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(Self::io(app, "make output.log private"))?;
         let log2 = log.try_clone().map_err(Self::io(app, "open output.log"))?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -190,6 +201,15 @@ impl ProcessDriver {
             .process_group(0);
         if let Some(p) = &spec.dataset_path {
             cmd.env("FLOCK_DATASET_PATH", p);
+        }
+        if let Some(mask) = crate::datadir::original_umask() {
+            // SAFETY: umask is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                });
+            }
         }
         if let Some((internal, _)) = spec.ports.first() {
             cmd.env("PORT", internal.to_string());
@@ -359,10 +379,7 @@ fn signal_group(pid: i32, sig: i32) {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes)?;
-    fs::File::open(&tmp)?.sync_all()?;
-    fs::rename(&tmp, path)
+    crate::datadir::write_private_atomic(path, bytes)
 }
 
 #[cfg(test)]

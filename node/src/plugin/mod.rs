@@ -53,6 +53,40 @@ pub enum PluginError {
     },
 }
 
+/// The `docker` group's id, if the group exists (who may use Docker's own socket).
+pub fn docker_gid() -> Option<libc::gid_t> {
+    let name = std::ffi::CString::new("docker").ok()?;
+    // SAFETY: a zeroed `group` is a valid out value; getgrnam_r fills it and points into `buf`.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; `buf` outlives the use of `grp`.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    (rc == 0 && !found.is_null()).then_some(grp.gr_gid)
+}
+
+/// Who may call the plugin, as for Docker's own socket: root and the `docker` group (0660)
+/// when `gid` is given, else root only (0600). Whoever may call it can mount any dataset.
+fn restrict_socket(path: &Path, gid: Option<libc::gid_t>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match gid {
+        Some(gid) => {
+            std::os::unix::fs::lchown(path, None, Some(gid))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
 /// A plugin name: what `--volume-driver` takes, and the socket's file name.
 pub fn validate_name(name: &str) -> Result<(), PluginError> {
     let ok = !name.is_empty()
@@ -94,6 +128,7 @@ impl PluginSocket {
             std::fs::remove_file(&path).map_err(io)?;
         }
         let listener = UnixListener::bind(&path).map_err(io)?;
+        restrict_socket(&path, docker_gid()).map_err(io)?;
         let ino = std::fs::metadata(&path).map_err(io)?.ino();
         Ok(PluginSocket {
             path,
@@ -362,6 +397,27 @@ mod tests {
             // The file is left behind, and nobody answers: it is replaced.
             assert!(dir.path().join("p.sock").exists());
             PluginSocket::bind(dir.path(), "p").unwrap();
+        });
+    }
+
+    #[test]
+    fn the_socket_is_for_root_and_the_docker_group_only() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let _s = PluginSocket::bind(dir.path(), "p").unwrap();
+            let md = std::fs::metadata(dir.path().join("p.sock")).unwrap();
+            match docker_gid() {
+                Some(gid) => {
+                    assert_eq!(md.mode() & 0o7777, 0o660);
+                    assert_eq!(md.gid(), gid);
+                }
+                None => assert_eq!(md.mode() & 0o7777, 0o600),
+            }
         });
     }
 }

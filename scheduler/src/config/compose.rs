@@ -408,7 +408,10 @@ fn read_port(cx: Ctx, y: &Yaml, path: &str) -> Result<(PortMap, Pos), ConfigErro
                     return Err(cx.err(
                         y.at,
                         path,
-                        format!("{text:?}: only tcp ports are supported, not {proto}"),
+                        format!(
+                            "{text_shown}: only tcp ports are supported, not {proto}",
+                            text_shown = crate::limits::shown(text)
+                        ),
                     ))
                 }
                 None => text.as_str(),
@@ -417,20 +420,20 @@ fn read_port(cx: Ctx, y: &Yaml, path: &str) -> Result<(PortMap, Pos), ConfigErro
             match parts.as_slice() {
                 [external, internal] => match (port_number(external), port_number(internal)) {
                     (Some(external), Some(internal)) => Ok((PortMap { internal, external }, y.at)),
-                    _ if spec.contains('-') => Err(cx.err(y.at, path, format!("{text:?}: port ranges are not supported; list each port"))),
-                    _ => Err(cx.err(y.at, path, format!("{text:?} is not a port mapping (ports are 1 to 65535); {form}"))),
+                    _ if spec.contains('-') => Err(cx.err(y.at, path, format!("{text_shown}: port ranges are not supported; list each port", text_shown = crate::limits::shown(text)))),
+                    _ => Err(cx.err(y.at, path, format!("{text_shown} is not a port mapping (ports are 1 to 65535); {form}", text_shown = crate::limits::shown(text)))),
                 },
                 [_] => Err(cx.err(
                     y.at,
                     path,
-                    format!("{text:?} has no external port; {form} (the mesh publishes EXTERNAL on every node)"),
+                    format!("{text_shown} has no external port; {form} (the mesh publishes EXTERNAL on every node)", text_shown = crate::limits::shown(text)),
                 )),
                 [_, _, _] => Err(cx.err(
                     y.at,
                     path,
-                    format!("{text:?}: binding to one address is not supported (the mesh publishes a port on every node); {form}"),
+                    format!("{text_shown}: binding to one address is not supported (the mesh publishes a port on every node); {form}", text_shown = crate::limits::shown(text)),
                 )),
-                _ => Err(cx.err(y.at, path, format!("{text:?} is not a port mapping; {form}"))),
+                _ => Err(cx.err(y.at, path, format!("{text_shown} is not a port mapping; {form}", text_shown = crate::limits::shown(text)))),
             }
         }
         _ => Err(cx.err(
@@ -471,8 +474,10 @@ fn read_volumes(cx: Ctx, key_at: Pos, y: &Yaml, path: &str) -> Result<Option<Vol
                 item.at,
                 &item_path,
                 format!(
-                    "{source:?} is a host directory, which does not move with the app; write \
-                     {target:?} alone (or NAME:{target}) for a volume flock manages"
+                    "{source_shown} is a host directory, which does not move with the app; write \
+                     {target_shown} alone (or NAME:{target}) for a volume flock manages",
+                    source_shown = crate::limits::shown(source),
+                    target_shown = crate::limits::shown(target)
                 ),
             ))
         }
@@ -481,7 +486,10 @@ fn read_volumes(cx: Ctx, key_at: Pos, y: &Yaml, path: &str) -> Result<Option<Vol
             return Err(cx.err(
                 item.at,
                 &item_path,
-                format!("{text:?} is not a volume; write \"/path\" or \"NAME:/path\" (read-write)"),
+                format!(
+                    "{text_shown} is not a volume; write \"/path\" or \"NAME:/path\" (read-write)",
+                    text_shown = crate::limits::shown(&text)
+                ),
             ))
         }
     };
@@ -512,7 +520,10 @@ fn read_restart(cx: Ctx, y: &Yaml, path: &str) -> Result<RestartPolicy, ConfigEr
             _ => Err(cx.err(
                 y.at,
                 path,
-                format!("{text:?} is not a restart policy ({use_})"),
+                format!(
+                    "{text_shown} is not a restart policy ({use_})",
+                    text_shown = crate::limits::shown(&text)
+                ),
             )),
         },
     }

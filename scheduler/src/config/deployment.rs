@@ -90,9 +90,11 @@ pub(crate) fn read(file: &str, doc: &Yaml) -> Result<Deployment, ConfigError> {
                     item.at,
                     &item_path,
                     format!(
-                        "{app:?} is already deployed on {first_node:?} (line {}); an \
+                        "{app_shown} is already deployed on {first_node_shown} (line {}); an \
                          application runs on one node",
-                        first_at.line
+                        first_at.line,
+                        app_shown = crate::limits::shown(&app),
+                        first_node_shown = crate::limits::shown(first_node)
                     ),
                 ));
             }
@@ -130,8 +132,8 @@ pub fn resolve(
                 entry.at,
                 &path,
                 format!(
-                    "{:?} and {other:?} (line {}) are the same node, {}; list its apps under one key",
-                    entry.key, at.line, node.name
+                    "{:?} and {other_shown} (line {}) are the same node, {}; list its apps under one key",
+                    entry.key, at.line, node.name, other_shown = crate::limits::shown(other)
                 ),
             ));
         }
@@ -147,9 +149,10 @@ pub fn resolve(
                     *at,
                     &item_path,
                     format!(
-                        "{app:?} is not an application in {} ({})",
+                        "{app_shown} is not an application in {} ({})",
                         apps.file,
-                        defined(apps)
+                        defined(apps),
+                        app_shown = crate::limits::shown(app)
                     ),
                 ));
             };
@@ -207,9 +210,10 @@ fn find_node<'n>(
                     entry.at,
                     path,
                     format!(
-                        "{key:?} is the address of several nodes: {}; name one by its name or \
+                        "{key_shown} is the address of several nodes: {}; name one by its name or \
                          HOST:PORT",
-                        list_nodes(several)
+                        list_nodes(several),
+                        key_shown = crate::limits::shown(key)
                     ),
                 ))
             }
@@ -224,7 +228,10 @@ fn find_node<'n>(
     Err(cx.err(
         entry.at,
         path,
-        format!("no node is named or addressed {key:?}; {known}"),
+        format!(
+            "no node is named or addressed {key_shown}; {known}",
+            key_shown = crate::limits::shown(key)
+        ),
     ))
 }
 

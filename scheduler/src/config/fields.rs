@@ -21,7 +21,7 @@ pub(crate) fn child(path: &str, key: &str) -> String {
     let key = if word {
         key.to_string()
     } else {
-        format!("{key:?}")
+        crate::limits::shown(key).to_string()
     };
     if path.is_empty() {
         key
@@ -148,15 +148,19 @@ impl<'f> Ctx<'f> {
         what: &str,
     ) -> ConfigError {
         let hint = match allowed.iter().find(|a| near(a, key)) {
-            Some(a) => format!("did you mean {a:?}? "),
+            Some(a) => format!(
+                "did you mean {a_shown}? ",
+                a_shown = crate::limits::shown(a)
+            ),
             None => String::new(),
         };
         self.err(
             at,
             path,
             format!(
-                "unknown key {key:?}; {hint}{what} takes {}",
-                allowed.join(", ")
+                "unknown key {key_shown}; {hint}{what} takes {}",
+                allowed.join(", "),
+                key_shown = crate::limits::shown(key)
             ),
         )
     }
@@ -205,7 +209,10 @@ impl<'f> Ctx<'f> {
             return Err(self.err(
                 y.at,
                 path,
-                format!("{image:?} is not an image name (no spaces: postgres:9.4)"),
+                format!(
+                    "{image_shown} is not an image name (no spaces: postgres:9.4)",
+                    image_shown = crate::limits::shown(&image)
+                ),
             ));
         }
         Ok(image)
@@ -227,7 +234,10 @@ impl<'f> Ctx<'f> {
                 self.err(
                     y.at,
                     path,
-                    format!("{text:?} has an unclosed quote or a trailing backslash"),
+                    format!(
+                        "{text_shown} has an unclosed quote or a trailing backslash",
+                        text_shown = crate::limits::shown(text)
+                    ),
                 )
             })?,
             _ => return Err(self.expected(y, path, "a command (a string or a list)")),
@@ -255,7 +265,10 @@ impl<'f> Ctx<'f> {
                 return Err(self.err(
                     at,
                     item_path,
-                    format!("{name:?} is not a variable name (no '=', not empty)"),
+                    format!(
+                        "{name_shown} is not a variable name (no '=', not empty)",
+                        name_shown = crate::limits::shown(&name)
+                    ),
                 ));
             }
             if value.contains('\0') {

@@ -283,7 +283,10 @@ fn volume_size(cx: Ctx, y: &Yaml, path: &str) -> Result<u64, ConfigError> {
         return Err(cx.err(
             y.at,
             path,
-            format!("{text:?} is {bytes} bytes, too small for a volume (at least 1M){hint}"),
+            format!(
+                "{text_shown} is {bytes} bytes, too small for a volume (at least 1M){hint}",
+                text_shown = crate::limits::shown(text)
+            ),
         ));
     }
     Ok(bytes)
@@ -330,7 +333,10 @@ fn read_restart_policy(cx: Ctx, y: &Yaml, path: &str) -> Result<RestartPolicy, C
             return Err(cx.err(
                 name_node.at,
                 &name_path,
-                format!("{name:?} is not a restart policy (use {names})"),
+                format!(
+                    "{name_shown} is not a restart policy (use {names})",
+                    name_shown = crate::limits::shown(&name)
+                ),
             ))
         }
     };

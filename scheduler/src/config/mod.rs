@@ -113,7 +113,26 @@ pub fn parse_deployment(file: &str, text: &str) -> Result<Deployment, ConfigErro
     deployment::read(file, &doc)
 }
 
+/// Refuses a config file larger than [`MAX_CONFIG_FILE_BYTES`](crate::limits::MAX_CONFIG_FILE_BYTES),
+/// naming it, its size and the limit. `len` is its size in bytes.
+pub fn check_file_size(file: &str, len: u64) -> Result<(), ConfigError> {
+    let max = crate::limits::MAX_CONFIG_FILE_BYTES;
+    if len > max as u64 {
+        return Err(ConfigError::new(
+            file,
+            Pos { line: 1, col: 1 },
+            "",
+            format!(
+                "the file is {len} bytes; a config file may be at most {max} bytes ({} MiB)",
+                max >> 20
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn document(file: &str, text: &str, expected: &str) -> Result<Yaml, ConfigError> {
+    check_file_size(file, text.len() as u64)?;
     match yaml::parse(text) {
         Ok(Some(doc)) => Ok(doc),
         Ok(None) => Err(ConfigError::new(

@@ -8,9 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::yaml::Pos;
 
-/// The longest app name: an app's volume is a dataset named after the app, so app names obey
-/// the dataset name limit (`crate::dataset::MAX_DATASET_NAME_LEN`).
-pub const MAX_APP_NAME_LEN: usize = 40;
+pub use crate::limits::MAX_APP_NAME_LEN;
 
 /// The smallest `maximum_size` a volume may have: 1 MiB. A smaller limit cannot hold a file
 /// system worth having, and is almost always a forgotten unit (`maximum_size: 500` for 500M).
@@ -84,13 +82,14 @@ impl std::str::FromStr for Constraint {
             (l, r, false)
         } else {
             return Err(format!(
-                "constraint {s:?} has no == or !=; write it as node.labels.KEY == VALUE or node.hostname != NAME"
+                "constraint {s_shown} has no == or !=; write it as node.labels.KEY == VALUE or node.hostname != NAME", s_shown = crate::limits::shown(s)
             ));
         };
         let (lhs, value) = (lhs.trim(), rhs.trim());
         if value.is_empty() || value.contains(['=', '!']) {
             return Err(format!(
-                "constraint {s:?}: the value after the operator is missing or malformed"
+                "constraint {s_shown}: the value after the operator is missing or malformed",
+                s_shown = crate::limits::shown(s)
             ));
         }
         let key = match lhs {
@@ -99,7 +98,7 @@ impl std::str::FromStr for Constraint {
                 Some(k) if !k.is_empty() => ConstraintKey::Label(k.to_string()),
                 _ => {
                     return Err(format!(
-                        "constraint {s:?}: flock places by node.labels.KEY and node.hostname, not {lhs:?}"
+                        "constraint {s_shown}: flock places by node.labels.KEY and node.hostname, not {lhs_shown}", s_shown = crate::limits::shown(s), lhs_shown = crate::limits::shown(lhs)
                     ))
                 }
             },
@@ -209,7 +208,12 @@ pub struct PlannedApp {
 /// and so on, and `B` for bytes. A fraction is rounded up to the next byte (Flocker's rule:
 /// `2.1M` is 2202010 bytes). Examples: `1073741824`, `500M`, `2.5G`, `1 GiB`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    let bad = || format!("{text:?} is not a size (use 500M, 1G or bytes)");
+    let bad = || {
+        format!(
+            "{text_shown} is not a size (use 500M, 1G or bytes)",
+            text_shown = crate::limits::shown(text)
+        )
+    };
     let t = text.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (whole, rest) = t.split_at(digits_end);
@@ -232,7 +236,12 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "P" | "PB" | "PIB" => 50,
         _ => return Err(bad()),
     };
-    let too_big = || format!("{text:?} is too large (at most 16 EiB)");
+    let too_big = || {
+        format!(
+            "{text_shown} is too large (at most 16 EiB)",
+            text_shown = crate::limits::shown(text)
+        )
+    };
     // Exact arithmetic: bytes = ceil((whole + fraction) * 2^shift). With whole < 2^64,
     // fraction < 10^18 < 2^60 and shift <= 50, nothing below overflows a u128.
     let whole: u64 = whole.parse().map_err(|_| too_big())?;
@@ -257,12 +266,14 @@ pub(crate) fn check_app_name(name: &str) -> Result<(), String> {
     };
     if name.len() > MAX_APP_NAME_LEN {
         return Err(format!(
-            "the application name {name:?} is longer than {MAX_APP_NAME_LEN} characters"
+            "the application name {} is longer than {MAX_APP_NAME_LEN} characters",
+            crate::limits::shown(name)
         ));
     }
     if !first.is_ascii_alphanumeric() {
         return Err(format!(
-            "the application name {name:?} must start with a letter or a digit"
+            "the application name {name_shown} must start with a letter or a digit",
+            name_shown = crate::limits::shown(name)
         ));
     }
     if let Some(c) = name
@@ -270,7 +281,7 @@ pub(crate) fn check_app_name(name: &str) -> Result<(), String> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
     {
         return Err(format!(
-            "the application name {name:?} contains {c:?} (use letters, digits, '_', '.' and '-')"
+            "the application name {name_shown} contains {c:?} (use letters, digits, '_', '.' and '-')", name_shown = crate::limits::shown(name)
         ));
     }
     Ok(())
@@ -289,8 +300,9 @@ pub(crate) fn check_alias(alias: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{alias:?} is not a link alias (use letters, digits, '_' and '-', starting with a \
-             letter or a digit)"
+            "{alias_shown} is not a link alias (use letters, digits, '_' and '-', starting with a \
+             letter or a digit)",
+            alias_shown = crate::limits::shown(alias)
         ))
     }
 }
@@ -299,12 +311,14 @@ pub(crate) fn check_alias(alias: &str) -> Result<(), String> {
 pub(crate) fn normalize_mountpoint(path: &str) -> Result<String, String> {
     if !path.starts_with('/') {
         return Err(format!(
-            "{path:?} is not an absolute path (write /var/lib/data)"
+            "{path_shown} is not an absolute path (write /var/lib/data)",
+            path_shown = crate::limits::shown(path)
         ));
     }
     if let Some(c) = path.chars().find(|c| !c.is_ascii() || c.is_ascii_control()) {
         return Err(format!(
-            "{path:?} contains {c:?}: a mountpoint is printable ASCII (as in Flocker)"
+            "{path_shown} contains {c:?}: a mountpoint is printable ASCII (as in Flocker)",
+            path_shown = crate::limits::shown(path)
         ));
     }
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
@@ -313,7 +327,8 @@ pub(crate) fn normalize_mountpoint(path: &str) -> Result<String, String> {
     }
     if parts.iter().any(|p| *p == "." || *p == "..") {
         return Err(format!(
-            "{path:?} contains . or ..: write the path without them"
+            "{path_shown} contains . or ..: write the path without them",
+            path_shown = crate::limits::shown(path)
         ));
     }
     Ok(format!("/{}", parts.join("/")))

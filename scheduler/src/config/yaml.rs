@@ -7,10 +7,16 @@
 //! value takes the text as written), rather than a schema guessing ahead (YAML 1.1 would turn
 //! `restart: no` into `false`, and `ports: [80:80]` into a base-60 number).
 //!
-//! Anchors and aliases are expanded (with a bound on the nodes an expansion may produce),
-//! and merge keys (`<<: *defaults`, common in compose files) are applied.
+//! Anchors and aliases are expanded (with a bound on the nodes and on the bytes an expansion
+//! may produce), and merge keys (`<<: *defaults`, common in compose files) are applied. The
+//! work is linear in the size of the expanded document (keys are checked for duplicates with a
+//! hash set), and nesting is bounded.
+
+use std::collections::{HashMap, HashSet};
 
 use saphyr_parser::{Event, Parser, ScalarStyle, Span};
+
+use crate::limits::MAX_CONFIG_EXPANDED_BYTES;
 
 /// A position in the source text: line and column, both from 1 (columns count characters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -57,6 +63,10 @@ pub struct SyntaxError {
 
 /// Nodes one document may expand to through aliases (a guard against "billion laughs").
 const MAX_NODES: usize = 1_000_000;
+/// How deeply collections may nest (the builder recurses once per level).
+const MAX_DEPTH: usize = 200;
+/// Bytes a node counts for, besides its scalar text, towards [`MAX_CONFIG_EXPANDED_BYTES`].
+const NODE_BYTES: usize = 16;
 
 impl Yaml {
     /// The scalar's text, if this is a scalar.
@@ -99,22 +109,45 @@ impl Yaml {
                 if *plain && text.parse::<i64>().is_ok() {
                     format!("the number {text}")
                 } else {
-                    format!("{text:?}")
+                    crate::limits::shown(text).to_string()
                 }
             }
         }
     }
 
-    fn size(&self) -> usize {
+    /// The nodes of this tree and its bytes (scalar text plus [`NODE_BYTES`] a node): what a
+    /// copy of it costs.
+    fn weight(&self) -> Weight {
         match &self.val {
-            Val::Scalar { .. } => 1,
-            Val::Seq(items) => 1 + items.iter().map(Yaml::size).sum::<usize>(),
-            Val::Map(entries) => {
-                1 + entries
-                    .iter()
-                    .map(|(k, v)| k.size() + v.size())
-                    .sum::<usize>()
-            }
+            Val::Scalar { text, .. } => Weight {
+                nodes: 1,
+                bytes: NODE_BYTES + text.len(),
+            },
+            Val::Seq(items) => items.iter().fold(Weight::ONE, |w, i| w.plus(i.weight())),
+            Val::Map(entries) => entries
+                .iter()
+                .fold(Weight::ONE, |w, (k, v)| w.plus(k.weight()).plus(v.weight())),
+        }
+    }
+}
+
+/// What a tree costs: nodes and bytes.
+#[derive(Clone, Copy, Debug, Default)]
+struct Weight {
+    nodes: usize,
+    bytes: usize,
+}
+
+impl Weight {
+    const ONE: Weight = Weight {
+        nodes: 1,
+        bytes: NODE_BYTES,
+    };
+
+    fn plus(self, o: Weight) -> Weight {
+        Weight {
+            nodes: self.nodes.saturating_add(o.nodes),
+            bytes: self.bytes.saturating_add(o.bytes),
         }
     }
 }
@@ -124,16 +157,20 @@ pub fn parse(text: &str) -> Result<Option<Yaml>, SyntaxError> {
     let mut builder = Builder {
         parser: Parser::new_from_str(text),
         anchors: Vec::new(),
-        nodes: 0,
+        spent: Weight::default(),
+        depth: 0,
     };
     builder.document()
 }
 
 struct Builder<'a> {
     parser: Parser<'a, saphyr_parser::StrInput<'a>>,
-    /// anchor id -> the node it names (ids start from 1).
-    anchors: Vec<Option<Yaml>>,
-    nodes: usize,
+    /// anchor id -> the node it names and its weight (ids start from 1).
+    anchors: Vec<Option<(Yaml, Weight)>>,
+    /// Nodes and bytes built so far, copies of anchored nodes included.
+    spent: Weight,
+    /// Collections open around the current node.
+    depth: usize,
 }
 
 enum Step {
@@ -195,36 +232,69 @@ impl<'a> Builder<'a> {
         }
     }
 
-    fn count(&mut self, n: usize, at: Pos) -> Result<(), SyntaxError> {
-        self.nodes += n;
-        if self.nodes > MAX_NODES {
+    /// Counts `w` more towards the bounds on nodes and bytes; an error when it passes one.
+    fn count(&mut self, w: Weight, at: Pos) -> Result<(), SyntaxError> {
+        self.spent = self.spent.plus(w);
+        if self.spent.nodes > MAX_NODES {
             return Err(SyntaxError {
                 at,
                 message: format!("the document expands to more than {MAX_NODES} nodes"),
             });
         }
+        if self.spent.bytes > MAX_CONFIG_EXPANDED_BYTES {
+            return Err(SyntaxError {
+                at,
+                message: format!(
+                    "the document expands to more than {} MiB through its aliases; a config file \
+                     may expand to at most that",
+                    MAX_CONFIG_EXPANDED_BYTES >> 20
+                ),
+            });
+        }
         Ok(())
     }
 
-    fn remember(&mut self, anchor: usize, node: &Yaml) {
+    /// Keeps a copy of an anchored node for its aliases (the copy counts, as an alias does).
+    fn remember(&mut self, anchor: usize, node: &Yaml) -> Result<(), SyntaxError> {
         if anchor == 0 {
-            return;
+            return Ok(());
         }
+        let w = node.weight();
+        self.count(w, node.at)?;
         if self.anchors.len() <= anchor {
             self.anchors.resize(anchor + 1, None);
         }
-        self.anchors[anchor] = Some(node.clone());
+        self.anchors[anchor] = Some((node.clone(), w));
+        Ok(())
+    }
+
+    /// Enters a collection; an error when they nest too deeply.
+    fn enter(&mut self, at: Pos) -> Result<(), SyntaxError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(SyntaxError {
+                at,
+                message: format!("collections nest more than {MAX_DEPTH} deep"),
+            });
+        }
+        Ok(())
     }
 
     fn node(&mut self) -> Result<Step, SyntaxError> {
         let (ev, span) = self.next()?;
         let at = Pos::of(&span);
-        self.count(1, at)?;
         match ev {
             Event::Scalar(text, style, anchor, tag) => {
                 let is_str_tag = tag
                     .as_ref()
                     .is_some_and(|t| t.is_yaml_core_schema() && t.suffix == "str");
+                self.count(
+                    Weight {
+                        nodes: 1,
+                        bytes: NODE_BYTES + text.len(),
+                    },
+                    at,
+                )?;
                 let node = Yaml {
                     at,
                     val: Val::Scalar {
@@ -232,35 +302,48 @@ impl<'a> Builder<'a> {
                         plain: style == ScalarStyle::Plain && !is_str_tag,
                     },
                 };
-                self.remember(anchor, &node);
+                self.remember(anchor, &node)?;
                 Ok(Step::Node(node))
             }
             Event::Alias(id) => {
-                let Some(Some(target)) = self.anchors.get(id).cloned() else {
+                let Some(Some((_, w))) = self.anchors.get(id) else {
                     return Err(SyntaxError {
                         at,
                         message: "an alias to an anchor that is not defined before it".into(),
                     });
                 };
-                self.count(target.size(), at)?;
+                // Counted before it is copied: a bomb is refused before it takes the memory.
+                self.count(*w, at)?;
+                let Some(Some((target, _))) = self.anchors.get(id) else {
+                    unreachable!("looked up just above");
+                };
                 // The copy points at the alias, where the reader of an error will look.
-                Ok(Step::Node(Yaml { at, ..target }))
+                Ok(Step::Node(Yaml {
+                    at,
+                    val: target.val.clone(),
+                }))
             }
             Event::SequenceStart(anchor, _) => {
+                self.count(Weight::ONE, at)?;
+                self.enter(at)?;
                 let mut items = Vec::new();
                 while let Step::Node(n) = self.node()? {
                     items.push(n);
                 }
+                self.depth -= 1;
                 let node = Yaml {
                     at,
                     val: Val::Seq(items),
                 };
-                self.remember(anchor, &node);
+                self.remember(anchor, &node)?;
                 Ok(Step::Node(node))
             }
             Event::MappingStart(anchor, _) => {
+                self.count(Weight::ONE, at)?;
+                self.enter(at)?;
                 let node = self.mapping(at)?;
-                self.remember(anchor, &node);
+                self.depth -= 1;
+                self.remember(anchor, &node)?;
                 Ok(Step::Node(node))
             }
             Event::SequenceEnd | Event::MappingEnd => Ok(Step::End(at)),
@@ -273,7 +356,9 @@ impl<'a> Builder<'a> {
 
     fn mapping(&mut self, at: Pos) -> Result<Yaml, SyntaxError> {
         let mut entries: Vec<(Yaml, Yaml)> = Vec::new();
-        let mut merged: Vec<(Yaml, Yaml)> = Vec::new();
+        // Each key written in this mapping, and the line it is first written on.
+        let mut lines: HashMap<String, usize> = HashMap::new();
+        let mut merged = Merged::default();
         while let Step::Node(key) = self.node()? {
             let value = match self.node()? {
                 Step::Node(v) => v,
@@ -294,20 +379,21 @@ impl<'a> Builder<'a> {
                 merge_into(&mut merged, value)?;
                 continue;
             }
-            if let Some((first, _)) = entries.iter().find(|(k, _)| k.scalar() == Some(text)) {
+            if let Some(first) = lines.get(text.as_str()) {
                 return Err(SyntaxError {
                     at: key.at,
                     message: format!(
-                        "the key {text:?} appears twice in this mapping (first at line {})",
-                        first.at.line
+                        "the key {} appears twice in this mapping (first at line {first})",
+                        crate::limits::shown(text)
                     ),
                 });
             }
+            lines.insert(text.clone(), key.at.line);
             entries.push((key, value));
         }
         // Keys written in the mapping win over merged ones; among merged mappings the first wins.
-        for (k, v) in merged {
-            if !entries.iter().any(|(e, _)| e.scalar() == k.scalar()) {
+        for (k, v) in merged.entries {
+            if k.scalar().is_none_or(|k| !lines.contains_key(k)) {
                 entries.push((k, v));
             }
         }
@@ -318,8 +404,16 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// The entries merge keys bring into a mapping, each key once.
+#[derive(Default)]
+struct Merged {
+    entries: Vec<(Yaml, Yaml)>,
+    /// Scalar keys in `entries`.
+    keys: HashSet<String>,
+}
+
 /// `<<: *a` or `<<: [*a, *b]`: the entries to merge, earlier ones first.
-fn merge_into(merged: &mut Vec<(Yaml, Yaml)>, value: Yaml) -> Result<(), SyntaxError> {
+fn merge_into(merged: &mut Merged, value: Yaml) -> Result<(), SyntaxError> {
     let sources = match value.val {
         Val::Map(_) => vec![value],
         Val::Seq(items) => items,
@@ -338,8 +432,13 @@ fn merge_into(merged: &mut Vec<(Yaml, Yaml)>, value: Yaml) -> Result<(), SyntaxE
             });
         };
         for (k, v) in entries {
-            if !merged.iter().any(|(m, _)| m.scalar() == k.scalar()) {
-                merged.push((k, v));
+            // Keys of a mapping are scalars (the builder refuses others).
+            let fresh = match k.scalar() {
+                Some(text) => merged.keys.insert(text.to_string()),
+                None => true,
+            };
+            if fresh {
+                merged.entries.push((k, v));
             }
         }
     }
@@ -427,5 +526,90 @@ mod tests {
         }
         let e = parse(&text).unwrap_err();
         assert!(e.message.contains("more than"), "{e:?}");
+    }
+
+    /// The issue's bomb: a 10 KB scalar, aliased 10 times per level over 5 levels (100,000
+    /// copies, 1 GB) in a file of about 10 KB: refused at once, before the memory is taken.
+    #[test]
+    fn alias_bombs_of_bytes_are_refused_quickly() {
+        let mut text = format!("s: &a0 \"{}\"\n", "x".repeat(10_000));
+        for i in 1..=5 {
+            let p = i - 1;
+            let items = vec![format!("*a{p}"); 10].join(", ");
+            text.push_str(&format!("a{i}: &a{i} [{items}]\n"));
+        }
+        assert!(text.len() < 11_000);
+        let start = std::time::Instant::now();
+        let e = parse(&text).unwrap_err();
+        let took = start.elapsed();
+        assert!(e.message.contains("MiB through its aliases"), "{e:?}");
+        assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+        // Under the node bound all along: only the bytes bound catches it.
+        const { assert!(100_000 < MAX_NODES) };
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        // Refused (by saphyr's own recursion limit or by ours), without overflowing the stack.
+        let text = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let e = parse(&text).unwrap_err();
+        assert!(
+            e.message.contains("nest more than") || e.message.contains("recursion limit"),
+            "{e:?}"
+        );
+        let mut text = String::new();
+        for i in 0..1000 {
+            text.push_str(&" ".repeat(i));
+            text.push_str("- \n");
+        }
+        assert!(parse(&text).is_err());
+    }
+
+    /// Parsing is linear in mapping keys: 4 MB of keys takes about 8 times as long as 512 KB
+    /// (quadratic would be 64 times).
+    #[test]
+    fn many_keys_parse_in_linear_time() {
+        let doc = |bytes: usize| {
+            let mut t = String::with_capacity(bytes + 32);
+            let mut i = 0;
+            while t.len() < bytes {
+                t.push_str(&format!("key{i:08}: v\n"));
+                i += 1;
+            }
+            t
+        };
+        let time = |text: &str| {
+            // The best of three, against a busy machine.
+            (0..3)
+                .map(|_| {
+                    let start = std::time::Instant::now();
+                    let y = parse(text).unwrap().unwrap();
+                    assert!(matches!(&y.val, Val::Map(e) if e.len() > 30_000));
+                    start.elapsed()
+                })
+                .min()
+                .unwrap()
+        };
+        let small = time(&doc(512 << 10));
+        let large = time(&doc(4 << 20));
+        let ratio = large.as_secs_f64() / small.as_secs_f64();
+        assert!(
+            ratio < 24.0,
+            "512 KB: {small:?}, 4 MB: {large:?}, ratio {ratio:.1}"
+        );
+    }
+
+    #[test]
+    fn merge_keys_keep_their_rules() {
+        let y = doc("a: &a {x: 1, y: 2}\nb: &b {y: 3, z: 4}\nc:\n  <<: [*a, *b]\n  x: 0\n");
+        let c = y.get("c").unwrap();
+        let keys: Vec<_> = match &c.val {
+            Val::Map(e) => e
+                .iter()
+                .map(|(k, v)| (k.scalar().unwrap(), v.scalar().unwrap()))
+                .collect(),
+            _ => panic!(),
+        };
+        assert_eq!(keys, [("x", "0"), ("y", "2"), ("z", "4")]);
     }
 }
