@@ -614,8 +614,8 @@ fn files_holding(dir: &Path, needles: &[Vec<u8>]) -> Vec<(std::path::PathBuf, us
 #[test]
 fn s22_the_join_secret_is_in_no_file_but_the_ca_holders_secret_file() {
     use std::os::unix::fs::PermissionsExt;
-    // Snapshots every few entries, so snapshot files are searched too.
-    let mut c = TestCluster::start(3, &["--snapshot-logs", "5", "--keep-logs", "2"]);
+    // Snapshots every few entries, so snapshots are searched too, and the whole log is kept.
+    let mut c = TestCluster::start(3, &["--snapshot-logs", "5", "--keep-logs", "1000"]);
     let first = c.token.clone();
     let rotated = c.ctl_ok(c.addr(3), &["cluster", "token", "--rotate"]);
     assert_ne!(rotated, first);
@@ -624,8 +624,18 @@ fn s22_the_join_secret_is_in_no_file_but_the_ca_holders_secret_file() {
     }
     // The rotated token works, through a node that is not the CA holder too.
     assert_eq!(c.ctl_ok(c.addr(2), &["cluster", "token"]), rotated);
-    c.token = rotated.clone();
-    let p = c.join(4).expect("joins with the rotated token");
+    // Joined through a node that is not the CA holder: it checks, then forwards.
+    let d4 = c.data_dir(4);
+    let mut args = s(&["join", c.addr(2), "--token", &rotated, "--data-dir"]);
+    args.extend(s(&[
+        d4.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        "n4",
+    ]));
+    args.extend(s(FAST));
+    let p = Proc::start(&args, &d4, "n4", &c.log(4, "join")).expect("joins with the rotated token");
     c.nodes.push(p);
     c.ctl_ok(c.addr(4), &["kv", "put", "after", "join"]);
     let secret_file = c.data_dir(1).join("tls").join("join.secret");
@@ -921,4 +931,41 @@ fn s33_certificates_expire_and_nodes_renew_their_own() {
     }
     let log = std::fs::read_to_string(c.log(2, "join")).unwrap();
     assert!(log.contains("renewed this node's certificate"), "{log}");
+}
+
+#[test]
+fn s23_a_ca_holder_without_the_secret_file_asks_for_a_rotation() {
+    // As a cluster made by a flockd that kept the secret in the replicated state: the CA holder
+    // has no tls/join.secret.
+    let mut c = TestCluster::start(2, &[]);
+    assert_eq!(
+        c.nodes[0].signal_and_wait(libc::SIGTERM, Duration::from_secs(10)),
+        Some(0)
+    );
+    std::fs::remove_file(c.data_dir(1).join("tls").join("join.secret")).unwrap();
+    c.restart(1);
+    for i in [1, 2] {
+        let o = c.ctl(c.addr(i), &["cluster", "token"]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            stderr(&o).contains("cluster token --rotate"),
+            "n{i}: {}",
+            stderr(&o)
+        );
+    }
+    // The old token still admits (its hash is in the state) until the rotation.
+    let old = c.token.clone();
+    let p = c.join(3).expect("the old token works until rotated");
+    c.nodes.push(p);
+    let new = c.ctl_ok(c.addr(2), &["cluster", "token", "--rotate"]);
+    assert_eq!(c.ctl_ok(c.addr(1), &["cluster", "token"]), new);
+    let o = join(&c, &old, &c.dir.path().join("late"));
+    assert!(
+        stderr(&o).contains("token is wrong or has been rotated"),
+        "{}",
+        stderr(&o)
+    );
+    c.token = new;
+    let p = c.join(4).expect("the rotated token works");
+    c.nodes.push(p);
 }
