@@ -277,8 +277,6 @@ fn l03_kv_ls_pages_and_never_panics() {
 /// into one entry, and keeps each batch within MAX_COMMAND_BYTES (eight 1.5 MiB values would
 /// otherwise make one 12 MiB entry); all succeed, with no election.
 #[test]
-#[ignore = "needs byte-bounded Raft replication (helper raft's branch): a few multi-MB entries \
-            still make the leader lose its term on this branch alone; run it after the merge"]
 fn l04_concurrent_largest_values_are_batched_within_the_command_limit() {
     let mut c = TestCluster::start(3, &[]);
     let (term, last) = settled(&mut c);
