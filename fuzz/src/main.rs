@@ -92,6 +92,33 @@ enum Cmd {
     },
 }
 
+/// Becomes `nobody` (uid and gid 65534, no supplementary groups) when running as root, after
+/// handing `dir` (where the worker writes) to it. Refuses to go on as root.
+fn drop_privileges(dir: &Path) -> Result<(), String> {
+    // SAFETY: plain system calls without pointers (setgroups gets an empty list).
+    unsafe {
+        if libc::geteuid() != 0 {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        std::os::unix::fs::chown(dir, Some(65534), Some(65534))
+            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(65534) != 0
+            || libc::setuid(65534) != 0
+        {
+            return Err(format!(
+                "cannot become nobody: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if libc::geteuid() == 0 {
+            return Err("still root after setuid".into());
+        }
+    }
+    Ok(())
+}
+
 /// The fuzz crate's directory: corpus/, artifacts/ and regressions/ live there.
 fn home() -> PathBuf {
     std::env::var_os("FLOCK_FUZZ_DIR")
@@ -158,6 +185,15 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if flock_fuzz::targets::runs_unprivileged(t.name) {
+                let dir = std::env::temp_dir();
+                if let Err(e) =
+                    drop_privileges(&dir.join(format!("flock-fuzz-replay-{}", std::process::id())))
+                {
+                    eprintln!("flock-fuzz: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
             engine::start_watchdog(limits.input_timeout);
             engine::set_memory_limit(limits.mem_limit_mb << 20);
             let report = std::panic::take_hook();
@@ -199,6 +235,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            if flock_fuzz::targets::runs_unprivileged(t.name) {
+                if let Err(e) = drop_privileges(&home().join("artifacts").join(t.name)) {
+                    eprintln!("flock-fuzz: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
             let cfg = RunConfig {
                 time: Duration::from_millis(time_ms),
                 seed,

@@ -15,6 +15,12 @@ fn manifest_dir() -> PathBuf {
 /// crate's). Returns the output and that directory.
 fn flock_fuzz(args: &[&str]) -> (Output, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
+    // The dir_stream worker runs as nobody and writes under artifacts/.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     std::os::unix::fs::symlink(manifest_dir().join("corpus"), dir.path().join("corpus"))
         .expect("link the corpus");
     let out = Command::new(env!("CARGO_BIN_EXE_flock-fuzz"))

@@ -328,7 +328,7 @@ fn node(
             String::new()
         };
         match u.int_in_range(0..=6u8).unwrap_or(0) {
-            0 | 1 | 2 if depth < 5 => {
+            0..=2 if depth < 5 => {
                 out.push_str(&format!("{pad}{key}:{anchor}\n"));
                 node(u, out, indent + 1, depth + 1, anchors);
             }

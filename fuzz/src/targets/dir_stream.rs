@@ -47,7 +47,8 @@ pub fn target() -> Target {
             b"../",
             b"/",
             b"../../outside",
-            b"/etc/passwd",
+            b"@@OUTSIDE@@",
+            b"@@OUTSIDE@@/etc",
             b"\x00\x00\x01\xed",
             b"\x00\x00\x00\x00",
             b"\xff\xff\xff\xff",
@@ -68,6 +69,8 @@ fn snap(name: &str) -> SnapshotName {
 /// The receiver: a backend in a temporary directory, with a sibling `outside/`.
 struct Receiver {
     _dir: tempfile::TempDir,
+    _outside_dir: tempfile::TempDir,
+    outside: PathBuf,
     top: PathBuf,
     backend: DirBackend,
     outside_print: Vec<String>,
@@ -175,7 +178,13 @@ fn fingerprint(root: &Path) -> Vec<String> {
 fn receiver() -> Receiver {
     let dir = tempfile::tempdir().expect("tempdir");
     let top = dir.path().to_path_buf();
-    let outside = top.join("outside");
+    // `/tmp/XXXXXX`: as long as the placeholder symlink targets carry.
+    let outside_dir = tempfile::Builder::new()
+        .prefix("")
+        .rand_bytes(6)
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let outside = outside_dir.path().to_path_buf();
     fs::create_dir_all(outside.join("etc")).expect("mkdir");
     fs::write(outside.join("secret"), b"must not change").expect("write");
     fs::write(outside.join("etc/passwd"), b"root:x:0:0").expect("write");
@@ -200,6 +209,8 @@ fn receiver() -> Receiver {
     let base_tree = seq.join("tree");
     Receiver {
         outside_print: fingerprint(&outside),
+        outside,
+        _outside_dir: outside_dir,
         base_print: fingerprint(&base_tree),
         base_tree,
         base_guid,
@@ -232,6 +243,44 @@ fn peek_header(data: &[u8]) -> Option<(bool, String, Option<usize>)> {
     Some((incremental, target, guid_at))
 }
 
+/// The placeholder for the sandbox's `outside/` directory in symlink targets: as long as its
+/// path (`/tmp/` and six random characters), so no length field changes.
+const MARK: &[u8; 11] = b"@@OUTSIDE@@";
+
+/// `data` with every [`MARK`] replaced by the absolute path of the receiver's outside
+/// directory, and the end record's checksum recomputed if there was one: symlinks that point
+/// out of the dataset point there, never at the real system, so a receive that follows one
+/// damages only the sandbox, and the check after it sees that.
+fn with_outside(data: &[u8], outside: &Path) -> Vec<u8> {
+    let path = outside.as_os_str().as_encoded_bytes();
+    assert_eq!(
+        path.len(),
+        MARK.len(),
+        "the outside directory's path has the mark's length"
+    );
+    let mut out = data.to_vec();
+    let mut found = false;
+    let mut i = 0;
+    while i + MARK.len() <= out.len() {
+        if &out[i..i + MARK.len()] == MARK {
+            out[i..i + MARK.len()].copy_from_slice(path);
+            found = true;
+            i += MARK.len();
+        } else {
+            i += 1;
+        }
+    }
+    if found {
+        if let Some((at, _, _)) = walk_records(&out) {
+            if at + 49 <= out.len() {
+                let h = blake3::hash(&out[..at + 17]);
+                out[at + 17..at + 49].copy_from_slice(h.as_bytes());
+            }
+        }
+    }
+    out
+}
+
 fn run(data: &[u8]) -> Outcome {
     RECEIVER.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -239,7 +288,7 @@ fn run(data: &[u8]) -> Outcome {
         let (incremental, target_name, guid_at) =
             peek_header(data).unwrap_or((false, "s2".into(), None));
         let target = SnapshotName::new(&target_name).unwrap_or_else(|_| snap("s2"));
-        let mut input = data.to_vec();
+        let mut input = with_outside(data, &r.outside);
         if let Some(at) = guid_at {
             if at + 8 <= input.len() {
                 input[at..at + 8].copy_from_slice(&r.base_guid.to_be_bytes());
@@ -308,12 +357,12 @@ fn check(
         })
         .unwrap_or_default();
     top.sort();
-    if top != ["backend", "outside"] {
+    if top != ["backend"] {
         return Some(format!(
             "a receive wrote outside the backend's root: {top:?}"
         ));
     }
-    if fingerprint(&r.top.join("outside")) != r.outside_print {
+    if fingerprint(&r.outside) != r.outside_print {
         return Some("a receive changed files outside the backend's root".into());
     }
     if fingerprint(&r.base_tree) != r.base_print {
@@ -329,6 +378,7 @@ fn check(
 }
 
 /// Fixes the end record's counts (mostly) and checksum, walking the records.
+#[allow(clippy::ptr_arg)] // the signature of `Target::fixup`
 fn fixup(data: &mut Vec<u8>, rng: &mut Rng) {
     let Some(end) = walk_records(data) else {
         return;
@@ -442,7 +492,14 @@ fn generate(u: &mut arbitrary::Unstructured) -> Vec<u8> {
             b'L' => {
                 meta(&mut s, 0o777);
                 let t = *u
-                    .choose(&["../../../outside/secret", "/etc", "dir", "../..", "a"])
+                    .choose(&[
+                        "../../../outside/secret",
+                        "@@OUTSIDE@@",
+                        "@@OUTSIDE@@/etc",
+                        "dir",
+                        "../..",
+                        "a",
+                    ])
                     .unwrap_or(&"a");
                 s.extend_from_slice(&(t.len() as u32).to_be_bytes());
                 s.extend_from_slice(t.as_bytes());

@@ -201,6 +201,7 @@ fn seeds() -> Vec<Vec<u8>> {
 }
 
 /// Recomputes the header's checksum and the trailer's (and, sometimes, its counts).
+#[allow(clippy::ptr_arg)] // the signature of `Target::fixup`
 fn fixup(data: &mut Vec<u8>, rng: &mut Rng) {
     if data.len() < 14 || data[..8] != MAGIC {
         return;

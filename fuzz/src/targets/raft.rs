@@ -222,16 +222,18 @@ fn propose_seeds() -> Vec<Vec<u8>> {
     gen::commands()
         .iter()
         .chain(&gen::more_commands())
-        .map(|c| encode(c))
+        .map(encode)
         .collect()
 }
 
+#[allow(clippy::ptr_arg)] // the signature of `Target::fixup`
 fn version_fixup(data: &mut Vec<u8>, rng: &mut Rng) {
     if !data.is_empty() && !rng.one_in(8) {
         data[0] = flock_raft::codec::RECORD_VERSION;
     }
 }
 
+#[allow(clippy::ptr_arg)] // the signature of `Target::fixup`
 fn raft_fixup(data: &mut Vec<u8>, rng: &mut Rng) {
     if data.len() > 1 && !rng.one_in(8) {
         data[0] %= 3;
