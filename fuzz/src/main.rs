@@ -206,6 +206,7 @@ fn main() -> ExitCode {
             // No catch_unwind: a panic shows its message and location (and a backtrace with
             // RUST_BACKTRACE=1) and exits with 101.
             let outcome = engine::timed(|| (t.run)(&input));
+            flock_fuzz::targets::dir_stream::cleanup();
             println!(
                 "{}: {} bytes ran in {:?} without a crash: {}",
                 t.name,
@@ -254,6 +255,7 @@ fn main() -> ExitCode {
             // The seeds and corpus are made before the limit applies.
             engine::set_memory_limit(limits.mem_limit_mb << 20);
             engine::run(&t, &cfg);
+            flock_fuzz::targets::dir_stream::cleanup();
             ExitCode::SUCCESS
         }
         Cmd::Run {

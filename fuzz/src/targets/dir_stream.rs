@@ -83,6 +83,12 @@ thread_local! {
     static RECEIVER: RefCell<Option<Receiver>> = const { RefCell::new(None) };
 }
 
+/// Removes this thread's receiver (its temporary directories). Thread-local values of the
+/// main thread are not dropped at exit, so the worker calls this when it is done.
+pub fn cleanup() {
+    RECEIVER.with(|cell| cell.borrow_mut().take());
+}
+
 /// Writes a small tree: files, a nested directory, a symlink, odd modes.
 fn populate(root: &Path, round: u32) {
     let w = |p: &str, data: &[u8]| {
