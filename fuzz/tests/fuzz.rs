@@ -226,3 +226,14 @@ fn finding_4_deep_block_nesting_is_refused_not_a_stack_overflow() {
         assert!(out.status.success(), "{file}: {}", text(&out));
     }
 }
+
+/// Finding 5: a fig file whose service is named `command` (`command: {image: postgres:16}`)
+/// parses, but its rendering (`to_flocker_yaml`, Flocker's form) does not parse back: the
+/// form is told apart by whether `applications:` looks like a service, and a mapping with a
+/// key `command` does. The renderer's documented promise (reads back to the same values)
+/// fails for apps named like a service key.
+#[test]
+#[ignore = "finding 5: render round trip fails for an app named `command`; scheduler/src/config, routed to helper limits (not fixed on branch h-fuzz)"]
+fn finding_5_an_app_named_like_a_service_key_renders_back() {
+    regression("config_compose", "finding-5-app-named-command");
+}
