@@ -203,15 +203,94 @@ fn err(msg: impl std::fmt::Display) -> Response {
     ok(json!({ "Err": msg.to_string() }))
 }
 
+/// At most this many bytes of a caller's text go into an answer (names, options, parser
+/// messages), so that an answer never echoes an unbounded request.
+pub const ECHO_MAX: usize = 64;
+
+/// `text` for a message: quoted, cut to [`ECHO_MAX`] bytes with its length when longer.
+pub fn echo(text: &str) -> String {
+    if text.len() <= ECHO_MAX {
+        return format!("{text:?}");
+    }
+    let mut cut = ECHO_MAX;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{:?}... ({} bytes)", &text[..cut], text.len())
+}
+
+/// A message from code we do not control (the JSON parser) cut to a few hundred bytes.
+fn bounded_message(msg: &str) -> String {
+    const MAX: usize = 200;
+    if msg.len() <= MAX {
+        return msg.to_string();
+    }
+    let mut cut = MAX;
+    while !msg.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}... ({} bytes)", &msg[..cut], msg.len())
+}
+
+/// Why a call's request is refused before it reaches the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// Not the JSON the call takes (answered with 400 Bad Request).
+    Malformed(String),
+    /// Well-formed, but a name, option or id is not usable (answered with an `Err`).
+    Invalid(String),
+}
+
+impl CallError {
+    /// The message Docker shows its user.
+    pub fn message(&self) -> &str {
+        match self {
+            CallError::Malformed(m) | CallError::Invalid(m) => m,
+        }
+    }
+
+    fn into_response(self) -> Response {
+        match self {
+            CallError::Malformed(m) => reply(StatusCode::BAD_REQUEST, json!({ "Err": m })),
+            CallError::Invalid(m) => err(m),
+        }
+    }
+}
+
 /// The request body as `T`; Docker sends JSON under its own content type, so the type is not
-/// checked. The error is the answer to send.
-fn parse<T: DeserializeOwned>(call: &str, body: &Bytes) -> Result<T, Box<Response>> {
+/// checked.
+fn parse<T: DeserializeOwned>(call: &str, body: &[u8]) -> Result<T, CallError> {
     serde_json::from_slice(body).map_err(|e| {
-        Box::new(reply(
-            StatusCode::BAD_REQUEST,
-            json!({ "Err": format!("flock: malformed {call} request ({e}); expected JSON such as {{\"Name\": \"demo\"}}") }),
+        CallError::Malformed(format!(
+            "flock: malformed {call} request ({}); expected JSON such as {{\"Name\": \"demo\"}}",
+            bounded_message(&e.to_string())
         ))
     })
+}
+
+/// Decodes and checks a `VolumeDriver.Create` request: the volume's name and its size option.
+pub fn decode_create(body: &[u8]) -> Result<(String, Option<u64>), CallError> {
+    let req: CreateReq = parse("VolumeDriver.Create", body)?;
+    volumes::check_name(&req.name).map_err(CallError::Invalid)?;
+    let size = volumes::create_size(&req.name, &req.opts.unwrap_or_default())
+        .map_err(CallError::Invalid)?;
+    Ok((req.name, size))
+}
+
+/// Decodes and checks a request that names a volume (Remove, Path, Get).
+pub fn decode_name(call: &str, body: &[u8]) -> Result<String, CallError> {
+    let req: NameReq = parse(call, body)?;
+    volumes::check_name(&req.name).map_err(CallError::Invalid)?;
+    Ok(req.name)
+}
+
+/// Decodes and checks a `VolumeDriver.Mount` or `VolumeDriver.Unmount` request: the volume's
+/// name and Docker's mount id.
+pub fn decode_mount(call: &str, body: &[u8]) -> Result<(String, String), CallError> {
+    let req: MountReq = parse(call, body)?;
+    volumes::check_name(&req.name).map_err(CallError::Invalid)?;
+    volumes::check_mount_id(call, &req.id).map_err(CallError::Invalid)?;
+    Ok((req.name, req.id))
 }
 
 /// Runs a call with a bound on its time: Docker's client gives up after a minute or two, and
@@ -263,17 +342,17 @@ async fn capabilities() -> Response {
 async fn unknown(uri: axum::http::Uri) -> Response {
     reply(
         StatusCode::NOT_FOUND,
-        json!({ "Err": format!("flock: {} is not a call of the volume plugin protocol", uri.path()) }),
+        json!({ "Err": format!("flock: {} is not a call of the volume plugin protocol", echo(uri.path())) }),
     )
 }
 
 async fn create(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
-    let req: CreateReq = match parse("VolumeDriver.Create", &body) {
+    let (name, size) = match decode_create(&body) {
         Ok(r) => r,
-        Err(r) => return *r,
+        Err(e) => return e.into_response(),
     };
     bounded(v.call_limit(), "creating the volume", async {
-        match v.create(&req.name, req.opts.unwrap_or_default()).await {
+        match v.create(&name, size).await {
             Ok(()) => ok(json!({ "Err": "" })),
             Err(e) => err(e),
         }
@@ -282,12 +361,12 @@ async fn create(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
 }
 
 async fn remove(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
-    let req: NameReq = match parse("VolumeDriver.Remove", &body) {
-        Ok(r) => r,
-        Err(r) => return *r,
+    let name = match decode_name("VolumeDriver.Remove", &body) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
     };
     bounded(v.call_limit(), "removing the volume", async {
-        match v.remove(&req.name).await {
+        match v.remove(&name).await {
             Ok(()) => ok(json!({ "Err": "" })),
             Err(e) => err(e),
         }
@@ -296,16 +375,16 @@ async fn remove(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
 }
 
 async fn mount(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
-    let req: MountReq = match parse("VolumeDriver.Mount", &body) {
+    let (name, id) = match decode_mount("VolumeDriver.Mount", &body) {
         Ok(r) => r,
-        Err(r) => return *r,
+        Err(e) => return e.into_response(),
     };
     // The mount bounds its own wait (and says how far the move got); this is a backstop.
     bounded(
         v.mount_wait + v.call_limit(),
         "mounting the volume",
         async {
-            match v.mount(&req.name, &req.id).await {
+            match v.mount(&name, &id).await {
                 Ok(p) => ok(json!({ "Mountpoint": p.display().to_string(), "Err": "" })),
                 Err(e) => err(e),
             }
@@ -315,12 +394,12 @@ async fn mount(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
 }
 
 async fn unmount(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
-    let req: MountReq = match parse("VolumeDriver.Unmount", &body) {
+    let (name, id) = match decode_mount("VolumeDriver.Unmount", &body) {
         Ok(r) => r,
-        Err(r) => return *r,
+        Err(e) => return e.into_response(),
     };
     bounded(v.call_limit(), "unmounting the volume", async {
-        match v.unmount(&req.name, &req.id).await {
+        match v.unmount(&name, &id).await {
             Ok(()) => ok(json!({ "Err": "" })),
             Err(e) => err(e),
         }
@@ -329,12 +408,12 @@ async fn unmount(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
 }
 
 async fn path(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
-    let req: NameReq = match parse("VolumeDriver.Path", &body) {
-        Ok(r) => r,
-        Err(r) => return *r,
+    let name = match decode_name("VolumeDriver.Path", &body) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
     };
     bounded(v.call_limit(), "looking the volume up", async {
-        match v.path(&req.name).await {
+        match v.path(&name).await {
             Ok(p) => ok(json!({
                 "Mountpoint": p.map(|p| p.display().to_string()).unwrap_or_default(),
                 "Err": ""
@@ -346,12 +425,12 @@ async fn path(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
 }
 
 async fn get(State(v): State<Arc<Volumes>>, body: Bytes) -> Response {
-    let req: NameReq = match parse("VolumeDriver.Get", &body) {
-        Ok(r) => r,
-        Err(r) => return *r,
+    let name = match decode_name("VolumeDriver.Get", &body) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
     };
     bounded(v.call_limit(), "looking the volume up", async {
-        match v.get(&req.name).await {
+        match v.get(&name).await {
             Ok(vol) => ok(json!({ "Volume": vol, "Err": "" })),
             Err(e) => err(e),
         }

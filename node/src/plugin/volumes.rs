@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 use flock_proto::v1 as pb;
 use flock_scheduler::dataset::validate_dataset_name;
+use flock_scheduler::mount::MAX_MOUNT_ID_LEN;
 use flock_scheduler::{ApplyError, ClusterState, Command, CommandResult, Dataset, NodeId};
 
 use crate::cluster::{Cluster, ClusterError};
@@ -62,10 +63,67 @@ fn not_found(name: &str) -> String {
     format!("flock: no volume named {name:?} (`docker volume ls` lists them; `docker volume create -d DRIVER {name}` makes it)")
 }
 
-fn check_name(name: &str) -> Result<()> {
+/// A volume name flock takes (a dataset name); the error never echoes more than a prefix.
+pub fn check_name(name: &str) -> Result<()> {
     validate_dataset_name(name).map_err(|e| {
-        format!("flock: {e}; a flock volume name is 1 to 40 letters, digits, '_', '.', ':' or '-'")
+        let reason = match e {
+            ApplyError::InvalidDatasetName { reason, .. } => reason,
+            other => other.to_string(),
+        };
+        format!(
+            "flock: invalid volume name {}: {reason}; a flock volume name is 1 to 40 letters, digits, '_', '.', ':' or '-'",
+            super::echo(name)
+        )
     })
+}
+
+/// Docker's mount id: the cluster records at most [`MAX_MOUNT_ID_LEN`] bytes, and a mount needs
+/// one.
+pub fn check_mount_id(call: &str, id: &str) -> Result<()> {
+    if id.is_empty() && call.ends_with(".Mount") {
+        return Err(format!("flock: {call} needs the caller's ID"));
+    }
+    if id.len() > MAX_MOUNT_ID_LEN {
+        return Err(format!(
+            "flock: {call}: the ID {} is longer than {MAX_MOUNT_ID_LEN} bytes",
+            super::echo(id)
+        ));
+    }
+    Ok(())
+}
+
+/// The size a Create asks for (`-o size=1G`); any other option is refused.
+pub fn create_size(name: &str, opts: &BTreeMap<String, String>) -> Result<Option<u64>> {
+    let unknown: Vec<String> = opts
+        .keys()
+        .filter(|k| *k != "size")
+        .take(5)
+        .map(|k| super::echo(k))
+        .collect();
+    if !unknown.is_empty() {
+        let more = opts.keys().filter(|k| *k != "size").count() - unknown.len();
+        return Err(format!(
+            "flock: unknown option(s) {}{} for volume {}; flock takes: size (e.g. -o size=1G)",
+            unknown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            },
+            super::echo(name)
+        ));
+    }
+    match opts.get("size") {
+        Some(s) => parse_size(s)
+            .map(Some)
+            .map_err(|_| {
+                format!(
+                    "flock: -o size: {} is not a size; write a number with an optional unit, such as 512M, 10G or 1.5T (at least 1 byte)",
+                    super::echo(s)
+                )
+            }),
+        None => Ok(None),
+    }
 }
 
 fn node_name(state: &ClusterState, id: NodeId) -> String {
@@ -179,23 +237,8 @@ impl Volumes {
 
     /// `docker volume create -d flock [-o size=1G] NAME`, and every `docker run -v NAME:...` the
     /// engine has not seen yet: an existing dataset is fine, if its size agrees.
-    pub async fn create(&self, name: &str, opts: BTreeMap<String, String>) -> Result<()> {
+    pub async fn create(&self, name: &str, size: Option<u64>) -> Result<()> {
         check_name(name)?;
-        let mut size = None;
-        let unknown: Vec<&str> = opts
-            .keys()
-            .map(String::as_str)
-            .filter(|k| *k != "size")
-            .collect();
-        if !unknown.is_empty() {
-            return Err(format!(
-                "flock: unknown option(s) {} for volume {name:?}; flock takes: size (e.g. -o size=1G)",
-                unknown.join(", ")
-            ));
-        }
-        if let Some(s) = opts.get("size") {
-            size = Some(parse_size(s).map_err(|e| format!("flock: -o size: {e}"))?);
-        }
         let existing = self
             .cluster
             .read(false, |a| a.cluster.dataset_by_name(name).cloned())
@@ -250,9 +293,7 @@ impl Volumes {
     /// Moves the dataset here if needed, records the mount under Docker's `mount_id`, and
     /// returns the path Docker bind-mounts.
     pub async fn mount(&self, name: &str, mount_id: &str) -> Result<PathBuf> {
-        if mount_id.is_empty() {
-            return Err("flock: VolumeDriver.Mount needs the caller's ID".into());
-        }
+        check_mount_id("VolumeDriver.Mount", mount_id)?;
         let deadline = Instant::now() + self.mount_wait;
         let me = self.me();
         let mut asked_move = false;
@@ -410,6 +451,7 @@ impl Volumes {
     /// Drops the mount; an unknown volume or mount is fine (Docker may repeat itself).
     pub async fn unmount(&self, name: &str, mount_id: &str) -> Result<()> {
         check_name(name)?;
+        check_mount_id("VolumeDriver.Unmount", mount_id)?;
         let Some(ds) = self.known(name) else {
             return Ok(());
         };
