@@ -165,7 +165,6 @@ fn regression(target: &str, file: &str) -> flock_fuzz::Outcome {
 /// state lacks makes `ClusterState::apply` of a Deploy panic (`self.datasets[&id]`, an index
 /// into a map, scheduler/src/app.rs `dataset_follows`).
 #[test]
-#[ignore = "finding 1: apply panics on an inconsistent snapshot state; scheduler/raft state, routed (not fixed on branch h-fuzz)"]
 fn finding_1_snapshot_state_with_a_missing_dataset() {
     regression("raft", "finding-1-snapshot-state-missing-dataset");
 }
@@ -208,7 +207,6 @@ fn finding_3_plugin_refuses_an_oversized_mount_id_before_raft() {
 /// no depth limit (scheduler/src/config/yaml.rs and the event parser under it). Run in a
 /// child process: a stack overflow would end the test binary.
 #[test]
-#[ignore = "finding 4: config parser stack overflow on deep block nesting; scheduler/src/config, routed to helper limits (not fixed on branch h-fuzz)"]
 fn finding_4_deep_block_nesting_is_refused_not_a_stack_overflow() {
     for file in [
         "finding-4-deep-block-nesting",
@@ -233,7 +231,6 @@ fn finding_4_deep_block_nesting_is_refused_not_a_stack_overflow() {
 /// key `command` does. The renderer's documented promise (reads back to the same values)
 /// fails for apps named like a service key.
 #[test]
-#[ignore = "finding 5: render round trip fails for an app named `command`; scheduler/src/config, routed to helper limits (not fixed on branch h-fuzz)"]
 fn finding_5_an_app_named_like_a_service_key_renders_back() {
     regression("config_compose", "finding-5-app-named-command");
 }

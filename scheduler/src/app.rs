@@ -127,7 +127,11 @@ pub fn plan_deploy(
     for name in order {
         let app = &apps[name];
         let misfit_on = |node: NodeId, reserved: &BTreeMap<NodeId, Reserved>| {
-            let n = &state.nodes[&node];
+            // A pin or a state naming a node that is not a member (a bad proposal or snapshot)
+            // is refused, never a panic in apply.
+            let Some(n) = state.nodes.get(&node) else {
+                return Some(format!("node {node} is not a member"));
+            };
             misfit(
                 n,
                 &app.spec,
@@ -140,7 +144,10 @@ pub fn plan_deploy(
                 if let Some(reason) = misfit_on(pin, &reserved) {
                     return Err(ApplyError::PinnedMisfit {
                         app: name.clone(),
-                        node: state.nodes[&pin].name.clone(),
+                        node: state
+                            .nodes
+                            .get(&pin)
+                            .map_or_else(|| format!("#{pin}"), |n| n.name.clone()),
                         reason,
                     });
                 }
@@ -258,7 +265,9 @@ impl ClusterState {
     /// Makes dataset `id` go where its app goes: a move to `node` (the app keeps running on
     /// the primary until the move's handoff), or none when it is there already.
     fn dataset_follows(&mut self, id: DatasetId, node: NodeId) -> Result<(), ApplyError> {
-        let ds = &self.datasets[&id];
+        let Some(ds) = self.datasets.get(&id) else {
+            return Err(ApplyError::UnknownDataset { id });
+        };
         let target = ds.moving.as_ref().map(|m| m.to);
         if ds.primary == node {
             if target.is_some() {

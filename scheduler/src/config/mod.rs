@@ -89,7 +89,10 @@ pub fn parse_application(file: &str, text: &str) -> Result<Applications, ConfigE
             .find(|(k, _)| k.scalar() == Some(key))
             .is_some_and(|(_, v)| !compose::is_service(v))
     };
-    if has("applications") {
+    let key = |key: &str| map.iter().any(|(k, _)| k.scalar() == Some(key));
+    // `version` beside `applications` is Flocker's form even when the applications mapping
+    // holds an app named like a service key (`command:`): a fig file has no `version`.
+    if has("applications") || (key("version") && key("applications")) {
         flocker::read(file, &doc)
     } else if has("services") {
         compose::read(file, &doc, Format::Compose)
