@@ -104,16 +104,4 @@ where
 }
 
 /// An error and its sources, joined: tonic's top-level transport error says little alone.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
+pub use flock_raft::tls::error_chain;

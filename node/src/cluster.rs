@@ -643,8 +643,16 @@ pub async fn membership_worker(cluster: Arc<Cluster>, mut shutdown: watch::Recei
             _ = tokio::time::sleep(MEMBERSHIP_TICK) => {}
             _ = shutdown.changed() => return,
         }
-        if let Err(e) = reconcile_membership(&cluster).await {
-            tracing::info!(error = %e, "membership change deferred");
+        // A membership change waits for a quorum of the new configuration; at shutdown that
+        // quorum may already be gone (a dev cluster stops its nodes one by one), so stopping
+        // never waits for it. Raft resumes or drops the change on the next start.
+        tokio::select! {
+            r = reconcile_membership(&cluster) => {
+                if let Err(e) = r {
+                    tracing::info!(error = %e, "membership change deferred");
+                }
+            }
+            _ = shutdown.changed() => return,
         }
     }
 }

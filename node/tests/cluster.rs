@@ -587,9 +587,13 @@ fn t13_dev_cluster_comes_up_and_stops_on_ctrl_c() {
     let v: Value = serde_json::from_str(&ctl_ok(&config, &addr, &["status", "--json"])).unwrap();
     assert_eq!(v["members"].as_array().unwrap().len(), 3, "{v:#}");
     ctl_ok(&config, &addr, &["kv", "put", "dev", "ok"]);
+    let code = p.signal_and_wait(libc::SIGINT, Duration::from_secs(20));
     assert_eq!(
-        p.signal_and_wait(libc::SIGINT, Duration::from_secs(20)),
-        Some(0)
+        code,
+        Some(0),
+        "stdout {:?}\n--- log:\n{}",
+        p.drain(),
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert!(
         p.drain().iter().any(|l| l == "flockd dev: stopped"),

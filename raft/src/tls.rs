@@ -351,7 +351,7 @@ pub async fn connect_peer(
 }
 
 /// An error and its sources, joined (tonic's transport error says little alone).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
