@@ -542,7 +542,7 @@ impl RunningNode {
         ));
         // The plugin is a front door, not the node's job: a socket it cannot have is a warning.
         let plugin_socket = opts.plugin.as_ref().and_then(|name| {
-            crate::plugin::PluginSocket::bind(std::path::Path::new(crate::plugin::PLUGIN_DIR), name)
+            crate::plugin::PluginSocket::bind(&crate::plugin::plugin_dir(), name)
                 .inspect_err(|e| tracing::warn!("{e}; the Docker volume plugin is off"))
                 .ok()
         });

@@ -176,7 +176,18 @@ fn spec_file(c: &TestCluster) -> PathBuf {
 fn nothing_readable_with_umask(mask: u32) {
     set_umask(mask);
     let plugin = format!("flockatrest{}", std::process::id());
-    let c = TestCluster::start_with(2, &[], vec![s(&["--plugin-name", &plugin])]);
+    // Not the engine's directory: the engine would wait on this socket in every later
+    // `docker volume ls` once the test's flockd is gone.
+    let plugins = tempfile::tempdir().expect("plugin dir");
+    let c = TestCluster::start_env(
+        2,
+        &[],
+        vec![s(&["--plugin-name", &plugin])],
+        vec![(
+            flock_node::plugin::PLUGIN_DIR_ENV.to_string(),
+            plugins.path().display().to_string(),
+        )],
+    );
     let _stop = deploy_secret_app(&c);
     let spec = spec_file(&c);
     let log = c.data_dir(1).join("apps/counter/output.log");
@@ -188,7 +199,7 @@ fn nothing_readable_with_umask(mask: u32) {
             f.display()
         );
     }
-    let socket = Path::new("/run/docker/plugins").join(format!("{plugin}.sock"));
+    let socket = plugins.path().join(format!("{plugin}.sock"));
     let md = fs::metadata(&socket).expect("the plugin socket");
     match flock_node::plugin::docker_gid() {
         Some(gid) => assert_eq!((md.mode() & 0o7777, md.gid()), (0o660, gid)),

@@ -34,6 +34,17 @@ pub use volumes::Volumes;
 
 /// Where the Docker engine looks for plugin sockets.
 pub const PLUGIN_DIR: &str = "/run/docker/plugins";
+/// Overrides [`PLUGIN_DIR`], for tests that check the socket without the engine: the engine
+/// scans its directory on every `docker volume ls` and waits on each socket whose flockd is
+/// gone, so a test's socket left there slows every later docker command by seconds.
+pub const PLUGIN_DIR_ENV: &str = "FLOCK_PLUGIN_DIR";
+
+/// The directory the plugin socket goes in: [`PLUGIN_DIR`] unless [`PLUGIN_DIR_ENV`] says.
+pub fn plugin_dir() -> std::path::PathBuf {
+    std::env::var_os(PLUGIN_DIR_ENV)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(PLUGIN_DIR))
+}
 /// The plugin name flockd registers unless told otherwise.
 pub const DEFAULT_NAME: &str = "flock";
 /// The content type of the plugin protocol.
