@@ -1,0 +1,17 @@
+//! flock's node decisions, with no IO, no clock and no async: each is a function of the
+//! replicated state ([`flock_scheduler::ClusterState`]), this node's observations and the time
+//! ([`Instant`], handed in), returning typed actions for the node's executors (flock-node's
+//! agents) to carry out. A deterministic simulation (flock-sim) drives them for many nodes
+//! against the real `ClusterState::apply`.
+//!
+//! Why a crate beside flock-scheduler rather than inside it: flock-scheduler is the replicated
+//! model, whose `apply` every node must compute identically from the log forever (its types are
+//! stored); the decisions here are one node's, change with what a node observes, and may change
+//! freely between releases. They depend on the model, never the other way round.
+//!
+//! - [`time`]: [`Instant`], a point on a node's monotonic clock as the executor or the
+//!   simulation hands it in.
+
+pub mod time;
+
+pub use time::Instant;
