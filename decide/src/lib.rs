@@ -11,7 +11,11 @@
 //!
 //! - [`time`]: [`Instant`], a point on a node's monotonic clock as the executor or the
 //!   simulation hands it in.
+//! - [`apps`]: which app instances to start, stop, update or restart here ([`apps::AppsCore`]),
+//!   restart backoff, the start guard re-checked against the latest state ([`apps::may_start`]),
+//!   the spec an instance runs ([`apps::RunSpec`]) and its link variables.
 
+pub mod apps;
 pub mod time;
 
 pub use time::Instant;
