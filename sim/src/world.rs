@@ -1,0 +1,1429 @@
+//! One simulated cluster: N nodes, each running the real decision cores (flock-decide) against
+//! its own copy of the real replicated state (`ClusterState::apply` on the committed log), with
+//! simulated drivers (processes that outlive flockd, children, exits), dataset copies (snapshots
+//! of a list of write ids), a network (delays, partitions, lost answers), crashes of flockd and
+//! of whole machines, and drivers that fail or lie. Everything happens on one thread, in the
+//! order of a seeded event queue, so a seed replays exactly.
+//!
+//! The executors here are as thin as node/'s: observe, ask the core, carry its actions out with
+//! a delay. The invariants (DESIGN.md) are checked as the run goes and at its end.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::path::PathBuf;
+
+use flock_decide::apps::{
+    may_start, AppAction, AppsCore, AppsSeen, CopySeen, DriverKind, Seen, SeenState, StartFailure,
+};
+use flock_decide::Instant;
+use flock_scheduler::config::{AppSpec, PlannedApp, RestartPolicy, Volume};
+use flock_scheduler::dataset::DatasetId;
+use flock_scheduler::{ApplyError, ClusterState, Command, CommandResult, NodeId, SnapshotRecord};
+
+use crate::rng::Rng;
+
+/// Bugs the simulation can put back, to show that a seed catches each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bugs {
+    /// A driver whose listing fails answers "nothing runs" (the docker driver before issue 15).
+    pub blind_as_empty: bool,
+    /// Stopping an app whose group leader already exited leaves its children running (the
+    /// process driver before issue 15), and a leader's exit is reported while they run.
+    pub children_outlive_stop: bool,
+    /// A start decided from an older state is carried out without re-checking the latest one
+    /// under the dataset's start gate (jepsen seed 4122026).
+    pub start_without_recheck: bool,
+    /// A push plans every step from the snapshot list it saw when it began, and the receiver
+    /// rolls back whatever it is told to, recorded snapshots included.
+    pub push_stale_rollback: bool,
+}
+
+impl Bugs {
+    /// The bug named `name` (as the replay command spells it).
+    pub fn named(name: &str) -> Option<Bugs> {
+        let mut b = Bugs::default();
+        match name {
+            "blind-as-empty" => b.blind_as_empty = true,
+            "children-outlive-stop" => b.children_outlive_stop = true,
+            "start-without-recheck" => b.start_without_recheck = true,
+            "push-stale-rollback" => b.push_stale_rollback = true,
+            _ => return None,
+        }
+        Some(b)
+    }
+
+    pub const NAMES: [&'static str; 4] = [
+        "blind-as-empty",
+        "children-outlive-stop",
+        "start-without-recheck",
+        "push-stale-rollback",
+    ];
+}
+
+/// What one run simulates.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub nodes: u64,
+    pub apps: usize,
+    /// Simulated milliseconds with faults and operator moves.
+    pub fault_ms: u64,
+    /// Simulated milliseconds after every fault ends, for the cluster to converge.
+    pub heal_ms: u64,
+    pub bugs: Bugs,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            nodes: 3,
+            apps: 2,
+            fault_ms: 40_000,
+            heal_ms: 60_000,
+            bugs: Bugs::default(),
+        }
+    }
+}
+
+/// An invariant that failed.
+#[derive(Clone, Debug)]
+pub struct Violation {
+    pub seed: u64,
+    pub at_ms: u64,
+    pub what: String,
+    /// The last events before it, oldest first.
+    pub trace: Vec<String>,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "seed {} at {} ms: {}", self.seed, self.at_ms, self.what)?;
+        writeln!(f, "last events:")?;
+        for l in &self.trace {
+            writeln!(f, "  {l}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a run that kept every invariant did.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    pub sim_ms: u64,
+    pub events: u64,
+    pub commands: usize,
+    pub moves_committed: u64,
+    pub moves_cancelled: u64,
+    pub writes_acked: u64,
+    pub starts: u64,
+}
+
+const TICK_MS: u64 = 300;
+const WRITE_MS: u64 = 25;
+const STOP_TIMEOUT_MS: u64 = 60_000;
+const MOVE_ROUNDS: u32 = 2;
+const TRACE: usize = 60;
+
+#[derive(Clone, Debug)]
+enum Ev {
+    /// The node's agents look.
+    Tick(NodeId),
+    /// The node carries out action `i` of an apps pass.
+    Exec {
+        node: NodeId,
+        gen: u64,
+        groups: Vec<Vec<AppAction>>,
+        g: usize,
+        i: usize,
+    },
+    /// The node applies what the log committed.
+    Apply(NodeId),
+    Write,
+    Fault,
+    MoveStep {
+        node: NodeId,
+        gen: u64,
+        ds: DatasetId,
+    },
+    PushStep {
+        node: NodeId,
+        gen: u64,
+        job: Job,
+    },
+    /// flockd (and the machine, if it was killed) comes back.
+    Restart(NodeId),
+    Reconnect(NodeId),
+    Heal,
+}
+
+/// A push job: for a move (its task continues when it ends) or a replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Job {
+    Move(DatasetId),
+    Replicate(DatasetId, NodeId),
+}
+
+#[derive(Clone, Debug)]
+struct Snap {
+    name: String,
+    guid: u64,
+    data: Vec<u64>,
+}
+
+/// A dataset copy on a node's disk: its snapshots and its live data (write ids, in order).
+#[derive(Clone, Debug, Default)]
+struct Copy {
+    snaps: Vec<Snap>,
+    live: Vec<u64>,
+}
+
+/// An app's instance as the process driver records it: a group leader and one child worker.
+#[derive(Clone, Debug)]
+struct Proc {
+    fingerprint: String,
+    restarts: u32,
+    id: u64,
+    leader: bool,
+    child: bool,
+    code: Option<i32>,
+    dataset: Option<DatasetId>,
+}
+
+impl Proc {
+    fn alive(&self) -> bool {
+        self.leader || self.child
+    }
+}
+
+#[derive(Clone, Debug)]
+enum MovePc {
+    Begin,
+    Round(u32),
+    Handoff,
+    AwaitStopped { deadline: u64 },
+    Final,
+    Commit { snapshot: String },
+}
+
+#[derive(Clone, Debug)]
+struct MoveTask {
+    to: NodeId,
+    pc: MovePc,
+    /// The round's or final snapshot being pushed, and what comes after the push.
+    after_push: Option<MovePc>,
+}
+
+#[derive(Clone, Debug)]
+struct PushTask {
+    ds: DatasetId,
+    to: NodeId,
+    target: String,
+    epoch: u64,
+    /// Guids of the sender's snapshots after the target when the push began (the bug's list).
+    later_at_start: Vec<u64>,
+}
+
+#[derive(Default)]
+struct SimNode {
+    machine_up: bool,
+    flockd_up: bool,
+    gen: u64,
+    applied: usize,
+    state: ClusterState,
+    apps: AppsCore,
+    pass_in_flight: bool,
+    moves: BTreeMap<DatasetId, MoveTask>,
+    pushes: BTreeMap<Job, PushTask>,
+    retry: BTreeMap<Job, (u64, u64)>,
+    replicated: BTreeMap<(DatasetId, NodeId), u64>,
+    gates: BTreeSet<DatasetId>,
+    // On disk and in the kernel: these outlive flockd.
+    procs: BTreeMap<String, Proc>,
+    orphans: Vec<(String, DatasetId)>,
+    copies: BTreeMap<DatasetId, Copy>,
+    list_fails_until: u64,
+    inspect_fails_until: u64,
+    start_fails_until: u64,
+}
+
+/// The simulated cluster.
+pub struct World {
+    cfg: Config,
+    seed: u64,
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: BTreeMap<u64, Ev>,
+    log: Vec<Command>,
+    canonical: ClusterState,
+    nodes: BTreeMap<NodeId, SimNode>,
+    cut: BTreeSet<NodeId>,
+    next_id: u64,
+    acked: BTreeMap<String, Vec<u64>>,
+    trace: VecDeque<String>,
+    healed: bool,
+    out: Outcome,
+}
+
+type Step = Result<(), Violation>;
+
+impl World {
+    pub fn new(seed: u64, cfg: Config) -> World {
+        let mut w = World {
+            seed,
+            rng: Rng::new(seed),
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            log: Vec::new(),
+            canonical: ClusterState::default(),
+            nodes: BTreeMap::new(),
+            cut: BTreeSet::new(),
+            next_id: 1,
+            acked: BTreeMap::new(),
+            trace: VecDeque::new(),
+            healed: false,
+            out: Outcome::default(),
+            cfg,
+        };
+        w.commit(Command::InitCluster {
+            cluster_id: "sim".into(),
+            join_secret: "s".into(),
+            node_id: 1,
+            name: "n1".into(),
+            addr: "n1:7000".into(),
+        });
+        for i in 2..=w.cfg.nodes {
+            w.commit(Command::RegisterNode {
+                secret: "s".into(),
+                name: None,
+                addr: format!("n{i}:7000"),
+            });
+        }
+        let apps = (0..w.cfg.apps)
+            .map(|i| {
+                let name = format!("a{i}");
+                let spec = AppSpec {
+                    name: name.clone(),
+                    image: None,
+                    command: Some(vec!["db".into()]),
+                    ports: vec![],
+                    links: vec![],
+                    volume: Some(Volume {
+                        mountpoint: "/data".into(),
+                        maximum_size: None,
+                    }),
+                    environment: BTreeMap::new(),
+                    restart_policy: RestartPolicy::Always,
+                    mem_limit: None,
+                    cpu_shares: None,
+                    constraints: vec![],
+                };
+                let node = Some(i as u64 % w.cfg.nodes + 1);
+                (name, PlannedApp { spec, node })
+            })
+            .collect();
+        w.commit(Command::Deploy { apps });
+        for id in 1..=w.cfg.nodes {
+            w.nodes.insert(
+                id,
+                SimNode {
+                    machine_up: true,
+                    flockd_up: true,
+                    ..Default::default()
+                },
+            );
+            let at = w.rng.range(0, TICK_MS);
+            w.at(at, Ev::Tick(id));
+            let at = w.rng.range(1, 30);
+            w.at(at, Ev::Apply(id));
+        }
+        w.at(WRITE_MS, Ev::Write);
+        let at = w.rng.range(500, 1500);
+        w.at(at, Ev::Fault);
+        let fault_ms = w.cfg.fault_ms;
+        w.at(fault_ms, Ev::Heal);
+        w
+    }
+
+    /// Runs to the end; the first violated invariant, if any.
+    pub fn run(mut self) -> Result<Outcome, Violation> {
+        let end = self.cfg.fault_ms + self.cfg.heal_ms;
+        while let Some(Reverse((t, seq))) = self.queue.pop() {
+            if t > end {
+                break;
+            }
+            self.now = t;
+            let ev = self
+                .events
+                .remove(&seq)
+                .expect("every queued event is stored");
+            self.out.events += 1;
+            self.handle(ev)?;
+        }
+        self.now = end;
+        self.final_check()?;
+        self.out.sim_ms = end;
+        self.out.commands = self.log.len();
+        Ok(self.out)
+    }
+
+    fn at(&mut self, delay: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse((self.now + delay, self.seq)));
+        self.events.insert(self.seq, ev);
+    }
+
+    fn note(&mut self, line: String) {
+        if self.trace.len() == TRACE {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(format!("{:>7} {line}", self.now));
+    }
+
+    fn violation(&self, what: String) -> Violation {
+        Violation {
+            seed: self.seed,
+            at_ms: self.now,
+            what,
+            trace: self.trace.iter().cloned().collect(),
+        }
+    }
+
+    fn commit(&mut self, cmd: Command) -> CommandResult {
+        let r = self.canonical.apply(&cmd);
+        self.log.push(cmd);
+        r
+    }
+
+    fn node(&mut self, id: NodeId) -> &mut SimNode {
+        self.nodes.get_mut(&id).expect("a simulated node")
+    }
+
+    fn up(&self, id: NodeId) -> bool {
+        self.nodes
+            .get(&id)
+            .is_some_and(|n| n.machine_up && n.flockd_up)
+    }
+
+    fn reachable(&self, a: NodeId, b: NodeId) -> bool {
+        a == b || (!self.cut.contains(&a) && !self.cut.contains(&b))
+    }
+
+    /// Whether `id` is in touch with a majority of running nodes (itself included).
+    fn quorum(&self, id: NodeId) -> bool {
+        let n = self
+            .nodes
+            .keys()
+            .filter(|&&m| self.up(m) && self.reachable(id, m))
+            .count() as u64;
+        self.up(id) && n * 2 > self.cfg.nodes
+    }
+
+    /// A proposal from node `id`: committed if it reaches a quorum; its answer may be lost
+    /// (then the proposer sees an error though the command committed).
+    fn propose(&mut self, id: NodeId, cmd: Command) -> Result<CommandResult, String> {
+        if !self.quorum(id) {
+            return Err("no quorum".into());
+        }
+        self.note(format!("n{id} proposes {}", brief(&cmd)));
+        let r = self.commit(cmd);
+        if let CommandResult::MoveCommitted { .. } = r {
+            self.out.moves_committed += 1;
+        }
+        if let CommandResult::MoveCancelled { .. } = r {
+            self.out.moves_cancelled += 1;
+        }
+        if self.rng.chance(0.03) {
+            return Err("the answer was lost (committed)".into());
+        }
+        Ok(r)
+    }
+
+    fn handle(&mut self, ev: Ev) -> Step {
+        match ev {
+            Ev::Tick(id) => {
+                let at = self.rng.range(TICK_MS - 50, TICK_MS + 50);
+                self.at(at, Ev::Tick(id));
+                if self.up(id) && self.nodes[&id].applied > 0 {
+                    self.apps_pass(id);
+                    self.datasets_pass(id);
+                }
+                Ok(())
+            }
+            Ev::Apply(id) => {
+                let at = self.rng.range(5, 60);
+                self.at(at, Ev::Apply(id));
+                self.apply(id);
+                Ok(())
+            }
+            Ev::Exec {
+                node,
+                gen,
+                groups,
+                g,
+                i,
+            } => {
+                self.exec(node, gen, groups, g, i);
+                Ok(())
+            }
+            Ev::Write => {
+                self.at(WRITE_MS, Ev::Write);
+                self.write()
+            }
+            Ev::Fault => {
+                if !self.healed {
+                    let at = self.rng.range(300, 1500);
+                    self.at(at, Ev::Fault);
+                    self.fault();
+                }
+                Ok(())
+            }
+            Ev::MoveStep { node, gen, ds } => {
+                if self.up(node) && self.nodes[&node].gen == gen {
+                    self.move_step(node, ds);
+                }
+                Ok(())
+            }
+            Ev::PushStep { node, gen, job } => {
+                if self.up(node) && self.nodes[&node].gen == gen {
+                    self.push_step(node, job);
+                }
+                Ok(())
+            }
+            Ev::Restart(id) => {
+                let n = self.node(id);
+                n.machine_up = true;
+                n.flockd_up = true;
+                self.note(format!("n{id} flockd starts"));
+                Ok(())
+            }
+            Ev::Reconnect(id) => {
+                self.cut.remove(&id);
+                self.note(format!("n{id} reconnected"));
+                Ok(())
+            }
+            Ev::Heal => {
+                self.healed = true;
+                self.cut.clear();
+                let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+                for id in ids {
+                    let n = self.node(id);
+                    n.list_fails_until = 0;
+                    n.inspect_fails_until = 0;
+                    n.start_fails_until = 0;
+                    if !(n.machine_up && n.flockd_up) {
+                        n.machine_up = true;
+                        n.flockd_up = true;
+                    }
+                }
+                self.note("faults end".into());
+                Ok(())
+            }
+        }
+    }
+
+    /// The node catches up with the committed log (when in touch with a quorum).
+    fn apply(&mut self, id: NodeId) {
+        if !self.quorum(id) {
+            return;
+        }
+        let upto = self.log.len();
+        let n = self.nodes.get_mut(&id).expect("a node");
+        if n.applied == upto {
+            return;
+        }
+        for cmd in &self.log[n.applied..upto] {
+            n.state.apply(cmd);
+        }
+        n.applied = upto;
+        // A change wakes the agents (as `metrics_watch` does), not only the tick.
+        let at = self.rng.range(1, 20);
+        self.at(at, Ev::Tick(id));
+    }
+
+    // ---- the apps executor -------------------------------------------------------------
+
+    fn observe_apps(&mut self, id: NodeId) -> AppsSeen {
+        let bugs = self.cfg.bugs;
+        let now = self.now;
+        let n = self.nodes.get_mut(&id).expect("a node");
+        let mut seen = AppsSeen::default();
+        if now < n.list_fails_until {
+            if !bugs.blind_as_empty {
+                seen.blind
+                    .insert(DriverKind::Process, "listing failed".into());
+            }
+        } else {
+            let inspect_fails = now < n.inspect_fails_until;
+            for (app, p) in n.procs.iter_mut() {
+                let state = if inspect_fails {
+                    if bugs.blind_as_empty {
+                        continue; // an instance that could not be inspected "is not there"
+                    }
+                    SeenState::Unknown {
+                        reason: "inspect failed".into(),
+                    }
+                } else if p.leader {
+                    SeenState::Running
+                } else if p.child && !bugs.children_outlive_stop {
+                    // The leader exited and a child lingers: the driver kills the group and
+                    // reports it running until it is gone.
+                    p.child = false;
+                    SeenState::Running
+                } else {
+                    SeenState::Exited {
+                        code: p.code,
+                        signal: None,
+                    }
+                };
+                seen.instances.entry(app.clone()).or_default().push(Seen {
+                    kind: DriverKind::Process,
+                    state,
+                    fingerprint: p.fingerprint.clone(),
+                    id: p.id.to_string(),
+                    restarts: p.restarts,
+                });
+            }
+        }
+        for (name, app) in &n.state.apps {
+            let _ = name;
+            if let Some(ds) = app.dataset {
+                let copy = match n.copies.get(&ds) {
+                    Some(c) => CopySeen::Present {
+                        mount_path: PathBuf::from(format!("/sim/{ds}")),
+                        guids: c.snaps.iter().map(|s| s.guid).collect(),
+                    },
+                    None => CopySeen::Absent,
+                };
+                seen.copies.insert(ds, copy);
+            }
+        }
+        seen
+    }
+
+    fn apps_pass(&mut self, id: NodeId) {
+        if self.nodes[&id].pass_in_flight {
+            return;
+        }
+        let seen = self.observe_apps(id);
+        let now = Instant::from_millis(self.now);
+        let n = self.nodes.get_mut(&id).expect("a node");
+        let groups = n.apps.decide(&n.state, id, &seen, None, now);
+        if groups.is_empty() {
+            return;
+        }
+        n.pass_in_flight = true;
+        let gen = n.gen;
+        let at = self.rng.range(1, 30);
+        self.at(
+            at,
+            Ev::Exec {
+                node: id,
+                gen,
+                groups,
+                g: 0,
+                i: 0,
+            },
+        );
+    }
+
+    fn exec(&mut self, id: NodeId, gen: u64, groups: Vec<Vec<AppAction>>, g: usize, i: usize) {
+        if !self.up(id) || self.nodes[&id].gen != gen {
+            return;
+        }
+        let Some(action) = groups.get(g).and_then(|a| a.get(i)).cloned() else {
+            self.node(id).pass_in_flight = false;
+            return;
+        };
+        let ok = self.carry_out(id, action);
+        let (g, i) = if ok && i + 1 < groups[g].len() {
+            (g, i + 1)
+        } else {
+            (g + 1, 0)
+        };
+        // Starting a process takes a while (a container: up to seconds).
+        let at = self.rng.range(1, 1500);
+        self.at(
+            at,
+            Ev::Exec {
+                node: id,
+                gen,
+                groups,
+                g,
+                i,
+            },
+        );
+    }
+
+    /// One app action; false when it failed (the app's later actions are skipped).
+    fn carry_out(&mut self, id: NodeId, action: AppAction) -> bool {
+        let bugs = self.cfg.bugs;
+        let now = self.now;
+        match action {
+            AppAction::Remove { app, .. } => {
+                self.stop_proc(id, &app);
+                self.node(id).procs.remove(&app);
+                true
+            }
+            AppAction::Stop { app, .. } => {
+                self.stop_proc(id, &app);
+                true
+            }
+            AppAction::CollectLogs { app, .. } => {
+                self.node(id).apps.logs(&app, Vec::new());
+                true
+            }
+            AppAction::Start {
+                spec,
+                restarts,
+                guard,
+                ..
+            } => {
+                let t = Instant::from_millis(now);
+                let app = spec.app.clone();
+                if !bugs.start_without_recheck {
+                    let n = &self.nodes[&id];
+                    let gated = guard.dataset.is_some_and(|(ds, _)| n.gates.contains(&ds));
+                    let check = if gated {
+                        Err("a move holds the dataset's start gate".to_string())
+                    } else {
+                        may_start(&n.state, &guard)
+                    };
+                    if let Err(e) = check {
+                        self.node(id)
+                            .apps
+                            .started(&app, &spec, Err(StartFailure::Overtaken(e)), t);
+                        return false;
+                    }
+                }
+                let n = self.nodes.get_mut(&id).expect("a node");
+                if now < n.start_fails_until {
+                    n.apps.started(
+                        &app,
+                        &spec,
+                        Err(StartFailure::Transient("the engine said 500".into())),
+                        t,
+                    );
+                    return false;
+                }
+                if let Some(old) = n.procs.get(&app).filter(|p| p.alive()) {
+                    if bugs.children_outlive_stop && !old.leader {
+                        // The driver thought it exited; its child goes on, untracked.
+                        let ds = old.dataset.unwrap_or_default();
+                        n.orphans.push((app.clone(), ds));
+                    } else {
+                        n.apps.started(
+                            &app,
+                            &spec,
+                            Err(StartFailure::Transient(format!("{app} is already running"))),
+                            t,
+                        );
+                        return false;
+                    }
+                }
+                self.next_id += 1;
+                let pid = self.next_id;
+                let n = self.nodes.get_mut(&id).expect("a node");
+                n.procs.insert(
+                    app.clone(),
+                    Proc {
+                        fingerprint: spec.fingerprint(),
+                        restarts,
+                        id: pid,
+                        leader: true,
+                        child: true,
+                        code: None,
+                        dataset: guard.dataset.map(|(d, _)| d),
+                    },
+                );
+                n.apps.started(&app, &spec, Ok(pid.to_string()), t);
+                self.out.starts += 1;
+                self.note(format!("n{id} starts {app} (pid {pid})"));
+                true
+            }
+        }
+    }
+
+    /// The driver's stop: the group gets SIGTERM then SIGKILL; with the bug, only when the
+    /// leader still runs.
+    fn stop_proc(&mut self, id: NodeId, app: &str) {
+        let bugs = self.cfg.bugs;
+        let n = self.node(id);
+        if let Some(p) = n.procs.get_mut(app) {
+            if p.leader || !bugs.children_outlive_stop {
+                p.child = false;
+            }
+            p.leader = false;
+            p.code = None;
+            let orphan = p.child.then(|| p.dataset.unwrap_or_default());
+            if let Some(ds) = orphan {
+                p.child = false;
+                n.orphans.push((app.to_string(), ds));
+            }
+        }
+        self.note(format!("n{id} stops {app}"));
+    }
+
+    // ---- the datasets executor ---------------------------------------------------------
+
+    fn may_run(&self, id: NodeId, job: Job) -> bool {
+        let n = &self.nodes[&id];
+        !n.pushes.contains_key(&job)
+            && n.retry.get(&job).is_none_or(|(at, _)| self.now >= *at)
+            && !matches!(job, Job::Move(ds) if n.moves.contains_key(&ds))
+    }
+
+    fn datasets_pass(&mut self, id: NodeId) {
+        let datasets: Vec<_> = self.nodes[&id]
+            .state
+            .datasets
+            .values()
+            .filter(|d| d.primary == id)
+            .cloned()
+            .collect();
+        for ds in datasets {
+            if !self.nodes[&id].copies.contains_key(&ds.id) {
+                if ds.snapshots.is_empty() && ds.epoch == 1 {
+                    self.node(id).copies.insert(ds.id, Copy::default());
+                }
+                continue;
+            }
+            if let Some(m) = &ds.moving {
+                if self.may_run(id, Job::Move(ds.id)) {
+                    self.node(id).moves.insert(
+                        ds.id,
+                        MoveTask {
+                            to: m.to,
+                            pc: MovePc::Begin,
+                            after_push: None,
+                        },
+                    );
+                    let gen = self.nodes[&id].gen;
+                    self.at(
+                        1,
+                        Ev::MoveStep {
+                            node: id,
+                            gen,
+                            ds: ds.id,
+                        },
+                    );
+                }
+            }
+            let Some(latest) = ds.latest_snapshot() else {
+                continue;
+            };
+            let target = ds.moving.as_ref().map(|m| m.to);
+            for &r in ds.replicas.iter().filter(|&&r| Some(r) != target) {
+                let job = Job::Replicate(ds.id, r);
+                if self.nodes[&id].replicated.get(&(ds.id, r)) == Some(&latest.guid)
+                    || !self.may_run(id, job)
+                {
+                    continue;
+                }
+                self.start_push(id, job, ds.id, r, latest.name.clone(), ds.epoch);
+            }
+        }
+    }
+
+    fn start_push(
+        &mut self,
+        id: NodeId,
+        job: Job,
+        ds: DatasetId,
+        to: NodeId,
+        target: String,
+        epoch: u64,
+    ) {
+        let n = self.node(id);
+        let later_at_start = n
+            .copies
+            .get(&ds)
+            .map(|c| {
+                c.snaps
+                    .iter()
+                    .skip_while(|s| s.name != target)
+                    .skip(1)
+                    .map(|s| s.guid)
+                    .collect()
+            })
+            .unwrap_or_default();
+        n.pushes.insert(
+            job,
+            PushTask {
+                ds,
+                to,
+                target,
+                epoch,
+                later_at_start,
+            },
+        );
+        let gen = n.gen;
+        let at = self.rng.range(5, 100);
+        self.at(at, Ev::PushStep { node: id, gen, job });
+    }
+
+    fn job_failed(&mut self, id: NodeId, job: Job, why: &str) {
+        let now = self.now;
+        let n = self.node(id);
+        n.pushes.remove(&job);
+        if let Job::Move(ds) = job {
+            n.moves.remove(&ds);
+            n.gates.remove(&ds);
+        }
+        let backoff = n.retry.get(&job).map_or(500, |(_, b)| (b * 2).min(10_000));
+        n.retry.insert(job, (now + backoff, backoff));
+        self.note(format!("n{id} {job:?} failed: {why}"));
+    }
+
+    fn job_done(&mut self, id: NodeId, job: Job) {
+        let n = self.node(id);
+        n.pushes.remove(&job);
+        n.retry.remove(&job);
+        if let Job::Move(ds) = job {
+            n.moves.remove(&ds);
+            n.gates.remove(&ds);
+        }
+    }
+
+    /// Takes a snapshot of the live data on `id` and records it; its name.
+    fn snapshot_and_record(&mut self, id: NodeId, ds: DatasetId) -> Result<String, String> {
+        self.next_id += 1;
+        let guid = self.next_id;
+        let name = format!("m{guid}");
+        let epoch = self.nodes[&id]
+            .state
+            .datasets
+            .get(&ds)
+            .map_or(0, |d| d.epoch);
+        let n = self.node(id);
+        let copy = n.copies.get_mut(&ds).ok_or("no copy here")?;
+        let data = copy.live.clone();
+        copy.snaps.push(Snap {
+            name: name.clone(),
+            guid,
+            data,
+        });
+        let r = self.propose(
+            id,
+            Command::RecordSnapshot {
+                dataset: ds,
+                epoch,
+                snapshot: SnapshotRecord {
+                    name: name.clone(),
+                    guid,
+                    created_unix: 0,
+                    epoch,
+                },
+            },
+        )?;
+        match r {
+            CommandResult::SnapshotRecorded => Ok(name),
+            other => Err(format!("recording refused: {other:?}")),
+        }
+    }
+
+    fn move_step(&mut self, id: NodeId, ds_id: DatasetId) {
+        let Some(task) = self.nodes[&id].moves.get(&ds_id).cloned() else {
+            return;
+        };
+        let job = Job::Move(ds_id);
+        let again = |w: &mut World, pc: MovePc, delay: u64| {
+            if let Some(t) = w.node(id).moves.get_mut(&ds_id) {
+                t.pc = pc;
+            }
+            let gen = w.nodes[&id].gen;
+            w.at(
+                delay,
+                Ev::MoveStep {
+                    node: id,
+                    gen,
+                    ds: ds_id,
+                },
+            );
+        };
+        let state = &self.nodes[&id].state;
+        let Some(ds) = state.datasets.get(&ds_id).cloned() else {
+            return self.job_done(id, job);
+        };
+        let Some(moving) = ds
+            .moving
+            .clone()
+            .filter(|m| ds.primary == id && m.to == task.to)
+        else {
+            return self.job_done(id, job);
+        };
+        let users: Vec<String> = state
+            .apps_of_dataset(ds_id)
+            .map(|(n, _)| n.clone())
+            .collect();
+        match task.pc {
+            MovePc::Begin => {
+                let pc = if users.is_empty() {
+                    MovePc::Final
+                } else if moving.handoff {
+                    MovePc::AwaitStopped {
+                        deadline: self.now + STOP_TIMEOUT_MS,
+                    }
+                } else {
+                    MovePc::Round(0)
+                };
+                again(self, pc, 1);
+            }
+            MovePc::Round(r) => match self.snapshot_and_record(id, ds_id) {
+                Ok(snap) => {
+                    let next = if r + 1 < MOVE_ROUNDS {
+                        MovePc::Round(r + 1)
+                    } else {
+                        MovePc::Handoff
+                    };
+                    if let Some(t) = self.node(id).moves.get_mut(&ds_id) {
+                        t.after_push = Some(next);
+                    }
+                    self.start_push(id, job, ds_id, task.to, snap, ds.epoch);
+                }
+                Err(e) => self.job_failed(id, job, &e),
+            },
+            MovePc::Handoff => {
+                let r = self.propose(
+                    id,
+                    Command::HandoffDatasetMove {
+                        dataset: ds_id,
+                        epoch: ds.epoch,
+                        to: task.to,
+                    },
+                );
+                match r {
+                    Ok(CommandResult::HandedOff) => {
+                        let deadline = self.now + STOP_TIMEOUT_MS;
+                        let at = self.rng.range(1, 50);
+                        again(self, MovePc::AwaitStopped { deadline }, at);
+                    }
+                    Ok(CommandResult::Rejected(
+                        ApplyError::NoSuchMove { .. } | ApplyError::StaleEpoch { .. },
+                    )) => self.job_done(id, job),
+                    Ok(other) => self.job_failed(id, job, &format!("{other:?}")),
+                    Err(e) => self.job_failed(id, job, &e),
+                }
+            }
+            MovePc::AwaitStopped { deadline } => {
+                // The handoff must be applied here before the check (a start re-checks the
+                // state this node applied); then the gate is taken and held to the end.
+                let seen_handoff = moving.handoff;
+                if seen_handoff {
+                    self.node(id).gates.insert(ds_id);
+                    let seen = self.observe_apps(id);
+                    let kind_blind = seen.blind.contains_key(&DriverKind::Process);
+                    let any_runs = users.iter().any(|u| {
+                        seen.instances.get(u).is_some_and(|is| {
+                            is.iter()
+                                .any(|i| !matches!(i.state, SeenState::Exited { .. }))
+                        })
+                    });
+                    if !kind_blind && !any_runs {
+                        self.note(format!("n{id} move of {ds_id}: no user runs"));
+                        let at = self.rng.range(1, 20);
+                        return again(self, MovePc::Final, at);
+                    }
+                }
+                if self.now >= deadline {
+                    return self.job_failed(id, job, "the app did not stop");
+                }
+                let at = self.rng.range(10, 50);
+                again(self, MovePc::AwaitStopped { deadline }, at);
+            }
+            MovePc::Final => match self.snapshot_and_record(id, ds_id) {
+                Ok(snap) => {
+                    if let Some(t) = self.node(id).moves.get_mut(&ds_id) {
+                        t.after_push = Some(MovePc::Commit {
+                            snapshot: snap.clone(),
+                        });
+                    }
+                    self.start_push(id, job, ds_id, task.to, snap, ds.epoch);
+                }
+                Err(e) => self.job_failed(id, job, &e),
+            },
+            MovePc::Commit { snapshot } => {
+                let r = self.propose(
+                    id,
+                    Command::CommitDatasetMove {
+                        dataset: ds_id,
+                        epoch: ds.epoch,
+                        to: task.to,
+                        snapshot,
+                    },
+                );
+                match r {
+                    Ok(CommandResult::MoveCommitted { .. })
+                    | Ok(CommandResult::Rejected(
+                        ApplyError::NoSuchMove { .. } | ApplyError::StaleEpoch { .. },
+                    )) => self.job_done(id, job),
+                    Ok(other) => self.job_failed(id, job, &format!("{other:?}")),
+                    Err(e) => self.job_failed(id, job, &e),
+                }
+            }
+        }
+    }
+
+    /// One step of a push: the receiver says what it holds, the sender plans, the receiver
+    /// goes back to the base and takes the next snapshot.
+    fn push_step(&mut self, id: NodeId, job: Job) {
+        let bugs = self.cfg.bugs;
+        let Some(p) = self.nodes[&id].pushes.get(&job).cloned() else {
+            return;
+        };
+        if !self.up(p.to) || !self.reachable(id, p.to) {
+            return self.job_failed(id, job, "connection");
+        }
+        // The sender: a replica push goes on only under the epoch it began with.
+        let sender_ds = self.nodes[&id].state.datasets.get(&p.ds).cloned();
+        let Some(sender_ds) = sender_ds.filter(|d| d.epoch == p.epoch && d.primary == id) else {
+            return self.job_done(id, job);
+        };
+        // The receiver admits it.
+        let receiver_ds = self.nodes[&p.to].state.datasets.get(&p.ds).cloned();
+        let admitted = receiver_ds.filter(|d| {
+            d.epoch == p.epoch && d.primary == id && p.to != id && d.holders().contains(&p.to)
+        });
+        let Some(receiver_ds) = admitted else {
+            return self.job_failed(id, job, "refused");
+        };
+        let ours = self.nodes[&id]
+            .copies
+            .get(&p.ds)
+            .map(|c| c.snaps.clone())
+            .unwrap_or_default();
+        let Some(idx) = ours.iter().position(|s| s.name == p.target) else {
+            return self.job_failed(id, job, "target snapshot missing here");
+        };
+        let chain: Vec<Snap> = ours[..=idx]
+            .iter()
+            .filter(|s| s.name == p.target || sender_ds.snapshots.iter().any(|r| r.guid == s.guid))
+            .cloned()
+            .collect();
+        let later: Vec<u64> = if bugs.push_stale_rollback {
+            p.later_at_start.clone()
+        } else {
+            ours[idx + 1..].iter().map(|s| s.guid).collect()
+        };
+        let theirs: Vec<(String, u64)> = self.nodes[&p.to]
+            .copies
+            .get(&p.ds)
+            .map(|c| c.snaps.iter().map(|s| (s.name.clone(), s.guid)).collect())
+            .unwrap_or_default();
+        if theirs.iter().any(|(_, g)| later.contains(g)) {
+            return self.push_finished(id, job, &p);
+        }
+        let common = chain
+            .iter()
+            .rposition(|s| theirs.iter().any(|(_, g)| *g == s.guid));
+        let next = match common {
+            None => 0,
+            Some(c) if c + 1 == chain.len() => {
+                // The receiver holds the target; it goes back to it only if it has more.
+                chain.len()
+            }
+            Some(c) => c + 1,
+        };
+        // The receiver goes back to the base: never past a snapshot Raft recorded.
+        let base_guid = common.map(|c| chain[c].guid);
+        let dropped: Vec<u64> = match base_guid {
+            Some(b) => theirs
+                .iter()
+                .skip_while(|(_, g)| *g != b)
+                .skip(1)
+                .map(|(_, g)| *g)
+                .collect(),
+            None => theirs.iter().map(|(_, g)| *g).collect(),
+        };
+        if !bugs.push_stale_rollback
+            && dropped
+                .iter()
+                .any(|g| receiver_ds.snapshots.iter().any(|r| r.guid == *g))
+        {
+            return self.job_failed(
+                id,
+                job,
+                "the receiver refuses to roll back a recorded snapshot",
+            );
+        }
+        let to = p.to;
+        let rc = self.node(to).copies.entry(p.ds).or_default();
+        match base_guid {
+            Some(b) => {
+                if let Some(pos) = rc.snaps.iter().position(|s| s.guid == b) {
+                    rc.snaps.truncate(pos + 1);
+                    rc.live = rc.snaps[pos].data.clone();
+                }
+            }
+            None => *rc = Copy::default(),
+        }
+        if !dropped.is_empty() {
+            self.note(format!("n{to} rolls {} back past {dropped:?}", p.ds));
+        }
+        if next < chain.len() {
+            let snap = chain[next].clone();
+            let rc = self.node(to).copies.entry(p.ds).or_default();
+            rc.live = snap.data.clone();
+            rc.snaps.push(snap);
+        }
+        if next + 1 >= chain.len() {
+            return self.push_finished(id, job, &p);
+        }
+        let gen = self.nodes[&id].gen;
+        // A replica's stream may be large (it may be far behind); a move's rounds are small.
+        let at = match job {
+            Job::Move(_) => self.rng.range(10, 200),
+            Job::Replicate(..) => self.rng.range(50, 3000),
+        };
+        self.at(at, Ev::PushStep { node: id, gen, job });
+    }
+
+    fn push_finished(&mut self, id: NodeId, job: Job, p: &PushTask) {
+        match job {
+            Job::Replicate(ds, to) => {
+                let guid = self.nodes[&id]
+                    .copies
+                    .get(&ds)
+                    .and_then(|c| c.snaps.iter().find(|s| s.name == p.target))
+                    .map_or(0, |s| s.guid);
+                self.node(id).replicated.insert((ds, to), guid);
+                self.job_done(id, job);
+            }
+            Job::Move(ds) => {
+                let n = self.node(id);
+                n.pushes.remove(&job);
+                let next = n.moves.get_mut(&ds).and_then(|t| t.after_push.take());
+                if let Some(pc) = next {
+                    if let Some(t) = n.moves.get_mut(&ds) {
+                        t.pc = pc;
+                    }
+                    let gen = n.gen;
+                    let at = self.rng.range(1, 30);
+                    self.at(at, Ev::MoveStep { node: id, gen, ds });
+                }
+            }
+        }
+    }
+
+    // ---- the world around the nodes ----------------------------------------------------
+
+    /// Every process of a stateful app that runs writes to its copy; the writes it takes are
+    /// acknowledged. At most one may run at any instant.
+    fn write(&mut self) -> Step {
+        let apps: Vec<(String, DatasetId)> = self
+            .canonical
+            .apps
+            .iter()
+            .filter_map(|(n, a)| a.dataset.map(|d| (n.clone(), d)))
+            .collect();
+        for (app, ds) in apps {
+            let mut writers = Vec::new();
+            for (&id, n) in &self.nodes {
+                if !n.machine_up {
+                    continue;
+                }
+                if n.procs.get(&app).is_some_and(|p| p.alive()) {
+                    writers.push(format!("n{id} (pid {})", n.procs[&app].id));
+                }
+                for _ in n.orphans.iter().filter(|(a, _)| *a == app) {
+                    writers.push(format!("n{id} (a child the driver lost)"));
+                }
+            }
+            if writers.len() > 1 {
+                return Err(self.violation(format!(
+                    "two instances of stateful app {app} run at once: {}",
+                    writers.join(", ")
+                )));
+            }
+            let writer_nodes: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| {
+                    n.machine_up
+                        && (n.procs.get(&app).is_some_and(|p| p.alive())
+                            || n.orphans.iter().any(|(a, _)| *a == app))
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in writer_nodes {
+                self.next_id += 1;
+                let w = self.next_id;
+                if let Some(c) = self.node(id).copies.get_mut(&ds) {
+                    c.live.push(w);
+                    self.acked.entry(app.clone()).or_default().push(w);
+                    self.out.writes_acked += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fault(&mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let id = *self.rng.pick(&ids);
+        match self.rng.range(0, 11) {
+            0 => {
+                if self.up(id) {
+                    let n = self.node(id);
+                    n.flockd_up = false;
+                    self.crash(id);
+                    let at = self.rng.range(500, 4000);
+                    self.at(at, Ev::Restart(id));
+                    self.note(format!("n{id} flockd crashes"));
+                }
+            }
+            1 => {
+                if self.nodes[&id].machine_up {
+                    let n = self.node(id);
+                    n.machine_up = false;
+                    n.flockd_up = false;
+                    for p in n.procs.values_mut() {
+                        p.leader = false;
+                        p.child = false;
+                        p.code = None;
+                    }
+                    n.orphans.clear();
+                    self.crash(id);
+                    let at = self.rng.range(1000, 5000);
+                    self.at(at, Ev::Restart(id));
+                    self.note(format!("n{id} machine killed"));
+                }
+            }
+            2 => {
+                self.cut.insert(id);
+                let at = self.rng.range(1000, 5000);
+                self.at(at, Ev::Reconnect(id));
+                self.note(format!("n{id} partitioned"));
+            }
+            3 => {
+                let until = self.now + self.rng.range(200, 3000);
+                self.node(id).list_fails_until = until;
+                self.note(format!("n{id} driver listing fails until {until}"));
+            }
+            4 => {
+                let until = self.now + self.rng.range(200, 3000);
+                self.node(id).inspect_fails_until = until;
+                self.note(format!("n{id} driver inspect fails until {until}"));
+            }
+            5 => {
+                let until = self.now + self.rng.range(200, 3000);
+                self.node(id).start_fails_until = until;
+                self.note(format!("n{id} driver start fails until {until}"));
+            }
+            6 | 7 => {
+                let apps: Vec<String> = self.nodes[&id].procs.keys().cloned().collect();
+                if !apps.is_empty() {
+                    let app = self.rng.pick(&apps).clone();
+                    if let Some(p) = self.node(id).procs.get_mut(&app) {
+                        if p.leader {
+                            p.leader = false;
+                            p.code = Some(1);
+                            self.note(format!("n{id} {app}'s leader exits 1"));
+                        }
+                    }
+                }
+            }
+            _ => {
+                // The operator moves an app.
+                let apps: Vec<String> = self.canonical.apps.keys().cloned().collect();
+                let app = self.rng.pick(&apps).clone();
+                let to = *self.rng.pick(&ids);
+                let any = ids.iter().copied().find(|&m| self.quorum(m));
+                if let Some(m) = any {
+                    let cmd = if self.rng.chance(0.1) {
+                        Command::CancelAppMove { app }
+                    } else {
+                        Command::MoveApp { app, to }
+                    };
+                    let _ = self.propose(m, cmd);
+                }
+            }
+        }
+    }
+
+    /// flockd on `id` is gone: what it held in memory is lost, its tasks end.
+    fn crash(&mut self, id: NodeId) {
+        let n = self.node(id);
+        n.gen += 1;
+        n.apps = AppsCore::new();
+        n.pass_in_flight = false;
+        n.moves.clear();
+        n.pushes.clear();
+        n.retry.clear();
+        n.replicated.clear();
+        n.gates.clear();
+        // Its applied state survives (the state machine is on disk).
+    }
+
+    fn final_check(&mut self) -> Step {
+        for (id, n) in &self.nodes {
+            if !(n.machine_up && n.flockd_up) {
+                return Err(self.violation(format!("n{id} is still down after the faults ended")));
+            }
+        }
+        for (name, ds) in &self.canonical.datasets {
+            if let Some(m) = &ds.moving {
+                return Err(self.violation(format!(
+                    "dataset {name} is still moving to n{} {} ms after the faults ended",
+                    m.to, self.cfg.heal_ms
+                )));
+            }
+        }
+        for (name, app) in &self.canonical.apps {
+            let Some(on) = self.canonical.app_runs_on(app) else {
+                return Err(self.violation(format!("app {name} runs nowhere at the end")));
+            };
+            let runs = self.nodes[&on].procs.get(name).is_some_and(|p| p.leader);
+            if !runs {
+                return Err(self.violation(format!(
+                    "app {name} does not run on n{on} {} ms after the faults ended ({:?})",
+                    self.cfg.heal_ms,
+                    self.nodes[&on]
+                        .apps
+                        .view()
+                        .get(name)
+                        .map(|l| (l.phase, l.detail.clone()))
+                )));
+            }
+            let Some(ds) = app.dataset else { continue };
+            let live = self.nodes[&on]
+                .copies
+                .get(&ds)
+                .map(|c| c.live.iter().copied().collect::<BTreeSet<u64>>())
+                .unwrap_or_default();
+            let lost: Vec<u64> = self
+                .acked
+                .get(name)
+                .map(|a| a.iter().copied().filter(|w| !live.contains(w)).collect())
+                .unwrap_or_default();
+            if !lost.is_empty() {
+                return Err(self.violation(format!(
+                    "app {name}: {} acknowledged writes are not in its copy on n{on} (first {:?})",
+                    lost.len(),
+                    &lost[..lost.len().min(5)]
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn brief(cmd: &Command) -> String {
+    match cmd {
+        Command::RecordSnapshot {
+            dataset, snapshot, ..
+        } => format!("RecordSnapshot({dataset}, {})", snapshot.name),
+        Command::HandoffDatasetMove { dataset, to, .. } => format!("Handoff({dataset} -> n{to})"),
+        Command::CommitDatasetMove {
+            dataset,
+            to,
+            snapshot,
+            ..
+        } => format!("Commit({dataset} -> n{to} at {snapshot})"),
+        Command::MoveApp { app, to } => format!("MoveApp({app} -> n{to})"),
+        Command::CancelAppMove { app } => format!("CancelAppMove({app})"),
+        other => format!("{other:?}").chars().take(60).collect(),
+    }
+}
