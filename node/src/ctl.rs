@@ -392,8 +392,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Cmd::Status(f) => {
             let s = status(&mut api).await?;
+            // The workers of the node that answered (`reported_by`); none from an older flockd.
+            let ago = |ms: Option<u64>| match ms {
+                Some(ms) => format!(
+                    "{} ago",
+                    humantime::format_duration(Duration::from_secs(ms / 1000))
+                ),
+                None => "-".to_string(),
+            };
             if f.json {
-                print_json(&StatusJson {
+                let workers: Vec<serde_json::Value> = s
+                    .workers
+                    .iter()
+                    .map(|w| {
+                        serde_json::json!({
+                            "name": w.name,
+                            "phase": w.phase,
+                            "state": w.state,
+                            "detail": w.detail,
+                            "last_activity_ms_ago": w.last_activity_ms_ago,
+                            "last_error": w.last_error,
+                            "last_error_ms_ago": w.last_error_ms_ago,
+                        })
+                    })
+                    .collect();
+                let mut json = serde_json::to_value(StatusJson {
                     cluster_id: &s.cluster_id,
                     reported_by: &s.node_name,
                     leader_id: s.leader_id,
@@ -407,6 +430,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     purged_index: s.purged_index,
                     members: s.members.iter().map(member_json).collect(),
                 })?;
+                json["workers"] = workers.into();
+                print_json(&json)?;
             } else {
                 println!("cluster  {}", s.cluster_id);
                 match s.leader_id {
@@ -433,6 +458,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
                 println!();
                 print!("{}", members_table(&s.members));
+                println!();
+                if s.workers.is_empty() {
+                    println!(
+                        "WORKERS  none reported by {} (a flockd older than this flockctl)",
+                        s.node_name
+                    );
+                } else {
+                    println!("WORKERS of {}", s.node_name);
+                    let mut rows = vec![[
+                        "NAME".to_string(),
+                        "PHASE".into(),
+                        "STATE".into(),
+                        "ACTIVE".into(),
+                        "DETAIL".into(),
+                        "LAST ERROR".into(),
+                    ]];
+                    for w in &s.workers {
+                        rows.push([
+                            w.name.clone(),
+                            w.phase.clone(),
+                            w.state.clone(),
+                            ago(w.last_activity_ms_ago),
+                            if w.detail.is_empty() {
+                                "-".into()
+                            } else {
+                                cell(&w.detail)
+                            },
+                            match w.last_error_ms_ago {
+                                Some(_) => format!(
+                                    "{} ({})",
+                                    cell(&w.last_error),
+                                    ago(w.last_error_ms_ago)
+                                ),
+                                None => "-".into(),
+                            },
+                        ]);
+                    }
+                    print!("{}", table(&rows));
+                }
             }
         }
         Cmd::Node(NodeCmd::Ls(f)) => {
