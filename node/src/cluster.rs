@@ -669,7 +669,7 @@ pub async fn membership_worker(
                         status.error(format!("membership change deferred: {e}"));
                         status.idle("retrying a deferred membership change");
                     }
-                    Ok(()) if leading => status.idle("membership in line with the registered nodes"),
+                    Ok(()) if leading => status.idle("leader: keeps membership in line with the registered nodes"),
                     Ok(()) => {}
                 }
             }

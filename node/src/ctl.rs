@@ -401,37 +401,52 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 None => "-".to_string(),
             };
             if f.json {
-                let workers: Vec<serde_json::Value> = s
-                    .workers
-                    .iter()
-                    .map(|w| {
-                        serde_json::json!({
-                            "name": w.name,
-                            "phase": w.phase,
-                            "state": w.state,
-                            "detail": w.detail,
-                            "last_activity_ms_ago": w.last_activity_ms_ago,
-                            "last_error": w.last_error,
-                            "last_error_ms_ago": w.last_error_ms_ago,
+                // Beside StatusJson's fields, in this order (a json! map would sort the keys).
+                #[derive(Serialize)]
+                struct WorkerJson<'a> {
+                    name: &'a str,
+                    phase: &'a str,
+                    state: &'a str,
+                    detail: &'a str,
+                    last_activity_ms_ago: Option<u64>,
+                    last_error: &'a str,
+                    last_error_ms_ago: Option<u64>,
+                }
+                #[derive(Serialize)]
+                struct WithWorkers<'a> {
+                    #[serde(flatten)]
+                    status: StatusJson<'a>,
+                    workers: Vec<WorkerJson<'a>>,
+                }
+                print_json(&WithWorkers {
+                    status: StatusJson {
+                        cluster_id: &s.cluster_id,
+                        reported_by: &s.node_name,
+                        leader_id: s.leader_id,
+                        leader_name: &s.leader_name,
+                        leader_addr: &s.leader_addr,
+                        term: s.term,
+                        commit_index: s.commit_index,
+                        applied_index: s.applied_index,
+                        last_log_index: s.last_log_index,
+                        snapshot_index: s.snapshot_index,
+                        purged_index: s.purged_index,
+                        members: s.members.iter().map(member_json).collect(),
+                    },
+                    workers: s
+                        .workers
+                        .iter()
+                        .map(|w| WorkerJson {
+                            name: &w.name,
+                            phase: &w.phase,
+                            state: &w.state,
+                            detail: &w.detail,
+                            last_activity_ms_ago: w.last_activity_ms_ago,
+                            last_error: &w.last_error,
+                            last_error_ms_ago: w.last_error_ms_ago,
                         })
-                    })
-                    .collect();
-                let mut json = serde_json::to_value(StatusJson {
-                    cluster_id: &s.cluster_id,
-                    reported_by: &s.node_name,
-                    leader_id: s.leader_id,
-                    leader_name: &s.leader_name,
-                    leader_addr: &s.leader_addr,
-                    term: s.term,
-                    commit_index: s.commit_index,
-                    applied_index: s.applied_index,
-                    last_log_index: s.last_log_index,
-                    snapshot_index: s.snapshot_index,
-                    purged_index: s.purged_index,
-                    members: s.members.iter().map(member_json).collect(),
+                        .collect(),
                 })?;
-                json["workers"] = workers.into();
-                print_json(&json)?;
             } else {
                 println!("cluster  {}", s.cluster_id);
                 match s.leader_id {
