@@ -594,6 +594,8 @@ impl Cluster {
                 ServerState::Shutdown => "shutdown",
             }
             .into(),
+            // The API adds them: it holds the node's workers.
+            workers: Vec::new(),
         }
     }
 
@@ -637,19 +639,38 @@ impl Cluster {
 /// (adds joined nodes as learners, drops removed ones) and promotes caught-up learners so the
 /// voter count grows to 5 and stays odd. Acts only once the leader has applied its own term's
 /// first entry, so it never acts on a state older than its leadership.
-pub async fn membership_worker(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
+///
+/// Its status: idle while this node is not the leader, running while it reconciles, and the
+/// last deferred change as its last error.
+pub async fn membership_worker(
+    cluster: Arc<Cluster>,
+    mut shutdown: watch::Receiver<bool>,
+    status: crate::worker::WorkerStatus,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(MEMBERSHIP_TICK) => {}
             _ = shutdown.changed() => return,
+        }
+        let leading = cluster.is_leader();
+        if leading {
+            status.running();
+        } else {
+            status.idle("not the leader");
         }
         // A membership change waits for a quorum of the new configuration; at shutdown that
         // quorum may already be gone (a dev cluster stops its nodes one by one), so stopping
         // never waits for it. Raft resumes or drops the change on the next start.
         tokio::select! {
             r = reconcile_membership(&cluster) => {
-                if let Err(e) = r {
-                    tracing::info!(error = %e, "membership change deferred");
+                match r {
+                    Err(e) => {
+                        tracing::info!(error = %e, "membership change deferred");
+                        status.error(format!("membership change deferred: {e}"));
+                        status.idle("retrying a deferred membership change");
+                    }
+                    Ok(()) if leading => status.idle("leader: keeps membership in line with the registered nodes"),
+                    Ok(()) => {}
                 }
             }
             _ = shutdown.changed() => return,

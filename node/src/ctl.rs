@@ -392,20 +392,60 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Cmd::Status(f) => {
             let s = status(&mut api).await?;
+            // The workers of the node that answered (`reported_by`); none from an older flockd.
+            let ago = |ms: Option<u64>| match ms {
+                Some(ms) => format!(
+                    "{} ago",
+                    humantime::format_duration(Duration::from_secs(ms / 1000))
+                ),
+                None => "-".to_string(),
+            };
             if f.json {
-                print_json(&StatusJson {
-                    cluster_id: &s.cluster_id,
-                    reported_by: &s.node_name,
-                    leader_id: s.leader_id,
-                    leader_name: &s.leader_name,
-                    leader_addr: &s.leader_addr,
-                    term: s.term,
-                    commit_index: s.commit_index,
-                    applied_index: s.applied_index,
-                    last_log_index: s.last_log_index,
-                    snapshot_index: s.snapshot_index,
-                    purged_index: s.purged_index,
-                    members: s.members.iter().map(member_json).collect(),
+                // Beside StatusJson's fields, in this order (a json! map would sort the keys).
+                #[derive(Serialize)]
+                struct WorkerJson<'a> {
+                    name: &'a str,
+                    phase: &'a str,
+                    state: &'a str,
+                    detail: &'a str,
+                    last_activity_ms_ago: Option<u64>,
+                    last_error: &'a str,
+                    last_error_ms_ago: Option<u64>,
+                }
+                #[derive(Serialize)]
+                struct WithWorkers<'a> {
+                    #[serde(flatten)]
+                    status: StatusJson<'a>,
+                    workers: Vec<WorkerJson<'a>>,
+                }
+                print_json(&WithWorkers {
+                    status: StatusJson {
+                        cluster_id: &s.cluster_id,
+                        reported_by: &s.node_name,
+                        leader_id: s.leader_id,
+                        leader_name: &s.leader_name,
+                        leader_addr: &s.leader_addr,
+                        term: s.term,
+                        commit_index: s.commit_index,
+                        applied_index: s.applied_index,
+                        last_log_index: s.last_log_index,
+                        snapshot_index: s.snapshot_index,
+                        purged_index: s.purged_index,
+                        members: s.members.iter().map(member_json).collect(),
+                    },
+                    workers: s
+                        .workers
+                        .iter()
+                        .map(|w| WorkerJson {
+                            name: &w.name,
+                            phase: &w.phase,
+                            state: &w.state,
+                            detail: &w.detail,
+                            last_activity_ms_ago: w.last_activity_ms_ago,
+                            last_error: &w.last_error,
+                            last_error_ms_ago: w.last_error_ms_ago,
+                        })
+                        .collect(),
                 })?;
             } else {
                 println!("cluster  {}", s.cluster_id);
@@ -433,6 +473,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
                 println!();
                 print!("{}", members_table(&s.members));
+                println!();
+                if s.workers.is_empty() {
+                    println!(
+                        "WORKERS  none reported by {} (a flockd older than this flockctl)",
+                        s.node_name
+                    );
+                } else {
+                    println!("WORKERS of {}", s.node_name);
+                    let mut rows = vec![[
+                        "NAME".to_string(),
+                        "PHASE".into(),
+                        "STATE".into(),
+                        "ACTIVE".into(),
+                        "DETAIL".into(),
+                        "LAST ERROR".into(),
+                    ]];
+                    for w in &s.workers {
+                        rows.push([
+                            w.name.clone(),
+                            w.phase.clone(),
+                            w.state.clone(),
+                            ago(w.last_activity_ms_ago),
+                            if w.detail.is_empty() {
+                                "-".into()
+                            } else {
+                                cell(&w.detail)
+                            },
+                            match w.last_error_ms_ago {
+                                Some(_) => format!(
+                                    "{} ({})",
+                                    cell(&w.last_error),
+                                    ago(w.last_error_ms_ago)
+                                ),
+                                None => "-".into(),
+                            },
+                        ]);
+                    }
+                    print!("{}", table(&rows));
+                }
             }
         }
         Cmd::Node(NodeCmd::Ls(f)) => {

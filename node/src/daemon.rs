@@ -1,7 +1,8 @@
 //! Starting and stopping a node: `init` (a new cluster), `join` (an existing one), `run` (restart
-//! from a data dir). Startup builds everything, then starts the server and workers; shutdown
-//! stops them in a fixed order: API/Raft server, membership worker, QUIC endpoint, Raft, store
-//! flush. Every connection is mutual TLS with the cluster CA's certificates (see [`crate::pki`]).
+//! from a data dir). Startup builds everything, then starts the server and the workers (through
+//! [`crate::worker::Workers`]); shutdown stops them in a fixed order: API/Raft server, agents,
+//! mesh and plugin, membership worker, Raft, QUIC transfer server and endpoint, store flush.
+//! Every connection is mutual TLS with the cluster CA's certificates (see [`crate::pki`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use openraft::{Config, SnapshotPolicy};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use flock_proto::v1::JoinRequest;
 use flock_raft::log_store::DiskWriter;
@@ -33,6 +32,7 @@ use crate::pki::{
 };
 use crate::token::{new_secret, random_hex, JoinSecretFile, JoinToken};
 use crate::transfer::Peers;
+use crate::worker::{Phase, Workers, WorkersView};
 use flock_dataset::Backend;
 
 /// Raft and request timing. Every field has a default suited to a LAN or one machine.
@@ -172,10 +172,8 @@ pub struct RunningNode {
     pub plugin: Option<std::path::PathBuf>,
     /// The join secret's file, on the CA holder.
     secret: Option<JoinSecretFile>,
-    plugin_task: Option<JoinHandle<()>>,
-    stop: watch::Sender<bool>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
-    worker: JoinHandle<()>,
+    /// The node's long-lived tasks, stopped in order by [`RunningNode::shutdown`].
+    workers: Workers,
     closer: DiskWriter,
 }
 
@@ -472,6 +470,7 @@ impl RunningNode {
         let authorize: Authorize =
             Arc::new(move |req| raft_auth.check_node(&req.peer_certs()).map(|_| ()));
         let (ca, secret_file) = ca.map(|(ca, f)| (Arc::new(ca), f)).unzip();
+        let workers = Workers::new();
         let api = ApiService::server(
             cluster.clone(),
             auth,
@@ -483,63 +482,70 @@ impl RunningNode {
                 drivers: drivers.clone(),
                 apps: apps_view.clone(),
                 mesh: mesh_view.clone(),
+                workers: workers.view(),
             },
         );
         let (quic, quic_tuning) = crate::transfer::quic::bind_endpoint(bound, &tls, &tls_identity)
             .map_err(|e| anyhow::anyhow!("cannot open the QUIC endpoint on udp {bound}: {e}"))?;
-        let (stop, stopped) = watch::channel(false);
-        let mut server_stop = stopped.clone();
         // TLS is done here rather than by tonic, so that a renewed certificate is presented
         // without a restart; tonic still reads the client's certificates from these streams.
         let incoming = flock_raft::tls::tls_incoming(
             listener,
             Arc::new(NodeTls::grpc_server(&tls_identity)?),
-            stopped.clone(),
+            workers.stop_signal(Phase::Api),
         );
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
+        let raft_service = RaftService::server(raft, identity.cluster_id.clone(), authorize);
+        workers.spawn(Phase::Api, "api", |mut stop, status| async move {
+            let served = tonic::transport::Server::builder()
                 // Before any service: nothing but Join is read without a member's certificate.
                 .layer(edge)
-                .add_service(RaftService::server(
-                    raft,
-                    identity.cluster_id.clone(),
-                    authorize,
-                ))
+                .add_service(raft_service)
                 .add_service(api)
                 .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = server_stop.changed().await;
-                }),
-        );
-        let worker = tokio::spawn(membership_worker(cluster.clone(), stopped.clone()));
-        tokio::spawn(crate::transfer::serve(
-            quic.clone(),
-            quic_auth,
-            datasets.clone(),
-            cluster.view.clone(),
-            stopped.clone(),
-        ));
-        tokio::spawn(crate::apps::run(
-            cluster.clone(),
-            datasets.clone(),
-            drivers.clone(),
-            apps_view,
-            mesh.map(|ip| crate::mesh::link_host(ip, &identity.advertise)),
-            stopped.clone(),
-        ));
-        if let Some(ip) = mesh {
-            tokio::spawn(crate::mesh::run(
-                cluster.clone(),
-                crate::mesh::MeshOptions::new(ip),
-                mesh_view,
-                stopped.clone(),
-            ));
+                    let _ = stop.changed().await;
+                })
+                .await;
+            if let Err(e) = served {
+                status.fail(format!("the gRPC server stopped: {e}"));
+            }
+        });
+        workers.spawn(Phase::Membership, "membership", |stop, status| {
+            membership_worker(cluster.clone(), stop, status)
+        });
+        {
+            let (quic, datasets, view) = (quic.clone(), datasets.clone(), cluster.view.clone());
+            workers.spawn(Phase::Transfer, "transfer", |stop, _| {
+                crate::transfer::serve(quic, quic_auth, datasets, view, stop)
+            });
         }
-        tokio::spawn(crate::report::run(
-            cluster.clone(),
-            opts.labels.clone(),
-            crate::report::local_capacity(drivers.docker.is_some()),
-            stopped.clone(),
-        ));
+        {
+            let (cluster, datasets, drivers) = (cluster.clone(), datasets.clone(), drivers.clone());
+            let link_host = mesh.map(|ip| crate::mesh::link_host(ip, &identity.advertise));
+            // TODO(apps agent): pass `status` as a last argument once `apps::run` takes an
+            // `Option<WorkerStatus>` to say what it is doing (idle, waiting for what, errors).
+            workers.spawn(Phase::Agents, "apps", |stop, _status| {
+                crate::apps::run(cluster, datasets, drivers, apps_view, link_host, stop)
+            });
+        }
+        if let Some(ip) = mesh {
+            let cluster = cluster.clone();
+            workers.spawn(Phase::Edge, "mesh", |stop, status| {
+                crate::mesh::run(
+                    cluster,
+                    crate::mesh::MeshOptions::new(ip),
+                    mesh_view,
+                    stop,
+                    status,
+                )
+            });
+        }
+        {
+            let (cluster, labels) = (cluster.clone(), opts.labels.clone());
+            let capacity = crate::report::local_capacity(drivers.docker.is_some());
+            workers.spawn(Phase::Agents, "report", |stop, status| {
+                crate::report::run(cluster, labels, capacity, stop, status)
+            });
+        }
         // The plugin is a front door, not the node's job: a socket it cannot have is a warning.
         let plugin_socket = opts.plugin.as_ref().and_then(|name| {
             crate::plugin::PluginSocket::bind(&crate::plugin::plugin_dir(), name)
@@ -547,36 +553,38 @@ impl RunningNode {
                 .ok()
         });
         let plugin = plugin_socket.as_ref().map(|p| p.path.clone());
-        let plugin_task = plugin_socket.map(|socket| {
+        if let Some(socket) = plugin_socket {
             let mut volumes = crate::plugin::Volumes::new(cluster.clone(), datasets.clone());
             volumes.docker = drivers.docker.as_ref().map(|d| d.client().clone());
-            tokio::spawn(socket.serve(Arc::new(volumes), stopped.clone()))
-        });
+            workers.spawn(Phase::Edge, "plugin", |stop, _| {
+                socket.serve(Arc::new(volumes), stop)
+            });
+        }
         let peers = Arc::new(Peers::new(quic.clone(), tls_identity.clone(), quic_tuning));
-        tokio::spawn(crate::renew::run(
-            crate::renew::Renewal {
-                paths,
-                ca_pem: tls.ca_pem.clone(),
-                key_pem: tls.key_pem.clone(),
-                identity: tls_identity,
-                ca,
-                cluster: cluster.clone(),
-                network,
-                peers: peers.clone(),
-            },
-            stopped.clone(),
-        ));
-        tokio::spawn(crate::datasets::agent::run(
-            cluster.clone(),
-            datasets.clone(),
-            peers,
-            drivers.clone(),
-            stopped,
-        ));
+        let renewal = crate::renew::Renewal {
+            paths,
+            ca_pem: tls.ca_pem.clone(),
+            key_pem: tls.key_pem.clone(),
+            identity: tls_identity,
+            ca,
+            cluster: cluster.clone(),
+            network,
+            peers: peers.clone(),
+        };
+        workers.spawn(Phase::Agents, "renewal", |stop, status| {
+            crate::renew::run(renewal, stop, status)
+        });
+        {
+            let (cluster, datasets, drivers) = (cluster.clone(), datasets.clone(), drivers.clone());
+            // TODO(datasets agent): pass `status` as a last argument once
+            // `datasets::agent::run` takes an `Option<WorkerStatus>`.
+            workers.spawn(Phase::Agents, "datasets", |stop, _status| {
+                crate::datasets::agent::run(cluster, datasets, peers, drivers, stop)
+            });
+        }
         Ok(RunningNode {
             secret,
             plugin,
-            plugin_task,
             mesh,
             cluster,
             identity,
@@ -584,9 +592,7 @@ impl RunningNode {
             quic,
             tls,
             drivers,
-            stop,
-            server,
-            worker,
+            workers,
             closer,
         })
     }
@@ -683,27 +689,37 @@ impl RunningNode {
         .render())
     }
 
-    /// Stops the node in order: server, worker, Raft, then flushes the store.
+    /// The node's workers and their states, as `flockctl status` shows them.
+    pub fn workers(&self) -> WorkersView {
+        self.workers.view()
+    }
+
+    /// Stops the node in order: the API (no new requests), the agents, the mesh and plugin,
+    /// the membership worker, Raft, the QUIC transfer server and endpoint (closed, then idle),
+    /// and last flushes the store. Each phase has a deadline; a worker that misses it is named
+    /// in the log and aborted, and the shutdown goes on.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(true);
-        match tokio::time::timeout(Duration::from_secs(5), self.server).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server stopped with an error"),
-            Err(_) => tracing::warn!("server did not stop within 5 s"),
-            _ => {}
+        for phase in [Phase::Api, Phase::Agents, Phase::Edge, Phase::Membership] {
+            self.workers.stop(phase).await;
         }
-        let _ = self.worker.await;
-        if let Some(t) = self.plugin_task {
-            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
-        }
-        self.quic.close(0u32.into(), b"shutdown");
         if let Err(e) = self.cluster.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.quic.wait_idle()).await;
+        tracing::info!("shutdown: raft stopped");
+        self.workers.stop(Phase::Transfer).await;
+        self.quic.close(0u32.into(), b"shutdown");
+        let idle = Duration::from_secs(2);
+        match tokio::time::timeout(idle, self.quic.wait_idle()).await {
+            Ok(()) => tracing::info!("shutdown: QUIC endpoint closed"),
+            Err(_) => tracing::warn!(
+                "shutdown: QUIC endpoint closed; its connections did not finish closing within {idle:?}"
+            ),
+        }
         self.closer
             .write(Vec::new(), true)
             .await
             .map_err(|e| anyhow::anyhow!("flushing the raft store: {e}"))?;
+        tracing::info!("shutdown: store flushed");
         Ok(())
     }
 }

@@ -17,6 +17,7 @@
 //! - [`report`]: the node's capacity and labels, reported to the cluster at start.
 //! - [`plugin`]: the Docker volume plugin, on a unix socket.
 //! - [`renew`]: a node renews its own certificate before it expires.
+//! - [`worker`]: the node's long-lived tasks, their status and their ordered stop.
 
 pub mod api;
 pub mod apps;
@@ -38,3 +39,4 @@ pub mod renew;
 pub mod report;
 pub mod token;
 pub mod transfer;
+pub mod worker;

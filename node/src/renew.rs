@@ -19,6 +19,7 @@ use flock_raft::tls::validity;
 use crate::cluster::Cluster;
 use crate::pki::{pem_to_der, role_of, write_public, CertAuthority, Role, TlsIdentity, TlsPaths};
 use crate::transfer::Peers;
+use crate::worker::WorkerStatus;
 
 /// What renewing takes: where the certificate lives, the identity every connection uses, the
 /// CA when this node holds it, and the connection caches to drop afterwards.
@@ -41,8 +42,10 @@ pub fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
     not_before + life * 2 / 3
 }
 
-/// Renews this node's certificate whenever it is due, until `shutdown`.
-pub async fn run(r: Renewal, mut shutdown: watch::Receiver<bool>) {
+/// Renews this node's certificate whenever it is due, until `shutdown`. Its status: idle until
+/// the next renewal (saying when), a failed attempt as its last error, failed when the
+/// certificate cannot be read.
+pub async fn run(r: Renewal, mut shutdown: watch::Receiver<bool>, status: WorkerStatus) {
     loop {
         let Some((not_before, not_after)) = r
             .identity
@@ -50,16 +53,22 @@ pub async fn run(r: Renewal, mut shutdown: watch::Receiver<bool>) {
             .and_then(|c| validity(c.as_ref()).ok())
         else {
             tracing::warn!("this node's certificate cannot be read; it will not be renewed");
+            status.fail("this node's certificate cannot be read; it will not be renewed");
             return;
         };
         let due = renew_at(not_before, not_after);
         let wait = due
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
+        status.idle(format!(
+            "next renewal at {}",
+            humantime::format_rfc3339_seconds(due)
+        ));
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+        status.running();
         match r.renew_once().await {
             Ok(until) => {
                 tracing::info!(
@@ -77,6 +86,8 @@ pub async fn run(r: Renewal, mut shutdown: watch::Receiver<bool>) {
                     expires_in = ?left,
                     "renewing this node's certificate failed; retrying in {retry:?}"
                 );
+                status.error(format!("renewing this node's certificate: {e:#}"));
+                status.idle(format!("retrying the renewal in {retry:?}"));
                 tokio::select! {
                     _ = shutdown.changed() => return,
                     _ = tokio::time::sleep(retry) => {}

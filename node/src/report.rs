@@ -10,6 +10,7 @@ use flock_scheduler::{Command, CommandResult};
 use tokio::sync::watch;
 
 use crate::cluster::Cluster;
+use crate::worker::WorkerStatus;
 
 /// What this machine offers: its memory (the cgroup's limit when lower), the cpus this process
 /// may use, and whether the docker driver works.
@@ -54,12 +55,14 @@ pub fn parse_labels(flags: &[String]) -> anyhow::Result<BTreeMap<String, String>
 }
 
 /// Proposes this node's report until the replicated state holds it (the leader may not be
-/// known yet at start), then returns.
+/// known yet at start), then returns: a job, "done" once the state holds the report, "failed"
+/// when the cluster refuses the labels.
 pub async fn run(
     cluster: Arc<Cluster>,
     labels: Option<BTreeMap<String, String>>,
     capacity: Capacity,
     mut shutdown: watch::Receiver<bool>,
+    status: WorkerStatus,
 ) {
     let me = cluster.node_id;
     let mut backoff = Duration::from_millis(200);
@@ -73,6 +76,7 @@ pub async fn run(
         };
         if let Some((cap, have)) = current {
             if cap.as_ref() == Some(&capacity) && labels.as_ref().is_none_or(|l| *l == have) {
+                status.done("the cluster holds this node's capacity and labels");
                 return;
             }
         }
@@ -84,20 +88,30 @@ pub async fn run(
         match cluster.propose(cmd).await {
             Ok(CommandResult::NodeReported) => {
                 tracing::info!(memory = capacity.memory, cpus = capacity.cpus, docker = capacity.docker, labels = ?labels, "reported this node's capacity");
+                status.done("reported this node's capacity and labels");
                 return;
             }
             Ok(CommandResult::Rejected(e @ flock_scheduler::ApplyError::InvalidLabels { .. })) => {
                 tracing::error!(error = %e, "the cluster refused this node's labels");
+                status.fail(format!("the cluster refused this node's labels: {e}"));
                 return;
             }
             // Not initialized or not registered yet: a new cluster's first entries are still
             // on their way.
             Ok(CommandResult::Rejected(e)) => {
-                tracing::debug!(error = %e, "reporting this node's capacity; retrying")
+                tracing::debug!(error = %e, "reporting this node's capacity; retrying");
+                status.error(&e);
             }
-            Ok(other) => tracing::warn!(?other, "unexpected answer to this node's report"),
-            Err(e) => tracing::debug!(error = %e, "reporting this node's capacity; retrying"),
+            Ok(other) => {
+                tracing::warn!(?other, "unexpected answer to this node's report");
+                status.error(format!("unexpected answer: {other:?}"));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "reporting this node's capacity; retrying");
+                status.error(&e);
+            }
         }
+        status.idle(format!("retrying the report in {backoff:?}"));
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(backoff) => {}

@@ -38,6 +38,8 @@ pub struct LocalParts {
     pub drivers: crate::driver::Drivers,
     pub apps: crate::apps::AppsView,
     pub mesh: crate::mesh::MeshView,
+    /// The node's workers, for the status.
+    pub workers: crate::worker::WorkersView,
 }
 
 /// The API service of one node.
@@ -62,6 +64,8 @@ pub struct ApiService {
     apps: crate::apps::AppsView,
     /// This node's routing mesh, as it reports itself.
     mesh: crate::mesh::MeshView,
+    /// This node's long-lived tasks and their states.
+    workers: crate::worker::WorkersView,
 }
 
 impl ApiService {
@@ -78,6 +82,7 @@ impl ApiService {
             drivers,
             apps,
             mesh,
+            workers,
         } = local;
         let (ca, secret) = ca.unzip();
         let service = ApiService {
@@ -93,6 +98,7 @@ impl ApiService {
             drivers,
             apps,
             mesh,
+            workers,
         };
         ApiServer::new(service).max_decoding_message_size(MAX_API_MESSAGE)
     }
@@ -179,7 +185,10 @@ impl Api for ApiService {
                 }
             }
         }
-        Ok(Response::new(c.local_status().await))
+        let mut reply = c.local_status().await;
+        // Whichever node answers reports its own workers (the leader's, when forwarded).
+        reply.workers = self.workers.to_proto();
+        Ok(Response::new(reply))
     }
 
     async fn ping(&self, req: Request<PingRequest>) -> Reply<PingReply> {

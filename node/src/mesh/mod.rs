@@ -167,6 +167,7 @@ pub async fn run(
     opts: MeshOptions,
     view: MeshView,
     mut shutdown: watch::Receiver<bool>,
+    worker: crate::worker::WorkerStatus,
 ) {
     let me = cluster.node_id;
     let mut listening: BTreeMap<u16, Listening> = BTreeMap::new();
@@ -174,6 +175,7 @@ pub async fn run(
     let mut logged: BTreeMap<u16, String> = BTreeMap::new();
     let mut changes = cluster.metrics_watch();
     loop {
+        worker.running();
         let want = plan(&cluster.view.read().cluster, me);
         listening.retain(|port, _| matches!(want.get(port), Some(Want::Listen { .. })));
         let mut status = MeshStatus {
@@ -213,6 +215,26 @@ pub async fn run(
             status.ports.insert(*port, (app, st));
         }
         logged.retain(|p, _| want.contains_key(p));
+        let problems: Vec<String> = status
+            .ports
+            .values()
+            .filter_map(|(_, st)| match st {
+                PortState::Problem(why) => Some(why.clone()),
+                _ => None,
+            })
+            .collect();
+        let serving = status
+            .ports
+            .values()
+            .filter(|(_, st)| matches!(st, PortState::Serving))
+            .count();
+        if let Some(first) = problems.first() {
+            worker.error(first);
+        }
+        worker.idle(match problems.len() {
+            0 => format!("serving {serving} ports"),
+            n => format!("serving {serving} ports; {n} with a problem (flockctl app ls)"),
+        });
         view.set(status);
 
         let tick = if failed { RETRY_BIND } else { TICK };
