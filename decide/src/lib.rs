@@ -11,7 +11,14 @@
 //!
 //! - [`time`]: [`Instant`], a point on a node's monotonic clock as the executor or the
 //!   simulation hands it in.
+//! - [`push`]: pushes of snapshots between holders: who may push ([`push::admit`]), each
+//!   step's plan ([`push::plan_step`]), and the receiver's guard that no push rolls a copy back
+//!   past a snapshot recorded in Raft ([`push::guard_rollback`]).
+//! - [`copies`]: whether a node's copy may be used (started on, mounted):
+//!   [`copies::copy_is_current`].
 
+pub mod copies;
+pub mod push;
 pub mod time;
 
 pub use time::Instant;
