@@ -128,13 +128,13 @@ pub fn admit<'s>(
 /// Why a plan may not be carried out on a receiver.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RollbackRefused {
-    #[error("the push would roll this copy of {dataset} back past snapshot {snapshot} (guid {guid}), which is recorded in Raft; refused, so that no recorded snapshot is lost (the sender retries from what both hold then)")]
+    #[error("the push would roll the receiving copy of {dataset} back past snapshot {snapshot} (guid {guid}), which is recorded in Raft; refused, so that no recorded snapshot is lost (the sender retries from what both hold then)")]
     Recorded {
         dataset: String,
         snapshot: String,
         guid: u64,
     },
-    #[error("the push would roll this copy of {dataset} back to snapshot {base}, which it does not hold; refused")]
+    #[error("the push would roll the receiving copy of {dataset} back to snapshot {base}, which that copy does not hold; refused")]
     BaseNotHeld { dataset: String, base: String },
 }
 
