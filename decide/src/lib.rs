@@ -14,8 +14,15 @@
 //! - [`apps`]: which app instances to start, stop, update or restart here ([`apps::AppsCore`]),
 //!   restart backoff, the start guard re-checked against the latest state ([`apps::may_start`]),
 //!   the spec an instance runs ([`apps::RunSpec`]) and its link variables.
+//! - [`push`]: pushes of snapshots between holders: who may push ([`push::admit`]), each
+//!   step's plan ([`push::plan_step`]), and the receiver's guard that no push rolls a copy back
+//!   past a snapshot recorded in Raft ([`push::guard_rollback`]).
+//! - [`copies`]: whether a node's copy may be used (started on, mounted):
+//!   [`copies::copy_is_current`].
 
 pub mod apps;
+pub mod copies;
+pub mod push;
 pub mod time;
 
 pub use time::Instant;

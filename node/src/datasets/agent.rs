@@ -292,7 +292,17 @@ impl MoveTask {
             .iter()
             .find(|s| s.name == snapshot)
             .map(|s| s.guid);
-        if let Err(e) = push(&conn, &self.datasets, &ds, snapshot, &to_name, |_, _, _| {}).await {
+        if let Err(e) = push(
+            &conn,
+            &self.datasets,
+            &self.cluster.view,
+            &ds,
+            snapshot,
+            &to_name,
+            |_, _, _| {},
+        )
+        .await
+        {
             if matches!(e, PushError::Connection { .. }) {
                 self.peers.forget(to).await;
             }
@@ -467,6 +477,7 @@ impl MoveTask {
         let pushed = push(
             conn,
             &self.datasets,
+            &self.cluster.view,
             ds,
             &record.name,
             to_name,

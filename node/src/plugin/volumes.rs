@@ -6,7 +6,9 @@
 //!   under Docker's mount id through Raft and answers the dataset's path. The cluster refuses
 //!   the mount while containers on another node have the dataset mounted, or an app uses it.
 //!   The wait for a move is bounded below Docker's patience; past it the answer says how far
-//!   the move got, and the move goes on (the next try finds it further or done).
+//!   the move got, and the move goes on (the next try finds it further or done). A copy that
+//!   lacks the dataset's newest recorded snapshot is not mounted
+//!   ([`flock_decide::copies::copy_is_current`], the apps agent's rule too).
 //! - Unmount drops the mount; the dataset may move again once no container uses it.
 //! - Remove deletes the dataset on every node, unless it is mounted somewhere.
 
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use flock_decide::copies::copy_is_current;
 use flock_proto::v1 as pb;
 use flock_scheduler::dataset::validate_dataset_name;
 use flock_scheduler::mount::MAX_MOUNT_ID_LEN;
@@ -372,6 +375,11 @@ impl Volumes {
                     Err(e) => return Err(format!("flock: volume {name:?}: {e}")),
                 }
             };
+            // As for an app: never data older than the dataset's record says it has (a copy
+            // rolled back, or still short of the move's last snapshot). `ds` was read
+            // linearizably, so it records every snapshot committed before this call.
+            copy_is_current(&ds, copy.snapshots.iter().map(|s| s.guid))
+                .map_err(|stale| format!("flock: volume {name:?}: {stale}"))?;
             let cmd = Command::MountVolume {
                 dataset: ds.id,
                 node: me,

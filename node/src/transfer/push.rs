@@ -13,9 +13,12 @@
 //! ```
 //!
 //! The base is the newest snapshot both sides hold (same name and guid), so a push that was
-//! interrupted resumes from there, incremental whenever the sides share a snapshot. The receiver
-//! takes a push only from the dataset's current primary under the current epoch, only for a
-//! dataset it should hold, and never onto the primary's own copy.
+//! interrupted resumes from there, incremental whenever the sides share a snapshot. The
+//! decisions are flock-decide's ([`flock_decide::push`]): the sender plans every step from
+//! what it lists and what the state records at that step; the receiver takes a push only from
+//! the dataset's current primary under the current epoch, only for a dataset it should hold,
+//! never onto the primary's own copy, and, checked again under the dataset's lock right before
+//! it acts, never rolls its copy back past a snapshot recorded in Raft.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +27,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use flock_dataset::transfer::{receive_framed_async, send_framed_async};
-use flock_dataset::{newest_common_snapshot, DatasetError, SnapshotName, StreamSpec};
+use flock_dataset::{DatasetError, SnapshotInfo, SnapshotName, StreamSpec};
+use flock_decide::push::{self as decide, HeldSnapshot, PlanError};
 use flock_raft::codec::{decode, encode};
 use flock_raft::state_machine::StateView;
 use flock_scheduler::dataset::DatasetId;
@@ -55,53 +59,37 @@ enum Holding {
     Refused(String),
 }
 
-/// What the sender will do: the receiver goes back to `base` (destroys its copy when `None`),
-/// then receives `target` if set. Both `None`: the receiver already holds a newer snapshot of
-/// the primary's history than the one pushed, and keeps everything as it is.
+/// What the sender will do, on the wire ([`decide::Plan`], whose meaning it carries): the
+/// receiver goes back to `base` (destroys its copy when `None`), then receives `target` if set.
+/// Both `None`: the receiver keeps everything as it is.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Plan {
     base: Option<String>,
     target: Option<String>,
 }
 
-impl Plan {
-    fn is_nothing(&self) -> bool {
-        self.base.is_none() && self.target.is_none()
+impl From<decide::Plan> for Plan {
+    fn from(p: decide::Plan) -> Self {
+        Plan {
+            base: p.base,
+            target: p.target,
+        }
     }
 }
 
-/// The sender's plan for one step, from what it holds and what the receiver holds: `chain` (the
-/// recorded snapshots up to the push's target, oldest first), `later` (the guids of the
-/// sender's own snapshots after the target) and `theirs`. The index in `chain` of the snapshot
-/// to send, if any.
-///
-/// A receiver holding one of `later` is ahead of this push (a later push, such as a move's, got
-/// there first): it is left alone. Going back to the newest common snapshot would throw away
-/// snapshots of the primary's own history, and with them writes it acknowledged.
-fn plan_step(
-    chain: &[flock_dataset::SnapshotInfo],
-    later: &[u64],
-    theirs: &[flock_dataset::SnapshotInfo],
-) -> (Plan, Option<usize>) {
-    if theirs.iter().any(|t| later.contains(&t.guid)) {
-        let nothing = Plan {
-            base: None,
-            target: None,
-        };
-        return (nothing, None);
+impl From<Plan> for decide::Plan {
+    fn from(p: Plan) -> Self {
+        decide::Plan {
+            base: p.base,
+            target: p.target,
+        }
     }
-    let last = chain.last().expect("the chain ends with the target");
-    let common = newest_common_snapshot(chain, theirs);
-    let next = match common {
-        None => Some(0),
-        Some(c) if c.guid == last.guid => None,
-        Some(c) => chain.iter().position(|s| s.guid == c.guid).map(|i| i + 1),
-    };
-    let plan = Plan {
-        base: common.map(|c| c.name.to_string()),
-        target: next.map(|i| chain[i].name.to_string()),
-    };
-    (plan, next)
+}
+
+fn held(list: &[SnapshotInfo]) -> Vec<HeldSnapshot> {
+    list.iter()
+        .map(|s| HeldSnapshot::new(s.name.as_str(), s.guid))
+        .collect()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,6 +107,9 @@ pub enum PushError {
     Refused { node: String, reason: String },
     #[error("{node} failed to receive: {reason}")]
     ReceiveFailed { node: String, reason: String },
+    /// The step's plan would destroy a recorded snapshot on the receiver: not sent.
+    #[error("not pushing to {node}: {reason}")]
+    Unsafe { node: String, reason: String },
     #[error("the stream to {node} broke off: {reason}")]
     Connection { node: String, reason: String },
     #[error("{0}")]
@@ -174,38 +165,20 @@ async fn read_msg<T: DeserializeOwned>(s: &mut quinn::RecvStream) -> std::io::Re
 
 /// Pushes snapshot `target` of `ds` to the node `to_name` over `conn`, with every recorded
 /// snapshot before it that the receiver lacks, one stream per snapshot: the receiver ends up
-/// with the same history as the sender. `progress` gets the phase (`"full"` or
-/// `"incremental"`), the payload bytes sent in this push and the estimated total of the current
-/// stream's end.
+/// with the same history as the sender. Each step plans from what this node lists then and what
+/// `view` (this node's applied state) records then, together with the records in `ds` (the
+/// caller's, who may have just recorded `target`): never from a list taken when the push began.
+/// `progress` gets the phase (`"full"` or `"incremental"`), the payload bytes sent in this push
+/// and the estimated total of the current stream's end.
 pub async fn push(
     conn: &quinn::Connection,
     datasets: &Datasets,
+    view: &StateView,
     ds: &Dataset,
     target: &str,
     to_name: &str,
     mut progress: impl FnMut(&'static str, u64, Option<u64>) + Send,
 ) -> Result<Pushed, PushError> {
-    let name = backend_name(ds)?;
-    let ours = {
-        let name = name.clone();
-        blocking(&datasets.backend, move |b| b.snapshots(&name)).await?
-    };
-    let Some(idx) = ours.iter().position(|s| s.name.as_str() == target) else {
-        return Err(DatasetError::SnapshotNotFound {
-            dataset: ds.name.clone(),
-            snapshot: target.to_string(),
-        }
-        .into());
-    };
-    // The recorded snapshots up to the target: what the receiver should hold afterwards.
-    let chain: Vec<_> = ours[..=idx]
-        .iter()
-        .filter(|s| {
-            s.name.as_str() == target || ds.snapshots.iter().any(|r| r.name == s.name.as_str())
-        })
-        .cloned()
-        .collect();
-    let later: Vec<u64> = ours[idx + 1..].iter().map(|s| s.guid).collect();
     let mut total = Pushed {
         base: None,
         bytes: 0,
@@ -217,9 +190,9 @@ pub async fn push(
         let step = push_step(
             conn,
             datasets,
+            view,
             ds,
-            &chain,
-            &later,
+            target,
             to_name,
             |phase, n, est| progress(phase, done_before + n, est.map(|e| done_before + e)),
         )
@@ -244,14 +217,14 @@ struct Step {
     reached_target: bool,
 }
 
-/// Asks the receiver what it holds and sends it the next snapshot of `chain` after the newest
-/// one both hold (or nothing when it holds the last one).
+/// Asks the receiver what it holds and sends it the next recorded snapshot up to `target` after
+/// the newest one both hold (or nothing when it holds `target`, or is ahead of it).
 async fn push_step(
     conn: &quinn::Connection,
     datasets: &Datasets,
+    view: &StateView,
     ds: &Dataset,
-    chain: &[flock_dataset::SnapshotInfo],
-    later: &[u64],
+    target: &str,
     to_name: &str,
     mut progress: impl FnMut(&'static str, u64, Option<u64>) + Send,
 ) -> Result<Step, PushError> {
@@ -283,27 +256,50 @@ async fn push_step(
             })
         }
     };
-    let theirs: Vec<flock_dataset::SnapshotInfo> = theirs
+    let theirs: Vec<HeldSnapshot> = theirs
         .into_iter()
-        .filter_map(|(n, guid)| {
-            Some(flock_dataset::SnapshotInfo {
-                name: SnapshotName::new(n).ok()?,
-                guid,
-                created_unix: 0,
-            })
-        })
+        .map(|(n, guid)| HeldSnapshot::new(n, guid))
         .collect();
-    let last = chain.last().expect("the chain ends with the target");
-    let (plan, next) = plan_step(chain, later, &theirs);
-    let next = next.map(|i| &chain[i]);
+    // What this node holds and the state records now, after the receiver answered: a push
+    // (a move's) may have landed a newer snapshot there since the last step.
+    let ours = {
+        let name = name.clone();
+        blocking(&datasets.backend, move |b| b.snapshots(&name)).await?
+    };
+    let record = {
+        let state = view.read();
+        decide::step_record(state.cluster.datasets.get(&ds.id), ds)
+    };
+    let plan = match decide::plan_step(&record, &held(&ours), target, &theirs) {
+        Ok(plan) => plan,
+        Err(e) => {
+            // The receiver keeps everything as it is; this push ends here.
+            let _ = write_msg(&mut send, &Plan::from(decide::Plan::NOTHING)).await;
+            let _ = send.finish();
+            return Err(match e {
+                PlanError::TargetMissing { .. } => DatasetError::SnapshotNotFound {
+                    dataset: ds.name.clone(),
+                    snapshot: target.to_string(),
+                }
+                .into(),
+                PlanError::Unsafe(e) => PushError::Unsafe {
+                    node: to_name.to_string(),
+                    reason: e.to_string(),
+                },
+            });
+        }
+    };
+    let next = match &plan.target {
+        Some(t) => Some(SnapshotName::new(t.clone())?),
+        None => None,
+    };
+    let plan = Plan::from(plan);
     write_msg(&mut send, &plan).await.map_err(|e| broke(&e))?;
     let mut bytes = 0;
-    if let Some(next) = next {
+    if let Some(next) = &next {
         let spec = match &plan.base {
-            Some(base) => {
-                StreamSpec::incremental(name, SnapshotName::new(base)?, next.name.clone())
-            }
-            None => StreamSpec::full(name, next.name.clone()),
+            Some(base) => StreamSpec::incremental(name, SnapshotName::new(base)?, next.clone()),
+            None => StreamSpec::full(name, next.clone()),
         };
         let phase = if plan.base.is_some() {
             "incremental"
@@ -347,7 +343,7 @@ async fn push_step(
             base: plan.base,
             bytes,
             sent: next.is_some(),
-            reached_target: next.is_some_and(|n| n.guid == last.guid),
+            reached_target: next.is_some_and(|n| n.as_str() == target),
         }),
         failed => Err(failure(failed, to_name)),
     }
@@ -394,7 +390,14 @@ pub async fn receive(
         name,
         epoch,
     } = request;
-    if let Err(reason) = admit(&view, datasets.node_id, peer, dataset, &name, epoch) {
+    let push = Admitted {
+        me: datasets.node_id,
+        peer,
+        id: dataset,
+        name: &name,
+        epoch,
+    };
+    if let Err(reason) = push.admit(&view) {
         tracing::info!(peer, dataset = %name, %reason, "refused a push");
         return refuse(send, reason).await;
     }
@@ -402,20 +405,28 @@ pub async fn receive(
     // The state may have moved on while this push waited for the lock (another push from the
     // same primary held it, and the move it carried has been committed since): admit it again,
     // or a push admitted under an old epoch could overwrite the copy of a new primary.
-    let ds = match admit(&view, datasets.node_id, peer, dataset, &name, epoch) {
+    let ds = match push.admit(&view) {
         Ok(ds) => ds,
         Err(reason) => {
             tracing::info!(peer, dataset = %name, %reason, "refused a push after waiting for the dataset");
             return refuse(send, reason).await;
         }
     };
-    let outcome = match receive_locked(&ds, &mut send, recv, &datasets, cancel).await {
+    let outcome = match receive_locked(&ds, &push, &view, &mut send, recv, &datasets, cancel).await
+    {
         Ok(Some(guid)) => {
             tracing::info!(peer, dataset = %name, guid, "received a snapshot");
             Outcome::Done { guid: Some(guid) }
         }
         Ok(None) => Outcome::Done { guid: None },
-        Err(e) => {
+        Err(ReceiveError::Refused(reason)) => {
+            tracing::warn!(peer, dataset = %name, %reason, "refused a push's plan");
+            Outcome::Failed {
+                no_space: false,
+                reason,
+            }
+        }
+        Err(ReceiveError::Dataset(e)) => {
             tracing::warn!(peer, dataset = %name, error = %e, "receive failed");
             Outcome::Failed {
                 no_space: e.is_no_space(),
@@ -434,50 +445,74 @@ async fn refuse(mut send: quinn::SendStream, reason: String) {
     let _ = send.finish();
 }
 
-/// Whether `peer` may push dataset `id` to this node now; the dataset if so.
-fn admit(
-    view: &StateView,
+/// A push as its request names it, on the receiving node `me`.
+struct Admitted<'a> {
     me: NodeId,
     peer: NodeId,
     id: DatasetId,
-    name: &str,
+    name: &'a str,
     epoch: u64,
-) -> Result<Dataset, String> {
-    let state = view.read();
-    let Some(ds) = state.cluster.datasets.get(&id) else {
-        return Err(format!(
-            "this node does not know dataset {name} (id {id}): removed, or not caught up yet"
-        ));
-    };
-    if ds.name != name {
-        return Err(format!("dataset {id} is {:?}, not {name:?}", ds.name));
+}
+
+impl Admitted<'_> {
+    /// Whether the push may go on in the latest applied state: the dataset's record if so.
+    fn admit(&self, view: &StateView) -> Result<Dataset, String> {
+        let state = view.read();
+        decide::admit(
+            &state.cluster,
+            self.me,
+            self.peer,
+            self.id,
+            self.name,
+            self.epoch,
+        )
+        .cloned()
+        .map_err(|e| e.to_string())
     }
-    if ds.epoch != epoch || ds.primary != peer {
-        return Err(format!(
-            "dataset {name} is at epoch {} with primary node {} here; the push came from node {peer} under epoch {epoch} (retry once both agree)",
-            ds.epoch, ds.primary
-        ));
+
+    /// Whether this copy, holding `held`, may carry `plan` out now: the push is still admitted
+    /// and the plan rolls back no snapshot the latest applied state records.
+    fn check_plan(
+        &self,
+        view: &StateView,
+        held: &[HeldSnapshot],
+        plan: &decide::Plan,
+    ) -> Result<(), String> {
+        let state = view.read();
+        let ds = decide::admit(
+            &state.cluster,
+            self.me,
+            self.peer,
+            self.id,
+            self.name,
+            self.epoch,
+        )
+        .map_err(|e| e.to_string())?;
+        decide::guard_rollback(ds, held, plan).map_err(|e| e.to_string())
     }
-    if ds.primary == me {
-        return Err(format!("this node is the primary of {name}"));
-    }
-    if !ds.holders().contains(&me) {
-        return Err(format!(
-            "this node is neither a replica nor a move target of {name}"
-        ));
-    }
-    Ok(ds.clone())
+}
+
+/// Why the receiver did not take a stream it was admitted for.
+#[derive(Debug, thiserror::Error)]
+enum ReceiveError {
+    /// The plan, checked right before acting, is not one this copy may carry out.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
 }
 
 /// The receiver's side once admitted, holding the dataset's lock: `Some(guid)` when a snapshot
 /// was received.
 async fn receive_locked(
     ds: &Dataset,
+    push: &Admitted<'_>,
+    view: &StateView,
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
     datasets: &Datasets,
     cancel: CancellationToken,
-) -> Result<Option<u64>, DatasetError> {
+) -> Result<Option<u64>, ReceiveError> {
     let name = backend_name(ds)?;
     let ours = {
         let name = name.clone();
@@ -493,11 +528,20 @@ async fn receive_locked(
         source: flock_dataset::StreamError::from_io(e, 0),
     };
     write_msg(send, &holding).await.map_err(stream_err)?;
-    let plan: Plan = read_msg(&mut recv).await.map_err(stream_err)?;
+    let plan: decide::Plan = read_msg::<Plan>(&mut recv)
+        .await
+        .map_err(stream_err)?
+        .into();
     if plan.is_nothing() {
         return Ok(None);
     }
-    // Go back to the base: the primary's history wins over anything only this copy has.
+    // Right before acting, under the dataset's lock: the sender planned from what it knew; the
+    // state here may record more by now (a move's snapshot this copy holds). A plan from a
+    // sender of the previous build, which fixed its list at the push's start, is checked too.
+    push.check_plan(view, &held(&ours), &plan)
+        .map_err(ReceiveError::Refused)?;
+    // Go back to the base: the primary's history wins over anything only this copy has that
+    // nobody recorded.
     {
         let name = name.clone();
         let base = plan.base.clone();
@@ -613,66 +657,333 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FlipFailpoint<'
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use flock_dataset::SnapshotInfo;
+    //! Pushes between two real dir-backend copies over real QUIC, each side with a state view
+    //! of its own (a real Raft store whose state is installed as a snapshot).
 
-    fn snaps(list: &[(&str, u64)]) -> Vec<SnapshotInfo> {
-        list.iter()
-            .map(|(n, g)| SnapshotInfo {
-                name: SnapshotName::new(*n).expect("valid"),
-                guid: *g,
-                created_unix: 0,
-            })
-            .collect()
+    use std::collections::BTreeSet;
+    use std::io::Cursor;
+    use std::path::PathBuf;
+
+    use openraft::storage::RaftStateMachine;
+
+    use flock_dataset::{Backend, DirBackend};
+    use flock_raft::state_machine::{encode_cluster, StateMachine};
+    use flock_raft::types::{SnapshotMeta, StoredMembership};
+    use flock_scheduler::{ClusterState, SnapshotRecord};
+
+    use super::*;
+    use crate::pki::{new_key_and_csr, CertAuthority, NodeTls, Role};
+    use crate::transfer::quic::QuicTuning;
+
+    const PRIMARY: NodeId = 1;
+    const REPLICA: NodeId = 2;
+
+    /// One node: its dir backend and its applied state.
+    struct Side {
+        datasets: Arc<Datasets>,
+        sm: StateMachine,
+        _dir: tempfile::TempDir,
     }
 
-    fn plan(base: Option<&str>, target: Option<&str>) -> Plan {
-        Plan {
-            base: base.map(str::to_string),
-            target: target.map(str::to_string),
+    impl Side {
+        fn new(id: NodeId) -> Side {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let backend = DirBackend::open(dir.path().join("datasets")).expect("dir backend");
+            let store = flock_raft::Store::open(&dir.path().join("raft.redb")).expect("store");
+            let (_, sm, _, _) = store.into_parts();
+            Side {
+                datasets: Arc::new(Datasets::new(Arc::new(backend), id)),
+                sm,
+                _dir: dir,
+            }
+        }
+
+        fn view(&self) -> StateView {
+            self.sm.view()
+        }
+
+        /// Makes `ds` (alone) this node's applied state.
+        async fn apply(&mut self, ds: &Dataset) {
+            let mut state = ClusterState::default();
+            state.datasets.insert(ds.id, ds.clone());
+            let meta = SnapshotMeta {
+                last_log_id: None,
+                last_membership: StoredMembership::default(),
+                snapshot_id: format!("test-{}", ds.snapshots.len()),
+            };
+            self.sm
+                .install_snapshot(&meta, Box::new(Cursor::new(encode_cluster(&state))))
+                .await
+                .expect("install the state");
+        }
+
+        fn backend(&self) -> &dyn Backend {
+            &*self.datasets.backend
+        }
+
+        fn live(&self, ds: &Dataset) -> PathBuf {
+            self.backend()
+                .mount_path(&backend_name(ds).expect("name"))
+                .expect("mount path")
+        }
+
+        fn snapshots(&self, ds: &Dataset) -> Vec<(String, u64)> {
+            let name = backend_name(ds).expect("name");
+            match self.backend().info(&name).expect("info") {
+                None => Vec::new(),
+                Some(_) => self
+                    .backend()
+                    .snapshots(&name)
+                    .expect("snapshots")
+                    .into_iter()
+                    .map(|s| (s.name.to_string(), s.guid))
+                    .collect(),
+            }
+        }
+
+        /// Writes `data` into the live copy and takes snapshot `snap`; its record.
+        fn write_and_snapshot(&self, ds: &Dataset, data: &str, snap: &str) -> SnapshotRecord {
+            std::fs::write(self.live(ds).join("data"), data).expect("write");
+            let info = self
+                .backend()
+                .snapshot(
+                    &backend_name(ds).expect("name"),
+                    &SnapshotName::new(snap).expect("snapshot name"),
+                )
+                .expect("snapshot");
+            SnapshotRecord {
+                name: snap.to_string(),
+                guid: info.guid,
+                created_unix: info.created_unix,
+                epoch: ds.epoch,
+            }
+        }
+
+        fn data(&self, ds: &Dataset) -> String {
+            std::fs::read_to_string(self.live(ds).join("data")).expect("read")
         }
     }
 
-    #[test]
-    fn sends_the_next_snapshot_after_the_newest_common_one() {
-        let chain = snaps(&[("s1", 1), ("s2", 2), ("s3", 3)]);
-        assert_eq!(
-            plan_step(&chain, &[], &snaps(&[])),
-            (plan(None, Some("s1")), Some(0))
-        );
-        assert_eq!(
-            plan_step(&chain, &[], &snaps(&[("s1", 1)])),
-            (plan(Some("s1"), Some("s2")), Some(1))
-        );
-        assert_eq!(
-            plan_step(&chain, &[], &snaps(&[("s1", 1), ("s2", 2), ("s3", 3)])),
-            (plan(Some("s3"), None), None)
-        );
+    /// A QUIC connection from the primary to the replica, whose endpoint serves pushes with
+    /// [`receive`] as flockd does.
+    async fn serve_replica(replica: &Side) -> (quinn::Connection, quinn::Endpoint) {
+        let (ca, _) = CertAuthority::create("push-test").expect("ca");
+        let tls = |id| {
+            let (key_pem, csr) = new_key_and_csr().expect("key");
+            NodeTls {
+                ca_pem: ca.cert_pem.clone(),
+                cert_pem: ca.sign_csr(&csr, &Role::Node(id)).expect("cert"),
+                key_pem,
+            }
+        };
+        let loopback = "127.0.0.1:0".parse().expect("addr");
+        let tuning = QuicTuning::default();
+        let server = tuning
+            .open(loopback, &tls(REPLICA), true)
+            .expect("server")
+            .endpoint;
+        let client = tuning
+            .open(loopback, &tls(PRIMARY), false)
+            .expect("client")
+            .endpoint;
+        let addr = server.local_addr().expect("addr");
+        let datasets = replica.datasets.clone();
+        let view = replica.view();
+        tokio::spawn(async move {
+            let Some(incoming) = server.accept().await else {
+                return;
+            };
+            let Ok(conn) = incoming.await else { return };
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(receive(
+                    PRIMARY,
+                    send,
+                    recv,
+                    datasets.clone(),
+                    view.clone(),
+                    CancellationToken::new(),
+                ));
+            }
+        });
+        let conn = client
+            .connect(addr, crate::pki::SERVER_NAME)
+            .expect("connect")
+            .await
+            .expect("handshake");
+        (conn, client)
     }
 
-    #[test]
-    fn a_copy_that_diverged_goes_back_to_the_common_snapshot() {
-        let chain = snaps(&[("s1", 1), ("s2", 2)]);
-        // s2 with another guid, and x: a former primary's snapshots nobody recorded.
-        let theirs = snaps(&[("s1", 1), ("s2", 9), ("x", 10)]);
-        assert_eq!(
-            plan_step(&chain, &[], &theirs),
-            (plan(Some("s1"), Some("s2")), Some(1))
-        );
+    fn dataset() -> Dataset {
+        Dataset {
+            id: 1,
+            name: "db".into(),
+            size_limit: None,
+            primary: PRIMARY,
+            epoch: 1,
+            replicas: BTreeSet::from([REPLICA]),
+            snapshots: Vec::new(),
+            moving: None,
+        }
     }
 
-    #[test]
-    fn a_receiver_ahead_of_the_push_is_left_alone() {
-        // A replica push of s2 that waited while the move's push delivered m3: going back to s2
-        // would drop m3 and the writes in it, on the node about to become the primary.
-        let chain = snaps(&[("s1", 1), ("s2", 2)]);
-        let theirs = snaps(&[("s1", 1), ("s2", 2), ("m3", 3)]);
-        assert_eq!(plan_step(&chain, &[3], &theirs), (plan(None, None), None));
-        assert!(plan(None, None).is_nothing());
-        // Without the sender holding m3 it is a stray snapshot: back to s2.
-        assert_eq!(
-            plan_step(&chain, &[], &theirs),
-            (plan(Some("s2"), None), None)
-        );
+    /// Primary and replica both hold s1, s2 and the move's m3, all recorded on both sides.
+    async fn replica_with_the_moves_snapshot() -> (Side, Side, Dataset, quinn::Connection) {
+        let (mut primary, mut replica) = (Side::new(PRIMARY), Side::new(REPLICA));
+        let mut ds = dataset();
+        primary
+            .backend()
+            .create(&backend_name(&ds).expect("name"), None)
+            .expect("create");
+        for (data, snap) in [("one", "s1"), ("two", "s2")] {
+            let r = primary.write_and_snapshot(&ds, data, snap);
+            ds.snapshots.push(r);
+        }
+        primary.apply(&ds).await;
+        replica.apply(&ds).await;
+        let (conn, _client) = serve_replica(&replica).await;
+        let view = primary.view();
+        let pushed = push(
+            &conn,
+            &primary.datasets,
+            &view,
+            &ds,
+            "s2",
+            "n2",
+            |_, _, _| {},
+        )
+        .await
+        .expect("the replica push");
+        assert!(pushed.sent);
+        assert_eq!(replica.snapshots(&ds), primary.snapshots(&ds));
+        // The move's round: a snapshot recorded, then pushed (as the agent does).
+        ds.moving = Some(flock_scheduler::DatasetMove {
+            to: REPLICA,
+            handoff: false,
+        });
+        let m3 = primary.write_and_snapshot(&ds, "three", "m3");
+        ds.snapshots.push(m3);
+        primary.apply(&ds).await;
+        replica.apply(&ds).await;
+        push(
+            &conn,
+            &primary.datasets,
+            &view,
+            &ds,
+            "m3",
+            "n2",
+            |_, _, _| {},
+        )
+        .await
+        .expect("the move's push");
+        assert_eq!(replica.data(&ds), "three");
+        (primary, replica, ds, conn)
+    }
+
+    /// Issue 15: a replica push of s2 that goes on after a move's push landed m3 on the same
+    /// node leaves m3 there (the step plans from what the primary lists now).
+    #[tokio::test]
+    async fn a_replica_push_after_the_moves_push_keeps_the_moves_snapshot() {
+        let (primary, replica, ds, conn) = replica_with_the_moves_snapshot().await;
+        let before = replica.snapshots(&ds);
+        let pushed = push(
+            &conn,
+            &primary.datasets,
+            &primary.view(),
+            &ds,
+            "s2",
+            "n2",
+            |_, _, _| {},
+        )
+        .await
+        .expect("the replica push's next step");
+        assert!(!pushed.sent, "{pushed:?}");
+        assert_eq!(replica.snapshots(&ds), before);
+        assert_eq!(replica.data(&ds), "three");
+    }
+
+    /// The sender whose own list lacks a snapshot the receiver holds and the state records (the
+    /// primary lost m3 here) does not plan the rollback: the push fails, the replica keeps m3.
+    #[tokio::test]
+    async fn a_sender_lacking_a_recorded_snapshot_does_not_roll_the_receiver_back() {
+        let (primary, replica, ds, conn) = replica_with_the_moves_snapshot().await;
+        primary
+            .backend()
+            .rollback(
+                &backend_name(&ds).expect("name"),
+                &SnapshotName::new("s2").expect("name"),
+            )
+            .expect("rollback");
+        let before = replica.snapshots(&ds);
+        let err = push(
+            &conn,
+            &primary.datasets,
+            &primary.view(),
+            &ds,
+            "s2",
+            "n2",
+            |_, _, _| {},
+        )
+        .await
+        .expect_err("a push that would destroy m3 on n2");
+        assert!(matches!(err, PushError::Unsafe { .. }), "{err}");
+        assert!(err.to_string().contains("m3"), "{err}");
+        assert!(err.is_retryable());
+        assert_eq!(replica.snapshots(&ds), before);
+        assert_eq!(replica.data(&ds), "three");
+    }
+
+    /// What the previous build's replica push sent there (its list fixed before m3 existed):
+    /// go back to s2. The receiver checks the plan against its state right before acting.
+    async fn old_senders_rollback_to_s2(conn: &quinn::Connection, ds: &Dataset) -> Outcome {
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        let request = Request::Push {
+            dataset: ds.id,
+            name: ds.name.clone(),
+            epoch: ds.epoch,
+        };
+        write_msg(&mut send, &request).await.expect("request");
+        let holding: Holding = read_msg(&mut recv).await.expect("holding");
+        assert!(matches!(holding, Holding::Snapshots(_)), "{holding:?}");
+        let plan = Plan {
+            base: Some("s2".into()),
+            target: None,
+        };
+        write_msg(&mut send, &plan).await.expect("plan");
+        let _ = send.finish();
+        read_msg(&mut recv).await.expect("outcome")
+    }
+
+    #[tokio::test]
+    async fn the_receiver_refuses_a_plan_that_destroys_a_recorded_snapshot() {
+        let (_primary, replica, ds, conn) = replica_with_the_moves_snapshot().await;
+        let before = replica.snapshots(&ds);
+        match old_senders_rollback_to_s2(&conn, &ds).await {
+            Outcome::Failed {
+                reason,
+                no_space: false,
+            } => assert!(
+                reason.contains("m3") && reason.contains("recorded"),
+                "{reason}"
+            ),
+            other => panic!("the rollback past m3 was taken: {other:?}"),
+        }
+        assert_eq!(replica.snapshots(&ds), before);
+        assert_eq!(replica.data(&ds), "three");
+    }
+
+    /// The same plan when nobody recorded m3 (a former primary's divergent snapshot): the copy
+    /// goes back to s2, as a replica drops data outside the recorded history.
+    #[tokio::test]
+    async fn the_receiver_drops_snapshots_nobody_recorded() {
+        let (_primary, mut replica, mut ds, conn) = replica_with_the_moves_snapshot().await;
+        ds.snapshots.retain(|s| s.name != "m3");
+        replica.apply(&ds).await;
+        match old_senders_rollback_to_s2(&conn, &ds).await {
+            Outcome::Done { guid: None } => {}
+            other => panic!("{other:?}"),
+        }
+        let names: Vec<String> = replica.snapshots(&ds).into_iter().map(|s| s.0).collect();
+        assert_eq!(names, ["s1", "s2"]);
+        assert_eq!(replica.data(&ds), "two");
     }
 }
