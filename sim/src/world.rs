@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use flock_decide::apps::{
     may_start, AppAction, AppsCore, AppsSeen, CopySeen, DriverKind, Seen, SeenState, StartFailure,
 };
+use flock_decide::push::{self, HeldSnapshot, Plan};
 use flock_decide::Instant;
 use flock_scheduler::config::{AppSpec, PlannedApp, RestartPolicy, Volume};
 use flock_scheduler::dataset::DatasetId;
@@ -1066,8 +1067,9 @@ impl World {
         }
     }
 
-    /// One step of a push: the receiver says what it holds, the sender plans, the receiver
-    /// goes back to the base and takes the next snapshot.
+    /// One step of a push: the receiver admits it and says what it holds, the sender plans
+    /// (flock_decide::push), the receiver checks the plan against its latest state, goes back
+    /// to the base and takes the next snapshot.
     fn push_step(&mut self, id: NodeId, job: Job) {
         let bugs = self.cfg.bugs;
         let Some(p) = self.nodes[&id].pushes.get(&job).cloned() else {
@@ -1076,99 +1078,89 @@ impl World {
         if !self.up(p.to) || !self.reachable(id, p.to) {
             return self.job_failed(id, job, "connection");
         }
-        // The sender: a replica push goes on only under the epoch it began with.
+        // The sender: a push goes on only under the epoch it began with.
         let sender_ds = self.nodes[&id].state.datasets.get(&p.ds).cloned();
         let Some(sender_ds) = sender_ds.filter(|d| d.epoch == p.epoch && d.primary == id) else {
             return self.job_done(id, job);
         };
-        // The receiver admits it.
-        let receiver_ds = self.nodes[&p.to].state.datasets.get(&p.ds).cloned();
-        let admitted = receiver_ds.filter(|d| {
-            d.epoch == p.epoch && d.primary == id && p.to != id && d.holders().contains(&p.to)
-        });
-        let Some(receiver_ds) = admitted else {
-            return self.job_failed(id, job, "refused");
+        let receiver_ds = match push::admit(
+            &self.nodes[&p.to].state,
+            p.to,
+            id,
+            p.ds,
+            &sender_ds.name,
+            p.epoch,
+        ) {
+            Ok(d) => d.clone(),
+            Err(e) => return self.job_failed(id, job, &e.to_string()),
         };
-        let ours = self.nodes[&id]
-            .copies
-            .get(&p.ds)
-            .map(|c| c.snaps.clone())
-            .unwrap_or_default();
-        let Some(idx) = ours.iter().position(|s| s.name == p.target) else {
+        let held = |c: Option<&Copy>| -> Vec<HeldSnapshot> {
+            c.map(|c| {
+                c.snaps
+                    .iter()
+                    .map(|s| HeldSnapshot::new(s.name.clone(), s.guid))
+                    .collect()
+            })
+            .unwrap_or_default()
+        };
+        let ours = held(self.nodes[&id].copies.get(&p.ds));
+        let theirs = held(self.nodes[&p.to].copies.get(&p.ds));
+        let plan = if bugs.push_stale_rollback {
+            stale_plan(&sender_ds, &ours, &p, &theirs)
+        } else {
+            match push::plan_step(&sender_ds, &ours, &p.target, &theirs) {
+                Ok(plan) => Some(plan),
+                Err(e) => return self.job_failed(id, job, &e.to_string()),
+            }
+        };
+        let Some(plan) = plan else {
             return self.job_failed(id, job, "target snapshot missing here");
         };
-        let chain: Vec<Snap> = ours[..=idx]
-            .iter()
-            .filter(|s| s.name == p.target || sender_ds.snapshots.iter().any(|r| r.guid == s.guid))
-            .cloned()
-            .collect();
-        let later: Vec<u64> = if bugs.push_stale_rollback {
-            p.later_at_start.clone()
-        } else {
-            ours[idx + 1..].iter().map(|s| s.guid).collect()
-        };
-        let theirs: Vec<(String, u64)> = self.nodes[&p.to]
-            .copies
-            .get(&p.ds)
-            .map(|c| c.snaps.iter().map(|s| (s.name.clone(), s.guid)).collect())
-            .unwrap_or_default();
-        if theirs.iter().any(|(_, g)| later.contains(g)) {
+        if plan.is_nothing() {
             return self.push_finished(id, job, &p);
         }
-        let common = chain
-            .iter()
-            .rposition(|s| theirs.iter().any(|(_, g)| *g == s.guid));
-        let next = match common {
-            None => 0,
-            Some(c) if c + 1 == chain.len() => {
-                // The receiver holds the target; it goes back to it only if it has more.
-                chain.len()
+        // The receiver, under its dataset's lock, against its latest state.
+        if !bugs.push_stale_rollback {
+            let latest = self.nodes[&p.to].state.datasets.get(&p.ds).cloned();
+            let latest = latest.unwrap_or(receiver_ds);
+            if let Err(e) = push::guard_rollback(&latest, &theirs, &plan) {
+                return self.job_failed(id, job, &e.to_string());
             }
-            Some(c) => c + 1,
-        };
-        // The receiver goes back to the base: never past a snapshot Raft recorded.
-        let base_guid = common.map(|c| chain[c].guid);
-        let dropped: Vec<u64> = match base_guid {
-            Some(b) => theirs
-                .iter()
-                .skip_while(|(_, g)| *g != b)
-                .skip(1)
-                .map(|(_, g)| *g)
-                .collect(),
-            None => theirs.iter().map(|(_, g)| *g).collect(),
-        };
-        if !bugs.push_stale_rollback
-            && dropped
-                .iter()
-                .any(|g| receiver_ds.snapshots.iter().any(|r| r.guid == *g))
-        {
-            return self.job_failed(
-                id,
-                job,
-                "the receiver refuses to roll back a recorded snapshot",
-            );
         }
         let to = p.to;
         let rc = self.node(to).copies.entry(p.ds).or_default();
-        match base_guid {
+        let before = rc.snaps.len();
+        match &plan.base {
             Some(b) => {
-                if let Some(pos) = rc.snaps.iter().position(|s| s.guid == b) {
+                if let Some(pos) = rc.snaps.iter().rposition(|s| &s.name == b) {
                     rc.snaps.truncate(pos + 1);
                     rc.live = rc.snaps[pos].data.clone();
                 }
             }
             None => *rc = Copy::default(),
         }
-        if !dropped.is_empty() {
-            self.note(format!("n{to} rolls {} back past {dropped:?}", p.ds));
+        let dropped = before - rc.snaps.len();
+        if dropped > 0 {
+            self.note(format!("n{to} rolls {} back {dropped} snapshot(s)", p.ds));
         }
-        if next < chain.len() {
-            let snap = chain[next].clone();
-            let rc = self.node(to).copies.entry(p.ds).or_default();
-            rc.live = snap.data.clone();
-            rc.snaps.push(snap);
-        }
-        if next + 1 >= chain.len() {
+        let sent = plan.target.as_ref().and_then(|t| {
+            self.nodes[&id]
+                .copies
+                .get(&p.ds)
+                .and_then(|c| c.snaps.iter().find(|s| &s.name == t))
+                .cloned()
+        });
+        let reached = match sent {
+            Some(snap) => {
+                let done = snap.name == p.target;
+                let rc = self.node(to).copies.entry(p.ds).or_default();
+                rc.live = snap.data.clone();
+                rc.snaps.push(snap);
+                done
+            }
+            None => true,
+        };
+        if reached {
             return self.push_finished(id, job, &p);
         }
         let gen = self.nodes[&id].gen;
@@ -1408,6 +1400,36 @@ impl World {
         }
         Ok(())
     }
+}
+
+/// The plan of the push before issue 15 (put back by [`Bugs::push_stale_rollback`]): the
+/// sender's snapshots after the target as they were when the push began, and no guard.
+fn stale_plan(
+    ds: &flock_scheduler::Dataset,
+    ours: &[HeldSnapshot],
+    p: &PushTask,
+    theirs: &[HeldSnapshot],
+) -> Option<Plan> {
+    let idx = ours.iter().position(|s| s.name == p.target)?;
+    if theirs.iter().any(|t| p.later_at_start.contains(&t.guid)) {
+        return Some(Plan::NOTHING);
+    }
+    let chain: Vec<&HeldSnapshot> = ours[..=idx]
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| *i == idx || ds.snapshots.iter().any(|r| r.guid == s.guid))
+        .map(|(_, s)| s)
+        .collect();
+    let common = chain.iter().rposition(|s| theirs.contains(s));
+    let next = match common {
+        None => Some(0),
+        Some(c) if c + 1 == chain.len() => None,
+        Some(c) => Some(c + 1),
+    };
+    Some(Plan {
+        base: common.map(|c| chain[c].name.clone()),
+        target: next.map(|n| chain[n].name.clone()),
+    })
 }
 
 fn brief(cmd: &Command) -> String {
