@@ -358,10 +358,8 @@ impl Drivers {
         match kind {
             Kind::Process => {
                 let (p, a) = (self.process.clone(), app.to_string());
-                blocking(app, "stop", process::STOP_GRACE + KILL_TIMEOUT, move || {
-                    p.stop(&a, process::STOP_GRACE)
-                })
-                .await
+                let grace = p.grace();
+                blocking(app, "stop", grace + KILL_TIMEOUT, move || p.stop(&a, grace)).await
             }
             Kind::Docker => self.docker(app)?.stop(app, process::STOP_GRACE).await,
         }
@@ -375,7 +373,7 @@ impl Drivers {
                 blocking(
                     app,
                     "remove",
-                    process::STOP_GRACE + KILL_TIMEOUT + CALL_TIMEOUT,
+                    self.process.grace() + KILL_TIMEOUT + CALL_TIMEOUT,
                     move || p.remove(&a),
                 )
                 .await

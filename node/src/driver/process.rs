@@ -23,7 +23,7 @@
 //! An instance is the app's whole process group, not only its leader: it is `Running` while any
 //! process of the group lives (zombies aside: they run no code), and `Exited` only once all are
 //! gone. When the leader exits and others remain (`sh -c 'worker & exec server'`), the driver
-//! ends the rest (SIGTERM, SIGKILL after [`STOP_GRACE`]), so that a restart never overlaps a
+//! ends the rest (SIGTERM, SIGKILL after the grace period, [`STOP_GRACE`] by default), so that a restart never overlaps a
 //! leftover worker; a stop SIGKILLs the group after the grace whatever the leader did. The group
 //! is found through /proc; a /proc or record that cannot be read makes the instance
 //! [`RunState::Unknown`], never exited. (Not a cgroup per app: see [`group_members`].)
@@ -47,6 +47,9 @@ pub const STOP_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct ProcessDriver {
     root: PathBuf,
+    /// How long processes get between SIGTERM and SIGKILL: in a stop, and when a leader left
+    /// processes behind.
+    grace: Duration,
 }
 
 fn now_unix() -> u64 {
@@ -230,12 +233,12 @@ fn tended() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<(i32, u
 }
 
 /// Ends what the leader of `rec` left behind, on a thread of its own, unless one already does.
-fn tend_leftovers(rec: PidRecord) {
+fn tend_leftovers(rec: PidRecord, grace: Duration) {
     if !tended().insert((rec.pid, rec.start)) {
         return;
     }
     std::thread::spawn(move || {
-        if let Err(e) = end_group(&rec, STOP_GRACE) {
+        if let Err(e) = end_group(&rec, grace) {
             tracing::warn!(pgid = rec.pid, error = %e, "processes an app's leader left could not be ended");
         }
         tended().remove(&(rec.pid, rec.start));
@@ -247,7 +250,21 @@ impl ProcessDriver {
     pub fn new(root: impl Into<PathBuf>) -> std::io::Result<ProcessDriver> {
         let root = root.into();
         create_private_dir(&root)?;
-        Ok(ProcessDriver { root })
+        Ok(ProcessDriver {
+            root,
+            grace: STOP_GRACE,
+        })
+    }
+
+    /// The same driver with another grace period than [`STOP_GRACE`].
+    pub fn with_grace(mut self, grace: Duration) -> ProcessDriver {
+        self.grace = grace;
+        self
+    }
+
+    /// How long processes get between SIGTERM and SIGKILL.
+    pub fn grace(&self) -> Duration {
+        self.grace
     }
 
     fn dir(&self, app: &str) -> PathBuf {
@@ -274,7 +291,7 @@ impl ProcessDriver {
     /// Whether the recorded group runs: `Ok(true)` while any of its processes lives; the
     /// reason when that cannot be told. Starts ending the leftovers of a group whose leader
     /// exited.
-    fn group_runs(rec: &PidRecord) -> Result<bool, String> {
+    fn group_runs(&self, rec: &PidRecord) -> Result<bool, String> {
         if rec.alive() || tended().contains(&(rec.pid, rec.start)) {
             return Ok(true);
         }
@@ -284,7 +301,7 @@ impl ProcessDriver {
             return Ok(false);
         }
         // The leader exited without flockd watching (flockd restarted): end the rest.
-        tend_leftovers(*rec);
+        tend_leftovers(*rec, self.grace);
         Ok(true)
     }
 
@@ -301,7 +318,7 @@ impl ProcessDriver {
             return None;
         }
         let runs = match &rec {
-            Ok(Some(r)) => Self::group_runs(r).map(|runs| runs.then_some(r.since_unix)),
+            Ok(Some(r)) => self.group_runs(r).map(|runs| runs.then_some(r.since_unix)),
             Ok(None) => Ok(None),
             Err(why) => Err(why.clone()),
         };
@@ -361,7 +378,7 @@ impl ProcessDriver {
             reason,
         };
         if let Some(r) = self.pid_record(app).map_err(unknown)? {
-            if Self::group_runs(&r).map_err(unknown)? {
+            if self.group_runs(&r).map_err(unknown)? {
                 return Err(DriverError::AlreadyRunning {
                     app: app.clone(),
                     id: r.pid.to_string(),
@@ -473,6 +490,7 @@ impl ProcessDriver {
             return Err(Self::io(app, "record the pid")(e));
         }
         let exit_file = dir.join("exit");
+        let grace = self.grace;
         // Running until this thread is done: the leader's exit recorded, and the processes it
         // left ended.
         tended().insert((rec.pid, rec.start));
@@ -485,7 +503,7 @@ impl ProcessDriver {
                 };
                 let _ = write_atomic(&exit_file, text.as_bytes());
             }
-            if let Err(e) = end_group(&rec, STOP_GRACE) {
+            if let Err(e) = end_group(&rec, grace) {
                 tracing::warn!(pgid = rec.pid, error = %e, "processes an app's leader left could not be ended");
             }
             tended().remove(&(rec.pid, rec.start));
@@ -525,7 +543,7 @@ impl ProcessDriver {
 
     /// Stops the app and forgets it, log included.
     pub fn remove(&self, app: &str) -> Result<(), DriverError> {
-        self.stop(app, STOP_GRACE)?;
+        self.stop(app, self.grace)?;
         match fs::remove_dir_all(self.dir(app)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(Self::io(app, "remove its record")(e))
