@@ -272,15 +272,15 @@ impl DockerDriver {
                 })
             }
         };
+        // Inspected side by side: a slow engine costs one timeout, not one per container.
+        let looks = summaries.iter().filter_map(|s| {
+            let labels = s.labels.as_ref()?;
+            let app = labels.get(LABEL_APP)?;
+            Some(async move { (s, labels, self.instance(app).await) })
+        });
         let mut out = Vec::new();
-        for s in summaries {
-            let Some(labels) = s.labels.as_ref() else {
-                continue;
-            };
-            let Some(app) = labels.get(LABEL_APP) else {
-                continue;
-            };
-            match self.instance(app).await {
+        for (s, labels, found) in futures::future::join_all(looks).await {
+            match found {
                 Some(mut i) if matches!(i.state, RunState::Unknown { .. }) => {
                     // What the listing knew of it, to show with the unknown state.
                     i.id = s.id.clone().unwrap_or_default();
