@@ -33,6 +33,8 @@ const MIN_GAP: Duration = Duration::from_millis(20);
 /// The longest wait before restarting an exited app.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const LAST_LINES: usize = 10;
+/// How long to wait before trying again a start that failed for a passing reason.
+const START_RETRY: Duration = Duration::from_secs(2);
 
 /// What the agent knows of one app on this node.
 #[derive(Clone, Debug, Default)]
@@ -47,6 +49,8 @@ pub struct Local {
     next_start: Option<Instant>,
     /// The spec whose start failed (not retried until the spec changes).
     failed_start: Option<String>,
+    /// When to try again a start that failed for a passing reason.
+    retry_at: Option<Instant>,
 }
 
 /// The agent's view, shared with the API.
@@ -208,11 +212,11 @@ fn backoff(restarts: u32) -> Duration {
 async fn converge(cluster: &Cluster, state: &ClusterState, here: &Here<'_>, view: &AppsView) {
     let me = cluster.node_id;
     let drivers = here.drivers;
-    let instances: BTreeMap<String, (Instance, Kind)> = drivers
-        .list()
-        .await
-        .into_iter()
-        .map(|(i, k)| (i.app.clone(), (i, k)))
+    let listing = drivers.list().await;
+    let instances: BTreeMap<String, (Instance, Kind)> = listing
+        .instances
+        .iter()
+        .map(|(i, k)| (i.app.clone(), (i.clone(), *k)))
         .collect();
     // Instances whose app may not run here now: placed elsewhere, or its dataset is handing
     // off (an app whose dataset moves keeps running on the primary until the handoff).
@@ -223,8 +227,12 @@ async fn converge(cluster: &Cluster, state: &ClusterState, here: &Here<'_>, view
             .is_some_and(|a| state.app_runs_on(a) == Some(me));
         if !here {
             tracing::info!(app, "stopping an app that may not run on this node now");
-            drivers.remove(*kind, app).await;
-            view.0.lock().unwrap_or_else(|p| p.into_inner()).remove(app);
+            match drivers.remove(*kind, app).await {
+                Ok(()) => {
+                    view.0.lock().unwrap_or_else(|p| p.into_inner()).remove(app);
+                }
+                Err(e) => tracing::warn!(app, error = %e, "could not stop and remove it"),
+            }
         }
     }
     for (name, app) in state
@@ -239,7 +247,17 @@ async fn converge(cluster: &Cluster, state: &ClusterState, here: &Here<'_>, view
             .get(name)
             .cloned()
             .unwrap_or_default();
-        step(name, app, state, here, instances.get(name), &mut local).await;
+        let unknown = listing.failure(Kind::of(app.spec.image.as_deref()));
+        step(
+            name,
+            app,
+            state,
+            here,
+            instances.get(name),
+            unknown,
+            &mut local,
+        )
+        .await;
         view.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -247,13 +265,15 @@ async fn converge(cluster: &Cluster, state: &ClusterState, here: &Here<'_>, view
     }
 }
 
-/// One app placed on this node: start, update, restart or leave it.
+/// One app placed on this node: start, update, restart or leave it. `unknown`: why its
+/// driver's listing failed (then it is neither started nor taken as exited).
 async fn step(
     name: &str,
     app: &App,
     state: &ClusterState,
     here: &Here<'_>,
     found: Option<&(Instance, Kind)>,
+    unknown: Option<&str>,
     local: &mut Local,
 ) {
     let (datasets, drivers) = (here.datasets, here.drivers);
@@ -261,9 +281,20 @@ async fn step(
     let kind = Kind::of(app.spec.image.as_deref());
     // An instance of the other driver (the app switched between image and command) goes.
     if let Some((i, k)) = found.filter(|(_, k)| *k != kind) {
-        drivers.remove(*k, &i.app).await;
+        if let Err(e) = drivers.remove(*k, &i.app).await {
+            local.state = "unknown";
+            local.detail = format!("its instance of the other driver could not be removed: {e}");
+            return;
+        }
     }
     let instance = found.filter(|(_, k)| *k == kind).map(|(i, _)| i);
+    let unknown = unknown.map(str::to_string).or_else(|| match instance {
+        Some(Instance {
+            state: RunState::Unknown { reason },
+            ..
+        }) => Some(reason.clone()),
+        _ => None,
+    });
     if local.state.is_empty() {
         // The first look since flockd started: the restart count goes on from the one the
         // instance was started with (restart policies' maximums hold across flockd restarts).
@@ -281,9 +312,13 @@ async fn step(
         if state.app_runs_on(app) != Some(me) || ds.primary != me {
             // Another node holds the current copy, or it is handing off: this one may not
             // write it.
-            if let Some(i) = instance.filter(|i| matches!(i.state, RunState::Running { .. })) {
+            if let Some(i) = instance
+                .filter(|i| matches!(i.state, RunState::Running { .. } | RunState::Unknown { .. }))
+            {
                 tracing::warn!(app = name, "stopping: its dataset is not primary here");
-                drivers.stop(kind, &i.app).await;
+                if let Err(e) = drivers.stop(kind, &i.app).await {
+                    tracing::warn!(app = name, error = %e, "the stop failed");
+                }
             }
             local.state = "waiting";
             local.detail = format!("waiting for dataset {} to arrive on this node", ds.name);
@@ -331,6 +366,12 @@ async fn step(
         cpu_shares: app.spec.cpu_shares,
     };
     let fingerprint = spec.fingerprint();
+    if let Some(reason) = unknown {
+        // It may run: never started again nor taken as exited until it can be seen.
+        local.state = "unknown";
+        local.detail = reason;
+        return;
+    }
     if local.failed_start.as_ref() == Some(&fingerprint) {
         return;
     }
@@ -343,11 +384,19 @@ async fn step(
         }
         Some((RunState::Running { .. }, false)) => {
             tracing::info!(app = name, "updating: its spec changed");
-            drivers.stop(kind, name).await;
+            if let Err(e) = drivers.stop(kind, name).await {
+                local.state = "unknown";
+                local.detail = format!("stopping it for an update failed: {e}");
+                return;
+            }
             local.restarts = 0;
         }
         Some((RunState::Exited { code, signal }, same)) if same => {
-            if local.state == "running" || local.state == "starting" || local.state.is_empty() {
+            if local.state == "running"
+                || local.state == "starting"
+                || local.state == "unknown"
+                || local.state.is_empty()
+            {
                 // Just exited (or found exited at startup).
                 local.last_code = *code;
                 local.last_signal = *signal;
@@ -396,13 +445,24 @@ async fn step(
         }
         _ => {}
     }
+    if local.retry_at.is_some_and(|at| Instant::now() < at) {
+        return;
+    }
     local.next_start = None;
+    local.retry_at = None;
     match drivers.start(kind, &spec, local.restarts).await {
         Ok(i) => {
             tracing::info!(app = name, id = %i.id, "started");
             local.state = "running";
             local.detail.clear();
             local.id = i.id;
+        }
+        Err(e) if !e.is_permanent() => {
+            // The engine failing or slow, or an old instance unknown: not the spec's fault.
+            tracing::warn!(app = name, error = %e, "start failed; trying again");
+            local.state = "starting";
+            local.detail = format!("start failed, trying again in {START_RETRY:?}: {e}");
+            local.retry_at = Some(Instant::now() + START_RETRY);
         }
         Err(e) => {
             tracing::warn!(app = name, error = %e, "start failed");

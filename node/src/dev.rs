@@ -216,8 +216,19 @@ pub async fn run(
             Err(e) if failed.is_some() => eprintln!("flockd dev: stopping {name}: {e:#}"),
             Err(e) => return Err(e),
         }
-        for (i, kind) in drivers.list().await {
-            drivers.remove(kind, &i.app).await;
+        let listing = drivers.list().await;
+        for (kind, why) in &listing.failed {
+            if *kind == crate::driver::Kind::Process || drivers.docker.is_some() {
+                eprintln!(
+                    "flockd dev: {name}: cannot list its {} apps to stop them: {why}",
+                    kind.name()
+                );
+            }
+        }
+        for (i, kind) in listing.instances {
+            if let Err(e) = drivers.remove(kind, &i.app).await {
+                eprintln!("flockd dev: {name}: stopping app {}: {e}", i.app);
+            }
         }
     }
     match failed {

@@ -106,7 +106,7 @@ async fn runs_a_container_with_its_dataset_env_limits_and_ports_and_is_adopted()
         matches!(started.state, RunState::Running { .. }),
         "{started:?}"
     );
-    let listed = d.list().await;
+    let listed = d.list().await.unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].id, started.id);
     assert_eq!(listed[0].fingerprint, s.fingerprint());
@@ -179,7 +179,7 @@ async fn runs_a_container_with_its_dataset_env_limits_and_ports_and_is_adopted()
 
     // As after a flockd restart: a new driver adopts the container.
     let d2 = connect(&node).await;
-    let adopted = d2.list().await;
+    let adopted = d2.list().await.unwrap();
     assert_eq!(adopted.len(), 1);
     assert_eq!(adopted[0].id, started.id);
     assert_eq!(adopted[0].fingerprint, s.fingerprint());
@@ -188,7 +188,7 @@ async fn runs_a_container_with_its_dataset_env_limits_and_ports_and_is_adopted()
 
     // Stop: sh ignores SIGTERM as pid 1, so the grace runs out and it is killed.
     d2.stop("web", Duration::from_secs(1)).await.unwrap();
-    let stopped = d2.list().await;
+    let stopped = d2.list().await.unwrap();
     assert_eq!(stopped.len(), 1);
     assert!(
         matches!(
@@ -216,7 +216,7 @@ async fn runs_a_container_with_its_dataset_env_limits_and_ports_and_is_adopted()
     d2.stop("web", Duration::from_secs(1)).await.unwrap();
     d2.remove("web").await.unwrap();
     assert!(containers(&node).is_empty());
-    assert!(d2.list().await.is_empty());
+    assert!(d2.list().await.unwrap().is_empty());
     assert!(matches!(
         d2.logs("web", 10).await,
         Err(DriverError::NotHere { .. })
@@ -233,13 +233,13 @@ async fn an_exit_code_and_the_image_override_are_reported() {
         .unwrap();
     wait_for("the exit", || async {
         matches!(
-            d.list().await.first().map(|i| &i.state),
+            d.list().await.unwrap().first().map(|i| &i.state),
             Some(RunState::Exited { .. })
         )
     })
     .await;
     assert_eq!(
-        d.list().await[0].state,
+        d.list().await.unwrap()[0].state,
         RunState::Exited {
             code: Some(3),
             signal: None
@@ -254,7 +254,7 @@ async fn an_exit_code_and_the_image_override_are_reported() {
     s.command = None;
     d.start(&s, 0).await.unwrap();
     wait_for("the second exit", || async {
-        d.list().await.first().map(|i| i.state.clone())
+        d.list().await.unwrap().first().map(|i| i.state.clone())
             == Some(RunState::Exited {
                 code: Some(0),
                 signal: None,
@@ -283,5 +283,5 @@ async fn a_missing_image_or_no_image_is_a_clear_error() {
         Err(DriverError::NoImage { .. })
     ));
     assert!(containers(&node).is_empty());
-    assert!(d.list().await.is_empty());
+    assert!(d.list().await.unwrap().is_empty());
 }

@@ -24,7 +24,7 @@ use flock_scheduler::{ApplyError, Command, CommandResult, Dataset, NodeId};
 
 use super::{backend_name, blocking, time_name, Datasets, TransferState};
 use crate::cluster::Cluster;
-use crate::driver::Drivers;
+use crate::driver::{Drivers, Kind, RunState};
 use crate::transfer::push::{push, PushError};
 use crate::transfer::Peers;
 
@@ -330,12 +330,12 @@ impl MoveTask {
         let Some(moving) = ds.moving.clone().filter(|m| ds.primary == me && m.to == to) else {
             return Ok(());
         };
-        let users: Vec<String> = {
+        let (users, user_kinds): (Vec<String>, Vec<Kind>) = {
             let s = self.cluster.view.read();
             s.cluster
                 .apps_of_dataset(id)
-                .map(|(n, _)| n.clone())
-                .collect()
+                .map(|(n, a)| (n.clone(), Kind::of(a.spec.image.as_deref())))
+                .unzip()
         };
         let name = ds.name.clone();
         let progress =
@@ -390,18 +390,35 @@ impl MoveTask {
         // Phase two: the app stops (its agent here sees the handoff), then the last delta.
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
-            let running = self
-                .drivers
-                .list()
-                .await
-                .into_iter()
-                .filter(|(i, _)| users.contains(&i.app))
-                .any(|(i, _)| matches!(i.state, crate::driver::RunState::Running { .. }));
-            if !running {
+            // Only once it is seen stopped: a failed look (a driver's listing, an instance's
+            // state) may hide an app that still writes.
+            let listing = self.drivers.list().await;
+            let blocker = listing
+                .failed
+                .iter()
+                .find(|(k, _)| user_kinds.contains(k))
+                .map(|(k, why)| format!("the {} driver cannot be read: {why}", k.name()))
+                .or_else(|| {
+                    listing
+                        .instances
+                        .iter()
+                        .filter(|(i, _)| users.contains(&i.app))
+                        .find_map(|(i, _)| match &i.state {
+                            RunState::Running { .. } => Some(format!("{} still runs", i.app)),
+                            RunState::Unknown { reason } => {
+                                Some(format!("{} is in an unknown state: {reason}", i.app))
+                            }
+                            RunState::Exited { .. } => None,
+                        })
+                });
+            let Some(blocker) = blocker else {
                 break;
-            }
+            };
             if Instant::now() >= deadline {
-                return Err(format!("the app using {} did not stop here", ds.name));
+                return Err(format!(
+                    "the app using {} did not stop here: {blocker}",
+                    ds.name
+                ));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

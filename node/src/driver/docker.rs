@@ -19,6 +19,11 @@
 //! the app listens on the host's INTERNAL port itself.
 //!
 //! No image is ever pulled: an image missing on this node is an error that says so.
+//!
+//! Fail closed: a listing that fails or times out is an error (the caller counts every docker
+//! app unknown), an inspect that fails makes the instance [`RunState::Unknown`], and a start
+//! that meets a container it cannot inspect refuses instead of removing it. Every engine call
+//! is bounded ([`CALL_TIMEOUT`](super::CALL_TIMEOUT); a stop by its grace on top).
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,7 +37,7 @@ use bollard::models::{HostConfig, PortBinding, RestartPolicy, RestartPolicyNameE
 use bollard::Docker;
 use futures::StreamExt;
 
-use super::{DriverError, Instance, RunSpec, RunState};
+use super::{DriverError, Instance, RunSpec, RunState, CALL_TIMEOUT, KILL_TIMEOUT};
 
 /// The engine's socket (bollard's default).
 pub const DOCKER_SOCKET: &str = "/var/run/docker.sock";
@@ -59,6 +64,23 @@ fn docker_err(app: &str, what: &str) -> impl FnOnce(BollardError) -> DriverError
     }
 }
 
+/// `call` bounded by `limit`: past it, an error naming `what` (the engine may still carry the
+/// call out; the next look shows what it did).
+async fn bounded<T>(
+    app: &str,
+    what: &str,
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, BollardError>>,
+) -> Result<Result<T, BollardError>, DriverError> {
+    tokio::time::timeout(limit, call)
+        .await
+        .map_err(|_| DriverError::Timeout {
+            app: app.to_string(),
+            what: format!("docker: {what}"),
+            secs: limit.as_secs(),
+        })
+}
+
 fn is_not_found(e: &BollardError) -> bool {
     matches!(
         e,
@@ -67,6 +89,17 @@ fn is_not_found(e: &BollardError) -> bool {
             ..
         }
     )
+}
+
+/// An instance of `app` whose state the engine could not tell.
+fn unknown(app: &str, reason: String) -> Instance {
+    Instance {
+        app: app.to_string(),
+        fingerprint: String::new(),
+        state: RunState::Unknown { reason },
+        id: String::new(),
+        restarts: 0,
+    }
 }
 
 fn now_unix() -> u64 {
@@ -109,13 +142,28 @@ fn parse_rfc3339(t: &str) -> Option<u64> {
 impl DockerDriver {
     /// Connects to the local engine at [`DOCKER_SOCKET`] and agrees on an API version with it.
     pub async fn connect(node_label: &str) -> Result<DockerDriver, DriverError> {
-        let unavailable = |e: BollardError| DriverError::EngineUnavailable {
-            socket: DOCKER_SOCKET.to_string(),
-            detail: e.to_string(),
+        Self::connect_at(DOCKER_SOCKET, node_label).await
+    }
+
+    /// Connects to the engine listening on the unix socket `socket` (tests serve a fake one)
+    /// and agrees on an API version with it.
+    pub async fn connect_at(socket: &str, node_label: &str) -> Result<DockerDriver, DriverError> {
+        let unavailable = |detail: String| DriverError::EngineUnavailable {
+            socket: socket.to_string(),
+            detail,
         };
-        let docker = Docker::connect_with_socket_defaults().map_err(unavailable)?;
-        let docker = docker.negotiate_version().await.map_err(unavailable)?;
-        docker.ping().await.map_err(unavailable)?;
+        // bollard's own timeout is a backstop: each call here has a tighter one.
+        let docker = Docker::connect_with_unix(socket, 120, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| unavailable(e.to_string()))?;
+        let hello = async {
+            let docker = docker.negotiate_version().await?;
+            docker.ping().await?;
+            Ok::<_, BollardError>(docker)
+        };
+        let docker = tokio::time::timeout(CALL_TIMEOUT, hello)
+            .await
+            .map_err(|_| unavailable(format!("no answer within {} s", CALL_TIMEOUT.as_secs())))?
+            .map_err(|e| unavailable(e.to_string()))?;
         Ok(DockerDriver {
             docker,
             node_label: node_label.to_string(),
@@ -132,17 +180,28 @@ impl DockerDriver {
         format!("flock-{}-{}", self.node_label, app)
     }
 
-    /// The instance of `app`, if its container exists (running or not).
+    /// The instance of `app`, if its container exists (running or not); an instance in
+    /// [`RunState::Unknown`] when the engine could not tell (it may exist and run).
     pub async fn instance(&self, app: &str) -> Option<Instance> {
-        let c = match self
-            .docker
-            .inspect_container(&self.container_name(app), None::<InspectContainerOptions>)
-            .await
-        {
-            Ok(c) => c,
-            Err(_) => return None,
+        let inspected = bounded(
+            app,
+            "inspect the container",
+            CALL_TIMEOUT,
+            self.docker
+                .inspect_container(&self.container_name(app), None::<InspectContainerOptions>),
+        )
+        .await;
+        let c = match inspected {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) if is_not_found(&e) => return None,
+            Ok(Err(e)) => return Some(unknown(app, format!("inspecting its container: {e}"))),
+            Err(e) => return Some(unknown(app, e.to_string())),
         };
-        let labels = c.config.as_ref()?.labels.clone().unwrap_or_default();
+        let labels = c
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.clone())
+            .unwrap_or_default();
         if labels.get(LABEL_NODE) != Some(&self.node_label) {
             return None;
         }
@@ -179,48 +238,81 @@ impl DockerDriver {
         })
     }
 
-    /// Every container of this node's label, running or exited, by app.
-    pub async fn list(&self) -> Vec<Instance> {
+    /// Every container of this node's label, running, exited or unknown, by app; an error
+    /// when the engine could not list them (then every docker app is unknown, not absent).
+    pub async fn list(&self) -> Result<Vec<Instance>, DriverError> {
         let filters = HashMap::from([(
             "label".to_string(),
             vec![format!("{LABEL_NODE}={}", self.node_label)],
         )]);
-        let Ok(summaries) = self
-            .docker
-            .list_containers(Some(ListContainersOptions {
+        let listed = tokio::time::timeout(
+            CALL_TIMEOUT,
+            self.docker.list_containers(Some(ListContainersOptions {
                 all: true,
                 filters,
                 ..Default::default()
-            }))
-            .await
-        else {
-            return Vec::new();
+            })),
+        )
+        .await;
+        let summaries = match listed {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(DriverError::ListFailed {
+                    driver: "docker",
+                    detail: format!("the engine's container list: {e}"),
+                })
+            }
+            Err(_) => {
+                return Err(DriverError::ListFailed {
+                    driver: "docker",
+                    detail: format!(
+                        "the engine did not list its containers within {} s",
+                        CALL_TIMEOUT.as_secs()
+                    ),
+                })
+            }
         };
+        // Inspected side by side: a slow engine costs one timeout, not one per container.
+        let looks = summaries.iter().filter_map(|s| {
+            let labels = s.labels.as_ref()?;
+            let app = labels.get(LABEL_APP)?;
+            Some(async move { (s, labels, self.instance(app).await) })
+        });
         let mut out = Vec::new();
-        for s in summaries {
-            let Some(app) = s.labels.as_ref().and_then(|l| l.get(LABEL_APP)) else {
-                continue;
-            };
-            if let Some(i) = self.instance(app).await {
-                out.push(i);
+        for (s, labels, found) in futures::future::join_all(looks).await {
+            match found {
+                Some(mut i) if matches!(i.state, RunState::Unknown { .. }) => {
+                    // What the listing knew of it, to show with the unknown state.
+                    i.id = s.id.clone().unwrap_or_default();
+                    i.fingerprint = labels.get(LABEL_SPEC).cloned().unwrap_or_default();
+                    i.restarts = labels
+                        .get(LABEL_RESTARTS)
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(0);
+                    out.push(i);
+                }
+                Some(i) => out.push(i),
+                // Removed since the listing.
+                None => {}
             }
         }
         out.sort_by(|a, b| a.app.cmp(&b.app));
-        out
+        Ok(out)
     }
 
     /// Whether the engine has `image` (flock never pulls); the engine's error when it could
     /// not tell.
     pub async fn has_image(&self, image: &str) -> Result<bool, String> {
-        match self.docker.inspect_image(image).await {
-            Ok(_) => Ok(true),
-            Err(e) if is_not_found(&e) => Ok(false),
-            Err(e) => Err(e.to_string()),
+        match tokio::time::timeout(CALL_TIMEOUT, self.docker.inspect_image(image)).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) if is_not_found(&e) => Ok(false),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {} s", CALL_TIMEOUT.as_secs())),
         }
     }
 
     /// Starts a container for `spec`, labelled with `restarts`. Refused while one of the app
-    /// runs; an exited one is removed first.
+    /// runs, or may run (its state unknown); an exited one is removed first.
     pub async fn start(&self, spec: &RunSpec, restarts: u32) -> Result<Instance, DriverError> {
         let app = &spec.app;
         let image = spec
@@ -229,17 +321,32 @@ impl DockerDriver {
             .filter(|i| !i.is_empty())
             .ok_or_else(|| DriverError::NoImage { app: app.clone() })?;
         let name = self.container_name(app);
-        if let Some(old) = self.instance(app).await {
-            if matches!(old.state, RunState::Running { .. }) {
+        match self.instance(app).await.map(|i| (i.state, i.id)) {
+            Some((RunState::Running { .. }, id)) => {
                 return Err(DriverError::AlreadyRunning {
                     app: app.clone(),
-                    id: old.id,
-                });
+                    id,
+                })
             }
+            Some((RunState::Unknown { reason }, _)) => {
+                return Err(DriverError::Unknown {
+                    app: app.clone(),
+                    reason,
+                })
+            }
+            _ => {}
         }
-        // The name may be taken by a container not ours by label (a half-made one): remove it.
-        self.remove_container(app, &name).await?;
-        match self.docker.inspect_image(image).await {
+        // The name may be taken by a container not ours by label (a half-made one): remove it,
+        // unless it runs.
+        self.remove_stopped(app, &name).await?;
+        match bounded(
+            app,
+            "inspect the image",
+            CALL_TIMEOUT,
+            self.docker.inspect_image(image),
+        )
+        .await?
+        {
             Ok(_) => {}
             Err(e) if is_not_found(&e) => {
                 return Err(DriverError::ImageMissing {
@@ -303,46 +410,67 @@ impl DockerDriver {
             host_config: Some(host_config),
             ..Default::default()
         };
-        let created = self
-            .docker
-            .create_container(
+        let created = bounded(
+            app,
+            "create the container",
+            CALL_TIMEOUT,
+            self.docker.create_container(
                 Some(CreateContainerOptions {
                     name: name.clone(),
                     platform: None,
                 }),
                 config,
-            )
-            .await
-            .map_err(docker_err(app, "create the container"))?;
-        if let Err(e) = self
-            .docker
-            .start_container(&created.id, None::<StartContainerOptions<String>>)
-            .await
-        {
-            // Not started, it would only be in the way of the next try.
-            let _ = self.remove_container(app, &name).await;
-            return Err(docker_err(app, "start the container")(e));
+            ),
+        )
+        .await?
+        .map_err(docker_err(app, "create the container"))?;
+        let started = bounded(
+            app,
+            "start the container",
+            CALL_TIMEOUT,
+            self.docker
+                .start_container(&created.id, None::<StartContainerOptions<String>>),
+        )
+        .await;
+        match started {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // Not started, it would only be in the way of the next try.
+                let _ = self.remove_stopped(app, &name).await;
+                return Err(docker_err(app, "start the container")(e));
+            }
+            // It may have started after all: the next look tells.
+            Err(e) => return Err(e),
         }
-        Ok(self.instance(app).await.unwrap_or(Instance {
-            app: app.clone(),
-            fingerprint: spec.fingerprint(),
-            state: RunState::Running {
-                since_unix: now_unix(),
-            },
-            id: created.id,
-            restarts,
-        }))
+        match self.instance(app).await {
+            Some(i) if !matches!(i.state, RunState::Unknown { .. }) => Ok(i),
+            _ => Ok(Instance {
+                app: app.clone(),
+                fingerprint: spec.fingerprint(),
+                state: RunState::Running {
+                    since_unix: now_unix(),
+                },
+                id: created.id,
+                restarts,
+            }),
+        }
     }
 
-    /// Stops the app's container: SIGTERM, then SIGKILL after `grace`. The container and its
-    /// log stay (see [`remove`](Self::remove)).
+    /// Stops the app's container: SIGTERM, then SIGKILL after `grace`. Ok once it does not
+    /// run (the engine answers a stop when the container has stopped); an error, never Ok,
+    /// when the engine fails or does not answer in time. The container and its log stay (see
+    /// [`remove`](Self::remove)).
     pub async fn stop(&self, app: &str, grace: Duration) -> Result<(), DriverError> {
         let t = i64::try_from(grace.as_secs_f64().ceil() as u64).unwrap_or(i64::MAX);
-        match self
-            .docker
-            .stop_container(&self.container_name(app), Some(StopContainerOptions { t }))
-            .await
-        {
+        let stopped = bounded(
+            app,
+            "stop the container",
+            grace + KILL_TIMEOUT,
+            self.docker
+                .stop_container(&self.container_name(app), Some(StopContainerOptions { t })),
+        )
+        .await?;
+        match stopped {
             Ok(()) => Ok(()),
             // 304: it was not running; 404: there is none.
             Err(BollardError::DockerResponseServerError {
@@ -353,18 +481,48 @@ impl DockerDriver {
         }
     }
 
-    async fn remove_container(&self, app: &str, name: &str) -> Result<(), DriverError> {
-        match self
-            .docker
-            .remove_container(
+    /// Removes the container named `name` unless it runs (or its state is unknown): a
+    /// running container is never removed by force here, so a failed look cannot kill an app.
+    async fn remove_stopped(&self, app: &str, name: &str) -> Result<(), DriverError> {
+        let inspected = bounded(
+            app,
+            "inspect the container",
+            CALL_TIMEOUT,
+            self.docker
+                .inspect_container(name, None::<InspectContainerOptions>),
+        )
+        .await?;
+        match inspected {
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => {
+                return Err(DriverError::Unknown {
+                    app: app.to_string(),
+                    reason: format!("inspecting container {name}: {e}"),
+                })
+            }
+            Ok(c) if c.state.as_ref().and_then(|s| s.running) != Some(false) => {
+                return Err(DriverError::Docker {
+                    app: app.to_string(),
+                    what: format!("remove container {name}"),
+                    detail: "it runs (or its state is unknown); stop it first".into(),
+                })
+            }
+            Ok(_) => {}
+        }
+        let removed = bounded(
+            app,
+            "remove the container",
+            CALL_TIMEOUT,
+            self.docker.remove_container(
                 name,
                 Some(RemoveContainerOptions {
                     force: true,
                     ..Default::default()
                 }),
-            )
-            .await
-        {
+            ),
+        )
+        .await?;
+        match removed {
             Err(e) if !is_not_found(&e) => Err(docker_err(app, "remove the container")(e)),
             _ => Ok(()),
         }
@@ -373,7 +531,7 @@ impl DockerDriver {
     /// Stops the app and removes its container, log included.
     pub async fn remove(&self, app: &str) -> Result<(), DriverError> {
         self.stop(app, super::process::STOP_GRACE).await?;
-        self.remove_container(app, &self.container_name(app)).await
+        self.remove_stopped(app, &self.container_name(app)).await
     }
 
     /// The last `tail` lines of the container's stdout and stderr.
@@ -389,7 +547,15 @@ impl DockerDriver {
             }),
         );
         let mut text = Vec::new();
-        while let Some(chunk) = stream.next().await {
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+        while let Some(chunk) = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .map_err(|_| DriverError::Timeout {
+                app: app.to_string(),
+                what: "docker: read the logs".into(),
+                secs: CALL_TIMEOUT.as_secs(),
+            })?
+        {
             match chunk {
                 Ok(out) => text.extend_from_slice(out.as_ref()),
                 Err(e) if is_not_found(&e) => {

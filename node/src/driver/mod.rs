@@ -1,16 +1,21 @@
 //! Drivers run an application's instance on this node: the `process` driver (the embedded
-//! default) runs a command; the `docker` driver (later) a container.
+//! default) runs a command; the `docker` driver a container.
 //!
 //! A driver is told what should run ([`RunSpec`]) and reports what runs ([`Instance`]); it keeps
 //! enough on disk that a restarted flockd finds the instances that kept running and adopts them
 //! instead of starting duplicates. Restart policies and placement are decided elsewhere (the
 //! agent and the scheduler); a driver only starts, stops, lists and shows logs.
+//!
+//! Drivers fail closed: a look that fails or times out is reported as such ([`Listing::failed`],
+//! [`RunState::Unknown`]), never as "nothing runs", and a `stop` is `Ok` only once nothing of
+//! the app runs any more. Every call that can hang is bounded by a timeout that yields an error.
 
 pub mod docker;
 pub mod process;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -70,6 +75,28 @@ pub enum RunState {
         /// The signal that ended it, if one did.
         signal: Option<i32>,
     },
+    /// The instance exists, or may, but its state could not be read (a failed or timed-out
+    /// inspect, an unreadable record): it may run. Never stored on disk.
+    Unknown { reason: String },
+}
+
+/// What the drivers saw on one look.
+#[derive(Clone, Debug, Default)]
+pub struct Listing {
+    pub instances: Vec<(Instance, Kind)>,
+    /// Drivers whose listing failed or timed out, with why: every app of that kind is unknown.
+    /// A docker driver that is absent (no engine answered at start) is listed here too.
+    pub failed: Vec<(Kind, String)>,
+}
+
+impl Listing {
+    /// Why the apps of `kind` are unknown, if its driver's listing failed.
+    pub fn failure(&self, kind: Kind) -> Option<&str> {
+        self.failed
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, why)| why.as_str())
+    }
 }
 
 /// Why a driver could not do what it was asked.
@@ -99,6 +126,21 @@ pub enum DriverError {
         what: String,
         detail: String,
     },
+    #[error("app {app}: its instance is in an unknown state ({reason}); refusing to touch it until its state can be read")]
+    Unknown { app: String, reason: String },
+    #[error("app {app}: {what} did not finish within {secs} s")]
+    Timeout {
+        app: String,
+        what: String,
+        secs: u64,
+    },
+    #[error("app {app}: still running after the stop ({detail})")]
+    StillRunning { app: String, detail: String },
+    #[error("listing the {driver} driver's apps failed: {detail}")]
+    ListFailed {
+        driver: &'static str,
+        detail: String,
+    },
     #[error("app {app}: {what}: {source}")]
     Io {
         app: String,
@@ -108,8 +150,23 @@ pub enum DriverError {
     },
 }
 
+impl DriverError {
+    /// Whether trying again cannot help until the spec or the node changes (a missing command
+    /// or image); the other errors (the engine failing or slow, an unknown state) are worth a
+    /// retry.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            DriverError::CommandNotFound { .. }
+                | DriverError::NoCommand { .. }
+                | DriverError::NoImage { .. }
+                | DriverError::ImageMissing { .. }
+        )
+    }
+}
+
 /// Which driver runs an app: `docker` for an `image`, `process` for a `command` alone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Process,
     Docker,
@@ -126,6 +183,13 @@ impl Kind {
     }
 }
 
+/// How long one look at a driver (a listing, an inspect, a short engine call) may take before
+/// it counts as failed.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a stop may take beyond its grace period (the SIGKILL and the wait for the exit).
+pub const KILL_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A node's drivers: the process driver always, the docker driver when an engine answered at
 /// start.
 #[derive(Clone)]
@@ -136,18 +200,37 @@ pub struct Drivers {
     pub docker_error: String,
 }
 
+impl Kind {
+    /// The driver's name, as `app ls` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Process => "process",
+            Kind::Docker => "docker",
+        }
+    }
+}
+
 impl Drivers {
     /// The process driver rooted at `apps_root`, and the docker driver if the local engine
     /// answers (its containers labelled with `node_label`). Without an engine, apps with an
     /// `image` fail with the reason; apps with a `command` run as usual.
     pub async fn open(apps_root: std::path::PathBuf, node_label: &str) -> anyhow::Result<Drivers> {
+        Drivers::open_at(apps_root, node_label, docker::DOCKER_SOCKET).await
+    }
+
+    /// As [`open`](Self::open), with the Docker engine at `docker_socket`.
+    pub async fn open_at(
+        apps_root: std::path::PathBuf,
+        node_label: &str,
+        docker_socket: &str,
+    ) -> anyhow::Result<Drivers> {
         let process =
             std::sync::Arc::new(process::ProcessDriver::new(&apps_root).map_err(|e| {
                 anyhow::anyhow!("cannot use the app directory {}: {e}", apps_root.display())
             })?);
         let connected = tokio::time::timeout(
             std::time::Duration::from_secs(3),
-            docker::DockerDriver::connect(node_label),
+            docker::DockerDriver::connect_at(docker_socket, node_label),
         )
         .await;
         let (docker, docker_error) = match connected {
@@ -155,10 +238,7 @@ impl Drivers {
             Ok(Err(e)) => (None, e.to_string()),
             Err(_) => (
                 None,
-                format!(
-                    "the Docker engine at {} did not answer within 3 s",
-                    docker::DOCKER_SOCKET
-                ),
+                format!("the Docker engine at {docker_socket} did not answer within 3 s"),
             ),
         };
         match &docker {
@@ -214,19 +294,42 @@ impl Drivers {
         }
     }
 
-    /// Every instance of both drivers, with the driver that runs it.
-    pub async fn list(&self) -> Vec<(Instance, Kind)> {
+    /// Every instance of both drivers, with the driver that runs it, and the drivers that
+    /// could not be read: an app of a failed kind is unknown, not absent.
+    pub async fn list(&self) -> Listing {
+        let mut listing = Listing::default();
         let p = self.process.clone();
-        let mut out: Vec<(Instance, Kind)> = tokio::task::spawn_blocking(move || p.list())
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .map(|i| (i, Kind::Process))
-            .collect();
-        if let Some(d) = &self.docker {
-            out.extend(d.list().await.into_iter().map(|i| (i, Kind::Docker)));
+        let process =
+            tokio::time::timeout(CALL_TIMEOUT, tokio::task::spawn_blocking(move || p.list())).await;
+        match process {
+            Ok(Ok(Ok(instances))) => listing
+                .instances
+                .extend(instances.into_iter().map(|i| (i, Kind::Process))),
+            Ok(Ok(Err(e))) => listing.failed.push((Kind::Process, e.to_string())),
+            Ok(Err(e)) => listing
+                .failed
+                .push((Kind::Process, format!("the listing task failed: {e}"))),
+            Err(_) => listing.failed.push((
+                Kind::Process,
+                format!(
+                    "listing the app processes took over {} s",
+                    CALL_TIMEOUT.as_secs()
+                ),
+            )),
         }
-        out
+        match &self.docker {
+            Some(d) => match d.list().await {
+                Ok(instances) => listing
+                    .instances
+                    .extend(instances.into_iter().map(|i| (i, Kind::Docker))),
+                Err(e) => listing.failed.push((Kind::Docker, e.to_string())),
+            },
+            None => listing.failed.push((
+                Kind::Docker,
+                format!("no docker driver on this node: {}", self.docker_error),
+            )),
+        }
+        listing
     }
 
     /// Starts `spec`, recording `restarts` with the instance ([`Instance::restarts`]).
@@ -239,43 +342,43 @@ impl Drivers {
         match kind {
             Kind::Process => {
                 let (p, s) = (self.process.clone(), spec.clone());
-                tokio::task::spawn_blocking(move || p.start(&s, restarts))
-                    .await
-                    .map_err(|e| DriverError::Io {
-                        app: spec.app.clone(),
-                        what: "start".into(),
-                        source: std::io::Error::other(e.to_string()),
-                    })?
+                blocking(&spec.app, "start", CALL_TIMEOUT, move || {
+                    p.start(&s, restarts)
+                })
+                .await
             }
             Kind::Docker => self.docker(&spec.app)?.start(spec, restarts).await,
         }
     }
 
-    pub async fn stop(&self, kind: Kind, app: &str) {
+    /// Ok only once nothing of the app runs any more (process: every process of its group
+    /// gone, killed after the grace period whatever the leader did; docker: the container
+    /// stopped).
+    pub async fn stop(&self, kind: Kind, app: &str) -> Result<(), DriverError> {
         match kind {
             Kind::Process => {
                 let (p, a) = (self.process.clone(), app.to_string());
-                let _ = tokio::task::spawn_blocking(move || p.stop(&a, process::STOP_GRACE)).await;
+                let grace = p.grace();
+                blocking(app, "stop", grace + KILL_TIMEOUT, move || p.stop(&a, grace)).await
             }
-            Kind::Docker => {
-                if let Ok(d) = self.docker(app) {
-                    let _ = d.stop(app, process::STOP_GRACE).await;
-                }
-            }
+            Kind::Docker => self.docker(app)?.stop(app, process::STOP_GRACE).await,
         }
     }
 
-    pub async fn remove(&self, kind: Kind, app: &str) {
+    /// Stops the app (as [`stop`](Self::stop)) and forgets it, its log included.
+    pub async fn remove(&self, kind: Kind, app: &str) -> Result<(), DriverError> {
         match kind {
             Kind::Process => {
                 let (p, a) = (self.process.clone(), app.to_string());
-                let _ = tokio::task::spawn_blocking(move || p.remove(&a)).await;
+                blocking(
+                    app,
+                    "remove",
+                    self.process.grace() + KILL_TIMEOUT + CALL_TIMEOUT,
+                    move || p.remove(&a),
+                )
+                .await
             }
-            Kind::Docker => {
-                if let Ok(d) = self.docker(app) {
-                    let _ = d.remove(app).await;
-                }
-            }
+            Kind::Docker => self.docker(app)?.remove(app).await,
         }
     }
 
@@ -284,10 +387,8 @@ impl Drivers {
         match kind {
             Kind::Process => {
                 let (p, a) = (self.process.clone(), app.to_string());
-                tokio::task::spawn_blocking(move || p.logs(&a, tail))
+                blocking(app, "read the log", CALL_TIMEOUT, move || p.logs(&a, tail))
                     .await
-                    .ok()
-                    .and_then(Result::ok)
                     .map(|(l, _)| l)
                     .unwrap_or_default()
             }
@@ -296,6 +397,29 @@ impl Drivers {
                 Err(_) => Vec::new(),
             },
         }
+    }
+}
+
+/// Runs a blocking driver call on tokio's blocking pool, bounded by `limit`: past it the call
+/// is an error (it may still finish in the background; what it did shows in the next look).
+async fn blocking<T: Send + 'static>(
+    app: &str,
+    what: &str,
+    limit: Duration,
+    f: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
+) -> Result<T, DriverError> {
+    match tokio::time::timeout(limit, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(DriverError::Io {
+            app: app.to_string(),
+            what: what.to_string(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+        Err(_) => Err(DriverError::Timeout {
+            app: app.to_string(),
+            what: what.to_string(),
+            secs: limit.as_secs(),
+        }),
     }
 }
 

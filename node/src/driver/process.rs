@@ -19,6 +19,14 @@
 //! The process outlives flockd (its own process group, not killed with flockd), so a restarted
 //! flockd adopts it from the pid file. Calls block (files, signals, waiting for an exit): run
 //! them on `spawn_blocking`.
+//!
+//! An instance is the app's whole process group, not only its leader: it is `Running` while any
+//! process of the group lives (zombies aside: they run no code), and `Exited` only once all are
+//! gone. When the leader exits and others remain (`sh -c 'worker & exec server'`), the driver
+//! ends the rest (SIGTERM, SIGKILL after the grace period, [`STOP_GRACE`] by default), so that a restart never overlaps a
+//! leftover worker; a stop SIGKILLs the group after the grace whatever the leader did. The group
+//! is found through /proc; a /proc or record that cannot be read makes the instance
+//! [`RunState::Unknown`], never exited. (Not a cgroup per app: see [`group_members`].)
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -39,6 +47,9 @@ pub const STOP_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct ProcessDriver {
     root: PathBuf,
+    /// How long processes get between SIGTERM and SIGKILL: in a stop, and when a leader left
+    /// processes behind.
+    grace: Duration,
 }
 
 fn now_unix() -> u64 {
@@ -47,15 +58,55 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Field 22 of /proc/PID/stat (start time in clock ticks since boot), and whether the process
-/// is a zombie; `None` when there is no such process.
-fn proc_start(pid: i32) -> Option<(u64, bool)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// How long the processes of a group may take to die after SIGKILL before a stop fails.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// One process, as /proc/PID/stat shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    ppid: i32,
+    pgrp: i32,
+    /// Field 22: the start time in clock ticks since boot; with the pid, names one process.
+    start: u64,
+    zombie: bool,
+}
+
+/// /proc/PID/stat of `pid`; `Ok(None)` when there is no such process (any more).
+fn proc_stat(pid: i32) -> std::io::Result<Option<ProcStat>> {
+    let stat = match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        // ESRCH: it exited between the directory listing and the read.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ESRCH) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    let bad = || std::io::Error::other(format!("/proc/{pid}/stat is not as expected: {stat:?}"));
     // The command name (field 2) is in parentheses and may hold spaces or parentheses.
-    let rest = &stat[stat.rfind(')')? + 1..];
+    let rest = &stat[stat.rfind(')').ok_or_else(bad)? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let zombie = fields.first() == Some(&"Z");
-    Some((fields.get(19)?.parse().ok()?, zombie))
+    let num = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<i64>().ok())
+            .ok_or_else(bad)
+    };
+    Ok(Some(ProcStat {
+        // After the name: state, ppid, pgrp, session, ..., starttime (field 22, index 19).
+        zombie: matches!(fields.first(), Some(&"Z" | &"X")),
+        ppid: i32::try_from(num(1)?).map_err(|_| bad())?,
+        pgrp: i32::try_from(num(2)?).map_err(|_| bad())?,
+        start: u64::try_from(num(19)?).map_err(|_| bad())?,
+    }))
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks since boot), and whether the process
+/// is a zombie; `None` when there is no such process or it cannot be read.
+fn proc_start(pid: i32) -> Option<(u64, bool)> {
+    proc_stat(pid).ok().flatten().map(|s| (s.start, s.zombie))
 }
 
 /// A recorded process, alive only if the pid still names the same process.
@@ -76,9 +127,122 @@ impl PidRecord {
         })
     }
 
+    /// Whether the group's leader lives (the pid still names the process recorded).
     fn alive(&self) -> bool {
         matches!(proc_start(self.pid), Some((start, false)) if start == self.start)
     }
+}
+
+/// The live processes of the app's process group (the leader's pid is the group's id, as
+/// `process_group(0)` made it): every non-zombie process in /proc with that group, the leader
+/// included while it lives. An error when /proc cannot be read: the group is then unknown.
+///
+/// Why not a cgroup per app: this machine and CI are cgroup v1 hybrids where only root can make
+/// cgroups in /sys/fs/cgroup/unified, flockd runs in containers whose /sys/fs/cgroup is
+/// read-only, and a systemd host would need delegation; the process group works everywhere
+/// for the apps flock runs (a process that leaves its group with setsid is not followed).
+///
+/// A group id stays reserved while any process of the group lives, so processes in the
+/// recorded group are the app's, unless the leader's pid names another process now: then the
+/// app's group ended and the number was reused. Zombie members that are flockd's own children
+/// (orphans re-parented to flockd when it runs as pid 1 or a subreaper) are reaped here, or
+/// they would stay forever; the leader is left to the thread that waits for it.
+fn group_members(rec: &PidRecord) -> std::io::Result<Vec<i32>> {
+    let pgid = rec.pid;
+    if let Some(leader) = proc_stat(pgid)? {
+        if leader.start != rec.start {
+            return Ok(Vec::new());
+        }
+    }
+    // SAFETY: kill(2) with signal 0 only checks; a negative pid names the process group.
+    let probe = unsafe { libc::kill(-pgid, 0) };
+    if probe == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return Ok(Vec::new());
+    }
+    let me = std::process::id() as i32;
+    let mut members = Vec::new();
+    for entry in fs::read_dir("/proc")? {
+        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Some(st) = proc_stat(pid)? else {
+            continue;
+        };
+        if st.pgrp != pgid {
+            continue;
+        }
+        if !st.zombie {
+            members.push(pid);
+        } else if st.ppid == me && pid != pgid {
+            // SAFETY: reaps one exited child of ours that nothing else waits for.
+            unsafe {
+                libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+            }
+        }
+    }
+    Ok(members)
+}
+
+/// Ends the recorded group: SIGTERM, then SIGKILL after `grace`, whatever the leader did. Ok
+/// once no process of it lives; an error if some outlive SIGKILL by [`KILL_WAIT`] or the group
+/// cannot be read.
+fn end_group(rec: &PidRecord, grace: Duration) -> Result<(), String> {
+    let read = |e: std::io::Error| format!("cannot read /proc to find its processes: {e}");
+    let deadline = Instant::now() + grace;
+    let mut termed = false;
+    loop {
+        if group_members(rec).map_err(read)?.is_empty() {
+            return Ok(());
+        }
+        if !termed {
+            // The group is non-empty, so its id is still the app's: signalling it is safe.
+            signal_group(rec.pid, libc::SIGTERM);
+            termed = true;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + KILL_WAIT;
+    loop {
+        let members = group_members(rec).map_err(read)?;
+        if members.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "processes {members:?} of group {} outlived SIGKILL by {} s",
+                rec.pid,
+                KILL_WAIT.as_secs()
+            ));
+        }
+        signal_group(rec.pid, libc::SIGKILL);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Groups (leader pid, start time) a thread of this flockd is tending: waiting for the leader's
+/// exit, or ending the processes it left. They count as running until the thread is done, and
+/// no second thread is started for them.
+static TENDED: std::sync::Mutex<std::collections::BTreeSet<(i32, u64)>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+fn tended() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<(i32, u64)>> {
+    TENDED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Ends what the leader of `rec` left behind, on a thread of its own, unless one already does.
+fn tend_leftovers(rec: PidRecord, grace: Duration) {
+    if !tended().insert((rec.pid, rec.start)) {
+        return;
+    }
+    std::thread::spawn(move || {
+        if let Err(e) = end_group(&rec, grace) {
+            tracing::warn!(pgid = rec.pid, error = %e, "processes an app's leader left could not be ended");
+        }
+        tended().remove(&(rec.pid, rec.start));
+    });
 }
 
 impl ProcessDriver {
@@ -86,7 +250,21 @@ impl ProcessDriver {
     pub fn new(root: impl Into<PathBuf>) -> std::io::Result<ProcessDriver> {
         let root = root.into();
         create_private_dir(&root)?;
-        Ok(ProcessDriver { root })
+        Ok(ProcessDriver {
+            root,
+            grace: STOP_GRACE,
+        })
+    }
+
+    /// The same driver with another grace period than [`STOP_GRACE`].
+    pub fn with_grace(mut self, grace: Duration) -> ProcessDriver {
+        self.grace = grace;
+        self
+    }
+
+    /// How long processes get between SIGTERM and SIGKILL.
+    pub fn grace(&self) -> Duration {
+        self.grace
     }
 
     fn dir(&self, app: &str) -> PathBuf {
@@ -98,20 +276,56 @@ impl ProcessDriver {
         move |source| DriverError::Io { app, what, source }
     }
 
-    fn pid_record(&self, app: &str) -> Option<PidRecord> {
-        PidRecord::parse(&fs::read_to_string(self.dir(app).join("pid")).ok()?)
+    /// The app's pid record: `None` when it has none; an error (the reason) when it has one
+    /// that cannot be read.
+    fn pid_record(&self, app: &str) -> Result<Option<PidRecord>, String> {
+        match fs::read_to_string(self.dir(app).join("pid")) {
+            Ok(text) => PidRecord::parse(&text)
+                .map(Some)
+                .ok_or_else(|| format!("its pid record is unreadable: {:?}", text.trim())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read its pid record: {e}")),
+        }
+    }
+
+    /// Whether the recorded group runs: `Ok(true)` while any of its processes lives; the
+    /// reason when that cannot be told. Starts ending the leftovers of a group whose leader
+    /// exited.
+    fn group_runs(&self, rec: &PidRecord) -> Result<bool, String> {
+        if rec.alive() || tended().contains(&(rec.pid, rec.start)) {
+            return Ok(true);
+        }
+        let members = group_members(rec)
+            .map_err(|e| format!("cannot read /proc to find its processes: {e}"))?;
+        if members.is_empty() {
+            return Ok(false);
+        }
+        // The leader exited without flockd watching (flockd restarted): end the rest.
+        tend_leftovers(*rec, self.grace);
+        Ok(true)
     }
 
     /// The instance of `app`, if this driver ever started it and it was not removed.
     pub fn instance(&self, app: &str) -> Option<Instance> {
         let dir = self.dir(app);
-        let spec: RunSpec = serde_json::from_slice(&fs::read(dir.join("spec.json")).ok()?).ok()?;
+        // An unreadable spec only costs the fingerprint (the agent then replaces the instance);
+        // what runs is told by the pid record.
+        let spec: Option<RunSpec> = fs::read(dir.join("spec.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
         let rec = self.pid_record(app);
-        let state = match rec {
-            Some(r) if r.alive() => RunState::Running {
-                since_unix: r.since_unix,
-            },
-            _ => {
+        if spec.is_none() && matches!(rec, Ok(None)) {
+            return None;
+        }
+        let runs = match &rec {
+            Ok(Some(r)) => self.group_runs(r).map(|runs| runs.then_some(r.since_unix)),
+            Ok(None) => Ok(None),
+            Err(why) => Err(why.clone()),
+        };
+        let state = match runs {
+            Err(reason) => RunState::Unknown { reason },
+            Ok(Some(since_unix)) => RunState::Running { since_unix },
+            Ok(None) => {
                 let exit = fs::read_to_string(dir.join("exit")).unwrap_or_default();
                 let mut it = exit.split_whitespace();
                 let (kind, n) = (it.next(), it.next().and_then(|n| n.parse().ok()));
@@ -123,9 +337,13 @@ impl ProcessDriver {
         };
         Some(Instance {
             app: app.to_string(),
-            fingerprint: spec.fingerprint(),
+            fingerprint: spec.map(|s| s.fingerprint()).unwrap_or_default(),
             state,
-            id: rec.map(|r| r.pid.to_string()).unwrap_or_default(),
+            id: rec
+                .ok()
+                .flatten()
+                .map(|r| r.pid.to_string())
+                .unwrap_or_default(),
             restarts: fs::read_to_string(dir.join("restarts"))
                 .ok()
                 .and_then(|r| r.trim().parse().ok())
@@ -133,28 +351,39 @@ impl ProcessDriver {
         })
     }
 
-    /// Every app this driver has a record of, running or exited.
-    pub fn list(&self) -> Vec<Instance> {
-        let Ok(entries) = fs::read_dir(&self.root) else {
-            return Vec::new();
+    /// Every app this driver has a record of, running, exited or unknown; an error when the
+    /// records cannot be read (then every app of this driver is unknown).
+    pub fn list(&self) -> Result<Vec<Instance>, DriverError> {
+        let failed = |e: std::io::Error| DriverError::ListFailed {
+            driver: "process",
+            detail: format!("reading {}: {e}", self.root.display()),
         };
-        let mut out: Vec<Instance> = entries
-            .flatten()
-            .filter_map(|e| self.instance(&e.file_name().to_string_lossy()))
-            .collect();
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.root).map_err(failed)? {
+            let entry = entry.map_err(failed)?;
+            if let Some(i) = self.instance(&entry.file_name().to_string_lossy()) {
+                out.push(i);
+            }
+        }
         out.sort_by(|a, b| a.app.cmp(&b.app));
-        out
+        Ok(out)
     }
 
-    /// Starts `spec`'s command, recording `restarts` with it. Refused while an instance of the
-    /// app runs.
+    /// Starts `spec`'s command, recording `restarts` with it. Refused while any process of
+    /// the app's last instance runs, or when that cannot be told.
     pub fn start(&self, spec: &RunSpec, restarts: u32) -> Result<Instance, DriverError> {
         let app = &spec.app;
-        if let Some(r) = self.pid_record(app).filter(PidRecord::alive) {
-            return Err(DriverError::AlreadyRunning {
-                app: app.clone(),
-                id: r.pid.to_string(),
-            });
+        let unknown = |reason| DriverError::Unknown {
+            app: app.clone(),
+            reason,
+        };
+        if let Some(r) = self.pid_record(app).map_err(unknown)? {
+            if self.group_runs(&r).map_err(unknown)? {
+                return Err(DriverError::AlreadyRunning {
+                    app: app.clone(),
+                    id: r.pid.to_string(),
+                });
+            }
         }
         let argv = spec
             .command
@@ -228,17 +457,24 @@ impl ProcessDriver {
             &dir.join("spec.json"),
             &serde_json::to_vec_pretty(spec).expect("a spec serializes"),
         ) {
-            let _ = child.kill();
+            signal_group(child.id() as i32, libc::SIGKILL);
             let _ = child.wait();
             return Err(Self::io(app, "record the spec")(e));
         }
         if let Err(e) = write_atomic(&dir.join("restarts"), format!("{restarts}\n").as_bytes()) {
-            let _ = child.kill();
+            signal_group(child.id() as i32, libc::SIGKILL);
             let _ = child.wait();
             return Err(Self::io(app, "record its restarts")(e));
         }
         let pid = child.id() as i32;
-        let start = proc_start(pid).map_or(0, |(s, _)| s);
+        // Unreaped, the child is in /proc even if it exited already.
+        let Some((start, _)) = proc_start(pid) else {
+            signal_group(pid, libc::SIGKILL);
+            let _ = child.wait();
+            return Err(Self::io(app, "read its start time")(std::io::Error::other(
+                format!("/proc/{pid}/stat is unreadable"),
+            )));
+        };
         let rec = PidRecord {
             pid,
             start,
@@ -249,11 +485,15 @@ impl ProcessDriver {
             format!("{} {} {}\n", rec.pid, rec.start, rec.since_unix).as_bytes(),
         ) {
             // Unrecorded, it could be neither adopted nor stopped later: do not leave it.
-            let _ = child.kill();
+            signal_group(child.id() as i32, libc::SIGKILL);
             let _ = child.wait();
             return Err(Self::io(app, "record the pid")(e));
         }
         let exit_file = dir.join("exit");
+        let grace = self.grace;
+        // Running until this thread is done: the leader's exit recorded, and the processes it
+        // left ended.
+        tended().insert((rec.pid, rec.start));
         std::thread::spawn(move || {
             if let Ok(status) = child.wait() {
                 let text = match (status.code(), status.signal()) {
@@ -263,6 +503,10 @@ impl ProcessDriver {
                 };
                 let _ = write_atomic(&exit_file, text.as_bytes());
             }
+            if let Err(e) = end_group(&rec, grace) {
+                tracing::warn!(pgid = rec.pid, error = %e, "processes an app's leader left could not be ended");
+            }
+            tended().remove(&(rec.pid, rec.start));
         });
         Ok(Instance {
             app: app.clone(),
@@ -275,33 +519,31 @@ impl ProcessDriver {
         })
     }
 
-    /// Stops the app's process group: SIGTERM, then SIGKILL after `grace`. Its record and log
-    /// stay (see [`remove`](Self::remove)).
+    /// Stops the app's process group: SIGTERM, then SIGKILL after `grace` whatever its leader
+    /// did. Ok only once no process of the group lives; its record and log stay (see
+    /// [`remove`](Self::remove)).
     pub fn stop(&self, app: &str, grace: Duration) -> Result<(), DriverError> {
-        let Some(rec) = self.pid_record(app) else {
-            return Ok(());
+        let rec = match self.pid_record(app) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(()),
+            Err(reason) => {
+                return Err(DriverError::Unknown {
+                    app: app.to_string(),
+                    reason,
+                })
+            }
         };
-        if rec.alive() {
-            signal_group(rec.pid, libc::SIGTERM);
-            let deadline = Instant::now() + grace;
-            while rec.alive() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if rec.alive() {
-                signal_group(rec.pid, libc::SIGKILL);
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while rec.alive() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
+        end_group(&rec, grace).map_err(|detail| DriverError::StillRunning {
+            app: app.to_string(),
+            detail,
+        })?;
         let _ = fs::remove_file(self.dir(app).join("pid"));
         Ok(())
     }
 
     /// Stops the app and forgets it, log included.
     pub fn remove(&self, app: &str) -> Result<(), DriverError> {
-        self.stop(app, STOP_GRACE)?;
+        self.stop(app, self.grace)?;
         match fs::remove_dir_all(self.dir(app)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(Self::io(app, "remove its record")(e))
@@ -476,7 +718,7 @@ mod tests {
         );
         // As after a flockd restart: a fresh driver on the same root sees it running.
         let d2 = ProcessDriver::new(tmp.path()).unwrap();
-        let listed = d2.list();
+        let listed = d2.list().unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].id, started.id);
         assert!(matches!(listed[0].state, RunState::Running { .. }));
@@ -505,7 +747,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         d2.remove("sleeper").unwrap();
-        assert!(d2.list().is_empty());
+        assert!(d2.list().unwrap().is_empty());
     }
 
     #[test]
