@@ -11,7 +11,15 @@
 //!
 //! - [`time`]: [`Instant`], a point on a node's monotonic clock as the executor or the
 //!   simulation hands it in.
+//! - [`datasets`]: [`datasets::DatasetsCore`], which copies a node creates and destroys, which
+//!   moves and replica pushes it starts, and the retry backoff of those jobs.
+//! - [`moves`]: [`moves::Move`], one attempt of a dataset's move away from a node as a state
+//!   machine (copy rounds, handoff, the wait for the users to stop, the last delta, commit).
 
+pub mod datasets;
+pub mod moves;
+#[cfg(test)]
+mod testutil;
 pub mod time;
 
 pub use time::Instant;

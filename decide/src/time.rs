@@ -27,7 +27,10 @@ impl Instant {
 impl std::ops::Add<Duration> for Instant {
     type Output = Instant;
     fn add(self, d: Duration) -> Instant {
-        Instant(self.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+        Instant(
+            self.0
+                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
     }
 }
 
@@ -39,7 +42,10 @@ mod tests {
     fn arithmetic_saturates() {
         let t = Instant::from_millis(1000);
         assert_eq!((t + Duration::from_millis(500)).as_millis(), 1500);
-        assert_eq!(t.saturating_since(Instant::from_millis(2000)), Duration::ZERO);
+        assert_eq!(
+            t.saturating_since(Instant::from_millis(2000)),
+            Duration::ZERO
+        );
         assert_eq!(
             Instant::from_millis(2500).saturating_since(t),
             Duration::from_millis(1500)
