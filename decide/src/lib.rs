@@ -19,10 +19,18 @@
 //!   past a snapshot recorded in Raft ([`push::guard_rollback`]).
 //! - [`copies`]: whether a node's copy may be used (started on, mounted):
 //!   [`copies::copy_is_current`].
+//! - [`datasets`]: [`datasets::DatasetsCore`], which copies a node creates and destroys, which
+//!   moves and replica pushes it starts, and the retry backoff of those jobs.
+//! - [`moves`]: [`moves::Move`], one attempt of a dataset's move away from a node as a state
+//!   machine (copy rounds, handoff, the wait for the users to stop, the last delta, commit).
 
 pub mod apps;
 pub mod copies;
+pub mod datasets;
+pub mod moves;
 pub mod push;
+#[cfg(test)]
+mod testutil;
 pub mod time;
 
 pub use time::Instant;

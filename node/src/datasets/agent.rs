@@ -1,11 +1,13 @@
 //! The dataset convergence loop every node runs: it makes the node's backend match the desired
-//! state.
+//! state. It only observes and acts; the decisions are flock-decide's:
+//! [`DatasetsCore`] says which copies to create and destroy, which moves and replica pushes to
+//! start and when to retry them; [`Move`] says each next step of a move away from this node.
 //!
-//! - A dataset whose primary is this node and that has no copy yet (new, epoch 1, no
-//!   snapshots) is created.
+//! - A dataset whose primary is this node and that has no copy yet is created.
 //! - A move away from this node runs here: snapshot, record it, push it to the target
-//!   (resuming from the newest snapshot both hold), commit the new primary. A push that fails
-//!   for lack of space cancels the move; other failures are retried with backoff.
+//!   (resuming from the newest snapshot both hold), hand off, wait for the app to stop, the
+//!   last round, commit the new primary. A push that fails for lack of space cancels the
+//!   move; other failures are retried with backoff.
 //! - The newest recorded snapshot is pushed to every replica that lacks it.
 //! - A copy this node should not hold (removed dataset, finished move elsewhere) is destroyed,
 //!   unless a receive or push holds it right now.
@@ -13,49 +15,44 @@
 //! The loop looks again when the datasets' desired state changes, when a task ends, and every
 //! few seconds; the backend is listed only then (zfs listings are child processes).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 
-use flock_scheduler::dataset::DatasetId;
-use flock_scheduler::{ApplyError, Command, CommandResult, Dataset, NodeId};
+use flock_decide::datasets::{
+    replica_source, CopiesSeen, CopySeen, DatasetAction, DatasetsCore, Job, JobOutcome,
+};
+use flock_decide::moves::{
+    Driver, InstanceSeen, InstancesSeen, Move, MoveInput, MovePhase, MoveStep, Progress,
+    PushFailure, RunSeen,
+};
+use flock_scheduler::dataset::{local_name, DatasetId};
+use flock_scheduler::{CommandResult, NodeId};
 
-use super::{backend_name, blocking, time_name, Datasets, TransferState};
+use super::{blocking, time_name, Datasets, StartGate, TransferState};
 use crate::cluster::Cluster;
-use crate::driver::{Drivers, Kind, RunState};
+use crate::driver::{Drivers, Kind, Listing, RunState};
 use crate::transfer::push::{push, PushError};
 use crate::transfer::Peers;
 
 const TICK: Duration = Duration::from_millis(300);
-const FULL_LOOK: Duration = Duration::from_secs(5);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// The most copy rounds of a move's first phase.
-const MAX_ROUNDS: u32 = 8;
-/// A delta this small goes in the move's last round, with the app stopped.
-const SMALL_DELTA: u64 = 4 << 20;
-/// How long the move waits for the app using the dataset to stop after the handoff.
-const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What a push task is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Job {
-    Move(DatasetId, NodeId),
-    Replicate(DatasetId, NodeId),
+/// This node's monotonic clock as the decisions see it: milliseconds since first asked.
+fn now() -> flock_decide::Instant {
+    static ORIGIN: OnceLock<std::time::Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+    flock_decide::Instant::from_millis(
+        u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX),
+    )
 }
 
-struct Agent {
+/// What the agent and its tasks work with.
+struct Executor {
     cluster: Arc<Cluster>,
     datasets: Arc<Datasets>,
     peers: Arc<Peers>,
     drivers: Drivers,
-    running: HashSet<Job>,
-    /// Per replica: the guid it is known to hold, and when to try again after a failure.
-    replicated: HashMap<(DatasetId, NodeId), u64>,
-    retry_at: HashMap<Job, (Instant, Duration)>,
-    /// Datasets whose missing primary copy was already reported.
-    reported_missing: HashSet<DatasetId>,
 }
 
 /// Runs until `shutdown`.
@@ -66,199 +63,140 @@ pub async fn run(
     drivers: Drivers,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Job, Result<Option<u64>, String>)>();
-    let mut agent = Agent {
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Job, JobOutcome)>();
+    let ex = Arc::new(Executor {
         cluster,
         datasets,
         peers,
         drivers,
-        running: HashSet::new(),
-        replicated: HashMap::new(),
-        retry_at: HashMap::new(),
-        reported_missing: HashSet::new(),
-    };
-    if !agent.cluster.caught_up(&mut shutdown).await {
+    });
+    let mut core = DatasetsCore::new();
+    if !ex.cluster.caught_up(&mut shutdown).await {
         return;
     }
-    let mut seen = None;
-    let mut last_look = Instant::now() - FULL_LOOK;
     loop {
-        // Only dataset changes matter here; a busy key-value workload must not make the agent
-        // list the backend (zfs: child processes) on every tick.
-        let desired = {
-            let s = agent.cluster.view.read();
-            (s.cluster.datasets.clone(), s.cluster.next_dataset_id)
-        };
-        if seen.as_ref() != Some(&desired) || last_look.elapsed() >= FULL_LOOK {
-            seen = Some(desired);
-            last_look = Instant::now();
-            agent.converge(&done_tx).await;
+        let due = core.due(&ex.cluster.view.read().cluster, now());
+        if due {
+            ex.converge(&mut core, &done_tx).await;
         }
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(TICK) => {}
-            Some((job, result)) = done_rx.recv() => {
-                agent.finished(job, result);
-                last_look = Instant::now() - FULL_LOOK;
+            Some((job, outcome)) = done_rx.recv() => {
+                let error = match &outcome {
+                    JobOutcome::Failed(e) => e.clone(),
+                    _ => String::new(),
+                };
+                if let Some(backoff) = core.finished(job, outcome, now()) {
+                    tracing::warn!(?job, error = %error, retry_in = ?backoff, "dataset push failed");
+                }
             }
         }
     }
 }
 
-impl Agent {
-    fn finished(&mut self, job: Job, result: Result<Option<u64>, String>) {
-        self.running.remove(&job);
-        match result {
-            Ok(guid) => {
-                self.retry_at.remove(&job);
-                if let (Job::Replicate(id, node), Some(guid)) = (job, guid) {
-                    self.replicated.insert((id, node), guid);
-                }
-            }
-            Err(e) => {
-                let backoff = self
-                    .retry_at
-                    .get(&job)
-                    .map_or(Duration::from_millis(500), |(_, b)| {
-                        (*b * 2).min(MAX_BACKOFF)
-                    });
-                tracing::warn!(?job, error = %e, retry_in = ?backoff, "dataset push failed");
-                self.retry_at
-                    .insert(job, (Instant::now() + backoff, backoff));
-            }
-        }
-    }
-
-    fn may_start(&self, job: Job) -> bool {
-        !self.running.contains(&job)
-            && self
-                .retry_at
-                .get(&job)
-                .is_none_or(|(at, _)| Instant::now() >= *at)
-    }
-
-    async fn converge(&mut self, done: &mpsc::UnboundedSender<(Job, Result<Option<u64>, String>)>) {
+impl Executor {
+    /// One look: list this node's copies, ask the core, carry out what it says.
+    async fn converge(
+        self: &Arc<Self>,
+        core: &mut DatasetsCore,
+        done: &mpsc::UnboundedSender<(Job, JobOutcome)>,
+    ) {
         let me = self.cluster.node_id;
-        let (desired, next_id): (BTreeMap<DatasetId, Dataset>, DatasetId) = {
-            let s = self.cluster.view.read();
-            (s.cluster.datasets.clone(), s.cluster.next_dataset_id)
-        };
-        let local = match self.datasets.local().await {
-            Ok(l) => l,
+        let copies = match self.datasets.local().await {
+            Ok(l) => Ok(l
+                .into_iter()
+                .map(|c| CopySeen {
+                    id: c.id,
+                    name: c.name,
+                })
+                .collect()),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list this node's datasets");
-                return;
+                Err(e.to_string())
             }
         };
-        let held: HashMap<DatasetId, u64> = local
-            .iter()
-            .map(|c| (c.id, c.snapshots.last().map_or(0, |s| s.guid)))
-            .collect();
-        // Copies this node should not hold.
-        for copy in &local {
-            let keep = desired
-                .get(&copy.id)
-                .is_some_and(|d| d.name == copy.name && d.holders().contains(&me));
-            // An id this node has not seen created yet is left alone until it has.
-            if keep || copy.id >= next_id || self.datasets.busy(copy.id) {
-                continue;
-            }
-            let name = flock_scheduler::dataset::local_name(&copy.name, copy.id);
-            tracing::info!(dataset = %copy.name, id = copy.id, "destroying a copy this node no longer holds");
-            let r = blocking(&self.datasets.backend, move |b| {
-                b.destroy(&flock_dataset::DatasetName::new(name)?)
-            })
-            .await;
-            if let Err(e) = r {
-                tracing::warn!(dataset = %copy.name, error = %e, "destroy failed");
-            }
-        }
-        for ds in desired.values().filter(|d| d.primary == me) {
-            if !held.contains_key(&ds.id) {
-                if ds.snapshots.is_empty() && ds.epoch == 1 && !self.datasets.busy(ds.id) {
-                    self.create(ds).await;
-                } else if self.reported_missing.insert(ds.id) {
-                    tracing::error!(dataset = %ds.name, "this node is the primary but holds no copy");
-                }
-                continue;
-            }
-            if let Some(m) = &ds.moving {
-                let job = Job::Move(ds.id, m.to);
-                if self.may_start(job) {
-                    self.running.insert(job);
-                    let task = MoveTask {
-                        cluster: self.cluster.clone(),
-                        datasets: self.datasets.clone(),
-                        peers: self.peers.clone(),
-                        drivers: self.drivers.clone(),
-                    };
-                    let (id, to, done) = (ds.id, m.to, done.clone());
+        let seen = CopiesSeen {
+            copies,
+            busy: self.datasets.busy_ids(),
+        };
+        let actions = {
+            let s = self.cluster.view.read();
+            core.decide(&s.cluster, me, &seen, now())
+        };
+        for action in actions {
+            match action {
+                DatasetAction::Destroy { id, name } => self.destroy(id, &name).await,
+                DatasetAction::Create {
+                    id,
+                    name,
+                    size_limit,
+                } => self.create(id, &name, size_limit).await,
+                DatasetAction::StartMove { dataset, to } => {
+                    let (ex, done) = (self.clone(), done.clone());
                     tokio::spawn(async move {
-                        let r = task.run(id, to).await;
-                        let _ = done.send((job, r.map(|_| None)));
+                        let outcome = match ex.run_move(dataset, to).await {
+                            Ok(()) => JobOutcome::Done,
+                            Err(e) => JobOutcome::Failed(e),
+                        };
+                        let _ = done.send((Job::Move { dataset, to }, outcome));
                     });
                 }
-            }
-            let Some(latest) = ds.latest_snapshot() else {
-                continue;
-            };
-            // A replica that is the move's target gets the move's push instead.
-            let target = ds.moving.as_ref().map(|m| m.to);
-            for &r in ds.replicas.iter().filter(|&&r| Some(r) != target) {
-                let job = Job::Replicate(ds.id, r);
-                if self.replicated.get(&(ds.id, r)) == Some(&latest.guid) || !self.may_start(job) {
-                    continue;
+                DatasetAction::Replicate {
+                    dataset,
+                    to,
+                    snapshot,
+                    epoch,
+                } => {
+                    let (ex, done) = (self.clone(), done.clone());
+                    tokio::spawn(async move {
+                        let outcome = ex.replicate(dataset, to, &snapshot, epoch).await;
+                        let _ = done.send((Job::Replicate { dataset, to }, outcome));
+                    });
                 }
-                self.running.insert(job);
-                let task = MoveTask {
-                    cluster: self.cluster.clone(),
-                    datasets: self.datasets.clone(),
-                    peers: self.peers.clone(),
-                    drivers: self.drivers.clone(),
-                };
-                let (ds, snap, done) = (ds.clone(), latest.name.clone(), done.clone());
-                tokio::spawn(async move {
-                    let r = task.replicate(&ds, r, &snap).await;
-                    let _ = done.send((job, r));
-                });
+                DatasetAction::ReportMissing { name, .. } => {
+                    tracing::error!(dataset = %name, "this node is the primary but holds no copy");
+                }
             }
         }
     }
 
-    async fn create(&mut self, ds: &Dataset) {
-        let _guard = self.datasets.lock(ds.id).await;
-        let (name, limit) = match backend_name(ds) {
-            Ok(n) => (n, ds.size_limit),
+    async fn destroy(&self, id: DatasetId, name: &str) {
+        // A task that took the dataset since the look keeps it.
+        let Some(_guard) = self.datasets.try_lock(id) else {
+            return;
+        };
+        tracing::info!(dataset = %name, id, "destroying a copy this node no longer holds");
+        let local = local_name(name, id);
+        let r = blocking(&self.datasets.backend, move |b| {
+            b.destroy(&flock_dataset::DatasetName::new(local)?)
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(dataset = %name, error = %e, "destroy failed");
+        }
+    }
+
+    async fn create(&self, id: DatasetId, name: &str, limit: Option<u64>) {
+        let _guard = self.datasets.lock(id).await;
+        let backend_name = match flock_dataset::DatasetName::new(local_name(name, id)) {
+            Ok(n) => n,
             Err(e) => {
-                tracing::error!(dataset = %ds.name, error = %e, "unusable dataset name");
+                tracing::error!(dataset = %name, error = %e, "unusable dataset name");
                 return;
             }
         };
         let r = blocking(&self.datasets.backend, move |b| {
-            if b.info(&name)?.is_none() {
-                b.create(&name, limit)?;
+            if b.info(&backend_name)?.is_none() {
+                b.create(&backend_name, limit)?;
             }
             Ok(())
         })
         .await;
         match r {
-            Ok(()) => tracing::info!(dataset = %ds.name, id = ds.id, "created"),
-            Err(e) => tracing::warn!(dataset = %ds.name, error = %e, "create failed"),
+            Ok(()) => tracing::info!(dataset = %name, id, "created"),
+            Err(e) => tracing::warn!(dataset = %name, error = %e, "create failed"),
         }
-    }
-}
-
-/// Pushes and moves, run as tasks of the agent.
-struct MoveTask {
-    cluster: Arc<Cluster>,
-    datasets: Arc<Datasets>,
-    peers: Arc<Peers>,
-    drivers: Drivers,
-}
-
-impl MoveTask {
-    fn current(&self, id: DatasetId) -> Option<Dataset> {
-        self.cluster.view.read().cluster.datasets.get(&id).cloned()
     }
 
     fn node(&self, id: NodeId) -> Result<(String, String), String> {
@@ -270,29 +208,23 @@ impl MoveTask {
             .ok_or_else(|| format!("node {id} is no longer a member"))
     }
 
-    /// Pushes `snapshot` of `ds` to replica `to`; the guid the replica then holds.
-    async fn replicate(
-        &self,
-        ds: &Dataset,
-        to: NodeId,
-        snapshot: &str,
-    ) -> Result<Option<u64>, String> {
-        let (to_name, addr) = self.node(to)?;
-        let _guard = self.datasets.share(ds.id).await;
-        let Some(ds) = self.current(ds.id).filter(|d| d.epoch == ds.epoch) else {
-            return Ok(None);
+    /// Pushes recorded `snapshot` of dataset `id` to replica `to`, if the dataset is still at
+    /// `epoch`.
+    async fn replicate(&self, id: DatasetId, to: NodeId, snapshot: &str, epoch: u64) -> JobOutcome {
+        let (to_name, addr) = match self.node(to) {
+            Ok(n) => n,
+            Err(e) => return JobOutcome::Failed(e),
         };
-        let conn = self
-            .peers
-            .connect(to, &addr)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
-        let guid = ds
-            .snapshots
-            .iter()
-            .find(|s| s.name == snapshot)
-            .map(|s| s.guid);
-        if let Err(e) = push(
+        let _guard = self.datasets.share(id).await;
+        let ds = replica_source(&self.cluster.view.read().cluster, id, epoch).cloned();
+        let Some(ds) = ds else {
+            return JobOutcome::Skipped;
+        };
+        let conn = match self.peers.connect(to, &addr).await {
+            Ok(c) => c,
+            Err(e) => return JobOutcome::Failed(format!("{e:#}")),
+        };
+        match push(
             &conn,
             &self.datasets,
             &self.cluster.view,
@@ -303,278 +235,222 @@ impl MoveTask {
         )
         .await
         {
-            if matches!(e, PushError::Connection { .. }) {
-                self.peers.forget(to).await;
-            }
-            return Err(e.to_string());
-        }
-        Ok(guid)
-    }
-
-    /// Carries out the move of `id` to `to` that Raft recorded, until it is committed,
-    /// cancelled, or fails for good (the agent runs it again after a failure; every step
-    /// starts from what Raft recorded, so a restarted node resumes where the move was).
-    ///
-    /// A dataset an app uses moves in two phases. One, while the app runs here: snapshot and
-    /// push (full, then incremental) in rounds while the delta shrinks. Then the handoff is
-    /// recorded; the app's agent here stops it. Two: once it has stopped, a last snapshot and
-    /// push carry the final delta, and the commit makes `to` the primary under epoch + 1,
-    /// where the app then starts. The downtime is the last round's, whatever the size.
-    async fn run(&self, id: DatasetId, to: NodeId) -> Result<(), String> {
-        let me = self.cluster.node_id;
-        let (to_name, addr) = self.node(to)?;
-        let _guard = self.datasets.share(id).await;
-        let Some(mut ds) = self.current(id) else {
-            return Ok(());
-        };
-        let Some(moving) = ds.moving.clone().filter(|m| ds.primary == me && m.to == to) else {
-            return Ok(());
-        };
-        let (users, user_kinds): (Vec<String>, Vec<Kind>) = {
-            let s = self.cluster.view.read();
-            s.cluster
-                .apps_of_dataset(id)
-                .map(|(n, a)| (n.clone(), Kind::of(a.spec.image.as_deref())))
-                .unzip()
-        };
-        let name = ds.name.clone();
-        let progress =
-            |phase: &'static str, bytes: Option<u64>, total: Option<u64>, error: Option<String>| {
-                self.progress(&name, id, to, phase, bytes, total, error)
-            };
-        progress("snapshot", Some(0), None, None);
-        let conn = match self.peers.connect(to, &addr).await {
-            Ok(c) => c,
-            Err(e) => {
-                let e = format!("{e:#}");
-                progress("snapshot", None, None, Some(e.clone()));
-                return Err(e);
-            }
-        };
-        if !users.is_empty() && !moving.handoff {
-            // Phase one: the app runs on; each round sends what changed since the last.
-            let mut last: Option<u64> = None;
-            for round in 1..=MAX_ROUNDS {
-                let pushed = self
-                    .snapshot_and_push(&mut ds, &conn, &to_name, &progress)
-                    .await?;
-                tracing::info!(dataset = %ds.name, to = %to_name, round, bytes = pushed.bytes, "copied while the app runs");
-                if pushed.bytes <= SMALL_DELTA || last.is_some_and(|l| pushed.bytes >= l) {
-                    break;
-                }
-                last = Some(pushed.bytes);
-            }
-            failpoint_hold("copied").await;
-            progress("handoff", None, None, None);
-            let handed = self
-                .cluster
-                .propose(Command::HandoffDatasetMove {
-                    dataset: id,
-                    epoch: ds.epoch,
-                    to,
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-            match handed {
-                CommandResult::HandedOff => {}
-                CommandResult::Rejected(
-                    e @ (ApplyError::NoSuchMove { .. } | ApplyError::StaleEpoch { .. }),
-                ) => {
-                    progress("failed", None, None, Some(e.to_string()));
-                    return Ok(());
-                }
-                other => return Err(format!("recording the handoff: {other:?}")),
-            }
-        }
-        failpoint_hold("handoff").await;
-        // Phase two: the app stops (its agent here sees the handoff), then the last delta.
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            // Only once it is seen stopped: a failed look (a driver's listing, an instance's
-            // state) may hide an app that still writes.
-            let listing = self.drivers.list().await;
-            let blocker = listing
-                .failed
-                .iter()
-                .find(|(k, _)| user_kinds.contains(k))
-                .map(|(k, why)| format!("the {} driver cannot be read: {why}", k.name()))
-                .or_else(|| {
-                    listing
-                        .instances
-                        .iter()
-                        .filter(|(i, _)| users.contains(&i.app))
-                        .find_map(|(i, _)| match &i.state {
-                            RunState::Running { .. } => Some(format!("{} still runs", i.app)),
-                            RunState::Unknown { reason } => {
-                                Some(format!("{} is in an unknown state: {reason}", i.app))
-                            }
-                            RunState::Exited { .. } => None,
-                        })
-                });
-            let Some(blocker) = blocker else {
-                break;
-            };
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the app using {} did not stop here: {blocker}",
-                    ds.name
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let record = self
-            .snapshot_and_push(&mut ds, &conn, &to_name, &progress)
-            .await?;
-        progress("committing", None, None, None);
-        let committed = self
-            .cluster
-            .propose(Command::CommitDatasetMove {
-                dataset: id,
-                epoch: ds.epoch,
-                to,
-                snapshot: record.snapshot.clone(),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        match committed {
-            CommandResult::MoveCommitted { epoch } => {
-                tracing::info!(dataset = %ds.name, to = %to_name, epoch, "move committed");
-                // Until this node applies the commit, the agent would see the move still
-                // pending and start it again.
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while self.current(id).is_some_and(|d| d.epoch < epoch) && Instant::now() < deadline
-                {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                progress("done", None, None, None);
-                Ok(())
-            }
-            CommandResult::Rejected(
-                e @ (ApplyError::NoSuchMove { .. } | ApplyError::StaleEpoch { .. }),
-            ) => {
-                // Cancelled, or someone else finished it: nothing left to do.
-                progress("failed", None, None, Some(e.to_string()));
-                Ok(())
-            }
-            other => Err(format!("committing the move: {other:?}")),
-        }
-    }
-
-    /// Takes a snapshot of `ds` here, records it under the dataset's epoch (and in `ds`, so
-    /// the next round's push starts from it), and pushes the target every recorded snapshot it
-    /// lacks: incremental from the newest one both hold. A target without room cancels the move.
-    async fn snapshot_and_push(
-        &self,
-        ds: &mut Dataset,
-        conn: &quinn::Connection,
-        to_name: &str,
-        progress: &(impl Fn(&'static str, Option<u64>, Option<u64>, Option<String>) + Sync),
-    ) -> Result<MoveRound, String> {
-        progress("snapshot", None, None, None);
-        let record = self
-            .datasets
-            .snapshot(ds, Some(&format!("move-{}", time_name(SystemTime::now()))))
-            .await
-            .map_err(|e| e.to_string())?;
-        let recorded = self
-            .cluster
-            .propose(Command::RecordSnapshot {
-                dataset: ds.id,
-                epoch: ds.epoch,
-                snapshot: record.clone(),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        if let CommandResult::Rejected(e) = recorded {
-            return Err(format!("recording the move's snapshot: {e}"));
-        }
-        // The snapshot just recorded is part of the history the push carries.
-        ds.snapshots.push(record.clone());
-        let ds = &*ds;
-        let pushed = push(
-            conn,
-            &self.datasets,
-            &self.cluster.view,
-            ds,
-            &record.name,
-            to_name,
-            |phase, n, total| progress(phase, Some(n), total, None),
-        )
-        .await;
-        match pushed {
-            Ok(p) => {
-                tracing::info!(dataset = %ds.name, to = %to_name, base = ?p.base, bytes = p.bytes, "pushed the move's snapshot");
-                Ok(MoveRound {
-                    snapshot: record.name,
-                    bytes: p.bytes,
-                })
-            }
-            Err(e @ PushError::NoSpace { .. }) => {
-                let msg = e.to_string();
-                progress("failed", None, None, Some(msg.clone()));
-                // Waiting cannot make room: give the move up, the dataset stays here.
-                let _ = self
-                    .cluster
-                    .propose(Command::CancelDatasetMove { dataset: ds.id })
-                    .await;
-                Err(msg)
-            }
+            Ok(_) => JobOutcome::Done,
             Err(e) => {
                 if matches!(e, PushError::Connection { .. }) {
-                    self.peers
-                        .forget(ds.moving.as_ref().map_or(0, |m| m.to))
-                        .await;
+                    self.peers.forget(to).await;
                 }
-                let msg = e.to_string();
-                progress("retrying", None, None, Some(msg.clone()));
-                Err(msg)
+                JobOutcome::Failed(e.to_string())
             }
         }
     }
 
-    /// What the API reports about a move (bytes: `None` keeps the count).
-    #[allow(clippy::too_many_arguments)]
-    fn progress(
-        &self,
-        name: &str,
-        id: DatasetId,
-        to: NodeId,
-        phase: &'static str,
-        bytes: Option<u64>,
-        total: Option<u64>,
-        error: Option<String>,
-    ) {
+    /// Runs one attempt of the move of `id` to `to` that Raft recorded, step by step as
+    /// [`Move`] says, until it is committed, cancelled, or fails (the core starts another
+    /// attempt after a backoff; every attempt starts from what Raft recorded, so a restarted
+    /// node resumes where the move was).
+    async fn run_move(&self, id: DatasetId, to: NodeId) -> Result<(), String> {
+        let me = self.cluster.node_id;
+        let _share = self.datasets.share(id).await;
+        let name = self
+            .cluster
+            .view
+            .read()
+            .cluster
+            .datasets
+            .get(&id)
+            .map_or_else(String::new, |d| d.name.clone());
+        let report = MoveReport {
+            datasets: &self.datasets,
+            name,
+            id,
+            to,
+        };
+        let mut mv = Move::new(id, to);
+        let mut conn: Option<(quinn::Connection, String)> = None;
+        // Held from the stop check until the attempt ends.
+        let mut _gate: Option<StartGate> = None;
+        loop {
+            let step = {
+                let s = self.cluster.view.read();
+                mv.next(&s.cluster, me, now())
+            };
+            if matches!(step, MoveStep::ProposeHandoff { .. }) {
+                failpoint_hold("copied").await;
+            }
+            while let Some(p) = mv.poll_progress() {
+                report.show(p, None);
+            }
+            match step {
+                MoveStep::Connect { name, addr, .. } => {
+                    let r = match self.peers.connect(to, &addr).await {
+                        Ok(c) => {
+                            conn = Some((c, name));
+                            Ok(())
+                        }
+                        Err(e) => Err(format!("{e:#}")),
+                    };
+                    mv.observe(MoveInput::Connected(r));
+                }
+                MoveStep::TakeSnapshot { dataset } => {
+                    let tag = format!("move-{}", time_name(SystemTime::now()));
+                    let r = self.datasets.snapshot(&dataset, Some(&tag)).await;
+                    mv.observe(MoveInput::Snapshot(r.map_err(|e| e.to_string())));
+                }
+                MoveStep::Push { dataset, snapshot } => {
+                    let Some((conn, to_name)) = &conn else {
+                        // Next never asks for a push before the connect succeeded.
+                        return Err("internal: a push before connecting".into());
+                    };
+                    let pushed = push(
+                        conn,
+                        &self.datasets,
+                        &self.cluster.view,
+                        &dataset,
+                        &snapshot,
+                        to_name,
+                        {
+                            let report = &report;
+                            move |phase, n, total| report.show_push(phase, n, total)
+                        },
+                    )
+                    .await;
+                    let r = match pushed {
+                        Ok(p) => {
+                            tracing::info!(dataset = %dataset.name, to = %to_name, base = ?p.base, bytes = p.bytes, "pushed the move's snapshot");
+                            Ok(p.bytes)
+                        }
+                        Err(e @ PushError::NoSpace { .. }) => {
+                            Err(PushFailure::NoSpace(e.to_string()))
+                        }
+                        Err(e) => {
+                            if matches!(e, PushError::Connection { .. }) {
+                                self.peers.forget(to).await;
+                            }
+                            Err(PushFailure::Other(e.to_string()))
+                        }
+                    };
+                    mv.observe(MoveInput::Pushed(r));
+                }
+                MoveStep::ProposeRecord { .. }
+                | MoveStep::ProposeCancel { .. }
+                | MoveStep::ProposeHandoff { .. }
+                | MoveStep::ProposeCommit { .. } => {
+                    let Some(cmd) = step.command() else {
+                        return Err("internal: a proposal without a command".into());
+                    };
+                    let r = self.cluster.propose(cmd).await.map_err(|e| e.to_string());
+                    if let Ok(CommandResult::MoveCommitted { epoch }) = &r {
+                        tracing::info!(dataset = %report.name, to, epoch, "move committed");
+                    }
+                    mv.observe(MoveInput::Proposed(r));
+                }
+                MoveStep::AwaitHandoffApplied { until }
+                | MoveStep::AwaitApplied { until, .. }
+                | MoveStep::Wait(until) => {
+                    tokio::time::sleep(until.saturating_since(now())).await;
+                }
+                MoveStep::TakeStartGate { dataset } => {
+                    failpoint_hold("handoff").await;
+                    _gate = Some(self.datasets.start_gate(dataset).await);
+                    mv.observe(MoveInput::GateHeld);
+                }
+                MoveStep::ObserveUsers { .. } => {
+                    let seen = instances_seen(self.drivers.list().await);
+                    mv.observe(MoveInput::Users(seen));
+                }
+                MoveStep::Done => return Ok(()),
+                MoveStep::Failed(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// What the API reports about one move ([`Datasets::set_transfer`]).
+struct MoveReport<'a> {
+    datasets: &'a Datasets,
+    name: String,
+    id: DatasetId,
+    to: NodeId,
+}
+
+impl MoveReport<'_> {
+    /// Shows `p` (and the stream's expected size, if known).
+    fn show(&self, p: Progress, total: Option<u64>) {
+        let (id, to) = (self.id, self.to);
         self.datasets.set_transfer(id, |t| {
             let fresh = || TransferState {
-                dataset: name.to_string(),
+                dataset: self.name.clone(),
                 id,
                 to,
-                phase,
+                phase: p.phase,
                 bytes: 0,
                 total: None,
-                started: Instant::now(),
+                started: std::time::Instant::now(),
                 last_error: None,
             };
             let t = t.get_or_insert_with(fresh);
-            if t.to != to || (matches!(t.phase, "done" | "failed") && phase == "snapshot") {
+            let ended = matches!(t.phase, MovePhase::Done | MovePhase::Failed);
+            if t.to != to || (ended && p.phase == MovePhase::Snapshot) {
                 *t = fresh();
             }
-            if t.phase != phase && matches!(phase, "full" | "incremental") {
+            if t.phase != p.phase && matches!(p.phase, MovePhase::Full | MovePhase::Incremental) {
                 // A new stream: its own byte count and rate.
-                t.started = Instant::now();
+                t.started = std::time::Instant::now();
                 t.total = None;
             }
-            t.phase = phase;
-            if let Some(b) = bytes {
+            t.phase = p.phase;
+            if let Some(b) = p.bytes {
                 t.bytes = b;
             }
             if total.is_some() {
                 t.total = total;
             }
-            if error.is_some() {
-                t.last_error = error;
+            if p.error.is_some() {
+                t.last_error = p.error;
             }
         })
+    }
+
+    /// A push's progress: its stream's kind by name, the bytes so far and the expected total.
+    fn show_push(&self, phase: &str, bytes: u64, total: Option<u64>) {
+        let phase = MovePhase::from_name(phase).unwrap_or(MovePhase::Full);
+        self.show(
+            Progress {
+                phase,
+                bytes: Some(bytes),
+                error: None,
+            },
+            total,
+        );
+    }
+}
+
+/// The drivers' instances as the decisions read them.
+fn instances_seen(listing: Listing) -> InstancesSeen {
+    let driver = |k: Kind| match k {
+        Kind::Process => Driver::Process,
+        Kind::Docker => Driver::Docker,
+    };
+    InstancesSeen {
+        instances: listing
+            .instances
+            .into_iter()
+            .map(|(i, k)| InstanceSeen {
+                driver: driver(k),
+                run: match i.state {
+                    RunState::Running { .. } => RunSeen::Running,
+                    RunState::Exited { .. } => RunSeen::Exited,
+                    RunState::Unknown { reason } => RunSeen::Unknown { reason },
+                },
+                app: i.app,
+            })
+            .collect(),
+        failed: listing
+            .failed
+            .into_iter()
+            .map(|(k, why)| (driver(k), why))
+            .collect(),
     }
 }
 
@@ -595,10 +471,4 @@ async fn failpoint_hold(step: &str) {
         tracing::warn!(step, ms, "failpoint: holding the move");
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-}
-
-/// One snapshot a move pushed, and the payload bytes it took.
-struct MoveRound {
-    snapshot: String,
-    bytes: u64,
 }

@@ -5,14 +5,16 @@
 //!   recorded in the data dir at creation so a restart uses the same one.
 //! - [`Datasets`]: one per node. Work on one dataset takes its lock: shared for what only adds
 //!   to it or reads it (snapshots, pushes out), exclusive for what changes or removes what is
-//!   there (create, receive, rollback, destroy); backend calls run on `spawn_blocking`.
+//!   there (create, receive, rollback, destroy); backend calls run on `spawn_blocking`. Starting
+//!   an app on a dataset and a move's stop check take its start gate
+//!   ([`Datasets::start_gate`]).
 //! - [`agent`]: the convergence loop that makes the node's backend match the desired state.
 //!
 //! A dataset's name on the backend is `NAME.ID` ([`flock_scheduler::dataset::local_name`]).
 
 pub mod agent;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use flock_dataset::{Backend, DatasetError, DatasetName, DirBackend, SnapshotName, ZfsBackend};
+use flock_decide::moves::MovePhase;
 use flock_scheduler::dataset::{parse_local_name, DatasetId};
 use flock_scheduler::{Dataset, NodeId, SnapshotRecord};
 
@@ -133,7 +136,8 @@ pub struct TransferState {
     pub dataset: String,
     pub id: DatasetId,
     pub to: NodeId,
-    pub phase: &'static str,
+    /// Shown as [`MovePhase::as_str`].
+    pub phase: MovePhase,
     pub bytes: u64,
     pub total: Option<u64>,
     pub started: Instant,
@@ -158,6 +162,12 @@ pub enum DatasetGuard {
     Exclusive(tokio::sync::OwnedRwLockWriteGuard<()>),
 }
 
+/// Held while an app of a dataset may not start behind a check's back: see
+/// [`Datasets::start_gate`].
+pub struct StartGate {
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
 /// A dataset as this node's backend holds it.
 #[derive(Clone, Debug)]
 pub struct LocalCopy {
@@ -174,6 +184,7 @@ pub struct Datasets {
     pub backend: Arc<dyn Backend>,
     pub node_id: NodeId,
     locks: Mutex<HashMap<DatasetId, Arc<tokio::sync::RwLock<()>>>>,
+    gates: Mutex<HashMap<DatasetId, Arc<tokio::sync::Mutex<()>>>>,
     transfers: Mutex<BTreeMap<DatasetId, TransferState>>,
 }
 
@@ -201,6 +212,7 @@ impl Datasets {
             backend,
             node_id,
             locks: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
             transfers: Mutex::new(BTreeMap::new()),
         }
     }
@@ -223,6 +235,43 @@ impl Datasets {
     /// one. Several run at once; a push to a slow peer does not hold up a snapshot.
     pub async fn share(&self, id: DatasetId) -> DatasetGuard {
         DatasetGuard::Shared(self.rwlock(id).read_owned().await)
+    }
+
+    /// Exclusive work on one dataset, only if no task works on it now.
+    pub fn try_lock(&self, id: DatasetId) -> Option<DatasetGuard> {
+        self.rwlock(id)
+            .try_write_owned()
+            .ok()
+            .map(DatasetGuard::Exclusive)
+    }
+
+    /// The datasets some task works on now.
+    pub fn busy_ids(&self) -> BTreeSet<DatasetId> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, m)| m.try_write().is_err())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The dataset's start gate. A move away from this node takes it once its handoff shows
+    /// in this node's state and holds it from its check that no app of the dataset runs here
+    /// until it ends; the apps agent takes it around its last check of the latest state and
+    /// the start of an app of the dataset. So a start either comes before the move's check
+    /// (which then sees it run) or sees the handoff (and does not start).
+    pub async fn start_gate(&self, id: DatasetId) -> StartGate {
+        let gate = self
+            .gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .clone();
+        StartGate {
+            _held: gate.lock_owned().await,
+        }
     }
 
     /// Whether some task works on the dataset now.
@@ -322,10 +371,7 @@ impl Datasets {
     pub fn transfers(&self) -> Vec<TransferState> {
         let mut t = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
         // Finished or failed pushes stay visible for a while, so a CLI can tell how they ended.
-        t.retain(|_, s| {
-            matches!(s.phase, "full" | "incremental" | "snapshot" | "committing")
-                || s.started.elapsed() < Duration::from_secs(600)
-        });
+        t.retain(|_, s| s.phase.is_active() || s.started.elapsed() < Duration::from_secs(600));
         t.values().cloned().collect()
     }
 }

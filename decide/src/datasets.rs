@@ -1,0 +1,586 @@
+//! What a node does to make its datasets match the desired state: [`DatasetsCore::decide`]
+//! turns the replicated state, this node's listing of its copies and the time into
+//! [`DatasetAction`]s; the executor (flock-node's datasets agent) carries them out and reports
+//! each job's end with [`DatasetsCore::finished`].
+//!
+//! - A dataset whose primary is this node and that has no copy yet (new: epoch 1, no
+//!   snapshots) is created; a primary that lost its copy is reported once.
+//! - A move away from this node is started as a job ([`crate::moves::Move`] carries it out).
+//! - The newest recorded snapshot is pushed to every replica not known to hold it (a move's
+//!   target gets the move's pushes instead).
+//! - A copy this node should not hold (removed dataset, finished move elsewhere) is destroyed,
+//!   unless some task works on it now or its id is newer than this node's state.
+//! - A failed job is retried after a backoff (from [`FIRST_BACKOFF`], doubling, at most
+//!   [`MAX_BACKOFF`]).
+//!
+//! Fail closed: a listing of the copies that failed decides nothing (no destroy, no create).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use flock_scheduler::dataset::DatasetId;
+use flock_scheduler::{ClusterState, Dataset, NodeId};
+
+use crate::Instant;
+
+/// How often the node looks at its datasets when nothing changed.
+pub const FULL_LOOK: Duration = Duration::from_secs(5);
+/// The wait after a job's first failure.
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// The longest wait before a failed job is tried again.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A task the executor runs for a while: a move or a replica push.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Job {
+    Move { dataset: DatasetId, to: NodeId },
+    Replicate { dataset: DatasetId, to: NodeId },
+}
+
+/// A dataset this node's backend holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopySeen {
+    pub id: DatasetId,
+    /// The dataset's name (the backend's name without the id).
+    pub name: String,
+}
+
+/// What the node saw of its datasets on one look.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopiesSeen {
+    /// Every copy the backend holds, or why listing them failed.
+    pub copies: Result<Vec<CopySeen>, String>,
+    /// Datasets some task works on now (holds their lock).
+    pub busy: BTreeSet<DatasetId>,
+}
+
+/// What the executor should do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatasetAction {
+    /// Destroy this node's copy of dataset `id` named `name` (unless a task took it since).
+    Destroy { id: DatasetId, name: String },
+    /// Create the primary's first copy of a new dataset.
+    Create {
+        id: DatasetId,
+        name: String,
+        size_limit: Option<u64>,
+    },
+    /// Run an attempt of the move of `dataset` to `to` ([`crate::moves::Move`]); report its
+    /// end as [`Job::Move`].
+    StartMove { dataset: DatasetId, to: NodeId },
+    /// Push recorded `snapshot` of `dataset` to replica `to`, if the dataset is still at
+    /// `epoch` then (else report [`JobOutcome::Skipped`]); report its end as
+    /// [`Job::Replicate`].
+    Replicate {
+        dataset: DatasetId,
+        to: NodeId,
+        snapshot: String,
+        epoch: u64,
+    },
+    /// This node is the primary of `dataset` and holds no copy: say so (once).
+    ReportMissing { dataset: DatasetId, name: String },
+}
+
+/// How a job ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// It did what it was started for (a replica push: the replica holds the snapshot).
+    Done,
+    /// It found nothing to do (the state moved on).
+    Skipped,
+    /// It failed; it is tried again after a backoff.
+    Failed(String),
+}
+
+/// One node's dataset decisions and what they remember between looks.
+#[derive(Clone, Debug, Default)]
+pub struct DatasetsCore {
+    /// Jobs started and not yet finished; for a replica push, the guid the replica holds
+    /// once it succeeds.
+    running: BTreeMap<Job, Option<u64>>,
+    /// Per failed job: when it may start again, and the backoff that was.
+    retry: BTreeMap<Job, (Instant, Duration)>,
+    /// Per replica: the guid of the newest snapshot it is known to hold.
+    replicated: BTreeMap<(DatasetId, NodeId), u64>,
+    /// Datasets whose missing primary copy was reported.
+    reported_missing: BTreeSet<DatasetId>,
+    /// The datasets' desired state at the last look, and when that was (`None`: look now).
+    seen: Option<(BTreeMap<DatasetId, Dataset>, DatasetId)>,
+    last_look: Option<Instant>,
+}
+
+impl DatasetsCore {
+    pub fn new() -> DatasetsCore {
+        DatasetsCore::default()
+    }
+
+    /// Whether to look (list the copies and [`decide`](Self::decide)) now: the datasets'
+    /// desired state changed, a job ended, or [`FULL_LOOK`] passed. Other changes (a busy
+    /// key-value workload) do not make the node list its backend (zfs: child processes).
+    pub fn due(&self, state: &ClusterState, now: Instant) -> bool {
+        let changed = self
+            .seen
+            .as_ref()
+            .is_none_or(|(d, next)| *d != state.datasets || *next != state.next_dataset_id);
+        changed
+            || self
+                .last_look
+                .is_none_or(|at| now.saturating_since(at) >= FULL_LOOK)
+    }
+
+    /// The jobs started and not yet finished.
+    pub fn running(&self) -> impl Iterator<Item = &Job> {
+        self.running.keys()
+    }
+
+    /// What to do now, given the state this node applied, the copies it holds and the time.
+    /// Jobs it starts count as running until [`finished`](Self::finished).
+    pub fn decide(
+        &mut self,
+        state: &ClusterState,
+        me: NodeId,
+        copies: &CopiesSeen,
+        now: Instant,
+    ) -> Vec<DatasetAction> {
+        self.seen = Some((state.datasets.clone(), state.next_dataset_id));
+        self.last_look = Some(now);
+        // Without a listing nothing is known about what this node holds: nothing is
+        // destroyed, created or pushed from it.
+        let Ok(listed) = &copies.copies else {
+            return Vec::new();
+        };
+        let mut actions = Vec::new();
+        let held: BTreeSet<DatasetId> = listed.iter().map(|c| c.id).collect();
+        for copy in listed {
+            let keep = state
+                .datasets
+                .get(&copy.id)
+                .is_some_and(|d| d.name == copy.name && d.holders().contains(&me));
+            // An id this node has not seen created yet is left alone until it has.
+            if keep || copy.id >= state.next_dataset_id || copies.busy.contains(&copy.id) {
+                continue;
+            }
+            actions.push(DatasetAction::Destroy {
+                id: copy.id,
+                name: copy.name.clone(),
+            });
+        }
+        for ds in state.datasets.values().filter(|d| d.primary == me) {
+            if !held.contains(&ds.id) {
+                if ds.snapshots.is_empty() && ds.epoch == 1 {
+                    if !copies.busy.contains(&ds.id) {
+                        actions.push(DatasetAction::Create {
+                            id: ds.id,
+                            name: ds.name.clone(),
+                            size_limit: ds.size_limit,
+                        });
+                    }
+                } else if self.reported_missing.insert(ds.id) {
+                    actions.push(DatasetAction::ReportMissing {
+                        dataset: ds.id,
+                        name: ds.name.clone(),
+                    });
+                }
+                continue;
+            }
+            // Reported again if it goes missing again.
+            self.reported_missing.remove(&ds.id);
+            if let Some(m) = &ds.moving {
+                let job = Job::Move {
+                    dataset: ds.id,
+                    to: m.to,
+                };
+                if self.may_start(job, now) {
+                    self.running.insert(job, None);
+                    actions.push(DatasetAction::StartMove {
+                        dataset: ds.id,
+                        to: m.to,
+                    });
+                }
+            }
+            let Some(latest) = ds.latest_snapshot() else {
+                continue;
+            };
+            // A replica that is the move's target gets the move's push instead.
+            let target = ds.moving.as_ref().map(|m| m.to);
+            for &r in ds.replicas.iter().filter(|&&r| Some(r) != target) {
+                let job = Job::Replicate {
+                    dataset: ds.id,
+                    to: r,
+                };
+                if self.replicated.get(&(ds.id, r)) == Some(&latest.guid)
+                    || !self.may_start(job, now)
+                {
+                    continue;
+                }
+                self.running.insert(job, Some(latest.guid));
+                actions.push(DatasetAction::Replicate {
+                    dataset: ds.id,
+                    to: r,
+                    snapshot: latest.name.clone(),
+                    epoch: ds.epoch,
+                });
+            }
+        }
+        actions
+    }
+
+    /// A job ended. The backoff before it may start again, if it failed. The next
+    /// [`due`](Self::due) says to look.
+    pub fn finished(&mut self, job: Job, outcome: JobOutcome, now: Instant) -> Option<Duration> {
+        let guid = self.running.remove(&job).flatten();
+        self.last_look = None;
+        match outcome {
+            JobOutcome::Done | JobOutcome::Skipped => {
+                self.retry.remove(&job);
+                if let (Job::Replicate { dataset, to }, JobOutcome::Done, Some(guid)) =
+                    (job, &outcome, guid)
+                {
+                    self.replicated.insert((dataset, to), guid);
+                }
+                None
+            }
+            JobOutcome::Failed(_) => {
+                let backoff = self
+                    .retry
+                    .get(&job)
+                    .map_or(FIRST_BACKOFF, |(_, b)| (*b * 2).min(MAX_BACKOFF));
+                self.retry.insert(job, (now + backoff, backoff));
+                Some(backoff)
+            }
+        }
+    }
+
+    fn may_start(&self, job: Job, now: Instant) -> bool {
+        !self.running.contains_key(&job) && self.retry.get(&job).is_none_or(|(at, _)| now >= *at)
+    }
+}
+
+/// The dataset a replica push started by [`DatasetAction::Replicate`] pushes from, if the
+/// state still has it at the epoch the push was decided under (else the push has nothing to
+/// do: a new primary pushes from its copy).
+pub fn replica_source(state: &ClusterState, dataset: DatasetId, epoch: u64) -> Option<&Dataset> {
+    state.datasets.get(&dataset).filter(|d| d.epoch == epoch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{cluster, ok, snap};
+    use flock_scheduler::Command;
+
+    const ME: NodeId = 1;
+
+    fn t(ms: u64) -> Instant {
+        Instant::from_millis(ms)
+    }
+
+    fn copies(held: &[(DatasetId, &str)]) -> CopiesSeen {
+        CopiesSeen {
+            copies: Ok(held
+                .iter()
+                .map(|(id, name)| CopySeen {
+                    id: *id,
+                    name: name.to_string(),
+                })
+                .collect()),
+            busy: BTreeSet::new(),
+        }
+    }
+
+    fn create(s: &mut ClusterState, name: &str, primary: NodeId) {
+        ok(
+            s,
+            Command::CreateDataset {
+                name: name.into(),
+                primary,
+                size_limit: Some(100),
+            },
+        );
+    }
+
+    /// Three nodes; dataset db (1) on n1 with snapshot s1 recorded, replicas on n2 and n3.
+    fn replicated() -> ClusterState {
+        let mut s = cluster(3);
+        create(&mut s, "db", ME);
+        ok(
+            &mut s,
+            Command::RecordSnapshot {
+                dataset: 1,
+                epoch: 1,
+                snapshot: snap("s1", 11, 1),
+            },
+        );
+        let ds = s.datasets.get_mut(&1).unwrap();
+        ds.replicas.extend([2, 3]);
+        s
+    }
+
+    #[test]
+    fn a_failed_listing_decides_nothing() {
+        let mut s = cluster(3);
+        create(&mut s, "new", ME);
+        let mut s2 = replicated();
+        ok(&mut s2, Command::BeginDatasetMove { dataset: 1, to: 2 });
+        for state in [s, s2] {
+            let mut core = DatasetsCore::new();
+            let failed = CopiesSeen {
+                copies: Err("zfs list: timeout".into()),
+                busy: BTreeSet::new(),
+            };
+            assert_eq!(core.decide(&state, ME, &failed, t(0)), vec![]);
+            assert_eq!(core.running().count(), 0);
+        }
+    }
+
+    #[test]
+    fn the_primary_creates_a_new_dataset_once_nothing_works_on_it() {
+        let mut s = cluster(2);
+        create(&mut s, "new", ME);
+        create(&mut s, "theirs", 2);
+        let mut core = DatasetsCore::new();
+        let mut busy = copies(&[]);
+        busy.busy.insert(1);
+        assert_eq!(core.decide(&s, ME, &busy, t(0)), vec![]);
+        assert_eq!(
+            core.decide(&s, ME, &copies(&[]), t(0)),
+            vec![DatasetAction::Create {
+                id: 1,
+                name: "new".into(),
+                size_limit: Some(100)
+            }]
+        );
+        assert_eq!(core.decide(&s, ME, &copies(&[(1, "new")]), t(0)), vec![]);
+    }
+
+    #[test]
+    fn a_primary_without_its_copy_is_reported_once_and_never_created_empty() {
+        let s = replicated();
+        let mut core = DatasetsCore::new();
+        let missing = DatasetAction::ReportMissing {
+            dataset: 1,
+            name: "db".into(),
+        };
+        assert_eq!(
+            core.decide(&s, ME, &copies(&[]), t(0)),
+            vec![missing.clone()]
+        );
+        assert_eq!(core.decide(&s, ME, &copies(&[]), t(1)), vec![]);
+        // Found again, then lost again: reported again.
+        let found = core.decide(&s, ME, &copies(&[(1, "db")]), t(2));
+        assert!(!found.contains(&missing), "{found:?}");
+        assert_eq!(core.decide(&s, ME, &copies(&[]), t(3)), vec![missing]);
+        // A moved-in dataset (epoch 2, no snapshots) is not new either.
+        let mut s = cluster(2);
+        create(&mut s, "moved", ME);
+        s.datasets.get_mut(&1).unwrap().epoch = 2;
+        let mut core = DatasetsCore::new();
+        assert_eq!(
+            core.decide(&s, ME, &copies(&[]), t(0)),
+            vec![DatasetAction::ReportMissing {
+                dataset: 1,
+                name: "moved".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn copies_this_node_should_not_hold_are_destroyed_unless_busy_or_unknown_yet() {
+        let mut s = cluster(3);
+        create(&mut s, "gone", ME); // 1
+        create(&mut s, "kept", ME); // 2
+        create(&mut s, "elsewhere", 2); // 3
+        ok(&mut s, Command::DeleteDataset { dataset: 1 });
+        let held = [
+            (1, "gone"),
+            (2, "kept"),
+            (3, "elsewhere"),
+            // Same id, another name: a leftover of an older dataset.
+            (2, "old"),
+            // Newer than this node's state: created while it lagged.
+            (4, "future"),
+        ];
+        let mut core = DatasetsCore::new();
+        assert_eq!(
+            core.decide(&s, ME, &copies(&held), t(0)),
+            vec![
+                DatasetAction::Destroy {
+                    id: 1,
+                    name: "gone".into()
+                },
+                DatasetAction::Destroy {
+                    id: 3,
+                    name: "elsewhere".into()
+                },
+                DatasetAction::Destroy {
+                    id: 2,
+                    name: "old".into()
+                },
+            ]
+        );
+        let mut busy = copies(&held);
+        busy.busy.extend([1, 2]);
+        assert_eq!(
+            core.decide(&s, ME, &busy, t(0)),
+            vec![DatasetAction::Destroy {
+                id: 3,
+                name: "elsewhere".into()
+            }]
+        );
+        // A replica or a move's target keeps its copy.
+        s.datasets.get_mut(&3).unwrap().replicas.insert(ME);
+        assert_eq!(
+            core.decide(&s, ME, &copies(&[(2, "kept"), (3, "elsewhere")]), t(0)),
+            vec![]
+        );
+        s.datasets.get_mut(&3).unwrap().replicas.clear();
+        ok(&mut s, Command::BeginDatasetMove { dataset: 3, to: ME });
+        assert_eq!(
+            core.decide(&s, ME, &copies(&[(2, "kept"), (3, "elsewhere")]), t(0)),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_move_starts_once_and_after_a_failure_waits_a_growing_backoff() {
+        let mut s = replicated();
+        ok(&mut s, Command::BeginDatasetMove { dataset: 1, to: 2 });
+        let held = copies(&[(1, "db")]);
+        let job = Job::Move { dataset: 1, to: 2 };
+        let start = DatasetAction::StartMove { dataset: 1, to: 2 };
+        let mut core = DatasetsCore::new();
+        // Replica 2 is the move's target: only n3 gets a replica push.
+        let first = core.decide(&s, ME, &held, t(0));
+        assert_eq!(
+            first,
+            vec![
+                start.clone(),
+                DatasetAction::Replicate {
+                    dataset: 1,
+                    to: 3,
+                    snapshot: "s1".into(),
+                    epoch: 1
+                }
+            ]
+        );
+        assert!(!core.decide(&s, ME, &held, t(1)).contains(&start));
+        let mut now = 1000;
+        let mut backoffs = Vec::new();
+        for _ in 0..7 {
+            let b = core
+                .finished(job, JobOutcome::Failed("unreachable".into()), t(now))
+                .unwrap();
+            backoffs.push(b.as_millis() as u64);
+            let until = now + b.as_millis() as u64;
+            assert!(!core.decide(&s, ME, &held, t(until - 1)).contains(&start));
+            assert!(core.decide(&s, ME, &held, t(until)).contains(&start));
+            now = until;
+        }
+        assert_eq!(backoffs, [500, 1000, 2000, 4000, 8000, 10_000, 10_000]);
+        // A success forgets the backoff.
+        assert_eq!(core.finished(job, JobOutcome::Done, t(now)), None);
+        assert!(core.decide(&s, ME, &held, t(now)).contains(&start));
+        core.finished(job, JobOutcome::Failed("again".into()), t(now));
+        assert!(core.decide(&s, ME, &held, t(now + 500)).contains(&start));
+    }
+
+    #[test]
+    fn replicas_get_the_newest_snapshot_once() {
+        let mut s = replicated();
+        let held = copies(&[(1, "db")]);
+        let push = |to, snapshot: &str| DatasetAction::Replicate {
+            dataset: 1,
+            to,
+            snapshot: snapshot.into(),
+            epoch: 1,
+        };
+        let mut core = DatasetsCore::new();
+        assert_eq!(
+            core.decide(&s, ME, &held, t(0)),
+            vec![push(2, "s1"), push(3, "s1")]
+        );
+        // Running: not again.
+        assert_eq!(core.decide(&s, ME, &held, t(0)), vec![]);
+        let to2 = Job::Replicate { dataset: 1, to: 2 };
+        let to3 = Job::Replicate { dataset: 1, to: 3 };
+        core.finished(to2, JobOutcome::Done, t(1));
+        // Skipped (the state moved on): not known to hold it, so tried again.
+        core.finished(to3, JobOutcome::Skipped, t(1));
+        assert_eq!(core.decide(&s, ME, &held, t(2)), vec![push(3, "s1")]);
+        core.finished(to3, JobOutcome::Failed("reset".into()), t(2));
+        assert_eq!(core.decide(&s, ME, &held, t(3)), vec![]);
+        assert_eq!(core.decide(&s, ME, &held, t(502)), vec![push(3, "s1")]);
+        core.finished(to3, JobOutcome::Done, t(502));
+        assert_eq!(core.decide(&s, ME, &held, t(503)), vec![]);
+        // A newer snapshot goes to both.
+        ok(
+            &mut s,
+            Command::RecordSnapshot {
+                dataset: 1,
+                epoch: 1,
+                snapshot: snap("s2", 12, 1),
+            },
+        );
+        assert_eq!(
+            core.decide(&s, ME, &held, t(504)),
+            vec![push(2, "s2"), push(3, "s2")]
+        );
+        // Only the primary pushes.
+        let mut core = DatasetsCore::new();
+        assert_eq!(core.decide(&s, 2, &copies(&[(1, "db")]), t(0)), vec![]);
+    }
+
+    #[test]
+    fn it_looks_when_datasets_change_a_job_ends_or_a_while_passed() {
+        let mut s = replicated();
+        let held = copies(&[(1, "db")]);
+        let mut core = DatasetsCore::new();
+        assert!(core.due(&s, t(0)));
+        core.decide(&s, ME, &held, t(0));
+        assert!(!core.due(&s, t(0) + (FULL_LOOK - Duration::from_millis(1))));
+        assert!(core.due(&s, t(0) + FULL_LOOK));
+        // Key-value writes do not make it look.
+        ok(
+            &mut s,
+            Command::KvPut {
+                key: "k".into(),
+                value: "v".into(),
+            },
+        );
+        assert!(!core.due(&s, t(1)));
+        ok(
+            &mut s,
+            Command::RecordSnapshot {
+                dataset: 1,
+                epoch: 1,
+                snapshot: snap("s2", 12, 1),
+            },
+        );
+        assert!(core.due(&s, t(1)));
+        core.decide(&s, ME, &held, t(1));
+        assert!(!core.due(&s, t(2)));
+        create(&mut s, "other", 2);
+        assert!(core.due(&s, t(2)));
+        core.decide(&s, ME, &held, t(2));
+        assert!(!core.due(&s, t(3)));
+        core.finished(Job::Replicate { dataset: 1, to: 2 }, JobOutcome::Done, t(3));
+        assert!(core.due(&s, t(3)));
+        // A failed listing counts as a look.
+        let failed = CopiesSeen {
+            copies: Err("x".into()),
+            busy: BTreeSet::new(),
+        };
+        core.decide(&s, ME, &failed, t(4));
+        assert!(!core.due(&s, t(5)));
+    }
+
+    #[test]
+    fn a_replica_push_goes_only_from_the_epoch_it_was_decided_under() {
+        let mut s = replicated();
+        assert!(replica_source(&s, 1, 1).is_some());
+        assert!(replica_source(&s, 1, 2).is_none());
+        assert!(replica_source(&s, 9, 1).is_none());
+        s.datasets.get_mut(&1).unwrap().epoch = 2;
+        assert!(replica_source(&s, 1, 1).is_none());
+    }
+}
