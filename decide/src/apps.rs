@@ -66,6 +66,12 @@ impl DriverKind {
     }
 }
 
+impl std::fmt::Display for DriverKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What to run for one application on this node.
 ///
 /// Its JSON form is hashed into [`RunSpec::fingerprint`], which instances carry: keep the
@@ -522,12 +528,9 @@ fn step(
             // The copy here must hold the newest recorded snapshot (a move's last one): an app
             // never starts on data older than what its dataset's record says it has.
             Some(CopySeen::Present { mount_path, guids }) => {
-                if let Some(l) = ds.latest_snapshot().filter(|l| !guids.contains(&l.guid)) {
+                if let Err(stale) = crate::copies::copy_is_current(ds, guids.iter().copied()) {
                     local.phase = Phase::Waiting;
-                    local.detail = format!(
-                        "waiting: this copy of dataset {} lacks its newest recorded snapshot {}",
-                        ds.name, l.name
-                    );
+                    local.detail = format!("waiting: {stale}");
                     return actions;
                 }
                 dataset_path = Some(mount_path.clone());

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use flock_scheduler::dataset::DatasetId;
 use flock_scheduler::{
-    App, ApplyError, ClusterState, Command, CommandResult, Dataset, NodeId, SnapshotRecord,
+    ApplyError, ClusterState, Command, CommandResult, Dataset, NodeId, SnapshotRecord,
 };
 
 use crate::Instant;
@@ -118,32 +118,8 @@ pub struct Progress {
     pub error: Option<String>,
 }
 
-/// Which driver runs an app: docker for an `image`, process for a `command` alone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Driver {
-    Process,
-    Docker,
-}
-
-impl Driver {
-    /// The driver of `app`.
-    pub fn of(app: &App) -> Driver {
-        if app.spec.image.is_some() {
-            Driver::Docker
-        } else {
-            Driver::Process
-        }
-    }
-}
-
-impl fmt::Display for Driver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Driver::Process => "process",
-            Driver::Docker => "docker",
-        })
-    }
-}
+/// Which driver runs an app (one type for every decision).
+pub use crate::apps::DriverKind as Driver;
 
 /// Whether an instance runs, as a driver reported it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -431,7 +407,7 @@ impl Move {
                     };
                     self.users = state
                         .apps_of_dataset(self.dataset)
-                        .map(|(name, app)| (name.clone(), Driver::of(app)))
+                        .map(|(name, app)| (name.clone(), Driver::of(app.spec.image.as_deref())))
                         .collect();
                     self.ds = Some(ds.clone());
                     self.report(MovePhase::Snapshot, Some(0), None);
@@ -559,7 +535,7 @@ impl Move {
                     // The users at the start and now (an app removed meanwhile may still run).
                     let mut users = self.users.clone();
                     for (name, app) in state.apps_of_dataset(self.dataset) {
-                        let user = (name.clone(), Driver::of(app));
+                        let user = (name.clone(), Driver::of(app.spec.image.as_deref()));
                         if !users.contains(&user) {
                             users.push(user);
                         }

@@ -1,17 +1,14 @@
-//! The app agent every node runs: it makes the apps running here match the desired state and
-//! applies restart policies.
+//! The app agent every node runs: a thin executor of flock-decide's apps decision
+//! ([`flock_decide::apps::AppsCore`], where every rule lives: where an app may run, updates,
+//! restart policies and backoff, what counts as unknown). Each look it observes (the drivers'
+//! listing, this node's dataset copies), asks the core, and carries out its actions in order.
 //!
-//! - An app runs where `ClusterState::app_runs_on` says: its node, or while its dataset moves,
-//!   the dataset's primary until the move's handoff: the app never runs on a copy that is not
-//!   the current one, nor in two places.
-//! - An instance started from another spec is stopped and started again (an update).
-//! - An instance whose app is not placed here any more is stopped and removed.
-//! - An exited app is restarted per its restart policy, after an exponential backoff (1 s,
-//!   doubling, at most [`MAX_BACKOFF`]); on-failure gives up after its maximum and the app shows
-//!   as failed with its last exit status and output.
+//! A start is carried out under the dataset's start gate ([`Datasets::try_start_gate`]), after
+//! [`may_start`] re-checks it against the latest applied state: a move's handoff applied since
+//! the look that decided the start stops it (issue 15: jepsen seed 4122026).
 //!
 //! After a flockd restart, the driver's records make the running instances adopted, not
-//! started again. What the agent sees is kept in [`AppsView`] for the API (`app ls`).
+//! started again. What the core knows is published in [`AppsView`] for the API (`app ls`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -19,52 +16,45 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use flock_decide::apps::{
+    may_start, AppAction, AppLocal, AppsCore, AppsSeen, CopySeen, Seen, SeenState, StartFailure,
+};
 use flock_proto::v1 as pb;
 use flock_scheduler::config::RestartPolicy;
 use flock_scheduler::{App, ClusterState};
 
 use crate::cluster::Cluster;
 use crate::datasets::Datasets;
-use crate::driver::{Drivers, Instance, Kind, RunSpec, RunState};
+use crate::driver::{Drivers, Kind, RunState};
+
+pub use flock_decide::apps::{link_env, MAX_BACKOFF};
 
 const TICK: Duration = Duration::from_millis(300);
 /// The shortest time between two looks when the replicated state keeps changing.
 const MIN_GAP: Duration = Duration::from_millis(20);
-/// The longest wait before restarting an exited app.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const LAST_LINES: usize = 10;
-/// How long to wait before trying again a start that failed for a passing reason.
-const START_RETRY: Duration = Duration::from_secs(2);
 
-/// What the agent knows of one app on this node.
-#[derive(Clone, Debug, Default)]
-pub struct Local {
-    pub state: &'static str,
-    pub restarts: u32,
-    pub last_code: Option<i32>,
-    pub last_signal: Option<i32>,
-    pub detail: String,
-    pub last_lines: Vec<String>,
-    pub id: String,
-    next_start: Option<Instant>,
-    /// The spec whose start failed (not retried until the spec changes).
-    failed_start: Option<String>,
-    /// When to try again a start that failed for a passing reason.
-    retry_at: Option<Instant>,
-}
-
-/// The agent's view, shared with the API.
+/// The core's view of the apps placed on this node, shared with the API.
 #[derive(Clone, Default)]
-pub struct AppsView(Arc<Mutex<BTreeMap<String, Local>>>);
+pub struct AppsView(Arc<Mutex<BTreeMap<String, AppLocal>>>);
 
 impl AppsView {
-    pub fn snapshot(&self) -> BTreeMap<String, Local> {
+    pub fn snapshot(&self) -> BTreeMap<String, AppLocal> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn publish(&self, core: &AppsCore) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = core.view().clone();
     }
 }
 
 /// The status of `name` for the API, from the desired state and this node's view.
-pub fn status(state: &ClusterState, name: &str, app: &App, local: Option<&Local>) -> pb::AppStatus {
+pub fn status(
+    state: &ClusterState,
+    name: &str,
+    app: &App,
+    local: Option<&AppLocal>,
+) -> pb::AppStatus {
     let node_name = state
         .nodes
         .get(&app.node)
@@ -91,14 +81,11 @@ pub fn status(state: &ClusterState, name: &str, app: &App, local: Option<&Local>
             RestartPolicy::OnFailure { max_retry: None } => "on-failure".into(),
             RestartPolicy::OnFailure { max_retry: Some(n) } => format!("on-failure:{n}"),
         },
-        driver: match Kind::of(app.spec.image.as_deref()) {
-            Kind::Process => "process".into(),
-            Kind::Docker => "docker".into(),
-        },
+        driver: Kind::of(app.spec.image.as_deref()).as_str().into(),
         ..Default::default()
     };
     if let Some(l) = local {
-        s.state = l.state.to_string();
+        s.state = l.phase.as_str().to_string();
         s.restarts = l.restarts;
         s.last_exit_code = l.last_code;
         s.last_signal = l.last_signal;
@@ -109,54 +96,23 @@ pub fn status(state: &ClusterState, name: &str, app: &App, local: Option<&Local>
     s
 }
 
-/// Docker-style link variables for `app`'s links: `ALIAS_PORT_<local>_TCP=tcp://HOST:PORT`
-/// and its `_ADDR`, `_PORT` and `_PROTO` parts. With the routing mesh on (`mesh_host`, where
-/// this node's mesh listens), they point at the mesh and the linked app's external port, so
-/// they stay valid while the linked app moves; without it, at the node that runs the linked
-/// app now and the app's internal port there.
-pub fn link_env(
-    state: &ClusterState,
-    app: &App,
-    mesh_host: Option<&str>,
-) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    for link in &app.spec.links {
-        let target = state.apps.values().find_map(|other| {
-            let port = other
-                .spec
-                .ports
-                .iter()
-                .find(|p| p.external == link.remote_port)?;
-            if let Some(host) = mesh_host {
-                return Some((host.to_string(), port.external));
-            }
-            let node = state
-                .nodes
-                .get(&state.app_runs_on(other).unwrap_or(other.node))?;
-            Some((crate::mesh::host_of(&node.addr).to_string(), port.internal))
-        });
-        let Some((host, port)) = target else {
-            continue;
-        };
-        let prefix = format!(
-            "{}_PORT_{}_TCP",
-            link.alias.to_ascii_uppercase().replace('-', "_"),
-            link.local_port
-        );
-        env.insert(prefix.clone(), format!("tcp://{host}:{port}"));
-        env.insert(format!("{prefix}_ADDR"), host);
-        env.insert(format!("{prefix}_PORT"), port.to_string());
-        env.insert(format!("{prefix}_PROTO"), "tcp".into());
-    }
-    env
-}
-
 /// What the agent works with on this node.
 struct Here<'a> {
+    cluster: &'a Cluster,
     datasets: &'a Datasets,
     drivers: &'a Drivers,
     /// Where this node's routing mesh listens, for link variables; `None`: the mesh is off.
     mesh_host: Option<&'a str>,
+    /// The origin of the core's clock.
+    origin: Instant,
+}
+
+impl Here<'_> {
+    fn now(&self) -> flock_decide::Instant {
+        flock_decide::Instant::from_millis(
+            u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX),
+        )
+    }
 }
 
 /// Runs until `shutdown`.
@@ -172,10 +128,13 @@ pub async fn run(
         return;
     }
     let here = Here {
+        cluster: &cluster,
         datasets: &datasets,
         drivers: &drivers,
         mesh_host: mesh_host.as_deref(),
+        origin: Instant::now(),
     };
+    let mut core = AppsCore::new();
     let mut changes = cluster.metrics_watch();
     let mut last: Option<(ClusterState, Instant)> = None;
     loop {
@@ -193,7 +152,8 @@ pub async fn run(
         };
         if due {
             let state = cluster.view.read().cluster.clone();
-            converge(&cluster, &state, &here, &view).await;
+            look(&here, &state, &mut core).await;
+            view.publish(&core);
             last = Some((state, Instant::now()));
         }
         let wait = last
@@ -205,270 +165,162 @@ pub async fn run(
     }
 }
 
-fn backoff(restarts: u32) -> Duration {
-    Duration::from_secs(1u64 << restarts.min(5)).min(MAX_BACKOFF)
-}
-
-async fn converge(cluster: &Cluster, state: &ClusterState, here: &Here<'_>, view: &AppsView) {
-    let me = cluster.node_id;
-    let drivers = here.drivers;
-    let listing = drivers.list().await;
-    let instances: BTreeMap<String, (Instance, Kind)> = listing
-        .instances
-        .iter()
-        .map(|(i, k)| (i.app.clone(), (i.clone(), *k)))
-        .collect();
-    // Instances whose app may not run here now: placed elsewhere, or its dataset is handing
-    // off (an app whose dataset moves keeps running on the primary until the handoff).
-    for (app, (_, kind)) in &instances {
-        let here = state
-            .apps
-            .get(app)
-            .is_some_and(|a| state.app_runs_on(a) == Some(me));
-        if !here {
-            tracing::info!(app, "stopping an app that may not run on this node now");
-            match drivers.remove(*kind, app).await {
-                Ok(()) => {
-                    view.0.lock().unwrap_or_else(|p| p.into_inner()).remove(app);
-                }
-                Err(e) => tracing::warn!(app, error = %e, "could not stop and remove it"),
+/// One look: observe, decide, act.
+async fn look(here: &Here<'_>, state: &ClusterState, core: &mut AppsCore) {
+    let me = here.cluster.node_id;
+    let seen = observe(here, state).await;
+    let groups = core.decide(state, me, &seen, here.mesh_host, here.now());
+    for group in groups {
+        for action in group {
+            if !carry_out(here, core, action).await {
+                break;
             }
         }
     }
-    for (name, app) in state
-        .apps
-        .iter()
-        .filter(|(_, a)| a.node == me || state.app_runs_on(a) == Some(me))
-    {
-        let mut local = view
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
-            .unwrap_or_default();
-        let unknown = listing.failure(Kind::of(app.spec.image.as_deref()));
-        step(
-            name,
-            app,
-            state,
-            here,
-            instances.get(name),
-            unknown,
-            &mut local,
-        )
-        .await;
-        view.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone(), local);
-    }
 }
 
-/// One app placed on this node: start, update, restart or leave it. `unknown`: why its
-/// driver's listing failed (then it is neither started nor taken as exited).
-async fn step(
-    name: &str,
-    app: &App,
-    state: &ClusterState,
-    here: &Here<'_>,
-    found: Option<&(Instance, Kind)>,
-    unknown: Option<&str>,
-    local: &mut Local,
-) {
-    let (datasets, drivers) = (here.datasets, here.drivers);
-    let me = datasets.node_id;
-    let kind = Kind::of(app.spec.image.as_deref());
-    // An instance of the other driver (the app switched between image and command) goes.
-    if let Some((i, k)) = found.filter(|(_, k)| *k != kind) {
-        if let Err(e) = drivers.remove(*k, &i.app).await {
-            local.state = "unknown";
-            local.detail = format!("its instance of the other driver could not be removed: {e}");
-            return;
-        }
+/// What the drivers and the backend report: every instance, the drivers that could not be
+/// listed, and the copies of the datasets of the apps placed here.
+async fn observe(here: &Here<'_>, state: &ClusterState) -> AppsSeen {
+    let me = here.cluster.node_id;
+    let listing = here.drivers.list().await;
+    let mut seen = AppsSeen::default();
+    for (kind, why) in listing.failed {
+        seen.blind.insert(kind, why);
     }
-    let instance = found.filter(|(_, k)| *k == kind).map(|(i, _)| i);
-    let unknown = unknown.map(str::to_string).or_else(|| match instance {
-        Some(Instance {
-            state: RunState::Unknown { reason },
-            ..
-        }) => Some(reason.clone()),
-        _ => None,
-    });
-    if local.state.is_empty() {
-        // The first look since flockd started: the restart count goes on from the one the
-        // instance was started with (restart policies' maximums hold across flockd restarts).
-        if let Some(i) = instance {
-            local.restarts = i.restarts;
-        }
-    }
-    let mut dataset_path = None;
-    if let Some(id) = app.dataset {
-        let Some(ds) = state.datasets.get(&id) else {
-            local.state = "waiting";
-            local.detail = "its dataset is gone".into();
-            return;
+    for (i, kind) in listing.instances {
+        let state = match i.state {
+            RunState::Running { .. } => SeenState::Running,
+            RunState::Exited { code, signal } => SeenState::Exited { code, signal },
+            RunState::Unknown { reason } => SeenState::Unknown { reason },
         };
-        if state.app_runs_on(app) != Some(me) || ds.primary != me {
-            // Another node holds the current copy, or it is handing off: this one may not
-            // write it.
-            if let Some(i) = instance
-                .filter(|i| matches!(i.state, RunState::Running { .. } | RunState::Unknown { .. }))
-            {
-                tracing::warn!(app = name, "stopping: its dataset is not primary here");
-                if let Err(e) = drivers.stop(kind, &i.app).await {
-                    tracing::warn!(app = name, error = %e, "the stop failed");
+        seen.instances.entry(i.app).or_default().push(Seen {
+            kind,
+            state,
+            fingerprint: i.fingerprint,
+            id: i.id,
+            restarts: i.restarts,
+        });
+    }
+    let placed = state
+        .apps
+        .values()
+        .filter(|a| a.node == me || state.app_runs_on(a) == Some(me));
+    for id in placed.filter_map(|a| a.dataset) {
+        let Some(ds) = state.datasets.get(&id) else {
+            continue;
+        };
+        if seen.copies.contains_key(&id) || ds.primary != me {
+            continue;
+        }
+        let copy = match here.datasets.local_copy(ds).await {
+            Ok(Some(c)) => CopySeen::Present {
+                mount_path: c.mount_path,
+                guids: c.snapshots.iter().map(|s| s.guid).collect(),
+            },
+            Ok(None) => CopySeen::Absent,
+            Err(e) => CopySeen::Unknown {
+                reason: e.to_string(),
+            },
+        };
+        seen.copies.insert(id, copy);
+    }
+    seen
+}
+
+/// Carries out one action; false when it failed (the app's later actions are skipped).
+async fn carry_out(here: &Here<'_>, core: &mut AppsCore, action: AppAction) -> bool {
+    let drivers = here.drivers;
+    match action {
+        AppAction::Remove { app, kind, why } => {
+            tracing::info!(app, why, "stopping and removing");
+            match drivers.remove(kind, &app).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(app, error = %e, "could not stop and remove it");
+                    false
                 }
             }
-            local.state = "waiting";
-            local.detail = format!("waiting for dataset {} to arrive on this node", ds.name);
-            return;
         }
-        match datasets.local_copy(ds).await {
-            // The copy here must hold the newest recorded snapshot (a move's last one): an app
-            // never starts on data older than what its dataset's record says it has.
-            Ok(Some(copy))
-                if ds
-                    .latest_snapshot()
-                    .is_some_and(|l| !copy.snapshots.iter().any(|s| s.guid == l.guid)) =>
-            {
-                local.state = "waiting";
-                local.detail = format!(
-                    "waiting: this copy of dataset {} lacks its newest recorded snapshot",
-                    ds.name
-                );
-                return;
-            }
-            Ok(Some(copy)) => dataset_path = Some(copy.mount_path),
-            _ => {
-                local.state = "waiting";
-                local.detail = format!("waiting for dataset {} to be created", ds.name);
-                return;
+        AppAction::Stop { app, kind, why } => {
+            tracing::info!(app, why, "stopping");
+            match drivers.stop(kind, &app).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(app, error = %e, "the stop failed");
+                    false
+                }
             }
         }
-    }
-    let mut env = app.spec.environment.clone();
-    env.extend(link_env(state, app, here.mesh_host));
-    let spec = RunSpec {
-        app: name.to_string(),
-        image: app.spec.image.clone(),
-        command: app.spec.command.clone(),
-        env,
-        dataset_path,
-        mountpoint: app.spec.volume.as_ref().map(|v| v.mountpoint.clone()),
-        ports: app
-            .spec
-            .ports
-            .iter()
-            .map(|p| (p.internal, p.external))
-            .collect(),
-        mem_limit: app.spec.mem_limit,
-        cpu_shares: app.spec.cpu_shares,
-    };
-    let fingerprint = spec.fingerprint();
-    if let Some(reason) = unknown {
-        // It may run: never started again nor taken as exited until it can be seen.
-        local.state = "unknown";
-        local.detail = reason;
-        return;
-    }
-    if local.failed_start.as_ref() == Some(&fingerprint) {
-        return;
-    }
-    match instance.map(|i| (&i.state, i.fingerprint == fingerprint)) {
-        Some((RunState::Running { .. }, true)) => {
-            local.state = "running";
-            local.detail.clear();
-            local.id = instance.map(|i| i.id.clone()).unwrap_or_default();
-            return;
+        AppAction::CollectLogs { app, kind } => {
+            tracing::info!(app, "app exited");
+            let lines = drivers.logs(kind, &app, LAST_LINES).await;
+            core.logs(&app, lines);
+            true
         }
-        Some((RunState::Running { .. }, false)) => {
-            tracing::info!(app = name, "updating: its spec changed");
-            if let Err(e) = drivers.stop(kind, name).await {
-                local.state = "unknown";
-                local.detail = format!("stopping it for an update failed: {e}");
-                return;
+        AppAction::Start {
+            spec,
+            kind,
+            restarts,
+            guard,
+        } => {
+            let app = spec.app.clone();
+            failpoint_start_hold(&app).await;
+            // Under the start gate a move holds from its check that nothing runs: either this
+            // start comes first (and the move sees it run) or it sees the handoff.
+            let _gate = match guard.dataset {
+                Some((id, _)) => match here.datasets.try_start_gate(id) {
+                    Some(g) => Some(g),
+                    None => {
+                        let e = "a move of its dataset is checking that it is stopped".to_string();
+                        core.started(&app, &spec, Err(StartFailure::Overtaken(e)), here.now());
+                        return false;
+                    }
+                },
+                None => None,
+            };
+            let check = may_start(&here.cluster.view.read().cluster, &guard);
+            if let Err(e) = check {
+                tracing::info!(app, reason = %e, "not starting: the state moved on");
+                core.started(&app, &spec, Err(StartFailure::Overtaken(e)), here.now());
+                return false;
             }
-            local.restarts = 0;
-        }
-        Some((RunState::Exited { code, signal }, same)) if same => {
-            if local.state == "running"
-                || local.state == "starting"
-                || local.state == "unknown"
-                || local.state.is_empty()
-            {
-                // Just exited (or found exited at startup).
-                local.last_code = *code;
-                local.last_signal = *signal;
-                local.last_lines = drivers.logs(kind, name, LAST_LINES).await;
-                tracing::info!(app = name, ?code, ?signal, "app exited");
-            }
-            let failed = *code != Some(0);
-            let restart = match app.spec.restart_policy {
-                RestartPolicy::Never => false,
-                RestartPolicy::Always => true,
-                RestartPolicy::OnFailure { max_retry } => {
-                    failed && max_retry.is_none_or(|m| local.restarts < m)
+            let result = match drivers.start(kind, &spec, restarts).await {
+                Ok(i) => {
+                    tracing::info!(app, id = %i.id, "started");
+                    Ok(i.id)
+                }
+                Err(e) if e.is_permanent() => {
+                    tracing::warn!(app, error = %e, "start failed");
+                    Err(StartFailure::Permanent(e.to_string()))
+                }
+                Err(e) => {
+                    tracing::warn!(app, error = %e, "start failed; retrying after a backoff");
+                    Err(StartFailure::Transient(e.to_string()))
                 }
             };
-            if !restart {
-                let gave_up =
-                    matches!(app.spec.restart_policy, RestartPolicy::OnFailure { .. }) && failed;
-                local.state = if gave_up { "failed" } else { "exited" };
-                local.detail = match (code, signal) {
-                    (Some(c), _) => format!("exited with status {c}"),
-                    (None, Some(s)) => format!("killed by signal {s}"),
-                    _ => "exited".into(),
-                };
-                if gave_up {
-                    local.detail.push_str(&format!(
-                        "; gave up after {} restart(s) (restart_policy on-failure)",
-                        local.restarts
-                    ));
-                }
-                return;
-            }
-            let at = *local
-                .next_start
-                .get_or_insert_with(|| Instant::now() + backoff(local.restarts));
-            if Instant::now() < at {
-                local.state = "restarting";
-                local.detail = format!(
-                    "restarting in {:.1}s (exit {:?}, signal {:?})",
-                    at.saturating_duration_since(Instant::now()).as_secs_f64(),
-                    code,
-                    signal
-                );
-                return;
-            }
-            local.restarts += 1;
+            let ok = result.is_ok();
+            core.started(&app, &spec, result, here.now());
+            ok
         }
-        _ => {}
     }
-    if local.retry_at.is_some_and(|at| Instant::now() < at) {
+}
+
+/// The environment variable of a fault-injection point for tests: `APP:MS` makes the agent
+/// wait MS milliseconds between deciding to start APP and carrying the start out (as a slow
+/// engine or a busy node would), so a test can apply a move's handoff in between.
+pub const START_HOLD_FAILPOINT: &str = "FLOCK_FAILPOINT_START_HOLD";
+
+async fn failpoint_start_hold(app: &str) {
+    let Ok(v) = std::env::var(START_HOLD_FAILPOINT) else {
         return;
-    }
-    local.next_start = None;
-    local.retry_at = None;
-    match drivers.start(kind, &spec, local.restarts).await {
-        Ok(i) => {
-            tracing::info!(app = name, id = %i.id, "started");
-            local.state = "running";
-            local.detail.clear();
-            local.id = i.id;
-        }
-        Err(e) if !e.is_permanent() => {
-            // The engine failing or slow, or an old instance unknown: not the spec's fault.
-            tracing::warn!(app = name, error = %e, "start failed; trying again");
-            local.state = "starting";
-            local.detail = format!("start failed, trying again in {START_RETRY:?}: {e}");
-            local.retry_at = Some(Instant::now() + START_RETRY);
-        }
-        Err(e) => {
-            tracing::warn!(app = name, error = %e, "start failed");
-            local.state = "failed";
-            local.detail = e.to_string();
-            local.failed_start = Some(fingerprint);
-        }
+    };
+    let ms = v
+        .split_once(':')
+        .filter(|(a, _)| *a == app)
+        .and_then(|(_, ms)| ms.parse::<u64>().ok());
+    if let Some(ms) = ms {
+        tracing::warn!(app, ms, "failpoint: holding the start");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }

@@ -221,7 +221,7 @@ pub async fn run(
             if *kind == crate::driver::Kind::Process || drivers.docker.is_some() {
                 eprintln!(
                     "flockd dev: {name}: cannot list its {} apps to stop them: {why}",
-                    kind.name()
+                    kind.as_str()
                 );
             }
         }

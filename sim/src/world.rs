@@ -15,11 +15,17 @@ use std::path::PathBuf;
 use flock_decide::apps::{
     may_start, AppAction, AppsCore, AppsSeen, CopySeen, DriverKind, Seen, SeenState, StartFailure,
 };
+use flock_decide::datasets::{
+    CopiesSeen, CopySeen as DsCopySeen, DatasetAction, DatasetsCore, Job as DsJob, JobOutcome,
+};
+use flock_decide::moves::{
+    InstanceSeen, InstancesSeen, Move, MoveInput, MoveStep, PushFailure, RunSeen,
+};
 use flock_decide::push::{self, HeldSnapshot, Plan};
 use flock_decide::Instant;
 use flock_scheduler::config::{AppSpec, PlannedApp, RestartPolicy, Volume};
 use flock_scheduler::dataset::DatasetId;
-use flock_scheduler::{ApplyError, ClusterState, Command, CommandResult, NodeId, SnapshotRecord};
+use flock_scheduler::{ClusterState, Command, CommandResult, NodeId, SnapshotRecord};
 
 use crate::rng::Rng;
 
@@ -120,8 +126,6 @@ pub struct Outcome {
 
 const TICK_MS: u64 = 300;
 const WRITE_MS: u64 = 25;
-const STOP_TIMEOUT_MS: u64 = 60_000;
-const MOVE_ROUNDS: u32 = 2;
 const TRACE: usize = 60;
 
 #[derive(Clone, Debug)]
@@ -173,6 +177,7 @@ struct Snap {
 /// A dataset copy on a node's disk: its snapshots and its live data (write ids, in order).
 #[derive(Clone, Debug, Default)]
 struct Copy {
+    name: String,
     snaps: Vec<Snap>,
     live: Vec<u64>,
 }
@@ -195,22 +200,12 @@ impl Proc {
     }
 }
 
-#[derive(Clone, Debug)]
-enum MovePc {
-    Begin,
-    Round(u32),
-    Handoff,
-    AwaitStopped { deadline: u64 },
-    Final,
-    Commit { snapshot: String },
-}
-
-#[derive(Clone, Debug)]
-struct MoveTask {
+/// A move attempt this node runs: the core's state machine and the push it waits for.
+struct SimMove {
+    mv: Move,
     to: NodeId,
-    pc: MovePc,
-    /// The round's or final snapshot being pushed, and what comes after the push.
-    after_push: Option<MovePc>,
+    /// The gate is taken: released when the attempt ends.
+    gated: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -219,6 +214,11 @@ struct PushTask {
     to: NodeId,
     target: String,
     epoch: u64,
+    /// A move's push: the dataset as recorded so far (its last snapshot may not be applied
+    /// here yet).
+    record: Option<flock_scheduler::Dataset>,
+    /// Payload "bytes" streamed so far (64 KiB a write).
+    bytes: u64,
     /// Guids of the sender's snapshots after the target when the push began (the bug's list).
     later_at_start: Vec<u64>,
 }
@@ -232,10 +232,9 @@ struct SimNode {
     state: ClusterState,
     apps: AppsCore,
     pass_in_flight: bool,
-    moves: BTreeMap<DatasetId, MoveTask>,
+    datasets: DatasetsCore,
+    moves: BTreeMap<DatasetId, SimMove>,
     pushes: BTreeMap<Job, PushTask>,
-    retry: BTreeMap<Job, (u64, u64)>,
-    replicated: BTreeMap<(DatasetId, NodeId), u64>,
     gates: BTreeSet<DatasetId>,
     // On disk and in the kernel: these outlive flockd.
     procs: BTreeMap<String, Proc>,
@@ -769,36 +768,49 @@ impl World {
 
     // ---- the datasets executor ---------------------------------------------------------
 
-    fn may_run(&self, id: NodeId, job: Job) -> bool {
-        let n = &self.nodes[&id];
-        !n.pushes.contains_key(&job)
-            && n.retry.get(&job).is_none_or(|(at, _)| self.now >= *at)
-            && !matches!(job, Job::Move(ds) if n.moves.contains_key(&ds))
-    }
-
     fn datasets_pass(&mut self, id: NodeId) {
-        let datasets: Vec<_> = self.nodes[&id]
-            .state
-            .datasets
-            .values()
-            .filter(|d| d.primary == id)
-            .cloned()
+        let now = Instant::from_millis(self.now);
+        let n = self.nodes.get_mut(&id).expect("a node");
+        let busy: BTreeSet<DatasetId> = n
+            .moves
+            .keys()
+            .copied()
+            .chain(n.pushes.values().map(|p| p.ds))
             .collect();
-        for ds in datasets {
-            if !self.nodes[&id].copies.contains_key(&ds.id) {
-                if ds.snapshots.is_empty() && ds.epoch == 1 {
-                    self.node(id).copies.insert(ds.id, Copy::default());
+        let copies = CopiesSeen {
+            copies: Ok(n
+                .copies
+                .iter()
+                .map(|(id, c)| DsCopySeen {
+                    id: *id,
+                    name: c.name.clone(),
+                })
+                .collect()),
+            busy,
+        };
+        let actions = n.datasets.decide(&n.state, id, &copies, now);
+        for action in actions {
+            match action {
+                DatasetAction::Destroy { id: ds, .. } => {
+                    self.node(id).copies.remove(&ds);
+                    self.note(format!("n{id} destroys its copy of {ds}"));
                 }
-                continue;
-            }
-            if let Some(m) = &ds.moving {
-                if self.may_run(id, Job::Move(ds.id)) {
+                DatasetAction::Create { id: ds, name, .. } => {
+                    self.node(id).copies.insert(
+                        ds,
+                        Copy {
+                            name,
+                            ..Copy::default()
+                        },
+                    );
+                }
+                DatasetAction::StartMove { dataset, to } => {
                     self.node(id).moves.insert(
-                        ds.id,
-                        MoveTask {
-                            to: m.to,
-                            pc: MovePc::Begin,
-                            after_push: None,
+                        dataset,
+                        SimMove {
+                            mv: Move::new(dataset, to),
+                            to,
+                            gated: false,
                         },
                     );
                     let gen = self.nodes[&id].gen;
@@ -807,27 +819,27 @@ impl World {
                         Ev::MoveStep {
                             node: id,
                             gen,
-                            ds: ds.id,
+                            ds: dataset,
                         },
                     );
                 }
-            }
-            let Some(latest) = ds.latest_snapshot() else {
-                continue;
-            };
-            let target = ds.moving.as_ref().map(|m| m.to);
-            for &r in ds.replicas.iter().filter(|&&r| Some(r) != target) {
-                let job = Job::Replicate(ds.id, r);
-                if self.nodes[&id].replicated.get(&(ds.id, r)) == Some(&latest.guid)
-                    || !self.may_run(id, job)
-                {
-                    continue;
+                DatasetAction::Replicate {
+                    dataset,
+                    to,
+                    snapshot,
+                    epoch,
+                } => {
+                    let job = Job::Replicate(dataset, to);
+                    self.start_push(id, job, dataset, to, snapshot, epoch, None);
                 }
-                self.start_push(id, job, ds.id, r, latest.name.clone(), ds.epoch);
+                DatasetAction::ReportMissing { dataset, .. } => {
+                    self.note(format!("n{id} is primary of {dataset} but holds no copy"));
+                }
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start_push(
         &mut self,
         id: NodeId,
@@ -836,6 +848,7 @@ impl World {
         to: NodeId,
         target: String,
         epoch: u64,
+        record: Option<flock_scheduler::Dataset>,
     ) {
         let n = self.node(id);
         let later_at_start = n
@@ -857,6 +870,8 @@ impl World {
                 to,
                 target,
                 epoch,
+                record,
+                bytes: 0,
                 later_at_start,
             },
         );
@@ -865,205 +880,141 @@ impl World {
         self.at(at, Ev::PushStep { node: id, gen, job });
     }
 
-    fn job_failed(&mut self, id: NodeId, job: Job, why: &str) {
-        let now = self.now;
-        let n = self.node(id);
-        n.pushes.remove(&job);
-        if let Job::Move(ds) = job {
-            n.moves.remove(&ds);
-            n.gates.remove(&ds);
+    /// A replica push ended: the datasets core hears of it.
+    fn replica_ended(&mut self, id: NodeId, ds: DatasetId, to: NodeId, outcome: JobOutcome) {
+        let now = Instant::from_millis(self.now);
+        if let JobOutcome::Failed(why) = &outcome {
+            self.note(format!("n{id} replica push of {ds} to n{to} failed: {why}"));
         }
-        let backoff = n.retry.get(&job).map_or(500, |(_, b)| (b * 2).min(10_000));
-        n.retry.insert(job, (now + backoff, backoff));
-        self.note(format!("n{id} {job:?} failed: {why}"));
+        let n = self.node(id);
+        n.pushes.remove(&Job::Replicate(ds, to));
+        n.datasets
+            .finished(DsJob::Replicate { dataset: ds, to }, outcome, now);
     }
 
-    fn job_done(&mut self, id: NodeId, job: Job) {
+    /// A move's push ended: its attempt hears of it and goes on.
+    fn move_push_ended(&mut self, id: NodeId, ds: DatasetId, result: Result<u64, PushFailure>) {
         let n = self.node(id);
-        n.pushes.remove(&job);
-        n.retry.remove(&job);
-        if let Job::Move(ds) = job {
-            n.moves.remove(&ds);
-            n.gates.remove(&ds);
-        }
-    }
-
-    /// Takes a snapshot of the live data on `id` and records it; its name.
-    fn snapshot_and_record(&mut self, id: NodeId, ds: DatasetId) -> Result<String, String> {
-        self.next_id += 1;
-        let guid = self.next_id;
-        let name = format!("m{guid}");
-        let epoch = self.nodes[&id]
-            .state
-            .datasets
-            .get(&ds)
-            .map_or(0, |d| d.epoch);
-        let n = self.node(id);
-        let copy = n.copies.get_mut(&ds).ok_or("no copy here")?;
-        let data = copy.live.clone();
-        copy.snaps.push(Snap {
-            name: name.clone(),
-            guid,
-            data,
-        });
-        let r = self.propose(
-            id,
-            Command::RecordSnapshot {
-                dataset: ds,
-                epoch,
-                snapshot: SnapshotRecord {
-                    name: name.clone(),
-                    guid,
-                    created_unix: 0,
-                    epoch,
-                },
-            },
-        )?;
-        match r {
-            CommandResult::SnapshotRecorded => Ok(name),
-            other => Err(format!("recording refused: {other:?}")),
+        n.pushes.remove(&Job::Move(ds));
+        if let Some(m) = n.moves.get_mut(&ds) {
+            m.mv.observe(MoveInput::Pushed(result));
+            let gen = n.gen;
+            let at = self.rng.range(1, 30);
+            self.at(at, Ev::MoveStep { node: id, gen, ds });
         }
     }
 
-    fn move_step(&mut self, id: NodeId, ds_id: DatasetId) {
-        let Some(task) = self.nodes[&id].moves.get(&ds_id).cloned() else {
+    /// A move attempt ended: the gate is released and the datasets core hears of it.
+    fn move_ended(&mut self, id: NodeId, ds: DatasetId, result: Result<(), String>) {
+        let now = Instant::from_millis(self.now);
+        let n = self.node(id);
+        let Some(m) = n.moves.remove(&ds) else {
             return;
         };
-        let job = Job::Move(ds_id);
-        let again = |w: &mut World, pc: MovePc, delay: u64| {
-            if let Some(t) = w.node(id).moves.get_mut(&ds_id) {
-                t.pc = pc;
-            }
-            let gen = w.nodes[&id].gen;
-            w.at(
-                delay,
-                Ev::MoveStep {
-                    node: id,
-                    gen,
-                    ds: ds_id,
-                },
-            );
+        n.gates.remove(&ds);
+        n.pushes.remove(&Job::Move(ds));
+        let outcome = match &result {
+            Ok(()) => JobOutcome::Done,
+            Err(e) => JobOutcome::Failed(e.clone()),
         };
-        let state = &self.nodes[&id].state;
-        let Some(ds) = state.datasets.get(&ds_id).cloned() else {
-            return self.job_done(id, job);
+        n.datasets.finished(
+            DsJob::Move {
+                dataset: ds,
+                to: m.to,
+            },
+            outcome,
+            now,
+        );
+        if let Err(e) = result {
+            self.note(format!("n{id} move of {ds} failed: {e}"));
+        }
+    }
+
+    /// One step of a move attempt: ask the core, do the IO, answer it.
+    fn move_step(&mut self, id: NodeId, ds: DatasetId) {
+        let now = Instant::from_millis(self.now);
+        let gen = self.nodes[&id].gen;
+        let n = self.nodes.get_mut(&id).expect("a node");
+        let Some(m) = n.moves.get_mut(&ds) else {
+            return;
         };
-        let Some(moving) = ds
-            .moving
-            .clone()
-            .filter(|m| ds.primary == id && m.to == task.to)
-        else {
-            return self.job_done(id, job);
-        };
-        let users: Vec<String> = state
-            .apps_of_dataset(ds_id)
-            .map(|(n, _)| n.clone())
-            .collect();
-        match task.pc {
-            MovePc::Begin => {
-                let pc = if users.is_empty() {
-                    MovePc::Final
-                } else if moving.handoff {
-                    MovePc::AwaitStopped {
-                        deadline: self.now + STOP_TIMEOUT_MS,
-                    }
+        if n.pushes.contains_key(&Job::Move(ds)) {
+            return; // waiting for its push
+        }
+        let step = m.mv.next(&n.state, id, now);
+        let answer = match step {
+            MoveStep::Connect { to, .. } => {
+                let ok = self.up(to) && self.reachable(id, to);
+                Some(MoveInput::Connected(if ok {
+                    Ok(())
                 } else {
-                    MovePc::Round(0)
-                };
-                again(self, pc, 1);
+                    Err("unreachable".into())
+                }))
             }
-            MovePc::Round(r) => match self.snapshot_and_record(id, ds_id) {
-                Ok(snap) => {
-                    let next = if r + 1 < MOVE_ROUNDS {
-                        MovePc::Round(r + 1)
-                    } else {
-                        MovePc::Handoff
-                    };
-                    if let Some(t) = self.node(id).moves.get_mut(&ds_id) {
-                        t.after_push = Some(next);
-                    }
-                    self.start_push(id, job, ds_id, task.to, snap, ds.epoch);
-                }
-                Err(e) => self.job_failed(id, job, &e),
-            },
-            MovePc::Handoff => {
-                let r = self.propose(
-                    id,
-                    Command::HandoffDatasetMove {
-                        dataset: ds_id,
-                        epoch: ds.epoch,
-                        to: task.to,
-                    },
-                );
-                match r {
-                    Ok(CommandResult::HandedOff) => {
-                        let deadline = self.now + STOP_TIMEOUT_MS;
-                        let at = self.rng.range(1, 50);
-                        again(self, MovePc::AwaitStopped { deadline }, at);
-                    }
-                    Ok(CommandResult::Rejected(
-                        ApplyError::NoSuchMove { .. } | ApplyError::StaleEpoch { .. },
-                    )) => self.job_done(id, job),
-                    Ok(other) => self.job_failed(id, job, &format!("{other:?}")),
-                    Err(e) => self.job_failed(id, job, &e),
-                }
-            }
-            MovePc::AwaitStopped { deadline } => {
-                // The handoff must be applied here before the check (a start re-checks the
-                // state this node applied); then the gate is taken and held to the end.
-                let seen_handoff = moving.handoff;
-                if seen_handoff {
-                    self.node(id).gates.insert(ds_id);
-                    let seen = self.observe_apps(id);
-                    let kind_blind = seen.blind.contains_key(&DriverKind::Process);
-                    let any_runs = users.iter().any(|u| {
-                        seen.instances.get(u).is_some_and(|is| {
-                            is.iter()
-                                .any(|i| !matches!(i.state, SeenState::Exited { .. }))
-                        })
-                    });
-                    if !kind_blind && !any_runs {
-                        self.note(format!("n{id} move of {ds_id}: no user runs"));
-                        let at = self.rng.range(1, 20);
-                        return again(self, MovePc::Final, at);
-                    }
-                }
-                if self.now >= deadline {
-                    return self.job_failed(id, job, "the app did not stop");
-                }
-                let at = self.rng.range(10, 50);
-                again(self, MovePc::AwaitStopped { deadline }, at);
-            }
-            MovePc::Final => match self.snapshot_and_record(id, ds_id) {
-                Ok(snap) => {
-                    if let Some(t) = self.node(id).moves.get_mut(&ds_id) {
-                        t.after_push = Some(MovePc::Commit {
-                            snapshot: snap.clone(),
+            MoveStep::TakeSnapshot { dataset } => {
+                self.next_id += 1;
+                let guid = self.next_id;
+                let copy = self.node(id).copies.get_mut(&ds);
+                Some(MoveInput::Snapshot(match copy {
+                    Some(c) => {
+                        let name = format!("m{guid}");
+                        let data = c.live.clone();
+                        c.snaps.push(Snap {
+                            name: name.clone(),
+                            guid,
+                            data,
                         });
+                        Ok(SnapshotRecord {
+                            name,
+                            guid,
+                            created_unix: 0,
+                            epoch: dataset.epoch,
+                        })
                     }
-                    self.start_push(id, job, ds_id, task.to, snap, ds.epoch);
-                }
-                Err(e) => self.job_failed(id, job, &e),
-            },
-            MovePc::Commit { snapshot } => {
-                let r = self.propose(
-                    id,
-                    Command::CommitDatasetMove {
-                        dataset: ds_id,
-                        epoch: ds.epoch,
-                        to: task.to,
-                        snapshot,
-                    },
-                );
-                match r {
-                    Ok(CommandResult::MoveCommitted { .. })
-                    | Ok(CommandResult::Rejected(
-                        ApplyError::NoSuchMove { .. } | ApplyError::StaleEpoch { .. },
-                    )) => self.job_done(id, job),
-                    Ok(other) => self.job_failed(id, job, &format!("{other:?}")),
-                    Err(e) => self.job_failed(id, job, &e),
-                }
+                    None => Err("no copy here".into()),
+                }))
             }
+            MoveStep::ProposeRecord { .. }
+            | MoveStep::ProposeCancel { .. }
+            | MoveStep::ProposeHandoff { .. }
+            | MoveStep::ProposeCommit { .. } => {
+                let cmd = step.command().expect("a proposal step has a command");
+                Some(MoveInput::Proposed(self.propose(id, cmd)))
+            }
+            MoveStep::Push { dataset, snapshot } => {
+                let (to, epoch) = (self.nodes[&id].moves[&ds].to, dataset.epoch);
+                self.start_push(id, Job::Move(ds), ds, to, snapshot, epoch, Some(dataset));
+                None
+            }
+            MoveStep::AwaitHandoffApplied { until }
+            | MoveStep::AwaitApplied { until, .. }
+            | MoveStep::Wait(until) => {
+                // Ask again then, or sooner: the local state may change meanwhile.
+                let wait = until.saturating_since(now).as_millis() as u64;
+                self.at(wait.clamp(1, 50), Ev::MoveStep { node: id, gen, ds });
+                return;
+            }
+            MoveStep::TakeStartGate { dataset } => {
+                let n = self.node(id);
+                n.gates.insert(dataset);
+                if let Some(m) = n.moves.get_mut(&ds) {
+                    m.gated = true;
+                }
+                Some(MoveInput::GateHeld)
+            }
+            MoveStep::ObserveUsers { .. } => {
+                let seen = self.observe_apps(id);
+                Some(MoveInput::Users(users_seen(&seen)))
+            }
+            MoveStep::Done => return self.move_ended(id, ds, Ok(())),
+            MoveStep::Failed(e) => return self.move_ended(id, ds, Err(e)),
+        };
+        if let Some(answer) = answer {
+            if let Some(m) = self.node(id).moves.get_mut(&ds) {
+                m.mv.observe(answer);
+            }
+            let at = self.rng.range(1, 30);
+            self.at(at, Ev::MoveStep { node: id, gen, ds });
         }
     }
 
@@ -1076,12 +1027,17 @@ impl World {
             return;
         };
         if !self.up(p.to) || !self.reachable(id, p.to) {
-            return self.job_failed(id, job, "connection");
+            return self.push_failed(id, job, "connection".into());
         }
-        // The sender: a push goes on only under the epoch it began with.
-        let sender_ds = self.nodes[&id].state.datasets.get(&p.ds).cloned();
+        // The sender: a push goes on only under the epoch it began with; a move's push plans
+        // with the dataset as recorded so far.
+        let applied = self.nodes[&id].state.datasets.get(&p.ds);
+        let sender_ds = match &p.record {
+            Some(record) => Some(push::step_record(applied, record)),
+            None => applied.cloned(),
+        };
         let Some(sender_ds) = sender_ds.filter(|d| d.epoch == p.epoch && d.primary == id) else {
-            return self.job_done(id, job);
+            return self.push_ended(id, job, Err(JobOutcome::Skipped));
         };
         let receiver_ds = match push::admit(
             &self.nodes[&p.to].state,
@@ -1092,7 +1048,7 @@ impl World {
             p.epoch,
         ) {
             Ok(d) => d.clone(),
-            Err(e) => return self.job_failed(id, job, &e.to_string()),
+            Err(e) => return self.push_failed(id, job, e.to_string()),
         };
         let held = |c: Option<&Copy>| -> Vec<HeldSnapshot> {
             c.map(|c| {
@@ -1110,11 +1066,11 @@ impl World {
         } else {
             match push::plan_step(&sender_ds, &ours, &p.target, &theirs) {
                 Ok(plan) => Some(plan),
-                Err(e) => return self.job_failed(id, job, &e.to_string()),
+                Err(e) => return self.push_failed(id, job, e.to_string()),
             }
         };
         let Some(plan) = plan else {
-            return self.job_failed(id, job, "target snapshot missing here");
+            return self.push_failed(id, job, "target snapshot missing here".into());
         };
         if plan.is_nothing() {
             return self.push_finished(id, job, &p);
@@ -1124,12 +1080,17 @@ impl World {
             let latest = self.nodes[&p.to].state.datasets.get(&p.ds).cloned();
             let latest = latest.unwrap_or(receiver_ds);
             if let Err(e) = push::guard_rollback(&latest, &theirs, &plan) {
-                return self.job_failed(id, job, &e.to_string());
+                return self.push_failed(id, job, e.to_string());
             }
         }
         let to = p.to;
-        let rc = self.node(to).copies.entry(p.ds).or_default();
+        let name = sender_ds.name.clone();
+        let rc = self.node(to).copies.entry(p.ds).or_insert_with(|| Copy {
+            name,
+            ..Copy::default()
+        });
         let before = rc.snaps.len();
+        let base_len = rc.live.len() as u64;
         match &plan.base {
             Some(b) => {
                 if let Some(pos) = rc.snaps.iter().rposition(|s| &s.name == b) {
@@ -1137,7 +1098,10 @@ impl World {
                     rc.live = rc.snaps[pos].data.clone();
                 }
             }
-            None => *rc = Copy::default(),
+            None => {
+                rc.snaps.clear();
+                rc.live.clear();
+            }
         }
         let dropped = before - rc.snaps.len();
         if dropped > 0 {
@@ -1153,6 +1117,10 @@ impl World {
         let reached = match sent {
             Some(snap) => {
                 let done = snap.name == p.target;
+                let delta = (snap.data.len() as u64).saturating_sub(base_len) << 16;
+                if let Some(t) = self.node(id).pushes.get_mut(&job) {
+                    t.bytes += delta;
+                }
                 let rc = self.node(to).copies.entry(p.ds).or_default();
                 rc.live = snap.data.clone();
                 rc.snaps.push(snap);
@@ -1172,29 +1140,32 @@ impl World {
         self.at(at, Ev::PushStep { node: id, gen, job });
     }
 
-    fn push_finished(&mut self, id: NodeId, job: Job, p: &PushTask) {
+    fn push_finished(&mut self, id: NodeId, job: Job, _p: &PushTask) {
+        let bytes = self.nodes[&id].pushes.get(&job).map_or(0, |t| t.bytes);
+        self.push_ended(id, job, Ok(bytes));
+    }
+
+    fn push_failed(&mut self, id: NodeId, job: Job, why: String) {
+        self.push_ended(id, job, Err(JobOutcome::Failed(why)));
+    }
+
+    /// A push ended: `Ok(bytes)`, or how it did not.
+    fn push_ended(&mut self, id: NodeId, job: Job, result: Result<u64, JobOutcome>) {
         match job {
             Job::Replicate(ds, to) => {
-                let guid = self.nodes[&id]
-                    .copies
-                    .get(&ds)
-                    .and_then(|c| c.snaps.iter().find(|s| s.name == p.target))
-                    .map_or(0, |s| s.guid);
-                self.node(id).replicated.insert((ds, to), guid);
-                self.job_done(id, job);
+                let outcome = match result {
+                    Ok(_) => JobOutcome::Done,
+                    Err(o) => o,
+                };
+                self.replica_ended(id, ds, to, outcome);
             }
             Job::Move(ds) => {
-                let n = self.node(id);
-                n.pushes.remove(&job);
-                let next = n.moves.get_mut(&ds).and_then(|t| t.after_push.take());
-                if let Some(pc) = next {
-                    if let Some(t) = n.moves.get_mut(&ds) {
-                        t.pc = pc;
-                    }
-                    let gen = n.gen;
-                    let at = self.rng.range(1, 30);
-                    self.at(at, Ev::MoveStep { node: id, gen, ds });
-                }
+                let r = match result {
+                    Ok(b) => Ok(b),
+                    Err(JobOutcome::Failed(e)) => Err(PushFailure::Other(e)),
+                    Err(_) => Err(PushFailure::Other("the dataset moved on".into())),
+                };
+                self.move_push_ended(id, ds, r);
             }
         }
     }
@@ -1341,10 +1312,9 @@ impl World {
         n.gen += 1;
         n.apps = AppsCore::new();
         n.pass_in_flight = false;
+        n.datasets = DatasetsCore::new();
         n.moves.clear();
         n.pushes.clear();
-        n.retry.clear();
-        n.replicated.clear();
         n.gates.clear();
         // Its applied state survives (the state machine is on disk).
     }
@@ -1430,6 +1400,34 @@ fn stale_plan(
         base: common.map(|c| chain[c].name.clone()),
         target: next.map(|n| chain[n].name.clone()),
     })
+}
+
+/// The apps' instances as a move's check reads them.
+fn users_seen(seen: &AppsSeen) -> InstancesSeen {
+    InstancesSeen {
+        instances: seen
+            .instances
+            .iter()
+            .flat_map(|(app, list)| {
+                list.iter().map(move |i| InstanceSeen {
+                    app: app.clone(),
+                    driver: i.kind,
+                    run: match &i.state {
+                        SeenState::Running => RunSeen::Running,
+                        SeenState::Exited { .. } => RunSeen::Exited,
+                        SeenState::Unknown { reason } => RunSeen::Unknown {
+                            reason: reason.clone(),
+                        },
+                    },
+                })
+            })
+            .collect(),
+        failed: seen
+            .blind
+            .iter()
+            .map(|(k, why)| (*k, why.clone()))
+            .collect(),
+    }
 }
 
 fn brief(cmd: &Command) -> String {

@@ -24,15 +24,15 @@ use flock_decide::datasets::{
     replica_source, CopiesSeen, CopySeen, DatasetAction, DatasetsCore, Job, JobOutcome,
 };
 use flock_decide::moves::{
-    Driver, InstanceSeen, InstancesSeen, Move, MoveInput, MovePhase, MoveStep, Progress,
-    PushFailure, RunSeen,
+    InstanceSeen, InstancesSeen, Move, MoveInput, MovePhase, MoveStep, Progress, PushFailure,
+    RunSeen,
 };
 use flock_scheduler::dataset::{local_name, DatasetId};
 use flock_scheduler::{CommandResult, NodeId};
 
 use super::{blocking, time_name, Datasets, StartGate, TransferState};
 use crate::cluster::Cluster;
-use crate::driver::{Drivers, Kind, Listing, RunState};
+use crate::driver::{Drivers, Listing, RunState};
 use crate::transfer::push::{push, PushError};
 use crate::transfer::Peers;
 
@@ -428,16 +428,12 @@ impl MoveReport<'_> {
 
 /// The drivers' instances as the decisions read them.
 fn instances_seen(listing: Listing) -> InstancesSeen {
-    let driver = |k: Kind| match k {
-        Kind::Process => Driver::Process,
-        Kind::Docker => Driver::Docker,
-    };
     InstancesSeen {
         instances: listing
             .instances
             .into_iter()
             .map(|(i, k)| InstanceSeen {
-                driver: driver(k),
+                driver: k,
                 run: match i.state {
                     RunState::Running { .. } => RunSeen::Running,
                     RunState::Exited { .. } => RunSeen::Exited,
@@ -446,11 +442,7 @@ fn instances_seen(listing: Listing) -> InstancesSeen {
                 app: i.app,
             })
             .collect(),
-        failed: listing
-            .failed
-            .into_iter()
-            .map(|(k, why)| (driver(k), why))
-            .collect(),
+        failed: listing.failed,
     }
 }
 

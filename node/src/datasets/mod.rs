@@ -274,6 +274,21 @@ impl Datasets {
         }
     }
 
+    /// The dataset's start gate if no one holds it now: the apps agent does not wait behind a
+    /// move's check (which may hold it through the last push); it tries again on its next look.
+    pub fn try_start_gate(&self, id: DatasetId) -> Option<StartGate> {
+        let gate = self
+            .gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .clone();
+        Some(StartGate {
+            _held: gate.try_lock_owned().ok()?,
+        })
+    }
+
     /// Whether some task works on the dataset now.
     pub fn busy(&self, id: DatasetId) -> bool {
         self.locks

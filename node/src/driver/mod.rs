@@ -13,39 +13,12 @@
 pub mod docker;
 pub mod process;
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-/// What to run for one application on this node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunSpec {
-    pub app: String,
-    /// For the docker driver.
-    pub image: Option<String>,
-    /// For the process driver: the program and its arguments.
-    pub command: Option<Vec<String>>,
-    pub env: BTreeMap<String, String>,
-    /// The dataset's files on this node, if the app has a volume.
-    pub dataset_path: Option<PathBuf>,
-    /// Where the app sees its volume (docker: the bind mount's target).
-    pub mountpoint: Option<String>,
-    /// (internal, external) ports.
-    pub ports: Vec<(u16, u16)>,
-    pub mem_limit: Option<u64>,
-    pub cpu_shares: Option<u64>,
-}
-
-impl RunSpec {
-    /// A digest of the spec: an instance started from another spec is out of date.
-    pub fn fingerprint(&self) -> String {
-        let json = serde_json::to_vec(self).expect("a spec serializes");
-        hex::encode(&Sha256::digest(&json)[..12])
-    }
-}
+/// What to run for one application on this node: decided by flock-decide's apps core.
+pub use flock_decide::apps::RunSpec;
 
 /// What a driver reports about one instance.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,22 +139,7 @@ impl DriverError {
 }
 
 /// Which driver runs an app: `docker` for an `image`, `process` for a `command` alone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
-    Process,
-    Docker,
-}
-
-impl Kind {
-    /// The driver for an app with this image and command.
-    pub fn of(image: Option<&str>) -> Kind {
-        if image.is_some() {
-            Kind::Docker
-        } else {
-            Kind::Process
-        }
-    }
-}
+pub use flock_decide::apps::DriverKind as Kind;
 
 /// How long one look at a driver (a listing, an inspect, a short engine call) may take before
 /// it counts as failed.
@@ -198,16 +156,6 @@ pub struct Drivers {
     pub docker: Option<std::sync::Arc<docker::DockerDriver>>,
     /// Why there is no docker driver, for the apps that need one.
     pub docker_error: String,
-}
-
-impl Kind {
-    /// The driver's name, as `app ls` shows it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Process => "process",
-            Kind::Docker => "docker",
-        }
-    }
 }
 
 impl Drivers {
