@@ -123,7 +123,9 @@ pub async fn run(
     view: AppsView,
     mesh_host: Option<String>,
     mut shutdown: watch::Receiver<bool>,
+    status: crate::worker::WorkerStatus,
 ) {
+    status.idle("catching up with the cluster's log");
     if !cluster.caught_up(&mut shutdown).await {
         return;
     }
@@ -152,8 +154,10 @@ pub async fn run(
         };
         if due {
             let state = cluster.view.read().cluster.clone();
+            status.running();
             look(&here, &state, &mut core).await;
             view.publish(&core);
+            status.idle(summary(&core));
             last = Some((state, Instant::now()));
         }
         let wait = last
@@ -163,6 +167,22 @@ pub async fn run(
             return;
         }
     }
+}
+
+/// What `flockctl status` shows of the agent: how many apps are in each phase here.
+fn summary(core: &AppsCore) -> String {
+    if core.view().is_empty() {
+        return "no app placed on this node".into();
+    }
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for local in core.view().values() {
+        *counts.entry(local.phase.as_str()).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(phase, n)| format!("{n} {}", if phase.is_empty() { "new" } else { phase }))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One look: observe, decide, act.

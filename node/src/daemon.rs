@@ -521,10 +521,10 @@ impl RunningNode {
         {
             let (cluster, datasets, drivers) = (cluster.clone(), datasets.clone(), drivers.clone());
             let link_host = mesh.map(|ip| crate::mesh::link_host(ip, &identity.advertise));
-            // TODO(apps agent): pass `status` as a last argument once `apps::run` takes an
-            // `Option<WorkerStatus>` to say what it is doing (idle, waiting for what, errors).
-            workers.spawn(Phase::Agents, "apps", |stop, _status| {
-                crate::apps::run(cluster, datasets, drivers, apps_view, link_host, stop)
+            workers.spawn(Phase::Agents, "apps", |stop, status| {
+                crate::apps::run(
+                    cluster, datasets, drivers, apps_view, link_host, stop, status,
+                )
             });
         }
         if let Some(ip) = mesh {
@@ -576,10 +576,8 @@ impl RunningNode {
         });
         {
             let (cluster, datasets, drivers) = (cluster.clone(), datasets.clone(), drivers.clone());
-            // TODO(datasets agent): pass `status` as a last argument once
-            // `datasets::agent::run` takes an `Option<WorkerStatus>`.
-            workers.spawn(Phase::Agents, "datasets", |stop, _status| {
-                crate::datasets::agent::run(cluster, datasets, peers, drivers, stop)
+            workers.spawn(Phase::Agents, "datasets", |stop, status| {
+                crate::datasets::agent::run(cluster, datasets, peers, drivers, stop, status)
             });
         }
         Ok(RunningNode {

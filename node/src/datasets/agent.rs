@@ -62,6 +62,7 @@ pub async fn run(
     peers: Arc<Peers>,
     drivers: Drivers,
     mut shutdown: watch::Receiver<bool>,
+    status: crate::worker::WorkerStatus,
 ) {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Job, JobOutcome)>();
     let ex = Arc::new(Executor {
@@ -71,13 +72,21 @@ pub async fn run(
         drivers,
     });
     let mut core = DatasetsCore::new();
+    status.idle("catching up with the cluster's log");
     if !ex.cluster.caught_up(&mut shutdown).await {
         return;
     }
     loop {
         let due = core.due(&ex.cluster.view.read().cluster, now());
         if due {
+            status.running();
             ex.converge(&mut core, &done_tx).await;
+            let jobs = core.running().count();
+            status.idle(if jobs == 0 {
+                "no move or replica push running".to_string()
+            } else {
+                format!("{jobs} move(s) or replica push(es) running")
+            });
         }
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -89,6 +98,7 @@ pub async fn run(
                 };
                 if let Some(backoff) = core.finished(job, outcome, now()) {
                     tracing::warn!(?job, error = %error, retry_in = ?backoff, "dataset push failed");
+                    status.error(format!("{job:?}: {error}"));
                 }
             }
         }
