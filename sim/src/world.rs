@@ -1333,6 +1333,20 @@ impl World {
                 )));
             }
         }
+        // Every snapshot Raft recorded survives on the dataset's primary.
+        for ds in self.canonical.datasets.values() {
+            let held: BTreeSet<u64> = self.nodes[&ds.primary]
+                .copies
+                .get(&ds.id)
+                .map(|c| c.snaps.iter().map(|s| s.guid).collect())
+                .unwrap_or_default();
+            if let Some(lost) = ds.snapshots.iter().find(|r| !held.contains(&r.guid)) {
+                return Err(self.violation(format!(
+                    "dataset {}: recorded snapshot {} (guid {}) is not on its primary n{}",
+                    ds.name, lost.name, lost.guid, ds.primary
+                )));
+            }
+        }
         for (name, app) in &self.canonical.apps {
             let Some(on) = self.canonical.app_runs_on(app) else {
                 return Err(self.violation(format!("app {name} runs nowhere at the end")));
