@@ -148,6 +148,7 @@ enum Ev {
         node: NodeId,
         gen: u64,
         ds: DatasetId,
+        to: NodeId,
     },
     PushStep {
         node: NodeId,
@@ -163,7 +164,7 @@ enum Ev {
 /// A push job: for a move (its task continues when it ends) or a replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Job {
-    Move(DatasetId),
+    Move(DatasetId, NodeId),
     Replicate(DatasetId, NodeId),
 }
 
@@ -203,7 +204,6 @@ impl Proc {
 /// A move attempt this node runs: the core's state machine and the push it waits for.
 struct SimMove {
     mv: Move,
-    to: NodeId,
     /// The gate is taken: released when the attempt ends.
     gated: bool,
 }
@@ -233,9 +233,10 @@ struct SimNode {
     apps: AppsCore,
     pass_in_flight: bool,
     datasets: DatasetsCore,
-    moves: BTreeMap<DatasetId, SimMove>,
+    moves: BTreeMap<(DatasetId, NodeId), SimMove>,
     pushes: BTreeMap<Job, PushTask>,
-    gates: BTreeSet<DatasetId>,
+    /// Start gates held, by dataset: the target of the move attempt that holds it.
+    gates: BTreeMap<DatasetId, NodeId>,
     // On disk and in the kernel: these outlive flockd.
     procs: BTreeMap<String, Proc>,
     orphans: Vec<(String, DatasetId)>,
@@ -243,6 +244,8 @@ struct SimNode {
     list_fails_until: u64,
     inspect_fails_until: u64,
     start_fails_until: u64,
+    /// The storage backend fails every call (a zfs command erroring).
+    backend_fails_until: u64,
 }
 
 /// The simulated cluster.
@@ -480,9 +483,9 @@ impl World {
                 }
                 Ok(())
             }
-            Ev::MoveStep { node, gen, ds } => {
+            Ev::MoveStep { node, gen, ds, to } => {
                 if self.up(node) && self.nodes[&node].gen == gen {
-                    self.move_step(node, ds);
+                    self.move_step(node, ds, to);
                 }
                 Ok(())
             }
@@ -513,6 +516,7 @@ impl World {
                     n.list_fails_until = 0;
                     n.inspect_fails_until = 0;
                     n.start_fails_until = 0;
+                    n.backend_fails_until = 0;
                     if !(n.machine_up && n.flockd_up) {
                         n.machine_up = true;
                         n.flockd_up = true;
@@ -591,6 +595,9 @@ impl World {
             let _ = name;
             if let Some(ds) = app.dataset {
                 let copy = match n.copies.get(&ds) {
+                    _ if now < n.backend_fails_until => CopySeen::Unknown {
+                        reason: "zfs list failed".into(),
+                    },
                     Some(c) => CopySeen::Present {
                         mount_path: PathBuf::from(format!("/sim/{ds}")),
                         guids: c.snaps.iter().map(|s| s.guid).collect(),
@@ -685,7 +692,9 @@ impl World {
                 let app = spec.app.clone();
                 if !bugs.start_without_recheck {
                     let n = &self.nodes[&id];
-                    let gated = guard.dataset.is_some_and(|(ds, _)| n.gates.contains(&ds));
+                    let gated = guard
+                        .dataset
+                        .is_some_and(|(ds, _)| n.gates.contains_key(&ds));
                     let check = if gated {
                         Err("a move holds the dataset's start gate".to_string())
                     } else {
@@ -774,18 +783,22 @@ impl World {
         let busy: BTreeSet<DatasetId> = n
             .moves
             .keys()
-            .copied()
+            .map(|(ds, _)| *ds)
             .chain(n.pushes.values().map(|p| p.ds))
             .collect();
+        let backend_fails = self.now < n.backend_fails_until;
         let copies = CopiesSeen {
-            copies: Ok(n
-                .copies
-                .iter()
-                .map(|(id, c)| DsCopySeen {
-                    id: *id,
-                    name: c.name.clone(),
-                })
-                .collect()),
+            copies: if backend_fails {
+                Err("zfs list failed".into())
+            } else {
+                Ok(n.copies
+                    .iter()
+                    .map(|(id, c)| DsCopySeen {
+                        id: *id,
+                        name: c.name.clone(),
+                    })
+                    .collect())
+            },
             busy,
         };
         let actions = n.datasets.decide(&n.state, id, &copies, now);
@@ -806,10 +819,9 @@ impl World {
                 }
                 DatasetAction::StartMove { dataset, to } => {
                     self.node(id).moves.insert(
-                        dataset,
+                        (dataset, to),
                         SimMove {
                             mv: Move::new(dataset, to),
-                            to,
                             gated: false,
                         },
                     );
@@ -820,6 +832,7 @@ impl World {
                             node: id,
                             gen,
                             ds: dataset,
+                            to,
                         },
                     );
                 }
@@ -893,57 +906,65 @@ impl World {
     }
 
     /// A move's push ended: its attempt hears of it and goes on.
-    fn move_push_ended(&mut self, id: NodeId, ds: DatasetId, result: Result<u64, PushFailure>) {
+    fn move_push_ended(
+        &mut self,
+        id: NodeId,
+        key: (DatasetId, NodeId),
+        result: Result<u64, PushFailure>,
+    ) {
         let n = self.node(id);
-        n.pushes.remove(&Job::Move(ds));
-        if let Some(m) = n.moves.get_mut(&ds) {
+        n.pushes.remove(&Job::Move(key.0, key.1));
+        if let Some(m) = n.moves.get_mut(&key) {
             m.mv.observe(MoveInput::Pushed(result));
             let gen = n.gen;
             let at = self.rng.range(1, 30);
-            self.at(at, Ev::MoveStep { node: id, gen, ds });
+            self.at(at, move_step(id, gen, key));
         }
     }
 
-    /// A move attempt ended: the gate is released and the datasets core hears of it.
-    fn move_ended(&mut self, id: NodeId, ds: DatasetId, result: Result<(), String>) {
+    /// A move attempt ended: its gate is released and the datasets core hears of it.
+    fn move_ended(&mut self, id: NodeId, key: (DatasetId, NodeId), result: Result<(), String>) {
         let now = Instant::from_millis(self.now);
         let n = self.node(id);
-        let Some(m) = n.moves.remove(&ds) else {
+        let Some(m) = n.moves.remove(&key) else {
             return;
         };
-        n.gates.remove(&ds);
-        n.pushes.remove(&Job::Move(ds));
+        if m.gated && n.gates.get(&key.0) == Some(&key.1) {
+            n.gates.remove(&key.0);
+        }
+        n.pushes.remove(&Job::Move(key.0, key.1));
         let outcome = match &result {
             Ok(()) => JobOutcome::Done,
             Err(e) => JobOutcome::Failed(e.clone()),
         };
         n.datasets.finished(
             DsJob::Move {
-                dataset: ds,
-                to: m.to,
+                dataset: key.0,
+                to: key.1,
             },
             outcome,
             now,
         );
         if let Err(e) = result {
-            self.note(format!("n{id} move of {ds} failed: {e}"));
+            self.note(format!("n{id} move of {} to n{} failed: {e}", key.0, key.1));
         }
     }
 
     /// One step of a move attempt: ask the core, do the IO, answer it.
-    fn move_step(&mut self, id: NodeId, ds: DatasetId) {
+    fn move_step(&mut self, id: NodeId, ds: DatasetId, to: NodeId) {
+        let key = (ds, to);
         let now = Instant::from_millis(self.now);
         let gen = self.nodes[&id].gen;
         let n = self.nodes.get_mut(&id).expect("a node");
-        let Some(m) = n.moves.get_mut(&ds) else {
-            return;
-        };
-        if n.pushes.contains_key(&Job::Move(ds)) {
+        if n.pushes.contains_key(&Job::Move(ds, to)) {
             return; // waiting for its push
         }
+        let Some(m) = n.moves.get_mut(&key) else {
+            return;
+        };
         let step = m.mv.next(&n.state, id, now);
         let answer = match step {
-            MoveStep::Connect { to, .. } => {
+            MoveStep::Connect { .. } => {
                 let ok = self.up(to) && self.reachable(id, to);
                 Some(MoveInput::Connected(if ok {
                     Ok(())
@@ -954,7 +975,13 @@ impl World {
             MoveStep::TakeSnapshot { dataset } => {
                 self.next_id += 1;
                 let guid = self.next_id;
-                let copy = self.node(id).copies.get_mut(&ds);
+                let now_ms = self.now;
+                let n = self.node(id);
+                let copy = if now_ms < n.backend_fails_until {
+                    None
+                } else {
+                    n.copies.get_mut(&ds)
+                };
                 Some(MoveInput::Snapshot(match copy {
                     Some(c) => {
                         let name = format!("m{guid}");
@@ -971,7 +998,7 @@ impl World {
                             epoch: dataset.epoch,
                         })
                     }
-                    None => Err("no copy here".into()),
+                    None => Err("the backend failed or holds no copy".into()),
                 }))
             }
             MoveStep::ProposeRecord { .. }
@@ -982,8 +1009,16 @@ impl World {
                 Some(MoveInput::Proposed(self.propose(id, cmd)))
             }
             MoveStep::Push { dataset, snapshot } => {
-                let (to, epoch) = (self.nodes[&id].moves[&ds].to, dataset.epoch);
-                self.start_push(id, Job::Move(ds), ds, to, snapshot, epoch, Some(dataset));
+                let epoch = dataset.epoch;
+                self.start_push(
+                    id,
+                    Job::Move(ds, to),
+                    ds,
+                    to,
+                    snapshot,
+                    epoch,
+                    Some(dataset),
+                );
                 None
             }
             MoveStep::AwaitHandoffApplied { until }
@@ -991,13 +1026,21 @@ impl World {
             | MoveStep::Wait(until) => {
                 // Ask again then, or sooner: the local state may change meanwhile.
                 let wait = until.saturating_since(now).as_millis() as u64;
-                self.at(wait.clamp(1, 50), Ev::MoveStep { node: id, gen, ds });
+                self.at(wait.clamp(1, 50), move_step(id, gen, key));
                 return;
             }
             MoveStep::TakeStartGate { dataset } => {
                 let n = self.node(id);
-                n.gates.insert(dataset);
-                if let Some(m) = n.moves.get_mut(&ds) {
+                match n.gates.get(&dataset) {
+                    Some(holder) if *holder != to => {
+                        // Another attempt holds it: wait for it, as the executor's lock does.
+                        self.at(10, move_step(id, gen, key));
+                        return;
+                    }
+                    _ => {}
+                }
+                n.gates.insert(dataset, to);
+                if let Some(m) = n.moves.get_mut(&key) {
                     m.gated = true;
                 }
                 Some(MoveInput::GateHeld)
@@ -1006,15 +1049,15 @@ impl World {
                 let seen = self.observe_apps(id);
                 Some(MoveInput::Users(users_seen(&seen)))
             }
-            MoveStep::Done => return self.move_ended(id, ds, Ok(())),
-            MoveStep::Failed(e) => return self.move_ended(id, ds, Err(e)),
+            MoveStep::Done => return self.move_ended(id, key, Ok(())),
+            MoveStep::Failed(e) => return self.move_ended(id, key, Err(e)),
         };
         if let Some(answer) = answer {
-            if let Some(m) = self.node(id).moves.get_mut(&ds) {
+            if let Some(m) = self.node(id).moves.get_mut(&key) {
                 m.mv.observe(answer);
             }
             let at = self.rng.range(1, 30);
-            self.at(at, Ev::MoveStep { node: id, gen, ds });
+            self.at(at, move_step(id, gen, key));
         }
     }
 
@@ -1028,6 +1071,11 @@ impl World {
         };
         if !self.up(p.to) || !self.reachable(id, p.to) {
             return self.push_failed(id, job, "connection".into());
+        }
+        if self.now < self.nodes[&id].backend_fails_until
+            || self.now < self.nodes[&p.to].backend_fails_until
+        {
+            return self.push_failed(id, job, "zfs send or receive failed".into());
         }
         // The sender: a push goes on only under the epoch it began with; a move's push plans
         // with the dataset as recorded so far.
@@ -1134,7 +1182,7 @@ impl World {
         let gen = self.nodes[&id].gen;
         // A replica's stream may be large (it may be far behind); a move's rounds are small.
         let at = match job {
-            Job::Move(_) => self.rng.range(10, 200),
+            Job::Move(..) => self.rng.range(10, 200),
             Job::Replicate(..) => self.rng.range(50, 3000),
         };
         self.at(at, Ev::PushStep { node: id, gen, job });
@@ -1159,13 +1207,13 @@ impl World {
                 };
                 self.replica_ended(id, ds, to, outcome);
             }
-            Job::Move(ds) => {
+            Job::Move(ds, to) => {
                 let r = match result {
                     Ok(b) => Ok(b),
                     Err(JobOutcome::Failed(e)) => Err(PushFailure::Other(e)),
                     Err(_) => Err(PushFailure::Other("the dataset moved on".into())),
                 };
-                self.move_push_ended(id, ds, r);
+                self.move_push_ended(id, (ds, to), r);
             }
         }
     }
@@ -1226,7 +1274,7 @@ impl World {
     fn fault(&mut self) {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         let id = *self.rng.pick(&ids);
-        match self.rng.range(0, 11) {
+        match self.rng.range(0, 12) {
             0 => {
                 if self.up(id) {
                     let n = self.node(id);
@@ -1274,6 +1322,11 @@ impl World {
                 let until = self.now + self.rng.range(200, 3000);
                 self.node(id).start_fails_until = until;
                 self.note(format!("n{id} driver start fails until {until}"));
+            }
+            8 => {
+                let until = self.now + self.rng.range(200, 3000);
+                self.node(id).backend_fails_until = until;
+                self.note(format!("n{id} backend fails until {until}"));
             }
             6 | 7 => {
                 let apps: Vec<String> = self.nodes[&id].procs.keys().cloned().collect();
@@ -1327,9 +1380,17 @@ impl World {
         }
         for (name, ds) in &self.canonical.datasets {
             if let Some(m) = &ds.moving {
+                let p = &self.nodes[&ds.primary];
                 return Err(self.violation(format!(
-                    "dataset {name} is still moving to n{} {} ms after the faults ended",
-                    m.to, self.cfg.heal_ms
+                    "dataset {name} is still moving from n{} to n{} {} ms after the faults ended (the primary: copy {}, move task {}, jobs {:?}, applied {} of {})",
+                    ds.primary,
+                    m.to,
+                    self.cfg.heal_ms,
+                    if p.copies.contains_key(&ds.id) { "held" } else { "missing" },
+                    p.moves.keys().any(|(d, _)| *d == ds.id),
+                    p.datasets.running().collect::<Vec<_>>(),
+                    p.applied,
+                    self.log.len()
                 )));
             }
         }
@@ -1414,6 +1475,16 @@ fn stale_plan(
         base: common.map(|c| chain[c].name.clone()),
         target: next.map(|n| chain[n].name.clone()),
     })
+}
+
+/// The event that asks move attempt `key` on node `node` for its next step.
+fn move_step(node: NodeId, gen: u64, key: (DatasetId, NodeId)) -> Ev {
+    Ev::MoveStep {
+        node,
+        gen,
+        ds: key.0,
+        to: key.1,
+    }
 }
 
 /// The apps' instances as a move's check reads them.
