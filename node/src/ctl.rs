@@ -14,8 +14,8 @@ use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::*;
 use flock_scheduler::shown;
 
-use crate::client::{connect, ClientConfig};
 use crate::pki::new_key_and_csr;
+use flock_client::{connect, ClientConfig};
 
 /// Exit code of a compare-and-set whose expected value did not match.
 pub const EXIT_CAS_FAILED: i32 = 3;
@@ -358,7 +358,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<ClientConfig> {
             "no client config: give --config FILE or set FLOCK_CONFIG (flockd init wrote DATA_DIR/admin.conf; `flockd dev` prints the export line)"
         )
     })?;
-    ClientConfig::load(path)
+    Ok(ClientConfig::load(path)?)
 }
 
 /// Connects to the first address that answers: --addr, else the config's addresses in order.

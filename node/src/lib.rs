@@ -7,12 +7,14 @@
 //!   leader's membership worker.
 //! - [`api`]: the gRPC API flockctl talks to; [`edge`]: what a caller must present before a
 //!   request's body is read.
-//! - [`client`]: connecting to a node and the client config; [`token`]: join tokens;
-//!   [`pki`]: the cluster CA, certificates, TLS and who may call what; [`dev`]: `flockd dev`.
+//! - [`token`]: join tokens; [`pki`]: who may call what ([`pki::Authorizer`]), over flock-tls's
+//!   CA, certificates and private files (re-exported there); [`dev`]: `flockd dev`.
+//!   Connecting to a node and the client config are flock-client's ([`flock_client`]).
 //! - [`ctl`]: flockctl's commands and their output.
 //! - [`driver`]: running apps on this node (the process driver).
 //! - [`datasets`]: the node's storage backend, dataset operations and the convergence agent.
-//! - [`transfer`]: snapshot streams between nodes over QUIC.
+//! - [`transfer`]: snapshot streams between nodes over QUIC (the push protocol; the QUIC tuning
+//!   and lanes are flock-transport's).
 //! - [`mesh`]: the routing mesh, which forwards every app's external port on every node.
 //! - [`report`]: the node's capacity and labels, reported to the cluster at start.
 //! - [`plugin`]: the Docker volume plugin, on a unix socket.
@@ -20,7 +22,6 @@
 
 pub mod api;
 pub mod apps;
-pub mod client;
 pub mod cluster;
 pub mod ctl;
 pub mod ctl_app;

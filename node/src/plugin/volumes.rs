@@ -23,8 +23,8 @@ use flock_scheduler::mount::MAX_MOUNT_ID_LEN;
 use flock_scheduler::{ApplyError, ClusterState, Command, CommandResult, Dataset, NodeId};
 
 use crate::cluster::{Cluster, ClusterError};
-use crate::ctl_dataset::{human, parse_size};
 use crate::datasets::Datasets;
+use flock_client::{human, parse_size};
 
 /// How long a mount waits for its dataset to arrive. Docker's client waits two minutes for a
 /// mount (one minute for the other calls), so the answer comes well before it gives up.
