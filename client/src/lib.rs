@@ -14,6 +14,6 @@ pub mod config;
 pub mod connect;
 pub mod size;
 
-pub use config::{client_tls, ClientConfig, ClientError};
+pub use config::{client_tls, ClientConfig, ClientError, CLIENT_CONFIG_FORMAT};
 pub use connect::{connect, error_chain, with_backoff};
 pub use size::{human, parse_size, BadSize};

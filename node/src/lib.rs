@@ -10,7 +10,7 @@
 //! - [`token`]: join tokens; [`pki`]: who may call what ([`pki::Authorizer`]), over flock-tls's
 //!   CA, certificates and private files (re-exported there); [`dev`]: `flockd dev`.
 //!   Connecting to a node and the client config are flock-client's ([`flock_client`]).
-//! - [`ctl`]: flockctl's commands and their output.
+//! - [`ctl`]: flockctl's commands and their output, one module per command group.
 //! - [`driver`]: running apps on this node (the process driver).
 //! - [`datasets`]: the node's storage backend, dataset operations and the convergence agent.
 //! - [`transfer`]: snapshot streams between nodes over QUIC (the push protocol; the QUIC tuning
@@ -24,8 +24,6 @@ pub mod api;
 pub mod apps;
 pub mod cluster;
 pub mod ctl;
-pub mod ctl_app;
-pub mod ctl_dataset;
 pub mod daemon;
 pub mod datadir;
 pub mod datasets;

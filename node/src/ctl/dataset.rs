@@ -11,11 +11,9 @@ use flock_client::{human, parse_size};
 use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::*;
 
-/// An error that flockctl exits with code 4 for: the named thing does not exist.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct NotFound(pub String);
+use super::output::{print_json, status_err, table, NotFound};
 
+/// `flockctl dataset ...`.
 #[derive(Subcommand, Debug)]
 pub enum DatasetCmd {
     /// Create a dataset on a node (default: the node flockctl talks to).
@@ -91,15 +89,6 @@ pub enum DatasetCmd {
     },
 }
 
-/// A gRPC error as flockctl reports it: NOT_FOUND becomes [`NotFound`] (exit code 4).
-pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
-    if s.code() == tonic::Code::NotFound {
-        NotFound(s.message().to_string()).into()
-    } else {
-        anyhow::anyhow!("{}", s.message())
-    }
-}
-
 fn snapshot_json(s: &Snapshot) -> Value {
     json!({"name": s.name, "guid": s.guid, "created_unix": s.created_unix, "epoch": s.epoch})
 }
@@ -131,11 +120,6 @@ fn dataset_json(d: &Dataset) -> Value {
         "transfers": d.transfers.iter().map(transfer_json).collect::<Vec<_>>(),
         "mounts": d.mounts.iter().map(|m| json!({"node": m.node, "id": m.id})).collect::<Vec<_>>(),
     })
-}
-
-fn print_json(v: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
 }
 
 fn datasets_table(ds: &[Dataset]) -> String {
@@ -180,7 +164,7 @@ fn datasets_table(ds: &[Dataset]) -> String {
             holders.join(" "),
         ]);
     }
-    crate::ctl::table(&rows)
+    table(&rows)
 }
 
 async fn get(api: &mut ApiClient<Channel>, name: &str) -> anyhow::Result<Dataset> {
@@ -308,7 +292,7 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
                         s.epoch.to_string(),
                     ]);
                 }
-                print!("{}", crate::ctl::table(&rows));
+                print!("{}", table(&rows));
             }
         }
         DatasetCmd::Rollback { name, snapshot } => {
@@ -393,7 +377,7 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
 }
 
 /// Waits for a move to end, showing its progress.
-pub(crate) async fn follow_move(
+pub async fn follow_move(
     api: &mut ApiClient<Channel>,
     name: &str,
     to: &str,
