@@ -7,10 +7,12 @@
 //!   to it or reads it (snapshots, pushes out), exclusive for what changes or removes what is
 //!   there (create, receive, rollback, destroy); backend calls run on `spawn_blocking`.
 //! - [`agent`]: the convergence loop that makes the node's backend match the desired state.
+//! - [`record`]: snapshot-then-record, the one way a primary takes a snapshot the cluster knows.
 //!
 //! A dataset's name on the backend is `NAME.ID` ([`flock_scheduler::dataset::local_name`]).
 
 pub mod agent;
+pub mod record;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

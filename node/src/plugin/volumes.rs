@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use flock_proto::v1 as pb;
 use flock_scheduler::dataset::validate_dataset_name;
 use flock_scheduler::mount::MAX_MOUNT_ID_LEN;
+use flock_scheduler::state::node_name;
 use flock_scheduler::{ApplyError, ClusterState, Command, CommandResult, Dataset, NodeId};
 
 use crate::cluster::{Cluster, ClusterError};
@@ -124,13 +125,6 @@ pub fn create_size(name: &str, opts: &BTreeMap<String, String>) -> Result<Option
             }),
         None => Ok(None),
     }
-}
-
-fn node_name(state: &ClusterState, id: NodeId) -> String {
-    state
-        .nodes
-        .get(&id)
-        .map_or_else(|| format!("node-{id}"), |n| n.name.clone())
 }
 
 impl Volumes {
