@@ -101,7 +101,7 @@ impl FlockCluster {
         // uses); an older one does not.
         let admin = cluster.nodes[0].data_dir.join("admin.conf");
         if admin.exists() {
-            let config = flock_node::client::ClientConfig::load(&admin)
+            let config = flock_client::ClientConfig::load(&admin)
                 .with_context(|| format!("cannot load flock's admin config {}", admin.display()))?;
             cluster.tls = Some(config.tls());
         }

@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use flock_scheduler::config::RestartPolicy;
 use flock_scheduler::dataset::DatasetId;
+use flock_scheduler::state::host_of;
 use flock_scheduler::{App, ClusterState, NodeId};
 
 use crate::Instant;
@@ -100,13 +101,6 @@ impl RunSpec {
         let json = serde_json::to_vec(self).expect("a spec serializes");
         hex::encode(&Sha256::digest(&json)[..12])
     }
-}
-
-/// The host part of HOST:PORT, without brackets.
-pub fn host_of(addr: &str) -> &str {
-    addr.rsplit_once(':')
-        .map_or(addr, |(h, _)| h)
-        .trim_matches(|c| c == '[' || c == ']')
 }
 
 /// Docker-style link variables for `app`'s links: `ALIAS_PORT_<local>_TCP=tcp://HOST:PORT`

@@ -27,11 +27,10 @@ pub struct ClientConfig {
 impl ClientConfig {
     /// From an admin config file (`DATA_DIR/admin.conf` of the node that ran `flockd init`).
     pub fn from_admin_config(path: &Path) -> Result<ClientConfig, ConnectError> {
-        let admin =
-            flock_node::client::ClientConfig::load(path).map_err(|e| ConnectError::Config {
-                path: path.display().to_string(),
-                reason: format!("{e:#}"),
-            })?;
+        let admin = flock_client::ClientConfig::load(path).map_err(|e| ConnectError::Config {
+            path: path.display().to_string(),
+            reason: format!("{e:#}"),
+        })?;
         Ok(ClientConfig {
             connect_timeout: Duration::from_secs(1),
             tls: admin.tls(),
@@ -123,20 +122,8 @@ pub fn classify(status: &tonic::Status) -> Failure {
     }
 }
 
-/// An error and its sources, joined.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
+/// An error and its sources, joined (flockctl's way).
+pub use flock_client::error_chain;
 
 #[cfg(test)]
 mod tests {

@@ -22,7 +22,6 @@ use flock_scheduler::{Command, CommandResult};
 use flock_raft::server::Authorize;
 
 use crate::api::ApiService;
-use crate::client::{connect, with_backoff, ClientConfig};
 use crate::cluster::{membership_worker, Cluster};
 use crate::datadir::{DataDir, Identity, IDENTITY_FORMAT};
 use crate::datasets::{Datasets, StorageChoice};
@@ -33,6 +32,7 @@ use crate::pki::{
 use crate::token::{new_secret, random_hex, JoinSecretFile, JoinToken};
 use crate::transfer::Peers;
 use crate::worker::{Phase, Workers, WorkersView};
+use flock_client::{connect, with_backoff, ClientConfig};
 use flock_dataset::Backend;
 
 /// Raft and request timing. Every field has a default suited to a LAN or one machine.

@@ -9,8 +9,7 @@
 //! data (dataset trees, an app's work dir), whose modes belong to the application.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -87,22 +86,9 @@ pub fn original_umask() -> Option<libc::mode_t> {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename) as a 0600 file, whatever the
-/// umask.
-pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    // A temp file left by an older flockd keeps its mode through open: set it.
-    f.set_permissions(fs::Permissions::from_mode(0o600))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
-}
+/// The one writer of private files (0600, atomic); it lives in flock-tls so that the client
+/// crate writes its config the same way.
+pub use flock_tls::pki::write_private_atomic;
 
 /// Creates `path` and its missing parents as 0700 directories, whatever the umask.
 pub fn create_private_dir(path: &Path) -> std::io::Result<()> {

@@ -6,9 +6,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::client::ClientConfig;
 use crate::daemon::{Endpoint, MeshAddr, NodeOptions, RunningNode};
 use crate::datadir::DataDir;
+use flock_client::ClientConfig;
 
 /// Waits for Ctrl-C or SIGTERM; returns which.
 pub async fn shutdown_signal() -> &'static str {

@@ -1,5 +1,8 @@
 //! flock's node: the daemon `flockd` and the CLI `flockctl`, both thin over this library.
 //!
+//! Every decision a node makes lives in flock-decide ([`flock_decide`]), without IO; the agents
+//! here observe, ask it and carry out what it says.
+//!
 //! - [`datadir`]: a node's identity and store on disk, and the rules that keep them from being
 //!   overwritten or mixed up.
 //! - [`daemon`]: start (`init`, `join`, `run`) and ordered shutdown of a node.
@@ -7,12 +10,17 @@
 //!   leader's membership worker.
 //! - [`api`]: the gRPC API flockctl talks to; [`edge`]: what a caller must present before a
 //!   request's body is read.
-//! - [`client`]: connecting to a node and the client config; [`token`]: join tokens;
-//!   [`pki`]: the cluster CA, certificates, TLS and who may call what; [`dev`]: `flockd dev`.
-//! - [`ctl`]: flockctl's commands and their output.
-//! - [`driver`]: running apps on this node (the process driver).
-//! - [`datasets`]: the node's storage backend, dataset operations and the convergence agent.
-//! - [`transfer`]: snapshot streams between nodes over QUIC.
+//! - [`token`]: join tokens; [`pki`]: who may call what ([`pki::Authorizer`]), over flock-tls's
+//!   CA, certificates and private files (re-exported there); [`dev`]: `flockd dev`.
+//!   Connecting to a node and the client config are flock-client's ([`flock_client`]).
+//! - [`ctl`]: flockctl's commands and their output, one module per command group.
+//! - [`apps`]: the apps agent, executor of [`flock_decide::apps`] (start gate, failpoint).
+//! - [`driver`]: running apps on this node (the process and docker drivers), failing closed:
+//!   what cannot be observed is reported unknown, never absent.
+//! - [`datasets`]: the node's storage backend, dataset operations, and the datasets agent,
+//!   executor of [`flock_decide::datasets`] and [`flock_decide::moves`].
+//! - [`transfer`]: snapshot streams between nodes over QUIC (the push protocol; the QUIC tuning
+//!   and lanes are flock-transport's).
 //! - [`mesh`]: the routing mesh, which forwards every app's external port on every node.
 //! - [`report`]: the node's capacity and labels, reported to the cluster at start.
 //! - [`plugin`]: the Docker volume plugin, on a unix socket.
@@ -21,11 +29,8 @@
 
 pub mod api;
 pub mod apps;
-pub mod client;
 pub mod cluster;
 pub mod ctl;
-pub mod ctl_app;
-pub mod ctl_dataset;
 pub mod daemon;
 pub mod datadir;
 pub mod datasets;

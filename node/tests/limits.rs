@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use flock_node::client::ClientConfig;
+use flock_client::ClientConfig;
 use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::{DatasetCreateRequest, DeployRequest, KvListRequest, KvPutRequest};
 use flock_scheduler::config::PlannedApp;
@@ -26,7 +26,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 async fn api(c: &TestCluster, i: usize) -> ApiClient<Channel> {
     let conf = ClientConfig::load(&c.config()).unwrap();
-    flock_node::client::connect(c.addr(i), &conf.identity().unwrap(), Duration::from_secs(3))
+    flock_client::connect(c.addr(i), &conf.identity().unwrap(), Duration::from_secs(3))
         .await
         .unwrap()
 }

@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use flock_node::client::ClientConfig;
-use flock_node::pki::{client_tls, NodeTls, Peer, TlsIdentity, TlsPaths};
+use flock_client::{client_tls, ClientConfig};
+use flock_node::pki::{NodeTls, Peer, TlsIdentity, TlsPaths};
 use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::StatusRequest;
 use tonic::transport::Endpoint;
@@ -35,7 +35,7 @@ fn status_with(addr: &str, tls: tonic::transport::ClientTlsConfig) -> Result<(),
         let ch = ep
             .connect()
             .await
-            .map_err(|e| format!("connect: {}", flock_node::client::error_chain(&e)))?;
+            .map_err(|e| format!("connect: {}", flock_client::error_chain(&e)))?;
         ApiClient::new(ch)
             .status(StatusRequest { local: true })
             .await
@@ -253,7 +253,7 @@ fn s08_quic_endpoint_requires_a_cluster_certificate() {
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         // A member's certificate: the connection is established and stays up.
         ep.set_default_client_config(
-            flock_node::pki::quic_client(&n1.identity().unwrap(), Peer::Node(1)).unwrap(),
+            flock_transport::quic::quic_client(&n1.identity().unwrap(), Peer::Node(1)).unwrap(),
         );
         let conn = ep
             .connect(addr, flock_node::pki::SERVER_NAME)
@@ -278,7 +278,7 @@ fn s08_quic_endpoint_requires_a_cluster_certificate() {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-        tls.alpn_protocols = vec![flock_node::pki::QUIC_ALPN.to_vec()];
+        tls.alpn_protocols = vec![flock_transport::quic::QUIC_ALPN.to_vec()];
         let anon = quinn::ClientConfig::new(std::sync::Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
         ));

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use flock_node::client::ClientConfig;
+use flock_client::ClientConfig;
 use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::{KvGetRequest, KvPutRequest, StatusReply, StatusRequest};
 use flock_scheduler::MAX_VALUE_LEN;

@@ -6,8 +6,9 @@
 //! - [`log_store`]: the durable log with group commit; [`state_machine`]: the applied
 //!   [`ClusterState`](flock_scheduler::ClusterState) and snapshots; [`store`] opens both.
 //! - [`network`]: openraft's network over gRPC; [`server`]: the gRPC service that receives it.
-//! - [`tls`]: TLS identities, the client that checks a peer is the node it meant to reach, and
-//!   the server's accept loop.
+//! - [`tls`]: flock-tls, re-exported (TLS identities, the client that checks a peer is the node
+//!   it meant to reach, the server's accept loop); it lives in its own crate so the client and
+//!   the snapshot transport share it without this one.
 
 pub mod codec;
 pub mod disk;
@@ -16,8 +17,8 @@ pub mod network;
 pub mod server;
 pub mod state_machine;
 pub mod store;
-pub mod tls;
 pub mod types;
 
+pub use flock_tls as tls;
 pub use store::Store;
 pub use types::{MemberNode, NodeId, Raft, TypeConfig};

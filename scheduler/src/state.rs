@@ -852,6 +852,23 @@ pub fn validate_name(name: &str) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// The host part of HOST:PORT, without an IPv6 address's brackets (`[::1]:7000` is `::1`): what
+/// `(host, port)` connects to, and how a deployment names a node by host.
+pub fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_matches(|c| c == '[' || c == ']')
+}
+
+/// A node's name as flock shows it, or `node-<id>` for a node no longer in the state (removed,
+/// while a record still names it).
+pub fn node_name(state: &ClusterState, id: NodeId) -> String {
+    state
+        .nodes
+        .get(&id)
+        .map_or_else(|| format!("node-{id}"), |n| n.name.clone())
+}
+
 /// HOST:PORT with a non-empty host and a numeric, non-zero port.
 pub fn validate_addr(addr: &str) -> Result<(), ApplyError> {
     let ok = match addr.rsplit_once(':') {
@@ -899,6 +916,17 @@ fn validate_kv(key: &str, value: &str) -> Result<(), ApplyError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn hosts_lose_their_port_and_brackets_and_removed_nodes_keep_a_name() {
+        assert_eq!(host_of("10.0.0.1:7000"), "10.0.0.1");
+        assert_eq!(host_of("[fd00::9]:7801"), "fd00::9");
+        assert_eq!(host_of("db.local:7000"), "db.local");
+        assert_eq!(host_of("db.local"), "db.local");
+        let s = initialized();
+        assert_eq!(node_name(&s, 1), s.nodes[&1].name);
+        assert_eq!(node_name(&s, 42), "node-42");
+    }
 
     fn initialized() -> ClusterState {
         let mut s = ClusterState::default();

@@ -76,10 +76,10 @@ struct Args {
     bin: Option<PathBuf>,
     /// Bytes one throughput measurement streams (one connection; the parallel one splits
     /// them), with a unit (K, M, G: powers of 1024).
-    #[arg(long, default_value = "4G", value_parser = flock_node::ctl_dataset::parse_size)]
+    #[arg(long, default_value = "4G", value_parser = flock_client::parse_size)]
     bytes: u64,
     /// Bytes of the integrity check on each path, before the measurements.
-    #[arg(long, default_value = "256M", value_parser = flock_node::ctl_dataset::parse_size)]
+    #[arg(long, default_value = "256M", value_parser = flock_client::parse_size)]
     verify_bytes: u64,
     /// Round trips per path on one connection (split over the repetitions).
     #[arg(long, default_value_t = 30_000)]

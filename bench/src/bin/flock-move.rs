@@ -57,7 +57,7 @@ use devcluster::{
 struct Args {
     /// Dataset sizes: the bulk data written into the app's dataset before the moves, with a
     /// unit (K, M, G: powers of 1024).
-    #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G", value_parser = flock_node::ctl_dataset::parse_size)]
+    #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G", value_parser = flock_client::parse_size)]
     sizes: Vec<u64>,
     /// API port of the dev cluster's first node; the other two take the next ports.
     #[arg(long, default_value_t = 7971)]

@@ -11,7 +11,9 @@ use flock_scheduler::app::{plan_deploy, Change};
 use flock_scheduler::config::{AppSpec, PlannedApp};
 use flock_scheduler::{ClusterState, Command, CommandResult, NodeId};
 
-use super::datasets::{node_name, FORWARDED};
+use flock_scheduler::state::node_name;
+
+use super::datasets::FORWARDED;
 use super::{unexpected, ApiService, Reply};
 use crate::cluster::ClusterError;
 

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use flock_proto::v1 as pb;
 use flock_scheduler::dataset::validate_snapshot_name;
+use flock_scheduler::state::node_name;
 use flock_scheduler::{ClusterState, Command, CommandResult, Dataset, NodeId};
 
 use super::{unexpected, ApiService, Reply};
@@ -45,13 +46,6 @@ fn find_dataset(state: &ClusterState, name: &str) -> Result<Dataset, ClusterErro
             flock_scheduler::shown(name)
         ))
     })
-}
-
-pub(super) fn node_name(state: &ClusterState, id: NodeId) -> String {
-    state
-        .nodes
-        .get(&id)
-        .map_or_else(|| format!("node-{id}"), |n| n.name.clone())
 }
 
 fn snapshot_proto(s: &flock_scheduler::SnapshotRecord) -> pb::Snapshot {
@@ -409,28 +403,22 @@ impl ApiService {
                 self.cluster.node_name
             )));
         }
-        let record = datasets
-            .snapshot(&ds, (!tag.is_empty()).then_some(tag.as_str()))
+        use crate::datasets::record::RecordError;
+        match datasets
+            .snapshot_and_record(
+                &self.cluster,
+                &ds,
+                (!tag.is_empty()).then_some(tag.as_str()),
+            )
             .await
-            .map_err(ds_err)?;
-        let cmd = Command::RecordSnapshot {
-            dataset: ds.id,
-            epoch: ds.epoch,
-            snapshot: record.clone(),
-        };
-        match self.cluster.propose(cmd).await {
-            Ok(CommandResult::SnapshotRecorded) => Ok(Response::new(pb::DatasetSnapshotReply {
+        {
+            Ok(record) => Ok(Response::new(pb::DatasetSnapshotReply {
                 snapshot: Some(snapshot_proto(&record)),
             })),
-            Ok(other) => {
-                // Not recorded: take it back, so the copy matches what Raft says.
-                let name = crate::datasets::backend_name(&ds).map_err(ds_err)?;
-                let snap = flock_dataset::SnapshotName::new(record.name.clone()).map_err(ds_err)?;
-                let _ =
-                    blocking(&datasets.backend, move |b| b.destroy_snapshot(&name, &snap)).await;
-                Err(rejected(other))
-            }
-            Err(e) => Err(e.into()),
+            Err(RecordError::Snapshot(e)) => Err(ds_err(e)),
+            Err(RecordError::Refused(e)) => Err(ClusterError::from(e).into()),
+            Err(RecordError::Unexpected(other)) => Err(unexpected(other)),
+            Err(RecordError::Unknown(e)) => Err(e.into()),
         }
     }
 

@@ -15,14 +15,7 @@ async fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("flockctl: {e:#}");
-            let not_found = e
-                .downcast_ref::<flock_node::ctl_dataset::NotFound>()
-                .is_some();
-            std::process::exit(if not_found {
-                flock_node::ctl::EXIT_NOT_FOUND
-            } else {
-                1
-            });
+            std::process::exit(flock_node::ctl::exit_code(&e));
         }
     }
 }

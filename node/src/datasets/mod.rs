@@ -9,10 +9,12 @@
 //!   an app on a dataset and a move's stop check take its start gate
 //!   ([`Datasets::start_gate`]).
 //! - [`agent`]: the convergence loop that makes the node's backend match the desired state.
+//! - [`record`]: snapshot-then-record, the one way a primary takes a snapshot the cluster knows.
 //!
 //! A dataset's name on the backend is `NAME.ID` ([`flock_scheduler::dataset::local_name`]).
 
 pub mod agent;
+pub mod record;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

@@ -139,12 +139,7 @@ pub fn link_host(ip: IpAddr, advertised: &str) -> String {
     }
 }
 
-/// The host part of HOST:PORT, without brackets.
-pub fn host_of(addr: &str) -> &str {
-    addr.rsplit_once(':')
-        .map_or(addr, |(h, _)| h)
-        .trim_matches(|c| c == '[' || c == ']')
-}
+pub use flock_scheduler::state::host_of;
 
 const TICK: Duration = Duration::from_millis(300);
 /// Sooner while a port could not be bound (an app on its way out still holds it).

@@ -23,11 +23,12 @@ use flock_decide::copies::copy_is_current;
 use flock_proto::v1 as pb;
 use flock_scheduler::dataset::validate_dataset_name;
 use flock_scheduler::mount::MAX_MOUNT_ID_LEN;
+use flock_scheduler::state::node_name;
 use flock_scheduler::{ApplyError, ClusterState, Command, CommandResult, Dataset, NodeId};
 
 use crate::cluster::{Cluster, ClusterError};
-use crate::ctl_dataset::{human, parse_size};
 use crate::datasets::Datasets;
+use flock_client::{human, parse_size};
 
 /// How long a mount waits for its dataset to arrive. Docker's client waits two minutes for a
 /// mount (one minute for the other calls), so the answer comes well before it gives up.
@@ -127,13 +128,6 @@ pub fn create_size(name: &str, opts: &BTreeMap<String, String>) -> Result<Option
             }),
         None => Ok(None),
     }
-}
-
-fn node_name(state: &ClusterState, id: NodeId) -> String {
-    state
-        .nodes
-        .get(&id)
-        .map_or_else(|| format!("node-{id}"), |n| n.name.clone())
 }
 
 impl Volumes {

@@ -1,11 +1,12 @@
 //! Snapshot streams between nodes, over QUIC with the cluster's mutual TLS (see
-//! [`crate::pki::NodeTls::quic_server`]).
+//! [`quic::quic_server`]).
 //!
 //! - [`serve`]: the endpoint's accept loop: admits members only, and serves each stream a peer
 //!   opens ([`push::receive`]).
 //! - [`Peers`]: one connection per peer node, checked to be the node it was dialled as.
 //! - [`push`]: the push protocol (header, resume from the newest common snapshot, outcome).
-//! - [`quic`]: the transport tuning.
+//! - [`quic`] (the transport tuning) and [`lanes`]: flock-transport's, re-exported here where
+//!   the push protocol uses them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,9 +21,8 @@ use flock_scheduler::NodeId;
 use crate::datasets::Datasets;
 use crate::pki::{Authorizer, Peer, TlsIdentity, SERVER_NAME};
 
-pub mod lanes;
 pub mod push;
-pub mod quic;
+pub use flock_transport::{lanes, quic};
 
 fn peer_certs(conn: &quinn::Connection) -> Option<Arc<Vec<CertificateDer<'static>>>> {
     conn.peer_identity()

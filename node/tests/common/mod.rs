@@ -47,7 +47,10 @@ impl Proc {
         let mut child = Command::new(FLOCKD)
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "warn,flock_node=info,flock_raft=info")
+            .env(
+                "RUST_LOG",
+                "warn,flock_node=info,flock_raft=info,flock_client=info",
+            )
             // No Docker volume plugin unless a test names one (--plugin-name): a flockd killed
             // with -9 leaves its socket behind, and the engine waits on it in `docker volume ls`.
             .env("FLOCK_NO_PLUGIN", "true")

@@ -198,7 +198,7 @@ fn find_node<'n>(
 ) -> Result<&'n NodeRef, ConfigError> {
     let key = entry.key.as_str();
     let tiers: [&dyn Fn(&NodeRef) -> bool; 3] = [&|n| n.name == key, &|n| n.addr == key, &|n| {
-        host_of(&n.addr) == key || host_of(&n.addr).trim_matches(['[', ']']) == key
+        crate::state::host_of(&n.addr) == key.trim_matches(['[', ']'])
     }];
     for matches in tiers {
         let found: Vec<&NodeRef> = nodes.iter().filter(|n| matches(n)).collect();
@@ -233,10 +233,6 @@ fn find_node<'n>(
             key_shown = crate::limits::shown(key)
         ),
     ))
-}
-
-fn host_of(addr: &str) -> &str {
-    addr.rsplit_once(':').map_or(addr, |(host, _)| host)
 }
 
 fn list_nodes(nodes: &[&NodeRef]) -> String {

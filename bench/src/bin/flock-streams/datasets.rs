@@ -20,9 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use flock_dataset::transfer::{receive_framed_async, send_framed_async};
 use flock_dataset::{Backend, DatasetName, DirBackend, SnapshotName, StreamSpec, ZfsBackend};
-use flock_node::pki::NodeTls;
-use flock_node::transfer::lanes;
-use flock_node::transfer::quic::QuicTuning;
+use flock_tls::pki::NodeTls;
+use flock_transport::lanes;
+use flock_transport::quic::QuicTuning;
 
 use crate::raw::{cpu_time, Pair};
 
@@ -301,7 +301,7 @@ impl Sides {
         let a = self.a.clone();
         let spec = spec.clone();
         let sent = pair.sender.block_on(async {
-            let conn = client.connect(addr, flock_node::pki::SERVER_NAME)?.await?;
+            let conn = client.connect(addr, flock_tls::SERVER_NAME)?.await?;
             let sent = if lanes == 0 {
                 let mut s = conn.open_uni().await?;
                 let sent = send_framed_async(a, spec, &mut s, |_, _| {}).await?;

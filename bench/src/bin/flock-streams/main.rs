@@ -4,7 +4,7 @@
 //! 1. **Transports**: the same payload (1 GiB and 100 MiB by default) from one runtime to
 //!    another over plain TCP, TLS 1.3 over TCP (tokio-rustls, the cluster's certificates, mutual
 //!    TLS: equal security), QUIC with quinn's defaults, QUIC as flock tunes it
-//!    (`flock_node::transfer::quic`) on one stream, and on N lanes (`flock_node::transfer::lanes`).
+//!    (`flock_transport::quic`) on one stream, and on N lanes (`flock_transport::lanes`).
 //! 2. **Tuning**: 1 GiB over QUIC, adding flock's settings one at a time to quinn's defaults,
 //!    and a few alternatives (congestion controllers, no forced socket buffers, ...).
 //! 3. **Datasets**: a full and an incremental snapshot (1 GiB, 100 MiB) on the dir backend and
@@ -35,8 +35,8 @@ use std::time::SystemTime;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use flock_node::pki::{new_key_and_csr, CertAuthority, NodeTls, Role};
-use flock_node::transfer::quic::{Congestion, QuicTuning};
+use flock_tls::pki::{new_key_and_csr, CertAuthority, NodeTls, Role};
+use flock_transport::quic::{Congestion, QuicTuning};
 
 use datasets::{Method, Pool, Sides};
 use raw::{measure, Measure, Pair, Transport};

@@ -10,8 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use flock_node::pki::NodeTls;
-use flock_node::transfer::quic::QuicTuning;
+use flock_tls::pki::NodeTls;
+use flock_transport::quic::QuicTuning;
 
 /// The writes the sender makes, as the dataset sender's frames.
 pub const WRITE_LEN: usize = 256 << 10;
@@ -24,7 +24,7 @@ pub enum Transport {
     Quic {
         tuning: Box<QuicTuning>,
         /// 0: one plain stream (quinn's own `AsyncWrite`/`AsyncRead`); 1 or more: that many lanes
-        /// ([`flock_node::transfer::lanes`]).
+        /// ([`flock_transport::lanes`]).
         lanes: usize,
     },
 }
@@ -197,7 +197,7 @@ pub fn measure(pair: &Pair, tls: &NodeTls, t: &Transport, bytes: u64) -> Result<
             pair.sender.block_on(async move {
                 let s = TcpStream::connect(addr).await?;
                 s.set_nodelay(true)?;
-                let name = rustls::pki_types::ServerName::try_from(flock_node::pki::SERVER_NAME)?;
+                let name = rustls::pki_types::ServerName::try_from(flock_tls::SERVER_NAME)?;
                 let mut s = connector.connect(name, s).await?;
                 timed(rx, async move {
                     write_payload(&mut s, &block, bytes).await?;
@@ -230,7 +230,7 @@ pub fn measure(pair: &Pair, tls: &NodeTls, t: &Transport, bytes: u64) -> Result<
                     let mut s = conn.accept_uni().await?;
                     read_all(&mut s).await
                 } else {
-                    let mut r = flock_node::transfer::lanes::accept(&conn).await?;
+                    let mut r = flock_transport::lanes::accept(&conn).await?;
                     read_all(&mut r).await
                 };
                 // Let the sender see its data acknowledged before the connection goes.
@@ -239,7 +239,7 @@ pub fn measure(pair: &Pair, tls: &NodeTls, t: &Transport, bytes: u64) -> Result<
                 r
             });
             let m = pair.sender.block_on(async {
-                let conn = client.connect(addr, flock_node::pki::SERVER_NAME)?.await?;
+                let conn = client.connect(addr, flock_tls::SERVER_NAME)?.await?;
                 let m = timed(rx, async {
                     if lanes == 0 {
                         let mut s = conn.open_uni().await?;
@@ -247,8 +247,7 @@ pub fn measure(pair: &Pair, tls: &NodeTls, t: &Transport, bytes: u64) -> Result<
                         s.finish()?;
                         let _ = s.stopped().await;
                     } else {
-                        let mut w =
-                            flock_node::transfer::lanes::open(&conn, 1, lanes as u16).await?;
+                        let mut w = flock_transport::lanes::open(&conn, 1, lanes as u16).await?;
                         write_payload(&mut w, &block, bytes).await?;
                         w.shutdown().await?;
                     }

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use flock_node::pki::NodeTls;
-use flock_node::transfer::quic::QuicTuning;
+use flock_tls::pki::NodeTls;
+use flock_transport::quic::QuicTuning;
 
 use crate::datasets::Moved;
 use crate::raw::{Measure, Pair};

@@ -38,7 +38,7 @@
 //!   every received datagram into a fresh buffer, one copy and one allocation per side more than
 //!   TLS over TCP, which costs about a third more CPU per byte. On a CPU-bound machine (both
 //!   nodes on two cores) that, not the protocol or the network, is the gap to TLS over TCP.
-//!   [`super::lanes`] avoids the rest of the allocation churn on the sending side.
+//!   [`crate::lanes`] avoids the rest of the allocation churn on the sending side.
 
 use std::io;
 use std::net::SocketAddr;
@@ -50,7 +50,36 @@ use quinn::{
     ServerConfig, TransportConfig, VarInt,
 };
 
-use crate::pki::{NodeTls, Peer, PkiError, TlsIdentity};
+use flock_tls::pki::{NodeTls, Peer, PkiError, TlsIdentity};
+
+/// QUIC (quinn) server config: mutual TLS, a client certificate of this CA required;
+/// presents `identity`'s certificate of the moment.
+pub fn quic_server(identity: &TlsIdentity) -> Result<quinn::ServerConfig, PkiError> {
+    let tls = identity
+        .server_config(true, &[QUIC_ALPN])
+        .map_err(quic_tls)?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(quic_tls)?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+}
+
+/// QUIC (quinn) client config: accepts only `peer`, presents `identity`'s certificate.
+pub fn quic_client(identity: &TlsIdentity, peer: Peer) -> Result<quinn::ClientConfig, PkiError> {
+    let tls = identity
+        .client_config(peer, &[QUIC_ALPN])
+        .map_err(quic_tls)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(quic_tls)?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+/// ALPN of flock's QUIC streams.
+pub const QUIC_ALPN: &[u8] = b"flock-stream/1";
+
+fn quic_tls(e: impl ToString) -> PkiError {
+    PkiError::Bad {
+        what: "QUIC TLS".into(),
+        reason: e.to_string(),
+    }
+}
 
 /// The largest UDP payload flock's endpoint accepts and probes for: what one IPv4 datagram can
 /// carry (65535 less the IP and UDP headers), and what a loopback interface's 64 KiB MTU carries.
@@ -239,22 +268,22 @@ impl QuicTuning {
         e
     }
 
-    /// The QUIC server configuration: the node's mutual TLS ([`crate::pki::quic_server`]) with
+    /// The QUIC server configuration: the node's mutual TLS ([`quic_server`]) with
     /// these transport parameters.
     pub fn server_config(&self, identity: &TlsIdentity) -> Result<ServerConfig, PkiError> {
-        let mut c = crate::pki::quic_server(identity)?;
+        let mut c = quic_server(identity)?;
         c.transport_config(Arc::new(self.transport()));
         Ok(c)
     }
 
-    /// The QUIC client configuration ([`crate::pki::quic_client`]), accepting only `peer`,
+    /// The QUIC client configuration ([`quic_client`]), accepting only `peer`,
     /// with these transport parameters.
     pub fn client_config(
         &self,
         identity: &TlsIdentity,
         peer: Peer,
     ) -> Result<ClientConfig, PkiError> {
-        let mut c = crate::pki::quic_client(identity, peer)?;
+        let mut c = quic_client(identity, peer)?;
         c.transport_config(Arc::new(self.transport()));
         Ok(c)
     }

@@ -12,7 +12,8 @@ use flock_proto::v1::*;
 use flock_scheduler::config::{self, NodeRef};
 use flock_scheduler::limits;
 
-use crate::ctl_dataset::status_err;
+use super::dataset::follow_move;
+use super::output::{print_json, status_err, table};
 
 #[derive(Subcommand, Debug)]
 pub enum AppCmd {
@@ -140,13 +141,10 @@ pub async fn deploy(
                 "from": (!c.from_node.is_empty()).then_some(&c.from_node)})
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({"dry_run": dry_run, "generation": r.generation, "changes": changes,
-                    "warnings": r.warnings})
-            )?
-        );
+        print_json(
+            &json!({"dry_run": dry_run, "generation": r.generation, "changes": changes,
+            "warnings": r.warnings}),
+        )?;
         return Ok(0);
     }
     for w in &r.warnings {
@@ -217,12 +215,7 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
                 .map_err(status_err)?
                 .into_inner();
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&Value::Array(
-                        r.apps.iter().map(app_json).collect()
-                    ))?
-                );
+                print_json(&r.apps.iter().map(app_json).collect::<Vec<_>>())?;
                 return Ok(0);
             }
             let mut rows = vec![[
@@ -247,7 +240,7 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
                     detail_cell(a),
                 ]);
             }
-            print!("{}", crate::ctl::table(&rows));
+            print!("{}", table(&rows));
         }
         AppCmd::Show { name, json } => {
             let r = api
@@ -260,7 +253,7 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
                 .first()
                 .ok_or_else(|| anyhow::anyhow!("the node returned no app"))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&app_json(a))?);
+                print_json(&app_json(a))?;
                 return Ok(0);
             }
             println!("name            {}", a.name);
@@ -344,7 +337,7 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
                 );
                 return Ok(0);
             }
-            return crate::ctl_dataset::follow_move(api, &r.dataset, &r.to_node, json).await;
+            return follow_move(api, &r.dataset, &r.to_node, json).await;
         }
         AppCmd::Rm { name } => {
             let r = api

@@ -7,14 +7,13 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
+use flock_client::{human, parse_size};
 use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::*;
 
-/// An error that flockctl exits with code 4 for: the named thing does not exist.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct NotFound(pub String);
+use super::output::{print_json, status_err, table, NotFound};
 
+/// `flockctl dataset ...`.
 #[derive(Subcommand, Debug)]
 pub enum DatasetCmd {
     /// Create a dataset on a node (default: the node flockctl talks to).
@@ -90,61 +89,6 @@ pub enum DatasetCmd {
     },
 }
 
-/// Parses a size: a number with an optional unit (K, M, G, T, P; KB/KiB and friends are all
-/// powers of 1024, as zfs counts).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad = || {
-        format!(
-            "{s:?} is not a size; write a number with an optional unit, such as 512M, 10G or 1.5T"
-        )
-    };
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        "P" | "PB" | "PIB" => 50,
-        _ => return Err(bad()),
-    };
-    let bytes = n * (1u64 << shift) as f64;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
-        return Err(format!("{s:?} is not a usable size (at least 1 byte)"));
-    }
-    Ok(bytes as u64)
-}
-
-/// Bytes for people: 1.5 GiB.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
-/// A gRPC error as flockctl reports it: NOT_FOUND becomes [`NotFound`] (exit code 4).
-pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
-    if s.code() == tonic::Code::NotFound {
-        NotFound(s.message().to_string()).into()
-    } else {
-        anyhow::anyhow!("{}", s.message())
-    }
-}
-
 fn snapshot_json(s: &Snapshot) -> Value {
     json!({"name": s.name, "guid": s.guid, "created_unix": s.created_unix, "epoch": s.epoch})
 }
@@ -176,11 +120,6 @@ fn dataset_json(d: &Dataset) -> Value {
         "transfers": d.transfers.iter().map(transfer_json).collect::<Vec<_>>(),
         "mounts": d.mounts.iter().map(|m| json!({"node": m.node, "id": m.id})).collect::<Vec<_>>(),
     })
-}
-
-fn print_json(v: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
 }
 
 fn datasets_table(ds: &[Dataset]) -> String {
@@ -225,7 +164,7 @@ fn datasets_table(ds: &[Dataset]) -> String {
             holders.join(" "),
         ]);
     }
-    crate::ctl::table(&rows)
+    table(&rows)
 }
 
 async fn get(api: &mut ApiClient<Channel>, name: &str) -> anyhow::Result<Dataset> {
@@ -353,7 +292,7 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
                         s.epoch.to_string(),
                     ]);
                 }
-                print!("{}", crate::ctl::table(&rows));
+                print!("{}", table(&rows));
             }
         }
         DatasetCmd::Rollback { name, snapshot } => {
@@ -438,7 +377,7 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
 }
 
 /// Waits for a move to end, showing its progress.
-pub(crate) async fn follow_move(
+pub async fn follow_move(
     api: &mut ApiClient<Channel>,
     name: &str,
     to: &str,
@@ -534,29 +473,5 @@ pub(crate) async fn follow_move(
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_units() {
-        assert_eq!(parse_size("1024"), Ok(1024));
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("10G"), Ok(10 << 30));
-        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
-        assert_eq!(parse_size("2 tb"), Ok(2 << 40));
-        for bad in ["", "G", "ten", "10X", "-5M", "0", "1e3"] {
-            let e = parse_size(bad).unwrap_err();
-            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
-        }
-    }
-
-    #[test]
-    fn human_sizes() {
-        assert_eq!(human(512), "512 B");
-        assert_eq!(human(3 << 29), "1.5 GiB");
     }
 }

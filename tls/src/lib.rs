@@ -1,7 +1,13 @@
-//! TLS for every connection flock makes: a node's identity (the cluster CA, and this node's
-//! certificate and key, replaceable while running so a renewed certificate is used by every new
-//! connection), the client side that checks the peer is the node it meant to reach, and the
-//! server side's accept loop.
+//! flock-tls: TLS for every connection flock makes, and the cluster's PKI. The bottom layer that
+//! the Raft network, the daemon, the client (flockctl, jepsen, bench) and the snapshot transport
+//! share, so each of them trusts and presents certificates the same way.
+//!
+//! - This root: a TLS identity ([`TlsIdentity`]: the cluster CA, and this side's certificate
+//!   and key, replaceable while running so a renewed certificate is used by every new
+//!   connection), the client side that checks the peer is the node it meant to reach
+//!   ([`connect_peer`], [`peer_channel`]), and the server side's accept loop ([`tls_incoming`]).
+//! - [`pki`]: the cluster CA, certificates by role, a node's TLS files, and the private-file
+//!   reader and writer (0600) every key and config goes through.
 //!
 //! Identity lives in a certificate's common name: `node-<id>` or `admin-<label>`. Every node
 //! certificate also names [`SERVER_NAME`] with the server-auth usage; admin certificates carry
@@ -9,6 +15,8 @@
 //! the validity period (an expired certificate is refused), the server-auth usage, and then the
 //! common name: `node-<id>` of the node it dialled ([`Peer::Node`]), or any node ([`Peer::AnyNode`],
 //! flockctl, which may talk to any of them).
+
+pub mod pki;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,7 +35,7 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::types::NodeId;
+use flock_scheduler::NodeId;
 
 /// The DNS name on every node certificate, verified by every client.
 pub const SERVER_NAME: &str = "flock-node";

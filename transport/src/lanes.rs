@@ -678,8 +678,8 @@ async fn read_exact(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{new_key_and_csr, CertAuthority, NodeTls, Role};
-    use crate::transfer::quic::QuicTuning;
+    use crate::quic::QuicTuning;
+    use flock_tls::pki::{new_key_and_csr, CertAuthority, NodeTls, Role};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Two endpoints on loopback with one connection between them: (client side, server side).
@@ -701,7 +701,7 @@ mod tests {
         let (c, s) = tokio::join!(
             async {
                 client
-                    .connect(addr, crate::pki::SERVER_NAME)
+                    .connect(addr, flock_tls::SERVER_NAME)
                     .unwrap()
                     .await
                     .unwrap()

@@ -1,0 +1,381 @@
+//! `flockctl status`, `flockctl node ...` and `flockctl cluster ...`: members, their health,
+//! and the cluster's join token and admin certificates.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use flock_client::{ClientConfig, CLIENT_CONFIG_FORMAT};
+use flock_proto::v1::api_client::ApiClient;
+use flock_proto::v1::*;
+
+use super::output::{cell, print_json, status_err, table, JsonFlag};
+use crate::pki::new_key_and_csr;
+
+/// `flockctl node ...`.
+#[derive(Subcommand, Debug)]
+pub enum NodeCmd {
+    /// List the members with their role and health.
+    Ls(JsonFlag),
+    /// Remove a node from the cluster (its Raft membership and its registration).
+    Rm {
+        name: String,
+        /// Remove a voter even if the remaining healthy voters would not form a quorum.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `flockctl cluster ...`.
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Print the token new nodes join with (`flockd join PEER --token TOKEN`).
+    Token {
+        /// Replace the token's secret first: old tokens stop working, members are unaffected.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Issue another admin client config (a new key and certificate) into FILE, or revoke
+    /// every admin certificate with a label (--revoke LABEL).
+    AdminConfig {
+        /// Where to write it (created with mode 0600; an existing file is not overwritten).
+        #[arg(long, required_unless_present = "revoke", conflicts_with = "revoke")]
+        out: Option<PathBuf>,
+        /// Label in the certificate, to tell admins apart.
+        #[arg(long, default_value = "admin")]
+        label: String,
+        /// Revoke every admin certificate labelled LABEL, on every node, for good (the label
+        /// cannot be issued again). Not the label of the config making the call.
+        #[arg(long, value_name = "LABEL")]
+        revoke: Option<String>,
+    },
+}
+
+#[derive(Serialize)]
+struct MemberJson<'a> {
+    id: u64,
+    name: &'a str,
+    addr: &'a str,
+    role: &'a str,
+    health: &'a str,
+    matched_index: Option<u64>,
+    lag: Option<u64>,
+    rtt_ms: Option<u64>,
+    labels: std::collections::BTreeMap<&'a str, &'a str>,
+    memory: Option<u64>,
+    cpus: Option<u32>,
+    docker: Option<bool>,
+}
+
+fn member_json(m: &Member) -> MemberJson<'_> {
+    MemberJson {
+        id: m.id,
+        name: &m.name,
+        addr: &m.addr,
+        role: &m.role,
+        health: &m.health,
+        matched_index: m.matched_index,
+        lag: m.lag,
+        rtt_ms: m.rtt_ms,
+        labels: m
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        memory: m.memory,
+        cpus: m.cpus,
+        docker: m.docker,
+    }
+}
+
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    cluster_id: &'a str,
+    reported_by: &'a str,
+    leader_id: Option<u64>,
+    leader_name: &'a str,
+    leader_addr: &'a str,
+    term: u64,
+    commit_index: Option<u64>,
+    applied_index: Option<u64>,
+    last_log_index: Option<u64>,
+    snapshot_index: Option<u64>,
+    purged_index: Option<u64>,
+    members: Vec<MemberJson<'a>>,
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn members_table(members: &[Member]) -> String {
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "ID".into(),
+        "ADDRESS".into(),
+        "ROLE".into(),
+        "HEALTH".into(),
+        "MATCHED".into(),
+        "LAG".into(),
+        "RTT".into(),
+        "LABELS".into(),
+    ]];
+    for m in members {
+        rows.push([
+            m.name.clone(),
+            m.id.to_string(),
+            m.addr.clone(),
+            m.role.clone(),
+            m.health.clone(),
+            opt(m.matched_index),
+            opt(m.lag),
+            m.rtt_ms
+                .map(|r| format!("{r}ms"))
+                .unwrap_or_else(|| "-".into()),
+            labels_text(&m.labels),
+        ]);
+    }
+    table(&rows)
+}
+
+/// `k=v,k2=v2` in key order, or `-`.
+fn labels_text(labels: &std::collections::HashMap<String, String>) -> String {
+    let sorted: std::collections::BTreeMap<_, _> = labels.iter().collect();
+    if sorted.is_empty() {
+        return "-".into();
+    }
+    sorted
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+async fn read_status(api: &mut ApiClient<Channel>) -> anyhow::Result<StatusReply> {
+    Ok(api
+        .status(StatusRequest { local: false })
+        .await
+        .map_err(status_err)?
+        .into_inner())
+}
+
+/// `flockctl status`: the cluster, its leader and log, and the members.
+pub async fn status(api: &mut ApiClient<Channel>, json: bool) -> anyhow::Result<()> {
+    let s = read_status(api).await?;
+    // The workers of the node that answered (`reported_by`); none from an older flockd.
+    let ago = |ms: Option<u64>| match ms {
+        Some(ms) => format!(
+            "{} ago",
+            humantime::format_duration(std::time::Duration::from_secs(ms / 1000))
+        ),
+        None => "-".to_string(),
+    };
+    if json {
+        // Beside StatusJson's fields, in this order (a json! map would sort the keys).
+        #[derive(serde::Serialize)]
+        struct WorkerJson<'a> {
+            name: &'a str,
+            phase: &'a str,
+            state: &'a str,
+            detail: &'a str,
+            last_activity_ms_ago: Option<u64>,
+            last_error: &'a str,
+            last_error_ms_ago: Option<u64>,
+        }
+        #[derive(serde::Serialize)]
+        struct WithWorkers<'a> {
+            #[serde(flatten)]
+            status: StatusJson<'a>,
+            workers: Vec<WorkerJson<'a>>,
+        }
+        print_json(&WithWorkers {
+            status: StatusJson {
+                cluster_id: &s.cluster_id,
+                reported_by: &s.node_name,
+                leader_id: s.leader_id,
+                leader_name: &s.leader_name,
+                leader_addr: &s.leader_addr,
+                term: s.term,
+                commit_index: s.commit_index,
+                applied_index: s.applied_index,
+                last_log_index: s.last_log_index,
+                snapshot_index: s.snapshot_index,
+                purged_index: s.purged_index,
+                members: s.members.iter().map(member_json).collect(),
+            },
+            workers: s
+                .workers
+                .iter()
+                .map(|w| WorkerJson {
+                    name: &w.name,
+                    phase: &w.phase,
+                    state: &w.state,
+                    detail: &w.detail,
+                    last_activity_ms_ago: w.last_activity_ms_ago,
+                    last_error: &w.last_error,
+                    last_error_ms_ago: w.last_error_ms_ago,
+                })
+                .collect(),
+        })?;
+    } else {
+        println!("cluster  {}", s.cluster_id);
+        match s.leader_id {
+            Some(id) if id != s.node_id => println!(
+                "leader   {} (id {id}) at {}, term {}, as last seen by {}, which cannot reach it now; health and lag unknown",
+                s.leader_name, s.leader_addr, s.term, s.node_name
+            ),
+            Some(id) => println!(
+                "leader   {} (id {id}) at {}, term {}",
+                s.leader_name, s.leader_addr, s.term
+            ),
+            None => println!(
+                "leader   none known to {} (term {}); health and lag unknown",
+                s.node_name, s.term
+            ),
+        }
+        println!(
+            "log      commit {}, applied {}, last {}, snapshot {}, purged {}",
+            opt(s.commit_index),
+            opt(s.applied_index),
+            opt(s.last_log_index),
+            opt(s.snapshot_index),
+            opt(s.purged_index)
+        );
+        println!();
+        print!("{}", members_table(&s.members));
+        println!();
+        if s.workers.is_empty() {
+            println!(
+                "WORKERS  none reported by {} (a flockd older than this flockctl)",
+                s.node_name
+            );
+        } else {
+            println!("WORKERS of {}", s.node_name);
+            let mut rows = vec![[
+                "NAME".to_string(),
+                "PHASE".into(),
+                "STATE".into(),
+                "ACTIVE".into(),
+                "DETAIL".into(),
+                "LAST ERROR".into(),
+            ]];
+            for w in &s.workers {
+                rows.push([
+                    w.name.clone(),
+                    w.phase.clone(),
+                    w.state.clone(),
+                    ago(w.last_activity_ms_ago),
+                    if w.detail.is_empty() {
+                        "-".into()
+                    } else {
+                        cell(&w.detail)
+                    },
+                    match w.last_error_ms_ago {
+                        Some(_) => {
+                            format!("{} ({})", cell(&w.last_error), ago(w.last_error_ms_ago))
+                        }
+                        None => "-".into(),
+                    },
+                ]);
+            }
+            print!("{}", table(&rows));
+        }
+    }
+    Ok(())
+}
+
+/// `flockctl node ...`.
+pub async fn node(api: &mut ApiClient<Channel>, cmd: NodeCmd) -> anyhow::Result<()> {
+    match cmd {
+        NodeCmd::Ls(f) => {
+            let s = read_status(api).await?;
+            if f.json {
+                print_json(&s.members.iter().map(member_json).collect::<Vec<_>>())?;
+            } else {
+                print!("{}", members_table(&s.members));
+            }
+        }
+        NodeCmd::Rm { name, force } => {
+            let r = api
+                .remove_node(RemoveNodeRequest {
+                    name: name.clone(),
+                    force,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("removed node {name} (id {})", r.node_id);
+        }
+    }
+    Ok(())
+}
+
+/// `flockctl cluster ...`.
+pub async fn cluster(api: &mut ApiClient<Channel>, cmd: ClusterCmd) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCmd::Token { rotate } => {
+            let r = api
+                .cluster_token(ClusterTokenRequest { rotate })
+                .await
+                .map_err(status_err)?;
+            if rotate {
+                eprintln!("flockctl: join secret rotated; tokens issued before no longer work");
+            }
+            println!("{}", r.into_inner().token);
+        }
+        ClusterCmd::AdminConfig {
+            revoke: Some(label),
+            ..
+        } => {
+            let r = api
+                .revoke_admin(RevokeAdminRequest {
+                    label: label.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if r.already {
+                println!("admin certificates labelled {label:?} were already revoked");
+            } else {
+                println!("revoked admin certificates labelled {label:?} on every node");
+            }
+        }
+        ClusterCmd::AdminConfig {
+            out: Some(out),
+            label,
+            ..
+        } => {
+            if out.exists() {
+                anyhow::bail!(
+                    "{} exists; choose another --out (flockctl never overwrites a config)",
+                    out.display()
+                );
+            }
+            let (key_pem, csr_pem) = new_key_and_csr()?;
+            let r = api
+                .issue_admin_cert(IssueAdminCertRequest { csr_pem, label })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            ClientConfig {
+                format: CLIENT_CONFIG_FORMAT,
+                cluster_id: r.cluster_id,
+                addrs: r.addrs,
+                ca_pem: r.ca_pem,
+                cert_pem: r.cert_pem,
+                key_pem,
+            }
+            .save(&out)?;
+            println!(
+                "wrote {} (mode 0600); use it with --config or FLOCK_CONFIG",
+                out.display()
+            );
+        }
+        ClusterCmd::AdminConfig { .. } => {
+            anyhow::bail!("give --out FILE (a new admin config) or --revoke LABEL")
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! flockctl: the operator's CLI. Every command is one or two API calls to any node.
+//!
+//! Exit codes: 0 success, 1 error, 2 bad usage, 3 a compare-and-set whose expectation did not
+//! hold, 4 a key, dataset, snapshot or node that does not exist ([`exit_code`]).
+//!
+//! This module parses the command line, connects ([`flock_client`]) and hands each command to
+//! its module; the modules import [`output`] and nothing above them:
+//! - [`cluster`]: `status`, `node ...`, `cluster ...`.
+//! - [`kv`]: `kv ...`.
+//! - [`dataset`]: `dataset ...`, and following a move's progress.
+//! - [`app`]: `deploy` and `app ...` (an app's move is followed as its dataset's).
+//! - [`output`]: what every command prints with: tables, JSON, gRPC errors, exit codes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tonic::transport::Channel;
+
+use flock_client::{connect, ClientConfig};
+use flock_proto::v1::api_client::ApiClient;
+
+pub mod app;
+pub mod cluster;
+pub mod dataset;
+pub mod kv;
+pub mod output;
+
+pub use output::{exit_code, JsonFlag, NotFound, EXIT_CAS_FAILED, EXIT_NOT_FOUND};
+
+/// flock's operator CLI: inspect and change a flock cluster through any of its nodes.
+#[derive(Parser, Debug)]
+#[command(name = "flockctl", version)]
+pub struct Cli {
+    /// Client config: the cluster's CA, an admin certificate and key, and member addresses.
+    /// `flockd init` writes one to DATA_DIR/admin.conf; `flockctl cluster admin-config` makes more.
+    #[arg(long, global = true, env = "FLOCK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// API address of a node to talk to, instead of the config's addresses.
+    #[arg(long, global = true, env = "FLOCK_ADDR")]
+    pub addr: Option<String>,
+    /// Seconds to wait for the node to answer.
+    #[arg(long, global = true, default_value_t = 10)]
+    pub timeout: u64,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// flockctl's commands.
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Cluster id, leader, term, log indexes, and each member's role, health and lag.
+    Status(JsonFlag),
+    /// Nodes of the cluster.
+    #[command(subcommand)]
+    Node(cluster::NodeCmd),
+    /// Cluster-wide settings.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
+    /// The replicated key-value namespace for users' cluster-wide settings.
+    #[command(subcommand)]
+    Kv(kv::KvCmd),
+    /// Datasets: create, list, snapshot, roll back, remove, and move them between nodes.
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCmd),
+    /// Make the cluster run a configuration: Flocker's DEPLOYMENT APPLICATION files
+    /// (deployment.yml, application.yml), or one compose file. The whole configuration
+    /// replaces the previous one; deploying the same files again changes nothing.
+    Deploy {
+        #[arg(required = true, num_args = 1..=2, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Print the changes (start, stop, move, update) without making them.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deployed applications.
+    #[command(subcommand)]
+    App(app::AppCmd),
+}
+
+/// Loads the client config named by --config or FLOCK_CONFIG.
+fn load_config(cli: &Cli) -> anyhow::Result<ClientConfig> {
+    let path = cli.config.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no client config: give --config FILE or set FLOCK_CONFIG (flockd init wrote DATA_DIR/admin.conf; `flockd dev` prints the export line)"
+        )
+    })?;
+    Ok(ClientConfig::load(path)?)
+}
+
+/// Connects to the first address that answers: --addr, else the config's addresses in order.
+async fn connect_any(cli: &Cli, config: &ClientConfig) -> anyhow::Result<ApiClient<Channel>> {
+    let addrs = match &cli.addr {
+        Some(a) => vec![a.clone()],
+        None => config.addrs.clone(),
+    };
+    let tls = config.identity()?;
+    let mut errors = Vec::new();
+    for addr in &addrs {
+        match connect(addr, &tls, Duration::from_secs(cli.timeout)).await {
+            Ok(c) => return Ok(c),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    anyhow::bail!(
+        "{}\nis flockd running there? point flockctl at a node with --addr HOST:PORT or FLOCK_ADDR",
+        if errors.is_empty() {
+            "the config names no addresses".to_string()
+        } else {
+            errors.join("\n")
+        }
+    )
+}
+
+/// Runs one flockctl command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let config = load_config(&cli)?;
+    let mut api = connect_any(&cli, &config).await?;
+    match cli.command {
+        Cmd::Status(f) => cluster::status(&mut api, f.json).await?,
+        Cmd::Node(cmd) => cluster::node(&mut api, cmd).await?,
+        Cmd::Cluster(cmd) => cluster::cluster(&mut api, cmd).await?,
+        Cmd::Kv(cmd) => return kv::run(&mut api, cmd).await,
+        Cmd::Dataset(cmd) => return dataset::run(&mut api, cmd).await,
+        Cmd::Deploy {
+            files,
+            dry_run,
+            json,
+        } => return app::deploy(&mut api, &files, dry_run, json).await,
+        Cmd::App(cmd) => return app::run(&mut api, cmd).await,
+    }
+    Ok(0)
+}
