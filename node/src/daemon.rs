@@ -122,6 +122,26 @@ impl NodeOptions {
     }
 }
 
+/// The environment variable that points the docker driver at another engine socket than
+/// [`crate::driver::docker::DOCKER_SOCKET`] (a rootless engine, or a test's fake one).
+pub const DOCKER_SOCKET_ENV: &str = "FLOCK_DOCKER_SOCKET";
+
+/// The Docker engine's socket: [`DOCKER_SOCKET_ENV`] if set (and not empty), else the default.
+/// A value that is not UTF-8 is refused rather than replaced by the default: the operator
+/// asked for another engine, and silently using the local one would run apps on the wrong one.
+fn docker_socket() -> anyhow::Result<String> {
+    match std::env::var(DOCKER_SOCKET_ENV) {
+        Ok(s) if !s.is_empty() => Ok(s),
+        Ok(_) | Err(std::env::VarError::NotPresent) => {
+            Ok(crate::driver::docker::DOCKER_SOCKET.to_string())
+        }
+        Err(std::env::VarError::NotUnicode(v)) => anyhow::bail!(
+            "{DOCKER_SOCKET_ENV}={v:?} is not UTF-8: give the Docker engine's socket path, or unset it for {}",
+            crate::driver::docker::DOCKER_SOCKET
+        ),
+    }
+}
+
 /// Where a new node listens and how others reach it.
 pub struct Endpoint {
     pub listener: TcpListener,
@@ -431,9 +451,10 @@ impl RunningNode {
     ) -> anyhow::Result<RunningNode> {
         let bound = listener.local_addr()?;
         let datasets = Arc::new(Datasets::new(backend, identity.node_id));
-        let drivers = crate::driver::Drivers::open(
+        let drivers = crate::driver::Drivers::open_at(
             apps_root,
             &format!("{}-{}", identity.cluster_id, identity.name),
+            &docker_socket()?,
         )
         .await?;
         let apps_view = crate::apps::AppsView::default();

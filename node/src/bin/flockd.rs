@@ -12,7 +12,12 @@ use flock_node::datasets::StorageChoice;
 
 /// flock's daemon: forms a cluster with the other machines' flockd and keeps its desired state.
 #[derive(Parser, Debug)]
-#[command(name = "flockd", version)]
+#[command(
+    name = "flockd",
+    version,
+    after_help = "Environment: FLOCK_DOCKER_SOCKET, the Docker engine's socket for apps with an image \
+                  (default /var/run/docker.sock); RUST_LOG, the log filter."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
