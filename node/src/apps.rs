@@ -293,6 +293,7 @@ async fn carry_out(here: &Here<'_>, core: &mut AppsCore, action: AppAction) -> b
                     Some(g) => Some(g),
                     None => {
                         let e = "a move of its dataset is checking that it is stopped".to_string();
+                        tracing::info!(app, "not starting now: {e}");
                         core.started(&app, &spec, Err(StartFailure::Overtaken(e)), here.now());
                         return false;
                     }
