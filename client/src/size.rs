@@ -6,35 +6,19 @@
 pub struct BadSize(String);
 
 /// Parses a size: a number with an optional unit (K, M, G, T, P; KB/KiB and friends are all
-/// powers of 1024, as zfs counts).
+/// powers of 1024, as zfs counts), with the rules of application.yml's sizes (exact: a fraction
+/// rounds up to the next byte), as the scheduler parses them: one parser for every size flock
+/// reads.
 pub fn parse_size(s: &str) -> Result<u64, BadSize> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad = || {
-        BadSize(format!(
-            "{s:?} is not a size; write a number with an optional unit, such as 512M, 10G or 1.5T"
-        ))
-    };
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        "P" | "PB" | "PIB" => 50,
-        _ => return Err(bad()),
-    };
-    let bytes = n * (1u64 << shift) as f64;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
-        return Err(BadSize(format!(
+    match flock_scheduler::config::parse_size(s) {
+        Ok(0) => Err(BadSize(format!(
             "{s:?} is not a usable size (at least 1 byte)"
-        )));
+        ))),
+        Ok(n) => Ok(n),
+        Err(_) => Err(BadSize(format!(
+            "{s:?} is not a size; write a number with an optional unit, such as 512M, 10G or 1.5T"
+        ))),
     }
-    Ok(bytes as u64)
 }
 
 /// Bytes for people: 1.5 GiB.

@@ -264,31 +264,26 @@ impl Datasets {
     /// the start of an app of the dataset. So a start either comes before the move's check
     /// (which then sees it run) or sees the handoff (and does not start).
     pub async fn start_gate(&self, id: DatasetId) -> StartGate {
-        let gate = self
-            .gates
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id)
-            .or_default()
-            .clone();
         StartGate {
-            _held: gate.lock_owned().await,
+            _held: self.gate(id).lock_owned().await,
         }
     }
 
     /// The dataset's start gate if no one holds it now: the apps agent does not wait behind a
     /// move's check (which may hold it through the last push); it tries again on its next look.
     pub fn try_start_gate(&self, id: DatasetId) -> Option<StartGate> {
-        let gate = self
-            .gates
+        Some(StartGate {
+            _held: self.gate(id).try_lock_owned().ok()?,
+        })
+    }
+
+    fn gate(&self, id: DatasetId) -> Arc<tokio::sync::Mutex<()>> {
+        self.gates
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(id)
             .or_default()
-            .clone();
-        Some(StartGate {
-            _held: gate.try_lock_owned().ok()?,
-        })
+            .clone()
     }
 
     /// Whether some task works on the dataset now.
