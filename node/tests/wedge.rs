@@ -343,7 +343,10 @@ fn w02_a_full_disk_stops_flockd_saying_why_and_nothing_acknowledged_is_lost() {
         .and_then(|ch| ch.try_wait().ok().flatten())
         .map(|s| s.code());
     let log = std::fs::read_to_string(c.log(3, "run")).unwrap_or_default();
-    let said: Vec<&str> = log.lines().filter(|l| l.contains("raft stopped")).collect();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("raft stopped on node"))
+        .collect();
     println!(
         "filled {filled} bytes; n3 exited after {:?} with {code:?}, {} writes acknowledged meanwhile; it said: {said:?}",
         full_at.elapsed(),
