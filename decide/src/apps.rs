@@ -675,61 +675,23 @@ fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flock_scheduler::config::{AppSpec, PlannedApp, Volume};
+    use crate::testutil;
+    use flock_scheduler::config::PlannedApp;
     use flock_scheduler::{Command, CommandResult, SnapshotRecord};
 
-    fn cluster(nodes: u64) -> ClusterState {
-        let mut s = ClusterState::default();
-        s.apply(&Command::InitCluster {
-            cluster_id: "c".into(),
-            join_secret: "s".into(),
-            node_id: 1,
-            name: "n1".into(),
-            addr: "h1:1".into(),
-        });
-        for i in 2..=nodes {
-            s.apply(&Command::RegisterNode {
-                secret: "s".into(),
-                name: None,
-                addr: format!("h{i}:1"),
-            });
-        }
-        s
-    }
-
-    fn spec(name: &str, volume: bool, policy: RestartPolicy) -> AppSpec {
-        AppSpec {
-            name: name.into(),
-            image: None,
-            command: Some(vec!["run".into()]),
-            ports: vec![],
-            links: vec![],
-            volume: volume.then(|| Volume {
-                mountpoint: "/data".into(),
-                maximum_size: None,
-            }),
-            environment: BTreeMap::new(),
-            restart_policy: policy,
-            mem_limit: None,
-            cpu_shares: None,
-            constraints: vec![],
-        }
-    }
-
-    /// Three nodes; app `db` with a dataset on node 1.
+    /// Three nodes; app `db` with a dataset on node 1, restarted per `policy`.
     fn with_db(policy: RestartPolicy) -> ClusterState {
-        let mut s = cluster(3);
+        let mut spec = testutil::spec("db", false);
+        spec.restart_policy = policy;
+        let mut s = testutil::cluster(3);
         let apps = BTreeMap::from([(
             "db".to_string(),
             PlannedApp {
-                spec: spec("db", true, policy),
+                spec,
                 node: Some(1),
             },
         )]);
-        assert!(matches!(
-            s.apply(&Command::Deploy { apps }),
-            CommandResult::Deployed { .. }
-        ));
+        testutil::ok(&mut s, Command::Deploy { apps });
         s
     }
 
