@@ -73,6 +73,9 @@ fn catches_a_start_after_the_moves_check() {
     caught("start-without-recheck");
 }
 
+/// The original push planning put back (stale list, recorded-only chain, no guard): a seed
+/// catches it through the hole its recorded-only chain leaves; the stale list alone is shown by
+/// the QUIC tests in node/src/transfer/push.rs, not by a seed.
 #[test]
 fn catches_a_push_that_rolls_back_a_recorded_snapshot() {
     caught("push-stale-rollback");
