@@ -13,6 +13,7 @@
 //!   whether removing a voter keeps a quorum), as plain functions over plain values.
 //! - [`limits`]: every size limit in one place, [`Command::check_limits`] (run before a command
 //!   is proposed) and [`shown`], how errors quote user input.
+//! - [`retention`]: which snapshots are kept: the policy, and automatic vs. users' snapshots.
 //! - [`mount`]: Docker containers' mounts of datasets (the volume plugin), and the rule that a
 //!   dataset is mounted only on its primary and never moves while mounted.
 //!
@@ -26,6 +27,7 @@ pub mod fit;
 pub mod limits;
 pub mod membership;
 pub mod mount;
+pub mod retention;
 pub mod state;
 #[cfg(test)]
 mod testutil;
@@ -33,6 +35,7 @@ mod testutil;
 pub use app::{App, Change};
 pub use dataset::{Dataset, DatasetId, DatasetMove, SnapshotRecord};
 pub use limits::{shown, MAX_COMMAND_BYTES};
+pub use retention::Retention;
 pub use state::{
     hash_join_secret, is_secret_hash, ApplyError, ClusterState, Command, CommandResult, KvEntry,
     Node, NodeId, NodeState, MAX_KEY_LEN, MAX_VALUE_LEN,
