@@ -54,6 +54,9 @@ mod tests {
                 })
                 .collect(),
             moving: None,
+            retention: None,
+            bases: Default::default(),
+            hold: None,
         }
     }
 

@@ -284,6 +284,9 @@ mod tests {
                 })
                 .collect(),
             moving: None,
+            retention: None,
+            bases: Default::default(),
+            hold: None,
         }
     }
 

@@ -25,8 +25,9 @@ use crate::types::{
 };
 
 /// The format of a snapshot's data that this build writes: 1 held the join secret in plain
-/// text (and no revoked admins); 2 holds its hash.
-pub const SNAPSHOT_DATA_VERSION: u8 = 2;
+/// text (and no revoked admins); 2 holds its hash; 3 adds datasets' retention, replicas' bases
+/// and holds.
+pub const SNAPSHOT_DATA_VERSION: u8 = 3;
 
 /// A snapshot's data: the format byte, then the postcard encoding of the state.
 pub fn encode_cluster(cluster: &ClusterState) -> Vec<u8> {
@@ -39,6 +40,7 @@ pub fn decode_cluster(bytes: &[u8]) -> Result<ClusterState, CodecError> {
     match bytes.split_first() {
         None => Err(CodecError::Empty),
         Some((&1, rest)) => Ok(postcard::from_bytes::<legacy::ClusterStateV1>(rest)?.into()),
+        Some((&2, rest)) => Ok(postcard::from_bytes::<legacy::ClusterStateV2>(rest)?.into()),
         Some((&SNAPSHOT_DATA_VERSION, rest)) => Ok(postcard::from_bytes(rest)?),
         Some((&v, _)) => Err(CodecError::UnknownSnapshotVersion(v)),
     }
@@ -46,12 +48,86 @@ pub fn decode_cluster(bytes: &[u8]) -> Result<ClusterState, CodecError> {
 
 /// Snapshot data formats of older builds.
 mod legacy {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use flock_scheduler::{
-        hash_join_secret, App, ClusterState, Dataset, DatasetId, KvEntry, Node, NodeId,
+        hash_join_secret, App, ClusterState, Dataset, DatasetId, DatasetMove, KvEntry, Node,
+        NodeId, SnapshotRecord,
     };
     use serde::Deserialize;
+
+    /// [`Dataset`] as formats 1 and 2 laid it out: no retention, bases or hold.
+    #[derive(Deserialize)]
+    pub(super) struct DatasetV2 {
+        id: DatasetId,
+        name: String,
+        size_limit: Option<u64>,
+        primary: NodeId,
+        epoch: u64,
+        replicas: BTreeSet<NodeId>,
+        snapshots: Vec<SnapshotRecord>,
+        moving: Option<DatasetMove>,
+    }
+
+    impl From<DatasetV2> for Dataset {
+        fn from(d: DatasetV2) -> Self {
+            Dataset {
+                id: d.id,
+                name: d.name,
+                size_limit: d.size_limit,
+                primary: d.primary,
+                epoch: d.epoch,
+                replicas: d.replicas,
+                snapshots: d.snapshots,
+                moving: d.moving,
+                retention: None,
+                bases: BTreeMap::new(),
+                hold: None,
+            }
+        }
+    }
+
+    fn datasets(v2: BTreeMap<DatasetId, DatasetV2>) -> BTreeMap<DatasetId, Dataset> {
+        v2.into_iter().map(|(id, d)| (id, d.into())).collect()
+    }
+
+    /// [`ClusterState`] as format 2 laid it out: datasets as [`DatasetV2`].
+    #[derive(Deserialize)]
+    pub(super) struct ClusterStateV2 {
+        cluster_id: String,
+        join_secret_hash: String,
+        ca_holder: NodeId,
+        next_node_id: NodeId,
+        nodes: BTreeMap<NodeId, Node>,
+        kv: BTreeMap<String, KvEntry>,
+        revision: u64,
+        datasets: BTreeMap<DatasetId, DatasetV2>,
+        next_dataset_id: DatasetId,
+        apps: BTreeMap<String, App>,
+        deploy_generation: u64,
+        mounts: BTreeMap<DatasetId, flock_scheduler::mount::Mounts>,
+        revoked_admins: BTreeSet<String>,
+    }
+
+    impl From<ClusterStateV2> for ClusterState {
+        fn from(v2: ClusterStateV2) -> Self {
+            ClusterState {
+                cluster_id: v2.cluster_id,
+                join_secret_hash: v2.join_secret_hash,
+                ca_holder: v2.ca_holder,
+                next_node_id: v2.next_node_id,
+                nodes: v2.nodes,
+                kv: v2.kv,
+                revision: v2.revision,
+                datasets: datasets(v2.datasets),
+                next_dataset_id: v2.next_dataset_id,
+                apps: v2.apps,
+                deploy_generation: v2.deploy_generation,
+                mounts: v2.mounts,
+                revoked_admins: v2.revoked_admins,
+            }
+        }
+    }
 
     /// [`ClusterState`] as format 1 laid it out (fields in this order): the join secret in
     /// plain text, no revoked admins.
@@ -64,7 +140,7 @@ mod legacy {
         nodes: BTreeMap<NodeId, Node>,
         kv: BTreeMap<String, KvEntry>,
         revision: u64,
-        datasets: BTreeMap<DatasetId, Dataset>,
+        datasets: BTreeMap<DatasetId, DatasetV2>,
         next_dataset_id: DatasetId,
         apps: BTreeMap<String, App>,
         deploy_generation: u64,
@@ -86,7 +162,7 @@ mod legacy {
                 nodes: v1.nodes,
                 kv: v1.kv,
                 revision: v1.revision,
-                datasets: v1.datasets,
+                datasets: datasets(v1.datasets),
                 next_dataset_id: v1.next_dataset_id,
                 apps: v1.apps,
                 deploy_generation: v1.deploy_generation,
@@ -374,20 +450,63 @@ mod tests {
         );
     }
 
+    /// The snapshot data main at 9ea7e19 (format 2) wrote for the state after
+    /// [`legacy_commands`], then `RevokeAdmin alice`, `UnmountVolume 1 2 m1` and
+    /// `BeginDatasetMove 1 -> 1`: made with that build's own `encode_cluster`.
+    const V2_SNAPSHOT: &str = "0208632d6c6567616379477368613235363a643539393538306438393430306133313665623564356636376135303365353962656564356139336663373131306263613263373532646439313933396164620103020101026e310d31302e302e302e313a3738303100000002020264620d31302e302e302e323a3738303100000001016b016b017601010101010101027067018080808004020100010273310780e2cfaa0601010100020000000105616c696365";
+
     #[test]
-    fn v2_roundtrips_and_unknown_formats_are_refused() {
+    fn a_v2_snapshot_decodes_with_default_dataset_policies() {
+        let cluster = decode_cluster(&unhex(V2_SNAPSHOT)).unwrap();
+        let mut expected = replayed();
+        for c in [
+            Command::RevokeAdmin {
+                label: "alice".into(),
+            },
+            Command::UnmountVolume {
+                dataset: 1,
+                node: 2,
+                id: "m1".into(),
+            },
+            Command::BeginDatasetMove { dataset: 1, to: 1 },
+        ] {
+            assert!(!matches!(expected.apply(&c), CommandResult::Rejected(_)));
+        }
+        assert_eq!(cluster, expected);
+        let ds = &cluster.datasets[&1];
+        assert_eq!((ds.retention, ds.bases.len(), &ds.hold), (None, 0, &None));
+        assert_eq!(ds.moving.as_ref().map(|m| m.to), Some(1));
+        assert_eq!(decode_cluster(&encode_cluster(&cluster)).unwrap(), cluster);
+    }
+
+    #[test]
+    fn v3_roundtrips_and_unknown_formats_are_refused() {
         let mut s = replayed();
-        s.apply(&Command::RevokeAdmin {
-            label: "alice".into(),
-        });
+        for c in [
+            Command::RevokeAdmin {
+                label: "alice".into(),
+            },
+            Command::SetRetention {
+                dataset: 1,
+                retention: Some("last=2".parse().unwrap()),
+            },
+            Command::HoldDataset {
+                dataset: 1,
+                epoch: 1,
+                reason: "rollback".into(),
+            },
+        ] {
+            assert!(!matches!(s.apply(&c), CommandResult::Rejected(_)));
+        }
+        s.datasets.get_mut(&1).unwrap().bases.insert(1, "s1".into());
         let bytes = encode_cluster(&s);
         assert_eq!(decode_cluster(&bytes).unwrap(), s);
         assert!(matches!(decode_cluster(&[]), Err(CodecError::Empty)));
         let mut future = bytes.clone();
-        future[0] = 3;
+        future[0] = 4;
         assert!(matches!(
             decode_cluster(&future),
-            Err(CodecError::UnknownSnapshotVersion(3))
+            Err(CodecError::UnknownSnapshotVersion(4))
         ));
         assert!(matches!(
             decode_cluster(&bytes[..bytes.len() / 2]),

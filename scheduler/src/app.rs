@@ -282,13 +282,17 @@ impl ClusterState {
 
     /// Where app `app` may run now: its node, or while its dataset moves, the dataset's
     /// primary until the handoff, then nowhere until the move commits. `None` also while its
-    /// dataset is not on its node for another reason. The app agents start an app only where
+    /// dataset is not on its node for another reason, and while its dataset is held (a
+    /// rollback). The app agents start an app only where
     /// this says, so an app with a dataset never runs in two places.
     pub fn app_runs_on(&self, app: &App) -> Option<NodeId> {
         let Some(id) = app.dataset else {
             return Some(app.node);
         };
         let ds = self.datasets.get(&id)?;
+        if ds.hold.is_some() {
+            return None;
+        }
         match &ds.moving {
             Some(m) if m.handoff => None,
             Some(_) => Some(ds.primary),

@@ -8,10 +8,11 @@
 //! A dataset's name on a node's backend is [`Dataset::local_name`], `NAME.ID`: a removed
 //! dataset's leftovers on a node that was down never collide with a new dataset of that name.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::retention::Retention;
 use crate::state::{ApplyError, ClusterState, CommandResult, NodeId, NodeState};
 
 /// A dataset's id: assigned at creation, never reused.
@@ -36,6 +37,14 @@ pub struct Dataset {
     pub snapshots: Vec<SnapshotRecord>,
     /// A move to another node, while it runs.
     pub moving: Option<DatasetMove>,
+    /// How many of its automatic snapshots are kept (`None`: [`Retention::default`]).
+    pub retention: Option<Retention>,
+    /// Per replica, the newest recorded snapshot it is known to hold: the base of the next
+    /// incremental push to it, which no pruning may take away. A replica without an entry is
+    /// not known to hold any, and while one is missing nothing of the dataset is pruned.
+    pub bases: BTreeMap<NodeId, String>,
+    /// Why the dataset's apps must not run now (a rollback in progress), if they must not.
+    pub hold: Option<String>,
 }
 
 /// A snapshot that the primary took and recorded.
@@ -81,6 +90,34 @@ impl Dataset {
     /// The newest recorded snapshot.
     pub fn latest_snapshot(&self) -> Option<&SnapshotRecord> {
         self.snapshots.last()
+    }
+
+    /// The retention policy in force.
+    pub fn retention(&self) -> Retention {
+        self.retention.unwrap_or_default()
+    }
+
+    /// Why recorded snapshot `name` may not be pruned now, if it may not: it is the newest, the
+    /// base of a replica's next push, or a move is under way (its rounds push the snapshots).
+    pub fn must_keep(&self, name: &str) -> Option<String> {
+        if self.moving.is_some() {
+            return Some(format!(
+                "{} is moving; prune its snapshots once the move is done",
+                self.name
+            ));
+        }
+        if self.latest_snapshot().is_some_and(|s| s.name == name) {
+            return Some(format!(
+                "{name} is the newest snapshot of {}, which the next push starts from",
+                self.name
+            ));
+        }
+        if let Some(node) = self.bases.iter().find(|(_, b)| *b == name).map(|(n, _)| n) {
+            return Some(format!(
+                "{name} is the newest snapshot replica node {node} shares with the primary: the base of the next push to it"
+            ));
+        }
+        None
     }
 }
 
@@ -189,6 +226,9 @@ impl ClusterState {
                 replicas: BTreeSet::new(),
                 snapshots: Vec::new(),
                 moving: None,
+                retention: None,
+                bases: BTreeMap::new(),
+                hold: None,
             },
         );
         Ok(CommandResult::DatasetCreated { id })
@@ -251,6 +291,12 @@ impl ClusterState {
         // Docker containers write it where it is: it moves once the last one unmounted.
         self.not_mounted(id)?;
         let ds = self.dataset_mut(id)?;
+        if let Some(reason) = &ds.hold {
+            return Err(ApplyError::DatasetHeld {
+                dataset: ds.name.clone(),
+                reason: reason.clone(),
+            });
+        }
         if ds.primary == to {
             return Err(ApplyError::AlreadyPrimary {
                 dataset: ds.name.clone(),
@@ -328,6 +374,135 @@ impl ClusterState {
         Ok(CommandResult::MoveCancelled { to: was })
     }
 
+    pub(crate) fn set_dataset_limit(
+        &mut self,
+        id: DatasetId,
+        size_limit: Option<u64>,
+    ) -> Result<CommandResult, ApplyError> {
+        let ds = self.dataset_mut(id)?;
+        if size_limit == Some(0) {
+            return Err(ApplyError::ZeroSizeLimit {
+                name: ds.name.clone(),
+            });
+        }
+        ds.size_limit = size_limit;
+        Ok(CommandResult::DatasetLimitSet)
+    }
+
+    pub(crate) fn set_retention(
+        &mut self,
+        id: DatasetId,
+        retention: Option<Retention>,
+    ) -> Result<CommandResult, ApplyError> {
+        let ds = self.dataset_mut(id)?;
+        if let Some(r) = &retention {
+            r.validate()
+                .map_err(|reason| ApplyError::InvalidRetention { reason })?;
+        }
+        ds.retention = retention;
+        Ok(CommandResult::RetentionSet)
+    }
+
+    /// Forgets recorded snapshots: all of `names` or none.
+    pub(crate) fn prune_snapshots(
+        &mut self,
+        id: DatasetId,
+        epoch: u64,
+        names: &[String],
+    ) -> Result<CommandResult, ApplyError> {
+        let ds = self.dataset_mut(id)?;
+        check_epoch(ds, epoch)?;
+        let mut unique = BTreeSet::new();
+        for name in names {
+            if !unique.insert(name.as_str()) || !ds.snapshots.iter().any(|s| s.name == *name) {
+                return Err(ApplyError::UnknownSnapshot {
+                    dataset: ds.name.clone(),
+                    snapshot: name.clone(),
+                });
+            }
+            if let Some(reason) = ds.must_keep(name) {
+                return Err(ApplyError::MustKeepSnapshot {
+                    dataset: ds.name.clone(),
+                    snapshot: name.clone(),
+                    reason,
+                });
+            }
+        }
+        if let Some(node) = unconfirmed_replica(ds) {
+            return Err(ApplyError::MustKeepSnapshot {
+                dataset: ds.name.clone(),
+                snapshot: names.first().cloned().unwrap_or_default(),
+                reason: format!(
+                    "replica node {node} has not confirmed which snapshot it holds (its next push records it); until then any snapshot may be its base"
+                ),
+            });
+        }
+        ds.snapshots.retain(|s| !unique.contains(s.name.as_str()));
+        Ok(CommandResult::SnapshotsPruned {
+            count: unique.len(),
+        })
+    }
+
+    pub(crate) fn replica_holds(
+        &mut self,
+        id: DatasetId,
+        epoch: u64,
+        node: NodeId,
+        snapshot: &str,
+    ) -> Result<CommandResult, ApplyError> {
+        let ds = self.dataset_mut(id)?;
+        check_epoch(ds, epoch)?;
+        if !ds.replicas.contains(&node) {
+            return Err(ApplyError::NotAReplica {
+                dataset: ds.name.clone(),
+                node,
+            });
+        }
+        if !ds.snapshots.iter().any(|s| s.name == snapshot) {
+            return Err(ApplyError::UnknownSnapshot {
+                dataset: ds.name.clone(),
+                snapshot: snapshot.to_string(),
+            });
+        }
+        // Entries of nodes that are no longer replicas (a former replica that became the
+        // primary, a removed node) protect nothing any more.
+        let replicas = ds.replicas.clone();
+        ds.bases.retain(|n, _| replicas.contains(n));
+        ds.bases.insert(node, snapshot.to_string());
+        Ok(CommandResult::ReplicaRecorded)
+    }
+
+    pub(crate) fn hold_dataset(
+        &mut self,
+        id: DatasetId,
+        epoch: u64,
+        reason: &str,
+    ) -> Result<CommandResult, ApplyError> {
+        let ds = self.dataset_mut(id)?;
+        check_epoch(ds, epoch)?;
+        if let Some(held) = &ds.hold {
+            return Err(ApplyError::DatasetHeld {
+                dataset: ds.name.clone(),
+                reason: held.clone(),
+            });
+        }
+        if let Some(m) = &ds.moving {
+            return Err(ApplyError::MoveInProgress {
+                dataset: ds.name.clone(),
+                to: m.to,
+            });
+        }
+        ds.hold = Some(reason.to_string());
+        Ok(CommandResult::DatasetHeld)
+    }
+
+    pub(crate) fn release_dataset(&mut self, id: DatasetId) -> Result<CommandResult, ApplyError> {
+        let ds = self.dataset_mut(id)?;
+        Ok(CommandResult::DatasetReleased {
+            was_held: ds.hold.take().is_some(),
+        })
+    }
+
     /// Forgets `node` as a replica or move target of every dataset (the node was removed).
     /// Datasets whose primary it was keep it: only a failover may give them another primary.
     pub(crate) fn forget_dataset_holder(&mut self, node: NodeId) {
@@ -338,6 +513,16 @@ impl ClusterState {
             }
         }
     }
+}
+
+/// A replica whose base is not known: no entry in `bases`, or one naming a snapshot that is no
+/// longer recorded.
+pub fn unconfirmed_replica(ds: &Dataset) -> Option<NodeId> {
+    ds.replicas.iter().copied().find(|r| {
+        ds.bases
+            .get(r)
+            .is_none_or(|b| !ds.snapshots.iter().any(|s| s.name == *b))
+    })
 }
 
 fn check_epoch(ds: &Dataset, epoch: u64) -> Result<(), ApplyError> {
@@ -527,6 +712,154 @@ mod tests {
         assert!(s.datasets[&1].replicas.is_empty());
     }
 
+    /// db on n1 with snapshots a, b, c, d (epoch 1) and replica n2.
+    fn with_replica() -> ClusterState {
+        let mut s = cluster(2);
+        create(&mut s, "db", 1);
+        for n in ["a", "b", "c", "d"] {
+            s.apply(&Command::RecordSnapshot {
+                dataset: 1,
+                epoch: 1,
+                snapshot: snap(n, 1),
+            });
+        }
+        s.datasets.get_mut(&1).unwrap().replicas.insert(2);
+        s
+    }
+
+    fn prune(names: &[&str]) -> Command {
+        Command::PruneSnapshots {
+            dataset: 1,
+            epoch: 1,
+            names: names.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    fn holds(node: NodeId, snapshot: &str) -> Command {
+        Command::ReplicaHolds {
+            dataset: 1,
+            epoch: 1,
+            node,
+            snapshot: snapshot.into(),
+        }
+    }
+
+    fn must_keep(r: &CommandResult) -> String {
+        match r {
+            CommandResult::Rejected(e @ ApplyError::MustKeepSnapshot { .. }) => e.to_string(),
+            other => panic!("expected MustKeepSnapshot, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_and_each_replicas_base() {
+        let mut s = with_replica();
+        // The replica has not said what it holds: nothing may go.
+        let e = must_keep(&s.apply(&prune(&["a"])));
+        assert!(e.contains("has not confirmed"), "{e}");
+        assert_eq!(s.apply(&holds(2, "b")), CommandResult::ReplicaRecorded);
+        assert!(
+            rejected(&s.apply(&holds(1, "b"))),
+            "the primary is no replica"
+        );
+        assert!(rejected(&s.apply(&holds(2, "zz"))), "an unknown snapshot");
+        let before = s.clone();
+        let e = must_keep(&s.apply(&prune(&["a", "d"])));
+        assert!(e.contains("newest"), "{e}");
+        let e = must_keep(&s.apply(&prune(&["b"])));
+        assert!(e.contains("base of the next push"), "{e}");
+        assert!(rejected(&s.apply(&prune(&["a", "a"]))), "a duplicate");
+        assert!(
+            rejected(&s.apply(&prune(&["a", "nope"]))),
+            "an unknown name"
+        );
+        let stale = Command::PruneSnapshots {
+            dataset: 1,
+            epoch: 0,
+            names: vec!["a".into()],
+        };
+        assert!(rejected(&s.apply(&stale)));
+        assert_eq!(s, before, "refusals change nothing");
+        assert_eq!(
+            s.apply(&prune(&["a", "c"])),
+            CommandResult::SnapshotsPruned { count: 2 }
+        );
+        let names: Vec<&str> = s.datasets[&1]
+            .snapshots
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(names, ["b", "d"]);
+        // Nothing is pruned while the dataset moves.
+        s.apply(&Command::BeginDatasetMove { dataset: 1, to: 2 });
+        s.apply(&holds(2, "d"));
+        let e = must_keep(&s.apply(&prune(&["b"])));
+        assert!(e.contains("moving"), "{e}");
+    }
+
+    #[test]
+    fn a_held_dataset_runs_no_app_and_does_not_move() {
+        let mut s = with_replica();
+        let hold = Command::HoldDataset {
+            dataset: 1,
+            epoch: 1,
+            reason: "rollback to b".into(),
+        };
+        assert_eq!(s.apply(&hold), CommandResult::DatasetHeld);
+        assert!(matches!(
+            s.apply(&hold),
+            CommandResult::Rejected(ApplyError::DatasetHeld { .. })
+        ));
+        assert!(matches!(
+            s.apply(&Command::BeginDatasetMove { dataset: 1, to: 2 }),
+            CommandResult::Rejected(ApplyError::DatasetHeld { .. })
+        ));
+        let app = crate::App {
+            spec: crate::testutil::spec("db", None, true),
+            pinned: None,
+            node: 1,
+            dataset: Some(1),
+        };
+        assert_eq!(s.app_runs_on(&app), None);
+        assert_eq!(
+            s.apply(&Command::ReleaseDataset { dataset: 1 }),
+            CommandResult::DatasetReleased { was_held: true }
+        );
+        assert_eq!(s.app_runs_on(&app), Some(1));
+        // A moving dataset cannot be held.
+        s.apply(&Command::BeginDatasetMove { dataset: 1, to: 2 });
+        assert!(rejected(&s.apply(&hold)));
+    }
+
+    #[test]
+    fn limits_and_retention_are_set_and_checked() {
+        let mut s = with_replica();
+        let set = |l| Command::SetDatasetLimit {
+            dataset: 1,
+            size_limit: l,
+        };
+        assert_eq!(s.apply(&set(Some(5 << 20))), CommandResult::DatasetLimitSet);
+        assert_eq!(s.datasets[&1].size_limit, Some(5 << 20));
+        assert!(rejected(&s.apply(&set(Some(0)))));
+        s.apply(&set(None));
+        assert_eq!(s.datasets[&1].size_limit, None);
+        let bad = crate::Retention {
+            last: 0,
+            hourly: 1,
+            daily: 1,
+        };
+        assert!(rejected(&s.apply(&Command::SetRetention {
+            dataset: 1,
+            retention: Some(bad)
+        })));
+        let good: crate::Retention = "last=1,hourly=0,daily=0".parse().unwrap();
+        s.apply(&Command::SetRetention {
+            dataset: 1,
+            retention: Some(good),
+        });
+        assert_eq!(s.datasets[&1].retention(), good);
+    }
+
     fn dataset_command() -> impl Strategy<Value = Command> {
         let name = prop::sample::select(vec!["a", "b", "c"]);
         let snap_name = prop::sample::select(vec!["s1", "s2", "s3", "s4"]);
@@ -552,7 +885,7 @@ mod tests {
             }),
             (1..6u64).prop_map(|d| Command::DeleteDataset { dataset: d }),
             (1..6u64, 1..5u64).prop_map(|(d, to)| Command::BeginDatasetMove { dataset: d, to }),
-            (1..6u64, 0..4u64, 1..5u64, snap_name).prop_map(|(d, e, to, n)| {
+            (1..6u64, 0..4u64, 1..5u64, snap_name.clone()).prop_map(|(d, e, to, n)| {
                 Command::CommitDatasetMove {
                     dataset: d,
                     epoch: e,
@@ -562,6 +895,21 @@ mod tests {
             }),
             (1..6u64).prop_map(|d| Command::CancelDatasetMove { dataset: d }),
             (2..5u64).prop_map(|id| Command::RemoveNode { id }),
+            (1..6u64, 0..4u64, snap_name.clone(), snap_name.clone()).prop_map(|(d, e, a, b)| {
+                Command::PruneSnapshots {
+                    dataset: d,
+                    epoch: e,
+                    names: vec![a.into(), b.into()],
+                }
+            }),
+            (1..6u64, 0..4u64, 1..5u64, snap_name.clone()).prop_map(|(d, e, node, n)| {
+                Command::ReplicaHolds {
+                    dataset: d,
+                    epoch: e,
+                    node,
+                    snapshot: n.into(),
+                }
+            }),
         ]
     }
 
@@ -584,6 +932,15 @@ mod tests {
                 for ds in s.datasets.values() {
                     prop_assert!(names.insert(ds.name.clone()), "duplicate name {}", ds.name);
                     prop_assert!(!ds.replicas.contains(&ds.primary));
+                    // The newest snapshot is never pruned: a prune shrinks the list but
+                    // keeps its last element.
+                    if let (Command::PruneSnapshots { dataset, .. }, Some(old)) =
+                        (cmd, before.datasets.get(&ds.id))
+                    {
+                        if *dataset == ds.id {
+                            prop_assert_eq!(old.latest_snapshot(), ds.latest_snapshot());
+                        }
+                    }
                     for h in ds.holders() {
                         prop_assert!(s.nodes.contains_key(&h), "holder {} is not a member", h);
                     }

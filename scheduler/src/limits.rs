@@ -49,6 +49,11 @@ pub const MAX_CLUSTER_ID_LEN: usize = 256;
 /// The longest join secret, in bytes (flockd makes 32 hex digits).
 pub const MAX_SECRET_LEN: usize = 256;
 
+/// The most snapshots one [`Command::PruneSnapshots`] forgets (a pruner proposes in chunks).
+pub const MAX_PRUNE_NAMES: usize = 1000;
+/// The longest reason a [`Command::HoldDataset`] shows, in bytes.
+pub const MAX_HOLD_REASON_LEN: usize = 256;
+
 /// The longest node label key and value, in bytes.
 pub const MAX_LABEL_LEN: usize = 63;
 /// The most labels one node may carry.
@@ -353,8 +358,29 @@ impl Command {
             Command::MountVolume { id, .. } | Command::UnmountVolume { id, .. } => {
                 len_at_most("mount id", id, MAX_MOUNT_ID_LEN)
             }
+            Command::PruneSnapshots { names, .. } => {
+                if names.len() > MAX_PRUNE_NAMES {
+                    return Err(too_large(
+                        "the list of snapshots to prune".into(),
+                        names.len(),
+                        MAX_PRUNE_NAMES,
+                    ));
+                }
+                names
+                    .iter()
+                    .try_for_each(|n| len_at_most("snapshot name", n, MAX_SNAPSHOT_NAME_LEN))
+            }
+            Command::ReplicaHolds { snapshot, .. } => {
+                len_at_most("snapshot name", snapshot, MAX_SNAPSHOT_NAME_LEN)
+            }
+            Command::HoldDataset { reason, .. } => {
+                len_at_most("hold reason", reason, MAX_HOLD_REASON_LEN)
+            }
             // Nothing but numbers.
-            Command::RemoveNode { .. }
+            Command::SetDatasetLimit { .. }
+            | Command::SetRetention { .. }
+            | Command::ReleaseDataset { .. }
+            | Command::RemoveNode { .. }
             | Command::DeleteDataset { .. }
             | Command::BeginDatasetMove { .. }
             | Command::CancelDatasetMove { .. }

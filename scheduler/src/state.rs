@@ -239,6 +239,44 @@ pub enum Command {
     RevokeAdmin {
         label: String,
     },
+    /// Sets a dataset's size limit (`None`: no limit); every holder applies it to its copy. The
+    /// proposer checked that the primary's data fits under it.
+    SetDatasetLimit {
+        dataset: DatasetId,
+        size_limit: Option<u64>,
+    },
+    /// Sets how many of a dataset's automatic snapshots are kept (`None`: the default).
+    SetRetention {
+        dataset: DatasetId,
+        retention: Option<crate::Retention>,
+    },
+    /// Forgets recorded snapshots of a dataset under `epoch` (pruned by its retention, or removed
+    /// by a user); every holder then destroys its copies. All or none: refused if one is unknown,
+    /// the newest, a replica's base, or the dataset moves (see [`Dataset::must_keep`]).
+    PruneSnapshots {
+        dataset: DatasetId,
+        epoch: u64,
+        names: Vec<String>,
+    },
+    /// Replica `node` holds recorded `snapshot` (the primary pushed it, or found it there, under
+    /// `epoch`): the base of the next push to it.
+    ReplicaHolds {
+        dataset: DatasetId,
+        epoch: u64,
+        node: NodeId,
+        snapshot: String,
+    },
+    /// The dataset's apps stop, and do not start, until [`Command::ReleaseDataset`]: the primary
+    /// works on the live data (a rollback). `reason` is shown while it lasts.
+    HoldDataset {
+        dataset: DatasetId,
+        epoch: u64,
+        reason: String,
+    },
+    /// Ends a [`Command::HoldDataset`]: the dataset's apps may run again.
+    ReleaseDataset {
+        dataset: DatasetId,
+    },
 }
 
 /// What applying a [`Command`] did.
@@ -318,6 +356,17 @@ pub enum CommandResult {
     AdminRevoked {
         /// Whether the label was revoked before.
         already: bool,
+    },
+    DatasetLimitSet,
+    RetentionSet,
+    SnapshotsPruned {
+        count: usize,
+    },
+    ReplicaRecorded,
+    DatasetHeld,
+    DatasetReleased {
+        /// Whether it was held.
+        was_held: bool,
     },
 }
 
@@ -435,6 +484,18 @@ pub enum ApplyError {
     },
     #[error("invalid join secret hash: expected sha256: and 64 lowercase hex digits")]
     InvalidSecretHash,
+    #[error("invalid retention: {reason}")]
+    InvalidRetention { reason: String },
+    #[error("snapshot {s} of dataset {dataset:?} must be kept: {reason}", s = shown(.snapshot))]
+    MustKeepSnapshot {
+        dataset: String,
+        snapshot: String,
+        reason: String,
+    },
+    #[error("node {node} is not a replica of dataset {dataset:?}")]
+    NotAReplica { dataset: String, node: NodeId },
+    #[error("dataset {dataset:?} is held ({reason}); try again when that is done (`flockctl dataset ls {dataset}`)")]
+    DatasetHeld { dataset: String, reason: String },
 }
 
 impl ClusterState {
@@ -662,6 +723,30 @@ impl ClusterState {
                 Ok(r)
             }
             Command::MountVolume { dataset, node, id } => self.mount_volume(*dataset, *node, id),
+            Command::SetDatasetLimit {
+                dataset,
+                size_limit,
+            } => self.set_dataset_limit(*dataset, *size_limit),
+            Command::SetRetention { dataset, retention } => {
+                self.set_retention(*dataset, *retention)
+            }
+            Command::PruneSnapshots {
+                dataset,
+                epoch,
+                names,
+            } => self.prune_snapshots(*dataset, *epoch, names),
+            Command::ReplicaHolds {
+                dataset,
+                epoch,
+                node,
+                snapshot,
+            } => self.replica_holds(*dataset, *epoch, *node, snapshot),
+            Command::HoldDataset {
+                dataset,
+                epoch,
+                reason,
+            } => self.hold_dataset(*dataset, *epoch, reason),
+            Command::ReleaseDataset { dataset } => self.release_dataset(*dataset),
             Command::UnmountVolume { dataset, node, id } => Ok(CommandResult::VolumeUnmounted {
                 mounts: self.unmount_volume(*dataset, *node, id),
             }),

@@ -823,6 +823,9 @@ mod tests {
             replicas: BTreeSet::from([REPLICA]),
             snapshots: Vec::new(),
             moving: None,
+            retention: None,
+            bases: Default::default(),
+            hold: None,
         }
     }
 
