@@ -76,13 +76,25 @@ fn dir_unchanged_files_are_shared_between_snapshots() {
     // The file's ctime must be older than the snapshot's start for it to be trusted.
     std::thread::sleep(std::time::Duration::from_millis(20));
     b.snapshot(&d, &snap("s1")).expect("s1");
+    let at_s1 = b.info(&d).expect("info").expect("exists");
+    // The live file and s1's copy are two inodes: 8 MiB on disk (a reflink would share the
+    // data, but st_blocks counts it in full either way), 4 MiB of data.
+    assert!(
+        (8 * MIB..9 * MIB).contains(&at_s1.used_bytes),
+        "live + s1 of a 4 MiB file take 8 MiB, got {}",
+        at_s1.used_bytes
+    );
+    assert_eq!(at_s1.referenced_bytes, 4 * MIB);
     write(&m, "small.txt", b"new");
     b.snapshot(&d, &snap("s2")).expect("s2");
-    let used = b.info(&d).expect("info").expect("exists").used_bytes;
+    let at_s2 = b.info(&d).expect("info").expect("exists");
     assert!(
-        used < 5 * MIB,
-        "4 MiB in two snapshots and live should be counted once, got {used}"
+        at_s2.used_bytes < at_s1.used_bytes + MIB / 4,
+        "s2 hard-links the unchanged 4 MiB file: used went from {} to {}",
+        at_s1.used_bytes,
+        at_s2.used_bytes
     );
+    assert_eq!(at_s2.referenced_bytes, 4 * MIB + 3);
     let inc = framed(
         &b,
         &StreamSpec::incremental(d.clone(), snap("s1"), snap("s2")),
