@@ -360,8 +360,13 @@ impl ZfsBackend {
                     let Ok(ds) = DatasetName::new(rest) else {
                         continue;
                     };
-                    if self.info_from(&ds, &props).is_some() {
-                        self.settle_layout(&ds, &props)?;
+                    if self.info_from(&ds, &props).is_none() {
+                        continue;
+                    }
+                    // Not fatal: a dataset left in the old layout still works (info reads it,
+                    // set_limit and the next receive retry the move).
+                    if let Err(e) = self.settle_layout(&ds, &props) {
+                        tracing::warn!(dataset = %ds, error = %e, "could not move the size limit to the refquota layout");
                     }
                 }
                 _ => {}
