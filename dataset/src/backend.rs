@@ -61,12 +61,69 @@ impl FromStr for BackendKind {
 pub struct DatasetInfo {
     /// The dataset's name.
     pub name: DatasetName,
-    /// Bytes the dataset holds: its live files plus what only its snapshots keep.
+    /// Bytes the dataset really takes on disk: its live data and its snapshots, each block
+    /// once (zfs: `used`; dir: allocated blocks of every distinct inode under live and
+    /// snapshots). What a node's disk pays for it, not what its limit applies to.
     pub used_bytes: u64,
+    /// Bytes of the live data alone, what the size limit applies to (zfs: `referenced` of the
+    /// file system; dir: the apparent size of the live files, what a stream of them carries).
+    pub referenced_bytes: u64,
     /// The size limit in bytes, if one was set.
     pub limit: Option<u64>,
     /// Where an application sees the dataset's files.
     pub mount_path: PathBuf,
+}
+
+impl DatasetInfo {
+    /// Bytes of live data beyond the size limit, if the dataset is over it (`None` when under,
+    /// at, or without a limit). The dir backend cannot stop an application from writing past
+    /// its limit, so the node reports this loudly instead.
+    pub fn over_limit(&self) -> Option<u64> {
+        self.limit
+            .and_then(|l| self.referenced_bytes.checked_sub(l))
+            .filter(|&over| over > 0)
+    }
+}
+
+/// How a backend's snapshots share storage with the live data: what a snapshot costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SpaceSharing {
+    /// Block-level copy-on-write (zfs): a snapshot costs only the blocks changed after it.
+    CopyOnWrite,
+    /// Snapshot files are reflinks of the live files (dir on btrfs, XFS): a snapshot costs
+    /// only what is rewritten after it.
+    Reflink,
+    /// Each snapshot holds a full copy of every file that changed since the previous one (dir
+    /// on ext4, tmpfs): live data plus its first snapshot take twice its size.
+    Copy,
+}
+
+impl SpaceSharing {
+    /// The short name: "cow", "reflink" or "copy".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpaceSharing::CopyOnWrite => "cow",
+            SpaceSharing::Reflink => "reflink",
+            SpaceSharing::Copy => "copy",
+        }
+    }
+
+    /// What one snapshot costs, in words for `dataset ls`.
+    pub fn snapshot_cost(self) -> &'static str {
+        match self {
+            SpaceSharing::CopyOnWrite => "each snapshot costs only the blocks changed after it",
+            SpaceSharing::Reflink => {
+                "each snapshot shares its files' data with the live files (reflinks)"
+            }
+            SpaceSharing::Copy => "each snapshot costs a copy of what changed",
+        }
+    }
+}
+
+impl fmt::Display for SpaceSharing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One snapshot of a dataset.
@@ -193,6 +250,25 @@ pub trait Backend: Send + Sync {
     /// (`zfs rollback -r`).
     fn rollback(&self, dataset: &DatasetName, snapshot: &SnapshotName) -> Result<(), DatasetError>;
 
+    /// Makes the live data the content of `snapshot` and keeps every snapshot, older and
+    /// newer: a rollback that loses nothing.
+    ///
+    /// The live directory stays the same directory (applications and containers bind-mount
+    /// the mount path): its contents are synced in place, removing what the snapshot lacks and
+    /// rewriting what differs, without following a symlink. Stop or quiesce the application
+    /// first; files it writes meanwhile may survive or be overwritten. Not atomic: a crash or
+    /// error midway leaves the live data partly restored, so take a snapshot before restoring
+    /// (what to go back to) and restore again to finish.
+    fn restore(&self, dataset: &DatasetName, snapshot: &SnapshotName) -> Result<(), DatasetError>;
+
+    /// Changes the dataset's size limit (`None`: no limit). The limit applies to the live data
+    /// ([`DatasetInfo::referenced_bytes`]), not to snapshots. A limit below the data the
+    /// dataset holds now is refused with [`DatasetError::LimitBelowUse`].
+    fn set_limit(&self, dataset: &DatasetName, limit: Option<u64>) -> Result<(), DatasetError>;
+
+    /// How this backend's snapshots share storage with the live data.
+    fn space_sharing(&self) -> Result<SpaceSharing, DatasetError>;
+
     /// Where an application sees the dataset's files.
     fn mount_path(&self, dataset: &DatasetName) -> Result<PathBuf, DatasetError>;
 
@@ -255,5 +331,20 @@ mod tests {
         );
         assert!(newest_common_snapshot(&ours, &[snap("s1", 7)]).is_none());
         assert!(newest_common_snapshot(&[], &theirs).is_none());
+    }
+
+    #[test]
+    fn over_limit_counts_live_data_beyond_the_limit() {
+        let info = |referenced_bytes, limit| DatasetInfo {
+            name: DatasetName::new("d").expect("valid"),
+            used_bytes: 10 * referenced_bytes,
+            referenced_bytes,
+            limit,
+            mount_path: PathBuf::new(),
+        };
+        assert_eq!(info(150, Some(100)).over_limit(), Some(50));
+        assert_eq!(info(100, Some(100)).over_limit(), None);
+        assert_eq!(info(99, Some(100)).over_limit(), None);
+        assert_eq!(info(1 << 40, None).over_limit(), None);
     }
 }

@@ -80,6 +80,20 @@ pub enum DatasetError {
         detail: String,
     },
 
+    /// A size limit below the data the dataset holds now.
+    #[error(
+        "cannot set the size limit of dataset {dataset} to {limit} bytes: it holds {used} bytes \
+         of data now; delete data first or set a limit of at least {used} bytes"
+    )]
+    LimitBelowUse {
+        /// The dataset.
+        dataset: String,
+        /// The limit asked for.
+        limit: u64,
+        /// The live data it holds now (what the limit applies to).
+        used: u64,
+    },
+
     /// The incoming stream was truncated, corrupted, interrupted or malformed; nothing was committed.
     #[error("stream for dataset {dataset} rejected, nothing was changed: {source}")]
     Stream {

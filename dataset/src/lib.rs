@@ -1,8 +1,8 @@
 //! flock's datasets: storage backends with snapshots, and the stream format that moves
 //! snapshots between nodes.
 //!
-//! - [`backend`]: the [`Backend`] trait (create, destroy, list, snapshot, rollback, mount path,
-//!   send, receive), the values it speaks ([`DatasetInfo`], [`SnapshotInfo`], [`StreamSpec`])
+//! - [`backend`]: the [`Backend`] trait (create, destroy, list, snapshot, rollback, restore,
+//!   set limit, mount path, send, receive), the values it speaks ([`DatasetInfo`], [`SnapshotInfo`], [`StreamSpec`])
 //!   and [`newest_common_snapshot`] (where an incremental stream or a rollback starts).
 //! - [`dir`]: [`DirBackend`], plain directories with hard-link snapshots; the embedded default.
 //! - [`zfs`]: [`ZfsBackend`], the `zfs` CLI on a pool (zfs-fuse or OpenZFS).
@@ -37,7 +37,8 @@ pub mod transfer;
 pub mod zfs;
 
 pub use backend::{
-    newest_common_snapshot, Backend, BackendKind, DatasetInfo, SendStream, SnapshotInfo, StreamSpec,
+    newest_common_snapshot, Backend, BackendKind, DatasetInfo, SendStream, SnapshotInfo,
+    SpaceSharing, StreamSpec,
 };
 pub use dir::DirBackend;
 pub use error::{DatasetError, StreamError};

@@ -1,18 +1,33 @@
 //! The `zfs` backend: the real `zfs` command on a pool (zfs-fuse on Debian, or OpenZFS).
 //!
 //! ```text
-//! ROOT/NAME          container: quota = the size limit, flock:state = creating|receiving|ready,
-//!                    canmount=off
-//! ROOT/NAME/data     the file system the application sees; snapshots are ROOT/NAME/data@SNAP
+//! ROOT/NAME          container: flock:state = creating|receiving|ready, canmount=off,
+//!                    flock:layout=refquota; a quota only while a stream is received
+//! ROOT/NAME/data     the file system the application sees; refquota = the size limit;
+//!                    snapshots are ROOT/NAME/data@SNAP
+//! ROOT/NAME/restore  a short-lived clone of a snapshot while [`Backend::restore`] runs
 //! ```
 //!
-//! ROOT is the pool or a dataset in it, given at [`ZfsBackend::open`]. The container exists so
-//! that a size limit holds for a dataset that is still being received: `zfs receive` in zfs-fuse
-//! takes no `-o quota=`, and renaming a received dataset into place is unreliable under zfs-fuse
-//! ("dataset is busy" right after an unmount). A full receive creates the container with the
-//! quota and `flock:state=receiving`, receives into `data`, and marks it `ready` only after the
-//! stream verified; a failed receive destroys the container. Datasets not `ready` are invisible
-//! to [`Backend::list`]/[`Backend::info`] and removed by [`ZfsBackend::open`] (a crash mid-receive).
+//! ROOT is the pool or a dataset in it, given at [`ZfsBackend::open`]. The size limit is the
+//! `refquota` of `data`: it counts the live data and not the snapshots, so a dataset that moved
+//! once (live data plus the snapshot it came with) is not "full" at half its limit.
+//!
+//! The container exists so that a size limit holds for a dataset that is still being received:
+//! `zfs receive` in zfs-fuse takes no `-o refquota=`, and renaming a received dataset into place
+//! is unreliable under zfs-fuse ("dataset is busy" right after an unmount). A full receive
+//! creates the container with `quota` = the limit (a full stream makes one snapshot, so that
+//! counts its data once) and `flock:state=receiving`, receives into `data`, then moves the limit
+//! to `data`'s refquota, clears the quota and marks it `ready` only after the stream verified; a
+//! failed receive destroys the container. An incremental receive bounds the container by a
+//! temporary quota of what it uses plus the limit (all a stream can add to a snapshot within
+//! the limit), then checks the new snapshot's `referenced` against the limit and rolls it back
+//! if it is over. Datasets not `ready` are invisible to [`Backend::list`]/[`Backend::info`] and
+//! removed by [`ZfsBackend::open`] (a crash mid-receive), which also clears a temporary quota
+//! and a restore clone that a crash left.
+//!
+//! Older datasets carry the limit as the container's `quota` (which counted snapshots too) and
+//! no `flock:layout`: [`Backend::info`] reads them as they are, and [`ZfsBackend::open`],
+//! [`Backend::set_limit`] and an incremental receive move them to the refquota layout.
 //!
 //! zfs-fuse 0.7 quirks handled here: `zfs list -p` does not exist (sizes come from `zfs get -p`);
 //! `zfs receive` has no `-o`/`-u`/`-s`; after an incremental `zfs receive -F` the FUSE mount can
@@ -27,12 +42,19 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, BackendKind, DatasetInfo, SendStream, SnapshotInfo, StreamSpec};
+use crate::backend::{
+    Backend, BackendKind, DatasetInfo, SendStream, SnapshotInfo, SpaceSharing, StreamSpec,
+};
 use crate::error::{DatasetError, StreamError};
 use crate::frame::read_full;
 use crate::name::{DatasetName, SnapshotName};
 
 const STATE_PROP: &str = "flock:state";
+/// Set to [`LAYOUT_REFQUOTA`] on containers whose limit is `data`'s refquota.
+const LAYOUT_PROP: &str = "flock:layout";
+const LAYOUT_REFQUOTA: &str = "refquota";
+/// The child of a container that holds a snapshot's clone during a restore.
+const RESTORE_CHILD: &str = "restore";
 const BUSY_RETRY_FOR: Duration = Duration::from_secs(10);
 /// `struct dmu_replay_record` holding a `drr_begin`: the first record of every zfs stream.
 const BEGIN_LEN: usize = 312;
@@ -105,6 +127,11 @@ impl Failure {
         self.has("busy")
     }
 
+    /// zfs refused a quota or refquota below what the dataset holds.
+    fn below_use(&self) -> bool {
+        self.has("less than current used")
+    }
+
     fn into_error(self) -> DatasetError {
         if self.daemon_down() {
             DatasetError::ZfsDaemonNotRunning
@@ -166,6 +193,14 @@ fn parse_props(out: &str) -> Props {
         }
     }
     props
+}
+
+/// `refquota=BYTES`, or `refquota=none` for no limit (zfs refuses 0).
+fn refquota_arg(limit: Option<u64>) -> String {
+    format!(
+        "refquota={}",
+        limit.map_or("none".to_string(), |l| l.to_string())
+    )
 }
 
 fn parse_u64(v: Option<&String>) -> Option<u64> {
@@ -262,6 +297,10 @@ impl ZfsBackend {
         format!("{}/{}/data", self.root, ds)
     }
 
+    fn restore_clone(&self, ds: &DatasetName) -> String {
+        format!("{}/{}/{RESTORE_CHILD}", self.root, ds)
+    }
+
     fn snap(&self, ds: &DatasetName, snap: &SnapshotName) -> String {
         format!("{}/{}/data@{}", self.root, ds, snap)
     }
@@ -305,12 +344,100 @@ impl ZfsBackend {
                     .map_err(Failure::into_error)?;
             }
         }
+        let props = self.props(None)?.unwrap_or_default();
+        let prefix = format!("{}/", self.root);
+        for name in props.keys() {
+            let Some(rest) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            match rest.split_once('/') {
+                Some((ds, RESTORE_CHILD)) if DatasetName::new(ds).is_ok() => {
+                    tracing::warn!(clone = %name, "destroying a restore clone left by a crash");
+                    self.zfs_retry_busy(&["destroy", "-r", name])
+                        .map_err(Failure::into_error)?;
+                }
+                None => {
+                    let Ok(ds) = DatasetName::new(rest) else {
+                        continue;
+                    };
+                    if self.info_from(&ds, &props).is_none() {
+                        continue;
+                    }
+                    // Not fatal: a dataset left in the old layout still works (info reads it,
+                    // set_limit and the next receive retry the move).
+                    if let Err(e) = self.settle_layout(&ds, &props) {
+                        tracing::warn!(dataset = %ds, error = %e, "could not move the size limit to the refquota layout");
+                    }
+                }
+                _ => {}
+            }
+        }
         Ok(())
+    }
+
+    /// Puts a ready dataset's limit on `data`'s refquota: moves an old layout's container
+    /// quota there, and clears a temporary receive quota a crash left on the container.
+    fn settle_layout(&self, ds: &DatasetName, props: &Props) -> Result<(), DatasetError> {
+        let container = self.container(ds);
+        let Some(c) = props.get(&container) else {
+            return Ok(());
+        };
+        let quota = parse_u64(c.get("quota")).filter(|&q| q > 0);
+        if c.get(LAYOUT_PROP).map(String::as_str) != Some(LAYOUT_REFQUOTA) {
+            tracing::info!(dataset = %ds, "moving the size limit from the container's quota to the data's refquota");
+            // In this order a crash midway leaves either layout whole: the limit is read from
+            // the quota until the layout mark is set.
+            if let Some(q) = quota {
+                self.zfs(&["set", &format!("refquota={q}"), &self.data(ds)])
+                    .map_err(Failure::into_error)?;
+            }
+            self.zfs(&[
+                "set",
+                &format!("{LAYOUT_PROP}={LAYOUT_REFQUOTA}"),
+                &container,
+            ])
+            .map_err(Failure::into_error)?;
+        } else if quota.is_none() {
+            return Ok(());
+        }
+        self.zfs(&["set", "quota=none", &container])
+            .map_err(Failure::into_error)?;
+        Ok(())
+    }
+
+    /// Like [`Self::settle_layout`] for one dataset, reading its properties first.
+    fn settle_layout_of(&self, ds: &DatasetName) -> Result<(), DatasetError> {
+        match self.props(Some(ds))? {
+            Some(props) => self.settle_layout(ds, &props),
+            None => Err(DatasetError::NotFound {
+                dataset: ds.to_string(),
+            }),
+        }
+    }
+
+    /// One numeric property of a zfs dataset or snapshot.
+    fn get_u64(&self, name: &str, prop: &str) -> Result<u64, DatasetError> {
+        let out = self
+            .zfs(&["get", "-H", "-p", "-o", "value", prop, name])
+            .map_err(Failure::into_error)?;
+        out.trim().parse().map_err(|_| DatasetError::Zfs {
+            command: format!("zfs get -H -p -o value {prop} {name}"),
+            stderr: format!("expected a number of bytes, got {:?}", out.trim()),
+        })
     }
 
     /// Properties of the containers and data file systems under the root (or of one dataset).
     fn props(&self, ds: Option<&DatasetName>) -> Result<Option<Props>, DatasetError> {
-        let fields = ["used", "quota", STATE_PROP, "mountpoint"].join(",");
+        let fields = [
+            "used",
+            "quota",
+            "referenced",
+            "refquota",
+            STATE_PROP,
+            LAYOUT_PROP,
+            "mountpoint",
+        ]
+        .join(",");
         let out = match ds {
             Some(ds) => self.zfs(&[
                 "get",
@@ -347,10 +474,20 @@ impl ZfsBackend {
         if container.get(STATE_PROP).map(String::as_str) != Some("ready") {
             return None;
         }
+        let limit = if container.get(LAYOUT_PROP).map(String::as_str) == Some(LAYOUT_REFQUOTA) {
+            parse_u64(data.get("refquota"))
+        } else {
+            // The old layout: the limit was the container's quota.
+            parse_u64(container.get("quota"))
+        };
         Some(DatasetInfo {
             name: ds.clone(),
             used_bytes: parse_u64(container.get("used")).unwrap_or(0),
-            limit: parse_u64(container.get("quota")).filter(|&q| q > 0),
+            // Unreadable, it counts as all the dataset uses (never as "nothing").
+            referenced_bytes: parse_u64(data.get("referenced"))
+                .or_else(|| parse_u64(container.get("used")))
+                .unwrap_or(0),
+            limit: limit.filter(|&q| q > 0),
             mount_path: PathBuf::from(data.get("mountpoint").cloned().unwrap_or_default()),
         })
     }
@@ -710,10 +847,11 @@ impl Backend for ZfsBackend {
     }
 
     fn create(&self, ds: &DatasetName, limit: Option<u64>) -> Result<DatasetInfo, DatasetError> {
-        let container = self.create_container(ds, limit, "creating")?;
+        let container = self.create_container(ds, None, limit, "creating")?;
         let ready = format!("{STATE_PROP}=ready");
+        let refquota = refquota_arg(limit);
         let finish = self
-            .zfs(&["create", &self.data(ds)])
+            .zfs(&["create", "-o", &refquota, &self.data(ds)])
             .and_then(|_| self.zfs(&["set", &ready, &container]));
         if let Err(f) = finish {
             self.destroy_quietly(&container);
@@ -812,6 +950,87 @@ impl Backend for ZfsBackend {
         Ok(())
     }
 
+    fn restore(&self, ds: &DatasetName, snapshot: &SnapshotName) -> Result<(), DatasetError> {
+        // `zfs rollback` would destroy the later snapshots, and zfs-fuse serves no
+        // `.zfs/snapshot`: clone the snapshot, sync the clone's tree into the live mount, drop
+        // the clone.
+        self.require(ds)?;
+        let snaps = self.snapshot_infos(ds)?;
+        self.find_snapshot(ds, &snaps, snapshot)?;
+        let live = self.mount_path(ds)?;
+        let clone = self.restore_clone(ds);
+        self.destroy_quietly(&clone);
+        self.zfs(&[
+            "clone",
+            "-o",
+            "readonly=on",
+            &self.snap(ds, snapshot),
+            &clone,
+        ])
+        .map_err(Failure::into_error)?;
+        let synced = (|| {
+            let mounted = self
+                .zfs(&["get", "-H", "-o", "value", "mounted", &clone])
+                .map_err(Failure::into_error)?;
+            if mounted.trim() != "yes" {
+                self.zfs_retry_busy(&["mount", &clone])
+                    .map_err(Failure::into_error)?;
+            }
+            let from = self
+                .zfs(&["get", "-H", "-o", "value", "mountpoint", &clone])
+                .map_err(Failure::into_error)?;
+            let from = PathBuf::from(from.trim());
+            if !from.is_absolute() {
+                return Err(DatasetError::Zfs {
+                    command: format!("zfs get mountpoint {clone}"),
+                    stderr: format!("the restore clone has no mount path ({})", from.display()),
+                });
+            }
+            crate::dir::tree::sync_to(&from, &live, crate::dir::tree::Keep::SameContent)
+        })();
+        let dropped = self
+            .zfs_retry_busy(&["destroy", "-r", &clone])
+            .map_err(Failure::into_error);
+        match synced {
+            Err(DatasetError::Io { ref source, .. }) if crate::dir::tree::is_full(source) => {
+                Err(self.no_space(ds, None, &source.to_string()))
+            }
+            Err(e) => Err(e),
+            Ok(()) => dropped.map(|_| ()),
+        }
+    }
+
+    fn set_limit(&self, ds: &DatasetName, limit: Option<u64>) -> Result<(), DatasetError> {
+        self.require(ds)?;
+        self.settle_layout_of(ds)?;
+        let data = self.data(ds);
+        let below = |used: u64, limit: u64| DatasetError::LimitBelowUse {
+            dataset: ds.to_string(),
+            limit,
+            used,
+        };
+        if let Some(limit) = limit {
+            let used = self.get_u64(&data, "referenced")?;
+            if limit < used {
+                return Err(below(used, limit));
+            }
+        }
+        let refquota = refquota_arg(limit);
+        match self.zfs(&["set", &refquota, &data]) {
+            Ok(_) => Ok(()),
+            // The data grew between the check and the set.
+            Err(f) if f.below_use() => {
+                let used = self.get_u64(&data, "referenced")?;
+                Err(below(used, limit.unwrap_or(0)))
+            }
+            Err(f) => Err(f.into_error()),
+        }
+    }
+
+    fn space_sharing(&self) -> Result<SpaceSharing, DatasetError> {
+        Ok(SpaceSharing::CopyOnWrite)
+    }
+
     fn mount_path(&self, ds: &DatasetName) -> Result<PathBuf, DatasetError> {
         let info = self.require(ds)?;
         let data = self.data(ds);
@@ -888,7 +1107,9 @@ impl Backend for ZfsBackend {
         let target = self.snap(ds, &spec.target);
         match &spec.base {
             None => {
-                let container = self.create_container(ds, limit, "receiving")?;
+                // The container's quota bounds the receive; a full stream makes one snapshot,
+                // so it counts the data once.
+                let container = self.create_container(ds, limit, limit, "receiving")?;
                 if let Err(failure) =
                     self.pump_receive(spec, limit, 0, &["receive", &target], stream)
                 {
@@ -896,13 +1117,25 @@ impl Backend for ZfsBackend {
                     self.destroy_quietly(&container);
                     return Err(failure.error);
                 }
+                // The limit moves to the data's refquota, then the dataset is ready.
+                let refquota = refquota_arg(limit);
                 let ready = format!("{STATE_PROP}=ready");
-                if let Err(f) = self.zfs(&["set", &ready, &container]) {
+                let finish = self
+                    .zfs(&["set", &refquota, &self.data(ds)])
+                    .and_then(|_| self.zfs(&["set", "quota=none", &container]))
+                    .and_then(|_| self.zfs(&["set", &ready, &container]));
+                if let Err(f) = finish {
                     self.destroy_quietly(&container);
-                    return Err(f.into_error());
+                    return Err(if f.below_use() || f.no_space() {
+                        self.no_space(ds, limit, &f.stderr)
+                    } else {
+                        f.into_error()
+                    });
                 }
             }
             Some(base) => {
+                self.require(ds)?;
+                self.settle_layout_of(ds)?;
                 let info = self.require(ds)?;
                 let snaps = self.snapshot_infos(ds)?;
                 let Some(latest) = snaps.last().filter(|s| &s.name == base) else {
@@ -918,13 +1151,46 @@ impl Backend for ZfsBackend {
                         snapshot: spec.target.to_string(),
                     });
                 }
-                let result = self.pump_receive(
+                // A snapshot within the limit adds at most `limit` bytes of new blocks: bound
+                // the receive by that (plus room for metadata), check exactly afterwards.
+                let container = self.container(ds);
+                if let Some(limit) = info.limit {
+                    let used = self.get_u64(&container, "used")?;
+                    let bound = used
+                        .saturating_add(limit)
+                        .saturating_add(limit / 32 + (1 << 20));
+                    self.zfs(&["set", &format!("quota={bound}"), &container])
+                        .map_err(Failure::into_error)?;
+                }
+                let mut result = self.pump_receive(
                     spec,
                     info.limit,
                     latest.guid,
                     &["receive", "-F", &target],
                     stream,
                 );
+                if info.limit.is_some() {
+                    if let Err(f) = self.zfs(&["set", "quota=none", &container]) {
+                        // Cleared at the next open; until then it only bounds the dataset more.
+                        tracing::error!(dataset = %ds, error = %f.stderr, "could not clear the temporary receive quota");
+                    }
+                }
+                if let (Ok(()), Some(limit)) = (&result, info.limit) {
+                    let referenced = self.get_u64(&self.snap(ds, &spec.target), "referenced")?;
+                    if referenced > limit {
+                        result = Err(ReceiveFailure {
+                            error: DatasetError::NoSpace {
+                                dataset: ds.to_string(),
+                                detail: format!(
+                                    "snapshot {} holds {referenced} bytes of data, more than \
+                                     the dataset's size limit of {limit} bytes; raise the limit",
+                                    spec.target
+                                ),
+                            },
+                            maybe_committed: true,
+                        });
+                    }
+                }
                 if let Err(failure) = result {
                     if failure.maybe_committed {
                         // Back to exactly the last good snapshot.
@@ -947,20 +1213,23 @@ impl Backend for ZfsBackend {
 }
 
 impl ZfsBackend {
-    /// Creates the dataset's container (`ROOT/NAME`, quota = `limit`, not mounted) in `state`;
-    /// returns its zfs name.
+    /// Creates the dataset's container (`ROOT/NAME`, not mounted, the refquota layout) in
+    /// `state`, with `quota` (to bound a full receive; `limit` is for messages); returns its
+    /// zfs name.
     fn create_container(
         &self,
         ds: &DatasetName,
+        quota: Option<u64>,
         limit: Option<u64>,
         state: &str,
     ) -> Result<String, DatasetError> {
         let container = self.container(ds);
         let quota = format!(
             "quota={}",
-            limit.map_or("none".to_string(), |l| l.to_string())
+            quota.map_or("none".to_string(), |l| l.to_string())
         );
         let state = format!("{STATE_PROP}={state}");
+        let layout = format!("{LAYOUT_PROP}={LAYOUT_REFQUOTA}");
         match self.zfs(&[
             "create",
             "-o",
@@ -969,6 +1238,8 @@ impl ZfsBackend {
             &quota,
             "-o",
             &state,
+            "-o",
+            &layout,
             &container,
         ]) {
             Ok(_) => Ok(container),

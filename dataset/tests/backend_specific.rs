@@ -76,13 +76,25 @@ fn dir_unchanged_files_are_shared_between_snapshots() {
     // The file's ctime must be older than the snapshot's start for it to be trusted.
     std::thread::sleep(std::time::Duration::from_millis(20));
     b.snapshot(&d, &snap("s1")).expect("s1");
+    let at_s1 = b.info(&d).expect("info").expect("exists");
+    // The live file and s1's copy are two inodes: 8 MiB on disk (a reflink would share the
+    // data, but st_blocks counts it in full either way), 4 MiB of data.
+    assert!(
+        (8 * MIB..9 * MIB).contains(&at_s1.used_bytes),
+        "live + s1 of a 4 MiB file take 8 MiB, got {}",
+        at_s1.used_bytes
+    );
+    assert_eq!(at_s1.referenced_bytes, 4 * MIB);
     write(&m, "small.txt", b"new");
     b.snapshot(&d, &snap("s2")).expect("s2");
-    let used = b.info(&d).expect("info").expect("exists").used_bytes;
+    let at_s2 = b.info(&d).expect("info").expect("exists");
     assert!(
-        used < 5 * MIB,
-        "4 MiB in two snapshots and live should be counted once, got {used}"
+        at_s2.used_bytes < at_s1.used_bytes + MIB / 4,
+        "s2 hard-links the unchanged 4 MiB file: used went from {} to {}",
+        at_s1.used_bytes,
+        at_s2.used_bytes
     );
+    assert_eq!(at_s2.referenced_bytes, 4 * MIB + 3);
     let inc = framed(
         &b,
         &StreamSpec::incremental(d.clone(), snap("s1"), snap("s2")),
@@ -577,4 +589,285 @@ fn zfs_open_removes_a_dataset_left_half_received() {
         .expect("zfs list");
     let names = String::from_utf8_lossy(&out.stdout);
     assert!(!names.contains("half"), "{names}");
+}
+
+/// Runs `zfs ARGS...` and returns its stdout, failing the test with zfs's message.
+fn zfs(args: &[&str]) -> String {
+    let out = std::process::Command::new("zfs")
+        .args(args)
+        .output()
+        .expect("run zfs");
+    assert!(
+        out.status.success(),
+        "zfs {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Appends 256 KiB blocks to `path` until the file system refuses one; returns the bytes
+/// written and the error that stopped it.
+fn write_until_refused(path: &Path, limit: u64) -> (u64, std::io::Error) {
+    use std::io::Write;
+    let mut file = fs::File::create(path).expect("create");
+    let block = noise(256 << 10, 77);
+    let mut written = 0u64;
+    let err = loop {
+        if let Err(e) = file.write_all(&block).and_then(|()| file.sync_all()) {
+            break e;
+        }
+        written += block.len() as u64;
+        assert!(
+            written <= 4 * limit,
+            "wrote {written} bytes into a dataset limited to {limit}: the limit does not hold"
+        );
+    };
+    (written, err)
+}
+
+#[test]
+fn zfs_refquota_stops_writes_past_the_limit_and_snapshots_do_not_count() {
+    let mut f = ZfsFixture::new();
+    let a = f.node();
+    let d = ds("capped");
+    let limit = 4 * MIB;
+    a.create(&d, Some(limit)).expect("create");
+    let m = a.mount_path(&d).expect("mount");
+    let (written, err) = write_until_refused(&m.join("fill.bin"), limit);
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EDQUOT) | Some(libc::ENOSPC)),
+        "stopped by the limit, not by {err}"
+    );
+    assert!(
+        (limit / 2..=limit + MIB).contains(&written),
+        "{written} bytes written under a {limit} byte limit"
+    );
+    let info = a.info(&d).expect("info").expect("exists");
+    assert!(info.referenced_bytes <= limit + MIB, "{info:?}");
+
+    // The snapshot keeps the full file; deleting it frees the live data, and the limit lets
+    // as much be written again, as it counts the live data only.
+    a.snapshot(&d, &snap("full")).expect("snapshot");
+    fs::remove_file(m.join("fill.bin")).expect("rm");
+    let (again, _) = write_until_refused(&m.join("refill.bin"), limit);
+    assert!(
+        again >= written / 2,
+        "after deleting the data a snapshot still holds, only {again} bytes could be written \
+         (first time {written}): the snapshot counts against the limit"
+    );
+    let info = a.info(&d).expect("info").expect("exists");
+    assert!(
+        info.used_bytes > limit + limit / 4,
+        "live + snapshot take more than the limit on disk: {info:?}"
+    );
+}
+
+#[test]
+fn zfs_reads_and_moves_the_old_quota_layout() {
+    let mut f = ZfsFixture::new();
+    let a = f.node();
+    let root = f.last_root();
+    // A dataset as older flock made it: the limit is the container's quota.
+    let container = format!("{root}/legacy");
+    zfs(&[
+        "create",
+        "-o",
+        "canmount=off",
+        "-o",
+        "quota=20971520",
+        "-o",
+        "flock:state=ready",
+        &container,
+    ]);
+    zfs(&["create", &format!("{container}/data")]);
+    let d = ds("legacy");
+    let info = a.info(&d).expect("info").expect("the old layout is read");
+    assert_eq!(info.limit, Some(20 * MIB));
+    write(
+        &a.mount_path(&d).expect("mount"),
+        "old.bin",
+        &noise(MIB as usize, 5),
+    );
+    a.snapshot(&d, &snap("s1")).expect("snapshot");
+    drop(a);
+
+    // Opening moves the limit to the data's refquota and clears the container's quota.
+    let b = ZfsBackend::open(&root).expect("reopen");
+    let get = |prop: &str, name: &str| zfs(&["get", "-H", "-p", "-o", "value", prop, name]);
+    assert_eq!(get("quota", &container), "0");
+    assert_eq!(get("refquota", &format!("{container}/data")), "20971520");
+    assert_eq!(get("flock:layout", &container), "refquota");
+    let info = b.info(&d).expect("info").expect("exists");
+    assert_eq!(info.limit, Some(20 * MIB));
+    assert!((MIB..2 * MIB).contains(&info.referenced_bytes), "{info:?}");
+    b.set_limit(&d, Some(2 * MIB)).expect("set limit");
+    assert_eq!(get("refquota", &format!("{container}/data")), "2097152");
+    assert_eq!(get("quota", &container), "0");
+    assert_eq!(snapshot_names(&b, &d), ["s1"]);
+}
+
+#[test]
+fn zfs_open_clears_what_a_crashed_restore_or_receive_left() {
+    let mut f = ZfsFixture::new();
+    let a = f.node();
+    let d = ds("crashed");
+    a.create(&d, Some(8 * MIB)).expect("create");
+    a.snapshot(&d, &snap("s1")).expect("s1");
+    drop(a);
+    let root = f.last_root();
+    let container = format!("{root}/crashed");
+    // A restore clone and a temporary receive quota, as a crash mid-way leaves them.
+    zfs(&[
+        "clone",
+        &format!("{container}/data@s1"),
+        &format!("{container}/restore"),
+    ]);
+    zfs(&["set", "quota=99999999", &container]);
+    let b = ZfsBackend::open(&root).expect("reopen");
+    let names = zfs(&["list", "-H", "-o", "name", "-r", &root]);
+    assert!(!names.contains("restore"), "{names}");
+    assert_eq!(
+        zfs(&["get", "-H", "-p", "-o", "value", "quota", &container]),
+        "0"
+    );
+    assert_eq!(
+        b.info(&d).expect("info").expect("exists").limit,
+        Some(8 * MIB)
+    );
+    b.destroy_snapshot(&d, &snap("s1"))
+        .expect("no clone pins s1 any more");
+}
+
+/// A loop-mounted btrfs file system, unmounted on drop.
+struct Btrfs {
+    mnt: std::path::PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Btrfs {
+    fn mount() -> Btrfs {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let img = tmp.path().join("btrfs.img");
+        fs::File::create(&img)
+            .and_then(|f| f.set_len(256 * MIB))
+            .expect("image file");
+        let out = std::process::Command::new("mkfs.btrfs")
+            .arg("-q")
+            .arg(&img)
+            .output();
+        assert!(
+            out.as_ref().is_ok_and(|o| o.status.success()),
+            "the dir backend's reflink test needs mkfs.btrfs: apt-get install -y btrfs-progs ({:?})",
+            out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        );
+        let mnt = tmp.path().join("mnt");
+        fs::create_dir(&mnt).expect("mkdir");
+        let out = std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "the dir backend's reflink test loop-mounts a btrfs image and needs root and loop \
+             devices: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Btrfs { mnt, _tmp: tmp }
+    }
+
+    /// Bytes free on the file system, after flushing it.
+    fn free(&self) -> u64 {
+        let f = fs::File::open(&self.mnt).expect("open mount");
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid descriptor; statvfs is plain integers.
+        unsafe { libc::syncfs(f.as_raw_fd()) };
+        let out = std::process::Command::new("btrfs")
+            .args(["filesystem", "sync"])
+            .arg(&self.mnt)
+            .output()
+            .expect("btrfs filesystem sync");
+        assert!(out.status.success());
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let c = std::ffi::CString::new(self.mnt.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a NUL-terminated path and a valid out pointer.
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+}
+
+impl Drop for Btrfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+#[test]
+fn dir_snapshots_and_restores_reflink_on_btrfs_and_copy_elsewhere() {
+    use flock_dataset::SpaceSharing;
+    // ext4 (the temp dir here) and tmpfs make no reflinks: the copy fallback.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let plain = DirBackend::open(tmp.path().join("root")).expect("open");
+    let on_plain = plain.space_sharing().expect("probe");
+
+    let fs_ = Btrfs::mount();
+    let b = DirBackend::open(fs_.mnt.join("root")).expect("open on btrfs");
+    assert_eq!(b.space_sharing().expect("probe"), SpaceSharing::Reflink);
+    let d = ds("cloned");
+    b.create(&d, None).expect("create");
+    let m = b.mount_path(&d).expect("mount");
+    write(&m, "big.bin", &noise(32 * MIB as usize, 3));
+    let before = fs_.free();
+    b.snapshot(&d, &snap("s1")).expect("s1");
+    let after = fs_.free();
+    assert!(
+        before.saturating_sub(after) < 8 * MIB,
+        "a snapshot of 32 MiB on btrfs took {} bytes: not a reflink",
+        before.saturating_sub(after)
+    );
+    write(&m, "big.bin", b"rewritten");
+    let before = fs_.free();
+    b.restore(&d, &snap("s1")).expect("restore");
+    let after = fs_.free();
+    assert_eq!(
+        fs::read(m.join("big.bin")).expect("read"),
+        noise(32 * MIB as usize, 3)
+    );
+    assert!(
+        before.saturating_sub(after) < 8 * MIB,
+        "restoring 32 MiB on btrfs took {} bytes: not a reflink",
+        before.saturating_sub(after)
+    );
+
+    // The fallback copies, and says so. Both snapshots read back the same.
+    let d2 = ds("copied");
+    plain.create(&d2, None).expect("create");
+    let m2 = plain.mount_path(&d2).expect("mount");
+    write(&m2, "f.bin", &noise(MIB as usize, 4));
+    plain.snapshot(&d2, &snap("s1")).expect("s1");
+    write(&m2, "f.bin", b"changed");
+    plain.restore(&d2, &snap("s1")).expect("restore");
+    assert_eq!(
+        fs::read(m2.join("f.bin")).expect("read"),
+        noise(MIB as usize, 4)
+    );
+    let reflinks_here = std::process::Command::new("cp")
+        .arg("--reflink=always")
+        .arg(m2.join("f.bin"))
+        .arg(tmp.path().join("probe"))
+        .status()
+        .expect("run cp")
+        .success();
+    assert_eq!(
+        on_plain,
+        if reflinks_here {
+            SpaceSharing::Reflink
+        } else {
+            SpaceSharing::Copy
+        },
+        "space_sharing agrees with cp --reflink=always on {}",
+        tmp.path().display()
+    );
 }

@@ -10,7 +10,7 @@ use std::io::{self, BufReader, Read};
 use std::sync::Arc;
 
 use flock_dataset::transfer::{receive_framed, receive_framed_async, send_framed_async};
-use flock_dataset::{Backend, DatasetError, StreamSpec};
+use flock_dataset::{Backend, DatasetError, SpaceSharing, StreamSpec};
 use support::*;
 use tokio_util::sync::CancellationToken;
 
@@ -701,6 +701,174 @@ fn pool_filling_up_mid_stream(f: &mut dyn Fixture) {
     .expect("a small dataset fits after the failed one was cleaned up");
 }
 
+fn set_limit_up_down_and_below_use(f: &mut dyn Fixture) {
+    let a = f.node();
+    let d = ds("resized");
+    a.create(&d, Some(10 * MIB)).expect("create");
+    write(
+        &a.mount_path(&d).expect("mount"),
+        "data.bin",
+        &noise(3 * MIB as usize, 11),
+    );
+    let limit = |b: &dyn Backend| b.info(&d).expect("info").expect("exists").limit;
+
+    a.set_limit(&d, Some(20 * MIB)).expect("raise");
+    assert_eq!(limit(&*a), Some(20 * MIB));
+    a.set_limit(&d, Some(4 * MIB))
+        .expect("lower, still above the data");
+    assert_eq!(limit(&*a), Some(4 * MIB));
+    match a.set_limit(&d, Some(MIB)) {
+        Err(e @ DatasetError::LimitBelowUse { .. }) => {
+            let DatasetError::LimitBelowUse {
+                ref dataset,
+                limit,
+                used,
+            } = e
+            else {
+                unreachable!()
+            };
+            assert_eq!((dataset.as_str(), limit), ("resized", MIB));
+            assert!((3 * MIB..4 * MIB).contains(&used), "used {used}");
+            let text = e.to_string();
+            assert!(
+                text.contains("resized") && text.contains(&used.to_string()),
+                "names the dataset and what it holds: {text}"
+            );
+        }
+        other => panic!("expected LimitBelowUse, got {other:?}"),
+    }
+    assert_eq!(limit(&*a), Some(4 * MIB), "a refused limit changes nothing");
+    a.set_limit(&d, None).expect("no limit");
+    assert_eq!(limit(&*a), None);
+    let info = a.info(&d).expect("info").expect("exists");
+    assert_eq!(info.over_limit(), None);
+    match a.set_limit(&ds("missing"), Some(MIB)) {
+        Err(DatasetError::NotFound { dataset }) => assert_eq!(dataset, "missing"),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+}
+
+fn limit_counts_live_data_not_snapshots(f: &mut dyn Fixture) {
+    let (a, b) = (f.node(), f.node());
+    let d = ds("moved");
+    a.create(&d, None).expect("create");
+    let ma = a.mount_path(&d).expect("mount");
+    write(&ma, "big.bin", &noise(5 * MIB as usize, 21));
+    a.snapshot(&d, &snap("s1")).expect("s1");
+    let s1 = a.info(&d).expect("info").expect("exists");
+    assert!(
+        (5 * MIB..5 * MIB + MIB / 2).contains(&s1.referenced_bytes),
+        "5 MiB of live data, got {}",
+        s1.referenced_bytes
+    );
+    // What a snapshot of unchanged data costs depends on how the backend shares storage.
+    let sharing = a.space_sharing().expect("space sharing");
+    match sharing {
+        SpaceSharing::CopyOnWrite => assert!(
+            s1.used_bytes < s1.referenced_bytes + MIB / 2,
+            "zfs: s1 shares every block with the live data, used {}",
+            s1.used_bytes
+        ),
+        SpaceSharing::Copy | SpaceSharing::Reflink => assert!(
+            (2 * s1.referenced_bytes..2 * s1.referenced_bytes + MIB / 2).contains(&s1.used_bytes),
+            "dir: live and s1 are two files of 5 MiB each ({sharing}), used {}",
+            s1.used_bytes
+        ),
+    }
+    a.snapshot(&d, &snap("s1b")).expect("s1b");
+    let s1b = a.info(&d).expect("info").expect("exists");
+    assert!(
+        s1b.used_bytes < s1.used_bytes + MIB / 4,
+        "a snapshot of unchanged data costs (almost) nothing: {} -> {}",
+        s1.used_bytes,
+        s1b.used_bytes
+    );
+    assert_eq!(s1b.referenced_bytes, s1.referenced_bytes);
+    a.set_limit(&d, Some(6 * MIB))
+        .expect("6 MiB holds the 5 MiB of data, whatever the snapshots take");
+
+    // Moved to b with an 8 MiB limit, then the big file is rewritten: b holds the old copy in
+    // s1 and the new one live, 10 MiB, and its 5 MiB of data are within the limit.
+    receive(
+        &*b,
+        &framed_with_limit(&*a, &StreamSpec::full(d.clone(), snap("s1")), Some(8 * MIB)),
+    )
+    .expect("s1 fits in 8 MiB");
+    write(&ma, "big.bin", &noise(5 * MIB as usize, 22));
+    a.snapshot(&d, &snap("s2")).expect("s2");
+    receive(
+        &*b,
+        &framed(
+            &*a,
+            &StreamSpec::incremental(d.clone(), snap("s1"), snap("s2")),
+        ),
+    )
+    .expect("the rewritten 5 MiB file fits in an 8 MiB limit next to its old snapshot");
+    let on_b = b.info(&d).expect("info").expect("exists");
+    assert_eq!(on_b.limit, Some(8 * MIB));
+    assert!(
+        on_b.used_bytes >= 10 * MIB && on_b.referenced_bytes < 6 * MIB,
+        "b holds two versions on disk but 5 MiB of data: {on_b:?}"
+    );
+    assert_eq!(on_b.over_limit(), None);
+    assert_same(&manifest(&ma), &manifest(&b.mount_path(&d).expect("mount")));
+}
+
+fn restore_keeps_every_snapshot_and_the_directory(f: &mut dyn Fixture) {
+    use std::os::unix::fs::MetadataExt;
+    let a = f.node();
+    let d = ds("restored");
+    a.create(&d, None).expect("create");
+    let m = a.mount_path(&d).expect("mount");
+    populate(&m);
+    a.snapshot(&d, &snap("s1")).expect("s1");
+    let at_s1 = manifest(&m);
+    change_everything(&m);
+    write(&m, "big.bin", &noise(MIB as usize, 33));
+    a.snapshot(&d, &snap("s2")).expect("s2");
+    let at_s2 = manifest(&m);
+    write(&m, "unsaved.txt", b"written after s2");
+    let root_id = |p: &std::path::Path| {
+        let md = std::fs::metadata(p).expect("stat mount");
+        (md.dev(), md.ino())
+    };
+    let before = root_id(&m);
+
+    a.restore(&d, &snap("s1")).expect("restore s1");
+    assert_same(&manifest(&m), &at_s1);
+    assert_eq!(snapshot_names(&*a, &d), ["s1", "s2"], "no snapshot lost");
+    assert_eq!(
+        root_id(&m),
+        before,
+        "the live directory is the same directory"
+    );
+    assert_eq!(a.mount_path(&d).expect("mount"), m);
+
+    a.restore(&d, &snap("s2"))
+        .expect("restore s2, the newer one");
+    assert_same(&manifest(&m), &at_s2);
+    assert_eq!(root_id(&m), before);
+
+    // A directory swapped for a symlink to outside is replaced, never written through.
+    let outside = tempfile::tempdir().expect("tmp");
+    write(outside.path(), "keep.txt", b"not the dataset's");
+    let outside_before = manifest(outside.path());
+    std::fs::remove_dir_all(m.join("a")).expect("remove a/");
+    std::os::unix::fs::symlink(outside.path(), m.join("a")).expect("symlink");
+    a.restore(&d, &snap("s1")).expect("restore s1 again");
+    assert_same(&manifest(&m), &at_s1);
+    assert_same(&manifest(outside.path()), &outside_before);
+
+    match a.restore(&d, &snap("nope")) {
+        Err(DatasetError::SnapshotNotFound { snapshot, .. }) => assert_eq!(snapshot, "nope"),
+        other => panic!("expected SnapshotNotFound, got {other:?}"),
+    }
+    // Nothing pins a snapshot after a restore (zfs: the clone it read from is gone).
+    a.destroy_snapshot(&d, &snap("s1"))
+        .expect("nothing pins s1 after a restore");
+    assert_eq!(snapshot_names(&*a, &d), ["s2"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 
 macro_rules! conformance {
@@ -723,6 +891,9 @@ macro_rules! conformance {
                 failed_full_receive_leaves_no_dataset,
                 size_limit_is_enforced_at_receive,
                 pool_filling_up_mid_stream,
+                set_limit_up_down_and_below_use,
+                limit_counts_live_data_not_snapshots,
+                restore_keeps_every_snapshot_and_the_directory,
             );
         }
     };

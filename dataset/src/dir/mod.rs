@@ -23,9 +23,19 @@
 //! the next snapshot, once. Snapshot trees are never modified, so equal inodes in two snapshots
 //! mean an unchanged file, which makes incremental streams exact.
 //!
-//! Used bytes: distinct files across all snapshots plus live files that differ from the latest
-//! snapshot (the counterpart of zfs's `used`). The size limit is enforced when a stream is
-//! received, not while an application writes (plain directories have no quota).
+//! Where the file system makes reflinks (btrfs, XFS), a file a snapshot copies, and a file a
+//! rollback, restore or receive copies back into live/, is a reflink (`FICLONE`) that shares
+//! its data until either side is rewritten; elsewhere (ext4, tmpfs) it is a byte copy, so the
+//! live tree and its first snapshot take twice the data's size ([`DirBackend::space_sharing`]).
+//!
+//! Space: `used_bytes` is what the dataset takes on disk, the allocated blocks of every distinct
+//! inode under live/ and snapshots/ (a file hard-linked into several snapshots counts once; a
+//! reflinked file counts in full, as `st_blocks` cannot tell shared blocks). `referenced_bytes`
+//! is the apparent size of the live files, what the size limit applies to and what a stream of
+//! them carries. The limit is enforced when a stream is received (on the size of the snapshot
+//! it makes), not while an application writes: plain directories have no quota (project
+//! quotas would need a file system mounted with them), so [`DatasetInfo::over_limit`] reports
+//! a dataset that grew past it.
 //!
 //! No link is followed out of a dataset: live trees belong to applications, which may swap a
 //! directory for a symlink (to `/etc`, to flockd's `tls/`) at any moment, so every tree is
@@ -41,22 +51,24 @@
 
 mod dirfd;
 mod stream;
-mod tree;
+pub(crate) mod tree;
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, BackendKind, DatasetInfo, SendStream, SnapshotInfo, StreamSpec};
+use crate::backend::{
+    Backend, BackendKind, DatasetInfo, SendStream, SnapshotInfo, SpaceSharing, StreamSpec,
+};
 use crate::error::DatasetError;
 use crate::name::{DatasetName, SnapshotName};
-use stream::{ApplyError, DirSendReader, Expect, SnapRef, StreamStart};
-use tree::{Stamp, TrustedTree};
+use stream::{ApplyError, DirSendReader, Expect, Limit, SnapRef, StreamStart};
+use tree::{Keep, Stamp, TrustedTree};
 
 const FORMAT_LINE: &str = "flock-dir 1\n";
 
@@ -100,6 +112,8 @@ impl Snap {
 pub struct DirBackend {
     root: PathBuf,
     locks: Mutex<HashMap<DatasetName, Arc<Mutex<()>>>>,
+    /// Whether the root's file system makes reflinks, once probed.
+    sharing: OnceLock<SpaceSharing>,
 }
 
 fn now_unix() -> u64 {
@@ -186,6 +200,7 @@ impl DirBackend {
         let backend = DirBackend {
             root,
             locks: Mutex::new(HashMap::new()),
+            sharing: OnceLock::new(),
         };
         for info in backend.list_names()? {
             let dir = backend.dataset_dir(&info);
@@ -375,22 +390,32 @@ impl DirBackend {
         let meta: DatasetMeta = read_json(&dir.join("dataset.json"))?;
         let snaps = self.snaps(ds)?;
         let trees: Vec<PathBuf> = snaps.iter().map(Snap::tree).collect();
-        let latest_tree = snaps.last().map(Snap::tree);
-        let latest = snaps
-            .last()
-            .zip(latest_tree.as_deref())
-            .map(|(s, root)| TrustedTree {
-                root,
-                taken_at: s.meta.taken_at,
-            });
         let live = self.live_dir(ds);
-        let used = tree::used_bytes(&trees, latest, Some(&live))?;
+        let space = tree::space(&trees, &live)?;
         Ok(DatasetInfo {
             name: ds.clone(),
-            used_bytes: used,
+            used_bytes: space.used,
+            referenced_bytes: space.referenced,
             limit: meta.limit,
             mount_path: live,
         })
+    }
+
+    /// Writes `dataset.json` anew: prepared in staging/, renamed over the old one.
+    fn write_meta(&self, dir: &Path, meta: &DatasetMeta) -> Result<(), DatasetError> {
+        let staging = self.staging()?;
+        let result = (|| {
+            let tmp = staging.join("dataset.json");
+            write_json(&tmp, meta)?;
+            tree::sync_fs(&self.root)?;
+            let path = dir.join("dataset.json");
+            fs::rename(&tmp, &path).map_err(|e| DatasetError::io("replace", &path, e))?;
+            tree::sync_fs(&self.root)
+        })();
+        if let Err(e) = tree::remove_any(&staging) {
+            tracing::warn!(error = %e, "could not clean up a staging area");
+        }
+        result
     }
 
     /// Makes live/ match the latest snapshot and clears the resync marker.
@@ -403,7 +428,7 @@ impl DirBackend {
                 tree::sync_to(
                     &t,
                     &live,
-                    Some(TrustedTree {
+                    Keep::Trusted(TrustedTree {
                         root: &t,
                         taken_at: s.meta.taken_at,
                     }),
@@ -465,10 +490,10 @@ impl DirBackend {
                     base: None,
                     target_name: spec.target.as_str(),
                 },
-                limit,
+                limit.map(|limit| Limit { limit, start: 0 }),
             )
-            .map_err(|e| self.apply_error(ds, limit, e))?;
-            tree::sync_to(&tree_dir, &staging.join("live"), None)?;
+            .map_err(|e| self.apply_error(ds, e))?;
+            tree::sync_to(&tree_dir, &staging.join("live"), Keep::Nothing)?;
             let meta = SnapshotMeta {
                 format: 1,
                 name: spec.target.to_string(),
@@ -530,11 +555,12 @@ impl DirBackend {
                 snapshot: spec.target.to_string(),
             });
         }
-        let budget = match meta.limit {
-            Some(limit) => {
-                let trees: Vec<PathBuf> = snaps.iter().map(Snap::tree).collect();
-                Some(limit.saturating_sub(tree::used_bytes(&trees, None, None)?))
-            }
+        // The limit applies to the snapshot the stream makes, which starts as the base.
+        let limit = match meta.limit {
+            Some(limit) => Some(Limit {
+                limit,
+                start: tree::tree_size(&latest.tree())?,
+            }),
             None => None,
         };
         let staging = self.staging()?;
@@ -552,9 +578,9 @@ impl DirBackend {
                     base: Some(&latest.snap_ref()),
                     target_name: spec.target.as_str(),
                 },
-                budget,
+                limit,
             )
-            .map_err(|e| self.apply_error(ds, meta.limit, e))?;
+            .map_err(|e| self.apply_error(ds, e))?;
             let info = SnapshotMeta {
                 format: 1,
                 name: spec.target.to_string(),
@@ -573,7 +599,7 @@ impl DirBackend {
             tree::sync_to(
                 &new_tree,
                 &self.live_dir(ds),
-                Some(TrustedTree {
+                Keep::Trusted(TrustedTree {
                     root: &base_tree,
                     taken_at: latest.meta.taken_at,
                 }),
@@ -592,17 +618,17 @@ impl DirBackend {
         result.map_err(|e| self.classify(ds, e))
     }
 
-    fn apply_error(&self, ds: &DatasetName, limit: Option<u64>, e: ApplyError) -> DatasetError {
+    fn apply_error(&self, ds: &DatasetName, e: ApplyError) -> DatasetError {
         match e {
             ApplyError::Stream(source) => DatasetError::Stream {
                 dataset: ds.to_string(),
                 source,
             },
-            ApplyError::OverLimit { budget } => DatasetError::NoSpace {
+            ApplyError::OverLimit { limit, at_least } => DatasetError::NoSpace {
                 dataset: ds.to_string(),
                 detail: format!(
-                    "the stream needs more than the {budget} bytes its size limit{} leaves; raise the limit",
-                    limit.map_or(String::new(), |l| format!(" of {l} bytes"))
+                    "the snapshot the stream makes holds at least {at_least} bytes of data, more \
+                     than its size limit of {limit} bytes; raise the limit"
                 ),
             },
             ApplyError::Full => self.no_space(ds.as_str()),
@@ -763,6 +789,59 @@ impl Backend for DirBackend {
             self.discard(&later.dir)?;
         }
         self.resync_live(ds).map_err(|e| self.classify(ds, e))
+    }
+
+    fn restore(&self, ds: &DatasetName, snapshot: &SnapshotName) -> Result<(), DatasetError> {
+        let guard = self.lock_dataset(ds);
+        let _held = lock(&guard);
+        self.require(ds)?;
+        let snaps = self.snaps(ds)?;
+        let s = &snaps[self.find_snap(ds, &snaps, snapshot)?];
+        let t = s.tree();
+        // No resync marker: a crash midway leaves live/ partly restored, which `open` must not
+        // "finish" by syncing it to the latest snapshot instead.
+        tree::sync_to(
+            &t,
+            &self.live_dir(ds),
+            Keep::Trusted(TrustedTree {
+                root: &t,
+                taken_at: s.meta.taken_at,
+            }),
+        )
+        .and_then(|()| tree::sync_fs(&self.root))
+        .map_err(|e| self.classify(ds, e))
+    }
+
+    fn set_limit(&self, ds: &DatasetName, limit: Option<u64>) -> Result<(), DatasetError> {
+        let guard = self.lock_dataset(ds);
+        let _held = lock(&guard);
+        let dir = self.require(ds)?;
+        let mut meta: DatasetMeta = read_json(&dir.join("dataset.json"))?;
+        if let Some(limit) = limit {
+            let used = tree::tree_size(&self.live_dir(ds))?;
+            if limit < used {
+                return Err(DatasetError::LimitBelowUse {
+                    dataset: ds.to_string(),
+                    limit,
+                    used,
+                });
+            }
+        }
+        meta.limit = limit;
+        self.write_meta(&dir, &meta)
+            .map_err(|e| self.classify(ds, e))
+    }
+
+    fn space_sharing(&self) -> Result<SpaceSharing, DatasetError> {
+        if let Some(s) = self.sharing.get() {
+            return Ok(*s);
+        }
+        let probed = if tree::reflinks_work(&self.root.join("staging"))? {
+            SpaceSharing::Reflink
+        } else {
+            SpaceSharing::Copy
+        };
+        Ok(*self.sharing.get_or_init(|| probed))
     }
 
     fn mount_path(&self, ds: &DatasetName) -> Result<PathBuf, DatasetError> {

@@ -327,8 +327,9 @@ impl Read for DirSendReader {
 pub(crate) enum ApplyError {
     /// The stream was bad (truncated, corrupt, interrupted, unexpected).
     Stream(StreamError),
-    /// The stream needs more than the size limit leaves (`budget` bytes).
-    OverLimit { budget: u64 },
+    /// The tree the stream makes would hold more than the size limit: `at_least` bytes of
+    /// file data when the receive stopped.
+    OverLimit { limit: u64, at_least: u64 },
     /// The file system is full.
     Full,
     /// A local file system error.
@@ -443,15 +444,25 @@ impl Input<'_> {
     }
 }
 
+/// A size limit on the tree a stream makes: its regular files' apparent size may not exceed
+/// `limit`; `start` is what the tree holds before the stream (the base snapshot's size).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limit {
+    pub limit: u64,
+    pub start: u64,
+}
+
 /// Applies a `dir` stream to `tree`: an empty directory for a full stream, a hard-link clone of
-/// the base snapshot (`base_tree`) for an incremental one. Writes at most `budget` bytes of file
-/// data. Returns only after the stream's end record verified and the input reached its end.
+/// the base snapshot (`base_tree`) for an incremental one. Stops with
+/// [`ApplyError::OverLimit`] before the tree's file data would exceed `limit` (what the stream
+/// replaces or deletes is subtracted first, so a rewrite within the limit fits). Returns only
+/// after the stream's end record verified and the input reached its end.
 pub(crate) fn apply(
     src: &mut dyn Read,
     tree: &Path,
     base_tree: Option<&Path>,
     expect: &Expect<'_>,
-    budget: Option<u64>,
+    limit: Option<Limit>,
 ) -> Result<Applied, ApplyError> {
     let mut input = Input {
         src,
@@ -521,6 +532,8 @@ pub(crate) fn apply(
     let mut dir_meta: HashMap<PathBuf, Meta> = HashMap::new();
     let mut records = 0u64;
     let mut file_bytes = 0u64;
+    // The apparent size of the tree's files as the stream changes it (only with a limit).
+    let mut referenced = limit.map_or(0, |l| l.start);
     let mut chunk = vec![0u8; COPY_CHUNK];
     loop {
         let tag = input.u8()?;
@@ -559,6 +572,10 @@ pub(crate) fn apply(
                 match dir.stat_at(name) {
                     Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {}
                     Ok(_) => {
+                        if limit.is_some() {
+                            let gone = tree::size_at(dir, name).map_err(local("measure"))?;
+                            referenced = referenced.saturating_sub(gone);
+                        }
                         dir.remove_all(name).map_err(local("remove"))?;
                         dir.mkdir(name).map_err(local("create directory"))?;
                         out.forget();
@@ -573,6 +590,10 @@ pub(crate) fn apply(
             b'F' => {
                 let meta = input.meta()?;
                 let size = input.u64()?;
+                if limit.is_some() {
+                    let gone = tree::size_at(dir, name).map_err(local("measure"))?;
+                    referenced = referenced.saturating_sub(gone);
+                }
                 // Unlink first: the old name may be a hard link into the base snapshot.
                 dir.remove_all(name).map_err(local("remove"))?;
                 let mut file = dir.create_file(name).map_err(local("create file"))?;
@@ -580,21 +601,29 @@ pub(crate) fn apply(
                 let mut left = size;
                 while left > 0 {
                     let n = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
-                    if let Some(budget) = budget {
-                        if file_bytes + n as u64 > budget {
-                            return Err(ApplyError::OverLimit { budget });
+                    if let Some(l) = limit {
+                        if referenced.saturating_add(n as u64) > l.limit {
+                            return Err(ApplyError::OverLimit {
+                                limit: l.limit,
+                                at_least: referenced.saturating_add(left),
+                            });
                         }
                     }
                     input.exact(&mut chunk[..n])?;
                     file.write_all(&chunk[..n]).map_err(local("write file"))?;
                     left -= n as u64;
                     file_bytes += n as u64;
+                    referenced = referenced.saturating_add(n as u64);
                 }
                 tree::set_fd_meta(file.as_fd(), &meta).map_err(local("set metadata of"))?;
             }
             b'L' => {
                 let meta = input.meta()?;
                 let target = input.bytes()?;
+                if limit.is_some() {
+                    let gone = tree::size_at(dir, name).map_err(local("measure"))?;
+                    referenced = referenced.saturating_sub(gone);
+                }
                 dir.remove_all(name).map_err(local("remove"))?;
                 dir.symlink(OsStr::from_bytes(&target), name)
                     .map_err(local("create symlink"))?;
@@ -604,6 +633,10 @@ pub(crate) fn apply(
             b'X' => {
                 if base_tree.is_none() {
                     return Err(input.corrupt("a delete record in a full stream"));
+                }
+                if limit.is_some() {
+                    let gone = tree::size_at(dir, name).map_err(local("measure"))?;
+                    referenced = referenced.saturating_sub(gone);
                 }
                 dir.remove_all(name).map_err(local("remove"))?;
                 out.forget();

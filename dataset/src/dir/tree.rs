@@ -59,6 +59,8 @@ pub(crate) struct Entry {
     /// (device, inode): equal inodes in two snapshots mean an unchanged file.
     pub ino: (u64, u64),
     pub ctime: Stamp,
+    /// Bytes allocated on disk (`st_blocks * 512`).
+    pub allocated: u64,
 }
 
 /// `root/rel`, with "" meaning `root` itself (for messages and flockd's own paths).
@@ -104,6 +106,7 @@ fn entry_of(rel: PathBuf, st: &libc::stat, kind: Kind) -> Entry {
         meta: meta_of(st),
         ino: (st.st_dev, st.st_ino),
         ctime: stamp(st.st_ctime, st.st_ctime_nsec),
+        allocated: (st.st_blocks as u64).saturating_mul(512),
     }
 }
 
@@ -356,14 +359,17 @@ fn copy_entry(src: &mut Tree, e: &Entry, dst: &mut Tree) -> Result<Copied, Datas
             let (d, name) = dst.parent(&e.rel).map_err(dst_err("open directory of"))?;
             d.remove_all(name).map_err(dst_err("remove"))?;
             let mut to = d.create_file(name).map_err(dst_err("create file"))?;
-            // std::io::copy uses copy_file_range (reflinks where the file system can).
-            io::copy(&mut from, &mut to).map_err(|err| {
-                if is_full(&err) {
-                    DatasetError::io("write file", &target, err)
-                } else {
-                    DatasetError::io("copy file", &source, err)
-                }
-            })?;
+            // A reflink where the file system has them (the copy shares the data until either
+            // side is rewritten), a byte copy where it does not.
+            if !clone_file(&from, &to).map_err(dst_err("clone file"))? {
+                io::copy(&mut from, &mut to).map_err(|err| {
+                    if is_full(&err) {
+                        DatasetError::io("write file", &target, err)
+                    } else {
+                        DatasetError::io("copy file", &source, err)
+                    }
+                })?;
+            }
             set_fd_meta(to.as_fd(), &meta_of(&st)).map_err(dst_err("set metadata of"))?;
         }
         Kind::Symlink { .. } => {
@@ -384,6 +390,46 @@ fn copy_entry(src: &mut Tree, e: &Entry, dst: &mut Tree) -> Result<Copied, Datas
         }
     }
     Ok(Copied::Done)
+}
+
+/// Makes `to` (new, empty, open for writing) a reflink of `from` with `ioctl(FICLONE)`: true if
+/// it did, false if the file system cannot (ext4, tmpfs, zfs-fuse; or two file systems), so
+/// the caller copies the bytes instead. Any other failure (a full disk) is an error.
+pub(crate) fn clone_file(from: &fs::File, to: &fs::File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: both are open descriptors for the duration of the call; FICLONE takes the source
+    // descriptor as its argument.
+    let rc = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP)
+        | Some(libc::ENOTTY)
+        | Some(libc::EXDEV)
+        | Some(libc::EINVAL)
+        | Some(libc::ENOSYS)
+        | Some(libc::EPERM)
+        | Some(libc::EBADF) => Ok(false),
+        _ => Err(err),
+    }
+}
+
+/// True if the file system holding the directory `dir` makes reflinks (`FICLONE`): probed
+/// with two scratch files in `dir`, removed afterwards.
+pub(crate) fn reflinks_work(dir: &Path) -> Result<bool, DatasetError> {
+    let a = dir.join(format!(".reflink-probe-{:016x}", rand::random::<u64>()));
+    let b = a.with_extension("clone");
+    let result = (|| {
+        fs::write(&a, b"flock reflink probe").map_err(|e| DatasetError::io("write", &a, e))?;
+        let from = fs::File::open(&a).map_err(|e| DatasetError::io("open", &a, e))?;
+        let to = fs::File::create(&b).map_err(|e| DatasetError::io("create", &b, e))?;
+        clone_file(&from, &to).map_err(|e| DatasetError::io("clone file", &b, e))
+    })();
+    remove_any(&a)?;
+    remove_any(&b)?;
+    result
 }
 
 /// Copies `e` from a tree that does not change (a snapshot): vanishing is an error there.
@@ -486,16 +532,29 @@ pub(crate) fn link_clone(src: &Path, dst: &Path) -> Result<(), DatasetError> {
     set_dir_metas(&mut d, &entries)
 }
 
+/// Which files of the destination [`sync_to`] may keep instead of copying them again.
+#[derive(Clone, Copy)]
+pub(crate) enum Keep<'a> {
+    /// None: every file is copied.
+    Nothing,
+    /// Files [`unchanged`] against the source with `taken_at` of this tree (see [`sync_to`]).
+    Trusted(TrustedTree<'a>),
+    /// Files with the same size, mode, owner and mtime whose bytes compare equal (for trees
+    /// with no trusted clock, such as a zfs snapshot's clone).
+    SameContent,
+}
+
 /// Makes the tree `dst` identical to the snapshot tree `src`: removes what `src` lacks, copies
-/// what differs. A file is kept when [`unchanged`] against `src` (with `trust.taken_at`) and,
-/// if `trust.root` differs from `src`, when `src`'s file is the very inode of `trust.root`'s
-/// file at the same path (it did not change between those two snapshots). `dst` may be a live
-/// tree in use: nothing is written through a symlink in it.
-pub(crate) fn sync_to(
-    src: &Path,
-    dst: &Path,
-    trust: Option<TrustedTree<'_>>,
-) -> Result<(), DatasetError> {
+/// what differs. With [`Keep::Trusted`], a file is kept when [`unchanged`] against `src` (with
+/// `trust.taken_at`) and, if `trust.root` differs from `src`, when `src`'s file is the very
+/// inode of `trust.root`'s file at the same path (it did not change between those two
+/// snapshots). `dst` may be a live tree in use: nothing is written through a symlink in it,
+/// and `dst` itself stays the same directory (only its contents and metadata change).
+pub(crate) fn sync_to(src: &Path, dst: &Path, keep_rule: Keep<'_>) -> Result<(), DatasetError> {
+    let trust = match keep_rule {
+        Keep::Trusted(t) => Some(t),
+        _ => None,
+    };
     let entries = walk(src)?;
     let wanted: HashMap<&Path, &Kind> =
         entries.iter().map(|e| (e.rel.as_path(), &e.kind)).collect();
@@ -528,6 +587,9 @@ pub(crate) fn sync_to(
                         Some(t) => t.stat(&e.rel)?.is_some_and(|base| base.ino == e.ino),
                     }
             }
+            (Kind::File { .. }, Some(cur), None) if matches!(keep_rule, Keep::SameContent) => {
+                cur.kind == e.kind && cur.meta == e.meta && same_bytes(&mut s, &mut d, &e.rel)?
+            }
             (Kind::Symlink { .. }, Some(cur), _) => cur.kind == e.kind && cur.meta == e.meta,
             (Kind::Dir, Some(_), _) => true,
             _ => false,
@@ -539,41 +601,98 @@ pub(crate) fn sync_to(
     set_dir_metas(&mut d, &entries)
 }
 
-/// Bytes of the distinct files across `snapshot_trees`, plus the live files that differ from
-/// the latest snapshot (what only the live tree holds).
-pub(crate) fn used_bytes(
-    snapshot_trees: &[PathBuf],
-    latest: Option<TrustedTree<'_>>,
-    live: Option<&Path>,
-) -> Result<u64, DatasetError> {
+/// True if the regular files `rel` of `a` and of `b` hold the same bytes (false if either is
+/// gone or no longer a regular file).
+fn same_bytes(a: &mut Tree, b: &mut Tree, rel: &Path) -> Result<bool, DatasetError> {
+    let open = |t: &mut Tree| -> Result<Option<fs::File>, DatasetError> {
+        let shown = t.show(rel);
+        match t.parent(rel).and_then(|(d, name)| d.open_file(name)) {
+            Ok(f) => Ok(f.map(|(f, _)| f)),
+            Err(e) if vanished(&e) || e.raw_os_error() == Some(libc::ELOOP) => Ok(None),
+            Err(e) => Err(DatasetError::io("open", &shown, e)),
+        }
+    };
+    let (Some(mut fa), Some(mut fb)) = (open(a)?, open(b)?) else {
+        return Ok(false);
+    };
+    let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = crate::frame::read_full(&mut fa, &mut ba)
+            .map_err(|e| DatasetError::io("read", a.show(rel), e))?;
+        let m = crate::frame::read_full(&mut fb, &mut bb)
+            .map_err(|e| DatasetError::io("read", b.show(rel), e))?;
+        if n != m || ba[..n] != bb[..m] {
+            return Ok(false);
+        }
+        // read_full comes back short only at the end of the file.
+        if n < ba.len() {
+            return Ok(true);
+        }
+    }
+}
+
+/// The space of a dir dataset, see [`super::DirBackend`]'s docs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Space {
+    /// Allocated bytes of every distinct inode (files, directories, symlinks) across the
+    /// snapshot trees and the live tree.
+    pub used: u64,
+    /// Apparent size of the live tree's regular files, each name counted (as a stream carries
+    /// each name as its own file).
+    pub referenced: u64,
+}
+
+/// Measures [`Space`] over `snapshot_trees` and `live`.
+pub(crate) fn space(snapshot_trees: &[PathBuf], live: &Path) -> Result<Space, DatasetError> {
     let mut seen = HashSet::new();
-    let mut total = 0u64;
+    let mut out = Space::default();
     for tree in snapshot_trees {
         for e in walk(tree)? {
-            if let Kind::File { size } = e.kind {
-                if seen.insert(e.ino) {
-                    total += size;
-                }
+            if seen.insert(e.ino) {
+                out.used += e.allocated;
             }
         }
     }
-    let Some(live) = live else {
-        return Ok(total);
-    };
-    let mut latest_tree = latest.map(|t| Tree::open(t.root)).transpose()?;
     for e in walk(live)? {
-        let Kind::File { size } = e.kind else {
-            continue;
-        };
-        let shared = match (latest, latest_tree.as_mut()) {
-            (Some(t), Some(tree)) => tree
-                .stat(&e.rel)?
-                .is_some_and(|s| unchanged(&e, &s, t.taken_at)),
-            _ => false,
-        };
-        if !shared {
-            total += size;
+        if seen.insert(e.ino) {
+            out.used += e.allocated;
         }
+        if let Kind::File { size } = e.kind {
+            out.referenced += size;
+        }
+    }
+    Ok(out)
+}
+
+/// Apparent size of the regular files in the tree at `root`, each name counted.
+pub(crate) fn tree_size(root: &Path) -> Result<u64, DatasetError> {
+    Ok(walk(root)?
+        .iter()
+        .map(|e| match e.kind {
+            Kind::File { size } => size,
+            _ => 0,
+        })
+        .sum())
+}
+
+/// Apparent size of the regular files at `name` of `dir` (the file itself, or everything
+/// under a directory), without following a symlink; 0 if it does not exist.
+pub(crate) fn size_at(dir: &Dir, name: &OsStr) -> io::Result<u64> {
+    let st = match dir.stat_at(name) {
+        Ok(st) => st,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    if is_type(&st, libc::S_IFREG) {
+        return Ok(st.st_size as u64);
+    }
+    if !is_type(&st, libc::S_IFDIR) {
+        return Ok(0);
+    }
+    let sub = dir.open_dir(name)?;
+    let mut total = 0u64;
+    for n in sub.names()? {
+        total = total.saturating_add(size_at(&sub, &n)?);
     }
     Ok(total)
 }
