@@ -24,6 +24,11 @@ if ! need zfs && [ ! -x /usr/sbin/zfs ]; then
   echo "test.sh: installing zfs-fuse for the zfs dataset tests" >&2
   apt-get update -qq && apt-get install -y -qq zfs-fuse >/dev/null
 fi
+# The dir backend's reflink test loop-mounts a small btrfs image (issue 16): mkfs.btrfs.
+if ! need mkfs.btrfs && [ ! -x /usr/sbin/mkfs.btrfs ] && [ ! -x /sbin/mkfs.btrfs ]; then
+  echo "test.sh: installing btrfs-progs for the dir backend's reflink test" >&2
+  apt-get update -qq && apt-get install -y -qq btrfs-progs >/dev/null
+fi
 zpool_cmd=$(command -v zpool || echo /usr/sbin/zpool)
 if ! "$zpool_cmd" list >/dev/null 2>&1; then
   echo "test.sh: starting the zfs-fuse daemon" >&2
