@@ -11,7 +11,15 @@
 //! - A copy this node should not hold (removed dataset, finished move elsewhere) is destroyed,
 //!   unless some task works on it now or its id is newer than this node's state.
 //! - A failed job is retried after a backoff (from [`FIRST_BACKOFF`], doubling, at most
-//!   [`MAX_BACKOFF`]).
+//!   [`MAX_BACKOFF`]); a push that failed for want of room on the receiver waits longer (from
+//!   [`NO_SPACE_BACKOFF`], at most [`MAX_NO_SPACE_BACKOFF`]): sending the whole stream again
+//!   every few seconds cannot help.
+//! - Retention: the primary proposes to forget the recorded snapshots its dataset's retention
+//!   prunes ([`crate::retention::to_prune`]); every holder destroys its copies of snapshots
+//!   Raft no longer records ([`crate::retention::local_to_destroy`]).
+//! - A copy whose size limit is not the recorded one gets the recorded one.
+//! - A hold ([`Dataset::hold`]) of a dataset this node is primary of, and that no operation
+//!   here holds any more (flockd restarted in the middle of a rollback), is released.
 //!
 //! Fail closed: a listing of the copies that failed decides nothing (no destroy, no create).
 
@@ -21,6 +29,7 @@ use std::time::Duration;
 use flock_scheduler::dataset::DatasetId;
 use flock_scheduler::{ClusterState, Dataset, NodeId};
 
+use crate::retention::{local_to_destroy, to_prune};
 use crate::Instant;
 
 /// How often the node looks at its datasets when nothing changed.
@@ -28,13 +37,35 @@ pub const FULL_LOOK: Duration = Duration::from_secs(5);
 /// The wait after a job's first failure.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// The longest wait before a failed job is tried again.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// The wait after a push's first failure for want of room on the receiver.
+pub const NO_SPACE_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest wait before a push that found no room is tried again.
+pub const MAX_NO_SPACE_BACKOFF: Duration = Duration::from_secs(600);
 
 /// A task the executor runs for a while: a move or a replica push.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Job {
-    Move { dataset: DatasetId, to: NodeId },
-    Replicate { dataset: DatasetId, to: NodeId },
+    Move {
+        dataset: DatasetId,
+        to: NodeId,
+    },
+    Replicate {
+        dataset: DatasetId,
+        to: NodeId,
+    },
+    /// Proposing to forget snapshots the retention prunes.
+    Prune {
+        dataset: DatasetId,
+    },
+    /// Setting the copy's size limit.
+    SetLimit {
+        dataset: DatasetId,
+    },
+    /// Releasing a hold no operation here holds.
+    Release {
+        dataset: DatasetId,
+    },
 }
 
 /// A dataset this node's backend holds.
@@ -43,6 +74,10 @@ pub struct CopySeen {
     pub id: DatasetId,
     /// The dataset's name (the backend's name without the id).
     pub name: String,
+    /// The copy's snapshots, oldest first.
+    pub snapshots: Vec<String>,
+    /// The copy's size limit.
+    pub limit: Option<u64>,
 }
 
 /// What the node saw of its datasets on one look.
@@ -52,6 +87,10 @@ pub struct CopiesSeen {
     pub copies: Result<Vec<CopySeen>, String>,
     /// Datasets some task works on now (holds their lock).
     pub busy: BTreeSet<DatasetId>,
+    /// Per dataset, snapshots this node took whose recording had an unknown outcome.
+    pub uncertain: BTreeMap<DatasetId, BTreeSet<String>>,
+    /// Datasets an operation here holds ([`Dataset::hold`]) and will release.
+    pub holding: BTreeSet<DatasetId>,
 }
 
 /// What the executor should do.
@@ -79,6 +118,31 @@ pub enum DatasetAction {
     },
     /// This node is the primary of `dataset` and holds no copy: say so (once).
     ReportMissing { dataset: DatasetId, name: String },
+    /// Propose to forget recorded `names` of `dataset` under `epoch`; report its end as
+    /// [`Job::Prune`].
+    Prune {
+        dataset: DatasetId,
+        epoch: u64,
+        names: Vec<String>,
+    },
+    /// Destroy this node's copies of `snapshots` of dataset `id` named `name`, which Raft no
+    /// longer records; under the dataset's lock, only those that
+    /// [`crate::retention::local_to_destroy`] still names then.
+    DestroySnapshots {
+        id: DatasetId,
+        name: String,
+        snapshots: Vec<String>,
+    },
+    /// Give this node's copy of dataset `id` named `name` the size limit `limit`; report its
+    /// end as [`Job::SetLimit`].
+    SetLimit {
+        id: DatasetId,
+        name: String,
+        limit: Option<u64>,
+    },
+    /// Propose [`flock_scheduler::Command::ReleaseDataset`]; report its end as
+    /// [`Job::Release`].
+    Release { dataset: DatasetId },
 }
 
 /// How a job ended.
@@ -90,6 +154,8 @@ pub enum JobOutcome {
     Skipped,
     /// It failed; it is tried again after a backoff.
     Failed(String),
+    /// A push failed because the receiver has no room: tried again after a longer backoff.
+    NoSpace(String),
 }
 
 /// One node's dataset decisions and what they remember between looks.
@@ -98,8 +164,9 @@ pub struct DatasetsCore {
     /// Jobs started and not yet finished; for a replica push, the guid the replica holds
     /// once it succeeds.
     running: BTreeMap<Job, Option<u64>>,
-    /// Per failed job: when it may start again, and the backoff that was.
-    retry: BTreeMap<Job, (Instant, Duration)>,
+    /// Per failed job: when it may start again, the backoff that was, and how many times in a
+    /// row it failed.
+    retry: BTreeMap<Job, (Instant, Duration, u32)>,
     /// Per replica: the guid of the newest snapshot it is known to hold.
     replicated: BTreeMap<(DatasetId, NodeId), u64>,
     /// Datasets whose missing primary copy was reported.
@@ -133,6 +200,12 @@ impl DatasetsCore {
         self.running.keys()
     }
 
+    /// How many times in a row `job` failed, and when it may start again; `None` if its last
+    /// run did not fail.
+    pub fn failures(&self, job: Job) -> Option<(u32, Instant)> {
+        self.retry.get(&job).map(|(at, _, n)| (*n, *at))
+    }
+
     /// What to do now, given the state this node applied, the copies it holds and the time.
     /// Jobs it starts count as running until [`finished`](Self::finished).
     pub fn decide(
@@ -156,6 +229,28 @@ impl DatasetsCore {
                 .datasets
                 .get(&copy.id)
                 .is_some_and(|d| d.name == copy.name && d.holders().contains(&me));
+            if keep && !copies.busy.contains(&copy.id) {
+                let ds = &state.datasets[&copy.id];
+                let none = BTreeSet::new();
+                let uncertain = copies.uncertain.get(&copy.id).unwrap_or(&none);
+                let forgotten = local_to_destroy(ds, &copy.snapshots, uncertain);
+                if !forgotten.is_empty() {
+                    actions.push(DatasetAction::DestroySnapshots {
+                        id: copy.id,
+                        name: copy.name.clone(),
+                        snapshots: forgotten,
+                    });
+                }
+                let job = Job::SetLimit { dataset: copy.id };
+                if copy.limit != ds.size_limit && self.may_start(job, now) {
+                    self.running.insert(job, None);
+                    actions.push(DatasetAction::SetLimit {
+                        id: copy.id,
+                        name: copy.name.clone(),
+                        limit: ds.size_limit,
+                    });
+                }
+            }
             // An id this node has not seen created yet is left alone until it has.
             if keep || copy.id >= state.next_dataset_id || copies.busy.contains(&copy.id) {
                 continue;
@@ -185,6 +280,23 @@ impl DatasetsCore {
             }
             // Reported again if it goes missing again.
             self.reported_missing.remove(&ds.id);
+            let job = Job::Release { dataset: ds.id };
+            if ds.hold.is_some() && !copies.holding.contains(&ds.id) && self.may_start(job, now) {
+                self.running.insert(job, None);
+                actions.push(DatasetAction::Release { dataset: ds.id });
+            }
+            let job = Job::Prune { dataset: ds.id };
+            if self.may_start(job, now) {
+                let names = to_prune(ds);
+                if !names.is_empty() {
+                    self.running.insert(job, None);
+                    actions.push(DatasetAction::Prune {
+                        dataset: ds.id,
+                        epoch: ds.epoch,
+                        names,
+                    });
+                }
+            }
             if let Some(m) = &ds.moving {
                 let job = Job::Move {
                     dataset: ds.id,
@@ -240,19 +352,23 @@ impl DatasetsCore {
                 }
                 None
             }
-            JobOutcome::Failed(_) => {
-                let backoff = self
-                    .retry
-                    .get(&job)
-                    .map_or(FIRST_BACKOFF, |(_, b)| (*b * 2).min(MAX_BACKOFF));
-                self.retry.insert(job, (now + backoff, backoff));
+            JobOutcome::Failed(_) | JobOutcome::NoSpace(_) => {
+                let (first, max) = match outcome {
+                    JobOutcome::NoSpace(_) => (NO_SPACE_BACKOFF, MAX_NO_SPACE_BACKOFF),
+                    _ => (FIRST_BACKOFF, MAX_BACKOFF),
+                };
+                let (backoff, failures) = match self.retry.get(&job) {
+                    Some((_, b, n)) => ((*b * 2).clamp(first, max), n + 1),
+                    None => (first, 1),
+                };
+                self.retry.insert(job, (now + backoff, backoff, failures));
                 Some(backoff)
             }
         }
     }
 
     fn may_start(&self, job: Job, now: Instant) -> bool {
-        !self.running.contains_key(&job) && self.retry.get(&job).is_none_or(|(at, _)| now >= *at)
+        !self.running.contains_key(&job) && self.retry.get(&job).is_none_or(|(at, _, _)| now >= *at)
     }
 }
 
@@ -282,9 +398,13 @@ mod tests {
                 .map(|(id, name)| CopySeen {
                     id: *id,
                     name: name.to_string(),
+                    snapshots: Vec::new(),
+                    limit: Some(100),
                 })
                 .collect()),
             busy: BTreeSet::new(),
+            uncertain: BTreeMap::new(),
+            holding: BTreeSet::new(),
         }
     }
 
@@ -327,6 +447,8 @@ mod tests {
             let failed = CopiesSeen {
                 copies: Err("zfs list: timeout".into()),
                 busy: BTreeSet::new(),
+                uncertain: BTreeMap::new(),
+                holding: BTreeSet::new(),
             };
             assert_eq!(core.decide(&state, ME, &failed, t(0)), vec![]);
             assert_eq!(core.running().count(), 0);
@@ -466,7 +588,7 @@ mod tests {
         assert!(!core.decide(&s, ME, &held, t(1)).contains(&start));
         let mut now = 1000;
         let mut backoffs = Vec::new();
-        for _ in 0..7 {
+        for _ in 0..12 {
             let b = core
                 .finished(job, JobOutcome::Failed("unreachable".into()), t(now))
                 .unwrap();
@@ -476,12 +598,132 @@ mod tests {
             assert!(core.decide(&s, ME, &held, t(until)).contains(&start));
             now = until;
         }
-        assert_eq!(backoffs, [500, 1000, 2000, 4000, 8000, 10_000, 10_000]);
+        assert_eq!(
+            backoffs,
+            [
+                500, 1000, 2000, 4000, 8000, 16_000, 32_000, 64_000, 128_000, 256_000, 300_000,
+                300_000
+            ]
+        );
+        assert_eq!(core.failures(job).map(|(n, _)| n), Some(12));
+        // No room on the receiver: a long wait from the first failure on.
+        let b = core.finished(job, JobOutcome::NoSpace("full".into()), t(now));
+        assert_eq!(b, Some(MAX_NO_SPACE_BACKOFF));
         // A success forgets the backoff.
         assert_eq!(core.finished(job, JobOutcome::Done, t(now)), None);
         assert!(core.decide(&s, ME, &held, t(now)).contains(&start));
         core.finished(job, JobOutcome::Failed("again".into()), t(now));
         assert!(core.decide(&s, ME, &held, t(now + 500)).contains(&start));
+    }
+
+    #[test]
+    fn retention_limits_and_stale_holds_are_decided_per_copy() {
+        let mut s = replicated();
+        for (i, n) in ["move-1", "move-2", "move-3", "move-4"].iter().enumerate() {
+            ok(
+                &mut s,
+                Command::RecordSnapshot {
+                    dataset: 1,
+                    epoch: 1,
+                    snapshot: snap(n, 20 + i as u64, 1),
+                },
+            );
+        }
+        ok(
+            &mut s,
+            Command::SetRetention {
+                dataset: 1,
+                retention: Some("last=2,hourly=0,daily=0".parse().unwrap()),
+            },
+        );
+        let mut seen = copies(&[(1, "db")]);
+        let listed = |snaps: &[&str], limit| {
+            Ok(vec![CopySeen {
+                id: 1,
+                name: "db".into(),
+                snapshots: snaps.iter().map(|s| s.to_string()).collect(),
+                limit,
+            }])
+        };
+        seen.copies = listed(&["s1", "move-1", "move-2", "move-3", "move-4"], Some(100));
+        let mut core = DatasetsCore::new();
+        let prunes = |a: &[DatasetAction]| {
+            a.iter()
+                .filter(|a| matches!(a, DatasetAction::Prune { .. }))
+                .count()
+        };
+        // The replicas have not confirmed their bases: nothing is pruned yet.
+        assert_eq!(prunes(&core.decide(&s, ME, &seen, t(0))), 0);
+        for r in [2, 3] {
+            ok(
+                &mut s,
+                Command::ReplicaHolds {
+                    dataset: 1,
+                    epoch: 1,
+                    node: r,
+                    snapshot: "move-4".into(),
+                },
+            );
+        }
+        let actions = core.decide(&s, ME, &seen, t(1));
+        assert!(actions.contains(&DatasetAction::Prune {
+            dataset: 1,
+            epoch: 1,
+            names: vec!["move-1".into(), "move-2".into()],
+        }));
+        // Once: the job runs until it is reported.
+        assert_eq!(prunes(&core.decide(&s, ME, &seen, t(2))), 0);
+        ok(
+            &mut s,
+            Command::PruneSnapshots {
+                dataset: 1,
+                epoch: 1,
+                names: vec!["move-1".into(), "move-2".into()],
+            },
+        );
+        core.finished(Job::Prune { dataset: 1 }, JobOutcome::Done, t(3));
+        // The copy still holds them: destroyed here, as is nothing newer than the recorded.
+        seen.copies = listed(
+            &["s1", "move-1", "move-2", "move-3", "move-4", "new"],
+            Some(100),
+        );
+        let actions = core.decide(&s, ME, &seen, t(4));
+        assert!(actions.contains(&DatasetAction::DestroySnapshots {
+            id: 1,
+            name: "db".into(),
+            snapshots: vec!["move-1".into(), "move-2".into()],
+        }));
+        assert_eq!(prunes(&actions), 0);
+        // A busy copy is left alone.
+        seen.busy.insert(1);
+        assert!(!core
+            .decide(&s, ME, &seen, t(5))
+            .iter()
+            .any(|a| matches!(a, DatasetAction::DestroySnapshots { .. })));
+        seen.busy.clear();
+        // A limit that differs from the recorded one is set, once at a time.
+        seen.copies = listed(&["s1", "move-3", "move-4"], Some(50));
+        let set = DatasetAction::SetLimit {
+            id: 1,
+            name: "db".into(),
+            limit: Some(100),
+        };
+        assert!(core.decide(&s, ME, &seen, t(6)).contains(&set));
+        assert!(!core.decide(&s, ME, &seen, t(7)).contains(&set));
+        // A hold nothing here holds is released; one an operation holds is not.
+        ok(
+            &mut s,
+            Command::HoldDataset {
+                dataset: 1,
+                epoch: 1,
+                reason: "rollback".into(),
+            },
+        );
+        seen.holding.insert(1);
+        let release = DatasetAction::Release { dataset: 1 };
+        assert!(!core.decide(&s, ME, &seen, t(8)).contains(&release));
+        seen.holding.clear();
+        assert!(core.decide(&s, ME, &seen, t(9)).contains(&release));
     }
 
     #[test]
@@ -569,6 +811,8 @@ mod tests {
         let failed = CopiesSeen {
             copies: Err("x".into()),
             busy: BTreeSet::new(),
+            uncertain: BTreeMap::new(),
+            holding: BTreeSet::new(),
         };
         core.decide(&s, ME, &failed, t(4));
         assert!(!core.due(&s, t(5)));

@@ -23,12 +23,15 @@
 //!   moves and replica pushes it starts, and the retry backoff of those jobs.
 //! - [`moves`]: [`moves::Move`], one attempt of a dataset's move away from a node as a state
 //!   machine (copy rounds, handoff, the wait for the users to stop, the last delta, commit).
+//! - [`retention`]: which recorded snapshots a dataset's retention prunes
+//!   ([`retention::to_prune`]) and which local copies of forgotten ones a holder destroys.
 
 pub mod apps;
 pub mod copies;
 pub mod datasets;
 pub mod moves;
 pub mod push;
+pub mod retention;
 #[cfg(test)]
 mod testutil;
 pub mod time;

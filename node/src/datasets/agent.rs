@@ -8,7 +8,12 @@
 //!   (resuming from the newest snapshot both hold), hand off, wait for the app to stop, the
 //!   last round, commit the new primary. A push that fails for lack of space cancels the
 //!   move; other failures are retried with backoff.
-//! - The newest recorded snapshot is pushed to every replica that lacks it.
+//! - The newest recorded snapshot is pushed to every replica that lacks it, and the replica's
+//!   new base recorded ([`Command::ReplicaHolds`]); a replica without room waits minutes.
+//! - Retention: the primary proposes to forget what its dataset's policy prunes; every holder
+//!   destroys its copies of snapshots Raft no longer records. A copy's size limit follows the
+//!   recorded one; a copy whose data is over its limit is reported loudly.
+//! - A hold that no operation here holds any more is released.
 //! - A copy this node should not hold (removed dataset, finished move elsewhere) is destroyed,
 //!   unless a receive or push holds it right now.
 //!
@@ -28,7 +33,7 @@ use flock_decide::moves::{
     RunSeen,
 };
 use flock_scheduler::dataset::{local_name, DatasetId};
-use flock_scheduler::{CommandResult, NodeId};
+use flock_scheduler::{Command, CommandResult, NodeId};
 
 use super::{blocking, time_name, Datasets, StartGate, TransferState};
 use crate::cluster::Cluster;
@@ -93,12 +98,14 @@ pub async fn run(
             _ = tokio::time::sleep(TICK) => {}
             Some((job, outcome)) = done_rx.recv() => {
                 let error = match &outcome {
-                    JobOutcome::Failed(e) => e.clone(),
+                    JobOutcome::Failed(e) | JobOutcome::NoSpace(e) => e.clone(),
                     _ => String::new(),
                 };
                 if let Some(backoff) = core.finished(job, outcome, now()) {
-                    tracing::warn!(?job, error = %error, retry_in = ?backoff, "dataset push failed");
+                    let failures = core.failures(job).map_or(1, |(n, _)| n);
+                    tracing::warn!(?job, error = %error, failures, retry_in = ?backoff, "dataset job failed");
                     status.error(format!("{job:?}: {error}"));
+                    ex.show_retry(job, &error, failures, backoff);
                 }
             }
         }
@@ -116,9 +123,18 @@ impl Executor {
         let copies = match self.datasets.local().await {
             Ok(l) => Ok(l
                 .into_iter()
-                .map(|c| CopySeen {
-                    id: c.id,
-                    name: c.name,
+                .map(|c| {
+                    if let Some(over) = c.over_limit() {
+                        tracing::warn!(dataset = %c.name, over_bytes = over, limit = ?c.limit,
+                            referenced = c.referenced_bytes,
+                            "dataset is over its size limit: the app wrote past it (raise it with `flockctl dataset set NAME --size`)");
+                    }
+                    CopySeen {
+                        id: c.id,
+                        name: c.name,
+                        snapshots: c.snapshots.iter().map(|s| s.name.to_string()).collect(),
+                        limit: c.limit,
+                    }
                 })
                 .collect()),
             Err(e) => {
@@ -129,6 +145,8 @@ impl Executor {
         let seen = CopiesSeen {
             copies,
             busy: self.datasets.busy_ids(),
+            uncertain: self.datasets.uncertain(),
+            holding: self.datasets.held_here(),
         };
         let actions = {
             let s = self.cluster.view.read();
@@ -167,8 +185,151 @@ impl Executor {
                 DatasetAction::ReportMissing { name, .. } => {
                     tracing::error!(dataset = %name, "this node is the primary but holds no copy");
                 }
+                DatasetAction::Prune {
+                    dataset,
+                    epoch,
+                    names,
+                } => {
+                    let cmd = Command::PruneSnapshots {
+                        dataset,
+                        epoch,
+                        names,
+                    };
+                    self.spawn_proposal(Job::Prune { dataset }, cmd, done);
+                }
+                DatasetAction::Release { dataset } => {
+                    tracing::warn!(dataset, "releasing a hold no operation here holds (flockd restarted during a rollback?)");
+                    let cmd = Command::ReleaseDataset { dataset };
+                    self.spawn_proposal(Job::Release { dataset }, cmd, done);
+                }
+                DatasetAction::DestroySnapshots { id, name, .. } => {
+                    self.destroy_forgotten(id, &name).await
+                }
+                DatasetAction::SetLimit { id, name, limit } => {
+                    let (ex, done) = (self.clone(), done.clone());
+                    tokio::spawn(async move {
+                        let outcome = ex.set_limit(id, &name, limit).await;
+                        let _ = done.send((Job::SetLimit { dataset: id }, outcome));
+                    });
+                }
             }
         }
+    }
+
+    /// Proposes `cmd` as `job`: done if it applied, failed (and retried) otherwise.
+    fn spawn_proposal(
+        self: &Arc<Self>,
+        job: Job,
+        cmd: Command,
+        done: &mpsc::UnboundedSender<(Job, JobOutcome)>,
+    ) {
+        let (ex, done) = (self.clone(), done.clone());
+        tokio::spawn(async move {
+            let outcome = match ex.cluster.propose(cmd).await {
+                Ok(CommandResult::Rejected(e)) => JobOutcome::Failed(e.to_string()),
+                Ok(_) => JobOutcome::Done,
+                Err(e) => JobOutcome::Failed(e.to_string()),
+            };
+            let _ = done.send((job, outcome));
+        });
+    }
+
+    /// Destroys this node's copies of snapshots of dataset `id` that Raft no longer records:
+    /// under the dataset's exclusive lock (nothing pushes or snapshots it meanwhile), and only
+    /// those the decision still names against the copy and state as they are then.
+    async fn destroy_forgotten(&self, id: DatasetId, name: &str) {
+        let Some(_guard) = self.datasets.try_lock(id) else {
+            return;
+        };
+        let Some(ds) = self.cluster.view.read().cluster.datasets.get(&id).cloned() else {
+            return;
+        };
+        let copy = match self.datasets.local_copy(&ds).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(dataset = %name, error = %e, "cannot list the copy's snapshots");
+                return;
+            }
+        };
+        let local: Vec<String> = copy.snapshots.iter().map(|s| s.name.to_string()).collect();
+        let uncertain = self.datasets.uncertain().remove(&id).unwrap_or_default();
+        let forgotten = flock_decide::retention::local_to_destroy(&ds, &local, &uncertain);
+        if forgotten.is_empty() {
+            return;
+        }
+        let backend_name = local_name(name, id);
+        let count = forgotten.len();
+        let r = blocking(&self.datasets.backend, move |b| {
+            let ds = flock_dataset::DatasetName::new(backend_name)?;
+            for snap in forgotten {
+                b.destroy_snapshot(&ds, &flock_dataset::SnapshotName::new(snap)?)?;
+            }
+            Ok(())
+        })
+        .await;
+        match r {
+            Ok(()) => {
+                tracing::info!(dataset = %name, count, "destroyed snapshots the cluster no longer records")
+            }
+            Err(e) => {
+                tracing::warn!(dataset = %name, error = %e, "destroying forgotten snapshots failed")
+            }
+        }
+    }
+
+    /// Gives this node's copy of dataset `id` the size limit `limit`.
+    async fn set_limit(&self, id: DatasetId, name: &str, limit: Option<u64>) -> JobOutcome {
+        let _guard = self.datasets.lock(id).await;
+        let backend_name = local_name(name, id);
+        let r = blocking(&self.datasets.backend, move |b| {
+            b.set_limit(&flock_dataset::DatasetName::new(backend_name)?, limit)
+        })
+        .await;
+        match r {
+            Ok(()) => {
+                tracing::info!(dataset = %name, ?limit, "size limit set");
+                JobOutcome::Done
+            }
+            Err(e) => {
+                tracing::error!(dataset = %name, ?limit, error = %e, "cannot set the size limit");
+                JobOutcome::Failed(e.to_string())
+            }
+        }
+    }
+
+    /// Shows a failed replica push and when it is tried again in the transfers the API
+    /// reports (a move's attempts report themselves).
+    fn show_retry(&self, job: Job, error: &str, failures: u32, backoff: Duration) {
+        let Job::Replicate { dataset, to } = job else {
+            return;
+        };
+        let name = self
+            .cluster
+            .view
+            .read()
+            .cluster
+            .datasets
+            .get(&dataset)
+            .map_or_else(String::new, |d| d.name.clone());
+        self.datasets.set_transfer(dataset, |t| {
+            let t = t.get_or_insert_with(|| TransferState {
+                dataset: name,
+                id: dataset,
+                to,
+                phase: MovePhase::Retrying,
+                bytes: 0,
+                total: None,
+                started: std::time::Instant::now(),
+                last_error: None,
+            });
+            t.to = to;
+            t.phase = MovePhase::Retrying;
+            t.last_error = Some(format!(
+                "replica push failed {failures} time(s) in a row; next try in {}s: {error}",
+                backoff.as_secs()
+            ));
+        });
     }
 
     async fn destroy(&self, id: DatasetId, name: &str) {
@@ -245,13 +406,32 @@ impl Executor {
         )
         .await
         {
-            Ok(_) => JobOutcome::Done,
+            Ok(_) => {}
+            Err(e @ PushError::NoSpace { .. }) => return JobOutcome::NoSpace(e.to_string()),
             Err(e) => {
                 if matches!(e, PushError::Connection { .. }) {
                     self.peers.forget(to).await;
                 }
-                JobOutcome::Failed(e.to_string())
+                return JobOutcome::Failed(e.to_string());
             }
+        }
+        // The replica holds `snapshot` now: record it as the base of its next push, which
+        // retention keeps.
+        if ds.bases.get(&to).map(String::as_str) == Some(snapshot) {
+            return JobOutcome::Done;
+        }
+        let cmd = Command::ReplicaHolds {
+            dataset: id,
+            epoch,
+            node: to,
+            snapshot: snapshot.to_string(),
+        };
+        match self.cluster.propose(cmd).await {
+            Ok(CommandResult::ReplicaRecorded) => JobOutcome::Done,
+            // The state moved on (a new epoch, a pruned snapshot): the next look decides anew.
+            Ok(CommandResult::Rejected(_)) => JobOutcome::Skipped,
+            Ok(other) => JobOutcome::Failed(format!("recording the replica's base: {other:?}")),
+            Err(e) => JobOutcome::Failed(format!("recording the replica's base: {e}")),
         }
     }
 
@@ -350,6 +530,9 @@ impl Executor {
                         return Err("internal: a proposal without a command".into());
                     };
                     let r = self.cluster.propose(cmd).await.map_err(|e| e.to_string());
+                    if let (Err(_), MoveStep::ProposeRecord { snapshot, .. }) = (&r, &step) {
+                        self.datasets.record_uncertain(id, &snapshot.name);
+                    }
                     if let Ok(CommandResult::MoveCommitted { epoch }) = &r {
                         tracing::info!(dataset = %report.name, to, epoch, "move committed");
                     }

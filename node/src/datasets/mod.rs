@@ -170,15 +170,42 @@ pub struct StartGate {
     _held: tokio::sync::OwnedMutexGuard<()>,
 }
 
+/// Marks a dataset held by an operation here (see [`Datasets::holding`]).
+pub struct HoldingGuard {
+    datasets: Arc<Datasets>,
+    id: DatasetId,
+}
+
+impl Drop for HoldingGuard {
+    fn drop(&mut self) {
+        self.datasets
+            .holding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
 /// A dataset as this node's backend holds it.
 #[derive(Clone, Debug)]
 pub struct LocalCopy {
     pub id: DatasetId,
     pub name: String,
     pub used_bytes: u64,
+    /// The live data's size: what the limit applies to.
+    pub referenced_bytes: u64,
     pub limit: Option<u64>,
     pub mount_path: PathBuf,
     pub snapshots: Vec<flock_dataset::SnapshotInfo>,
+}
+
+impl LocalCopy {
+    /// Bytes the live data holds over the size limit, if it is over.
+    pub fn over_limit(&self) -> Option<u64> {
+        self.limit
+            .and_then(|l| self.referenced_bytes.checked_sub(l))
+            .filter(|&o| o > 0)
+    }
 }
 
 /// A node's datasets.
@@ -188,6 +215,11 @@ pub struct Datasets {
     locks: Mutex<HashMap<DatasetId, Arc<tokio::sync::RwLock<()>>>>,
     gates: Mutex<HashMap<DatasetId, Arc<tokio::sync::Mutex<()>>>>,
     transfers: Mutex<BTreeMap<DatasetId, TransferState>>,
+    /// Per dataset, snapshots taken here whose recording had an unknown outcome: they may
+    /// still be recorded, so they are not destroyed as forgotten ones.
+    uncertain: Mutex<BTreeMap<DatasetId, BTreeSet<String>>>,
+    /// Datasets an operation here holds (a rollback) and will release.
+    holding: Mutex<BTreeSet<DatasetId>>,
 }
 
 /// Runs a blocking backend call off the async threads.
@@ -216,7 +248,48 @@ impl Datasets {
             locks: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
             transfers: Mutex::new(BTreeMap::new()),
+            uncertain: Mutex::new(BTreeMap::new()),
+            holding: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// Remembers that the recording of snapshot `name` of dataset `id` had an unknown outcome.
+    pub fn record_uncertain(&self, id: DatasetId, name: &str) {
+        self.uncertain
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .insert(name.to_string());
+    }
+
+    /// The snapshots whose recording had an unknown outcome, per dataset.
+    pub fn uncertain(&self) -> BTreeMap<DatasetId, BTreeSet<String>> {
+        self.uncertain
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Marks dataset `id` as held by an operation here until the returned guard drops; the
+    /// agent releases holds that no operation here marks.
+    pub fn holding(self: &Arc<Self>, id: DatasetId) -> HoldingGuard {
+        self.holding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        HoldingGuard {
+            datasets: self.clone(),
+            id,
+        }
+    }
+
+    /// The datasets operations here hold.
+    pub fn held_here(&self) -> BTreeSet<DatasetId> {
+        self.holding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn rwlock(&self, id: DatasetId) -> Arc<tokio::sync::RwLock<()>> {
@@ -313,6 +386,7 @@ impl Datasets {
                     id,
                     name: name.to_string(),
                     used_bytes: info.used_bytes,
+                    referenced_bytes: info.referenced_bytes,
                     limit: info.limit,
                     mount_path: info.mount_path,
                     snapshots,
@@ -336,6 +410,7 @@ impl Datasets {
                 id,
                 name: plain,
                 used_bytes: info.used_bytes,
+                referenced_bytes: info.referenced_bytes,
                 limit: info.limit,
                 mount_path: info.mount_path,
                 snapshots: b.snapshots(&name)?,

@@ -51,7 +51,10 @@ impl Datasets {
         };
         let refused = match cluster.propose(cmd).await {
             Ok(CommandResult::SnapshotRecorded) => return Ok(record),
-            Err(e) => return Err(RecordError::Unknown(e)),
+            Err(e) => {
+                self.record_uncertain(ds.id, &record.name);
+                return Err(RecordError::Unknown(e));
+            }
             Ok(CommandResult::Rejected(e)) => RecordError::Refused(e),
             Ok(other) => RecordError::Unexpected(other),
         };
