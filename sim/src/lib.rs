@@ -19,9 +19,13 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Outcome, Violation> {
 }
 
 /// The command that replays `seed` (with `bug` put back, if any).
-pub fn replay_command(seed: u64, bug: Option<&str>) -> String {
-    match bug {
-        Some(b) => format!("cargo run --release -p flock-sim -- --seed {seed} --bug {b}"),
-        None => format!("cargo run --release -p flock-sim -- --seed {seed}"),
+pub fn replay_command(seed: u64, bug: Option<&str>, cfg: &Config) -> String {
+    let mut cmd = format!("cargo run --release -p flock-sim -- --seed {seed}");
+    if let Some(b) = bug {
+        cmd += &format!(" --bug {b}");
     }
+    if !cfg.retention {
+        cmd += " --without-retention";
+    }
+    cmd
 }

@@ -5,6 +5,7 @@
 //! flock-sim --seed 42                 # replay one seed
 //! flock-sim --seeds 0..1000           # a range; prints throughput
 //! flock-sim --seeds 0..200 --bug start-without-recheck   # show a reintroduced bug is caught
+//! flock-sim --seeds 0..300 --without-retention   # the world before issue 16: nothing pruned
 //! ```
 
 use std::process::ExitCode;
@@ -20,6 +21,11 @@ fn main() -> ExitCode {
     let mut i = 0;
     while i < args.len() {
         let value = args.get(i + 1).cloned().unwrap_or_default();
+        if args[i] == "--without-retention" {
+            cfg.retention = false;
+            i += 1;
+            continue;
+        }
         match args[i].as_str() {
             "--seed" => match value.parse::<u64>() {
                 Ok(s) => seeds = s..s + 1,
@@ -55,16 +61,18 @@ fn main() -> ExitCode {
         i += 2;
     }
     let started = Instant::now();
-    let (mut runs, mut sim_ms) = (0u64, 0u64);
+    let (mut runs, mut sim_ms, mut pruned, mut moves) = (0u64, 0u64, 0u64, 0u64);
     for seed in seeds {
         match flock_sim::run(seed, &cfg) {
             Ok(o) => {
                 runs += 1;
                 sim_ms += o.sim_ms;
+                pruned += o.snapshots_pruned;
+                moves += o.moves_committed;
             }
             Err(v) => {
                 eprintln!("{v}");
-                eprintln!("replay: {}", replay_command(seed, bug.as_deref()));
+                eprintln!("replay: {}", replay_command(seed, bug.as_deref(), &cfg));
                 return ExitCode::FAILURE;
             }
         }
@@ -75,12 +83,13 @@ fn main() -> ExitCode {
         runs as f64 * 60.0 / secs,
         (sim_ms as f64 / 1000.0) * cfg.nodes as f64 / secs
     );
+    println!("{moves} moves committed; {pruned} local snapshot copies pruned by retention");
     ExitCode::SUCCESS
 }
 
 fn usage(why: &str) -> ExitCode {
     eprintln!(
-        "flock-sim: {why}\nusage: flock-sim [--seed N | --seeds A..B] [--bug NAME] [--nodes N]"
+        "flock-sim: {why}\nusage: flock-sim [--seed N | --seeds A..B] [--bug NAME] [--nodes N] [--without-retention]"
     );
     ExitCode::from(2)
 }

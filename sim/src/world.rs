@@ -43,6 +43,11 @@ pub struct Bugs {
     /// A push plans every step from the snapshot list it saw when it began, and the receiver
     /// rolls back whatever it is told to, recorded snapshots included.
     pub push_stale_rollback: bool,
+    /// The primary never proposes what its dataset's retention prunes (before issue 16).
+    pub no_retention: bool,
+    /// A holder prunes its copy by the policy's count on its own (keeps the `last` newest
+    /// automatic snapshots) instead of destroying only what Raft forgot.
+    pub prune_by_count: bool,
 }
 
 impl Bugs {
@@ -54,16 +59,20 @@ impl Bugs {
             "children-outlive-stop" => b.children_outlive_stop = true,
             "start-without-recheck" => b.start_without_recheck = true,
             "push-stale-rollback" => b.push_stale_rollback = true,
+            "no-retention" => b.no_retention = true,
+            "prune-by-count" => b.prune_by_count = true,
             _ => return None,
         }
         Some(b)
     }
 
-    pub const NAMES: [&'static str; 4] = [
+    pub const NAMES: [&'static str; 6] = [
         "blind-as-empty",
         "children-outlive-stop",
         "start-without-recheck",
         "push-stale-rollback",
+        "no-retention",
+        "prune-by-count",
     ];
 }
 
@@ -77,6 +86,9 @@ pub struct Config {
     /// Simulated milliseconds after every fault ends, for the cluster to converge.
     pub heal_ms: u64,
     pub bugs: Bugs,
+    /// Retention on (the default). Off is the world before issue 16: nothing is pruned and
+    /// nothing checks it, where older bugs that need long snapshot chains are caught.
+    pub retention: bool,
 }
 
 impl Default for Config {
@@ -87,6 +99,7 @@ impl Default for Config {
             fault_ms: 40_000,
             heal_ms: 60_000,
             bugs: Bugs::default(),
+            retention: true,
         }
     }
 }
@@ -122,6 +135,8 @@ pub struct Outcome {
     pub moves_cancelled: u64,
     pub writes_acked: u64,
     pub starts: u64,
+    /// Local snapshot copies destroyed because Raft no longer recorded them.
+    pub snapshots_pruned: u64,
 }
 
 const TICK_MS: u64 = 300;
@@ -328,6 +343,24 @@ impl World {
             })
             .collect();
         w.commit(Command::Deploy { apps });
+        // A tight retention on most datasets, so a run's few moves exceed it: what is kept is
+        // what the policy, the newest snapshot and the replicas' bases need. The rest keep the
+        // default policy, whose long chains are where a push's base can go wrong.
+        let ids: Vec<DatasetId> = w.canonical.datasets.keys().copied().collect();
+        for dataset in ids {
+            if !w.cfg.retention || w.rng.chance(0.5) {
+                continue;
+            }
+            let last = 1 + w.rng.range(0, 2) as u32;
+            w.commit(Command::SetRetention {
+                dataset,
+                retention: Some(flock_scheduler::Retention {
+                    last,
+                    hourly: 0,
+                    daily: 0,
+                }),
+            });
+        }
         for id in 1..=w.cfg.nodes {
             w.nodes.insert(
                 id,
@@ -793,13 +826,20 @@ impl World {
             } else {
                 Ok(n.copies
                     .iter()
-                    .map(|(id, c)| DsCopySeen {
-                        id: *id,
+                    .map(|(ds, c)| DsCopySeen {
+                        id: *ds,
                         name: c.name.clone(),
+                        snapshots: c.snaps.iter().map(|s| s.name.clone()).collect(),
+                        // Copies have no size limit here: as recorded, so none is set.
+                        limit: n.state.datasets.get(ds).and_then(|d| d.size_limit),
                     })
                     .collect())
             },
-            busy,
+            busy: busy.clone(),
+            // A proposal's outcome here is never decided later than its answer: a recording
+            // either committed (then it is recorded) or did not.
+            uncertain: Default::default(),
+            holding: Default::default(),
         };
         let actions = n.datasets.decide(&n.state, id, &copies, now);
         for action in actions {
@@ -848,8 +888,82 @@ impl World {
                 DatasetAction::ReportMissing { dataset, .. } => {
                     self.note(format!("n{id} is primary of {dataset} but holds no copy"));
                 }
+                DatasetAction::Prune { dataset, .. }
+                    if self.cfg.bugs.no_retention || !self.cfg.retention =>
+                {
+                    let now = Instant::from_millis(self.now);
+                    self.node(id).datasets.finished(
+                        DsJob::Prune { dataset },
+                        JobOutcome::Done,
+                        now,
+                    );
+                }
+                DatasetAction::Prune {
+                    dataset,
+                    epoch,
+                    names,
+                } => {
+                    let cmd = Command::PruneSnapshots {
+                        dataset,
+                        epoch,
+                        names,
+                    };
+                    self.proposal_job(id, DsJob::Prune { dataset }, cmd, now);
+                }
+                DatasetAction::Release { dataset } => {
+                    let cmd = Command::ReleaseDataset { dataset };
+                    self.proposal_job(id, DsJob::Release { dataset }, cmd, now);
+                }
+                DatasetAction::SetLimit { id: ds, .. } => {
+                    self.node(id).datasets.finished(
+                        DsJob::SetLimit { dataset: ds },
+                        JobOutcome::Done,
+                        now,
+                    );
+                }
+                DatasetAction::DestroySnapshots { id: ds, .. } => {
+                    // As the executor: under the lock (nothing works on it), against the
+                    // copy and state as they are now.
+                    if busy.contains(&ds) || !self.cfg.retention {
+                        continue;
+                    }
+                    let by_count = self.cfg.bugs.prune_by_count;
+                    let n = self.node(id);
+                    let Some(record) = n.state.datasets.get(&ds).cloned() else {
+                        continue;
+                    };
+                    let Some(c) = n.copies.get_mut(&ds) else {
+                        continue;
+                    };
+                    let names: Vec<String> = c.snaps.iter().map(|s| s.name.clone()).collect();
+                    let gone: Vec<String> = if by_count {
+                        let autos: Vec<&String> = names
+                            .iter()
+                            .filter(|n| flock_scheduler::retention::is_automatic(n))
+                            .collect();
+                        let keep = record.retention().last as usize;
+                        autos[..autos.len().saturating_sub(keep)]
+                            .iter()
+                            .map(|n| n.to_string())
+                            .collect()
+                    } else {
+                        flock_decide::retention::local_to_destroy(&record, &names, &BTreeSet::new())
+                    };
+                    c.snaps.retain(|s| !gone.contains(&s.name));
+                    self.out.snapshots_pruned += gone.len() as u64;
+                }
             }
         }
+    }
+
+    /// A job that is one proposal: done if it applied, failed if it was refused or lost.
+    fn proposal_job(&mut self, id: NodeId, job: DsJob, cmd: Command, now: Instant) {
+        let outcome = match self.propose(id, cmd) {
+            Ok(CommandResult::Rejected(e)) => JobOutcome::Failed(e.to_string()),
+            Ok(_) => JobOutcome::Done,
+            Err(e) => JobOutcome::Failed(e),
+        };
+        self.node(id).datasets.finished(job, outcome, now);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -900,8 +1014,29 @@ impl World {
             self.note(format!("n{id} replica push of {ds} to n{to} failed: {why}"));
         }
         let n = self.node(id);
-        n.pushes.remove(&Job::Replicate(ds, to));
-        n.datasets
+        let task = n.pushes.remove(&Job::Replicate(ds, to));
+        let mut outcome = outcome;
+        // As the executor: the replica's new base is recorded.
+        if let (JobOutcome::Done, Some(task)) = (&outcome, task) {
+            let known =
+                n.state.datasets.get(&ds).and_then(|d| d.bases.get(&to)) == Some(&task.target);
+            if !known {
+                let cmd = Command::ReplicaHolds {
+                    dataset: ds,
+                    epoch: task.epoch,
+                    node: to,
+                    snapshot: task.target.clone(),
+                };
+                outcome = match self.propose(id, cmd) {
+                    Ok(CommandResult::ReplicaRecorded) => JobOutcome::Done,
+                    Ok(CommandResult::Rejected(_)) => JobOutcome::Skipped,
+                    Ok(other) => JobOutcome::Failed(format!("{other:?}")),
+                    Err(e) => JobOutcome::Failed(e),
+                };
+            }
+        }
+        self.node(id)
+            .datasets
             .finished(DsJob::Replicate { dataset: ds, to }, outcome, now);
     }
 
@@ -984,7 +1119,7 @@ impl World {
                 };
                 Some(MoveInput::Snapshot(match copy {
                     Some(c) => {
-                        let name = format!("m{guid}");
+                        let name = format!("move-{guid}");
                         let data = c.live.clone();
                         c.snaps.push(Snap {
                             name: name.clone(),
@@ -994,7 +1129,7 @@ impl World {
                         Ok(SnapshotRecord {
                             name,
                             guid,
-                            created_unix: 0,
+                            created_unix: now_ms / 1000,
                             epoch: dataset.epoch,
                         })
                     }
@@ -1383,6 +1518,38 @@ impl World {
                     p.applied,
                     self.log.len()
                 )));
+            }
+        }
+        // Retention held: once the replicas' bases are known, the automatic snapshots Raft
+        // records are within the policy's bound (plus each replica's base), on every holder too.
+        for ds in self.canonical.datasets.values() {
+            if !self.cfg.retention || flock_scheduler::dataset::unconfirmed_replica(ds).is_some() {
+                continue;
+            }
+            let bound = ds.retention().bound() + ds.replicas.len() as u64 + 1;
+            let autos = |names: &mut dyn Iterator<Item = &str>| {
+                names
+                    .filter(|n| flock_scheduler::retention::is_automatic(n))
+                    .count() as u64
+            };
+            let recorded = autos(&mut ds.snapshots.iter().map(|s| s.name.as_str()));
+            if recorded > bound {
+                return Err(self.violation(format!(
+                    "dataset {}: {recorded} automatic snapshots recorded, over its retention's bound {bound}",
+                    ds.name
+                )));
+            }
+            for h in ds.holders() {
+                let Some(c) = self.nodes[&h].copies.get(&ds.id) else {
+                    continue;
+                };
+                let held = autos(&mut c.snaps.iter().map(|s| s.name.as_str()));
+                if held > bound + 1 {
+                    return Err(self.violation(format!(
+                        "dataset {}: n{h} holds {held} automatic snapshots, over the retention's bound {bound}",
+                        ds.name
+                    )));
+                }
             }
         }
         // Every snapshot Raft recorded survives on the dataset's primary.
