@@ -35,6 +35,8 @@ mod compose;
 mod deployment;
 mod fields;
 mod flocker;
+#[cfg(test)]
+mod policy_tests;
 mod render;
 mod spec;
 mod yaml;
@@ -43,7 +45,7 @@ pub use deployment::{resolve, resolve_unpinned, Deployment, DeploymentNode};
 pub use render::to_flocker_yaml;
 pub use spec::{
     parse_size, AppSpec, Applications, Constraint, ConstraintKey, Format, Link, NodeRef, Plan,
-    PlannedApp, PortMap, RestartPolicy, Volume, MAX_APP_NAME_LEN, MIN_VOLUME_SIZE,
+    PlannedApp, PortMap, RestartPolicy, Volume, VolumePolicy, MAX_APP_NAME_LEN, MIN_VOLUME_SIZE,
 };
 
 use yaml::{Pos, Yaml};
