@@ -491,6 +491,7 @@ fn one_of<T>(
 /// `x-flock: {retention: ..., maximum_size: ...}`.
 fn read_x_flock(cx: Ctx, y: &Yaml, path: &str) -> Result<VolumeSettings, ConfigError> {
     let map = cx.mapping_or_empty(y, path)?;
+    cx.check_cut_policy(map, path)?;
     cx.check_keys(map, path, &["retention", "maximum_size"], "x-flock")?;
     let retention = match entry(map, "retention") {
         Some((_, v)) => {

@@ -167,6 +167,31 @@ impl<'f> Ctx<'f> {
         )
     }
 
+    /// Refuses a key that is the rest of a retention policy cut off by a comma of a flow
+    /// mapping (`{retention: last=5,daily=3}` reads as a key `daily=3`), saying to quote it.
+    pub fn check_cut_policy(
+        &self,
+        entries: &[(Yaml, Yaml)],
+        path: &str,
+    ) -> Result<(), ConfigError> {
+        for (k, _) in entries {
+            let key = k.scalar().unwrap_or_default();
+            let tier = key.split_once('=').map(|(tier, _)| tier.trim());
+            if tier.is_some_and(|t| ["last", "hourly", "daily"].contains(&t)) {
+                return Err(self.err(
+                    k.at,
+                    path,
+                    format!(
+                        "{key_shown} is the rest of a retention policy, cut off by a comma of \
+                         {{...}}: quote the policy, as retention: \"last=5,daily=3\"",
+                        key_shown = crate::limits::shown(key)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The value of a key that must be there; the error points at `owner_at`, the key of the
     /// mapping that lacks it.
     pub fn required<'y>(

@@ -257,6 +257,7 @@ pub(crate) fn check_new_link(
 fn read_volume(cx: Ctx, y: &Yaml, path: &str) -> Result<(Volume, VolumePolicy), ConfigError> {
     let map = cx.mapping(y, path)?;
     let keys = ["mountpoint", "maximum_size", "retention"];
+    cx.check_cut_policy(map, path)?;
     cx.check_keys(map, path, &keys, "a volume")?;
     let mountpoint = cx.required(
         map,

@@ -171,6 +171,11 @@ fn flocker_retention_errors_name_file_line_and_field() {
             "app.yml:7:16: applications.db.volume.retention: expected a retention policy (last=3,hourly=24,daily=7 or {last: 3, hourly: 24, daily: 7}, each tier optional), found empty",
         ),
     ]);
+    // An unquoted policy in a flow mapping is cut at its comma: say to quote it.
+    assert_eq!(
+        error("version: 1\napplications:\n  db:\n    image: postgres\n    volume: {mountpoint: /data, retention: last=5,daily=3}\n"),
+        "app.yml:5:51: applications.db.volume: \"daily=3\" is the rest of a retention policy, cut off by a comma of {...}: quote the policy, as retention: \"last=5,daily=3\""
+    );
     // A retention beside the volume, not in it, is an unknown key of the app.
     let e = error("version: 1\napplications:\n  db:\n    image: postgres\n    retention: last=2\n");
     assert!(
@@ -285,6 +290,11 @@ fn compose_policy_errors() {
             "an unknown x-flock key",
             svc("    volumes: [/data]\n    x-flock: {retension: last=2}\n"),
             "app.yml:5:15: services.db.x-flock: unknown key \"retension\"; did you mean \"retention\"? x-flock takes retention, maximum_size",
+        ),
+        (
+            "an unquoted policy cut by a comma",
+            svc("    volumes: [/data]\n    x-flock: {retention: last=5,hourly=2}\n"),
+            "app.yml:5:33: services.db.x-flock: \"hourly=2\" is the rest of a retention policy, cut off by a comma of {...}: quote the policy, as retention: \"last=5,daily=3\"",
         ),
         (
             "x-flock not a mapping",
