@@ -30,6 +30,12 @@
 //! - keys Flocker ignored (unknown top-level keys) are errors, so a typo is not silently lost;
 //! - compose files may also use `restart`, `cpu_shares`, long-form ports, named volumes,
 //!   anchors and merge keys, and `services:` (compose v2/v3).
+//! - a volume may give its dataset's retention policy (`retention: "last=5,daily=3"` or
+//!   `{last: 5, daily: 3}`); a compose service gives it, and its volume's `maximum_size`, in
+//!   `x-flock: {retention: ..., maximum_size: ...}` or as the labels `flock.retention` and
+//!   `flock.maximum_size` (other labels are not read). The policies are kept out of
+//!   [`AppSpec`] (stored in the Raft log) and go in [`Applications::volumes`] and
+//!   [`Plan::volumes`].
 
 mod compose;
 mod deployment;
