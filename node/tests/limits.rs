@@ -89,6 +89,7 @@ fn deploy_with_env(bytes: usize) -> DeployRequest {
     DeployRequest {
         plan_json: serde_json::to_string(&BTreeMap::from([("big", planned)])).unwrap(),
         dry_run: false,
+        volumes_json: String::new(),
     }
 }
 

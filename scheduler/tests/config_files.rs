@@ -763,7 +763,7 @@ fn compose_errors() {
         (
             "an unsupported key",
             app_error("services:\n  web:\n    image: nginx\n    depends_on: [db]\n"),
-            "app.yml:4:5: services.web: depends_on is not supported by flock (apps start independently on their nodes: an app that needs another should retry until it answers, with restart: always; remove depends_on); a service takes image, command, ports, links, volumes, environment, restart, mem_limit, cpu_shares, deploy",
+            "app.yml:4:5: services.web: depends_on is not supported by flock (apps start independently on their nodes: an app that needs another should retry until it answers, with restart: always; remove depends_on); a service takes image, command, ports, links, volumes, environment, restart, mem_limit, cpu_shares, deploy, labels, x-flock",
         ),
         (
             "networks",

@@ -350,6 +350,7 @@ async fn deploy(api: &mut Api, plan_json: String) -> Result<Done, Failure> {
         .deploy(pb::DeployRequest {
             plan_json,
             dry_run: false,
+            volumes_json: String::new(),
         })
         .await
         .map_err(|s| classify(&s))?

@@ -673,6 +673,7 @@ async fn deploy(ctx: &Ctx, conns: &mut [Conn], rng: &mut StdRng, stop: &mut watc
                 .deploy(pb::DeployRequest {
                     plan_json: plan,
                     dry_run: false,
+                    volumes_json: String::new(),
                 })
                 .await
                 .map_err(|s| classify(&s))?

@@ -86,6 +86,16 @@ fn read(path: &Path) -> anyhow::Result<(String, String)> {
     Ok((name, text))
 }
 
+/// The request that deploys `plan`: its apps, and apart from them (their specs' layout is in
+/// the Raft log) the policies of their volumes.
+fn deploy_request(plan: &config::Plan, dry_run: bool) -> anyhow::Result<DeployRequest> {
+    Ok(DeployRequest {
+        plan_json: serde_json::to_string(&plan.apps)?,
+        dry_run,
+        volumes_json: serde_json::to_string(&plan.volumes)?,
+    })
+}
+
 /// `flockctl deploy DEPLOYMENT APPLICATION` or `flockctl deploy COMPOSE_FILE`.
 pub async fn deploy(
     api: &mut ApiClient<Channel>,
@@ -125,10 +135,7 @@ pub async fn deploy(
         ),
     };
     let r = api
-        .deploy(DeployRequest {
-            plan_json: serde_json::to_string(&plan.apps)?,
-            dry_run,
-        })
+        .deploy(deploy_request(&plan, dry_run)?)
         .await
         .map_err(status_err)?
         .into_inner();
@@ -389,4 +396,41 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use flock_scheduler::config::{PlannedApp, VolumePolicy};
+    use flock_scheduler::Retention;
+
+    use super::*;
+
+    /// The request carries the apps as before and, beside them, a policy for every volume: the
+    /// file's, or the default (null) when it sets none; apps without a volume have none.
+    #[test]
+    fn deploy_request_carries_the_volumes_policies() {
+        let text = "services:\n  db:\n    image: postgres\n    volumes: [/data]\n    x-flock: {retention: \"last=5,daily=3\"}\n  cache:\n    image: redis\n    volumes: [/data]\n  web:\n    image: nginx\n";
+        let apps = config::parse_application("compose.yml", text).unwrap();
+        let plan = config::resolve_unpinned(&apps).unwrap();
+        let req = deploy_request(&plan, true).unwrap();
+        assert!(req.dry_run);
+        let sent: BTreeMap<String, PlannedApp> = serde_json::from_str(&req.plan_json).unwrap();
+        assert_eq!(sent, plan.apps);
+        assert_eq!(
+            req.volumes_json,
+            r#"{"cache":{"retention":null},"db":{"retention":{"last":5,"hourly":24,"daily":3}}}"#
+        );
+        let volumes: BTreeMap<String, VolumePolicy> =
+            serde_json::from_str(&req.volumes_json).unwrap();
+        let db = Retention {
+            last: 5,
+            hourly: 24,
+            daily: 3,
+        };
+        assert_eq!(volumes["db"].retention, Some(db));
+        assert_eq!(volumes["cache"].retention, None);
+        assert!(!volumes.contains_key("web"));
+    }
 }

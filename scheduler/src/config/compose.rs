@@ -11,7 +11,16 @@
 //!   mem_limit: 512m
 //!   cpu_shares: 512
 //!   restart: on-failure:5      # no | always | on-failure[:N]
+//!   x-flock:                   # flock's own, for the volume (compose has no place for them)
+//!     retention: last=5,daily=3   # or {last: 5, daily: 3}
+//!     maximum_size: 10G
+//!   labels:                    # or ["flock.retention=last=5,daily=3"]; others are not read
+//!     flock.retention: last=5,daily=3
+//!     flock.maximum_size: 10G
 //! ```
+//!
+//! A volume's retention and size may be given in `x-flock` or in `labels` (`flock.retention`,
+//! `flock.maximum_size`), or both when they agree; a service without a volume takes neither.
 //!
 //! A compose v2/v3 file puts the services under `services:` (with an optional `version: "2"`
 //! or `"3.x"`, a `volumes:` section and `x-` extension fields). A link to a service becomes
@@ -24,10 +33,11 @@ use super::fields::{child, entry, get, index, port_number, Ctx};
 use super::flocker::check_new_link;
 use super::spec::{
     check_alias, check_app_name, normalize_mountpoint, AppSource, AppSpec, Applications, Format,
-    Link, PortMap, RestartPolicy, Volume,
+    Link, PortMap, RestartPolicy, Volume, VolumePolicy,
 };
 use super::yaml::{Pos, Val, Yaml};
 use super::ConfigError;
+use crate::retention::Retention;
 
 const SERVICE_KEYS: &[&str] = &[
     "image",
@@ -40,6 +50,8 @@ const SERVICE_KEYS: &[&str] = &[
     "mem_limit",
     "cpu_shares",
     "deploy",
+    "labels",
+    "x-flock",
 ];
 
 /// Service keys of compose that flock does not read: refused as unsupported rather than
@@ -67,7 +79,6 @@ const COMPOSE_ONLY_KEYS: &[&str] = &[
     "hostname",
     "init",
     "ipc",
-    "labels",
     "logging",
     "mem_reservation",
     "memswap_limit",
@@ -113,6 +124,7 @@ pub(crate) fn read(file: &str, doc: &Yaml, format: Format) -> Result<Application
     let mut apps = BTreeMap::new();
     let mut sources = BTreeMap::new();
     let mut pending_links = Vec::new();
+    let mut volumes = BTreeMap::new();
     for (key, value) in services {
         let name = key.scalar().unwrap_or_default();
         let path = child(prefix, name);
@@ -128,7 +140,10 @@ pub(crate) fn read(file: &str, doc: &Yaml, format: Format) -> Result<Application
             ));
         }
         check_app_name(name).map_err(|m| cx.err(key.at, &path, m))?;
-        let (spec, source, links) = read_service(cx, name, key.at, value, &path)?;
+        let (spec, source, links, policy) = read_service(cx, name, key.at, value, &path)?;
+        if let Some(policy) = policy {
+            volumes.insert(name.to_string(), policy);
+        }
         apps.insert(name.to_string(), spec);
         sources.insert(name.to_string(), source);
         pending_links.push((name.to_string(), links));
@@ -173,6 +188,7 @@ pub(crate) fn read(file: &str, doc: &Yaml, format: Format) -> Result<Application
         file: file.to_string(),
         format,
         apps,
+        volumes,
         sources,
     })
 }
@@ -235,13 +251,17 @@ struct PendingLink {
     path: String,
 }
 
+/// A service as read: its spec, where it is written, its links to resolve and (when it has a
+/// volume) its volume's policy.
+type Service = (AppSpec, AppSource, Vec<PendingLink>, Option<VolumePolicy>);
+
 fn read_service(
     cx: Ctx,
     name: &str,
     at: Pos,
     y: &Yaml,
     path: &str,
-) -> Result<(AppSpec, AppSource, Vec<PendingLink>), ConfigError> {
+) -> Result<Service, ConfigError> {
     let map = cx.mapping(y, path)?;
     for (k, _) in map {
         let key = k.scalar().unwrap_or_default();
@@ -319,9 +339,41 @@ fn read_service(
             });
         }
     }
-    let volume = match entry(map, "volumes") {
+    let mut volume = match entry(map, "volumes") {
         Some((k, v)) => read_volumes(cx, k.at, v, &child(path, "volumes"))?,
         None => None,
+    };
+    let settings = volume_settings(cx, map, path)?;
+    let policy = match &mut volume {
+        Some(volume) => {
+            if let Some(size) = settings.maximum_size {
+                volume.maximum_size = Some(size.value);
+            }
+            let retention = settings.retention.and_then(|r| r.value);
+            Some(VolumePolicy { retention })
+        }
+        None => {
+            let given = match (settings.retention, settings.maximum_size) {
+                (Some(r), _) => Some((
+                    r.at,
+                    r.path,
+                    "a retention policy is for a volume's snapshots",
+                )),
+                (None, Some(s)) => Some((s.at, s.path, "a size limit is for a volume")),
+                (None, None) => None,
+            };
+            if let Some((at, field, what)) = given {
+                return Err(cx.err(
+                    at,
+                    &field,
+                    format!(
+                        "{name} has no volume, and {what}: give {name} one (volumes: \
+                         [\"/data\"]) or remove this setting"
+                    ),
+                ));
+            }
+            None
+        }
     };
     let environment = match get(map, "environment") {
         Some(v) => cx.environment(v, &child(path, "environment"), true)?,
@@ -356,7 +408,220 @@ fn read_service(
         cpu_shares,
         constraints,
     };
-    Ok((spec, source, links))
+    Ok((spec, source, links, policy))
+}
+
+/// A volume setting as one place of the file gives it: the value, where, and its field.
+struct Given<T> {
+    value: T,
+    at: Pos,
+    path: String,
+}
+
+/// The volume settings a service gives in `x-flock` or `labels`.
+#[derive(Default)]
+struct VolumeSettings {
+    retention: Option<Given<Option<Retention>>>,
+    maximum_size: Option<Given<u64>>,
+}
+
+/// The labels flock reads (the same as `x-flock`'s keys).
+const FLOCK_LABELS: [&str; 2] = ["flock.retention", "flock.maximum_size"];
+
+/// The service's `x-flock` and `labels` settings, one value for each: both given and unequal
+/// is an error naming the two.
+fn volume_settings(
+    cx: Ctx,
+    map: &[(Yaml, Yaml)],
+    path: &str,
+) -> Result<VolumeSettings, ConfigError> {
+    let ext = match get(map, "x-flock") {
+        Some(v) => read_x_flock(cx, v, &child(path, "x-flock"))?,
+        None => VolumeSettings::default(),
+    };
+    let labels = match get(map, "labels") {
+        Some(v) => read_labels(cx, v, &child(path, "labels"))?,
+        None => VolumeSettings::default(),
+    };
+    let show_retention =
+        |r: &Option<Retention>| r.map_or_else(|| "default".to_string(), |r| r.to_string());
+    Ok(VolumeSettings {
+        retention: one_of(
+            cx,
+            ext.retention,
+            labels.retention,
+            |a, b| a.unwrap_or_default() == b.unwrap_or_default(),
+            show_retention,
+        )?,
+        maximum_size: one_of(
+            cx,
+            ext.maximum_size,
+            labels.maximum_size,
+            |a, b| a == b,
+            |n| format!("{n} bytes"),
+        )?,
+    })
+}
+
+/// The value of a setting given in `x-flock`, in `labels`, or in both when they agree.
+fn one_of<T>(
+    cx: Ctx,
+    ext: Option<Given<T>>,
+    label: Option<Given<T>>,
+    same: impl Fn(&T, &T) -> bool,
+    show: impl Fn(&T) -> String,
+) -> Result<Option<Given<T>>, ConfigError> {
+    match (ext, label) {
+        (Some(e), Some(l)) if !same(&e.value, &l.value) => Err(cx.err(
+            l.at,
+            &l.path,
+            format!(
+                "{} here but {} in {} (line {}); give it in one place",
+                show(&l.value),
+                show(&e.value),
+                e.path,
+                e.at.line
+            ),
+        )),
+        (Some(e), _) => Ok(Some(e)),
+        (None, l) => Ok(l),
+    }
+}
+
+/// `x-flock: {retention: ..., maximum_size: ...}`.
+fn read_x_flock(cx: Ctx, y: &Yaml, path: &str) -> Result<VolumeSettings, ConfigError> {
+    let map = cx.mapping_or_empty(y, path)?;
+    cx.check_cut_policy(map, path)?;
+    cx.check_keys(map, path, &["retention", "maximum_size"], "x-flock")?;
+    let retention = match entry(map, "retention") {
+        Some((_, v)) => {
+            let field = child(path, "retention");
+            Some(Given {
+                value: cx.retention(v, &field)?,
+                at: v.at,
+                path: field,
+            })
+        }
+        None => None,
+    };
+    let maximum_size = match entry(map, "maximum_size") {
+        Some((_, v)) => {
+            let field = child(path, "maximum_size");
+            Some(Given {
+                value: cx.volume_size(v, &field)?,
+                at: v.at,
+                path: field,
+            })
+        }
+        None => None,
+    };
+    Ok(VolumeSettings {
+        retention,
+        maximum_size,
+    })
+}
+
+/// `labels:`, a mapping of labels to values or a list of `KEY=VALUE` (or `KEY` for ""): the
+/// flock labels are read; labels outside `flock.` are metadata for other tools and ignored; a
+/// `flock.` label flock does not know is refused (a typo would be silently lost).
+fn read_labels(cx: Ctx, y: &Yaml, path: &str) -> Result<VolumeSettings, ConfigError> {
+    // (label, value, where the label is, where its value is, its field)
+    let mut labels: Vec<(String, String, Pos, Pos, String)> = Vec::new();
+    match &y.val {
+        Val::Map(entries) => {
+            for (k, v) in entries {
+                let key = k.scalar().unwrap_or_default().to_string();
+                let item_path = child(path, &key);
+                let value = match &v.val {
+                    _ if v.is_null() => String::new(),
+                    Val::Scalar { text, .. } => text.clone(),
+                    _ => {
+                        return Err(cx.err(
+                            v.at,
+                            &item_path,
+                            format!(
+                                "expected a label's value (a string), found {}",
+                                v.describe()
+                            ),
+                        ))
+                    }
+                };
+                labels.push((key, value, k.at, v.at, item_path));
+            }
+        }
+        Val::Seq(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let item_path = index(path, i);
+                let text = cx.string(item, &item_path)?;
+                let (key, value) = text.split_once('=').unwrap_or((&text, ""));
+                let (key, value) = (key.to_string(), value.to_string());
+                labels.push((key, value, item.at, item.at, item_path));
+            }
+        }
+        _ if y.is_null() => {}
+        _ => {
+            return Err(cx.err(
+                y.at,
+                path,
+                format!(
+                    "expected a mapping of labels to values, or a list of KEY=VALUE, found {}",
+                    y.describe()
+                ),
+            ))
+        }
+    }
+    let mut settings = VolumeSettings::default();
+    for (key, value, key_at, at, item_path) in labels {
+        if !key.starts_with("flock.") {
+            continue;
+        }
+        if !FLOCK_LABELS.contains(&key.as_str()) {
+            let hint = match FLOCK_LABELS.iter().find(|k| super::fields::near(k, &key)) {
+                Some(k) => format!("did you mean {k}? "),
+                None => String::new(),
+            };
+            return Err(cx.err(
+                key_at,
+                &item_path,
+                format!(
+                    "unknown flock label {key_shown}; {hint}flock reads {} (labels outside \
+                     flock. are not read)",
+                    FLOCK_LABELS.join(" and "),
+                    key_shown = crate::limits::shown(&key)
+                ),
+            ));
+        }
+        let twice = || {
+            cx.err(
+                key_at,
+                &item_path,
+                format!("{key} is set twice; give it once"),
+            )
+        };
+        if key == "flock.retention" {
+            if settings.retention.is_some() {
+                return Err(twice());
+            }
+            let value = super::fields::retention(&value).map_err(|m| cx.err(at, &item_path, m))?;
+            settings.retention = Some(Given {
+                value,
+                at,
+                path: item_path,
+            });
+        } else {
+            if settings.maximum_size.is_some() {
+                return Err(twice());
+            }
+            let value =
+                super::fields::volume_size(&value).map_err(|m| cx.err(at, &item_path, m))?;
+            settings.maximum_size = Some(Given {
+                value,
+                at,
+                path: item_path,
+            });
+        }
+    }
+    Ok(settings)
 }
 
 /// `deploy:`, of which flock reads `placement: {constraints: [...]}`; the rest of it (replicas,

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use super::fields::{child, index, Ctx};
 use super::flocker::check_version;
-use super::spec::{Applications, NodeRef, Plan, PlannedApp};
+use super::spec::{Applications, NodeRef, Plan, PlannedApp, VolumePolicy};
 use super::yaml::{Pos, Val, Yaml};
 use super::ConfigError;
 
@@ -166,13 +166,14 @@ pub fn resolve(
         }
     }
     check_ports(apps, &plan)?;
+    plan.volumes = volume_policies(apps, &plan);
     Ok(plan)
 }
 
 /// Every app of `apps`, placed by the scheduler (a compose file deployed without a deployment
 /// file). Errors: two apps publishing the same external port.
 pub fn resolve_unpinned(apps: &Applications) -> Result<Plan, ConfigError> {
-    let plan = Plan {
+    let mut plan = Plan {
         apps: apps
             .apps
             .iter()
@@ -184,9 +185,24 @@ pub fn resolve_unpinned(apps: &Applications) -> Result<Plan, ConfigError> {
                 (name.clone(), app)
             })
             .collect(),
+        volumes: BTreeMap::new(),
     };
     check_ports(apps, &plan)?;
+    plan.volumes = volume_policies(apps, &plan);
     Ok(plan)
+}
+
+/// The policy of every planned app's volume: the file's, or the default (an entry even then,
+/// so that a key removed from the file resets the dataset to the default policy).
+fn volume_policies(apps: &Applications, plan: &Plan) -> BTreeMap<String, VolumePolicy> {
+    plan.apps
+        .iter()
+        .filter(|(_, app)| app.spec.volume.is_some())
+        .map(|(name, _)| {
+            let policy = apps.volumes.get(name).cloned().unwrap_or_default();
+            (name.clone(), policy)
+        })
+        .collect()
 }
 
 /// The node a deployment key names: by name first, then by HOST:PORT, then by HOST.

@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use super::spec::MIN_VOLUME_SIZE;
 use super::yaml::{Pos, Val, Yaml};
 use super::ConfigError;
+use crate::retention::{Retention, MAX_KEEP};
 
 /// The file being read, for errors.
 #[derive(Clone, Copy)]
@@ -163,6 +165,31 @@ impl<'f> Ctx<'f> {
                 key_shown = crate::limits::shown(key)
             ),
         )
+    }
+
+    /// Refuses a key that is the rest of a retention policy cut off by a comma of a flow
+    /// mapping (`{retention: last=5,daily=3}` reads as a key `daily=3`), saying to quote it.
+    pub fn check_cut_policy(
+        &self,
+        entries: &[(Yaml, Yaml)],
+        path: &str,
+    ) -> Result<(), ConfigError> {
+        for (k, _) in entries {
+            let key = k.scalar().unwrap_or_default();
+            let tier = key.split_once('=').map(|(tier, _)| tier.trim());
+            if tier.is_some_and(|t| ["last", "hourly", "daily"].contains(&t)) {
+                return Err(self.err(
+                    k.at,
+                    path,
+                    format!(
+                        "{key_shown} is the rest of a retention policy, cut off by a comma of \
+                         {{...}}: quote the policy, as retention: \"last=5,daily=3\"",
+                        key_shown = crate::limits::shown(key)
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The value of a key that must be there; the error points at `owner_at`, the key of the
@@ -324,6 +351,60 @@ impl<'f> Ctx<'f> {
         }
     }
 
+    /// A volume's `maximum_size` (see [`volume_size`]).
+    pub fn volume_size(&self, y: &Yaml, path: &str) -> Result<u64, ConfigError> {
+        match &y.val {
+            Val::Scalar { text, .. } if !y.is_null() => {
+                volume_size(text).map_err(|m| self.err(y.at, path, m))
+            }
+            _ => Err(self.expected(y, path, "a size (500M, 1G or bytes)")),
+        }
+    }
+
+    /// A volume's retention policy: a string (see [`retention`]) or a mapping of tiers
+    /// (`{last: 5, daily: 3}`, a tier not given keeping its default).
+    pub fn retention(&self, y: &Yaml, path: &str) -> Result<Option<Retention>, ConfigError> {
+        match &y.val {
+            Val::Scalar { text, .. } if !y.is_null() => {
+                retention(text).map_err(|m| self.err(y.at, path, m))
+            }
+            Val::Map(entries) => {
+                let tiers = ["last", "hourly", "daily"];
+                self.check_keys(entries, path, &tiers, "a retention policy")?;
+                if entries.is_empty() {
+                    return Err(self.err(
+                        y.at,
+                        path,
+                        format!("an empty retention policy; write {RETENTION_FORMS}, or default"),
+                    ));
+                }
+                let mut r = Retention::default();
+                for (k, v) in entries {
+                    let tier = k.scalar().unwrap_or_default();
+                    let tier_path = child(path, tier);
+                    let n = self.uint(v, &tier_path)?;
+                    let n = u32::try_from(n).map_err(|_| {
+                        self.err(
+                            v.at,
+                            &tier_path,
+                            format!("{tier}={n} is more than {MAX_KEEP}"),
+                        )
+                    })?;
+                    match tier {
+                        "last" => r.last = n,
+                        "hourly" => r.hourly = n,
+                        _ => r.daily = n,
+                    }
+                    // The default passes and each tier is checked on its own: a failure now
+                    // is this tier's.
+                    r.validate().map_err(|m| self.err(v.at, &tier_path, m))?;
+                }
+                Ok(Some(r))
+            }
+            _ => Err(self.expected(y, path, &format!("a retention policy ({RETENTION_FORMS})"))),
+        }
+    }
+
     /// `mem_limit`: bytes, as an integer or a size string; not zero.
     pub fn mem_limit(&self, y: &Yaml, path: &str) -> Result<u64, ConfigError> {
         let bytes = self.size(y, path)?;
@@ -345,6 +426,37 @@ impl<'f> Ctx<'f> {
         }
         Ok(shares)
     }
+}
+
+/// The two ways to write a retention policy, for messages.
+const RETENTION_FORMS: &str =
+    "last=3,hourly=24,daily=7 or {last: 3, hourly: 24, daily: 7}, each tier optional";
+
+/// A volume's size limit written as text: a size (see [`super::parse_size`]) of at least
+/// [`MIN_VOLUME_SIZE`].
+pub(crate) fn volume_size(text: &str) -> Result<u64, String> {
+    let bytes = super::parse_size(text)?;
+    if bytes < MIN_VOLUME_SIZE {
+        let hint = if is_digits(text) {
+            format!("; did you mean \"{text}M\"?")
+        } else {
+            String::new()
+        };
+        return Err(format!(
+            "{text_shown} is {bytes} bytes, too small for a volume (at least 1M){hint}",
+            text_shown = crate::limits::shown(text)
+        ));
+    }
+    Ok(bytes)
+}
+
+/// A retention policy written as text, as [`Retention`] parses it (`last=5,daily=3`); `None`
+/// for `default`: the default policy, whatever it is when it is applied.
+pub(crate) fn retention(text: &str) -> Result<Option<Retention>, String> {
+    if text.trim() == "default" {
+        return Ok(None);
+    }
+    text.parse().map(Some)
 }
 
 /// The value of `key` in a mapping's entries.
@@ -373,7 +485,7 @@ pub(crate) fn port_number(text: &str) -> Option<u16> {
 }
 
 /// Whether `a` is a likely misspelling of `b`: at most two edits apart.
-fn near(a: &str, b: &str) -> bool {
+pub(crate) fn near(a: &str, b: &str) -> bool {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
     if a.len().abs_diff(b.len()) > 2 {
         return false;

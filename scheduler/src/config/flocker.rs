@@ -7,21 +7,23 @@
 //!     "image": "postgres:9.4"          # or "command": "postgres -D /data" (flock)
 //!     "ports": [{"internal": 5432, "external": 5432}]
 //!     "links": [{"local_port": 80, "remote_port": 8080, "alias": "web"}]
-//!     "volume": {"mountpoint": "/var/lib/postgresql/data", "maximum_size": "1G"}
+//!     "volume": {"mountpoint": "/var/lib/postgresql/data", "maximum_size": "1G",
+//!                "retention": "last=5,daily=3"}   # flock: or {last: 5, daily: 3}
 //!     "environment": {"POSTGRES_USER": "admin"}
 //!     "restart_policy": {"name": "on-failure", "maximum_retry_count": 10}
 //!     "mem_limit": 100000000
 //!     "cpu_shares": 512
 //! ```
 //!
-//! Keys and rules as `FlockerConfiguration` in Flocker's `flocker/control/_config.py`.
+//! Keys and rules as `FlockerConfiguration` in Flocker's `flocker/control/_config.py`; a
+//! volume's `retention` (its dataset's [`crate::Retention`]) is flock's own.
 
 use std::collections::BTreeMap;
 
 use super::fields::{child, entry, get, index, Ctx};
 use super::spec::{
     check_alias, check_app_name, normalize_mountpoint, AppSource, AppSpec, Applications, Format,
-    Link, PortMap, RestartPolicy, Volume, MIN_VOLUME_SIZE,
+    Link, PortMap, RestartPolicy, Volume, VolumePolicy,
 };
 use super::yaml::{Pos, Val, Yaml};
 use super::ConfigError;
@@ -50,11 +52,15 @@ pub(crate) fn read(file: &str, doc: &Yaml) -> Result<Applications, ConfigError> 
         .ok_or_else(|| cx.err(doc.at, "", "missing applications: {NAME: {image: ...}}"))?;
     let mut apps = BTreeMap::new();
     let mut sources = BTreeMap::new();
+    let mut volumes = BTreeMap::new();
     for (key, value) in cx.mapping_or_empty(apps_node, "applications")? {
         let name = key.scalar().unwrap_or_default();
         let path = child("applications", name);
         check_app_name(name).map_err(|m| cx.err(key.at, &path, m))?;
-        let (spec, source) = read_app(cx, name, key.at, value, &path)?;
+        let (spec, source, policy) = read_app(cx, name, key.at, value, &path)?;
+        if let Some(policy) = policy {
+            volumes.insert(name.to_string(), policy);
+        }
         apps.insert(name.to_string(), spec);
         sources.insert(name.to_string(), source);
     }
@@ -62,6 +68,7 @@ pub(crate) fn read(file: &str, doc: &Yaml) -> Result<Applications, ConfigError> 
         file: file.to_string(),
         format: Format::Flocker,
         apps,
+        volumes,
         sources,
     })
 }
@@ -92,7 +99,7 @@ fn read_app(
     at: Pos,
     y: &Yaml,
     path: &str,
-) -> Result<(AppSpec, AppSource), ConfigError> {
+) -> Result<(AppSpec, AppSource, Option<VolumePolicy>), ConfigError> {
     let map = cx.mapping(y, path)?;
     cx.check_keys(map, path, APP_KEYS, "an application")?;
     let (image, command) = cx.what_to_run(map, at, path)?;
@@ -135,9 +142,12 @@ fn read_app(
             links.push(link);
         }
     }
-    let volume = match get(map, "volume") {
-        Some(v) => Some(read_volume(cx, v, &child(path, "volume"))?),
-        None => None,
+    let (volume, policy) = match get(map, "volume") {
+        Some(v) => {
+            let (volume, policy) = read_volume(cx, v, &child(path, "volume"))?;
+            (Some(volume), Some(policy))
+        }
+        None => (None, None),
     };
     let environment = match get(map, "environment") {
         Some(v) => cx.environment(v, &child(path, "environment"), false)?,
@@ -172,7 +182,7 @@ fn read_app(
         cpu_shares,
         constraints,
     };
-    Ok((spec, source))
+    Ok((spec, source, policy))
 }
 
 /// `{internal: 80, external: 8080}`; also returns where the external port is written.
@@ -242,10 +252,13 @@ pub(crate) fn check_new_link(
     Ok(())
 }
 
-/// `{mountpoint: /data, maximum_size: 1G}`.
-fn read_volume(cx: Ctx, y: &Yaml, path: &str) -> Result<Volume, ConfigError> {
+/// `{mountpoint: /data, maximum_size: 1G, retention: "last=5,daily=3"}`, and the policy of
+/// its dataset.
+fn read_volume(cx: Ctx, y: &Yaml, path: &str) -> Result<(Volume, VolumePolicy), ConfigError> {
     let map = cx.mapping(y, path)?;
-    cx.check_keys(map, path, &["mountpoint", "maximum_size"], "a volume")?;
+    let keys = ["mountpoint", "maximum_size", "retention"];
+    cx.check_cut_policy(map, path)?;
+    cx.check_keys(map, path, &keys, "a volume")?;
     let mountpoint = cx.required(
         map,
         y.at,
@@ -260,36 +273,19 @@ fn read_volume(cx: Ctx, y: &Yaml, path: &str) -> Result<Volume, ConfigError> {
     let maximum_size = match entry(map, "maximum_size") {
         Some((_, size)) => {
             let size_path = child(path, "maximum_size");
-            Some(volume_size(cx, size, &size_path)?)
+            Some(cx.volume_size(size, &size_path)?)
         }
         None => None,
     };
-    Ok(Volume {
+    let retention = match get(map, "retention") {
+        Some(r) => cx.retention(r, &child(path, "retention"))?,
+        None => None,
+    };
+    let volume = Volume {
         mountpoint: mountpoint_text,
         maximum_size,
-    })
-}
-
-/// A volume's `maximum_size`: a size of at least [`MIN_VOLUME_SIZE`].
-fn volume_size(cx: Ctx, y: &Yaml, path: &str) -> Result<u64, ConfigError> {
-    let bytes = cx.size(y, path)?;
-    if bytes < MIN_VOLUME_SIZE {
-        let text = y.scalar().unwrap_or_default();
-        let hint = if super::fields::is_digits(text) {
-            format!("; did you mean \"{text}M\"?")
-        } else {
-            String::new()
-        };
-        return Err(cx.err(
-            y.at,
-            path,
-            format!(
-                "{text_shown} is {bytes} bytes, too small for a volume (at least 1M){hint}",
-                text_shown = crate::limits::shown(text)
-            ),
-        ));
-    }
-    Ok(bytes)
+    };
+    Ok((volume, VolumePolicy { retention }))
 }
 
 /// `{name: never|always|on-failure, maximum_retry_count: N}` (N only with on-failure), or the

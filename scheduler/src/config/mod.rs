@@ -30,11 +30,19 @@
 //! - keys Flocker ignored (unknown top-level keys) are errors, so a typo is not silently lost;
 //! - compose files may also use `restart`, `cpu_shares`, long-form ports, named volumes,
 //!   anchors and merge keys, and `services:` (compose v2/v3).
+//! - a volume may give its dataset's retention policy (`retention: "last=5,daily=3"` or
+//!   `{last: 5, daily: 3}`); a compose service gives it, and its volume's `maximum_size`, in
+//!   `x-flock: {retention: ..., maximum_size: ...}` or as the labels `flock.retention` and
+//!   `flock.maximum_size` (other labels are not read). The policies are kept out of
+//!   [`AppSpec`] (stored in the Raft log) and go in [`Applications::volumes`] and
+//!   [`Plan::volumes`].
 
 mod compose;
 mod deployment;
 mod fields;
 mod flocker;
+#[cfg(test)]
+mod policy_tests;
 mod render;
 mod spec;
 mod yaml;
@@ -43,7 +51,7 @@ pub use deployment::{resolve, resolve_unpinned, Deployment, DeploymentNode};
 pub use render::to_flocker_yaml;
 pub use spec::{
     parse_size, AppSpec, Applications, Constraint, ConstraintKey, Format, Link, NodeRef, Plan,
-    PlannedApp, PortMap, RestartPolicy, Volume, MAX_APP_NAME_LEN, MIN_VOLUME_SIZE,
+    PlannedApp, PortMap, RestartPolicy, Volume, VolumePolicy, MAX_APP_NAME_LEN, MIN_VOLUME_SIZE,
 };
 
 use yaml::{Pos, Yaml};

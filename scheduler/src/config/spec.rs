@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::yaml::Pos;
+use crate::retention::Retention;
 
 pub use crate::limits::MAX_APP_NAME_LEN;
 
@@ -170,7 +171,21 @@ pub struct Applications {
     pub file: String,
     pub format: Format,
     pub apps: BTreeMap<String, AppSpec>,
+    /// For every app with a volume: its dataset's policy, as the file gives it (kept out of
+    /// [`AppSpec`], whose layout is in the Raft log).
+    pub volumes: BTreeMap<String, VolumePolicy>,
     pub(crate) sources: BTreeMap<String, AppSource>,
+}
+
+/// The policy of an app's volume's dataset that the config files set. It travels beside the
+/// plan's apps (JSON in `DeployRequest.volumes_json`), not inside [`AppSpec`], whose postcard
+/// layout is stored in Raft logs and snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumePolicy {
+    /// Which automatic snapshots are kept; `None`: the default policy (also when the file
+    /// says `retention: default`), so that a key removed from the file resets it.
+    #[serde(default)]
+    pub retention: Option<Retention>,
 }
 
 /// Where an app and its external ports are written, for the messages of `resolve`.
@@ -194,6 +209,10 @@ pub struct NodeRef {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub apps: BTreeMap<String, PlannedApp>,
+    /// App name -> the policy of its volume's dataset: one entry for every planned app that
+    /// has a volume (the default policy when the file sets none), none for the others.
+    #[serde(default)]
+    pub volumes: BTreeMap<String, VolumePolicy>,
 }
 
 /// One app of a [`Plan`].
