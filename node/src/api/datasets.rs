@@ -162,7 +162,7 @@ impl ApiService {
     }
 
     /// Each node's report, `None` for nodes that did not answer in time.
-    async fn reports(
+    pub(super) async fn reports(
         &self,
         nodes: &[(NodeId, String)],
     ) -> Vec<(NodeId, Option<pb::LocalDatasetsReply>)> {
