@@ -40,7 +40,14 @@ pub const APPLY_POLL: Duration = Duration::from_millis(20);
 pub const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How far a move is, as the API reports it ([`MovePhase::as_str`] is the one mapping to the
-/// strings clients see).
+/// strings clients see; [`MovePhase::words`] is what a person reads).
+///
+/// A move of a dataset an app uses goes: `snapshot`, `full` (the first push), `snapshot` and
+/// `incremental` for each further copy round, `handoff` (recording it), `stopping-app` (until
+/// this node saw the app stop), `final-delta` (the last snapshot and push), `committing`,
+/// `done`. A move of a dataset no app uses: `snapshot`, `full` or `incremental`,
+/// `committing`, `done`. A failed attempt ends in `retrying` (the core starts another) or
+/// `failed` (given up).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MovePhase {
     /// Taking and recording a snapshot (or connecting, before the first).
@@ -51,6 +58,10 @@ pub enum MovePhase {
     Incremental,
     /// Recording the handoff.
     Handoff,
+    /// Handed off: waiting for the handoff to apply here and the dataset's apps to stop.
+    StoppingApp,
+    /// The apps stopped: the last snapshot and its push.
+    FinalDelta,
     /// Proposing the commit.
     Committing,
     Done,
@@ -61,14 +72,47 @@ pub enum MovePhase {
 }
 
 impl MovePhase {
-    /// The name clients see (`flockctl dataset ls`, the API's `phase`).
+    /// Every phase, in the order a move goes through them.
+    pub const ALL: [MovePhase; 10] = [
+        MovePhase::Snapshot,
+        MovePhase::Full,
+        MovePhase::Incremental,
+        MovePhase::Handoff,
+        MovePhase::StoppingApp,
+        MovePhase::FinalDelta,
+        MovePhase::Committing,
+        MovePhase::Done,
+        MovePhase::Failed,
+        MovePhase::Retrying,
+    ];
+
+    /// The name clients see (`flockctl dataset ls`, the API's `phase`). Names are part of the
+    /// wire: never change one, only add.
     pub fn as_str(self) -> &'static str {
         match self {
             MovePhase::Snapshot => "snapshot",
             MovePhase::Full => "full",
             MovePhase::Incremental => "incremental",
             MovePhase::Handoff => "handoff",
+            MovePhase::StoppingApp => "stopping-app",
+            MovePhase::FinalDelta => "final-delta",
             MovePhase::Committing => "committing",
+            MovePhase::Done => "done",
+            MovePhase::Failed => "failed",
+            MovePhase::Retrying => "retrying",
+        }
+    }
+
+    /// What a person reads for the phase (flockctl's progress line).
+    pub fn words(self) -> &'static str {
+        match self {
+            MovePhase::Snapshot => "snapshot",
+            MovePhase::Full => "full copy",
+            MovePhase::Incremental => "copy round",
+            MovePhase::Handoff => "handing off",
+            MovePhase::StoppingApp => "waiting for the app to stop",
+            MovePhase::FinalDelta => "final delta",
+            MovePhase::Committing => "commit",
             MovePhase::Done => "done",
             MovePhase::Failed => "failed",
             MovePhase::Retrying => "retrying",
@@ -78,26 +122,32 @@ impl MovePhase {
     /// The phase a name from [`MovePhase::as_str`] stands for (a push reports its stream's
     /// kind by name).
     pub fn from_name(name: &str) -> Option<MovePhase> {
-        [
-            MovePhase::Snapshot,
-            MovePhase::Full,
-            MovePhase::Incremental,
-            MovePhase::Handoff,
-            MovePhase::Committing,
-            MovePhase::Done,
-            MovePhase::Failed,
-            MovePhase::Retrying,
-        ]
-        .into_iter()
-        .find(|p| p.as_str() == name)
+        MovePhase::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+
+    /// The phase to show while a push of a move in phase `self` streams, `stream` being the
+    /// stream's kind by name ("full" or "incremental"): the final delta stays the final delta;
+    /// otherwise the stream's kind (full when unknown: the larger, the safer guess).
+    pub fn streaming(self, stream: &str) -> MovePhase {
+        match (self, MovePhase::from_name(stream)) {
+            (MovePhase::FinalDelta, _) => MovePhase::FinalDelta,
+            (_, Some(MovePhase::Incremental)) => MovePhase::Incremental,
+            _ => MovePhase::Full,
+        }
     }
 
     /// Whether a transfer in this phase is still under way (an ended one is shown for a while
     /// only).
     pub fn is_active(self) -> bool {
+        !self.has_ended()
+    }
+
+    /// Whether the attempt that reported this phase is over: done, given up, or failed and
+    /// waiting to be tried again. Its byte count and rate are no longer current.
+    pub fn has_ended(self) -> bool {
         matches!(
             self,
-            MovePhase::Full | MovePhase::Incremental | MovePhase::Snapshot | MovePhase::Committing
+            MovePhase::Done | MovePhase::Failed | MovePhase::Retrying
         )
     }
 }
@@ -353,6 +403,12 @@ pub struct Move {
     last_bytes: Option<u64>,
     /// Phase two's end: when the handoff must have applied and the users stopped.
     stop_deadline: Option<Instant>,
+    /// Whether this attempt saw the dataset's apps stopped (its last round is then the final
+    /// delta).
+    app_stopped: bool,
+    /// Whether this attempt reported how it ended (a failed one that did not says
+    /// [`MovePhase::Retrying`]).
+    end_reported: bool,
     progress: VecDeque<Progress>,
 }
 
@@ -368,6 +424,8 @@ impl Move {
             users: Vec::new(),
             last_bytes: None,
             stop_deadline: None,
+            app_stopped: false,
+            end_reported: false,
             progress: VecDeque::new(),
         }
     }
@@ -425,7 +483,12 @@ impl Move {
                     if !self.still_moving(state, me) {
                         return self.ended_elsewhere();
                     }
-                    self.report(MovePhase::Snapshot, None, None);
+                    if round == Round::Final && self.app_stopped {
+                        // A new count: the final delta's push.
+                        self.report(MovePhase::FinalDelta, Some(0), None);
+                    } else {
+                        self.report(MovePhase::Snapshot, None, None);
+                    }
                     self.stage = Stage::Snapshotting(round);
                 }
                 Stage::Snapshotting(_) => {
@@ -509,6 +572,7 @@ impl Move {
                     let deadline = self.stop_deadline.unwrap_or(now);
                     match verdict {
                         Some(Ok(())) => {
+                            self.app_stopped = true;
                             self.stage = Stage::Snapshot(Round::Final);
                             continue;
                         }
@@ -588,16 +652,17 @@ impl Move {
         self.stage = match (stage, input) {
             (Stage::Connecting, MoveInput::Connected(Ok(()))) => {
                 let handed_off = self.working().moving.as_ref().is_some_and(|m| m.handoff);
-                if !self.users.is_empty() && !handed_off {
-                    Stage::Snapshot(Round::Copy(1))
-                } else {
+                if self.users.is_empty() {
                     Stage::AwaitHandoff
+                } else if handed_off {
+                    // A resumed move: phase one is over, the app is being stopped.
+                    self.report(MovePhase::StoppingApp, None, None);
+                    Stage::AwaitHandoff
+                } else {
+                    Stage::Snapshot(Round::Copy(1))
                 }
             }
-            (Stage::Connecting, MoveInput::Connected(Err(e))) => {
-                self.report(MovePhase::Snapshot, None, Some(e.clone()));
-                Stage::Finished(Err(e))
-            }
+            (Stage::Connecting, MoveInput::Connected(Err(e))) => Stage::Finished(Err(e)),
             (Stage::Snapshotting(round), MoveInput::Snapshot(Ok(record))) => {
                 Stage::Recording(round, record)
             }
@@ -643,7 +708,10 @@ impl Move {
             }
             (Stage::Cancelling(reason), MoveInput::Proposed(_)) => Stage::Finished(Err(reason)),
             (Stage::HandingOff, MoveInput::Proposed(Ok(r))) => match r {
-                CommandResult::HandedOff => Stage::AwaitHandoff,
+                CommandResult::HandedOff => {
+                    self.report(MovePhase::StoppingApp, None, None);
+                    Stage::AwaitHandoff
+                }
                 CommandResult::Rejected(
                     e @ (ApplyError::NoSuchMove { .. } | ApplyError::StaleEpoch { .. }),
                 ) => {
@@ -685,6 +753,7 @@ impl Move {
             (Stage::Committing(_), MoveInput::Proposed(Err(e))) => Stage::Finished(Err(e)),
             (stage, _) => stage,
         };
+        self.report_failure();
     }
 
     /// The dataset as this attempt knows it (set at the start).
@@ -722,13 +791,24 @@ impl Move {
 
     fn finish(&mut self, r: Result<(), String>) -> MoveStep {
         self.stage = Stage::Finished(r);
+        self.report_failure();
         match &self.stage {
             Stage::Finished(Err(e)) => MoveStep::Failed(e.clone()),
             _ => MoveStep::Done,
         }
     }
 
+    /// A failed attempt that did not say how it ended says it will be retried (the datasets
+    /// core starts another after a backoff), with why: its last phase is no longer current.
+    fn report_failure(&mut self) {
+        if let (Stage::Finished(Err(e)), false) = (&self.stage, self.end_reported) {
+            let e = e.clone();
+            self.report(MovePhase::Retrying, None, Some(e));
+        }
+    }
+
     fn report(&mut self, phase: MovePhase, bytes: Option<u64>, error: Option<String>) {
+        self.end_reported |= phase.has_ended();
         self.progress.push_back(Progress {
             phase,
             bytes,
@@ -1078,7 +1158,14 @@ mod tests {
             )
         );
         assert_eq!(mv.next(&s, ME, end), step);
-        assert_eq!(progress(&mut mv), vec![]);
+        // The line shown says the attempt failed and why, not that it still waits.
+        let MoveStep::Failed(why) = step else {
+            unreachable!()
+        };
+        assert_eq!(
+            progress(&mut mv),
+            vec![(MovePhase::Retrying, None, Some(why))]
+        );
     }
 
     #[test]
@@ -1244,7 +1331,7 @@ mod tests {
             progress(&mut mv),
             vec![
                 (MovePhase::Snapshot, Some(0), None),
-                (MovePhase::Snapshot, None, Some("unreachable".into()))
+                (MovePhase::Retrying, None, Some("unreachable".into()))
             ]
         );
         // The snapshot, its record, the push.
@@ -1431,6 +1518,8 @@ mod tests {
             MovePhase::Done,
             MovePhase::Failed,
             MovePhase::Retrying,
+            MovePhase::StoppingApp,
+            MovePhase::FinalDelta,
         ]
         .into_iter()
         .map(|p| {
@@ -1449,10 +1538,182 @@ mod tests {
                 "committing",
                 "done",
                 "failed",
-                "retrying"
+                "retrying",
+                "stopping-app",
+                "final-delta"
             ]
         );
         assert_eq!(MovePhase::from_name("other"), None);
+        assert_eq!(MovePhase::ALL.len(), names.len());
+    }
+
+    /// Drives `mv` to its end against `s` (which applies every proposal at once), answering
+    /// pushes with `sizes` bytes in turn; returns the phases a client sees, in order, without
+    /// repeats. A push shows [`MovePhase::streaming`] of the phase before it, its stream being
+    /// full for the first push and incremental after (as the executor reports it).
+    fn shown_phases(mv: &mut Move, s: &mut ClusterState, sizes: &[u64]) -> Vec<&'static str> {
+        let mut shown: Vec<MovePhase> = Vec::new();
+        let show = |shown: &mut Vec<MovePhase>, p: MovePhase| {
+            if shown.last() != Some(&p) {
+                shown.push(p);
+            }
+        };
+        let mut sizes = sizes.iter();
+        let mut pushes = 0;
+        for _ in 0..100 {
+            let step = mv.next(s, ME, t(0));
+            while let Some(p) = mv.poll_progress() {
+                show(&mut shown, p.phase);
+            }
+            let input = match &step {
+                MoveStep::Connect { .. } => MoveInput::Connected(Ok(())),
+                MoveStep::TakeSnapshot { dataset } => {
+                    let n = s.datasets[&1].snapshots.len() as u64 + 1;
+                    MoveInput::Snapshot(Ok(snap(&format!("m{n}"), n, dataset.epoch)))
+                }
+                MoveStep::Push { .. } => {
+                    let stream = if pushes == 0 { "full" } else { "incremental" };
+                    pushes += 1;
+                    let last = *shown.last().expect("a phase before the push");
+                    show(&mut shown, last.streaming(stream));
+                    MoveInput::Pushed(Ok(*sizes.next().expect("a size for every push")))
+                }
+                MoveStep::TakeStartGate { .. } => MoveInput::GateHeld,
+                MoveStep::ObserveUsers { .. } => MoveInput::Users(stopped()),
+                MoveStep::Done => return shown.iter().map(|p| p.as_str()).collect(),
+                other if other.command().is_some() => propose(s, other),
+                other => panic!("unexpected {other:?}"),
+            };
+            mv.observe(input);
+        }
+        panic!("the move did not end; shown so far: {shown:?}");
+    }
+
+    #[test]
+    fn a_move_with_an_app_shows_each_phase_in_order() {
+        let mut s = app_moving(false);
+        let mut mv = Move::new(1, TO);
+        // Two copy rounds (the second delta is small), the handoff, the stop, the last round.
+        assert_eq!(
+            shown_phases(&mut mv, &mut s, &[100 * MB, MB, 1000]),
+            [
+                "snapshot",
+                "full",
+                "snapshot",
+                "incremental",
+                "handoff",
+                "stopping-app",
+                "final-delta",
+                "committing",
+                "done"
+            ]
+        );
+        assert_eq!(s.datasets[&1].primary, TO);
+    }
+
+    #[test]
+    fn a_resumed_move_shows_the_stop_then_the_final_delta() {
+        let mut s = app_moving(false);
+        ok(
+            &mut s,
+            Command::HandoffDatasetMove {
+                dataset: 1,
+                epoch: 1,
+                to: TO,
+            },
+        );
+        let mut mv = Move::new(1, TO);
+        assert_eq!(
+            shown_phases(&mut mv, &mut s, &[MB]),
+            [
+                "snapshot",
+                "stopping-app",
+                "final-delta",
+                "committing",
+                "done"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dataset_no_app_uses_shows_no_app_phases() {
+        let mut s = dataset_moving();
+        let mut mv = Move::new(1, TO);
+        assert_eq!(
+            shown_phases(&mut mv, &mut s, &[10 * MB]),
+            ["snapshot", "full", "committing", "done"]
+        );
+    }
+
+    #[test]
+    fn the_final_delta_count_starts_at_zero() {
+        let (mut s, mut mv) = at_the_stop_check();
+        mv.next(&s, ME, t(0));
+        mv.observe(MoveInput::Users(stopped()));
+        round(&mut mv, &mut s, "m9", MB, t(0));
+        assert_eq!(
+            progress(&mut mv),
+            vec![
+                (MovePhase::FinalDelta, Some(0), None),
+                (MovePhase::Committing, None, None)
+            ]
+        );
+    }
+
+    #[test]
+    fn every_failed_attempt_ends_its_line_once() {
+        // A handoff that never applies here: the line says retrying, with why.
+        let mut applied = app_moving(false);
+        let mut mv = handed_off(&mut applied);
+        let local = app_moving(false);
+        progress(&mut mv);
+        mv.next(&local, ME, t(0));
+        let step = mv.next(&local, ME, t(0) + STOP_TIMEOUT);
+        let MoveStep::Failed(why) = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!(
+            progress(&mut mv),
+            vec![(MovePhase::Retrying, None, Some(why))]
+        );
+        // No room: failed, and not retrying as well.
+        let mut s = app_moving(false);
+        let mut mv = Move::new(1, TO);
+        connect(&mut mv, &s);
+        mv.next(&s, ME, t(0));
+        mv.observe(MoveInput::Snapshot(Ok(snap("m1", 5, 1))));
+        let step = mv.next(&s, ME, t(0));
+        mv.observe(propose(&mut s, &step));
+        mv.next(&s, ME, t(0));
+        mv.observe(MoveInput::Pushed(Err(PushFailure::NoSpace("full".into()))));
+        mv.next(&s, ME, t(0));
+        mv.observe(MoveInput::Proposed(Err("no leader".into())));
+        mv.next(&s, ME, t(0));
+        let ends: Vec<_> = progress(&mut mv)
+            .into_iter()
+            .filter(|p| p.0.has_ended())
+            .collect();
+        assert_eq!(ends, vec![(MovePhase::Failed, None, Some("full".into()))]);
+    }
+
+    #[test]
+    fn a_push_shows_its_stream_unless_it_carries_the_final_delta() {
+        for p in [MovePhase::Snapshot, MovePhase::Full, MovePhase::Incremental] {
+            assert_eq!(p.streaming("full"), MovePhase::Full);
+            assert_eq!(p.streaming("incremental"), MovePhase::Incremental);
+            assert_eq!(p.streaming("?"), MovePhase::Full);
+        }
+        assert_eq!(
+            MovePhase::FinalDelta.streaming("incremental"),
+            MovePhase::FinalDelta
+        );
+        for p in MovePhase::ALL {
+            assert_eq!(
+                p.is_active(),
+                !matches!(p, MovePhase::Done | MovePhase::Failed | MovePhase::Retrying),
+                "{p}"
+            );
+        }
     }
 
     /// One scripted answer of the environment.

@@ -596,6 +596,8 @@ impl Cluster {
             .into(),
             // The API adds them: it holds the node's workers.
             workers: Vec::new(),
+            // The API adds them: it asks the datasets' primaries.
+            warnings: Vec::new(),
         }
     }
 

@@ -104,7 +104,9 @@ fn local_proto(c: &LocalCopy) -> pb::LocalDataset {
     }
 }
 
-fn transfer_proto(state: &ClusterState, t: &TransferState) -> pb::Transfer {
+/// `t` as the API reports it at `now`.
+fn transfer_proto(state: &ClusterState, t: &TransferState, now: Instant) -> pb::Transfer {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     pb::Transfer {
         dataset: t.dataset.clone(),
         dataset_id: t.id,
@@ -112,8 +114,17 @@ fn transfer_proto(state: &ClusterState, t: &TransferState) -> pb::Transfer {
         phase: t.phase.to_string(),
         bytes: t.bytes,
         total: t.total.unwrap_or(0),
-        bytes_per_sec: t.rate(),
+        bytes_per_sec: t.rate_at(now),
         last_error: t.last_error.clone().unwrap_or_default(),
+        attempt: t.attempt,
+        retry_in_ms: t.retry_at.map(|at| ms(at.saturating_duration_since(now))),
+        degraded: t.degraded.clone().unwrap_or_default(),
+        // Rounded up: "0 s left" while bytes remain would be wrong.
+        eta_secs: t
+            .eta_at(now)
+            .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+        kind: t.kind.as_str().to_string(),
+        attempt_elapsed_ms: ms(now.saturating_duration_since(t.attempt_started)),
     }
 }
 
@@ -128,10 +139,11 @@ impl ApiService {
     async fn local_report(&self) -> pb::LocalDatasetsReply {
         let datasets = &self.datasets;
         let state = self.cluster.view.read().cluster.clone();
+        let now = Instant::now();
         let transfers = datasets
             .transfers()
             .iter()
-            .map(|t| transfer_proto(&state, t))
+            .map(|t| transfer_proto(&state, t, now))
             .collect();
         match datasets.local().await {
             Ok(copies) => pb::LocalDatasetsReply {
@@ -150,7 +162,7 @@ impl ApiService {
     }
 
     /// Each node's report, `None` for nodes that did not answer in time.
-    async fn reports(
+    pub(super) async fn reports(
         &self,
         nodes: &[(NodeId, String)],
     ) -> Vec<(NodeId, Option<pb::LocalDatasetsReply>)> {
@@ -605,5 +617,51 @@ fn ds_err(e: flock_dataset::DatasetError) -> Status {
         E::InvalidName { .. } => Status::invalid_argument(msg),
         E::NoSpace { .. } => Status::resource_exhausted(msg),
         _ => Status::internal(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datasets::TransferKind;
+    use flock_decide::moves::MovePhase;
+
+    #[test]
+    fn a_transfer_reports_its_attempt_retry_and_eta() {
+        let t0 = Instant::now();
+        let mut t = TransferState::new(
+            TransferKind::Replica,
+            "db".into(),
+            7,
+            3,
+            MovePhase::Full,
+            t0,
+        );
+        t.new_attempt(4, t0 + Duration::from_secs(10));
+        t.total = Some(10_000_000);
+        t.set_bytes(3_000_000, t0 + Duration::from_secs(12));
+        let now = t0 + Duration::from_secs(12);
+        let p = transfer_proto(&ClusterState::default(), &t, now);
+        assert_eq!(
+            (p.kind.as_str(), p.attempt, p.to_node.as_str()),
+            ("replica", 4, "node-3")
+        );
+        assert_eq!(p.attempt_elapsed_ms, 2000);
+        assert_eq!(p.bytes_per_sec, 1_500_000.0);
+        // 7 MB left at 1.5 MB/s: 4.67 s, shown as 5.
+        assert_eq!(p.eta_secs, Some(5));
+        assert_eq!((p.retry_in_ms, p.degraded.as_str()), (None, ""));
+        // Failed for lack of room: degraded, retried in a minute, no rate or ETA.
+        t.phase = MovePhase::Retrying;
+        t.last_error = Some("no space left on n3".into());
+        t.degraded = Some("no space left on n3".into());
+        t.retry_at = Some(now + Duration::from_secs(60));
+        let p = transfer_proto(&ClusterState::default(), &t, now);
+        assert_eq!(p.retry_in_ms, Some(60_000));
+        assert_eq!(p.degraded, "no space left on n3");
+        assert_eq!((p.bytes_per_sec, p.eta_secs), (0.0, None));
+        // A retry time passed: zero, not a wrapped-around number.
+        let p = transfer_proto(&ClusterState::default(), &t, now + Duration::from_secs(90));
+        assert_eq!(p.retry_in_ms, Some(0));
     }
 }

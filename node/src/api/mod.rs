@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use flock_proto::v1::api_server::{Api, ApiServer};
 use flock_proto::v1::*;
 use flock_raft::codec::{decode, encode};
-use flock_scheduler::{limits, Command, CommandResult};
+use flock_scheduler::{limits, Command, CommandResult, NodeId};
 
 use crate::cluster::{Cluster, ClusterError};
 use crate::datasets::Datasets;
@@ -103,6 +103,21 @@ impl ApiService {
         ApiServer::new(service).max_decoding_message_size(MAX_API_MESSAGE)
     }
 
+    /// The status's warnings about pushes: each dataset primary's failing, given up or
+    /// degraded pushes ([`crate::ctl::progress::push_problem`]); a primary that did not answer
+    /// in time is named (its pushes are unknown, not fine).
+    async fn push_warnings(&self) -> Vec<String> {
+        let state = self.cluster.view.read().cluster.clone();
+        let primaries: std::collections::BTreeSet<NodeId> =
+            state.datasets.values().map(|d| d.primary).collect();
+        let nodes: Vec<(NodeId, String)> = primaries
+            .iter()
+            .filter_map(|id| state.nodes.get(id).map(|n| (*id, n.addr.clone())))
+            .collect();
+        let reports = self.reports(&nodes).await;
+        push_warnings(&state, &reports)
+    }
+
     /// Every call but Join needs a certificate of this cluster.
     fn authorize<T>(&self, req: &Request<T>) -> Result<Role, Status> {
         self.auth.check(&req.peer_certs())
@@ -161,6 +176,37 @@ fn unexpected(r: CommandResult) -> Status {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+/// The warnings of [`ApiService::push_warnings`] from the primaries' `reports` (`None`: did
+/// not answer), about the datasets `state` still has.
+fn push_warnings(
+    state: &flock_scheduler::ClusterState,
+    reports: &[(NodeId, Option<LocalDatasetsReply>)],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (node, report) in reports {
+        let Some(report) = report else {
+            out.push(format!(
+                "{} did not report its dataset pushes in time: whether they fail is unknown",
+                flock_scheduler::state::node_name(state, *node)
+            ));
+            continue;
+        };
+        for t in &report.transfers {
+            let current = state
+                .datasets
+                .get(&t.dataset_id)
+                .is_some_and(|d| d.primary == *node);
+            if let Some(p) = current
+                .then(|| crate::ctl::progress::push_problem(t))
+                .flatten()
+            {
+                out.push(format!("dataset {}: {p}", t.dataset));
+            }
+        }
+    }
+    out
+}
+
 /// The most bytes of entries one `KvList` reply to a client that does not page (an older
 /// flockctl, which accepts replies up to 64 MiB) holds; a larger list is refused.
 const KV_LIST_UNPAGED_BYTES: usize = 32 << 20;
@@ -188,6 +234,7 @@ impl Api for ApiService {
         let mut reply = c.local_status().await;
         // Whichever node answers reports its own workers (the leader's, when forwarded).
         reply.workers = self.workers.to_proto();
+        reply.warnings = self.push_warnings().await;
         Ok(Response::new(reply))
     }
 
@@ -587,5 +634,73 @@ impl Api for ApiService {
 
     async fn check_apps(&self, req: Request<CheckAppsRequest>) -> Reply<CheckAppsReply> {
         self.do_check_apps(req).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flock_scheduler::ClusterState;
+
+    #[test]
+    fn status_warns_of_failing_pushes_and_silent_primaries() {
+        let mut s = ClusterState::default();
+        for cmd in [
+            Command::InitCluster {
+                cluster_id: "c".into(),
+                join_secret: "s".into(),
+                node_id: 1,
+                name: "n1".into(),
+                addr: "h:1".into(),
+            },
+            Command::RegisterNode {
+                secret: "s".into(),
+                name: None,
+                addr: "h:2".into(),
+            },
+            Command::CreateDataset {
+                name: "db".into(),
+                primary: 1,
+                size_limit: None,
+            },
+            Command::CreateDataset {
+                name: "logs".into(),
+                primary: 2,
+                size_limit: None,
+            },
+        ] {
+            let r = s.apply(&cmd);
+            assert!(!matches!(r, CommandResult::Rejected(_)), "{cmd:?}: {r:?}");
+        }
+        let db = s.dataset_by_name("db").unwrap().id;
+        let push = |dataset_id, phase: &str| Transfer {
+            dataset: "db".into(),
+            dataset_id,
+            to_node: "n2".into(),
+            kind: "replica".into(),
+            phase: phase.into(),
+            attempt: 3,
+            retry_in_ms: Some(4_000),
+            last_error: "connection refused".into(),
+            ..Default::default()
+        };
+        let report = LocalDatasetsReply {
+            transfers: vec![
+                push(db, "retrying"),
+                push(db, "full"),
+                // A dataset removed since: its old line is not a warning.
+                push(db + 100, "retrying"),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            push_warnings(&s, &[(1, Some(report)), (2, None)]),
+            [
+                "dataset db: push to n2 failed (attempt 3, retry in 4s): connection refused",
+                "dataset db: push to n2 on attempt 3 (full copy), attempt 2 failed: connection refused",
+                "n2 did not report its dataset pushes in time: whether they fail is unknown",
+            ]
+        );
+        assert!(push_warnings(&s, &[(1, Some(LocalDatasetsReply::default()))]).is_empty());
     }
 }

@@ -153,6 +153,14 @@ fn labels_text(labels: &std::collections::HashMap<String, String>) -> String {
         .join(",")
 }
 
+/// The status's warnings, one `warning  ...` line each (whole: the reason is the point).
+fn warning_lines(warnings: &[String]) -> String {
+    warnings
+        .iter()
+        .map(|w| format!("warning  {}\n", w.replace('\n', "\\n")))
+        .collect()
+}
+
 async fn read_status(api: &mut ApiClient<Channel>) -> anyhow::Result<StatusReply> {
     Ok(api
         .status(StatusRequest { local: false })
@@ -189,6 +197,7 @@ pub async fn status(api: &mut ApiClient<Channel>, json: bool) -> anyhow::Result<
             #[serde(flatten)]
             status: StatusJson<'a>,
             workers: Vec<WorkerJson<'a>>,
+            warnings: &'a [String],
         }
         print_json(&WithWorkers {
             status: StatusJson {
@@ -218,6 +227,7 @@ pub async fn status(api: &mut ApiClient<Channel>, json: bool) -> anyhow::Result<
                     last_error_ms_ago: w.last_error_ms_ago,
                 })
                 .collect(),
+            warnings: &s.warnings,
         })?;
     } else {
         println!("cluster  {}", s.cluster_id);
@@ -243,6 +253,7 @@ pub async fn status(api: &mut ApiClient<Channel>, json: bool) -> anyhow::Result<
             opt(s.snapshot_index),
             opt(s.purged_index)
         );
+        print!("{}", warning_lines(&s.warnings));
         println!();
         print!("{}", members_table(&s.members));
         println!();
@@ -378,4 +389,20 @@ pub async fn cluster(api: &mut ApiClient<Channel>, cmd: ClusterCmd) -> anyhow::R
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_warning_is_one_whole_line() {
+        let long = format!(
+            "dataset db: push to n2 failed (attempt 2): {}",
+            "x".repeat(200)
+        );
+        let text = warning_lines(&[long.clone(), "two\nlines".into()]);
+        assert_eq!(text, format!("warning  {long}\nwarning  two\\nlines\n"));
+        assert_eq!(warning_lines(&[]), "");
+    }
 }

@@ -12,6 +12,7 @@ use flock_proto::v1::api_client::ApiClient;
 use flock_proto::v1::*;
 
 use super::output::{print_json, status_err, table, NotFound};
+use super::progress::{self, Follow};
 
 /// `flockctl dataset ...`.
 #[derive(Subcommand, Debug)]
@@ -98,7 +99,23 @@ fn transfer_json(t: &Transfer) -> Value {
         "dataset": t.dataset, "to": t.to_node, "phase": t.phase, "bytes": t.bytes,
         "total": (t.total > 0).then_some(t.total), "bytes_per_sec": t.bytes_per_sec,
         "last_error": (!t.last_error.is_empty()).then_some(&t.last_error),
+        "kind": (!t.kind.is_empty()).then_some(&t.kind),
+        "attempt": (t.attempt > 0).then_some(t.attempt),
+        "retry_in_ms": t.retry_in_ms,
+        "eta_secs": t.eta_secs,
+        "degraded": (!t.degraded.is_empty()).then_some(&t.degraded),
     })
+}
+
+/// What went wrong with the datasets' pushes, one line each, named by dataset.
+fn dataset_problems(ds: &[Dataset]) -> Vec<String> {
+    ds.iter()
+        .flat_map(|d| {
+            d.transfers
+                .iter()
+                .filter_map(|t| progress::push_problem(t).map(|p| format!("{}: {p}", d.name)))
+        })
+        .collect()
 }
 
 fn dataset_json(d: &Dataset) -> Value {
@@ -246,6 +263,9 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
                 print_json(&Value::Array(ds.iter().map(dataset_json).collect()))?;
             } else {
                 print!("{}", datasets_table(&ds));
+                for p in dataset_problems(&ds) {
+                    println!("{p}");
+                }
             }
         }
         DatasetCmd::Snapshot { name, tag, json } => {
@@ -384,60 +404,67 @@ pub async fn follow_move(
     json: bool,
 ) -> anyhow::Result<i32> {
     let started = Instant::now();
+    // A bar only while a stream of known size runs; otherwise the words and the counts.
+    let with_bar = indicatif::ProgressStyle::with_template("{prefix:>12} [{bar:30}] {msg}")
+        .expect("valid template")
+        .progress_chars("=> ");
+    let without_bar =
+        indicatif::ProgressStyle::with_template("{prefix:>12} {msg}").expect("valid template");
     let bar = (!json && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
+        b.set_style(without_bar.clone());
         b
     });
-    let mut last_line = Instant::now() - Duration::from_secs(10);
+    let mut shown_bar = false;
+    let mut last_line = (Instant::now() - Duration::from_secs(10), String::new());
     let mut last_error = String::new();
+    // Reports of an earlier attempt or an earlier move are never shown as this one's.
+    let mut follow = Follow::new();
     loop {
         let d = get(api, name).await?;
-        let t = d.transfers.iter().find(|t| t.to_node == to);
+        let t = d
+            .transfers
+            .iter()
+            .find(|t| t.to_node == to && follow.current(t, started.elapsed()));
         if let Some(t) = t {
             if !t.last_error.is_empty() {
                 last_error = t.last_error.clone();
             }
+            let line = progress::line(t);
             if json {
                 println!(
                     "{}",
                     json!({"event": "progress", "phase": t.phase, "bytes": t.bytes,
                         "total": (t.total > 0).then_some(t.total), "bytes_per_sec": t.bytes_per_sec,
+                        "eta_secs": t.eta_secs, "attempt": (t.attempt > 0).then_some(t.attempt),
+                        "retry_in_ms": t.retry_in_ms,
                         "last_error": (!t.last_error.is_empty()).then_some(&t.last_error)})
                 );
             } else if let Some(b) = &bar {
-                b.set_prefix(t.phase.clone());
-                b.set_length(t.total.max(t.bytes));
-                b.set_position(t.bytes);
-                b.set_message(if t.last_error.is_empty() {
-                    String::new()
-                } else {
-                    format!("(retrying: {})", t.last_error)
-                });
-            } else if last_line.elapsed() >= Duration::from_secs(2) {
-                last_line = Instant::now();
-                eprintln!(
-                    "flockctl: {name}: {} {} of {} at {}/s{}",
-                    t.phase,
-                    human(t.bytes),
-                    if t.total > 0 {
-                        human(t.total)
+                b.set_prefix(line.words.clone());
+                if line.bar.is_some() != shown_bar {
+                    shown_bar = line.bar.is_some();
+                    b.set_style(if shown_bar {
+                        with_bar.clone()
                     } else {
-                        "?".into()
-                    },
-                    human(t.bytes_per_sec as u64),
-                    if t.last_error.is_empty() {
-                        String::new()
+                        without_bar.clone()
+                    });
+                }
+                if let Some((pos, len)) = line.bar {
+                    b.set_length(len);
+                    b.set_position(pos);
+                }
+                b.set_message(line.detail.clone());
+            } else {
+                // Every new phase at once; the counts every 2 s.
+                if last_line.0.elapsed() >= Duration::from_secs(2) || line.words != last_line.1 {
+                    if line.detail.is_empty() {
+                        eprintln!("flockctl: {name}: {}", line.words);
                     } else {
-                        format!(" (retrying: {})", t.last_error)
+                        eprintln!("flockctl: {name}: {}: {}", line.words, line.detail);
                     }
-                );
+                    last_line = (Instant::now(), line.words);
+                }
             }
         }
         if d.moving_to.is_empty() {
@@ -473,5 +500,47 @@ pub async fn follow_move(
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dataset_ls_names_each_failing_push() {
+        let push = |to: &str, kind: &str, phase: &str, error: &str| Transfer {
+            to_node: to.into(),
+            kind: kind.into(),
+            phase: phase.into(),
+            attempt: 4,
+            retry_in_ms: Some(120_000),
+            last_error: error.into(),
+            ..Default::default()
+        };
+        let mut full = push("n3", "replica", "retrying", "no space");
+        full.degraded = "no space".into();
+        let ds = vec![
+            Dataset {
+                name: "db".into(),
+                transfers: vec![
+                    push("n2", "replica", "retrying", "connection refused"),
+                    full,
+                    push("n4", "replica", "full", ""),
+                ],
+                ..Default::default()
+            },
+            Dataset {
+                name: "logs".into(),
+                ..Default::default()
+            },
+        ];
+        assert_eq!(
+            dataset_problems(&ds),
+            [
+                "db: push to n2 failed (attempt 4, retry in 2m): connection refused",
+                "db: replica n3 degraded (retry in 2m): no space",
+            ]
+        );
     }
 }

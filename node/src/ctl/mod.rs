@@ -10,6 +10,7 @@
 //! - [`dataset`]: `dataset ...`, and following a move's progress.
 //! - [`app`]: `deploy` and `app ...` (an app's move is followed as its dataset's).
 //! - [`output`]: what every command prints with: tables, JSON, gRPC errors, exit codes.
+//! - [`progress`]: what a push shows: a move's progress line, pushes' failures.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +26,7 @@ pub mod cluster;
 pub mod dataset;
 pub mod kv;
 pub mod output;
+pub mod progress;
 
 pub use output::{exit_code, JsonFlag, NotFound, EXIT_CAS_FAILED, EXIT_NOT_FOUND};
 

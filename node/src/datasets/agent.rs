@@ -572,15 +572,15 @@ impl MoveReport<'_> {
     fn show(&self, p: Progress, total: Option<u64>) {
         let (id, to) = (self.id, self.to);
         self.datasets.set_transfer(id, |t| {
-            let fresh = || TransferState {
-                dataset: self.name.clone(),
-                id,
-                to,
-                phase: p.phase,
-                bytes: 0,
-                total: None,
-                started: std::time::Instant::now(),
-                last_error: None,
+            let fresh = || {
+                TransferState::new(
+                    super::TransferKind::Move,
+                    self.name.clone(),
+                    id,
+                    to,
+                    p.phase,
+                    std::time::Instant::now(),
+                )
             };
             let t = t.get_or_insert_with(fresh);
             let ended = matches!(t.phase, MovePhase::Done | MovePhase::Failed);

@@ -16,7 +16,7 @@
 pub mod agent;
 pub mod record;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -132,29 +132,171 @@ pub fn dir_root(data_dir: &Path) -> PathBuf {
     data_dir.join("storage")
 }
 
-/// A push of a dataset to another node, as the API reports it.
+/// What a push is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransferKind {
+    /// A move of the dataset's primary to another node.
+    Move,
+    /// The newest snapshot to a replica.
+    Replica,
+}
+
+impl TransferKind {
+    /// The name clients see (the API's `kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferKind::Move => "move",
+            TransferKind::Replica => "replica",
+        }
+    }
+}
+
+/// How far back [`TransferState::rate_at`] looks: long enough to smooth a stream's bursts,
+/// short enough that a stall shows within seconds.
+pub const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// A rate measured over less time than this is noise: none is shown.
+const MIN_RATE_SPAN: Duration = Duration::from_millis(500);
+
+/// A push of a dataset to another node, as the API reports it. The executor updates it: a
+/// new job with [`TransferState::new`], every further attempt with
+/// [`TransferState::new_attempt`], each stream's start with [`TransferState::start_stream`]
+/// and its progress with [`TransferState::set_bytes`] (which keeps the rate's samples).
 #[derive(Clone, Debug)]
 pub struct TransferState {
     pub dataset: String,
     pub id: DatasetId,
     pub to: NodeId,
+    /// A move's push, or a replica's.
+    pub kind: TransferKind,
     /// Shown as [`MovePhase::as_str`].
     pub phase: MovePhase,
+    /// The current stream's bytes so far.
     pub bytes: u64,
+    /// The current stream's expected size, when known.
     pub total: Option<u64>,
+    /// When the current stream started (before the attempt's first stream: the attempt). An
+    /// ended push is shown for a while after.
     pub started: Instant,
+    /// The latest failure (of this attempt, or the one before it while this one runs).
     pub last_error: Option<String>,
+    /// Which attempt of the job this is: 1 for the first.
+    pub attempt: u32,
+    /// When this attempt started: its rate and ETA count from here, not from the first.
+    pub attempt_started: Instant,
+    /// While waiting to retry after a failure: when the next attempt may start.
+    pub retry_at: Option<Instant>,
+    /// Set for a replica that has no room, with why: it is not pushed to again until
+    /// `retry_at`.
+    pub degraded: Option<String>,
+    /// The current stream's recent (time, bytes), oldest first: the rate's window.
+    samples: VecDeque<(Instant, u64)>,
 }
 
 impl TransferState {
-    /// Bytes per second since the push started.
-    pub fn rate(&self) -> f64 {
-        let secs = self.started.elapsed().as_secs_f64();
-        if secs > 0.0 {
-            self.bytes as f64 / secs
-        } else {
-            0.0
+    /// The first attempt of a push of `dataset` (`id`) to `to`, starting `now` in `phase`.
+    pub fn new(
+        kind: TransferKind,
+        dataset: String,
+        id: DatasetId,
+        to: NodeId,
+        phase: MovePhase,
+        now: Instant,
+    ) -> TransferState {
+        TransferState {
+            dataset,
+            id,
+            to,
+            kind,
+            phase,
+            bytes: 0,
+            total: None,
+            started: now,
+            last_error: None,
+            attempt: 1,
+            attempt_started: now,
+            retry_at: None,
+            degraded: None,
+            samples: VecDeque::new(),
         }
+    }
+
+    /// Attempt `attempt` starts `now`: nothing of the one before counts in its bytes, rate
+    /// or ETA (its failure stays in `last_error`, as the one before's, until replaced).
+    pub fn new_attempt(&mut self, attempt: u32, now: Instant) {
+        self.attempt = attempt;
+        self.attempt_started = now;
+        self.retry_at = None;
+        self.start_stream(now);
+    }
+
+    /// A new stream starts `now`: its own byte count, total and rate.
+    pub fn start_stream(&mut self, now: Instant) {
+        self.started = now;
+        self.bytes = 0;
+        self.total = None;
+        self.samples.clear();
+        self.samples.push_back((now, 0));
+    }
+
+    /// The current stream has sent `bytes` by `now`. A count lower than the last is a new
+    /// stream's (whose start was not seen: its rate counts from here).
+    pub fn set_bytes(&mut self, bytes: u64, now: Instant) {
+        if self.samples.back().is_some_and(|&(_, b)| bytes < b) {
+            self.start_stream(now);
+            self.samples.clear();
+        }
+        self.bytes = bytes;
+        self.samples.push_back((now, bytes));
+        // Keep one sample at or before the window's start: the rate's base.
+        while self.samples.len() > 2 && self.samples[1].0 + RATE_WINDOW <= now {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Bytes per second of the current stream over about the last [`RATE_WINDOW`] up to
+    /// `now` (a stalled stream's rate falls); 0 when nothing streams (between streams, after
+    /// the attempt ended) or too little time passed to tell.
+    pub fn rate_at(&self, now: Instant) -> f64 {
+        let streaming = matches!(
+            self.phase,
+            MovePhase::Full | MovePhase::Incremental | MovePhase::FinalDelta
+        );
+        if !streaming {
+            return 0.0;
+        }
+        // The newest sample at or before the window's start, else the oldest of the stream,
+        // else the stream's start.
+        let base = self
+            .samples
+            .iter()
+            .rev()
+            .find(|&&(t, _)| t + RATE_WINDOW <= now)
+            .or(self.samples.front())
+            .copied()
+            .unwrap_or((self.started, 0));
+        let span = now.saturating_duration_since(base.0);
+        if span < MIN_RATE_SPAN {
+            return 0.0;
+        }
+        self.bytes.saturating_sub(base.1) as f64 / span.as_secs_f64()
+    }
+
+    /// [`TransferState::rate_at`] now.
+    pub fn rate(&self) -> f64 {
+        self.rate_at(Instant::now())
+    }
+
+    /// How long the rest of the current stream takes at the current rate: only when its total
+    /// is known, not yet exceeded (it is an estimate), and the rate is above zero.
+    pub fn eta_at(&self, now: Instant) -> Option<Duration> {
+        let total = self.total.filter(|&t| t > self.bytes)?;
+        let rate = self.rate_at(now);
+        (rate > 0.0).then(|| Duration::from_secs_f64((total - self.bytes) as f64 / rate))
+    }
+
+    /// [`TransferState::eta_at`] now.
+    pub fn eta(&self) -> Option<Duration> {
+        self.eta_at(Instant::now())
     }
 }
 
@@ -490,6 +632,108 @@ pub fn time_name(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn streaming(t0: Instant) -> TransferState {
+        let mut t = TransferState::new(TransferKind::Move, "db".into(), 1, 2, MovePhase::Full, t0);
+        t.start_stream(t0);
+        t
+    }
+
+    #[test]
+    fn the_rate_is_of_the_last_seconds_of_the_current_stream() {
+        let t0 = Instant::now();
+        let mut t = streaming(t0);
+        // Too early to tell.
+        t.set_bytes(1000, t0 + ms(100));
+        assert_eq!(t.rate_at(t0 + ms(100)), 0.0);
+        // 1 MB/s for 10 s, then 5 MB/s: within a window the rate is the new one.
+        for s in 1..=10 {
+            t.set_bytes(s * 1_000_000, t0 + Duration::from_secs(s));
+        }
+        assert_eq!(t.rate_at(t0 + Duration::from_secs(10)), 1_000_000.0);
+        for s in 11..=20 {
+            t.set_bytes(
+                10_000_000 + (s - 10) * 5_000_000,
+                t0 + Duration::from_secs(s),
+            );
+        }
+        assert_eq!(t.rate_at(t0 + Duration::from_secs(20)), 5_000_000.0);
+        // The window keeps only what it needs.
+        assert!(t.samples.len() <= 7, "{:?}", t.samples);
+        // A stall: the rate falls, and is gone once the window holds no progress.
+        let stalled = t.rate_at(t0 + Duration::from_secs(22));
+        assert!(stalled < 5_000_000.0 && stalled > 0.0, "{stalled}");
+        assert_eq!(t.rate_at(t0 + Duration::from_secs(30)), 0.0);
+    }
+
+    #[test]
+    fn a_new_stream_or_attempt_starts_its_own_rate() {
+        let t0 = Instant::now();
+        let mut t = streaming(t0);
+        for s in 1..=10 {
+            t.set_bytes(s * 10_000_000, t0 + Duration::from_secs(s));
+        }
+        t.total = Some(200_000_000);
+        // A lower count: the next stream's, measured from when it was seen.
+        t.set_bytes(1_000_000, t0 + Duration::from_secs(11));
+        assert_eq!(t.total, None);
+        assert_eq!(t.rate_at(t0 + Duration::from_secs(11)), 0.0);
+        t.set_bytes(3_000_000, t0 + Duration::from_secs(12));
+        assert_eq!(t.rate_at(t0 + Duration::from_secs(12)), 2_000_000.0);
+        // The attempt failed; the next one counts from its own start, not the first's.
+        t.phase = MovePhase::Retrying;
+        t.last_error = Some("reset".into());
+        assert_eq!(t.rate_at(t0 + Duration::from_secs(12)), 0.0);
+        let t1 = t0 + Duration::from_secs(60);
+        t.new_attempt(2, t1);
+        t.phase = MovePhase::Full;
+        assert_eq!((t.attempt, t.bytes, t.attempt_started), (2, 0, t1));
+        assert_eq!(t.last_error.as_deref(), Some("reset"));
+        t.set_bytes(2_000_000, t1 + Duration::from_secs(1));
+        assert_eq!(t.rate_at(t1 + Duration::from_secs(1)), 2_000_000.0);
+        // Between streams (a snapshot, the app stopping) nothing streams.
+        t.phase = MovePhase::StoppingApp;
+        assert_eq!(t.rate_at(t1 + Duration::from_secs(1)), 0.0);
+    }
+
+    #[test]
+    fn without_samples_the_rate_counts_from_the_stream_start() {
+        let t0 = Instant::now();
+        let mut t = TransferState::new(
+            TransferKind::Replica,
+            "db".into(),
+            1,
+            2,
+            MovePhase::Full,
+            t0,
+        );
+        t.bytes = 4_000_000;
+        assert_eq!(t.rate_at(t0 + Duration::from_secs(2)), 2_000_000.0);
+    }
+
+    #[test]
+    fn an_eta_needs_a_total_and_a_rate() {
+        let t0 = Instant::now();
+        let mut t = streaming(t0);
+        t.set_bytes(2_000_000, t0 + Duration::from_secs(2));
+        let now = t0 + Duration::from_secs(2);
+        assert_eq!(t.eta_at(now), None, "no total");
+        t.total = Some(10_000_000);
+        assert_eq!(t.eta_at(now), Some(Duration::from_secs(8)));
+        // The estimate exceeded: no ETA rather than a wrong one.
+        t.set_bytes(12_000_000, t0 + Duration::from_secs(3));
+        assert_eq!(t.eta_at(t0 + Duration::from_secs(3)), None);
+        // No rate (stalled long, or not streaming): none either.
+        t.total = Some(20_000_000);
+        assert_eq!(t.eta_at(t0 + Duration::from_secs(60)), None);
+        t.set_bytes(13_000_000, t0 + Duration::from_secs(4));
+        t.phase = MovePhase::Committing;
+        assert_eq!(t.eta_at(t0 + Duration::from_secs(4)), None);
+    }
 
     #[test]
     fn time_names_are_utc_and_valid_snapshot_names() {
