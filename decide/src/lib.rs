@@ -32,6 +32,7 @@ pub mod datasets;
 pub mod moves;
 pub mod push;
 pub mod retention;
+pub mod rollback;
 #[cfg(test)]
 mod testutil;
 pub mod time;

@@ -209,11 +209,34 @@ fn d01_lifecycle_and_bad_input() {
     assert_eq!(snaps[0]["name"], "s1");
     let unknown = c.ctl(&a1, &["dataset", "rollback", "db", "s0"]);
     assert_eq!(unknown.status.code(), Some(4), "{}", stderr(&unknown));
+    // A rollback keeps every snapshot and the state before it, so it can be undone.
     let out = c.ctl_ok(&a1, &["dataset", "rollback", "db", "s1"]);
-    assert!(out.contains("1 later snapshot(s) destroyed"), "{out}");
+    assert!(out.starts_with("rolled db back to s1"), "{out}");
     assert_eq!(fs::read_to_string(live.join("v")).unwrap(), "one");
     assert!(!live.join("extra").exists());
-    assert_eq!(snapshot_names(&dataset(&c, &a1, "db")), ["s1"]);
+    let names = snapshot_names(&dataset(&c, &a1, "db"));
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(names[0], "s1");
+    assert_eq!(names[1], auto.trim_start_matches("db@"));
+    let kept = names[2].clone();
+    assert!(kept.starts_with("pre-rollback-"), "{names:?}");
+    assert!(out.contains(&format!("kept as snapshot {kept}")), "{out}");
+    c.ctl_ok(&a1, &["dataset", "rollback", "db", &kept]);
+    assert_eq!(fs::read_to_string(live.join("v")).unwrap(), "two");
+    assert_eq!(fs::read_to_string(live.join("extra")).unwrap(), "x");
+    // flock's own snapshot names are refused as tags; a snapshot the user took is removed
+    // on request, the newest is refused (the next push starts from it).
+    let own = c.ctl(&a1, &["dataset", "snapshot", "db", "--tag", "move-1"]);
+    assert!(stderr(&own).contains("flock's own"), "{}", stderr(&own));
+    c.ctl_ok(&a1, &["dataset", "snapshot", "rm", "db", "s1"]);
+    let newest = snapshot_names(&dataset(&c, &a1, "db")).pop().unwrap();
+    let refused = c.ctl(&a1, &["dataset", "snapshot", "rm", "db", &newest]);
+    assert!(
+        stderr(&refused).contains("must be kept") && stderr(&refused).contains("newest"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!snapshot_names(&dataset(&c, &a1, "db")).contains(&"s1".to_string()));
 
     // rm destroys the copy and frees the name.
     let out = c.ctl_ok(c.addr(3), &["dataset", "rm", "db"]);
@@ -274,13 +297,15 @@ fn move_around(c: &TestCluster, big: usize) {
     let names = snapshot_names(&d);
     assert_eq!(&names[0], "s1");
     assert!(names.contains(&"s2".to_string()));
-    // Rolling back on n3 to s1 works because n3 received s1 too; the replicas follow.
+    // Rolling back on n3 to s1 works because n3 received s1 too; the replicas follow with
+    // the next snapshot.
     c.ctl_ok(&a, &["dataset", "rollback", "data", "s1"]);
+    assert_eq!(fs::read(live3.join("big.bin")).unwrap(), pattern(1, big));
+    c.ctl_ok(&a, &["dataset", "snapshot", "data", "--tag", "s3"]);
     for n in ["n1", "n2"] {
-        wait_latest(c, &a, "data", n, "s1");
+        wait_latest(c, &a, "data", n, "s3");
     }
     assert_same_tree(&live3, &live1);
-    assert_eq!(fs::read(live3.join("big.bin")).unwrap(), pattern(1, big));
 }
 
 #[test]

@@ -8,8 +8,8 @@ use tonic::{Request, Response, Status};
 
 use flock_proto::v1 as pb;
 use flock_scheduler::app::{plan_deploy, Change};
-use flock_scheduler::config::{AppSpec, PlannedApp};
-use flock_scheduler::{ClusterState, Command, CommandResult, NodeId};
+use flock_scheduler::config::{AppSpec, PlannedApp, VolumePolicy};
+use flock_scheduler::{ClusterState, Command, CommandResult, DatasetId, NodeId};
 
 use flock_scheduler::state::node_name;
 
@@ -18,6 +18,22 @@ use super::{unexpected, ApiService, Reply};
 use crate::cluster::ClusterError;
 
 const NODE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most a deploy's volume policies may take (JSON): far more than any real file needs.
+const MAX_VOLUMES_JSON: usize = 1 << 20;
+
+/// A volume's size limit a deploy changes: (app, its dataset, the limit now, the new one).
+type LimitChange = (String, DatasetId, Option<u64>, Option<u64>);
+
+/// The existing datasets of `apps` whose `maximum_size` differs from their limit now.
+fn limit_changes(state: &ClusterState, apps: &BTreeMap<String, PlannedApp>) -> Vec<LimitChange> {
+    apps.iter()
+        .filter_map(|(name, planned)| {
+            let wanted = planned.spec.volume.as_ref()?.maximum_size;
+            let ds = state.datasets.get(&state.apps.get(name)?.dataset?)?;
+            (ds.size_limit != wanted).then(|| (name.clone(), ds.id, ds.size_limit, wanted))
+        })
+        .collect()
+}
 
 fn changes_proto(state: &ClusterState, changes: &[Change]) -> Vec<pb::AppChange> {
     changes
@@ -44,6 +60,7 @@ impl ApiService {
     async fn deploy_plan(
         &self,
         apps: BTreeMap<String, PlannedApp>,
+        volumes: Option<BTreeMap<String, VolumePolicy>>,
         dry_run: bool,
     ) -> Reply<pb::DeployReply> {
         // Sizes first: an oversized deploy is refused before it is planned or sent to nodes.
@@ -58,6 +75,10 @@ impl ApiService {
         let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
         let (_, changes) = plan_deploy(&state, &apps).map_err(ClusterError::from)?;
         let warnings = self.preflight(&state, &apps, &changes).await?;
+        // Existing volumes whose maximum_size changes: a limit below what one holds is
+        // refused now, with nothing deployed.
+        let limits = limit_changes(&state, &apps);
+        self.check_lower_limits(&state, &limits).await?;
         if dry_run {
             return Ok(Response::new(pb::DeployReply {
                 changes: changes_proto(&state, &changes),
@@ -70,6 +91,9 @@ impl ApiService {
                 generation,
                 changes,
             } => {
+                let mut warnings = warnings;
+                let state = self.cluster.view.read().cluster.clone();
+                warnings.extend(self.apply_volume_policies(&state, &limits, volumes).await);
                 let state = self.cluster.view.read().cluster.clone();
                 Ok(Response::new(pb::DeployReply {
                     changes: changes_proto(&state, &changes),
@@ -80,6 +104,120 @@ impl ApiService {
             CommandResult::Rejected(e) => Err(ClusterError::from(e).into()),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Refuses a lower limit (of `limits`) below what the dataset's primary says its live data
+    /// takes, or when the primary cannot tell.
+    async fn check_lower_limits(
+        &self,
+        state: &ClusterState,
+        limits: &[LimitChange],
+    ) -> Result<(), Status> {
+        let lower: Vec<(&LimitChange, NodeId, String)> = limits
+            .iter()
+            .filter(|(_, _, now, new)| match (now, new) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(a), Some(b)) => b < a,
+            })
+            .filter_map(|c| {
+                let ds = state.datasets.get(&c.1)?;
+                let addr = state.nodes.get(&ds.primary)?.addr.clone();
+                Some((c, ds.primary, addr))
+            })
+            .collect();
+        if lower.is_empty() {
+            return Ok(());
+        }
+        let nodes: Vec<(NodeId, String)> = lower.iter().map(|(_, n, a)| (*n, a.clone())).collect();
+        let reports = self.reports(&nodes).await;
+        for ((app, id, _, new), primary, _) in &lower {
+            let new = new.unwrap_or(u64::MAX);
+            let held = reports
+                .iter()
+                .find(|(n, _)| n == primary)
+                .and_then(|(_, r)| r.as_ref())
+                .and_then(|r| r.datasets.iter().find(|d| d.id == *id))
+                .map(|d| d.referenced_bytes);
+            match held {
+                Some(b) if b <= new => {}
+                Some(b) => {
+                    return Err(Status::failed_precondition(format!(
+                        "app {app}'s volume holds {} of data, more than the new maximum_size of {}; delete data first or choose at least {}",
+                        flock_client::human(b),
+                        flock_client::human(new),
+                        flock_client::human(b)
+                    )))
+                }
+                None => {
+                    return Err(Status::unavailable(format!(
+                        "cannot lower the maximum_size of app {app}'s volume: its primary (node {}) did not say how much it holds; try again",
+                        node_name(state, *primary)
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a deploy applied: the size limits of `limits` and the retention of every planned
+    /// app's volume (`volumes`; `None` leaves them). What could not be applied, as warnings.
+    async fn apply_volume_policies(
+        &self,
+        state: &ClusterState,
+        limits: &[LimitChange],
+        volumes: Option<BTreeMap<String, VolumePolicy>>,
+    ) -> Vec<String> {
+        let mut cmds = Vec::new();
+        for (app, id, _, new) in limits {
+            cmds.push((
+                app.clone(),
+                Command::SetDatasetLimit {
+                    dataset: *id,
+                    size_limit: *new,
+                },
+            ));
+        }
+        for (app, policy) in volumes.into_iter().flatten() {
+            let Some(ds) = state
+                .apps
+                .get(&app)
+                .and_then(|a| a.dataset)
+                .and_then(|id| state.datasets.get(&id))
+            else {
+                continue;
+            };
+            if ds.retention != policy.retention {
+                cmds.push((
+                    app,
+                    Command::SetRetention {
+                        dataset: ds.id,
+                        retention: policy.retention,
+                    },
+                ));
+            }
+        }
+        let mut warnings = Vec::new();
+        for (app, cmd) in cmds {
+            let r = match cmd.check_limits() {
+                Ok(()) => self.cluster.propose(cmd).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match r {
+                Ok(CommandResult::DatasetLimitSet | CommandResult::RetentionSet) => {}
+                Ok(other) => warnings.push(format!(
+                    "app {app}'s volume policy was not applied: {}",
+                    match other {
+                        CommandResult::Rejected(e) => e.to_string(),
+                        o => format!("{o:?}"),
+                    }
+                )),
+                Err(e) => warnings.push(format!(
+                    "app {app}'s volume policy was not applied: {e}; deploy again"
+                )),
+            }
+        }
+        warnings
     }
 
     /// Asks every node that starts, moves in or updates an app of `changes` whether it can run
@@ -262,7 +400,21 @@ impl ApiService {
         let req = req.into_inner();
         let apps: BTreeMap<String, PlannedApp> = serde_json::from_str(&req.plan_json)
             .map_err(|e| Status::invalid_argument(format!("undecodable deploy plan: {e}")))?;
-        self.deploy_plan(apps, req.dry_run).await
+        // An older flockctl sends no policies: they are left as they are.
+        let volumes = if req.volumes_json.is_empty() {
+            None
+        } else {
+            if req.volumes_json.len() > MAX_VOLUMES_JSON {
+                return Err(Status::invalid_argument(format!(
+                    "the deploy's volume policies take {} bytes, over the limit of {MAX_VOLUMES_JSON}",
+                    req.volumes_json.len()
+                )));
+            }
+            Some(serde_json::from_str(&req.volumes_json).map_err(|e| {
+                Status::invalid_argument(format!("undecodable volume policies: {e}"))
+            })?)
+        };
+        self.deploy_plan(apps, volumes, req.dry_run).await
     }
 
     pub(super) async fn do_app_remove(
@@ -293,7 +445,7 @@ impl ApiService {
                 )
             })
             .collect();
-        self.deploy_plan(apps, false).await
+        self.deploy_plan(apps, None, false).await
     }
 
     pub(super) async fn do_local_apps(
@@ -319,7 +471,12 @@ impl ApiService {
                         .dataset
                         .and_then(|id| state.datasets.get(&id))
                         .filter(|d| d.moving.is_some() && d.primary == self.cluster.node_id);
-                    if let Some(t) = moving.and_then(|d| transfers.iter().find(|t| t.id == d.id)) {
+                    let of_move = |d: &&flock_scheduler::Dataset| {
+                        transfers
+                            .iter()
+                            .find(|t| t.id == d.id && t.kind == crate::datasets::TransferKind::Move)
+                    };
+                    if let Some(t) = moving.and_then(|d| of_move(&d)) {
                         let mib = |b: u64| b as f64 / (1 << 20) as f64;
                         let mut p = format!("{} {:.1} MiB", t.phase, mib(t.bytes));
                         if let Some(total) = t.total {

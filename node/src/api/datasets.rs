@@ -20,6 +20,8 @@ pub(super) const FORWARDED: &str = "flock-forwarded";
 const HOLDER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a rollback waits for the pushes of its dataset to end.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
+/// How long a rollback waits for the apps it holds to stop (a database's clean shutdown).
+const USERS_STOP_WAIT: Duration = Duration::from_secs(60);
 
 /// The node named by `name` (its name or its id).
 pub fn resolve_node(state: &ClusterState, name: &str) -> Result<NodeId, ClusterError> {
@@ -81,6 +83,13 @@ fn dataset_proto(state: &ClusterState, ds: &Dataset) -> pb::Dataset {
                 id: id.clone(),
             })
             .collect(),
+        retention: ds.retention().to_string(),
+        hold: ds.hold.clone().unwrap_or_default(),
+        bases: ds
+            .bases
+            .iter()
+            .map(|(n, s)| (node_name(state, *n), s.clone()))
+            .collect(),
     }
 }
 
@@ -89,6 +98,7 @@ fn local_proto(c: &LocalCopy) -> pb::LocalDataset {
         id: c.id,
         name: c.name.clone(),
         used_bytes: c.used_bytes,
+        referenced_bytes: c.referenced_bytes,
         size_limit: c.limit,
         mount_path: c.mount_path.display().to_string(),
         snapshots: c
@@ -145,18 +155,24 @@ impl ApiService {
             .iter()
             .map(|t| transfer_proto(&state, t, now))
             .collect();
+        let space_sharing = blocking(&datasets.backend, |b| b.space_sharing())
+            .await
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default();
         match datasets.local().await {
             Ok(copies) => pb::LocalDatasetsReply {
                 backend: datasets.backend.kind().to_string(),
                 datasets: copies.iter().map(local_proto).collect(),
                 transfers,
                 error: String::new(),
+                space_sharing,
             },
             Err(e) => pb::LocalDatasetsReply {
                 backend: datasets.backend.kind().to_string(),
                 datasets: Vec::new(),
                 transfers,
                 error: e.to_string(),
+                space_sharing,
             },
         }
     }
@@ -300,6 +316,11 @@ impl ApiService {
                         Some(d) => {
                             holder.state = "ready".into();
                             holder.used_bytes = d.used_bytes;
+                            holder.referenced_bytes = d.referenced_bytes;
+                            holder.size_limit = d.size_limit;
+                            holder.space_sharing = r.space_sharing.clone();
+                            holder.snapshot_count =
+                                u32::try_from(d.snapshots.len()).unwrap_or(u32::MAX);
                             holder.mount_path = d.mount_path.clone();
                             holder.latest_snapshot = d
                                 .snapshots
@@ -392,6 +413,12 @@ impl ApiService {
         let tag = req.get_ref().tag.clone();
         if !tag.is_empty() {
             validate_snapshot_name(&tag).map_err(ClusterError::from)?;
+            if flock_scheduler::retention::is_automatic(&tag) {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot names starting with {} are flock's own, which retention prunes; choose another --tag",
+                    flock_scheduler::retention::AUTOMATIC_PREFIXES.join(" or ")
+                )));
+            }
         }
         let (ds, _guard) = match self.on_primary(req, &name, false).await? {
             Ok(locked) => locked,
@@ -441,36 +468,244 @@ impl ApiService {
         self.authorize(&req)?;
         let name = req.get_ref().name.clone();
         let to = req.get_ref().snapshot.clone();
+        let stop_app = req.get_ref().stop_app;
         let (ds, _guard) = match self.on_primary(req, &name, true).await? {
             Ok(locked) => locked,
             Err((fwd, id, addr)) => {
                 return self.cluster.peer(id, &addr)?.dataset_rollback(fwd).await
             }
         };
-        let datasets = &self.datasets;
         if !ds.snapshots.iter().any(|s| s.name == to) {
-            return Err(
-                ClusterError::from(flock_scheduler::ApplyError::UnknownSnapshot {
-                    dataset: name,
-                    snapshot: to,
-                })
-                .into(),
-            );
+            return Err(Status::not_found(format!(
+                "{name} has no snapshot {}; `flockctl dataset snapshots {name}` lists them",
+                flock_scheduler::shown(&to)
+            )));
         }
+        let state = self.cluster.view.read().cluster.clone();
+        let plan = flock_decide::rollback::plan(&state, &ds, &to, stop_app)
+            .map_err(Status::failed_precondition)?;
+        // No stale-hold release while this runs (see `Datasets::holding`).
+        let _holding = self.datasets.holding(ds.id);
+        if plan.holds() {
+            let cmd = Command::HoldDataset {
+                dataset: ds.id,
+                epoch: ds.epoch,
+                reason: format!("rollback to {to}"),
+            };
+            match self.cluster.propose(cmd).await? {
+                CommandResult::DatasetHeld => {}
+                other => return Err(rejected(other)),
+            }
+            tracing::info!(dataset = %name, snapshot = %to, apps = ?plan.users, "holding the dataset's apps stopped for a rollback");
+        }
+        let r = self.rollback_held(&ds, &to, &plan).await;
+        if plan.holds() {
+            match self
+                .cluster
+                .propose(Command::ReleaseDataset { dataset: ds.id })
+                .await
+            {
+                Ok(CommandResult::DatasetReleased { .. }) => {}
+                // The agent releases a hold no operation holds, once `_holding` is gone.
+                other => {
+                    tracing::warn!(dataset = %name, result = ?other, "cannot release the rollback's hold; the agent retries")
+                }
+            }
+        }
+        let kept = r?;
+        tracing::info!(dataset = %name, snapshot = %to, kept = %kept, "rolled back");
+        Ok(Response::new(pb::DatasetRollbackReply {
+            dropped: 0,
+            kept,
+            stopped_apps: plan.users.into_iter().map(|(n, _)| n).collect(),
+        }))
+    }
+
+    /// The rollback of `ds` (primary here, locked) to `to` once its hold (if `plan` holds) is
+    /// recorded: waits for its apps to stop, keeps the state before as a snapshot, restores.
+    /// The name of the kept snapshot.
+    async fn rollback_held(
+        &self,
+        ds: &Dataset,
+        to: &str,
+        plan: &flock_decide::rollback::RollbackPlan,
+    ) -> Result<String, Status> {
+        // Held from the check until the restore is done: no start of its apps behind it.
+        let _gate = self.datasets.start_gate(ds.id).await;
+        if plan.holds() {
+            let deadline = Instant::now() + USERS_STOP_WAIT;
+            loop {
+                let seen = crate::datasets::agent::instances_seen(self.drivers.list().await);
+                match flock_decide::moves::users_stopped(&plan.users, &seen) {
+                    Ok(()) => break,
+                    Err(why) if Instant::now() >= deadline => {
+                        return Err(Status::deadline_exceeded(format!(
+                            "the apps of {} did not stop within {}s ({why}); nothing was rolled back",
+                            ds.name,
+                            USERS_STOP_WAIT.as_secs()
+                        )))
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+        // The state before, kept: rolling back to it undoes this rollback.
+        let ds = self
+            .cluster
+            .read(true, |a| a.cluster.datasets.get(&ds.id).cloned())
+            .await?
+            .ok_or_else(|| Status::not_found(format!("{} was removed", ds.name)))?;
+        let tag = flock_decide::rollback::pre_rollback_name(&crate::datasets::time_name(
+            std::time::SystemTime::now(),
+        ));
+        use crate::datasets::record::RecordError;
+        let kept = match self
+            .datasets
+            .snapshot_and_record(&self.cluster, &ds, Some(&tag))
+            .await
+        {
+            Ok(r) => r.name,
+            Err(RecordError::Snapshot(e)) => return Err(ds_err(e)),
+            Err(RecordError::Refused(e)) => return Err(ClusterError::from(e).into()),
+            Err(RecordError::Unexpected(other)) => return Err(unexpected(other)),
+            Err(RecordError::Unknown(e)) => return Err(e.into()),
+        };
         let backend_name = crate::datasets::backend_name(&ds).map_err(ds_err)?;
-        let snap = flock_dataset::SnapshotName::new(to.clone()).map_err(ds_err)?;
-        blocking(&datasets.backend, move |b| b.rollback(&backend_name, &snap))
+        let snap = flock_dataset::SnapshotName::new(to.to_string()).map_err(ds_err)?;
+        blocking(&self.datasets.backend, move |b| {
+            b.restore(&backend_name, &snap)
+        })
+        .await
+        .map_err(|e| {
+            Status::internal(format!(
+                "restoring {}: {e}; its state before is kept as snapshot {kept}",
+                ds.name
+            ))
+        })?;
+        Ok(kept)
+    }
+
+    pub(super) async fn do_dataset_set(
+        &self,
+        req: Request<pb::DatasetSetRequest>,
+    ) -> Reply<pb::DatasetSetReply> {
+        self.authorize(&req)?;
+        let r = req.get_ref();
+        let name = r.name.clone();
+        if r.clear_limit && r.size_limit.is_some() {
+            return Err(Status::invalid_argument(
+                "give a size limit or clear it, not both",
+            ));
+        }
+        let retention = match r.retention.as_str() {
+            "" => None,
+            "default" => Some(None),
+            text => {
+                let parsed: flock_scheduler::Retention = text.parse().map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "retention {}: {e}",
+                        flock_scheduler::shown(text)
+                    ))
+                })?;
+                Some(Some(parsed))
+            }
+        };
+        let limit = match (r.clear_limit, r.size_limit) {
+            (true, _) => Some(None),
+            (false, Some(l)) => Some(Some(l)),
+            (false, None) => None,
+        };
+        if let Some(Some(l)) = limit {
+            let cmd = Command::SetDatasetLimit {
+                dataset: 0,
+                size_limit: Some(l),
+            };
+            cmd.check_limits().map_err(ClusterError::from)?;
+        }
+        let ds = if let Some(limit) = limit {
+            // The primary checks the limit against its live data and applies it to its copy
+            // first: a limit below use is refused before anything is proposed.
+            let (ds, _guard) = match self.on_primary(req, &name, false).await? {
+                Ok(locked) => locked,
+                Err((fwd, id, addr)) => {
+                    return self.cluster.peer(id, &addr)?.dataset_set(fwd).await
+                }
+            };
+            if self
+                .datasets
+                .local_copy(&ds)
+                .await
+                .map_err(ds_err)?
+                .is_none()
+            {
+                return Err(Status::unavailable(format!(
+                    "the primary {} has not created {name} yet; try again in a moment",
+                    self.cluster.node_name
+                )));
+            }
+            let backend_name = crate::datasets::backend_name(&ds).map_err(ds_err)?;
+            blocking(&self.datasets.backend, move |b| {
+                b.set_limit(&backend_name, limit)
+            })
             .await
             .map_err(ds_err)?;
-        let cmd = Command::RollbackDataset {
+            let cmd = Command::SetDatasetLimit {
+                dataset: ds.id,
+                size_limit: limit,
+            };
+            match self.cluster.propose(cmd).await? {
+                CommandResult::DatasetLimitSet => {}
+                other => return Err(rejected(other)),
+            }
+            ds
+        } else {
+            self.cluster
+                .read(false, |a| find_dataset(&a.cluster, &name))
+                .await??
+        };
+        if let Some(retention) = retention {
+            let cmd = Command::SetRetention {
+                dataset: ds.id,
+                retention,
+            };
+            cmd.check_limits().map_err(ClusterError::from)?;
+            match self.cluster.propose(cmd).await? {
+                CommandResult::RetentionSet => {}
+                other => return Err(rejected(other)),
+            }
+        }
+        let dataset = self
+            .cluster
+            .read(true, |a| {
+                a.cluster
+                    .datasets
+                    .get(&ds.id)
+                    .map(|d| dataset_proto(&a.cluster, d))
+            })
+            .await?;
+        Ok(Response::new(pb::DatasetSetReply { dataset }))
+    }
+
+    pub(super) async fn do_dataset_snapshot_remove(
+        &self,
+        req: Request<pb::DatasetSnapshotRemoveRequest>,
+    ) -> Reply<pb::DatasetSnapshotRemoveReply> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let ds = self
+            .cluster
+            .read(false, |a| find_dataset(&a.cluster, &req.name))
+            .await??;
+        let cmd = Command::PruneSnapshots {
             dataset: ds.id,
             epoch: ds.epoch,
-            to,
+            names: vec![req.snapshot],
         };
+        cmd.check_limits().map_err(ClusterError::from)?;
         match self.cluster.propose(cmd).await? {
-            CommandResult::RolledBack { dropped } => Ok(Response::new(pb::DatasetRollbackReply {
-                dropped: dropped as u64,
-            })),
+            CommandResult::SnapshotsPruned { .. } => {
+                Ok(Response::new(pb::DatasetSnapshotRemoveReply {}))
+            }
             other => Err(rejected(other)),
         }
     }
@@ -616,6 +851,7 @@ fn ds_err(e: flock_dataset::DatasetError) -> Status {
         E::AlreadyExists { .. } | E::SnapshotExists { .. } => Status::already_exists(msg),
         E::InvalidName { .. } => Status::invalid_argument(msg),
         E::NoSpace { .. } => Status::resource_exhausted(msg),
+        E::LimitBelowUse { .. } => Status::failed_precondition(msg),
         _ => Status::internal(msg),
     }
 }

@@ -594,6 +594,17 @@ impl Api for ApiService {
         self.do_dataset_move(req).await
     }
 
+    async fn dataset_set(&self, req: Request<DatasetSetRequest>) -> Reply<DatasetSetReply> {
+        self.do_dataset_set(req).await
+    }
+
+    async fn dataset_snapshot_remove(
+        &self,
+        req: Request<DatasetSnapshotRemoveRequest>,
+    ) -> Reply<DatasetSnapshotRemoveReply> {
+        self.do_dataset_snapshot_remove(req).await
+    }
+
     async fn dataset_unmount(
         &self,
         req: Request<DatasetUnmountRequest>,

@@ -36,9 +36,15 @@ pub enum DatasetCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Take a snapshot on the dataset's primary.
+    /// Take a snapshot on the dataset's primary (kept until `dataset snapshot rm`), or remove
+    /// one.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Snapshot {
-        name: String,
+        #[command(subcommand)]
+        action: Option<SnapshotCmd>,
+        /// The dataset.
+        #[arg(required = true)]
+        name: Option<String>,
         /// The snapshot's name (default: the time, such as 2026-11-23T23-15-49.123Z).
         #[arg(long)]
         tag: Option<String>,
@@ -51,8 +57,35 @@ pub enum DatasetCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Put the dataset back to SNAPSHOT; later snapshots are destroyed.
-    Rollback { name: String, snapshot: String },
+    /// Put the dataset's data back to SNAPSHOT. The state before is kept as a snapshot
+    /// (pre-rollback-TIME: roll back to it to undo), and every snapshot is kept. A dataset an
+    /// app uses is refused unless --stop-app.
+    Rollback {
+        name: String,
+        snapshot: String,
+        /// Stop the apps that use the dataset for the rollback and start them again after.
+        #[arg(long)]
+        stop_app: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a dataset's size limit or the retention of its automatic snapshots.
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["size", "keep"])))]
+    Set {
+        name: String,
+        /// The new size limit, such as 512M or 10G, or `none`. A limit below what the dataset
+        /// holds is refused.
+        #[arg(long, value_parser = parse_limit)]
+        size: Option<Limit>,
+        /// Which automatic snapshots (moves', replication's) to keep, such as
+        /// `last=3,hourly=24,daily=7` (the default; `default` sets it back). The newest
+        /// snapshot and each replica's base are always kept, and snapshots you took are kept
+        /// until `dataset snapshot rm`.
+        #[arg(long)]
+        keep: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Destroy a dataset on every node that holds it; the name is free again at once.
     Rm {
         name: String,
@@ -108,14 +141,71 @@ fn transfer_json(t: &Transfer) -> Value {
 }
 
 /// What went wrong with the datasets' pushes, one line each, named by dataset.
+/// `flockctl dataset snapshot ...`.
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Remove a recorded snapshot from every holder. The newest, and each replica's base, are
+    /// refused: they are what the next pushes start from.
+    Rm { name: String, snapshot: String },
+}
+
+/// A size limit on the command line: a size, or none.
+#[derive(Clone, Copy, Debug)]
+pub enum Limit {
+    Bytes(u64),
+    Unlimited,
+}
+
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Limit::Unlimited);
+    }
+    parse_size(s).map(Limit::Bytes).map_err(|e| e.to_string())
+}
+
+/// What `dataset ls` says under its table: failing pushes, copies over their limit, holds,
+/// and file systems where each snapshot costs a copy.
 fn dataset_problems(ds: &[Dataset]) -> Vec<String> {
-    ds.iter()
-        .flat_map(|d| {
+    let mut out = Vec::new();
+    for d in ds {
+        if !d.hold.is_empty() {
+            out.push(format!("{}: apps held stopped ({})", d.name, d.hold));
+        }
+        for h in &d.holders {
+            if let Some(over) = over_limit(d, h) {
+                out.push(format!(
+                    "{}: OVER ITS LIMIT on {}: its data takes {}, {} over its limit of {} (the dir backend cannot enforce limits). Free space in it, or raise the limit with `flockctl dataset set {} --size SIZE`",
+                    d.name,
+                    h.node_name,
+                    human(h.referenced_bytes),
+                    human(over),
+                    d.size_limit.map_or_else(String::new, human),
+                    d.name
+                ));
+            }
+            if h.space_sharing == "copy" && !d.snapshots.is_empty() {
+                out.push(format!(
+                    "{}: on {} each snapshot costs a copy of what changed (no reflinks on this file system; XFS or btrfs share them)",
+                    d.name, h.node_name
+                ));
+            }
+        }
+        out.extend(
             d.transfers
                 .iter()
-                .filter_map(|t| progress::push_problem(t).map(|p| format!("{}: {p}", d.name)))
-        })
-        .collect()
+                .filter_map(|t| progress::push_problem(t).map(|p| format!("{}: {p}", d.name))),
+        );
+    }
+    out
+}
+
+/// Bytes holder `h`'s live data of `d` holds over the dataset's limit, if it is over.
+fn over_limit(d: &Dataset, h: &Holder) -> Option<u64> {
+    let limit = d.size_limit?;
+    (h.state == "ready")
+        .then(|| h.referenced_bytes.checked_sub(limit))
+        .flatten()
+        .filter(|&o| o > 0)
 }
 
 fn dataset_json(d: &Dataset) -> Value {
@@ -130,12 +220,18 @@ fn dataset_json(d: &Dataset) -> Value {
         "snapshots": d.snapshots.iter().map(snapshot_json).collect::<Vec<_>>(),
         "holders": d.holders.iter().map(|h| json!({
             "node": h.node_name, "role": h.role, "state": h.state, "used_bytes": h.used_bytes,
+            "referenced_bytes": h.referenced_bytes, "over_limit_bytes": over_limit(d, h),
+            "snapshot_count": h.snapshot_count,
+            "space_sharing": (!h.space_sharing.is_empty()).then_some(&h.space_sharing),
             "latest_snapshot": (!h.latest_snapshot.is_empty()).then_some(&h.latest_snapshot),
             "mount_path": (!h.mount_path.is_empty()).then_some(&h.mount_path),
             "error": (!h.error.is_empty()).then_some(&h.error),
         })).collect::<Vec<_>>(),
         "transfers": d.transfers.iter().map(transfer_json).collect::<Vec<_>>(),
         "mounts": d.mounts.iter().map(|m| json!({"node": m.node, "id": m.id})).collect::<Vec<_>>(),
+        "retention": d.retention,
+        "hold": (!d.hold.is_empty()).then_some(&d.hold),
+        "bases": d.bases,
     })
 }
 
@@ -144,17 +240,24 @@ fn datasets_table(ds: &[Dataset]) -> String {
         "NAME".to_string(),
         "PRIMARY".into(),
         "EPOCH".into(),
-        "USED".into(),
+        "DATA".into(),
+        "DISK".into(),
         "LIMIT".into(),
+        "KEEP".into(),
         "SNAPSHOTS".into(),
         "HOLDERS".into(),
     ]];
     for d in ds {
-        let used = d
+        let primary = d
             .holders
             .iter()
-            .find(|h| h.role == "primary" && h.state == "ready")
-            .map_or_else(|| "-".to_string(), |h| human(h.used_bytes));
+            .find(|h| h.role == "primary" && h.state == "ready");
+        let data = primary.map_or_else(|| "-".to_string(), |h| human(h.referenced_bytes));
+        let used = primary.map_or_else(|| "-".to_string(), |h| human(h.used_bytes));
+        let mut limit = d.size_limit.map_or_else(|| "none".into(), human);
+        if d.holders.iter().any(|h| over_limit(d, h).is_some()) {
+            limit.push_str(" OVER");
+        }
         let snaps = match d.snapshots.last() {
             Some(s) => format!("{} (latest {})", d.snapshots.len(), s.name),
             None => "0".into(),
@@ -175,8 +278,10 @@ fn datasets_table(ds: &[Dataset]) -> String {
             d.name.clone(),
             d.primary_name.clone(),
             d.epoch.to_string(),
+            data,
             used,
-            d.size_limit.map_or_else(|| "none".into(), human),
+            limit,
+            d.retention.clone(),
             snaps,
             holders.join(" "),
         ]);
@@ -268,7 +373,25 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
                 }
             }
         }
-        DatasetCmd::Snapshot { name, tag, json } => {
+        DatasetCmd::Snapshot {
+            action: Some(SnapshotCmd::Rm { name, snapshot }),
+            ..
+        } => {
+            api.dataset_snapshot_remove(DatasetSnapshotRemoveRequest {
+                name: name.clone(),
+                snapshot: snapshot.clone(),
+            })
+            .await
+            .map_err(status_err)?;
+            println!("removed snapshot {name}@{snapshot}; every holder destroys its copy");
+        }
+        DatasetCmd::Snapshot {
+            action: None,
+            name,
+            tag,
+            json,
+        } => {
+            let name = name.unwrap_or_default();
             let s = api
                 .dataset_snapshot(DatasetSnapshotRequest {
                     name: name.clone(),
@@ -315,19 +438,80 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
                 print!("{}", table(&rows));
             }
         }
-        DatasetCmd::Rollback { name, snapshot } => {
+        DatasetCmd::Rollback {
+            name,
+            snapshot,
+            stop_app,
+            json,
+        } => {
+            if stop_app && !json {
+                eprintln!("stopping the apps of {name} for the rollback...");
+            }
             let r = api
                 .dataset_rollback(DatasetRollbackRequest {
                     name: name.clone(),
                     snapshot: snapshot.clone(),
+                    stop_app,
                 })
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            println!(
-                "rolled {name} back to {snapshot}; {} later snapshot(s) destroyed",
-                r.dropped
-            );
+            if json {
+                print_json(&json!({
+                    "dataset": name,
+                    "snapshot": snapshot,
+                    "kept": r.kept,
+                    "stopped_apps": r.stopped_apps,
+                }))?;
+            } else {
+                println!("rolled {name} back to {snapshot}");
+                if !r.kept.is_empty() {
+                    println!(
+                        "its state before is kept as snapshot {}: `flockctl dataset rollback {name} {} --stop-app` undoes this",
+                        r.kept, r.kept
+                    );
+                }
+                if !r.stopped_apps.is_empty() {
+                    println!(
+                        "stopped {} for the rollback; they start again now",
+                        r.stopped_apps.join(", ")
+                    );
+                }
+                if r.dropped > 0 {
+                    println!("{} later snapshot(s) destroyed", r.dropped);
+                }
+            }
+        }
+        DatasetCmd::Set {
+            name,
+            size,
+            keep,
+            json,
+        } => {
+            let d = api
+                .dataset_set(DatasetSetRequest {
+                    name: name.clone(),
+                    size_limit: match size {
+                        Some(Limit::Bytes(b)) => Some(b),
+                        _ => None,
+                    },
+                    clear_limit: matches!(size, Some(Limit::Unlimited)),
+                    retention: keep.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .dataset
+                .ok_or_else(|| anyhow::anyhow!("the node returned no dataset"))?;
+            if json {
+                print_json(&dataset_json(&d))?;
+            } else {
+                println!(
+                    "{name}: limit {}, keeps {}",
+                    d.size_limit.map_or_else(|| "none".into(), human),
+                    d.retention
+                );
+            }
         }
         DatasetCmd::Rm { name, wait } => {
             let r = api

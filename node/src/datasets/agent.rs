@@ -101,11 +101,12 @@ pub async fn run(
                     JobOutcome::Failed(e) | JobOutcome::NoSpace(e) => e.clone(),
                     _ => String::new(),
                 };
+                let no_space = matches!(outcome, JobOutcome::NoSpace(_));
                 if let Some(backoff) = core.finished(job, outcome, now()) {
                     let failures = core.failures(job).map_or(1, |(n, _)| n);
                     tracing::warn!(?job, error = %error, failures, retry_in = ?backoff, "dataset job failed");
                     status.error(format!("{job:?}: {error}"));
-                    ex.show_retry(job, &error, failures, backoff);
+                    ex.show_retry(job, &error, no_space, failures, backoff);
                 }
             }
         }
@@ -298,11 +299,13 @@ impl Executor {
         }
     }
 
-    /// Shows a failed replica push and when it is tried again in the transfers the API
-    /// reports (a move's attempts report themselves).
-    fn show_retry(&self, job: Job, error: &str, failures: u32, backoff: Duration) {
-        let Job::Replicate { dataset, to } = job else {
-            return;
+    /// Shows a failed move or replica push in the transfers the API reports: why, when it is
+    /// tried again, and for a receiver without room, that it is degraded.
+    fn show_retry(&self, job: Job, error: &str, no_space: bool, failures: u32, backoff: Duration) {
+        let (dataset, to, kind) = match job {
+            Job::Replicate { dataset, to } => (dataset, to, super::TransferKind::Replica),
+            Job::Move { dataset, to } => (dataset, to, super::TransferKind::Move),
+            _ => return,
         };
         let name = self
             .cluster
@@ -312,21 +315,20 @@ impl Executor {
             .datasets
             .get(&dataset)
             .map_or_else(String::new, |d| d.name.clone());
-        self.datasets.set_transfer(dataset, |t| {
-            let t = t.get_or_insert_with(|| TransferState {
-                dataset: name,
-                id: dataset,
-                to,
-                phase: MovePhase::Retrying,
-                bytes: 0,
-                total: None,
-                started: std::time::Instant::now(),
-                last_error: None,
+        let now = std::time::Instant::now();
+        self.datasets.set_transfer(dataset, to, |t| {
+            let t = t.get_or_insert_with(|| {
+                TransferState::new(kind, name, dataset, to, MovePhase::Retrying, now)
             });
-            t.to = to;
             t.phase = MovePhase::Retrying;
+            t.retry_at = Some(now + backoff);
+            t.degraded = no_space.then(|| error.to_string());
             t.last_error = Some(format!(
-                "replica push failed {failures} time(s) in a row; next try in {}s: {error}",
+                "{} failed {failures} time(s) in a row; next try in {}s: {error}",
+                match kind {
+                    super::TransferKind::Move => "the move",
+                    super::TransferKind::Replica => "the replica push",
+                },
                 backoff.as_secs()
             ));
         });
@@ -395,17 +397,28 @@ impl Executor {
             Ok(c) => c,
             Err(e) => return JobOutcome::Failed(format!("{e:#}")),
         };
-        match push(
+        let report = PushReport {
+            datasets: &self.datasets,
+            kind: super::TransferKind::Replica,
+            name: ds.name.clone(),
+            id,
+            to,
+        };
+        report.begin(MovePhase::Full);
+        let pushed = push(
             &conn,
             &self.datasets,
             &self.cluster.view,
             &ds,
             snapshot,
             &to_name,
-            |_, _, _| {},
+            |phase, bytes, total| report.show_push(phase, bytes, total),
         )
-        .await
-        {
+        .await;
+        if pushed.is_ok() {
+            report.done();
+        }
+        match pushed {
             Ok(_) => {}
             Err(e @ PushError::NoSpace { .. }) => return JobOutcome::NoSpace(e.to_string()),
             Err(e) => {
@@ -450,12 +463,14 @@ impl Executor {
             .datasets
             .get(&id)
             .map_or_else(String::new, |d| d.name.clone());
-        let report = MoveReport {
+        let report = PushReport {
             datasets: &self.datasets,
+            kind: super::TransferKind::Move,
             name,
             id,
             to,
         };
+        report.begin(MovePhase::Snapshot);
         let mut mv = Move::new(id, to);
         let mut conn: Option<(quinn::Connection, String)> = None;
         // Held from the stop check until the attempt ends.
@@ -469,7 +484,7 @@ impl Executor {
                 failpoint_hold("copied").await;
             }
             while let Some(p) = mv.poll_progress() {
-                report.show(p, None);
+                report.show_progress(p);
             }
             match step {
                 MoveStep::Connect { name, addr, .. } => {
@@ -559,68 +574,84 @@ impl Executor {
     }
 }
 
-/// What the API reports about one move ([`Datasets::set_transfer`]).
-struct MoveReport<'a> {
+/// What the API reports about one push job, a move's or a replica's
+/// ([`Datasets::set_transfer`]).
+struct PushReport<'a> {
     datasets: &'a Datasets,
+    kind: super::TransferKind,
     name: String,
     id: DatasetId,
     to: NodeId,
 }
 
-impl MoveReport<'_> {
-    /// Shows `p` (and the stream's expected size, if known).
-    fn show(&self, p: Progress, total: Option<u64>) {
-        let (id, to) = (self.id, self.to);
-        self.datasets.set_transfer(id, |t| {
-            let fresh = || {
-                TransferState::new(
-                    super::TransferKind::Move,
+impl PushReport<'_> {
+    /// An attempt starts in `phase`: the job's first (or the first after one that ended well),
+    /// or the next after a failed one, whose bytes, rate and ETA no longer count.
+    fn begin(&self, phase: MovePhase) {
+        let now = std::time::Instant::now();
+        self.datasets.set_transfer(self.id, self.to, |t| match t {
+            Some(t) if t.kind == self.kind && t.phase != MovePhase::Done => {
+                t.new_attempt(t.attempt + 1, now);
+                t.phase = phase;
+            }
+            _ => {
+                *t = Some(TransferState::new(
+                    self.kind,
                     self.name.clone(),
-                    id,
-                    to,
-                    p.phase,
-                    std::time::Instant::now(),
-                )
-            };
-            let t = t.get_or_insert_with(fresh);
-            let ended = matches!(t.phase, MovePhase::Done | MovePhase::Failed);
-            if t.to != to || (ended && p.phase == MovePhase::Snapshot) {
-                *t = fresh();
-            }
-            if t.phase != p.phase && matches!(p.phase, MovePhase::Full | MovePhase::Incremental) {
-                // A new stream: its own byte count and rate.
-                t.started = std::time::Instant::now();
-                t.total = None;
-            }
-            t.phase = p.phase;
-            if let Some(b) = p.bytes {
-                t.bytes = b;
-            }
-            if total.is_some() {
-                t.total = total;
-            }
-            if p.error.is_some() {
-                t.last_error = p.error;
+                    self.id,
+                    self.to,
+                    phase,
+                    now,
+                ))
             }
         })
     }
 
-    /// A push's progress: its stream's kind by name, the bytes so far and the expected total.
-    fn show_push(&self, phase: &str, bytes: u64, total: Option<u64>) {
-        let phase = MovePhase::from_name(phase).unwrap_or(MovePhase::Full);
-        self.show(
-            Progress {
-                phase,
-                bytes: Some(bytes),
-                error: None,
-            },
-            total,
-        );
+    /// Shows a move's progress `p`.
+    fn show_progress(&self, p: Progress) {
+        let now = std::time::Instant::now();
+        self.datasets.set_transfer(self.id, self.to, |t| {
+            let Some(t) = t else { return };
+            t.phase = p.phase;
+            if let Some(b) = p.bytes {
+                t.set_bytes(b, now);
+            }
+            if p.error.is_some() {
+                t.last_error = p.error;
+            }
+            if p.phase == MovePhase::Done {
+                t.degraded = None;
+                t.retry_at = None;
+            }
+        })
+    }
+
+    /// The job ended well (a replica push; a move shows its own end).
+    fn done(&self) {
+        self.show_progress(Progress {
+            phase: MovePhase::Done,
+            bytes: None,
+            error: None,
+        });
+    }
+
+    /// A push's progress: its stream's kind by name, the push's bytes so far and the expected
+    /// total (both counted over the whole push, so its rate spans its streams).
+    fn show_push(&self, stream: &str, bytes: u64, total: Option<u64>) {
+        let now = std::time::Instant::now();
+        self.datasets.set_transfer(self.id, self.to, |t| {
+            let Some(t) = t else { return };
+            t.phase = t.phase.streaming(stream);
+            t.set_bytes(bytes, now);
+            if total.is_some() {
+                t.total = total;
+            }
+        })
     }
 }
 
 /// The drivers' instances as the decisions read them.
-fn instances_seen(listing: Listing) -> InstancesSeen {
+pub(crate) fn instances_seen(listing: Listing) -> InstancesSeen {
     InstancesSeen {
         instances: listing
             .instances

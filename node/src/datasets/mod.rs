@@ -356,7 +356,9 @@ pub struct Datasets {
     pub node_id: NodeId,
     locks: Mutex<HashMap<DatasetId, Arc<tokio::sync::RwLock<()>>>>,
     gates: Mutex<HashMap<DatasetId, Arc<tokio::sync::Mutex<()>>>>,
-    transfers: Mutex<BTreeMap<DatasetId, TransferState>>,
+    /// Keyed by (dataset, target node): a move and a replica push of one dataset are shown
+    /// side by side.
+    transfers: Mutex<BTreeMap<(DatasetId, NodeId), TransferState>>,
     /// Per dataset, snapshots taken here whose recording had an unknown outcome: they may
     /// still be recorded, so they are not destroyed as forgotten ones.
     uncertain: Mutex<BTreeMap<DatasetId, BTreeSet<String>>>,
@@ -587,12 +589,17 @@ impl Datasets {
     }
 
     /// Puts the record of a push in the table the API reports.
-    pub fn set_transfer(&self, id: DatasetId, f: impl FnOnce(&mut Option<TransferState>)) {
+    pub fn set_transfer(
+        &self,
+        id: DatasetId,
+        to: NodeId,
+        f: impl FnOnce(&mut Option<TransferState>),
+    ) {
         let mut t = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut entry = t.remove(&id);
+        let mut entry = t.remove(&(id, to));
         f(&mut entry);
         if let Some(e) = entry {
-            t.insert(id, e);
+            t.insert((id, to), e);
         }
     }
 
