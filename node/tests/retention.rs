@@ -399,6 +399,28 @@ fn r03_dir_a_dataset_over_its_limit_is_reported_raised_and_moved() {
         fs::read(moved.join("big.bin")).unwrap(),
         pattern(5, 5 << 20)
     );
+
+    // An app whose volume is over its limit says so in `app ls`.
+    let _end = EndApps(c.dir.path().to_path_buf());
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let files = counter_files(c.dir.path(), port, "n1", "1M", "default");
+    deploy_counter(&c, &files, &addr);
+    let live = PathBuf::from(
+        holder(&dataset(&c, "counter"), "n1")["mount_path"]
+            .as_str()
+            .unwrap(),
+    );
+    fs::write(live.join("big.bin"), pattern(7, 3 << 20)).unwrap();
+    until(
+        "app ls to say the volume is over its limit",
+        Duration::from_secs(20),
+        || {
+            let ls = c.ctl_ok(c.addr(2), &["app", "ls"]);
+            ls.contains("OVER ITS LIMIT").then_some(())
+        },
+    );
+    c.ctl_ok(c.addr(1), &["app", "rm", "counter"]);
 }
 
 /// zfs enforces the limit as a refquota: a write past it fails; `dataset set --size` raises
@@ -441,4 +463,139 @@ fn r04_zfs_a_write_past_the_limit_fails_until_it_is_raised() {
     );
     assert_eq!(fs::read(moved.join("big.bin")).unwrap(), big);
     drop(c);
+}
+
+/// A tmpfs mounted for one test, lazily unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, mib: u64) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "the no-room test mounts a {mib} MiB tmpfs and needs root (CAP_SYS_ADMIN): {}",
+            stderr(&out)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+
+    fn resize(&self, mib: u64) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m")])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount of {} failed", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The push to `node` of dataset `d`, if one is shown.
+fn push_to<'a>(d: &'a Value, node: &str) -> Option<&'a Value> {
+    d["transfers"].as_array()?.iter().find(|t| t["to"] == node)
+}
+
+/// A replica without room: its push fails, it is marked degraded with the reason (in
+/// `dataset ls` too), and it is not tried again every few seconds but after a backoff; once
+/// space is freed it catches up.
+#[test]
+fn r05_a_replica_without_room_backs_off_degraded_and_recovers() {
+    let mut c = TestCluster::start(3, &[]);
+    // n3's dataset storage on a 16 MiB tmpfs (stopped, moved, started again).
+    assert_eq!(
+        c.nodes[2].signal_and_wait(libc::SIGTERM, Duration::from_secs(20)),
+        Some(0)
+    );
+    let storage = c.data_dir(3).join("storage");
+    let orig = c.dir.path().join("n3-storage.orig");
+    if storage.exists() {
+        fs::rename(&storage, &orig).unwrap();
+    }
+    let tmpfs = Tmpfs::mount(&storage, 16);
+    if orig.exists() {
+        let cp = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", orig.display()))
+            .arg(&storage)
+            .status();
+        assert!(cp.unwrap().success());
+    }
+    c.restart(3);
+    c.wait_voters(3, Duration::from_secs(30));
+
+    // A dataset created on n3 and moved to n1 leaves n3 a replica.
+    c.ctl_ok(c.addr(1), &["dataset", "create", "rep", "--node", "n3"]);
+    let out = c.ctl_ok(
+        c.addr(1),
+        &["dataset", "move", "rep", "--to", "n1", "--json"],
+    );
+    assert!(out.lines().last().unwrap().contains("\"done\""), "{out}");
+    let d = dataset(&c, "rep");
+    assert_eq!(holder(&d, "n3")["role"], "replica", "{d:#}");
+    let live = PathBuf::from(holder(&d, "n1")["mount_path"].as_str().unwrap());
+    fs::write(live.join("big.bin"), pattern(9, 24 << 20)).unwrap();
+    c.ctl_ok(c.addr(1), &["dataset", "snapshot", "rep", "--tag", "big"]);
+
+    let t = until(
+        "the push to n3 to be degraded",
+        Duration::from_secs(30),
+        || {
+            let d = dataset(&c, "rep");
+            push_to(&d, "n3")
+                .filter(|t| t["degraded"].is_string())
+                .cloned()
+        },
+    );
+    assert!(t["degraded"].as_str().unwrap().contains("space"), "{t:#}");
+    assert!(
+        t["retry_in_ms"].as_u64().unwrap() > 10_000,
+        "not backed off: {t:#}"
+    );
+    let ls = c.ctl_ok(c.addr(2), &["dataset", "ls"]);
+    assert!(ls.contains("rep: replica n3 degraded"), "{ls}");
+    let status: Value = c.status(c.addr(2));
+    assert!(
+        status["warnings"].to_string().contains("degraded"),
+        "status has no warning: {status:#}"
+    );
+    // Not re-sent every few seconds: the attempt count holds while it backs off.
+    let attempt = t["attempt"].as_u64().unwrap();
+    thread::sleep(Duration::from_secs(8));
+    let later = push_to(&dataset(&c, "rep"), "n3").cloned().unwrap();
+    assert_eq!(later["attempt"].as_u64().unwrap(), attempt, "{later:#}");
+
+    // Space freed: the next try succeeds, and the degradation is gone.
+    tmpfs.resize(128);
+    until("n3 to hold big", Duration::from_secs(120), || {
+        let d = dataset(&c, "rep");
+        (holder(&d, "n3")["latest_snapshot"] == "big").then_some(())
+    });
+    until("the degradation to clear", Duration::from_secs(10), || {
+        let d = dataset(&c, "rep");
+        push_to(&d, "n3")
+            .is_none_or(|t| t["degraded"].is_null())
+            .then_some(())
+    });
+    // The cluster stops before its storage is unmounted.
+    drop(c);
+    drop(tmpfs);
 }

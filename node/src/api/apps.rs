@@ -476,6 +476,19 @@ impl ApiService {
                             .iter()
                             .find(|t| t.id == d.id && t.kind == crate::datasets::TransferKind::Move)
                     };
+                    if let Some((over, limit)) = app.dataset.and_then(|id| self.datasets.over_limit(id)) {
+                        let p = format!(
+                            "its dataset is OVER ITS LIMIT by {} (limit {}): free space in it or `flockctl dataset set {} --size SIZE`",
+                            flock_client::human(over),
+                            flock_client::human(limit),
+                            s.dataset
+                        );
+                        s.detail = if s.detail.is_empty() {
+                            p
+                        } else {
+                            format!("{p}; {}", s.detail)
+                        };
+                    }
                     if let Some(t) = moving.and_then(|d| of_move(&d)) {
                         let mib = |b: u64| b as f64 / (1 << 20) as f64;
                         let mut p = format!("{} {:.1} MiB", t.phase, mib(t.bytes));

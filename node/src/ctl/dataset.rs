@@ -140,7 +140,6 @@ fn transfer_json(t: &Transfer) -> Value {
     })
 }
 
-/// What went wrong with the datasets' pushes, one line each, named by dataset.
 /// `flockctl dataset snapshot ...`.
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {

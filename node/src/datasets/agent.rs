@@ -122,22 +122,17 @@ impl Executor {
     ) {
         let me = self.cluster.node_id;
         let copies = match self.datasets.local().await {
-            Ok(l) => Ok(l
-                .into_iter()
-                .map(|c| {
-                    if let Some(over) = c.over_limit() {
-                        tracing::warn!(dataset = %c.name, over_bytes = over, limit = ?c.limit,
-                            referenced = c.referenced_bytes,
-                            "dataset is over its size limit: the app wrote past it (raise it with `flockctl dataset set NAME --size`)");
-                    }
-                    CopySeen {
+            Ok(l) => {
+                self.note_over_limit(&l);
+                Ok(l.into_iter()
+                    .map(|c| CopySeen {
                         id: c.id,
                         name: c.name,
                         snapshots: c.snapshots.iter().map(|s| s.name.to_string()).collect(),
                         limit: c.limit,
-                    }
-                })
-                .collect()),
+                    })
+                    .collect())
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list this node's datasets");
                 Err(e.to_string())
@@ -296,6 +291,34 @@ impl Executor {
                 tracing::error!(dataset = %name, ?limit, error = %e, "cannot set the size limit");
                 JobOutcome::Failed(e.to_string())
             }
+        }
+    }
+
+    /// Says loudly (once, when it happens) that a copy's data went over its limit (the dir
+    /// backend cannot stop writes), and when it is back under.
+    fn note_over_limit(&self, copies: &[super::LocalCopy]) {
+        let over: std::collections::BTreeMap<DatasetId, (u64, u64)> = copies
+            .iter()
+            .filter_map(|c| Some((c.id, (c.over_limit()?, c.limit?))))
+            .collect();
+        let before: Vec<DatasetId> = copies
+            .iter()
+            .filter(|c| self.datasets.over_limit(c.id).is_some() && !over.contains_key(&c.id))
+            .map(|c| c.id)
+            .collect();
+        for id in self.datasets.note_over_limit(over.clone()) {
+            let c = copies.iter().find(|c| c.id == id);
+            let name = c.map_or("", |c| c.name.as_str());
+            let (bytes, limit) = over[&id];
+            tracing::warn!(dataset = %name, over_bytes = bytes, limit,
+                "dataset is over its size limit: its app wrote past it (free space in it, or raise it with `flockctl dataset set NAME --size`)");
+        }
+        for id in before {
+            let name = copies
+                .iter()
+                .find(|c| c.id == id)
+                .map_or("", |c| c.name.as_str());
+            tracing::info!(dataset = %name, "dataset is within its size limit again");
         }
     }
 

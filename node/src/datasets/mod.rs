@@ -364,6 +364,9 @@ pub struct Datasets {
     uncertain: Mutex<BTreeMap<DatasetId, BTreeSet<String>>>,
     /// Datasets an operation here holds (a rollback) and will release.
     holding: Mutex<BTreeSet<DatasetId>>,
+    /// The copies here whose data was over their limit at the agent's last look: (bytes
+    /// over, the limit).
+    over_limit: Mutex<BTreeMap<DatasetId, (u64, u64)>>,
 }
 
 /// Runs a blocking backend call off the async threads.
@@ -394,6 +397,7 @@ impl Datasets {
             transfers: Mutex::new(BTreeMap::new()),
             uncertain: Mutex::new(BTreeMap::new()),
             holding: Mutex::new(BTreeSet::new()),
+            over_limit: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -426,6 +430,28 @@ impl Datasets {
             datasets: self.clone(),
             id,
         }
+    }
+
+    /// Records which copies here are over their limit (from a listing of them all); the ones
+    /// that were not before.
+    pub fn note_over_limit(&self, now: BTreeMap<DatasetId, (u64, u64)>) -> Vec<DatasetId> {
+        let mut over = self.over_limit.lock().unwrap_or_else(|p| p.into_inner());
+        let new = now
+            .keys()
+            .filter(|id| !over.contains_key(id))
+            .copied()
+            .collect();
+        *over = now;
+        new
+    }
+
+    /// Bytes this node's copy of `id` was over its limit at the last look, and the limit.
+    pub fn over_limit(&self, id: DatasetId) -> Option<(u64, u64)> {
+        self.over_limit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied()
     }
 
     /// The datasets operations here hold.
