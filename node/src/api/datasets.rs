@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use flock_proto::v1 as pb;
 use flock_scheduler::dataset::validate_snapshot_name;
 use flock_scheduler::state::node_name;
-use flock_scheduler::{ClusterState, Command, CommandResult, Dataset, NodeId};
+use flock_scheduler::{ClusterState, Command, CommandResult, Dataset, DatasetId, NodeId};
 
 use super::{unexpected, ApiService, Reply};
 use crate::cluster::ClusterError;
@@ -674,16 +674,19 @@ impl ApiService {
                 other => return Err(rejected(other)),
             }
         }
-        let dataset = self
-            .cluster
-            .read(true, |a| {
-                a.cluster
-                    .datasets
-                    .get(&ds.id)
-                    .map(|d| dataset_proto(&a.cluster, d))
-            })
-            .await?;
+        let dataset = self.dataset_now(ds.id).await?;
         Ok(Response::new(pb::DatasetSetReply { dataset }))
+    }
+
+    /// Dataset `id` as the API reports it (its holders aside), on a linearizable read.
+    async fn dataset_now(&self, id: DatasetId) -> Result<Option<pb::Dataset>, Status> {
+        let d = self.cluster.read(true, |a| {
+            a.cluster
+                .datasets
+                .get(&id)
+                .map(|d| dataset_proto(&a.cluster, d))
+        });
+        Ok(d.await?)
     }
 
     pub(super) async fn do_dataset_snapshot_remove(
@@ -791,15 +794,7 @@ impl ApiService {
             CommandResult::MoveBegun { .. } | CommandResult::MoveCancelled { .. } => {}
             other => return Err(rejected(other)),
         }
-        let dataset = self
-            .cluster
-            .read(true, |a| {
-                a.cluster
-                    .datasets
-                    .get(&ds.id)
-                    .map(|d| dataset_proto(&a.cluster, d))
-            })
-            .await?;
+        let dataset = self.dataset_now(ds.id).await?;
         Ok(Response::new(pb::DatasetMoveReply { dataset }))
     }
 }
