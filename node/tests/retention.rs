@@ -367,7 +367,8 @@ fn r03_dir_a_dataset_over_its_limit_is_reported_raised_and_moved() {
     let low = c.ctl(c.addr(2), &["dataset", "set", "lim", "--size", "3M"]);
     assert_ne!(low.status.code(), Some(0));
     assert!(
-        stderr(&low).contains("set a limit of at least"),
+        stderr(&low).contains("lim holds 5.0 MiB of data")
+            && stderr(&low).contains("set a limit of at least"),
         "{}",
         stderr(&low)
     );

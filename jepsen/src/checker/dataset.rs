@@ -21,8 +21,9 @@
 //!   directory is only ever replaced after it hands the dataset on, which ends epoch e.)
 //! - **lost-write** (carried over by a move): a *fenced* acknowledged write of epoch e is in
 //!   every recorded snapshot of a later epoch, and in the last snapshot of epoch e (the move's)
-//!   when epoch e ended. Fenced: the last `ok` state read before the write showed its node as
-//!   primary under its epoch with no move in progress, and every move op of D invoked before the
+//!   when epoch e ended, unless retention pruned that one. Fenced: the last `ok` state read
+//!   before the write showed its node as primary under its epoch with no move in progress, and
+//!   every move op of D invoked before the
 //!   write completed had failed, or had succeeded and completed before that state read began
 //!   (so no move could start before the write was in place; a move whose outcome is unknown may
 //!   take effect at any later time, so it unfences every later write of D).
@@ -32,9 +33,11 @@
 //! - **not-monotonic**: each recorded snapshot holds every file of the one recorded before it,
 //!   with the same bytes (the workload never deletes or rewrites a file).
 //! - **epoch-conflict**: no two `ok` state reads show different primaries for one epoch.
-//! - **record-regressed**: a state read never shows a lower epoch, or a snapshot list that is not
-//!   an extension of the one, of a state read that completed before it began (desired state is
-//!   linearizable, epochs only grow, and the workload never rolls back).
+//! - **record-regressed**: a state read never shows a lower epoch, or a list of the snapshots a
+//!   user took that is not an extension of the one, of a state read that completed before it
+//!   began (desired state is linearizable, epochs only grow, and the workload never rolls back
+//!   or removes a snapshot). Automatic snapshots (a move's `move-*`) are left out: retention
+//!   prunes them.
 //! - **snapshot-unseen**: a state read that began after a snapshot was acknowledged lists it.
 //!
 //! Each finding names the snapshots and holders it was seen on; one finding is reported once per
@@ -391,8 +394,15 @@ fn check_one(
             .filter(|r1| r1.complete_ns < r2.invoke_ns)
         {
             let s1 = state(r1).expect("ok state reads only");
-            let prefix = s1.snapshots.len() <= s2.snapshots.len()
-                && s1.snapshots[..] == s2.snapshots[..s1.snapshots.len()];
+            let kept = |s: &DsState| -> Vec<DsSnap> {
+                s.snapshots
+                    .iter()
+                    .filter(|x| !flock_scheduler::retention::is_automatic(&x.name))
+                    .cloned()
+                    .collect()
+            };
+            let (k1, k2) = (kept(s1), kept(s2));
+            let prefix = k1.len() <= k2.len() && k1[..] == k2[..k1.len()];
             if s1.epoch > s2.epoch || !prefix {
                 found.add(
                     "record-regressed",
@@ -400,11 +410,11 @@ fn check_one(
                     format!("read #{}", r2.index),
                     || {
                         format!(
-                            "dataset {name}: a state read shows an older record than one that completed before it began (epoch {} then {}; {} then {} snapshots{}):\n  {}\n  {}\n",
+                            "dataset {name}: a state read shows an older record than one that completed before it began (epoch {} then {}; {} then {} snapshots taken by the workload{}):\n  {}\n  {}\n",
                             s1.epoch,
                             s2.epoch,
-                            s1.snapshots.len(),
-                            s2.snapshots.len(),
+                            k1.len(),
+                            k2.len(),
                             if prefix { "" } else { ", not a prefix" },
                             describe(r1),
                             describe(r2)
@@ -580,11 +590,17 @@ fn check_one(
     }
 
     // Contents of each recorded snapshot, copy by copy.
+    // The last recorded snapshot of each epoch, when it is the move's that ended the epoch: not
+    // when it is one the workload took, which happens when retention pruned the move's (that
+    // one need not hold the writes after it; later epochs' snapshots still must).
     let last_of_epoch: BTreeMap<u64, usize> = fin
         .snapshots
         .iter()
         .enumerate()
         .map(|(i, s)| (s.epoch, i))
+        .collect::<BTreeMap<u64, usize>>()
+        .into_iter()
+        .filter(|(_, i)| !snap_ops.contains_key(fin.snapshots[*i].name.as_str()))
         .collect();
     let ok_writes: Vec<(&str, &Op)> = {
         let mut w: Vec<(&str, &Op)> = writes
@@ -1189,6 +1205,40 @@ mod tests {
         let v = check_datasets(&h.ops);
         assert_eq!(kinds(&v), vec!["foreign-content"], "{v:#?}");
         assert!(v.anomalies[0].explanation.contains("after the snapshot"));
+    }
+
+    #[test]
+    fn a_move_snapshot_that_retention_pruned_is_no_regression() {
+        let mut h = H::new();
+        h.push(
+            Call::DsCreate {
+                dataset: D.into(),
+                primary: "n1".into(),
+            },
+            Outcome::Ok,
+            None,
+        );
+        h.state("n1", 1, "");
+        h.write("f00001", "n1", 1, Outcome::Ok);
+        h.snapshot("s00001", 1, Outcome::Ok);
+        // A fenced write after s00001: the move's snapshot held it, s00001 cannot.
+        h.state("n1", 1, "");
+        h.write("f00003", "n1", 1, Outcome::Ok);
+        h.do_move("n2", Outcome::Ok);
+        h.record("move-1", 1);
+        h.state("n2", 2, "");
+        h.write("f00002", "n2", 2, Outcome::Ok);
+        h.snapshot("s00002", 2, Outcome::Ok);
+        // Retention forgot move-1; the workload's own snapshots are all there.
+        h.fin("n2", 2, &[("s00001", 1), ("s00002", 2)], &["n1", "n2"]);
+        let all: &[(&str, &[&str])] = &[
+            ("s00001", &["f00001"]),
+            ("s00002", &["f00001", "f00003", "f00002"]),
+        ];
+        h.disk("n1", all);
+        h.disk("n2", all);
+        let v = check_datasets(&h.ops);
+        assert!(kinds(&v).is_empty(), "{:?}", v.anomalies);
     }
 
     #[test]

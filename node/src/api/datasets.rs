@@ -648,7 +648,16 @@ impl ApiService {
                 b.set_limit(&backend_name, limit)
             })
             .await
-            .map_err(ds_err)?;
+            .map_err(|e| match e {
+                flock_dataset::DatasetError::LimitBelowUse { limit, used, .. } => {
+                    Status::failed_precondition(format!(
+                        "{name} holds {} of data ({used} bytes), more than a limit of {}: delete data first or set a limit of at least {used} bytes",
+                        flock_client::human(used),
+                        flock_client::human(limit)
+                    ))
+                }
+                other => ds_err(other),
+            })?;
             let cmd = Command::SetDatasetLimit {
                 dataset: ds.id,
                 size_limit: limit,

@@ -465,8 +465,13 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
             } else {
                 println!("rolled {name} back to {snapshot}");
                 if !r.kept.is_empty() {
+                    let stop = if r.stopped_apps.is_empty() {
+                        ""
+                    } else {
+                        " --stop-app"
+                    };
                     println!(
-                        "its state before is kept as snapshot {}: `flockctl dataset rollback {name} {} --stop-app` undoes this",
+                        "its state before is kept as snapshot {}: `flockctl dataset rollback {name} {}{stop}` undoes this",
                         r.kept, r.kept
                     );
                 }
