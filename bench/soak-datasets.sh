@@ -9,9 +9,11 @@
 # each holder's local count, flockd's RSS and open fds, and the appends acknowledged so far. At
 # the end every entry is read back: an acknowledged append that is missing fails the run.
 #
-#   bench/soak-datasets.sh [--minutes M] [--every S] [--rate R] [--flockd PATH]
+#   bench/soak-datasets.sh [--minutes M] [--every S] [--rate R] [--flockd PATH] [--snapshot-logs N]
 #       defaults: 60 minutes, a move every 5 s, 20 appends/s (0: as fast as the app answers),
-#       target/release/flockd (built first, with flock-testapp beside it)
+#       target/release/flockd (built first, with flock-testapp beside it); --snapshot-logs is
+#       flockd's (default 10000): each node keeps its Raft log in memory until a snapshot, so
+#       an hour of moves grows RSS until then
 #
 # Prints the rows as a markdown table and a one-line verdict: flat or not (the last 3 rows
 # against rows 2-4: disk beyond what the growing log explains, snapshot counts, RSS, fds).
@@ -23,17 +25,19 @@ minutes=60
 every=5
 rate=20
 flockd=""
-usage="usage: $0 [--minutes M] [--every S] [--rate R] [--flockd PATH]"
+snapshot_logs=10000
+usage="usage: $0 [--minutes M] [--every S] [--rate R] [--flockd PATH] [--snapshot-logs N]"
 while [ $# -gt 0 ]; do
   case "$1" in
     --minutes) minutes="$2"; shift 2 ;;
     --every) every="$2"; shift 2 ;;
     --rate) rate="$2"; shift 2 ;;
     --flockd) flockd="$2"; shift 2 ;;
+    --snapshot-logs) snapshot_logs="$2"; shift 2 ;;
     *) echo "$usage" >&2; exit 2 ;;
   esac
 done
-for v in "$minutes" "$every" "$rate"; do
+for v in "$minutes" "$every" "$rate" "$snapshot_logs"; do
   case "$v" in '' | *[!0-9]*) echo "$usage" >&2; exit 2 ;; esac
 done
 [ "$minutes" -ge 1 ] && [ "$every" -ge 1 ] || { echo "$usage (M and S at least 1)" >&2; exit 2; }
@@ -154,7 +158,8 @@ ask() { "$testapp" --ask "127.0.0.1:$aport" "$1" 2>/dev/null || true; }
 for _ in 1 2 3; do
   port=$((10000 + RANDOM % 10000))
   rm -rf "$data"
-  PATH="$bin:$PATH" "$flockd" dev --nodes 3 --port "$port" --data-dir "$data" >"$dir/dev.log" 2>&1 &
+  PATH="$bin:$PATH" "$flockd" dev --nodes 3 --port "$port" --data-dir "$data" \
+    --snapshot-logs "$snapshot_logs" --keep-logs $((snapshot_logs / 10)) >"$dir/dev.log" 2>&1 &
   dev_pid=$!
   for _ in $(seq 1 150); do
     grep -q "flockd: ready" "$dir/dev.log" && break

@@ -93,6 +93,7 @@ fn instance(addr: &str) -> Option<String> {
 #[test]
 fn m01_any_node_reaches_the_app_before_during_and_after_a_move_and_links_use_the_mesh() {
     let c = TestCluster::start(3, &[]);
+    let _end = EndApps(c.dir.path().to_path_buf());
     let dir = tempfile::tempdir().unwrap();
     let (port, ext) = (free_port(), free_everywhere());
     let (dep, appl) = files(dir.path(), port, ext, "");
@@ -222,6 +223,7 @@ fn m01_any_node_reaches_the_app_before_during_and_after_a_move_and_links_use_the
 #[test]
 fn m02_a_taken_port_is_reported_by_its_node_and_a_dead_node_is_refused_promptly() {
     let mut c = TestCluster::start(3, &[]);
+    let _end = EndApps(c.dir.path().to_path_buf());
     let dir = tempfile::tempdir().unwrap();
     let (port, ext) = (free_port(), free_everywhere());
     let other_port = free_port();

@@ -45,30 +45,6 @@ fn automatic(d: &Value) -> usize {
         .count()
 }
 
-/// Ends the test apps started under `dir` (their working directories are there) when
-/// dropped, so a failing test leaves none running. Apps outlive flockd by design.
-struct EndApps(PathBuf);
-
-impl Drop for EndApps {
-    fn drop(&mut self) {
-        let Ok(entries) = fs::read_dir("/proc") else {
-            return;
-        };
-        for e in entries.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let under = fs::read_link(e.path().join("cwd")).is_ok_and(|c| c.starts_with(&self.0));
-            let ours = fs::read(e.path().join("cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("flock-testapp"));
-            if under && ours {
-                // SAFETY: kill(2) on a pid this test's cluster started; no memory involved.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
 /// application.yml and deployment.yml for the counter app on `node`, its volume limited to
 /// `size` and kept by `retention`.
 fn counter_files(dir: &Path, port: u16, node: &str, size: &str, retention: &str) -> [String; 2] {

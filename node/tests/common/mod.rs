@@ -741,3 +741,38 @@ pub fn docker(args: &[&str]) -> Result<String, String> {
         ))
     }
 }
+
+/// Ends the test apps started under `dir` (their working directories are there) when
+/// dropped, so a failing test leaves none running: apps outlive flockd by design. The
+/// cluster's own flockd processes (their command lines name `dir`) go first, so that none
+/// starts an app again behind it; declare it after the cluster.
+pub struct EndApps(pub PathBuf);
+
+impl Drop for EndApps {
+    fn drop(&mut self) {
+        let dir = self.0.display().to_string();
+        let procs = |pick: &dyn Fn(&str, Option<PathBuf>) -> bool| -> Vec<i32> {
+            let Ok(entries) = std::fs::read_dir("/proc") else {
+                return Vec::new();
+            };
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+                    let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                    let cwd = std::fs::read_link(e.path().join("cwd")).ok();
+                    pick(&cmd, cwd).then_some(pid)
+                })
+                .collect()
+        };
+        let flockds = procs(&|cmd, _| cmd.contains("flockd") && cmd.contains(&dir));
+        let apps = procs(&|cmd, cwd| {
+            cmd.contains("flock-testapp") && cwd.is_some_and(|c| c.starts_with(&self.0))
+        });
+        for pid in flockds.into_iter().chain(apps) {
+            // SAFETY: kill(2) on a process of this test's cluster; no memory involved.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
