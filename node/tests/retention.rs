@@ -88,22 +88,49 @@ fn lost<'a>(acked: &'a [(String, std::time::Instant)], held: &HashSet<String>) -
         .collect()
 }
 
-/// Many moves of an app under writes (FLOCK_TEST_MOVES, default 50): the automatic snapshots
-/// in Raft and on every holder stay within the retention's bound, the disk does not grow
-/// with the moves, and every acknowledged append is kept.
-#[test]
-fn r01_many_moves_under_writes_stay_within_retention() {
-    let moves: usize = std::env::var("FLOCK_TEST_MOVES")
+/// FLOCK_TEST_MOVES, or `default`.
+fn moves_to_make(default: usize) -> usize {
+    std::env::var("FLOCK_TEST_MOVES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+        .unwrap_or(default)
+}
+
+/// Bytes every holder of `name` says its copy takes, together.
+fn holders_used(c: &TestCluster, name: &str) -> u64 {
+    dataset(c, name)["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["used_bytes"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn r01_dir_many_moves_under_writes_stay_within_retention() {
     let c = TestCluster::start(3, &[]);
+    many_moves(&c, moves_to_make(50));
+}
+
+#[test]
+fn r06_zfs_many_moves_under_writes_stay_within_retention() {
+    let mut pools = Pools::new();
+    let args: Vec<Vec<String>> = (0..3).map(|_| zfs_args(&pools.create(256))).collect();
+    let c = TestCluster::start_with(3, &[], args);
+    many_moves(&c, moves_to_make(30));
+    drop(c);
+}
+
+/// Many moves of an app under writes: the automatic snapshots in Raft and on every holder
+/// stay within the retention's bound, the holders' disk use does not grow with the moves, and
+/// every acknowledged append is kept.
+fn many_moves(c: &TestCluster, moves: usize) {
     let _end = EndApps(c.dir.path().to_path_buf());
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let files = counter_files(c.dir.path(), port, "n1", "64M", "last=2,hourly=0,daily=0");
-    deploy_counter(&c, &files, &addr);
-    let d = dataset(&c, "counter");
+    deploy_counter(c, &files, &addr);
+    let d = dataset(c, "counter");
     assert_eq!(d["retention"], "last=2,hourly=0,daily=0", "{d:#}");
     // Some bulk, so that a move that sent it whole every time would show on the disk.
     let live = PathBuf::from(holder(&d, "n1")["mount_path"].as_str().unwrap());
@@ -129,10 +156,10 @@ fn r01_many_moves_under_writes_stay_within_retention() {
         assert_eq!(last["event"], "done", "move {i} to {to}: {out}");
         // Pruning follows the move (once each replica confirmed its base): the count is
         // back within the bound within seconds, before the next move.
-        most = most.max(automatic(&dataset(&c, "counter")));
+        most = most.max(automatic(&dataset(c, "counter")));
         let started = std::time::Instant::now();
         loop {
-            let d = dataset(&c, "counter");
+            let d = dataset(c, "counter");
             if automatic(&d) <= bound {
                 break;
             }
@@ -145,7 +172,7 @@ fn r01_many_moves_under_writes_stay_within_retention() {
         }
         settle = settle.max(started.elapsed());
         if i == 5 {
-            disk_after_warmup = du(c.dir.path());
+            disk_after_warmup = holders_used(c, "counter");
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -171,7 +198,7 @@ fn r01_many_moves_under_writes_stay_within_retention() {
 
     // Every holder cleans up what Raft forgot.
     let counts = until("holders within the bound", Duration::from_secs(30), || {
-        let d = dataset(&c, "counter");
+        let d = dataset(c, "counter");
         let counts: Vec<(String, u64)> = d["holders"]
             .as_array()
             .unwrap()
@@ -186,7 +213,7 @@ fn r01_many_moves_under_writes_stay_within_retention() {
         (counts.len() == 3 && counts.iter().all(|(_, n)| *n as usize <= bound + 1))
             .then_some(counts)
     });
-    let disk = du(c.dir.path());
+    let disk = holders_used(c, "counter");
     eprintln!(
         "{moves} moves: {} appends acknowledged, at most {most} automatic snapshots recorded right after a move, back within {bound} in at most {:.1}s, holders now {counts:?}, disk {} MiB after move 5, {} MiB at the end",
         acked.len(),
@@ -204,31 +231,31 @@ fn r01_many_moves_under_writes_stay_within_retention() {
     c.ctl_ok(c.addr(1), &["app", "rm", "counter"]);
 }
 
-/// Bytes the files under `dir` take on disk.
-fn du(dir: &Path) -> u64 {
-    let out = std::process::Command::new("du")
-        .args(["-s", "-B1", &dir.display().to_string()])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("du of {}: {}", dir.display(), stderr(&out)))
-}
-
 /// A rollback of a running app's dataset: refused without --stop-app (nothing changes);
 /// with it, the app is stopped, the data goes back, the app starts again, and the state
 /// before is a snapshot that restores every acknowledged append. A redeploy then changes the
 /// volume's limit and retention.
 #[test]
-fn r02_rollback_of_a_running_app_stops_it_and_keeps_the_state_before() {
+fn r02_dir_rollback_of_a_running_app_stops_it_and_keeps_the_state_before() {
     let c = TestCluster::start(3, &[]);
+    rollback_running(&c);
+}
+
+#[test]
+fn r07_zfs_rollback_of_a_running_app_stops_it_and_keeps_the_state_before() {
+    let mut pools = Pools::new();
+    let args: Vec<Vec<String>> = (0..3).map(|_| zfs_args(&pools.create(256))).collect();
+    let c = TestCluster::start_with(3, &[], args);
+    rollback_running(&c);
+    drop(c);
+}
+
+fn rollback_running(c: &TestCluster) {
     let _end = EndApps(c.dir.path().to_path_buf());
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let files = counter_files(c.dir.path(), port, "n1", "64M", "default");
-    let first = deploy_counter(&c, &files, &addr);
+    let first = deploy_counter(c, &files, &addr);
     let append = |v: &str| {
         let r = ask(&addr, &format!("APPEND {v}")).unwrap_or_default();
         assert!(r.starts_with("OK "), "APPEND {v}: {r:?}");
@@ -255,7 +282,7 @@ fn r02_rollback_of_a_running_app_stops_it_and_keeps_the_state_before() {
         stderr(&o)
     );
     assert_eq!(read_all(&addr).len(), 40);
-    assert_eq!(app(&c, "counter")["id"], first["id"]);
+    assert_eq!(app(c, "counter")["id"], first["id"]);
 
     // With --stop-app: stopped, rolled back, started again.
     let out = c.ctl_ok(
@@ -271,14 +298,14 @@ fn r02_rollback_of_a_running_app_stops_it_and_keeps_the_state_before() {
         .to_string();
     assert!(kept.starts_with("pre-rollback-"), "{kept}");
     let again = until("counter to run again", Duration::from_secs(30), || {
-        let a = app(&c, "counter");
+        let a = app(c, "counter");
         (a["state"] == "running" && a["id"] != first["id"] && ask(&addr, "PING").is_some())
             .then_some(a)
     });
     let now: Vec<String> = read_all(&addr);
     assert_eq!(now.len(), 20, "{now:?}");
     assert!(now.iter().all(|v| v.starts_with("before-")), "{now:?}");
-    assert!(dataset(&c, "counter")["hold"].is_null());
+    assert!(dataset(c, "counter")["hold"].is_null());
 
     // The state before the rollback is restorable: every acknowledged append is back.
     c.ctl_ok(
@@ -289,7 +316,7 @@ fn r02_rollback_of_a_running_app_stops_it_and_keeps_the_state_before() {
         "counter to run after the undo",
         Duration::from_secs(30),
         || {
-            let a = app(&c, "counter");
+            let a = app(c, "counter");
             (a["state"] == "running" && a["id"] != again["id"] && ask(&addr, "PING").is_some())
                 .then_some(())
         },
@@ -300,14 +327,14 @@ fn r02_rollback_of_a_running_app_stops_it_and_keeps_the_state_before() {
     // A redeploy with a larger maximum_size and another retention applies both.
     let files = counter_files(c.dir.path(), port, "n1", "128M", "last=5,hourly=2,daily=1");
     c.ctl_ok(c.addr(1), &["deploy", &files[1], &files[0]]);
-    let d = dataset(&c, "counter");
+    let d = dataset(c, "counter");
     assert_eq!(d["size_limit"], 128u64 << 20, "{d:#}");
     assert_eq!(d["retention"], "last=5,hourly=2,daily=1", "{d:#}");
     until(
         "n1's copy to take the new limit",
         Duration::from_secs(20),
         || {
-            let d = dataset(&c, "counter");
+            let d = dataset(c, "counter");
             (d["holders"][0]["state"] == "ready").then_some(())
         },
     );
