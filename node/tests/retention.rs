@@ -117,8 +117,9 @@ fn r06_zfs_many_moves_under_writes_stay_within_retention() {
     let mut pools = Pools::new();
     let args: Vec<Vec<String>> = (0..3).map(|_| zfs_args(&pools.create(256))).collect();
     let c = TestCluster::start_with(3, &[], args);
+    // Its apps run on the pools' mounts (after the cluster's flockds are ended).
+    let _end = EndApps(pools.dir().to_path_buf());
     many_moves(&c, moves_to_make(30));
-    drop(c);
 }
 
 /// Many moves of an app under writes: the automatic snapshots in Raft and on every holder
@@ -246,8 +247,8 @@ fn r07_zfs_rollback_of_a_running_app_stops_it_and_keeps_the_state_before() {
     let mut pools = Pools::new();
     let args: Vec<Vec<String>> = (0..3).map(|_| zfs_args(&pools.create(256))).collect();
     let c = TestCluster::start_with(3, &[], args);
+    let _end = EndApps(pools.dir().to_path_buf());
     rollback_running(&c);
-    drop(c);
 }
 
 fn rollback_running(c: &TestCluster) {

@@ -517,6 +517,11 @@ impl Pools {
     }
 
     /// A new pool of `mib` MiB; its name.
+    /// Where the pools are mounted (under it): an app on a pool's dataset runs there.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     pub fn create(&mut self, mib: u64) -> String {
         let name = format!("flocknodetest{}x{}", std::process::id(), self.names.len());
         let file = self.dir.path().join(format!("{name}.img"));
