@@ -21,6 +21,10 @@
 //! - A hold ([`Dataset::hold`]) of a dataset this node is primary of, and that no operation
 //!   here holds any more (flockd restarted in the middle of a rollback), is released.
 //!
+//! - A copy a failover left on this node (its old primary, [`flock_scheduler::failover`]) is
+//!   left as it is: it may hold the only copy of writes made after the last replicated
+//!   snapshot.
+//!
 //! Fail closed: a listing of the copies that failed decides nothing (no destroy, no create).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -225,6 +229,11 @@ impl DatasetsCore {
         let mut actions = Vec::new();
         let held: BTreeSet<DatasetId> = listed.iter().map(|c| c.id).collect();
         for copy in listed {
+            // A copy a failover took the primary from may hold writes no other node has: it is
+            // neither served nor changed nor destroyed until it is kept (crate::failover).
+            if state.failover.is_diverged(copy.id, me) {
+                continue;
+            }
             let keep = state
                 .datasets
                 .get(&copy.id)
@@ -502,6 +511,47 @@ mod tests {
             vec![DatasetAction::ReportMissing {
                 dataset: 1,
                 name: "moved".into()
+            }]
+        );
+    }
+
+    /// The old primary's copy after a failover holds writes no one else has: this node
+    /// neither destroys it nor any of its snapshots, nor pushes from it.
+    #[test]
+    fn a_diverged_copy_is_left_alone() {
+        let mut s = replicated();
+        ok(
+            &mut s,
+            Command::ReplicaHolds {
+                dataset: 1,
+                epoch: 1,
+                node: 2,
+                snapshot: "s1".into(),
+            },
+        );
+        ok(
+            &mut s,
+            Command::DeclareNodeDown {
+                node: ME,
+                last_heard_unix_ms: 0,
+                at_unix_ms: 0,
+                by_operator: true,
+            },
+        );
+        assert_eq!(s.datasets[&1].primary, 2);
+        let mut held = copies(&[(1, "db")]);
+        if let Ok(c) = held.copies.as_mut() {
+            c[0].snapshots = vec!["old".into(), "s1".into(), "late".into()];
+        }
+        let mut core = DatasetsCore::new();
+        assert_eq!(core.decide(&s, ME, &held, t(0)), vec![]);
+        // The same copy where no failover left it is destroyed (the reintroduced bug).
+        s.failover.diverged.clear();
+        assert_eq!(
+            core.decide(&s, ME, &held, t(1)),
+            vec![DatasetAction::Destroy {
+                id: 1,
+                name: "db".into()
             }]
         );
     }

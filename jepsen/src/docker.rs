@@ -76,6 +76,23 @@ pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<Stri
 
 const SHORT: Duration = Duration::from_secs(30);
 
+/// Runs a setup command that must answer but may be slow on a loaded machine: each try gets a
+/// minute, and a try that times out is made again (saying so) for up to four minutes in all.
+async fn run_patient(program: &str, args: &[&str]) -> Result<String, DockerError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match run(program, args, Duration::from_secs(60)).await {
+            Err(e @ DockerError::Timeout { .. }) if std::time::Instant::now() < deadline => {
+                eprintln!("jepsen: {e} (try {attempt}); the engine is slow, asking again");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Where the engine finds volume plugins by their unix sockets.
 const PLUGIN_DIR: &str = "/run/docker/plugins";
 
@@ -161,7 +178,9 @@ impl Compose {
 
     /// The services of the compose file (the node names), sorted.
     pub async fn services(&self) -> Result<Vec<String>, DockerError> {
-        let out = self.compose(&["config", "--services"], SHORT).await?;
+        let out = self
+            .compose(&["config", "--services"], Duration::from_secs(60))
+            .await?;
         let mut s: Vec<String> = out.lines().map(|l| l.trim().to_string()).collect();
         s.retain(|l| !l.is_empty());
         s.sort();
@@ -172,15 +191,14 @@ impl Compose {
     pub async fn nodes(&self) -> Result<Vec<Node>, DockerError> {
         let mut nodes = Vec::new();
         for name in self.services().await? {
-            let id = self.compose(&["ps", "-q", &name], SHORT).await?;
-            let container = id.trim().to_string();
+            let container = self.container_of(&name).await?;
             if container.is_empty() {
                 return Err(DockerError::Other(format!(
                     "service {name} has no container; is the cluster up? ({})",
                     self.file.display()
                 )));
             }
-            let ip = run(
+            let ip = run_patient(
                 "docker",
                 &[
                     "inspect",
@@ -188,7 +206,6 @@ impl Compose {
                     "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
                     &container,
                 ],
-                SHORT,
             )
             .await?;
             let ip = ip.split_whitespace().next().unwrap_or("").to_string();
@@ -204,6 +221,27 @@ impl Compose {
             });
         }
         Ok(nodes)
+    }
+
+    /// The id of the service's container, asked of the engine by compose's labels (no
+    /// docker-compose call: compose v1's `ps` inspects every container of the project, and right
+    /// after a long test run on a loaded machine that has taken longer than a minute). A slow
+    /// answer is asked again, within a bounded time, saying so; an empty answer is "no
+    /// container".
+    async fn container_of(&self, service: &str) -> Result<String, DockerError> {
+        let project = format!("label=com.docker.compose.project={}", self.project);
+        let svc = format!("label=com.docker.compose.service={service}");
+        let args = [
+            "ps",
+            "-aq",
+            "--no-trunc",
+            "--filter",
+            &project,
+            "--filter",
+            &svc,
+        ];
+        let out = with_plugin_hint(run_patient("docker", &args).await).await?;
+        Ok(out.lines().next().unwrap_or("").trim().to_string())
     }
 
     /// Saves each node's container log under `dir/<node>.log`.

@@ -14,6 +14,8 @@
 //! - [`limits`]: every size limit in one place, [`Command::check_limits`] (run before a command
 //!   is proposed) and [`shown`], how errors quote user input.
 //! - [`retention`]: which snapshots are kept: the policy, and automatic vs. users' snapshots.
+//! - [`failover`]: replication settings, nodes declared down, the failover of their datasets
+//!   and apps, and the diverged copies a failover leaves on the old primary.
 //! - [`mount`]: Docker containers' mounts of datasets (the volume plugin), and the rule that a
 //!   dataset is mounted only on its primary and never moves while mounted.
 //!
@@ -23,6 +25,7 @@
 pub mod app;
 pub mod config;
 pub mod dataset;
+pub mod failover;
 pub mod fit;
 pub mod limits;
 pub mod membership;

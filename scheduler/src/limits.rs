@@ -376,8 +376,15 @@ impl Command {
             Command::HoldDataset { reason, .. } => {
                 len_at_most("hold reason", reason, MAX_HOLD_REASON_LEN)
             }
+            Command::KeepDiverged { snapshot, .. } => snapshot.as_ref().map_or(Ok(()), |n| {
+                len_at_most("snapshot name", n, MAX_SNAPSHOT_NAME_LEN)
+            }),
             // Nothing but numbers.
-            Command::SetDatasetLimit { .. }
+            Command::DeclareNodeDown { .. }
+            | Command::NodeBackUp { .. }
+            | Command::SetReplication { .. }
+            | Command::AddReplica { .. }
+            | Command::SetDatasetLimit { .. }
             | Command::SetRetention { .. }
             | Command::ReleaseDataset { .. }
             | Command::RemoveNode { .. }

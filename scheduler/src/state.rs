@@ -51,6 +51,9 @@ pub struct ClusterState {
     pub mounts: BTreeMap<DatasetId, crate::mount::Mounts>,
     /// Labels of admin certificates that no node accepts any more ([`Command::RevokeAdmin`]).
     pub revoked_admins: BTreeSet<String>,
+    /// Replication settings, nodes declared down, failovers and what they left behind (see
+    /// [`crate::failover`]).
+    pub failover: crate::failover::Failover,
 }
 
 /// A machine in the cluster.
@@ -277,6 +280,42 @@ pub enum Command {
     ReleaseDataset {
         dataset: DatasetId,
     },
+    /// The node is down: the leader has not heard from it for longer than its lease plus a
+    /// margin for clock drift, or an operator says so. Its datasets fail over to their
+    /// replicas and its stateless apps are placed elsewhere, in this one step (see
+    /// [`crate::failover`]). Times are ms since the Unix epoch on the proposer's clock, for
+    /// reports only.
+    DeclareNodeDown {
+        node: NodeId,
+        last_heard_unix_ms: u64,
+        at_unix_ms: u64,
+        by_operator: bool,
+    },
+    /// A node declared down has been heard from steadily again: work may be placed on it.
+    NodeBackUp {
+        node: NodeId,
+        at_unix_ms: u64,
+    },
+    /// How many replicas a dataset keeps and how often its primary snapshots (`None`: no
+    /// replicas are asked for; existing ones stay until removed).
+    SetReplication {
+        dataset: DatasetId,
+        replication: Option<crate::failover::Replication>,
+    },
+    /// `node` becomes a replica of `dataset` (the primary's agent proposes it, under `epoch`).
+    AddReplica {
+        dataset: DatasetId,
+        epoch: u64,
+        node: NodeId,
+    },
+    /// The returning `node` kept its diverged writes of `dataset` in `snapshot` (if it had
+    /// any) and rolled its copy back to the common snapshot: it becomes a replica.
+    KeepDiverged {
+        dataset: DatasetId,
+        node: NodeId,
+        snapshot: Option<String>,
+        at_unix_ms: u64,
+    },
 }
 
 /// What applying a [`Command`] did.
@@ -368,6 +407,17 @@ pub enum CommandResult {
         /// Whether it was held.
         was_held: bool,
     },
+    NodeDeclaredDown {
+        /// Datasets that failed over, with their new primaries.
+        failed_over: Vec<(String, NodeId)>,
+        /// Datasets that wait: no replica to fail over to.
+        waiting: Vec<String>,
+    },
+    NodeUp {
+        was_down: bool,
+    },
+    ReplicationSet,
+    DivergedKept,
 }
 
 /// Why a command was rejected. Messages name the bad input and what to do.
@@ -496,6 +546,8 @@ pub enum ApplyError {
     NotAReplica { dataset: String, node: NodeId },
     #[error("dataset {dataset:?} is held ({reason}); try again when that is done (`flockctl dataset ls {dataset}`)")]
     DatasetHeld { dataset: String, reason: String },
+    #[error("invalid replication: {reason}")]
+    InvalidReplication { reason: String },
 }
 
 impl ClusterState {
@@ -518,6 +570,7 @@ impl ClusterState {
             deploy_generation,
             mounts,
             revoked_admins,
+            failover,
         } = self;
         *cluster_id == other.cluster_id
             && *join_secret_hash == other.join_secret_hash
@@ -530,6 +583,7 @@ impl ClusterState {
             && *deploy_generation == other.deploy_generation
             && *mounts == other.mounts
             && *revoked_admins == other.revoked_admins
+            && *failover == other.failover
     }
 
     /// Applies one command. Deterministic: the same state and command give the same result on
@@ -747,6 +801,28 @@ impl ClusterState {
                 reason,
             } => self.hold_dataset(*dataset, *epoch, reason),
             Command::ReleaseDataset { dataset } => self.release_dataset(*dataset),
+            Command::DeclareNodeDown {
+                node,
+                last_heard_unix_ms,
+                at_unix_ms,
+                by_operator,
+            } => self.declare_node_down(*node, *last_heard_unix_ms, *at_unix_ms, *by_operator),
+            Command::NodeBackUp { node, at_unix_ms } => self.node_back_up(*node, *at_unix_ms),
+            Command::SetReplication {
+                dataset,
+                replication,
+            } => self.set_replication(*dataset, *replication),
+            Command::AddReplica {
+                dataset,
+                epoch,
+                node,
+            } => self.add_replica(*dataset, *epoch, *node),
+            Command::KeepDiverged {
+                dataset,
+                node,
+                snapshot,
+                at_unix_ms,
+            } => self.keep_diverged(*dataset, *node, snapshot.as_deref(), *at_unix_ms),
             Command::UnmountVolume { dataset, node, id } => Ok(CommandResult::VolumeUnmounted {
                 mounts: self.unmount_volume(*dataset, *node, id),
             }),
