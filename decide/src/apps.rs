@@ -196,6 +196,21 @@ pub struct AppsSeen {
     pub blind: BTreeMap<DriverKind, String>,
     /// The copies of the datasets of apps placed here; a dataset missing here is unknown.
     pub copies: BTreeMap<DatasetId, CopySeen>,
+    /// This node's lease, which stateful apps run under (the executor sets it on every look).
+    pub lease: LeaseSeen,
+}
+
+/// This node's lease as the apps see it ([`crate::lease`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LeaseSeen {
+    #[default]
+    Holds,
+    /// Not renewed since flockd started: stateful apps do not start, and running ones are left
+    /// to the fencing watchdog, which enforces the lease the previous flockd held (a restart
+    /// shorter than the lease adopts them without a restart).
+    Pending { why: String },
+    /// Renewals failed for longer than the lease: stateful apps are stopped (fenced).
+    Lapsed { why: String },
 }
 
 /// Where an app is on this node, as `flockctl app ls` shows it.
@@ -518,6 +533,30 @@ fn step(
             local.detail = format!("waiting for dataset {} to arrive on this node", ds.name);
             return actions;
         }
+        // A stateful app runs only under this node's lease: another node may take its dataset
+        // over once the lease ran out.
+        match &seen.lease {
+            LeaseSeen::Holds => {}
+            LeaseSeen::Pending { why } => {
+                if instance.is_none_or(|i| !may_run(i)) {
+                    local.phase = Phase::Waiting;
+                    local.detail = format!("waiting for this node's lease: {why}");
+                }
+                return actions;
+            }
+            LeaseSeen::Lapsed { why } => {
+                if let Some(i) = instance.filter(|i| may_run(i)) {
+                    actions.push(AppAction::Stop {
+                        app: name.to_string(),
+                        kind: i.kind,
+                        why: "fenced: this node's lease ran out",
+                    });
+                }
+                local.phase = Phase::Waiting;
+                local.detail = format!("fenced: this node holds no lease ({why})");
+                return actions;
+            }
+        }
         match seen.copies.get(&id) {
             // The copy here must hold the newest recorded snapshot (a move's last one): an app
             // never starts on data older than what its dataset's record says it has.
@@ -760,6 +799,66 @@ mod tests {
         assert!(AppsCore::new()
             .decide(&s, 2, &seen_copy(&s, vec![]), None, t(0))
             .is_empty());
+    }
+
+    /// Fencing: without a lease a stateful app is stopped; while the first renewal is pending
+    /// a running one is left (the watchdog holds the old lease) and none starts; stateless apps
+    /// do not care.
+    #[test]
+    fn a_stateful_app_runs_only_under_the_lease() {
+        let s = with_db(RestartPolicy::Always);
+        let (spec, _, _) =
+            the_start(&AppsCore::new().decide(&s, 1, &seen_copy(&s, vec![]), None, t(0)));
+        let running = |lease: LeaseSeen| {
+            let mut seen = seen_copy(&s, vec![]);
+            seen.instances.insert(
+                "db".into(),
+                vec![instance(SeenState::Running, &spec.fingerprint())],
+            );
+            seen.lease = lease;
+            seen
+        };
+        let mut core = AppsCore::new();
+        let lapsed = LeaseSeen::Lapsed {
+            why: "no quorum".into(),
+        };
+        assert_eq!(
+            core.decide(&s, 1, &running(lapsed.clone()), None, t(0)),
+            vec![vec![AppAction::Stop {
+                app: "db".into(),
+                kind: DriverKind::Process,
+                why: "fenced: this node's lease ran out"
+            }]]
+        );
+        assert!(core.view()["db"].detail.contains("fenced"));
+        let pending = LeaseSeen::Pending {
+            why: "starting".into(),
+        };
+        assert!(core
+            .decide(&s, 1, &running(pending.clone()), None, t(0))
+            .is_empty());
+        for lease in [pending, lapsed] {
+            let mut seen = seen_copy(&s, vec![]);
+            seen.lease = lease;
+            assert!(AppsCore::new().decide(&s, 1, &seen, None, t(0)).is_empty());
+        }
+        // A stateless app starts without a lease.
+        let mut s2 = testutil::cluster(1);
+        let mut web = testutil::spec("web", false);
+        web.volume = None;
+        let apps = BTreeMap::from([(
+            "web".to_string(),
+            PlannedApp {
+                spec: web,
+                node: None,
+            },
+        )]);
+        testutil::ok(&mut s2, Command::Deploy { apps });
+        let seen = AppsSeen {
+            lease: LeaseSeen::Lapsed { why: "x".into() },
+            ..Default::default()
+        };
+        the_start(&AppsCore::new().decide(&s2, 1, &seen, None, t(0)));
     }
 
     #[test]

@@ -137,8 +137,9 @@ pub struct Liveness {
     /// Since when this node leads (`None`: it does not).
     leading_since: Option<Instant>,
     heard: BTreeMap<NodeId, Heard>,
-    /// Nodes an operator declared dead: they get no renewal, and are declared down once
-    /// their last lease ran out.
+    /// When this leader first saw each node an operator declared dead
+    /// ([`flock_scheduler::failover::Failover::condemned`]): it renews them no more, and
+    /// declares them down once their last lease ran out.
     condemned: BTreeMap<NodeId, Instant>,
 }
 
@@ -180,14 +181,9 @@ impl Liveness {
         }
     }
 
-    /// An operator says `node` is dead: renew it no more.
-    pub fn condemn(&mut self, node: NodeId, now: Instant) {
-        self.condemned.entry(node).or_insert(now);
-    }
-
     /// Whether `node` may renew its lease: not declared down in `state`, not condemned.
     pub fn may_renew(&self, state: &ClusterState, node: NodeId) -> Result<(), String> {
-        if self.condemned.contains_key(&node) {
+        if state.failover.condemned.contains(&node) {
             return Err("an operator declared this node down".into());
         }
         match state.nodes.get(&node).map(|n| n.state) {
@@ -212,13 +208,11 @@ impl Liveness {
             return Vec::new();
         };
         let mut out = Vec::new();
-        // Condemned nodes that are down now need nothing more.
-        self.condemned.retain(|id, _| {
-            state
-                .nodes
-                .get(id)
-                .is_some_and(|n| n.state != NodeState::Down)
-        });
+        self.condemned
+            .retain(|id, _| state.failover.condemned.contains(id));
+        for id in &state.failover.condemned {
+            self.condemned.entry(*id).or_insert(now);
+        }
         for node in state.nodes.values() {
             if node.id == me {
                 continue;
@@ -368,8 +362,10 @@ mod tests {
         let mut live = Liveness::new();
         live.lead(t(0));
         live.heard(2, t(1000), &c);
-        live.condemn(2, t(1000));
+        let mut s = s;
+        s.apply(&Command::CondemnNode { node: 2 });
         assert!(live.may_renew(&s, 2).is_err());
+        assert!(live.decide(&s, 1, t(1000), &c).is_empty());
         // Still heard (it is alive after all), but its renewals are refused.
         live.heard(2, t(2000), &c);
         assert!(live.decide(&s, 1, t(4499), &c).is_empty());

@@ -493,16 +493,16 @@ mod tests {
     }
 
     /// Format 3 is format 4 without the failover state, the last field: the state replayed
-    /// from the legacy log, encoded by this build with an empty failover state (six bytes:
-    /// five empty collections and the next event id 0) and cut there, is what main at f4fc48a
+    /// from the legacy log, encoded by this build with an empty failover state (seven bytes:
+    /// five empty collections, the next event id 0, one more empty collection) and cut there, is what main at f4fc48a
     /// wrote.
     #[test]
     fn a_v3_snapshot_decodes_with_no_failover_state() {
         let cluster = replayed();
         let v4 = encode_cluster(&cluster);
         assert_eq!(v4[0], 4);
-        assert_eq!(&v4[v4.len() - 6..], &[0, 0, 0, 0, 0, 0]);
-        let mut v3 = v4[..v4.len() - 6].to_vec();
+        assert_eq!(&v4[v4.len() - 7..], &[0, 0, 0, 0, 0, 0, 0]);
+        let mut v3 = v4[..v4.len() - 7].to_vec();
         v3[0] = 3;
         assert_eq!(decode_cluster(&v3).unwrap(), cluster);
         // A failover state that is not empty survives the round trip in format 4.

@@ -51,6 +51,9 @@ pub struct Failover {
     pub events: VecDeque<Event>,
     /// The id the next event gets.
     pub next_event: u64,
+    /// Nodes an operator declared dead (`flockctl node down`): the leader renews their leases
+    /// no more and declares them down once the last lease it granted has run out.
+    pub condemned: BTreeSet<NodeId>,
 }
 
 /// How a dataset is replicated.
@@ -277,6 +280,7 @@ impl ClusterState {
             });
         }
         self.nodes.get_mut(&node).expect("checked").state = NodeState::Down;
+        self.failover.condemned.remove(&node);
         self.failover.down.insert(
             node,
             DownRecord {
@@ -428,6 +432,20 @@ impl ClusterState {
                     .saturating_sub(snapshot_unix.unwrap_or(0).saturating_mul(1000)),
             },
         );
+    }
+
+    pub(crate) fn condemn_node(&mut self, node: NodeId) -> Result<CommandResult, ApplyError> {
+        let n = self
+            .nodes
+            .get(&node)
+            .ok_or(ApplyError::UnknownNode { id: node })?;
+        if n.state == NodeState::Down {
+            return Err(ApplyError::NodeDown {
+                name: n.name.clone(),
+            });
+        }
+        self.failover.condemned.insert(node);
+        Ok(CommandResult::NodeCondemned)
     }
 
     pub(crate) fn node_back_up(

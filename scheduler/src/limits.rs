@@ -381,6 +381,7 @@ impl Command {
             }),
             // Nothing but numbers.
             Command::DeclareNodeDown { .. }
+            | Command::CondemnNode { .. }
             | Command::NodeBackUp { .. }
             | Command::SetReplication { .. }
             | Command::AddReplica { .. }

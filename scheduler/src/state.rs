@@ -291,6 +291,9 @@ pub enum Command {
         at_unix_ms: u64,
         by_operator: bool,
     },
+    /// An operator says the node is dead: the leader stops renewing its lease and declares it
+    /// down once the last lease it granted has run out.
+    CondemnNode { node: NodeId },
     /// A node declared down has been heard from steadily again: work may be placed on it.
     NodeBackUp {
         node: NodeId,
@@ -418,6 +421,7 @@ pub enum CommandResult {
     },
     ReplicationSet,
     DivergedKept,
+    NodeCondemned,
 }
 
 /// Why a command was rejected. Messages name the bad input and what to do.
@@ -808,6 +812,7 @@ impl ClusterState {
                 by_operator,
             } => self.declare_node_down(*node, *last_heard_unix_ms, *at_unix_ms, *by_operator),
             Command::NodeBackUp { node, at_unix_ms } => self.node_back_up(*node, *at_unix_ms),
+            Command::CondemnNode { node } => self.condemn_node(*node),
             Command::SetReplication {
                 dataset,
                 replication,
