@@ -70,6 +70,14 @@ pub enum Job {
     Release {
         dataset: DatasetId,
     },
+    /// A periodic snapshot of a replicated dataset.
+    Snapshot {
+        dataset: DatasetId,
+    },
+    /// Proposing another replica.
+    AddReplica {
+        dataset: DatasetId,
+    },
 }
 
 /// A dataset this node's backend holds.
@@ -147,6 +155,15 @@ pub enum DatasetAction {
     /// Propose [`flock_scheduler::Command::ReleaseDataset`]; report its end as
     /// [`Job::Release`].
     Release { dataset: DatasetId },
+    /// Take and record a periodic (`auto-...`) snapshot of `dataset`, if it is still primary
+    /// here at `epoch`; report its end as [`Job::Snapshot`].
+    Snapshot { dataset: DatasetId, epoch: u64 },
+    /// Propose [`flock_scheduler::Command::AddReplica`]; report its end as [`Job::AddReplica`].
+    AddReplica {
+        dataset: DatasetId,
+        epoch: u64,
+        node: NodeId,
+    },
 }
 
 /// How a job ended.
@@ -178,6 +195,10 @@ pub struct DatasetsCore {
     /// The datasets' desired state at the last look, and when that was (`None`: look now).
     seen: Option<(BTreeMap<DatasetId, Dataset>, DatasetId)>,
     last_look: Option<Instant>,
+    /// Per replicated dataset, when its last periodic snapshot was started.
+    last_auto: BTreeMap<DatasetId, Instant>,
+    /// When the next periodic snapshot is due (`None`: none is).
+    next_auto: Option<Instant>,
 }
 
 impl DatasetsCore {
@@ -194,6 +215,7 @@ impl DatasetsCore {
             .as_ref()
             .is_none_or(|(d, next)| *d != state.datasets || *next != state.next_dataset_id);
         changed
+            || self.next_auto.is_some_and(|at| now >= at)
             || self
                 .last_look
                 .is_none_or(|at| now.saturating_since(at) >= FULL_LOOK)
@@ -221,6 +243,9 @@ impl DatasetsCore {
     ) -> Vec<DatasetAction> {
         self.seen = Some((state.datasets.clone(), state.next_dataset_id));
         self.last_look = Some(now);
+        self.next_auto = None;
+        self.last_auto
+            .retain(|id, _| state.datasets.get(id).is_some_and(|d| d.primary == me));
         // Without a listing nothing is known about what this node holds: nothing is
         // destroyed, created or pushed from it.
         let Ok(listed) = &copies.copies else {
@@ -304,6 +329,36 @@ impl DatasetsCore {
                         epoch: ds.epoch,
                         names,
                     });
+                }
+            }
+            if let Some(rep) = state.failover.replication_of(ds.id) {
+                let job = Job::AddReplica { dataset: ds.id };
+                if self.may_start(job, now) {
+                    if let Some(node) = flock_scheduler::failover::replica_wanted(state, ds.id) {
+                        self.running.insert(job, None);
+                        actions.push(DatasetAction::AddReplica {
+                            dataset: ds.id,
+                            epoch: ds.epoch,
+                            node,
+                        });
+                    }
+                }
+                // Every interval a snapshot, which the pushes below carry to the replicas;
+                // not while it moves (the move's rounds snapshot) or is held (a rollback).
+                let interval = Duration::from_millis(rep.interval_ms);
+                let due_at = self.last_auto.get(&ds.id).map_or(now, |t| *t + interval);
+                let job = Job::Snapshot { dataset: ds.id };
+                if ds.moving.is_none() && ds.hold.is_none() {
+                    if now >= due_at && self.may_start(job, now) && !copies.busy.contains(&ds.id) {
+                        self.running.insert(job, None);
+                        self.last_auto.insert(ds.id, now);
+                        actions.push(DatasetAction::Snapshot {
+                            dataset: ds.id,
+                            epoch: ds.epoch,
+                        });
+                    }
+                    let next = self.last_auto.get(&ds.id).map_or(now, |t| *t + interval);
+                    self.next_auto = Some(self.next_auto.map_or(next, |n| n.min(next)));
                 }
             }
             if let Some(m) = &ds.moving {
@@ -513,6 +568,57 @@ mod tests {
                 name: "moved".into()
             }]
         );
+    }
+
+    /// A replicated dataset: its primary asks for the missing replicas and snapshots every
+    /// interval, not while it moves, and says when the next one is due.
+    #[test]
+    fn a_replicated_dataset_gets_its_replicas_and_periodic_snapshots() {
+        let mut s = cluster(3);
+        create(&mut s, "db", ME);
+        ok(
+            &mut s,
+            Command::SetReplication {
+                dataset: 1,
+                replication: Some(flock_scheduler::failover::Replication {
+                    replicas: 1,
+                    interval_ms: 1000,
+                }),
+            },
+        );
+        let mut core = DatasetsCore::new();
+        let held = copies(&[(1, "db")]);
+        let acts = core.decide(&s, ME, &held, t(0));
+        assert_eq!(
+            acts,
+            vec![
+                DatasetAction::AddReplica {
+                    dataset: 1,
+                    epoch: 1,
+                    node: 2
+                },
+                DatasetAction::Snapshot {
+                    dataset: 1,
+                    epoch: 1
+                },
+            ]
+        );
+        core.finished(Job::Snapshot { dataset: 1 }, JobOutcome::Done, t(10));
+        assert!(!core.due(&s, t(999)) || core.decide(&s, ME, &held, t(999)).is_empty());
+        assert!(core.due(&s, t(1000)));
+        assert!(core
+            .decide(&s, ME, &held, t(1000))
+            .contains(&DatasetAction::Snapshot {
+                dataset: 1,
+                epoch: 1
+            }));
+        // Not while it moves.
+        core.finished(Job::Snapshot { dataset: 1 }, JobOutcome::Done, t(1010));
+        ok(&mut s, Command::BeginDatasetMove { dataset: 1, to: 3 });
+        assert!(!core
+            .decide(&s, ME, &held, t(5000))
+            .iter()
+            .any(|a| matches!(a, DatasetAction::Snapshot { .. })));
     }
 
     /// The old primary's copy after a failover holds writes no one else has: this node

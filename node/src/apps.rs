@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use flock_decide::apps::{
-    may_start, AppAction, AppLocal, AppsCore, AppsSeen, CopySeen, Seen, SeenState, StartFailure,
+    may_start, AppAction, AppLocal, AppsCore, AppsSeen, CopySeen, LeaseSeen, Seen, SeenState,
+    StartFailure,
 };
 use flock_proto::v1 as pb;
 use flock_scheduler::config::RestartPolicy;
@@ -204,7 +205,10 @@ async fn look(here: &Here<'_>, state: &ClusterState, core: &mut AppsCore) {
 async fn observe(here: &Here<'_>, state: &ClusterState) -> AppsSeen {
     let me = here.cluster.node_id;
     let listing = here.drivers.list().await;
-    let mut seen = AppsSeen::default();
+    let mut seen = AppsSeen {
+        lease: here.cluster.leases.seen(),
+        ..AppsSeen::default()
+    };
     for (kind, why) in listing.failed {
         seen.blind.insert(kind, why);
     }
@@ -300,7 +304,13 @@ async fn carry_out(here: &Here<'_>, core: &mut AppsCore, action: AppAction) -> b
                 },
                 None => None,
             };
-            let check = may_start(&here.cluster.view.read().cluster, &guard);
+            let check = may_start(&here.cluster.view.read().cluster, &guard).and_then(|()| {
+                // The lease may have lapsed since the look: a stateful app starts only under it.
+                match (guard.dataset, here.cluster.leases.seen()) {
+                    (None, _) | (Some(_), LeaseSeen::Holds) => Ok(()),
+                    (Some(_), _) => Err("this node's lease does not hold".to_string()),
+                }
+            });
             if let Err(e) = check {
                 tracing::info!(app, reason = %e, "not starting: the state moved on");
                 core.started(&app, &spec, Err(StartFailure::Overtaken(e)), here.now());

@@ -154,6 +154,8 @@ pub struct Cluster {
     /// Proposals on their way into Raft, batched (see [`run_batcher`]).
     proposals: mpsc::UnboundedSender<Proposal>,
     peers: Mutex<HashMap<(NodeId, String), ApiClient<Channel>>>,
+    /// This node's lease and, while it leads, who it heard from ([`crate::lease`]).
+    pub leases: crate::lease::Leases,
 }
 
 /// Outcome of forwarding to the leader.
@@ -185,6 +187,7 @@ impl Cluster {
             request_timeout,
             tls,
             peers: Mutex::new(HashMap::new()),
+            leases: crate::lease::Leases::new(flock_decide::lease::LeaseConfig::default()),
         }
     }
 
@@ -419,7 +422,7 @@ impl Cluster {
 
     async fn remote_read_index(&self, id: NodeId, addr: &str, deadline: Instant) -> Option<u64> {
         let mut client = self.peer(id, addr).ok()?;
-        let mut req = tonic::Request::new(ReadIndexRequest {});
+        let mut req = tonic::Request::new(ReadIndexRequest { lease: false });
         // Reads have no effect: on a silent leader give up early and look for the new one.
         let attempt = deadline
             .saturating_duration_since(Instant::now())

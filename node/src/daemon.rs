@@ -533,6 +533,12 @@ impl RunningNode {
         workers.spawn(Phase::Membership, "membership", |stop, status| {
             membership_worker(cluster.clone(), stop, status)
         });
+        workers.spawn(Phase::Membership, "liveness", |stop, status| {
+            crate::lease::watch(cluster.clone(), stop, status)
+        });
+        workers.spawn(Phase::Agents, "lease", |stop, status| {
+            crate::lease::renew(cluster.clone(), stop, status)
+        });
         {
             let (quic, datasets, view) = (quic.clone(), datasets.clone(), cluster.view.clone());
             workers.spawn(Phase::Transfer, "transfer", |stop, _| {

@@ -37,6 +37,8 @@ pub mod datasets;
 pub mod dev;
 pub mod driver;
 pub mod edge;
+pub mod fence;
+pub mod lease;
 pub mod mesh;
 pub mod pki;
 pub mod plugin;

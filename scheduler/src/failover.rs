@@ -262,6 +262,44 @@ pub fn failover_target(state: &ClusterState, dataset: DatasetId) -> Result<NodeI
     best.map(|(_, n)| n).ok_or_else(|| why.join("; "))
 }
 
+/// The node that should become the next replica of `dataset`, if it asks for more replicas
+/// than it has on nodes that are up: a ready node that is neither its primary, nor a replica,
+/// nor holding a diverged copy of it, where its apps fit; the one holding the fewest datasets
+/// (ties: the lowest id). `None` when it has enough or no node qualifies.
+pub fn replica_wanted(state: &ClusterState, dataset: DatasetId) -> Option<NodeId> {
+    let want = state.failover.replication_of(dataset)?.replicas;
+    let ds = state.datasets.get(&dataset)?;
+    let up = ds
+        .replicas
+        .iter()
+        .filter(|r| {
+            state
+                .nodes
+                .get(r)
+                .is_some_and(|n| n.state != NodeState::Down)
+        })
+        .count();
+    if up >= want as usize {
+        return None;
+    }
+    let held = |node: NodeId| {
+        state
+            .datasets
+            .values()
+            .filter(|d| d.primary == node || d.replicas.contains(&node))
+            .count()
+    };
+    state
+        .nodes
+        .values()
+        .filter(|n| n.state == NodeState::Ready)
+        .filter(|n| n.id != ds.primary && !ds.replicas.contains(&n.id))
+        .filter(|n| !state.failover.is_diverged(dataset, n.id))
+        .filter(|n| apps_misfit(state, dataset, n.id).is_none())
+        .min_by_key(|n| (held(n.id), n.id))
+        .map(|n| n.id)
+}
+
 impl ClusterState {
     pub(crate) fn declare_node_down(
         &mut self,
@@ -817,6 +855,57 @@ mod tests {
             CommandResult::Rejected(ApplyError::InvalidReplication { .. })
         ));
         assert_eq!(s.failover.replication_of(id).unwrap().replicas, 2);
+    }
+
+    #[test]
+    fn replicas_go_to_ready_nodes_that_hold_the_fewest_datasets() {
+        let mut s = cluster(4);
+        let apps = [(
+            "db".to_string(),
+            PlannedApp {
+                spec: spec("db", None, true),
+                node: Some(1),
+            },
+        )]
+        .into_iter()
+        .collect();
+        s.apply(&Command::Deploy { apps });
+        let id = s.dataset_by_name("db").unwrap().id;
+        assert_eq!(replica_wanted(&s, id), None, "no replication asked for");
+        s.apply(&Command::SetReplication {
+            dataset: id,
+            replication: Some(Replication {
+                replicas: 2,
+                interval_ms: 1000,
+            }),
+        });
+        // n2 holds another dataset: n3 first (none held, lowest id), then n4.
+        s.apply(&Command::CreateDataset {
+            name: "other".into(),
+            primary: 2,
+            size_limit: None,
+        });
+        assert_eq!(replica_wanted(&s, id), Some(3));
+        s.apply(&Command::AddReplica {
+            dataset: id,
+            epoch: 1,
+            node: 3,
+        });
+        assert_eq!(replica_wanted(&s, id), Some(4));
+        s.apply(&Command::AddReplica {
+            dataset: id,
+            epoch: 1,
+            node: 4,
+        });
+        assert_eq!(replica_wanted(&s, id), None);
+        // A replica on a down node does not count: another is wanted.
+        s.apply(&Command::DeclareNodeDown {
+            node: 4,
+            last_heard_unix_ms: 0,
+            at_unix_ms: 0,
+            by_operator: true,
+        });
+        assert_eq!(replica_wanted(&s, id), Some(2));
     }
 
     #[test]

@@ -293,7 +293,9 @@ pub enum Command {
     },
     /// An operator says the node is dead: the leader stops renewing its lease and declares it
     /// down once the last lease it granted has run out.
-    CondemnNode { node: NodeId },
+    CondemnNode {
+        node: NodeId,
+    },
     /// A node declared down has been heard from steadily again: work may be placed on it.
     NodeBackUp {
         node: NodeId,

@@ -498,8 +498,17 @@ impl Api for ApiService {
     }
 
     async fn read_index(&self, req: Request<ReadIndexRequest>) -> Reply<ReadIndexReply> {
-        self.auth.check_node(&req.peer_certs())?;
+        let caller = self.auth.check_node(&req.peer_certs())?;
+        // Any call proves the caller alive; a renewal is also a question: may it hold a lease.
+        self.cluster.leases.heard(caller);
         let index = self.cluster.local_read_index().await?;
+        if req.into_inner().lease {
+            let state = self.cluster.view.read();
+            self.cluster
+                .leases
+                .may_renew(&state.cluster, caller)
+                .map_err(Status::failed_precondition)?;
+        }
         Ok(Response::new(ReadIndexReply { index }))
     }
 

@@ -201,6 +201,26 @@ impl Executor {
                 DatasetAction::DestroySnapshots { id, name, .. } => {
                     self.destroy_forgotten(id, &name).await
                 }
+                DatasetAction::Snapshot { dataset, epoch } => {
+                    let (ex, done) = (self.clone(), done.clone());
+                    tokio::spawn(async move {
+                        let outcome = ex.periodic_snapshot(dataset, epoch).await;
+                        let _ = done.send((Job::Snapshot { dataset }, outcome));
+                    });
+                }
+                DatasetAction::AddReplica {
+                    dataset,
+                    epoch,
+                    node,
+                } => {
+                    tracing::info!(dataset, node, "adding a replica");
+                    let cmd = Command::AddReplica {
+                        dataset,
+                        epoch,
+                        node,
+                    };
+                    self.spawn_proposal(Job::AddReplica { dataset }, cmd, done);
+                }
                 DatasetAction::SetLimit { id, name, limit } => {
                     let (ex, done) = (self.clone(), done.clone());
                     tokio::spawn(async move {
@@ -209,6 +229,34 @@ impl Executor {
                     });
                 }
             }
+        }
+    }
+
+    /// Takes and records a periodic snapshot (`auto-TIME`) of `dataset`, under its lock, if
+    /// this node is still its primary at `epoch`; the replica pushes carry it on.
+    async fn periodic_snapshot(&self, dataset: DatasetId, epoch: u64) -> JobOutcome {
+        let Some(_guard) = self.datasets.try_lock(dataset) else {
+            return JobOutcome::Skipped;
+        };
+        let ds = self
+            .cluster
+            .view
+            .read()
+            .cluster
+            .datasets
+            .get(&dataset)
+            .cloned();
+        let Some(ds) = ds.filter(|d| d.primary == self.cluster.node_id && d.epoch == epoch) else {
+            return JobOutcome::Skipped;
+        };
+        let tag = format!("auto-{}", time_name(SystemTime::now()));
+        match self
+            .datasets
+            .snapshot_and_record(&self.cluster, &ds, Some(&tag))
+            .await
+        {
+            Ok(_) => JobOutcome::Done,
+            Err(e) => JobOutcome::Failed(e.to_string()),
         }
     }
 
