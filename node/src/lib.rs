@@ -17,6 +17,8 @@
 //! - [`apps`]: the apps agent, executor of [`flock_decide::apps`] (start gate, failpoint).
 //! - [`driver`]: running apps on this node (the process and docker drivers), failing closed:
 //!   what cannot be observed is reported unknown, never absent.
+//! - [`fence`]: the lease record and the watchdog (`flockd fence-watch`) that kills a node's
+//!   stateful apps once its lease has run out, even when flockd is dead or hung.
 //! - [`datasets`]: the node's storage backend, dataset operations, and the datasets agent,
 //!   executor of [`flock_decide::datasets`] and [`flock_decide::moves`].
 //! - [`transfer`]: snapshot streams between nodes over QUIC (the push protocol; the QUIC tuning
@@ -37,6 +39,7 @@ pub mod datasets;
 pub mod dev;
 pub mod driver;
 pub mod edge;
+pub mod fence;
 pub mod mesh;
 pub mod pki;
 pub mod plugin;
