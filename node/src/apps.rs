@@ -10,14 +10,14 @@
 //! After a flockd restart, the driver's records make the running instances adopted, not
 //! started again. What the core knows is published in [`AppsView`] for the API (`app ls`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use flock_decide::apps::{
-    may_start, AppAction, AppLocal, AppsCore, AppsSeen, CopySeen, LeaseSeen, Seen, SeenState,
+    may_start, AppAction, DriverKind, AppLocal, AppsCore, AppsSeen, CopySeen, LeaseSeen, Seen, SeenState,
     StartFailure,
 };
 use flock_proto::v1 as pb;
@@ -198,6 +198,82 @@ async fn look(here: &Here<'_>, state: &ClusterState, core: &mut AppsCore) {
             }
         }
     }
+    sync_guards(here, state, &seen);
+}
+
+/// Guards a started stateful app with the fencing watchdog (its process group, or its
+/// container), so it is killed once this node's lease runs out even if flockd cannot.
+fn guard(here: &Here<'_>, app: &str, kind: DriverKind, id: &str) -> Result<(), String> {
+    let r = here
+        .cluster
+        .leases
+        .with_fence(|fence| guard_with(fence, app, kind, id));
+    r.unwrap_or(Ok(()))
+}
+
+fn guard_with(
+    fence: &crate::fence::FenceDir,
+    app: &str,
+    kind: DriverKind,
+    id: &str,
+) -> Result<(), String> {
+    match kind {
+        DriverKind::Process => {
+            let pid: u32 = id
+                .parse()
+                .map_err(|_| format!("the process driver's id {id:?} is not a pid"))?;
+            fence.guard_process(app, pid).map_err(|e| e.to_string())
+        }
+        DriverKind::Docker => {
+            let socket = crate::daemon::docker_socket().map_err(|e| e.to_string())?;
+            fence
+                .guard_container(app, id, &socket)
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Keeps the watchdog's guards in step with what runs: every stateful app running here is
+/// guarded (also one adopted from a flockd without a watchdog), and a guard whose app was seen
+/// not running goes. Nothing is unguarded while a driver could not be listed.
+fn sync_guards(here: &Here<'_>, state: &ClusterState, seen: &AppsSeen) {
+    here.cluster.leases.with_fence(|fence| {
+        let guarded = match fence.guarded() {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the fencing watchdog's guards");
+                return;
+            }
+        };
+        let mut may_run = BTreeSet::new();
+        for (name, instances) in &seen.instances {
+            let stateful = state.apps.get(name).is_some_and(|a| a.dataset.is_some());
+            for i in instances {
+                match i.state {
+                    SeenState::Running => {
+                        may_run.insert(name.as_str());
+                        if stateful && !guarded.iter().any(|g| g == name) {
+                            if let Err(e) = guard_with(fence, name, i.kind, &i.id) {
+                                tracing::warn!(app = %name, error = %e, "cannot guard the app with the fencing watchdog");
+                            }
+                        }
+                    }
+                    SeenState::Unknown { .. } => {
+                        may_run.insert(name.as_str());
+                    }
+                    SeenState::Exited { .. } => {}
+                }
+            }
+        }
+        if !seen.blind.is_empty() {
+            return;
+        }
+        for name in guarded.iter().filter(|g| !may_run.contains(g.as_str())) {
+            if let Err(e) = fence.unguard(name) {
+                tracing::warn!(app = %name, error = %e, "cannot remove the app's fencing guard");
+            }
+        }
+    });
 }
 
 /// What the drivers and the backend report: every instance, the drivers that could not be
@@ -319,7 +395,17 @@ async fn carry_out(here: &Here<'_>, core: &mut AppsCore, action: AppAction) -> b
             let result = match drivers.start(kind, &spec, restarts).await {
                 Ok(i) => {
                     tracing::info!(app, id = %i.id, "started");
-                    Ok(i.id)
+                    match guard.dataset.map(|_| self::guard(here, &app, kind, &i.id)) {
+                        Some(Err(e)) => {
+                            // Unguarded it could outlive the lease: not run at all.
+                            tracing::warn!(app, error = %e, "cannot guard it with the fencing watchdog; stopping it");
+                            let _ = drivers.stop(kind, &app).await;
+                            Err(StartFailure::Transient(format!(
+                                "cannot guard it with the fencing watchdog: {e}"
+                            )))
+                        }
+                        _ => Ok(i.id),
+                    }
                 }
                 Err(e) if e.is_permanent() => {
                     tracing::warn!(app, error = %e, "start failed");

@@ -563,6 +563,15 @@ impl Cluster {
                         .get(id)
                         .and_then(|n| n.capacity.as_ref())
                         .map(|c| c.docker),
+                    state: placement
+                        .get(id)
+                        .map(|n| match n.state {
+                            flock_scheduler::NodeState::Ready => "ready",
+                            flock_scheduler::NodeState::Draining => "draining",
+                            flock_scheduler::NodeState::Down => "down",
+                        })
+                        .unwrap_or_default()
+                        .into(),
                 }
             })
             .collect();

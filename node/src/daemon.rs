@@ -129,7 +129,7 @@ pub const DOCKER_SOCKET_ENV: &str = "FLOCK_DOCKER_SOCKET";
 /// The Docker engine's socket: [`DOCKER_SOCKET_ENV`] if set (and not empty), else the default.
 /// A value that is not UTF-8 is refused rather than replaced by the default: the operator
 /// asked for another engine, and silently using the local one would run apps on the wrong one.
-fn docker_socket() -> anyhow::Result<String> {
+pub(crate) fn docker_socket() -> anyhow::Result<String> {
     match std::env::var(DOCKER_SOCKET_ENV) {
         Ok(s) if !s.is_empty() => Ok(s),
         Ok(_) | Err(std::env::VarError::NotPresent) => {
@@ -139,6 +139,44 @@ fn docker_socket() -> anyhow::Result<String> {
             "{DOCKER_SOCKET_ENV}={v:?} is not UTF-8: give the Docker engine's socket path, or unset it for {}",
             crate::driver::docker::DOCKER_SOCKET
         ),
+    }
+}
+
+/// Starts the fencing watchdog of the data dir at `root` (unless one runs) and has every lease
+/// renewal recorded for it: it kills this node's stateful apps once the lease has run out,
+/// also when flockd is dead, hung or stopped. Without it (not run as the flockd binary, or the
+/// watchdog cannot start) only flockd itself fences, which it cannot do when it is not running:
+/// said loudly.
+async fn start_fencing(cluster: &Cluster, root: &std::path::Path) {
+    let dir = match crate::fence::FenceDir::open(root) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the fencing directory; stateful apps are fenced only while flockd runs");
+            return;
+        }
+    };
+    cluster.leases.set_fence(dir);
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot find flockd's binary to start the fencing watchdog");
+            return;
+        }
+    };
+    let is_flockd = exe
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("flockd"));
+    if !is_flockd {
+        tracing::warn!(exe = %exe.display(), "not run as flockd: no fencing watchdog (stateful apps are fenced only while this process runs)");
+        return;
+    }
+    let root = root.to_path_buf();
+    let spawned =
+        tokio::task::spawn_blocking(move || crate::fence::spawn_watch(&exe, &root)).await;
+    match spawned {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the fencing watchdog did not start; stateful apps are fenced only while flockd runs"),
+        Err(e) => tracing::error!(error = %e, "the fencing watchdog did not start"),
     }
 }
 
@@ -450,6 +488,7 @@ impl RunningNode {
         opts: &NodeOptions,
     ) -> anyhow::Result<RunningNode> {
         let bound = listener.local_addr()?;
+        let data_root = apps_root.parent().map(std::path::Path::to_path_buf);
         let datasets = Arc::new(Datasets::new(backend, identity.node_id));
         let drivers = crate::driver::Drivers::open_at(
             apps_root,
@@ -483,6 +522,9 @@ impl RunningNode {
             opts.request_timeout,
             tls_identity.clone(),
         ));
+        if let Some(root) = &data_root {
+            start_fencing(&cluster, root).await;
+        }
         let secret = ca.as_ref().map(|(_, f)| f.clone());
         let auth = Authorizer::new(view);
         let edge = crate::edge::AuthLayer::new(auth.clone());

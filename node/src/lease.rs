@@ -33,7 +33,7 @@ pub struct Leases {
     own: Mutex<Own>,
     liveness: Mutex<Liveness>,
     /// Where the fencing watchdog reads the lease; `None`: no watchdog (in-process fencing only).
-    fence: Mutex<Option<crate::fence::FenceDir>>,
+    fence: Mutex<Option<Arc<crate::fence::FenceDir>>>,
 }
 
 struct Own {
@@ -71,16 +71,17 @@ impl Leases {
 
     /// The watchdog's directory: every renewal is written there from now on.
     pub fn set_fence(&self, dir: crate::fence::FenceDir) {
-        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir);
+        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(dir));
     }
 
-    /// The watchdog's directory, if there is one.
+    /// Calls `f` with the watchdog's directory, if there is one (no lock is held meanwhile).
     pub fn with_fence<T>(&self, f: impl FnOnce(&crate::fence::FenceDir) -> T) -> Option<T> {
-        self.fence
+        let dir = self
+            .fence
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(f)
+            .clone();
+        dir.map(|d| f(&d))
     }
 
     /// This node's lease as the apps agent sees it.

@@ -17,6 +17,10 @@
 //! - [`apps`]: the apps agent, executor of [`flock_decide::apps`] (start gate, failpoint).
 //! - [`driver`]: running apps on this node (the process and docker drivers), failing closed:
 //!   what cannot be observed is reported unknown, never absent.
+//! - [`lease`]: renewing this node's lease through the leader, and the leader's liveness
+//!   worker that declares silent nodes down (failover) and steady ones back up.
+//! - [`fence`]: the lease record and the watchdog (`flockd fence-watch`) that kills a node's
+//!   stateful apps once its lease has run out, even when flockd is dead or hung.
 //! - [`datasets`]: the node's storage backend, dataset operations, and the datasets agent,
 //!   executor of [`flock_decide::datasets`] and [`flock_decide::moves`].
 //! - [`transfer`]: snapshot streams between nodes over QUIC (the push protocol; the QUIC tuning

@@ -914,6 +914,26 @@ impl World {
                     let cmd = Command::ReleaseDataset { dataset };
                     self.proposal_job(id, DsJob::Release { dataset }, cmd, now);
                 }
+                DatasetAction::AddReplica {
+                    dataset,
+                    epoch,
+                    node,
+                } => {
+                    let cmd = Command::AddReplica {
+                        dataset,
+                        epoch,
+                        node,
+                    };
+                    self.proposal_job(id, DsJob::AddReplica { dataset }, cmd, now);
+                }
+                // The simulated datasets ask for no replication yet: no periodic snapshots.
+                DatasetAction::Snapshot { dataset, .. } => {
+                    self.node(id).datasets.finished(
+                        DsJob::Snapshot { dataset },
+                        JobOutcome::Skipped,
+                        now,
+                    );
+                }
                 DatasetAction::SetLimit { id: ds, .. } => {
                     self.node(id).datasets.finished(
                         DsJob::SetLimit { dataset: ds },

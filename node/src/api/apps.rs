@@ -189,10 +189,20 @@ impl ApiService {
             };
             if ds.retention != policy.retention {
                 cmds.push((
-                    app,
+                    app.clone(),
                     Command::SetRetention {
                         dataset: ds.id,
                         retention: policy.retention,
+                    },
+                ));
+            }
+            let replication = policy.replication();
+            if state.failover.replication_of(ds.id) != replication {
+                cmds.push((
+                    app,
+                    Command::SetReplication {
+                        dataset: ds.id,
+                        replication,
                     },
                 ));
             }
@@ -204,7 +214,11 @@ impl ApiService {
                 Err(e) => Err(e.to_string()),
             };
             match r {
-                Ok(CommandResult::DatasetLimitSet | CommandResult::RetentionSet) => {}
+                Ok(
+                    CommandResult::DatasetLimitSet
+                    | CommandResult::RetentionSet
+                    | CommandResult::ReplicationSet,
+                ) => {}
                 Ok(other) => warnings.push(format!(
                     "app {app}'s volume policy was not applied: {}",
                     match other {

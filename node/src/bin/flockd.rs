@@ -73,6 +73,14 @@ enum Cmd {
         #[command(flatten)]
         raft: RaftArgs,
     },
+    /// The fencing watchdog of one data dir (started by flockd): kills the node's stateful apps
+    /// once its lease has run out. See `flock_node::fence`.
+    #[command(hide = true)]
+    FenceWatch {
+        /// The data dir's fence directory (DATA_DIR/fence).
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -186,6 +194,14 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Cmd::FenceWatch { dir } = &cli.command {
+        // No runtime: the watchdog is one thread, and its stderr is its log file.
+        if let Err(e) = flock_node::fence::run_watch(dir) {
+            eprintln!("flockd fence-watch: {}: {e}", dir.display());
+            std::process::exit(1);
+        }
+        return;
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -203,9 +219,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = match &cli.command {
         Cmd::Init { node } | Cmd::Join { node, .. } => node.data_dir.clone(),
         Cmd::Run { data_dir, .. } => data_dir.clone(),
-        Cmd::Dev { .. } => PathBuf::new(),
+        Cmd::Dev { .. } | Cmd::FenceWatch { .. } => PathBuf::new(),
     };
     let node = match cli.command {
+        Cmd::FenceWatch { .. } => unreachable!("main runs fence-watch without a runtime"),
         Cmd::Dev {
             nodes,
             port,

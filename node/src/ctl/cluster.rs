@@ -60,6 +60,7 @@ struct MemberJson<'a> {
     addr: &'a str,
     role: &'a str,
     health: &'a str,
+    state: &'a str,
     matched_index: Option<u64>,
     lag: Option<u64>,
     rtt_ms: Option<u64>,
@@ -76,6 +77,7 @@ fn member_json(m: &Member) -> MemberJson<'_> {
         addr: &m.addr,
         role: &m.role,
         health: &m.health,
+        state: &m.state,
         matched_index: m.matched_index,
         lag: m.lag,
         rtt_ms: m.rtt_ms,
@@ -117,6 +119,7 @@ fn members_table(members: &[Member]) -> String {
         "ADDRESS".into(),
         "ROLE".into(),
         "HEALTH".into(),
+        "STATE".into(),
         "MATCHED".into(),
         "LAG".into(),
         "RTT".into(),
@@ -129,6 +132,11 @@ fn members_table(members: &[Member]) -> String {
             m.addr.clone(),
             m.role.clone(),
             m.health.clone(),
+            if m.state.is_empty() {
+                "-".into()
+            } else {
+                m.state.clone()
+            },
             opt(m.matched_index),
             opt(m.lag),
             m.rtt_ms

@@ -63,16 +63,16 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// One process, as /proc/PID/stat shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ProcStat {
-    ppid: i32,
-    pgrp: i32,
+pub(crate) struct ProcStat {
+    pub(crate) ppid: i32,
+    pub(crate) pgrp: i32,
     /// Field 22: the start time in clock ticks since boot; with the pid, names one process.
-    start: u64,
-    zombie: bool,
+    pub(crate) start: u64,
+    pub(crate) zombie: bool,
 }
 
 /// /proc/PID/stat of `pid`; `Ok(None)` when there is no such process (any more).
-fn proc_stat(pid: i32) -> std::io::Result<Option<ProcStat>> {
+pub(crate) fn proc_stat(pid: i32) -> std::io::Result<Option<ProcStat>> {
     let stat = match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => s,
         // ESRCH: it exited between the directory listing and the read.

@@ -122,6 +122,11 @@ impl Proc {
     }
 
     /// kill -9.
+    /// The flockd's pid (0 once it was reaped).
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

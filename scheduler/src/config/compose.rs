@@ -350,7 +350,11 @@ fn read_service(
                 volume.maximum_size = Some(size.value);
             }
             let retention = settings.retention.and_then(|r| r.value);
-            Some(VolumePolicy { retention })
+            Some(VolumePolicy {
+                retention,
+                replicas: settings.replicas.map(|r| r.value),
+                snapshot_interval_ms: settings.snapshot_interval.map(|i| i.value),
+            })
         }
         None => {
             let given = match (settings.retention, settings.maximum_size) {
@@ -360,7 +364,14 @@ fn read_service(
                     "a retention policy is for a volume's snapshots",
                 )),
                 (None, Some(s)) => Some((s.at, s.path, "a size limit is for a volume")),
-                (None, None) => None,
+                (None, None) => settings
+                    .replicas
+                    .map(|r| (r.at, r.path, "replicas are copies of a volume"))
+                    .or_else(|| {
+                        settings.snapshot_interval.map(|i| {
+                            (i.at, i.path, "a snapshot interval is for a volume's replicas")
+                        })
+                    }),
             };
             if let Some((at, field, what)) = given {
                 return Err(cx.err(
@@ -423,6 +434,10 @@ struct Given<T> {
 struct VolumeSettings {
     retention: Option<Given<Option<Retention>>>,
     maximum_size: Option<Given<u64>>,
+    /// `x-flock` only.
+    replicas: Option<Given<u32>>,
+    /// `x-flock` only, in ms.
+    snapshot_interval: Option<Given<u64>>,
 }
 
 /// The labels flock reads (the same as `x-flock`'s keys).
@@ -446,6 +461,8 @@ fn volume_settings(
     let show_retention =
         |r: &Option<Retention>| r.map_or_else(|| "default".to_string(), |r| r.to_string());
     Ok(VolumeSettings {
+        replicas: ext.replicas,
+        snapshot_interval: ext.snapshot_interval,
         retention: one_of(
             cx,
             ext.retention,
@@ -492,7 +509,29 @@ fn one_of<T>(
 fn read_x_flock(cx: Ctx, y: &Yaml, path: &str) -> Result<VolumeSettings, ConfigError> {
     let map = cx.mapping_or_empty(y, path)?;
     cx.check_cut_policy(map, path)?;
-    cx.check_keys(map, path, &["retention", "maximum_size"], "x-flock")?;
+    cx.check_keys(
+        map,
+        path,
+        &["retention", "maximum_size", "replicas", "snapshot_interval"],
+        "x-flock",
+    )?;
+    let given = |key: &str| entry(map, key).map(|(_, v)| (v, child(path, key)));
+    let replicas = match given("replicas") {
+        Some((v, field)) => Some(Given {
+            value: cx.replicas(v, &field)?,
+            at: v.at,
+            path: field,
+        }),
+        None => None,
+    };
+    let snapshot_interval = match given("snapshot_interval") {
+        Some((v, field)) => Some(Given {
+            value: cx.interval(v, &field)?,
+            at: v.at,
+            path: field,
+        }),
+        None => None,
+    };
     let retention = match entry(map, "retention") {
         Some((_, v)) => {
             let field = child(path, "retention");
@@ -518,6 +557,8 @@ fn read_x_flock(cx: Ctx, y: &Yaml, path: &str) -> Result<VolumeSettings, ConfigE
     Ok(VolumeSettings {
         retention,
         maximum_size,
+        replicas,
+        snapshot_interval,
     })
 }
 

@@ -406,6 +406,22 @@ impl<'f> Ctx<'f> {
     }
 
     /// `mem_limit`: bytes, as an integer or a size string; not zero.
+    /// A volume's `replicas`: copies kept on other nodes, for failover.
+    pub fn replicas(&self, y: &Yaml, path: &str) -> Result<u32, ConfigError> {
+        let n = self.uint(y, path)?;
+        let max = crate::failover::MAX_REPLICAS;
+        u32::try_from(n)
+            .ok()
+            .filter(|n| *n <= max)
+            .ok_or_else(|| self.err(y.at, path, format!("{n} replicas; at most {max}")))
+    }
+
+    /// A volume's `snapshot_interval`, in milliseconds.
+    pub fn interval(&self, y: &Yaml, path: &str) -> Result<u64, ConfigError> {
+        let text = self.string(y, path)?;
+        interval_ms(&text).map_err(|m| self.err(y.at, path, m))
+    }
+
     pub fn mem_limit(&self, y: &Yaml, path: &str) -> Result<u64, ConfigError> {
         let bytes = self.size(y, path)?;
         if bytes == 0 {
@@ -452,6 +468,41 @@ pub(crate) fn volume_size(text: &str) -> Result<u64, String> {
 
 /// A retention policy written as text, as [`Retention`] parses it (`last=5,daily=3`); `None`
 /// for `default`: the default policy, whatever it is when it is applied.
+/// A snapshot interval: `500ms`, `2s`, `1m`, `1h`, or a number of seconds (`2`, `0.5`), in
+/// milliseconds, within the bounds replication allows.
+pub fn interval_ms(text: &str) -> Result<u64, String> {
+    use crate::failover::{MAX_INTERVAL_MS, MIN_INTERVAL_MS};
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&t[..i], &t[i..]),
+        None => (t, "s"),
+    };
+    let scale = match unit {
+        "ms" => 1.0,
+        "s" => 1000.0,
+        "m" => 60_000.0,
+        "h" => 3_600_000.0,
+        _ => {
+            return Err(format!(
+                "snapshot interval {t:?}: the unit must be ms, s, m or h (2s, 500ms)"
+            ))
+        }
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+        .ok_or_else(|| format!("snapshot interval {t:?} is not a duration (2s, 500ms)"))?;
+    let ms = (n * scale).round();
+    if ms < MIN_INTERVAL_MS as f64 || ms > MAX_INTERVAL_MS as f64 {
+        return Err(format!(
+            "snapshot interval {t:?} is outside {MIN_INTERVAL_MS}ms to 24h"
+        ));
+    }
+    Ok(ms as u64)
+}
+
 pub(crate) fn retention(text: &str) -> Result<Option<Retention>, String> {
     if text.trim() == "default" {
         return Ok(None);

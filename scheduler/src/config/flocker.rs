@@ -256,7 +256,13 @@ pub(crate) fn check_new_link(
 /// its dataset.
 fn read_volume(cx: Ctx, y: &Yaml, path: &str) -> Result<(Volume, VolumePolicy), ConfigError> {
     let map = cx.mapping(y, path)?;
-    let keys = ["mountpoint", "maximum_size", "retention"];
+    let keys = [
+        "mountpoint",
+        "maximum_size",
+        "retention",
+        "replicas",
+        "snapshot_interval",
+    ];
     cx.check_cut_policy(map, path)?;
     cx.check_keys(map, path, &keys, "a volume")?;
     let mountpoint = cx.required(
@@ -281,11 +287,26 @@ fn read_volume(cx: Ctx, y: &Yaml, path: &str) -> Result<(Volume, VolumePolicy), 
         Some(r) => cx.retention(r, &child(path, "retention"))?,
         None => None,
     };
+    let replicas = match get(map, "replicas") {
+        Some(r) => Some(cx.replicas(r, &child(path, "replicas"))?),
+        None => None,
+    };
+    let snapshot_interval_ms = match get(map, "snapshot_interval") {
+        Some(i) => Some(cx.interval(i, &child(path, "snapshot_interval"))?),
+        None => None,
+    };
     let volume = Volume {
         mountpoint: mountpoint_text,
         maximum_size,
     };
-    Ok((volume, VolumePolicy { retention }))
+    Ok((
+        volume,
+        VolumePolicy {
+            retention,
+            replicas,
+            snapshot_interval_ms,
+        },
+    ))
 }
 
 /// `{name: never|always|on-failure, maximum_retry_count: N}` (N only with on-failure), or the

@@ -26,7 +26,10 @@ fn keep(last: u32, hourly: u32, daily: u32) -> Option<Retention> {
 }
 
 fn policy(retention: Option<Retention>) -> VolumePolicy {
-    VolumePolicy { retention }
+    VolumePolicy {
+        retention,
+        ..Default::default()
+    }
 }
 
 /// Checks every case and reports all mismatches at once.

@@ -186,6 +186,26 @@ pub struct VolumePolicy {
     /// says `retention: default`), so that a key removed from the file resets it.
     #[serde(default)]
     pub retention: Option<Retention>,
+    /// Replicas kept for failover (`None`: none asked for, also when the key is removed).
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    /// How often the primary snapshots for its replicas, in ms (`None`: the default).
+    #[serde(default)]
+    pub snapshot_interval_ms: Option<u64>,
+}
+
+impl VolumePolicy {
+    /// The replication it asks for: replicas > 0 with the interval or the default one.
+    pub fn replication(&self) -> Option<crate::failover::Replication> {
+        self.replicas
+            .filter(|n| *n > 0)
+            .map(|replicas| crate::failover::Replication {
+                replicas,
+                interval_ms: self
+                    .snapshot_interval_ms
+                    .unwrap_or(crate::failover::DEFAULT_INTERVAL_MS),
+            })
+    }
 }
 
 /// Where an app and its external ports are written, for the messages of `resolve`.

@@ -1,0 +1,237 @@
+//! Failover with real flockd processes (issue 17): a stateful app with a replica serves again
+//! on the replica when its node dies (flockd, its watchdog and the app killed), when flockd
+//! alone dies (the watchdog fences the app) and when flockd is stopped (SIGSTOP); never two
+//! instances at once, and every write acknowledged before the last replicated snapshot kept.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn app(c: &TestCluster, at: usize, name: &str) -> Value {
+    serde_json::from_str(&c.ctl_ok(c.addr(at), &["app", "show", name, "--json"])).unwrap()
+}
+
+/// Deploys counter (replicas: 1, a snapshot every 500 ms) on n1; returns the app's address.
+fn deploy_replicated(c: &TestCluster, dir: &Path) -> String {
+    let port = free_port();
+    let application = dir.join("application.yml");
+    let entry = counter_app(port, port + 1).replace(
+        "      maximum_size: 64M\n",
+        "      maximum_size: 64M\n      replicas: 1\n      snapshot_interval: 500ms\n",
+    );
+    fs::write(&application, format!("version: 1\napplications:\n{entry}")).unwrap();
+    let deployment = dir.join("deployment.yml");
+    fs::write(&deployment, "version: 1\nnodes:\n  n1: [counter]\n").unwrap();
+    c.ctl_ok(
+        c.addr(1),
+        &[
+            "deploy",
+            deployment.to_str().unwrap(),
+            application.to_str().unwrap(),
+        ],
+    );
+    let addr = format!("127.0.0.1:{port}");
+    if std::env::var("FLOCK_DEBUG_LOGS").is_ok() {
+        let l = c.log(1, "init");
+        thread::spawn(move || {
+            thread::sleep(Duration::from_secs(9));
+            let _ = std::fs::copy(&l, "/tmp/n1-debug.log");
+        });
+    }
+    until("counter to run on n1", Duration::from_secs(30), || {
+        let a = app(c, 1, "counter");
+        (a["state"] == "running" && ask(&addr, "PING").is_some()).then_some(())
+    });
+    until(
+        "counter's dataset to have a replica holding a snapshot",
+        Duration::from_secs(30),
+        || {
+            let ds: Value = serde_json::from_str(&c.ctl_ok(
+                c.addr(1),
+                &["dataset", "ls", "counter", "--json"],
+            ))
+            .unwrap();
+            ds[0]["bases"]
+                .as_object()
+                .is_some_and(|b| !b.is_empty())
+                .then_some(())
+        },
+    );
+    addr
+}
+
+/// The pids of the flock-testapp processes working under `dir`.
+fn testapps(dir: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cwd = fs::read_link(e.path().join("cwd")).ok();
+        if String::from_utf8_lossy(&cmd).contains("flock-testapp")
+            && cwd.is_some_and(|c| c.starts_with(dir))
+            && pid_alive(&pid.to_string())
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The fencing watchdog of node `i`'s data dir.
+fn watchdog(c: &TestCluster, i: usize) -> Option<i32> {
+    let lock = c.data_dir(i).join("fence").join("watch.lock");
+    fs::read_to_string(lock).ok()?.trim().parse().ok()
+}
+
+/// Samples the instances every 20 ms until `stop`: the most ever alive at once.
+fn count_instances(dir: std::path::PathBuf, stop: Arc<AtomicBool>) -> usize {
+    let mut most = 0;
+    while !stop.load(Ordering::Relaxed) {
+        most = most.max(testapps(&dir).len());
+        thread::sleep(Duration::from_millis(20));
+    }
+    most
+}
+
+enum Fault {
+    /// The machine dies: flockd, its watchdog and the app, at once.
+    Node,
+    /// flockd alone (kill -9); the app keeps running until the watchdog fences it.
+    Flockd,
+    /// flockd is stopped (SIGSTOP) and continued after the failover.
+    Pause,
+}
+
+fn fail_over(fault: Fault) {
+    let mut c = TestCluster::start(3, &[]);
+    let _end = EndApps(c.dir.path().to_path_buf());
+    let files = tempfile::tempdir().unwrap();
+    let addr = deploy_replicated(&c, files.path());
+    let old_pid: i32 = app(&c, 1, "counter")["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        thread::spawn(move || writer(addr, stop))
+    };
+    let counter = {
+        let (dir, stop) = (c.dir.path().to_path_buf(), stop.clone());
+        thread::spawn(move || count_instances(dir, stop))
+    };
+    thread::sleep(Duration::from_secs(3));
+
+    let flockd_pid = c.nodes[0].pid();
+    let fault_at = Instant::now();
+    match fault {
+        Fault::Node => {
+            let dog = watchdog(&c, 1).expect("n1's watchdog runs");
+            c.nodes[0].kill9();
+            // SAFETY: kill(2) of this test's own processes.
+            unsafe {
+                libc::kill(dog, libc::SIGKILL);
+                libc::kill(-old_pid, libc::SIGKILL);
+            }
+        }
+        Fault::Flockd => c.nodes[0].kill9(),
+        Fault::Pause => unsafe {
+            libc::kill(flockd_pid, libc::SIGSTOP);
+        },
+    }
+    // The old instance ends within the lease (2.5 s) plus the watchdog's tick.
+    let old_gone = until("the old instance to end", Duration::from_secs(6), || {
+        (!pid_alive(&old_pid.to_string())).then(Instant::now)
+    });
+    let moved = until("counter to run on another node", Duration::from_secs(30), || {
+        let a = app(&c, 2, "counter");
+        (a["node"] != "n1" && a["state"] == "running").then_some(a)
+    });
+    // The first write acknowledged after the fault.
+    let served = until(
+        "a write acknowledged on the new primary",
+        Duration::from_secs(15),
+        || ask(&addr, "APPEND probe").filter(|r| r.starts_with("OK ")).map(|_| Instant::now()),
+    );
+    eprintln!(
+        "failover: old instance gone after {:?}, a write acknowledged after {:?} on {}",
+        old_gone - fault_at,
+        served - fault_at,
+        moved["node"]
+    );
+    assert!(
+        served - fault_at < Duration::from_secs(12),
+        "serving again took {:?}",
+        served - fault_at
+    );
+    thread::sleep(Duration::from_secs(1));
+    if let Fault::Pause = fault {
+        // Back: it sees the newer epoch and serves nothing.
+        unsafe { libc::kill(flockd_pid, libc::SIGCONT) };
+        thread::sleep(Duration::from_secs(4));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let acked = w.join().unwrap();
+    let most = counter.join().unwrap();
+    assert_eq!(most, 1, "two instances of counter ran at once");
+    assert_eq!(testapps(c.dir.path()).len(), 1);
+
+    // What the new primary holds: every write acknowledged before the newest snapshot it
+    // started from (older than the fault by at most the interval and a push) is there.
+    let held: std::collections::BTreeSet<String> = read_all(&addr).into_iter().collect();
+    let before = fault_at - Duration::from_secs(3);
+    let lost_early: Vec<&String> = acked
+        .iter()
+        .filter(|(_, at)| *at < before)
+        .map(|(v, _)| v)
+        .filter(|v| !held.contains(*v))
+        .collect();
+    assert!(
+        lost_early.is_empty(),
+        "writes acknowledged more than 3 s before the fault were lost: {:?} (of {})",
+        &lost_early[..lost_early.len().min(5)],
+        acked.len()
+    );
+    let lost = acked.iter().filter(|(v, _)| !held.contains(v)).count();
+    eprintln!(
+        "failover: {} writes acknowledged, {lost} lost (all after the last replicated snapshot)",
+        acked.len()
+    );
+    assert!(held.contains("probe"));
+    // The down node is reported, and the failover is in the record.
+    let nodes = c.ctl_ok(c.addr(2), &["node", "ls"]);
+    assert!(
+        nodes.lines().any(|l| l.contains("n1") && l.contains("down")),
+        "{nodes}"
+    );
+    c.ctl_ok(c.addr(2), &["app", "rm", "counter"]);
+}
+
+#[test]
+fn fo01_a_dead_node_fails_over_to_its_replica() {
+    fail_over(Fault::Node);
+}
+
+#[test]
+fn fo02_flockd_killed_alone_its_app_is_fenced_then_fails_over() {
+    fail_over(Fault::Flockd);
+}
+
+#[test]
+fn fo03_flockd_paused_its_app_is_fenced_and_it_serves_nothing_when_continued() {
+    fail_over(Fault::Pause);
+}
