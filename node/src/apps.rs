@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use flock_decide::apps::{
-    may_start, AppAction, DriverKind, AppLocal, AppsCore, AppsSeen, CopySeen, LeaseSeen, Seen, SeenState,
-    StartFailure,
+    may_start, AppAction, AppLocal, AppsCore, AppsSeen, CopySeen, DriverKind, LeaseSeen, Seen,
+    SeenState, StartFailure,
 };
 use flock_proto::v1 as pb;
 use flock_scheduler::config::RestartPolicy;

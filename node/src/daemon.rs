@@ -171,11 +171,12 @@ async fn start_fencing(cluster: &Cluster, root: &std::path::Path) {
         return;
     }
     let root = root.to_path_buf();
-    let spawned =
-        tokio::task::spawn_blocking(move || crate::fence::spawn_watch(&exe, &root)).await;
+    let spawned = tokio::task::spawn_blocking(move || crate::fence::spawn_watch(&exe, &root)).await;
     match spawned {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "the fencing watchdog did not start; stateful apps are fenced only while flockd runs"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the fencing watchdog did not start; stateful apps are fenced only while flockd runs")
+        }
         Err(e) => tracing::error!(error = %e, "the fencing watchdog did not start"),
     }
 }

@@ -76,11 +76,7 @@ impl Leases {
 
     /// Calls `f` with the watchdog's directory, if there is one (no lock is held meanwhile).
     pub fn with_fence<T>(&self, f: impl FnOnce(&crate::fence::FenceDir) -> T) -> Option<T> {
-        let dir = self
-            .fence
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let dir = self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone();
         dir.map(|d| f(&d))
     }
 

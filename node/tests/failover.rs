@@ -54,11 +54,9 @@ fn deploy_replicated(c: &TestCluster, dir: &Path) -> String {
         "counter's dataset to have a replica holding a snapshot",
         Duration::from_secs(30),
         || {
-            let ds: Value = serde_json::from_str(&c.ctl_ok(
-                c.addr(1),
-                &["dataset", "ls", "counter", "--json"],
-            ))
-            .unwrap();
+            let ds: Value =
+                serde_json::from_str(&c.ctl_ok(c.addr(1), &["dataset", "ls", "counter", "--json"]))
+                    .unwrap();
             ds[0]["bases"]
                 .as_object()
                 .is_some_and(|b| !b.is_empty())
@@ -157,15 +155,23 @@ fn fail_over(fault: Fault) {
     let old_gone = until("the old instance to end", Duration::from_secs(6), || {
         (!pid_alive(&old_pid.to_string())).then(Instant::now)
     });
-    let moved = until("counter to run on another node", Duration::from_secs(30), || {
-        let a = app(&c, 2, "counter");
-        (a["node"] != "n1" && a["state"] == "running").then_some(a)
-    });
+    let moved = until(
+        "counter to run on another node",
+        Duration::from_secs(30),
+        || {
+            let a = app(&c, 2, "counter");
+            (a["node"] != "n1" && a["state"] == "running").then_some(a)
+        },
+    );
     // The first write acknowledged after the fault.
     let served = until(
         "a write acknowledged on the new primary",
         Duration::from_secs(15),
-        || ask(&addr, "APPEND probe").filter(|r| r.starts_with("OK ")).map(|_| Instant::now()),
+        || {
+            ask(&addr, "APPEND probe")
+                .filter(|r| r.starts_with("OK "))
+                .map(|_| Instant::now())
+        },
     );
     eprintln!(
         "failover: old instance gone after {:?}, a write acknowledged after {:?} on {}",
@@ -215,7 +221,9 @@ fn fail_over(fault: Fault) {
     // The down node is reported, and the failover is in the record.
     let nodes = c.ctl_ok(c.addr(2), &["node", "ls"]);
     assert!(
-        nodes.lines().any(|l| l.contains("n1") && l.contains("down")),
+        nodes
+            .lines()
+            .any(|l| l.contains("n1") && l.contains("down")),
         "{nodes}"
     );
     c.ctl_ok(c.addr(2), &["app", "rm", "counter"]);

@@ -34,12 +34,14 @@ fn w01_status_lists_the_workers_and_sigterm_stops_them_in_order() {
     });
     let expect = [
         ("api", "api", &["running"][..]),
+        ("lease", "agents", &["running", "idle"]),
         ("apps", "agents", &["running", "idle"]),
         ("report", "agents", &["done"]),
         ("renewal", "agents", &["idle"]),
         ("datasets", "agents", &["running", "idle"]),
         ("mesh", "edge", &["idle"]),
         ("membership", "membership", &["running", "idle"]),
+        ("liveness", "membership", &["running", "idle"]),
         ("transfer", "transfer", &["running", "idle"]),
     ];
     let names: Vec<&str> = list.iter().map(|(n, ..)| n.as_str()).collect();
@@ -95,11 +97,11 @@ fn w01_status_lists_the_workers_and_sigterm_stops_them_in_order() {
     let steps = [
         "shutdown: stopping api (api)",
         "shutdown: api stopped",
-        "shutdown: stopping agents (apps, report, renewal, datasets)",
+        "shutdown: stopping agents (lease, apps, report, renewal, datasets)",
         "shutdown: agents stopped",
         "shutdown: stopping edge (mesh)",
         "shutdown: edge stopped",
-        "shutdown: stopping membership (membership)",
+        "shutdown: stopping membership (membership, liveness)",
         "shutdown: membership stopped",
         "shutdown: raft stopped",
         "shutdown: stopping transfer (transfer)",

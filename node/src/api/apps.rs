@@ -632,6 +632,25 @@ impl ApiService {
                     let mut s = crate::apps::status(&state, n, app, None);
                     s.state = "unreachable".into();
                     s.detail = format!("node {} did not answer", s.node);
+                    let down = state
+                        .nodes
+                        .get(&where_of(app))
+                        .is_some_and(|n| n.state == flock_scheduler::NodeState::Down);
+                    if down {
+                        s.state = "waiting".into();
+                        s.detail = match app.dataset {
+                            Some(id) => format!(
+                                "node {} is down and the app cannot fail over: {}",
+                                s.node,
+                                flock_scheduler::failover::failover_target(&state, id)
+                                    .err()
+                                    .unwrap_or_else(|| "a failover is due".into())
+                            ),
+                            None => {
+                                format!("node {} is down and no other node fits the app", s.node)
+                            }
+                        };
+                    }
                     s
                 }
             })

@@ -90,6 +90,35 @@ fn dataset_proto(state: &ClusterState, ds: &Dataset) -> pb::Dataset {
             .iter()
             .map(|(n, s)| (node_name(state, *n), s.clone()))
             .collect(),
+        replicas_wanted: state
+            .failover
+            .replication_of(ds.id)
+            .map_or(0, |r| r.replicas),
+        snapshot_interval_ms: state
+            .failover
+            .replication_of(ds.id)
+            .map_or(0, |r| r.interval_ms),
+        replica_lag_ms: {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            ds.bases
+                .iter()
+                .filter_map(|(n, b)| {
+                    let rec = ds.snapshots.iter().find(|s| &s.name == b)?;
+                    Some((
+                        node_name(state, *n),
+                        now_ms.saturating_sub(rec.created_unix.saturating_mul(1000)),
+                    ))
+                })
+                .collect()
+        },
+        diverged: state
+            .failover
+            .diverged
+            .get(&ds.id)
+            .map(|m| m.keys().map(|n| node_name(state, *n)).collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -610,6 +639,22 @@ impl ApiService {
                 Some(Some(parsed))
             }
         };
+        let interval = match r.snapshot_interval.as_str() {
+            "" => None,
+            text => Some(
+                flock_scheduler::config::interval_ms(text)
+                    .map_err(|e| Status::invalid_argument(format!("--interval: {e}")))?,
+            ),
+        };
+        if let Some(n) = r.replicas {
+            if n > flock_scheduler::failover::MAX_REPLICAS {
+                return Err(Status::invalid_argument(format!(
+                    "--replicas {n}: at most {}",
+                    flock_scheduler::failover::MAX_REPLICAS
+                )));
+            }
+        }
+        let req_replication = (r.replicas, interval);
         let limit = match (r.clear_limit, r.size_limit) {
             (true, _) => Some(None),
             (false, Some(l)) => Some(Some(l)),
@@ -680,6 +725,32 @@ impl ApiService {
             cmd.check_limits().map_err(ClusterError::from)?;
             match self.cluster.propose(cmd).await? {
                 CommandResult::RetentionSet => {}
+                other => return Err(rejected(other)),
+            }
+        }
+        let r = req_replication;
+        if r.0.is_some() || r.1.is_some() {
+            let current = self
+                .cluster
+                .read(false, |a| a.cluster.failover.replication_of(ds.id))
+                .await?;
+            let replicas = r.0.or(current.map(|c| c.replicas)).unwrap_or(0);
+            let interval_ms =
+                r.1.or(current.map(|c| c.interval_ms))
+                    .unwrap_or(flock_scheduler::failover::DEFAULT_INTERVAL_MS);
+            let replication = (replicas > 0).then_some(flock_scheduler::failover::Replication {
+                replicas,
+                interval_ms,
+            });
+            match self
+                .cluster
+                .propose(Command::SetReplication {
+                    dataset: ds.id,
+                    replication,
+                })
+                .await?
+            {
+                CommandResult::ReplicationSet => {}
                 other => return Err(rejected(other)),
             }
         }

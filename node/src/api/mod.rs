@@ -7,6 +7,7 @@
 
 mod apps;
 mod datasets;
+mod events;
 mod join;
 pub use datasets::resolve_node;
 pub use join::RETRY_AFTER_MS;
@@ -537,6 +538,16 @@ impl Api for ApiService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::info!(node = id, "renewed a node certificate");
         Ok(Response::new(RenewNodeCertReply { cert_pem }))
+    }
+
+    async fn node_down(&self, req: Request<NodeDownRequest>) -> Reply<NodeDownReply> {
+        self.authorize(&req)?;
+        Ok(self.node_down_impl(req.into_inner()).await?)
+    }
+
+    async fn events(&self, req: Request<EventsRequest>) -> Reply<EventsReply> {
+        self.authorize(&req)?;
+        Ok(self.events_impl(req.into_inner()).await?)
     }
 
     async fn revoke_admin(&self, req: Request<RevokeAdminRequest>) -> Reply<RevokeAdminReply> {

@@ -298,6 +298,28 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
             if !a.dataset.is_empty() {
                 println!("dataset         {}", a.dataset);
             }
+            // Its failovers and re-placements, from the cluster's events (an older flockd has
+            // none to give).
+            if let Ok(r) = api.events(EventsRequest { after: 0 }).await {
+                let events: Vec<serde_json::Value> =
+                    serde_json::from_str(&r.into_inner().events_json).unwrap_or_default();
+                for e in events.iter().filter(|e| {
+                    let ev = &e["event"];
+                    ev["FailedOver"]["apps"]
+                        .as_array()
+                        .is_some_and(|apps| apps.iter().any(|x| x == a.name.as_str()))
+                        || ev["Replaced"]["app"] == a.name.as_str()
+                }) {
+                    let at = e["at_unix_ms"].as_u64().unwrap_or(0);
+                    let when = humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(at),
+                    );
+                    println!(
+                        "failed over     {when}: {}",
+                        e["text"].as_str().unwrap_or("")
+                    );
+                }
+            }
             if !a.last_lines.is_empty() {
                 println!("last output:");
                 for l in &a.last_lines {

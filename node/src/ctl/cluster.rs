@@ -19,6 +19,14 @@ use crate::pki::new_key_and_csr;
 pub enum NodeCmd {
     /// List the members with their role and health.
     Ls(JsonFlag),
+    /// Declare a node dead, as an operator who knows the machine is gone: its lease is renewed
+    /// no more, and once the last one it held has run out (a few seconds) it is declared down
+    /// and its stateful apps fail over to their replicas. If it is in fact alive, it stops
+    /// (fences) its stateful apps when its lease runs out, before any replica starts.
+    Down {
+        /// The node's name (or id).
+        name: String,
+    },
     /// Remove a node from the cluster (its Raft membership and its registration).
     Rm {
         name: String,
@@ -316,6 +324,19 @@ pub async fn node(api: &mut ApiClient<Channel>, cmd: NodeCmd) -> anyhow::Result<
                 print!("{}", members_table(&s.members));
             }
         }
+        NodeCmd::Down { name } => {
+            let r = api
+                .node_down(NodeDownRequest { name: name.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!(
+                "node {name} (id {}) is renewed no more; it is declared down and its apps fail \
+                 over within {:.1}s (`flockctl events --follow` shows it)",
+                r.node_id,
+                r.within_ms as f64 / 1000.0
+            );
+        }
         NodeCmd::Rm { name, force } => {
             let r = api
                 .remove_node(RemoveNodeRequest {
@@ -329,6 +350,38 @@ pub async fn node(api: &mut ApiClient<Channel>, cmd: NodeCmd) -> anyhow::Result<
         }
     }
     Ok(())
+}
+
+/// `flockctl events [--follow] [--json]`.
+pub async fn events(api: &mut ApiClient<Channel>, follow: bool, json: bool) -> anyhow::Result<()> {
+    let mut after = 0;
+    loop {
+        let r = api
+            .events(EventsRequest { after })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        let events: Vec<serde_json::Value> = serde_json::from_str(&r.events_json)?;
+        for e in &events {
+            if json {
+                println!("{e}");
+            } else {
+                let at = e["at_unix_ms"].as_u64().unwrap_or(0);
+                let when = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(at),
+                );
+                println!("{when}  {}", e["text"].as_str().unwrap_or(""));
+            }
+        }
+        if events.is_empty() && !follow && !json {
+            println!("no events yet (nodes declared down, failovers)");
+        }
+        after = r.next;
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// `flockctl cluster ...`.

@@ -70,7 +70,7 @@ pub enum DatasetCmd {
         json: bool,
     },
     /// Change a dataset's size limit or the retention of its automatic snapshots.
-    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["size", "keep"])))]
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["size", "keep", "replicas", "interval"])))]
     Set {
         name: String,
         /// The new size limit, such as 512M or 10G, or `none`. A limit below what the dataset
@@ -83,6 +83,14 @@ pub enum DatasetCmd {
         /// until `dataset snapshot rm`.
         #[arg(long)]
         keep: Option<String>,
+        /// Copies to keep on other nodes for failover (0: none). A dead primary's apps start
+        /// on the replica holding the newest snapshot.
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// How often the primary snapshots and pushes to its replicas, such as 2s or 500ms:
+        /// a failover loses at most about this much.
+        #[arg(long)]
+        interval: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -231,7 +239,23 @@ fn dataset_json(d: &Dataset) -> Value {
         "retention": d.retention,
         "hold": (!d.hold.is_empty()).then_some(&d.hold),
         "bases": d.bases,
+        "replicas_wanted": d.replicas_wanted,
+        "snapshot_interval_ms": (d.replicas_wanted > 0).then_some(d.snapshot_interval_ms),
+        "replica_lag_ms": d.replica_lag_ms,
+        "diverged": d.diverged,
     })
+}
+
+/// "2 replicas every 2.0s" or "no replicas asked for".
+fn replication_text(d: &Dataset) -> String {
+    if d.replicas_wanted == 0 {
+        return "no replicas asked for".into();
+    }
+    format!(
+        "{} replica(s) every {:.1}s",
+        d.replicas_wanted,
+        d.snapshot_interval_ms as f64 / 1000.0
+    )
 }
 
 fn datasets_table(ds: &[Dataset]) -> String {
@@ -268,6 +292,15 @@ fn datasets_table(ds: &[Dataset]) -> String {
             .collect();
         if !d.moving_to.is_empty() {
             holders.push(format!("moving to {}", d.moving_to));
+        }
+        for (node, lag) in &d.replica_lag_ms {
+            holders.push(format!("{node} lag {:.1}s", *lag as f64 / 1000.0));
+        }
+        if d.replicas_wanted > 0 {
+            holders.push(format!("({})", replication_text(d)));
+        }
+        for node in &d.diverged {
+            holders.push(format!("{node}: diverged copy kept"));
         }
         if let Some(m) = d.mounts.first() {
             let n = d.mounts.iter().filter(|x| x.node == m.node).count();
@@ -490,6 +523,8 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
             name,
             size,
             keep,
+            replicas,
+            interval,
             json,
         } => {
             let d = api
@@ -501,6 +536,8 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
                     },
                     clear_limit: matches!(size, Some(Limit::Unlimited)),
                     retention: keep.unwrap_or_default(),
+                    replicas,
+                    snapshot_interval: interval.unwrap_or_default(),
                 })
                 .await
                 .map_err(status_err)?
@@ -511,9 +548,10 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
                 print_json(&dataset_json(&d))?;
             } else {
                 println!(
-                    "{name}: limit {}, keeps {}",
+                    "{name}: limit {}, keeps {}, {}",
                     d.size_limit.map_or_else(|| "none".into(), human),
-                    d.retention
+                    d.retention,
+                    replication_text(&d)
                 );
             }
         }

@@ -80,6 +80,16 @@ pub enum Cmd {
     /// Deployed applications.
     #[command(subcommand)]
     App(app::AppCmd),
+    /// What happened to nodes and stateful apps: nodes declared down and back up, failovers
+    /// (from where to where, from which snapshot, how much may have been lost).
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per event, one per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Loads the client config named by --config or FLOCK_CONFIG.
@@ -132,6 +142,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
         } => return app::deploy(&mut api, &files, dry_run, json).await,
         Cmd::App(cmd) => return app::run(&mut api, cmd).await,
+        Cmd::Events { follow, json } => cluster::events(&mut api, follow, json).await?,
     }
     Ok(0)
 }

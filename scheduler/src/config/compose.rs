@@ -369,7 +369,11 @@ fn read_service(
                     .map(|r| (r.at, r.path, "replicas are copies of a volume"))
                     .or_else(|| {
                         settings.snapshot_interval.map(|i| {
-                            (i.at, i.path, "a snapshot interval is for a volume's replicas")
+                            (
+                                i.at,
+                                i.path,
+                                "a snapshot interval is for a volume's replicas",
+                            )
                         })
                     }),
             };

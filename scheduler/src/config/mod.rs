@@ -48,6 +48,7 @@ mod spec;
 mod yaml;
 
 pub use deployment::{resolve, resolve_unpinned, Deployment, DeploymentNode};
+pub use fields::interval_ms;
 pub use render::to_flocker_yaml;
 pub use spec::{
     parse_size, AppSpec, Applications, Constraint, ConstraintKey, Format, Link, NodeRef, Plan,

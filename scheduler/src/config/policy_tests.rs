@@ -292,7 +292,7 @@ fn compose_policy_errors() {
         (
             "an unknown x-flock key",
             svc("    volumes: [/data]\n    x-flock: {retension: last=2}\n"),
-            "app.yml:5:15: services.db.x-flock: unknown key \"retension\"; did you mean \"retention\"? x-flock takes retention, maximum_size",
+            "app.yml:5:15: services.db.x-flock: unknown key \"retension\"; did you mean \"retention\"? x-flock takes retention, maximum_size, replicas, snapshot_interval",
         ),
         (
             "an unquoted policy cut by a comma",

@@ -187,10 +187,10 @@ pub struct VolumePolicy {
     #[serde(default)]
     pub retention: Option<Retention>,
     /// Replicas kept for failover (`None`: none asked for, also when the key is removed).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
     /// How often the primary snapshots for its replicas, in ms (`None`: the default).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_interval_ms: Option<u64>,
 }
 

@@ -1,0 +1,173 @@
+//! `flockctl node down` and `flockctl events`: an operator's declaration that a node is dead,
+//! and the record of nodes going down and coming back, failovers and what they may have lost.
+
+use serde::Serialize;
+use tonic::Response;
+
+use flock_proto::v1::{EventsReply, EventsRequest, NodeDownReply, NodeDownRequest};
+use flock_scheduler::failover::{Event, EventKind};
+use flock_scheduler::{ClusterState, Command, CommandResult, NodeId};
+
+use super::datasets::resolve_node;
+use super::ApiService;
+use crate::cluster::ClusterError;
+
+/// An event as `flockctl events --json` shows it.
+#[derive(Serialize)]
+struct EventView<'a> {
+    id: u64,
+    at_unix_ms: u64,
+    text: String,
+    event: &'a EventKind,
+}
+
+fn name(state: &ClusterState, id: NodeId) -> String {
+    state
+        .nodes
+        .get(&id)
+        .map_or_else(|| format!("#{id}"), |n| n.name.clone())
+}
+
+fn seconds(ms: u64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
+}
+
+/// One line saying what happened.
+pub fn describe(state: &ClusterState, e: &Event) -> String {
+    match &e.what {
+        EventKind::NodeDown {
+            node,
+            last_heard_unix_ms,
+            by_operator,
+        } => format!(
+            "node {} declared down{} (last heard {} before)",
+            name(state, *node),
+            if *by_operator { " by an operator" } else { "" },
+            seconds(e.at_unix_ms.saturating_sub(*last_heard_unix_ms))
+        ),
+        EventKind::NodeUp { node } => format!(
+            "node {} is back up (heard steadily again); work may be placed on it",
+            name(state, *node)
+        ),
+        EventKind::FailedOver {
+            dataset,
+            apps,
+            from,
+            to,
+            epoch,
+            snapshot,
+            at_risk_ms,
+            ..
+        } => format!(
+            "dataset {dataset}{} failed over from {} to {} (epoch {epoch}), from snapshot {}; \
+             writes in the last {} before {} was last heard may be lost",
+            if apps.is_empty() {
+                String::new()
+            } else {
+                format!(" (app {})", apps.join(", "))
+            },
+            name(state, *from),
+            name(state, *to),
+            snapshot.as_deref().unwrap_or("(none: empty)"),
+            seconds(*at_risk_ms),
+            name(state, *from)
+        ),
+        EventKind::NoReplica {
+            dataset,
+            node,
+            reason,
+        } => format!(
+            "dataset {dataset} on {} cannot fail over: {reason}; its apps wait for the node",
+            name(state, *node)
+        ),
+        EventKind::Replaced { app, from, to } => format!(
+            "app {app} (stateless) placed on {} instead of {}",
+            name(state, *to),
+            name(state, *from)
+        ),
+        EventKind::DivergedKept {
+            dataset,
+            node,
+            snapshot,
+        } => match snapshot {
+            Some(s) => format!(
+                "{} kept its diverged writes of {dataset} in snapshot {s} and is a replica again",
+                name(state, *node)
+            ),
+            None => format!(
+                "{} had no diverged writes of {dataset} and is a replica again",
+                name(state, *node)
+            ),
+        },
+    }
+}
+
+impl ApiService {
+    pub(super) async fn node_down_impl(
+        &self,
+        req: NodeDownRequest,
+    ) -> Result<Response<NodeDownReply>, ClusterError> {
+        let id = {
+            let state = self.cluster.view.read();
+            resolve_node(&state.cluster, &req.name)?
+        };
+        if id == self.cluster.node_id && self.cluster.is_leader() {
+            // Allowed (the leader steps nothing down itself; a new leader will declare it),
+            // but said plainly in the log.
+            tracing::warn!(
+                node = id,
+                "an operator declared this node (the leader) down"
+            );
+        }
+        match self
+            .cluster
+            .propose(Command::CondemnNode { node: id })
+            .await?
+        {
+            CommandResult::NodeCondemned => {}
+            CommandResult::Rejected(e) => return Err(ClusterError::Refused(e.to_string())),
+            other => {
+                return Err(ClusterError::Refused(format!(
+                    "unexpected result {other:?}"
+                )))
+            }
+        }
+        let cfg = self.cluster.leases.config();
+        Ok(Response::new(NodeDownReply {
+            node_id: id,
+            within_ms: u64::try_from(cfg.down_after().as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    pub(super) async fn events_impl(
+        &self,
+        req: EventsRequest,
+    ) -> Result<Response<EventsReply>, ClusterError> {
+        let (json, next) = self
+            .cluster
+            .read(false, |applied| {
+                let state = &applied.cluster;
+                let views: Vec<EventView> = state
+                    .failover
+                    .events
+                    .iter()
+                    .filter(|e| e.id >= req.after)
+                    .map(|e| EventView {
+                        id: e.id,
+                        at_unix_ms: e.at_unix_ms,
+                        text: describe(state, e),
+                        event: &e.what,
+                    })
+                    .collect();
+                (
+                    serde_json::to_string(&views).unwrap_or_else(|_| "[]".into()),
+                    state.failover.next_event,
+                )
+            })
+            .await?;
+        Ok(Response::new(EventsReply {
+            events_json: json,
+            next,
+        }))
+    }
+}
