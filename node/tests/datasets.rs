@@ -382,7 +382,12 @@ fn d04_an_interrupted_push_leaves_no_half_copy_and_resumes_incrementally() {
     c.restart(1);
     let d = until("the move back to finish", Duration::from_secs(60), || {
         let d = dataset(&c, &a2, "vol");
-        if let Some(t) = d["transfers"].as_array().and_then(|t| t.first()) {
+        // The move's own transfer (to n1): once it commits, the new primary's push to its new
+        // replica (n2) is another transfer.
+        if let Some(t) = d["transfers"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["to"] == "n1"))
+        {
             phases.push(t["phase"].as_str().unwrap_or("").to_string());
         }
         (d["primary"] == "n1").then_some(d)

@@ -39,13 +39,6 @@ fn deploy_replicated(c: &TestCluster, dir: &Path) -> String {
         ],
     );
     let addr = format!("127.0.0.1:{port}");
-    if std::env::var("FLOCK_DEBUG_LOGS").is_ok() {
-        let l = c.log(1, "init");
-        thread::spawn(move || {
-            thread::sleep(Duration::from_secs(9));
-            let _ = std::fs::copy(&l, "/tmp/n1-debug.log");
-        });
-    }
     until("counter to run on n1", Duration::from_secs(30), || {
         let a = app(c, 1, "counter");
         (a["state"] == "running" && ask(&addr, "PING").is_some()).then_some(())
@@ -242,4 +235,100 @@ fn fo02_flockd_killed_alone_its_app_is_fenced_then_fails_over() {
 #[test]
 fn fo03_flockd_paused_its_app_is_fenced_and_it_serves_nothing_when_continued() {
     fail_over(Fault::Pause);
+}
+
+/// An operator's tools: `node drain` moves the app to its replica with a live move (no
+/// acknowledged write lost) and nothing lands on the draining node; `node down` of a node that
+/// is in fact alive fails its app over only once its lease ran out (never two instances); the
+/// events say what happened.
+#[test]
+fn fo04_drain_then_an_operator_declares_a_live_node_down() {
+    let c = TestCluster::start(3, &[]);
+    let _end = EndApps(c.dir.path().to_path_buf());
+    let files = tempfile::tempdir().unwrap();
+    let addr = deploy_replicated(&c, files.path());
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        thread::spawn(move || writer(addr, stop))
+    };
+    let counter = {
+        let (dir, stop) = (c.dir.path().to_path_buf(), stop.clone());
+        thread::spawn(move || count_instances(dir, stop))
+    };
+    thread::sleep(Duration::from_secs(1));
+    let out = c.ctl_ok(c.addr(2), &["node", "drain", "n1"]);
+    assert!(out.contains("counter: moving to"), "{out}");
+    assert!(out.contains("node n1 is drained"), "{out}");
+    let on = app(&c, 2, "counter")["node"].as_str().unwrap().to_string();
+    assert_ne!(on, "n1");
+    let nodes = c.ctl_ok(c.addr(2), &["node", "ls"]);
+    assert!(
+        nodes
+            .lines()
+            .any(|l| l.contains("n1") && l.contains("draining")),
+        "{nodes}"
+    );
+    let moved_away = c.ctl(c.addr(2), &["app", "move", "counter", "--to", "n1"]);
+    assert!(
+        stderr(&moved_away).contains("draining"),
+        "{}",
+        stderr(&moved_away)
+    );
+    c.ctl_ok(c.addr(2), &["node", "drain", "n1", "--undo"]);
+    // A planned move loses nothing.
+    thread::sleep(Duration::from_secs(1));
+    let acked_now = {
+        let held: std::collections::BTreeSet<String> = read_all(&addr).into_iter().collect();
+        held.len()
+    };
+    assert!(acked_now > 0);
+
+    // The node it runs on now is alive, but an operator says it is dead.
+    let idx: usize = on[1..].parse().unwrap();
+    until(
+        "a replica holding a snapshot again",
+        Duration::from_secs(30),
+        || {
+            let ds: Value =
+                serde_json::from_str(&c.ctl_ok(c.addr(1), &["dataset", "ls", "counter", "--json"]))
+                    .unwrap();
+            ds[0]["bases"]
+                .as_object()
+                .is_some_and(|b| !b.is_empty())
+                .then_some(())
+        },
+    );
+    let out = c.ctl_ok(c.addr(1), &["node", "down", &on]);
+    assert!(out.contains("renewed no more"), "{out}");
+    let moved = until("counter to fail over", Duration::from_secs(30), || {
+        let a = app(&c, if idx == 1 { 2 } else { 1 }, "counter");
+        (a["node"] != on.as_str() && a["state"] == "running").then_some(a)
+    });
+    until("the new primary to answer", Duration::from_secs(15), || {
+        ask(&addr, "APPEND probe").filter(|r| r.starts_with("OK "))
+    });
+    stop.store(true, Ordering::Relaxed);
+    let acked = w.join().unwrap();
+    assert_eq!(
+        counter.join().unwrap(),
+        1,
+        "two instances of counter ran at once"
+    );
+    assert!(!acked.is_empty());
+    let events = c.ctl_ok(c.addr(1), &["events"]);
+    assert!(
+        events.contains(&format!("node {on} declared down by an operator")),
+        "{events}"
+    );
+    assert!(
+        events.contains(&format!(
+            "failed over from {on} to {}",
+            moved["node"].as_str().unwrap()
+        )),
+        "{events}"
+    );
+    let show = c.ctl_ok(c.addr(1), &["app", "show", "counter"]);
+    assert!(show.contains("failed over"), "{show}");
+    c.ctl_ok(c.addr(1), &["app", "rm", "counter"]);
 }

@@ -310,6 +310,11 @@ impl ClusterState {
             .clone();
         self.usable_node(to)?;
         let node = &self.nodes[&to];
+        if node.state == NodeState::Draining {
+            return Err(ApplyError::NodeDraining {
+                name: node.name.clone(),
+            });
+        }
         if app.node == to {
             return Err(ApplyError::AppAlreadyThere {
                 app: name.to_string(),

@@ -300,7 +300,101 @@ pub fn replica_wanted(state: &ClusterState, dataset: DatasetId) -> Option<NodeId
         .map(|n| n.id)
 }
 
+/// Where each app placed on `node` goes when it is drained, in name order: a stateful app to
+/// the replica of its dataset with the newest base where it fits (the move then sends only what
+/// changed), else, as a stateless one, to the least loaded ready node where it fits; `Err` says
+/// why it cannot go anywhere. Apps already planned reserve their room.
+pub fn drain_plan(state: &ClusterState, node: NodeId) -> Vec<(String, Result<NodeId, String>)> {
+    let mut extra: std::collections::BTreeMap<NodeId, Reserved> = Default::default();
+    let mut load: std::collections::BTreeMap<NodeId, usize> = Default::default();
+    for a in state.apps.values() {
+        *load.entry(a.node).or_default() += 1;
+    }
+    let mut out = Vec::new();
+    for (name, app) in state.apps.iter().filter(|(_, a)| a.node == node) {
+        let fits = |cand: NodeId, extra: &std::collections::BTreeMap<NodeId, Reserved>| {
+            let n = state.nodes.get(&cand)?;
+            if n.state != NodeState::Ready || cand == node {
+                return None;
+            }
+            let mut r = reserved_on(state, cand);
+            if let Some(e) = extra.get(&cand) {
+                r.memory += e.memory;
+                r.cpu_shares += e.cpu_shares;
+            }
+            misfit(n, &app.spec, r).is_none().then_some(cand)
+        };
+        let replica = app.dataset.and_then(|id| {
+            let ds = state.datasets.get(&id)?;
+            ds.replicas
+                .iter()
+                .filter_map(|r| fits(*r, &extra))
+                .max_by_key(|r| {
+                    ds.bases
+                        .get(r)
+                        .and_then(|b| ds.snapshots.iter().position(|s| &s.name == b))
+                        .map_or(0, |p| p + 1)
+                })
+        });
+        let spread = || {
+            state
+                .nodes
+                .keys()
+                .filter_map(|c| fits(*c, &extra))
+                .min_by_key(|c| (load.get(c).copied().unwrap_or(0), *c))
+        };
+        let to = replica.or_else(spread).ok_or_else(|| {
+            let reasons: Vec<String> = state
+                .nodes
+                .values()
+                .filter(|n| n.id != node)
+                .map(|n| {
+                    let why = if n.state != NodeState::Ready {
+                        "not ready".to_string()
+                    } else {
+                        misfit(n, &app.spec, reserved_on(state, n.id))
+                            .unwrap_or_else(|| "full with the apps drained before it".into())
+                    };
+                    format!("{}: {why}", n.name)
+                })
+                .collect();
+            format!("no node fits it ({})", reasons.join("; "))
+        });
+        if let Ok(t) = to {
+            extra.entry(t).or_default().add(&app.spec);
+            *load.entry(t).or_default() += 1;
+        }
+        out.push((name.clone(), to));
+    }
+    out
+}
+
 impl ClusterState {
+    /// Marks `node` draining (nothing new is placed on it) or ready again.
+    pub(crate) fn drain_node(
+        &mut self,
+        node: NodeId,
+        drain: bool,
+    ) -> Result<CommandResult, ApplyError> {
+        let n = self
+            .nodes
+            .get_mut(&node)
+            .ok_or(ApplyError::UnknownNode { id: node })?;
+        match (n.state, drain) {
+            (NodeState::Down, _) => Err(ApplyError::NodeDown {
+                name: n.name.clone(),
+            }),
+            (_, true) => {
+                n.state = NodeState::Draining;
+                Ok(CommandResult::NodeDraining { draining: true })
+            }
+            (_, false) => {
+                n.state = NodeState::Ready;
+                Ok(CommandResult::NodeDraining { draining: false })
+            }
+        }
+    }
+
     pub(crate) fn declare_node_down(
         &mut self,
         node: NodeId,
@@ -533,6 +627,15 @@ impl ClusterState {
         node: NodeId,
     ) -> Result<CommandResult, ApplyError> {
         self.usable_node(node)?;
+        if let Some(n) = self
+            .nodes
+            .get(&node)
+            .filter(|n| n.state == NodeState::Draining)
+        {
+            return Err(ApplyError::NodeDraining {
+                name: n.name.clone(),
+            });
+        }
         let diverged = self.failover.is_diverged(dataset, node);
         let ds = self
             .datasets
@@ -906,6 +1009,51 @@ mod tests {
             by_operator: true,
         });
         assert_eq!(replica_wanted(&s, id), Some(2));
+    }
+
+    #[test]
+    fn a_drained_node_sends_stateful_apps_to_their_best_replica_and_takes_nothing_new() {
+        let mut s = setup();
+        assert_eq!(
+            s.apply(&Command::DrainNode {
+                node: 1,
+                drain: true
+            }),
+            CommandResult::NodeDraining { draining: true }
+        );
+        let plan = drain_plan(&s, 1);
+        // db to n2 (its replica with the newest base), web to the least loaded: n3.
+        assert_eq!(
+            plan,
+            vec![("db".to_string(), Ok(2)), ("web".to_string(), Ok(3))]
+        );
+        // Nothing moves onto a draining node.
+        assert!(matches!(
+            s.apply(&Command::MoveApp {
+                app: "web".into(),
+                to: 1
+            }),
+            CommandResult::Rejected(_)
+        ));
+        s.apply(&Command::MoveApp {
+            app: "web".into(),
+            to: 3,
+        });
+        assert!(matches!(
+            s.apply(&Command::MoveApp {
+                app: "web".into(),
+                to: 1
+            }),
+            CommandResult::Rejected(ApplyError::NodeDraining { .. })
+        ));
+        // With every other node down, it says why.
+        down(&mut s, 2);
+        down(&mut s, 3);
+        let plan = drain_plan(&s, 1);
+        assert!(
+            plan[0].1.as_ref().unwrap_err().contains("not ready"),
+            "{plan:?}"
+        );
     }
 
     #[test]

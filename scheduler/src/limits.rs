@@ -382,6 +382,7 @@ impl Command {
             // Nothing but numbers.
             Command::DeclareNodeDown { .. }
             | Command::CondemnNode { .. }
+            | Command::DrainNode { .. }
             | Command::NodeBackUp { .. }
             | Command::SetReplication { .. }
             | Command::AddReplica { .. }

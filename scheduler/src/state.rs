@@ -296,6 +296,12 @@ pub enum Command {
     CondemnNode {
         node: NodeId,
     },
+    /// Marks a node draining (nothing new is placed on it; `flockctl node drain` then moves its
+    /// apps away) or, with `drain: false`, ready again.
+    DrainNode {
+        node: NodeId,
+        drain: bool,
+    },
     /// A node declared down has been heard from steadily again: work may be placed on it.
     NodeBackUp {
         node: NodeId,
@@ -424,6 +430,9 @@ pub enum CommandResult {
     ReplicationSet,
     DivergedKept,
     NodeCondemned,
+    NodeDraining {
+        draining: bool,
+    },
 }
 
 /// Why a command was rejected. Messages name the bad input and what to do.
@@ -554,6 +563,8 @@ pub enum ApplyError {
     DatasetHeld { dataset: String, reason: String },
     #[error("invalid replication: {reason}")]
     InvalidReplication { reason: String },
+    #[error("node {name:?} is draining: nothing new is placed on it (`flockctl node drain {name} --undo` ends that)")]
+    NodeDraining { name: String },
 }
 
 impl ClusterState {
@@ -815,6 +826,7 @@ impl ClusterState {
             } => self.declare_node_down(*node, *last_heard_unix_ms, *at_unix_ms, *by_operator),
             Command::NodeBackUp { node, at_unix_ms } => self.node_back_up(*node, *at_unix_ms),
             Command::CondemnNode { node } => self.condemn_node(*node),
+            Command::DrainNode { node, drain } => self.drain_node(*node, *drain),
             Command::SetReplication {
                 dataset,
                 replication,

@@ -4,7 +4,10 @@
 use serde::Serialize;
 use tonic::Response;
 
-use flock_proto::v1::{EventsReply, EventsRequest, NodeDownReply, NodeDownRequest};
+use flock_proto::v1::{
+    DrainedApp, EventsReply, EventsRequest, NodeDownReply, NodeDownRequest, NodeDrainReply,
+    NodeDrainRequest,
+};
 use flock_scheduler::failover::{Event, EventKind};
 use flock_scheduler::{ClusterState, Command, CommandResult, NodeId};
 
@@ -137,6 +140,65 @@ impl ApiService {
             node_id: id,
             within_ms: u64::try_from(cfg.down_after().as_millis()).unwrap_or(u64::MAX),
         }))
+    }
+
+    pub(super) async fn node_drain_impl(
+        &self,
+        req: NodeDrainRequest,
+    ) -> Result<Response<NodeDrainReply>, ClusterError> {
+        let id = {
+            let state = self.cluster.view.read();
+            resolve_node(&state.cluster, &req.name)?
+        };
+        let cmd = Command::DrainNode {
+            node: id,
+            drain: !req.undo,
+        };
+        match self.cluster.propose(cmd).await? {
+            CommandResult::NodeDraining { .. } => {}
+            CommandResult::Rejected(e) => return Err(ClusterError::Refused(e.to_string())),
+            other => {
+                return Err(ClusterError::Refused(format!(
+                    "unexpected result {other:?}"
+                )))
+            }
+        }
+        if req.undo {
+            return Ok(Response::new(NodeDrainReply { apps: Vec::new() }));
+        }
+        // Planned on the state after the drain applied: its own reservations aside.
+        let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
+        let mut apps = Vec::new();
+        for (app, to) in flock_scheduler::failover::drain_plan(&state, id) {
+            let result = match to {
+                Ok(to) => match self
+                    .cluster
+                    .propose(Command::MoveApp {
+                        app: app.clone(),
+                        to,
+                    })
+                    .await?
+                {
+                    CommandResult::AppMoved { .. } => Ok(name(&state, to)),
+                    CommandResult::Rejected(e) => Err(e.to_string()),
+                    other => Err(format!("unexpected result {other:?}")),
+                },
+                Err(why) => Err(why),
+            };
+            apps.push(match result {
+                Ok(to) => DrainedApp {
+                    app,
+                    to,
+                    error: String::new(),
+                },
+                Err(error) => DrainedApp {
+                    app,
+                    to: String::new(),
+                    error,
+                },
+            });
+        }
+        Ok(Response::new(NodeDrainReply { apps }))
     }
 
     pub(super) async fn events_impl(

@@ -545,6 +545,11 @@ impl Api for ApiService {
         Ok(self.node_down_impl(req.into_inner()).await?)
     }
 
+    async fn node_drain(&self, req: Request<NodeDrainRequest>) -> Reply<NodeDrainReply> {
+        self.authorize(&req)?;
+        Ok(self.node_drain_impl(req.into_inner()).await?)
+    }
+
     async fn events(&self, req: Request<EventsRequest>) -> Reply<EventsReply> {
         self.authorize(&req)?;
         Ok(self.events_impl(req.into_inner()).await?)

@@ -27,6 +27,18 @@ pub enum NodeCmd {
         /// The node's name (or id).
         name: String,
     },
+    /// Move every app off a node with live moves (a stateful app to its replica when it has
+    /// one), and mark it draining so nothing new lands there; shows each app's progress.
+    Drain {
+        /// The node's name (or id).
+        name: String,
+        /// Make it ready again (apps are not moved back).
+        #[arg(long)]
+        undo: bool,
+        /// Return once the moves are asked for, without following them.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Remove a node from the cluster (its Raft membership and its registration).
     Rm {
         name: String,
@@ -337,6 +349,11 @@ pub async fn node(api: &mut ApiClient<Channel>, cmd: NodeCmd) -> anyhow::Result<
                 r.within_ms as f64 / 1000.0
             );
         }
+        NodeCmd::Drain {
+            name,
+            undo,
+            no_wait,
+        } => return drain(api, &name, undo, no_wait).await,
         NodeCmd::Rm { name, force } => {
             let r = api
                 .remove_node(RemoveNodeRequest {
@@ -349,6 +366,100 @@ pub async fn node(api: &mut ApiClient<Channel>, cmd: NodeCmd) -> anyhow::Result<
             println!("removed node {name} (id {})", r.node_id);
         }
     }
+    Ok(())
+}
+
+/// `flockctl node drain NODE`: asks for the moves, then follows them app by app.
+async fn drain(
+    api: &mut ApiClient<Channel>,
+    name: &str,
+    undo: bool,
+    no_wait: bool,
+) -> anyhow::Result<()> {
+    let r = api
+        .node_drain(NodeDrainRequest {
+            name: name.to_string(),
+            undo,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if undo {
+        println!("node {name} is ready again: apps may be placed on it");
+        return Ok(());
+    }
+    println!("node {name} is draining: nothing new is placed on it");
+    if r.apps.is_empty() {
+        println!("no app runs on {name}");
+        return Ok(());
+    }
+    let mut stuck = 0;
+    for a in &r.apps {
+        if a.error.is_empty() {
+            println!("  {}: moving to {}", a.app, a.to);
+        } else {
+            stuck += 1;
+            println!("  {}: stays: {}", a.app, a.error);
+        }
+    }
+    if no_wait {
+        return Ok(());
+    }
+    let mut last: std::collections::BTreeMap<String, String> = Default::default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let apps = api
+            .app_list(AppListRequest {
+                name: String::new(),
+            })
+            .await
+            .map_err(status_err)?
+            .into_inner()
+            .apps;
+        let mut pending = 0;
+        for a in r.apps.iter().filter(|a| a.error.is_empty()) {
+            let Some(s) = apps.iter().find(|s| s.name == a.app) else {
+                continue;
+            };
+            let done = s.node == a.to && s.state == "running";
+            let line = if done {
+                format!("running on {}", a.to)
+            } else {
+                pending += 1;
+                format!(
+                    "{} on {}{}",
+                    if s.state.is_empty() {
+                        "starting"
+                    } else {
+                        &s.state
+                    },
+                    s.node,
+                    if s.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", s.detail)
+                    }
+                )
+            };
+            if last.get(&a.app) != Some(&line) {
+                println!("  {}: {line}", a.app);
+                last.insert(a.app.clone(), line);
+            }
+        }
+        if pending == 0 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "{pending} app(s) still moving after 10 minutes; `flockctl app ls` shows them"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    if stuck > 0 {
+        anyhow::bail!("{stuck} app(s) could not move off {name} (see above)");
+    }
+    println!("node {name} is drained");
     Ok(())
 }
 
