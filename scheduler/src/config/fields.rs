@@ -477,6 +477,11 @@ pub fn interval_ms(text: &str) -> Result<u64, String> {
         Some(i) => (&t[..i], &t[i..]),
         None => (t, "s"),
     };
+    if num.trim().is_empty() {
+        return Err(format!(
+            "snapshot interval {t:?} is not a duration (2s, 500ms)"
+        ));
+    }
     let scale = match unit {
         "ms" => 1.0,
         "s" => 1000.0,

@@ -351,3 +351,71 @@ fn compose_policy_errors() {
         ),
     ]);
 }
+
+/// Replicas and the snapshot interval (issue 17): in application.yml's volume, in compose's
+/// `x-flock`; bad values name the field and the forms.
+#[test]
+fn replication_in_both_formats_and_its_errors() {
+    let flocker = "version: 1\napplications:\n  db:\n    image: postgres\n    volume: {mountpoint: /data, replicas: 2, snapshot_interval: 500ms}\n  web:\n    image: nginx\n";
+    let apps = apps(flocker);
+    let db = &apps.volumes["db"];
+    assert_eq!((db.replicas, db.snapshot_interval_ms), (Some(2), Some(500)));
+    assert_eq!(
+        db.replication(),
+        Some(crate::failover::Replication {
+            replicas: 2,
+            interval_ms: 500
+        })
+    );
+    let plain = &apps.volumes.get("web");
+    assert!(plain.is_none());
+    // Replicas without an interval get the default one; 0 replicas is none.
+    let only = VolumePolicy {
+        replicas: Some(1),
+        ..Default::default()
+    };
+    assert_eq!(
+        only.replication().map(|r| r.interval_ms),
+        Some(crate::failover::DEFAULT_INTERVAL_MS)
+    );
+    let zero = VolumePolicy {
+        replicas: Some(0),
+        ..Default::default()
+    };
+    assert_eq!(zero.replication(), None);
+
+    let compose = "services:\n  db:\n    image: postgres\n    volumes: [/data]\n    x-flock: {replicas: 1, snapshot_interval: 2s}\n";
+    let c = parse_application("c.yml", compose).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (
+            c.volumes["db"].replicas,
+            c.volumes["db"].snapshot_interval_ms
+        ),
+        (Some(1), Some(2000))
+    );
+
+    let bad = |v: &str| {
+        error(&format!(
+            "version: 1\napplications:\n  db:\n    image: postgres\n    volume: {{mountpoint: /data, {v}}}\n"
+        ))
+    };
+    let e = bad("replicas: 99");
+    assert!(e.contains("volume.replicas") && e.contains("at most 8"), "{e}");
+    let e = bad("snapshot_interval: 10ms");
+    assert!(e.contains("snapshot_interval") && e.contains("outside"), "{e}");
+    let e = bad("snapshot_interval: fast");
+    assert!(e.contains("not a duration"), "{e}");
+    let e = bad("snapshot_interval: 3 weeks");
+    assert!(e.contains("the unit must be"), "{e}");
+    assert_eq!(super::fields::interval_ms("1.5"), Ok(1500));
+    assert_eq!(super::fields::interval_ms("1m"), Ok(60_000));
+    // A service without a volume cannot ask for replicas.
+    let e = match parse_application(
+        "c.yml",
+        "services:\n  web:\n    image: nginx\n    x-flock: {replicas: 1}\n",
+    ) {
+        Ok(_) => panic!("parsed"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("replicas are copies of a volume"), "{e}");
+}
