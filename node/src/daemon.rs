@@ -171,6 +171,7 @@ async fn start_fencing(cluster: &Cluster, root: &std::path::Path) {
         return;
     }
     let root = root.to_path_buf();
+    cluster.leases.set_watchdog(exe.clone(), root.clone());
     let spawned = tokio::task::spawn_blocking(move || crate::fence::spawn_watch(&exe, &root)).await;
     match spawned {
         Ok(Ok(())) => {}

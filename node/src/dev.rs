@@ -210,6 +210,7 @@ pub async fn run(
         // The node first, so that its agent does not restart what is stopped here.
         let drivers = n.drivers.clone();
         let name = n.identity.name.clone();
+        let node_dir = root.join(&name);
         match n.shutdown().await {
             Ok(()) => {}
             // A node whose Raft failed may fail to flush too; stop the others all the same.
@@ -230,6 +231,8 @@ pub async fn run(
                 eprintln!("flockd dev: {name}: stopping app {}: {e}", i.app);
             }
         }
+        // Its apps are stopped: their fencing watchdog has nothing left to guard.
+        crate::fence::stop_watch(&node_dir);
     }
     match failed {
         Some(_) => {

@@ -57,6 +57,9 @@ const DOCKER_TIMEOUT: Duration = Duration::from_secs(2);
 const SPAWN_WAIT: Duration = Duration::from_secs(10);
 /// A failure that repeats every tick is logged again after this long.
 const REPEAT_LOG: Duration = Duration::from_secs(30);
+/// A watchdog with nothing to guard and no lease holding for this long exits: flockd starts
+/// one again when it renews (see [`ensure_watch`]).
+const IDLE_EXIT: Duration = Duration::from_secs(60);
 
 /// CLOCK_BOOTTIME now: the time since boot, suspend included, the same for every process of
 /// the machine.
@@ -319,7 +322,19 @@ pub fn run_watch(dir: &Path) -> io::Result<()> {
         dir.display(),
         std::process::id()
     ));
+    let mut idle_since: Option<std::time::Instant> = None;
     loop {
+        let idle = guard_files(dir).is_ok_and(|g| g.is_empty())
+            && !matches!(read_lease(dir), Lease::Until(d) if d > boottime_now());
+        match (idle, idle_since) {
+            (false, _) => idle_since = None,
+            (true, None) => idle_since = Some(std::time::Instant::now()),
+            (true, Some(t)) if t.elapsed() >= IDLE_EXIT => {
+                watch.log("nothing guarded and no lease for a minute: exiting");
+                return Ok(());
+            }
+            (true, Some(_)) => {}
+        }
         match fs::metadata(dir) {
             // The data dir was removed: nothing left to guard.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -768,6 +783,42 @@ fn watch_running(dir: &Path) -> io::Result<bool> {
 }
 
 /// The pid the watchdog wrote in its lock file (it may have ended since).
+/// Starts the watchdog of `data_dir` again if none holds its lock (it exited when idle, or was
+/// killed): flockd calls it with every renewal it records. `exe` as for [`spawn_watch`].
+pub fn ensure_watch(exe: &Path, data_dir: &Path) -> io::Result<()> {
+    let lock = data_dir.join(FENCE_DIR).join(LOCK_FILE);
+    let held = match fs::OpenOptions::new().read(true).open(&lock) {
+        Ok(f) => !try_lock(&f)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    if held {
+        return Ok(());
+    }
+    spawn_watch(exe, data_dir)
+}
+
+/// Ends the watchdog of `data_dir`, if one runs (its pid from the lock file, checked against
+/// its command line so a reused pid is left alone): for `flockd dev`, which stops its apps
+/// itself and leaves nothing running. True if one was signalled.
+pub fn stop_watch(data_dir: &Path) -> bool {
+    let dir = data_dir.join("fence");
+    let Some(pid) = watch_pid(&dir) else {
+        return false;
+    };
+    let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+    let abs = fs::canonicalize(&dir).unwrap_or(dir);
+    if !cmd.contains("fence-watch") || !cmd.contains(&abs.display().to_string()) {
+        return false;
+    }
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) of the watchdog identified above; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGKILL) == 0 }
+}
+
 fn watch_pid(dir: &Path) -> Option<u32> {
     fs::read_to_string(dir.join(LOCK_FILE))
         .ok()?

@@ -34,6 +34,10 @@ pub struct Leases {
     liveness: Mutex<Liveness>,
     /// Where the fencing watchdog reads the lease; `None`: no watchdog (in-process fencing only).
     fence: Mutex<Option<Arc<crate::fence::FenceDir>>>,
+    /// flockd's binary and the data dir, to start the watchdog again if it is gone.
+    watchdog: Mutex<Option<(std::path::PathBuf, std::path::PathBuf)>>,
+    /// A check that the watchdog runs is under way.
+    ensuring: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Own {
@@ -55,6 +59,8 @@ impl Leases {
             }),
             liveness: Mutex::new(Liveness::new()),
             fence: Mutex::new(None),
+            watchdog: Mutex::new(None),
+            ensuring: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -72,6 +78,35 @@ impl Leases {
     /// The watchdog's directory: every renewal is written there from now on.
     pub fn set_fence(&self, dir: crate::fence::FenceDir) {
         *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(dir));
+    }
+
+    /// The watchdog runs from flockd's binary `exe` for `data_dir`: renewals check that it still
+    /// does and start it again if not.
+    pub fn set_watchdog(&self, exe: std::path::PathBuf, data_dir: std::path::PathBuf) {
+        *self.watchdog.lock().unwrap_or_else(|p| p.into_inner()) = Some((exe, data_dir));
+    }
+
+    /// Starts the watchdog again if it is gone (it exits when idle), in the background.
+    fn ensure_watchdog(&self) {
+        use std::sync::atomic::Ordering;
+        let Some((exe, dir)) = self
+            .watchdog
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        if self.ensuring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let flag = self.ensuring.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::fence::ensure_watch(&exe, &dir) {
+                tracing::error!(error = %e, "the fencing watchdog is not running and could not be started");
+            }
+            flag.store(false, Ordering::Release);
+        });
     }
 
     /// Calls `f` with the watchdog's directory, if there is one (no lock is held meanwhile).
@@ -200,6 +235,7 @@ pub async fn renew(
         match r {
             Ok(()) => {
                 cluster.leases.renewed(sent);
+                cluster.leases.ensure_watchdog();
                 status.idle("lease held");
             }
             Err(e) => {

@@ -400,9 +400,15 @@ fn replication_in_both_formats_and_its_errors() {
         ))
     };
     let e = bad("replicas: 99");
-    assert!(e.contains("volume.replicas") && e.contains("at most 8"), "{e}");
+    assert!(
+        e.contains("volume.replicas") && e.contains("at most 8"),
+        "{e}"
+    );
     let e = bad("snapshot_interval: 10ms");
-    assert!(e.contains("snapshot_interval") && e.contains("outside"), "{e}");
+    assert!(
+        e.contains("snapshot_interval") && e.contains("outside"),
+        "{e}"
+    );
     let e = bad("snapshot_interval: fast");
     assert!(e.contains("not a duration"), "{e}");
     let e = bad("snapshot_interval: 3 weeks");
