@@ -332,3 +332,56 @@ fn fo04_drain_then_an_operator_declares_a_live_node_down() {
     assert!(show.contains("failed over"), "{show}");
     c.ctl_ok(c.addr(1), &["app", "rm", "counter"]);
 }
+
+/// Without a replica nothing fails over: the app waits for its node, and `app ls` says why.
+#[test]
+fn fo05_without_a_replica_the_app_waits_and_says_why() {
+    let mut c = TestCluster::start(3, &[]);
+    let _end = EndApps(c.dir.path().to_path_buf());
+    let files = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let application = files.path().join("application.yml");
+    fs::write(
+        &application,
+        format!("version: 1\napplications:\n{}", counter_app(port, port + 1)),
+    )
+    .unwrap();
+    let deployment = files.path().join("deployment.yml");
+    fs::write(&deployment, "version: 1\nnodes:\n  n2: [counter]\n").unwrap();
+    c.ctl_ok(
+        c.addr(1),
+        &[
+            "deploy",
+            deployment.to_str().unwrap(),
+            application.to_str().unwrap(),
+        ],
+    );
+    until("counter to run on n2", Duration::from_secs(30), || {
+        (app(&c, 1, "counter")["state"] == "running").then_some(())
+    });
+    let pid: i32 = app(&c, 1, "counter")["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let dog = watchdog(&c, 2).expect("n2's watchdog runs");
+    c.nodes[1].kill9();
+    // SAFETY: kill(2) of this test's own processes.
+    unsafe {
+        libc::kill(dog, libc::SIGKILL);
+        libc::kill(-pid, libc::SIGKILL);
+    }
+    let a = until("n2 to be declared down", Duration::from_secs(20), || {
+        let a = app(&c, 1, "counter");
+        (a["state"] == "waiting").then_some(a)
+    });
+    let detail = a["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("node n2 is down") && detail.contains("has no replica"),
+        "{a}"
+    );
+    assert_eq!(a["node"], "n2");
+    let events = c.ctl_ok(c.addr(1), &["events"]);
+    assert!(events.contains("cannot fail over"), "{events}");
+    assert!(testapps(c.dir.path()).is_empty());
+}
