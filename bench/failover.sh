@@ -83,6 +83,9 @@ testapp="$bin/flock-testapp"
 started=$SECONDS
 
 # --- binaries --------------------------------------------------------------------------------
+# Built when missing or older than the sources. cargo is asked in any case (a no-op taking
+# seconds when they are fresh): a binary linked after a source file changed may still have been
+# compiled from the file before the change, which only cargo knows.
 stale=""
 for b in "$flockd" "$flockctl" "$testapp"; do
   if [ ! -x "$b" ]; then
@@ -98,8 +101,10 @@ for b in "$flockd" "$flockctl" "$testapp"; do
 done
 if [ -n "$stale" ]; then
   log "$stale: building (cargo build --release -p flock-node -p flock-testapp; about 10 minutes on 2 cores)"
-  cargo build --release -p flock-node -p flock-testapp >&2
+else
+  log "checking that the release binaries are fresh (cargo build --release -p flock-node -p flock-testapp; it says Compiling if they are not)"
 fi
+cargo build --release -p flock-node -p flock-testapp >&2 || { log "cargo build failed"; exit 1; }
 if ! command -v redis-server >/dev/null; then
   log "redis-server is missing: apt-get install -y redis-server (its system service is not used)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server >&2
@@ -453,7 +458,7 @@ for r in $(seq 1 "$rounds"); do
   # The machine dies: flockd, its watchdog and the apps' process groups, at once.
   t_kill=$EPOCHREALTIME
   # shellcheck disable=SC2086 # $dog is empty or one pid
-  kill -s KILL -- "${fpid[k]}" $dog "-$cpid" "-$rpid"
+  kill -s KILL -- "${fpid[k]}" $dog "-$cpid" "-$rpid" || log "round $r: kill -9 failed for some of: ${fpid[k]} $dog -$cpid -$rpid"
   wait "${fpid[k]}" 2>/dev/null || true
   fpid[k]=""
   log "round $r: killed n$k$([ "$was_leader" = yes ] && echo " (the Raft leader)") with counter and redis after ${write_secs} s of writes"

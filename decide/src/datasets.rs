@@ -637,6 +637,16 @@ mod tests {
         );
         ok(
             &mut s,
+            Command::SetReplication {
+                dataset: 1,
+                replication: Some(flock_scheduler::failover::Replication {
+                    replicas: 1,
+                    interval_ms: 1000,
+                }),
+            },
+        );
+        ok(
+            &mut s,
             Command::DeclareNodeDown {
                 node: ME,
                 last_heard_unix_ms: 0,

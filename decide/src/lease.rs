@@ -141,7 +141,15 @@ pub struct Liveness {
     /// ([`flock_scheduler::failover::Failover::condemned`]): it renews them no more, and
     /// declares them down once their last lease ran out.
     condemned: BTreeMap<NodeId, Instant>,
+    /// Nodes this leader decided to declare down and whose declaration it has not seen
+    /// applied: no renewal for them meanwhile (a renewal answered with a read index from before
+    /// the declaration would give the node a lease over a state that still makes it primary).
+    /// (When decided; forgotten after [`DECLARING_FOR`] if it never applied.)
+    declaring: BTreeMap<NodeId, Instant>,
 }
+
+/// How long renewals stay refused for a node whose declaration has not applied.
+pub const DECLARING_FOR: Duration = Duration::from_secs(10);
 
 impl Liveness {
     pub fn new() -> Liveness {
@@ -161,6 +169,7 @@ impl Liveness {
         self.leading_since = None;
         self.heard.clear();
         self.condemned.clear();
+        // Kept: the proposal may still commit under the next leader.
     }
 
     pub fn leading(&self) -> bool {
@@ -186,6 +195,9 @@ impl Liveness {
         if state.failover.condemned.contains(&node) {
             return Err("an operator declared this node down".into());
         }
+        if self.declaring.contains_key(&node) {
+            return Err("the leader is declaring this node down".into());
+        }
         // A node declared down may renew: the datasets that failed over have another
         // primary under a newer epoch, which it sees before its renewal counts (the renewal
         // waits for the read index to apply), and those that could not fail over are still
@@ -205,10 +217,25 @@ impl Liveness {
         now: Instant,
         cfg: &LeaseConfig,
     ) -> Vec<LivenessAction> {
+        // A declaration applied (or the node gone): renewals may be answered again.
+        self.declaring.retain(|id, at| {
+            now.saturating_since(*at) < DECLARING_FOR
+                && state
+                    .nodes
+                    .get(id)
+                    .is_some_and(|n| n.state != NodeState::Down)
+        });
         let Some(since) = self.leading_since else {
             return Vec::new();
         };
         let mut out = Vec::new();
+        // The leader itself, declared down while it was away, comes back once it has led for
+        // a while: nobody else hears it as leader.
+        if state.nodes.get(&me).map(|n| n.state) == Some(NodeState::Down)
+            && now.saturating_since(since) >= cfg.stable_after
+        {
+            out.push(LivenessAction::BackUp { node: me });
+        }
         self.condemned
             .retain(|id, _| state.failover.condemned.contains(id));
         for id in &state.failover.condemned {
@@ -231,6 +258,7 @@ impl Liveness {
                         None => false,
                     };
                     if silent >= cfg.down_after() || lease_over {
+                        self.declaring.entry(node.id).or_insert(now);
                         out.push(LivenessAction::DeclareDown {
                             node: node.id,
                             silent,
@@ -377,6 +405,49 @@ mod tests {
                 by_operator: true
             }]
         );
+    }
+
+    /// A renewal that reaches the leader after it decided to declare the node down, before
+    /// the declaration applied, is refused (sim seed 71 of the failover model).
+    #[test]
+    fn no_renewal_while_a_declaration_is_on_its_way() {
+        let c = cfg();
+        let mut s = cluster(2);
+        let mut live = Liveness::new();
+        live.lead(t(0));
+        assert_eq!(live.decide(&s, 1, t(3500), &c).len(), 1);
+        assert!(live.may_renew(&s, 2).is_err());
+        s.apply(&Command::DeclareNodeDown {
+            node: 2,
+            last_heard_unix_ms: 0,
+            at_unix_ms: 0,
+            by_operator: false,
+        });
+        live.decide(&s, 1, t(3600), &c);
+        assert!(live.may_renew(&s, 2).is_ok());
+    }
+
+    /// A leader that was declared down while away brings itself back after leading for a
+    /// while (sim seed 1).
+    #[test]
+    fn a_leader_declared_down_brings_itself_back() {
+        let c = cfg();
+        let mut s = cluster(2);
+        s.apply(&Command::DeclareNodeDown {
+            node: 1,
+            last_heard_unix_ms: 0,
+            at_unix_ms: 0,
+            by_operator: false,
+        });
+        let mut live = Liveness::new();
+        live.lead(t(0));
+        live.heard(2, t(9_000), &c);
+        assert!(!live
+            .decide(&s, 1, t(9_999), &c)
+            .contains(&LivenessAction::BackUp { node: 1 }));
+        assert!(live
+            .decide(&s, 1, t(10_000), &c)
+            .contains(&LivenessAction::BackUp { node: 1 }));
     }
 
     #[test]

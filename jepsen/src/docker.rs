@@ -286,16 +286,75 @@ pub async fn start(node: &Node) -> Result<(), DockerError> {
         .map(|_| ())
 }
 
+/// The host pids of the node's flockd processes (not its fencing watchdog): those in the
+/// container's pid namespace whose command line starts with flockd.
+async fn flockd_pids(node: &Node) -> Result<Vec<i32>, DockerError> {
+    let init = run_patient(
+        "docker",
+        &["inspect", "-f", "{{.State.Pid}}", &node.container],
+    )
+    .await?;
+    let init: i32 = init.trim().parse().unwrap_or(0);
+    if init <= 0 {
+        return Err(DockerError::Other(format!(
+            "the container of {} does not run (no pid)",
+            node.name
+        )));
+    }
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let Some(want) = ns(init) else {
+        return Err(DockerError::Other(format!(
+            "cannot read the pid namespace of {}'s container (pid {init})",
+            node.name
+        )));
+    };
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").map_err(|e| DockerError::Other(e.to_string()))? {
+        let Some(pid) = e.ok().and_then(|e| e.file_name().to_str()?.parse::<i32>().ok()) else {
+            continue;
+        };
+        if ns(pid).as_ref() != Some(&want) {
+            continue;
+        }
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let first = cmd.split(' ').next().unwrap_or("");
+        if first.ends_with("flockd") && !cmd.contains("fence-watch") {
+            pids.push(pid);
+        }
+    }
+    if pids.is_empty() {
+        return Err(DockerError::Other(format!(
+            "no flockd runs in {}'s container",
+            node.name
+        )));
+    }
+    Ok(pids)
+}
+
+fn signal_all(pids: &[i32], sig: i32) -> Result<(), DockerError> {
+    for pid in pids {
+        // SAFETY: kill(2) of a process of the test cluster found above; no memory involved.
+        if unsafe { libc::kill(*pid, sig) } != 0 {
+            return Err(DockerError::Other(format!(
+                "kill({pid}, {sig}): {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Pauses the node's flockd with SIGSTOP from the host, as a hung flockd: its apps and its
+/// fencing watchdog keep running. Not `docker pause`, which freezes the whole container's
+/// cgroup: an exec into a frozen container deadlocks the engine (the `runc init` it starts
+/// freezes too), after which every inspect, unpause and partition of the run fails.
 pub async fn pause(node: &Node) -> Result<(), DockerError> {
-    run("docker", &["pause", &node.container], SHORT)
-        .await
-        .map(|_| ())
+    signal_all(&flockd_pids(node).await?, libc::SIGSTOP)
 }
 
 pub async fn unpause(node: &Node) -> Result<(), DockerError> {
-    run("docker", &["unpause", &node.container], SHORT)
-        .await
-        .map(|_| ())
+    signal_all(&flockd_pids(node).await?, libc::SIGCONT)
 }
 
 /// The container's state as docker reports it: `running`, `paused`, `exited`, ...

@@ -288,6 +288,20 @@ impl ClusterState {
         to: NodeId,
     ) -> Result<CommandResult, ApplyError> {
         self.usable_node(to)?;
+        // A copy a failover left there holds writes no other node has: a move's push would
+        // roll them back.
+        if self.failover.is_diverged(id, to) {
+            return Err(ApplyError::DivergedCopy {
+                dataset: self
+                    .datasets
+                    .get(&id)
+                    .map_or_else(String::new, |d| d.name.clone()),
+                node: self
+                    .nodes
+                    .get(&to)
+                    .map_or_else(|| format!("#{to}"), |n| n.name.clone()),
+            });
+        }
         // Docker containers write it where it is: it moves once the last one unmounted.
         self.not_mounted(id)?;
         let ds = self.dataset_mut(id)?;

@@ -226,6 +226,15 @@ pub fn failover_target(state: &ClusterState, dataset: DatasetId) -> Result<NodeI
         .datasets
         .get(&dataset)
         .ok_or_else(|| format!("dataset {dataset} is gone"))?;
+    // Only a dataset that asks for replication has replicas fresh enough to serve: a copy a
+    // move left behind may be hours old, and failing over to it would put those hours of
+    // writes aside. Such a dataset waits for its node.
+    if state.failover.replication_of(dataset).is_none() {
+        return Err(format!(
+            "dataset {} does not ask for replicas (ask with `flockctl dataset set {} --replicas 1`)",
+            ds.name, ds.name
+        ));
+    }
     if ds.replicas.is_empty() {
         return Err(format!(
             "dataset {} has no replica (ask for one: `flockctl dataset set {} --replicas 1`)",
@@ -757,6 +766,13 @@ mod tests {
         assert!(!matches!(r, CommandResult::Rejected(_)), "{r:?}");
         s.apps.get_mut("web").unwrap().node = 1;
         let id = s.dataset_by_name("db").unwrap().id;
+        s.apply(&Command::SetReplication {
+            dataset: id,
+            replication: Some(Replication {
+                replicas: 2,
+                interval_ms: 1000,
+            }),
+        });
         for (i, n) in ["a", "b", "c"].iter().enumerate() {
             let r = s.apply(&Command::RecordSnapshot {
                 dataset: id,
@@ -881,6 +897,21 @@ mod tests {
     }
 
     #[test]
+    fn a_dataset_that_asks_for_no_replicas_waits_for_its_node() {
+        let mut s = setup();
+        let id = s.dataset_by_name("db").unwrap().id;
+        s.apply(&Command::SetReplication {
+            dataset: id,
+            replication: None,
+        });
+        assert!(failover_target(&s, id)
+            .unwrap_err()
+            .contains("does not ask for replicas"));
+        down(&mut s, 1);
+        assert_eq!(s.datasets[&id].primary, 1);
+    }
+
+    #[test]
     fn a_replica_without_a_confirmed_base_is_never_chosen() {
         let mut s = setup();
         let id = s.dataset_by_name("db").unwrap().id;
@@ -911,6 +942,14 @@ mod tests {
             }),
             CommandResult::NodeUp { was_down: true }
         );
+        // Nor can a move take the dataset there: its push would roll the writes back.
+        assert!(matches!(
+            s.apply(&Command::MoveApp {
+                app: "db".into(),
+                to: 1
+            }),
+            CommandResult::Rejected(ApplyError::DivergedCopy { .. })
+        ));
         assert_eq!(
             s.apply(&Command::KeepDiverged {
                 dataset: id,

@@ -563,6 +563,8 @@ pub enum ApplyError {
     DatasetHeld { dataset: String, reason: String },
     #[error("invalid replication: {reason}")]
     InvalidReplication { reason: String },
+    #[error("node {node:?} holds a diverged copy of dataset {dataset:?} (writes a failover left there, kept); it cannot take the dataset while that copy is there")]
+    DivergedCopy { dataset: String, node: String },
     #[error("node {name:?} is draining: nothing new is placed on it (`flockctl node drain {name} --undo` ends that)")]
     NodeDraining { name: String },
 }

@@ -33,7 +33,7 @@ pub enum FaultKind {
     Kill,
     /// kill -9 the leader.
     KillLeader,
-    /// Pause (SIGSTOP the whole container) one or two random nodes.
+    /// Pause (SIGSTOP, from the host) the flockd of one or two random nodes; their apps run on.
     Pause,
     /// Pause the leader.
     PauseLeader,
