@@ -1,7 +1,8 @@
 //! A deterministic simulation of a flock cluster's decisions, in the way FoundationDB and
 //! TigerBeetle test theirs: many nodes run the real decision cores (flock-decide) against the
 //! real `ClusterState::apply`, on one thread, with a seeded clock, network (delays, partitions,
-//! lost answers), crashes of flockd and of whole machines, and drivers that fail or lie. After
+//! lost answers), crashes and hangs of flockd, crashes of whole machines, drivers that fail or
+//! lie, and leases, fencing and failover (a leader's liveness, clocks that drift). After
 //! every step it checks DESIGN.md's invariants; a failing seed replays exactly:
 //! `cargo run -p flock-sim -- --seed N`.
 //!
@@ -11,7 +12,7 @@
 pub mod rng;
 pub mod world;
 
-pub use world::{Bugs, Config, Outcome, Violation, World};
+pub use world::{Bugs, Config, OpenIssues, Outcome, Violation, World};
 
 /// Runs one seed.
 pub fn run(seed: u64, cfg: &Config) -> Result<Outcome, Violation> {
@@ -26,6 +27,9 @@ pub fn replay_command(seed: u64, bug: Option<&str>, cfg: &Config) -> String {
     }
     if !cfg.retention {
         cmd += " --without-retention";
+    }
+    for issue in cfg.open_issues.names() {
+        cmd += &format!(" --open-issue {issue}");
     }
     cmd
 }

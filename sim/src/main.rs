@@ -6,12 +6,14 @@
 //! flock-sim --seeds 0..1000           # a range; prints throughput
 //! flock-sim --seeds 0..200 --bug start-without-recheck   # show a reintroduced bug is caught
 //! flock-sim --seeds 0..300 --without-retention   # the world before issue 16: nothing pruned
+//! flock-sim --seed 42 --verbose       # every traced event as it happens
+//! flock-sim --seeds 0..300 --open-issue renewal-races-declare   # a product problem not fixed yet
 //! ```
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use flock_sim::{replay_command, Bugs, Config};
+use flock_sim::{replay_command, Bugs, Config, OpenIssues};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,6 +25,11 @@ fn main() -> ExitCode {
         let value = args.get(i + 1).cloned().unwrap_or_default();
         if args[i] == "--without-retention" {
             cfg.retention = false;
+            i += 1;
+            continue;
+        }
+        if args[i] == "--verbose" {
+            cfg.verbose = true;
             i += 1;
             continue;
         }
@@ -52,6 +59,15 @@ fn main() -> ExitCode {
                     ))
                 }
             },
+            "--open-issue" => match OpenIssues::named(&value) {
+                Some(o) => cfg.open_issues = cfg.open_issues.and(o),
+                None => {
+                    return usage(&format!(
+                        "--open-issue {value:?} is not one of {}",
+                        OpenIssues::NAMES.join(", ")
+                    ))
+                }
+            },
             "--nodes" => match value.parse() {
                 Ok(n) if n >= 2 => cfg.nodes = n,
                 _ => return usage(&format!("--nodes {value:?}: give 2 or more")),
@@ -62,6 +78,8 @@ fn main() -> ExitCode {
     }
     let started = Instant::now();
     let (mut runs, mut sim_ms, mut pruned, mut moves) = (0u64, 0u64, 0u64, 0u64);
+    let mut total = flock_sim::Outcome::default();
+    let mut leader_left_down = 0u64;
     for seed in seeds {
         match flock_sim::run(seed, &cfg) {
             Ok(o) => {
@@ -69,6 +87,13 @@ fn main() -> ExitCode {
                 sim_ms += o.sim_ms;
                 pruned += o.snapshots_pruned;
                 moves += o.moves_committed;
+                total.declared_down += o.declared_down;
+                total.failovers += o.failovers;
+                total.backed_up += o.backed_up;
+                total.fenced += o.fenced;
+                total.writes_acked += o.writes_acked;
+                total.writes_lost_in_failover += o.writes_lost_in_failover;
+                leader_left_down += u64::from(o.leader_left_down);
             }
             Err(v) => {
                 eprintln!("{v}");
@@ -84,12 +109,25 @@ fn main() -> ExitCode {
         (sim_ms as f64 / 1000.0) * cfg.nodes as f64 / secs
     );
     println!("{moves} moves committed; {pruned} local snapshot copies pruned by retention");
+    println!(
+        "{} nodes declared down, {} datasets failed over, {} nodes back up; the watchdog killed {} instances",
+        total.declared_down, total.failovers, total.backed_up, total.fenced
+    );
+    println!(
+        "{} of {} acknowledged writes lost in failovers (taken after the snapshot the new primary started from)",
+        total.writes_lost_in_failover, total.writes_acked
+    );
+    if leader_left_down > 0 {
+        println!(
+            "{leader_left_down} runs ended with the leader's own node declared down (open issue: the leader never brings itself back up)"
+        );
+    }
     ExitCode::SUCCESS
 }
 
 fn usage(why: &str) -> ExitCode {
     eprintln!(
-        "flock-sim: {why}\nusage: flock-sim [--seed N | --seeds A..B] [--bug NAME] [--nodes N] [--without-retention]"
+        "flock-sim: {why}\nusage: flock-sim [--seed N | --seeds A..B] [--bug NAME] [--nodes N] [--open-issue NAME] [--without-retention] [--verbose]"
     );
     ExitCode::from(2)
 }
