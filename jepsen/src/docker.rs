@@ -310,7 +310,10 @@ async fn flockd_pids(node: &Node) -> Result<Vec<i32>, DockerError> {
     };
     let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc").map_err(|e| DockerError::Other(e.to_string()))? {
-        let Some(pid) = e.ok().and_then(|e| e.file_name().to_str()?.parse::<i32>().ok()) else {
+        let Some(pid) = e
+            .ok()
+            .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        else {
             continue;
         };
         if ns(pid).as_ref() != Some(&want) {

@@ -12,7 +12,7 @@
 pub mod rng;
 pub mod world;
 
-pub use world::{Bugs, Config, OpenIssues, Outcome, Violation, World};
+pub use world::{Bugs, Config, Outcome, Violation, World};
 
 /// Runs one seed.
 pub fn run(seed: u64, cfg: &Config) -> Result<Outcome, Violation> {
@@ -27,9 +27,6 @@ pub fn replay_command(seed: u64, bug: Option<&str>, cfg: &Config) -> String {
     }
     if !cfg.retention {
         cmd += " --without-retention";
-    }
-    for issue in cfg.open_issues.names() {
-        cmd += &format!(" --open-issue {issue}");
     }
     cmd
 }

@@ -7,13 +7,12 @@
 //! flock-sim --seeds 0..200 --bug start-without-recheck   # show a reintroduced bug is caught
 //! flock-sim --seeds 0..300 --without-retention   # the world before issue 16: nothing pruned
 //! flock-sim --seed 42 --verbose       # every traced event as it happens
-//! flock-sim --seeds 0..300 --open-issue renewal-races-declare   # a product problem not fixed yet
 //! ```
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use flock_sim::{replay_command, Bugs, Config, OpenIssues};
+use flock_sim::{replay_command, Bugs, Config};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -59,15 +58,6 @@ fn main() -> ExitCode {
                     ))
                 }
             },
-            "--open-issue" => match OpenIssues::named(&value) {
-                Some(o) => cfg.open_issues = cfg.open_issues.and(o),
-                None => {
-                    return usage(&format!(
-                        "--open-issue {value:?} is not one of {}",
-                        OpenIssues::NAMES.join(", ")
-                    ))
-                }
-            },
             "--nodes" => match value.parse() {
                 Ok(n) if n >= 2 => cfg.nodes = n,
                 _ => return usage(&format!("--nodes {value:?}: give 2 or more")),
@@ -79,7 +69,6 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let (mut runs, mut sim_ms, mut pruned, mut moves) = (0u64, 0u64, 0u64, 0u64);
     let mut total = flock_sim::Outcome::default();
-    let mut leader_left_down = 0u64;
     for seed in seeds {
         match flock_sim::run(seed, &cfg) {
             Ok(o) => {
@@ -93,7 +82,6 @@ fn main() -> ExitCode {
                 total.fenced += o.fenced;
                 total.writes_acked += o.writes_acked;
                 total.writes_lost_in_failover += o.writes_lost_in_failover;
-                leader_left_down += u64::from(o.leader_left_down);
             }
             Err(v) => {
                 eprintln!("{v}");
@@ -117,17 +105,12 @@ fn main() -> ExitCode {
         "{} of {} acknowledged writes lost in failovers (taken after the snapshot the new primary started from)",
         total.writes_lost_in_failover, total.writes_acked
     );
-    if leader_left_down > 0 {
-        println!(
-            "{leader_left_down} runs ended with the leader's own node declared down (open issue: the leader never brings itself back up)"
-        );
-    }
     ExitCode::SUCCESS
 }
 
 fn usage(why: &str) -> ExitCode {
     eprintln!(
-        "flock-sim: {why}\nusage: flock-sim [--seed N | --seeds A..B] [--bug NAME] [--nodes N] [--open-issue NAME] [--without-retention] [--verbose]"
+        "flock-sim: {why}\nusage: flock-sim [--seed N | --seeds A..B] [--bug NAME] [--nodes N] [--without-retention] [--verbose]"
     );
     ExitCode::from(2)
 }

@@ -129,79 +129,6 @@ pub struct Config {
     pub retention: bool,
     /// Print every traced event as it happens (to stderr), not only the last before a failure.
     pub verbose: bool,
-    /// Product problems this simulation found that are not fixed yet, exercised (by default
-    /// the model and the nemesis step around them, so that the other invariants stay
-    /// checked). See [`OpenIssues`].
-    pub open_issues: OpenIssues,
-}
-
-/// Problems in the product logic the simulation found and that are not fixed yet. Each, when
-/// set, puts back what the default run steps around; a seed then shows it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OpenIssues {
-    /// The leader's liveness proposals take a replication round to commit (by default they
-    /// commit at once, as every proposal here). A renewal that reaches the leader in that round
-    /// gets a read index without the `DeclareNodeDown`, so the declared node's new lease holds
-    /// when the declaration commits, and it may start its apps on the state before it.
-    pub renewal_races_declare: bool,
-    /// The operator may move an app to a node holding a diverged copy of its dataset (by
-    /// default the nemesis does not ask): the move's pushes overwrite the diverged copy, and the
-    /// node becomes primary while still listed as diverged.
-    pub move_onto_diverged: bool,
-    /// The leader's own node, declared down while another node led, must be back up at the
-    /// end (by default this is counted, not failed): `Liveness::decide` never looks at the
-    /// leader's own node.
-    pub leader_stays_down: bool,
-}
-
-impl OpenIssues {
-    /// The issue named `name`, or all of them for "all".
-    pub fn named(name: &str) -> Option<OpenIssues> {
-        let mut o = OpenIssues::default();
-        match name {
-            "renewal-races-declare" => o.renewal_races_declare = true,
-            "move-onto-diverged" => o.move_onto_diverged = true,
-            "leader-stays-down" => o.leader_stays_down = true,
-            "all" => {
-                o.renewal_races_declare = true;
-                o.move_onto_diverged = true;
-                o.leader_stays_down = true;
-            }
-            _ => return None,
-        }
-        Some(o)
-    }
-
-    /// Both sets' issues.
-    pub fn and(self, other: OpenIssues) -> OpenIssues {
-        OpenIssues {
-            renewal_races_declare: self.renewal_races_declare || other.renewal_races_declare,
-            move_onto_diverged: self.move_onto_diverged || other.move_onto_diverged,
-            leader_stays_down: self.leader_stays_down || other.leader_stays_down,
-        }
-    }
-
-    /// The names of the issues set.
-    pub fn names(&self) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        if self.renewal_races_declare {
-            out.push("renewal-races-declare");
-        }
-        if self.move_onto_diverged {
-            out.push("move-onto-diverged");
-        }
-        if self.leader_stays_down {
-            out.push("leader-stays-down");
-        }
-        out
-    }
-
-    pub const NAMES: [&'static str; 4] = [
-        "renewal-races-declare",
-        "move-onto-diverged",
-        "leader-stays-down",
-        "all",
-    ];
 }
 
 impl Default for Config {
@@ -214,7 +141,6 @@ impl Default for Config {
             bugs: Bugs::default(),
             retention: true,
             verbose: false,
-            open_issues: OpenIssues::default(),
         }
     }
 }
@@ -264,8 +190,6 @@ pub struct Outcome {
     /// Acknowledged writes a failover lost: taken after the snapshot the new primary started
     /// from, before the old primary was declared down (the window failover accepts).
     pub writes_lost_in_failover: u64,
-    /// The run ended with the leader's own node declared down (see `final_check`).
-    pub leader_left_down: bool,
 }
 
 const TICK_MS: u64 = 300;
@@ -1274,10 +1198,10 @@ impl World {
                 },
                 LivenessAction::BackUp { node } => Command::NodeBackUp { node, at_unix_ms },
             };
-            if self.cfg.open_issues.renewal_races_declare {
+            {
                 // A replication round before it commits: a renewal that reaches the leader
-                // meanwhile gets a read index without it (an open issue: that renewal's
-                // lease outlasts the declaration).
+                // meanwhile must not get a read index without it (the leader refuses renewals
+                // of a node it is declaring down until the declaration applied).
                 self.note(format!("n{id} decides to propose {}", brief(&cmd)));
                 let at = self.rng.range(1, 15);
                 self.at(
@@ -1288,9 +1212,6 @@ impl World {
                         cmd,
                     },
                 );
-            } else {
-                // Committed at once, as every proposal here.
-                let _ = self.propose(id, cmd);
             }
         }
     }
@@ -2463,12 +2384,8 @@ impl World {
                 let app = self.rng.pick(&apps).clone();
                 let to = *self.rng.pick(&ids);
                 let any = ids.iter().copied().find(|&m| self.quorum(m));
-                // A move to a node that holds a diverged copy of the app's dataset overwrites
-                // that copy (an open issue, `OpenIssues::move_onto_diverged`): not asked for.
-                let diverged = self.canonical.apps[&app]
-                    .dataset
-                    .is_some_and(|d| self.canonical.failover.is_diverged(d, to));
-                let any = any.filter(|_| self.cfg.open_issues.move_onto_diverged || !diverged);
+                // Also to a node holding a diverged copy of the app's dataset: the state
+                // refuses such a move (its push would overwrite the kept writes).
                 if let Some(m) = any {
                     let cmd = if self.rng.chance(0.1) {
                         Command::CancelAppMove { app }
@@ -2512,13 +2429,6 @@ impl World {
         }
         // Liveness: every node was heard steadily again and brought back up.
         for node in self.canonical.nodes.values() {
-            let leads = self.leader.is_some_and(|(l, _)| l == node.id);
-            if node.state == NodeState::Down && leads && !self.cfg.open_issues.leader_stays_down {
-                // Liveness::decide never looks at the leader's own node: one declared down
-                // stays down while it leads. Counted (the summary shows it), not failed.
-                self.out.leader_left_down = true;
-                continue;
-            }
             if node.state == NodeState::Down {
                 return Err(self.violation(format!(
                     "n{} is still declared down {} ms after the faults ended",

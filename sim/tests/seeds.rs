@@ -5,7 +5,7 @@
 //!
 //! FLOCK_SIM_SEEDS sets how many seeds each of the four batches runs (default 500).
 
-use flock_sim::{replay_command, Bugs, Config, OpenIssues};
+use flock_sim::{replay_command, Bugs, Config};
 
 fn batch(part: u64) {
     let per: u64 = std::env::var("FLOCK_SIM_SEEDS")
@@ -130,42 +130,6 @@ fn catches_a_declaration_without_the_drift_margin() {
 #[test]
 fn catches_apps_that_ignore_the_lease() {
     caught("ignore-lease");
-}
-
-/// The first seed below 1000 that shows the open product issue `issue`, which the default run
-/// steps around. Once the product fixes it, this fails: make the default run exercise it
-/// (world.rs, `OpenIssues`) and remove the test.
-fn still_shows(issue: &str) {
-    let cfg = Config {
-        open_issues: OpenIssues::named(issue).expect("a known issue"),
-        ..Config::default()
-    };
-    for seed in 0..1000 {
-        if let Err(v) = flock_sim::run(seed, &cfg) {
-            eprintln!(
-                "open issue {issue} shows: {}\nreplay: {}",
-                v.what,
-                replay_command(seed, None, &cfg)
-            );
-            return;
-        }
-    }
-    panic!("no seed below 1000 shows the open issue {issue}: if the product fixed it, check it by default and remove this test");
-}
-
-#[test]
-fn open_issue_a_renewal_races_the_declaration() {
-    still_shows("renewal-races-declare");
-}
-
-#[test]
-fn open_issue_a_move_onto_a_diverged_copy() {
-    still_shows("move-onto-diverged");
-}
-
-#[test]
-fn open_issue_the_leader_stays_down() {
-    still_shows("leader-stays-down");
 }
 
 #[test]
