@@ -43,6 +43,12 @@ fn deploy_replicated(c: &TestCluster, dir: &Path) -> String {
         let a = app(c, 1, "counter");
         (a["state"] == "running" && ask(&addr, "PING").is_some()).then_some(())
     });
+    wait_for_replica(c);
+    addr
+}
+
+/// Waits until counter's dataset has a replica known to hold a recorded snapshot.
+fn wait_for_replica(c: &TestCluster) {
     until(
         "counter's dataset to have a replica holding a snapshot",
         Duration::from_secs(30),
@@ -56,7 +62,6 @@ fn deploy_replicated(c: &TestCluster, dir: &Path) -> String {
                 .then_some(())
         },
     );
-    addr
 }
 
 /// The pids of the flock-testapp processes working under `dir`.
@@ -286,19 +291,7 @@ fn fo04_drain_then_an_operator_declares_a_live_node_down() {
 
     // The node it runs on now is alive, but an operator says it is dead.
     let idx: usize = on[1..].parse().unwrap();
-    until(
-        "a replica holding a snapshot again",
-        Duration::from_secs(30),
-        || {
-            let ds: Value =
-                serde_json::from_str(&c.ctl_ok(c.addr(1), &["dataset", "ls", "counter", "--json"]))
-                    .unwrap();
-            ds[0]["bases"]
-                .as_object()
-                .is_some_and(|b| !b.is_empty())
-                .then_some(())
-        },
-    );
+    wait_for_replica(&c);
     let out = c.ctl_ok(c.addr(1), &["node", "down", &on]);
     assert!(out.contains("renewed no more"), "{out}");
     let moved = until("counter to fail over", Duration::from_secs(30), || {
@@ -333,7 +326,8 @@ fn fo04_drain_then_an_operator_declares_a_live_node_down() {
     c.ctl_ok(c.addr(1), &["app", "rm", "counter"]);
 }
 
-/// Without a replica nothing fails over: the app waits for its node, and `app ls` says why.
+/// Without replicas asked for nothing fails over: the app waits for its node, and `app ls`
+/// says why.
 #[test]
 fn fo05_without_a_replica_the_app_waits_and_says_why() {
     let mut c = TestCluster::start(3, &[]);
@@ -377,7 +371,7 @@ fn fo05_without_a_replica_the_app_waits_and_says_why() {
     });
     let detail = a["detail"].as_str().unwrap();
     assert!(
-        detail.contains("node n2 is down") && detail.contains("has no replica"),
+        detail.contains("node n2 is down") && detail.contains("does not ask for replicas"),
         "{a}"
     );
     assert_eq!(a["node"], "n2");
