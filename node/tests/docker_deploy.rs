@@ -853,3 +853,90 @@ fn k02_a_restarted_flockd_adopts_its_containers_and_restarts_none() {
         c.diagnostics()
     );
 }
+
+/// Failover with the docker driver (issue 17): flockd of the node running a replicated
+/// container app is killed alone; its fencing watchdog kills the container through the engine
+/// once the lease ran out, and only then does the app start on its replica, on the data of the
+/// last replicated snapshot. Never two running containers of the app at once.
+#[test]
+fn k03_flockd_killed_alone_its_container_is_fenced_then_fails_over() {
+    let mut c = DockerCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let (port, external) = (free_port_any(), free_port_any());
+    let app_yml = application_yml(port, external).replace(
+        "      maximum_size: 64M\n",
+        "      maximum_size: 64M\n      replicas: 1\n      snapshot_interval: 500ms\n",
+    );
+    let (app_file, dep_file) = (dir.path().join("app.yml"), dir.path().join("dep.yml"));
+    fs::write(&app_file, app_yml).unwrap();
+    fs::write(&dep_file, deployment_yml("n1", "n2")).unwrap();
+    c.ctl_ok(
+        c.addr(1),
+        &[
+            "deploy",
+            dep_file.to_str().unwrap(),
+            app_file.to_str().unwrap(),
+        ],
+    );
+    let (_, info) = c.wait_running("journal", 1, Duration::from_secs(60));
+    let old = info["Id"].as_str().unwrap().to_string();
+    c.until(
+        "a replica holding a snapshot",
+        Duration::from_secs(30),
+        |c| {
+            let ds: Value =
+                serde_json::from_str(&c.ctl_ok(c.addr(2), &["dataset", "ls", "journal", "--json"]))
+                    .unwrap();
+            if ds[0]["bases"].as_object().is_some_and(|b| !b.is_empty()) {
+                Ok(())
+            } else {
+                Err(format!("{ds}"))
+            }
+        },
+    );
+    thread::sleep(Duration::from_secs(1));
+    let before = log_in(&old).unwrap_or_default().len();
+    c.nodes[0].kill9();
+    let killed = Instant::now();
+    // Sample the running containers of the app until one runs elsewhere.
+    let mut most = 0;
+    let mut old_gone = None;
+    let moved = loop {
+        let running: Vec<String> = (1..=3)
+            .flat_map(|i| c.app_containers(i, "journal"))
+            .filter(|id| inspect(id)["State"]["Running"] == true)
+            .collect();
+        most = most.max(running.len());
+        if old_gone.is_none() && !running.contains(&old) {
+            old_gone = Some(killed.elapsed());
+        }
+        if let Some(new) = running.iter().find(|id| **id != old) {
+            break new.clone();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(40),
+            "journal did not fail over: {}",
+            c.diagnostics()
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "docker failover: old container gone after {:?}, new one running after {:?}",
+        old_gone,
+        killed.elapsed()
+    );
+    assert_eq!(most, 1, "two journal containers ran at once");
+    let gone = old_gone.expect("the old container was fenced before the new one ran");
+    assert!(gone < Duration::from_secs(4), "fenced after {gone:?}");
+    // The new primary started from a replicated snapshot: the log it carries on is at least
+    // as long as it was a snapshot interval and a push before the kill (allowing for them).
+    thread::sleep(Duration::from_secs(1));
+    let after = log_in(&moved).unwrap_or_default().len();
+    assert!(
+        after + 20 >= before && after > 0,
+        "the new primary's log has {after} lines, {before} before the kill"
+    );
+    let a: Value =
+        serde_json::from_str(&c.ctl_ok(c.addr(2), &["app", "show", "journal", "--json"])).unwrap();
+    assert_ne!(a["node"], "n1", "{a}");
+}
