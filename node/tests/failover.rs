@@ -379,3 +379,97 @@ fn fo05_without_a_replica_the_app_waits_and_says_why() {
     assert!(events.contains("cannot fail over"), "{events}");
     assert!(testapps(c.dir.path()).is_empty());
 }
+
+/// The node that comes back after a failover serves nothing and keeps its diverged copy until
+/// an operator gives it up (`dataset drop-diverged --force`); then it is a replica again and
+/// catches up, so the dataset can fail over again.
+#[test]
+fn fo06_a_returning_node_keeps_its_copy_until_it_is_given_up() {
+    let mut c = TestCluster::start(3, &[]);
+    let _end = EndApps(c.dir.path().to_path_buf());
+    let files = tempfile::tempdir().unwrap();
+    let addr = deploy_replicated(&c, files.path());
+    for i in 0..20 {
+        assert!(ask(&addr, &format!("APPEND x{i}")).is_some_and(|r| r.starts_with("OK ")));
+    }
+    let pid: i32 = app(&c, 1, "counter")["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let dog = watchdog(&c, 1).expect("n1's watchdog runs");
+    c.nodes[0].kill9();
+    // SAFETY: kill(2) of this test's own processes.
+    unsafe {
+        libc::kill(dog, libc::SIGKILL);
+        libc::kill(-pid, libc::SIGKILL);
+    }
+    until("counter to fail over", Duration::from_secs(30), || {
+        let a = app(&c, 2, "counter");
+        (a["node"] != "n1" && a["state"] == "running").then_some(())
+    });
+    c.restart(1);
+    let ls = |c: &TestCluster| -> Value {
+        serde_json::from_str(&c.ctl_ok(c.addr(2), &["dataset", "ls", "counter", "--json"])).unwrap()
+    };
+    until("n1 to be back up", Duration::from_secs(40), || {
+        let nodes = c.ctl_ok(c.addr(2), &["node", "ls"]);
+        nodes
+            .lines()
+            .any(|l| l.starts_with("n1 ") && l.contains("ready"))
+            .then_some(())
+    });
+    // Back, it serves nothing, and its copy is kept as diverged.
+    assert_eq!(testapps(c.dir.path()).len(), 1);
+    assert_eq!(ls(&c)[0]["diverged"], serde_json::json!(["n1"]));
+    let no = c.ctl(
+        c.addr(2),
+        &["dataset", "drop-diverged", "counter", "--node", "n1"],
+    );
+    assert_eq!(no.status.code(), Some(2), "{}", stderr(&no));
+    assert!(stderr(&no).contains("--force"), "{}", stderr(&no));
+    let bad = c.ctl(
+        c.addr(2),
+        &[
+            "dataset",
+            "drop-diverged",
+            "counter",
+            "--node",
+            "n3",
+            "--force",
+        ],
+    );
+    assert!(
+        stderr(&bad).contains("holds no diverged copy"),
+        "{}",
+        stderr(&bad)
+    );
+    c.ctl_ok(
+        c.addr(2),
+        &[
+            "dataset",
+            "drop-diverged",
+            "counter",
+            "--node",
+            "n1",
+            "--force",
+        ],
+    );
+    until(
+        "n1 to be a replica holding a snapshot",
+        Duration::from_secs(40),
+        || {
+            let d = ls(&c);
+            (d[0]["replicas"].as_array()?.iter().any(|r| r == "n1")
+                && d[0]["bases"].get("n1").is_some())
+            .then_some(())
+        },
+    );
+    assert_eq!(ls(&c)[0]["diverged"], serde_json::json!([]));
+    let events = c.ctl_ok(c.addr(2), &["events"]);
+    assert!(
+        events.contains("n1's diverged copy of counter was given up; it is a replica again"),
+        "{events}"
+    );
+    c.ctl_ok(c.addr(2), &["app", "rm", "counter"]);
+}

@@ -151,8 +151,8 @@ pub enum EventKind {
         from: NodeId,
         to: NodeId,
     },
-    /// A returning node kept its diverged writes (in `snapshot`, if it had any) and became a
-    /// replica.
+    /// A returning node kept its diverged writes in `snapshot`, or (`None`) an operator gave
+    /// them up; either way it became a replica.
     DivergedKept {
         dataset: String,
         node: NodeId,

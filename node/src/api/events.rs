@@ -5,8 +5,8 @@ use serde::Serialize;
 use tonic::Response;
 
 use flock_proto::v1::{
-    DrainedApp, EventsReply, EventsRequest, NodeDownReply, NodeDownRequest, NodeDrainReply,
-    NodeDrainRequest,
+    DatasetDropDivergedReply, DatasetDropDivergedRequest, DrainedApp, EventsReply, EventsRequest,
+    NodeDownReply, NodeDownRequest, NodeDrainReply, NodeDrainRequest,
 };
 use flock_scheduler::failover::{Event, EventKind};
 use flock_scheduler::{ClusterState, Command, CommandResult, NodeId};
@@ -98,7 +98,7 @@ pub fn describe(state: &ClusterState, e: &Event) -> String {
                 name(state, *node)
             ),
             None => format!(
-                "{} had no diverged writes of {dataset} and is a replica again",
+                "{}'s diverged copy of {dataset} was given up; it is a replica again",
                 name(state, *node)
             ),
         },
@@ -199,6 +199,47 @@ impl ApiService {
             });
         }
         Ok(Response::new(NodeDrainReply { apps }))
+    }
+
+    pub(super) async fn drop_diverged_impl(
+        &self,
+        req: DatasetDropDivergedRequest,
+    ) -> Result<Response<DatasetDropDivergedReply>, ClusterError> {
+        let (dataset, node) = {
+            let state = self.cluster.view.read();
+            let node = resolve_node(&state.cluster, &req.node)?;
+            let ds = state.cluster.dataset_by_name(&req.name).ok_or_else(|| {
+                ClusterError::NotFound(format!(
+                    "no dataset named {} (`flockctl dataset ls` lists them)",
+                    flock_scheduler::shown(&req.name)
+                ))
+            })?;
+            if !state.cluster.failover.is_diverged(ds.id, node) {
+                return Err(ClusterError::Refused(format!(
+                    "node {} holds no diverged copy of {} (`flockctl dataset ls {}` lists them)",
+                    name(&state.cluster, node),
+                    ds.name,
+                    ds.name
+                )));
+            }
+            (ds.id, node)
+        };
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let cmd = Command::KeepDiverged {
+            dataset,
+            node,
+            snapshot: None,
+            at_unix_ms: at,
+        };
+        match self.cluster.propose(cmd).await? {
+            CommandResult::DivergedKept => Ok(Response::new(DatasetDropDivergedReply {})),
+            CommandResult::Rejected(e) => Err(ClusterError::Refused(e.to_string())),
+            other => Err(ClusterError::Refused(format!(
+                "unexpected result {other:?}"
+            ))),
+        }
     }
 
     pub(super) async fn events_impl(

@@ -637,6 +637,14 @@ impl Api for ApiService {
         self.do_dataset_unmount(req).await
     }
 
+    async fn dataset_drop_diverged(
+        &self,
+        req: Request<DatasetDropDivergedRequest>,
+    ) -> Reply<DatasetDropDivergedReply> {
+        self.authorize(&req)?;
+        Ok(self.drop_diverged_impl(req.into_inner()).await?)
+    }
+
     async fn local_datasets(
         &self,
         req: Request<LocalDatasetsRequest>,

@@ -113,6 +113,18 @@ pub enum DatasetCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Give up the diverged copy a failover left on a node: the writes only that copy holds
+    /// (made after the last snapshot that reached the new primary) are dropped, and the node
+    /// becomes a replica again. Copy out what you need first; only with --force.
+    DropDiverged {
+        name: String,
+        /// The node holding the diverged copy (name or id).
+        #[arg(long)]
+        node: String,
+        /// Yes: drop its diverged writes.
+        #[arg(long)]
+        force: bool,
+    },
     /// Move a dataset (one no application uses) to another node, with its snapshots.
     Move {
         name: String,
@@ -337,6 +349,26 @@ async fn get(api: &mut ApiClient<Channel>, name: &str) -> anyhow::Result<Dataset
 /// Runs one `flockctl dataset` command.
 pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Result<i32> {
     match cmd {
+        DatasetCmd::DropDiverged { name, node, force } => {
+            if !force {
+                eprintln!(
+                    "flockctl: node {node}'s copy of {name} holds the writes made there after the last \
+                     snapshot that reached the new primary; this drops them and makes {node} a replica \
+                     again. Copy out what you need (the copy is in {node}'s data dir), then run it again \
+                     with --force"
+                );
+                return Ok(2);
+            }
+            api.dataset_drop_diverged(DatasetDropDivergedRequest {
+                name: name.clone(),
+                node: node.clone(),
+            })
+            .await
+            .map_err(status_err)?;
+            println!(
+                "{node}'s diverged copy of {name} is given up: {node} becomes a replica again"
+            );
+        }
         DatasetCmd::Unmount { name, node, force } => {
             if !force {
                 eprintln!(
