@@ -34,8 +34,9 @@
 # Builds target/release/{flockd,flockctl,flock-testapp} first when missing or older than the
 # sources (cargo build --release -p flock-node -p flock-testapp: about 10 minutes on 2 cores);
 # installs redis-server with apt-get when it is missing (never uses the system's service).
-# Writes a section "Failover (issue 17)" to bench/RESULTS.md, between <!-- failover-bench S -->
-# and <!-- end failover-bench S --> (replaced on the next run with the same interval).
+# Writes a section "Failover (issue 17)" to bench/RESULTS.md, between <!-- failover-bench KEY -->
+# and <!-- end failover-bench KEY -->, KEY: the interval and --redeploy-when-stuck if given
+# (replaced on the next run with the same KEY, appended otherwise).
 # Exits 1 on a violation, a failed round or a setup failure; the figures are printed either way.
 # shellcheck disable=SC2317 # cleanup and what it calls run from the EXIT trap
 set -euo pipefail
@@ -80,7 +81,6 @@ bin="$root/target/release"
 flockd="$bin/flockd"
 flockctl="$bin/flockctl"
 testapp="$bin/flock-testapp"
-started=$SECONDS
 
 # --- binaries --------------------------------------------------------------------------------
 # Built when missing or older than the sources. cargo is asked in any case (a no-op taking
@@ -92,17 +92,17 @@ for b in "$flockd" "$flockctl" "$testapp"; do
     stale="$b is missing"
     break
   fi
-  newer=$(find Cargo.toml Cargo.lock node proto raft scheduler decide dataset tls client transport testapp \
-    \( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock -o -name '*.proto' \) -newer "$b" -print -quit 2>/dev/null || true)
+  newer=$(find Cargo.toml Cargo.lock ./*/build.rs {node,proto,raft,scheduler,decide,dataset,tls,client,transport,testapp}/{src,Cargo.toml} \
+    proto/proto \( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock -o -name '*.proto' \) -newer "$b" -print -quit 2>/dev/null || true)
   if [ -n "$newer" ]; then
     stale="$b is older than $newer"
     break
   fi
 done
 if [ -n "$stale" ]; then
-  log "$stale: building (cargo build --release -p flock-node -p flock-testapp; about 10 minutes on 2 cores)"
+  log "$stale: building (cargo build --release -p flock-node -p flock-testapp: about 10 minutes on 2 cores when it compiles, seconds when cargo finds them fresh)"
 else
-  log "checking that the release binaries are fresh (cargo build --release -p flock-node -p flock-testapp; it says Compiling if they are not)"
+  log "asking cargo whether the release binaries are fresh (cargo build --release -p flock-node -p flock-testapp; it says Compiling if they are not)"
 fi
 cargo build --release -p flock-node -p flock-testapp >&2 || { log "cargo build failed"; exit 1; }
 if ! command -v redis-server >/dev/null; then
@@ -110,6 +110,7 @@ if ! command -v redis-server >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server >&2
 fi
 redis_version=$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')
+started=$SECONDS # the run, without the build
 
 # --- state, and the end ----------------------------------------------------------------------
 dir=$(mktemp -d /tmp/flock-failover.XXXXXX)
@@ -158,7 +159,7 @@ term_then_kill() {
 }
 
 cleanup() {
-  local rc=$? i pids
+  local rc=$? i pids lines
   trap - EXIT INT TERM
   touch "$dir/stop-watch" 2>/dev/null || true
   for i in "${writer_pids[@]}" $watch_pid; do kill -TERM "$i" 2>/dev/null || true; done
@@ -171,9 +172,8 @@ cleanup() {
   wait 2>/dev/null || true
   if [ "$rc" -ne 0 ] || $failed; then
     for f in "$dir"/logs/*.err; do
-      [ -s "$f" ] || continue
-      echo "--- last lines of $f:" >&2
-      grep -v ' INFO ' "$f" | tail -15 >&2 || true
+      lines=$(grep ' ERROR \| WARN ' "$f" 2>/dev/null | grep -v openraft | tail -8 || true)
+      [ -n "$lines" ] && printf -- '--- the last warnings and errors in %s:\n%s\n' "$f" "$lines" >&2
     done
   fi
   if $keep; then
@@ -303,9 +303,16 @@ wait_ready() {
       echo "$cn"
       return 0
     fi
+    # No replica can come: every other node holds a diverged copy of a dataset.
+    if [ "$(ctl dataset ls --json 2>/dev/null |
+      pj 'print("yes" if any(x["name"] in sys.argv[1:] and not x.get("bases") and len(x.get("diverged") or []) >= 2
+                             for x in d) else "no")' "$cds" "$rds" 2>/dev/null)" = yes ]; then
+      log "a dataset has no replica and diverged copies on both other nodes: no replica can be added"
+      break
+    fi
     sleep 0.5
   done
-  log "after $1 s: counter on '${cn:-?}' ($(app_field counter state)), redis on '${rn:-?}' ($(app_field redis state));" \
+  log "after $(($1 - (end - SECONDS))) s: counter on '${cn:-?}' ($(app_field counter state)), redis on '${rn:-?}' ($(app_field redis state));" \
     "a replica holding a snapshot: counter $(has_base "$cds"), redis $(has_base "$rds")"
   return 1
 }
@@ -373,16 +380,22 @@ deploy_on() { # deploy_on NODE: both apps pinned to NODE
 deploy_on n1 || exit 1
 wait_ready 90 >/dev/null || { log "the apps did not come up with replicas"; ctl app ls >&2 || true; exit 1; }
 
-# A fresh pair of apps (and datasets) when the current ones cannot get a replica any more.
+# A fresh pair of apps (and datasets) when the current ones cannot get a replica any more. The
+# apps are first deployed again pinned where they run: a failover leaves an app's pin on the
+# node it failed over from, and `app rm` of one app re-plans the other to its pin, which a
+# diverged copy refuses.
 redeploy() {
-  local on
+  local on ds
   on=$(app_field counter node)
   log "removing counter and redis and their datasets ($cds, $rds), deploying them afresh on $on"
-  ctl_once app rm counter >&2 || true
-  ctl_once app rm redis >&2 || true
+  deploy_on "$on" || return 1
+  for app in counter redis; do
+    ctl_once app rm "$app" >>"$dir/logs/redeploy.$gen.out" 2>&1 ||
+      { log "app rm $app failed: $(tail -2 "$dir/logs/redeploy.$gen.out" | tr '\n' ' ')"; return 1; }
+  done
   for ds in "$cds" "$rds"; do
     for _ in $(seq 1 60); do
-      ctl_once dataset rm "$ds" >/dev/null 2>"$dir/ctl.err" && break
+      ctl_once dataset rm "$ds" >>"$dir/logs/redeploy.$gen.out" 2>&1 && break
       sleep 0.5
     done
   done
@@ -409,19 +422,30 @@ for r in $(seq 1 "$rounds"); do
       log "app move failed: $(tail -3 "$dir/logs/move.$r.out" | tr '\n' ' ')"
     notes+=("round $r: redis moved to $cn first (the apps had failed over to different nodes)")
   fi
+  why=""
   if ! on=$(wait_ready 90); then
     log "round $r: the apps are not ready for a failover:"
     ctl app ls >&2 || true
     ctl dataset ls "$cds" >&2 || true
     ctl dataset ls "$rds" >&2 || true
+    why=$(for ds in "$cds" "$rds"; do
+      ctl dataset ls "$ds" --json 2>/dev/null | pj 'x = d[0]
+if x.get("diverged"):
+    print(x["name"] + " (primary " + str(x.get("primary")) + "): diverged copies on "
+          + " ".join(map(str, x["diverged"])) + ", replicas " + str(x.get("replicas")))' 2>/dev/null || true
+    done)
+    if [ -n "$why" ]; then
+      why="$(tr '\n' ';' <<<"$why") a node holding a diverged copy is never made a replica again (README: Failover), so with 3 nodes a dataset fails over at most twice"
+      log "round $r: $why"
+    fi
     if $redeploy; then
-      notes+=("round $r: no replica holding a snapshot could be had for the apps (see above); removed and deployed afresh (generation $((gen + 1)))")
+      notes+=("round $r: the apps have no replica holding a snapshot${why:+ ($why)}; removed with their datasets and deployed afresh on the node they ran on (generation $((gen + 1)))")
       if ! redeploy || ! on=$(wait_ready 90); then
         stuck="round $r: the redeployed apps did not come up with replicas"
         break
       fi
     else
-      stuck="round $r: the apps are not ready for a failover (a replica holding a snapshot) after 90 s"
+      stuck="round $r: the apps have no replica holding a snapshot${why:+: $why}"
       break
     fi
   fi
@@ -457,6 +481,7 @@ for r in $(seq 1 "$rounds"); do
 
   # The machine dies: flockd, its watchdog and the apps' process groups, at once.
   t_kill=$EPOCHREALTIME
+  echo "$t_kill" >"$rdir/kill"
   # shellcheck disable=SC2086 # $dog is empty or one pid
   kill -s KILL -- "${fpid[k]}" $dog "-$cpid" "-$rpid" || log "round $r: kill -9 failed for some of: ${fpid[k]} $dog -$cpid -$rpid"
   wait "${fpid[k]}" 2>/dev/null || true
@@ -499,6 +524,12 @@ for r in $(seq 1 "$rounds"); do
     sleep 0.2
   done
   log "round $r: n$k restarted ($(node_state "n$k"))"
+  # Its copies diverged (the writes after the last replicated snapshot): an operator who has
+  # what they need gives them up, and the node is a replica again for the next round.
+  for ds in "$cds" "$rds"; do
+    ctl_once dataset drop-diverged "$ds" --node "n$k" --force >>"$dir/logs/drop.$r.out" 2>&1 ||
+      log "round $r: drop-diverged $ds on n$k: $(tail -1 "$dir/logs/drop.$r.out")"
+  done
 done
 
 touch "$watch_stop"
@@ -514,23 +545,23 @@ violations=$(grep -c '"violations": \["' "$rows" || true)
 for m in "$most_c" "$most_r"; do [ -n "$m" ] && [ "$m" -gt 1 ] && failed=true; done
 dur=$((SECONDS - started))
 head_rev=$(git rev-parse --short HEAD 2>/dev/null || echo "?")
-dirty=$(git --no-optional-locks status --porcelain --untracked-files=no 2>/dev/null | awk '{ print $2 }' | tr '\n' ' ')
+dirty=$(git --no-optional-locks status --porcelain --untracked-files=no 2>/dev/null | awk '$2 !~ /^bench\// { print $2 }' | tr '\n' ' ')
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 [ -n "$stuck" ] && notes+=("NOT COMPLETED: $stuck; $done_rounds of $rounds rounds measured")
 meta="$dir/meta.json"
 python3 - "$meta" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
   "$(nproc) CPUs ($cpu), Linux $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg) at the end" \
   "$head_rev${dirty:+ (the worktree has uncommitted changes to: ${dirty% })}, release build; redis-server $redis_version (Debian)" \
-  "bench/failover.sh${args_given:+ $args_given}" "took $((dur / 60)) min $((dur % 60)) s" "$interval" \
+  "bench/failover.sh${args_given:+ $args_given}" "took $((dur / 60)) min $((dur % 60)) s" "$interval" "$interval$($redeploy && echo " redeploy-when-stuck")" \
   "3 flockd on 127.0.0.1 (init + 2 joins, routing mesh on 127.0.0.2-4), dir backend on ext4, Raft and lease defaults (heartbeat 100 ms, election timeout 300 ms, lease 2.5 s, declared down after lease + 1 s); two apps pinned to one node, each volume {replicas: 1, snapshot_interval: $interval}: counter (flock-testapp, fsync before each OK) and redis (redis-server --appendonly yes --appendfsync always --save '' in its dataset); one writer per app, sequential appends as fast as acknowledged on one connection (a new one after an error, tried every 10 ms), $write_secs s before the kill" \
-  "kill -9 of the apps' node (flockd, its fencing watchdog and both apps' process groups at once); declared down / failed over = the NodeDown / FailedOver events' times after the kill; serving again = from the kill to the first write acknowledged on a connection opened after it; lost = acknowledged writes missing when everything the app holds is read back, classified against the time in the name of the snapshot the new primary started from (FailedOver event), $tolerance_ms ms tolerance; the killed node restarted with flockd run between rounds; most instances at once sampled every 50 ms over the whole run" \
+  "kill -9 of the apps' node (flockd, its fencing watchdog and both apps' process groups at once); declared down / failed over = the NodeDown / FailedOver events' times after the kill; serving again = from the kill to the first write acknowledged on a connection opened after it; lost = acknowledged writes missing when everything the app holds is read back, classified against the time in the name of the snapshot the new primary started from (FailedOver event), $tolerance_ms ms tolerance; the killed node restarted with flockd run between rounds and its diverged copies given up (flockctl dataset drop-diverged --force), so it is a replica again; most instances at once sampled every 50 ms over the whole run" \
   "$most_c" "$most_r" "${notes[@]}" <<'PY'
 import json, sys
-(path, date, machine, flock, command, duration, interval, setup, measured, most_c, most_r,
+(path, date, machine, flock, command, duration, interval, key, setup, measured, most_c, most_r,
  *notes) = sys.argv[1:]
 json.dump({
     "date": date, "machine": machine, "flock": flock, "command": command,
-    "duration": duration, "interval": interval, "setup": setup, "measured": measured,
+    "duration": duration, "interval": interval, "key": key, "setup": setup, "measured": measured,
     "notes": notes,
     "most_instances": {k: int(v) for k, v in (("counter", most_c), ("redis", most_r)) if v},
 }, open(path, "w"))
