@@ -556,6 +556,11 @@ impl ClusterState {
             .filter(|(_, a)| a.dataset == Some(dataset))
         {
             app.node = to;
+            // Pinned where its data is now, as after a move: a later re-plan (another app's
+            // removal) must not send it back to the node it failed over from.
+            if app.pinned.is_some() {
+                app.pinned = Some(to);
+            }
             apps.push(app_name.clone());
         }
         let snapshot_unix = record.as_ref().map(|r| r.created_unix);
@@ -839,6 +844,7 @@ mod tests {
         assert!(s.failover.is_diverged(id, 1));
         assert_eq!(s.failover.diverged[&id][&1].common.as_deref(), Some("b"));
         assert_eq!(s.apps["db"].node, 2);
+        assert_eq!(s.apps["db"].pinned, Some(2));
         assert_eq!(s.app_runs_on(&s.apps["db"]), Some(2));
         // The stateless app went to the least loaded ready node (n3: n2 has db now).
         assert_eq!(s.apps["web"].node, 3);

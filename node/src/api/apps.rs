@@ -92,7 +92,9 @@ impl ApiService {
                 changes,
             } => {
                 let mut warnings = warnings;
-                let state = self.cluster.view.read().cluster.clone();
+                // On a follower the deploy may not have applied here yet: read linearizably,
+                // or the new apps' volume policies would be skipped.
+                let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
                 warnings.extend(self.apply_volume_policies(&state, &limits, volumes).await);
                 let state = self.cluster.view.read().cluster.clone();
                 Ok(Response::new(pb::DeployReply {
