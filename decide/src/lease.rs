@@ -242,7 +242,9 @@ impl Liveness {
             self.condemned.entry(*id).or_insert(now);
         }
         for node in state.nodes.values() {
-            if node.id == me {
+            // The leader never declares itself down, unless an operator condemned it: its own
+            // renewals are refused too, so its lease runs out like anyone's.
+            if node.id == me && !self.condemned.contains_key(&me) {
                 continue;
             }
             let heard = self.heard.get(&node.id);
@@ -257,7 +259,7 @@ impl Liveness {
                         Some(at) => now.saturating_since((*at).max(since)) >= cfg.down_after(),
                         None => false,
                     };
-                    if silent >= cfg.down_after() || lease_over {
+                    if (silent >= cfg.down_after() && node.id != me) || lease_over {
                         self.declaring.entry(node.id).or_insert(now);
                         out.push(LivenessAction::DeclareDown {
                             node: node.id,
@@ -448,6 +450,29 @@ mod tests {
         assert!(live
             .decide(&s, 1, t(10_000), &c)
             .contains(&LivenessAction::BackUp { node: 1 }));
+    }
+
+    /// `flockctl node down` of the leader itself: it declares itself down once its own last
+    /// lease ran out (else its apps stay fenced and never fail over).
+    #[test]
+    fn a_condemned_leader_declares_itself_down() {
+        let c = cfg();
+        let mut s = cluster(2);
+        let mut live = Liveness::new();
+        live.lead(t(0));
+        live.heard(2, t(4000), &c);
+        s.apply(&Command::CondemnNode { node: 1 });
+        assert!(live.decide(&s, 1, t(4000), &c).is_empty());
+        live.heard(2, t(7400), &c);
+        assert!(live.decide(&s, 1, t(7499), &c).is_empty());
+        assert_eq!(
+            live.decide(&s, 1, t(7500), &c),
+            vec![LivenessAction::DeclareDown {
+                node: 1,
+                silent: Duration::from_millis(7500),
+                by_operator: true
+            }]
+        );
     }
 
     #[test]
