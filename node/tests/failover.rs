@@ -91,6 +91,18 @@ fn watchdog(c: &TestCluster, i: usize) -> Option<i32> {
     fs::read_to_string(lock).ok()?.trim().parse().ok()
 }
 
+/// Node `i`'s machine dies: its flockd, its fencing watchdog and the app's process group
+/// (`app_pid`), at once.
+fn kill_machine(c: &mut TestCluster, i: usize, app_pid: i32) {
+    let dog = watchdog(c, i).unwrap_or_else(|| panic!("n{i}'s watchdog runs"));
+    c.nodes[i - 1].kill9();
+    // SAFETY: kill(2) of this test's own processes.
+    unsafe {
+        libc::kill(dog, libc::SIGKILL);
+        libc::kill(-app_pid, libc::SIGKILL);
+    }
+}
+
 /// Samples the instances every 20 ms until `stop`: the most ever alive at once.
 fn count_instances(dir: std::path::PathBuf, stop: Arc<AtomicBool>) -> usize {
     let mut most = 0;
@@ -136,13 +148,7 @@ fn fail_over(fault: Fault) {
     let fault_at = Instant::now();
     match fault {
         Fault::Node => {
-            let dog = watchdog(&c, 1).expect("n1's watchdog runs");
-            c.nodes[0].kill9();
-            // SAFETY: kill(2) of this test's own processes.
-            unsafe {
-                libc::kill(dog, libc::SIGKILL);
-                libc::kill(-old_pid, libc::SIGKILL);
-            }
+            kill_machine(&mut c, 1, old_pid);
         }
         Fault::Flockd => c.nodes[0].kill9(),
         Fault::Pause => unsafe {
@@ -358,13 +364,7 @@ fn fo05_without_a_replica_the_app_waits_and_says_why() {
         .unwrap()
         .parse()
         .unwrap();
-    let dog = watchdog(&c, 2).expect("n2's watchdog runs");
-    c.nodes[1].kill9();
-    // SAFETY: kill(2) of this test's own processes.
-    unsafe {
-        libc::kill(dog, libc::SIGKILL);
-        libc::kill(-pid, libc::SIGKILL);
-    }
+    kill_machine(&mut c, 2, pid);
     let a = until("n2 to be declared down", Duration::from_secs(20), || {
         let a = app(&c, 1, "counter");
         (a["state"] == "waiting").then_some(a)
@@ -397,13 +397,7 @@ fn fo06_a_returning_node_keeps_its_copy_until_it_is_given_up() {
         .unwrap()
         .parse()
         .unwrap();
-    let dog = watchdog(&c, 1).expect("n1's watchdog runs");
-    c.nodes[0].kill9();
-    // SAFETY: kill(2) of this test's own processes.
-    unsafe {
-        libc::kill(dog, libc::SIGKILL);
-        libc::kill(-pid, libc::SIGKILL);
-    }
+    kill_machine(&mut c, 1, pid);
     until("counter to fail over", Duration::from_secs(30), || {
         let a = app(&c, 2, "counter");
         (a["node"] != "n1" && a["state"] == "running").then_some(())
