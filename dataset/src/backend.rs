@@ -297,6 +297,66 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// What [`set_aside`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetAside {
+    /// Neither the dataset nor an earlier set-aside copy existed: nothing to keep.
+    Nothing,
+    /// The data is in `aside` under the kept snapshot; the dataset is back at the common
+    /// snapshot (`true`) or gone (`false`: it did not hold a common snapshot).
+    Kept { restarted: bool },
+}
+
+/// Sets a dataset's current data aside and takes the dataset back to an older snapshot,
+/// losing nothing: what a node does with a copy that diverged (a failover made another node
+/// primary while this one still took writes).
+///
+/// Snapshot `keep` is taken of the dataset as it is and copied, by a local full stream, into
+/// a new dataset `aside` (without a size limit: nothing writes there); then the dataset rolls
+/// back to `common` (its guid unchanged, so the new primary's incremental streams apply), or
+/// is destroyed when it does not hold `common` (a full stream comes instead). The copy costs
+/// the dataset's size once, in time and space; a rename would not, but zfs-fuse cannot rename
+/// flock's containers ("dataset is busy").
+///
+/// Idempotent and resumable: an `aside` that exists was completed (a receive commits whole),
+/// so a crash at any point and a repeated call finish the work.
+pub fn set_aside(
+    backend: &dyn Backend,
+    dataset: &DatasetName,
+    aside: &DatasetName,
+    keep: &SnapshotName,
+    common: Option<&SnapshotName>,
+) -> Result<SetAside, DatasetError> {
+    if backend.info(aside)?.is_none() {
+        if backend.info(dataset)?.is_none() {
+            return Ok(SetAside::Nothing);
+        }
+        if !backend.snapshots(dataset)?.iter().any(|s| &s.name == keep) {
+            backend.snapshot(dataset, keep)?;
+        }
+        let mut stream = backend.send(&StreamSpec::full(dataset.clone(), keep.clone()))?;
+        backend.receive(
+            &StreamSpec::full(aside.clone(), keep.clone()),
+            None,
+            &mut stream,
+        )?;
+    }
+    if backend.info(dataset)?.is_none() {
+        return Ok(SetAside::Kept { restarted: false });
+    }
+    let snapshots = backend.snapshots(dataset)?;
+    match common.filter(|c| snapshots.iter().any(|s| &s.name == *c)) {
+        Some(c) => {
+            backend.rollback(dataset, c)?;
+            Ok(SetAside::Kept { restarted: true })
+        }
+        None => {
+            backend.destroy(dataset)?;
+            Ok(SetAside::Kept { restarted: false })
+        }
+    }
+}
+
 /// The newest snapshot of `ours` that `theirs` also holds (same name and guid): where an
 /// incremental stream between two holders starts, and where a returning stale primary rolls
 /// back to. `None` means a full stream is needed.

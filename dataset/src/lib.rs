@@ -37,8 +37,8 @@ pub mod transfer;
 pub mod zfs;
 
 pub use backend::{
-    newest_common_snapshot, Backend, BackendKind, DatasetInfo, SendStream, SnapshotInfo,
-    SpaceSharing, StreamSpec,
+    newest_common_snapshot, set_aside, Backend, BackendKind, DatasetInfo, SendStream, SetAside,
+    SnapshotInfo, SpaceSharing, StreamSpec,
 };
 pub use dir::DirBackend;
 pub use error::{DatasetError, StreamError};

@@ -872,6 +872,75 @@ fn restore_keeps_every_snapshot_and_the_directory(f: &mut dyn Fixture) {
     assert_eq!(snapshot_names(&*a, &d), ["s2"]);
 }
 
+/// A copy that diverged is copied aside under the kept snapshot (its live data as it was)
+/// and goes back to the common snapshot with the same guid; a second call (a crash and a
+/// retry) changes nothing; without a common snapshot the copy goes.
+fn set_aside_keeps_everything_and_restarts_from_common(f: &mut dyn Fixture) {
+    use flock_dataset::{set_aside, SetAside};
+    let a = f.node();
+    let d = ds("div");
+    let aside = ds("div.diverged-2");
+    a.create(&d, Some(64 * MIB)).expect("create");
+    let m = a.mount_path(&d).expect("mount");
+    write(&m, "log", b"1\n");
+    let s1 = a.snapshot(&d, &snap("s1")).expect("s1");
+    let at_s1 = manifest(&m);
+    write(&m, "log", b"1\n2\n");
+    a.snapshot(&d, &snap("s2")).expect("s2");
+    write(&m, "log", b"1\n2\n3 only here\n");
+    let diverged = manifest(&m);
+
+    let kept =
+        set_aside(&*a, &d, &aside, &snap("diverged-2"), Some(&snap("s1"))).expect("set aside");
+    assert_eq!(kept, SetAside::Kept { restarted: true });
+    assert_eq!(snapshot_names(&*a, &aside), ["diverged-2"]);
+    let am = a.mount_path(&aside).expect("aside mount");
+    assert_same(&manifest(&am), &diverged);
+    assert_eq!(snapshot_names(&*a, &d), ["s1"]);
+    let back = a.snapshots(&d).expect("snapshots");
+    assert_eq!(back[0].guid, s1.guid, "the common snapshot itself");
+    let m = a.mount_path(&d).expect("mount");
+    assert_same(&manifest(&m), &at_s1);
+    assert_eq!(
+        a.info(&d).expect("info").expect("exists").limit,
+        Some(64 * MIB)
+    );
+
+    // Again (a retry after a crash): nothing changes.
+    let again = set_aside(&*a, &d, &aside, &snap("diverged-2"), Some(&snap("s1")))
+        .expect("set aside again");
+    assert_eq!(again, SetAside::Kept { restarted: true });
+    assert_eq!(snapshot_names(&*a, &aside), ["diverged-2"]);
+    assert_same(&manifest(&a.mount_path(&aside).expect("mount")), &diverged);
+    assert_eq!(snapshot_names(&*a, &d), ["s1"]);
+
+    // No common snapshot: the copy is kept aside and goes; nothing at all: nothing to do.
+    let e = ds("lone");
+    a.create(&e, None).expect("create");
+    write(&a.mount_path(&e).expect("mount"), "x", b"x");
+    let lone_aside = ds("lone.diverged-5");
+    assert_eq!(
+        set_aside(&*a, &e, &lone_aside, &snap("diverged-5"), None).expect("set aside"),
+        SetAside::Kept { restarted: false }
+    );
+    assert!(a.info(&e).expect("info").is_none());
+    assert_eq!(snapshot_names(&*a, &lone_aside), ["diverged-5"]);
+    let none = ds("none");
+    assert_eq!(
+        set_aside(
+            &*a,
+            &none,
+            &ds("none.diverged-1"),
+            &snap("diverged-1"),
+            None
+        )
+        .expect("nothing"),
+        SetAside::Nothing
+    );
+    a.destroy(&aside).expect("the aside copy is removable");
+    assert_eq!(snapshot_names(&*a, &d), ["s1"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 
 macro_rules! conformance {
@@ -897,6 +966,7 @@ macro_rules! conformance {
                 set_limit_up_down_and_below_use,
                 limit_counts_live_data_not_snapshots,
                 restore_keeps_every_snapshot_and_the_directory,
+                set_aside_keeps_everything_and_restarts_from_common,
             );
         }
     };

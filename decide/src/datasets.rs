@@ -22,8 +22,11 @@
 //!   here holds any more (flockd restarted in the middle of a rollback), is released.
 //!
 //! - A copy a failover left on this node (its old primary, [`flock_scheduler::failover`]) is
-//!   left as it is: it may hold the only copy of writes made after the last replicated
-//!   snapshot.
+//!   never changed or destroyed as it is: it may hold the only copy of writes made after the
+//!   last replicated snapshot. It is set aside whole, its writes kept under snapshot
+//!   `diverged-EPOCH` ([`DatasetAction::KeepDiverged`]), and the copy restarts from the
+//!   newest snapshot it shares with the new primary, as a replica. A set-aside copy goes when
+//!   an operator removes its snapshot, or the dataset.
 //!
 //! Fail closed: a listing of the copies that failed decides nothing (no destroy, no create).
 
@@ -78,6 +81,10 @@ pub enum Job {
     AddReplica {
         dataset: DatasetId,
     },
+    /// Setting aside the diverged writes of a copy a failover left here.
+    KeepDiverged {
+        dataset: DatasetId,
+    },
 }
 
 /// A dataset this node's backend holds.
@@ -103,6 +110,19 @@ pub struct CopiesSeen {
     pub uncertain: BTreeMap<DatasetId, BTreeSet<String>>,
     /// Datasets an operation here holds ([`Dataset::hold`]) and will release.
     pub holding: BTreeSet<DatasetId>,
+    /// The copies where this node set aside diverged writes, from the same listing as
+    /// `copies` (empty when it failed).
+    pub asides: Vec<AsideSeen>,
+}
+
+/// A copy where this node set aside the diverged writes of a dataset
+/// ([`flock_scheduler::dataset::aside_name`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AsideSeen {
+    pub id: DatasetId,
+    pub name: String,
+    /// The kept snapshot it holds the writes in (`diverged-EPOCH`).
+    pub snapshot: String,
 }
 
 /// What the executor should do.
@@ -164,6 +184,29 @@ pub enum DatasetAction {
         epoch: u64,
         node: NodeId,
     },
+    /// This node's copy of `dataset` diverged (it was primary under `epoch` when a failover
+    /// took it away): set it aside whole under snapshot `diverged-EPOCH`
+    /// ([`flock_dataset::set_aside`]), restart the copy from `common`, then propose
+    /// [`flock_scheduler::Command::KeepDiverged`]; report its end as [`Job::KeepDiverged`].
+    KeepDiverged {
+        dataset: DatasetId,
+        name: String,
+        epoch: u64,
+        common: Option<String>,
+    },
+    /// Destroy the set-aside copy `aside` of dataset `id` named `name`: its kept snapshot was
+    /// removed by an operator, or the dataset was.
+    DestroyAside {
+        id: DatasetId,
+        name: String,
+        snapshot: String,
+    },
+}
+
+/// The name of the snapshot a node keeps the diverged writes it made as primary under `epoch`
+/// in.
+pub fn diverged_snapshot(epoch: u64) -> String {
+    format!("{}{epoch}", flock_scheduler::failover::DIVERGED_PREFIX)
 }
 
 /// How a job ended.
@@ -294,6 +337,7 @@ impl DatasetsCore {
                 name: copy.name.clone(),
             });
         }
+        self.keep_diverged(state, me, copies, now, &mut actions);
         for ds in state.datasets.values().filter(|d| d.primary == me) {
             if !held.contains(&ds.id) {
                 if ds.snapshots.is_empty() && ds.epoch == 1 {
@@ -431,6 +475,57 @@ impl DatasetsCore {
         }
     }
 
+    /// The copies a failover left here are set aside (their writes kept under a snapshot)
+    /// and become replicas; set-aside copies whose kept snapshot is no longer recorded go.
+    fn keep_diverged(
+        &mut self,
+        state: &ClusterState,
+        me: NodeId,
+        copies: &CopiesSeen,
+        now: Instant,
+        actions: &mut Vec<DatasetAction>,
+    ) {
+        let busy = |id| copies.busy.contains(id) || copies.holding.contains(id);
+        for (id, div) in state
+            .failover
+            .diverged
+            .iter()
+            .filter_map(|(id, m)| Some((id, m.get(&me)?)))
+        {
+            let job = Job::KeepDiverged { dataset: *id };
+            let Some(ds) = state.datasets.get(id) else {
+                continue;
+            };
+            if ds.primary == me || busy(id) || !self.may_start(job, now) {
+                continue;
+            }
+            self.running.insert(job, None);
+            actions.push(DatasetAction::KeepDiverged {
+                dataset: *id,
+                name: ds.name.clone(),
+                epoch: div.epoch,
+                common: div.common.clone(),
+            });
+        }
+        for aside in &copies.asides {
+            let gone = aside.id < state.next_dataset_id
+                && state
+                    .datasets
+                    .get(&aside.id)
+                    .is_none_or(|d| d.name != aside.name);
+            let dropped = !state.failover.is_diverged(aside.id, me)
+                && !state.failover.keeps(aside.id, me, &aside.snapshot)
+                && state.datasets.contains_key(&aside.id);
+            if (gone || dropped) && !busy(&aside.id) {
+                actions.push(DatasetAction::DestroyAside {
+                    id: aside.id,
+                    name: aside.name.clone(),
+                    snapshot: aside.snapshot.clone(),
+                });
+            }
+        }
+    }
+
     fn may_start(&self, job: Job, now: Instant) -> bool {
         !self.running.contains_key(&job) && self.retry.get(&job).is_none_or(|(at, _, _)| now >= *at)
     }
@@ -469,6 +564,7 @@ mod tests {
             busy: BTreeSet::new(),
             uncertain: BTreeMap::new(),
             holding: BTreeSet::new(),
+            asides: Vec::new(),
         }
     }
 
@@ -513,6 +609,7 @@ mod tests {
                 busy: BTreeSet::new(),
                 uncertain: BTreeMap::new(),
                 holding: BTreeSet::new(),
+                asides: Vec::new(),
             };
             assert_eq!(core.decide(&state, ME, &failed, t(0)), vec![]);
             assert_eq!(core.running().count(), 0);
@@ -660,15 +757,144 @@ mod tests {
             c[0].snapshots = vec!["old".into(), "s1".into(), "late".into()];
         }
         let mut core = DatasetsCore::new();
-        assert_eq!(core.decide(&s, ME, &held, t(0)), vec![]);
-        // The same copy where no failover left it is destroyed (the reintroduced bug).
-        s.failover.diverged.clear();
+        // Set aside (never destroyed, never pushed over), once at a time, not while busy.
+        let keep = DatasetAction::KeepDiverged {
+            dataset: 1,
+            name: "db".into(),
+            epoch: 1,
+            common: Some("s1".into()),
+        };
+        let mut busy = held.clone();
+        busy.busy.insert(1);
+        assert_eq!(core.decide(&s, ME, &busy, t(0)), vec![]);
+        assert_eq!(core.decide(&s, ME, &held, t(0)), vec![keep.clone()]);
+        assert_eq!(core.decide(&s, ME, &held, t(1)), vec![]);
+        let job = Job::KeepDiverged { dataset: 1 };
+        let backoff = core.finished(job, JobOutcome::Failed("zfs: busy".into()), t(2));
+        assert_eq!(core.decide(&s, ME, &held, t(3)), vec![]);
         assert_eq!(
-            core.decide(&s, ME, &held, t(1)),
+            core.decide(&s, ME, &held, t(2) + backoff.unwrap()),
+            vec![keep]
+        );
+        // The same copy where no failover left it is destroyed (the reintroduced bug).
+        let mut core = DatasetsCore::new();
+        let mut lost = s.clone();
+        lost.failover.diverged.clear();
+        assert_eq!(
+            core.decide(&lost, ME, &held, t(1)),
             vec![DatasetAction::Destroy {
                 id: 1,
                 name: "db".into()
             }]
+        );
+    }
+
+    #[test]
+    fn a_set_aside_copy_stays_while_kept_or_diverged_and_goes_when_dropped() {
+        let mut s = replicated();
+        ok(
+            &mut s,
+            Command::ReplicaHolds {
+                dataset: 1,
+                epoch: 1,
+                node: 2,
+                snapshot: "s1".into(),
+            },
+        );
+        ok(
+            &mut s,
+            Command::SetReplication {
+                dataset: 1,
+                replication: Some(flock_scheduler::failover::Replication {
+                    replicas: 1,
+                    interval_ms: 1000,
+                }),
+            },
+        );
+        ok(
+            &mut s,
+            Command::DeclareNodeDown {
+                node: ME,
+                last_heard_unix_ms: 0,
+                at_unix_ms: 0,
+                by_operator: true,
+            },
+        );
+        let mut seen = copies(&[]);
+        seen.asides.push(AsideSeen {
+            id: 1,
+            name: "db".into(),
+            snapshot: diverged_snapshot(1),
+        });
+        let destroy = DatasetAction::DestroyAside {
+            id: 1,
+            name: "db".into(),
+            snapshot: "diverged-1".into(),
+        };
+        let only_destroys = |a: Vec<DatasetAction>| {
+            a.into_iter()
+                .filter(|a| matches!(a, DatasetAction::DestroyAside { .. }))
+                .collect::<Vec<_>>()
+        };
+        let mut core = DatasetsCore::new();
+        // Diverged still (the keep is being recorded): stays.
+        assert_eq!(only_destroys(core.decide(&s, ME, &seen, t(0))), vec![]);
+        ok(
+            &mut s,
+            Command::KeepDiverged {
+                dataset: 1,
+                node: ME,
+                snapshot: Some("diverged-1".into()),
+                at_unix_ms: 1,
+            },
+        );
+        // Kept: stays, and nothing more is set aside.
+        assert_eq!(core.decide(&s, ME, &seen, t(1)), vec![]);
+        // Another node's kept snapshot of that name is not this one's.
+        let mut other = s.clone();
+        let kept = other
+            .failover
+            .kept
+            .get_mut(&1)
+            .unwrap()
+            .remove(&ME)
+            .unwrap();
+        other.failover.kept.get_mut(&1).unwrap().insert(3, kept);
+        assert_eq!(
+            only_destroys(core.decide(&other, ME, &seen, t(2))),
+            vec![destroy.clone()]
+        );
+        // Dropped by an operator: goes (unless busy; and not from a failed listing).
+        ok(
+            &mut s,
+            Command::DropKept {
+                dataset: 1,
+                node: ME,
+                snapshot: "diverged-1".into(),
+            },
+        );
+        let mut busy = seen.clone();
+        busy.busy.insert(1);
+        assert_eq!(only_destroys(core.decide(&s, ME, &busy, t(3))), vec![]);
+        let mut failed = seen.clone();
+        failed.copies = Err("zfs list: timeout".into());
+        assert_eq!(core.decide(&s, ME, &failed, t(3)), vec![]);
+        assert_eq!(
+            only_destroys(core.decide(&s, ME, &seen, t(3))),
+            vec![destroy.clone()]
+        );
+        // The dataset removed: goes even though its record is kept.
+        let mut removed = other.clone();
+        let mut keeps = removed.failover.kept.clone();
+        keeps
+            .get_mut(&1)
+            .unwrap()
+            .insert(ME, ["diverged-1".to_string()].into());
+        removed.failover.kept = keeps;
+        removed.datasets.remove(&1);
+        assert_eq!(
+            only_destroys(core.decide(&removed, ME, &seen, t(4))),
+            vec![destroy]
         );
     }
 
@@ -979,6 +1205,7 @@ mod tests {
             busy: BTreeSet::new(),
             uncertain: BTreeMap::new(),
             holding: BTreeSet::new(),
+            asides: Vec::new(),
         };
         core.decide(&s, ME, &failed, t(4));
         assert!(!core.due(&s, t(5)));

@@ -250,7 +250,8 @@ pub async fn renew(
     }
 }
 
-fn unix_ms() -> u64 {
+/// Milliseconds since the Unix epoch on this node's clock.
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -380,17 +380,70 @@ fn fo05_without_a_replica_the_app_waits_and_says_why() {
     assert!(testapps(c.dir.path()).is_empty());
 }
 
-/// The node that comes back after a failover serves nothing and keeps its diverged copy until
-/// an operator gives it up (`dataset drop-diverged --force`); then it is a replica again and
-/// catches up, so the dataset can fail over again.
+/// The files under `root` whose contents include `needle`.
+fn files_with(root: &Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => todo.push(p),
+                Ok(t)
+                    if t.is_file()
+                        && fs::read(&p)
+                            .is_ok_and(|b| String::from_utf8_lossy(&b).contains(needle)) =>
+                {
+                    out.push(p)
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// The node that comes back after a failover serves nothing; it sets its diverged copy aside
+/// by itself, keeping the writes the new primary lacks as snapshot `diverged-EPOCH` (listed,
+/// removable), and is a replica again, so the dataset can fail over again.
 #[test]
-fn fo06_a_returning_node_keeps_its_copy_until_it_is_given_up() {
+fn fo06_a_returning_node_keeps_its_diverged_writes_and_is_a_replica_again() {
     let mut c = TestCluster::start(3, &[]);
     let _end = EndApps(c.dir.path().to_path_buf());
     let files = tempfile::tempdir().unwrap();
     let addr = deploy_replicated(&c, files.path());
-    for i in 0..20 {
+    for i in 0..10 {
         assert!(ask(&addr, &format!("APPEND x{i}")).is_some_and(|r| r.starts_with("OK ")));
+    }
+    // The replica catches up with x0..x9, then no snapshot is taken for an hour: what is
+    // appended next is on n1 alone.
+    until("the replica to hold x9", Duration::from_secs(30), || {
+        let ds: Value =
+            serde_json::from_str(&c.ctl_ok(c.addr(1), &["dataset", "ls", "counter", "--json"]))
+                .unwrap();
+        let base = ds[0]["bases"]
+            .as_object()?
+            .values()
+            .next()?
+            .as_str()?
+            .to_string();
+        let snaps: Value = serde_json::from_str(
+            &c.ctl_ok(c.addr(1), &["dataset", "snapshots", "counter", "--json"]),
+        )
+        .unwrap();
+        let newest = snaps.as_array()?.last()?["name"].as_str()?.to_string();
+        (base == newest && !files_with(&c.data_dir(2), "x9").is_empty()).then_some(())
+    });
+    c.ctl_ok(
+        c.addr(1),
+        &["dataset", "set", "counter", "--interval", "1h"],
+    );
+    thread::sleep(Duration::from_millis(700));
+    for i in 0..5 {
+        assert!(ask(&addr, &format!("APPEND only-n1-{i}")).is_some_and(|r| r.starts_with("OK ")));
     }
     let pid: i32 = app(&c, 1, "counter")["id"]
         .as_str()
@@ -402,20 +455,64 @@ fn fo06_a_returning_node_keeps_its_copy_until_it_is_given_up() {
         let a = app(&c, 2, "counter");
         (a["node"] != "n1" && a["state"] == "running").then_some(())
     });
+    let new_addr = addr.clone();
+    until(
+        "counter to serve on its new node",
+        Duration::from_secs(30),
+        || ask(&new_addr, "PING"),
+    );
+    // The new primary started from the last replicated snapshot: n1's last writes are not there.
+    let read = ask(&addr, "READ").unwrap_or_default();
+    assert!(!read.contains("only-n1-"), "{read}");
     c.restart(1);
     let ls = |c: &TestCluster| -> Value {
         serde_json::from_str(&c.ctl_ok(c.addr(2), &["dataset", "ls", "counter", "--json"])).unwrap()
     };
-    until("n1 to be back up", Duration::from_secs(40), || {
-        let nodes = c.ctl_ok(c.addr(2), &["node", "ls"]);
-        nodes
-            .lines()
-            .any(|l| l.starts_with("n1 ") && l.contains("ready"))
+    until(
+        "n1 to keep its diverged writes and be a replica again",
+        Duration::from_secs(60),
+        || {
+            let d = ls(&c);
+            (d[0]["diverged"] == serde_json::json!([])
+                && d[0]["replicas"].as_array()?.iter().any(|r| r == "n1")
+                && d[0]["bases"].get("n1").is_some())
             .then_some(())
-    });
-    // Back, it serves nothing, and its copy is kept as diverged.
+        },
+    );
+    // Back, it serves nothing.
     assert_eq!(testapps(c.dir.path()).len(), 1);
-    assert_eq!(ls(&c)[0]["diverged"], serde_json::json!(["n1"]));
+    let snaps: Value =
+        serde_json::from_str(&c.ctl_ok(c.addr(2), &["dataset", "snapshots", "counter", "--json"]))
+            .unwrap();
+    let kept: Vec<&Value> = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["diverged"] == true)
+        .collect();
+    assert_eq!(kept.len(), 1, "{snaps}");
+    assert_eq!(kept[0]["kept_on"], "n1");
+    let name = kept[0]["name"].as_str().unwrap().to_string();
+    assert!(name.starts_with("diverged-"), "{name}");
+    // The writes only n1 had are in its kept copy, in full.
+    let holding: Vec<_> = files_with(&c.data_dir(1), "only-n1-4")
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(&name))
+        .collect();
+    assert!(
+        !holding.is_empty(),
+        "no file under n1's {name} holds only-n1-4"
+    );
+    let events = c.ctl_ok(c.addr(2), &["events"]);
+    assert!(
+        events.contains(&format!(
+            "n1 kept its diverged writes of counter in snapshot {name}"
+        )),
+        "{events}"
+    );
+    let table = c.ctl_ok(c.addr(2), &["dataset", "snapshots", "counter"]);
+    assert!(table.contains("n1: diverged writes, kept"), "{table}");
+    // Given up by an operator's command, not by anything else.
     let no = c.ctl(
         c.addr(2),
         &["dataset", "drop-diverged", "counter", "--node", "n1"],
@@ -429,7 +526,7 @@ fn fo06_a_returning_node_keeps_its_copy_until_it_is_given_up() {
             "drop-diverged",
             "counter",
             "--node",
-            "n3",
+            "n1",
             "--force",
         ],
     );
@@ -438,32 +535,17 @@ fn fo06_a_returning_node_keeps_its_copy_until_it_is_given_up() {
         "{}",
         stderr(&bad)
     );
-    c.ctl_ok(
-        c.addr(2),
-        &[
-            "dataset",
-            "drop-diverged",
-            "counter",
-            "--node",
-            "n1",
-            "--force",
-        ],
-    );
+    c.ctl_ok(c.addr(2), &["dataset", "snapshot", "rm", "counter", &name]);
     until(
-        "n1 to be a replica holding a snapshot",
-        Duration::from_secs(40),
+        "n1 to destroy its kept copy",
+        Duration::from_secs(30),
         || {
-            let d = ls(&c);
-            (d[0]["replicas"].as_array()?.iter().any(|r| r == "n1")
-                && d[0]["bases"].get("n1").is_some())
-            .then_some(())
+            files_with(&c.data_dir(1), "only-n1-4")
+                .is_empty()
+                .then_some(())
         },
     );
-    assert_eq!(ls(&c)[0]["diverged"], serde_json::json!([]));
-    let events = c.ctl_ok(c.addr(2), &["events"]);
-    assert!(
-        events.contains("n1's diverged copy of counter was given up; it is a replica again"),
-        "{events}"
-    );
+    let snaps = c.ctl_ok(c.addr(2), &["dataset", "snapshots", "counter", "--json"]);
+    assert!(!snaps.contains("diverged-"), "{snaps}");
     c.ctl_ok(c.addr(2), &["app", "rm", "counter"]);
 }

@@ -135,6 +135,23 @@ pub fn parse_local_name(local: &str) -> Option<(&str, DatasetId)> {
     Some((name, id.parse().ok()?))
 }
 
+/// The backend name of the copy where a node set aside the diverged writes of dataset `name`
+/// with id `id`, kept as snapshot `snapshot` (`NAME.ID.diverged-EPOCH`).
+pub fn aside_name(name: &str, id: DatasetId, snapshot: &str) -> String {
+    format!("{}.{snapshot}", local_name(name, id))
+}
+
+/// The dataset name, id and kept snapshot in a backend name made by [`aside_name`], if it is
+/// one.
+pub fn parse_aside_name(local: &str) -> Option<(&str, DatasetId, &str)> {
+    let (copy, snapshot) = local.rsplit_once('.')?;
+    if !snapshot.starts_with(crate::failover::DIVERGED_PREFIX) {
+        return None;
+    }
+    let (name, id) = parse_local_name(copy)?;
+    Some((name, id, snapshot))
+}
+
 /// A dataset or snapshot name: ASCII letters, digits and `_ . : -`, starting with a letter or
 /// digit (what both backends accept in paths and zfs names).
 pub fn validate_dataset_name(name: &str) -> Result<(), ApplyError> {
@@ -586,6 +603,18 @@ mod tests {
         assert_eq!(parse_local_name("db"), None);
         assert_eq!(parse_local_name("db.x1"), None);
         assert_eq!(parse_local_name(".3"), None);
+        assert_eq!(
+            aside_name("db.main", 12, "diverged-3"),
+            "db.main.12.diverged-3"
+        );
+        assert_eq!(
+            parse_aside_name("db.main.12.diverged-3"),
+            Some(("db.main", 12, "diverged-3"))
+        );
+        // Neither is the other: a copy is not an aside, an aside is not a copy.
+        assert_eq!(parse_aside_name("db.main.12"), None);
+        assert_eq!(parse_local_name("db.main.12.diverged-3"), None);
+        assert_eq!(parse_aside_name("db.diverged-3"), None);
     }
 
     #[test]

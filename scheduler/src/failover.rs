@@ -735,6 +735,60 @@ impl ClusterState {
         );
         Ok(CommandResult::DivergedKept)
     }
+
+    /// An operator removed kept snapshot `snapshot` of `dataset` on `node`.
+    pub(crate) fn drop_kept(
+        &mut self,
+        dataset: DatasetId,
+        node: NodeId,
+        snapshot: &str,
+    ) -> Result<CommandResult, ApplyError> {
+        let name = self
+            .datasets
+            .get(&dataset)
+            .ok_or(ApplyError::UnknownDataset { id: dataset })?
+            .name
+            .clone();
+        let per_node = self.failover.kept.get_mut(&dataset);
+        let Some(set) = per_node.and_then(|m| m.get_mut(&node)) else {
+            return Err(ApplyError::UnknownSnapshot {
+                dataset: name,
+                snapshot: snapshot.to_string(),
+            });
+        };
+        if !set.remove(snapshot) {
+            return Err(ApplyError::UnknownSnapshot {
+                dataset: name,
+                snapshot: snapshot.to_string(),
+            });
+        }
+        let m = self.failover.kept.get_mut(&dataset).expect("found above");
+        m.retain(|_, s| !s.is_empty());
+        if m.is_empty() {
+            self.failover.kept.remove(&dataset);
+        }
+        Ok(CommandResult::KeptDropped)
+    }
+}
+
+impl Failover {
+    /// The nodes that keep `snapshot` of `dataset` (diverged writes a failover left there).
+    pub fn kept_on(&self, dataset: DatasetId, snapshot: &str) -> Vec<NodeId> {
+        self.kept.get(&dataset).map_or_else(Vec::new, |m| {
+            m.iter()
+                .filter(|(_, s)| s.contains(snapshot))
+                .map(|(n, _)| *n)
+                .collect()
+        })
+    }
+
+    /// Whether `node` keeps `snapshot` of `dataset`.
+    pub fn keeps(&self, dataset: DatasetId, node: NodeId, snapshot: &str) -> bool {
+        self.kept
+            .get(&dataset)
+            .and_then(|m| m.get(&node))
+            .is_some_and(|s| s.contains(snapshot))
+    }
 }
 
 #[cfg(test)]
@@ -979,6 +1033,24 @@ mod tests {
                 at_unix_ms: 52_000,
             }),
             CommandResult::Rejected(_)
+        ));
+        assert_eq!(s.failover.kept_on(id, "diverged-1"), vec![1]);
+        // An operator removes it; only where it is kept, and only once.
+        let drop = |node| Command::DropKept {
+            dataset: id,
+            node,
+            snapshot: "diverged-1".into(),
+        };
+        assert!(matches!(
+            s.apply(&drop(2)),
+            CommandResult::Rejected(ApplyError::UnknownSnapshot { .. })
+        ));
+        assert_eq!(s.apply(&drop(1)), CommandResult::KeptDropped);
+        assert!(!s.failover.is_kept(id, "diverged-1"));
+        assert!(s.failover.kept.is_empty());
+        assert!(matches!(
+            s.apply(&drop(1)),
+            CommandResult::Rejected(ApplyError::UnknownSnapshot { .. })
         ));
     }
 

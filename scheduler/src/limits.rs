@@ -379,6 +379,9 @@ impl Command {
             Command::KeepDiverged { snapshot, .. } => snapshot.as_ref().map_or(Ok(()), |n| {
                 len_at_most("snapshot name", n, MAX_SNAPSHOT_NAME_LEN)
             }),
+            Command::DropKept { snapshot, .. } => {
+                len_at_most("snapshot name", snapshot, MAX_SNAPSHOT_NAME_LEN)
+            }
             // Nothing but numbers.
             Command::DeclareNodeDown { .. }
             | Command::CondemnNode { .. }

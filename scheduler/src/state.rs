@@ -327,6 +327,13 @@ pub enum Command {
         snapshot: Option<String>,
         at_unix_ms: u64,
     },
+    /// An operator removed `snapshot`, where `node` kept the diverged writes of `dataset`
+    /// (`flockctl dataset snapshot rm`): the node destroys that copy.
+    DropKept {
+        dataset: DatasetId,
+        node: NodeId,
+        snapshot: String,
+    },
 }
 
 /// What applying a [`Command`] did.
@@ -433,6 +440,7 @@ pub enum CommandResult {
     NodeDraining {
         draining: bool,
     },
+    KeptDropped,
 }
 
 /// Why a command was rejected. Messages name the bad input and what to do.
@@ -844,6 +852,11 @@ impl ClusterState {
                 snapshot,
                 at_unix_ms,
             } => self.keep_diverged(*dataset, *node, snapshot.as_deref(), *at_unix_ms),
+            Command::DropKept {
+                dataset,
+                node,
+                snapshot,
+            } => self.drop_kept(*dataset, *node, snapshot),
             Command::UnmountVolume { dataset, node, id } => Ok(CommandResult::VolumeUnmounted {
                 mounts: self.unmount_volume(*dataset, *node, id),
             }),

@@ -34,7 +34,8 @@ use flock_decide::apps::{
     StartFailure,
 };
 use flock_decide::datasets::{
-    CopiesSeen, CopySeen as DsCopySeen, DatasetAction, DatasetsCore, Job as DsJob, JobOutcome,
+    AsideSeen, CopiesSeen, CopySeen as DsCopySeen, DatasetAction, DatasetsCore, Job as DsJob,
+    JobOutcome,
 };
 use flock_decide::lease::{Lease, LeaseConfig, Liveness, LivenessAction};
 use flock_decide::moves::{
@@ -78,6 +79,9 @@ pub struct Bugs {
     pub down_without_margin: bool,
     /// The apps ignore the lease: stateful apps start and keep running as if it always held.
     pub ignore_lease: bool,
+    /// A returning node rolls its diverged copy back without setting its writes aside (what
+    /// `dataset drop-diverged --force` does on an operator's word).
+    pub roll_back_diverged: bool,
 }
 
 impl Bugs {
@@ -95,12 +99,13 @@ impl Bugs {
             "no-watchdog" => b.no_watchdog = true,
             "down-without-margin" => b.down_without_margin = true,
             "ignore-lease" => b.ignore_lease = true,
+            "roll-back-diverged" => b.roll_back_diverged = true,
             _ => return None,
         }
         Some(b)
     }
 
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 11] = [
         "blind-as-empty",
         "children-outlive-stop",
         "start-without-recheck",
@@ -111,6 +116,7 @@ impl Bugs {
         "no-watchdog",
         "down-without-margin",
         "ignore-lease",
+        "roll-back-diverged",
     ];
 }
 
@@ -364,6 +370,8 @@ struct SimNode {
     procs: BTreeMap<String, Proc>,
     orphans: Vec<(String, DatasetId)>,
     copies: BTreeMap<DatasetId, Copy>,
+    /// Copies set aside with diverged writes, by dataset and kept snapshot.
+    asides: BTreeMap<(DatasetId, String), Copy>,
     list_fails_until: u64,
     inspect_fails_until: u64,
     start_fails_until: u64,
@@ -418,6 +426,9 @@ pub struct World {
     cut: BTreeSet<NodeId>,
     next_id: u64,
     acked: BTreeMap<String, Vec<u64>>,
+    /// Writes a failover lost from the new primary, by dataset and old primary: they must be
+    /// kept there, set aside under a `diverged-` snapshot.
+    diverged_writes: BTreeMap<(DatasetId, NodeId), BTreeSet<u64>>,
     trace: VecDeque<String>,
     healed: bool,
     out: Outcome,
@@ -447,6 +458,7 @@ impl World {
             cut: BTreeSet::new(),
             next_id: 1,
             acked: BTreeMap::new(),
+            diverged_writes: BTreeMap::new(),
             trace: VecDeque::new(),
             healed: false,
             out: Outcome::default(),
@@ -1345,7 +1357,23 @@ impl World {
                 return;
             }
             let kept = acked.len();
+            let gone: Vec<u64> = acked
+                .iter()
+                .copied()
+                .filter(|w| !live.contains(w))
+                .collect();
             acked.retain(|w| live.contains(w));
+            // Those the old primary holds are kept there (others were acknowledged on
+            // another node before a move: not this failover's to keep).
+            let old: BTreeSet<u64> = self.nodes[&from]
+                .copies
+                .get(&id)
+                .map(|c| c.live.iter().copied().collect())
+                .unwrap_or_default();
+            self.diverged_writes
+                .entry((id, from))
+                .or_default()
+                .extend(gone.into_iter().filter(|w| old.contains(w)));
             let lost = (kept - acked.len()) as u64;
             self.out.writes_lost_in_failover += lost;
             self.note(format!(
@@ -1637,7 +1665,20 @@ impl World {
             .chain(n.pushes.values().map(|p| p.ds))
             .collect();
         let backend_fails = self.now < n.backend_fails_until;
+        let asides = if backend_fails {
+            Vec::new()
+        } else {
+            n.asides
+                .iter()
+                .map(|((ds, snap), c)| AsideSeen {
+                    id: *ds,
+                    name: c.name.clone(),
+                    snapshot: snap.clone(),
+                })
+                .collect()
+        };
         let copies = CopiesSeen {
+            asides,
             copies: if backend_fails {
                 Err("zfs list failed".into())
             } else {
@@ -1754,6 +1795,29 @@ impl World {
                         .datasets
                         .finished(DsJob::Snapshot { dataset }, outcome, now);
                 }
+                DatasetAction::KeepDiverged {
+                    dataset,
+                    epoch,
+                    common,
+                    ..
+                } => {
+                    let outcome = self.keep_diverged(id, dataset, epoch, common);
+                    self.node(id)
+                        .datasets
+                        .finished(DsJob::KeepDiverged { dataset }, outcome, now);
+                }
+                DatasetAction::DestroyAside {
+                    id: ds, snapshot, ..
+                } => {
+                    let kept = self.canonical.failover.keeps(ds, id, &snapshot)
+                        || self.canonical.failover.is_diverged(ds, id);
+                    if kept && self.canonical.datasets.contains_key(&ds) && self.broken.is_none() {
+                        self.broken = Some(format!(
+                            "n{id} destroys {snapshot} of {ds}, the diverged writes it keeps"
+                        ));
+                    }
+                    self.node(id).asides.remove(&(ds, snapshot));
+                }
                 DatasetAction::SetLimit { id: ds, .. } => {
                     self.node(id).datasets.finished(
                         DsJob::SetLimit { dataset: ds },
@@ -1850,6 +1914,97 @@ impl World {
             }
         }
         outcome
+    }
+
+    /// As node/'s executor (`keep_diverged`, flock_dataset::set_aside): the diverged copy is
+    /// set aside whole under `diverged-EPOCH`, restarts from `common`, and that is proposed.
+    fn keep_diverged(
+        &mut self,
+        id: NodeId,
+        ds: DatasetId,
+        epoch: u64,
+        common: Option<String>,
+    ) -> JobOutcome {
+        let now = self.now;
+        let n = self.node(id);
+        let still = n
+            .state
+            .failover
+            .diverged
+            .get(&ds)
+            .and_then(|m| m.get(&id))
+            .is_some_and(|d| d.epoch == epoch);
+        if !still {
+            return JobOutcome::Skipped;
+        }
+        if n.backend_fails_until > now {
+            return JobOutcome::Failed("the backend fails".into());
+        }
+        let snapshot = flock_decide::datasets::diverged_snapshot(epoch);
+        let key = (ds, snapshot.clone());
+        let keep = !self.cfg.bugs.roll_back_diverged;
+        let n = self.node(id);
+        if keep && !n.asides.contains_key(&key) {
+            if let Some(mut c) = n.copies.remove(&ds) {
+                self.next_id += 1;
+                let guid = self.next_id;
+                let n = self.node(id);
+                c.snaps.push(Snap {
+                    name: snapshot.clone(),
+                    guid,
+                    data: c.live.clone(),
+                });
+                n.asides.insert(key.clone(), c);
+            }
+        }
+        let n = self.node(id);
+        if !keep {
+            // The bug: the copy goes back to the common snapshot, its writes with it.
+            if let Some(c) = n.copies.get_mut(&ds) {
+                let base = common
+                    .as_ref()
+                    .and_then(|name| c.snaps.iter().position(|s| &s.name == name));
+                match base {
+                    Some(i) => {
+                        c.snaps.truncate(i + 1);
+                        c.live = c.snaps[i].data.clone();
+                    }
+                    None => {
+                        n.copies.remove(&ds);
+                    }
+                }
+            }
+        }
+        let n = self.node(id);
+        let kept = n.asides.get(&key).cloned();
+        if let (Some(aside), None) = (&kept, n.copies.get(&ds)) {
+            // As a rollback: the snapshots up to the common one stay.
+            if let Some(i) = common
+                .as_ref()
+                .and_then(|c| aside.snaps.iter().position(|s| &s.name == c))
+            {
+                n.copies.insert(
+                    ds,
+                    Copy {
+                        name: aside.name.clone(),
+                        snaps: aside.snaps[..=i].to_vec(),
+                        live: aside.snaps[i].data.clone(),
+                    },
+                );
+            }
+        }
+        let cmd = Command::KeepDiverged {
+            dataset: ds,
+            node: id,
+            snapshot: kept.map(|_| snapshot),
+            at_unix_ms: self.now,
+        };
+        match self.propose(id, cmd) {
+            Ok(CommandResult::DivergedKept) => JobOutcome::Done,
+            Ok(CommandResult::Rejected(e)) => JobOutcome::Failed(e.to_string()),
+            Ok(other) => JobOutcome::Failed(format!("{other:?}")),
+            Err(e) => JobOutcome::Failed(e),
+        }
     }
 
     /// A job that is one proposal: done if it applied, failed if it was refused or lost.
@@ -2484,6 +2639,27 @@ impl World {
                         ds.snapshots.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
                     )));
                 }
+            }
+        }
+        // The writes a failover lost from the new primary are kept on the old one, set aside
+        // under a diverged- snapshot, which is recorded there.
+        for ((ds, node), writes) in &self.diverged_writes {
+            if writes.is_empty() || !self.canonical.datasets.contains_key(ds) {
+                continue;
+            }
+            let n = &self.nodes[node];
+            let kept: BTreeSet<u64> = n
+                .asides
+                .iter()
+                .filter(|((d, snap), _)| d == ds && self.canonical.failover.keeps(*ds, *node, snap))
+                .flat_map(|(_, c)| c.snaps.iter().flat_map(|s| s.data.iter().copied()))
+                .collect();
+            if let Some(w) = writes.iter().find(|w| !kept.contains(w)) {
+                return Err(self.violation(format!(
+                    "dataset {ds}: write {w}, acknowledged on n{node} and lost by a failover, is not in a diverged snapshot n{node} keeps ({} such writes, kept: {:?})",
+                    writes.len(),
+                    n.asides.keys().collect::<Vec<_>>()
+                )));
             }
         }
         // Every snapshot Raft recorded survives on the dataset's primary.

@@ -132,6 +132,13 @@ fn catches_apps_that_ignore_the_lease() {
     caught("ignore-lease");
 }
 
+/// A returning node that rolls its diverged copy back without keeping its writes: a write the
+/// failover lost is then nowhere (issue 17's `diverged-*` snapshots).
+#[test]
+fn catches_a_returning_node_that_drops_its_diverged_writes() {
+    caught("roll-back-diverged");
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     let cfg = Config::default();

@@ -119,6 +119,19 @@ fn dataset_proto(state: &ClusterState, ds: &Dataset) -> pb::Dataset {
             .get(&ds.id)
             .map(|m| m.keys().map(|n| node_name(state, *n)).collect())
             .unwrap_or_default(),
+        kept: state
+            .failover
+            .kept
+            .get(&ds.id)
+            .into_iter()
+            .flatten()
+            .flat_map(|(n, snaps)| {
+                snaps.iter().map(|s| pb::KeptSnapshot {
+                    name: s.clone(),
+                    node: node_name(state, *n),
+                })
+            })
+            .collect(),
     }
 }
 
@@ -779,6 +792,27 @@ impl ApiService {
             .cluster
             .read(false, |a| find_dataset(&a.cluster, &req.name))
             .await??;
+        // Diverged writes a node keeps (a failover left them there) are not in the dataset's
+        // history: removing them is the node's to do once the record is gone.
+        let keepers = {
+            let s = self.cluster.view.read();
+            s.cluster.failover.kept_on(ds.id, &req.snapshot)
+        };
+        if !keepers.is_empty() && !ds.snapshots.iter().any(|r| r.name == req.snapshot) {
+            for node in keepers {
+                let cmd = Command::DropKept {
+                    dataset: ds.id,
+                    node,
+                    snapshot: req.snapshot.clone(),
+                };
+                cmd.check_limits().map_err(ClusterError::from)?;
+                match self.cluster.propose(cmd).await? {
+                    CommandResult::KeptDropped => {}
+                    other => return Err(rejected(other)),
+                }
+            }
+            return Ok(Response::new(pb::DatasetSnapshotRemoveReply {}));
+        }
         let cmd = Command::PruneSnapshots {
             dataset: ds.id,
             epoch: ds.epoch,

@@ -312,7 +312,12 @@ fn datasets_table(ds: &[Dataset]) -> String {
             holders.push(format!("({})", replication_text(d)));
         }
         for node in &d.diverged {
-            holders.push(format!("{node}: diverged copy kept"));
+            holders.push(format!(
+                "{node}: diverged copy, untouched until it is set aside"
+            ));
+        }
+        for k in &d.kept {
+            holders.push(format!("{}: keeps {}", k.node, k.name));
         }
         if let Some(m) = d.mounts.first() {
             let n = d.mounts.iter().filter(|x| x.node == m.node).count();
@@ -485,11 +490,19 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
                 .pop()
                 .ok_or_else(|| anyhow::anyhow!("the node returned no dataset"))?;
             if json {
+                let kept = d.kept.iter().map(
+                    |k| serde_json::json!({"name": k.name, "kept_on": k.node, "diverged": true}),
+                );
                 print_json(&Value::Array(
-                    d.snapshots.iter().map(snapshot_json).collect(),
+                    d.snapshots.iter().map(snapshot_json).chain(kept).collect(),
                 ))?;
             } else {
-                let mut rows = vec![["NAME".to_string(), "CREATED".into(), "EPOCH".into()]];
+                let mut rows = vec![[
+                    "NAME".to_string(),
+                    "CREATED".into(),
+                    "EPOCH".into(),
+                    "WHERE".into(),
+                ]];
                 for s in &d.snapshots {
                     rows.push([
                         s.name.clone(),
@@ -497,6 +510,15 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
                             std::time::UNIX_EPOCH + Duration::from_secs(s.created_unix),
                         ),
                         s.epoch.to_string(),
+                        "history".into(),
+                    ]);
+                }
+                for k in &d.kept {
+                    rows.push([
+                        k.name.clone(),
+                        "-".into(),
+                        "-".into(),
+                        format!("{}: diverged writes, kept (not on the primary)", k.node),
                     ]);
                 }
                 print!("{}", table(&rows));

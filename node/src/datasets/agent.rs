@@ -25,19 +25,22 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 
+use flock_dataset::{DatasetError, SetAside, SnapshotName};
 use flock_decide::datasets::{
-    replica_source, CopiesSeen, CopySeen, DatasetAction, DatasetsCore, Job, JobOutcome,
+    diverged_snapshot, replica_source, AsideSeen, CopiesSeen, CopySeen, DatasetAction,
+    DatasetsCore, Job, JobOutcome,
 };
 use flock_decide::moves::{
     InstanceSeen, InstancesSeen, Move, MoveInput, MovePhase, MoveStep, Progress, PushFailure,
     RunSeen,
 };
-use flock_scheduler::dataset::{local_name, DatasetId};
+use flock_scheduler::dataset::{aside_name, local_name, DatasetId};
 use flock_scheduler::{Command, CommandResult, NodeId};
 
 use super::{blocking, time_name, Datasets, StartGate, TransferState};
 use crate::cluster::Cluster;
 use crate::driver::{Drivers, Listing, RunState};
+use crate::lease::unix_ms;
 use crate::transfer::push::{push, PushError};
 use crate::transfer::Peers;
 
@@ -121,9 +124,18 @@ impl Executor {
         done: &mpsc::UnboundedSender<(Job, JobOutcome)>,
     ) {
         let me = self.cluster.node_id;
-        let copies = match self.datasets.local().await {
-            Ok(l) => {
+        let mut asides = Vec::new();
+        let copies = match self.datasets.local_all().await {
+            Ok((l, a)) => {
                 self.note_over_limit(&l);
+                asides = a
+                    .into_iter()
+                    .map(|a| AsideSeen {
+                        id: a.id,
+                        name: a.name,
+                        snapshot: a.snapshot,
+                    })
+                    .collect();
                 Ok(l.into_iter()
                     .map(|c| CopySeen {
                         id: c.id,
@@ -143,6 +155,7 @@ impl Executor {
             busy: self.datasets.busy_ids(),
             uncertain: self.datasets.uncertain(),
             holding: self.datasets.held_here(),
+            asides,
         };
         let actions = {
             let s = self.cluster.view.read();
@@ -220,6 +233,21 @@ impl Executor {
                         node,
                     };
                     self.spawn_proposal(Job::AddReplica { dataset }, cmd, done);
+                }
+                DatasetAction::KeepDiverged {
+                    dataset,
+                    name,
+                    epoch,
+                    common,
+                } => {
+                    let (ex, done) = (self.clone(), done.clone());
+                    tokio::spawn(async move {
+                        let outcome = ex.keep_diverged(dataset, &name, epoch, common).await;
+                        let _ = done.send((Job::KeepDiverged { dataset }, outcome));
+                    });
+                }
+                DatasetAction::DestroyAside { id, name, snapshot } => {
+                    self.destroy_aside(id, &name, &snapshot).await
                 }
                 DatasetAction::SetLimit { id, name, limit } => {
                     let (ex, done) = (self.clone(), done.clone());
@@ -418,6 +446,105 @@ impl Executor {
         .await;
         if let Err(e) = r {
             tracing::warn!(dataset = %name, error = %e, "destroy failed");
+        }
+    }
+
+    /// Sets this node's diverged copy of `dataset` aside under snapshot `diverged-EPOCH` and
+    /// restarts it from `common` ([`flock_dataset::set_aside`]), then records that: the node
+    /// is a replica again and the writes only it has are kept. Under the dataset's lock, and
+    /// only while Raft still says the copy diverged under `epoch`. Repeated until recorded:
+    /// every step is idempotent.
+    async fn keep_diverged(
+        &self,
+        dataset: DatasetId,
+        name: &str,
+        epoch: u64,
+        common: Option<String>,
+    ) -> JobOutcome {
+        let me = self.cluster.node_id;
+        let Some(_guard) = self.datasets.try_lock(dataset) else {
+            return JobOutcome::Skipped;
+        };
+        let still = self
+            .cluster
+            .view
+            .read()
+            .cluster
+            .failover
+            .diverged
+            .get(&dataset)
+            .and_then(|m| m.get(&me))
+            .is_some_and(|d| d.epoch == epoch);
+        if !still {
+            return JobOutcome::Skipped;
+        }
+        let snapshot = diverged_snapshot(epoch);
+        let names = (|| {
+            Ok::<_, DatasetError>((
+                flock_dataset::DatasetName::new(local_name(name, dataset))?,
+                flock_dataset::DatasetName::new(aside_name(name, dataset, &snapshot))?,
+                SnapshotName::new(snapshot.clone())?,
+                common.map(SnapshotName::new).transpose()?,
+            ))
+        })();
+        let (local, aside, keep, common) = match names {
+            Ok(n) => n,
+            Err(e) => return JobOutcome::Failed(e.to_string()),
+        };
+        let set = blocking(&self.datasets.backend, move |b| {
+            flock_dataset::set_aside(b, &local, &aside, &keep, common.as_ref())
+        })
+        .await;
+        let kept = match set {
+            Ok(SetAside::Nothing) => None,
+            Ok(SetAside::Kept { restarted }) => {
+                tracing::warn!(
+                    dataset = %name,
+                    snapshot = %snapshot,
+                    restarted,
+                    "kept the writes this node made as primary before a failover (they are not on the new primary); `flockctl dataset snapshot rm` removes them"
+                );
+                Some(snapshot.clone())
+            }
+            Err(e) => return JobOutcome::Failed(format!("setting the diverged copy aside: {e}")),
+        };
+        let cmd = Command::KeepDiverged {
+            dataset,
+            node: me,
+            snapshot: kept.clone(),
+            at_unix_ms: unix_ms(),
+        };
+        match self.cluster.propose(cmd).await {
+            Ok(CommandResult::DivergedKept) => JobOutcome::Done,
+            // An operator gave the copy up meanwhile (`dataset drop-diverged`), or an earlier
+            // proposal of ours applied: either way nothing is left to do here.
+            Ok(CommandResult::Rejected(e)) => {
+                let s = self.cluster.view.read();
+                if s.cluster.failover.is_diverged(dataset, me) {
+                    JobOutcome::Failed(e.to_string())
+                } else {
+                    JobOutcome::Skipped
+                }
+            }
+            Ok(other) => JobOutcome::Failed(format!("unexpected result {other:?}")),
+            Err(e) => JobOutcome::Failed(e.to_string()),
+        }
+    }
+
+    /// Destroys the copy where this node set aside the diverged writes of dataset `id`, once
+    /// its kept snapshot is no longer recorded (an operator removed it, or the dataset).
+    async fn destroy_aside(&self, id: DatasetId, name: &str, snapshot: &str) {
+        let Some(_guard) = self.datasets.try_lock(id) else {
+            return;
+        };
+        tracing::info!(dataset = %name, snapshot, "destroying the diverged writes an operator removed");
+        let aside = aside_name(name, id, snapshot);
+        let r = blocking(&self.datasets.backend, move |b| {
+            b.destroy(&flock_dataset::DatasetName::new(aside)?)
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(dataset = %name, snapshot, error = %e, "destroying the kept diverged copy failed");
         }
     }
 

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use flock_dataset::{Backend, DatasetError, DatasetName, DirBackend, SnapshotName, ZfsBackend};
 use flock_decide::moves::MovePhase;
-use flock_scheduler::dataset::{parse_local_name, DatasetId};
+use flock_scheduler::dataset::{parse_aside_name, parse_local_name, DatasetId};
 use flock_scheduler::{Dataset, NodeId, SnapshotRecord};
 
 use crate::datadir::DataDir;
@@ -341,6 +341,18 @@ pub struct LocalCopy {
     pub snapshots: Vec<flock_dataset::SnapshotInfo>,
 }
 
+/// A copy where this node set aside the diverged writes of a dataset, kept as `snapshot`
+/// ([`flock_scheduler::dataset::aside_name`]).
+#[derive(Clone, Debug)]
+pub struct LocalAside {
+    pub id: DatasetId,
+    pub name: String,
+    pub snapshot: String,
+    pub used_bytes: u64,
+    /// Where its files are (the diverged writes, as the old primary left them).
+    pub mount_path: PathBuf,
+}
+
 impl LocalCopy {
     /// Bytes the live data holds over the size limit, if it is over.
     pub fn over_limit(&self) -> Option<u64> {
@@ -540,9 +552,26 @@ impl Datasets {
 
     /// Every flock dataset the backend holds, with its snapshots.
     pub async fn local(&self) -> Result<Vec<LocalCopy>, DatasetError> {
+        Ok(self.local_all().await?.0)
+    }
+
+    /// Every flock dataset the backend holds, with its snapshots, and the copies where this
+    /// node set aside diverged writes.
+    pub async fn local_all(&self) -> Result<(Vec<LocalCopy>, Vec<LocalAside>), DatasetError> {
         blocking(&self.backend, |b| {
             let mut out = Vec::new();
+            let mut asides = Vec::new();
             for info in b.list()? {
+                if let Some((name, id, snapshot)) = parse_aside_name(info.name.as_str()) {
+                    asides.push(LocalAside {
+                        id,
+                        name: name.to_string(),
+                        snapshot: snapshot.to_string(),
+                        used_bytes: info.used_bytes,
+                        mount_path: info.mount_path,
+                    });
+                    continue;
+                }
                 let Some((name, id)) = parse_local_name(info.name.as_str()) else {
                     continue;
                 };
@@ -562,7 +591,7 @@ impl Datasets {
                     snapshots,
                 });
             }
-            Ok(out)
+            Ok((out, asides))
         })
         .await
     }
