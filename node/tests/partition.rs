@@ -4,8 +4,9 @@
 //! within the lease, the majority fails it over to the replica only after lease + margin, never
 //! two instances serve at once (counted through /proc and by which instance acknowledged each
 //! write), no write acknowledged before the last replicated snapshot is lost, the isolated node
-//! starts nothing while cut off, and once healed it serves nothing, keeps its diverged copy and
-//! the cluster works through it again.
+//! starts nothing while cut off, and once healed it serves nothing, keeps its diverged writes
+//! (snapshot `diverged-EPOCH`, holding every write the old instance acknowledged), is a replica
+//! again and the cluster works through it.
 //!
 //! How the partition is made: a flockd uses one port P for gRPC (Raft and the API, TCP) and
 //! QUIC (snapshot streams, UDP), and every node and every client share 127.0.0.1, so the node
@@ -617,7 +618,7 @@ fn partition_primary(primary_is_leader: bool) {
     let healed_at = Instant::now();
     cut.heal();
 
-    // Back, it serves nothing; its copy is kept, recorded diverged; the cluster works through it.
+    // Back, it serves nothing; the cluster works through it.
     until(
         "the isolated node to be back",
         Duration::from_secs(40),
@@ -627,14 +628,32 @@ fn partition_primary(primary_is_leader: bool) {
         },
     );
     let back_at = Instant::now();
+    // It keeps its diverged writes as a snapshot of its own and is a replica again.
     let ds = until(
-        "the isolated node's copy to be recorded diverged",
-        Duration::from_secs(20),
+        "the isolated node to keep its diverged writes and be a replica again",
+        Duration::from_secs(30),
         || {
             let d = dataset(&c, q);
-            (d["diverged"] == serde_json::json!([format!("n{p}")])).then_some(d)
+            (d["diverged"] == serde_json::json!([])
+                && d["replicas"]
+                    .as_array()?
+                    .iter()
+                    .any(|r| r == &format!("n{p}")))
+            .then_some(d)
         },
     );
+    let snaps: Value =
+        serde_json::from_str(&c.ctl_ok(c.addr(q), &["dataset", "snapshots", "counter", "--json"]))
+            .unwrap();
+    let kept: Vec<&Value> = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["diverged"] == true)
+        .collect();
+    assert_eq!(kept.len(), 1, "one kept diverged snapshot: {snaps}");
+    assert_eq!(kept[0]["kept_on"], format!("n{p}"), "{snaps}");
+    let kept_name = kept[0]["name"].as_str().unwrap().to_string();
     c.ctl_ok(c.addr(p), &["kv", "put", "after", "healed"]);
     assert_eq!(
         c.ctl_ok(c.addr(q), &["kv", "get", "after"]),
@@ -807,9 +826,9 @@ fn partition_primary(primary_is_leader: bool) {
         );
     }
 
-    // The old instance's log on the isolated node (the diverged copy) still holds every write
-    // it acknowledged. `dataset ls` lists no holder for a diverged copy: it is where the new
-    // primary's copy is, in the isolated node's data dir.
+    // The old instance's log, kept on the isolated node beside its copy (the backend's
+    // dataset NAME.ID.diverged-EPOCH), holds every write it acknowledged: where the new
+    // primary's copy is, in the isolated node's data dir, with the kept snapshot's suffix.
     let to: usize = moved["node"].as_str().unwrap()[1..].parse().unwrap();
     let live = ds["holders"]
         .as_array()
@@ -819,9 +838,15 @@ fn partition_primary(primary_is_leader: bool) {
         .and_then(|h| h["mount_path"].as_str())
         .unwrap_or_else(|| panic!("no primary's copy: {ds:#}"))
         .to_string();
+    let live = Path::new(&live);
+    let local = live.parent().unwrap();
+    let aside = local.with_file_name(format!(
+        "{}.{kept_name}",
+        local.file_name().unwrap().to_string_lossy()
+    ));
     let copy = c
         .data_dir(p)
-        .join(Path::new(&live).strip_prefix(c.data_dir(to)).unwrap());
+        .join(aside.join("live").strip_prefix(c.data_dir(to)).unwrap());
     let diverged = log_file(&copy.join("log"));
     let diverged: BTreeSet<&String> = diverged.iter().collect();
     let missing: Vec<&str> = old_acked
