@@ -203,7 +203,14 @@ async fn look(here: &Here<'_>, state: &ClusterState, core: &mut AppsCore) {
 
 /// Guards a started stateful app with the fencing watchdog (its process group, or its
 /// container), so it is killed once this node's lease runs out even if flockd cannot.
-fn guard(here: &Here<'_>, app: &str, kind: DriverKind, id: &str) -> Result<(), String> {
+/// Why a stateful app's instance is not guarded by the fencing watchdog.
+enum Unguarded {
+    /// Its process is gone already.
+    Exited(String),
+    Failed(String),
+}
+
+fn guard(here: &Here<'_>, app: &str, kind: DriverKind, id: &str) -> Result<(), Unguarded> {
     let r = here
         .cluster
         .leases
@@ -216,19 +223,26 @@ fn guard_with(
     app: &str,
     kind: DriverKind,
     id: &str,
-) -> Result<(), String> {
+) -> Result<(), Unguarded> {
     match kind {
         DriverKind::Process => {
-            let pid: u32 = id
-                .parse()
-                .map_err(|_| format!("the process driver's id {id:?} is not a pid"))?;
-            fence.guard_process(app, pid).map_err(|e| e.to_string())
+            let pid: u32 = id.parse().map_err(|_| {
+                Unguarded::Failed(format!("the process driver's id {id:?} is not a pid"))
+            })?;
+            fence.guard_process(app, pid).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Unguarded::Exited(e.to_string())
+                } else {
+                    Unguarded::Failed(e.to_string())
+                }
+            })
         }
         DriverKind::Docker => {
-            let socket = crate::daemon::docker_socket().map_err(|e| e.to_string())?;
+            let socket =
+                crate::daemon::docker_socket().map_err(|e| Unguarded::Failed(e.to_string()))?;
             fence
                 .guard_container(app, id, &socket)
-                .map_err(|e| e.to_string())
+                .map_err(|e| Unguarded::Failed(e.to_string()))
         }
     }
 }
@@ -253,7 +267,9 @@ fn sync_guards(here: &Here<'_>, state: &ClusterState, seen: &AppsSeen) {
                     SeenState::Running => {
                         may_run.insert(name.as_str());
                         if stateful && !guarded.iter().any(|g| g == name) {
-                            if let Err(e) = guard_with(fence, name, i.kind, &i.id) {
+                            if let Err(Unguarded::Failed(e)) =
+                                guard_with(fence, name, i.kind, &i.id)
+                            {
                                 tracing::warn!(app = %name, error = %e, "cannot guard the app with the fencing watchdog");
                             }
                         }
@@ -396,7 +412,15 @@ async fn carry_out(here: &Here<'_>, core: &mut AppsCore, action: AppAction) -> b
                 Ok(i) => {
                     tracing::info!(app, id = %i.id, "started");
                     match guard.dataset.map(|_| self::guard(here, &app, kind, &i.id)) {
-                        Some(Err(e)) => {
+                        // Nothing runs that could outlive the lease: the restart policy
+                        // decides, as for any exit.
+                        Some(Err(Unguarded::Exited(e))) => {
+                            tracing::warn!(app, error = %e, "it exited right after it started");
+                            Err(StartFailure::Transient(format!(
+                                "it exited right after it started: {e}"
+                            )))
+                        }
+                        Some(Err(Unguarded::Failed(e))) => {
                             // Unguarded it could outlive the lease: not run at all.
                             tracing::warn!(app, error = %e, "cannot guard it with the fencing watchdog; stopping it");
                             let _ = drivers.stop(kind, &app).await;

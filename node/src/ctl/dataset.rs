@@ -254,8 +254,27 @@ fn dataset_json(d: &Dataset) -> Value {
         "replicas_wanted": d.replicas_wanted,
         "snapshot_interval_ms": (d.replicas_wanted > 0).then_some(d.snapshot_interval_ms),
         "replica_lag_ms": d.replica_lag_ms,
+        "replica_lag_bytes": d.replicas.iter().map(|r| (r.clone(), lag_bytes(d, r))).collect::<serde_json::Map<_, _>>(),
         "diverged": d.diverged,
+        "kept": d.kept.iter().map(|k| json!({"snapshot": k.name, "node": k.node})).collect::<Vec<_>>(),
     })
+}
+
+/// How many bytes replica `node` lacks of the snapshots taken: none when it holds the newest,
+/// else what the push under way to it has still to send (its stream's estimated total less
+/// what went); `null` when no push to it is under way or its size is unknown. Writes since the
+/// newest snapshot are not counted (they are in no snapshot yet).
+fn lag_bytes(d: &Dataset, node: &str) -> Value {
+    let newest = d.snapshots.last().map(|s| s.name.as_str());
+    if newest.is_some() && d.bases.get(node).map(String::as_str) == newest {
+        return json!(0);
+    }
+    d.transfers
+        .iter()
+        .find(|t| {
+            t.to_node == node && t.total > 0 && matches!(t.phase.as_str(), "full" | "incremental")
+        })
+        .map_or(Value::Null, |t| json!(t.total.saturating_sub(t.bytes)))
 }
 
 /// "2 replicas every 2.0s" or "no replicas asked for".
@@ -306,7 +325,11 @@ fn datasets_table(ds: &[Dataset]) -> String {
             holders.push(format!("moving to {}", d.moving_to));
         }
         for (node, lag) in &d.replica_lag_ms {
-            holders.push(format!("{node} lag {:.1}s", *lag as f64 / 1000.0));
+            let bytes = match lag_bytes(d, node).as_u64() {
+                Some(b) => format!(", {}", human(b)),
+                None => String::new(),
+            };
+            holders.push(format!("{node} lag {:.1}s{bytes}", *lag as f64 / 1000.0));
         }
         if d.replicas_wanted > 0 {
             holders.push(format!("({})", replication_text(d)));
