@@ -549,3 +549,97 @@ fn fo06_a_returning_node_keeps_its_diverged_writes_and_is_a_replica_again() {
     assert!(!snaps.contains("diverged-"), "{snaps}");
     c.ctl_ok(c.addr(2), &["app", "rm", "counter"]);
 }
+
+/// Two nodes lost at once, with 5 nodes: the apps of both fail over, each to its replica,
+/// and the three left (a quorum) serve them.
+#[test]
+fn fo07_two_nodes_lost_at_once_both_fail_over() {
+    let mut c = TestCluster::start(5, &[]);
+    let _end = EndApps(c.dir.path().to_path_buf());
+    let files = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let entry = |name: &str, port: u16| {
+        counter_app(port, port + 1)
+            .replace("  counter:\n", &format!("  {name}:\n"))
+            .replace(
+                "      maximum_size: 64M\n",
+                "      maximum_size: 64M\n      replicas: 1\n      snapshot_interval: 500ms\n",
+            )
+    };
+    let application = files.path().join("application.yml");
+    fs::write(
+        &application,
+        format!(
+            "version: 1\napplications:\n{}{}",
+            entry("alpha", pa),
+            entry("beta", pb)
+        ),
+    )
+    .unwrap();
+    let deployment = files.path().join("deployment.yml");
+    fs::write(
+        &deployment,
+        "version: 1\nnodes:\n  n1: [alpha]\n  n2: [beta]\n",
+    )
+    .unwrap();
+    c.ctl_ok(
+        c.addr(3),
+        &[
+            "deploy",
+            deployment.to_str().unwrap(),
+            application.to_str().unwrap(),
+        ],
+    );
+    let addrs = [format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}")];
+    for (name, addr) in ["alpha", "beta"].iter().zip(&addrs) {
+        until(
+            &format!("{name} to run with a replica holding a snapshot"),
+            Duration::from_secs(40),
+            || {
+                let ds: Value =
+                    serde_json::from_str(&c.ctl_ok(c.addr(3), &["dataset", "ls", name, "--json"]))
+                        .unwrap();
+                (ask(addr, "APPEND before").is_some_and(|r| r.starts_with("OK "))
+                    && ds[0]["bases"].as_object().is_some_and(|b| !b.is_empty()))
+                .then_some(())
+            },
+        );
+    }
+    thread::sleep(Duration::from_millis(1200));
+    let pid = |name: &str| -> i32 { app(&c, 3, name)["id"].as_str().unwrap().parse().unwrap() };
+    let (alpha, beta) = (pid("alpha"), pid("beta"));
+    kill_machine(&mut c, 1, alpha);
+    kill_machine(&mut c, 2, beta);
+    let killed = std::time::Instant::now();
+    for (name, addr) in ["alpha", "beta"].iter().zip(&addrs) {
+        let a = until(
+            &format!("{name} to fail over"),
+            Duration::from_secs(40),
+            || {
+                let a = app(&c, 3, name);
+                (a["node"] != "n1"
+                    && a["node"] != "n2"
+                    && a["state"] == "running"
+                    && ask(addr, "READ").is_some_and(|r| r.contains("before")))
+                .then_some(a)
+            },
+        );
+        eprintln!(
+            "fo07: {name} serves on {} {:?} after the kill",
+            a["node"],
+            killed.elapsed()
+        );
+    }
+    let events = c.ctl_ok(c.addr(3), &["events"]);
+    for (name, from) in [("alpha", "n1"), ("beta", "n2")] {
+        assert!(
+            events
+                .lines()
+                .any(|l| l.contains(&format!("dataset {name}"))
+                    && l.contains(&format!("failed over from {from} to"))),
+            "{events}"
+        );
+    }
+    c.ctl_ok(c.addr(3), &["app", "rm", "alpha"]);
+    c.ctl_ok(c.addr(3), &["app", "rm", "beta"]);
+}
