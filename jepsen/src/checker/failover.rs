@@ -93,6 +93,10 @@ pub struct FailoverFigure {
     /// Acknowledged appends it lost: after the snapshot (allowed), before it (violations).
     pub lost_allowed: u64,
     pub lost_before_snapshot: u64,
+    /// Of the allowed ones: acknowledged after the leader last heard from the old primary, so
+    /// outside the window the event reports as at risk (the old primary's app runs on until
+    /// its lease runs out and it is fenced).
+    pub lost_after_last_heard: u64,
 }
 
 /// What the checker found about one app.
@@ -103,6 +107,8 @@ pub struct FailoverFigures {
     pub lost_before_snapshot: u64,
     /// Allowed losses in failovers that started from no snapshot.
     pub lost_without_snapshot: u64,
+    /// Allowed losses acknowledged after the leader last heard from the old primary.
+    pub lost_after_last_heard: u64,
     pub failovers: Vec<FailoverFigure>,
     /// Over the failovers after which the new primary acknowledged an append.
     pub fault_to_first_ack_median_s: Option<f64>,
@@ -152,7 +158,7 @@ impl Checker for FailoverLosesOnlyAtRisk {
         let times = v.first_ack_times();
         let failovers = sum(&|f| f.failovers.len() as u64);
         let figures = format!(
-            "{failovers} failovers; from the fault to the first ack on the new primary {}; {} acknowledged appends, {} lost after the snapshot (allowed; {} in failovers from no snapshot), {} lost before it",
+            "{failovers} failovers; from the fault to the first ack on the new primary {}; {} acknowledged appends, {} lost after the snapshot (allowed; {} in failovers from no snapshot; {} acknowledged after the leader last heard from the old primary, outside the at-risk window the event reports), {} lost before it",
             match (median(&times), times.last()) {
                 (Some(m), Some(x)) => format!("median {m:.2}s, max {x:.2}s (over {})", times.len()),
                 _ => "never measured".into(),
@@ -160,8 +166,23 @@ impl Checker for FailoverLosesOnlyAtRisk {
             sum(&|f| f.acked),
             sum(&|f| f.lost_allowed),
             sum(&|f| f.lost_without_snapshot),
+            sum(&|f| f.lost_after_last_heard),
             sum(&|f| f.lost_before_snapshot),
         );
+        let no_replica: Vec<String> = v
+            .apps
+            .iter()
+            .flat_map(|(a, f)| f.no_replica.iter().map(move |n| format!("{a} {n}")))
+            .collect();
+        let figures = if no_replica.is_empty() {
+            figures
+        } else {
+            format!(
+                "{figures}; {} failovers the cluster could not make (NoReplica, the app waited for its node): {}",
+                no_replica.len(),
+                no_replica.join("; ")
+            )
+        };
         let summary = match v.valid() {
             Some(true) => format!("{figures}; no two copies took appends"),
             Some(false) => format!(
@@ -332,6 +353,13 @@ fn check_one(
                 Some(_) => {
                     figs[k].lost_allowed += 1;
                     fig.lost_allowed += 1;
+                    if failovers[k]
+                        .last_heard_ns
+                        .is_some_and(|h| a.op.complete_ns > h)
+                    {
+                        figs[k].lost_after_last_heard += 1;
+                        fig.lost_after_last_heard += 1;
+                    }
                 }
                 None => {
                     figs[k].lost_allowed += 1;
@@ -519,7 +547,7 @@ pub fn describe_failovers(details: &serde_json::Value) -> Vec<String> {
             let t = |k: &str| g.get(k).and_then(|v| v.as_str()).unwrap_or("");
             let secs = |v: Option<f64>| v.map(|v| format!("{v:.2}s")).unwrap_or("-".into());
             out.push(format!(
-                "{app}: failover {} -> {} declared at {:.1}s ({} after the fault {}), from snapshot {} (at risk {} ms); lost {} allowed, {} before the snapshot; first ack on {} {} after the fault ({} after the declaration)",
+                "{app}: failover {} -> {} declared at {:.1}s ({} after the fault {}), from snapshot {} (at risk {} ms); lost {} allowed ({} after the old primary was last heard), {} before the snapshot; first ack on {} {} after the fault ({} after the declaration)",
                 t("from"),
                 t("to"),
                 x("at_s").unwrap_or(0.0),
@@ -528,6 +556,9 @@ pub fn describe_failovers(details: &serde_json::Value) -> Vec<String> {
                 g.get("snapshot").and_then(|v| v.as_str()).unwrap_or("(none)"),
                 g.get("at_risk_ms").and_then(|v| v.as_u64()).unwrap_or(0),
                 g.get("lost_allowed").and_then(|v| v.as_u64()).unwrap_or(0),
+                g.get("lost_after_last_heard")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0),
                 g.get("lost_before_snapshot").and_then(|v| v.as_u64()).unwrap_or(0),
                 t("to"),
                 secs(x("fault_to_first_ack_s")),
@@ -628,6 +659,7 @@ mod tests {
                     to: to.to_string(),
                     epoch: i as u64 + 2,
                     at_ns: at * 1_000_000,
+                    last_heard_ns: Some((at - 3500) * 1_000_000),
                     snapshot: snap.map(|t| format!("auto-{t}")),
                     snapshot_ns: snap.map(|t| t * 1_000_000),
                     ..Default::default()
@@ -678,6 +710,8 @@ mod tests {
         assert_eq!(v.valid(), Some(true), "{v:#?}");
         let f = &v.apps[A];
         assert_eq!((f.acked, f.lost_allowed, f.lost_before_snapshot), (6, 2, 0));
+        // Heard last at 1000 ms: both lost appends were acknowledged before.
+        assert_eq!(f.lost_after_last_heard, 0);
         assert_eq!(f.failovers.len(), 1);
         let g = &f.failovers[0];
         assert_eq!(g.lost_allowed, 2);
@@ -708,6 +742,18 @@ mod tests {
             r.summary
         );
         assert!(r.summary.contains("median 4.01s"), "{}", r.summary);
+    }
+
+    #[test]
+    fn losses_after_the_last_heartbeat_are_counted_apart() {
+        // The old primary's app goes on after its node was last heard (1000 ms): w9 at 1500.
+        let mut h = good();
+        h.ok("w9", 5, "i1", "n1", (1500, 1510));
+        let v = h.check();
+        assert_eq!(v.valid(), Some(true), "{v:#?}");
+        assert_eq!(v.apps[A].lost_allowed, 3);
+        assert_eq!(v.apps[A].lost_after_last_heard, 1);
+        assert_eq!(v.apps[A].failovers[0].lost_after_last_heard, 1);
     }
 
     #[test]
