@@ -462,11 +462,7 @@ fn check(path: &Path, max_steps: u64, app_bound: Duration) -> i32 {
         checkers.push(Box::new(checker::app::AppsRunRight { bound: app_bound }));
     }
     let failover_apps = checker::moves::failover_apps(&history);
-    if history
-        .ops
-        .iter()
-        .any(|o| o.call.is_move() && !failover_apps.contains(o.call.key()))
-    {
+    if !checker::moves::move_apps(&history).is_empty() {
         checkers.push(Box::new(checker::moves::NoWriteLost));
     }
     if !failover_apps.is_empty() {

@@ -201,6 +201,16 @@ pub fn failover_apps(history: &History) -> BTreeSet<&str> {
         .collect()
 }
 
+/// The move workload's apps (not the failover workload's) in `history`.
+pub fn move_apps(history: &History) -> BTreeSet<&str> {
+    let failover = failover_apps(history);
+    let ops: Vec<&Op> = history.ops.iter().filter(|o| o.call.is_move()).collect();
+    apps_of(&ops)
+        .into_iter()
+        .filter(|a| !failover.contains(a))
+        .collect()
+}
+
 /// The apps that the move-workload calls among `ops` name.
 pub(crate) fn apps_of<'a>(ops: &[&'a Op]) -> BTreeSet<&'a str> {
     let mut apps: BTreeSet<&str> = BTreeSet::new();
