@@ -499,16 +499,35 @@ fn check_one(
             .any(|f| f.from == node && window.contains(&f.at_ns));
         let explained = no_replica.iter().any(|n| window.contains(&n.at_ns));
         if !failed_over && !explained {
+            let earlier = no_replica
+                .iter()
+                .filter(|n| n.at_ns < fi.start_ns)
+                .max_by_key(|n| n.at_ns)
+                .map(|n| {
+                    format!(
+                        "; earlier, at {:.1}s, the cluster could not fail it over from {}: {}",
+                        s(n.at_ns),
+                        n.node,
+                        n.reason
+                    )
+                })
+                .unwrap_or_default();
             anomaly(
                 "no-failover",
                 1,
                 format!(
-                    "{app}: {} ({}) held {:.1}s from {:.1}s, and {app} did not fail over from {node} (no FailedOver from it by {:.1}s, no NoReplica either)\n",
+                    "{app}: {} ({}) held {:.1}s from {:.1}s, and {app} did not fail over from {node} (no FailedOver from it by {:.1}s, no NoReplica either){earlier}; its failovers before: {}\n",
                     fi.fault,
                     fi.detail,
                     s(fi.stop_ns - fi.start_ns),
                     s(fi.start_ns),
-                    s(fi.stop_ns + FAILOVER_GRACE_NS)
+                    s(fi.stop_ns + FAILOVER_GRACE_NS),
+                    failovers
+                        .iter()
+                        .filter(|f| f.at_ns < fi.start_ns)
+                        .map(|f| format!("{:.1}s {}->{}", s(f.at_ns), f.from, f.to))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             );
         }
