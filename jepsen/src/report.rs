@@ -322,7 +322,17 @@ fn markdown(
             m.bound_s,
             if m.ok { "VALID" } else { "INVALID" },
             if m.ok {
-                format!("{:?}", m.read_after_s)
+                m.read_after_s
+                    .iter()
+                    .map(|(a, t)| {
+                        format!(
+                            "{a} on {} after {:.1}s",
+                            m.final_node.get(a).map(String::as_str).unwrap_or("?"),
+                            t.unwrap_or(0.0)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
             } else {
                 m.problems.join("; ")
             }
