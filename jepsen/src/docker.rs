@@ -286,12 +286,12 @@ pub async fn start(node: &Node) -> Result<(), DockerError> {
         .map(|_| ())
 }
 
-/// The host pids of the node's flockd processes (not its fencing watchdog): those in the
-/// container's pid namespace whose command line starts with flockd.
-async fn flockd_pids(node: &Node) -> Result<Vec<i32>, DockerError> {
-    let init = run_patient(
+/// The host pid of the container's first process (docker's init under the supervisor).
+async fn init_pid(node: &Node) -> Result<i32, DockerError> {
+    let init = run(
         "docker",
         &["inspect", "-f", "{{.State.Pid}}", &node.container],
+        SHORT,
     )
     .await?;
     let init: i32 = init.trim().parse().unwrap_or(0);
@@ -301,6 +301,25 @@ async fn flockd_pids(node: &Node) -> Result<Vec<i32>, DockerError> {
             node.name
         )));
     }
+    Ok(init)
+}
+
+/// The host pids of the node's flockd processes (not its fencing watchdog): those in the
+/// container's pid namespace whose command line starts with flockd.
+async fn flockd_pids(node: &Node) -> Result<Vec<i32>, DockerError> {
+    let pids = flockd_pids_or_none(node).await?;
+    if pids.is_empty() {
+        return Err(DockerError::Other(format!(
+            "no flockd runs in {}'s container",
+            node.name
+        )));
+    }
+    Ok(pids)
+}
+
+/// [`flockd_pids`], empty when the container runs but flockd does not (killed alone).
+async fn flockd_pids_or_none(node: &Node) -> Result<Vec<i32>, DockerError> {
+    let init = init_pid(node).await?;
     let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
     let Some(want) = ns(init) else {
         return Err(DockerError::Other(format!(
@@ -325,12 +344,6 @@ async fn flockd_pids(node: &Node) -> Result<Vec<i32>, DockerError> {
         if first.ends_with("flockd") && !cmd.contains("fence-watch") {
             pids.push(pid);
         }
-    }
-    if pids.is_empty() {
-        return Err(DockerError::Other(format!(
-            "no flockd runs in {}'s container",
-            node.name
-        )));
     }
     Ok(pids)
 }
@@ -358,6 +371,27 @@ pub async fn pause(node: &Node) -> Result<(), DockerError> {
 
 pub async fn unpause(node: &Node) -> Result<(), DockerError> {
     signal_all(&flockd_pids(node).await?, libc::SIGCONT)
+}
+
+/// Kills the node's flockd alone (SIGKILL from the host), as a crashed daemon: the apps it
+/// started and its fencing watchdog run on (the container's pid 1 is docker's init running
+/// `jepsen/docker/supervise.sh`, which starts flockd again only after [`restart_flockd`]).
+pub async fn kill_flockd(node: &Node) -> Result<(), DockerError> {
+    signal_all(&flockd_pids(node).await?, libc::SIGKILL)
+}
+
+/// Whether flockd runs in the node's (running) container.
+pub async fn flockd_runs(node: &Node) -> Result<bool, DockerError> {
+    Ok(!flockd_pids_or_none(node).await?.is_empty())
+}
+
+/// Lets the supervisor start flockd again: creates `/tmp/flockd-go` in the container, from
+/// the host through `/proc/PID/root` (no docker exec).
+pub async fn restart_flockd(node: &Node) -> Result<(), DockerError> {
+    let init = init_pid(node).await?;
+    let path = format!("/proc/{init}/root/tmp/flockd-go");
+    std::fs::write(&path, b"go\n")
+        .map_err(|e| DockerError::Other(format!("{}: cannot write {path}: {e}", node.name)))
 }
 
 /// The container's state as docker reports it: `running`, `paused`, `exited`, ...

@@ -105,6 +105,18 @@ pub enum Call {
         #[serde(rename = "app_name")]
         app: String,
     },
+    /// Failover workload (the move workload's calls on its own apps, plus these two): ask
+    /// that `app`'s dataset keep `replicas` replicas, snapshotting every `interval_ms`
+    /// (`DatasetSet`; the workload's apps are those it made this call for).
+    FoReplicate {
+        #[serde(rename = "app_name")]
+        app: String,
+        replicas: u32,
+        interval_ms: u64,
+    },
+    /// Failover workload: the cluster's events (`Events`) after the faults, with each
+    /// `FailedOver` on the history's clock.
+    FoEvents {},
 }
 
 /// Where a deploy pins an app, and what the app is.
@@ -134,12 +146,13 @@ impl Call {
             Call::DsRead { .. } | Call::AppDeploy { .. } | Call::AppLocal {} | Call::AppList {} => {
                 "*"
             }
-            Call::MvDeploy { .. } => "*",
+            Call::MvDeploy { .. } | Call::FoEvents {} => "*",
             Call::MvAppend { app, .. }
             | Call::MvRead { app, .. }
             | Call::MvMove { app, .. }
             | Call::MvCancel { app }
-            | Call::MvLocate { app } => app,
+            | Call::MvLocate { app }
+            | Call::FoReplicate { app, .. } => app,
         }
     }
 
@@ -165,6 +178,8 @@ impl Call {
             Call::MvMove { .. } => "mv_move",
             Call::MvCancel { .. } => "mv_cancel",
             Call::MvLocate { .. } => "mv_locate",
+            Call::FoReplicate { .. } => "fo_replicate",
+            Call::FoEvents {} => "fo_events",
         }
     }
 
@@ -179,6 +194,7 @@ impl Call {
                 | Call::AppList {}
                 | Call::MvRead { .. }
                 | Call::MvLocate { .. }
+                | Call::FoEvents {}
         )
     }
 
@@ -214,7 +230,14 @@ impl Call {
                 | Call::MvMove { .. }
                 | Call::MvCancel { .. }
                 | Call::MvLocate { .. }
+                | Call::FoReplicate { .. }
+                | Call::FoEvents {}
         )
+    }
+
+    /// Whether the call is one of the failover workload's own (`fo_*`).
+    pub fn is_failover(&self) -> bool {
+        matches!(self, Call::FoReplicate { .. } | Call::FoEvents {})
     }
 
     /// Whether the call belongs to the app workload (the `app_*` calls).
@@ -251,6 +274,52 @@ pub enum AppResult {
     },
     /// `AppMove` (or its cancel) answered: from where to where.
     Moved { from: String, to: String },
+    /// `DatasetSet` answered: the replication the dataset has now.
+    Replicated { replicas: u32, interval_ms: u64 },
+    /// `Events`: the failovers (and the failovers that could not be made) it lists.
+    Failovers {
+        failovers: Vec<FailoverSeen>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        no_replica: Vec<NoReplicaSeen>,
+    },
+}
+
+/// A `FailedOver` event, its times also on the history's clock (ns since the start of the
+/// workload; the nodes and the harness share the host's clock).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverSeen {
+    pub id: u64,
+    pub dataset: String,
+    pub apps: Vec<String>,
+    pub from: String,
+    pub to: String,
+    pub epoch: u64,
+    /// When the leader declared `from` down and failed the dataset over.
+    pub at_unix_ms: u64,
+    pub at_ns: u64,
+    /// When the leader had last heard from `from` (its `NodeDown` event), if listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heard_ns: Option<u64>,
+    /// The snapshot the new primary starts from (`None`: empty), and when it was taken: to the
+    /// millisecond when its name tells (`auto-2026-01-01T12-00-00.123Z`, the periodic
+    /// snapshots, named by the time taken just before the snapshot), else the event's
+    /// `snapshot_unix` (seconds, rounded down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_ns: Option<u64>,
+    pub at_risk_ms: u64,
+}
+
+/// A `NoReplica` event: a dataset of a down node that could not fail over.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoReplicaSeen {
+    pub dataset: String,
+    pub node: String,
+    pub reason: String,
+    pub at_ns: u64,
 }
 
 /// One app as `LocalApps` or `AppList` reports it.
@@ -461,6 +530,10 @@ pub struct RunMeta {
     pub nodes: Vec<String>,
     /// Wall-clock start, RFC 3339.
     pub started: String,
+    /// The wall clock at the start of the workload (time 0 of the ops), in ns since the Unix
+    /// epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t0_unix_ns: Option<u64>,
     pub key_prefix: String,
 }
 

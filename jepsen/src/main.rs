@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use flock_jepsen::checker::{self, stats::Stats};
 use flock_jepsen::docker::Compose;
 use flock_jepsen::history::History;
-use flock_jepsen::nemesis::parse_nemeses;
+use flock_jepsen::nemesis::parse_nemeses_for;
 use flock_jepsen::runner::{self, RunOptions, Workloads};
 use flock_jepsen::workload::app::AppOptions;
 use flock_jepsen::workload::dataset::DatasetOptions;
@@ -59,13 +59,17 @@ enum WorkloadArg {
     App,
     /// A stateful test app written to while it is moved between nodes; its log read back.
     Move,
-    /// All four, side by side.
+    /// The move workload's test app with replicas, failed over by the faults (not moved);
+    /// its log read back and the cluster's failover events.
+    Failover,
+    /// register, dataset, app and move side by side (not failover).
     All,
 }
 
 #[derive(Args, Debug)]
 struct TestArgs {
-    /// The workloads: register, dataset, app, move or all (the four at once).
+    /// The workloads: register, dataset, app, move, failover, or all (register, dataset, app
+    /// and move at once).
     #[arg(long, value_enum, default_value_t = WorkloadArg::All)]
     workload: WorkloadArg,
     /// How long the workload runs under faults.
@@ -166,6 +170,19 @@ struct TestArgs {
     /// within this.
     #[arg(long, default_value = "60s", value_parser = duration)]
     move_bound: Duration,
+    /// Replicas of the failover workload's app's dataset (besides its primary).
+    #[arg(long, default_value_t = 2)]
+    failover_replicas: u32,
+    /// How often the failover workload's app's primary snapshots for its replicas.
+    #[arg(long, default_value = "500ms", value_parser = duration)]
+    failover_interval: Duration,
+    /// The failover workload's test apps (each with a replicated dataset).
+    #[arg(long, default_value_t = 1)]
+    failover_apps: usize,
+    /// The failover workload's appending clients (spread over its apps; even ones direct, odd
+    /// ones through the mesh, as --move-via says).
+    #[arg(long, default_value_t = 4)]
+    failover_clients: usize,
     /// The compose file of the test cluster.
     #[arg(long, default_value = "docker-compose.test.yml")]
     compose_file: PathBuf,
@@ -216,7 +233,8 @@ fn repo_root() -> PathBuf {
 }
 
 async fn test(a: TestArgs) -> i32 {
-    let nemeses = match parse_nemeses(&a.nemesis) {
+    let with_failover = matches!(a.workload, WorkloadArg::Failover);
+    let nemeses = match parse_nemeses_for(&a.nemesis, with_failover) {
         Ok(n) => n,
         Err(e) => {
             eprintln!("flock-jepsen: --nemesis: {e}");
@@ -298,6 +316,14 @@ async fn test(a: TestArgs) -> i32 {
                 ..AppOptions::default()
             }),
             moves: move_opts,
+            failover: with_failover.then(|| MoveOptions {
+                apps: a.failover_apps.max(1),
+                clients: a.failover_clients.max(1),
+                via: a.move_via,
+                rate: a.move_rate,
+                bound: a.move_bound,
+                ..MoveOptions::failover(a.failover_replicas, a.failover_interval)
+            }),
             dataset: matches!(a.workload, WorkloadArg::Dataset | WorkloadArg::All).then(|| {
                 DatasetOptions {
                     writers: a.datasets.max(1),
@@ -319,6 +345,11 @@ async fn test(a: TestArgs) -> i32 {
         Ok((verdict, dir)) => {
             for c in &verdict.checks {
                 println!("jepsen: {}: {}", c.checker, c.summary);
+                if c.checker == "failover" {
+                    for line in checker::failover::describe_failovers(&c.details) {
+                        println!("jepsen:   {line}");
+                    }
+                }
             }
             let s = &verdict.stats;
             println!(
@@ -363,9 +394,12 @@ async fn test(a: TestArgs) -> i32 {
                     }
                 );
             }
-            if let Some(m) = &verdict.moves {
+            for (label, phase) in [("move", &verdict.moves), ("failover", &verdict.failover)] {
+                let Some(m) = phase else {
+                    continue;
+                };
                 println!(
-                    "jepsen: move workload after the heal: {}",
+                    "jepsen: {label} workload after the heal: {}",
                     if m.ok {
                         m.read_after_s
                             .iter()
@@ -427,8 +461,12 @@ fn check(path: &Path, max_steps: u64, app_bound: Duration) -> i32 {
     if history.ops.iter().any(|o| o.call.is_app()) {
         checkers.push(Box::new(checker::app::AppsRunRight { bound: app_bound }));
     }
-    if history.ops.iter().any(|o| o.call.is_move()) {
+    let failover_apps = checker::moves::failover_apps(&history);
+    if !checker::moves::move_apps(&history).is_empty() {
         checkers.push(Box::new(checker::moves::NoWriteLost));
+    }
+    if !failover_apps.is_empty() {
+        checkers.push(Box::new(checker::failover::FailoverLosesOnlyAtRisk));
     }
     let results: Vec<_> = checkers.iter().map(|c| c.check(&history)).collect();
     for r in &results {
@@ -468,6 +506,13 @@ fn check(path: &Path, max_steps: u64, app_bound: Duration) -> i32 {
                     t("faults")
                 );
             }
+        }
+    }
+    // The failover workload's failovers: the fault before each, and when the new primary
+    // took its first append.
+    for r in results.iter().filter(|r| r.checker == "failover") {
+        for line in checker::failover::describe_failovers(&r.details) {
+            println!("{line}");
         }
     }
     let stats = Stats::of(&history, 0, history.end_ns());

@@ -152,7 +152,7 @@ fn markdown(
     let _ = writeln!(s, "- repeat: `{}`", opts.command_line);
     let _ = writeln!(
         s,
-        "- nodes: {}; {}{}{}{}\n",
+        "- nodes: {}; {}{}{}{}{}\n",
         meta.map(|m| m.nodes.join(" ")).unwrap_or_default(),
         if opts.workloads.register {
             format!(
@@ -201,6 +201,18 @@ fn markdown(
                 m.rate,
                 m.move_interval.as_secs_f64(),
                 m.cancel_probability
+            ),
+            None => String::new(),
+        },
+        match &opts.workloads.failover {
+            Some(m) => format!(
+                "failover: {} test app(s) with {} replicas and a snapshot every {} ms, {} appending clients ({}, about {} appends/s), no moves",
+                m.apps,
+                m.replication.map(|r| r.0).unwrap_or(0),
+                m.replication.map(|r| r.1.as_millis()).unwrap_or(0),
+                m.clients,
+                m.via.as_str(),
+                m.rate,
             ),
             None => String::new(),
         }
@@ -301,6 +313,40 @@ fn markdown(
                 m.problems.join("; ")
             }
         );
+    }
+
+    if let Some(m) = &v.failover {
+        let _ = writeln!(
+            s,
+            "- **failover workload after the heal** (each app running in one place, its log read, within {:.0}s): {} — {}\n",
+            m.bound_s,
+            if m.ok { "VALID" } else { "INVALID" },
+            if m.ok {
+                m.read_after_s
+                    .iter()
+                    .map(|(a, t)| {
+                        format!(
+                            "{a} on {} after {:.1}s",
+                            m.final_node.get(a).map(String::as_str).unwrap_or("?"),
+                            t.unwrap_or(0.0)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            } else {
+                m.problems.join("; ")
+            }
+        );
+    }
+    if let Some(check) = v.checks.iter().find(|c| c.checker == "failover") {
+        let _ = writeln!(
+            s,
+            "Failovers (the fault before each, when it was declared, the snapshot it started from and the appends it lost, the first append the new primary acknowledged; the rule: jepsen/README.md):\n"
+        );
+        for line in crate::checker::failover::describe_failovers(&check.details) {
+            let _ = writeln!(s, "- {line}");
+        }
+        let _ = writeln!(s);
     }
 
     let st = &v.stats;

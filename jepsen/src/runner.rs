@@ -39,6 +39,9 @@ pub struct Workloads {
     pub app: Option<AppOptions>,
     /// The move workload, with its settings.
     pub moves: Option<MoveOptions>,
+    /// The failover workload (the move workload's machinery on its own apps, with replicas
+    /// and no moves), with its settings.
+    pub failover: Option<MoveOptions>,
 }
 
 impl Workloads {
@@ -57,6 +60,9 @@ impl Workloads {
         }
         if self.moves.is_some() {
             w.push("move");
+        }
+        if self.failover.is_some() {
+            w.push("failover");
         }
         if w.is_empty() {
             w.push("register");
@@ -138,6 +144,9 @@ pub struct Verdict {
     /// The move workload's phase after the faults, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moves: Option<MovePhase>,
+    /// The failover workload's phase after the faults, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<MovePhase>,
     pub stats: Stats,
 }
 
@@ -168,6 +177,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
 #[derive(Clone)]
 pub(crate) struct Recorder {
     pub(crate) t0: Instant,
+    /// The wall clock at `t0`, ns since the Unix epoch (to put the cluster's times, which
+    /// are wall-clock times of the same host, on the history's clock).
+    pub(crate) t0_unix_ns: u64,
     inner: Arc<Mutex<RecorderInner>>,
 }
 
@@ -742,10 +754,21 @@ async fn run_on_cluster(
         nodes: names.to_vec(),
         started: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         key_prefix: prefix.clone(),
+        t0_unix_ns: None,
     };
     let writer = HistoryWriter::create(&dir.join("history.jsonl"))?;
+    let t0 = Instant::now();
+    let t0_unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let meta = RunMeta {
+        t0_unix_ns: Some(t0_unix_ns),
+        ..meta
+    };
     let rec = Recorder {
-        t0: Instant::now(),
+        t0,
+        t0_unix_ns,
         inner: Arc::new(Mutex::new(RecorderInner {
             writer,
             history: History::default(),
@@ -770,6 +793,12 @@ async fn run_on_cluster(
     let nem = Arc::new(Nemesis {
         nodes: nodes.to_vec(),
         client: client.clone(),
+        targets: opts
+            .workloads
+            .failover
+            .as_ref()
+            .map(moves::app_names)
+            .unwrap_or_default(),
     });
     let workload = Arc::new(Register::new(opts.register.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -827,6 +856,18 @@ async fn run_on_cluster(
     let move_tasks = move_ctx
         .clone()
         .map(|ctx| moves::start(ctx, stop_rx.clone()));
+    let failover_ctx = opts.workloads.failover.as_ref().map(|o| {
+        Arc::new(moves::Ctx::new(
+            rec.clone(),
+            nodes.to_vec(),
+            client.clone(),
+            o.clone(),
+            opts.seed ^ 0x6661_696c_6f76_6572,
+        ))
+    });
+    let failover_tasks = failover_ctx
+        .clone()
+        .map(|ctx| moves::start(ctx, stop_rx.clone()));
     let nemesis_task = tokio::spawn(nemesis_loop(
         nem.clone(),
         steps.clone(),
@@ -860,7 +901,7 @@ async fn run_on_cluster(
     let _ = stop_tx.send(true);
     let _ = stop_nem_tx.send(true);
     let _ = nemesis_task.await;
-    let heal_actions = nem.heal_all().await?;
+    let heal_actions = nem.heal_all().await;
     rec.nemesis(
         "heal",
         "all",
@@ -987,8 +1028,19 @@ async fn run_on_cluster(
         };
         Some(moves::finish(ctx, tasks, healed_at).await)
     };
-    let ((recovery, convergence), datasets, apps, moves_phase) =
-        tokio::join!(register_side, dataset_side, app_side, move_side);
+    let failover_side = async {
+        let (Some(ctx), Some(tasks)) = (failover_ctx, failover_tasks) else {
+            return None;
+        };
+        Some(moves::finish(ctx, tasks, healed_at).await)
+    };
+    let ((recovery, convergence), datasets, apps, moves_phase, failover_phase) = tokio::join!(
+        register_side,
+        dataset_side,
+        app_side,
+        move_side,
+        failover_side
+    );
 
     let history = rec.finish()?;
     println!("jepsen: checking {} ops", history.ops.len());
@@ -1004,6 +1056,9 @@ async fn run_on_cluster(
     }
     if opts.workloads.moves.is_some() {
         checkers.push(Box::new(checker::moves::NoWriteLost));
+    }
+    if opts.workloads.failover.is_some() {
+        checkers.push(Box::new(checker::failover::FailoverLosesOnlyAtRisk));
     }
     let mut checks: Vec<CheckResult> = checkers.iter().map(|c| c.check(&history)).collect();
     let stats = Stats::of(&history, 0, workload_end_ns);
@@ -1033,8 +1088,16 @@ async fn run_on_cluster(
     let datasets_ok = datasets.as_ref().is_none_or(|d| d.ok);
     let apps_ok = apps.as_ref().is_none_or(|a| a.ok);
     let moves_ok = moves_phase.as_ref().is_none_or(|m| m.ok);
+    let failover_ok = failover_phase.as_ref().is_none_or(|m| m.ok);
     let valid = match checker::overall(&checks) {
-        Some(true) if recovery.ok && convergence.ok && datasets_ok && apps_ok && moves_ok => {
+        Some(true)
+            if recovery.ok
+                && convergence.ok
+                && datasets_ok
+                && apps_ok
+                && moves_ok
+                && failover_ok =>
+        {
             Some(true)
         }
         Some(true) => Some(false),
@@ -1049,6 +1112,7 @@ async fn run_on_cluster(
         datasets,
         apps,
         moves: moves_phase,
+        failover: failover_phase,
         stats,
     };
     let vpath = dir.join("verdict.json");

@@ -754,6 +754,7 @@ mod tests {
                 nodes: vec!["n1".into(), "n2".into(), "n3".into()],
                 started: String::new(),
                 key_prefix: String::new(),
+                t0_unix_ns: None,
             }));
             h
         }

@@ -16,6 +16,7 @@
 
 pub mod app;
 pub mod dataset;
+pub mod failover;
 pub mod linearizable;
 pub mod moves;
 pub mod register;

@@ -191,18 +191,30 @@ fn longest_gap(times: &[u64], from: u64, to: u64) -> (u64, u64) {
     best
 }
 
-/// Checks the move workload's ops of `history` (others are ignored).
-pub fn check_moves(history: &History) -> MoveVerdict {
-    let mut v = MoveVerdict::default();
+/// The failover workload's apps: those it asked replicas for (`fo_replicate`).
+pub fn failover_apps(history: &History) -> BTreeSet<&str> {
+    history
+        .ops
+        .iter()
+        .filter(|o| matches!(o.call, Call::FoReplicate { .. }))
+        .map(|o| o.call.key())
+        .collect()
+}
+
+/// The move workload's apps (not the failover workload's) in `history`.
+pub fn move_apps(history: &History) -> BTreeSet<&str> {
+    let failover = failover_apps(history);
     let ops: Vec<&Op> = history.ops.iter().filter(|o| o.call.is_move()).collect();
-    if ops.is_empty() {
-        v.undecided
-            .push("no move-workload op in the history (the move workload did not run)".into());
-        return v;
-    }
-    let faults = history.fault_intervals();
+    apps_of(&ops)
+        .into_iter()
+        .filter(|a| !failover.contains(a))
+        .collect()
+}
+
+/// The apps that the move-workload calls among `ops` name.
+pub(crate) fn apps_of<'a>(ops: &[&'a Op]) -> BTreeSet<&'a str> {
     let mut apps: BTreeSet<&str> = BTreeSet::new();
-    for o in &ops {
+    for o in ops {
         match &o.call {
             Call::MvDeploy { apps: names } => apps.extend(names.iter().map(String::as_str)),
             c => {
@@ -212,13 +224,46 @@ pub fn check_moves(history: &History) -> MoveVerdict {
             }
         }
     }
+    apps
+}
+
+/// Checks the move workload's ops of `history` (others are ignored, and so are the failover
+/// workload's apps, which [`crate::checker::failover`] judges).
+pub fn check_moves(history: &History) -> MoveVerdict {
+    let mut v = MoveVerdict::default();
+    let failover = failover_apps(history);
+    let ops: Vec<&Op> = history
+        .ops
+        .iter()
+        .filter(|o| o.call.is_move() && !failover.contains(o.call.key()))
+        .collect();
+    let apps: BTreeSet<&str> = apps_of(&ops)
+        .into_iter()
+        .filter(|a| !failover.contains(a))
+        .collect();
+    if apps.is_empty() {
+        v.undecided
+            .push("no move-workload op in the history (the move workload did not run)".into());
+        return v;
+    }
+    let faults = history.fault_intervals();
     for app in apps {
-        check_app(&mut v, app, &ops, &faults);
+        check_app(&mut v, app, &ops, &faults, &BTreeSet::new());
     }
     v
 }
 
-fn check_app(v: &mut MoveVerdict, app: &str, all: &[&Op], faults: &[FaultInterval]) {
+/// Checks one app. `excused`: acknowledged values whose absence from the final log is judged
+/// elsewhere (the failover checker: lost in a failover). They make no `lost-write`, and no
+/// `duplicate-seq` or `stale-copy` with another append (a copy that started from an older
+/// snapshot hands their positions out again); every other finding stands.
+pub(crate) fn check_app(
+    v: &mut MoveVerdict,
+    app: &str,
+    all: &[&Op],
+    faults: &[FaultInterval],
+    excused: &BTreeSet<&str>,
+) {
     let ops: Vec<&Op> = all
         .iter()
         .filter(|o| o.call.key() == app)
@@ -278,7 +323,7 @@ fn check_app(v: &mut MoveVerdict, app: &str, all: &[&Op], faults: &[FaultInterva
 
     // duplicate-seq: two acks, one seq, different values.
     let mut by_seq: BTreeMap<u64, Vec<&Ack>> = BTreeMap::new();
-    for a in &acks {
+    for a in acks.iter().filter(|a| !excused.contains(a.value)) {
         by_seq.entry(a.seq).or_default().push(a);
     }
     let dups: Vec<(&u64, &Vec<&Ack>)> = by_seq
@@ -309,9 +354,10 @@ fn check_app(v: &mut MoveVerdict, app: &str, all: &[&Op], faults: &[FaultInterva
     }
 
     // stale-copy: in real-time order, seqs grow.
-    let mut by_complete: Vec<&Ack> = acks.iter().collect();
+    let kept: Vec<&Ack> = acks.iter().filter(|a| !excused.contains(a.value)).collect();
+    let mut by_complete: Vec<&Ack> = kept.clone();
     by_complete.sort_by_key(|a| a.op.complete_ns);
-    let mut by_invoke: Vec<&Ack> = acks.iter().collect();
+    let mut by_invoke: Vec<&Ack> = kept.clone();
     by_invoke.sort_by_key(|a| a.op.invoke_ns);
     let mut best: Option<&Ack> = None;
     let mut k = 0;
@@ -570,6 +616,7 @@ fn check_app(v: &mut MoveVerdict, app: &str, all: &[&Op], faults: &[FaultInterva
     let mut moved: Vec<(&Ack, Vec<u64>, Option<&str>)> = Vec::new();
     for a in &acks {
         match at.get(a.value) {
+            None if excused.contains(a.value) => {}
             None => lost.push(a.op),
             Some(seqs) if !seqs.contains(&a.seq) => {
                 moved.push((a, seqs.clone(), value_at(a.seq)));

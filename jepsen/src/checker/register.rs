@@ -389,6 +389,22 @@ fn describe_app_result(r: &crate::history::AppResult) -> String {
                 .unwrap_or_default()
         ),
         AppResult::Moved { from, to } => format!("{from} -> {to}"),
+        AppResult::Replicated {
+            replicas,
+            interval_ms,
+        } => format!("{replicas} replicas, a snapshot every {interval_ms} ms"),
+        AppResult::Failovers {
+            failovers,
+            no_replica,
+        } => format!(
+            "{} failovers{}",
+            failovers.len(),
+            if no_replica.is_empty() {
+                String::new()
+            } else {
+                format!(", {} without a replica", no_replica.len())
+            }
+        ),
     }
 }
 
@@ -435,6 +451,12 @@ pub fn describe(op: &Op) -> String {
         Call::MvMove { app, to } => format!("move {app} to {to}"),
         Call::MvCancel { app } => format!("cancel the move of {app}"),
         Call::MvLocate { app } => format!("locate {app}"),
+        Call::FoReplicate {
+            app,
+            replicas,
+            interval_ms,
+        } => format!("keep {replicas} replicas of {app}, a snapshot every {interval_ms} ms"),
+        Call::FoEvents {} => "the cluster's events".to_string(),
     };
     let result = match (&op.read, op.outcome, &op.app) {
         (Some(v), Outcome::Ok, _) => format!(" = {}", v.as_deref().unwrap_or("<absent>")),

@@ -11,11 +11,14 @@
 //!   node what it runs; like [`dataset`], it runs its own tasks.
 //! - [`moves`]: clients append to a stateful test app through whichever node runs it while a
 //!   mover moves it between nodes; its own tasks too.
+//! - [`failover`]: the same clients on apps of its own whose datasets keep replicas, with no
+//!   moves: the faults make them fail over.
 //!
 //! The mesh will add its own workload here.
 
 pub mod app;
 pub mod dataset;
+pub mod failover;
 pub mod moves;
 pub mod register;
 

@@ -44,8 +44,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use flock_proto::v1 as pb;
-use flock_scheduler::config::{AppSpec, PlannedApp, PortMap, Volume};
+use flock_scheduler::config::{AppSpec, PlannedApp, PortMap, Volume, VolumePolicy};
 
+use super::failover::{events_op, replicate};
 use super::Done;
 use crate::client::{classify, ClientConfig, Failure};
 use crate::docker::Node;
@@ -118,6 +119,17 @@ pub struct MoveOptions {
     pub bound: Duration,
     /// Deploy the apps (false when the app workload deploys them with its own).
     pub deploy: bool,
+    /// Move the apps about (the failover workload does not: its failovers come from faults).
+    pub moves: bool,
+    /// Replicas for failover and the snapshot interval of each app's dataset (the failover
+    /// workload): sent with its deploy as the volume's policy, and set with `DatasetSet`
+    /// (`fo_replicate`) until acknowledged, whoever deployed it.
+    pub replication: Option<(u32, Duration)>,
+    /// Process numbers of its clients start here (8_000_000; another one side by side needs
+    /// its own).
+    pub process_base: u64,
+    /// How it is named in what the harness prints (`move workload`).
+    pub label: &'static str,
 }
 
 impl Default for MoveOptions {
@@ -136,7 +148,50 @@ impl Default for MoveOptions {
             rpc_timeout: Duration::from_secs(10),
             bound: Duration::from_secs(60),
             deploy: true,
+            moves: true,
+            replication: None,
+            process_base: 8_000_000,
+            label: "move workload",
         }
+    }
+}
+
+impl MoveOptions {
+    /// The failover workload's settings: apps `jf-1`.. on ports 9401.. (external 9501..),
+    /// datasets with `replicas` replicas snapshotting every `interval`, no moves.
+    pub fn failover(replicas: u32, interval: Duration) -> MoveOptions {
+        MoveOptions {
+            prefix: "jf".into(),
+            base_port: 9400,
+            moves: false,
+            cancel_probability: 0.0,
+            replication: Some((replicas, interval)),
+            process_base: 18_000_000,
+            label: "failover workload",
+            ..MoveOptions::default()
+        }
+    }
+
+    /// The volume policies its deploy sends (`DeployRequest.volumes_json`): empty without
+    /// replication (policies left as they are).
+    pub fn volumes_json(&self) -> Result<String, String> {
+        let Some((replicas, interval)) = self.replication else {
+            return Ok(String::new());
+        };
+        let policies: BTreeMap<String, VolumePolicy> = app_names(self)
+            .into_iter()
+            .map(|n| {
+                (
+                    n,
+                    VolumePolicy {
+                        retention: None,
+                        replicas: Some(replicas),
+                        snapshot_interval_ms: Some(interval.as_millis() as u64),
+                    },
+                )
+            })
+            .collect();
+        serde_json::to_string(&policies).map_err(|e| e.to_string())
     }
 }
 
@@ -447,7 +502,7 @@ async fn client(ctx: Arc<Ctx>, c: usize, app: String, mut stop: watch::Receiver<
     let how = ctx.opts.via.of_client(c);
     let port = port_for(&ctx, how, &app);
     let via = how.as_str().to_string();
-    let mut process = 8_000_000 + c as u64;
+    let mut process = ctx.opts.process_base + c as u64;
     let mut conn: Option<AppConn> = None;
     let mut fresh = false;
     let mut n = 0u64;
@@ -457,7 +512,7 @@ async fn client(ctx: Arc<Ctx>, c: usize, app: String, mut stop: watch::Receiver<
                 &ctx,
                 &mut conns,
                 &mut rng,
-                8_100_000 + c as u64,
+                ctx.opts.process_base + 100_000 + c as u64,
                 &app,
                 fresh,
             )
@@ -658,22 +713,30 @@ async fn deploy(ctx: &Ctx, conns: &mut [Conn], rng: &mut StdRng, stop: &mut watc
     }) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("jepsen: move workload: {e}");
+            eprintln!("jepsen: {}: {e}", ctx.opts.label);
             return;
         }
     };
-    let mut process = 8_200_000;
+    let volumes_json = match ctx.opts.volumes_json() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("jepsen: {}: {e}", ctx.opts.label);
+            return;
+        }
+    };
+    let mut process = ctx.opts.process_base + 200_000;
     loop {
         let i = rng.random_range(0..conns.len());
         let conn = &mut conns[i];
         let plan = plan.clone();
+        let volumes_json = volumes_json.clone();
         let attempt = async {
             let api = conn.api().await?;
             let r = api
                 .deploy(pb::DeployRequest {
                     plan_json: plan,
                     dry_run: false,
-                    volumes_json: String::new(),
+                    volumes_json,
                 })
                 .await
                 .map_err(|s| classify(&s))?
@@ -719,8 +782,19 @@ async fn mover(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
     if ctx.opts.deploy {
         deploy(&ctx, &mut conns, &mut rng, &mut stop).await;
     }
+    if let Some((replicas, interval)) = ctx.opts.replication {
+        for app in ctx.names.clone() {
+            replicate(
+                &ctx, &mut conns, &mut rng, &app, replicas, interval, &mut stop,
+            )
+            .await;
+        }
+    }
+    if !ctx.opts.moves {
+        return;
+    }
     let names: Vec<String> = ctx.nodes.iter().map(|n| n.name.clone()).collect();
-    let mut process = 8_300_000;
+    let mut process = ctx.opts.process_base + 300_000;
     loop {
         let wait = ctx.opts.move_interval.mul_f64(rng.random_range(0.5..1.5));
         if pause(wait, &mut stop).await {
@@ -837,7 +911,14 @@ pub(crate) async fn finish(ctx: Arc<Ctx>, tasks: Tasks, healed_at: Instant) -> M
         let mut k = 0usize;
         while Instant::now() < deadline {
             k += 1;
-            let (_, loc) = locate_op(&ctx, &mut conns, k % ctx.nodes.len(), 8_400_000, &app).await;
+            let (_, loc) = locate_op(
+                &ctx,
+                &mut conns,
+                k % ctx.nodes.len(),
+                opts.process_base + 400_000,
+                &app,
+            )
+            .await;
             let settled = match &loc {
                 Some(l) if l.state == "running" && l.moving_to.is_empty() => {
                     match runs_only_on(&ctx, &mut conns, &app, &l.node).await {
@@ -890,9 +971,13 @@ pub(crate) async fn finish(ctx: Arc<Ctx>, tasks: Tasks, healed_at: Instant) -> M
         }
         phase.read_after_s.insert(app, read_at);
     }
+    if ctx.opts.replication.is_some() {
+        events_op(&ctx, &mut conns).await;
+    }
     phase.ok = phase.problems.is_empty();
     println!(
-        "jepsen: move workload after heal: {}",
+        "jepsen: {} after heal: {}",
+        opts.label,
         if phase.ok {
             phase
                 .read_after_s
@@ -923,7 +1008,7 @@ async fn read_op(ctx: &Ctx, app: &str, node: &str, rng: &mut StdRng) -> Op {
     let Some(node) = node.cloned() else {
         return Op {
             index: 0,
-            process: 8_500_000,
+            process: ctx.opts.process_base + 500_000,
             node: node.map(|n| n.name.clone()).unwrap_or_default(),
             call: Call::MvRead {
                 app: app.to_string(),
@@ -962,7 +1047,7 @@ async fn read_op(ctx: &Ctx, app: &str, node: &str, rng: &mut StdRng) -> Op {
     record_call(
         &ctx.rec,
         &node.name,
-        8_500_000,
+        ctx.opts.process_base + 500_000,
         Call::MvRead {
             app: app.to_string(),
             via: how.as_str().into(),
