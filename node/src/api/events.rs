@@ -21,7 +21,30 @@ struct EventView<'a> {
     id: u64,
     at_unix_ms: u64,
     text: String,
+    /// For a failover: how many milliseconds of writes before the old primary stopped may be
+    /// lost, from the snapshot it failed over from until the old primary's lease ran out (its
+    /// apps took writes until then: the stored `at_risk_ms` ends when it was last heard).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    may_lose_ms: Option<u64>,
     event: &'a EventKind,
+}
+
+/// The window of writes a failover may have lost: `at_risk_ms` (snapshot to last heard) plus
+/// the lease, which the old primary's apps could still write under.
+fn may_lose_ms(what: &EventKind) -> Option<u64> {
+    match what {
+        EventKind::FailedOver { at_risk_ms, .. } => Some(
+            at_risk_ms.saturating_add(
+                u64::try_from(
+                    flock_decide::lease::LeaseConfig::default()
+                        .lease
+                        .as_millis(),
+                )
+                .unwrap_or(u64::MAX),
+            ),
+        ),
+        _ => None,
+    }
 }
 
 fn name(state: &ClusterState, id: NodeId) -> String {
@@ -59,11 +82,10 @@ pub fn describe(state: &ClusterState, e: &Event) -> String {
             to,
             epoch,
             snapshot,
-            at_risk_ms,
             ..
         } => format!(
             "dataset {dataset}{} failed over from {} to {} (epoch {epoch}), from snapshot {}; \
-             writes in the last {} before {} was last heard may be lost",
+             writes in the last {} before {}'s lease ran out may be lost (they are kept there)",
             if apps.is_empty() {
                 String::new()
             } else {
@@ -72,7 +94,7 @@ pub fn describe(state: &ClusterState, e: &Event) -> String {
             name(state, *from),
             name(state, *to),
             snapshot.as_deref().unwrap_or("(none: empty)"),
-            seconds(*at_risk_ms),
+            seconds(may_lose_ms(&e.what).unwrap_or_default()),
             name(state, *from)
         ),
         EventKind::NoReplica {
@@ -259,6 +281,7 @@ impl ApiService {
                         id: e.id,
                         at_unix_ms: e.at_unix_ms,
                         text: describe(state, e),
+                        may_lose_ms: may_lose_ms(&e.what),
                         event: &e.what,
                     })
                     .collect();
