@@ -78,8 +78,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # volumes (docker-compose, the jepsen run) should come after it.
 cargo nextest run --workspace --locked --no-fail-fast -E 'not binary(docker_plugin)' "$@"
 
-# --- jepsen (issues 4, 5): a short fault-injection run (kills and partitions, about 3 minutes of
-# workload: the register workload and the dataset workload) against a 5-node docker-compose
+# --- jepsen (issues 4, 5, 17): two short fault-injection runs (about 3 minutes of workload each:
+# the four workloads under kills and partitions, then the failover workload) against a 5-node docker-compose
 # cluster built from this source; fails on any violation. Needs root, a running docker engine; installs docker-compose, iptables, nsenter,
 # busybox-static (the image's shell) and a font for the report's timeline if missing.
 # FLOCK_SKIP_JEPSEN=1 skips it. The long run and the options: jepsen/README.md.
@@ -95,6 +95,11 @@ if [ "${FLOCK_SKIP_JEPSEN:-0}" != 1 ]; then
     apt-get update -qq && apt-get install -y -qq $jepsen_pkgs >/dev/null
   fi
   cargo run --locked -p flock-jepsen -- test --time-limit 3m --nemesis kill,partition
+  # Issue 17: the failover workload (a replicated app written to while its node is killed, its
+  # flockd killed or paused, or it is cut off): no acknowledged append lost before its
+  # failover's snapshot, never two copies taking appends. The image is the one just built.
+  cargo run --locked -p flock-jepsen -- test --workload failover --time-limit 3m \
+    --nemesis kill,pause,partition --no-build
 else
   echo "test.sh: NOT RUN: the jepsen run (FLOCK_SKIP_JEPSEN=1); the suite is incomplete" >&2
 fi
