@@ -718,10 +718,8 @@ mod tests {
             .any(|a| matches!(a, DatasetAction::Snapshot { .. })));
     }
 
-    /// The old primary's copy after a failover holds writes no one else has: this node
-    /// neither destroys it nor any of its snapshots, nor pushes from it.
-    #[test]
-    fn a_diverged_copy_is_left_alone() {
+    /// Dataset 1 (replicated, n2 holding s1) failed over from this node to n2.
+    fn failed_over_from_me() -> ClusterState {
         let mut s = replicated();
         ok(
             &mut s,
@@ -751,6 +749,14 @@ mod tests {
                 by_operator: true,
             },
         );
+        s
+    }
+
+    /// The old primary's copy after a failover holds writes no one else has: this node
+    /// neither destroys it nor any of its snapshots, nor pushes from it.
+    #[test]
+    fn a_diverged_copy_is_left_alone() {
+        let s = failed_over_from_me();
         assert_eq!(s.datasets[&1].primary, 2);
         let mut held = copies(&[(1, "db")]);
         if let Ok(c) = held.copies.as_mut() {
@@ -791,35 +797,7 @@ mod tests {
 
     #[test]
     fn a_set_aside_copy_stays_while_kept_or_diverged_and_goes_when_dropped() {
-        let mut s = replicated();
-        ok(
-            &mut s,
-            Command::ReplicaHolds {
-                dataset: 1,
-                epoch: 1,
-                node: 2,
-                snapshot: "s1".into(),
-            },
-        );
-        ok(
-            &mut s,
-            Command::SetReplication {
-                dataset: 1,
-                replication: Some(flock_scheduler::failover::Replication {
-                    replicas: 1,
-                    interval_ms: 1000,
-                }),
-            },
-        );
-        ok(
-            &mut s,
-            Command::DeclareNodeDown {
-                node: ME,
-                last_heard_unix_ms: 0,
-                at_unix_ms: 0,
-                by_operator: true,
-            },
-        );
+        let mut s = failed_over_from_me();
         let mut seen = copies(&[]);
         seen.asides.push(AsideSeen {
             id: 1,
