@@ -23,10 +23,7 @@ fn app(c: &TestCluster, at: usize, name: &str) -> Value {
 fn deploy_replicated(c: &TestCluster, dir: &Path) -> String {
     let port = free_port();
     let application = dir.join("application.yml");
-    let entry = counter_app(port, port + 1).replace(
-        "      maximum_size: 64M\n",
-        "      maximum_size: 64M\n      replicas: 1\n      snapshot_interval: 500ms\n",
-    );
+    let entry = replicated_counter_app(port, port + 1);
     fs::write(&application, format!("version: 1\napplications:\n{entry}")).unwrap();
     let deployment = dir.join("deployment.yml");
     fs::write(&deployment, "version: 1\nnodes:\n  n1: [counter]\n").unwrap();
@@ -481,18 +478,10 @@ fn fo06_a_returning_node_keeps_its_diverged_writes_and_is_a_replica_again() {
     );
     // Back, it serves nothing.
     assert_eq!(testapps(c.dir.path()).len(), 1);
-    let snaps: Value =
-        serde_json::from_str(&c.ctl_ok(c.addr(2), &["dataset", "snapshots", "counter", "--json"]))
-            .unwrap();
-    let kept: Vec<&Value> = snaps
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["diverged"] == true)
-        .collect();
-    assert_eq!(kept.len(), 1, "{snaps}");
-    assert_eq!(kept[0]["kept_on"], "n1");
-    let name = kept[0]["name"].as_str().unwrap().to_string();
+    let kept = kept_diverged(&c, 2, "counter");
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let (name, on) = kept[0].clone();
+    assert_eq!(on, "n1");
     assert!(name.starts_with("diverged-"), "{name}");
     // The writes only n1 had are in its kept copy, in full.
     let holding: Vec<_> = files_with(&c.data_dir(1), "only-n1-4")
@@ -559,12 +548,7 @@ fn fo07_two_nodes_lost_at_once_both_fail_over() {
     let files = tempfile::tempdir().unwrap();
     let (pa, pb) = (free_port(), free_port());
     let entry = |name: &str, port: u16| {
-        counter_app(port, port + 1)
-            .replace("  counter:\n", &format!("  {name}:\n"))
-            .replace(
-                "      maximum_size: 64M\n",
-                "      maximum_size: 64M\n      replicas: 1\n      snapshot_interval: 500ms\n",
-            )
+        replicated_counter_app(port, port + 1).replace("  counter:\n", &format!("  {name}:\n"))
     };
     let application = files.path().join("application.yml");
     fs::write(

@@ -283,10 +283,7 @@ fn dataset(c: &TestCluster, at: usize) -> Value {
 fn deploy_replicated(c: &TestCluster, dir: &Path, on: usize, via: usize) -> u16 {
     let port = free_ports(2);
     let application = dir.join("application.yml");
-    let entry = counter_app(port, port + 1).replace(
-        "      maximum_size: 64M\n",
-        "      maximum_size: 64M\n      replicas: 1\n      snapshot_interval: 500ms\n",
-    );
+    let entry = replicated_counter_app(port, port + 1);
     fs::write(&application, format!("version: 1\napplications:\n{entry}")).unwrap();
     let deployment = dir.join("deployment.yml");
     fs::write(
@@ -642,18 +639,10 @@ fn partition_primary(primary_is_leader: bool) {
             .then_some(d)
         },
     );
-    let snaps: Value =
-        serde_json::from_str(&c.ctl_ok(c.addr(q), &["dataset", "snapshots", "counter", "--json"]))
-            .unwrap();
-    let kept: Vec<&Value> = snaps
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["diverged"] == true)
-        .collect();
-    assert_eq!(kept.len(), 1, "one kept diverged snapshot: {snaps}");
-    assert_eq!(kept[0]["kept_on"], format!("n{p}"), "{snaps}");
-    let kept_name = kept[0]["name"].as_str().unwrap().to_string();
+    let kept = kept_diverged(&c, q, "counter");
+    assert_eq!(kept.len(), 1, "one kept diverged snapshot: {kept:?}");
+    assert_eq!(kept[0].1, format!("n{p}"), "{kept:?}");
+    let kept_name = kept[0].0.clone();
     c.ctl_ok(c.addr(p), &["kv", "put", "after", "healed"]);
     assert_eq!(
         c.ctl_ok(c.addr(q), &["kv", "get", "after"]),

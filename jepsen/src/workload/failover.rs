@@ -203,8 +203,69 @@ pub fn parse_events(
     Ok((failovers, no_replica))
 }
 
+/// While the workload runs: reads the cluster's new events every 3 s, through the nodes in
+/// turn (a node that does not answer is skipped), into `ctx.events_seen`, until `stop`. The
+/// cluster keeps only its newest events ([`flock_scheduler::failover::MAX_EVENTS`]): a run with
+/// many faults would lose its first failovers if they were read only at the end.
+pub(crate) async fn collect_events(ctx: std::sync::Arc<Ctx>, mut stop: watch::Receiver<bool>) {
+    let mut conns: Vec<Conn> = ctx.nodes.iter().map(|n| Conn::new(n, &ctx.cfg)).collect();
+    let mut next = 0u64;
+    let mut k = 0usize;
+    loop {
+        k += 1;
+        let conn = &mut conns[k % ctx.nodes.len()];
+        let read = async {
+            let api = conn.api().await?;
+            api.events(pb::EventsRequest { after: next })
+                .await
+                .map_err(|s| classify(&s))
+                .map(|r| r.into_inner())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), read).await {
+            Ok(Ok(r)) => {
+                if let Ok(Value::Array(events)) = serde_json::from_str::<Value>(&r.events_json) {
+                    let mut seen = ctx.events_seen.lock().unwrap_or_else(|p| p.into_inner());
+                    for e in events {
+                        if let Some(id) = e["id"].as_u64() {
+                            seen.insert(id, e);
+                        }
+                    }
+                }
+                next = next.max(r.next);
+            }
+            _ => conn.api = None,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The events read during the run and `final_json` together, oldest first; an error when
+/// some were dropped by the cluster before anyone read them (ids missing from 0 on).
+pub fn merge_events(seen: &BTreeMap<u64, Value>, final_json: &str) -> Result<String, String> {
+    let mut all = seen.clone();
+    let last: Vec<Value> =
+        serde_json::from_str(final_json).map_err(|e| format!("undecodable events: {e}"))?;
+    for e in last {
+        if let Some(id) = e["id"].as_u64() {
+            all.insert(id, e);
+        }
+    }
+    if let Some(missing) = (0..all.len() as u64).find(|id| !all.contains_key(id)) {
+        return Err(format!(
+            "the cluster's events from id {missing} on were dropped (it keeps the newest {}) \
+             before they were read: the failovers cannot all be checked",
+            flock_scheduler::failover::MAX_EVENTS
+        ));
+    }
+    serde_json::to_string(&all.into_values().collect::<Vec<_>>()).map_err(|e| e.to_string())
+}
+
 /// The cluster's events after the faults (`fo_events`), through the first node that answers
-/// (each try recorded), with the members' names from its `Status`.
+/// (each try recorded), with the members' names from its `Status`; with those read during the
+/// run ([`collect_events`]).
 pub(crate) async fn events_op(ctx: &Ctx, conns: &mut [Conn]) {
     let t0_unix_ns = ctx.rec.t0_unix_ns;
     for (i, conn) in conns.iter_mut().enumerate() {
@@ -222,8 +283,14 @@ pub(crate) async fn events_op(ctx: &Ctx, conns: &mut [Conn]) {
                 .await
                 .map_err(|s| classify(&s))?
                 .into_inner();
+            let seen = ctx
+                .events_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let all = merge_events(&seen, &r.events_json).map_err(Failure::Definite)?;
             let (failovers, no_replica) =
-                parse_events(&r.events_json, &names, t0_unix_ns).map_err(Failure::Definite)?;
+                parse_events(&all, &names, t0_unix_ns).map_err(Failure::Definite)?;
             Ok(Done::app(AppResult::Failovers {
                 failovers,
                 no_replica,
@@ -250,6 +317,27 @@ pub(crate) async fn events_op(ctx: &Ctx, conns: &mut [Conn]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_read_during_the_run_and_at_the_end_are_merged_and_a_gap_is_an_error() {
+        let ev = |id: u64| serde_json::json!({"id": id, "at_unix_ms": id, "event": {}});
+        let seen: BTreeMap<u64, Value> = (0..3).map(|i| (i, ev(i))).collect();
+        let last = serde_json::to_string(&vec![ev(2), ev(3)]).unwrap();
+        let all: Vec<Value> = serde_json::from_str(&merge_events(&seen, &last).unwrap()).unwrap();
+        assert_eq!(
+            all.iter()
+                .map(|e| e["id"].as_u64().unwrap())
+                .collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        // Read only at the end, after the cluster dropped 0..5: refused, not checked as if
+        // the first failovers never happened.
+        let late = serde_json::to_string(&vec![ev(5), ev(6)]).unwrap();
+        let err = merge_events(&BTreeMap::new(), &late).unwrap_err();
+        assert!(err.contains("from id 0 on were dropped"), "{err}");
+        let gap: BTreeMap<u64, Value> = [(0, ev(0)), (2, ev(2))].into();
+        assert!(merge_events(&gap, "[]").unwrap_err().contains("from id 1"));
+    }
 
     #[test]
     fn periodic_snapshot_names_give_their_time() {

@@ -260,6 +260,9 @@ pub(crate) struct Ctx {
     names: Vec<String>,
     /// Per app: its last location, and a lock so that one client asks at a time.
     located: BTreeMap<String, (Mutex<Location>, tokio::sync::Mutex<()>)>,
+    /// The cluster's events read while the workload runs, by id (the failover workload): the
+    /// cluster keeps only its newest few hundred, so a long run reads them as they come.
+    pub(crate) events_seen: Mutex<BTreeMap<u64, serde_json::Value>>,
 }
 
 impl Ctx {
@@ -288,6 +291,7 @@ impl Ctx {
             seed,
             names,
             located,
+            events_seen: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -312,6 +316,7 @@ impl Ctx {
 pub(crate) struct Tasks {
     clients: Vec<JoinHandle<()>>,
     mover: JoinHandle<()>,
+    events: Option<JoinHandle<()>>,
 }
 
 /// An app's status as recorded: its target from `moving_to`, or else from the detail.
@@ -848,9 +853,15 @@ pub(crate) fn start(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) -> Tasks {
             tokio::spawn(client(ctx.clone(), c, app, stop.clone()))
         })
         .collect();
+    let events = ctx
+        .opts
+        .replication
+        .is_some()
+        .then(|| tokio::spawn(super::failover::collect_events(ctx.clone(), stop.clone())));
     Tasks {
         clients,
         mover: tokio::spawn(mover(ctx, stop)),
+        events,
     }
 }
 
@@ -897,6 +908,9 @@ pub(crate) async fn finish(ctx: Arc<Ctx>, tasks: Tasks, healed_at: Instant) -> M
         let _ = c.await;
     }
     let _ = tasks.mover.await;
+    if let Some(e) = tasks.events {
+        let _ = e.await;
+    }
     let opts = ctx.opts.clone();
     let deadline = healed_at + opts.bound;
     let mut conns: Vec<Conn> = ctx.nodes.iter().map(|n| Conn::new(n, &ctx.cfg)).collect();

@@ -96,24 +96,49 @@ fn deploy_request(plan: &config::Plan, dry_run: bool) -> anyhow::Result<DeployRe
     })
 }
 
+/// The variables a compose file `file` may use: `env_file`'s, else those of `.env` beside
+/// it if there is one, with the environment's over them (as compose reads them).
+fn compose_vars(file: &Path, env_file: Option<&Path>) -> anyhow::Result<config::interpolate::Vars> {
+    let beside = file
+        .parent()
+        .map(|d| d.join(".env"))
+        .filter(|p| p.is_file());
+    let mut vars = match env_file.map(Path::to_path_buf).or(beside) {
+        Some(p) => {
+            let (name, text) = read(&p)?;
+            config::interpolate::parse_env_file(&text)
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?
+        }
+        None => config::interpolate::Vars::new(),
+    };
+    vars.extend(std::env::vars());
+    Ok(vars)
+}
+
 /// `flockctl deploy DEPLOYMENT APPLICATION` or `flockctl deploy COMPOSE_FILE`.
 pub async fn deploy(
     api: &mut ApiClient<Channel>,
     files: &[PathBuf],
     dry_run: bool,
     json_out: bool,
+    env_file: Option<&Path>,
 ) -> anyhow::Result<i32> {
+    let mut warnings = Vec::new();
     let plan = match files {
         [app] => {
             let (name, text) = read(app)?;
-            let apps = config::parse_application(&name, &text)?;
+            let vars = compose_vars(app, env_file)?;
+            let (apps, w) = config::parse_application_with(&name, &text, Some(&vars))?;
+            warnings.extend(w);
             config::resolve_unpinned(&apps)?
         }
         [deployment, app] => {
             let (dname, dtext) = read(deployment)?;
             let (aname, atext) = read(app)?;
             let dep = config::parse_deployment(&dname, &dtext)?;
-            let apps = config::parse_application(&aname, &atext)?;
+            let vars = compose_vars(app, env_file)?;
+            let (apps, w) = config::parse_application_with(&aname, &atext, Some(&vars))?;
+            warnings.extend(w);
             let members = api
                 .status(StatusRequest { local: false })
                 .await
@@ -139,6 +164,7 @@ pub async fn deploy(
         .await
         .map_err(status_err)?
         .into_inner();
+    warnings.extend(r.warnings.iter().cloned());
     if json_out {
         let changes: Vec<Value> = r
             .changes
@@ -150,11 +176,11 @@ pub async fn deploy(
             .collect();
         print_json(
             &json!({"dry_run": dry_run, "generation": r.generation, "changes": changes,
-            "warnings": r.warnings}),
+            "warnings": warnings}),
         )?;
         return Ok(0);
     }
-    for w in &r.warnings {
+    for w in &warnings {
         eprintln!("warning: {w}");
     }
     let verb = if dry_run { "would " } else { "" };

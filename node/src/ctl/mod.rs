@@ -74,8 +74,13 @@ pub enum Cmd {
         /// Print the changes (start, stop, move, update) without making them.
         #[arg(long)]
         dry_run: bool,
+        /// Print the changes and warnings as JSON.
         #[arg(long)]
         json: bool,
+        /// Where a compose file's ${VARIABLES} come from besides the environment (which wins),
+        /// NAME=VALUE lines [default: .env beside the file, if there is one].
+        #[arg(long, value_name = "FILE")]
+        env_file: Option<PathBuf>,
     },
     /// Deployed applications.
     #[command(subcommand)]
@@ -140,7 +145,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             files,
             dry_run,
             json,
-        } => return app::deploy(&mut api, &files, dry_run, json).await,
+            env_file,
+        } => return app::deploy(&mut api, &files, dry_run, json, env_file.as_deref()).await,
         Cmd::App(cmd) => return app::run(&mut api, cmd).await,
         Cmd::Events { follow, json } => cluster::events(&mut api, follow, json).await?,
     }

@@ -656,6 +656,34 @@ pub fn counter_app(port: u16, ext: u16) -> String {
     )
 }
 
+/// [`counter_app`] with a replica, snapshotted every 500 ms (the failover tests' app).
+pub fn replicated_counter_app(port: u16, ext: u16) -> String {
+    counter_app(port, ext).replace(
+        "      maximum_size: 64M\n",
+        "      maximum_size: 64M\n      replicas: 1\n      snapshot_interval: 500ms\n",
+    )
+}
+
+/// The kept diverged snapshots of `dataset` (`dataset snapshots --json`), asked of node `at`:
+/// (snapshot, the node keeping it).
+pub fn kept_diverged(c: &TestCluster, at: usize, dataset: &str) -> Vec<(String, String)> {
+    let snaps: serde_json::Value =
+        serde_json::from_str(&c.ctl_ok(c.addr(at), &["dataset", "snapshots", dataset, "--json"]))
+            .unwrap();
+    snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["diverged"] == true)
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or_default().to_string(),
+                s["kept_on"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
 /// The test app, built beside flockd by the workspace build.
 pub fn testapp() -> PathBuf {
     let p = PathBuf::from(FLOCKD).with_file_name("flock-testapp");

@@ -41,6 +41,7 @@ mod compose;
 mod deployment;
 mod fields;
 mod flocker;
+pub mod interpolate;
 #[cfg(test)]
 mod policy_tests;
 mod render;
@@ -85,14 +86,53 @@ impl ConfigError {
 }
 
 /// Parses an application file: Flocker's `application.yml`, a fig file or a compose file
-/// (see the module documentation for how the form is told apart).
+/// (see the module documentation for how the form is told apart). Variables are not
+/// substituted: see [`parse_application_with`].
 pub fn parse_application(file: &str, text: &str) -> Result<Applications, ConfigError> {
-    let doc = document(
+    parse_application_with(file, text, None).map(|(apps, _)| apps)
+}
+
+/// [`parse_application`], and with `vars` a compose or fig file's variables are substituted
+/// as compose does ([`interpolate`]) and an environment entry that is a bare name (`[NAME]`,
+/// or `NAME:` with no value) takes NAME's value from `vars` (compose's pass-through), or is
+/// left out when NAME is not set. Flocker's application.yml has no variables. Also returns the
+/// warnings: each variable used while unset, each name passed through while unset.
+pub fn parse_application_with(
+    file: &str,
+    text: &str,
+    vars: Option<&interpolate::Vars>,
+) -> Result<(Applications, Vec<String>), ConfigError> {
+    let mut doc = document(
         file,
         text,
         "expected version: 1 and applications: (Flocker's application.yml) or compose services",
     )?;
-    let map = fields::Ctx { file }.mapping(&doc, "")?;
+    let form = form_of(file, &doc)?;
+    let mut warnings = Vec::new();
+    if let (Some(vars), Format::Compose | Format::Fig) = (vars, form) {
+        for name in interpolate::interpolate_document(file, &mut doc, vars)? {
+            warnings.push(format!(
+                "{file}: variable {name} is not set: it was replaced by an empty string (set it \
+                 in the environment or in .env, or give a default: ${{{name}:-default}})"
+            ));
+        }
+        for (service, name) in interpolate::pass_through(&mut doc, vars, form == Format::Compose) {
+            warnings.push(format!(
+                "{file}: {service}: environment {name} is not set here, so {service} gets no \
+                 {name} (set it in the environment or in .env, or give NAME=VALUE)"
+            ));
+        }
+    }
+    let apps = match form {
+        Format::Compose | Format::Fig => compose::read(file, &doc, form)?,
+        _ => flocker::read(file, &doc)?,
+    };
+    Ok((apps, warnings))
+}
+
+/// Which form an application file is in (see the module documentation).
+fn form_of(file: &str, doc: &Yaml) -> Result<Format, ConfigError> {
+    let map = fields::Ctx { file }.mapping(doc, "")?;
     let has = |key: &str| {
         map.iter()
             .find(|(k, _)| k.scalar() == Some(key))
@@ -102,9 +142,9 @@ pub fn parse_application(file: &str, text: &str) -> Result<Applications, ConfigE
     // `version` beside `applications` is Flocker's form even when the applications mapping
     // holds an app named like a service key (`command:`): a fig file has no `version`.
     if has("applications") || (key("version") && key("applications")) {
-        flocker::read(file, &doc)
+        Ok(Format::Flocker)
     } else if has("services") {
-        compose::read(file, &doc, Format::Compose)
+        Ok(Format::Compose)
     } else if let Some((k, _)) = map.iter().find(|(k, _)| k.scalar() == Some("version")) {
         Err(ConfigError::new(
             file,
@@ -114,7 +154,7 @@ pub fn parse_application(file: &str, text: &str) -> Result<Applications, ConfigE
              services: (a compose file)",
         ))
     } else {
-        compose::read(file, &doc, Format::Fig)
+        Ok(Format::Fig)
     }
 }
 
