@@ -404,6 +404,8 @@ fn a03_app_move_under_writes_dir() {
 #[test]
 fn a04_app_move_under_writes_zfs() {
     let mut pools = Pools::new();
+    // The app works in a pool's mount, not under the cluster's dir: ended before the pools go.
+    let _end = EndApps(pools.dir().to_path_buf());
     let args: Vec<Vec<String>> = (0..3).map(|_| zfs_args(&pools.create(256))).collect();
     let c = TestCluster::start_with(3, &[], args);
     move_under_writes(&c, 24 << 20);
@@ -471,6 +473,7 @@ fn interrupted_moves(cases: &[(&str, &str)], zfs: bool) {
         unsafe { std::env::set_var("FLOCK_FAILPOINT_MOVE_HOLD", format!("{step}:3000")) };
         // Fresh pools per case, destroyed after its cluster (dropped first: declared later).
         let mut pools = zfs.then(Pools::new);
+        let _end = pools.as_ref().map(|p| EndApps(p.dir().to_path_buf()));
         let args: Vec<Vec<String>> = match pools.as_mut() {
             Some(p) => (0..3).map(|_| zfs_args(&p.create(128))).collect(),
             None => Vec::new(),
