@@ -68,6 +68,12 @@ if ! docker info >/dev/null 2>&1; then
 fi
 # --- end docker ---
 
+# The partition tests (node/tests/partition.rs, issue 17) cut a node off with iptables on lo.
+if ! need iptables && [ ! -x /usr/sbin/iptables ] && [ ! -x /sbin/iptables ]; then
+  echo "test.sh: installing iptables for the partition tests" >&2
+  apt-get update -qq && apt-get install -y -qq iptables >/dev/null
+fi
+
 # Format and lint are part of the suite: CI fails on either.
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
