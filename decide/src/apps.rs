@@ -730,7 +730,7 @@ mod tests {
                 node: Some(1),
             },
         )]);
-        testutil::ok(&mut s, Command::Deploy { apps });
+        testutil::ok(&mut s, Command::deploy_all(apps));
         s
     }
 
@@ -853,7 +853,7 @@ mod tests {
                 node: None,
             },
         )]);
-        testutil::ok(&mut s2, Command::Deploy { apps });
+        testutil::ok(&mut s2, Command::deploy_all(apps));
         let seen = AppsSeen {
             lease: LeaseSeen::Lapsed { why: "x".into() },
             ..Default::default()

@@ -52,12 +52,14 @@ pub(crate) fn spec(name: &str, image: bool) -> AppSpec {
         volume: Some(Volume {
             mountpoint: "/data".into(),
             maximum_size: None,
+            dataset: None,
         }),
         environment: BTreeMap::new(),
         restart_policy: RestartPolicy::Never,
         mem_limit: None,
         cpu_shares: None,
         constraints: vec![],
+        ..Default::default()
     }
 }
 
@@ -75,7 +77,7 @@ pub(crate) fn deploy(s: &mut ClusterState, apps: &[(&str, bool, u64)]) {
             )
         })
         .collect();
-    ok(s, Command::Deploy { apps });
+    ok(s, Command::deploy_all(apps));
 }
 
 /// A snapshot record.

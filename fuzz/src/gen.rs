@@ -28,7 +28,7 @@ pub fn example_deploy() -> Command {
     let apps = parse_application("application.yml", APPLICATION_YML).expect("the example parses");
     let dep = parse_deployment("deployment.yml", DEPLOYMENT_YML).expect("the example parses");
     let plan = resolve(&apps, &dep, &nodes()).expect("the example resolves");
-    Command::Deploy { apps: plan.apps }
+    Command::deploy_all(plan.apps)
 }
 
 fn capacity() -> Capacity {
@@ -147,9 +147,7 @@ pub fn more_commands() -> Vec<Command> {
             },
             Command::Batch(vec![]),
         ]),
-        Command::Deploy {
-            apps: BTreeMap::new(),
-        },
+        Command::deploy_all(BTreeMap::new()),
     ]
 }
 
@@ -265,7 +263,7 @@ pub fn command(u: &mut Unstructured, depth: u32) -> Command {
         14 => Command::CancelDatasetMove { dataset: id(u) },
         15 => {
             let mut d = example_deploy();
-            if let Command::Deploy { apps } = &mut d {
+            if let Command::Deploy { apps, .. } = &mut d {
                 for app in apps.values_mut() {
                     if u.arbitrary().unwrap_or(false) {
                         app.node = Some(id(u));

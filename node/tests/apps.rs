@@ -219,22 +219,22 @@ fn a02_placement_fits_apps_to_nodes_and_refuses_what_cannot_run() {
 
     let compose = write(
         "compose.yml",
-        "services:\n  fast:\n    command: sleep 600\n    deploy:\n      placement:\n        constraints: [node.labels.disk == ssd]\n  anywhere:\n    command: sleep 600\n    deploy:\n      placement:\n        constraints: [\"node.hostname != n1\", \"node.hostname != n3\"]\n",
+        "name: t\nservices:\n  fast:\n    command: sleep 600\n    deploy:\n      placement:\n        constraints: [node.labels.disk == ssd]\n  anywhere:\n    command: sleep 600\n    deploy:\n      placement:\n        constraints: [\"node.hostname != n1\", \"node.hostname != n3\"]\n",
     );
     let dry = c.ctl_ok(c.addr(1), &["deploy", &compose, "--dry-run"]);
-    assert!(dry.contains("would start fast on n3"), "{dry}");
-    assert!(dry.contains("would start anywhere on n2"), "{dry}");
+    assert!(dry.contains("would start t_fast on n3"), "{dry}");
+    assert!(dry.contains("would start t_anywhere on n2"), "{dry}");
 
     // More memory than any node has: refused with each node's reason.
     let greedy = write(
         "greedy.yml",
-        "services:\n  greedy:\n    command: sleep 600\n    mem_limit: 100000g\n",
+        "name: t\nservices:\n  greedy:\n    command: sleep 600\n    mem_limit: 100000g\n",
     );
     let out = c.ctl(c.addr(2), &["deploy", &greedy, "--dry-run"]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("no ready node can run app \"greedy\""),
+        err.contains("no ready node can run app \"t_greedy\""),
         "{err}"
     );
     assert!(
@@ -277,13 +277,20 @@ fn a02_placement_fits_apps_to_nodes_and_refuses_what_cannot_run() {
     assert_eq!(ls, Value::Array(vec![]), "nothing deployed");
 
     let out = c.ctl_ok(c.addr(3), &["deploy", &compose]);
-    assert!(out.contains("start fast on n3"), "{out}");
+    assert!(out.contains("stack t:") && out.contains("start t_fast on n3"), "{out}");
     until("fast to run on n3", Duration::from_secs(20), || {
-        let a = app(&c, "fast");
+        let a = app(&c, "t_fast");
         (a["node"] == "n3" && a["state"] == "running").then_some(())
     });
-    c.ctl_ok(c.addr(1), &["app", "rm", "fast"]);
-    c.ctl_ok(c.addr(1), &["app", "rm", "anywhere"]);
+    let stacks = c.ctl_ok(c.addr(2), &["stack", "ls"]);
+    assert!(stacks.contains("t ") && stacks.contains("anywhere,fast"), "{stacks}");
+    c.ctl_ok(c.addr(1), &["app", "rm", "t_fast"]);
+    let out = c.ctl_ok(c.addr(1), &["stack", "rm", "t"]);
+    assert!(out.contains("removed stack t: 1 app(s)"), "{out}");
+    let ls: Value = serde_json::from_str(&c.ctl_ok(c.addr(1), &["app", "ls", "--json"])).unwrap();
+    assert_eq!(ls, Value::Array(vec![]), "the stack's apps are gone");
+    let out = c.ctl(c.addr(1), &["stack", "rm", "t"]);
+    assert_eq!(out.status.code(), Some(4), "a stack that is not there: not found");
 }
 
 /// `flockctl app move` of the test app, from n1 to n3, while a client appends to it without

@@ -90,6 +90,7 @@ fn deploy_with_env(bytes: usize) -> DeployRequest {
         plan_json: serde_json::to_string(&BTreeMap::from([("big", planned)])).unwrap(),
         dry_run: false,
         volumes_json: String::new(),
+        ..Default::default()
     }
 }
 

@@ -26,8 +26,9 @@ use crate::types::{
 
 /// The format of a snapshot's data that this build writes: 1 held the join secret in plain
 /// text (and no revoked admins); 2 holds its hash; 3 adds datasets' retention, replicas' bases
-/// and holds; 4 adds the failover state (replication, nodes down, diverged copies, events).
-pub const SNAPSHOT_DATA_VERSION: u8 = 4;
+/// and holds; 4 adds the failover state (replication, nodes down, diverged copies, events); 5
+/// adds stacks (apps' new fields and service addresses, secrets).
+pub const SNAPSHOT_DATA_VERSION: u8 = 5;
 
 /// A snapshot's data: the format byte, then the postcard encoding of the state.
 pub fn encode_cluster(cluster: &ClusterState) -> Vec<u8> {
@@ -42,6 +43,7 @@ pub fn decode_cluster(bytes: &[u8]) -> Result<ClusterState, CodecError> {
         Some((&1, rest)) => Ok(postcard::from_bytes::<legacy::ClusterStateV1>(rest)?.into()),
         Some((&2, rest)) => Ok(postcard::from_bytes::<legacy::ClusterStateV2>(rest)?.into()),
         Some((&3, rest)) => Ok(postcard::from_bytes::<legacy::ClusterStateV3>(rest)?.into()),
+        Some((&4, rest)) => Ok(postcard::from_bytes::<legacy::ClusterStateV4>(rest)?.into()),
         Some((&SNAPSHOT_DATA_VERSION, rest)) => Ok(postcard::from_bytes(rest)?),
         Some((&v, _)) => Err(CodecError::UnknownSnapshotVersion(v)),
     }
@@ -51,9 +53,10 @@ pub fn decode_cluster(bytes: &[u8]) -> Result<ClusterState, CodecError> {
 mod legacy {
     use std::collections::{BTreeMap, BTreeSet};
 
+    use flock_scheduler::legacy::{apps_from_v1, AppV1};
     use flock_scheduler::{
-        hash_join_secret, App, ClusterState, Dataset, DatasetId, DatasetMove, KvEntry, Node,
-        NodeId, SnapshotRecord,
+        hash_join_secret, ClusterState, Dataset, DatasetId, DatasetMove, KvEntry, Node, NodeId,
+        SnapshotRecord,
     };
     use serde::Deserialize;
 
@@ -92,6 +95,47 @@ mod legacy {
         v2.into_iter().map(|(id, d)| (id, d.into())).collect()
     }
 
+    /// [`ClusterState`] as format 4 laid it out: apps before stacks, no secrets.
+    #[derive(Deserialize)]
+    pub(super) struct ClusterStateV4 {
+        cluster_id: String,
+        join_secret_hash: String,
+        ca_holder: NodeId,
+        next_node_id: NodeId,
+        nodes: BTreeMap<NodeId, Node>,
+        kv: BTreeMap<String, KvEntry>,
+        revision: u64,
+        datasets: BTreeMap<DatasetId, Dataset>,
+        next_dataset_id: DatasetId,
+        apps: BTreeMap<String, AppV1>,
+        deploy_generation: u64,
+        mounts: BTreeMap<DatasetId, flock_scheduler::mount::Mounts>,
+        revoked_admins: BTreeSet<String>,
+        failover: flock_scheduler::failover::Failover,
+    }
+
+    impl From<ClusterStateV4> for ClusterState {
+        fn from(v4: ClusterStateV4) -> Self {
+            ClusterState {
+                cluster_id: v4.cluster_id,
+                join_secret_hash: v4.join_secret_hash,
+                ca_holder: v4.ca_holder,
+                next_node_id: v4.next_node_id,
+                nodes: v4.nodes,
+                kv: v4.kv,
+                revision: v4.revision,
+                datasets: v4.datasets,
+                next_dataset_id: v4.next_dataset_id,
+                apps: apps_from_v1(v4.apps),
+                deploy_generation: v4.deploy_generation,
+                mounts: v4.mounts,
+                revoked_admins: v4.revoked_admins,
+                failover: v4.failover,
+                secrets: Default::default(),
+            }
+        }
+    }
+
     /// [`ClusterState`] as format 3 laid it out: no failover state.
     #[derive(Deserialize)]
     pub(super) struct ClusterStateV3 {
@@ -104,7 +148,7 @@ mod legacy {
         revision: u64,
         datasets: BTreeMap<DatasetId, Dataset>,
         next_dataset_id: DatasetId,
-        apps: BTreeMap<String, App>,
+        apps: BTreeMap<String, AppV1>,
         deploy_generation: u64,
         mounts: BTreeMap<DatasetId, flock_scheduler::mount::Mounts>,
         revoked_admins: BTreeSet<String>,
@@ -122,11 +166,12 @@ mod legacy {
                 revision: v3.revision,
                 datasets: v3.datasets,
                 next_dataset_id: v3.next_dataset_id,
-                apps: v3.apps,
+                apps: apps_from_v1(v3.apps),
                 deploy_generation: v3.deploy_generation,
                 mounts: v3.mounts,
                 revoked_admins: v3.revoked_admins,
                 failover: Default::default(),
+                secrets: Default::default(),
             }
         }
     }
@@ -143,7 +188,7 @@ mod legacy {
         revision: u64,
         datasets: BTreeMap<DatasetId, DatasetV2>,
         next_dataset_id: DatasetId,
-        apps: BTreeMap<String, App>,
+        apps: BTreeMap<String, AppV1>,
         deploy_generation: u64,
         mounts: BTreeMap<DatasetId, flock_scheduler::mount::Mounts>,
         revoked_admins: BTreeSet<String>,
@@ -161,11 +206,12 @@ mod legacy {
                 revision: v2.revision,
                 datasets: datasets(v2.datasets),
                 next_dataset_id: v2.next_dataset_id,
-                apps: v2.apps,
+                apps: apps_from_v1(v2.apps),
                 deploy_generation: v2.deploy_generation,
                 mounts: v2.mounts,
                 revoked_admins: v2.revoked_admins,
                 failover: Default::default(),
+                secrets: Default::default(),
             }
         }
     }
@@ -183,7 +229,7 @@ mod legacy {
         revision: u64,
         datasets: BTreeMap<DatasetId, DatasetV2>,
         next_dataset_id: DatasetId,
-        apps: BTreeMap<String, App>,
+        apps: BTreeMap<String, AppV1>,
         deploy_generation: u64,
         mounts: BTreeMap<DatasetId, flock_scheduler::mount::Mounts>,
     }
@@ -205,11 +251,12 @@ mod legacy {
                 revision: v1.revision,
                 datasets: datasets(v1.datasets),
                 next_dataset_id: v1.next_dataset_id,
-                apps: v1.apps,
+                apps: apps_from_v1(v1.apps),
                 deploy_generation: v1.deploy_generation,
                 mounts: v1.mounts,
                 revoked_admins: Default::default(),
                 failover: Default::default(),
+                secrets: Default::default(),
             }
         }
     }
@@ -499,13 +546,15 @@ mod tests {
     #[test]
     fn a_v3_snapshot_decodes_with_no_failover_state() {
         let cluster = replayed();
-        let v4 = encode_cluster(&cluster);
-        assert_eq!(v4[0], 4);
-        assert_eq!(&v4[v4.len() - 7..], &[0, 0, 0, 0, 0, 0, 0]);
-        let mut v3 = v4[..v4.len() - 7].to_vec();
+        let v5 = encode_cluster(&cluster);
+        assert_eq!(v5[0], 5);
+        // Format 5 adds the secrets (empty: one byte) after the failover state; no apps here,
+        // so the rest is format 4's layout.
+        assert_eq!(&v5[v5.len() - 8..], &[0, 0, 0, 0, 0, 0, 0, 0]);
+        let mut v3 = v5[..v5.len() - 8].to_vec();
         v3[0] = 3;
         assert_eq!(decode_cluster(&v3).unwrap(), cluster);
-        // A failover state that is not empty survives the round trip in format 4.
+        // A failover state that is not empty survives the round trip in format 5.
         let mut after = cluster.clone();
         assert!(!matches!(
             after.apply(&flock_scheduler::Command::DeclareNodeDown {
@@ -546,6 +595,60 @@ mod tests {
         let ds = &cluster.datasets[&1];
         assert_eq!((ds.retention, ds.bases.len(), &ds.hold), (None, 0, &None));
         assert_eq!(ds.moving.as_ref().map(|m| m.to), Some(1));
+        assert_eq!(decode_cluster(&encode_cluster(&cluster)).unwrap(), cluster);
+    }
+
+    /// What main at f71b59e (format 4, before stacks) wrote: a `Command::Deploy` log entry of
+    /// app db (image postgres, port 15432:5432, a 1 GiB volume at /data, A=1, restart always),
+    /// and the snapshot data of the state after `InitCluster` (c-v4, n1, capacity cleared) and
+    /// that deploy. Made with that build's own `codec::encode` and `encode_cluster`.
+    const V4_DEPLOY: &str = "010f010264620264620108706f7374677265730001b82ac8780001052f6461746101808080800401014101310100000000";
+    const V4_SNAPSHOT: &str = "0404632d7634477368613235363a396662323930656136353365346364343563363130393933333938623637393034386534336663373436626461656539626432376134653735303262383034660102010101026e310d31302e302e302e313a373830310000000000010101026462018080808004010100000000000002010264620264620108706f7374677265730001b82ac8780001052f646174610180808080040101410131010000000001010101000000000000000000";
+
+    fn v4_state() -> ClusterState {
+        let mut s = ClusterState::default();
+        s.apply(&Command::InitCluster {
+            cluster_id: "c-v4".into(),
+            join_secret: "sha256:00".into(),
+            node_id: 1,
+            name: "n1".into(),
+            addr: "10.0.0.1:7801".into(),
+        });
+        s.nodes.get_mut(&1).unwrap().capacity = None;
+        s
+    }
+
+    #[test]
+    fn a_v4_deploy_entry_and_snapshot_decode_with_the_app_as_it_was() {
+        use flock_scheduler::config::{PortMap, RestartPolicy};
+        let cmd: Command = crate::codec::decode(&unhex(V4_DEPLOY)).unwrap();
+        let Command::DeployV1 { apps } = &cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(apps["db"].spec.image.as_deref(), Some("postgres"));
+        // Replayed by this build, the old entry deploys db as it did.
+        let mut replayed = v4_state();
+        assert!(matches!(
+            replayed.apply(&cmd),
+            CommandResult::Deployed { generation: 1, .. }
+        ));
+        let db = &replayed.apps["db"];
+        assert_eq!(
+            db.spec.ports,
+            [PortMap {
+                internal: 5432,
+                external: 15432
+            }]
+        );
+        assert_eq!(db.spec.restart_policy, RestartPolicy::Always);
+        assert_eq!(db.spec.volume.as_ref().unwrap().maximum_size, Some(1 << 30));
+        assert_eq!((db.spec.stack.clone(), db.vip), (None, Some(1)));
+        // The old snapshot: the same app, without a service address until the next deploy.
+        let cluster = decode_cluster(&unhex(V4_SNAPSHOT)).unwrap();
+        let mut expected = replayed.clone();
+        expected.apps.get_mut("db").unwrap().vip = None;
+        assert_eq!(cluster, expected);
+        assert!(cluster.secrets.is_empty());
         assert_eq!(decode_cluster(&encode_cluster(&cluster)).unwrap(), cluster);
     }
 

@@ -70,6 +70,7 @@ fn apps(n: usize, nodes: u64) -> BTreeMap<String, PlannedApp> {
                 volume: (i % 10 == 0).then(|| Volume {
                     mountpoint: "/data".into(),
                     maximum_size: None,
+                    dataset: None,
                 }),
                 environment: BTreeMap::new(),
                 restart_policy: RestartPolicy::Always,
@@ -81,6 +82,7 @@ fn apps(n: usize, nodes: u64) -> BTreeMap<String, PlannedApp> {
                 } else {
                     vec![]
                 },
+                ..Default::default()
             };
             let node = (i % 2 == 0).then_some(1 + (i as u64 * 7919) % nodes);
             (name, PlannedApp { spec, node })
@@ -115,9 +117,7 @@ fn main() {
             assert_eq!(changes.len(), n);
             let mut s = state.clone();
             let t = Instant::now();
-            let r = s.apply(&Command::Deploy {
-                apps: config.clone(),
-            });
+            let r = s.apply(&Command::deploy_all(config.clone()));
             apply.push(t.elapsed());
             assert!(matches!(r, CommandResult::Deployed { .. }), "{r:?}");
             let t = Instant::now();

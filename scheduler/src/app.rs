@@ -32,7 +32,22 @@ pub struct App {
     pub node: NodeId,
     /// The dataset of its volume.
     pub dataset: Option<DatasetId>,
+    /// Its service address: [`service_ip`] of this index, the same on every node. Given when
+    /// the app is deployed (apps of snapshots written before stacks get one at the next
+    /// deploy).
+    pub vip: Option<u16>,
 }
+
+/// The service address of index `i`: `198.18.X.Y` (RFC 2544's benchmarking range, which no
+/// real network routes), one per app, where the mesh of every node listens on the app's
+/// internal ports.
+pub fn service_ip(i: u16) -> std::net::Ipv4Addr {
+    let [hi, lo] = i.to_be_bytes();
+    std::net::Ipv4Addr::new(198, 18, hi, lo)
+}
+
+/// The lowest and highest service address indexes (`198.18.0.1` to `198.18.255.254`).
+const VIP_RANGE: std::ops::RangeInclusive<u16> = 1..=0xfffe;
 
 /// One change a deploy makes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,16 +235,88 @@ pub fn plan_deploy(
 }
 
 impl ClusterState {
+    /// The whole configuration after deploying stack `stack` as `apps`: its apps replaced,
+    /// every other app as it is (with the node it is pinned to). Refuses an app of the deploy
+    /// that is not of `stack`, or whose name an app of another stack has.
+    pub fn with_stack(
+        &self,
+        stack: Option<&str>,
+        apps: &BTreeMap<String, PlannedApp>,
+    ) -> Result<BTreeMap<String, PlannedApp>, ApplyError> {
+        if let Some(s) = stack {
+            crate::dataset::validate_dataset_name(s).map_err(|_| ApplyError::InvalidStackName {
+                name: s.to_string(),
+            })?;
+        }
+        let mut all: BTreeMap<String, PlannedApp> = self
+            .apps
+            .iter()
+            .filter(|(_, a)| a.spec.stack.as_deref() != stack)
+            .map(|(n, a)| {
+                (
+                    n.clone(),
+                    PlannedApp {
+                        spec: a.spec.clone(),
+                        node: a.pinned,
+                    },
+                )
+            })
+            .collect();
+        for (name, app) in apps {
+            if app.spec.stack.as_deref() != stack {
+                return Err(ApplyError::NotOfStack {
+                    app: name.clone(),
+                    stack: stack.unwrap_or_default().to_string(),
+                });
+            }
+            if let Some(other) = all.get(name) {
+                return Err(ApplyError::AppOfOtherStack {
+                    app: name.clone(),
+                    other: other.spec.stack.clone().unwrap_or_default(),
+                });
+            }
+        }
+        all.extend(apps.iter().map(|(n, a)| (n.clone(), a.clone())));
+        if all.len() > crate::limits::MAX_DEPLOY_APPS {
+            return Err(crate::limits::too_large(
+                "the number of apps in the cluster".into(),
+                all.len(),
+                crate::limits::MAX_DEPLOY_APPS,
+            ));
+        }
+        Ok(all)
+    }
+
     pub(crate) fn deploy(
         &mut self,
+        stack: Option<&str>,
         apps: &BTreeMap<String, PlannedApp>,
+        secrets: &BTreeMap<String, Vec<u8>>,
     ) -> Result<CommandResult, ApplyError> {
+        let apps = &self.with_stack(stack, apps)?;
         let (placed, changes) = plan_deploy(self, apps)?;
         // Datasets first: every check that can fail is done, so the rest cannot half-apply.
         let mut next = self.clone();
         let mut new_apps = BTreeMap::new();
+        // Service addresses: an app keeps its own; a new one takes the lowest free index.
+        let mut taken: BTreeSet<u16> = apps
+            .keys()
+            .filter_map(|n| self.apps.get(n).and_then(|a| a.vip))
+            .collect();
+        let mut candidates = VIP_RANGE;
         for (name, app) in apps {
             let node = placed[name];
+            let vip = match self.apps.get(name).and_then(|a| a.vip) {
+                Some(v) => v,
+                None => {
+                    let v = candidates
+                        .by_ref()
+                        .find(|i| !taken.contains(i))
+                        .ok_or(ApplyError::NoServiceAddress)?;
+                    taken.insert(v);
+                    v
+                }
+            };
             let dataset = match &app.spec.volume {
                 None => None,
                 Some(vol) => Some(match next.dataset_by_name(name).map(|d| d.id) {
@@ -250,10 +337,35 @@ impl ClusterState {
                     pinned: app.node,
                     node,
                     dataset,
+                    vip: Some(vip),
                 },
             );
         }
         next.apps = new_apps;
+        next.secrets.retain(|_, s| s.stack.as_deref() != stack);
+        for (name, data) in secrets {
+            if let Some(other) = next.secrets.get(name) {
+                return Err(ApplyError::SecretOfOtherStack {
+                    secret: name.clone(),
+                    other: other.stack.clone().unwrap_or_default(),
+                });
+            }
+            next.secrets.insert(
+                name.clone(),
+                crate::state::Secret {
+                    stack: stack.map(str::to_string),
+                    data: data.clone(),
+                },
+            );
+        }
+        let total: usize = next.secrets.values().map(|s| s.data.len()).sum();
+        if total > crate::limits::MAX_SECRETS_TOTAL_BYTES {
+            return Err(crate::limits::too_large(
+                "the secrets of the cluster".into(),
+                total,
+                crate::limits::MAX_SECRETS_TOTAL_BYTES,
+            ));
+        }
         next.deploy_generation += 1;
         *self = next;
         Ok(CommandResult::Deployed {
@@ -403,7 +515,144 @@ mod tests {
     }
 
     fn deploy(s: &mut ClusterState, apps: &BTreeMap<String, PlannedApp>) -> CommandResult {
-        s.apply(&Command::Deploy { apps: apps.clone() })
+        s.apply(&Command::deploy_all(apps.clone()))
+    }
+
+    /// The apps of stack `stack`: (service, external port, volume).
+    fn stack_plan(stack: &str, apps: &[(&str, Option<u16>, bool)]) -> BTreeMap<String, PlannedApp> {
+        apps.iter()
+            .map(|(svc, p, v)| {
+                let name = format!("{stack}_{svc}");
+                let mut spec = spec(&name, *p, *v);
+                spec.stack = Some(stack.into());
+                spec.service = Some(svc.to_string());
+                (name, PlannedApp { spec, node: None })
+            })
+            .collect()
+    }
+
+    fn deploy_stack(
+        s: &mut ClusterState,
+        stack: &str,
+        apps: BTreeMap<String, PlannedApp>,
+        secrets: &[(&str, &str)],
+    ) -> CommandResult {
+        s.apply(&Command::Deploy {
+            stack: Some(stack.into()),
+            apps,
+            secrets: secrets
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn a_stack_deploy_changes_only_its_own_apps() {
+        let mut s = cluster(3);
+        deploy(&mut s, &plan(&[("legacy", Some(81), false, None)]));
+        let shop = stack_plan("shop", &[("db", None, true), ("web", Some(80), false)]);
+        let r = deploy_stack(&mut s, "shop", shop.clone(), &[("shop_pw", "s3cret")]);
+        assert!(matches!(r, CommandResult::Deployed { .. }), "{r:?}");
+        let blog = stack_plan("blog", &[("db", None, true)]);
+        let r = deploy_stack(&mut s, "blog", blog, &[]);
+        let CommandResult::Deployed { changes, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            changes,
+            [Change::Start {
+                app: "blog_db".into(),
+                node: s.apps["blog_db"].node
+            }]
+        );
+        assert_eq!(
+            s.apps.keys().collect::<Vec<_>>(),
+            ["blog_db", "legacy", "shop_db", "shop_web"]
+        );
+        // Every app has its own service address, kept across deploys.
+        let vips: BTreeSet<u16> = s.apps.values().filter_map(|a| a.vip).collect();
+        assert_eq!(vips.len(), 4);
+        let shop_db_vip = s.apps["shop_db"].vip;
+        // Deploying shop again without web stops web only; the whole-configuration deploy
+        // replaces only the apps outside stacks.
+        let r = deploy_stack(
+            &mut s,
+            "shop",
+            stack_plan("shop", &[("db", None, true)]),
+            &[],
+        );
+        let CommandResult::Deployed { changes, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert!(
+            matches!(changes.as_slice(), [Change::Stop { app, .. }] if app == "shop_web"),
+            "{changes:?}"
+        );
+        assert_eq!(s.apps["shop_db"].vip, shop_db_vip);
+        assert!(
+            s.secrets.is_empty(),
+            "shop's deploy without secrets drops them"
+        );
+        let CommandResult::Deployed { changes, .. } = deploy(&mut s, &BTreeMap::new()) else {
+            panic!()
+        };
+        assert!(
+            matches!(changes.as_slice(), [Change::Stop { app, .. }] if app == "legacy"),
+            "{changes:?}"
+        );
+        assert_eq!(s.apps.keys().collect::<Vec<_>>(), ["blog_db", "shop_db"]);
+        // Removing a stack: its deploy with no apps.
+        deploy_stack(&mut s, "blog", BTreeMap::new(), &[]);
+        assert_eq!(s.apps.keys().collect::<Vec<_>>(), ["shop_db"]);
+        assert!(
+            s.dataset_by_name("blog_db").is_some(),
+            "a stack's datasets stay"
+        );
+    }
+
+    #[test]
+    fn a_stack_cannot_take_another_stacks_app_or_secret() {
+        let mut s = cluster(2);
+        deploy_stack(
+            &mut s,
+            "a",
+            stack_plan("a", &[("x", None, false)]),
+            &[("a_k", "1")],
+        );
+        // An app of stack b named like a's app.
+        let mut stolen = stack_plan("a", &[("x", None, false)]);
+        stolen.get_mut("a_x").unwrap().spec.stack = Some("b".into());
+        let r = deploy_stack(&mut s, "b", stolen, &[]);
+        assert!(
+            matches!(&r, CommandResult::Rejected(ApplyError::AppOfOtherStack { app, other }) if app == "a_x" && other == "a"),
+            "{r:?}"
+        );
+        // An app that says it is of another stack than the deploy's.
+        let r = deploy_stack(&mut s, "b", stack_plan("a", &[("y", None, false)]), &[]);
+        assert!(
+            matches!(&r, CommandResult::Rejected(ApplyError::NotOfStack { .. })),
+            "{r:?}"
+        );
+        let r = deploy_stack(&mut s, "b", BTreeMap::new(), &[("a_k", "2")]);
+        assert!(
+            matches!(
+                &r,
+                CommandResult::Rejected(ApplyError::SecretOfOtherStack { .. })
+            ),
+            "{r:?}"
+        );
+        let r = deploy_stack(&mut s, "no/slash", BTreeMap::new(), &[]);
+        assert!(
+            matches!(
+                &r,
+                CommandResult::Rejected(ApplyError::InvalidStackName { .. })
+            ),
+            "{r:?}"
+        );
+        assert_eq!(s.secrets["a_k"].data, b"1");
+        // A secret's content is never in the state's debug output.
+        assert!(!format!("{:?}", s.secrets).contains("[49]"));
     }
 
     #[test]

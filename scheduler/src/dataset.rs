@@ -862,6 +862,7 @@ mod tests {
             pinned: None,
             node: 1,
             dataset: Some(1),
+            vip: None,
         };
         assert_eq!(s.app_runs_on(&app), None);
         assert_eq!(

@@ -821,7 +821,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let r = s.apply(&Command::Deploy { apps });
+        let r = s.apply(&Command::deploy_all(apps));
         assert!(!matches!(r, CommandResult::Rejected(_)), "{r:?}");
         s.apps.get_mut("web").unwrap().node = 1;
         let id = s.dataset_by_name("db").unwrap().id;
@@ -1089,7 +1089,7 @@ mod tests {
         )]
         .into_iter()
         .collect();
-        s.apply(&Command::Deploy { apps });
+        s.apply(&Command::deploy_all(apps));
         let id = s.dataset_by_name("db").unwrap().id;
         assert_eq!(replica_wanted(&s, id), None, "no replication asked for");
         s.apply(&Command::SetReplication {

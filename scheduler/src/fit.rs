@@ -175,6 +175,7 @@ mod tests {
                 .iter()
                 .map(|c| c.parse().expect("a valid constraint"))
                 .collect(),
+            ..Default::default()
         }
     }
 

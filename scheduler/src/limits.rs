@@ -73,8 +73,20 @@ pub const MAX_COMMAND_LINE_BYTES: usize = MIB;
 pub const MAX_FIELD_LEN: usize = 4 * KIB;
 /// The largest app spec, encoded, in bytes.
 pub const MAX_APP_SPEC_BYTES: usize = 2 * MIB + 64 * KIB;
-/// The most apps one deploy may name (a deploy carries the whole application configuration).
+/// The most apps one deploy may name (a deploy carries the whole application configuration),
+/// and the most apps of a cluster, all stacks together.
 pub const MAX_DEPLOY_APPS: usize = 1000;
+/// The most entries of one of an app's lists (labels, ulimits, secrets, mounts, exposed ports,
+/// dependencies, entrypoint and healthcheck arguments).
+pub const MAX_APP_LIST_LEN: usize = 1024;
+/// The largest secret or config of a stack, in bytes (Docker swarm's limit).
+pub const MAX_SECRET_BYTES: usize = 500 * KIB;
+/// The most secrets one deploy may carry.
+pub const MAX_DEPLOY_SECRETS: usize = 256;
+/// The longest secret name (`STACK_NAME`), in bytes.
+pub const MAX_SECRET_NAME_LEN: usize = 128;
+/// All secrets of a cluster together, in bytes: they live in every node's memory.
+pub const MAX_SECRETS_TOTAL_BYTES: usize = 64 * MIB;
 
 /// The largest config file (`application.yml`, `deployment.yml`, a compose file) flockctl
 /// reads, in bytes: twice a deploy's largest command, which is plenty for any real
@@ -109,7 +121,7 @@ pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
         .unwrap_or(usize::MAX - 1)
 }
 
-fn too_large(what: String, len: usize, max: usize) -> ApplyError {
+pub(crate) fn too_large(what: String, len: usize, max: usize) -> ApplyError {
     ApplyError::TooLarge { what, len, max }
 }
 
@@ -242,6 +254,54 @@ pub fn check_app(name: &str, spec: &AppSpec) -> Result<(), ApplyError> {
             MAX_FIELD_LEN,
         )?;
     }
+    let fields = [
+        ("stack", spec.stack.as_deref()),
+        ("service", spec.service.as_deref()),
+        ("user", spec.user.as_deref()),
+        ("working_dir", spec.working_dir.as_deref()),
+        ("hostname", spec.hostname.as_deref()),
+        ("stop_signal", spec.stop_signal.as_deref()),
+    ];
+    for (what, v) in fields {
+        if let Some(v) = v {
+            len_at_most(&format!("the {what} of app {app}"), v, MAX_FIELD_LEN)?;
+        }
+    }
+    let lists = [
+        ("entrypoint", spec.entrypoint.as_ref().map_or(0, Vec::len)),
+        ("labels", spec.labels.len()),
+        ("ulimits", spec.ulimits.len()),
+        ("secrets", spec.secrets.len()),
+        ("read-only mounts", spec.binds.len()),
+        ("exposed ports", spec.expose.len()),
+        ("dependencies", spec.depends_on.len()),
+        (
+            "healthcheck arguments",
+            spec.healthcheck.as_ref().map_or(0, |h| h.test.len()),
+        ),
+    ];
+    for (what, n) in lists {
+        if n > MAX_APP_LIST_LEN {
+            return Err(too_large(
+                format!("the {what} of app {app}"),
+                n,
+                MAX_APP_LIST_LEN,
+            ));
+        }
+    }
+    let strings = spec
+        .entrypoint
+        .iter()
+        .flatten()
+        .chain(spec.labels.iter().flat_map(|(k, v)| [k, v]))
+        .chain(spec.ulimits.iter().map(|u| &u.name))
+        .chain(spec.secrets.iter().flat_map(|s| [&s.secret, &s.target]))
+        .chain(spec.binds.iter().flat_map(|b| [&b.source, &b.target]))
+        .chain(spec.depends_on.iter().map(|d| &d.app))
+        .chain(spec.healthcheck.iter().flat_map(|h| &h.test));
+    for v in strings {
+        len_at_most(&format!("a field of app {app}"), v, MAX_ARG_BYTES)?;
+    }
     let bytes = encoded_len(spec);
     if bytes > MAX_APP_SPEC_BYTES {
         return Err(too_large(
@@ -350,7 +410,43 @@ impl Command {
             Command::CommitDatasetMove { snapshot, .. } => {
                 len_at_most("snapshot name", snapshot, MAX_SNAPSHOT_NAME_LEN)
             }
-            Command::Deploy { apps } => check_deploy(apps),
+            Command::DeployV1 { apps } => {
+                if apps.len() > MAX_DEPLOY_APPS {
+                    return Err(too_large(
+                        "the number of apps in the deploy".into(),
+                        apps.len(),
+                        MAX_DEPLOY_APPS,
+                    ));
+                }
+                Ok(())
+            }
+            Command::Deploy {
+                stack,
+                apps,
+                secrets,
+            } => {
+                if let Some(s) = stack {
+                    len_at_most("stack name", s, MAX_DATASET_NAME_LEN)?;
+                }
+                if secrets.len() > MAX_DEPLOY_SECRETS {
+                    return Err(too_large(
+                        "the number of secrets in the deploy".into(),
+                        secrets.len(),
+                        MAX_DEPLOY_SECRETS,
+                    ));
+                }
+                for (name, data) in secrets {
+                    len_at_most("secret name", name, MAX_SECRET_NAME_LEN)?;
+                    if data.len() > MAX_SECRET_BYTES {
+                        return Err(too_large(
+                            format!("secret {}", shown(name)),
+                            data.len(),
+                            MAX_SECRET_BYTES,
+                        ));
+                    }
+                }
+                check_deploy(apps)
+            }
             Command::MoveApp { app, .. } | Command::CancelAppMove { app } => {
                 len_at_most("app name", app, MAX_APP_NAME_LEN)
             }
@@ -428,9 +524,7 @@ mod tests {
     }
 
     fn deploy(apps: Vec<(String, PlannedApp)>) -> Command {
-        Command::Deploy {
-            apps: apps.into_iter().collect(),
-        }
+        Command::deploy_all(apps.into_iter().collect())
     }
 
     #[test]
@@ -651,6 +745,7 @@ mod tests {
         a.spec.volume = Some(Volume {
             mountpoint: long(MAX_FIELD_LEN + 1),
             maximum_size: None,
+            dataset: None,
         });
         too_large(&one(a));
         let mut a = app(&[], vec![]);

@@ -360,14 +360,14 @@ mod tests {
         let apps: BTreeMap<String, PlannedApp> =
             [("demo".to_string(), PlannedApp { spec, node: None })].into();
         mount(&mut s, 1, 1, "a");
-        let r = s.apply(&Command::Deploy { apps: apps.clone() });
+        let r = s.apply(&Command::deploy_all(apps.clone()));
         assert!(matches!(
             rejected(&r),
             Some(ApplyError::VolumeMounted { .. })
         ));
         unmount(&mut s, 1, 1, "a");
         assert!(matches!(
-            s.apply(&Command::Deploy { apps }),
+            s.apply(&Command::deploy_all(apps)),
             CommandResult::Deployed { .. }
         ));
         assert!(matches!(

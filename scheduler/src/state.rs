@@ -54,6 +54,26 @@ pub struct ClusterState {
     /// Replication settings, nodes declared down, failovers and what they left behind (see
     /// [`crate::failover`]).
     pub failover: crate::failover::Failover,
+    /// Secrets and configs of stacks, by name (`STACK_NAME`); apps mount them read-only. Since
+    /// snapshot data format 5.
+    pub secrets: BTreeMap<String, Secret>,
+}
+
+/// A secret (or config) of a stack: its content, given to the stack's apps that name it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret {
+    pub stack: Option<String>,
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Secret {
+    /// Never the content: states are logged and printed in test failures.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("stack", &self.stack)
+            .field("bytes", &self.data.len())
+            .finish()
+    }
 }
 
 /// A machine in the cluster.
@@ -179,9 +199,10 @@ pub enum Command {
     CancelDatasetMove {
         dataset: DatasetId,
     },
-    /// Replaces the whole application configuration (`flockctl deploy`).
-    Deploy {
-        apps: BTreeMap<String, PlannedApp>,
+    /// Replaces the whole application configuration (`flockctl deploy`), as builds before
+    /// stacks proposed it: read from older logs; new code proposes [`Command::Deploy`].
+    DeployV1 {
+        apps: BTreeMap<String, crate::legacy::PlannedAppV1>,
     },
     /// The app using the dataset has had its time on the primary: it stops, the last delta
     /// goes to `to` and the move commits (see [`crate::dataset::DatasetMove`]).
@@ -334,6 +355,26 @@ pub enum Command {
         node: NodeId,
         snapshot: String,
     },
+    /// Deploys stack `stack` (a compose project): its apps become `apps` (each with
+    /// `spec.stack == stack`) and its secrets `secrets`; apps and secrets of other stacks stay
+    /// as they are. `stack: None` is the whole-configuration deploy of Flocker's two files: it
+    /// replaces every app outside stacks. An empty stack removes it (`flockctl stack rm`).
+    Deploy {
+        stack: Option<String>,
+        apps: BTreeMap<String, PlannedApp>,
+        secrets: BTreeMap<String, Vec<u8>>,
+    },
+}
+
+impl Command {
+    /// The whole-configuration deploy of `apps` (apps outside stacks), without secrets.
+    pub fn deploy_all(apps: BTreeMap<String, PlannedApp>) -> Command {
+        Command::Deploy {
+            stack: None,
+            apps,
+            secrets: BTreeMap::new(),
+        }
+    }
 }
 
 /// What applying a [`Command`] did.
@@ -507,6 +548,16 @@ pub enum ApplyError {
     },
     #[error("no node is ready to run apps")]
     NoReadyNode,
+    #[error("{name:?} is not a stack name (letters, digits, '_', '-' and '.', starting with a letter or digit)")]
+    InvalidStackName { name: String },
+    #[error("app {app:?} is not of stack {stack:?}, which this deploy is of")]
+    NotOfStack { app: String, stack: String },
+    #[error("an app named {app:?} exists in {}; remove it there or rename this one", if other.is_empty() { "the configuration outside stacks".to_string() } else { format!("stack {other:?}") })]
+    AppOfOtherStack { app: String, other: String },
+    #[error("secret {secret:?} belongs to {}; secrets are named STACK_NAME", if other.is_empty() { "the configuration outside stacks".to_string() } else { format!("stack {other:?}") })]
+    SecretOfOtherStack { secret: String, other: String },
+    #[error("every service address (198.18.0.1 to 198.18.255.254) is taken")]
+    NoServiceAddress,
     #[error("dataset {dataset:?} is the volume of app {app:?}; remove the app from the deployment first (its dataset moves with it)")]
     DatasetInUse { dataset: String, app: String },
     #[error("node {name:?} is the primary of dataset {dataset:?}; move the dataset away (`flockctl dataset move {dataset} --to NODE`) or remove it first")]
@@ -598,6 +649,7 @@ impl ClusterState {
             mounts,
             revoked_admins,
             failover,
+            secrets,
         } = self;
         *cluster_id == other.cluster_id
             && *join_secret_hash == other.join_secret_hash
@@ -611,6 +663,7 @@ impl ClusterState {
             && *mounts == other.mounts
             && *revoked_admins == other.revoked_admins
             && *failover == other.failover
+            && *secrets == other.secrets
     }
 
     /// Applies one command. Deterministic: the same state and command give the same result on
@@ -741,9 +794,21 @@ impl ClusterState {
                 self.dataset_unused(*dataset)?;
                 self.begin_dataset_move(*dataset, *to)
             }
-            Command::Deploy { apps } => {
+            Command::DeployV1 { apps } => {
+                let apps: BTreeMap<String, PlannedApp> = apps
+                    .iter()
+                    .map(|(n, a)| (n.clone(), a.clone().into()))
+                    .collect();
+                self.deploy_not_mounted(&apps)?;
+                self.deploy(None, &apps, &BTreeMap::new())
+            }
+            Command::Deploy {
+                stack,
+                apps,
+                secrets,
+            } => {
                 self.deploy_not_mounted(apps)?;
-                self.deploy(apps)
+                self.deploy(stack.as_deref(), apps, secrets)
             }
             Command::ReportNode {
                 id,

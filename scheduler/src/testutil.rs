@@ -45,11 +45,13 @@ pub(crate) fn spec(name: &str, port: Option<u16>, volume: bool) -> AppSpec {
         volume: volume.then(|| Volume {
             mountpoint: "/data".into(),
             maximum_size: None,
+            dataset: None,
         }),
         environment: BTreeMap::new(),
         restart_policy: RestartPolicy::Never,
         mem_limit: None,
         cpu_shares: None,
         constraints: vec![],
+        ..Default::default()
     }
 }

@@ -158,6 +158,7 @@ fn image_app(name: &str, image: &str) -> AppSpec {
         mem_limit: None,
         cpu_shares: None,
         constraints: vec![],
+        ..Default::default()
     }
 }
 
@@ -175,6 +176,7 @@ fn elk_application_reads_every_field() {
     es.volume = Some(Volume {
         mountpoint: "/var/lib/elasticsearch".into(),
         maximum_size: None,
+        dataset: None,
     });
     let mut logstash = image_app("logstash", "clusterhq/logstash");
     logstash.ports = vec![port(5000, 5000)];
@@ -201,6 +203,7 @@ fn mysql_and_postgres_applications() {
     expected.volume = Some(Volume {
         mountpoint: "/var/lib/mysql".into(),
         maximum_size: None,
+        dataset: None,
     });
     assert_eq!(mysql.apps["mysql-volume-example"], expected);
 
@@ -230,6 +233,7 @@ fn fig_file_links_follow_the_target_ports() {
     redis.volume = Some(Volume {
         mountpoint: "/data".into(),
         maximum_size: None,
+        dataset: None,
     });
     assert_eq!(apps.apps["web"], web);
     assert_eq!(apps.apps["redis"], redis);
@@ -328,6 +332,7 @@ fn compose_v3_files() {
     db.volume = Some(Volume {
         mountpoint: "/var/lib/postgresql/data".into(),
         maximum_size: None,
+        dataset: None,
     });
     db.restart_policy = RestartPolicy::OnFailure { max_retry: Some(3) };
     db.mem_limit = Some(512 << 20);
@@ -359,6 +364,7 @@ fn compose_v3_files() {
         mem_limit: None,
         cpu_shares: Some(512),
         constraints: vec![],
+        ..Default::default()
     };
     assert_eq!(apps.apps["db"], db);
     assert_eq!(apps.apps["web"], web);
@@ -443,6 +449,7 @@ applications:
         Some(Volume {
             mountpoint: "/srv/data".into(),
             maximum_size: Some(5 << 29),
+            dataset: None,
         })
     );
     assert_eq!(

@@ -52,6 +52,7 @@ fn volume() -> impl Strategy<Value = Option<Volume>> {
         (segments, size).prop_map(|(segments, maximum_size)| Volume {
             mountpoint: format!("/{}", segments.join("/")),
             maximum_size,
+            dataset: None,
         }),
     )
 }
@@ -113,6 +114,7 @@ prop_compose! {
         AppSpec {
             name, image, command, ports, links, volume, environment, restart_policy, mem_limit,
             cpu_shares, constraints,
+            ..Default::default()
         }
     }
 }

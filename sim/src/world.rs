@@ -495,18 +495,20 @@ impl World {
                     volume: Some(Volume {
                         mountpoint: "/data".into(),
                         maximum_size: None,
+                        dataset: None,
                     }),
                     environment: BTreeMap::new(),
                     restart_policy: RestartPolicy::Always,
                     mem_limit: None,
                     cpu_shares: None,
                     constraints: vec![],
+                    ..Default::default()
                 };
                 let node = Some(i as u64 % w.cfg.nodes + 1);
                 (name, PlannedApp { spec, node })
             })
             .collect();
-        w.commit(Command::Deploy { apps });
+        w.commit(Command::deploy_all(apps));
         // A tight retention on most datasets, so a run's few moves exceed it: what is kept is
         // what the policy, the newest snapshot and the replicas' bases need. The rest keep the
         // default policy, whose long chains are where a push's base can go wrong.

@@ -139,6 +139,7 @@ impl AppDef {
         let volume = self.volume.then(|| Volume {
             mountpoint: MOUNTPOINT.into(),
             maximum_size: None,
+            dataset: None,
         });
         spec_of(&self.name, &self.command, ports, volume)
     }
@@ -351,6 +352,7 @@ async fn deploy(api: &mut Api, plan_json: String) -> Result<Done, Failure> {
             plan_json,
             dry_run: false,
             volumes_json: String::new(),
+            ..Default::default()
         })
         .await
         .map_err(|s| classify(&s))?

@@ -223,6 +223,7 @@ pub fn specs(opts: &MoveOptions) -> Result<Vec<AppSpec>, String> {
                 Some(Volume {
                     mountpoint: "/data".into(),
                     maximum_size: None,
+                    dataset: None,
                 }),
             )
         })
@@ -742,6 +743,7 @@ async fn deploy(ctx: &Ctx, conns: &mut [Conn], rng: &mut StdRng, stop: &mut watc
                     plan_json: plan,
                     dry_run: false,
                     volumes_json,
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| classify(&s))?

@@ -55,38 +55,71 @@ fn changes_proto(state: &ClusterState, changes: &[Change]) -> Vec<pb::AppChange>
         .collect()
 }
 
+/// An error listing `problems` after `what`: the first few (an error's message travels in a
+/// header, whose size is limited), and how many there are.
+fn problems_error(what: &str, problems: &[String]) -> Status {
+    const SHOWN: usize = 10;
+    let more = problems.len().saturating_sub(SHOWN);
+    Status::failed_precondition(format!(
+        "{what}: {}{}",
+        problems[..problems.len().min(SHOWN)].join("; "),
+        if more > 0 {
+            format!("; and {more} more (`flockctl deploy --dry-run` lists them all)")
+        } else {
+            String::new()
+        }
+    ))
+}
+
 impl ApiService {
-    /// Deploys `apps` (or, with `dry_run`, says what deploying them would change).
+    /// Deploys `deploy` (a [`Command::Deploy`]; or, with `dry_run`, says what deploying it
+    /// would change). With `problems_in_reply`, what stops it is in the reply's `problems`.
     async fn deploy_plan(
         &self,
-        apps: BTreeMap<String, PlannedApp>,
+        deploy: Command,
         volumes: Option<BTreeMap<String, VolumePolicy>>,
         dry_run: bool,
+        problems_in_reply: bool,
     ) -> Reply<pb::DeployReply> {
         // Sizes first: an oversized deploy is refused before it is planned or sent to nodes.
-        let cmd = Command::Deploy { apps };
-        cmd.check_limits().map_err(ClusterError::from)?;
-        let Command::Deploy { apps } = cmd else {
-            unreachable!("built just above")
+        deploy.check_limits().map_err(ClusterError::from)?;
+        let Command::Deploy { stack, apps, .. } = &deploy else {
+            return Err(Status::internal("deploy_plan takes a Command::Deploy"));
         };
         // Plan on the current state and ask each node that gets an app whether it can run it,
         // so a missing image or program is an error now, with nothing deployed. `apply` plans
         // again on the state it finds (a deploy may have come between).
         let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
-        let (_, changes) = plan_deploy(&state, &apps).map_err(ClusterError::from)?;
-        let warnings = self.preflight(&state, &apps, &changes).await?;
+        let all = state
+            .with_stack(stack.as_deref(), apps)
+            .map_err(ClusterError::from)?;
+        let (_, changes) = plan_deploy(&state, &all).map_err(ClusterError::from)?;
+        let (warnings, problems) = self.preflight(&state, &all, &changes).await;
+        if !problems.is_empty() {
+            if problems_in_reply {
+                return Ok(Response::new(pb::DeployReply {
+                    changes: changes_proto(&state, &changes),
+                    generation: state.deploy_generation,
+                    warnings,
+                    problems,
+                }));
+            }
+            // An older flockctl reads them from the error.
+            return Err(problems_error("nothing was deployed", &problems));
+        }
         // Existing volumes whose maximum_size changes: a limit below what one holds is
         // refused now, with nothing deployed.
-        let limits = limit_changes(&state, &apps);
+        let limits = limit_changes(&state, apps);
         self.check_lower_limits(&state, &limits).await?;
         if dry_run {
             return Ok(Response::new(pb::DeployReply {
                 changes: changes_proto(&state, &changes),
                 generation: state.deploy_generation,
                 warnings,
+                problems: Vec::new(),
             }));
         }
-        match self.cluster.propose(Command::Deploy { apps }).await? {
+        match self.cluster.propose(deploy).await? {
             CommandResult::Deployed {
                 generation,
                 changes,
@@ -101,6 +134,7 @@ impl ApiService {
                     changes: changes_proto(&state, &changes),
                     generation,
                     warnings,
+                    problems: Vec::new(),
                 }))
             }
             CommandResult::Rejected(e) => Err(ClusterError::from(e).into()),
@@ -244,7 +278,7 @@ impl ApiService {
         state: &ClusterState,
         apps: &BTreeMap<String, PlannedApp>,
         changes: &[Change],
-    ) -> Result<Vec<String>, Status> {
+    ) -> (Vec<String>, Vec<String>) {
         let mut by_node: BTreeMap<NodeId, Vec<&AppSpec>> = BTreeMap::new();
         for c in changes {
             let node = match c {
@@ -305,14 +339,7 @@ impl ApiService {
                 )),
             }
         }
-        if problems.is_empty() {
-            Ok(warnings)
-        } else {
-            Err(Status::failed_precondition(format!(
-                "nothing was deployed: {}",
-                problems.join("; ")
-            )))
-        }
+        (warnings, problems)
     }
 
     pub(super) async fn do_app_move(
@@ -364,7 +391,10 @@ impl ApiService {
             },
         )]
         .into();
-        let warnings = self.preflight(&state, &one, &move_change).await?;
+        let (warnings, problems) = self.preflight(&state, &one, &move_change).await;
+        if !problems.is_empty() {
+            return Err(problems_error("nothing was moved", &problems));
+        }
         if !warnings.is_empty() {
             return Err(Status::unavailable(format!(
                 "{}; the move was not started",
@@ -430,7 +460,14 @@ impl ApiService {
                 Status::invalid_argument(format!("undecodable volume policies: {e}"))
             })?)
         };
-        self.deploy_plan(apps, volumes, req.dry_run).await
+        let stack = (!req.stack.is_empty()).then_some(req.stack);
+        let deploy = Command::Deploy {
+            stack,
+            apps,
+            secrets: req.secrets.into_iter().collect(),
+        };
+        self.deploy_plan(deploy, volumes, req.dry_run, req.problems_in_reply)
+            .await
     }
 
     pub(super) async fn do_app_remove(
@@ -447,10 +484,12 @@ impl ApiService {
             ))
             .into());
         }
+        // The app's stack is deployed again without it (and with its secrets as they are).
+        let stack = state.apps[&name].spec.stack.clone();
         let apps = state
             .apps
             .iter()
-            .filter(|(n, _)| **n != name)
+            .filter(|(n, a)| **n != name && a.spec.stack == stack)
             .map(|(n, a)| {
                 (
                     n.clone(),
@@ -461,7 +500,18 @@ impl ApiService {
                 )
             })
             .collect();
-        self.deploy_plan(apps, None, false).await
+        let secrets = state
+            .secrets
+            .iter()
+            .filter(|(_, s)| s.stack == stack)
+            .map(|(n, s)| (n.clone(), s.data.clone()))
+            .collect();
+        let deploy = Command::Deploy {
+            stack,
+            apps,
+            secrets,
+        };
+        self.deploy_plan(deploy, None, false, false).await
     }
 
     pub(super) async fn do_local_apps(
@@ -659,6 +709,12 @@ impl ApiService {
             .map(|mut s: pb::AppStatus| {
                 if let Some(app) = state.apps.get(&s.name) {
                     (s.endpoints, s.mesh_problems) = mesh_endpoints(&state, app, &reports);
+                    s.stack = app.spec.stack.clone().unwrap_or_default();
+                    s.service = app.spec.service_name().to_string();
+                    s.service_ip = app
+                        .vip
+                        .map(|v| flock_scheduler::app::service_ip(v).to_string())
+                        .unwrap_or_default();
                 }
                 s
             })

@@ -19,8 +19,12 @@ use super::output::{print_json, status_err, table};
 pub enum AppCmd {
     /// List the deployed apps: node, state, restarts, ports, dataset.
     Ls {
+        /// Print them as JSON.
         #[arg(long)]
         json: bool,
+        /// Only the apps of this stack.
+        #[arg(long, value_name = "STACK")]
+        stack: Option<String>,
     },
     /// Everything about one app, with its last output lines when it failed.
     Show {
@@ -88,12 +92,35 @@ fn read(path: &Path) -> anyhow::Result<(String, String)> {
 
 /// The request that deploys `plan`: its apps, and apart from them (their specs' layout is in
 /// the Raft log) the policies of their volumes.
-fn deploy_request(plan: &config::Plan, dry_run: bool) -> anyhow::Result<DeployRequest> {
+fn deploy_request(
+    plan: &config::Plan,
+    dry_run: bool,
+    stack: Option<&str>,
+) -> anyhow::Result<DeployRequest> {
     Ok(DeployRequest {
         plan_json: serde_json::to_string(&plan.apps)?,
         dry_run,
         volumes_json: serde_json::to_string(&plan.volumes)?,
+        stack: stack.unwrap_or_default().to_string(),
+        secrets: Default::default(),
+        problems_in_reply: true,
     })
+}
+
+/// How `flockctl deploy` reads its files.
+pub struct DeployArgs<'a> {
+    pub files: &'a [PathBuf],
+    pub dry_run: bool,
+    pub json: bool,
+    pub env_file: Option<&'a Path>,
+    /// `-p`: the stack's name.
+    pub project: Option<&'a str>,
+}
+
+/// The name of the directory a file is in (its absolute path's parent), for the stack's name.
+fn dir_name(file: &Path) -> Option<String> {
+    let abs = std::path::absolute(file).ok()?;
+    Some(abs.parent()?.file_name()?.to_string_lossy().into_owned())
 }
 
 /// The variables a compose file `file` may use: `env_file`'s, else those of `.env` beside
@@ -116,20 +143,38 @@ fn compose_vars(file: &Path, env_file: Option<&Path>) -> anyhow::Result<config::
 }
 
 /// `flockctl deploy DEPLOYMENT APPLICATION` or `flockctl deploy COMPOSE_FILE`.
-pub async fn deploy(
-    api: &mut ApiClient<Channel>,
-    files: &[PathBuf],
-    dry_run: bool,
-    json_out: bool,
-    env_file: Option<&Path>,
-) -> anyhow::Result<i32> {
+pub async fn deploy(api: &mut ApiClient<Channel>, args: DeployArgs<'_>) -> anyhow::Result<i32> {
+    let DeployArgs {
+        files,
+        dry_run,
+        json: json_out,
+        env_file,
+        project,
+    } = args;
     let mut warnings = Vec::new();
+    let mut stack = None;
     let plan = match files {
         [app] => {
             let (name, text) = read(app)?;
             let vars = compose_vars(app, env_file)?;
             let (apps, w) = config::parse_application_with(&name, &text, Some(&vars))?;
             warnings.extend(w);
+            // A compose or fig file is a stack; Flocker's application.yml alone is the
+            // configuration outside stacks, as with its deployment.yml.
+            let apps = if apps.format == config::Format::Flocker {
+                if project.is_some() {
+                    anyhow::bail!(
+                        "{name} is Flocker's application.yml, which deploys outside stacks: -p is for compose files"
+                    );
+                }
+                apps
+            } else {
+                let p = config::stack::project_name(project, &apps, dir_name(app).as_deref())
+                    .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+                let apps = config::stack::into_stack(apps, &p)?;
+                stack = Some(p);
+                apps
+            };
             config::resolve_unpinned(&apps)?
         }
         [deployment, app] => {
@@ -159,12 +204,37 @@ pub async fn deploy(
             "give DEPLOYMENT APPLICATION (Flocker's deployment.yml and application.yml), or one compose file"
         ),
     };
+    if files.len() == 2 && project.is_some() {
+        anyhow::bail!(
+            "Flocker's two files deploy the configuration outside stacks: -p is for a compose file"
+        );
+    }
     let r = api
-        .deploy(deploy_request(&plan, dry_run)?)
+        .deploy(deploy_request(&plan, dry_run, stack.as_deref())?)
         .await
         .map_err(status_err)?
         .into_inner();
     warnings.extend(r.warnings.iter().cloned());
+    if !r.problems.is_empty() {
+        if json_out {
+            print_json(
+                &json!({"dry_run": dry_run, "stack": stack, "deployed": false,
+                "problems": r.problems, "warnings": warnings}),
+            )?;
+        } else {
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            eprintln!(
+                "error: nothing was deployed: {} problem(s):",
+                r.problems.len()
+            );
+            for p in &r.problems {
+                eprintln!("  {p}");
+            }
+        }
+        return Ok(1);
+    }
     if json_out {
         let changes: Vec<Value> = r
             .changes
@@ -175,8 +245,8 @@ pub async fn deploy(
             })
             .collect();
         print_json(
-            &json!({"dry_run": dry_run, "generation": r.generation, "changes": changes,
-            "warnings": warnings}),
+            &json!({"dry_run": dry_run, "stack": stack, "generation": r.generation,
+            "changes": changes, "warnings": warnings, "problems": []}),
         )?;
         return Ok(0);
     }
@@ -184,6 +254,9 @@ pub async fn deploy(
         eprintln!("warning: {w}");
     }
     let verb = if dry_run { "would " } else { "" };
+    if let Some(s) = &stack {
+        println!("stack {s}:");
+    }
     if r.changes.is_empty() {
         println!("no changes: the cluster already runs this configuration");
     }
@@ -207,6 +280,8 @@ fn app_json(a: &AppStatus) -> Value {
         "detail": (!a.detail.is_empty()).then_some(&a.detail), "last_lines": a.last_lines,
         "moving_to": (!a.moving_to.is_empty()).then_some(&a.moving_to),
         "endpoints": a.endpoints, "mesh_problems": a.mesh_problems,
+        "stack": (!a.stack.is_empty()).then_some(&a.stack),
+        "service": a.service, "service_ip": (!a.service_ip.is_empty()).then_some(&a.service_ip),
     })
 }
 
@@ -241,12 +316,22 @@ fn detail_cell(a: &AppStatus) -> String {
 /// Runs one `flockctl app` command.
 pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i32> {
     match cmd {
-        AppCmd::Ls { json } => {
-            let r = api
+        AppCmd::Ls { json, stack } => {
+            let mut r = api
                 .app_list(AppListRequest::default())
                 .await
                 .map_err(status_err)?
                 .into_inner();
+            if let Some(s) = &stack {
+                r.apps.retain(|a| a.stack == *s);
+                if r.apps.is_empty() {
+                    return Err(super::output::NotFound(format!(
+                        "no stack named {} (`flockctl stack ls` lists them)",
+                        limits::shown(s)
+                    ))
+                    .into());
+                }
+            }
             if json {
                 print_json(&r.apps.iter().map(app_json).collect::<Vec<_>>())?;
                 return Ok(0);
@@ -323,6 +408,12 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
             }
             if !a.dataset.is_empty() {
                 println!("dataset         {}", a.dataset);
+            }
+            if !a.stack.is_empty() {
+                println!("stack           {} (service {})", a.stack, a.service);
+            }
+            if !a.service_ip.is_empty() {
+                println!("service address {}", a.service_ip);
             }
             // Its failovers and re-placements, from the cluster's events (an older flockd has
             // none to give).
@@ -462,7 +553,7 @@ mod tests {
         let text = "services:\n  db:\n    image: postgres\n    volumes: [/data]\n    x-flock: {retention: \"last=5,daily=3\"}\n  cache:\n    image: redis\n    volumes: [/data]\n  web:\n    image: nginx\n";
         let apps = config::parse_application("compose.yml", text).unwrap();
         let plan = config::resolve_unpinned(&apps).unwrap();
-        let req = deploy_request(&plan, true).unwrap();
+        let req = deploy_request(&plan, true, None).unwrap();
         assert!(req.dry_run);
         let sent: BTreeMap<String, PlannedApp> = serde_json::from_str(&req.plan_json).unwrap();
         assert_eq!(sent, plan.apps);
@@ -480,5 +571,98 @@ mod tests {
         assert_eq!(volumes["db"].retention, Some(db));
         assert_eq!(volumes["cache"].retention, None);
         assert!(!volumes.contains_key("web"));
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StackCmd {
+    /// List the stacks (compose projects deployed with `flockctl deploy FILE`) and their apps.
+    Ls {
+        /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a stack: its apps stop and its secrets go; its datasets stay (`flockctl dataset
+    /// rm` removes them).
+    Rm {
+        /// The stack's name (`flockctl stack ls`).
+        name: String,
+    },
+}
+
+/// Runs one `flockctl stack` command.
+pub async fn stack(api: &mut ApiClient<Channel>, cmd: StackCmd) -> anyhow::Result<i32> {
+    let r = api
+        .app_list(AppListRequest::default())
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let mut stacks: std::collections::BTreeMap<&str, Vec<&AppStatus>> = Default::default();
+    for a in r.apps.iter().filter(|a| !a.stack.is_empty()) {
+        stacks.entry(a.stack.as_str()).or_default().push(a);
+    }
+    match cmd {
+        StackCmd::Ls { json } => {
+            if json {
+                let v: Vec<Value> = stacks
+                    .iter()
+                    .map(|(s, apps)| {
+                        json!({"name": s, "apps": apps.iter().map(|a| &a.name).collect::<Vec<_>>(),
+                        "running": apps.iter().filter(|a| a.state == "running").count()})
+                    })
+                    .collect();
+                print_json(&v)?;
+                return Ok(0);
+            }
+            let mut rows = vec![[
+                "NAME".to_string(),
+                "APPS".into(),
+                "RUNNING".into(),
+                "SERVICES".into(),
+            ]];
+            for (s, apps) in &stacks {
+                rows.push([
+                    s.to_string(),
+                    apps.len().to_string(),
+                    apps.iter()
+                        .filter(|a| a.state == "running")
+                        .count()
+                        .to_string(),
+                    apps.iter()
+                        .map(|a| a.service.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ]);
+            }
+            print!("{}", table(&rows));
+            Ok(0)
+        }
+        StackCmd::Rm { name } => {
+            let Some(apps) = stacks.get(name.as_str()) else {
+                return Err(super::output::NotFound(format!(
+                    "no stack named {} (`flockctl stack ls` lists them)",
+                    limits::shown(&name)
+                ))
+                .into());
+            };
+            let count = apps.len();
+            let r = api
+                .deploy(DeployRequest {
+                    plan_json: "{}".into(),
+                    dry_run: false,
+                    volumes_json: String::new(),
+                    stack: name.clone(),
+                    secrets: Default::default(),
+                    problems_in_reply: true,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if !r.problems.is_empty() {
+                anyhow::bail!("stack {name} was not removed: {}", r.problems.join("; "));
+            }
+            println!("removed stack {name}: {count} app(s) stopped; their datasets stay");
+            Ok(0)
+        }
     }
 }

@@ -65,9 +65,10 @@ pub enum Cmd {
     /// Datasets: create, list, snapshot, roll back, remove, and move them between nodes.
     #[command(subcommand)]
     Dataset(dataset::DatasetCmd),
-    /// Make the cluster run a configuration: Flocker's DEPLOYMENT APPLICATION files
-    /// (deployment.yml, application.yml), or one compose file. The whole configuration
-    /// replaces the previous one; deploying the same files again changes nothing.
+    /// Make the cluster run a configuration: one compose file, deployed as a stack (its
+    /// project) whose apps alone it adds, changes or removes; or Flocker's DEPLOYMENT
+    /// APPLICATION files (deployment.yml, application.yml), which replace the apps outside
+    /// stacks. Deploying the same files again changes nothing.
     Deploy {
         #[arg(required = true, num_args = 1..=2, value_name = "FILE")]
         files: Vec<PathBuf>,
@@ -81,7 +82,13 @@ pub enum Cmd {
         /// NAME=VALUE lines [default: .env beside the file, if there is one].
         #[arg(long, value_name = "FILE")]
         env_file: Option<PathBuf>,
+        /// The stack's name [default: the compose file's name:, else its directory's name].
+        #[arg(short = 'p', long = "project-name", value_name = "NAME")]
+        project: Option<String>,
     },
+    /// Stacks: the compose projects deployed.
+    #[command(subcommand)]
+    Stack(app::StackCmd),
     /// Deployed applications.
     #[command(subcommand)]
     App(app::AppCmd),
@@ -146,7 +153,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             dry_run,
             json,
             env_file,
-        } => return app::deploy(&mut api, &files, dry_run, json, env_file.as_deref()).await,
+            project,
+        } => {
+            let args = app::DeployArgs {
+                files: &files,
+                dry_run,
+                json,
+                env_file: env_file.as_deref(),
+                project: project.as_deref(),
+            };
+            return app::deploy(&mut api, args).await;
+        }
+        Cmd::Stack(cmd) => return app::stack(&mut api, cmd).await,
         Cmd::App(cmd) => return app::run(&mut api, cmd).await,
         Cmd::Events { follow, json } => cluster::events(&mut api, follow, json).await?,
     }

@@ -296,6 +296,7 @@ mod tests {
             mem_limit: None,
             cpu_shares: None,
             constraints: vec![],
+            ..Default::default()
         }
     }
 
@@ -325,6 +326,7 @@ mod tests {
                     pinned: None,
                     node: *node,
                     dataset: None,
+                    vip: None,
                 },
             );
         }

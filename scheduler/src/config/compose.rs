@@ -117,6 +117,10 @@ pub(crate) fn is_service(y: &Yaml) -> bool {
 pub(crate) fn read(file: &str, doc: &Yaml, format: Format) -> Result<Applications, ConfigError> {
     let cx = Ctx { file };
     let top = cx.mapping(doc, "")?;
+    let project = match format {
+        Format::Compose => get(top, "name").map(|v| cx.string(v, "name")).transpose()?,
+        _ => None,
+    };
     let (services, prefix) = match format {
         Format::Compose => (compose_services(cx, top, doc.at)?, "services"),
         _ => (top, ""),
@@ -190,6 +194,7 @@ pub(crate) fn read(file: &str, doc: &Yaml, format: Format) -> Result<Application
         apps,
         volumes,
         sources,
+        project,
     })
 }
 
@@ -422,6 +427,7 @@ fn read_service(
         mem_limit,
         cpu_shares,
         constraints,
+        ..Default::default()
     };
     Ok((spec, source, links, policy))
 }
@@ -808,6 +814,7 @@ fn read_volumes(cx: Ctx, key_at: Pos, y: &Yaml, path: &str) -> Result<Option<Vol
     Ok(Some(Volume {
         mountpoint,
         maximum_size: None,
+        dataset: None,
     }))
 }
 

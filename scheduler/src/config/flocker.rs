@@ -70,6 +70,7 @@ pub(crate) fn read(file: &str, doc: &Yaml) -> Result<Applications, ConfigError> 
         apps,
         volumes,
         sources,
+        project: None,
     })
 }
 
@@ -181,6 +182,7 @@ fn read_app(
         mem_limit,
         cpu_shares,
         constraints,
+        ..Default::default()
     };
     Ok((spec, source, policy))
 }
@@ -298,6 +300,7 @@ fn read_volume(cx: Ctx, y: &Yaml, path: &str) -> Result<(Volume, VolumePolicy), 
     let volume = Volume {
         mountpoint: mountpoint_text,
         maximum_size,
+        dataset: None,
     };
     Ok((
         volume,

@@ -46,14 +46,16 @@ pub mod interpolate;
 mod policy_tests;
 mod render;
 mod spec;
+pub mod stack;
 mod yaml;
 
 pub use deployment::{resolve, resolve_unpinned, Deployment, DeploymentNode};
 pub use fields::interval_ms;
 pub use render::to_flocker_yaml;
 pub use spec::{
-    parse_size, AppSpec, Applications, Constraint, ConstraintKey, Format, Link, NodeRef, Plan,
-    PlannedApp, PortMap, RestartPolicy, Volume, VolumePolicy, MAX_APP_NAME_LEN, MIN_VOLUME_SIZE,
+    parse_size, AppSpec, Applications, BindMount, Constraint, ConstraintKey, Dependency, Format,
+    HealthCheck, Link, NodeRef, Plan, PlannedApp, PortMap, RestartPolicy, SecretMount, Ulimit,
+    Volume, VolumePolicy, MAX_APP_NAME_LEN, MIN_VOLUME_SIZE,
 };
 
 use yaml::{Pos, Yaml};

@@ -17,7 +17,11 @@ pub const MIN_VOLUME_SIZE: u64 = 1 << 20;
 
 /// One application: what to run (a container image or a command), how to reach it and what
 /// it keeps.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Its postcard layout is in Raft logs and snapshots: a field added here needs the previous
+/// layout kept in [`crate::legacy`] (see [`crate::legacy::AppSpecV1`]). The fields after
+/// `constraints` came with stacks (snapshot data format 5, [`crate::Command::DeployStack`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppSpec {
     pub name: String,
     /// A container image (`postgres`, `clusterhq/mongodb:3.0`), for the docker driver.
@@ -44,6 +48,122 @@ pub struct AppSpec {
     /// Where the app may run: compose's `deploy.placement.constraints`.
     #[serde(default)]
     pub constraints: Vec<Constraint>,
+    /// The stack (compose project) the app belongs to: deploying a stack adds, changes and
+    /// removes only its own apps. `None`: an app of the whole-configuration deploy (Flocker's
+    /// two files), which replaces every app outside stacks.
+    #[serde(default)]
+    pub stack: Option<String>,
+    /// The name its siblings in the stack reach it by (compose's service name); `None`: the
+    /// app's name.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Internal ports its siblings reach through its service address besides those of `ports`
+    /// (compose's `expose`, and the ports its image exposes).
+    #[serde(default)]
+    pub expose: Vec<u16>,
+    /// Apps (by app name) started before this one, and whether each must be healthy first.
+    #[serde(default)]
+    pub depends_on: Vec<Dependency>,
+    /// How the app's health is checked; `None`: the image's own check, if any.
+    #[serde(default)]
+    pub healthcheck: Option<HealthCheck>,
+    /// Replaces the image's entrypoint (docker driver).
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    /// `USER[:GROUP]` the app runs as.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The directory the app starts in.
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    /// The container's host name.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// The signal that stops the app (`SIGTERM` when `None`).
+    #[serde(default)]
+    pub stop_signal: Option<String>,
+    /// How long the app has to stop before it is killed, in ms (10 s when `None`).
+    #[serde(default)]
+    pub stop_grace_ms: Option<u64>,
+    #[serde(default)]
+    pub ulimits: Vec<Ulimit>,
+    /// Container labels (metadata for other tools).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Size of `/dev/shm` in bytes.
+    #[serde(default)]
+    pub shm_size: Option<u64>,
+    /// Memory reserved for the app on its node, in bytes (compose's
+    /// `deploy.resources.reservations.memory`); placement counts it.
+    #[serde(default)]
+    pub mem_reservation: Option<u64>,
+    /// CPU limit in thousandths of a cpu (compose's `cpus`, `deploy.resources.limits.cpus`).
+    #[serde(default)]
+    pub cpu_limit_milli: Option<u64>,
+    /// Secrets of the stack given to the app as read-only files.
+    #[serde(default)]
+    pub secrets: Vec<SecretMount>,
+    /// Read-only host files or directories mounted into the app: they stay on each node and do
+    /// not move with the app.
+    #[serde(default)]
+    pub binds: Vec<BindMount>,
+}
+
+impl AppSpec {
+    /// The name siblings reach the app by.
+    pub fn service_name(&self) -> &str {
+        self.service.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// An app this one waits for before it starts.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Dependency {
+    /// The app's name.
+    pub app: String,
+    /// Wait until it is healthy (`condition: service_healthy`), not only started.
+    pub healthy: bool,
+}
+
+/// How an app's health is checked: compose's `healthcheck`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// The command: `["CMD", prog, args...]` (run directly) or `["CMD-SHELL", "script"]`;
+    /// empty with `disable`.
+    pub test: Vec<String>,
+    pub interval_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub retries: Option<u32>,
+    pub start_period_ms: Option<u64>,
+    /// `disable: true` or `test: ["NONE"]`: the image's check is off.
+    pub disable: bool,
+}
+
+/// A resource limit (`ulimit`), soft and hard.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Ulimit {
+    pub name: String,
+    pub soft: i64,
+    pub hard: i64,
+}
+
+/// A secret (or config) of the stack as the app sees it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SecretMount {
+    /// The secret's name in the cluster (`STACK_NAME`), whose content is in the replicated
+    /// state ([`crate::ClusterState::secrets`]).
+    pub secret: String,
+    /// The absolute path of the file in the app (`/run/secrets/NAME` by default).
+    pub target: String,
+    /// File mode (0o444 by default).
+    pub mode: u32,
+}
+
+/// A host path mounted read-only into the app.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BindMount {
+    pub source: String,
+    pub target: String,
 }
 
 /// A placement constraint, as compose writes them: `node.labels.disk == ssd`,
@@ -139,6 +259,10 @@ pub struct Volume {
     pub mountpoint: String,
     /// The dataset's size limit in bytes; `None` for no limit.
     pub maximum_size: Option<u64>,
+    /// The dataset's name when it is not the app's (a compose named volume of a stack,
+    /// `STACK_VOLUME`): apps naming the same dataset share it and run on one node.
+    #[serde(default)]
+    pub dataset: Option<String>,
 }
 
 /// What to do when the app exits. Flocker's default, and compose's, is `Never`.
@@ -175,6 +299,8 @@ pub struct Applications {
     /// [`AppSpec`], whose layout is in the Raft log).
     pub volumes: BTreeMap<String, VolumePolicy>,
     pub(crate) sources: BTreeMap<String, AppSource>,
+    /// A compose file's project name (its top-level `name:`), if it gives one.
+    pub project: Option<String>,
 }
 
 /// The policy of an app's volume's dataset that the config files set. It travels beside the
