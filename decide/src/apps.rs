@@ -93,6 +93,92 @@ pub struct RunSpec {
     pub ports: Vec<(u16, u16)>,
     pub mem_limit: Option<u64>,
     pub cpu_shares: Option<u64>,
+    /// What came with stacks and compose's keys, each left out of the JSON when empty, so that
+    /// an app without them keeps the fingerprint it had before them.
+    #[serde(flatten)]
+    pub more: RunMore,
+}
+
+/// [`RunSpec`]'s fields from compose's keys (see [`flock_scheduler::config::AppSpec`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunMore {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ulimits: Vec<flock_scheduler::config::Ulimit>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit_milli: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_reservation: Option<u64>,
+    /// Read-only host paths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<flock_scheduler::config::BindMount>,
+    /// The stack's secrets the app mounts; the node writes their files before it starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<flock_scheduler::config::HealthCheck>,
+    /// Internal ports besides `ports`' that the node publishes (siblings reach them through
+    /// the app's service address).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose: Vec<u16>,
+    /// Host names the app resolves: its stack's siblings' service names, to their service
+    /// addresses.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra_hosts: BTreeMap<String, String>,
+}
+
+/// A secret file of an app: its content is in the replicated state, never in the spec.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretFile {
+    /// The secret's name in the state.
+    pub secret: String,
+    /// The path the app sees it at.
+    pub target: String,
+    pub mode: u32,
+    /// A digest of the content (a changed secret restarts the app with the new one).
+    pub digest: String,
+}
+
+/// The host names and variables by which a stack's app reaches its siblings: each sibling's
+/// service name to its service address (for `/etc/hosts`), and `NAME_SERVICE_HOST` variables
+/// (Kubernetes' convention; NAME upper-cased, `-` and `.` as `_`). Empty for an app outside
+/// stacks.
+pub fn service_names(
+    state: &ClusterState,
+    app: &App,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let (mut hosts, mut env) = (BTreeMap::new(), BTreeMap::new());
+    let Some(stack) = &app.spec.stack else {
+        return (hosts, env);
+    };
+    for other in state
+        .apps
+        .values()
+        .filter(|o| o.spec.stack.as_ref() == Some(stack))
+    {
+        let Some(vip) = other.vip else { continue };
+        let ip = flock_scheduler::app::service_ip(vip).to_string();
+        let name = other.spec.service_name();
+        let var = name.to_ascii_uppercase().replace(['-', '.'], "_");
+        env.insert(format!("{var}_SERVICE_HOST"), ip.clone());
+        hosts.insert(name.to_string(), ip);
+    }
+    (hosts, env)
 }
 
 impl RunSpec {
@@ -591,6 +677,43 @@ fn step(
     }
     let mut env = app.spec.environment.clone();
     env.extend(link_env(state, app, mesh_host));
+    let (extra_hosts, service_env) = service_names(state, app);
+    for (k, v) in service_env {
+        env.entry(k).or_insert(v);
+    }
+    let secrets = app
+        .spec
+        .secrets
+        .iter()
+        .map(|m| SecretFile {
+            secret: m.secret.clone(),
+            target: m.target.clone(),
+            mode: m.mode,
+            digest: state.secrets.get(&m.secret).map_or_else(
+                || "missing".to_string(),
+                |s| hex::encode(&Sha256::digest(&s.data)[..12]),
+            ),
+        })
+        .collect();
+    let a = &app.spec;
+    let more = RunMore {
+        entrypoint: a.entrypoint.clone(),
+        user: a.user.clone(),
+        working_dir: a.working_dir.clone(),
+        hostname: a.hostname.clone(),
+        stop_signal: a.stop_signal.clone(),
+        stop_grace_ms: a.stop_grace_ms,
+        ulimits: a.ulimits.clone(),
+        labels: a.labels.clone(),
+        shm_size: a.shm_size,
+        cpu_limit_milli: a.cpu_limit_milli,
+        mem_reservation: a.mem_reservation,
+        binds: a.binds.clone(),
+        secrets,
+        healthcheck: a.healthcheck.clone(),
+        expose: a.expose.clone(),
+        extra_hosts,
+    };
     let spec = RunSpec {
         app: name.to_string(),
         image: app.spec.image.clone(),
@@ -606,6 +729,7 @@ fn step(
             .collect(),
         mem_limit: app.spec.mem_limit,
         cpu_shares: app.spec.cpu_shares,
+        more,
     };
     let fingerprint = spec.fingerprint();
     if local.failed_spec.as_ref() == Some(&fingerprint) {
@@ -781,6 +905,32 @@ mod tests {
             .collect();
         assert_eq!(starts.len(), 1, "one start expected: {actions:?}");
         starts.into_iter().next().expect("one start")
+    }
+
+    /// An app without compose's newer keys keeps the fingerprint builds before them gave it:
+    /// its running instances are not restarted by an upgrade.
+    #[test]
+    fn a_spec_without_newer_keys_keeps_its_fingerprint() {
+        let spec = RunSpec {
+            app: "web".into(),
+            image: None,
+            command: Some(vec!["x".into()]),
+            env: BTreeMap::new(),
+            dataset_path: None,
+            mountpoint: None,
+            ports: vec![(80, 8080)],
+            mem_limit: None,
+            cpu_shares: None,
+            more: RunMore::default(),
+        };
+        // The JSON main at f71b59e hashed for this spec.
+        let before = r#"{"app":"web","image":null,"command":["x"],"env":{},"dataset_path":null,"mountpoint":null,"ports":[[80,8080]],"mem_limit":null,"cpu_shares":null}"#;
+        assert_eq!(serde_json::to_string(&spec).unwrap(), before);
+        let mut with = spec.clone();
+        with.more.user = Some("1000".into());
+        assert_ne!(with.fingerprint(), spec.fingerprint());
+        let back: RunSpec = serde_json::from_str(before).unwrap();
+        assert_eq!(back, spec);
     }
 
     #[test]

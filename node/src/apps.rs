@@ -408,6 +408,31 @@ async fn carry_out(here: &Here<'_>, core: &mut AppsCore, action: AppAction) -> b
                 core.started(&app, &spec, Err(StartFailure::Overtaken(e)), here.now());
                 return false;
             }
+            // Its secrets' files first, from the state (the spec names them, never holds them).
+            let contents: Result<Vec<Vec<u8>>, String> = {
+                let view = here.cluster.view.read();
+                spec.more
+                    .secrets
+                    .iter()
+                    .map(|s| {
+                        view.cluster
+                            .secrets
+                            .get(&s.secret)
+                            .map(|v| v.data.clone())
+                            .ok_or_else(|| format!("its secret {} is not in the state", s.secret))
+                    })
+                    .collect()
+            };
+            let written = contents.and_then(|c| {
+                drivers
+                    .write_secrets(&spec, &c)
+                    .map_err(|e| format!("cannot write its secret files: {e}"))
+            });
+            if let Err(e) = written {
+                tracing::warn!(app, error = %e, "not starting");
+                core.started(&app, &spec, Err(StartFailure::Transient(e)), here.now());
+                return false;
+            }
             let result = match drivers.start(kind, &spec, restarts).await {
                 Ok(i) => {
                     tracing::info!(app, id = %i.id, "started");

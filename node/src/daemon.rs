@@ -598,6 +598,12 @@ impl RunningNode {
                 )
             });
         }
+        {
+            let cluster = cluster.clone();
+            workers.spawn(Phase::Edge, "services", |stop, status| {
+                crate::mesh::services::run(cluster, stop, status)
+            });
+        }
         if let Some(ip) = mesh {
             let cluster = cluster.clone();
             workers.spawn(Phase::Edge, "mesh", |stop, status| {

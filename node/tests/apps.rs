@@ -277,20 +277,30 @@ fn a02_placement_fits_apps_to_nodes_and_refuses_what_cannot_run() {
     assert_eq!(ls, Value::Array(vec![]), "nothing deployed");
 
     let out = c.ctl_ok(c.addr(3), &["deploy", &compose]);
-    assert!(out.contains("stack t:") && out.contains("start t_fast on n3"), "{out}");
+    assert!(
+        out.contains("stack t:") && out.contains("start t_fast on n3"),
+        "{out}"
+    );
     until("fast to run on n3", Duration::from_secs(20), || {
         let a = app(&c, "t_fast");
         (a["node"] == "n3" && a["state"] == "running").then_some(())
     });
     let stacks = c.ctl_ok(c.addr(2), &["stack", "ls"]);
-    assert!(stacks.contains("t ") && stacks.contains("anywhere,fast"), "{stacks}");
+    assert!(
+        stacks.contains("t ") && stacks.contains("anywhere,fast"),
+        "{stacks}"
+    );
     c.ctl_ok(c.addr(1), &["app", "rm", "t_fast"]);
     let out = c.ctl_ok(c.addr(1), &["stack", "rm", "t"]);
     assert!(out.contains("removed stack t: 1 app(s)"), "{out}");
     let ls: Value = serde_json::from_str(&c.ctl_ok(c.addr(1), &["app", "ls", "--json"])).unwrap();
     assert_eq!(ls, Value::Array(vec![]), "the stack's apps are gone");
     let out = c.ctl(c.addr(1), &["stack", "rm", "t"]);
-    assert_eq!(out.status.code(), Some(4), "a stack that is not there: not found");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "a stack that is not there: not found"
+    );
 }
 
 /// `flockctl app move` of the test app, from n1 to n3, while a client appends to it without

@@ -68,6 +68,7 @@ fn spec(app: &str, script: &str) -> RunSpec {
         ports: Vec::new(),
         mem_limit: None,
         cpu_shares: None,
+        more: Default::default(),
     }
 }
 
@@ -99,7 +100,7 @@ async fn runs_a_container_with_its_dataset_env_limits_and_ports_and_is_adopted()
     s.cpu_shares = Some(512);
     s.ports = vec![(port, 80)];
 
-    let started = d.start(&s, 0).await.unwrap();
+    let started = d.start(&s, 0, None).await.unwrap();
     assert_eq!(started.app, "web");
     assert_eq!(started.fingerprint, s.fingerprint());
     assert!(
@@ -171,7 +172,7 @@ async fn runs_a_container_with_its_dataset_env_limits_and_ports_and_is_adopted()
     assert_eq!(std::fs::read_to_string(&f).unwrap(), "data\n");
 
     // Running: a second start is refused.
-    let again = d.start(&s, 0).await.unwrap_err();
+    let again = d.start(&s, 0, None).await.unwrap_err();
     assert!(
         matches!(again, DriverError::AlreadyRunning { .. }),
         "{again}"
@@ -204,7 +205,7 @@ async fn runs_a_container_with_its_dataset_env_limits_and_ports_and_is_adopted()
 
     // Start again: the exited container is replaced.
     std::fs::remove_file(&f).unwrap();
-    let restarted = d2.start(&s, 4).await.unwrap();
+    let restarted = d2.start(&s, 4, None).await.unwrap();
     assert_ne!(restarted.id, started.id);
     // The restart count it was started with is kept on the container, for the next flockd.
     assert_eq!(restarted.restarts, 4);
@@ -228,7 +229,7 @@ async fn runs_a_container_with_its_dataset_env_limits_and_ports_and_is_adopted()
 async fn an_exit_code_and_the_image_override_are_reported() {
     let (node, _cleanup) = node_label("exit");
     let d = connect(&node).await;
-    d.start(&spec("quick", "echo out; echo err >&2; exit 3"), 0)
+    d.start(&spec("quick", "echo out; echo err >&2; exit 3"), 0, None)
         .await
         .unwrap();
     wait_for("the exit", || async {
@@ -252,7 +253,7 @@ async fn an_exit_code_and_the_image_override_are_reported() {
     // Without `command`, the image's own (sh with no input) runs and exits 0.
     let mut s = spec("quick", "");
     s.command = None;
-    d.start(&s, 0).await.unwrap();
+    d.start(&s, 0, None).await.unwrap();
     wait_for("the second exit", || async {
         d.list().await.unwrap().first().map(|i| i.state.clone())
             == Some(RunState::Exited {
@@ -271,7 +272,7 @@ async fn a_missing_image_or_no_image_is_a_clear_error() {
     let d = connect(&node).await;
     let mut s = spec("x", "true");
     s.image = Some("flock-no-such-image:never".into());
-    let e = d.start(&s, 0).await.unwrap_err();
+    let e = d.start(&s, 0, None).await.unwrap_err();
     assert_eq!(
         e.to_string(),
         "app x: image flock-no-such-image:never is not on this node; build or load it \
@@ -279,7 +280,7 @@ async fn a_missing_image_or_no_image_is_a_clear_error() {
     );
     s.image = None;
     assert!(matches!(
-        d.start(&s, 0).await,
+        d.start(&s, 0, None).await,
         Err(DriverError::NoImage { .. })
     ));
     assert!(containers(&node).is_empty());

@@ -30,6 +30,7 @@ fn spec(app: &str, script: &str) -> RunSpec {
         ports: Vec::new(),
         mem_limit: None,
         cpu_shares: None,
+        more: Default::default(),
     }
 }
 

@@ -46,6 +46,15 @@ pub fn service_ip(i: u16) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::new(198, 18, hi, lo)
 }
 
+/// The ports an app takes on its node: the internal ports of `ports`, and `expose`.
+pub fn internal_ports(spec: &AppSpec) -> BTreeSet<u16> {
+    spec.ports
+        .iter()
+        .map(|p| p.internal)
+        .chain(spec.expose.iter().copied())
+        .collect()
+}
+
 /// The lowest and highest service address indexes (`198.18.0.1` to `198.18.255.254`).
 const VIP_RANGE: std::ops::RangeInclusive<u16> = 1..=0xfffe;
 
@@ -139,14 +148,41 @@ pub fn plan_deploy(
     let mut by_load: BTreeSet<(usize, NodeId)> = load.iter().map(|(id, c)| (*c, *id)).collect();
     // What the apps placed so far reserve on each node.
     let mut reserved: BTreeMap<NodeId, Reserved> = BTreeMap::new();
+    // Apps sharing a dataset (a compose volume several services name) run on one node: the
+    // first placed of them (pinned and staying ones come first) decides; (node, app).
+    let mut dataset_at: BTreeMap<&str, (NodeId, &str)> = BTreeMap::new();
+    let mut dataset_size: BTreeMap<&str, (Option<u64>, &str)> = BTreeMap::new();
+    for (name, app) in apps {
+        if let (Some(ds), Some(v)) = (app.spec.dataset_name(), &app.spec.volume) {
+            if let Some((size, other)) = dataset_size.insert(ds, (v.maximum_size, name)) {
+                if size != v.maximum_size {
+                    return Err(ApplyError::SharedVolumeMismatch {
+                        dataset: ds.to_string(),
+                        apps: format!("{other} and {name}"),
+                        why: "give it one maximum_size".into(),
+                    });
+                }
+            }
+        }
+    }
+    // The internal ports the apps placed so far take on each node (their drivers publish them
+    // there, where the mesh and service addresses reach them).
+    let mut used_ports: BTreeMap<NodeId, BTreeMap<u16, &str>> = BTreeMap::new();
     for name in order {
         let app = &apps[name];
+        let own_ports = internal_ports(&app.spec);
         let misfit_on = |node: NodeId, reserved: &BTreeMap<NodeId, Reserved>| {
             // A pin or a state naming a node that is not a member (a bad proposal or snapshot)
             // is refused, never a panic in apply.
             let Some(n) = state.nodes.get(&node) else {
                 return Some(format!("node {node} is not a member"));
             };
+            if let Some(used) = used_ports.get(&node) {
+                if let Some((p, other)) = own_ports.iter().find_map(|p| used.get(p).map(|o| (p, o)))
+                {
+                    return Some(format!("app {other} there takes internal port {p} too"));
+                }
+            }
             misfit(
                 n,
                 &app.spec,
@@ -154,48 +190,84 @@ pub fn plan_deploy(
             )
         };
         let fits = |node: &NodeId| usable(state, *node) && misfit_on(*node, &reserved).is_none();
-        let node = match app.node {
-            Some(pin) => {
-                if let Some(reason) = misfit_on(pin, &reserved) {
-                    return Err(ApplyError::PinnedMisfit {
-                        app: name.clone(),
-                        node: state
-                            .nodes
-                            .get(&pin)
-                            .map_or_else(|| format!("#{pin}"), |n| n.name.clone()),
-                        reason,
+        let shared = app
+            .spec
+            .dataset_name()
+            .and_then(|ds| dataset_at.get(ds).map(|at| (ds, *at)));
+        let node = match (shared, app.node) {
+            (Some((ds, (at, other))), pin) => {
+                if pin.is_some_and(|p| p != at) || misfit_on(at, &reserved).is_some() {
+                    let why = match misfit_on(at, &reserved) {
+                        Some(reason) if pin.is_none_or(|p| p == at) => format!(
+                            "they run on one node, and {name} does not fit on {} beside {other}: \
+                             {reason}",
+                            state.node_label(at)
+                        ),
+                        _ => format!(
+                            "they run on one node, but {other} is on {} and {name} is pinned \
+                             elsewhere",
+                            state.node_label(at)
+                        ),
+                    };
+                    return Err(ApplyError::SharedVolumeMismatch {
+                        dataset: ds.to_string(),
+                        apps: format!("{other} and {name}"),
+                        why,
                     });
                 }
-                pin
+                at
             }
-            None => {
-                let staying = state.apps.get(name).map(|a| a.node).filter(fits);
-                let dataset_home = datasets_by_name
-                    .get(name.as_str())
-                    .filter(|_| app.spec.volume.is_some())
-                    .map(|d| d.primary)
-                    .filter(fits);
-                // The least loaded node that fits: in (load, id) order, so an app that fits
-                // the first node costs one lookup, not a scan of every node.
-                let spread = || by_load.iter().map(|(_, id)| *id).find(|id| fits(id));
-                match staying.or(dataset_home).or_else(spread) {
-                    Some(n) => n,
-                    None => {
-                        let reasons: Vec<String> = load
-                            .keys()
-                            .filter_map(|id| {
-                                misfit_on(*id, &reserved)
-                                    .map(|r| format!("{}: {r}", state.nodes[id].name))
-                            })
-                            .collect();
-                        return Err(ApplyError::NoFittingNode {
+            (None, pin) => match pin {
+                Some(pin) => {
+                    if let Some(reason) = misfit_on(pin, &reserved) {
+                        return Err(ApplyError::PinnedMisfit {
                             app: name.clone(),
-                            reasons: reasons.join("; "),
+                            node: state
+                                .nodes
+                                .get(&pin)
+                                .map_or_else(|| format!("#{pin}"), |n| n.name.clone()),
+                            reason,
                         });
                     }
+                    pin
                 }
-            }
+                None => {
+                    let staying = state.apps.get(name).map(|a| a.node).filter(fits);
+                    let dataset_home = app
+                        .spec
+                        .dataset_name()
+                        .and_then(|ds| datasets_by_name.get(ds))
+                        .map(|d| d.primary)
+                        .filter(fits);
+                    // The least loaded node that fits: in (load, id) order, so an app that fits
+                    // the first node costs one lookup, not a scan of every node.
+                    let spread = || by_load.iter().map(|(_, id)| *id).find(|id| fits(id));
+                    match staying.or(dataset_home).or_else(spread) {
+                        Some(n) => n,
+                        None => {
+                            let reasons: Vec<String> = load
+                                .keys()
+                                .filter_map(|id| {
+                                    misfit_on(*id, &reserved)
+                                        .map(|r| format!("{}: {r}", state.nodes[id].name))
+                                })
+                                .collect();
+                            return Err(ApplyError::NoFittingNode {
+                                app: name.clone(),
+                                reasons: reasons.join("; "),
+                            });
+                        }
+                    }
+                }
+            },
         };
+        if let Some(ds) = app.spec.dataset_name() {
+            dataset_at.entry(ds).or_insert((node, name));
+        }
+        let used = used_ports.entry(node).or_default();
+        for p in own_ports {
+            used.insert(p, name);
+        }
         let count = load.entry(node).or_default();
         if by_load.remove(&(*count, node)) {
             by_load.insert((*count + 1, node));
@@ -317,18 +389,20 @@ impl ClusterState {
                     v
                 }
             };
-            let dataset = match &app.spec.volume {
-                None => None,
-                Some(vol) => Some(match next.dataset_by_name(name).map(|d| d.id) {
-                    Some(id) => {
-                        next.dataset_follows(id, node)?;
-                        id
-                    }
-                    None => match next.create_dataset(name, node, vol.maximum_size)? {
-                        CommandResult::DatasetCreated { id } => id,
-                        _ => unreachable!("create_dataset returns DatasetCreated"),
-                    },
-                }),
+            let dataset = match (&app.spec.volume, app.spec.dataset_name()) {
+                (Some(vol), Some(ds_name)) => {
+                    Some(match next.dataset_by_name(ds_name).map(|d| d.id) {
+                        Some(id) => {
+                            next.dataset_follows(id, node)?;
+                            id
+                        }
+                        None => match next.create_dataset(ds_name, node, vol.maximum_size)? {
+                            CommandResult::DatasetCreated { id } => id,
+                            _ => unreachable!("create_dataset returns DatasetCreated"),
+                        },
+                    })
+                }
+                _ => None,
             };
             new_apps.insert(
                 name.clone(),
@@ -357,6 +431,19 @@ impl ClusterState {
                     data: data.clone(),
                 },
             );
+        }
+        for (name, app) in &next.apps {
+            if let Some(m) = app
+                .spec
+                .secrets
+                .iter()
+                .find(|m| !next.secrets.contains_key(&m.secret))
+            {
+                return Err(ApplyError::UnknownSecret {
+                    app: name.clone(),
+                    secret: m.secret.clone(),
+                });
+            }
         }
         let total: usize = next.secrets.values().map(|s| s.data.len()).sum();
         if total > crate::limits::MAX_SECRETS_TOTAL_BYTES {
@@ -433,24 +520,50 @@ impl ClusterState {
                 node: node.name.clone(),
             });
         }
+        // The apps sharing its dataset (one compose volume) go with it.
+        let group: Vec<String> = match app.dataset {
+            Some(id) => self.apps_of_dataset(id).map(|(n, _)| n.clone()).collect(),
+            None => vec![name.to_string()],
+        };
         let mut reserved = Reserved::default();
-        for other in self.apps.iter().filter(|(n, a)| *n != name && a.node == to) {
+        for other in self
+            .apps
+            .iter()
+            .filter(|(n, a)| !group.contains(n) && a.node == to)
+        {
             reserved.add(&other.1.spec);
         }
-        if let Some(reason) = misfit(node, &app.spec, reserved) {
-            return Err(ApplyError::PinnedMisfit {
-                app: name.to_string(),
-                node: node.name.clone(),
-                reason,
-            });
+        for member in &group {
+            let spec = &self.apps[member].spec;
+            let ports = internal_ports(spec);
+            let taken = self
+                .apps
+                .iter()
+                .filter(|(n, a)| !group.contains(n) && a.node == to)
+                .find_map(|(n, a)| {
+                    internal_ports(&a.spec)
+                        .intersection(&ports)
+                        .next()
+                        .map(|p| format!("app {n} there takes internal port {p} too"))
+                });
+            if let Some(reason) = taken.or_else(|| misfit(node, spec, reserved)) {
+                return Err(ApplyError::PinnedMisfit {
+                    app: member.clone(),
+                    node: node.name.clone(),
+                    reason,
+                });
+            }
+            reserved.add(spec);
         }
         let mut next = self.clone();
         if let Some(id) = app.dataset {
             next.dataset_follows(id, to)?;
         }
-        let moved = next.apps.get_mut(name).expect("checked above");
-        moved.node = to;
-        moved.pinned = Some(to);
+        for member in &group {
+            let moved = next.apps.get_mut(member).expect("checked above");
+            moved.node = to;
+            moved.pinned = Some(to);
+        }
         *self = next;
         Ok(CommandResult::AppMoved {
             from: app.node,
@@ -609,6 +722,70 @@ mod tests {
             s.dataset_by_name("blog_db").is_some(),
             "a stack's datasets stay"
         );
+    }
+
+    #[test]
+    fn apps_sharing_a_volume_share_its_dataset_and_their_node() {
+        let mut s = cluster(3);
+        // Spread would put them on different nodes: the volume keeps them together.
+        let mut apps = stack_plan(
+            "p",
+            &[("a", None, true), ("b", None, true), ("c", None, false)],
+        );
+        for n in ["p_a", "p_b"] {
+            apps.get_mut(n)
+                .unwrap()
+                .spec
+                .volume
+                .as_mut()
+                .unwrap()
+                .dataset = Some("p_data".into());
+        }
+        let r = deploy_stack(&mut s, "p", apps.clone(), &[]);
+        assert!(matches!(r, CommandResult::Deployed { .. }), "{r:?}");
+        let ds = s.dataset_by_name("p_data").unwrap().id;
+        assert_eq!(
+            (s.apps["p_a"].dataset, s.apps["p_b"].dataset),
+            (Some(ds), Some(ds))
+        );
+        assert_eq!(s.apps["p_a"].node, s.apps["p_b"].node);
+        assert_ne!(s.apps["p_c"].node, s.apps["p_a"].node);
+        assert_eq!(s.datasets.len(), 1);
+        // Moving one moves both, with the dataset.
+        let to = if s.apps["p_a"].node == 3 { 2 } else { 3 };
+        let r = s.apply(&Command::MoveApp {
+            app: "p_b".into(),
+            to,
+        });
+        assert!(matches!(r, CommandResult::AppMoved { .. }), "{r:?}");
+        assert_eq!((s.apps["p_a"].node, s.apps["p_b"].node), (to, to));
+        assert_eq!(s.datasets[&ds].moving.as_ref().map(|m| m.to), Some(to));
+        // Two sizes for one volume, or pins on two nodes: refused.
+        let mut sized = apps.clone();
+        sized
+            .get_mut("p_a")
+            .unwrap()
+            .spec
+            .volume
+            .as_mut()
+            .unwrap()
+            .maximum_size = Some(1 << 30);
+        let r = deploy_stack(&mut s, "p", sized, &[]);
+        assert!(
+            matches!(
+                &r,
+                CommandResult::Rejected(ApplyError::SharedVolumeMismatch { .. })
+            ),
+            "{r:?}"
+        );
+        let mut pinned = apps.clone();
+        pinned.get_mut("p_a").unwrap().node = Some(1);
+        pinned.get_mut("p_b").unwrap().node = Some(2);
+        let r = deploy_stack(&mut s, "p", pinned, &[]);
+        let CommandResult::Rejected(e) = &r else {
+            panic!("{r:?}")
+        };
+        assert!(e.to_string().contains("share volume \"p_data\""), "{e}");
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl ClusterState {
         by_node.into_iter().next()
     }
 
-    fn node_label(&self, id: NodeId) -> String {
+    pub(crate) fn node_label(&self, id: NodeId) -> String {
         self.nodes
             .get(&id)
             .map_or_else(|| format!("node-{id}"), |n| n.name.clone())
@@ -69,7 +69,7 @@ impl ClusterState {
         &self,
         apps: &BTreeMap<String, PlannedApp>,
     ) -> Result<(), ApplyError> {
-        for (name, _) in apps.iter().filter(|(_, a)| a.spec.volume.is_some()) {
+        for name in apps.values().filter_map(|a| a.spec.dataset_name()) {
             if let Some(ds) = self.dataset_by_name(name) {
                 self.not_mounted(ds.id)?;
             }

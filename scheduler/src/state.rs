@@ -556,6 +556,14 @@ pub enum ApplyError {
     AppOfOtherStack { app: String, other: String },
     #[error("secret {secret:?} belongs to {}; secrets are named STACK_NAME", if other.is_empty() { "the configuration outside stacks".to_string() } else { format!("stack {other:?}") })]
     SecretOfOtherStack { secret: String, other: String },
+    #[error("apps {apps} share volume {dataset:?}: {why}")]
+    SharedVolumeMismatch {
+        dataset: String,
+        apps: String,
+        why: String,
+    },
+    #[error("app {app:?} mounts secret {secret:?}, which its stack does not define")]
+    UnknownSecret { app: String, secret: String },
     #[error("every service address (198.18.0.1 to 198.18.255.254) is taken")]
     NoServiceAddress,
     #[error("dataset {dataset:?} is the volume of app {app:?}; remove the app from the deployment first (its dataset moves with it)")]

@@ -313,7 +313,12 @@ impl DockerDriver {
 
     /// Starts a container for `spec`, labelled with `restarts`. Refused while one of the app
     /// runs, or may run (its state unknown); an exited one is removed first.
-    pub async fn start(&self, spec: &RunSpec, restarts: u32) -> Result<Instance, DriverError> {
+    pub async fn start(
+        &self,
+        spec: &RunSpec,
+        restarts: u32,
+        secrets_dir: Option<&std::path::Path>,
+    ) -> Result<Instance, DriverError> {
         let app = &spec.app;
         let image = spec
             .image
@@ -367,13 +372,33 @@ impl DockerDriver {
         if let Some((internal, _)) = spec.ports.first() {
             env.push(format!("PORT={internal}"));
         }
-        let binds = match (&spec.dataset_path, &spec.mountpoint) {
-            (Some(p), Some(m)) => Some(vec![format!("{}:{m}", p.display())]),
-            _ => None,
+        let more = &spec.more;
+        let mut binds = match (&spec.dataset_path, &spec.mountpoint) {
+            (Some(p), Some(m)) => vec![format!("{}:{m}", p.display())],
+            _ => Vec::new(),
         };
+        binds.extend(
+            more.binds
+                .iter()
+                .map(|b| format!("{}:{}:ro", b.source, b.target)),
+        );
+        if let Some(dir) = secrets_dir {
+            let names = super::secret_file_names(&more.secrets);
+            for (s, name) in more.secrets.iter().zip(names) {
+                binds.push(format!("{}:{}:ro", dir.join(name).display(), s.target));
+            }
+        }
         let mut exposed = HashMap::new();
         let mut bindings = HashMap::new();
-        for (internal, _) in &spec.ports {
+        // The internal ports of `ports`, and those its siblings reach it on: published on the
+        // node at their own number, where the mesh and service addresses forward to.
+        let internals = spec
+            .ports
+            .iter()
+            .map(|(i, _)| *i)
+            .chain(more.expose.iter().copied())
+            .collect::<std::collections::BTreeSet<u16>>();
+        for internal in &internals {
             let key = format!("{internal}/tcp");
             exposed.insert(key.clone(), HashMap::new());
             bindings.insert(
@@ -384,26 +409,78 @@ impl DockerDriver {
                 }]),
             );
         }
-        let labels = HashMap::from([
+        let mut labels: HashMap<String, String> = more
+            .labels
+            .iter()
+            .filter(|(k, _)| !k.starts_with("flock."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        labels.extend([
             (LABEL_NODE.to_string(), self.node_label.clone()),
             (LABEL_APP.to_string(), app.clone()),
             (LABEL_SPEC.to_string(), spec.fingerprint()),
             (LABEL_RESTARTS.to_string(), restarts.to_string()),
         ]);
         let host_config = HostConfig {
-            binds,
+            binds: (!binds.is_empty()).then_some(binds),
             port_bindings: (!bindings.is_empty()).then_some(bindings),
             memory: spec.mem_limit.and_then(|m| i64::try_from(m).ok()),
+            memory_reservation: more.mem_reservation.and_then(|m| i64::try_from(m).ok()),
             cpu_shares: spec.cpu_shares.and_then(|c| i64::try_from(c).ok()),
+            nano_cpus: more
+                .cpu_limit_milli
+                .and_then(|m| i64::try_from(m.saturating_mul(1_000_000)).ok()),
+            shm_size: more.shm_size.and_then(|m| i64::try_from(m).ok()),
+            ulimits: (!more.ulimits.is_empty()).then(|| {
+                more.ulimits
+                    .iter()
+                    .map(|u| bollard::models::ResourcesUlimits {
+                        name: Some(u.name.clone()),
+                        soft: Some(u.soft),
+                        hard: Some(u.hard),
+                    })
+                    .collect()
+            }),
+            extra_hosts: (!more.extra_hosts.is_empty()).then(|| {
+                more.extra_hosts
+                    .iter()
+                    .map(|(name, ip)| format!("{name}:{ip}"))
+                    .collect()
+            }),
             restart_policy: Some(RestartPolicy {
                 name: Some(RestartPolicyNameEnum::NO),
                 maximum_retry_count: None,
             }),
             ..Default::default()
         };
+        let healthcheck = more.healthcheck.as_ref().map(|h| {
+            let ns =
+                |ms: Option<u64>| ms.and_then(|m| i64::try_from(m.saturating_mul(1_000_000)).ok());
+            bollard::models::HealthConfig {
+                test: Some(if h.disable {
+                    vec!["NONE".to_string()]
+                } else {
+                    h.test.clone()
+                }),
+                interval: ns(h.interval_ms),
+                timeout: ns(h.timeout_ms),
+                retries: h.retries.map(i64::from),
+                start_period: ns(h.start_period_ms),
+                ..Default::default()
+            }
+        });
         let config = Config {
             image: Some(image.clone()),
             cmd: spec.command.clone().filter(|c| !c.is_empty()),
+            entrypoint: more.entrypoint.clone(),
+            user: more.user.clone(),
+            working_dir: more.working_dir.clone(),
+            hostname: more.hostname.clone(),
+            stop_signal: more.stop_signal.clone(),
+            stop_timeout: more
+                .stop_grace_ms
+                .map(|ms| i64::try_from(ms.div_ceil(1000)).unwrap_or(i64::MAX)),
+            healthcheck,
             env: Some(env),
             labels: Some(labels),
             exposed_ports: (!exposed.is_empty()).then_some(exposed),

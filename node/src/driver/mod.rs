@@ -148,6 +148,32 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stop may take beyond its grace period (the SIGKILL and the wait for the exit).
 pub const KILL_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The file names of an app's secrets in its secrets directory: the target's last component
+/// (`/run/secrets/db_password` is `db_password`), with its index before it when two share one.
+pub fn secret_file_names(secrets: &[flock_decide::apps::SecretFile]) -> Vec<String> {
+    let base = |t: &str| {
+        let b = t.rsplit('/').find(|c| !c.is_empty()).unwrap_or("secret");
+        if b == "." || b == ".." {
+            "secret".to_string()
+        } else {
+            b.to_string()
+        }
+    };
+    secrets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let b = base(&s.target);
+            let shared = secrets.iter().filter(|o| base(&o.target) == b).count() > 1;
+            if shared {
+                format!("{i}-{b}")
+            } else {
+                b
+            }
+        })
+        .collect()
+}
+
 /// A node's drivers: the process driver always, the docker driver when an engine answered at
 /// start.
 #[derive(Clone)]
@@ -295,8 +321,55 @@ impl Drivers {
                 })
                 .await
             }
-            Kind::Docker => self.docker(&spec.app)?.start(spec, restarts).await,
+            Kind::Docker => {
+                let secrets =
+                    (!spec.more.secrets.is_empty()).then(|| self.process.secrets_dir(&spec.app));
+                self.docker(&spec.app)?
+                    .start(spec, restarts, secrets.as_deref())
+                    .await
+            }
         }
+    }
+
+    /// Writes the secret files of `spec` (`contents` in the order of `spec.more.secrets`)
+    /// where its driver gives them to it: a directory of the app's, private to root; each
+    /// file has the mode the app asked for, and is replaced whole (written aside, then
+    /// renamed). Files of secrets the app no longer has go.
+    pub fn write_secrets(&self, spec: &RunSpec, contents: &[Vec<u8>]) -> std::io::Result<()> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let dir = self.process.secrets_dir(&spec.app);
+        if spec.more.secrets.is_empty() {
+            return match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
+        std::fs::create_dir_all(&dir)?;
+        // The directory is root's alone: the files' own modes are for the app (a container
+        // sees the file, not the directory).
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let names = secret_file_names(&spec.more.secrets);
+        for ((s, name), content) in spec.more.secrets.iter().zip(&names).zip(contents) {
+            let tmp = dir.join(format!(".{name}.tmp"));
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            std::io::Write::write_all(&mut f, content)?;
+            f.sync_all()?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(s.mode & 0o777))?;
+            std::fs::rename(&tmp, dir.join(name))?;
+        }
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !names.contains(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
     }
 
     /// Ok only once nothing of the app runs any more (process: every process of its group

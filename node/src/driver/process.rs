@@ -267,6 +267,11 @@ impl ProcessDriver {
         self.grace
     }
 
+    /// Where the app's secret files are (see [`super::Drivers::write_secrets`]).
+    pub fn secrets_dir(&self, app: &str) -> PathBuf {
+        self.dir(app).join("secrets")
+    }
+
     fn dir(&self, app: &str) -> PathBuf {
         self.root.join(app)
     }
@@ -430,6 +435,24 @@ impl ProcessDriver {
             .process_group(0);
         if let Some(p) = &spec.dataset_path {
             cmd.env("FLOCK_DATASET_PATH", p);
+        }
+        if !spec.more.secrets.is_empty() {
+            // A process has no /run/secrets of its own: its files are here, by name.
+            cmd.env("FLOCK_SECRETS_DIR", self.secrets_dir(app));
+        }
+        if let Some(w) = &spec.more.working_dir {
+            // Relative to its work dir (or its dataset's), as a container's is to its root.
+            cmd.current_dir(workdir.join(w.trim_start_matches('/')));
+        }
+        if let Some(user) = &spec.more.user {
+            let (uid, gid) = resolve_user(user).map_err(|detail| DriverError::Unknown {
+                app: app.clone(),
+                reason: format!("user {user}: {detail}"),
+            })?;
+            cmd.uid(uid);
+            if let Some(gid) = gid {
+                cmd.gid(gid);
+            }
         }
         if let Some(mask) = crate::datadir::original_umask() {
             // SAFETY: umask is async-signal-safe and touches no memory of the parent.
@@ -624,6 +647,39 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     crate::datadir::write_private_atomic(path, bytes)
 }
 
+/// `USER[:GROUP]` as uid and gid: numbers, or names from the password and group files.
+fn resolve_user(spec: &str) -> Result<(u32, Option<u32>), String> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let uid = match user.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) => lookup("/etc/passwd", user)?,
+    };
+    let gid = match group {
+        None => None,
+        Some(g) => Some(match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => lookup("/etc/group", g)?,
+        }),
+    };
+    Ok((uid, gid))
+}
+
+/// The id (third field) of `name` in a colon-separated file such as /etc/passwd.
+fn lookup(file: &str, name: &str) -> Result<u32, String> {
+    let text = fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, id)| id.parse().ok())
+        .ok_or_else(|| format!("no {name} in {file}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -639,6 +695,7 @@ mod tests {
             ports: vec![(8080, 80)],
             mem_limit: None,
             cpu_shares: None,
+            more: Default::default(),
         }
     }
 

@@ -17,6 +17,7 @@
 //!   space.
 
 mod forward;
+pub mod services;
 mod splice;
 
 use std::collections::BTreeMap;

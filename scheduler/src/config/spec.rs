@@ -110,6 +110,14 @@ pub struct AppSpec {
 }
 
 impl AppSpec {
+    /// The name of its volume's dataset: the volume's `dataset`, else the app's name; `None`
+    /// without a volume.
+    pub fn dataset_name(&self) -> Option<&str> {
+        self.volume
+            .as_ref()
+            .map(|v| v.dataset.as_deref().unwrap_or(&self.name))
+    }
+
     /// The name siblings reach the app by.
     pub fn service_name(&self) -> &str {
         self.service.as_deref().unwrap_or(&self.name)
