@@ -284,6 +284,41 @@ pub struct AppsSeen {
     pub copies: BTreeMap<DatasetId, CopySeen>,
     /// This node's lease, which stateful apps run under (the executor sets it on every look).
     pub lease: LeaseSeen,
+    /// The apps that apps placed here and not yet started depend on (`depends_on`), as the
+    /// nodes that run them report them; one missing here is unknown.
+    pub dependencies: BTreeMap<String, DepSeen>,
+    /// The health check's verdict of each instance that has one, by app.
+    pub health: BTreeMap<String, bool>,
+}
+
+/// An app another depends on, as the node that runs it reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DepSeen {
+    /// It runs; `healthy`: its health check's verdict (`None`: it has none).
+    Running { healthy: Option<bool> },
+    /// It does not run: why.
+    NotRunning { why: String },
+    /// Its node could not tell.
+    Unknown { why: String },
+}
+
+/// Why `app` may not start yet: a dependency that does not run, or is not healthy when the app
+/// waits for its health (compose's `condition: service_healthy`). Only a first start waits
+/// (compose's rule): a restart of an app that ran does not.
+pub fn waiting_for(app: &App, deps: &BTreeMap<String, DepSeen>) -> Option<String> {
+    for d in &app.spec.depends_on {
+        let why = match deps.get(&d.app) {
+            Some(DepSeen::Running { healthy }) => match (d.healthy, healthy) {
+                (true, Some(false)) => format!("{} to be healthy", d.app),
+                (true, None) | (false, _) | (true, Some(true)) => continue,
+            },
+            Some(DepSeen::NotRunning { why }) => format!("{} to run ({why})", d.app),
+            Some(DepSeen::Unknown { why }) => format!("{} (its state is unknown: {why})", d.app),
+            None => format!("{} (not looked at yet)", d.app),
+        };
+        return Some(format!("waiting for {why}"));
+    }
+    None
 }
 
 /// This node's lease as the apps see it ([`crate::lease`]).
@@ -344,6 +379,8 @@ pub struct AppLocal {
     pub last_lines: Vec<String>,
     /// The running instance's driver id.
     pub id: String,
+    /// The running instance's health check's verdict (`None`: it has none).
+    pub healthy: Option<bool>,
     /// When the app may be started again (a restart's or a failed start's backoff).
     next_start: Option<Instant>,
     /// Starts that failed in a row for reasons that may pass (an engine error).
@@ -744,6 +781,7 @@ fn step(
         }
         Some((SeenState::Running, true)) => {
             local.phase = Phase::Running;
+            local.healthy = seen.health.get(name).copied();
             local.detail.clear();
             local.id = instance.map(|i| i.id.clone()).unwrap_or_default();
             local.next_start = None;
@@ -818,6 +856,13 @@ fn step(
                 // A failed start's backoff: `started` said why and when.
                 local.phase = Phase::Restarting;
                 return actions;
+            }
+            if instance.is_none() {
+                if let Some(why) = waiting_for(app, &seen.dependencies) {
+                    local.phase = Phase::Waiting;
+                    local.detail = why;
+                    return actions;
+                }
             }
         }
     }
@@ -905,6 +950,75 @@ mod tests {
             .collect();
         assert_eq!(starts.len(), 1, "one start expected: {actions:?}");
         starts.into_iter().next().expect("one start")
+    }
+
+    /// `depends_on`: a first start waits for its dependency to run, and to be healthy when it
+    /// asks; a dependency nobody could look at is waited for, never assumed up.
+    #[test]
+    fn a_first_start_waits_for_its_dependencies() {
+        use flock_scheduler::config::Dependency;
+        let mut s = testutil::cluster(1);
+        let mut web = testutil::spec("web", false);
+        web.volume = None;
+        web.depends_on = vec![Dependency {
+            app: "db".into(),
+            healthy: true,
+        }];
+        let apps = BTreeMap::from([(
+            "web".to_string(),
+            PlannedApp {
+                spec: web,
+                node: Some(1),
+            },
+        )]);
+        testutil::ok(&mut s, Command::deploy_all(apps));
+        let with = |dep: Option<DepSeen>| AppsSeen {
+            dependencies: dep.into_iter().map(|d| ("db".to_string(), d)).collect(),
+            ..Default::default()
+        };
+        let cases = [
+            (None, Some("not looked at")),
+            (
+                Some(DepSeen::Unknown {
+                    why: "n2 did not answer".into(),
+                }),
+                Some("unknown: n2 did not answer"),
+            ),
+            (
+                Some(DepSeen::NotRunning {
+                    why: "exited".into(),
+                }),
+                Some("db to run"),
+            ),
+            (
+                Some(DepSeen::Running {
+                    healthy: Some(false),
+                }),
+                Some("db to be healthy"),
+            ),
+            (
+                Some(DepSeen::Running {
+                    healthy: Some(true),
+                }),
+                None,
+            ),
+            (Some(DepSeen::Running { healthy: None }), None),
+        ];
+        for (dep, waits) in cases {
+            let mut core = AppsCore::new();
+            let actions = core.decide(&s, 1, &with(dep.clone()), None, t(0));
+            match waits {
+                Some(why) => {
+                    assert!(actions.is_empty(), "{dep:?}: {actions:?}");
+                    let v = &core.view()["web"];
+                    assert_eq!(v.phase, Phase::Waiting, "{dep:?}");
+                    assert!(v.detail.contains(why), "{dep:?}: {}", v.detail);
+                }
+                None => {
+                    the_start(&actions);
+                }
+            }
+        }
     }
 
     /// An app without compose's newer keys keeps the fingerprint builds before them gave it:

@@ -93,6 +93,13 @@ pub fn status(
         s.detail = l.detail.clone();
         s.last_lines = l.last_lines.clone();
         s.id = l.id.clone();
+        if l.phase == flock_decide::apps::Phase::Running {
+            s.health = match l.healthy {
+                Some(true) => "healthy".into(),
+                Some(false) => "unhealthy".into(),
+                None => String::new(),
+            };
+        }
     }
     s
 }
@@ -305,6 +312,9 @@ async fn observe(here: &Here<'_>, state: &ClusterState) -> AppsSeen {
         seen.blind.insert(kind, why);
     }
     for (i, kind) in listing.instances {
+        if let (Some(h), RunState::Running { .. }) = (i.healthy, &i.state) {
+            seen.health.insert(i.app.clone(), h);
+        }
         let state = match i.state {
             RunState::Running { .. } => SeenState::Running,
             RunState::Exited { code, signal } => SeenState::Exited { code, signal },
@@ -341,7 +351,114 @@ async fn observe(here: &Here<'_>, state: &ClusterState) -> AppsSeen {
         };
         seen.copies.insert(id, copy);
     }
+    seen.dependencies = dependencies(here, state, &seen).await;
     seen
+}
+
+/// The apps that apps placed here and not started yet depend on, as the nodes that run them
+/// report them (this node from its own look; the others asked, side by side).
+async fn dependencies(
+    here: &Here<'_>,
+    state: &ClusterState,
+    seen: &AppsSeen,
+) -> BTreeMap<String, flock_decide::apps::DepSeen> {
+    use flock_decide::apps::DepSeen;
+    let me = here.cluster.node_id;
+    let wanted: std::collections::BTreeSet<&str> = state
+        .apps
+        .iter()
+        .filter(|(n, a)| a.node == me && !seen.instances.contains_key(*n))
+        .flat_map(|(_, a)| a.spec.depends_on.iter().map(|d| d.app.as_str()))
+        .collect();
+    let mut out = BTreeMap::new();
+    let mut ask: BTreeMap<flock_scheduler::NodeId, Vec<&str>> = BTreeMap::new();
+    for dep in wanted {
+        let Some(app) = state.apps.get(dep) else {
+            out.insert(
+                dep.to_string(),
+                DepSeen::NotRunning {
+                    why: "it is not deployed".into(),
+                },
+            );
+            continue;
+        };
+        match state.app_runs_on(app) {
+            None => {
+                out.insert(
+                    dep.to_string(),
+                    DepSeen::NotRunning {
+                        why: "it moves or waits for its node".into(),
+                    },
+                );
+            }
+            Some(n) if n == me => {
+                let running = seen.instances.get(dep).is_some_and(|is| {
+                    is.iter()
+                        .any(|i| matches!(i.state, flock_decide::apps::SeenState::Running))
+                });
+                out.insert(
+                    dep.to_string(),
+                    if running {
+                        DepSeen::Running {
+                            healthy: seen.health.get(dep).copied(),
+                        }
+                    } else {
+                        DepSeen::NotRunning {
+                            why: "it does not run".into(),
+                        }
+                    },
+                );
+            }
+            Some(n) => ask.entry(n).or_default().push(dep),
+        }
+    }
+    let answers = futures::future::join_all(ask.into_iter().map(|(n, deps)| async move {
+        let addr = state
+            .nodes
+            .get(&n)
+            .map(|x| x.addr.clone())
+            .unwrap_or_default();
+        let reply = match here.cluster.peer(n, &addr) {
+            Ok(mut client) => {
+                let mut req = tonic::Request::new(flock_proto::v1::LocalAppsRequest {});
+                req.set_timeout(Duration::from_secs(2));
+                match tokio::time::timeout(Duration::from_secs(2), client.local_apps(req)).await {
+                    Ok(Ok(r)) => Ok(r.into_inner()),
+                    Ok(Err(e)) => Err(e.message().to_string()),
+                    Err(_) => Err("no answer within 2 s".to_string()),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        (n, deps, reply)
+    }))
+    .await;
+    for (n, deps, reply) in answers {
+        let node = flock_scheduler::state::node_name(state, n);
+        for dep in deps {
+            let seen = match &reply {
+                Err(e) => DepSeen::Unknown {
+                    why: format!("node {node}: {e}"),
+                },
+                Ok(r) => match r.apps.iter().find(|a| a.name == dep) {
+                    Some(a) if a.state == "running" => DepSeen::Running {
+                        healthy: match a.health.as_str() {
+                            "" => None,
+                            h => Some(h == "healthy"),
+                        },
+                    },
+                    Some(a) => DepSeen::NotRunning {
+                        why: format!("{} on {node}", a.state),
+                    },
+                    None => DepSeen::NotRunning {
+                        why: format!("node {node} does not run it yet"),
+                    },
+                },
+            };
+            out.insert(dep.to_string(), seen);
+        }
+    }
+    out
 }
 
 /// Carries out one action; false when it failed (the app's later actions are skipped).

@@ -99,6 +99,7 @@ fn unknown(app: &str, reason: String) -> Instance {
         state: RunState::Unknown { reason },
         id: String::new(),
         restarts: 0,
+        healthy: None,
     }
 }
 
@@ -206,6 +207,14 @@ impl DockerDriver {
             return None;
         }
         let st = c.state.unwrap_or_default();
+        let healthy = st.health.as_ref().and_then(|h| h.status).and_then(|s| {
+            use bollard::models::HealthStatusEnum as H;
+            match s {
+                H::HEALTHY => Some(true),
+                H::UNHEALTHY | H::STARTING => Some(false),
+                _ => None,
+            }
+        });
         let state = if st.running == Some(true) {
             RunState::Running {
                 since_unix: st
@@ -235,6 +244,7 @@ impl DockerDriver {
                 .get(LABEL_RESTARTS)
                 .and_then(|r| r.parse().ok())
                 .unwrap_or(0),
+            healthy,
         })
     }
 
@@ -529,6 +539,7 @@ impl DockerDriver {
                 },
                 id: created.id,
                 restarts,
+                healthy: None,
             }),
         }
     }

@@ -32,6 +32,10 @@ pub struct Instance {
     /// How many times the app had been restarted (by its restart policy) when this instance
     /// started: kept with the instance, so a restarted flockd counts on from there.
     pub restarts: u32,
+    /// Its health check's verdict (docker's `healthy`: true; `unhealthy` or `starting`: false);
+    /// `None` without a health check.
+    #[serde(default)]
+    pub healthy: Option<bool>,
 }
 
 /// Whether an instance runs.

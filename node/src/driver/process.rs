@@ -353,6 +353,7 @@ impl ProcessDriver {
                 .ok()
                 .and_then(|r| r.trim().parse().ok())
                 .unwrap_or(0),
+            healthy: None,
         })
     }
 
@@ -539,6 +540,7 @@ impl ProcessDriver {
             },
             id: pid.to_string(),
             restarts,
+            healthy: None,
         })
     }
 

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod containers;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};

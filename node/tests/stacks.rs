@@ -1,0 +1,283 @@
+//! Stacks and service names, end to end (issue 18): real flockd processes, the real Docker
+//! engine and the image flock-test-busybox:latest (built from local files; nothing is pulled).
+//!
+//! A three-service stack (web, db, cache) from one compose file, with `depends_on` and a
+//! `healthcheck`, a named volume, a `${VARIABLE}` from the `.env` beside the file and a secret:
+//! web reaches `db` and `cache` by name on their own ports, with nothing published but web's
+//! port, and keeps reaching db while db moves to another node. A second stack with services
+//! of the same names deployed beside it reaches its own, never the first's, and deploying it
+//! touches no app of the first.
+//!
+//! Busybox's static `wget` cannot resolve names (static glibc has no NSS for /etc/hosts), so
+//! the apps look their siblings up in `/etc/hosts` themselves: what a glibc or musl program
+//! does by itself.
+//!
+//! This test needs a running Docker engine and iptables, and fails (never skips) without.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use common::containers::*;
+use common::*;
+use serde_json::Value;
+
+/// The shell function the apps resolve a sibling's service name with.
+const RESOLVE: &str = r#"addr() { awk -v n="$1" '$2==n {print $1; exit}' /etc/hosts; }"#;
+
+/// The ports one stack uses: its db's and cache's internal ports, web's internal and published
+/// one. The same host runs every node here, so two stacks' internal ports must differ (on real
+/// machines they differ only when their apps share a node).
+struct Ports {
+    db: u16,
+    cache: u16,
+    web: u16,
+    web_ext: u16,
+}
+
+/// The stack's compose file. `$` of the scripts is written `$$` (compose's escape).
+fn compose(stack: &str, p: &Ports) -> String {
+    let web = format!(
+        "{RESOLVE}; mkdir -p /www; i=0; while true; do i=$((i+1)); \
+         if wget -q -T 2 -O /tmp/db http://$(addr db):{db}/value && \
+         wget -q -T 2 -O /tmp/cache http://$(addr cache):{cache}/index.html; then \
+         (cat /tmp/db /tmp/cache; echo seq=$i) > /www/status.tmp && mv /www/status.tmp /www/status; \
+         fi; sleep 0.2; done & exec httpd -f -p {web} -h /www",
+        db = p.db,
+        cache = p.cache,
+        web = p.web
+    )
+    .replace('$', "$$");
+    let db = format!(
+        "echo \"db={stack} pw=$(cat /run/secrets/db_password) flavour=$FLAVOUR\" > /data/value; \
+         echo start >> /data/starts; exec httpd -f -p {db} -h /data",
+        db = p.db
+    )
+    .replace('$', "$$");
+    let cache = format!(
+        "mkdir -p /www && echo cache={stack} > /www/index.html && exec httpd -f -p {cache} -h /www",
+        cache = p.cache
+    )
+    .replace('$', "$$");
+    format!(
+        r#"name: {stack}
+services:
+  web:
+    image: {TEST_IMAGE}
+    command: ["sh", "-c", {web:?}]
+    ports: ["{web_ext}:{web_port}"]
+    depends_on:
+      db:
+        condition: service_healthy
+      cache:
+        condition: service_started
+    restart: always
+  db:
+    image: {TEST_IMAGE}
+    command: ["sh", "-c", {db:?}]
+    environment:
+      FLAVOUR: ${{FLAVOUR}}
+    volumes: ["dbdata:/data"]
+    expose: ["{db_port}"]
+    secrets: [db_password]
+    healthcheck:
+      test: ["CMD", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:{db_port}/value"]
+      interval: 1s
+      timeout: 1s
+      retries: 3
+    restart: always
+  cache:
+    image: {TEST_IMAGE}
+    command: ["sh", "-c", {cache:?}]
+    expose: [{cache_port}]
+    restart: always
+secrets:
+  db_password:
+    file: ./db_password.txt
+volumes:
+  dbdata: {{}}
+"#,
+        web_ext = p.web_ext,
+        web_port = p.web,
+        db_port = p.db,
+        cache_port = p.cache,
+    )
+}
+
+/// Writes stack `stack`'s directory: the compose file, its `.env` and its secret's file.
+fn write_stack(root: &Path, stack: &str, p: &Ports) -> String {
+    let dir = root.join(stack);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("compose.yml"), compose(stack, p)).unwrap();
+    fs::write(dir.join(".env"), format!("FLAVOUR={stack}-flavour\n")).unwrap();
+    fs::write(dir.join("db_password.txt"), format!("{stack}-secret")).unwrap();
+    dir.join("compose.yml").display().to_string()
+}
+
+/// web's status page through the mesh: what it last read from db and cache, and its count.
+fn status(web_ext: u16) -> Result<(String, u64), String> {
+    let body = http_get(&format!("127.0.0.1:{web_ext}"), "/status")?;
+    let seq = body
+        .lines()
+        .find_map(|l| l.strip_prefix("seq="))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| format!("no seq in {body:?}"))?;
+    Ok((body, seq))
+}
+
+#[test]
+fn s01_a_stack_reaches_its_services_by_name_across_a_move_beside_another_stack() {
+    let c = DockerCluster::start(3);
+    let root = tempfile::tempdir().unwrap();
+    let shop = Ports {
+        db: free_port_any(),
+        cache: free_port_any(),
+        web: free_port_any(),
+        web_ext: free_port_any(),
+    };
+    let file = write_stack(root.path(), "shop", &shop);
+
+    // The dry run lists the stack's apps; nothing is published but web's port.
+    let dry = c.ctl_ok(c.addr(1), &["deploy", &file, "--dry-run"]);
+    for app in ["shop_web", "shop_db", "shop_cache"] {
+        assert!(dry.contains(&format!("would start {app}")), "{dry}");
+    }
+    let out = c.ctl_ok(c.addr(1), &["deploy", &file]);
+    assert!(out.contains("stack shop:"), "{out}");
+
+    // web reaches db and cache by name: db's value carries the secret and the .env variable.
+    let expected = "db=shop pw=shop-secret flavour=shop-flavour\ncache=shop\n";
+    let (body, _) = c.until("web to reach db and cache", Duration::from_secs(90), |_| {
+        status(shop.web_ext).and_then(|(b, s)| {
+            b.starts_with(expected)
+                .then_some((b.clone(), s))
+                .ok_or(format!("status: {b:?}"))
+        })
+    });
+    println!("s01: web reads {body:?}");
+    let ls = c.app_ls();
+    let db = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "shop_db")
+        .cloned()
+        .unwrap();
+    assert_eq!(db["stack"], "shop", "{db:#}");
+    assert_eq!(db["service"], "db", "{db:#}");
+    let vip = db["service_ip"].as_str().unwrap().to_string();
+    assert!(vip.starts_with("198.18."), "{db:#}");
+    // web's hosts entries name its siblings' service addresses.
+    let web = c.app("shop_web");
+    let hosts = docker(&["exec", web["id"].as_str().unwrap(), "cat", "/etc/hosts"]).unwrap();
+    assert!(
+        hosts
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == [vip.as_str(), "db"]),
+        "{hosts}"
+    );
+    // The secret's file is read-only in the container, and not readable on the host by others.
+    let info = inspect(db["id"].as_str().unwrap());
+    let secret_mount = info["Mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["Destination"] == "/run/secrets/db_password")
+        .cloned()
+        .unwrap_or_else(|| panic!("no secret mount: {:#}", info["Mounts"]));
+    assert_eq!(secret_mount["RW"], false, "{secret_mount:#}");
+    let dir = Path::new(secret_mount["Source"].as_str().unwrap())
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&dir).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "{} is {mode:o}", dir.display());
+    // app show never prints the secret.
+    let show = c.ctl_ok(c.addr(1), &["app", "show", "shop_db", "--json"]);
+    assert!(!show.contains("shop-secret"), "{show}");
+
+    // A second stack with the same service names, beside it: it reaches its own db, and the
+    // first stack's apps are not touched (same containers).
+    let ids_before: Vec<Value> = ["shop_web", "shop_db", "shop_cache"]
+        .iter()
+        .map(|a| c.app(a)["id"].clone())
+        .collect();
+    let blog = Ports {
+        db: free_port_any(),
+        cache: free_port_any(),
+        web: free_port_any(),
+        web_ext: free_port_any(),
+    };
+    let blog_file = write_stack(root.path(), "blog", &blog);
+    let out = c.ctl_ok(c.addr(2), &["deploy", &blog_file]);
+    assert!(!out.contains("shop_"), "{out}");
+    c.until(
+        "blog's web to reach its own db",
+        Duration::from_secs(90),
+        |_| {
+            status(blog.web_ext).and_then(|(b, _)| {
+                b.starts_with("db=blog pw=blog-secret flavour=blog-flavour\ncache=blog\n")
+                    .then_some(())
+                    .ok_or(format!("status: {b:?}"))
+            })
+        },
+    );
+    let ids_after: Vec<Value> = ["shop_web", "shop_db", "shop_cache"]
+        .iter()
+        .map(|a| c.app(a)["id"].clone())
+        .collect();
+    assert_eq!(ids_before, ids_after, "deploying blog restarted a shop app");
+    let stacks = c.ctl_ok(c.addr(3), &["stack", "ls"]);
+    assert!(
+        stacks.contains("blog") && stacks.contains("shop"),
+        "{stacks}"
+    );
+
+    // db moves to another node with its data; web keeps reaching it at db:PORT.
+    let from = db["node"].as_str().unwrap().to_string();
+    let to = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != from && *n != c.app("shop_web")["node"].as_str().unwrap())
+        .unwrap();
+    c.ctl_ok(c.addr(1), &["app", "move", "shop_db", "--to", to]);
+    let moved = c.app("shop_db");
+    assert_eq!(moved["node"], to, "{moved:#}");
+    let (_, seq_then) = status(shop.web_ext).unwrap();
+    c.until(
+        "web to reach db on its new node",
+        Duration::from_secs(60),
+        |_| {
+            status(shop.web_ext).and_then(|(b, s)| {
+                (b.starts_with(expected) && s > seq_then + 5)
+                    .then_some(())
+                    .ok_or(format!("seq {s} (was {seq_then}): {b:?}"))
+            })
+        },
+    );
+
+    // Removing a stack removes its apps only.
+    let out = c.ctl_ok(c.addr(1), &["stack", "rm", "blog"]);
+    assert!(out.contains("removed stack blog: 3 app(s)"), "{out}");
+    c.until("blog's apps to go", Duration::from_secs(30), |c| {
+        let names: Vec<String> = c
+            .app_ls()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap().to_string())
+            .collect();
+        (names == ["shop_cache", "shop_db", "shop_web"])
+            .then_some(())
+            .ok_or(format!("{names:?}"))
+    });
+    c.ctl_ok(c.addr(1), &["stack", "rm", "shop"]);
+    c.until("every container to go", Duration::from_secs(30), |c| {
+        let left = c.all_containers();
+        left.is_empty()
+            .then_some(())
+            .ok_or(format!("left: {left:?}"))
+    });
+    drop(c);
+}
