@@ -545,7 +545,8 @@ fn read_top_secrets(r: &mut Report, y: &Yaml, kind: &str) -> BTreeMap<String, Se
             r.error(
                 k.at,
                 &path,
-                m.replace("application name", &format!("{one} name")),
+                m.replace("an application name", &format!("a {one} name"))
+                    .replace("the application name", &format!("the {one} name")),
             );
             continue;
         }
@@ -1500,13 +1501,15 @@ fn read_port(cx: Ctx, y: &Yaml, path: &str) -> Result<PortRead, ConfigError> {
             let shown = crate::limits::shown(text);
             let spec = match text.split_once('/') {
                 Some((s, "tcp")) => s,
-                Some((_, proto)) => return Err(cx.err(
-                    y.at,
-                    path,
-                    format!(
+                Some((_, proto)) => {
+                    return Err(cx.err(
+                        y.at,
+                        path,
+                        format!(
                         "{shown}: only tcp ports are supported, not {proto} (the mesh carries tcp)"
                     ),
-                )),
+                    ))
+                }
                 None => text.as_str(),
             };
             if spec.contains('-') {
@@ -1625,11 +1628,22 @@ fn read_volumes(
             ),
             VolumeKind::Volume(name) => {
                 if let Some(n) = &name {
+                    if n.is_empty() {
+                        r.error(
+                            item.at,
+                            &item_path,
+                            format!(
+                                "nothing before :{target} (is a variable unset?); write \
+                                 NAME:{target} for a named volume, or {target} alone"
+                            ),
+                        );
+                        continue;
+                    }
                     if let Err(m) = check_app_name(n) {
                         r.error(
                             item.at,
                             &item_path,
-                            m.replace("application name", "volume name"),
+                            m.replace("the application name", "the volume name"),
                         );
                         continue;
                     }
@@ -1664,6 +1678,18 @@ fn read_volumes(
                 let Some(abs) = absolute_source(r, options, &source, item.at, &item_path) else {
                     continue;
                 };
+                if abs.ends_with("/docker.sock") {
+                    r.error(
+                        item.at,
+                        &item_path,
+                        format!(
+                            "{abs} is the node's Docker API, which is not given to apps (read-only \
+                             or not, it lets the app start and stop the node's containers, \
+                             flock's among them): remove it"
+                        ),
+                    );
+                    continue;
+                }
                 r.warn(
                     item.at,
                     &item_path,
