@@ -641,6 +641,11 @@ fn read_secret_contents<'k>(
             &tops.secrets
         };
         let Some(def) = defs.get(name) else { continue };
+        let one = if *kind == "configs" {
+            "config"
+        } else {
+            "secret"
+        };
         let content = match &def.source {
             SecretSource::File(f) => match (options.read_file)(f) {
                 Ok(bytes) => bytes,
@@ -649,7 +654,7 @@ fn read_secret_contents<'k>(
                         def.at,
                         &def.path,
                         format!(
-                            "cannot read {}: {e} (a {kind} file is read beside the compose \
+                            "cannot read {}: {e} (a {one}'s file is read beside the compose \
                              file, before anything is deployed)",
                             crate::limits::shown(f)
                         ),
@@ -665,7 +670,7 @@ fn read_secret_contents<'k>(
                         &def.path,
                         format!(
                             "variable {var} is not set: set it in the environment or in .env \
-                             (its value is the {kind} {name})"
+                             (its value is the {one} {name})"
                         ),
                     );
                     continue;
