@@ -544,6 +544,11 @@ configs:
              secrets travel with its deploy; give ext file: or environment: instead",
         ]
     );
+    assert_eq!(
+        refused("services:\n  a: {image: a}\nsecrets:\n  x: {environment: X}\nconfigs:\n  x: {content: y}\n"),
+        ["compose.yml:6:16: configs.x.content: x is also a secret's name, and secrets and \
+          configs share their names in the cluster: rename one"]
+    );
 }
 
 #[test]

@@ -325,6 +325,20 @@ fn read_file(
             if let Some(v) = get(top, "configs") {
                 tops.configs = read_top_secrets(r, v, "configs");
             }
+            // One namespace in the cluster (STACK_NAME): a secret and a config of one name
+            // would overwrite each other.
+            for (name, def) in &tops.configs {
+                if tops.secrets.contains_key(name) {
+                    r.error(
+                        def.at,
+                        &def.path,
+                        format!(
+                            "{name} is also a secret's name, and secrets and configs share \
+                             their names in the cluster: rename one"
+                        ),
+                    );
+                }
+            }
             let services = match get(top, "services") {
                 Some(s) => r.ok(cx.mapping_or_empty(s, "services"))?,
                 None => {
@@ -352,7 +366,7 @@ fn read_file(
     let mut built = BTreeSet::new();
     // Services left out because none of their profiles is active, with their profiles.
     let mut inactive: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut used_secrets: BTreeMap<(&'static str, String), ()> = BTreeMap::new();
+    let mut used_secrets: BTreeSet<(&'static str, String)> = BTreeSet::new();
     for (key, value) in services {
         let name = key.scalar().unwrap_or_default();
         let path = child(prefix, name);
@@ -394,7 +408,7 @@ fn read_file(
             } else {
                 "secrets"
             };
-            used_secrets.insert((kind, m.secret.clone()), ());
+            used_secrets.insert((kind, m.secret.clone()));
         }
         apps.insert(name.to_string(), s.spec);
         sources.insert(name.to_string(), s.source);
@@ -402,7 +416,7 @@ fn read_file(
     }
     resolve_links_and_deps(r, &mut apps, pending, &inactive);
     check_dataset_names(r, &apps, &sources);
-    let secrets = read_secret_contents(r, options, vars, &tops, used_secrets.keys());
+    let secrets = read_secret_contents(r, options, vars, &tops, used_secrets.iter());
     Some(Applications {
         file: r.cx.file.to_string(),
         format,
