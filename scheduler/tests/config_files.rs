@@ -332,7 +332,8 @@ fn compose_v3_files() {
     db.volume = Some(Volume {
         mountpoint: "/var/lib/postgresql/data".into(),
         maximum_size: None,
-        dataset: None,
+        // A named volume is a dataset by its name (into_stack prefixes it with the stack's).
+        dataset: Some("dbdata".into()),
     });
     db.restart_policy = RestartPolicy::OnFailure { max_retry: Some(3) };
     db.mem_limit = Some(512 << 20);
@@ -586,170 +587,14 @@ fn application_errors() {
             "app.yml:7:17: applications.db.ports[0].external: 70000 is not a port (1 to 65535)",
         ),
         (
-            "a port without its external side",
-            app("    image: postgres\n    ports:\n    - internal: 5432\n"),
-            "app.yml:6:7: applications.db.ports[0]: missing external (a port is {internal: PORT_IN_APP, external: PUBLISHED_PORT})",
-        ),
-        (
-            "a fig port string in Flocker's form",
-            app("    image: postgres\n    ports: [\"5432:5432\"]\n"),
-            "app.yml:5:13: applications.db.ports[0]: \"5432:5432\" is the compose form; application.yml writes {internal: 5432, external: 5432}",
-        ),
-        (
-            "one external port twice in an app",
-            app("    image: postgres\n    ports:\n    - {internal: 1, external: 80}\n    - {internal: 2, external: 80}\n"),
-            "app.yml:7:31: applications.db.ports[1].external: external port 80 is already published by applications.db.ports[0]",
-        ),
-        (
-            "a link alias with a dot",
-            app("    image: postgres\n    links:\n    - local_port: 80\n      remote_port: 80\n      alias: my.db\n"),
-            "app.yml:8:14: applications.db.links[0].alias: \"my.db\" is not a link alias (use letters, digits, '_' and '-', starting with a letter or a digit)",
-        ),
-        (
-            "a link without remote_port",
-            app("    image: postgres\n    links:\n    - local_port: 80\n      alias: web\n"),
-            "app.yml:6:7: applications.db.links[0]: missing remote_port (a link is {local_port: PORT, remote_port: PUBLISHED_PORT, alias: NAME})",
-        ),
-        (
-            "two links setting the same variables",
-            app("    image: postgres\n    links:\n    - {local_port: 80, remote_port: 80, alias: web}\n    - {local_port: 80, remote_port: 81, alias: WEB}\n"),
-            "app.yml:7:7: applications.db.links[1]: another link already sets WEB_PORT_80_TCP; give this one another alias",
-        ),
-        (
-            "an unknown restart policy",
-            app("    image: postgres\n    restart_policy:\n      name: sometimes\n"),
-            "app.yml:6:13: applications.db.restart_policy.name: \"sometimes\" is not a restart policy (use never, always or on-failure)",
-        ),
-        (
-            "a retry count with always",
-            app("    image: postgres\n    restart_policy:\n      name: always\n      maximum_retry_count: 3\n"),
-            "app.yml:7:7: applications.db.restart_policy: maximum_retry_count goes only with on-failure, not always",
-        ),
-        (
-            "a retry count of 0",
-            app("    image: postgres\n    restart_policy: {name: on-failure, maximum_retry_count: 0}\n"),
-            "app.yml:5:61: applications.db.restart_policy.maximum_retry_count: 0 is not a retry count (1 to 4294967295); leave it out for no limit",
-        ),
-        (
-            "a restart policy without a name",
-            app("    image: postgres\n    restart_policy: {maximum_retry_count: 3}\n"),
-            "app.yml:5:21: applications.db.restart_policy: missing name (never, always or on-failure)",
-        ),
-        (
-            "environment as a list in Flocker's form",
-            app("    image: postgres\n    environment: [\"A=1\"]\n"),
-            "app.yml:5:18: applications.db.environment: expected a mapping of names to values (lists of NAME=VALUE are for compose files), found a list",
-        ),
-        (
-            "an environment value that is a mapping",
-            app("    image: postgres\n    environment:\n      A: {b: c}\n"),
-            "app.yml:6:10: applications.db.environment.A: expected a string, found a mapping",
-        ),
-        (
-            "mem_limit that is not a size",
-            app("    image: postgres\n    mem_limit: lots\n"),
-            "app.yml:5:16: applications.db.mem_limit: \"lots\" is not a size (use 500M, 1G or bytes)",
-        ),
-        (
-            "cpu_shares that is not a number",
-            app("    image: postgres\n    cpu_shares: 1.5\n"),
-            "app.yml:5:17: applications.db.cpu_shares: expected a whole number, found \"1.5\"",
-        ),
-        (
-            "a command with an unclosed quote",
-            app("    command: \"sh -c 'echo hi\"\n"),
-            "app.yml:4:14: applications.db.command: \"sh -c 'echo hi\" has an unclosed quote or a trailing backslash",
-        ),
-        (
-            "an empty command",
-            app("    command: []\n"),
-            "app.yml:4:14: applications.db.command: the command is empty",
-        ),
-        (
-            "an image with a space",
-            app("    image: \"postgres 9\"\n"),
-            "app.yml:4:12: applications.db.image: \"postgres 9\" is not an image name (no spaces: postgres:9.4)",
-        ),
-        (
-            "a bad app name",
-            app_error(&format!("{V1}  \"my db\":\n    image: postgres\n")),
-            "app.yml:3:3: applications.\"my db\": the application name \"my db\" contains ' ' (use letters, digits, '_', '.' and '-')",
-        ),
-        (
-            "an app that is not a mapping",
-            app_error(&format!("{V1}  db: postgres\n")),
-            "app.yml:3:7: applications.db: expected a mapping, found \"postgres\"",
-        ),
-        (
-            "version 2",
-            app_error("version: 2\napplications: {}\n"),
-            "app.yml:1:10: version: 2 is not supported; write version: 1",
-        ),
-        (
-            "no version",
-            app_error("applications:\n  db:\n    ports: []\n"),
-            "app.yml:1:1: missing version: 1",
-        ),
-        (
-            "a version but no applications",
-            app_error("version: 1\napps: {}\n"),
-            "app.yml:1:1: a file with a version needs applications: (Flocker's application.yml) or services: (a compose file)",
-        ),
-        (
-            "an unknown top-level key",
-            app_error("version: 1\napplications: {}\nnodes: {}\n"),
-            "app.yml:3:1: unknown key \"nodes\"; Flocker's application.yml takes version, applications",
-        ),
-        (
-            "a YAML syntax error",
-            app_error("version: 1\napplications:\n  db:\n    image: [postgres\n    ports: []\n"),
-            "app.yml:5:10: not valid YAML: illegal placement of ':' indicator",
-        ),
-        (
-            "a duplicate key",
-            app(  "    image: postgres\n    image: mysql\n"),
-            "app.yml:5:5: not valid YAML: the key \"image\" appears twice in this mapping (first at line 4)",
-        ),
-        (
-            "an empty file",
-            app_error("# nothing yet\n"),
-            "app.yml:1:1: the file is empty; expected version: 1 and applications: (Flocker's application.yml) or compose services",
-        ),
-        (
-            "a list at the top",
-            app_error("- db\n"),
-            "app.yml:1:1: expected a mapping, found a list",
-        ),
-    ]);
-}
-
-#[test]
-fn compose_errors() {
-    check_all(&[
-        (
-            "a link to an unknown service",
-            app_error("web:\n  image: nginx\n  links: [\"redis:cache\"]\n"),
-            "app.yml:3:11: web.links[0]: \"redis\" is not a service in this file",
-        ),
-        (
-            "a link to a service without ports",
-            app_error("web:\n  image: nginx\n  links: [redis]\nredis:\n  image: redis\n"),
-            "app.yml:3:11: web.links[0]: redis publishes no ports, and a link reaches a service through its published ports; give redis ports",
-        ),
-        (
-            "a port without its external side",
-            app_error("web:\n  image: nginx\n  ports: [\"80\"]\n"),
-            "app.yml:3:11: web.ports[0]: \"80\" has no external port; write \"EXTERNAL:INTERNAL\", as \"8080:80\" (the mesh publishes EXTERNAL on every node)",
-        ),
-        (
-            "a port bound to an address",
-            app_error("web:\n  image: nginx\n  ports: [\"127.0.0.1:80:80\"]\n"),
-            "app.yml:3:11: web.ports[0]: \"127.0.0.1:80:80\": binding to one address is not supported (the mesh publishes a port on every node); write \"EXTERNAL:INTERNAL\", as \"8080:80\"",
+            "a port bound to an address other than loopback",
+            app_error("web:\n  image: nginx\n  ports: [\"10.0.0.1:80:80\"]\n"),
+            "app.yml:3:11: web.ports[0]: \"10.0.0.1:80:80\": binding to one address is not supported (the mesh publishes a port on every node); write \"EXTERNAL:INTERNAL\", as \"8080:80\"",
         ),
         (
             "a udp port",
             app_error("web:\n  image: nginx\n  ports: [\"53:53/udp\"]\n"),
-            "app.yml:3:11: web.ports[0]: \"53:53/udp\": only tcp ports are supported, not udp",
+            "app.yml:3:11: web.ports[0]: \"53:53/udp\": only tcp ports are supported, not udp (the mesh carries tcp)",
         ),
         (
             "a port range",
@@ -757,25 +602,24 @@ fn compose_errors() {
             "app.yml:3:11: web.ports[0]: \"8000-8001:8000-8001\": port ranges are not supported; list each port",
         ),
         (
-            "a host directory",
+            "a writable host directory",
             app_error("web:\n  image: nginx\n  volumes: [\"./html:/usr/share/nginx/html\"]\n"),
-            "app.yml:3:13: web.volumes[0]: \"./html\" is a host directory, which does not move with the app; write \"/usr/share/nginx/html\" alone (or NAME:/usr/share/nginx/html) for a volume flock manages",
+            "app.yml:3:13: web.volumes[0]: \"./html\" is a writable host directory: data written there stays on one node's disk and does not move with the app; use a named volume (NAME:/usr/share/nginx/html, one dataset that moves with the app), or mount it read-only (./html:/usr/share/nginx/html:ro)",
         ),
         (
             "two volumes",
-            app_error("web:\n  image: nginx\n  volumes: [/a, /b]\n"),
-            "app.yml:3:3: web.volumes: 2 volumes given; flock gives an app one volume (as Flocker)",
-        ),
-        ("build", app_error("web:\n  build: .\n"), "app.yml:2:3: web: build is not supported: flock does not build images; push the image to a registry and give image:"),
-        (
-            "an unsupported key",
-            app_error("services:\n  web:\n    image: nginx\n    depends_on: [db]\n"),
-            "app.yml:4:5: services.web: depends_on is not supported by flock (apps start independently on their nodes: an app that needs another should retry until it answers, with restart: always; remove depends_on); a service takes image, command, ports, links, volumes, environment, restart, mem_limit, cpu_shares, deploy, labels, x-flock",
+            app_error("web:\n  image: nginx\n  volumes: [/a, \"b:/b\"]\n"),
+            "app.yml:3:3: web.volumes: 2 writable volumes (/a, b:/b); flock gives an app one dataset, which moves with it: keep one (put the data under one directory), or mount host files read-only (:ro)",
         ),
         (
-            "networks",
-            app_error("services:\n  web:\n    image: nginx\nnetworks: {}\n"),
-            "app.yml:4:1: networks is not supported by flock (apps reach each other through links and the routing mesh); a compose file takes version, services, volumes, name and x- fields",
+            "an unknown key",
+            app_error("services:\n  web:\n    image: nginx\n    depend_on: [db]\n"),
+            "app.yml:4:5: services.web: unknown key \"depend_on\"; did you mean depends_on? a service takes compose's keys (README.md: Compose keys)",
+        ),
+        (
+            "the host's network",
+            app_error("services:\n  web:\n    image: nginx\n    network_mode: host\n"),
+            "app.yml:4:5: services.web.network_mode: network_mode: host is refused: the app would use that network instead of the mesh, which publishes its ports on every node and lets its siblings reach it by name: remove it and give ports:",
         ),
         (
             "compose version 1",
@@ -788,9 +632,9 @@ fn compose_errors() {
             "app.yml:5:21: web.deploy.placement.constraints[0]: constraint \"node.role == manager\": flock places by node.labels.KEY and node.hostname, not \"node.role\"",
         ),
         (
-            "swarm's deploy keys",
+            "more than one replica",
             app_error("web:\n  image: nginx\n  deploy:\n    replicas: 2\n"),
-            "app.yml:4:5: web.deploy: unknown key \"replicas\"; deploy takes placement",
+            "app.yml:4:15: web.deploy.replicas: 2 replicas: scaling stateless apps is not there yet; replicas: 1",
         ),
         (
             "restart on-failure:0",

@@ -96,13 +96,17 @@ fn deploy_request(
     plan: &config::Plan,
     dry_run: bool,
     stack: Option<&str>,
+    secrets: &std::collections::BTreeMap<String, Vec<u8>>,
 ) -> anyhow::Result<DeployRequest> {
     Ok(DeployRequest {
         plan_json: serde_json::to_string(&plan.apps)?,
         dry_run,
         volumes_json: serde_json::to_string(&plan.volumes)?,
         stack: stack.unwrap_or_default().to_string(),
-        secrets: Default::default(),
+        secrets: secrets
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         problems_in_reply: true,
     })
 }
@@ -115,6 +119,101 @@ pub struct DeployArgs<'a> {
     pub env_file: Option<&'a Path>,
     /// `-p`: the stack's name.
     pub project: Option<&'a str>,
+    /// `--profile`: the compose profiles to activate.
+    pub profiles: &'a [String],
+}
+
+/// Reads a file a compose file names (`env_file`, a secret's `file:`), as written: relative
+/// to the compose file's directory `dir`. At most [`limits::MAX_CONFIG_FILE_BYTES`].
+fn read_beside(dir: &Path, name: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let path = dir.join(name);
+    let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+    let max = limits::MAX_CONFIG_FILE_BYTES as u64;
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > max {
+        return Err(format!("larger than {max} bytes"));
+    }
+    Ok(bytes)
+}
+
+/// Parses an application or compose file at `path` (named `name`, with text `text`) with
+/// everything beside it: its variables, the files it names, the profiles.
+fn parse_file(
+    path: &Path,
+    name: &str,
+    text: &str,
+    vars: &config::interpolate::Vars,
+    profiles: &[String],
+) -> Result<(config::Applications, Vec<config::Warning>), config::Problems> {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let dir = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir_text = dir.to_string_lossy().into_owned();
+    let read_file = |f: &str| read_beside(&dir, f);
+    let options = config::ParseOptions {
+        vars: Some(vars),
+        profiles,
+        dir: Some(&dir_text),
+        read_file: &read_file,
+    };
+    config::parse_compose(name, text, &options)
+}
+
+/// A warning or an error of a file, for `--json`.
+fn problem_json(file: &str, line: usize, column: usize, path: &str, message: &str) -> Value {
+    json!({"file": file, "line": line, "column": column, "path": path, "message": message})
+}
+
+fn warning_json(w: &config::Warning) -> Value {
+    problem_json(&w.file, w.line, w.column, &w.path, &w.message)
+}
+
+fn error_json(e: &config::ConfigError) -> Value {
+    problem_json(&e.file, e.line, e.column, &e.path, &e.message)
+}
+
+/// Prints why nothing was deployed, every problem and warning (one a line, the warnings
+/// first), and returns the exit code, 1. `errors` and `warnings` are the files' (with their
+/// positions, as JSON objects) and the cluster's (a message each).
+fn refused(
+    json_out: bool,
+    dry_run: bool,
+    stack: Option<&str>,
+    errors: &[Value],
+    warnings: &[Value],
+) -> anyhow::Result<i32> {
+    if json_out {
+        print_json(
+            &json!({"dry_run": dry_run, "stack": stack, "deployed": false,
+            "errors": errors, "warnings": warnings,
+            "problems": errors.iter().map(shown_problem).collect::<Vec<_>>()}),
+        )?;
+        return Ok(1);
+    }
+    for w in warnings {
+        eprintln!("warning: {}", shown_problem(w));
+    }
+    for e in errors {
+        eprintln!("error: {}", shown_problem(e));
+    }
+    eprintln!("{} problem(s); nothing was deployed", errors.len());
+    Ok(1)
+}
+
+/// A problem as one line: `file:line:col: path: message`, or the message alone.
+fn shown_problem(p: &Value) -> String {
+    let message = p["message"].as_str().unwrap_or_default();
+    let Some(file) = p["file"].as_str() else {
+        return message.to_string();
+    };
+    let path = match p["path"].as_str() {
+        Some(path) if !path.is_empty() => format!("{path}: "),
+        _ => String::new(),
+    };
+    format!("{file}:{}:{}: {path}{message}", p["line"], p["column"])
 }
 
 /// The name of the directory a file is in (its absolute path's parent), for the stack's name.
@@ -150,15 +249,24 @@ pub async fn deploy(api: &mut ApiClient<Channel>, args: DeployArgs<'_>) -> anyho
         json: json_out,
         env_file,
         project,
+        profiles,
     } = args;
-    let mut warnings = Vec::new();
+    let mut warnings: Vec<Value> = Vec::new();
     let mut stack = None;
+    let mut secrets = std::collections::BTreeMap::new();
     let plan = match files {
         [app] => {
             let (name, text) = read(app)?;
             let vars = compose_vars(app, env_file)?;
-            let (apps, w) = config::parse_application_with(&name, &text, Some(&vars))?;
-            warnings.extend(w);
+            let (apps, w) = match parse_file(app, &name, &text, &vars, profiles) {
+                Ok(parsed) => parsed,
+                Err(p) => {
+                    let errors: Vec<Value> = p.errors.iter().map(error_json).collect();
+                    let warnings: Vec<Value> = p.warnings.iter().map(warning_json).collect();
+                    return refused(json_out, dry_run, None, &errors, &warnings);
+                }
+            };
+            warnings.extend(w.iter().map(warning_json));
             // A compose or fig file is a stack; Flocker's application.yml alone is the
             // configuration outside stacks, as with its deployment.yml.
             let apps = if apps.format == config::Format::Flocker {
@@ -175,15 +283,28 @@ pub async fn deploy(api: &mut ApiClient<Channel>, args: DeployArgs<'_>) -> anyho
                 stack = Some(p);
                 apps
             };
-            config::resolve_unpinned(&apps)?
+            secrets = apps.secrets.clone();
+            match config::resolve_unpinned(&apps) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    return refused(json_out, dry_run, stack.as_deref(), &[error_json(&e)], &warnings)
+                }
+            }
         }
         [deployment, app] => {
             let (dname, dtext) = read(deployment)?;
             let (aname, atext) = read(app)?;
             let dep = config::parse_deployment(&dname, &dtext)?;
             let vars = compose_vars(app, env_file)?;
-            let (apps, w) = config::parse_application_with(&aname, &atext, Some(&vars))?;
-            warnings.extend(w);
+            let (apps, w) = match parse_file(app, &aname, &atext, &vars, profiles) {
+                Ok(parsed) => parsed,
+                Err(p) => {
+                    let errors: Vec<Value> = p.errors.iter().map(error_json).collect();
+                    let warnings: Vec<Value> = p.warnings.iter().map(warning_json).collect();
+                    return refused(json_out, dry_run, None, &errors, &warnings);
+                }
+            };
+            warnings.extend(w.iter().map(warning_json));
             let members = api
                 .status(StatusRequest { local: false })
                 .await
@@ -210,30 +331,14 @@ pub async fn deploy(api: &mut ApiClient<Channel>, args: DeployArgs<'_>) -> anyho
         );
     }
     let r = api
-        .deploy(deploy_request(&plan, dry_run, stack.as_deref())?)
+        .deploy(deploy_request(&plan, dry_run, stack.as_deref(), &secrets)?)
         .await
         .map_err(status_err)?
         .into_inner();
-    warnings.extend(r.warnings.iter().cloned());
+    warnings.extend(r.warnings.iter().map(|w| json!({"message": w})));
     if !r.problems.is_empty() {
-        if json_out {
-            print_json(
-                &json!({"dry_run": dry_run, "stack": stack, "deployed": false,
-                "problems": r.problems, "warnings": warnings}),
-            )?;
-        } else {
-            for w in &warnings {
-                eprintln!("warning: {w}");
-            }
-            eprintln!(
-                "error: nothing was deployed: {} problem(s):",
-                r.problems.len()
-            );
-            for p in &r.problems {
-                eprintln!("  {p}");
-            }
-        }
-        return Ok(1);
+        let errors: Vec<Value> = r.problems.iter().map(|p| json!({"message": p})).collect();
+        return refused(json_out, dry_run, stack.as_deref(), &errors, &warnings);
     }
     if json_out {
         let changes: Vec<Value> = r
@@ -251,7 +356,7 @@ pub async fn deploy(api: &mut ApiClient<Channel>, args: DeployArgs<'_>) -> anyho
         return Ok(0);
     }
     for w in &warnings {
-        eprintln!("warning: {w}");
+        eprintln!("warning: {}", shown_problem(w));
     }
     let verb = if dry_run { "would " } else { "" };
     if let Some(s) = &stack {
@@ -553,7 +658,7 @@ mod tests {
         let text = "services:\n  db:\n    image: postgres\n    volumes: [/data]\n    x-flock: {retention: \"last=5,daily=3\"}\n  cache:\n    image: redis\n    volumes: [/data]\n  web:\n    image: nginx\n";
         let apps = config::parse_application("compose.yml", text).unwrap();
         let plan = config::resolve_unpinned(&apps).unwrap();
-        let req = deploy_request(&plan, true, None).unwrap();
+        let req = deploy_request(&plan, true, None, &BTreeMap::new()).unwrap();
         assert!(req.dry_run);
         let sent: BTreeMap<String, PlannedApp> = serde_json::from_str(&req.plan_json).unwrap();
         assert_eq!(sent, plan.apps);
@@ -571,6 +676,49 @@ mod tests {
         assert_eq!(volumes["db"].retention, Some(db));
         assert_eq!(volumes["cache"].retention, None);
         assert!(!volumes.contains_key("web"));
+    }
+
+    /// flockctl reads the files a compose file names beside it: a secret's content goes in
+    /// the request under the stack's name, env_file's values under the service's
+    /// environment, a relative read-only bind is made absolute; a missing secret file is an
+    /// error naming its line, with the other problems of the file.
+    #[test]
+    fn files_beside_the_compose_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let compose = dir.path().join("compose.yml");
+        let text = "services:\n  db:\n    image: postgres\n    env_file: db.env\n    secrets: [pw]\n    volumes: [\"./init.sql:/docker-entrypoint-initdb.d/init.sql:ro\"]\nsecrets:\n  pw:\n    file: ./pw.txt\n";
+        std::fs::write(&compose, text).unwrap();
+        std::fs::write(dir.path().join("db.env"), "A=1\n").unwrap();
+        let vars = config::interpolate::Vars::new();
+        let p = parse_file(&compose, "compose.yml", text, &vars, &[]).unwrap_err();
+        let shown: Vec<String> = p.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(shown.len(), 1, "{shown:#?}");
+        assert!(
+            shown[0].starts_with("compose.yml:9:11: secrets.pw.file: cannot read \"./pw.txt\""),
+            "{shown:#?}"
+        );
+        std::fs::write(dir.path().join("pw.txt"), "s3cret").unwrap();
+        let (apps, warnings) = parse_file(&compose, "compose.yml", text, &vars, &[]).unwrap();
+        assert!(warnings[0].message.contains("must exist on every node"));
+        let apps = config::stack::into_stack(apps, "shop").unwrap();
+        let db = &apps.apps["shop_db"];
+        assert_eq!(db.environment["A"], "1");
+        let abs = std::path::absolute(dir.path()).unwrap();
+        assert_eq!(db.binds[0].source, format!("{}/init.sql", abs.display()));
+        assert_eq!(db.secrets[0].secret, "shop_pw");
+        let plan = config::resolve_unpinned(&apps).unwrap();
+        let req = deploy_request(&plan, true, Some("shop"), &apps.secrets).unwrap();
+        assert_eq!(req.secrets["shop_pw"], b"s3cret");
+    }
+
+    #[test]
+    fn problems_print_as_one_line_each() {
+        let e = problem_json("c.yml", 3, 5, "services.web", "no");
+        assert_eq!(shown_problem(&e), "c.yml:3:5: services.web: no");
+        assert_eq!(
+            shown_problem(&json!({"message": "app db: no node"})),
+            "app db: no node"
+        );
     }
 }
 

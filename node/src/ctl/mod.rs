@@ -85,6 +85,10 @@ pub enum Cmd {
         /// The stack's name [default: the compose file's name:, else its directory's name].
         #[arg(short = 'p', long = "project-name", value_name = "NAME")]
         project: Option<String>,
+        /// Deploy the services of this compose profile too (repeatable; COMPOSE_PROFILES adds
+        /// to them): services with profiles: run only when one of theirs is active.
+        #[arg(long = "profile", value_name = "NAME")]
+        profiles: Vec<String>,
     },
     /// Stacks: the compose projects deployed.
     #[command(subcommand)]
@@ -154,6 +158,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
             env_file,
             project,
+            profiles,
         } => {
             let args = app::DeployArgs {
                 files: &files,
@@ -161,6 +166,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 json,
                 env_file: env_file.as_deref(),
                 project: project.as_deref(),
+                profiles: &profiles,
             };
             return app::deploy(&mut api, args).await;
         }

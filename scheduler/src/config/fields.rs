@@ -230,7 +230,7 @@ impl<'f> Ctx<'f> {
         }
     }
 
-    fn image(&self, y: &Yaml, path: &str) -> Result<String, ConfigError> {
+    pub fn image(&self, y: &Yaml, path: &str) -> Result<String, ConfigError> {
         let image = self.string(y, path)?;
         if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(self.err(
@@ -508,6 +508,56 @@ pub fn interval_ms(text: &str) -> Result<u64, String> {
     Ok(ms as u64)
 }
 
+/// A compose duration, as Go's `time.ParseDuration` reads it: one or more numbers with a
+/// unit each (`1m30s`, `10s`, `500ms`, `1.5h`; units `ns`, `us`, `ms`, `s`, `m`, `h`), in
+/// milliseconds (rounded); a bare number is seconds.
+pub(crate) fn duration_ms(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let bad = || {
+        format!(
+            "{} is not a duration (write 1m30s, 10s or 500ms)",
+            crate::limits::shown(text)
+        )
+    };
+    if t.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(secs) = t.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok((secs * 1000.0).round() as u64);
+        }
+        return Err(bad());
+    }
+    let mut ms = 0f64;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let (num, tail) = rest.split_at(num_end);
+        let n: f64 = num.parse().map_err(|_| bad())?;
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let scale = match unit {
+            "ns" => 1e-6,
+            "us" | "µs" => 1e-3,
+            "ms" => 1.0,
+            "s" => 1000.0,
+            "m" => 60_000.0,
+            "h" => 3_600_000.0,
+            _ => return Err(bad()),
+        };
+        ms += n * scale;
+        rest = tail;
+    }
+    if !ms.is_finite() || ms > u64::MAX as f64 / 2.0 {
+        return Err(bad());
+    }
+    Ok(ms.round() as u64)
+}
+
 pub(crate) fn retention(text: &str) -> Result<Option<Retention>, String> {
     if text.trim() == "default" {
         return Ok(None);
@@ -568,6 +618,20 @@ mod tests {
         assert_eq!(child("applications", "web"), "applications.web");
         assert_eq!(child("nodes", "172.16.255.250"), "nodes.\"172.16.255.250\"");
         assert_eq!(index("a.ports", 2), "a.ports[2]");
+    }
+
+    #[test]
+    fn compose_durations() {
+        assert_eq!(duration_ms("1m30s"), Ok(90_000));
+        assert_eq!(duration_ms("10s"), Ok(10_000));
+        assert_eq!(duration_ms("500ms"), Ok(500));
+        assert_eq!(duration_ms("1.5h"), Ok(5_400_000));
+        assert_eq!(duration_ms("30"), Ok(30_000));
+        assert_eq!(duration_ms("2us"), Ok(0));
+        assert!(duration_ms("10x").is_err());
+        assert!(duration_ms("s").is_err());
+        assert!(duration_ms("").is_err());
+        assert!(duration_ms("-1s").is_err());
     }
 
     #[test]

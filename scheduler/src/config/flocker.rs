@@ -71,6 +71,8 @@ pub(crate) fn read(file: &str, doc: &Yaml) -> Result<Applications, ConfigError> 
         volumes,
         sources,
         project: None,
+        secrets: BTreeMap::new(),
+        built: Default::default(),
     })
 }
 

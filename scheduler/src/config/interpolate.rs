@@ -173,13 +173,13 @@ fn braced(
 }
 
 /// Substitutes the variables in every scalar value of `doc` (keys are left as written). The
-/// variables used while unset without a default, sorted.
+/// variables used while unset without a default, sorted, each with where it is first used.
 pub fn interpolate_document(
     file: &str,
     doc: &mut Yaml,
     vars: &Vars,
-) -> Result<Vec<String>, ConfigError> {
-    let mut unset = BTreeSet::new();
+) -> Result<Vec<(String, Pos)>, ConfigError> {
+    let mut unset = BTreeMap::new();
     walk(file, doc, vars, &mut unset)?;
     Ok(unset.into_iter().collect())
 }
@@ -188,13 +188,17 @@ fn walk(
     file: &str,
     y: &mut Yaml,
     vars: &Vars,
-    unset: &mut BTreeSet<String>,
+    unset: &mut BTreeMap<String, Pos>,
 ) -> Result<(), ConfigError> {
     let at: Pos = y.at;
     match &mut y.val {
         Val::Scalar { text, .. } => {
-            *text =
-                interpolate(text, vars, unset).map_err(|e| ConfigError::new(file, at, "", e.0))?;
+            let mut here = BTreeSet::new();
+            *text = interpolate(text, vars, &mut here)
+                .map_err(|e| ConfigError::new(file, at, "", e.0))?;
+            for name in here {
+                unset.entry(name).or_insert(at);
+            }
         }
         Val::Seq(items) => {
             for item in items {
@@ -213,8 +217,8 @@ fn walk(
 /// Compose's pass-through: in each service's `environment`, a bare `NAME` (list form) or a
 /// `NAME:` without a value (mapping form) takes NAME's value from `vars`, or is removed when
 /// NAME is not set there. The services are under `services:` (`compose`) or at the top level
-/// (fig). Returns (service, name) for each name removed.
-pub fn pass_through(doc: &mut Yaml, vars: &Vars, compose: bool) -> Vec<(String, String)> {
+/// (fig). Returns (service, name, where it was) for each name removed.
+pub fn pass_through(doc: &mut Yaml, vars: &Vars, compose: bool) -> Vec<(String, String, Pos)> {
     let mut missing = Vec::new();
     let services = if compose {
         match &mut doc.val {
@@ -259,7 +263,7 @@ pub fn pass_through(doc: &mut Yaml, vars: &Vars, compose: bool) -> Vec<(String, 
                         true
                     }
                     None => {
-                        missing.push((service_name.clone(), text.clone()));
+                        missing.push((service_name.clone(), text.clone(), item.at));
                         false
                     }
                 }
@@ -278,7 +282,7 @@ pub fn pass_through(doc: &mut Yaml, vars: &Vars, compose: bool) -> Vec<(String, 
                         true
                     }
                     None => {
-                        missing.push((service_name.clone(), key));
+                        missing.push((service_name.clone(), key, k.at));
                         false
                     }
                 }

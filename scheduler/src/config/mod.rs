@@ -98,38 +98,149 @@ pub fn parse_application(file: &str, text: &str) -> Result<Applications, ConfigE
 /// as compose does ([`interpolate`]) and an environment entry that is a bare name (`[NAME]`,
 /// or `NAME:` with no value) takes NAME's value from `vars` (compose's pass-through), or is
 /// left out when NAME is not set. Flocker's application.yml has no variables. Also returns the
-/// warnings: each variable used while unset, each name passed through while unset.
+/// warnings: each variable used while unset, each name passed through while unset, each key
+/// ignored. The first error only (in the order of the file); [`parse_compose`] gives them all.
+/// No file is read: a compose file's `env_file` or `secrets: {file: ...}` is an error here.
 pub fn parse_application_with(
     file: &str,
     text: &str,
     vars: Option<&interpolate::Vars>,
 ) -> Result<(Applications, Vec<String>), ConfigError> {
+    let no_files = |p: &str| Err(format!("{p}: no file is read here"));
+    let options = ParseOptions {
+        vars,
+        profiles: &[],
+        dir: None,
+        read_file: &no_files,
+    };
+    match parse_compose(file, text, &options) {
+        Ok((apps, warnings)) => Ok((apps, warnings.iter().map(ToString::to_string).collect())),
+        Err(mut p) => Err(p.errors.remove(0)),
+    }
+}
+
+/// A key flock reads past without doing what it says, or a value it changes, and where:
+/// `file:line:column: field: message`, as [`ConfigError`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {}{message}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
+pub struct Warning {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub path: String,
+    pub message: String,
+}
+
+impl Warning {
+    pub(crate) fn new(file: &str, at: Pos, path: &str, message: impl Into<String>) -> Self {
+        let e = ConfigError::new(file, at, path, message);
+        Warning {
+            file: e.file,
+            line: e.line,
+            column: e.column,
+            path: e.path,
+            message: e.message,
+        }
+    }
+}
+
+/// Why a file is refused: every error in it (at least one), in the order of the file, and the
+/// warnings it would have had, so that one run shows all there is to fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problems {
+    pub errors: Vec<ConfigError>,
+    pub warnings: Vec<Warning>,
+}
+
+impl Problems {
+    fn one(e: ConfigError) -> Problems {
+        Problems {
+            errors: vec![e],
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// What [`parse_compose`] needs from outside the file's text.
+pub struct ParseOptions<'a> {
+    /// The variables `${NAME}` takes (the environment over `.env`); `None`: no substitution
+    /// and no pass-through, the file as written (an environment `secrets:` entry then has no
+    /// value).
+    pub vars: Option<&'a interpolate::Vars>,
+    /// The profiles `--profile` activates (`COMPOSE_PROFILES` in `vars` adds to them).
+    pub profiles: &'a [String],
+    /// The compose file's directory, absolute: relative bind mount sources are made absolute
+    /// against it (`None`: they are refused).
+    pub dir: Option<&'a str>,
+    /// Reads a file the compose file names (`env_file`, a secret's or config's `file:`), by
+    /// the path as written, relative to the compose file's directory: its bytes, or why not.
+    pub read_file: &'a dyn Fn(&str) -> Result<Vec<u8>, String>,
+}
+
+/// Parses an application file in any form (see the module documentation), compose files as
+/// `docker compose` reads them: all their errors at once (each with its line and column) or
+/// the applications and the warnings (keys ignored, variables unset...), in the order of the
+/// file. Flocker's application.yml stops at its first error.
+pub fn parse_compose(
+    file: &str,
+    text: &str,
+    options: &ParseOptions,
+) -> Result<(Applications, Vec<Warning>), Problems> {
     let mut doc = document(
         file,
         text,
         "expected version: 1 and applications: (Flocker's application.yml) or compose services",
-    )?;
-    let form = form_of(file, &doc)?;
+    )
+    .map_err(Problems::one)?;
+    let form = form_of(file, &doc).map_err(Problems::one)?;
     let mut warnings = Vec::new();
-    if let (Some(vars), Format::Compose | Format::Fig) = (vars, form) {
-        for name in interpolate::interpolate_document(file, &mut doc, vars)? {
-            warnings.push(format!(
-                "{file}: variable {name} is not set: it was replaced by an empty string (set it \
-                 in the environment or in .env, or give a default: ${{{name}:-default}})"
+    if let (Some(vars), Format::Compose | Format::Fig) = (options.vars, form) {
+        let unset =
+            interpolate::interpolate_document(file, &mut doc, vars).map_err(Problems::one)?;
+        for (name, at) in unset {
+            warnings.push(Warning::new(
+                file,
+                at,
+                "",
+                format!(
+                    "variable {name} is not set: it was replaced by an empty string (set it in \
+                     the environment or in .env, or give a default: ${{{name}:-default}})"
+                ),
             ));
         }
-        for (service, name) in interpolate::pass_through(&mut doc, vars, form == Format::Compose) {
-            warnings.push(format!(
-                "{file}: {service}: environment {name} is not set here, so {service} gets no \
-                 {name} (set it in the environment or in .env, or give NAME=VALUE)"
+        for (service, name, at) in
+            interpolate::pass_through(&mut doc, vars, form == Format::Compose)
+        {
+            warnings.push(Warning::new(
+                file,
+                at,
+                "",
+                format!(
+                    "{service}: environment {name} is not set here, so {service} gets no \
+                     {name} (set it in the environment or in .env, or give NAME=VALUE)"
+                ),
             ));
         }
     }
-    let apps = match form {
-        Format::Compose | Format::Fig => compose::read(file, &doc, form)?,
-        _ => flocker::read(file, &doc)?,
-    };
-    Ok((apps, warnings))
+    match form {
+        Format::Compose | Format::Fig => {
+            let (apps, mut problems) = compose::read(file, &doc, form, options);
+            warnings.append(&mut problems.warnings);
+            match apps {
+                Some(apps) if problems.errors.is_empty() => Ok((apps, warnings)),
+                _ => {
+                    problems.errors.sort_by_key(|e| (e.line, e.column));
+                    Err(Problems {
+                        errors: problems.errors,
+                        warnings,
+                    })
+                }
+            }
+        }
+        _ => flocker::read(file, &doc)
+            .map(|apps| (apps, warnings))
+            .map_err(Problems::one),
+    }
 }
 
 /// Which form an application file is in (see the module documentation).

@@ -309,6 +309,14 @@ pub struct Applications {
     pub(crate) sources: BTreeMap<String, AppSource>,
     /// A compose file's project name (its top-level `name:`), if it gives one.
     pub project: Option<String>,
+    /// The contents of the compose file's `secrets:` and `configs:` that its services use, by
+    /// name (the file's names; [`crate::config::stack::into_stack`] prefixes them with the
+    /// stack's, as [`SecretMount::secret`]): what `DeployRequest.secrets` carries.
+    pub secrets: BTreeMap<String, Vec<u8>>,
+    /// Services that give `build` without `image`: their image is the one compose would build,
+    /// `PROJECT-SERVICE`, which [`crate::config::stack::into_stack`] fills in (the reader does
+    /// not know the project).
+    pub built: std::collections::BTreeSet<String>,
 }
 
 /// The policy of an app's volume's dataset that the config files set. It travels beside the

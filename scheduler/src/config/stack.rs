@@ -62,7 +62,9 @@ pub fn app_name(project: &str, service: &str) -> String {
 
 /// `apps` (a compose or fig file's services) as the apps of stack `project`: each service
 /// `S` is the app `PROJECT_S` (its `stack` and `service` set), its dependencies name the
-/// siblings' apps, and a volume shared by name is the dataset `PROJECT_VOLUME`.
+/// siblings' apps, a volume shared by name is the dataset `PROJECT_VOLUME`, a secret or config
+/// `NAME` is `PROJECT_NAME` (in the apps' mounts and in [`Applications::secrets`]), and a
+/// service that gives `build` alone runs `PROJECT-S`, the image compose would build.
 pub fn into_stack(mut apps: Applications, project: &str) -> Result<Applications, ConfigError> {
     let rename = |s: &str| app_name(project, s);
     let mut renamed = BTreeMap::new();
@@ -95,9 +97,19 @@ pub fn into_stack(mut apps: Applications, project: &str) -> Result<Applications,
                 *ds = rename(ds);
             }
         }
+        for s in &mut spec.secrets {
+            s.secret = rename(&s.secret);
+        }
+        if apps.built.contains(&service) {
+            spec.image = Some(built_image(project, &service));
+        }
         renamed.insert(name, spec);
     }
     apps.apps = renamed;
+    apps.secrets = std::mem::take(&mut apps.secrets)
+        .into_iter()
+        .map(|(s, v)| (rename(&s), v))
+        .collect();
     apps.volumes = std::mem::take(&mut apps.volumes)
         .into_iter()
         .map(|(s, v)| (rename(&s), v))
@@ -107,6 +119,12 @@ pub fn into_stack(mut apps: Applications, project: &str) -> Result<Applications,
         .map(|(s, v)| (rename(&s), v))
         .collect();
     Ok(apps)
+}
+
+/// The image compose builds for `service` of `project` (compose v2's name): `project-service`,
+/// lower case.
+pub fn built_image(project: &str, service: &str) -> String {
+    format!("{project}-{service}").to_lowercase()
 }
 
 #[cfg(test)]
