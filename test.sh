@@ -68,10 +68,15 @@ if ! docker info >/dev/null 2>&1; then
 fi
 # --- end docker ---
 
-# The partition tests (node/tests/partition.rs, issue 17) cut a node off with iptables on lo.
+# The partition tests (node/tests/partition.rs, issue 17) cut a node off with iptables on lo;
+# service addresses (issue 18, node/src/mesh/services.rs) need iptables and iproute2's ip.
 if ! need iptables && [ ! -x /usr/sbin/iptables ] && [ ! -x /sbin/iptables ]; then
-  echo "test.sh: installing iptables for the partition tests" >&2
+  echo "test.sh: installing iptables for the partition tests and service addresses" >&2
   apt-get update -qq && apt-get install -y -qq iptables >/dev/null
+fi
+if ! need ip && [ ! -x /usr/sbin/ip ] && [ ! -x /sbin/ip ] && [ ! -x /bin/ip ]; then
+  echo "test.sh: installing iproute2 for service addresses" >&2
+  apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
 fi
 
 # Format and lint are part of the suite: CI fails on either.

@@ -24,8 +24,9 @@ use common::containers::*;
 use common::*;
 use serde_json::Value;
 
-/// The shell function the apps resolve a sibling's service name with.
-const RESOLVE: &str = r#"addr() { awk -v n="$1" '$2==n {print $1; exit}' /etc/hosts; }"#;
+/// The shell functions the apps resolve a sibling's service name with, and fetch a page with
+/// (busybox's static `wget` crashes on any address but loopback: `nc` it is).
+const RESOLVE: &str = r#"addr() { awk -v n="$1" '$2==n {print $1; exit}' /etc/hosts; }; get() { printf 'GET %s HTTP/1.0\r\n\r\n' "$3" | nc -w 2 "$1" "$2" | tr -d '\r' | sed '1,/^$/d'; }"#;
 
 /// The ports one stack uses: its db's and cache's internal ports, web's internal and published
 /// one. The same host runs every node here, so two stacks' internal ports must differ (on real
@@ -41,8 +42,8 @@ struct Ports {
 fn compose(stack: &str, p: &Ports) -> String {
     let web = format!(
         "{RESOLVE}; mkdir -p /www; i=0; while true; do i=$((i+1)); \
-         if wget -q -T 2 -O /tmp/db http://$(addr db):{db}/value && \
-         wget -q -T 2 -O /tmp/cache http://$(addr cache):{cache}/index.html; then \
+         get \"$(addr db)\" {db} /value > /tmp/db; get \"$(addr cache)\" {cache} /index.html > /tmp/cache; \
+         if [ -s /tmp/db ] && [ -s /tmp/cache ]; then \
          (cat /tmp/db /tmp/cache; echo seq=$i) > /www/status.tmp && mv /www/status.tmp /www/status; \
          fi; sleep 0.2; done & exec httpd -f -p {web} -h /www",
         db = p.db,
@@ -74,6 +75,7 @@ services:
       cache:
         condition: service_started
     restart: always
+    stop_grace_period: 1s
   db:
     image: {TEST_IMAGE}
     command: ["sh", "-c", {db:?}]
@@ -88,11 +90,13 @@ services:
       timeout: 1s
       retries: 3
     restart: always
+    stop_grace_period: 1s
   cache:
     image: {TEST_IMAGE}
     command: ["sh", "-c", {cache:?}]
     expose: [{cache_port}]
     restart: always
+    stop_grace_period: 2500ms
 secrets:
   db_password:
     file: ./db_password.txt
@@ -116,9 +120,10 @@ fn write_stack(root: &Path, stack: &str, p: &Ports) -> String {
     dir.join("compose.yml").display().to_string()
 }
 
-/// web's status page through the mesh: what it last read from db and cache, and its count.
+/// web's status page through node 1's routing mesh: what it last read from db and cache, and
+/// its count.
 fn status(web_ext: u16) -> Result<(String, u64), String> {
-    let body = http_get(&format!("127.0.0.1:{web_ext}"), "/status")?;
+    let body = http_get(&format!("{}:{web_ext}", mesh_ip(1)), "/status")?;
     let seq = body
         .lines()
         .find_map(|l| l.strip_prefix("seq="))
@@ -180,6 +185,18 @@ fn s01_a_stack_reaches_its_services_by_name_across_a_move_beside_another_stack()
     );
     // The secret's file is read-only in the container, and not readable on the host by others.
     let info = inspect(db["id"].as_str().unwrap());
+    // Compose's keys reached the engine: the grace, the health check.
+    assert_eq!(info["Config"]["StopTimeout"], 1, "{:#}", info["Config"]);
+    assert_eq!(
+        info["Config"]["Healthcheck"]["Test"][0], "CMD",
+        "{:#}",
+        info["Config"]
+    );
+    assert_eq!(
+        info["State"]["Health"]["Status"], "healthy",
+        "{:#}",
+        info["State"]
+    );
     let secret_mount = info["Mounts"]
         .as_array()
         .unwrap()
@@ -273,7 +290,7 @@ fn s01_a_stack_reaches_its_services_by_name_across_a_move_beside_another_stack()
             .ok_or(format!("{names:?}"))
     });
     c.ctl_ok(c.addr(1), &["stack", "rm", "shop"]);
-    c.until("every container to go", Duration::from_secs(30), |c| {
+    c.until("every container to go", Duration::from_secs(60), |c| {
         let left = c.all_containers();
         left.is_empty()
             .then_some(())

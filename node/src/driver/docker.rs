@@ -549,6 +549,21 @@ impl DockerDriver {
     /// when the engine fails or does not answer in time. The container and its log stay (see
     /// [`remove`](Self::remove)).
     pub async fn stop(&self, app: &str, grace: Duration) -> Result<(), DriverError> {
+        // The app's own grace (compose's stop_grace_period), which the engine keeps as the
+        // container's StopTimeout, over the default; a failed inspect keeps the default.
+        let own = bounded(
+            app,
+            "inspect the container",
+            CALL_TIMEOUT,
+            self.docker
+                .inspect_container(&self.container_name(app), None::<InspectContainerOptions>),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .and_then(|c| c.config?.stop_timeout)
+        .and_then(|t| u64::try_from(t).ok());
+        let grace = own.map_or(grace, Duration::from_secs);
         let t = i64::try_from(grace.as_secs_f64().ceil() as u64).unwrap_or(i64::MAX);
         let stopped = bounded(
             app,
