@@ -305,11 +305,23 @@ pub enum DepSeen {
 /// Why `app` may not start yet: a dependency that does not run, or is not healthy when the app
 /// waits for its health (compose's `condition: service_healthy`). Only a first start waits
 /// (compose's rule): a restart of an app that ran does not.
-pub fn waiting_for(app: &App, deps: &BTreeMap<String, DepSeen>) -> Option<String> {
+pub fn waiting_for(
+    state: &ClusterState,
+    app: &App,
+    deps: &BTreeMap<String, DepSeen>,
+) -> Option<String> {
     for d in &app.spec.depends_on {
+        // A dependency whose spec has a check is healthy only once a verdict says so (none
+        // reported yet is not "no check").
+        let checked = state
+            .apps
+            .get(&d.app)
+            .and_then(|a| a.spec.healthcheck.as_ref())
+            .is_some_and(|h| !h.disable);
         let why = match deps.get(&d.app) {
             Some(DepSeen::Running { healthy }) => match (d.healthy, healthy) {
                 (true, Some(false)) => format!("{} to be healthy", d.app),
+                (true, None) if checked => format!("{} to be healthy", d.app),
                 (true, None) | (false, _) | (true, Some(true)) => continue,
             },
             Some(DepSeen::NotRunning { why }) => format!("{} to run ({why})", d.app),
@@ -858,7 +870,7 @@ fn step(
                 return actions;
             }
             if instance.is_none() {
-                if let Some(why) = waiting_for(app, &seen.dependencies) {
+                if let Some(why) = waiting_for(state, app, &seen.dependencies) {
                     local.phase = Phase::Waiting;
                     local.detail = why;
                     return actions;
@@ -1004,6 +1016,35 @@ mod tests {
             ),
             (Some(DepSeen::Running { healthy: None }), None),
         ];
+        // With a check in db's spec, no verdict yet is not healthy.
+        let mut db = testutil::spec("db", false);
+        db.volume = None;
+        db.healthcheck = Some(flock_scheduler::config::HealthCheck {
+            test: vec!["CMD".into(), "true".into()],
+            ..Default::default()
+        });
+        let mut with_db = s.clone();
+        with_db.apps.insert(
+            "db".into(),
+            flock_scheduler::App {
+                spec: db,
+                pinned: None,
+                node: 1,
+                dataset: None,
+                vip: None,
+            },
+        );
+        let mut core = AppsCore::new();
+        let no_verdict = with(Some(DepSeen::Running { healthy: None }));
+        let actions = core.decide(&with_db, 1, &no_verdict, None, t(0));
+        assert!(
+            !actions
+                .iter()
+                .flatten()
+                .any(|a| matches!(a, AppAction::Start { guard, .. } if guard.app == "web")),
+            "{actions:?}"
+        );
+        assert!(core.view()["web"].detail.contains("db to be healthy"));
         for (dep, waits) in cases {
             let mut core = AppsCore::new();
             let actions = core.decide(&s, 1, &with(dep.clone()), None, t(0));

@@ -113,6 +113,8 @@ struct Here<'a> {
     mesh_host: Option<&'a str>,
     /// The origin of the core's clock.
     origin: Instant,
+    /// The health checks of process apps (Docker runs its containers').
+    health: Mutex<crate::health::Prober>,
 }
 
 impl Here<'_> {
@@ -143,6 +145,7 @@ pub async fn run(
         drivers: &drivers,
         mesh_host: mesh_host.as_deref(),
         origin: Instant::now(),
+        health: Mutex::default(),
     };
     let mut core = AppsCore::new();
     let mut changes = cluster.metrics_watch();
@@ -328,6 +331,25 @@ async fn observe(here: &Here<'_>, state: &ClusterState) -> AppsSeen {
             restarts: i.restarts,
         });
     }
+    // Process apps' health checks, run here.
+    let checked: Vec<_> = seen
+        .instances
+        .iter()
+        .filter_map(|(name, is)| {
+            let i = is.iter().find(|i| {
+                i.kind == Kind::Process && matches!(i.state, flock_decide::apps::SeenState::Running)
+            })?;
+            let spec = &state.apps.get(name)?.spec;
+            let check = spec.healthcheck.clone()?;
+            Some((name.clone(), i.id.clone(), check, spec.environment.clone()))
+        })
+        .collect();
+    let verdicts = here
+        .health
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .look(&checked, Instant::now());
+    seen.health.extend(verdicts);
     let placed = state
         .apps
         .values()

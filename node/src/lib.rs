@@ -42,6 +42,7 @@ pub mod dev;
 pub mod driver;
 pub mod edge;
 pub mod fence;
+pub mod health;
 pub mod lease;
 pub mod mesh;
 pub mod pki;

@@ -38,6 +38,16 @@ pub struct App {
     pub vip: Option<u16>,
 }
 
+impl App {
+    /// The app as a deploy names it: its spec and the node it is pinned to.
+    pub fn planned(&self) -> PlannedApp {
+        PlannedApp {
+            spec: self.spec.clone(),
+            node: self.pinned,
+        }
+    }
+}
+
 /// The service address of index `i`: `198.18.X.Y` (RFC 2544's benchmarking range, which no
 /// real network routes), one per app, where the mesh of every node listens on the app's
 /// internal ports.
@@ -324,15 +334,7 @@ impl ClusterState {
             .apps
             .iter()
             .filter(|(_, a)| a.spec.stack.as_deref() != stack)
-            .map(|(n, a)| {
-                (
-                    n.clone(),
-                    PlannedApp {
-                        spec: a.spec.clone(),
-                        node: a.pinned,
-                    },
-                )
-            })
+            .map(|(n, a)| (n.clone(), a.planned()))
             .collect();
         for (name, app) in apps {
             if app.spec.stack.as_deref() != stack {

@@ -490,15 +490,7 @@ impl ApiService {
             .apps
             .iter()
             .filter(|(n, a)| **n != name && a.spec.stack == stack)
-            .map(|(n, a)| {
-                (
-                    n.clone(),
-                    PlannedApp {
-                        spec: a.spec.clone(),
-                        node: a.pinned,
-                    },
-                )
-            })
+            .map(|(n, a)| (n.clone(), a.planned()))
             .collect();
         let secrets = state
             .secrets

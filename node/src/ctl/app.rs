@@ -175,6 +175,13 @@ fn error_json(e: &config::ConfigError) -> Value {
     problem_json(&e.file, e.line, e.column, &e.path, &e.message)
 }
 
+/// [`refused`] for a file the reader refused: its errors and warnings.
+fn refused_file(json_out: bool, dry_run: bool, p: &config::Problems) -> anyhow::Result<i32> {
+    let errors: Vec<Value> = p.errors.iter().map(error_json).collect();
+    let warnings: Vec<Value> = p.warnings.iter().map(warning_json).collect();
+    refused(json_out, dry_run, None, &errors, &warnings)
+}
+
 /// Prints why nothing was deployed, every problem and warning (one a line, the warnings
 /// first), and returns the exit code, 1. `errors` and `warnings` are the files' (with their
 /// positions, as JSON objects) and the cluster's (a message each).
@@ -260,11 +267,7 @@ pub async fn deploy(api: &mut ApiClient<Channel>, args: DeployArgs<'_>) -> anyho
             let vars = compose_vars(app, env_file)?;
             let (apps, w) = match parse_file(app, &name, &text, &vars, profiles) {
                 Ok(parsed) => parsed,
-                Err(p) => {
-                    let errors: Vec<Value> = p.errors.iter().map(error_json).collect();
-                    let warnings: Vec<Value> = p.warnings.iter().map(warning_json).collect();
-                    return refused(json_out, dry_run, None, &errors, &warnings);
-                }
+                Err(p) => return refused_file(json_out, dry_run, &p),
             };
             warnings.extend(w.iter().map(warning_json));
             // A compose or fig file is a stack; Flocker's application.yml alone is the
@@ -298,11 +301,7 @@ pub async fn deploy(api: &mut ApiClient<Channel>, args: DeployArgs<'_>) -> anyho
             let vars = compose_vars(app, env_file)?;
             let (apps, w) = match parse_file(app, &aname, &atext, &vars, profiles) {
                 Ok(parsed) => parsed,
-                Err(p) => {
-                    let errors: Vec<Value> = p.errors.iter().map(error_json).collect();
-                    let warnings: Vec<Value> = p.warnings.iter().map(warning_json).collect();
-                    return refused(json_out, dry_run, None, &errors, &warnings);
-                }
+                Err(p) => return refused_file(json_out, dry_run, &p),
             };
             warnings.extend(w.iter().map(warning_json));
             let members = api

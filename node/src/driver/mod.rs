@@ -384,7 +384,9 @@ impl Drivers {
             Kind::Process => {
                 let (p, a) = (self.process.clone(), app.to_string());
                 let grace = p.grace();
-                blocking(app, "stop", grace + KILL_TIMEOUT, move || p.stop(&a, grace)).await
+                // The app's own grace, if it asks for one, bounds the wait.
+                let (_, own) = p.stop_plan(app, grace);
+                blocking(app, "stop", own + KILL_TIMEOUT, move || p.stop(&a, grace)).await
             }
             Kind::Docker => self.docker(app)?.stop(app, process::STOP_GRACE).await,
         }

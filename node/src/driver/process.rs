@@ -187,6 +187,11 @@ fn group_members(rec: &PidRecord) -> std::io::Result<Vec<i32>> {
 /// once no process of it lives; an error if some outlive SIGKILL by [`KILL_WAIT`] or the group
 /// cannot be read.
 fn end_group(rec: &PidRecord, grace: Duration) -> Result<(), String> {
+    end_group_with(rec, grace, libc::SIGTERM)
+}
+
+/// [`end_group`] with `signal` first instead of SIGTERM (compose's `stop_signal`).
+fn end_group_with(rec: &PidRecord, grace: Duration, signal: i32) -> Result<(), String> {
     let read = |e: std::io::Error| format!("cannot read /proc to find its processes: {e}");
     let deadline = Instant::now() + grace;
     let mut termed = false;
@@ -196,7 +201,7 @@ fn end_group(rec: &PidRecord, grace: Duration) -> Result<(), String> {
         }
         if !termed {
             // The group is non-empty, so its id is still the app's: signalling it is safe.
-            signal_group(rec.pid, libc::SIGTERM);
+            signal_group(rec.pid, signal);
             termed = true;
         }
         if Instant::now() >= deadline {
@@ -265,6 +270,23 @@ impl ProcessDriver {
     /// How long processes get between SIGTERM and SIGKILL.
     pub fn grace(&self) -> Duration {
         self.grace
+    }
+
+    /// How the app is stopped: the signal its spec asks for (`stop_signal`, SIGTERM by
+    /// default) and its grace (`stop_grace_period`, else `default`). An unreadable spec or an
+    /// unknown signal name stops it with SIGTERM.
+    pub fn stop_plan(&self, app: &str, default: Duration) -> (i32, Duration) {
+        let spec: Option<RunSpec> = fs::read(self.dir(app).join("spec.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let more = spec.map(|s| s.more).unwrap_or_default();
+        let signal = more
+            .stop_signal
+            .as_deref()
+            .and_then(signal_number)
+            .unwrap_or(libc::SIGTERM);
+        let grace = more.stop_grace_ms.map_or(default, Duration::from_millis);
+        (signal, grace)
     }
 
     /// Where the app's secret files are (see [`super::Drivers::write_secrets`]).
@@ -548,6 +570,7 @@ impl ProcessDriver {
     /// did. Ok only once no process of the group lives; its record and log stay (see
     /// [`remove`](Self::remove)).
     pub fn stop(&self, app: &str, grace: Duration) -> Result<(), DriverError> {
+        let (signal, grace) = self.stop_plan(app, grace);
         let rec = match self.pid_record(app) {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(()),
@@ -558,7 +581,7 @@ impl ProcessDriver {
                 })
             }
         };
-        end_group(&rec, grace).map_err(|detail| DriverError::StillRunning {
+        end_group_with(&rec, grace, signal).map_err(|detail| DriverError::StillRunning {
             app: app.to_string(),
             detail,
         })?;
@@ -647,6 +670,27 @@ fn signal_group(pid: i32, sig: i32) {
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     crate::datadir::write_private_atomic(path, bytes)
+}
+
+/// A signal by name (`SIGINT`, `INT`, any case) or number, as compose's `stop_signal`.
+pub fn signal_number(name: &str) -> Option<i32> {
+    if let Ok(n) = name.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    Some(match bare {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "WINCH" => libc::SIGWINCH,
+        "PWR" => libc::SIGPWR,
+        _ => return None,
+    })
 }
 
 /// `USER[:GROUP]` as uid and gid: numbers, or names from the password and group files.
@@ -807,6 +851,49 @@ mod tests {
         }
         d2.remove("sleeper").unwrap();
         assert!(d2.list().unwrap().is_empty());
+    }
+
+    /// compose's stop_signal, stop_grace_period, working_dir and secrets for a process: the
+    /// app gets its own signal first, and its own grace.
+    #[test]
+    fn a_process_stops_with_its_own_signal_and_grace() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = ProcessDriver::new(tmp.path()).unwrap();
+        let mut s = spec(
+            "trapper",
+            &[
+                "sh",
+                "-c",
+                "trap 'echo int > got; exit 0' INT; trap '' TERM; pwd > cwd; while true; do sleep 0.05; done",
+            ],
+        );
+        s.more.stop_signal = Some("SIGINT".into());
+        s.more.stop_grace_ms = Some(3000);
+        s.more.working_dir = Some("/sub".into());
+        std::fs::create_dir_all(tmp.path().join("trapper/work/sub")).unwrap();
+        d.start(&s, 0).unwrap();
+        let work = tmp.path().join("trapper/work/sub");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !work.join("cwd").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the app did not start in its working_dir"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            d.stop_plan("trapper", Duration::from_secs(10)),
+            (libc::SIGINT, Duration::from_secs(3))
+        );
+        let t = Instant::now();
+        // A default grace of 0 would SIGKILL it at once: its own grace gives it time for INT.
+        d.stop("trapper", Duration::ZERO).unwrap();
+        assert_eq!(fs::read_to_string(work.join("got")).unwrap().trim(), "int");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        assert_eq!(signal_number("term"), Some(libc::SIGTERM));
+        assert_eq!(signal_number("9"), Some(9));
+        assert_eq!(signal_number("SIGBOGUS"), None);
+        d.remove("trapper").unwrap();
     }
 
     #[test]

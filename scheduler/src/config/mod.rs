@@ -51,7 +51,7 @@ mod yaml;
 
 pub use deployment::{resolve, resolve_unpinned, Deployment, DeploymentNode};
 pub use fields::interval_ms;
-pub use render::to_flocker_yaml;
+pub use render::{flocker_part, to_flocker_yaml};
 pub use spec::{
     parse_size, AppSpec, Applications, BindMount, Constraint, ConstraintKey, Dependency, Format,
     HealthCheck, Link, NodeRef, Plan, PlannedApp, PortMap, RestartPolicy, SecretMount, Ulimit,

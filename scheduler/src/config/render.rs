@@ -5,8 +5,30 @@ use std::fmt::Write;
 
 use super::spec::{AppSpec, RestartPolicy};
 
+/// What of `spec` Flocker's application.yml can say, which [`to_flocker_yaml`] renders: the
+/// spec without the fields that came with compose's keys and stacks.
+pub fn flocker_part(spec: &AppSpec) -> AppSpec {
+    AppSpec {
+        name: spec.name.clone(),
+        image: spec.image.clone(),
+        command: spec.command.clone(),
+        ports: spec.ports.clone(),
+        links: spec.links.clone(),
+        volume: spec.volume.as_ref().map(|v| super::spec::Volume {
+            dataset: None,
+            ..v.clone()
+        }),
+        environment: spec.environment.clone(),
+        restart_policy: spec.restart_policy,
+        mem_limit: spec.mem_limit,
+        cpu_shares: spec.cpu_shares,
+        constraints: spec.constraints.clone(),
+        ..AppSpec::default()
+    }
+}
+
 /// Renders apps as Flocker's application.yml (`version: 1`, `applications:`), every string
-/// double-quoted.
+/// double-quoted; of each, its [`flocker_part`].
 pub fn to_flocker_yaml<'a>(apps: impl IntoIterator<Item = &'a AppSpec>) -> String {
     let mut out = String::from("\"version\": 1\n\"applications\":");
     let mut empty = true;

@@ -1,0 +1,245 @@
+//! Health checks of process apps (compose's `healthcheck`): Docker runs a container's itself;
+//! for a process, flock runs the check command, as Docker would: every `interval` (30 s by
+//! default), each run at most `timeout` (30 s), `retries` (3) failures in a row make it
+//! unhealthy, failures within `start_period` do not count, and it is "starting" (not healthy)
+//! until a check passes.
+//!
+//! [`Verdicts`] is the pure part: runs' results and time in, the verdict out. [`Prober`] runs
+//! the commands, never blocking a look: a check runs in its own task, and a look takes the
+//! results that are in.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use flock_scheduler::config::HealthCheck;
+
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_RETRIES: u32 = 3;
+
+fn ms(v: Option<u64>, default: Duration) -> Duration {
+    v.map_or(default, Duration::from_millis)
+}
+
+/// One instance's check state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// The instance it is about (a new instance starts over).
+    pub id: String,
+    pub since: Instant,
+    pub next_due: Instant,
+    pub failures: u32,
+    /// `None` until a check passes or fails for good: starting.
+    pub healthy: Option<bool>,
+}
+
+impl Verdict {
+    pub fn new(id: &str, now: Instant) -> Verdict {
+        Verdict {
+            id: id.to_string(),
+            since: now,
+            next_due: now,
+            failures: 0,
+            healthy: None,
+        }
+    }
+
+    /// Whether a check is due at `now`.
+    pub fn due(&self, now: Instant) -> bool {
+        now >= self.next_due
+    }
+
+    /// A check was started at `now`: the next is an interval later.
+    pub fn started(&mut self, check: &HealthCheck, now: Instant) {
+        self.next_due = now + ms(check.interval_ms, DEFAULT_INTERVAL);
+    }
+
+    /// A check that ended at `now` passed (`ok`) or not.
+    pub fn ended(&mut self, check: &HealthCheck, ok: bool, now: Instant) {
+        if ok {
+            self.failures = 0;
+            self.healthy = Some(true);
+            return;
+        }
+        if now < self.since + ms(check.start_period_ms, Duration::ZERO) {
+            return;
+        }
+        self.failures += 1;
+        if self.failures >= check.retries.unwrap_or(DEFAULT_RETRIES).max(1) {
+            self.healthy = Some(false);
+        }
+    }
+
+    /// Healthy: a check passed since the last run of failures long enough to count.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy == Some(true)
+    }
+}
+
+/// The program and arguments a check runs: `["CMD", prog, args...]` directly,
+/// `["CMD-SHELL", script]` through `sh -c`; `None` for `["NONE"]`, a disabled or empty check.
+pub fn argv(check: &HealthCheck) -> Option<Vec<String>> {
+    if check.disable {
+        return None;
+    }
+    match check.test.split_first() {
+        Some((kind, rest)) if kind == "CMD" && !rest.is_empty() => Some(rest.to_vec()),
+        Some((kind, rest)) if kind == "CMD-SHELL" && !rest.is_empty() => {
+            Some(vec!["sh".into(), "-c".into(), rest.join(" ")])
+        }
+        _ => None,
+    }
+}
+
+/// The checks of this node's process apps, and the verdicts so far, by app.
+#[derive(Default)]
+pub struct Prober {
+    verdicts: BTreeMap<String, Verdict>,
+    running: BTreeMap<String, tokio::task::JoinHandle<bool>>,
+}
+
+impl Prober {
+    /// One look: `apps` are the running process apps with a check (name, instance id, check,
+    /// environment); results that came in are counted, due checks started. Returns the
+    /// verdicts (false while starting).
+    pub fn look(
+        &mut self,
+        apps: &[(String, String, HealthCheck, BTreeMap<String, String>)],
+        now: Instant,
+    ) -> BTreeMap<String, bool> {
+        self.verdicts
+            .retain(|name, v| apps.iter().any(|(n, id, ..)| n == name && *id == v.id));
+        self.running
+            .retain(|name, _| self.verdicts.contains_key(name));
+        let mut out = BTreeMap::new();
+        for (name, id, check, env) in apps {
+            let Some(argv) = argv(check) else { continue };
+            let v = self
+                .verdicts
+                .entry(name.clone())
+                .or_insert_with(|| Verdict::new(id, now));
+            if self.running.get(name).is_some_and(|h| h.is_finished()) {
+                if let Some(h) = self.running.remove(name) {
+                    let ok = futures::FutureExt::now_or_never(h)
+                        .and_then(Result::ok)
+                        .unwrap_or(false);
+                    v.ended(check, ok, now);
+                }
+            }
+            if !self.running.contains_key(name) && v.due(now) {
+                v.started(check, now);
+                let timeout = ms(check.timeout_ms, DEFAULT_TIMEOUT);
+                let env = env.clone();
+                self.running
+                    .insert(name.clone(), tokio::spawn(run(argv, env, timeout)));
+            }
+            out.insert(name.clone(), v.is_healthy());
+        }
+        out
+    }
+}
+
+/// Runs one check: true when it exits 0 within `timeout` (it is killed otherwise).
+async fn run(argv: Vec<String>, env: BTreeMap<String, String>, timeout: Duration) -> bool {
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
+        .envs(&env)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match cmd.spawn() {
+        Ok(mut child) => matches!(
+            tokio::time::timeout(timeout, child.wait()).await,
+            Ok(Ok(st)) if st.success()
+        ),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(retries: u32, start_period_ms: u64) -> HealthCheck {
+        HealthCheck {
+            test: vec!["CMD".into(), "true".into()],
+            interval_ms: Some(1000),
+            timeout_ms: Some(500),
+            retries: Some(retries),
+            start_period_ms: Some(start_period_ms),
+            disable: false,
+        }
+    }
+
+    #[test]
+    fn a_check_is_starting_then_healthy_then_unhealthy_after_its_retries() {
+        let t0 = Instant::now();
+        let c = check(2, 5000);
+        let mut v = Verdict::new("1", t0);
+        assert!(v.due(t0) && !v.is_healthy());
+        v.started(&c, t0);
+        assert!(!v.due(t0 + Duration::from_millis(999)) && v.due(t0 + Duration::from_secs(1)));
+        // Failures within the start period do not count.
+        v.ended(&c, false, t0 + Duration::from_secs(1));
+        assert_eq!((v.failures, v.healthy), (0, None));
+        v.ended(&c, true, t0 + Duration::from_secs(2));
+        assert!(v.is_healthy());
+        v.ended(&c, false, t0 + Duration::from_secs(6));
+        assert!(v.is_healthy(), "one failure of two allowed");
+        v.ended(&c, false, t0 + Duration::from_secs(7));
+        assert_eq!(v.healthy, Some(false));
+        v.ended(&c, true, t0 + Duration::from_secs(8));
+        assert!(v.is_healthy());
+    }
+
+    #[test]
+    fn the_check_runs_directly_or_in_a_shell_or_not_at_all() {
+        let mut c = check(1, 0);
+        assert_eq!(argv(&c), Some(vec!["true".to_string()]));
+        c.test = vec!["CMD-SHELL".into(), "test -f /x".into()];
+        assert_eq!(argv(&c).unwrap(), ["sh", "-c", "test -f /x"]);
+        c.test = vec!["NONE".into()];
+        assert_eq!(argv(&c), None);
+        c.test = vec!["CMD".into(), "true".into()];
+        c.disable = true;
+        assert_eq!(argv(&c), None);
+    }
+
+    #[tokio::test]
+    async fn the_prober_runs_real_commands() {
+        let mut p = Prober::default();
+        let t0 = Instant::now();
+        let mut ok = check(1, 0);
+        ok.test = vec!["CMD".into(), "true".into()];
+        let mut bad = check(1, 0);
+        bad.test = vec!["CMD-SHELL".into(), "exit 3".into()];
+        let apps = vec![
+            ("good".to_string(), "1".to_string(), ok, BTreeMap::new()),
+            ("bad".to_string(), "2".to_string(), bad, BTreeMap::new()),
+        ];
+        assert_eq!(
+            p.look(&apps, t0),
+            BTreeMap::from([("bad".to_string(), false), ("good".to_string(), false)])
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let seen = p.look(&apps, t0 + Duration::from_millis(300));
+        assert!(seen["good"], "{seen:?}");
+        assert!(!seen["bad"], "{seen:?}");
+        assert_eq!(p.verdicts["bad"].healthy, Some(false));
+        // A new instance starts over.
+        let again = vec![(
+            "good".to_string(),
+            "9".to_string(),
+            apps[0].2.clone(),
+            BTreeMap::new(),
+        )];
+        assert!(!p.look(&again, t0 + Duration::from_secs(2))["good"]);
+        assert!(!p.verdicts.contains_key("bad"));
+    }
+}
