@@ -39,6 +39,8 @@ use crate::cluster::Cluster;
 pub const RANGE: &str = "198.18.0.0/16";
 /// The nat chain flock keeps its rules in.
 pub const CHAIN: &str = "FLOCK-SERVICES";
+/// Held while the chain and its jumps are set up.
+const LOCK: &str = "/run/flock-services.lock";
 
 /// One service port: connections to `vip:port` go to `node`'s `port` (`None`: the app runs
 /// nowhere now).
@@ -190,6 +192,19 @@ async fn run_cmd(program: &str, args: &[&str], input: Option<&str>) -> Result<()
 /// The route, the chain and the jumps to it from PREROUTING (containers) and OUTPUT (this
 /// machine's processes); each added once.
 async fn prepare() -> Result<(), String> {
+    // Several flockd on one machine (a dev cluster) would each find a jump missing and add it:
+    // one at a time. The lock goes with the file when this returns.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LOCK)
+        .map_err(|e| format!("cannot open {LOCK}: {e}"))?;
+    let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+        .await
+        .map_err(|e| format!("locking {LOCK}: {e}"))?
+        .map_err(|e| format!("cannot lock {LOCK}: {e}"))?;
+    let _held = lock;
     run_cmd(
         "ip",
         &["route", "replace", "local", RANGE, "dev", "lo"],
