@@ -377,6 +377,9 @@ async fn observe(here: &Here<'_>, state: &ClusterState) -> AppsSeen {
     seen
 }
 
+/// How long a look waits for another node's report on a dependency.
+const DEPENDENCY_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// The apps that apps placed here and not started yet depend on, as the nodes that run them
 /// report them (this node from its own look; the others asked, side by side).
 async fn dependencies(
@@ -442,12 +445,17 @@ async fn dependencies(
             .unwrap_or_default();
         let reply = match here.cluster.peer(n, &addr) {
             Ok(mut client) => {
+                // Short: the look waits for it, and a dependency that does not answer is
+                // waited for anyway.
                 let mut req = tonic::Request::new(flock_proto::v1::LocalAppsRequest {});
-                req.set_timeout(Duration::from_secs(2));
-                match tokio::time::timeout(Duration::from_secs(2), client.local_apps(req)).await {
+                req.set_timeout(DEPENDENCY_TIMEOUT);
+                match tokio::time::timeout(DEPENDENCY_TIMEOUT, client.local_apps(req)).await {
                     Ok(Ok(r)) => Ok(r.into_inner()),
                     Ok(Err(e)) => Err(e.message().to_string()),
-                    Err(_) => Err("no answer within 2 s".to_string()),
+                    Err(_) => Err(format!(
+                        "no answer within {} ms",
+                        DEPENDENCY_TIMEOUT.as_millis()
+                    )),
                 }
             }
             Err(e) => Err(e.to_string()),

@@ -197,6 +197,18 @@ fn s01_a_stack_reaches_its_services_by_name_across_a_move_beside_another_stack()
         "{:#}",
         info["State"]
     );
+    // ... and flock reports it.
+    let db_now = c.until(
+        "app ls to report db healthy",
+        Duration::from_secs(10),
+        |c| {
+            let a = c.app("shop_db");
+            (a["health"] == "healthy")
+                .then_some(a.clone())
+                .ok_or(format!("{a}"))
+        },
+    );
+    assert_eq!(db_now["id"], db["id"]);
     let secret_mount = info["Mounts"]
         .as_array()
         .unwrap()

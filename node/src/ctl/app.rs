@@ -384,6 +384,7 @@ fn app_json(a: &AppStatus) -> Value {
         "detail": (!a.detail.is_empty()).then_some(&a.detail), "last_lines": a.last_lines,
         "moving_to": (!a.moving_to.is_empty()).then_some(&a.moving_to),
         "endpoints": a.endpoints, "mesh_problems": a.mesh_problems,
+        "health": (!a.health.is_empty()).then_some(&a.health),
         "stack": (!a.stack.is_empty()).then_some(&a.stack),
         "service": a.service, "service_ip": (!a.service_ip.is_empty()).then_some(&a.service_ip),
     })
@@ -518,6 +519,9 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
             }
             if !a.service_ip.is_empty() {
                 println!("service address {}", a.service_ip);
+            }
+            if !a.health.is_empty() {
+                println!("health          {}", a.health);
             }
             // Its failovers and re-placements, from the cluster's events (an older flockd has
             // none to give).

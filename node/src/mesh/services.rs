@@ -235,6 +235,8 @@ async fn prepare() -> Result<(), String> {
 }
 
 const TICK: Duration = Duration::from_secs(2);
+/// How long rules made from an unchanged state stand before nodes' names are resolved again.
+const REFRESH: Duration = Duration::from_secs(30);
 const MIN_GAP: Duration = Duration::from_millis(20);
 
 /// Keeps this machine's service rules in step with the state until `shutdown`. The rules stay
@@ -248,7 +250,21 @@ pub async fn run(
     let mut prepared = false;
     let mut applied: Option<Vec<String>> = None;
     let mut last_error = String::new();
+    // The state the rules were last made from, and when: an entry that changes only the
+    // key-value namespace changes no route, and a busy key-value workload must not cost a
+    // state copy and a look at every node's address per entry. Names are resolved again now
+    // and then (REFRESH).
+    let mut done_for: Option<(ClusterState, std::time::Instant)> = None;
     loop {
+        let unchanged = done_for.as_ref().is_some_and(|(s, at)| {
+            at.elapsed() < REFRESH && cluster.view.read().cluster.same_but_kv(s)
+        });
+        if unchanged {
+            if !Cluster::next_change(&mut changes, TICK, MIN_GAP, &mut shutdown).await {
+                return;
+            }
+            continue;
+        }
         worker.running();
         let state = cluster.view.read().cluster.clone();
         let routes = routes(&state);
@@ -278,10 +294,12 @@ pub async fn run(
             Ok(n) => {
                 last_error.clear();
                 worker.idle(format!("{n} service ports routed"));
+                done_for = Some((state, std::time::Instant::now()));
             }
             Err(e) => {
                 prepared = false;
                 applied = None;
+                done_for = None;
                 if e != last_error {
                     tracing::warn!(error = %e, "service addresses: cannot set this machine's rules; apps cannot reach each other by service name here");
                     last_error = e.clone();
