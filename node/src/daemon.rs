@@ -548,6 +548,7 @@ impl RunningNode {
                 apps: apps_view.clone(),
                 mesh: mesh_view.clone(),
                 workers: workers.view(),
+                metrics: crate::metrics::Metrics::new(),
             },
         );
         let (quic, quic_tuning) = crate::transfer::quic::bind_endpoint(bound, &tls, &tls_identity)

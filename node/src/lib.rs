@@ -45,6 +45,7 @@ pub mod fence;
 pub mod health;
 pub mod lease;
 pub mod mesh;
+pub mod metrics;
 pub mod pki;
 pub mod plugin;
 pub mod renew;

@@ -41,6 +41,8 @@ pub struct LocalParts {
     pub mesh: crate::mesh::MeshView,
     /// The node's workers, for the status.
     pub workers: crate::worker::WorkersView,
+    /// The node's Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The API service of one node.
@@ -67,6 +69,7 @@ pub struct ApiService {
     mesh: crate::mesh::MeshView,
     /// This node's long-lived tasks and their states.
     workers: crate::worker::WorkersView,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ApiService {
@@ -84,6 +87,7 @@ impl ApiService {
             apps,
             mesh,
             workers,
+            metrics,
         } = local;
         let (ca, secret) = ca.unzip();
         let service = ApiService {
@@ -100,6 +104,7 @@ impl ApiService {
             apps,
             mesh,
             workers,
+            metrics,
         };
         ApiServer::new(service).max_decoding_message_size(MAX_API_MESSAGE)
     }
@@ -245,6 +250,29 @@ impl Api for ApiService {
             cluster_id: self.cluster.cluster_id.clone(),
             node_id: self.cluster.node_id,
         }))
+    }
+
+    async fn metrics(&self, req: Request<MetricsRequest>) -> Reply<MetricsReply> {
+        self.authorize(&req)?;
+        let c = &self.cluster;
+        let want = req.into_inner().node_id;
+        if want == 0 || want == c.node_id {
+            let node_name = {
+                let a = c.view.read();
+                flock_scheduler::state::node_name(&a.cluster, c.node_id)
+            };
+            return Ok(Response::new(MetricsReply {
+                node_id: c.node_id,
+                node_name,
+                text: self.metrics.render(),
+            }));
+        }
+        let addr = c.view.read().cluster.nodes.get(&want).map(|n| n.addr.clone());
+        let addr = addr.ok_or_else(|| Status::not_found(format!("no node {want} in the cluster")))?;
+        let mut client = c.peer(want, &addr)?;
+        let mut fwd = Request::new(MetricsRequest { node_id: 0 });
+        fwd.set_timeout(Duration::from_secs(3));
+        client.metrics(fwd).await
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Reply<JoinReply> {
