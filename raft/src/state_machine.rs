@@ -27,8 +27,9 @@ use crate::types::{
 /// The format of a snapshot's data that this build writes: 1 held the join secret in plain
 /// text (and no revoked admins); 2 holds its hash; 3 adds datasets' retention, replicas' bases
 /// and holds; 4 adds the failover state (replication, nodes down, diverged copies, events); 5
-/// adds stacks (apps' new fields and service addresses, secrets).
-pub const SNAPSHOT_DATA_VERSION: u8 = 5;
+/// adds stacks (apps' new fields and service addresses, secrets); 6 keeps the apps as JSON
+/// inside (`flock_scheduler::json_field`), so app fields can be added with a default.
+pub const SNAPSHOT_DATA_VERSION: u8 = 6;
 
 /// A snapshot's data: the format byte, then the postcard encoding of the state.
 pub fn encode_cluster(cluster: &ClusterState) -> Vec<u8> {
@@ -44,6 +45,7 @@ pub fn decode_cluster(bytes: &[u8]) -> Result<ClusterState, CodecError> {
         Some((&2, rest)) => Ok(postcard::from_bytes::<legacy::ClusterStateV2>(rest)?.into()),
         Some((&3, rest)) => Ok(postcard::from_bytes::<legacy::ClusterStateV3>(rest)?.into()),
         Some((&4, rest)) => Ok(postcard::from_bytes::<legacy::ClusterStateV4>(rest)?.into()),
+        Some((&5, rest)) => Ok(postcard::from_bytes::<legacy::ClusterStateV5>(rest)?.into()),
         Some((&SNAPSHOT_DATA_VERSION, rest)) => Ok(postcard::from_bytes(rest)?),
         Some((&v, _)) => Err(CodecError::UnknownSnapshotVersion(v)),
     }
@@ -53,7 +55,7 @@ pub fn decode_cluster(bytes: &[u8]) -> Result<ClusterState, CodecError> {
 mod legacy {
     use std::collections::{BTreeMap, BTreeSet};
 
-    use flock_scheduler::legacy::{apps_from_v1, AppV1};
+    use flock_scheduler::legacy::{apps_from_v1, apps_from_v2, AppV1, AppV2};
     use flock_scheduler::{
         hash_join_secret, ClusterState, Dataset, DatasetId, DatasetMove, KvEntry, Node, NodeId,
         SnapshotRecord,
@@ -93,6 +95,48 @@ mod legacy {
 
     fn datasets(v2: BTreeMap<DatasetId, DatasetV2>) -> BTreeMap<DatasetId, Dataset> {
         v2.into_iter().map(|(id, d)| (id, d.into())).collect()
+    }
+
+    /// [`ClusterState`] as format 5 laid it out: apps in postcard's layout.
+    #[derive(Deserialize)]
+    pub(super) struct ClusterStateV5 {
+        cluster_id: String,
+        join_secret_hash: String,
+        ca_holder: NodeId,
+        next_node_id: NodeId,
+        nodes: BTreeMap<NodeId, Node>,
+        kv: BTreeMap<String, KvEntry>,
+        revision: u64,
+        datasets: BTreeMap<DatasetId, Dataset>,
+        next_dataset_id: DatasetId,
+        apps: BTreeMap<String, AppV2>,
+        deploy_generation: u64,
+        mounts: BTreeMap<DatasetId, flock_scheduler::mount::Mounts>,
+        revoked_admins: BTreeSet<String>,
+        failover: flock_scheduler::failover::Failover,
+        secrets: BTreeMap<String, flock_scheduler::state::Secret>,
+    }
+
+    impl From<ClusterStateV5> for ClusterState {
+        fn from(v5: ClusterStateV5) -> Self {
+            ClusterState {
+                cluster_id: v5.cluster_id,
+                join_secret_hash: v5.join_secret_hash,
+                ca_holder: v5.ca_holder,
+                next_node_id: v5.next_node_id,
+                nodes: v5.nodes,
+                kv: v5.kv,
+                revision: v5.revision,
+                datasets: v5.datasets,
+                next_dataset_id: v5.next_dataset_id,
+                apps: apps_from_v2(v5.apps),
+                deploy_generation: v5.deploy_generation,
+                mounts: v5.mounts,
+                revoked_admins: v5.revoked_admins,
+                failover: v5.failover,
+                secrets: v5.secrets,
+            }
+        }
     }
 
     /// [`ClusterState`] as format 4 laid it out: apps before stacks, no secrets.
@@ -529,9 +573,21 @@ mod tests {
         assert_eq!(decode_cluster(&again).unwrap(), cluster);
     }
 
+    /// `bytes` (a state without apps, encoded by this build) with the apps as formats 1 to 5
+    /// laid them out: an empty map (one byte), not the JSON text `{}` (three).
+    fn apps_in_postcard(bytes: &[u8]) -> Vec<u8> {
+        let json = [2, b'{', b'}'];
+        let at = bytes
+            .windows(3)
+            .position(|w| w == json)
+            .expect("the apps, as JSON");
+        assert_eq!(bytes.windows(3).filter(|w| *w == json).count(), 1);
+        [&bytes[..at], &[0], &bytes[at + 3..]].concat()
+    }
+
     #[test]
     fn an_empty_v1_state_stays_without_a_secret() {
-        let bytes = crate::codec::encode(&ClusterState::default());
+        let bytes = apps_in_postcard(&crate::codec::encode(&ClusterState::default()));
         // An empty state has the same bytes in both layouts but for the empty deny list.
         assert_eq!(
             decode_cluster(&bytes[..bytes.len() - 1]).unwrap(),
@@ -546,15 +602,16 @@ mod tests {
     #[test]
     fn a_v3_snapshot_decodes_with_no_failover_state() {
         let cluster = replayed();
-        let v5 = encode_cluster(&cluster);
-        assert_eq!(v5[0], 5);
+        let v6 = encode_cluster(&cluster);
+        assert_eq!(v6[0], 6);
+        let v5 = apps_in_postcard(&v6);
         // Format 5 adds the secrets (empty: one byte) after the failover state; no apps here,
         // so the rest is format 4's layout.
         assert_eq!(&v5[v5.len() - 8..], &[0, 0, 0, 0, 0, 0, 0, 0]);
         let mut v3 = v5[..v5.len() - 8].to_vec();
         v3[0] = 3;
         assert_eq!(decode_cluster(&v3).unwrap(), cluster);
-        // A failover state that is not empty survives the round trip in format 5.
+        // A failover state that is not empty survives the round trip in today's format.
         let mut after = cluster.clone();
         assert!(!matches!(
             after.apply(&flock_scheduler::Command::DeclareNodeDown {
@@ -650,6 +707,76 @@ mod tests {
         assert_eq!(cluster, expected);
         assert!(cluster.secrets.is_empty());
         assert_eq!(decode_cluster(&encode_cluster(&cluster)).unwrap(), cluster);
+    }
+
+    /// What main at e1074cf (format 5, apps in postcard's layout) wrote: a `Command::Deploy`
+    /// log entry of stack s (app s_db: image postgres, port 15432:5432, dataset s_data of
+    /// 1 GiB at /data, A=1, restart always, service db, expose 5433, user 999, stop grace 5 s,
+    /// label l=v, secret s_pw at /run/secrets/pw mode 0400), and the snapshot data of the
+    /// state after `InitCluster` (c-v5, n1, capacity cleared) and that deploy.
+    const V5_DEPLOY: &str = "01280101730104735f646204735f64620108706f7374677265730001b82ac8780001052f646174610180808080040106735f646174610101410131010000000101730102646201b92a00000001033939390000000188270001016c01760000000104735f70770f2f72756e2f736563726574732f7077800200000104735f70770768756e74657232";
+    const V5_SNAPSHOT: &str = "0504632d7635477368613235363a396662323930656136353365346364343563363130393933333938623637393034386534336663373436626461656539626432376134653735303262383034660102010101026e310d31302e302e302e313a37383031000000000001010106735f646174610180808080040101000000000000020104735f646204735f64620108706f7374677265730001b82ac8780001052f646174610180808080040106735f646174610101410131010000000101730102646201b92a00000001033939390000000188270001016c01760000000104735f70770f2f72756e2f736563726574732f7077800200000101010101010000000000000000000104735f70770101730768756e74657232";
+
+    #[test]
+    fn a_v5_deploy_entry_and_snapshot_decode_with_the_app_as_it_was() {
+        use flock_scheduler::config::{PortMap, RestartPolicy, SecretMount};
+        let cmd: Command = crate::codec::decode(&unhex(V5_DEPLOY)).unwrap();
+        let Command::DeployV2 { stack, apps, .. } = &cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!((stack.as_deref(), apps.len()), (Some("s"), 1));
+        let mut replayed = ClusterState::default();
+        replayed.apply(&Command::InitCluster {
+            cluster_id: "c-v5".into(),
+            join_secret: "sha256:00".into(),
+            node_id: 1,
+            name: "n1".into(),
+            addr: "10.0.0.1:7801".into(),
+        });
+        replayed.nodes.get_mut(&1).unwrap().capacity = None;
+        assert!(matches!(
+            replayed.apply(&cmd),
+            CommandResult::Deployed { generation: 1, .. }
+        ));
+        let db = &replayed.apps["s_db"];
+        let spec = &db.spec;
+        assert_eq!(
+            spec.ports,
+            [PortMap {
+                internal: 5432,
+                external: 15432
+            }]
+        );
+        assert_eq!(spec.restart_policy, RestartPolicy::Always);
+        assert_eq!(spec.dataset_name(), Some("s_data"));
+        assert_eq!(
+            (
+                spec.service.as_deref(),
+                &spec.expose[..],
+                spec.user.as_deref()
+            ),
+            (Some("db"), &[5433][..], Some("999"))
+        );
+        assert_eq!(
+            (spec.stop_grace_ms, spec.labels["l"].as_str()),
+            (Some(5000), "v")
+        );
+        assert_eq!(
+            spec.secrets,
+            [SecretMount {
+                secret: "s_pw".into(),
+                target: "/run/secrets/pw".into(),
+                mode: 0o400
+            }]
+        );
+        assert_eq!(db.vip, Some(1));
+        assert_eq!(replayed.secrets["s_pw"].data, b"hunter2");
+        // The old snapshot holds the same state, and it is written again in today's format.
+        let cluster = decode_cluster(&unhex(V5_SNAPSHOT)).unwrap();
+        assert_eq!(cluster, replayed);
+        let again = encode_cluster(&cluster);
+        assert_eq!(again[0], SNAPSHOT_DATA_VERSION);
+        assert_eq!(decode_cluster(&again).unwrap(), cluster);
     }
 
     #[test]

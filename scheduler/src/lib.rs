@@ -27,6 +27,7 @@ pub mod config;
 pub mod dataset;
 pub mod failover;
 pub mod fit;
+pub mod json_field;
 pub mod legacy;
 pub mod limits;
 pub mod membership;

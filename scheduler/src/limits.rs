@@ -302,12 +302,24 @@ pub fn check_app(name: &str, spec: &AppSpec) -> Result<(), ApplyError> {
     for v in strings {
         len_at_most(&format!("a field of app {app}"), v, MAX_ARG_BYTES)?;
     }
-    let bytes = encoded_len(spec);
+    // As the log and snapshots keep it: JSON ([`crate::json_field`]).
+    let bytes = serde_json::to_vec(spec).map_or(usize::MAX, |v| v.len());
     if bytes > MAX_APP_SPEC_BYTES {
         return Err(too_large(
             format!("the spec of app {app}, encoded,"),
             bytes,
             MAX_APP_SPEC_BYTES,
+        ));
+    }
+    Ok(())
+}
+
+fn deploy_len(n: usize) -> Result<(), ApplyError> {
+    if n > MAX_DEPLOY_APPS {
+        return Err(too_large(
+            "the number of apps in the deploy".into(),
+            n,
+            MAX_DEPLOY_APPS,
         ));
     }
     Ok(())
@@ -410,16 +422,9 @@ impl Command {
             Command::CommitDatasetMove { snapshot, .. } => {
                 len_at_most("snapshot name", snapshot, MAX_SNAPSHOT_NAME_LEN)
             }
-            Command::DeployV1 { apps } => {
-                if apps.len() > MAX_DEPLOY_APPS {
-                    return Err(too_large(
-                        "the number of apps in the deploy".into(),
-                        apps.len(),
-                        MAX_DEPLOY_APPS,
-                    ));
-                }
-                Ok(())
-            }
+            // Only read from older logs, whose builds checked the rest.
+            Command::DeployV1 { apps } => deploy_len(apps.len()),
+            Command::DeployV2 { apps, .. } => deploy_len(apps.len()),
             Command::Deploy {
                 stack,
                 apps,

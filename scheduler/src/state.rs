@@ -43,7 +43,9 @@ pub struct ClusterState {
     pub datasets: BTreeMap<DatasetId, Dataset>,
     /// The id the next created dataset gets (ids are never reused).
     pub next_dataset_id: DatasetId,
-    /// The deployed applications, by name.
+    /// The deployed applications, by name: JSON inside the snapshot (from format 6), so app
+    /// fields can be added without a new layout ([`crate::json_field`]).
+    #[serde(with = "crate::json_field")]
     pub apps: BTreeMap<String, App>,
     /// Grows by one with every deploy.
     pub deploy_generation: u64,
@@ -355,12 +357,21 @@ pub enum Command {
         node: NodeId,
         snapshot: String,
     },
+    /// [`Command::Deploy`] as builds from stacks to app scaling proposed it, apps in postcard's
+    /// layout: read from older logs.
+    DeployV2 {
+        stack: Option<String>,
+        apps: BTreeMap<String, crate::legacy::PlannedAppV2>,
+        secrets: BTreeMap<String, Vec<u8>>,
+    },
     /// Deploys stack `stack` (a compose project): its apps become `apps` (each with
     /// `spec.stack == stack`) and its secrets `secrets`; apps and secrets of other stacks stay
     /// as they are. `stack: None` is the whole-configuration deploy of Flocker's two files: it
-    /// replaces every app outside stacks. An empty stack removes it (`flockctl stack rm`).
+    /// replaces every app outside stacks. An empty stack removes it (`flockctl stack rm`). The
+    /// apps are JSON in the entry ([`crate::json_field`]), so app fields can be added.
     Deploy {
         stack: Option<String>,
+        #[serde(with = "crate::json_field")]
         apps: BTreeMap<String, PlannedApp>,
         secrets: BTreeMap<String, Vec<u8>>,
     },
@@ -809,6 +820,18 @@ impl ClusterState {
                     .collect();
                 self.deploy_not_mounted(&apps)?;
                 self.deploy(None, &apps, &BTreeMap::new())
+            }
+            Command::DeployV2 {
+                stack,
+                apps,
+                secrets,
+            } => {
+                let apps: BTreeMap<String, PlannedApp> = apps
+                    .iter()
+                    .map(|(n, a)| (n.clone(), a.clone().into()))
+                    .collect();
+                self.deploy_not_mounted(&apps)?;
+                self.deploy(stack.as_deref(), &apps, secrets)
             }
             Command::Deploy {
                 stack,
