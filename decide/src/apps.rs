@@ -19,6 +19,7 @@
 //! (carry them out in order; when one fails, skip that app's later actions) and the executor
 //! reports results back through [`AppsCore::started`], [`AppsCore::logs`].
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use flock_scheduler::app::instance_key;
 use flock_scheduler::config::RestartPolicy;
 use flock_scheduler::dataset::DatasetId;
 use flock_scheduler::state::host_of;
@@ -416,10 +418,9 @@ pub struct StartGuard {
 /// handoff begun. Call it under the dataset's start gate, right before the driver's start.
 pub fn may_start(state: &ClusterState, guard: &StartGuard) -> Result<(), String> {
     let app = state
-        .apps
-        .get(&guard.app)
+        .instance_app(&guard.app)
         .ok_or_else(|| format!("app {} was removed", guard.app))?;
-    if state.app_runs_on(app) != Some(guard.node) {
+    if state.app_runs_on(&app) != Some(guard.node) {
         return Err(format!(
             "app {} may not run on this node now (moved, or its dataset is handing off)",
             guard.app
@@ -515,9 +516,9 @@ impl AppsCore {
         // Instances whose app may not run here now: removed, placed elsewhere, or its dataset
         // is handing off (an app whose dataset moves keeps running on the primary until then).
         for (name, instances) in &seen.instances {
-            let here = state
-                .apps
-                .get(name)
+            let app = state.instance_app(name);
+            let here = app
+                .as_deref()
                 .is_some_and(|a| state.app_runs_on(a) == Some(me));
             if !here {
                 let mut kinds: Vec<DriverKind> = instances.iter().map(|i| i.kind).collect();
@@ -533,19 +534,14 @@ impl AppsCore {
                         })
                         .collect(),
                 );
-                if state.apps.get(name).is_none_or(|a| a.node != me) {
+                if app.is_none_or(|a| a.node != me) {
                     self.apps.remove(name);
                 }
             }
         }
-        let placed: Vec<(&String, &App)> = state
-            .apps
-            .iter()
-            .filter(|(_, a)| a.node == me || state.app_runs_on(a) == Some(me))
-            .collect();
-        self.apps
-            .retain(|name, _| placed.iter().any(|(n, _)| *n == name));
-        for (name, app) in placed {
+        let placed = placed_here(state, me);
+        self.apps.retain(|name, _| placed.contains_key(name));
+        for (name, app) in &placed {
             let local = self.apps.entry(name.clone()).or_default();
             let instances = seen.instances.get(name).map_or(&[][..], |v| v.as_slice());
             let actions = step(name, app, state, me, instances, seen, mesh_host, now, local);
@@ -601,6 +597,27 @@ impl AppsCore {
             local.last_lines = lines;
         }
     }
+}
+
+/// The instances placed on node `me`, by key ([`flock_scheduler::app::instance_key`]), each
+/// as an app of its own: an app's first instance where it is placed or runs (a moving app runs
+/// on its dataset's primary until the handoff), its others where they are placed.
+pub fn placed_here(state: &ClusterState, me: NodeId) -> BTreeMap<String, Cow<'_, App>> {
+    let mut out = BTreeMap::new();
+    for (name, app) in &state.apps {
+        if app.node == me || state.app_runs_on(app) == Some(me) {
+            out.insert(name.clone(), Cow::Borrowed(app));
+        }
+        for (i, node) in app.more.iter().enumerate() {
+            if *node == me {
+                let index = i + 2;
+                if let Some(inst) = app.instance(index) {
+                    out.insert(instance_key(name, index), Cow::Owned(inst));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// One app placed on this node: start, update, restart or leave it.
@@ -964,6 +981,59 @@ mod tests {
         starts.into_iter().next().expect("one start")
     }
 
+    /// An app with three instances: each node starts its own, under its own key, and a node
+    /// whose instance was scaled away removes it.
+    #[test]
+    fn each_node_runs_the_instances_placed_on_it() {
+        let mut s = testutil::cluster(3);
+        let mut web = testutil::spec("web", false);
+        web.volume = None;
+        web.instances = Some(3);
+        let apps = BTreeMap::from([(
+            "web".to_string(),
+            PlannedApp {
+                spec: web,
+                node: None,
+            },
+        )]);
+        testutil::ok(&mut s, Command::deploy_all(apps));
+        let nodes: Vec<NodeId> = s.apps["web"].instance_nodes().collect();
+        for (i, node) in nodes.iter().enumerate() {
+            let key = instance_key("web", i + 1);
+            let mut core = AppsCore::new();
+            let actions = core.decide(&s, *node, &AppsSeen::default(), None, t(0));
+            let (spec, _, guard) = the_start(&actions);
+            assert_eq!(
+                (spec.app.as_str(), guard.app.as_str()),
+                (key.as_str(), key.as_str())
+            );
+            assert_eq!(may_start(&s, &guard), Ok(()));
+        }
+        // Scaled to one: the third node's instance may run no more, and goes.
+        let third = nodes[2];
+        let key = instance_key("web", 3);
+        let scale = s.scale_command("web", 1).unwrap();
+        testutil::ok(&mut s, scale);
+        let seen = AppsSeen {
+            instances: BTreeMap::from([(key.clone(), vec![instance(SeenState::Running, "x")])]),
+            ..Default::default()
+        };
+        let actions = AppsCore::new().decide(&s, third, &seen, None, t(0));
+        assert!(
+            actions
+                .iter()
+                .flatten()
+                .any(|a| matches!(a, AppAction::Remove { app, .. } if *app == key)),
+            "{actions:?}"
+        );
+        let guard = StartGuard {
+            app: key,
+            node: third,
+            dataset: None,
+        };
+        assert!(may_start(&s, &guard).is_err());
+    }
+
     /// `depends_on`: a first start waits for its dependency to run, and to be healthy when it
     /// asks; a dependency nobody could look at is waited for, never assumed up.
     #[test]
@@ -1032,6 +1102,7 @@ mod tests {
                 node: 1,
                 dataset: None,
                 vip: None,
+                more: Vec::new(),
             },
         );
         let mut core = AppsCore::new();

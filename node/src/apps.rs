@@ -339,9 +339,14 @@ async fn observe(here: &Here<'_>, state: &ClusterState) -> AppsSeen {
             let i = is.iter().find(|i| {
                 i.kind == Kind::Process && matches!(i.state, flock_decide::apps::SeenState::Running)
             })?;
-            let spec = &state.apps.get(name)?.spec;
-            let check = spec.healthcheck.clone()?;
-            Some((name.clone(), i.id.clone(), check, spec.environment.clone()))
+            let app = state.instance_app(name)?;
+            let check = app.spec.healthcheck.clone()?;
+            Some((
+                name.clone(),
+                i.id.clone(),
+                check,
+                app.spec.environment.clone(),
+            ))
         })
         .collect();
     let verdicts = here
@@ -389,10 +394,16 @@ async fn dependencies(
 ) -> BTreeMap<String, flock_decide::apps::DepSeen> {
     use flock_decide::apps::DepSeen;
     let me = here.cluster.node_id;
+    // Apps with an instance placed here that has not started yet.
     let wanted: std::collections::BTreeSet<&str> = state
         .apps
         .iter()
-        .filter(|(n, a)| a.node == me && !seen.instances.contains_key(*n))
+        .filter(|(n, a)| {
+            a.instance_nodes().enumerate().any(|(i, node)| {
+                let key = flock_scheduler::app::instance_key(n, i + 1);
+                node == me && !seen.instances.contains_key(&key)
+            })
+        })
         .flat_map(|(_, a)| a.spec.depends_on.iter().map(|d| d.app.as_str()))
         .collect();
     let mut out = BTreeMap::new();

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{AppSpec, PlannedApp};
 use crate::dataset::DatasetId;
 use crate::fit::{misfit, Reserved};
-use crate::state::{ApplyError, ClusterState, CommandResult, NodeId, NodeState};
+use crate::state::{ApplyError, ClusterState, Command, CommandResult, NodeId, NodeState};
 
 /// A deployed application.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,9 +36,45 @@ pub struct App {
     /// the app is deployed (apps of snapshots written before stacks get one at the next
     /// deploy).
     pub vip: Option<u16>,
+    /// The nodes of its instances after the first (which is on `node`), one per node, when
+    /// its spec asks for more than one ([`AppSpec::instances`]). Fewer than asked when no
+    /// other node fits them.
+    #[serde(default)]
+    pub more: Vec<NodeId>,
+}
+
+/// The key instance `index` (1-based) of app `name` runs under on its node, as its driver
+/// names it: the app's own name for the first, `NAME.INDEX` for the others.
+pub fn instance_key(name: &str, index: usize) -> String {
+    if index <= 1 {
+        name.to_string()
+    } else {
+        format!("{name}.{index}")
+    }
 }
 
 impl App {
+    /// The nodes its instances are placed on, the first's first.
+    pub fn instance_nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        std::iter::once(self.node).chain(self.more.iter().copied())
+    }
+
+    /// Whether an instance of it is placed on `node`.
+    pub fn placed_on(&self, node: NodeId) -> bool {
+        self.node == node || self.more.contains(&node)
+    }
+
+    /// Instance `index` (1-based) as an app of its own: on its node, without other instances.
+    /// `None` if there is no such instance.
+    pub fn instance(&self, index: usize) -> Option<App> {
+        let node = self.instance_nodes().nth(index.checked_sub(1)?)?;
+        Some(App {
+            node,
+            more: Vec::new(),
+            ..self.clone()
+        })
+    }
+
     /// The app as a deploy names it: its spec and the node it is pinned to.
     pub fn planned(&self) -> PlannedApp {
         PlannedApp {
@@ -101,6 +137,46 @@ impl Change {
     }
 }
 
+/// Refuses a count of instances an app cannot have: none, more than one of an app with a
+/// volume (a dataset has one writer), or one whose key another app's name takes.
+fn check_instances(
+    name: &str,
+    app: &PlannedApp,
+    apps: &BTreeMap<String, PlannedApp>,
+) -> Result<(), ApplyError> {
+    let count = app.spec.instance_count();
+    let bad = |why: &str| {
+        Err(ApplyError::InstanceCount {
+            app: name.to_string(),
+            count,
+            why: why.to_string(),
+        })
+    };
+    if count == 0 {
+        return bad("give at least 1, or remove the app");
+    }
+    if count > 1 && app.spec.volume.is_some() {
+        return bad(
+            "it has a volume, and a dataset has one writer; only apps without a volume scale",
+        );
+    }
+    // Instance 2 of app a runs as `a.2` on its node: no app may be named so.
+    if let Some((base, index)) = name.rsplit_once('.') {
+        let taken = index.parse::<u32>().is_ok_and(|i| {
+            apps.get(base)
+                .is_some_and(|b| i >= 2 && i <= b.spec.instance_count())
+        });
+        if taken {
+            return Err(ApplyError::InstanceCount {
+                app: base.to_string(),
+                count: apps[base].spec.instance_count(),
+                why: format!("its instance {index} would run as {name:?}, an app of its own; rename that app"),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn usable(state: &ClusterState, node: NodeId) -> bool {
     state
         .nodes
@@ -109,10 +185,16 @@ fn usable(state: &ClusterState, node: NodeId) -> bool {
 }
 
 /// Where each app of `apps` goes and what changes, given `state`. Pure and deterministic.
+///
+/// Each app is placed on one node, and an app with more than one instance
+/// ([`AppSpec::instances`]) on as many other nodes as fit, one per node (its internal ports are
+/// taken on each): the instances it already has stay where they fit, the others go to the least
+/// loaded nodes. The nodes of each app's instances, the first's first, and the changes.
+#[allow(clippy::type_complexity)]
 pub fn plan_deploy(
     state: &ClusterState,
     apps: &BTreeMap<String, PlannedApp>,
-) -> Result<(BTreeMap<String, NodeId>, Vec<Change>), ApplyError> {
+) -> Result<(BTreeMap<String, Vec<NodeId>>, Vec<Change>), ApplyError> {
     let mut ports: BTreeMap<u16, &str> = BTreeMap::new();
     for (name, app) in apps {
         crate::dataset::validate_dataset_name(name)
@@ -131,6 +213,7 @@ pub fn plan_deploy(
                 return Err(ApplyError::UnknownNode { id: node });
             }
         }
+        check_instances(name, app, apps)?;
     }
     if state.nodes.values().all(|n| n.state != NodeState::Ready) {
         return Err(ApplyError::NoReadyNode);
@@ -181,33 +264,39 @@ pub fn plan_deploy(
     for name in order {
         let app = &apps[name];
         let own_ports = internal_ports(&app.spec);
-        let misfit_on = |node: NodeId, reserved: &BTreeMap<NodeId, Reserved>| {
-            // A pin or a state naming a node that is not a member (a bad proposal or snapshot)
-            // is refused, never a panic in apply.
-            let Some(n) = state.nodes.get(&node) else {
-                return Some(format!("node {node} is not a member"));
-            };
-            if let Some(used) = used_ports.get(&node) {
-                if let Some((p, other)) = own_ports.iter().find_map(|p| used.get(p).map(|o| (p, o)))
-                {
-                    return Some(format!("app {other} there takes internal port {p} too"));
+        let misfit_on =
+            |node: NodeId,
+             reserved: &BTreeMap<NodeId, Reserved>,
+             used_ports: &BTreeMap<NodeId, BTreeMap<u16, &str>>| {
+                // A pin or a state naming a node that is not a member (a bad proposal or snapshot)
+                // is refused, never a panic in apply.
+                let Some(n) = state.nodes.get(&node) else {
+                    return Some(format!("node {node} is not a member"));
+                };
+                if let Some(used) = used_ports.get(&node) {
+                    if let Some((p, other)) =
+                        own_ports.iter().find_map(|p| used.get(p).map(|o| (p, o)))
+                    {
+                        return Some(format!("app {other} there takes internal port {p} too"));
+                    }
                 }
-            }
-            misfit(
-                n,
-                &app.spec,
-                reserved.get(&node).copied().unwrap_or_default(),
-            )
+                misfit(
+                    n,
+                    &app.spec,
+                    reserved.get(&node).copied().unwrap_or_default(),
+                )
+            };
+        let fits = |node: &NodeId| {
+            usable(state, *node) && misfit_on(*node, &reserved, &used_ports).is_none()
         };
-        let fits = |node: &NodeId| usable(state, *node) && misfit_on(*node, &reserved).is_none();
         let shared = app
             .spec
             .dataset_name()
             .and_then(|ds| dataset_at.get(ds).map(|at| (ds, *at)));
         let node = match (shared, app.node) {
             (Some((ds, (at, other))), pin) => {
-                if pin.is_some_and(|p| p != at) || misfit_on(at, &reserved).is_some() {
-                    let why = match misfit_on(at, &reserved) {
+                if pin.is_some_and(|p| p != at) || misfit_on(at, &reserved, &used_ports).is_some() {
+                    let why = match misfit_on(at, &reserved, &used_ports) {
                         Some(reason) if pin.is_none_or(|p| p == at) => format!(
                             "they run on one node, and {name} does not fit on {} beside {other}: \
                              {reason}",
@@ -229,7 +318,7 @@ pub fn plan_deploy(
             }
             (None, pin) => match pin {
                 Some(pin) => {
-                    if let Some(reason) = misfit_on(pin, &reserved) {
+                    if let Some(reason) = misfit_on(pin, &reserved, &used_ports) {
                         return Err(ApplyError::PinnedMisfit {
                             app: name.clone(),
                             node: state
@@ -258,7 +347,7 @@ pub fn plan_deploy(
                             let reasons: Vec<String> = load
                                 .keys()
                                 .filter_map(|id| {
-                                    misfit_on(*id, &reserved)
+                                    misfit_on(*id, &reserved, &used_ports)
                                         .map(|r| format!("{}: {r}", state.nodes[id].name))
                                 })
                                 .collect();
@@ -274,17 +363,42 @@ pub fn plan_deploy(
         if let Some(ds) = app.spec.dataset_name() {
             dataset_at.entry(ds).or_insert((node, name));
         }
-        let used = used_ports.entry(node).or_default();
-        for p in own_ports {
-            used.insert(p, name);
+        // The instances after the first: where they are if they still fit, else on the least
+        // loaded nodes without one; as many as fit.
+        let before: &[NodeId] = state.apps.get(name).map_or(&[], |a| &a.more[..]);
+        let want = app.spec.instance_count().max(1) as usize;
+        let mut nodes = vec![node];
+        loop {
+            let next = *nodes.last().expect("one");
+            let used = used_ports.entry(next).or_default();
+            for p in &own_ports {
+                used.insert(*p, name);
+            }
+            let count = load.entry(next).or_default();
+            if by_load.remove(&(*count, next)) {
+                by_load.insert((*count + 1, next));
+            }
+            *count += 1;
+            reserved.entry(next).or_default().add(&app.spec);
+            if nodes.len() >= want {
+                break;
+            }
+            let free = |id: &NodeId| {
+                !nodes.contains(id)
+                    && usable(state, *id)
+                    && misfit_on(*id, &reserved, &used_ports).is_none()
+            };
+            let Some(more) = before
+                .iter()
+                .copied()
+                .find(|id| free(id))
+                .or_else(|| by_load.iter().map(|(_, id)| *id).find(|id| free(id)))
+            else {
+                break;
+            };
+            nodes.push(more);
         }
-        let count = load.entry(node).or_default();
-        if by_load.remove(&(*count, node)) {
-            by_load.insert((*count + 1, node));
-        }
-        *count += 1;
-        reserved.entry(node).or_default().add(&app.spec);
-        placed.insert(name.clone(), node);
+        placed.insert(name.clone(), nodes);
     }
     let mut changes = Vec::new();
     for (name, old) in &state.apps {
@@ -295,7 +409,8 @@ pub fn plan_deploy(
             });
         }
     }
-    for (name, node) in &placed {
+    for (name, nodes) in &placed {
+        let node = &nodes[0];
         match state.apps.get(name) {
             None => changes.push(Change::Start {
                 app: name.clone(),
@@ -306,10 +421,12 @@ pub fn plan_deploy(
                 from: old.node,
                 to: *node,
             }),
-            Some(old) if old.spec != apps[name].spec => changes.push(Change::Update {
-                app: name.clone(),
-                node: *node,
-            }),
+            Some(old) if old.spec != apps[name].spec || old.more != nodes[1..] => {
+                changes.push(Change::Update {
+                    app: name.clone(),
+                    node: *node,
+                })
+            }
             Some(_) => {}
         }
     }
@@ -368,7 +485,7 @@ impl ClusterState {
         secrets: &BTreeMap<String, Vec<u8>>,
     ) -> Result<CommandResult, ApplyError> {
         let apps = &self.with_stack(stack, apps)?;
-        let (placed, changes) = plan_deploy(self, apps)?;
+        let (mut placed, changes) = plan_deploy(self, apps)?;
         // Datasets first: every check that can fail is done, so the rest cannot half-apply.
         let mut next = self.clone();
         let mut new_apps = BTreeMap::new();
@@ -379,7 +496,8 @@ impl ClusterState {
             .collect();
         let mut candidates = VIP_RANGE;
         for (name, app) in apps {
-            let node = placed[name];
+            let mut more = placed.remove(name).unwrap_or_default();
+            let node = more.remove(0);
             let vip = match self.apps.get(name).and_then(|a| a.vip) {
                 Some(v) => v,
                 None => {
@@ -414,6 +532,7 @@ impl ClusterState {
                     node,
                     dataset,
                     vip: Some(vip),
+                    more,
                 },
             );
         }
@@ -499,6 +618,63 @@ impl ClusterState {
             Some(_) => Some(ds.primary),
             None => (ds.primary == app.node).then_some(app.node),
         }
+    }
+
+    /// The app an instance key ([`instance_key`]) names, as that instance: the app itself for
+    /// its name, instance N (on its own node) for `NAME.N`.
+    pub fn instance_app(&self, key: &str) -> Option<std::borrow::Cow<'_, App>> {
+        if let Some(a) = self.apps.get(key) {
+            return Some(std::borrow::Cow::Borrowed(a));
+        }
+        let (base, index) = key.rsplit_once('.')?;
+        let i: usize = index.parse().ok().filter(|i| *i >= 2)?;
+        if instance_key(base, i) != key {
+            return None;
+        }
+        self.apps
+            .get(base)?
+            .instance(i)
+            .map(std::borrow::Cow::Owned)
+    }
+
+    /// The deploy that runs `instances` instances of app `name` (`flockctl app scale`): its
+    /// stack (or the apps outside stacks) deployed again as it is, with that count, so the same
+    /// placement and checks hold.
+    pub fn scale_command(&self, name: &str, instances: u32) -> Result<Command, ApplyError> {
+        self.stack_deploy(name, |p| {
+            p.spec.instances = (instances != 1).then_some(instances)
+        })
+    }
+
+    /// The deploy of app `name`'s stack (or of the apps outside stacks) as it is, with its
+    /// secrets, and with `change` made to that app (`None` leaves it out: removes it).
+    pub fn stack_deploy(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut PlannedApp),
+    ) -> Result<Command, ApplyError> {
+        let app = self.apps.get(name).ok_or_else(|| ApplyError::UnknownApp {
+            name: name.to_string(),
+        })?;
+        let stack = app.spec.stack.clone();
+        let mut apps: BTreeMap<String, PlannedApp> = self
+            .apps
+            .iter()
+            .filter(|(_, a)| a.spec.stack == stack)
+            .map(|(n, a)| (n.clone(), a.planned()))
+            .collect();
+        change(apps.get_mut(name).expect("listed"));
+        let secrets: BTreeMap<String, Vec<u8>> = self
+            .secrets
+            .iter()
+            .filter(|(_, s)| s.stack == stack)
+            .map(|(n, s)| (n.clone(), s.data.clone()))
+            .collect();
+        Ok(Command::Deploy {
+            stack,
+            apps,
+            secrets,
+        })
     }
 
     pub(crate) fn move_app(&mut self, name: &str, to: NodeId) -> Result<CommandResult, ApplyError> {
@@ -631,6 +807,78 @@ mod tests {
 
     fn deploy(s: &mut ClusterState, apps: &BTreeMap<String, PlannedApp>) -> CommandResult {
         s.apply(&Command::deploy_all(apps.clone()))
+    }
+
+    #[test]
+    fn instances_spread_one_per_node_and_wait_where_none_fits() {
+        let mut s = cluster(3);
+        let mut apps = plan(&[
+            ("web", Some(8080), false, None),
+            ("other", None, false, None),
+        ]);
+        apps.get_mut("web").unwrap().spec.instances = Some(5);
+        assert!(matches!(
+            deploy(&mut s, &apps),
+            CommandResult::Deployed { .. }
+        ));
+        let web = &s.apps["web"];
+        let mut nodes: Vec<NodeId> = web.instance_nodes().collect();
+        nodes.sort();
+        // Port 80 inside is taken on each node it runs on: three of five fit.
+        assert_eq!(nodes, [1, 2, 3]);
+        assert_eq!(web.instance(2).map(|a| a.node), Some(web.more[0]));
+        assert_eq!(web.instance(4), None);
+        assert_eq!(instance_key("web", 1), "web");
+        assert_eq!(instance_key("web", 3), "web.3");
+        // Scaled down to 2: the first two stay where they are.
+        let before: Vec<NodeId> = web.instance_nodes().collect();
+        assert!(matches!(
+            s.apply(&s.scale_command("web", 2).unwrap()),
+            CommandResult::Deployed { .. }
+        ));
+        let after: Vec<NodeId> = s.apps["web"].instance_nodes().collect();
+        assert_eq!(after, before[..2]);
+        assert_eq!(s.apps["web"].spec.instances, Some(2));
+        // Back to one: the count is left unset, as a deploy without it writes.
+        s.apply(&s.scale_command("web", 1).unwrap());
+        assert_eq!(
+            (s.apps["web"].spec.instances, s.apps["web"].more.len()),
+            (None, 0)
+        );
+    }
+
+    #[test]
+    fn a_stateful_app_or_a_taken_key_refuses_more_instances() {
+        let mut s = cluster(2);
+        let apps = plan(&[("db", None, true, None), ("web", None, false, None)]);
+        assert!(matches!(
+            deploy(&mut s, &apps),
+            CommandResult::Deployed { .. }
+        ));
+        let r = s.apply(&s.scale_command("db", 2).unwrap());
+        let CommandResult::Rejected(e) = r else {
+            panic!("{r:?}")
+        };
+        assert!(e.to_string().contains("one writer"), "{e}");
+        for n in [0, 2] {
+            let r = s.apply(&s.scale_command("web", n).unwrap());
+            assert_eq!(
+                matches!(r, CommandResult::Rejected(ApplyError::InstanceCount { .. })),
+                n == 0,
+                "{n}: {r:?}"
+            );
+        }
+        let mut apps = plan(&[("web", None, false, None), ("web.2", None, false, None)]);
+        apps.get_mut("web").unwrap().spec.instances = Some(2);
+        let r = deploy(&mut s, &apps);
+        assert!(
+            matches!(&r, CommandResult::Rejected(ApplyError::InstanceCount { why, .. }) if why.contains("web.2")),
+            "{r:?}"
+        );
+        assert!(matches!(
+            s.scale_command("nope", 2),
+            Err(ApplyError::UnknownApp { .. })
+        ));
     }
 
     /// The apps of stack `stack`: (service, external port, volume).

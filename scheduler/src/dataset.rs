@@ -863,6 +863,7 @@ mod tests {
             node: 1,
             dataset: Some(1),
             vip: None,
+            more: Vec::new(),
         };
         assert_eq!(s.app_runs_on(&app), None);
         assert_eq!(

@@ -196,7 +196,7 @@ impl Failover {
 /// What the apps already placed on `node` reserve there.
 pub fn reserved_on(state: &ClusterState, node: NodeId) -> Reserved {
     let mut r = Reserved::default();
-    for app in state.apps.values().filter(|a| a.node == node) {
+    for app in state.apps.values().filter(|a| a.placed_on(node)) {
         r.add(&app.spec);
     }
     r
@@ -316,8 +316,8 @@ pub fn replica_wanted(state: &ClusterState, dataset: DatasetId) -> Option<NodeId
 pub fn drain_plan(state: &ClusterState, node: NodeId) -> Vec<(String, Result<NodeId, String>)> {
     let mut extra: std::collections::BTreeMap<NodeId, Reserved> = Default::default();
     let mut load: std::collections::BTreeMap<NodeId, usize> = Default::default();
-    for a in state.apps.values() {
-        *load.entry(a.node).or_default() += 1;
+    for n in state.apps.values().flat_map(|a| a.instance_nodes()) {
+        *load.entry(n).or_default() += 1;
     }
     let mut out = Vec::new();
     for (name, app) in state.apps.iter().filter(|(_, a)| a.node == node) {
@@ -468,27 +468,47 @@ impl ClusterState {
             }
         }
         // A replica on the down node gets no pushes until it is back.
-        // Stateless apps go to the least loaded ready node where they fit; pinned ones wait.
+        // Stateless apps go to the least loaded ready node where they fit, and without an
+        // instance of theirs; pinned ones wait. An instance after the first with nowhere to go
+        // is dropped until the next deploy or scale places it.
         let stateless: Vec<String> = self
             .apps
             .iter()
-            .filter(|(_, a)| a.node == node && a.dataset.is_none() && a.pinned.is_none())
+            .filter(|(_, a)| a.placed_on(node) && a.dataset.is_none())
+            .filter(|(_, a)| a.node != node || a.pinned.is_none())
             .map(|(n, _)| n.clone())
             .collect();
         for name in stateless {
-            let spec = self.apps[&name].spec.clone();
+            let app = &self.apps[&name];
+            let spec = app.spec.clone();
             let mut best: Option<(usize, NodeId)> = None;
             for cand in self.nodes.values().filter(|n| n.state == NodeState::Ready) {
-                if misfit(cand, &spec, reserved_on(self, cand.id)).is_some() {
+                if app.placed_on(cand.id)
+                    || misfit(cand, &spec, reserved_on(self, cand.id)).is_some()
+                {
                     continue;
                 }
-                let load = self.apps.values().filter(|a| a.node == cand.id).count();
+                let load = self.apps.values().filter(|a| a.placed_on(cand.id)).count();
                 if best.is_none_or(|(l, _)| load < l) {
                     best = Some((load, cand.id));
                 }
             }
-            if let Some((_, to)) = best {
-                self.apps.get_mut(&name).expect("listed").node = to;
+            let app = self.apps.get_mut(&name).expect("listed");
+            let to = best.map(|(_, to)| to);
+            if app.node == node {
+                let Some(to) = to else { continue };
+                app.node = to;
+            } else {
+                match to {
+                    Some(to) => app
+                        .more
+                        .iter_mut()
+                        .filter(|n| **n == node)
+                        .for_each(|n| *n = to),
+                    None => app.more.retain(|n| *n != node),
+                }
+            }
+            if let Some(to) = to {
                 self.failover.push(
                     at_unix_ms,
                     EventKind::Replaced {

@@ -95,6 +95,7 @@ impl From<AppV1> for App {
             node: a.node,
             dataset: a.dataset,
             vip: None,
+            more: Vec::new(),
         }
     }
 }
@@ -211,6 +212,7 @@ impl From<AppV2> for App {
             node: a.node,
             dataset: a.dataset,
             vip: a.vip,
+            more: Vec::new(),
         }
     }
 }

@@ -76,6 +76,8 @@ pub const MAX_APP_SPEC_BYTES: usize = 2 * MIB + 64 * KIB;
 /// The most apps one deploy may name (a deploy carries the whole application configuration),
 /// and the most apps of a cluster, all stacks together.
 pub const MAX_DEPLOY_APPS: usize = 1000;
+/// The most instances of one app (`deploy.replicas`, `flockctl app scale`).
+pub const MAX_INSTANCES: usize = 1000;
 /// The most entries of one of an app's lists (labels, ulimits, secrets, mounts, exposed ports,
 /// dependencies, entrypoint and healthcheck arguments).
 pub const MAX_APP_LIST_LEN: usize = 1024;
@@ -185,6 +187,7 @@ pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApplyError>
 pub fn check_app(name: &str, spec: &AppSpec) -> Result<(), ApplyError> {
     len_at_most("app name", name, MAX_APP_NAME_LEN)?;
     len_at_most("app name", &spec.name, MAX_APP_NAME_LEN)?;
+    instances_at_most(name, spec.instance_count())?;
     let app = shown(name);
     let mut env_total = 0usize;
     for (k, v) in &spec.environment {
@@ -309,6 +312,17 @@ pub fn check_app(name: &str, spec: &AppSpec) -> Result<(), ApplyError> {
             format!("the spec of app {app}, encoded,"),
             bytes,
             MAX_APP_SPEC_BYTES,
+        ));
+    }
+    Ok(())
+}
+
+fn instances_at_most(app: &str, n: u32) -> Result<(), ApplyError> {
+    if n as usize > MAX_INSTANCES {
+        return Err(too_large(
+            format!("the number of instances of app {}", shown(app)),
+            n as usize,
+            MAX_INSTANCES,
         ));
     }
     Ok(())

@@ -577,6 +577,12 @@ pub enum ApplyError {
     UnknownSecret { app: String, secret: String },
     #[error("every service address (198.18.0.1 to 198.18.255.254) is taken")]
     NoServiceAddress,
+    #[error("app {app:?} cannot have {count} instances: {why}")]
+    InstanceCount {
+        app: String,
+        count: u32,
+        why: String,
+    },
     #[error("dataset {dataset:?} is the volume of app {app:?}; remove the app from the deployment first (its dataset moves with it)")]
     DatasetInUse { dataset: String, app: String },
     #[error("node {name:?} is the primary of dataset {dataset:?}; move the dataset away (`flockctl dataset move {dataset} --to NODE`) or remove it first")]

@@ -454,12 +454,15 @@ services:
         ]
     );
     assert_eq!(
-        refused("services:\n  a:\n    image: a\n    deploy: {mode: global}\n  b:\n    image: b\n    scale: 2\n"),
+        refused("services:\n  a:\n    image: a\n    deploy: {mode: global}\n  b:\n    image: b\n    scale: 0\n  c:\n    image: c\n    volumes: [data:/d]\n    deploy: {replicas: 2}\nvolumes: {data: {}}\n"),
         [
             "compose.yml:4:20: services.a.deploy.mode: global runs one container on every node, \
              which flock does not do (an app runs on one node): remove mode, for one replica",
-            "compose.yml:7:12: services.b.scale: 2 containers: scaling stateless apps is not \
-             there yet; replicas: 1",
+            "compose.yml:7:12: services.b.scale: 0 instances: flock runs at least one; remove \
+             the service, or give 1 or more",
+            "compose.yml:8:3: services.c: it has a volume and more than one instance (scale or \
+             deploy.replicas): a dataset has one writer, so only services without a volume \
+             scale; give 1 instance, or move the state out of the service",
         ]
     );
 }
@@ -615,4 +618,16 @@ networks:
         ]
     );
     assert!(warnings[6].ends_with("(not by the aliases www)"));
+}
+
+#[test]
+fn replicas_and_scale_ask_for_instances() {
+    let (apps, warnings) = parse(
+        "services:\n  web:\n    image: nginx\n    deploy: {replicas: 3}\n  api:\n    image: api\n    scale: 2\n  one:\n    image: one\n    deploy: {replicas: 1}\n",
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(app(&apps, "web").instances, Some(3));
+    assert_eq!(app(&apps, "api").instances, Some(2));
+    // One is the default, written as none: the app's spec is the same as without the key.
+    assert_eq!(app(&apps, "one").instances, None);
 }

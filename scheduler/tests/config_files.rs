@@ -574,12 +574,12 @@ fn application_errors() {
         (
             "a misspelt key",
             app("    imgae: postgres\n"),
-            "app.yml:4:5: applications.db: unknown key \"imgae\"; did you mean \"image\"? an application takes image, command, ports, links, volume, environment, restart_policy, mem_limit, cpu_shares, constraints",
+            "app.yml:4:5: applications.db: unknown key \"imgae\"; did you mean \"image\"? an application takes image, command, ports, links, volume, environment, restart_policy, mem_limit, cpu_shares, constraints, instances",
         ),
         (
             "a fig key in Flocker's form",
             app("    image: postgres\n    volumes: [/data]\n"),
-            "app.yml:5:5: applications.db: unknown key \"volumes\"; did you mean \"volume\"? an application takes image, command, ports, links, volume, environment, restart_policy, mem_limit, cpu_shares, constraints",
+            "app.yml:5:5: applications.db: unknown key \"volumes\"; did you mean \"volume\"? an application takes image, command, ports, links, volume, environment, restart_policy, mem_limit, cpu_shares, constraints, instances",
         ),
         (
             "a port out of range",
@@ -632,9 +632,9 @@ fn application_errors() {
             "app.yml:5:21: web.deploy.placement.constraints[0]: constraint \"node.role == manager\": flock places by node.labels.KEY and node.hostname, not \"node.role\"",
         ),
         (
-            "more than one replica",
-            app_error("web:\n  image: nginx\n  deploy:\n    replicas: 2\n"),
-            "app.yml:4:15: web.deploy.replicas: 2 replicas: scaling stateless apps is not there yet; replicas: 1",
+            "no replica",
+            app_error("web:\n  image: nginx\n  deploy:\n    replicas: 0\n"),
+            "app.yml:4:15: web.deploy.replicas: 0 instances: flock runs at least one; remove the service, or give 1 or more",
         ),
         (
             "restart on-failure:0",

@@ -71,6 +71,45 @@ fn problems_error(what: &str, problems: &[String]) -> Status {
     ))
 }
 
+/// Each placed instance of `app` (whose first instance's status is `first`) as its node
+/// reports it.
+fn instances_of(
+    state: &ClusterState,
+    first: &pb::AppStatus,
+    app: &flock_scheduler::App,
+    reports: &BTreeMap<NodeId, Option<pb::LocalAppsReply>>,
+) -> Vec<pb::AppInstance> {
+    let mut out = vec![pb::AppInstance {
+        key: first.name.clone(),
+        node: first.node.clone(),
+        state: first.state.clone(),
+        restarts: first.restarts,
+        detail: first.detail.clone(),
+    }];
+    for (i, node) in app.more.iter().enumerate() {
+        let key = flock_scheduler::app::instance_key(&first.name, i + 2);
+        let (state_word, restarts, detail) = match reports.get(node) {
+            Some(Some(r)) => match r.apps.iter().find(|a| a.name == key) {
+                Some(a) => (a.state.clone(), a.restarts, a.detail.clone()),
+                None => ("starting".to_string(), 0, String::new()),
+            },
+            _ => (
+                "unreachable".to_string(),
+                0,
+                format!("node {} did not answer", node_name(state, *node)),
+            ),
+        };
+        out.push(pb::AppInstance {
+            key,
+            node: node_name(state, *node),
+            state: state_word,
+            restarts,
+            detail,
+        });
+    }
+    out
+}
+
 impl ApiService {
     /// Deploys `deploy` (a [`Command::Deploy`]; or, with `dry_run`, says what deploying it
     /// would change). With `problems_in_reply`, what stops it is in the reply's `problems`.
@@ -506,6 +545,19 @@ impl ApiService {
         self.deploy_plan(deploy, None, false, false).await
     }
 
+    pub(super) async fn do_app_scale(
+        &self,
+        req: Request<pb::AppScaleRequest>,
+    ) -> Reply<pb::DeployReply> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let state = self.cluster.read(false, |a| a.cluster.clone()).await?;
+        let deploy = state
+            .scale_command(&r.name, r.instances)
+            .map_err(ClusterError::from)?;
+        self.deploy_plan(deploy, None, r.dry_run, false).await
+    }
+
     pub(super) async fn do_local_apps(
         &self,
         req: Request<pb::LocalAppsRequest>,
@@ -522,7 +574,8 @@ impl ApiService {
             apps: view
                 .iter()
                 .filter_map(|(name, local)| {
-                    let app = state.apps.get(name)?;
+                    let app = state.instance_app(name)?;
+                    let app = &*app;
                     let mut s = crate::apps::status(&state, name, app, Some(local));
                     // A move this node carries out for the app's dataset: how far it is.
                     let moving = app
@@ -700,6 +753,8 @@ impl ApiService {
             })
             .map(|mut s: pb::AppStatus| {
                 if let Some(app) = state.apps.get(&s.name) {
+                    s.instances = app.spec.instance_count();
+                    s.instance_list = instances_of(&state, &s, app, &reports);
                     (s.endpoints, s.mesh_problems) = mesh_endpoints(&state, app, &reports);
                     s.stack = app.spec.stack.clone().unwrap_or_default();
                     s.service = app.spec.service_name().to_string();

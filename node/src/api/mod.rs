@@ -699,6 +699,10 @@ impl Api for ApiService {
         self.do_app_remove(req).await
     }
 
+    async fn app_scale(&self, req: Request<AppScaleRequest>) -> Reply<DeployReply> {
+        self.do_app_scale(req).await
+    }
+
     async fn app_logs(&self, req: Request<AppLogsRequest>) -> Reply<AppLogsReply> {
         self.do_app_logs(req).await
     }

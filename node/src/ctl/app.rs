@@ -34,6 +34,17 @@ pub enum AppCmd {
     },
     /// Remove an app from the deployment (its dataset stays; `flockctl dataset rm` removes it).
     Rm { name: String },
+    /// Run N instances of a stateless app, each on its own node (as many as fit); the mesh
+    /// spreads new connections over them. Scaling down stops the last ones gracefully.
+    Scale {
+        /// The app.
+        name: String,
+        /// How many instances (at least 1).
+        instances: u32,
+        /// Say what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Move an app to another node with its data: the data is copied while the app runs,
     /// then the app stops for the last delta only and starts on the target.
     Move {
@@ -387,6 +398,11 @@ fn app_json(a: &AppStatus) -> Value {
         "health": (!a.health.is_empty()).then_some(&a.health),
         "stack": (!a.stack.is_empty()).then_some(&a.stack),
         "service": a.service, "service_ip": (!a.service_ip.is_empty()).then_some(&a.service_ip),
+        "instances": a.instances.max(1),
+        "instance_list": a.instance_list.iter().map(|i| json!({
+            "key": i.key, "node": i.node, "state": i.state, "restarts": i.restarts,
+            "detail": (!i.detail.is_empty()).then_some(&i.detail),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -404,6 +420,29 @@ fn endpoints_cell(a: &AppStatus) -> String {
         cell.push_str(&format!(" +{} more", a.endpoints.len() - SHOWN));
     }
     cell
+}
+
+/// The NODE cell: the node of each instance of a scaled app.
+fn nodes_cell(a: &AppStatus) -> String {
+    if a.instance_list.len() > 1 {
+        let nodes: Vec<&str> = a.instance_list.iter().map(|i| i.node.as_str()).collect();
+        nodes.join(",")
+    } else {
+        a.node.clone()
+    }
+}
+
+/// The STATE cell: with instances asked for, how many run of how many.
+fn state_cell(a: &AppStatus) -> String {
+    if a.instances <= 1 {
+        return a.state.clone();
+    }
+    let running = a
+        .instance_list
+        .iter()
+        .filter(|i| i.state == "running")
+        .count();
+    format!("{} {running}/{}", a.state, a.instances)
 }
 
 /// The DETAIL cell: the app's detail, then what keeps nodes from serving its ports.
@@ -454,8 +493,8 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
             for a in &r.apps {
                 rows.push([
                     a.name.clone(),
-                    a.node.clone(),
-                    a.state.clone(),
+                    nodes_cell(a),
+                    state_cell(a),
                     a.restarts.to_string(),
                     a.ports.join(","),
                     endpoints_cell(a),
@@ -592,6 +631,40 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
                 return Ok(0);
             }
             return follow_move(api, &r.dataset, &r.to_node, json).await;
+        }
+        AppCmd::Scale {
+            name,
+            instances,
+            dry_run,
+        } => {
+            let r = api
+                .app_scale(AppScaleRequest {
+                    name: name.clone(),
+                    instances,
+                    dry_run,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            let a = api
+                .app_list(AppListRequest { name: name.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let placed = a.apps.first().map_or(0, |a| a.instance_list.len());
+            let verb = if dry_run { "would run" } else { "runs" };
+            if dry_run {
+                println!("app {name} {verb} {instances} instance(s)");
+            } else if placed < instances as usize {
+                println!(
+                    "app {name} {verb} {placed} of {instances} instance(s): no other node fits the rest (one per node; `flockctl node ls` shows their room); they are placed at the next deploy or scale"
+                );
+            } else {
+                println!("app {name} {verb} {instances} instance(s)");
+            }
         }
         AppCmd::Rm { name } => {
             let r = api

@@ -21,8 +21,9 @@ pub enum Target {
     Nobody,
     /// The app is handed off between nodes: it runs nowhere until the move commits.
     Moving,
-    /// HOST:PORT of the app on the node that runs it.
-    At(String),
+    /// HOST:PORT of the app on each node that runs an instance of it, the first instance's
+    /// first.
+    At(Vec<String>),
 }
 
 /// Where a connection to external `port` goes in `state`.
@@ -34,18 +35,29 @@ pub fn target(state: &ClusterState, port: u16) -> Target {
     let Some((app, internal)) = found else {
         return Target::Nobody;
     };
-    match state.app_runs_on(app).and_then(|id| state.nodes.get(&id)) {
-        Some(node) => {
+    let Some(first) = state.app_runs_on(app) else {
+        return Target::Moving;
+    };
+    let addrs: Vec<String> = std::iter::once(first)
+        .chain(app.more.iter().copied())
+        .filter_map(|id| state.nodes.get(&id))
+        .map(|node| {
             let host = super::host_of(&node.addr);
-            Target::At(if host.contains(':') {
+            if host.contains(':') {
                 format!("[{host}]:{internal}")
             } else {
                 format!("{host}:{internal}")
-            })
-        }
-        None => Target::Moving,
+            }
+        })
+        .collect();
+    if addrs.is_empty() {
+        return Target::Moving;
     }
+    Target::At(addrs)
 }
+
+/// Spreads new connections over an app's instances: each starts at the next one.
+static NEXT_INSTANCE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Pause between attempts to reach an app that did not accept.
 const RETRY_GAP: Duration = Duration::from_millis(25);
@@ -103,26 +115,32 @@ async fn reach(port: u16, cluster: &Cluster, opts: &MeshOptions) -> Option<TcpSt
                 // Wait for the next applied entry (the move's commit), or a little.
                 let _ = tokio::time::timeout(RETRY_GAP * 4, changes.changed()).await;
             }
-            Target::At(addr) => {
+            Target::At(addrs) => {
+                let key = addrs.join(",");
                 let since = match &placed {
-                    Some((a, t)) if *a == addr => *t,
+                    Some((a, t)) if *a == key => *t,
                     _ => {
-                        placed = Some((addr.clone(), now));
+                        placed = Some((key, now));
                         now
                     }
                 };
-                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
-                    Ok(Ok(s)) => return Some(s),
-                    Ok(Err(e)) if now >= since + opts.retry => {
-                        tracing::info!(port, %addr, error = %e, "routing mesh: the app does not accept; refusing");
-                        return None;
+                // Each instance in turn from the next one: an instance that does not accept
+                // (not started, exited, its node down) passes the connection on to the others.
+                let first = NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut last_error = String::new();
+                for k in 0..addrs.len() {
+                    let addr = &addrs[(first + k) % addrs.len()];
+                    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                        Ok(Ok(s)) => return Some(s),
+                        Ok(Err(e)) => last_error = format!("{addr}: {e}"),
+                        Err(_) => last_error = format!("{addr}: its node does not answer"),
                     }
-                    Err(_) if now >= since + opts.retry => {
-                        tracing::info!(port, %addr, "routing mesh: the app's node does not answer; refusing");
-                        return None;
-                    }
-                    _ => tokio::time::sleep(RETRY_GAP).await,
                 }
+                if now >= since + opts.retry {
+                    tracing::info!(port, error = %last_error, "routing mesh: the app does not accept; refusing");
+                    return None;
+                }
+                tokio::time::sleep(RETRY_GAP).await;
             }
         }
     }

@@ -73,7 +73,8 @@ pub fn plan(state: &ClusterState, me: NodeId) -> BTreeMap<u16, Want> {
     let mut local: BTreeMap<u16, &str> = BTreeMap::new();
     for (name, app) in &state.apps {
         let runs_on = state.app_runs_on(app);
-        let here = runs_on == Some(me) || (runs_on.is_none() && app.node == me);
+        let here =
+            runs_on == Some(me) || (runs_on.is_none() && app.node == me) || app.more.contains(&me);
         if here {
             for p in &app.spec.ports {
                 local.entry(p.internal).or_insert(name);
@@ -328,6 +329,7 @@ mod tests {
                     node: *node,
                     dataset: None,
                     vip: None,
+                    more: Vec::new(),
                 },
             );
         }

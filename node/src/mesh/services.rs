@@ -42,13 +42,13 @@ pub const CHAIN: &str = "FLOCK-SERVICES";
 /// Held while the chain and its jumps are set up.
 const LOCK: &str = "/run/flock-services.lock";
 
-/// One service port: connections to `vip:port` go to `node`'s `port` (`None`: the app runs
-/// nowhere now).
+/// One service port: connections to `vip:port` go to `port` on one of `nodes`, where the
+/// app's instances run, each as likely (empty: the app runs nowhere now).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Route {
     pub vip: Ipv4Addr,
     pub port: u16,
-    pub node: Option<NodeId>,
+    pub nodes: Vec<NodeId>,
     pub app: String,
 }
 
@@ -59,7 +59,11 @@ pub fn routes(state: &ClusterState) -> Vec<Route> {
     for (name, app) in &state.apps {
         let Some(vip) = app.vip else { continue };
         let vip = flock_scheduler::app::service_ip(vip);
-        let node = state.app_runs_on(app);
+        let nodes: Vec<NodeId> = state
+            .app_runs_on(app)
+            .into_iter()
+            .chain(app.more.iter().copied())
+            .collect();
         let mut ports: Vec<u16> = app.spec.ports.iter().map(|p| p.internal).collect();
         ports.extend(app.spec.expose.iter().copied());
         ports.sort_unstable();
@@ -68,7 +72,7 @@ pub fn routes(state: &ClusterState) -> Vec<Route> {
             out.push(Route {
                 vip,
                 port,
-                node,
+                nodes: nodes.clone(),
                 app: name.clone(),
             });
         }
@@ -85,24 +89,36 @@ pub enum NodeAt {
 }
 
 /// The rules of [`CHAIN`] for `routes` (`iptables-restore` lines), given where each node is;
-/// a route to a node not in `nodes` (its address unknown) gets no rule: refused.
+/// a node not in `nodes` (its address unknown) gets no rule: never sent elsewhere. A route to
+/// several nodes spreads new connections evenly: the first rule takes 1 in k of them, the
+/// next 1 in k-1 of the rest, and so on, the last all that remain.
 pub fn rules(routes: &[Route], nodes: &BTreeMap<NodeId, NodeAt>) -> Vec<String> {
-    routes
-        .iter()
-        .filter_map(|r| {
-            let at = nodes.get(&r.node?)?;
+    let mut out = Vec::new();
+    for r in routes {
+        let all: Vec<&NodeAt> = r.nodes.iter().filter_map(|n| nodes.get(n)).collect();
+        for (i, at) in all.iter().enumerate() {
             let target = match at {
                 NodeAt::Here => format!("REDIRECT --to-ports {}", r.port),
                 NodeAt::At(ip) => format!("DNAT --to-destination {ip}:{}", r.port),
             };
-            Some(format!(
-                "-A {CHAIN} -d {}/32 -p tcp -m tcp --dport {} -m comment --comment {} -j {target}",
+            let left = all.len() - i;
+            let share = if left > 1 {
+                format!(
+                    "-m statistic --mode random --probability {:.8} ",
+                    1.0 / left as f64
+                )
+            } else {
+                String::new()
+            };
+            out.push(format!(
+                "-A {CHAIN} -d {}/32 -p tcp -m tcp --dport {} -m comment --comment {} {share}-j {target}",
                 r.vip,
                 r.port,
                 comment(&r.app)
-            ))
-        })
-        .collect()
+            ));
+        }
+    }
+    out
 }
 
 /// An app's name as an iptables comment: names are letters, digits, `_`, `-` and `.`.
@@ -384,10 +400,10 @@ mod tests {
         assert_ne!(db, web);
         assert_eq!(
             r.iter()
-                .map(|r| (r.vip, r.port, r.node))
+                .map(|r| (r.vip, r.port, r.nodes.clone()))
                 .collect::<Vec<_>>(),
             {
-                let mut v = vec![(db, 5432, Some(2)), (web, 80, Some(1))];
+                let mut v = vec![(db, 5432, vec![2]), (web, 80, vec![1])];
                 v.sort();
                 v
             }
@@ -413,6 +429,40 @@ mod tests {
     }
 
     #[test]
+    fn an_app_with_instances_spreads_connections_over_their_nodes() {
+        let mut s = deployed();
+        s.apps.get_mut("shop_web").unwrap().more = vec![2, 3];
+        let r = routes(&s);
+        let web = r.iter().find(|r| r.app == "shop_web").unwrap();
+        assert_eq!(web.nodes, [1, 2, 3]);
+        let nodes = BTreeMap::from([
+            (1, NodeAt::Here),
+            (2, NodeAt::At(Ipv4Addr::new(10, 0, 0, 2))),
+            (3, NodeAt::At(Ipv4Addr::new(10, 0, 0, 3))),
+        ]);
+        let lines: Vec<String> = rules(&r, &nodes)
+            .into_iter()
+            .filter(|l| l.contains("shop_web"))
+            .collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(
+            lines[0].contains("--probability 0.33333333 -j REDIRECT"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].contains("--probability 0.50000000 -j DNAT --to-destination 10.0.0.2:80"),
+            "{lines:?}"
+        );
+        assert!(
+            !lines[2].contains("statistic") && lines[2].ends_with("10.0.0.3:80"),
+            "{lines:?}"
+        );
+        // A node whose address is unknown is left out, never sent elsewhere.
+        let two = rules(&r, &BTreeMap::from([(1, NodeAt::Here), (3, NodeAt::Here)]));
+        assert_eq!(two.iter().filter(|l| l.contains("shop_web")).count(), 2);
+    }
+
+    #[test]
     fn an_app_that_runs_nowhere_has_no_rule() {
         let mut s = deployed();
         let db = s.apps["shop_db"].clone();
@@ -422,7 +472,7 @@ mod tests {
         s.apps.get_mut("shop_db").unwrap().dataset = Some(99);
         let r = routes(&s);
         let db_route = r.iter().find(|r| r.app == "shop_db").unwrap();
-        assert_eq!(db_route.node, None);
+        assert!(db_route.nodes.is_empty());
         let nodes = BTreeMap::from([(1, NodeAt::Here), (2, NodeAt::Here)]);
         assert!(rules(&r, &nodes).iter().all(|l| !l.contains("shop_db")));
     }

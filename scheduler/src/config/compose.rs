@@ -1161,9 +1161,7 @@ fn read_service(
     }
     if let Some(v) = get(map, "scale") {
         if let Some(n) = r.ok(cx.uint(v, &field("scale"))) {
-            if n != 1 {
-                r.error(v.at, &field("scale"), format!("{n} containers: {SCALING}"));
-            }
+            set_instances(r, v.at, &field("scale"), n, &mut spec);
         }
     }
     let deps = match get(map, "depends_on") {
@@ -1213,6 +1211,15 @@ fn read_service(
     }
     if let Some((k, v)) = entry(map, "networks") {
         read_service_networks(r, k.at, v, &field("networks"));
+    }
+    if spec.instances.is_some() && spec.volume.is_some() {
+        r.error(
+            at,
+            path,
+            "it has a volume and more than one instance (scale or deploy.replicas): a dataset \
+             has one writer, so only services without a volume scale; give 1 instance, or \
+             move the state out of the service",
+        );
     }
     Some(Service {
         spec,
@@ -1309,7 +1316,29 @@ fn read_service_networks(r: &mut Report, at: Pos, v: &Yaml, path: &str) {
     );
 }
 
-const SCALING: &str = "scaling stateless apps is not there yet; replicas: 1";
+/// `scale` or `deploy.replicas`: how many instances of the service run.
+fn set_instances(r: &mut Report, at: Pos, path: &str, n: u64, spec: &mut AppSpec) {
+    if n == 0 {
+        r.error(
+            at,
+            path,
+            "0 instances: flock runs at least one; remove the service, or give 1 or more",
+        );
+        return;
+    }
+    if n > crate::limits::MAX_INSTANCES as u64 {
+        r.error(
+            at,
+            path,
+            format!(
+                "{n} instances: the most is {}",
+                crate::limits::MAX_INSTANCES
+            ),
+        );
+        return;
+    }
+    spec.instances = (n > 1).then_some(n as u32);
+}
 
 /// `entrypoint`: a list of words, or a string split as a shell splits words; empty (`[]` or
 /// `""`) clears the image's entrypoint, as in compose.
@@ -2362,9 +2391,7 @@ fn read_deploy(r: &mut Report, y: &Yaml, path: &str, spec: &mut AppSpec) {
             }
             "replicas" => {
                 if let Some(n) = r.ok(cx.uint(v, &field)) {
-                    if n != 1 {
-                        r.error(v.at, &field, format!("{n} replicas: {SCALING}"));
-                    }
+                    set_instances(r, v.at, &field, n, spec);
                 }
             }
             "mode" => match v.scalar().unwrap_or_default() {

@@ -41,6 +41,8 @@ const APP_KEYS: &[&str] = &[
     "cpu_shares",
     // flock's own: compose's deploy.placement.constraints, for Flocker's format.
     "constraints",
+    // flock's own: how many instances of a stateless app run (compose's deploy.replicas).
+    "instances",
 ];
 
 pub(crate) fn read(file: &str, doc: &Yaml) -> Result<Applications, ConfigError> {
@@ -172,6 +174,31 @@ fn read_app(
         Some(v) => cx.constraints(v, &child(path, "constraints"))?,
         None => Vec::new(),
     };
+    let instances = match entry(map, "instances") {
+        Some((_, v)) => {
+            let field = child(path, "instances");
+            let n = cx.uint(v, &field)?;
+            if n == 0 || n > crate::limits::MAX_INSTANCES as u64 {
+                return Err(cx.err(
+                    v.at,
+                    &field,
+                    format!("{n} instances: give 1 to {}", crate::limits::MAX_INSTANCES),
+                ));
+            }
+            if n > 1 && volume.is_some() {
+                return Err(cx.err(
+                    v.at,
+                    &field,
+                    format!(
+                        "{n} instances of an application with a volume: a dataset has one \
+                         writer, so only applications without a volume scale"
+                    ),
+                ));
+            }
+            (n > 1).then_some(n as u32)
+        }
+        None => None,
+    };
     let spec = AppSpec {
         name: name.to_string(),
         image,
@@ -184,6 +211,7 @@ fn read_app(
         mem_limit,
         cpu_shares,
         constraints,
+        instances,
         ..Default::default()
     };
     Ok((spec, source, policy))

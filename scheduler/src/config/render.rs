@@ -23,6 +23,7 @@ pub fn flocker_part(spec: &AppSpec) -> AppSpec {
         mem_limit: spec.mem_limit,
         cpu_shares: spec.cpu_shares,
         constraints: spec.constraints.clone(),
+        instances: spec.instances,
         ..AppSpec::default()
     }
 }
@@ -110,6 +111,9 @@ fn render_app(out: &mut String, app: &AppSpec) {
     }
     if let Some(c) = app.cpu_shares {
         let _ = writeln!(out, "    \"cpu_shares\": {c}");
+    }
+    if let Some(n) = app.instances {
+        let _ = writeln!(out, "    \"instances\": {n}");
     }
     if !app.constraints.is_empty() {
         out.push_str("    \"constraints\":\n");

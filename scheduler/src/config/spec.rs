@@ -107,9 +107,19 @@ pub struct AppSpec {
     /// not move with the app.
     #[serde(default)]
     pub binds: Vec<BindMount>,
+    /// How many instances of the app run, each on its own node (compose's `deploy.replicas`,
+    /// `flockctl app scale`); `None`: one. Only an app without a volume may have more than
+    /// one: a dataset has one writer.
+    #[serde(default)]
+    pub instances: Option<u32>,
 }
 
 impl AppSpec {
+    /// How many instances of the app should run.
+    pub fn instance_count(&self) -> u32 {
+        self.instances.unwrap_or(1)
+    }
+
     /// The name of its volume's dataset: the volume's `dataset`, else the app's name; `None`
     /// without a volume.
     pub fn dataset_name(&self) -> Option<&str> {
