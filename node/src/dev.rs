@@ -147,6 +147,9 @@ pub async fn run(
             ),
             None => println!("  {}  {}", n.identity.name, n.identity.advertise),
         }
+        if let Some(addr) = n.metrics_addr {
+            println!("      metrics: http://{addr}/metrics");
+        }
     }
     for n in running.iter().filter(|n| n.plugin.is_some()) {
         println!(

@@ -41,8 +41,6 @@ pub struct LocalParts {
     pub mesh: crate::mesh::MeshView,
     /// The node's workers, for the status.
     pub workers: crate::worker::WorkersView,
-    /// The node's Prometheus metrics.
-    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The API service of one node.
@@ -69,7 +67,6 @@ pub struct ApiService {
     mesh: crate::mesh::MeshView,
     /// This node's long-lived tasks and their states.
     workers: crate::worker::WorkersView,
-    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ApiService {
@@ -87,7 +84,6 @@ impl ApiService {
             apps,
             mesh,
             workers,
-            metrics,
         } = local;
         let (ca, secret) = ca.unzip();
         let service = ApiService {
@@ -104,7 +100,6 @@ impl ApiService {
             apps,
             mesh,
             workers,
-            metrics,
         };
         ApiServer::new(service).max_decoding_message_size(MAX_API_MESSAGE)
     }
@@ -264,11 +259,18 @@ impl Api for ApiService {
             return Ok(Response::new(MetricsReply {
                 node_id: c.node_id,
                 node_name,
-                text: self.metrics.render(),
+                text: crate::metrics::scrape(c, &self.datasets, &self.apps).await,
             }));
         }
-        let addr = c.view.read().cluster.nodes.get(&want).map(|n| n.addr.clone());
-        let addr = addr.ok_or_else(|| Status::not_found(format!("no node {want} in the cluster")))?;
+        let addr = c
+            .view
+            .read()
+            .cluster
+            .nodes
+            .get(&want)
+            .map(|n| n.addr.clone());
+        let addr =
+            addr.ok_or_else(|| Status::not_found(format!("no node {want} in the cluster")))?;
         let mut client = c.peer(want, &addr)?;
         let mut fwd = Request::new(MetricsRequest { node_id: 0 });
         fwd.set_timeout(Duration::from_secs(3));

@@ -58,17 +58,33 @@ pub(super) async fn connection(
     cluster: Arc<Cluster>,
     opts: MeshOptions,
 ) {
+    let mesh = &cluster.prometheus.mesh;
+    let label = [("port", port.to_string())];
+    mesh.connections.get_or_create(&label).inc();
     let Some(backend) = reach(port, &cluster, &opts).await else {
+        mesh.refused.get_or_create(&label).inc();
         refuse(client);
         return;
     };
+    let open = mesh.open.get_or_create_owned(&label);
+    open.inc();
     let _ = client.set_nodelay(true);
     let _ = backend.set_nodelay(true);
-    if let Err(e) = tokio::try_join!(half(&client, &backend), half(&backend, &client)) {
-        tracing::debug!(port, error = %e, "routing mesh: connection ended with an error");
-        // A reset on one side is passed on as a reset.
-        refuse(client);
+    match tokio::try_join!(half(&client, &backend), half(&backend, &client)) {
+        Ok((to_app, from_app)) => {
+            let bytes = |dir: &str| [("port", port.to_string()), ("direction", dir.to_string())];
+            mesh.bytes.get_or_create(&bytes("to_app")).inc_by(to_app);
+            mesh.bytes
+                .get_or_create(&bytes("from_app"))
+                .inc_by(from_app);
+        }
+        Err(e) => {
+            tracing::debug!(port, error = %e, "routing mesh: connection ended with an error");
+            // A reset on one side is passed on as a reset.
+            refuse(client);
+        }
     }
+    open.dec();
 }
 
 /// One way of a connection: forwards until the sender ends, then passes its end of stream on
