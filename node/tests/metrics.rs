@@ -119,7 +119,8 @@ fn m01_a_cluster_scraped_during_a_move_reports_what_flockctl_does() {
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let metrics: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let node_args = metrics.iter().map(|a| s(&["--metrics-addr", a])).collect();
-    let c = TestCluster::start_with(3, &[], node_args);
+    // JSON logs too (`--log-format json`): checked at the end.
+    let c = TestCluster::start_with(3, &["--log-format", "json"], node_args);
     let _end = EndApps(c.dir.path().to_path_buf());
     let files = tempfile::tempdir().unwrap();
 
@@ -382,4 +383,17 @@ fn m01_a_cluster_scraped_during_a_move_reports_what_flockctl_does() {
     );
 
     c.ctl_ok(c.addr(1), &["app", "rm", "counter"]);
+
+    // `--log-format json`: every line of n1's log is a JSON object with a level and a message
+    // (n1 ran the move).
+    let log = fs::read_to_string(c.log(1, "init")).unwrap();
+    let mut moved = false;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string(), "{line}");
+        let msg = v["fields"]["message"].as_str().unwrap_or_default();
+        moved |= msg == "pushed the move's snapshot" && v["fields"]["dataset"] == "counter";
+    }
+    assert!(moved, "no move in n1's JSON log:\n{log}");
 }

@@ -164,7 +164,8 @@ impl StorageArgs {
 struct RaftArgs {
     /// Where to serve Prometheus metrics (GET /metrics), as IP:PORT, or "off". Default:
     /// 127.0.0.1 on the API port + 1000 (7800 gives 8800), loopback only; 0.0.0.0:PORT
-    /// serves every interface (see README, Monitoring).
+    /// serves every interface (see README, Monitoring). `dev`: the first node's address, the
+    /// others take the next ports.
     #[arg(long, value_name = "IP:PORT|off")]
     metrics_addr: Option<MetricsAddr>,
     /// Leader heartbeat interval, in milliseconds.
