@@ -897,6 +897,111 @@ mod tests {
         assert_eq!(MetricsAddr::Default.resolve(high), None);
     }
 
+    /// Every family, each with a value (families with labels show only then).
+    fn every_family() -> Arc<Metrics> {
+        let m = Metrics::new();
+        let a = l1("app", "web");
+        for f in [
+            &m.apps.starts,
+            &m.apps.start_failures,
+            &m.apps.restarts,
+            &m.apps.stops,
+        ] {
+            f.get_or_create(&a).inc();
+        }
+        m.apps.apps.get_or_create(&l1("state", "running")).set(1);
+        let d = &m.datasets;
+        let ds = l1("dataset", "db");
+        for f in [&d.referenced_bytes, &d.limit_bytes, &d.snapshots] {
+            f.get_or_create(&ds).set(1);
+        }
+        d.used_bytes
+            .get_or_create(&l2("dataset", "db", "role", "primary"))
+            .set(1);
+        let lag = l2("dataset", "db", "replica", "n2");
+        d.replica_lag_seconds.get_or_create(&lag).set(1.0);
+        d.replica_lag_bytes.get_or_create(&lag).set(1);
+        let push = l2("dataset", "db", "kind", "move");
+        for f in [&d.pushes, &d.push_bytes, &d.push_failures] {
+            f.get_or_create(&push).inc();
+        }
+        m.moves
+            .moves
+            .get_or_create(&l1("result", "committed"))
+            .inc();
+        m.moves
+            .phase_seconds
+            .get_or_create(&l1("phase", "full"))
+            .observe(1.0);
+        let port = l1("port", "8080");
+        m.mesh.connections.get_or_create(&port).inc();
+        m.mesh.refused.get_or_create(&port).inc();
+        m.mesh.open.get_or_create(&port).inc();
+        m.mesh
+            .bytes
+            .get_or_create(&l2("port", "8080", "direction", "to_app"))
+            .inc();
+        m
+    }
+
+    /// The series' names in `text`, from its TYPE lines (a histogram's without its suffixes).
+    fn families(text: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The README's table of series and the Grafana dashboard name exactly the series flockd
+    /// has: none missing from the table, none the table or the dashboard makes up.
+    #[test]
+    fn the_readme_and_the_dashboard_name_the_series_there_are() {
+        let rendered = families(&every_family().render());
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("## Monitoring")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has a Monitoring section");
+        let mut listed = std::collections::BTreeSet::new();
+        for row in section.lines().filter(|l| l.starts_with("| `")) {
+            let cell = row.split('|').nth(1).unwrap_or_default();
+            for name in cell.split('`').skip(1).step_by(2) {
+                listed.insert(name.to_string());
+            }
+        }
+        assert_eq!(listed, rendered, "README's series table against flockd's");
+        let dashboard = include_str!("../../contrib/grafana/flock-dashboard.json");
+        let json: serde_json::Value =
+            serde_json::from_str(dashboard).expect("the dashboard is JSON");
+        let mut used = std::collections::BTreeSet::new();
+        for p in json["panels"].as_array().expect("panels") {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"].as_str().unwrap_or_default();
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("flock_") || word.starts_with("process_") {
+                        let base = ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .find_map(|s| word.strip_suffix(s).filter(|b| rendered.contains(*b)))
+                            .unwrap_or(word);
+                        used.insert(base.to_string());
+                    }
+                }
+            }
+        }
+        let unknown: Vec<_> = used.difference(&rendered).collect();
+        assert!(
+            unknown.is_empty(),
+            "the dashboard queries series flockd has not: {unknown:?}"
+        );
+        assert!(
+            used.len() >= 30,
+            "the dashboard shows {} series",
+            used.len()
+        );
+    }
+
     #[test]
     fn series_render_with_their_types_and_the_process_metrics_unprefixed() {
         let m = Metrics::new();
