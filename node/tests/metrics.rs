@@ -120,7 +120,7 @@ fn m01_a_cluster_scraped_during_a_move_reports_what_flockctl_does() {
     let metrics: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let node_args = metrics.iter().map(|a| s(&["--metrics-addr", a])).collect();
     // JSON logs too (`--log-format json`): checked at the end.
-    let c = TestCluster::start_with(3, &["--log-format", "json"], node_args);
+    let mut c = TestCluster::start_with(3, &["--log-format", "json"], node_args);
     let _end = EndApps(c.dir.path().to_path_buf());
     let files = tempfile::tempdir().unwrap();
 
@@ -381,6 +381,41 @@ fn m01_a_cluster_scraped_during_a_move_reports_what_flockctl_does() {
             ((lag - lag_ms / 1000.0).abs() < 3.0).then_some(())
         },
     );
+
+    // A failover: n3's flockd killed (its watchdog ends counter there), counter serves again
+    // on its replica. The other two nodes count it once.
+    let was_leader = must(&scrape_all()[2], "flock_raft_is_leader", &[], 3) == 1.0;
+    c.nodes[2].kill9();
+    until(
+        "counter to run on its replica",
+        Duration::from_secs(30),
+        || {
+            let a: Value =
+                serde_json::from_str(&c.ctl_ok(c.addr(1), &["app", "show", "counter", "--json"]))
+                    .ok()?;
+            (a["node"] != "n3" && a["state"] == "running").then_some(())
+        },
+    );
+    let texts: Vec<String> = metrics[..2]
+        .iter()
+        .map(|a| http_get(a, "/metrics").2)
+        .collect();
+    let after = parse(files.path(), &texts);
+    for (i, m) in after.iter().enumerate() {
+        assert_eq!(
+            must(m, "flock_failovers_total", &[], i + 1),
+            1.0,
+            "n{}",
+            i + 1
+        );
+        assert_eq!(
+            must(m, "flock_failover_data_at_risk_seconds_count", &[], i + 1),
+            1.0
+        );
+        if was_leader {
+            assert!(must(m, "flock_raft_leader_changes_seen_total", &[], i + 1) >= 1.0);
+        }
+    }
 
     c.ctl_ok(c.addr(1), &["app", "rm", "counter"]);
 
