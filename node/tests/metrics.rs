@@ -19,16 +19,24 @@ use serde_json::Value;
 
 /// `GET path` on `addr`: the status code, the content type and the body.
 fn http_get(addr: &str, path: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    try_get(addr, path).unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
+}
+
+/// [`http_get`], or why it failed.
+fn try_get(addr: &str, path: &str) -> Result<(u16, String, String), String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
-    .unwrap();
+    .map_err(|e| e.to_string())?;
     let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    s.read_to_string(&mut raw).map_err(|e| e.to_string())?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("not an HTTP response: {raw:?}"))?;
     let code = head
         .split_whitespace()
         .nth(1)
@@ -42,7 +50,7 @@ fn http_get(addr: &str, path: &str) -> (u16, String, String) {
                 .then(|| v.trim().to_string())
         })
         .unwrap_or_default();
-    (code, ctype, body.to_string())
+    Ok((code, ctype, body.to_string()))
 }
 
 /// One scrape's samples: name, labels, value.
@@ -130,6 +138,47 @@ fn m01_a_cluster_scraped_during_a_move_reports_what_flockctl_does() {
     let (code, ctype, _) = http_get(&metrics[0], "/metrics");
     assert_eq!(code, 200);
     assert_eq!(ctype, "text/plain; version=0.0.4; charset=utf-8");
+
+    // A scrape has no body, a small head, and few connections at once: a local user cannot make
+    // flockd hold much for it.
+    let raw = |req: &[u8]| -> String {
+        let mut s = TcpStream::connect(&metrics[0]).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(req);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let posted = raw(
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx",
+    );
+    assert!(posted.starts_with("HTTP/1.1 405"), "{posted}");
+    let body = raw(
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    );
+    assert!(body.starts_with("HTTP/1.1 413"), "{body}");
+    let mut big = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 64 << 10));
+    big.extend(b"\r\nConnection: close\r\n\r\n");
+    let too_big = raw(&big);
+    assert!(
+        !too_big.contains(" 200 "),
+        "a 64 KiB head was answered: {too_big:.100}"
+    );
+    let idle: Vec<TcpStream> = (0..16)
+        .map(|_| TcpStream::connect(&metrics[0]).unwrap())
+        .collect();
+    let refused = raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(
+        refused, "",
+        "a 17th connection at once is closed unanswered"
+    );
+    drop(idle);
+    until(
+        "a scrape once the idle connections closed",
+        Duration::from_secs(10),
+        || (http_get(&metrics[0], "/metrics").0 == 200).then_some(()),
+    );
 
     // counter (a dataset with a replica) on n1, published through the mesh.
     let port = free_port();
