@@ -194,12 +194,12 @@ impl Metrics {
         );
         r.register(
             "raft_proposals_committed",
-            "Commands this node proposed as leader that were committed",
+            "Commands this node put in the log as leader (its own and those forwarded to it) that were committed",
             raft.proposals_committed.clone(),
         );
         r.register(
             "raft_proposals_failed",
-            "Commands this node proposed as leader that failed (not committed in time, leadership lost, refused)",
+            "Commands this node tried to put in the log as leader that failed (not committed in time, leadership lost, refused)",
             raft.proposals_failed.clone(),
         );
         r.register(
@@ -209,7 +209,7 @@ impl Metrics {
         );
         r.register(
             "raft_commit_duration_seconds",
-            "From a proposal on the leader to its commit and apply",
+            "On the leader, from proposing a log entry (a batch of commands) to its commit and apply",
             raft.commit_seconds.clone(),
         );
 

@@ -177,7 +177,12 @@ fn m01_a_cluster_scraped_during_a_move_reports_what_flockctl_does() {
     until(
         "a scrape once the idle connections closed",
         Duration::from_secs(10),
-        || (http_get(&metrics[0], "/metrics").0 == 200).then_some(()),
+        || {
+            try_get(&metrics[0], "/metrics")
+                .ok()
+                .filter(|r| r.0 == 200)
+                .map(|_| ())
+        },
     );
 
     // counter (a dataset with a replica) on n1, published through the mesh.
@@ -430,6 +435,31 @@ fn m01_a_cluster_scraped_during_a_move_reports_what_flockctl_does() {
             ((lag - lag_ms / 1000.0).abs() < 3.0).then_some(())
         },
     );
+
+    // The Metrics RPC (what `flockctl ui` reads) returns the same text: n3's, asked of n1.
+    let n3_id = after["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "n3")
+        .and_then(|m| m["id"].as_u64())
+        .expect("n3 in the status");
+    let reply = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let conf = flock_client::ClientConfig::load(&c.config()).unwrap();
+        let mut api =
+            flock_client::connect(c.addr(1), &conf.identity().unwrap(), Duration::from_secs(3))
+                .await
+                .unwrap();
+        api.metrics(flock_proto::v1::MetricsRequest { node_id: n3_id })
+            .await
+            .expect("the Metrics RPC")
+            .into_inner()
+    });
+    assert_eq!((reply.node_id, reply.node_name.as_str()), (n3_id, "n3"));
+    let by_rpc = parse(files.path(), &[reply.text]).remove(0);
+    assert_eq!(must(&by_rpc, "flock_apps", &[("state", "running")], 3), 1.0);
+    assert_eq!(must(&by_rpc, "flock_raft_term", &[], 3), term);
+    must(&by_rpc, "process_open_fds", &[], 3);
 
     // A failover: n3's flockd killed (its watchdog ends counter there), counter serves again
     // on its replica. The other two nodes count it once.
