@@ -99,6 +99,7 @@ pub struct MoveSeries {
     pub downtime_seconds: Histogram,
     pub failovers: Counter,
     pub failover_at_risk_seconds: Histogram,
+    pub failover_seconds: Histogram,
     /// The id of the next failover event not counted yet.
     next_event: Mutex<Option<u64>>,
 }
@@ -309,6 +310,7 @@ impl Metrics {
             downtime_seconds: long_buckets(),
             failovers: Counter::default(),
             failover_at_risk_seconds: long_buckets(),
+            failover_seconds: long_buckets(),
             next_event: Mutex::new(None),
         };
         r.register(
@@ -335,6 +337,11 @@ impl Metrics {
             "failover_data_at_risk_seconds",
             "Per failover: the window of writes that may be lost (from the snapshot to the last time the old primary was heard from)",
             moves.failover_at_risk_seconds.clone(),
+        );
+        r.register(
+            "failover_duration_seconds",
+            "Per failover: from the last time the leader heard from the old primary to the failover's commit (the new primary may start the app then)",
+            moves.failover_seconds.clone(),
         );
 
         let mesh = MeshSeries {
@@ -399,19 +406,44 @@ impl Metrics {
             .next_event
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let from = match *next {
+        let first = match *next {
             None => {
                 *next = Some(failover.next_event);
                 return;
             }
             Some(n) => n,
         };
-        for e in failover.events.iter().filter(|e| e.id >= from) {
-            if let EventKind::FailedOver { at_risk_ms, .. } = &e.what {
-                self.moves.failovers.inc();
+        for e in failover.events.iter().filter(|e| e.id >= first) {
+            let EventKind::FailedOver {
+                at_risk_ms, from, ..
+            } = &e.what
+            else {
+                continue;
+            };
+            self.moves.failovers.inc();
+            self.moves
+                .failover_at_risk_seconds
+                .observe(*at_risk_ms as f64 / 1000.0);
+            // When the old primary was last heard from: its down record, or (once it is back)
+            // the event that declared it down.
+            let last_heard = failover
+                .down
+                .get(from)
+                .map(|d| d.last_heard_unix_ms)
+                .or_else(|| {
+                    failover.events.iter().rev().find_map(|d| match &d.what {
+                        EventKind::NodeDown {
+                            node,
+                            last_heard_unix_ms,
+                            ..
+                        } if node == from && d.id < e.id => Some(*last_heard_unix_ms),
+                        _ => None,
+                    })
+                });
+            if let Some(heard) = last_heard {
                 self.moves
-                    .failover_at_risk_seconds
-                    .observe(*at_risk_ms as f64 / 1000.0);
+                    .failover_seconds
+                    .observe(e.at_unix_ms.saturating_sub(heard) as f64 / 1000.0);
             }
         }
         *next = Some(failover.next_event);

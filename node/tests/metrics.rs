@@ -491,6 +491,17 @@ fn m01_a_cluster_scraped_during_a_move_reports_what_flockctl_does() {
             must(m, "flock_failover_data_at_risk_seconds_count", &[], i + 1),
             1.0
         );
+        assert_eq!(
+            must(m, "flock_failover_duration_seconds_count", &[], i + 1),
+            1.0
+        );
+        // At least the lease (2.5 s by default) went by before the node was declared down.
+        let took = must(m, "flock_failover_duration_seconds_sum", &[], i + 1);
+        assert!(
+            (1.0..30.0).contains(&took),
+            "n{}: failover took {took} s",
+            i + 1
+        );
         if was_leader {
             assert!(must(m, "flock_raft_leader_changes_seen_total", &[], i + 1) >= 1.0);
         }
