@@ -367,7 +367,7 @@ impl Metrics {
         );
         r.register(
             "mesh_bytes",
-            "Bytes the routing mesh forwarded (direction: to_app or from_app), counted when a connection ends",
+            "Bytes the routing mesh forwarded (direction: to_app or from_app)",
             mesh.bytes.clone(),
         );
 

@@ -385,14 +385,15 @@ fn m01_a_cluster_scraped_during_a_move_reports_what_flockctl_does() {
         must(n2, "flock_mesh_connections_total", &[("port", &p)], 2) >= asked as f64,
         "n2's mesh"
     );
-    assert!(
-        must(
+    for dir in ["to_app", "from_app"] {
+        let b = must(
             n2,
             "flock_mesh_bytes_total",
-            &[("port", &p), ("direction", "to_app")],
-            2
-        ) > 0.0
-    );
+            &[("port", &p), ("direction", dir)],
+            2,
+        );
+        assert!(b > 0.0, "n2's mesh forwarded no bytes {dir}");
+    }
 
     // Datasets, against `dataset ls`: each holder's used bytes, snapshot count, and limit
     // (they settle between snapshots: asked until both agree), and on the primary (n3) the
