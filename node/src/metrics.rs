@@ -330,7 +330,7 @@ impl Metrics {
         );
         r.register(
             "failovers",
-            "Datasets failed over to a replica, as this node applied them from the log",
+            "Datasets failed over to a replica, as this node applied them from the log (counted from its first scrape on)",
             moves.failovers.clone(),
         );
         r.register(
