@@ -835,10 +835,6 @@ const MAX_BATCH: usize = 512;
 /// replication.
 const BATCHES_IN_FLIGHT: usize = 2;
 
-/// Proposes commands through Raft, batching those that arrive while earlier batches are in
-/// flight into one [`Command::Batch`] entry. openraft 0.9 appends (and fsyncs) each client write
-/// on its own, so without this every write would wait for its own fsync; with it, concurrent
-/// writes share one.
 /// Counts the leader changes this node sees (a known leader other than the last one known),
 /// until Raft stops.
 async fn count_leader_changes(
@@ -860,6 +856,10 @@ async fn count_leader_changes(
     }
 }
 
+/// Proposes commands through Raft, batching those that arrive while earlier batches are in
+/// flight into one [`Command::Batch`] entry. openraft 0.9 appends (and fsyncs) each client write
+/// on its own, so without this every write would wait for its own fsync; with it, concurrent
+/// writes share one.
 async fn run_batcher(
     raft: Raft,
     timeout: Duration,
