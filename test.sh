@@ -79,6 +79,18 @@ if ! need ip && [ ! -x /usr/sbin/ip ] && [ ! -x /sbin/ip ] && [ ! -x /bin/ip ]; 
   apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
 fi
 
+# The metrics test (node/tests/metrics.rs, issue 19) parses the scraped text with Prometheus'
+# own Python parser (PyPI package prometheus-client).
+if ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    echo "test.sh: installing python3-pip for the metrics test" >&2
+    apt-get update -qq && apt-get install -y -qq python3-pip >/dev/null
+  fi
+  echo "test.sh: installing Prometheus' Python client for the metrics test" >&2
+  python3 -m pip install -q prometheus-client ||
+    python3 -m pip install -q --break-system-packages prometheus-client
+fi
+
 # Format and lint are part of the suite: CI fails on either.
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

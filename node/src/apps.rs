@@ -505,11 +505,16 @@ async fn dependencies(
 /// Carries out one action; false when it failed (the app's later actions are skipped).
 async fn carry_out(here: &Here<'_>, core: &mut AppsCore, action: AppAction) -> bool {
     let drivers = here.drivers;
+    let series = &here.cluster.prometheus.apps;
+    let label = |app: &str| [("app", app.to_string())];
     match action {
         AppAction::Remove { app, kind, why } => {
             tracing::info!(app, why, "stopping and removing");
             match drivers.remove(kind, &app).await {
-                Ok(()) => true,
+                Ok(()) => {
+                    series.stops.get_or_create(&label(&app)).inc();
+                    true
+                }
                 Err(e) => {
                     tracing::warn!(app, error = %e, "could not stop and remove it");
                     false
@@ -519,7 +524,10 @@ async fn carry_out(here: &Here<'_>, core: &mut AppsCore, action: AppAction) -> b
         AppAction::Stop { app, kind, why } => {
             tracing::info!(app, why, "stopping");
             match drivers.stop(kind, &app).await {
-                Ok(()) => true,
+                Ok(()) => {
+                    series.stops.get_or_create(&label(&app)).inc();
+                    true
+                }
                 Err(e) => {
                     tracing::warn!(app, error = %e, "the stop failed");
                     false
@@ -624,6 +632,15 @@ async fn carry_out(here: &Here<'_>, core: &mut AppsCore, action: AppAction) -> b
                 }
             };
             let ok = result.is_ok();
+            if ok {
+                series.starts.get_or_create(&label(&app)).inc();
+                // A start after an exit, by the restart policy, carries the count raised.
+                if restarts > 0 {
+                    series.restarts.get_or_create(&label(&app)).inc();
+                }
+            } else {
+                series.start_failures.get_or_create(&label(&app)).inc();
+            }
             core.started(&app, &spec, result, here.now());
             ok
         }

@@ -156,6 +156,9 @@ pub struct Cluster {
     peers: Mutex<HashMap<(NodeId, String), ApiClient<Channel>>>,
     /// This node's lease and, while it leads, who it heard from ([`crate::lease`]).
     pub leases: crate::lease::Leases,
+    /// This node's Prometheus series, which the node's parts update ([`crate::metrics`]);
+    /// not to be confused with Raft's own figures, [`metrics`](Self::metrics).
+    pub prometheus: Arc<crate::metrics::Metrics>,
 }
 
 /// Outcome of forwarding to the leader.
@@ -175,8 +178,15 @@ impl Cluster {
         request_timeout: Duration,
         tls: TlsIdentity,
     ) -> Self {
+        let metrics = crate::metrics::Metrics::new();
         let (proposals, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_batcher(raft.clone(), request_timeout, rx));
+        tokio::spawn(run_batcher(
+            raft.clone(),
+            request_timeout,
+            rx,
+            metrics.clone(),
+        ));
+        tokio::spawn(count_leader_changes(raft.metrics(), metrics.clone()));
         Cluster {
             proposals,
             raft,
@@ -188,6 +198,7 @@ impl Cluster {
             tls,
             peers: Mutex::new(HashMap::new()),
             leases: crate::lease::Leases::new(flock_decide::lease::LeaseConfig::default()),
+            prometheus: metrics,
         }
     }
 
@@ -824,11 +835,37 @@ const MAX_BATCH: usize = 512;
 /// replication.
 const BATCHES_IN_FLIGHT: usize = 2;
 
+/// Counts the leader changes this node sees (a known leader other than the last one known),
+/// until Raft stops.
+async fn count_leader_changes(
+    mut rx: watch::Receiver<RaftMetrics>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    let mut last = None;
+    loop {
+        let leader = rx.borrow_and_update().current_leader;
+        if leader.is_some() && leader != last {
+            if last.is_some() {
+                metrics.raft.leader_changes.inc();
+            }
+            last = leader;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Proposes commands through Raft, batching those that arrive while earlier batches are in
 /// flight into one [`Command::Batch`] entry. openraft 0.9 appends (and fsyncs) each client write
 /// on its own, so without this every write would wait for its own fsync; with it, concurrent
 /// writes share one.
-async fn run_batcher(raft: Raft, timeout: Duration, mut rx: mpsc::UnboundedReceiver<Proposal>) {
+async fn run_batcher(
+    raft: Raft,
+    timeout: Duration,
+    mut rx: mpsc::UnboundedReceiver<Proposal>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
     let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
     // A proposal that did not fit the previous batch starts the next one.
     let mut carried: Option<Proposal> = None;
@@ -844,9 +881,9 @@ async fn run_batcher(raft: Raft, timeout: Duration, mut rx: mpsc::UnboundedRecei
             },
         };
         let batch = fill_batch(first, &mut rx, &mut carried);
-        let raft = raft.clone();
+        let (raft, metrics) = (raft.clone(), metrics.clone());
         tokio::spawn(async move {
-            propose_batch(&raft, timeout, batch).await;
+            propose_batch(&raft, timeout, batch, &metrics).await;
             drop(permit);
         });
     }
@@ -878,7 +915,12 @@ fn fill_batch(
     batch
 }
 
-async fn propose_batch(raft: &Raft, timeout: Duration, batch: Vec<Proposal>) {
+async fn propose_batch(
+    raft: &Raft,
+    timeout: Duration,
+    batch: Vec<Proposal>,
+    metrics: &crate::metrics::Metrics,
+) {
     let (mut cmds, txs): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.tx)).unzip();
     // Not the leader: refuse before appending, so the caller may safely send it elsewhere.
     if raft.metrics().borrow().state != ServerState::Leader {
@@ -895,7 +937,16 @@ async fn propose_batch(raft: &Raft, timeout: Duration, batch: Vec<Proposal>) {
             Command::Batch(cmds)
         }
     };
-    let outcome = match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
+    let began = Instant::now();
+    let written = tokio::time::timeout(timeout, raft.client_write(cmd)).await;
+    let r = &metrics.raft;
+    if let Ok(Ok(_)) = &written {
+        r.commit_seconds.observe(began.elapsed().as_secs_f64());
+        r.proposals_committed.inc_by(txs.len() as u64);
+    } else {
+        r.proposals_failed.inc_by(txs.len() as u64);
+    }
+    let outcome = match written {
         Err(_) => Err(ClusterError::OutcomeUnknown(format!(
             "not committed within {timeout:?}"
         ))),

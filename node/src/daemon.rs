@@ -59,6 +59,8 @@ pub struct NodeOptions {
     /// The Docker volume plugin's name (its socket: `/run/docker/plugins/NAME.sock`); `None`:
     /// no plugin. Default: none; flockd's `init`, `join` and `run` serve "flock".
     pub plugin: Option<String>,
+    /// Where `/metrics` is served. Default: 127.0.0.1 on the API port + 1000.
+    pub metrics: crate::metrics::MetricsAddr,
 }
 
 /// Where a node's routing mesh listens.
@@ -95,6 +97,7 @@ impl Default for NodeOptions {
             labels: None,
             mesh: MeshAddr::Listen,
             plugin: None,
+            metrics: crate::metrics::MetricsAddr::Default,
         }
     }
 }
@@ -230,6 +233,8 @@ pub struct RunningNode {
     pub mesh: Option<std::net::IpAddr>,
     /// The Docker volume plugin's socket, when it is served.
     pub plugin: Option<std::path::PathBuf>,
+    /// Where `/metrics` is served, when it is.
+    pub metrics_addr: Option<SocketAddr>,
     /// The join secret's file, on the CA holder.
     secret: Option<JoinSecretFile>,
     /// The node's long-lived tasks, stopped in order by [`RunningNode::shutdown`].
@@ -507,6 +512,20 @@ impl RunningNode {
         };
         let config = opts.raft_config(&identity.cluster_id)?;
         let closer = store.closer();
+        let metrics_listener = match opts.metrics.resolve(bound) {
+            None => None,
+            Some((addr, chosen)) => match TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) if chosen => {
+                    anyhow::bail!("cannot serve metrics on {addr} (--metrics-addr): {e}")
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "cannot serve metrics on the default address; give --metrics-addr IP:PORT (or off)");
+                    None
+                }
+            },
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let (log, sm, _, _) = store.into_parts();
         let view = sm.view();
         // One identity for every connection, client and server: renewal replaces its certificate.
@@ -524,6 +543,7 @@ impl RunningNode {
             opts.request_timeout,
             tls_identity.clone(),
         ));
+        closer.on_durable_write(cluster.prometheus.fsync_observer());
         if let Some(root) = &data_root {
             start_fencing(&cluster, root).await;
         }
@@ -548,7 +568,6 @@ impl RunningNode {
                 apps: apps_view.clone(),
                 mesh: mesh_view.clone(),
                 workers: workers.view(),
-                metrics: crate::metrics::Metrics::new(),
             },
         );
         let (quic, quic_tuning) = crate::transfer::quic::bind_endpoint(bound, &tls, &tls_identity)
@@ -575,6 +594,13 @@ impl RunningNode {
                 status.fail(format!("the gRPC server stopped: {e}"));
             }
         });
+        if let Some(listener) = metrics_listener {
+            let (cluster, datasets, apps) = (cluster.clone(), datasets.clone(), apps_view.clone());
+            tracing::info!(addr = ?metrics_addr, "serving metrics on /metrics");
+            workers.spawn(Phase::Api, "metrics", |stop, status| {
+                crate::metrics::serve(listener, cluster, datasets, apps, stop, status)
+            });
+        }
         workers.spawn(Phase::Membership, "membership", |stop, status| {
             membership_worker(cluster.clone(), stop, status)
         });
@@ -661,6 +687,7 @@ impl RunningNode {
         Ok(RunningNode {
             secret,
             plugin,
+            metrics_addr,
             mesh,
             cluster,
             identity,

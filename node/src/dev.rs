@@ -78,6 +78,12 @@ pub async fn run(
         }
         // One Docker engine, several nodes: each its own volume plugin, flock-n1, flock-n2...
         o.plugin = o.plugin.map(|p| format!("{p}-n{i}"));
+        // One address given: the first node's; the others take the next ports.
+        if let crate::metrics::MetricsAddr::At(a) = &mut o.metrics {
+            if a.port() != 0 {
+                a.set_port(a.port().saturating_add((i - 1) as u16));
+            }
+        }
         o
     };
 
@@ -146,6 +152,9 @@ pub async fn run(
                 n.identity.name, n.identity.advertise
             ),
             None => println!("  {}  {}", n.identity.name, n.identity.advertise),
+        }
+        if let Some(addr) = n.metrics_addr {
+            println!("      metrics: http://{addr}/metrics");
         }
     }
     for n in running.iter().filter(|n| n.plugin.is_some()) {

@@ -34,6 +34,7 @@ fn w01_status_lists_the_workers_and_sigterm_stops_them_in_order() {
     });
     let expect = [
         ("api", "api", &["running"][..]),
+        ("metrics", "api", &["idle"]),
         ("lease", "agents", &["running", "idle"]),
         ("apps", "agents", &["running", "idle"]),
         ("report", "agents", &["done"]),
@@ -96,7 +97,7 @@ fn w01_status_lists_the_workers_and_sigterm_stops_them_in_order() {
         "a worker was late:\n{log}"
     );
     let steps = [
-        "shutdown: stopping api (api)",
+        "shutdown: stopping api (api, metrics)",
         "shutdown: api stopped",
         "shutdown: stopping agents (lease, apps, report, renewal, datasets)",
         "shutdown: agents stopped",

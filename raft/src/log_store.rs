@@ -11,8 +11,9 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::RangeBounds;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError};
@@ -36,17 +37,23 @@ struct Job {
     waiter: Waiter,
 }
 
+/// Told how long each durable write (one commit with its fdatasync) took: the node's metrics.
+pub type DurableWriteHook = Arc<dyn Fn(Duration) + Send + Sync>;
+
 /// A handle to the writer thread. Cloned by the log store and the state machine; the thread
 /// ends when the last handle is dropped, after finishing every queued job.
 #[derive(Clone)]
 pub struct DiskWriter {
     tx: mpsc::Sender<Job>,
+    hook: Arc<OnceLock<DurableWriteHook>>,
 }
 
 impl DiskWriter {
     /// Starts the writer thread that owns `disk`.
     pub fn start<D: RaftDisk>(mut disk: D) -> (Self, thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Job>();
+        let hook: Arc<OnceLock<DurableWriteHook>> = Arc::default();
+        let told = hook.clone();
         let handle = thread::Builder::new()
             .name("raft-disk-writer".into())
             .spawn(move || {
@@ -57,7 +64,11 @@ impl DiskWriter {
                     }
                     let durable = jobs.iter().any(|j| j.durable);
                     let ops: Vec<WriteOp> = jobs.iter_mut().flat_map(|j| j.ops.drain(..)).collect();
+                    let began = Instant::now();
                     let result = disk.write(&ops, durable).map_err(|e| e.to_string());
+                    if let (true, Ok(()), Some(hook)) = (durable, &result, told.get()) {
+                        hook(began.elapsed());
+                    }
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "raft store write failed");
                     }
@@ -75,7 +86,13 @@ impl DiskWriter {
                 }
             })
             .expect("spawning a thread");
-        (DiskWriter { tx }, handle)
+        (DiskWriter { tx, hook }, handle)
+    }
+
+    /// Has `hook` told the duration of every durable write from now on (the first hook set
+    /// stays).
+    pub fn on_durable_write(&self, hook: DurableWriteHook) {
+        let _ = self.hook.set(hook);
     }
 
     fn submit(&self, ops: Vec<WriteOp>, durable: bool, waiter: Waiter) -> Result<(), String> {

@@ -41,8 +41,6 @@ pub struct LocalParts {
     pub mesh: crate::mesh::MeshView,
     /// The node's workers, for the status.
     pub workers: crate::worker::WorkersView,
-    /// The node's Prometheus metrics.
-    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The API service of one node.
@@ -69,7 +67,6 @@ pub struct ApiService {
     mesh: crate::mesh::MeshView,
     /// This node's long-lived tasks and their states.
     workers: crate::worker::WorkersView,
-    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ApiService {
@@ -87,7 +84,6 @@ impl ApiService {
             apps,
             mesh,
             workers,
-            metrics,
         } = local;
         let (ca, secret) = ca.unzip();
         let service = ApiService {
@@ -104,7 +100,6 @@ impl ApiService {
             apps,
             mesh,
             workers,
-            metrics,
         };
         ApiServer::new(service).max_decoding_message_size(MAX_API_MESSAGE)
     }
@@ -264,7 +259,7 @@ impl Api for ApiService {
             return Ok(Response::new(MetricsReply {
                 node_id: c.node_id,
                 node_name,
-                text: self.metrics.render(),
+                text: crate::metrics::scrape(c, &self.datasets, &self.apps).await,
             }));
         }
         let addr = c

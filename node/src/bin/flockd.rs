@@ -9,6 +9,7 @@ use tracing_subscriber::EnvFilter;
 use flock_node::daemon::{Endpoint, MeshAddr, NodeOptions, RunningNode};
 use flock_node::datadir::DataDir;
 use flock_node::datasets::StorageChoice;
+use flock_node::metrics::MetricsAddr;
 
 /// flock's daemon: forms a cluster with the other machines' flockd and keeps its desired state.
 #[derive(Parser, Debug)]
@@ -19,8 +20,18 @@ use flock_node::datasets::StorageChoice;
                   (default /var/run/docker.sock); RUST_LOG, the log filter."
 )]
 struct Cli {
+    /// How flockd logs to stderr: "text" (for people) or "json" (one object a line, for log
+    /// shippers).
+    #[arg(long, global = true, value_name = "text|json", default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,6 +162,12 @@ impl StorageArgs {
 
 #[derive(Args, Debug, Clone)]
 struct RaftArgs {
+    /// Where to serve Prometheus metrics (GET /metrics), as IP:PORT, or "off". Default:
+    /// 127.0.0.1 on the API port + 1000 (7800 gives 8800), loopback only; 0.0.0.0:PORT
+    /// serves every interface (see README, Monitoring). `dev`: the first node's address, the
+    /// others take the next ports.
+    #[arg(long, value_name = "IP:PORT|off")]
+    metrics_addr: Option<MetricsAddr>,
     /// Leader heartbeat interval, in milliseconds.
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
@@ -181,19 +198,25 @@ impl RaftArgs {
             labels: None,
             mesh: MeshAddr::Listen,
             plugin: None,
+            metrics: self.metrics_addr.unwrap_or_default(),
         }
     }
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            EnvFilter::new("warn,flock_node=info,flock_raft=info,flock_client=info")
-        }))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("warn,flock_node=info,flock_raft=info,flock_client=info")
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
     if let Cmd::FenceWatch { dir } = &cli.command {
         // No runtime: the watchdog is one thread, and its stderr is its log file.
         if let Err(e) = flock_node::fence::run_watch(dir) {
@@ -279,6 +302,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => RunningNode::run(&DataDir::new(data_dir), listen, &storage.options(&raft)?).await?,
     };
     let id = &node.identity;
+    if let Some(addr) = node.metrics_addr {
+        println!("flockd: metrics on http://{addr}/metrics");
+    }
     println!(
         "flockd: ready node {} (id {}) of cluster {} serving on {}",
         id.name, id.node_id, id.cluster_id, id.advertise

@@ -41,7 +41,7 @@ use super::{blocking, time_name, Datasets, StartGate, TransferState};
 use crate::cluster::Cluster;
 use crate::driver::{Drivers, Listing, RunState};
 use crate::lease::unix_ms;
-use crate::transfer::push::{push, PushError};
+use crate::transfer::push::{push, PushError, Pushed};
 use crate::transfer::Peers;
 
 const TICK: Duration = Duration::from_millis(300);
@@ -579,6 +579,21 @@ impl Executor {
             .ok_or_else(|| format!("node {id} is no longer a member"))
     }
 
+    /// Counts a push of `dataset` (`kind`: move or replica) that ended as `pushed`.
+    fn count_push(&self, dataset: &str, kind: &str, pushed: &Result<Pushed, PushError>) {
+        let d = &self.cluster.prometheus.datasets;
+        let labels = [("dataset", dataset.to_string()), ("kind", kind.to_string())];
+        match pushed {
+            Ok(p) => {
+                d.pushes.get_or_create(&labels).inc();
+                d.push_bytes.get_or_create(&labels).inc_by(p.bytes);
+            }
+            Err(_) => {
+                d.push_failures.get_or_create(&labels).inc();
+            }
+        }
+    }
+
     /// Pushes recorded `snapshot` of dataset `id` to replica `to`, if the dataset is still at
     /// `epoch`.
     async fn replicate(&self, id: DatasetId, to: NodeId, snapshot: &str, epoch: u64) -> JobOutcome {
@@ -616,6 +631,7 @@ impl Executor {
         if pushed.is_ok() {
             report.done();
         }
+        self.count_push(&ds.name, "replica", &pushed);
         match pushed {
             Ok(_) => {}
             Err(e @ PushError::NoSpace { .. }) => return JobOutcome::NoSpace(e.to_string()),
@@ -651,7 +667,6 @@ impl Executor {
     /// attempt after a backoff; every attempt starts from what Raft recorded, so a restarted
     /// node resumes where the move was).
     async fn run_move(&self, id: DatasetId, to: NodeId) -> Result<(), String> {
-        let me = self.cluster.node_id;
         let _share = self.datasets.share(id).await;
         let name = self
             .cluster
@@ -669,6 +684,21 @@ impl Executor {
             to,
         };
         report.begin(MovePhase::Snapshot);
+        let mut timer = MoveTimer::new(&self.cluster.prometheus);
+        let r = self.move_steps(id, to, &report, &mut timer).await;
+        timer.ended(r.is_ok());
+        r
+    }
+
+    /// The steps of one attempt of a move ([`run_move`](Self::run_move)).
+    async fn move_steps(
+        &self,
+        id: DatasetId,
+        to: NodeId,
+        report: &PushReport<'_>,
+        timer: &mut MoveTimer<'_>,
+    ) -> Result<(), String> {
+        let me = self.cluster.node_id;
         let mut mv = Move::new(id, to);
         let mut conn: Option<(quinn::Connection, String)> = None;
         // Held from the stop check until the attempt ends.
@@ -682,6 +712,7 @@ impl Executor {
                 failpoint_hold("copied").await;
             }
             while let Some(p) = mv.poll_progress() {
+                timer.phase(p.phase);
                 report.show_progress(p);
             }
             match step {
@@ -705,6 +736,7 @@ impl Executor {
                         // Next never asks for a push before the connect succeeded.
                         return Err("internal: a push before connecting".into());
                     };
+                    timer.push_started();
                     let pushed = push(
                         conn,
                         &self.datasets,
@@ -718,9 +750,13 @@ impl Executor {
                         },
                     )
                     .await;
+                    self.count_push(&dataset.name, "move", &pushed);
                     let r = match pushed {
                         Ok(p) => {
                             tracing::info!(dataset = %dataset.name, to = %to_name, base = ?p.base, bytes = p.bytes, "pushed the move's snapshot");
+                            if p.base.is_some() {
+                                timer.push_was_incremental();
+                            }
                             Ok(p.bytes)
                         }
                         Err(e @ PushError::NoSpace { .. }) => {
@@ -742,12 +778,16 @@ impl Executor {
                     let Some(cmd) = step.command() else {
                         return Err("internal: a proposal without a command".into());
                     };
+                    if matches!(step, MoveStep::ProposeHandoff { .. }) {
+                        timer.handing_off();
+                    }
                     let r = self.cluster.propose(cmd).await.map_err(|e| e.to_string());
                     if let (Err(_), MoveStep::ProposeRecord { snapshot, .. }) = (&r, &step) {
                         self.datasets.record_uncertain(id, &snapshot.name);
                     }
                     if let Ok(CommandResult::MoveCommitted { epoch }) = &r {
                         tracing::info!(dataset = %report.name, to, epoch, "move committed");
+                        timer.committed();
                     }
                     mv.observe(MoveInput::Proposed(r));
                 }
@@ -769,6 +809,99 @@ impl Executor {
                 MoveStep::Failed(e) => return Err(e),
             }
         }
+    }
+}
+
+/// Times one attempt of a move for the metrics: each phase, the downtime (from proposing the
+/// handoff, when the app is told to stop, to the commit, when the target may start it), and
+/// how the attempt ended.
+struct MoveTimer<'a> {
+    metrics: &'a crate::metrics::Metrics,
+    phase: Option<(MovePhase, std::time::Instant)>,
+    handoff: Option<std::time::Instant>,
+    committed: bool,
+}
+
+impl<'a> MoveTimer<'a> {
+    fn new(metrics: &'a crate::metrics::Metrics) -> Self {
+        MoveTimer {
+            metrics,
+            phase: Some((MovePhase::Snapshot, std::time::Instant::now())),
+            handoff: None,
+            committed: false,
+        }
+    }
+
+    /// The move reports `phase`: the one before it, if another, ended now.
+    fn phase(&mut self, phase: MovePhase) {
+        if self.phase.is_some_and(|(p, _)| p == phase) {
+            return;
+        }
+        self.close_phase();
+        if phase.is_active() {
+            self.phase = Some((phase, std::time::Instant::now()));
+        }
+    }
+
+    /// A push of the first phase starts (the last round's push counts as the final delta):
+    /// timed as a full one until [`push_was_incremental`](Self::push_was_incremental).
+    fn push_started(&mut self) {
+        let first_phase = matches!(
+            self.phase,
+            Some((
+                MovePhase::Snapshot | MovePhase::Full | MovePhase::Incremental,
+                _
+            ))
+        );
+        if first_phase {
+            self.close_phase();
+            self.phase = Some((MovePhase::Full, std::time::Instant::now()));
+        }
+    }
+
+    fn push_was_incremental(&mut self) {
+        if let Some((p @ MovePhase::Full, _)) = &mut self.phase {
+            *p = MovePhase::Incremental;
+        }
+    }
+
+    fn close_phase(&mut self) {
+        if let Some((p, since)) = self.phase.take() {
+            self.metrics
+                .moves
+                .phase_seconds
+                .get_or_create(&[("phase", p.as_str().to_string())])
+                .observe(since.elapsed().as_secs_f64());
+        }
+    }
+
+    fn handing_off(&mut self) {
+        self.handoff.get_or_insert_with(std::time::Instant::now);
+    }
+
+    fn committed(&mut self) {
+        self.committed = true;
+        if let Some(at) = self.handoff {
+            self.metrics
+                .moves
+                .downtime_seconds
+                .observe(at.elapsed().as_secs_f64());
+        }
+    }
+
+    /// The attempt ended: committed, failed, or (neither) it found the move done elsewhere.
+    fn ended(&mut self, ok: bool) {
+        self.close_phase();
+        let result = match (self.committed, ok) {
+            (true, _) => "committed",
+            (false, false) => "failed",
+            (false, true) => return,
+        };
+        self.metrics
+            .moves
+            .moves
+            .get_or_create(&[("result", result.to_string())])
+            .inc();
     }
 }
 

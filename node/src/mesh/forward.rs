@@ -70,23 +70,46 @@ pub(super) async fn connection(
     cluster: Arc<Cluster>,
     opts: MeshOptions,
 ) {
+    let mesh = &cluster.prometheus.mesh;
+    let label = [("port", port.to_string())];
+    mesh.connections.get_or_create(&label).inc();
     let Some(backend) = reach(port, &cluster, &opts).await else {
+        mesh.refused.get_or_create(&label).inc();
         refuse(client);
         return;
     };
+    let open = mesh.open.get_or_create_owned(&label);
+    open.inc();
     let _ = client.set_nodelay(true);
     let _ = backend.set_nodelay(true);
-    if let Err(e) = tokio::try_join!(half(&client, &backend), half(&backend, &client)) {
+    let bytes = |dir: &str| {
+        mesh.bytes
+            .get_or_create_owned(&[("port", port.to_string()), ("direction", dir.to_string())])
+    };
+    let (to_app, from_app) = (bytes("to_app"), bytes("from_app"));
+    if let Err(e) = tokio::try_join!(
+        half(&client, &backend, &to_app),
+        half(&backend, &client, &from_app)
+    ) {
         tracing::debug!(port, error = %e, "routing mesh: connection ended with an error");
         // A reset on one side is passed on as a reset.
         refuse(client);
     }
+    open.dec();
 }
 
 /// One way of a connection: forwards until the sender ends, then passes its end of stream on
-/// (the other way stays open: a client may half-close and still read the reply).
-async fn half(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
-    let n = pump(from, to).await?;
+/// (the other way stays open: a client may half-close and still read the reply). Counts the
+/// bytes in `sent` as they go.
+async fn half(
+    from: &TcpStream,
+    to: &TcpStream,
+    sent: &prometheus_client::metrics::counter::Counter,
+) -> std::io::Result<u64> {
+    let n = pump(from, to, |b| {
+        sent.inc_by(b);
+    })
+    .await?;
     let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
     Ok(n)
 }

@@ -6,21 +6,30 @@ use std::io;
 
 use tokio::net::TcpStream;
 
-/// Copies from `from` to `to` until `from` ends; returns the byte count. Does not shut `to`
-/// down.
-pub async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+/// Copies from `from` to `to` until `from` ends; returns the byte count, and tells `sent` each
+/// chunk's as it goes (the metrics count a long connection's bytes while it lasts). Does not
+/// shut `to` down.
+pub async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    sent: impl FnMut(u64) + Send,
+) -> io::Result<u64> {
     #[cfg(target_os = "linux")]
     {
-        linux::pump(from, to).await
+        linux::pump(from, to, sent).await
     }
     #[cfg(not(target_os = "linux"))]
     {
-        buffered(from, to).await
+        buffered(from, to, sent).await
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-async fn buffered(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+async fn buffered(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut sent_bytes: impl FnMut(u64) + Send,
+) -> io::Result<u64> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
@@ -41,6 +50,7 @@ async fn buffered(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
             }
         }
         total += n as u64;
+        sent_bytes(n as u64);
     }
 }
 
@@ -106,7 +116,11 @@ mod linux {
         }
     }
 
-    pub async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+    pub async fn pump(
+        from: &TcpStream,
+        to: &TcpStream,
+        mut sent: impl FnMut(u64) + Send,
+    ) -> io::Result<u64> {
         let pipe = Pipe::new()?;
         let mut total = 0u64;
         loop {
@@ -138,6 +152,7 @@ mod linux {
                 }
             }
             total += n as u64;
+            sent(n as u64);
         }
     }
 }
@@ -168,7 +183,7 @@ mod tests {
             client.shutdown().await.unwrap();
         });
         let pump = tokio::spawn(async move {
-            let n = pump(&from, &to).await.unwrap();
+            let n = pump(&from, &to, |_| {}).await.unwrap();
             socket2::SockRef::from(&to)
                 .shutdown(std::net::Shutdown::Write)
                 .unwrap();

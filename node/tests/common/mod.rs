@@ -254,11 +254,16 @@ impl TestCluster {
 
     /// Node `i`'s own flags. Each node's routing mesh listens on its own loopback address,
     /// 127.0.0.(i+1) ([`mesh_ip`]), so that every node can listen on every published port, and
-    /// apps that tests run on 127.0.0.1 never share an address with a mesh.
+    /// apps that tests run on 127.0.0.1 never share an address with a mesh. Metrics are served
+    /// on a port the kernel picks: the default (the API port + 1000) of a node restarted on its
+    /// recorded port could take another test's node's port.
     fn args_of(&self, i: usize) -> Vec<String> {
         let mut args = self.node_args.get(i - 1).cloned().unwrap_or_default();
         if !args.iter().any(|a| a == "--mesh-addr") {
             args.extend(["--mesh-addr".to_string(), mesh_ip(i)]);
+        }
+        if !args.iter().any(|a| a == "--metrics-addr") {
+            args.extend(["--metrics-addr".to_string(), "127.0.0.1:0".to_string()]);
         }
         args
     }
