@@ -267,8 +267,15 @@ impl Api for ApiService {
                 text: self.metrics.render(),
             }));
         }
-        let addr = c.view.read().cluster.nodes.get(&want).map(|n| n.addr.clone());
-        let addr = addr.ok_or_else(|| Status::not_found(format!("no node {want} in the cluster")))?;
+        let addr = c
+            .view
+            .read()
+            .cluster
+            .nodes
+            .get(&want)
+            .map(|n| n.addr.clone());
+        let addr =
+            addr.ok_or_else(|| Status::not_found(format!("no node {want} in the cluster")))?;
         let mut client = c.peer(want, &addr)?;
         let mut fwd = Request::new(MetricsRequest { node_id: 0 });
         fwd.set_timeout(Duration::from_secs(3));
