@@ -1,7 +1,7 @@
 //! `flockctl ui` against a real cluster, read by a real headless browser (Debian's chromium):
 //! the token guards every path, the page lists the cluster's nodes, apps and datasets, follows
 //! a dataset's move while it runs, and shows a node that does not answer as such. Screenshots
-//! of each view go to target/ui-screens/ (look at them).
+//! of each view go to target/ui-screens/ (look at them): 1-overview, 2-move, 3-node-down, 4-failed-over.
 
 mod common;
 
@@ -137,7 +137,7 @@ fn browse(url: &str, args: &[&str]) -> String {
             "--disable-gpu",
             "--hide-scrollbars",
             "--no-first-run",
-            "--window-size=1400,1000",
+            "--window-size=1400,1500",
             // The page polls every second: let it load and draw a couple of times.
             "--virtual-time-budget=3000",
         ])
@@ -184,7 +184,7 @@ fn screenshot(ui: &Ui, name: &str) -> PathBuf {
 }
 
 #[test]
-fn u01_the_status_page_lists_the_cluster_follows_a_move_and_shows_a_dead_node() {
+fn u01_the_status_page_lists_the_cluster_follows_a_move_and_shows_a_dead_node_and_its_failover() {
     // Hold each move for a few seconds after its first phase, so the page is sure to catch it
     // running even where the copy itself is quick.
     let mut c = TestCluster::start_env(
@@ -198,7 +198,7 @@ fn u01_the_status_page_lists_the_cluster_follows_a_move_and_shows_a_dead_node() 
     );
     let _end = EndApps(c.dir.path().to_path_buf());
 
-    // A replicated app on n1 (its dataset gets a replica: lag to show), and a big dataset.
+    // A replicated app on n3 (its dataset gets a replica: lag to show), and a big dataset.
     let files = tempfile::tempdir().unwrap();
     let port = free_port();
     let application = files.path().join("application.yml");
@@ -211,7 +211,7 @@ fn u01_the_status_page_lists_the_cluster_follows_a_move_and_shows_a_dead_node() 
     )
     .unwrap();
     let deployment = files.path().join("deployment.yml");
-    fs::write(&deployment, "version: 1\nnodes:\n  n1: [counter]\n").unwrap();
+    fs::write(&deployment, "version: 1\nnodes:\n  n3: [counter]\n").unwrap();
     c.ctl_ok(
         c.addr(1),
         &[
@@ -323,31 +323,48 @@ fn u01_the_status_page_lists_the_cluster_follows_a_move_and_shows_a_dead_node() 
         (d["primary"] == "n2" && d["moving_to"] == "").then_some(())
     });
 
-    // A node that does not answer: shown as such, and the page still loads at once.
-    let victim = if c.leader() == 3 { 2 } else { 3 };
-    let name = format!("n{victim}");
-    c.nodes[victim - 1].kill9();
-    until(
-        "the page to show the dead node",
-        Duration::from_secs(30),
-        || {
-            let s = ui.state();
-            s["nodes"]
-                .as_array()?
-                .iter()
-                .any(|n| n["name"] == name.as_str() && n["answering"] == false)
-                .then_some(())
-        },
-    );
+    // A node that does not answer (n3, counter's): shown as such, the page still loads at
+    // once; then its app fails over, and the page says so.
+    c.nodes[2].kill9();
+    until("the page to show n3 down", Duration::from_secs(30), || {
+        let s = ui.state();
+        s["nodes"]
+            .as_array()?
+            .iter()
+            .any(|n| n["name"] == "n3" && n["answering"] == false)
+            .then_some(())
+    });
     let started = Instant::now();
     let page = dom(&ui);
     assert!(
         page.contains("not answering") && page.contains("last seen"),
-        "the page does not show {name} as not answering: {page}"
+        "the page does not show n3 as not answering: {page}"
     );
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "the page hung on a dead node"
     );
     screenshot(&ui, "3-node-down");
+    until(
+        "the page to list counter's failover",
+        Duration::from_secs(60),
+        || {
+            let s = ui.state();
+            s["events"]
+                .as_array()?
+                .iter()
+                .any(|e| {
+                    e["text"]
+                        .as_str()
+                        .is_some_and(|t| t.contains("failed over"))
+                })
+                .then_some(())
+        },
+    );
+    let page = dom(&ui);
+    assert!(
+        page.contains("declared down") && page.contains("failed over"),
+        "the page does not list the failover: {page}"
+    );
+    screenshot(&ui, "4-failed-over");
 }

@@ -942,8 +942,11 @@ fn moves_json(apps: &[AppStatus], datasets: &[Dataset]) -> Vec<Value> {
         for t in &d.transfers {
             let is_move = t.kind == "move" || (t.kind.is_empty() && d.moving_to == t.to_node);
             let ended = phase_ended(&t.phase);
-            if !is_move && ended {
-                continue; // a replica push that ended: nothing to follow
+            // A replica push is worth following while it copies much (its first full copy, a
+            // big delta), not the small rounds of every snapshot interval.
+            let big = t.phase == "full" || t.total >= 8 << 20;
+            if !is_move && (ended || !big) {
+                continue;
             }
             let line = progress::line(t);
             let app = apps
@@ -971,6 +974,23 @@ fn moves_json(apps: &[AppStatus], datasets: &[Dataset]) -> Vec<Value> {
         }
     }
     for a in apps {
+        // An app whose node does not answer, or is down with no failover possible yet: it
+        // fails over (or cannot) once its node is declared down.
+        let failing = a.state == "unreachable" || a.detail.contains("fail over");
+        if failing {
+            out.push(json!({
+                "kind": "failover",
+                "app": a.name,
+                "dataset": a.dataset,
+                "from": a.node,
+                "to": "",
+                "phase": a.state,
+                "words": a.state,
+                "detail": a.detail,
+                "ended": false,
+            }));
+            continue;
+        }
         let followed = out
             .iter()
             .any(|m| m["app"].as_str() == Some(a.name.as_str()) && m["ended"] == false);

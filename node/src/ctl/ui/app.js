@@ -39,10 +39,19 @@ function bytes(n) {
 
 function dur(ms) {
   if (ms === null || ms === undefined) return "-";
+  if (ms < 1000) return `${Math.round(ms)}ms`;
   const s = Math.round(ms / 1000);
+  const two = (a, ua, b, ub) => (b ? `${a}${ua} ${b}${ub}` : `${a}${ua}`);
   if (s < 60) return `${s}s`;
-  if (s < 3600) return `${Math.floor(s / 60)}m ${s % 60}s`;
-  return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
+  if (s < 3600) return two(Math.floor(s / 60), "m", s % 60, "s");
+  return two(Math.floor(s / 3600), "h", Math.floor((s % 3600) / 60), "m");
+}
+
+// The end of an error chain ("...: Connection refused (os error 111)"): the whole one is in
+// the element's title.
+function shortError(e) {
+  const parts = String(e).split(": ");
+  return parts.slice(-2).join(": ");
 }
 
 function clock(ms) {
@@ -51,7 +60,7 @@ function clock(ms) {
 }
 
 function table(head, rows, rowClass) {
-  const t = el("table", {}, el("thead", {}, el("tr", {}, head.map((h) => el("th", { text: h })))));
+  const t = el("table", {}, el("thead", {}, el("tr", {}, head.map((h) => typeof h === "object" ? el("th", { class: "num", text: h.num }) : el("th", { text: h })))));
   const body = el("tbody");
   rows.forEach((r, i) => {
     body.append(el("tr", { class: rowClass ? rowClass(i) : null }, r.map((c) => {
@@ -118,12 +127,14 @@ function chart(title, ts, values, fmt, note, now) {
 function drawCharts(s) {
   const se = s.series || { t: [] };
   const now = s.now_ms;
-  const latencyNote = (se.latency_source || "").startsWith("round trip") ? "status round trip, not a write" : "";
+  // flockd's write-latency histogram when it reports one; else what this page measures.
+  const measured = (se.latency_source || "").startsWith("round trip");
   const charts = [
     chart("Raft throughput", se.t, se.entries_per_s || [], (v) => `${v.toFixed(1)} entries/s`, "", now),
     chart("Data pushed", se.t, se.push_bytes_per_s || [], (v) => `${bytes(Math.round(v))}/s`, "", now),
     chart("Replica lag (max)", se.t, se.replica_lag_s || [], (v) => `${v.toFixed(1)} s`, "", now),
-    chart("Latency", se.t, se.latency_ms || [], (v) => `${v.toFixed(1)} ms`, latencyNote, now),
+    measured ? chart("API round trip", se.t, se.latency_ms || [], (v) => `${v.toFixed(1)} ms`, "status call, measured here", now)
+      : chart("Write latency", se.t, se.latency_ms || [], (v) => `${v.toFixed(1)} ms`, "mean", now),
   ];
   charts[3].setAttribute("title", se.latency_source || "");
   replace("charts", ...charts);
@@ -140,7 +151,7 @@ function drawNodes(s) {
     if (n.answering === false) {
       health = [pill("not answering", "bad"),
         sub(n.last_seen_ms ? `last seen ${dur(s.now_ms - n.last_seen_ms)} ago` : "never seen by this page"),
-        n.error ? el("div", { class: "err", text: n.error }) : null];
+        n.error ? el("div", { class: "err", title: n.error, text: shortError(n.error) }) : null];
     } else {
       health = [pill(n.health || "unknown", stateKind(n.health)),
         sub(n.probe_ms !== undefined ? `answered in ${n.probe_ms} ms` : "")];
@@ -188,7 +199,7 @@ function drawApps(s) {
     a.dataset || "-",
     [el("div", { text: a.runs || "-" }), sub(a.driver || "")],
   ]);
-  replace("apps", table(["App", "Node", "State", "Health", "Restarts", "Endpoints", "Dataset", "Runs"], rows));
+  replace("apps", table(["App", "Node", "State", "Health", { num: "Restarts" }, "Endpoints", "Dataset", "Runs"], rows));
 }
 
 function drawDatasets(s) {
@@ -203,7 +214,7 @@ function drawDatasets(s) {
     return [
       [el("b", { text: d.name }), d.hold ? sub(`held: ${d.hold}`) : null],
       [el("div", { text: d.primary || "-" }), sub(`epoch ${d.epoch}`), d.moving_to ? pill(`moving to ${d.moving_to}`, "warn") : null],
-      replicas.length ? [...replicas, sub(`wanted ${d.replicas_wanted}, every ${dur(d.snapshot_interval_ms)}`)] :
+      replicas.length ? [...replicas, sub(d.replicas_wanted ? `${d.replicas_wanted} wanted, snapshot every ${dur(d.snapshot_interval_ms)}` : "none wanted (kept by a move)")] :
         (d.replicas_wanted ? [pill(`wants ${d.replicas_wanted}`, "warn")] : "none"),
       [el("div", { text: String(d.snapshots) }), d.newest_snapshot ? sub(`newest ${d.newest_snapshot}`) : null],
       [el("div", { text: `${bytes(d.used_bytes)} used` }), sub(d.size_limit ? `limit ${bytes(d.size_limit)}` : "no limit")],
@@ -219,12 +230,14 @@ function drawMoves(s) {
   if (!moves.length) { replace("moves", el("div", { class: "empty", text: "no moves or failovers in progress" })); return; }
   const cards = moves.map((m) => {
     const failed = (m.phase || "").startsWith("fail");
-    const card = el("div", { class: "move" + (m.ended ? " ended" : "") + (failed ? " failed" : "") });
-    const what = m.kind === "replica" ? `replica sync of ${m.dataset}` : `move of ${m.app ? m.app + " (dataset " + m.dataset + ")" : m.dataset}`;
+    const card = el("div", { class: "move " + m.kind + (m.ended ? " ended" : "") + (failed ? " failed" : "") });
+    const named = m.app ? (m.dataset ? `${m.app} (dataset ${m.dataset})` : m.app) : m.dataset;
+    const what = m.kind === "replica" ? `replica sync of ${m.dataset}` :
+      m.kind === "failover" ? `failover of ${named}` : `move of ${named}`;
     card.append(el("div", { class: "head" },
       el("span", { class: "what", text: what }),
-      el("span", { text: `${m.from || "?"} → ${m.to || "?"}` }),
-      pill(m.words || m.phase || "?", m.ended ? (failed ? "bad" : "off") : "info"),
+      el("span", { text: m.to ? `${m.from || "?"} → ${m.to}` : `from ${m.from || "?"}` }),
+      pill(m.words || m.phase || "?", m.ended ? (failed ? "bad" : "off") : m.kind === "failover" ? "warn" : "info"),
       el("span", { class: "pct", text: m.percent !== null && m.percent !== undefined ? `${m.percent.toFixed(0)}%` : "" })));
     if (m.percent !== null && m.percent !== undefined) {
       const W = 1000;
@@ -305,7 +318,8 @@ async function tick() {
 
 setInterval(() => {
   const u = document.getElementById("updated");
-  u.textContent = lastFetch ? `updated ${dur(Date.now() - lastFetch)} ago` : "";
+  const ago = Date.now() - lastFetch;
+  u.textContent = !lastFetch ? "" : ago < 1500 ? "live" : `updated ${dur(ago)} ago`;
 }, 1000);
 tick();
 setInterval(tick, 1000);
