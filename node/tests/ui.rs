@@ -226,6 +226,11 @@ fn u01_the_status_page_lists_the_cluster_follows_a_move_and_shows_a_dead_node_an
     let live = PathBuf::from(ds[0]["holders"][0]["mount_path"].as_str().unwrap());
     fs::write(live.join("big.bin"), pattern(19, 300 << 20)).unwrap();
 
+    // Not on an address other than loopback, unless asked to.
+    let out = c.ctl(c.addr(1), &["ui", "--listen", "0.0.0.0:0"]);
+    assert!(!out.status.success(), "flockctl ui served on 0.0.0.0");
+    assert!(stderr(&out).contains("--allow-remote"), "{}", stderr(&out));
+
     let ui = Ui::start(&c);
 
     // The token: nothing without it, a wrong one, or another Host; with it, a cookie.

@@ -1054,6 +1054,49 @@ mod tests {
     }
 
     #[test]
+    fn moves_show_a_moves_progress_and_hide_small_replica_rounds() {
+        let push = |to: &str, kind: &str, phase: &str, bytes: u64, total: u64| Transfer {
+            dataset: "db".into(),
+            to_node: to.into(),
+            kind: kind.into(),
+            phase: phase.into(),
+            bytes,
+            total,
+            attempt: 1,
+            ..Default::default()
+        };
+        let d = Dataset {
+            name: "db".into(),
+            primary_name: "n1".into(),
+            moving_to: "n2".into(),
+            transfers: vec![
+                push("n2", "move", "full", 25 << 20, 100 << 20),
+                push("n3", "replica", "incremental", 10, 146),
+                push("n3", "replica", "full", 1 << 20, 100 << 20),
+                push("n3", "replica", "done", 100 << 20, 100 << 20),
+            ],
+            ..Default::default()
+        };
+        let app = AppStatus {
+            name: "web".into(),
+            node: "n3".into(),
+            state: "unreachable".into(),
+            detail: "node n3 did not answer".into(),
+            ..Default::default()
+        };
+        let m = moves_json(&[app], &[d]);
+        assert_eq!(m.len(), 3, "{m:#?}");
+        assert_eq!(m[0]["kind"], "move");
+        assert_eq!(m[0]["to"], "n2");
+        assert_eq!(m[0]["percent"], 25.0);
+        assert_eq!(m[0]["ended"], false);
+        assert_eq!(m[1]["kind"], "replica");
+        assert_eq!(m[1]["phase"], "full");
+        assert_eq!(m[2]["kind"], "failover");
+        assert_eq!(m[2]["app"], "web");
+    }
+
+    #[test]
     fn only_loopback_hosts_on_our_port_are_answered() {
         assert!(host_is_loopback("127.0.0.1:7470", 7470));
         assert!(host_is_loopback("localhost:7470", 7470));
