@@ -134,7 +134,7 @@ function drawCharts(s) {
     chart("Data pushed", se.t, se.push_bytes_per_s || [], (v) => `${bytes(Math.round(v))}/s`, "", now),
     chart("Replica lag (max)", se.t, se.replica_lag_s || [], (v) => `${v.toFixed(1)} s`, "", now),
     measured ? chart("API round trip", se.t, se.latency_ms || [], (v) => `${v.toFixed(1)} ms`, "status call, measured here", now)
-      : chart("Write latency", se.t, se.latency_ms || [], (v) => `${v.toFixed(1)} ms`, "mean", now),
+      : chart("Write latency", se.t, se.latency_ms || [], (v) => `${v.toFixed(1)} ms`, `mean of ${(se.latency_source || "").split(":")[0]}`, now),
   ];
   charts[3].setAttribute("title", se.latency_source || "");
   replace("charts", ...charts);
