@@ -91,6 +91,13 @@ if ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
     python3 -m pip install -q --break-system-packages prometheus-client
 fi
 
+# The status page's test (node/tests/ui.rs, issue 19) loads `flockctl ui` in a headless chromium
+# and fails, never skips, without it.
+if ! need chromium && ! need chromium-browser; then
+  echo "test.sh: installing chromium for the status page's test" >&2
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
+
 # Format and lint are part of the suite: CI fails on either.
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

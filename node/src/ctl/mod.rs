@@ -11,6 +11,7 @@
 //! - [`app`]: `deploy` and `app ...` (an app's move is followed as its dataset's).
 //! - [`output`]: what every command prints with: tables, JSON, gRPC errors, exit codes.
 //! - [`progress`]: what a push shows: a move's progress line, pushes' failures.
+//! - [`ui`]: `ui`, the local status page (an HTTP server with the page embedded).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,6 +28,7 @@ pub mod dataset;
 pub mod kv;
 pub mod output;
 pub mod progress;
+pub mod ui;
 
 pub use output::{exit_code, JsonFlag, NotFound, EXIT_CAS_FAILED, EXIT_NOT_FOUND};
 
@@ -106,6 +108,9 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a live, read-only status page of the cluster on loopback (nodes, apps, datasets,
+    /// moves, events, charts), read with this admin config; prints its URL with a token.
+    Ui(ui::UiArgs),
 }
 
 /// Loads the client config named by --config or FLOCK_CONFIG.
@@ -145,6 +150,11 @@ async fn connect_any(cli: &Cli, config: &ClientConfig) -> anyhow::Result<ApiClie
 /// Runs one flockctl command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     let config = load_config(&cli)?;
+    if let Cmd::Ui(args) = &cli.command {
+        // Not one connection: the page asks every node, and shows those that do not answer.
+        ui::run(&config, cli.addr.as_deref(), args).await?;
+        return Ok(0);
+    }
     let mut api = connect_any(&cli, &config).await?;
     match cli.command {
         Cmd::Status(f) => cluster::status(&mut api, f.json).await?,
@@ -173,6 +183,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Stack(cmd) => return app::stack(&mut api, cmd).await,
         Cmd::App(cmd) => return app::run(&mut api, cmd).await,
         Cmd::Events { follow, json } => cluster::events(&mut api, follow, json).await?,
+        Cmd::Ui(_) => unreachable!("served above"),
     }
     Ok(0)
 }
