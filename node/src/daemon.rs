@@ -502,7 +502,8 @@ impl RunningNode {
             &format!("{}-{}", identity.cluster_id, identity.name),
             &docker_socket()?,
         )
-        .await?;
+        .await?
+        .with_node_host(flock_scheduler::state::host_of(&identity.advertise));
         let apps_view = crate::apps::AppsView::default();
         let mesh_view = crate::mesh::MeshView::default();
         let mesh = match opts.mesh {

@@ -232,6 +232,15 @@ impl Drivers {
         })
     }
 
+    /// The same drivers, telling process apps the host their node is reached at
+    /// (`FLOCK_NODE_HOST`).
+    pub fn with_node_host(mut self, host: &str) -> Drivers {
+        if let Some(p) = std::sync::Arc::get_mut(&mut self.process) {
+            p.node_host = Some(host.to_string());
+        }
+        self
+    }
+
     fn docker(&self, app: &str) -> Result<&docker::DockerDriver, DriverError> {
         self.docker
             .as_deref()

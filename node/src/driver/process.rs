@@ -50,6 +50,8 @@ pub struct ProcessDriver {
     /// How long processes get between SIGTERM and SIGKILL: in a stop, and when a leader left
     /// processes behind.
     grace: Duration,
+    /// The host the node is reached at, given to apps as `FLOCK_NODE_HOST`.
+    pub(crate) node_host: Option<String>,
 }
 
 fn now_unix() -> u64 {
@@ -258,6 +260,7 @@ impl ProcessDriver {
         Ok(ProcessDriver {
             root,
             grace: STOP_GRACE,
+            node_host: None,
         })
     }
 
@@ -458,6 +461,11 @@ impl ProcessDriver {
             .process_group(0);
         if let Some(p) = &spec.dataset_path {
             cmd.env("FLOCK_DATASET_PATH", p);
+        }
+        if let Some(h) = &self.node_host {
+            // Where the mesh and service addresses reach the app on this node: an app that
+            // binds it, not 0.0.0.0, shares a machine with other nodes' instances of itself.
+            cmd.env("FLOCK_NODE_HOST", h);
         }
         if !spec.more.secrets.is_empty() {
             // A process has no /run/secrets of its own: its files are here, by name.

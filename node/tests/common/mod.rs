@@ -185,6 +185,9 @@ pub struct TestCluster {
     pub node_args: Vec<Vec<String>>,
     /// Environment variables every flockd of the cluster starts with.
     pub env: Vec<(String, String)>,
+    /// Each node listens (and is reached) on its own loopback address, 127.0.0.(20+i), as
+    /// nodes on separate machines are: apps that bind `$FLOCK_NODE_HOST` run on every node.
+    pub own_hosts: bool,
 }
 
 pub fn s(v: &[&str]) -> Vec<String> {
@@ -210,6 +213,21 @@ impl TestCluster {
         node_args: Vec<Vec<String>>,
         env: Vec<(String, String)>,
     ) -> TestCluster {
+        Self::start_full(n, extra, node_args, env, false)
+    }
+
+    /// [`TestCluster::start`] with each node on its own loopback address ([`Self::own_hosts`]).
+    pub fn start_own_hosts(n: usize) -> TestCluster {
+        Self::start_full(n, &[], Vec::new(), Vec::new(), true)
+    }
+
+    fn start_full(
+        n: usize,
+        extra: &[&str],
+        node_args: Vec<Vec<String>>,
+        env: Vec<(String, String)>,
+        own_hosts: bool,
+    ) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut c = TestCluster {
             dir,
@@ -218,14 +236,16 @@ impl TestCluster {
             extra_args: s(extra),
             node_args,
             env,
+            own_hosts,
         };
+        let listen1 = c.listen(1);
         let d1 = c.data_dir(1);
         let mut args = s(&[
             "init",
             "--data-dir",
             d1.to_str().unwrap(),
             "--listen",
-            "127.0.0.1:0",
+            &listen1,
             "--name",
             "n1",
         ]);
@@ -277,9 +297,19 @@ impl TestCluster {
     }
 
     /// `flockd join` node `i` through node 1.
+    /// The address node `i` listens on.
+    pub fn listen(&self, i: usize) -> String {
+        if self.own_hosts {
+            format!("127.0.0.{}:0", 20 + i)
+        } else {
+            "127.0.0.1:0".into()
+        }
+    }
+
     pub fn join(&self, i: usize) -> Result<Proc, String> {
         let d = self.data_dir(i);
         let name = format!("n{i}");
+        let listen = self.listen(i);
         let mut args = s(&[
             "join",
             &self.nodes[0].addr,
@@ -288,7 +318,7 @@ impl TestCluster {
             "--data-dir",
             d.to_str().unwrap(),
             "--listen",
-            "127.0.0.1:0",
+            &listen,
             "--name",
             &name,
         ]);

@@ -1,0 +1,181 @@
+//! Scaling a stateless app (issue 19) on real flockd processes, each node on its own loopback
+//! address as on separate machines: instances spread one per node, the routing mesh reaches
+//! every one of them, a killed instance is restarted, and scaling down stops the extra ones.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// A port free on the meshes' addresses (127.0.0.2..4) and the nodes' (127.0.0.21..23).
+fn free_on_every_address() -> u16 {
+    loop {
+        let p = free_port();
+        let ips = (2..=4).chain(21..=23);
+        if ips
+            .into_iter()
+            .all(|i| TcpListener::bind(format!("127.0.0.{i}:{p}")).is_ok())
+        {
+            return p;
+        }
+    }
+}
+
+fn web(c: &TestCluster) -> Value {
+    let all: Value = serde_json::from_str(&c.ctl_ok(c.addr(1), &["app", "ls", "--json"])).unwrap();
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "web")
+        .cloned()
+        .expect("web in app ls")
+}
+
+/// Each instance as app ls reports it: (node, state, restarts).
+fn instances(c: &TestCluster) -> Vec<(String, String, u64)> {
+    web(c)["instance_list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["node"].as_str().unwrap().to_string(),
+                i["state"].as_str().unwrap().to_string(),
+                i["restarts"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The instances (PONG's process ids) that `tries` new connections to `addr` reach.
+fn reached(addr: &str, tries: usize) -> BTreeSet<String> {
+    (0..tries)
+        .filter_map(|_| ask(addr, "PING"))
+        .filter_map(|r| {
+            r.strip_prefix("PONG ")
+                .map(|i| i.split('-').next().unwrap().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn sc01_instances_spread_over_nodes_the_mesh_reaches_each_and_scale_down_stops_the_rest() {
+    let c = TestCluster::start_own_hosts(3);
+    let _end = EndApps(c.dir.path().to_path_buf());
+    let dir = tempfile::tempdir().unwrap();
+    let (port, ext) = (free_on_every_address(), free_on_every_address());
+    let application = dir.path().join("application.yml");
+    fs::write(
+        &application,
+        format!(
+            r#"version: 1
+applications:
+  web:
+    command: ["sh", "-c", "exec {} --listen \"$FLOCK_NODE_HOST:{port}\""]
+    ports:
+      - internal: {port}
+        external: {ext}
+    restart_policy:
+      name: always
+    instances: 5
+"#,
+            testapp().display()
+        ),
+    )
+    .unwrap();
+    let out = c.ctl_ok(c.addr(1), &["deploy", application.to_str().unwrap()]);
+    assert!(out.contains("web"), "{out}");
+
+    // Five asked, three nodes: one instance on each, each running.
+    let placed = until("three running instances", Duration::from_secs(30), || {
+        let is = instances(&c);
+        (is.len() == 3 && is.iter().all(|(_, s, _)| s == "running")).then_some(is)
+    });
+    let nodes: BTreeSet<&str> = placed.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(nodes.len(), 3, "one per node: {placed:?}");
+    assert_eq!(web(&c)["instances"], 5);
+    let table = c.ctl_ok(c.addr(1), &["app", "ls"]);
+    assert!(table.contains("running 3/5"), "{table}");
+
+    // Every node's mesh spreads new connections over all three.
+    let mut pids = BTreeSet::new();
+    for i in 1..=3 {
+        let at = format!("{}:{ext}", mesh_ip(i));
+        let seen = until(
+            "the mesh reaches every instance",
+            Duration::from_secs(20),
+            || {
+                let r = reached(&at, 30);
+                (r.len() == 3).then_some(r)
+            },
+        );
+        pids.extend(seen);
+    }
+    assert_eq!(pids.len(), 3, "{pids:?}");
+
+    // A killed instance is started again by its node, and reached again.
+    let victim: i32 = pids.iter().next().unwrap().parse().unwrap();
+    // SAFETY: kill(2) of an app process this test's cluster started.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let after = until(
+        "the killed instance restarted",
+        Duration::from_secs(30),
+        || {
+            let is = instances(&c);
+            (is.iter().all(|(_, s, _)| s == "running") && is.iter().any(|(_, _, r)| *r >= 1))
+                .then_some(is)
+        },
+    );
+    assert_eq!(after.len(), 3, "{after:?}");
+    let at = format!("{}:{ext}", mesh_ip(1));
+    let now = until(
+        "the new instance is reached",
+        Duration::from_secs(20),
+        || {
+            let r = reached(&at, 30);
+            (r.len() == 3).then_some(r)
+        },
+    );
+    assert!(!now.contains(&victim.to_string()), "{now:?}");
+
+    // Scaled to two: the third instance stops, the first two stay as they were.
+    let out = c.ctl_ok(c.addr(2), &["app", "scale", "web", "2"]);
+    assert!(out.contains("runs 2 instance(s)"), "{out}");
+    until("two instances", Duration::from_secs(30), || {
+        let is = instances(&c);
+        (is.len() == 2 && is.iter().all(|(_, s, _)| s == "running")).then_some(())
+    });
+    let left = until(
+        "only two processes are reached",
+        Duration::from_secs(20),
+        || {
+            let r = reached(&at, 30);
+            (r.len() == 2).then_some(r)
+        },
+    );
+    assert!(left.is_subset(&now), "{left:?} not of {now:?}");
+    let stopped: Vec<&String> = now.difference(&left).collect();
+    assert_eq!(stopped.len(), 1);
+    until(
+        "the third instance's process is gone",
+        Duration::from_secs(20),
+        || (!pid_alive(stopped[0])).then_some(()),
+    );
+
+    // None is no count; and an unknown app says so.
+    let o = c.ctl(c.addr(1), &["app", "scale", "web", "0"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("at least 1"), "{}", stderr(&o));
+    let o = c.ctl(c.addr(1), &["app", "scale", "nope", "2"]);
+    assert!(stderr(&o).contains("no app named"), "{}", stderr(&o));
+
+    c.ctl_ok(c.addr(1), &["app", "rm", "web"]);
+    until("web's processes are gone", Duration::from_secs(20), || {
+        left.iter().all(|p| !pid_alive(p)).then_some(())
+    });
+}
