@@ -641,17 +641,26 @@ impl ClusterState {
     /// stack (or the apps outside stacks) deployed again as it is, with that count, so the same
     /// placement and checks hold.
     pub fn scale_command(&self, name: &str, instances: u32) -> Result<Command, ApplyError> {
-        self.stack_deploy(name, |p| {
-            p.spec.instances = (instances != 1).then_some(instances)
+        self.stack_deploy(name, |apps| {
+            if let Some(p) = apps.get_mut(name) {
+                p.spec.instances = (instances != 1).then_some(instances);
+            }
+        })
+    }
+
+    /// The deploy that removes app `name` (`flockctl app rm`): its stack without it.
+    pub fn remove_command(&self, name: &str) -> Result<Command, ApplyError> {
+        self.stack_deploy(name, |apps| {
+            apps.remove(name);
         })
     }
 
     /// The deploy of app `name`'s stack (or of the apps outside stacks) as it is, with its
-    /// secrets, and with `change` made to that app (`None` leaves it out: removes it).
-    pub fn stack_deploy(
+    /// secrets, after `change` to its apps.
+    fn stack_deploy(
         &self,
         name: &str,
-        change: impl FnOnce(&mut PlannedApp),
+        change: impl FnOnce(&mut BTreeMap<String, PlannedApp>),
     ) -> Result<Command, ApplyError> {
         let app = self.apps.get(name).ok_or_else(|| ApplyError::UnknownApp {
             name: name.to_string(),
@@ -663,7 +672,7 @@ impl ClusterState {
             .filter(|(_, a)| a.spec.stack == stack)
             .map(|(n, a)| (n.clone(), a.planned()))
             .collect();
-        change(apps.get_mut(name).expect("listed"));
+        change(&mut apps);
         let secrets: BTreeMap<String, Vec<u8>> = self
             .secrets
             .iter()

@@ -524,24 +524,7 @@ impl ApiService {
             .into());
         }
         // The app's stack is deployed again without it (and with its secrets as they are).
-        let stack = state.apps[&name].spec.stack.clone();
-        let apps = state
-            .apps
-            .iter()
-            .filter(|(n, a)| **n != name && a.spec.stack == stack)
-            .map(|(n, a)| (n.clone(), a.planned()))
-            .collect();
-        let secrets = state
-            .secrets
-            .iter()
-            .filter(|(_, s)| s.stack == stack)
-            .map(|(n, s)| (n.clone(), s.data.clone()))
-            .collect();
-        let deploy = Command::Deploy {
-            stack,
-            apps,
-            secrets,
-        };
+        let deploy = state.remove_command(&name).map_err(ClusterError::from)?;
         self.deploy_plan(deploy, None, false, false).await
     }
 

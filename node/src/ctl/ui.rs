@@ -379,7 +379,15 @@ fn parse_prom_line(line: &str) -> Option<PromSample> {
 
 /// Histograms whose mean is the page's write latency, best first: a name holding one of these
 /// (and ending in `_seconds`) is taken.
-const LATENCY_HINTS: &[&str] = &["commit_latency", "proposal", "propose", "write", "apply"];
+const LATENCY_HINTS: &[&str] = &[
+    // flockd's own: from proposing an entry to its commit and apply, on the leader.
+    "raft_commit_duration",
+    "commit_latency",
+    "proposal",
+    "propose",
+    "write",
+    "apply",
+];
 
 /// A write-latency histogram in `samples`: its name, and its `_sum` and `_count` totals.
 pub fn latency_histogram(samples: &[PromSample]) -> Option<(String, f64, f64)> {
