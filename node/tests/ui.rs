@@ -205,13 +205,19 @@ fn u01_the_status_page_lists_the_cluster_follows_a_move_and_shows_a_dead_node_an
     fs::write(
         &application,
         format!(
-            "version: 1\napplications:\n{}",
-            replicated_counter_app(port, port + 1)
+            "version: 1\napplications:\n{}  ticker:\n    command: [\"{}\", \"--listen\", \"127.0.0.1:0\"]\n    instances: 2\n",
+            replicated_counter_app(port, port + 1),
+            testapp().display()
         ),
     )
     .unwrap();
+    // ticker: a stateless app scaled to two instances, on n1 and one other node.
     let deployment = files.path().join("deployment.yml");
-    fs::write(&deployment, "version: 1\nnodes:\n  n3: [counter]\n").unwrap();
+    fs::write(
+        &deployment,
+        "version: 1\nnodes:\n  n1: [ticker]\n  n3: [counter]\n",
+    )
+    .unwrap();
     c.ctl_ok(
         c.addr(1),
         &[
@@ -273,10 +279,13 @@ fn u01_the_status_page_lists_the_cluster_follows_a_move_and_shows_a_dead_node_an
         Duration::from_secs(60),
         || {
             let s = ui.state();
-            let running = s["apps"]
-                .as_array()?
+            let apps = s["apps"].as_array()?;
+            let running = apps
                 .iter()
-                .any(|a| a["name"] == "counter" && a["state"] == "running");
+                .any(|a| a["name"] == "counter" && a["state"] == "running")
+                && apps
+                    .iter()
+                    .any(|a| a["name"] == "ticker" && a["instances_running"] == 2);
             let replicated = s["datasets"]
                 .as_array()?
                 .iter()
@@ -285,7 +294,16 @@ fn u01_the_status_page_lists_the_cluster_follows_a_move_and_shows_a_dead_node_an
         },
     );
     let page = dom(&ui);
-    for want in ["n1", "n2", "n3", "counter", "bulk", "running", "leader"] {
+    for want in [
+        "n1",
+        "n2",
+        "n3",
+        "counter",
+        "bulk",
+        "running",
+        "leader",
+        "2 of 2 instances running",
+    ] {
         assert!(page.contains(want), "the page lacks {want:?}: {page}");
     }
     assert!(

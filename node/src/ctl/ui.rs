@@ -798,7 +798,10 @@ impl Gatherer {
                 "warnings": status.warnings,
             },
             "nodes": self.members.iter().map(|m| {
-                let on_node: Vec<&AppStatus> = apps.iter().filter(|a| a.node == m.name).collect();
+                let on_node: Vec<&AppStatus> = apps
+                    .iter()
+                    .filter(|a| a.node == m.name || a.instance_list.iter().any(|i| i.node == m.name))
+                    .collect();
                 let (res_mem, res_cpu) = reserved.get(&m.id).cloned().unwrap_or((None, None));
                 let mut d = json!({
                     "id": m.id,
@@ -907,6 +910,9 @@ fn app_json(a: &AppStatus) -> Value {
         "detail": a.detail,
         "service_ip": a.service_ip,
         "mesh_problems": a.mesh_problems,
+        "instances": a.instances.max(1),
+        "instance_nodes": a.instance_list.iter().map(|i| i.node.clone()).collect::<Vec<_>>(),
+        "instances_running": a.instance_list.iter().filter(|i| i.state == "running").count(),
     })
 }
 

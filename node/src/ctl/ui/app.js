@@ -189,8 +189,11 @@ function drawApps(s) {
   if (!apps.length) { replace("apps", el("div", { class: "empty", text: "no apps deployed" })); return; }
   const rows = apps.map((a) => [
     [el("b", { text: a.name }), a.stack ? sub(`stack ${a.stack}`) : null],
-    [el("div", { text: a.node || "-" }), a.moving_to ? sub(`moving to ${a.moving_to}`) : null],
-    [pill(a.state || "?", stateKind(a.state)), a.detail ? sub(a.detail) : null],
+    [el("div", { text: (a.instance_nodes || []).length > 1 ? a.instance_nodes.join(", ") : (a.node || "-") }),
+      a.moving_to ? sub(`moving to ${a.moving_to}`) : null],
+    [pill(a.state || "?", stateKind(a.state)),
+      a.instances > 1 ? sub(`${a.instances_running} of ${a.instances} instances running`) : null,
+      a.detail ? sub(a.detail) : null],
     a.health ? pill(a.health, stateKind(a.health)) : "-",
     { num: String(a.restarts ?? 0) },
     [...(a.endpoints || []).map((e) => el("div", { class: "mono", text: e })),
@@ -217,7 +220,8 @@ function drawDatasets(s) {
       replicas.length ? [...replicas, sub(d.replicas_wanted ? `${d.replicas_wanted} wanted, snapshot every ${dur(d.snapshot_interval_ms)}` : "none wanted (kept by a move)")] :
         (d.replicas_wanted ? [pill(`wants ${d.replicas_wanted}`, "warn")] : "none"),
       [el("div", { text: String(d.snapshots) }), d.newest_snapshot ? sub(`newest ${d.newest_snapshot}`) : null],
-      [el("div", { text: `${bytes(d.used_bytes)} used` }), sub(d.size_limit ? `limit ${bytes(d.size_limit)}` : "no limit")],
+      [el("div", { text: `${bytes(d.used_bytes)} used` }), sub(d.size_limit ? `limit ${bytes(d.size_limit)}` : "no limit"),
+        d.size_limit && d.used_bytes > d.size_limit ? pill("over its limit", "bad") : null],
       bad.length ? bad.map((h) => el("div", {}, el("span", { text: `${h.node}: ` }), pill(h.state, stateKind(h.state)), h.error ? el("div", { class: "err", text: h.error }) : null))
         : pill("all copies ready", "ok"),
     ];
