@@ -395,6 +395,7 @@ impl ClusterState {
             }),
             (_, true) => {
                 n.state = NodeState::Draining;
+                self.move_instances_off(node);
                 Ok(CommandResult::NodeDraining { draining: true })
             }
             (_, false) => {
@@ -479,22 +480,8 @@ impl ClusterState {
             .map(|(n, _)| n.clone())
             .collect();
         for name in stateless {
-            let app = &self.apps[&name];
-            let spec = app.spec.clone();
-            let mut best: Option<(usize, NodeId)> = None;
-            for cand in self.nodes.values().filter(|n| n.state == NodeState::Ready) {
-                if app.placed_on(cand.id)
-                    || misfit(cand, &spec, reserved_on(self, cand.id)).is_some()
-                {
-                    continue;
-                }
-                let load = self.apps.values().filter(|a| a.placed_on(cand.id)).count();
-                if best.is_none_or(|(l, _)| load < l) {
-                    best = Some((load, cand.id));
-                }
-            }
+            let to = self.instance_home(&name);
             let app = self.apps.get_mut(&name).expect("listed");
-            let to = best.map(|(_, to)| to);
             if app.node == node {
                 let Some(to) = to else { continue };
                 app.node = to;
@@ -629,7 +616,78 @@ impl ClusterState {
         n.state = NodeState::Ready;
         self.failover.down.remove(&node);
         self.failover.push(at_unix_ms, EventKind::NodeUp { node });
+        self.place_waiting_instances(node);
         Ok(CommandResult::NodeUp { was_down: true })
+    }
+
+    /// The least loaded ready node where app `name` has no instance and one fits, if any.
+    fn instance_home(&self, name: &str) -> Option<NodeId> {
+        let app = self.apps.get(name)?;
+        let mut best: Option<(usize, NodeId)> = None;
+        for cand in self.nodes.values().filter(|n| n.state == NodeState::Ready) {
+            if app.placed_on(cand.id)
+                || misfit(cand, &app.spec, reserved_on(self, cand.id)).is_some()
+            {
+                continue;
+            }
+            let load = self.apps.values().filter(|a| a.placed_on(cand.id)).count();
+            if best.is_none_or(|(l, _)| load < l) {
+                best = Some((load, cand.id));
+            }
+        }
+        best.map(|(_, id)| id)
+    }
+
+    /// The instances after the first on `node`, being drained, go to another node where they
+    /// fit, or wait for the next deploy or scale (the first moves with the drain's app moves).
+    fn move_instances_off(&mut self, node: NodeId) {
+        let names: Vec<String> = self
+            .apps
+            .iter()
+            .filter(|(_, a)| a.more.contains(&node))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let to = self.instance_home(&name);
+            let app = self.apps.get_mut(&name).expect("listed");
+            match to {
+                Some(to) => app
+                    .more
+                    .iter_mut()
+                    .filter(|n| **n == node)
+                    .for_each(|n| *n = to),
+                None => app.more.retain(|n| *n != node),
+            }
+        }
+    }
+
+    /// Stateless apps with fewer instances placed than they ask for (one went down with no
+    /// other node to go to) get one on `node`, back up, where it fits: room for the app, and
+    /// its internal ports free there.
+    fn place_waiting_instances(&mut self, node: NodeId) {
+        let waiting: Vec<String> = self
+            .apps
+            .iter()
+            .filter(|(_, a)| a.dataset.is_none() && !a.placed_on(node))
+            .filter(|(_, a)| a.more.len() + 1 < a.spec.instance_count() as usize)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in waiting {
+            let Some(n) = self.nodes.get(&node) else {
+                return;
+            };
+            let spec = &self.apps[&name].spec;
+            let ports = crate::app::internal_ports(spec);
+            let taken = self
+                .apps
+                .values()
+                .filter(|a| a.placed_on(node))
+                .any(|a| !crate::app::internal_ports(&a.spec).is_disjoint(&ports));
+            if taken || misfit(n, spec, reserved_on(self, node)).is_some() {
+                continue;
+            }
+            self.apps.get_mut(&name).expect("listed").more.push(node);
+        }
     }
 
     pub(crate) fn set_replication(
@@ -989,6 +1047,59 @@ mod tests {
             .contains("does not ask for replicas"));
         down(&mut s, 1);
         assert_eq!(s.datasets[&id].primary, 1);
+    }
+
+    #[test]
+    fn an_instance_with_nowhere_to_go_waits_for_its_node_to_come_back() {
+        let mut s = cluster(3);
+        let mut web = spec("web", Some(8080), false);
+        web.instances = Some(3);
+        let apps = [(
+            "web".to_string(),
+            PlannedApp {
+                spec: web,
+                node: None,
+            },
+        )]
+        .into();
+        assert!(!matches!(
+            s.apply(&Command::deploy_all(apps)),
+            CommandResult::Rejected(_)
+        ));
+        let third = s.apps["web"].more[1];
+        // The two other nodes have one already: the instance is dropped, not doubled up.
+        down(&mut s, third);
+        let placed: Vec<NodeId> = s.apps["web"].instance_nodes().collect();
+        assert_eq!(placed.len(), 2, "{placed:?}");
+        assert!(!placed.contains(&third));
+        s.apply(&Command::NodeBackUp {
+            node: third,
+            at_unix_ms: 50_000,
+        });
+        let placed: Vec<NodeId> = s.apps["web"].instance_nodes().collect();
+        assert_eq!(placed.len(), 3, "{placed:?}");
+        assert!(placed.contains(&third));
+        // Drained, with no other node free: its instance goes and waits.
+        assert!(!matches!(
+            s.apply(&Command::DrainNode {
+                node: third,
+                drain: true
+            }),
+            CommandResult::Rejected(_)
+        ));
+        assert!(!s.apps["web"].placed_on(third));
+        assert_eq!(s.apps["web"].instance_nodes().count(), 2);
+        s.apply(&Command::DrainNode {
+            node: third,
+            drain: false,
+        });
+        // Back up again changes nothing: it has its three.
+        down(&mut s, third);
+        s.apply(&Command::NodeBackUp {
+            node: third,
+            at_unix_ms: 60_000,
+        });
+        assert_eq!(s.apps["web"].instance_nodes().count(), 3);
     }
 
     #[test]
