@@ -701,7 +701,8 @@ impl ClusterState {
                 name: node.name.clone(),
             });
         }
-        if app.node == to {
+        // One instance per node: a scaled app's first does not join another of its own.
+        if app.placed_on(to) {
             return Err(ApplyError::AppAlreadyThere {
                 app: name.to_string(),
                 node: node.name.clone(),
@@ -839,6 +840,15 @@ mod tests {
         assert_eq!(web.instance(4), None);
         assert_eq!(instance_key("web", 1), "web");
         assert_eq!(instance_key("web", 3), "web.3");
+        // The first does not move onto a node of another of its instances.
+        assert!(matches!(
+            s.apply(&Command::MoveApp {
+                app: "web".into(),
+                to: s.apps["web"].more[0]
+            }),
+            CommandResult::Rejected(ApplyError::AppAlreadyThere { .. })
+        ));
+        let web = &s.apps["web"];
         // Scaled down to 2: the first two stay where they are.
         let before: Vec<NodeId> = web.instance_nodes().collect();
         assert!(matches!(

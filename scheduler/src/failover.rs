@@ -323,7 +323,7 @@ pub fn drain_plan(state: &ClusterState, node: NodeId) -> Vec<(String, Result<Nod
     for (name, app) in state.apps.iter().filter(|(_, a)| a.node == node) {
         let fits = |cand: NodeId, extra: &std::collections::BTreeMap<NodeId, Reserved>| {
             let n = state.nodes.get(&cand)?;
-            if n.state != NodeState::Ready || cand == node {
+            if n.state != NodeState::Ready || cand == node || app.placed_on(cand) {
                 return None;
             }
             let mut r = reserved_on(state, cand);
