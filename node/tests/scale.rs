@@ -101,6 +101,7 @@ applications:
     assert_eq!(web(&c)["instances"], 5);
     let table = c.ctl_ok(c.addr(1), &["app", "ls"]);
     assert!(table.contains("running 3/5"), "{table}");
+    assert!(table.contains("2 instance(s) wait"), "{table}");
 
     // Every node's mesh spreads new connections over all three.
     let mut pids = BTreeSet::new();

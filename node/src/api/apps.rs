@@ -738,6 +738,18 @@ impl ApiService {
                 if let Some(app) = state.apps.get(&s.name) {
                     s.instances = app.spec.instance_count();
                     s.instance_list = instances_of(&state, &s, app, &reports);
+                    let waiting = (s.instances as usize).saturating_sub(s.instance_list.len());
+                    if waiting > 0 {
+                        let why = format!(
+                            "{waiting} instance(s) wait: one runs per node, and no other ready \
+                             node has room for one"
+                        );
+                        s.detail = if s.detail.is_empty() {
+                            why
+                        } else {
+                            format!("{}; {why}", s.detail)
+                        };
+                    }
                     (s.endpoints, s.mesh_problems) = mesh_endpoints(&state, app, &reports);
                     s.stack = app.spec.stack.clone().unwrap_or_default();
                     s.service = app.spec.service_name().to_string();

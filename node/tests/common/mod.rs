@@ -817,7 +817,7 @@ pub fn docker(args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// Ends the test apps started under `dir` (their working directories are there) when
+/// Ends the apps started under `dir` (their working directories are there) when
 /// dropped, so a failing test leaves none running: apps outlive flockd by design. The
 /// cluster's own flockd processes (their command lines name `dir`) go first, so that none
 /// starts an app again behind it; declare it after the cluster.
@@ -842,9 +842,9 @@ impl Drop for EndApps {
                 .collect()
         };
         let flockds = procs(&|cmd, _| cmd.contains("flockd") && cmd.contains(&dir));
-        let apps = procs(&|cmd, cwd| {
-            cmd.contains("flock-testapp") && cwd.is_some_and(|c| c.starts_with(&self.0))
-        });
+        // Every app the cluster started works in its data dir: the test app, and the shells
+        // and sleeps some tests deploy.
+        let apps = procs(&|_, cwd| cwd.is_some_and(|c| c.starts_with(&self.0)));
         for pid in flockds.into_iter().chain(apps) {
             // SAFETY: kill(2) on a process of this test's cluster; no memory involved.
             unsafe { libc::kill(pid, libc::SIGKILL) };
