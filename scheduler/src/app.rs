@@ -64,6 +64,19 @@ impl App {
         self.node == node || self.more.contains(&node)
     }
 
+    /// Its instance after the first on `from` goes to `to`, or waits (`None`: dropped until
+    /// placed again).
+    pub(crate) fn move_instance(&mut self, from: NodeId, to: Option<NodeId>) {
+        match to {
+            Some(to) => self
+                .more
+                .iter_mut()
+                .filter(|n| **n == from)
+                .for_each(|n| *n = to),
+            None => self.more.retain(|n| *n != from),
+        }
+    }
+
     /// Instance `index` (1-based) as an app of its own: on its node, without other instances.
     /// `None` if there is no such instance.
     pub fn instance(&self, index: usize) -> Option<App> {

@@ -486,14 +486,7 @@ impl ClusterState {
                 let Some(to) = to else { continue };
                 app.node = to;
             } else {
-                match to {
-                    Some(to) => app
-                        .more
-                        .iter_mut()
-                        .filter(|n| **n == node)
-                        .for_each(|n| *n = to),
-                    None => app.more.retain(|n| *n != node),
-                }
+                app.move_instance(node, to);
             }
             if let Some(to) = to {
                 self.failover.push(
@@ -649,15 +642,10 @@ impl ClusterState {
             .collect();
         for name in names {
             let to = self.instance_home(&name);
-            let app = self.apps.get_mut(&name).expect("listed");
-            match to {
-                Some(to) => app
-                    .more
-                    .iter_mut()
-                    .filter(|n| **n == node)
-                    .for_each(|n| *n = to),
-                None => app.more.retain(|n| *n != node),
-            }
+            self.apps
+                .get_mut(&name)
+                .expect("listed")
+                .move_instance(node, to);
         }
     }
 
