@@ -721,10 +721,34 @@ mod tests {
     fn a_v5_deploy_entry_and_snapshot_decode_with_the_app_as_it_was() {
         use flock_scheduler::config::{PortMap, RestartPolicy, SecretMount};
         let cmd: Command = crate::codec::decode(&unhex(V5_DEPLOY)).unwrap();
-        let Command::DeployV2 { stack, apps, .. } = &cmd else {
+        let Command::DeployV2 {
+            stack,
+            apps,
+            secrets,
+        } = &cmd
+        else {
             panic!("{cmd:?}")
         };
         assert_eq!((stack.as_deref(), apps.len()), (Some("s"), 1));
+        // The same deploy made today is sent in that build's bytes, which it can apply during
+        // a rolling upgrade; with a field it lacks (instances), in today's form.
+        let today = Command::Deploy {
+            stack: stack.clone(),
+            apps: apps
+                .iter()
+                .map(|(n, a)| (n.clone(), a.clone().into()))
+                .collect(),
+            secrets: secrets.clone(),
+        };
+        assert_eq!(
+            crate::codec::encode(&today.clone().for_older_peers()),
+            unhex(V5_DEPLOY)
+        );
+        let mut scaled = today;
+        if let Command::Deploy { apps, .. } = &mut scaled {
+            apps.get_mut("s_db").unwrap().spec.instances = Some(2);
+        }
+        assert!(matches!(scaled.for_older_peers(), Command::Deploy { .. }));
         let mut replayed = ClusterState::default();
         replayed.apply(&Command::InitCluster {
             cluster_id: "c-v5".into(),

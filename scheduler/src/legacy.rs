@@ -221,3 +221,44 @@ impl From<AppV2> for App {
 pub fn apps_from_v2(apps: BTreeMap<String, AppV2>) -> BTreeMap<String, App> {
     apps.into_iter().map(|(n, a)| (n, a.into())).collect()
 }
+
+impl AppSpecV2 {
+    /// `spec` in format 5's layout, if that layout can say all of it (it has no instances).
+    pub fn from_current(spec: &AppSpec) -> Option<AppSpecV2> {
+        if spec.instances.is_some() {
+            return None;
+        }
+        let s = spec.clone();
+        Some(AppSpecV2 {
+            name: s.name,
+            image: s.image,
+            command: s.command,
+            ports: s.ports,
+            links: s.links,
+            volume: s.volume,
+            environment: s.environment,
+            restart_policy: s.restart_policy,
+            mem_limit: s.mem_limit,
+            cpu_shares: s.cpu_shares,
+            constraints: s.constraints,
+            stack: s.stack,
+            service: s.service,
+            expose: s.expose,
+            depends_on: s.depends_on,
+            healthcheck: s.healthcheck,
+            entrypoint: s.entrypoint,
+            user: s.user,
+            working_dir: s.working_dir,
+            hostname: s.hostname,
+            stop_signal: s.stop_signal,
+            stop_grace_ms: s.stop_grace_ms,
+            ulimits: s.ulimits,
+            labels: s.labels,
+            shm_size: s.shm_size,
+            mem_reservation: s.mem_reservation,
+            cpu_limit_milli: s.cpu_limit_milli,
+            secrets: s.secrets,
+            binds: s.binds,
+        })
+    }
+}

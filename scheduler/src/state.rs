@@ -378,6 +378,39 @@ pub enum Command {
 }
 
 impl Command {
+    /// The command as the build before apps in JSON can read it, when it can say it: a
+    /// [`Command::Deploy`] whose apps use no field newer than format 5 goes as
+    /// [`Command::DeployV2`] (the older build's `Deploy`), so nodes not upgraded yet keep
+    /// applying deploys during a rolling upgrade. Anything else is returned as it is.
+    pub fn for_older_peers(self) -> Command {
+        let Command::Deploy {
+            stack,
+            apps,
+            secrets,
+        } = &self
+        else {
+            return self;
+        };
+        let old: Option<BTreeMap<String, crate::legacy::PlannedAppV2>> = apps
+            .iter()
+            .map(|(n, p)| {
+                let spec = crate::legacy::AppSpecV2::from_current(&p.spec)?;
+                Some((
+                    n.clone(),
+                    crate::legacy::PlannedAppV2 { spec, node: p.node },
+                ))
+            })
+            .collect();
+        match old {
+            Some(apps) => Command::DeployV2 {
+                stack: stack.clone(),
+                apps,
+                secrets: secrets.clone(),
+            },
+            None => self,
+        }
+    }
+
     /// The whole-configuration deploy of `apps` (apps outside stacks), without secrets.
     pub fn deploy_all(apps: BTreeMap<String, PlannedApp>) -> Command {
         Command::Deploy {

@@ -158,7 +158,9 @@ impl ApiService {
                 problems: Vec::new(),
             }));
         }
-        match self.cluster.propose(deploy).await? {
+        // Checked and planned in today's form; sent in the older one when it can say it, so
+        // nodes not upgraded yet still apply it.
+        match self.cluster.propose(deploy.for_older_peers()).await? {
             CommandResult::Deployed {
                 generation,
                 changes,
