@@ -6,6 +6,14 @@ cd "$(dirname "$0")"
 
 need() { command -v "$1" >/dev/null 2>&1; }
 
+# The build and the tests need room: about 20 GB for target/ and a few GB for the tests' pools,
+# images and data dirs. Say so up front rather than fail halfway with "No space left on device".
+free_gb() { df -Pk "${1:-.}" | awk 'NR==2 { print int($4 / 1048576) }'; }
+echo "test.sh: $(free_gb) GB free here, $(free_gb /tmp) GB free in /tmp" >&2
+if [ "$(free_gb)" -lt 25 ] || [ "$(free_gb /tmp)" -lt 5 ]; then
+  echo "test.sh: WARNING: little disk space; the suite needs about 25 GB here and 5 GB in /tmp" >&2
+fi
+
 if ! need cargo; then
   echo "test.sh: cargo is missing; install Rust (https://rustup.rs)" >&2
   exit 1
@@ -137,3 +145,4 @@ fi
 
 # --- the Docker volume plugin (issue 9), against the real engine: last, see above.
 cargo nextest run --locked -p flock-node --test docker_plugin --no-fail-fast
+echo "test.sh: done; $(free_gb) GB free here at the end" >&2
