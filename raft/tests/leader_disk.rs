@@ -101,7 +101,10 @@ impl RaftNetwork<TypeConfig> for Conn {
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>>
     {
-        let raft = self.router.get(self.target).map_err(RPCError::Unreachable)?;
+        let raft = self
+            .router
+            .get(self.target)
+            .map_err(RPCError::Unreachable)?;
         raft.append_entries(rpc)
             .await
             .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -115,7 +118,10 @@ impl RaftNetwork<TypeConfig> for Conn {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, MemberNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        let raft = self.router.get(self.target).map_err(RPCError::Unreachable)?;
+        let raft = self
+            .router
+            .get(self.target)
+            .map_err(RPCError::Unreachable)?;
         raft.install_snapshot(rpc)
             .await
             .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -126,7 +132,10 @@ impl RaftNetwork<TypeConfig> for Conn {
         rpc: VoteRequest<NodeId>,
         _option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>> {
-        let raft = self.router.get(self.target).map_err(RPCError::Unreachable)?;
+        let raft = self
+            .router
+            .get(self.target)
+            .map_err(RPCError::Unreachable)?;
         raft.vote(rpc)
             .await
             .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -254,6 +263,9 @@ async fn the_leader_counts_itself_only_once_its_disk_has_the_entry() {
     // The leader's disk comes back: with node 3 that makes two of three.
     nodes[&1].gate.release();
     let done = write.await.unwrap();
-    assert!(done.is_some(), "the write did not commit once the leader's disk had it");
+    assert!(
+        done.is_some(),
+        "the write did not commit once the leader's disk had it"
+    );
     shut_down(nodes).await;
 }
