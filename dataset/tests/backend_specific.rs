@@ -106,6 +106,98 @@ fn dir_unchanged_files_are_shared_between_snapshots() {
     );
 }
 
+/// Bytes this thread read and wrote through read/write-like calls (`rchar`, `wchar` of
+/// `/proc/thread-self/io`; page cache included, `copy_file_range` included, reflinks not).
+fn thread_io() -> (u64, u64) {
+    let text = fs::read_to_string("/proc/thread-self/io").expect("/proc/thread-self/io");
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(": ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .expect("an io counter")
+    };
+    (field("rchar"), field("wchar"))
+}
+
+/// What an operation on the calling thread read and wrote.
+fn io_of<T>(f: impl FnOnce() -> T) -> (T, u64, u64) {
+    let (r0, w0) = thread_io();
+    let out = f();
+    let (r1, w1) = thread_io();
+    (out, r1 - r0, w1 - w0)
+}
+
+#[test]
+fn dir_incremental_snapshot_send_and_receive_cost_what_changed() {
+    // 64 MiB in 64 files; each round rewrites a different 1 MiB file. A snapshot copies that
+    // file, the stream carries it, the receiver writes it into its snapshot and its live/,
+    // and nothing else's data is read or written, however many rounds came before (a receive
+    // used to copy into live/ again every file any earlier receive had copied).
+    let tmp = tempfile::tempdir().expect("tmp");
+    let a = DirBackend::open(tmp.path().join("a")).expect("open");
+    let b = DirBackend::open(tmp.path().join("b")).expect("open");
+    let d = ds("prop");
+    a.create(&d, None).expect("create");
+    let m = a.mount_path(&d).expect("mount");
+    for i in 0..64 {
+        write(&m, &format!("d{}/f{i}.bin", i % 4), &noise(MIB as usize, i));
+    }
+    a.snapshot(&d, &snap("s0")).expect("s0");
+    let full = StreamSpec::full(d.clone(), snap("s0"));
+    b.receive(&full, None, &mut a.send(&full).expect("send"))
+        .expect("receive");
+    let slack = 256 * 1024;
+    for round in 1..=5u64 {
+        let i = (round * 13) % 64;
+        let rel = format!("d{}/f{i}.bin", i % 4);
+        write(&m, &rel, &noise(MIB as usize, 1000 + round));
+        let (base, target) = (snap(&format!("s{}", round - 1)), snap(&format!("s{round}")));
+        let (_, read, written) = io_of(|| a.snapshot(&d, &target).expect("snapshot"));
+        assert!(
+            read < MIB + slack && written < MIB + slack,
+            "round {round}: the snapshot read {read} and wrote {written} bytes for 1 MiB changed"
+        );
+        let spec = StreamSpec::incremental(d.clone(), base, target);
+        let (len, read, _) = io_of(|| {
+            let mut s = a.send(&spec).expect("send");
+            let hint = s
+                .size_hint()
+                .expect("the dir backend knows its stream's length");
+            let mut sink = Vec::new();
+            s.read_to_end(&mut sink).expect("read the stream");
+            assert_eq!(sink.len() as u64, hint);
+            hint
+        });
+        assert!(
+            (MIB..MIB + 64 * 1024).contains(&len) && read < MIB + slack,
+            "round {round}: a 1 MiB change made a stream of {len} bytes, reading {read}"
+        );
+        let (_, read, written) = io_of(|| {
+            b.receive(&spec, None, &mut a.send(&spec).expect("send"))
+                .expect("receive")
+        });
+        // Sent (read) once, then written into the new snapshot and copied into live/.
+        assert!(
+            read < 2 * MIB + slack && written < 2 * MIB + slack,
+            "round {round}: send + receive read {read} and wrote {written} bytes for 1 MiB changed"
+        );
+    }
+    let got = b.mount_path(&d).expect("mount");
+    for i in 0..64 {
+        let rel = format!("d{}/f{i}.bin", i % 4);
+        assert_eq!(
+            fs::read(got.join(&rel)).expect("read"),
+            fs::read(m.join(&rel)).expect("read"),
+            "{rel}"
+        );
+    }
+}
+
 /// A hand-made full `dir` stream (format v1, see `dir::stream`) creating snapshot s1.
 fn dir_stream(records: &[Vec<u8>], file_bytes: u64) -> Vec<u8> {
     dir_stream_from(None, "s1", records, file_bytes)

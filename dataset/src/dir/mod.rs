@@ -20,8 +20,19 @@
 //! against same-tick rewrites the way git treats "racy" index entries: the live file's ctime
 //! (which user space cannot set) must also be older than the moment the previous snapshot
 //! began. A file written in the very clock tick a snapshot began is therefore copied again by
-//! the next snapshot, once. Snapshot trees are never modified, so equal inodes in two snapshots
-//! mean an unchanged file, which makes incremental streams exact.
+//! the next snapshot, once; to make that rare, a snapshot's clock is read as the first tick after
+//! the one it was asked in (see `fs_clock`). Snapshot trees are never modified, so equal inodes
+//! in two snapshots mean an unchanged file, which makes incremental streams exact.
+//!
+//! A received snapshot's `taken_at` is read after live/ was made equal to it (the full receive
+//! always did this; an incremental one makes live/ follow the staged tree before its commit),
+//! so the files a receive copies into live/ are trusted by the next receive and the next local
+//! snapshot rather than copied again by each of them: a replica's cost per receive is what
+//! changed, not what ever changed. What this trusts is that nothing writes a replica's live/
+//! while it receives (its app is stopped); a write there after the receive is caught by its
+//! ctime like any other. Only the files a stream carries are read or written; the rest of a
+//! receive, snapshot or send is one `stat` per name (a dataset of many files still pays for
+//! their number, not their size).
 //!
 //! Where the file system makes reflinks (btrfs, XFS), a file a snapshot copies, and a file a
 //! rollback, restore or receive copies back into live/, is a reflink (`FICLONE`) that shares
@@ -267,13 +278,33 @@ impl DirBackend {
         tree::remove_any(&trash)
     }
 
-    /// Reads the clock of the file system holding our root.
+    /// Reads the clock of the file system holding `dir` (a directory of ours) as a stamp later
+    /// than every ctime the file system gave out before this call: the ctime of a scratch file,
+    /// touched again until the clock has moved on from its first tick (a few milliseconds at
+    /// most; after a second of a stuck clock the first tick is returned, which only makes the
+    /// next snapshot copy more than it must). A file changed before the call is trusted
+    /// against a snapshot with this stamp (its ctime is older), one changed after is not (its
+    /// ctime is this stamp or later), so a file written in the tick just before a snapshot or
+    /// by a receive's copy into live/ is not copied again by the next one for being "racy".
     fn fs_clock(&self, dir: &Path) -> Result<Stamp, DatasetError> {
         let probe = dir.join(format!(".clock-{:016x}", rand::random::<u64>()));
-        fs::write(&probe, b"").map_err(|e| self.full_or_io(None, "write", &probe, e))?;
-        let stamp = tree::fs_now(&probe)?;
+        let result = (|| {
+            let f =
+                fs::File::create(&probe).map_err(|e| self.full_or_io(None, "write", &probe, e))?;
+            let first = tree::fs_now(&probe)?;
+            let give_up = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            let mut now = first;
+            while now <= first && std::time::Instant::now() < give_up {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                // Setting the mtime sets the ctime to the file system's current time.
+                f.set_modified(SystemTime::now())
+                    .map_err(|e| DatasetError::io("touch", &probe, e))?;
+                now = tree::fs_now(&probe)?;
+            }
+            Ok(now.max(first))
+        })();
         tree::remove_any(&probe)?;
-        Ok(stamp)
+        result
     }
 
     fn full_or_io(
@@ -581,6 +612,21 @@ impl DirBackend {
                 limit,
             )
             .map_err(|e| self.apply_error(ds, e))?;
+            // live/ follows the staged tree before the commit, so that the snapshot's
+            // `taken_at` can be read after it: the files this copies into live/ then count as
+            // unchanged against the snapshot, and the next receive keeps them instead of
+            // copying them again (with `taken_at` read before, every file a receive ever
+            // copied was copied again by every later receive). A crash in between leaves the
+            // resync marker, and `open` puts live/ back to the base, the latest snapshot.
+            self.mark_resync(&dir)?;
+            tree::sync_to(
+                &tree_dir,
+                &self.live_dir(ds),
+                Keep::Trusted(TrustedTree {
+                    root: &base_tree,
+                    taken_at: latest.meta.taken_at,
+                }),
+            )?;
             let info = SnapshotMeta {
                 format: 1,
                 name: spec.target.to_string(),
@@ -589,21 +635,10 @@ impl DirBackend {
                 taken_at: self.fs_clock(&staging)?,
             };
             write_json(&snap_dir.join("info.json"), &info)?;
-            // Commit: from here the snapshot exists; live/ follows (redone at open if we crash).
-            self.mark_resync(&dir)?;
+            tree::sync_fs(&self.root)?;
             let final_snap = Self::snap_path(&dir, Self::next_seq(&snaps));
             tree::rename_noreplace(&snap_dir, &final_snap)
                 .map_err(|e| DatasetError::io("commit snapshot", &final_snap, e))?;
-            tree::sync_fs(&self.root)?;
-            let new_tree = final_snap.join("tree");
-            tree::sync_to(
-                &new_tree,
-                &self.live_dir(ds),
-                Keep::Trusted(TrustedTree {
-                    root: &base_tree,
-                    taken_at: latest.meta.taken_at,
-                }),
-            )?;
             tree::sync_fs(&self.root)?;
             tree::remove_any(&dir.join("resync"))?;
             Ok(SnapshotInfo {
@@ -614,6 +649,12 @@ impl DirBackend {
         })();
         if let Err(e) = tree::remove_any(&staging) {
             tracing::warn!(error = %e, "could not clean up a receive's staging area");
+        }
+        if result.is_err() && dir.join("resync").exists() {
+            // live/ was partly made the new tree: back to the latest snapshot now (else `open`).
+            if let Err(e) = self.resync_live(ds) {
+                tracing::warn!(error = %e, "could not put live/ back after a failed receive; the next open will");
+            }
         }
         result.map_err(|e| self.classify(ds, e))
     }
@@ -722,8 +763,9 @@ impl Backend for DirBackend {
         }
         let staging = self.staging()?;
         let result = (|| {
-            // The staging directory's ctime is the file system's "now" as the copy begins.
-            let taken_at = tree::fs_now(&staging)?;
+            // The file system's "now" as the copy begins: a file changed since has a ctime at
+            // least this, and is not trusted against this snapshot by the next one.
+            let taken_at = self.fs_clock(&staging)?;
             let snap_dir = staging.join("snap");
             create_dir(&snap_dir)?;
             let prev_tree = snaps.last().map(Snap::tree);
