@@ -20,6 +20,9 @@ pub type NodeId = u64;
 
 pub use crate::limits::{MAX_KEY_LEN, MAX_NAME_LEN, MAX_VALUE_LEN};
 
+/// The key-value namespace: key to entry, in key order.
+pub type KvMap = imbl::OrdMap<String, KvEntry>;
+
 /// The desired state of a cluster, replicated to every node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
@@ -35,8 +38,10 @@ pub struct ClusterState {
     /// The id the next registered node gets.
     pub next_node_id: NodeId,
     pub nodes: BTreeMap<NodeId, Node>,
-    /// Users' cluster-wide settings.
-    pub kv: BTreeMap<String, KvEntry>,
+    /// Users' cluster-wide settings. A persistent map: cloning the state (every agent takes a
+    /// copy to decide on) shares it instead of copying every entry, which made each write cost
+    /// the namespace's size (issue 20). Serialized exactly as a `BTreeMap` (a map in key order).
+    pub kv: KvMap,
     /// Revision of the key-value namespace: grows by one with every change to it.
     pub revision: u64,
     /// Datasets by id.
@@ -1106,22 +1111,24 @@ impl ClusterState {
     fn kv_set(&mut self, key: &str, value: &str) -> KvEntry {
         self.revision += 1;
         let rev = self.revision;
-        let entry = self
-            .kv
-            .entry(key.to_string())
-            .and_modify(|e| {
-                e.value = value.to_string();
-                e.mod_revision = rev;
-                e.version += 1;
-            })
-            .or_insert_with(|| KvEntry {
+        let entry = match self.kv.get(key) {
+            Some(e) => KvEntry {
+                key: e.key.clone(),
+                value: value.to_string(),
+                create_revision: e.create_revision,
+                mod_revision: rev,
+                version: e.version + 1,
+            },
+            None => KvEntry {
                 key: key.to_string(),
                 value: value.to_string(),
                 create_revision: rev,
                 mod_revision: rev,
                 version: 1,
-            });
-        entry.clone()
+            },
+        };
+        self.kv.insert(key.to_string(), entry.clone());
+        entry
     }
 }
 
@@ -1720,5 +1727,41 @@ mod tests {
                 prop_assert_eq!(names.len(), total);
             }
         }
+    }
+
+    /// The namespace's persistent map is written exactly as the `BTreeMap` it replaced, so
+    /// snapshots and peers of the previous build read it (issue 20).
+    #[test]
+    fn the_kv_map_encodes_as_the_btreemap_it_replaced() {
+        let entries: Vec<(String, KvEntry)> = (0..300u64)
+            .rev()
+            .map(|i| {
+                let key = format!("k/{i:05}");
+                let e = KvEntry {
+                    key: key.clone(),
+                    value: "v".repeat((i % 7) as usize),
+                    create_revision: i,
+                    mod_revision: i + 1,
+                    version: 1 + i % 3,
+                };
+                (key, e)
+            })
+            .collect();
+        let persistent: KvMap = entries.iter().cloned().collect();
+        let plain: BTreeMap<String, KvEntry> = entries.into_iter().collect();
+        let bytes = postcard::to_allocvec(&persistent).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+        let back: KvMap = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, persistent);
+        // A copy shares the map: a write to the original leaves the copy as it was.
+        let mut s = ClusterState {
+            kv: persistent,
+            ..Default::default()
+        };
+        let copy = s.clone();
+        s.kv_set("k/00001", "changed");
+        assert_eq!(copy.kv["k/00001"].value, "v");
+        assert_eq!(s.kv["k/00001"].value, "changed");
+        assert_eq!(s.kv["k/00001"].version, copy.kv["k/00001"].version + 1);
     }
 }

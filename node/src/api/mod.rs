@@ -491,7 +491,7 @@ impl Api for ApiService {
                 let keys = a
                     .cluster
                     .kv
-                    .range::<str, _>((from, Bound::Unbounded))
+                    .range::<_, str>((from, Bound::Unbounded))
                     .take_while(|(k, _)| k.starts_with(prefix.as_str()));
                 for (_, e) in keys {
                     let size = 2 * e.key.len() + e.value.len() + 64;
