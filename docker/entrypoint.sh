@@ -12,7 +12,7 @@ SHARED=${FLOCK_SHARED:-/shared}
 NAME=${FLOCK_NAME:-$(hostname)}
 SEED=${FLOCK_SEED:-n1}
 PORT=${FLOCK_PORT:-7801}
-set -- --heartbeat-ms "${FLOCK_HEARTBEAT_MS:-100}" --election-timeout-ms "${FLOCK_ELECTION_TIMEOUT_MS:-300}"
+set -- --heartbeat-ms "${FLOCK_HEARTBEAT_MS:-50}" --election-timeout-ms "${FLOCK_ELECTION_TIMEOUT_MS:-150}"
 
 mkdir -p "$DATA" "$SHARED"
 if [ -f "$DATA/identity.json" ]; then

@@ -43,6 +43,8 @@ pub trait Cluster {
     /// Index of the member that leads now, as the live members report it.
     fn leader(&self) -> impl Future<Output = Result<usize>>;
     /// `kill -9` member `i` and reap it.
+    /// The highest Raft term a live member reports: elections between two readings are counted.
+    fn term(&self) -> impl Future<Output = Result<u64>>;
     fn kill(&mut self, i: usize) -> impl Future<Output = Result<()>>;
     /// Starts member `i` again on its data dir and waits until it serves as part of the cluster.
     fn restart(&mut self, i: usize) -> impl Future<Output = Result<()>>;

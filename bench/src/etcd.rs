@@ -379,6 +379,17 @@ impl Cluster for EtcdCluster {
         Err(last_err.context("cannot find etcd's leader"))
     }
 
+    async fn term(&self) -> Result<u64> {
+        let mut term = None;
+        for (i, m) in self.members.iter().enumerate() {
+            if m.daemon.is_some() {
+                let t = status(&self.target(i)).await?.raft_term;
+                term = Some(term.map_or(t, |x: u64| x.max(t)));
+            }
+        }
+        term.ok_or_else(|| anyhow!("no live etcd member to ask for the term"))
+    }
+
     async fn kill(&mut self, i: usize) -> Result<()> {
         match self.members[i].daemon.take() {
             Some(d) => d.kill().await,

@@ -288,6 +288,17 @@ impl Cluster for FlockCluster {
         Err(last_err.context("cannot find flock's leader"))
     }
 
+    async fn term(&self) -> Result<u64> {
+        let mut term = None;
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.daemon.is_some() {
+                let t = status(&self.target(i)).await?.term;
+                term = Some(term.map_or(t, |m: u64| m.max(t)));
+            }
+        }
+        term.ok_or_else(|| anyhow!("no live flockd to ask for the term"))
+    }
+
     async fn kill(&mut self, i: usize) -> Result<()> {
         match self.nodes[i].daemon.take() {
             Some(d) => d.kill().await,

@@ -278,10 +278,11 @@ async fn suite(
         // Figures from a cluster that lost a member on its own would not be comparable.
         cluster.check_running().await?;
         progress!(
-            "{name}: {clients} client(s): {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms{}",
+            "{name}: {clients} client(s): {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, {} election(s){}",
             t.ops_per_sec,
             t.p50_ms,
             t.p99_ms,
+            t.elections,
             if t.errors > 0 {
                 format!(", {} failed puts", t.errors)
             } else {

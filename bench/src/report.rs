@@ -133,6 +133,12 @@ impl Report {
                     ratio(f.as_ref().map(|t| t.p99_ms), e.as_ref().map(|t| t.p99_ms))
                 ),
             ]);
+            rows.push([
+                format!("elections during the {clients}-{plural} run"),
+                cell(f.as_ref().map(|t| t.elections.to_string())),
+                cell(e.as_ref().map(|t| t.elections.to_string())),
+                String::new(),
+            ]);
             let errors = |t: &Option<Throughput>| t.as_ref().map(|t| t.errors).unwrap_or(0);
             if errors(&f) + errors(&e) > 0 {
                 rows.push([

@@ -32,6 +32,8 @@ pub struct Throughput {
     pub max_ms: f64,
     /// Puts that failed or timed out inside the measured window.
     pub errors: u64,
+    /// Elections (Raft term changes) from the first put to the last: spurious under load.
+    pub elections: u64,
 }
 
 /// `clients` tasks, each with its own gRPC channel to the leader, each putting `VALUE` under
@@ -50,6 +52,7 @@ pub async fn throughput(
     for _ in 0..clients {
         conns.push(KvClient::connect(system, &target).await?);
     }
+    let term_before = cluster.term().await?;
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + warmup;
     let end = measure_from + duration;
@@ -99,6 +102,7 @@ pub async fn throughput(
             .map_err(|e| anyhow!("cannot merge histograms: {e}"))?;
         errors += e;
     }
+    let elections = cluster.term().await?.saturating_sub(term_before);
     // Puts still running at `end` finish after it; counting by start time keeps the window exact.
     let ops = all.len();
     Ok(Throughput {
@@ -110,6 +114,7 @@ pub async fn throughput(
         p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
         max_ms: all.max() as f64 / 1000.0,
         errors,
+        elections,
     })
 }
 

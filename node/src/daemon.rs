@@ -38,11 +38,12 @@ use flock_dataset::Backend;
 /// Raft and request timing. Every field has a default suited to a LAN or one machine.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
-    /// Leader heartbeat interval, ms. Default 100.
+    /// Leader heartbeat interval, ms. Default 50.
     pub heartbeat_ms: u64,
-    /// Minimum election timeout, ms; the maximum is 4/3 of it. Default 300. openraft also makes
+    /// Minimum election timeout, ms; the maximum is 4/3 of it. Default 150. openraft also makes
     /// a follower wait one leader lease (the maximum) after the last heartbeat before it stands,
-    /// so a dead leader is replaced after roughly lease + timeout = 0.7 to 0.8 s by default.
+    /// so a dead leader is replaced after roughly lease + timeout = 0.35 to 0.4 s by default,
+    /// seven heartbeats missed in a row (issue 20: flock-bench counts the elections under load).
     pub election_timeout_ms: u64,
     /// Build a snapshot after this many new log entries. Default 10000.
     pub snapshot_logs: u64,
@@ -88,8 +89,8 @@ impl std::str::FromStr for MeshAddr {
 impl Default for NodeOptions {
     fn default() -> Self {
         NodeOptions {
-            heartbeat_ms: 100,
-            election_timeout_ms: 300,
+            heartbeat_ms: 50,
+            election_timeout_ms: 150,
             snapshot_logs: 10_000,
             keep_logs: 1_000,
             request_timeout: Duration::from_secs(5),

@@ -169,11 +169,11 @@ struct RaftArgs {
     #[arg(long, value_name = "IP:PORT|off")]
     metrics_addr: Option<MetricsAddr>,
     /// Leader heartbeat interval, in milliseconds.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 50)]
     heartbeat_ms: u64,
     /// Minimum election timeout in milliseconds (the maximum is 4/3 of it). A dead leader is
     /// replaced after about twice this.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 150)]
     election_timeout_ms: u64,
     /// Take a Raft snapshot after this many log entries.
     #[arg(long, default_value_t = 10_000)]
