@@ -739,7 +739,7 @@ pub async fn follow_move(
     const PROGRESS_EVERY: u32 = 4;
     let mut polls: u32 = 0;
     loop {
-        let full = polls % PROGRESS_EVERY == 0;
+        let full = polls.is_multiple_of(PROGRESS_EVERY);
         polls = polls.wrapping_add(1);
         let mut d = get_as(api, name, !full).await?;
         if !full && d.moving_to.is_empty() && d.primary_name != to {
