@@ -540,3 +540,34 @@ fn d08_the_source_killed_mid_stream_keeps_its_data_and_finishes_the_move_after_r
     assert_eq!(fs::read(mount_path(&d, "n2").join("s.bin")).unwrap(), data);
     assert_eq!(holder(&d, "n1").unwrap()["role"], "replica");
 }
+
+#[test]
+fn d09_a_move_and_a_replica_push_start_when_the_state_changes_not_at_the_agents_tick() {
+    // Every node's dataset agent polls once an hour: only the wake-up on an applied entry
+    // (the move asked for, the snapshot recorded) can start the move and the replica push
+    // within this test's time limits (2 min for the move, 30 s for the replica).
+    let hour = (3600 * 1000).to_string();
+    let c = TestCluster::start_env(
+        2,
+        &[],
+        Vec::new(),
+        vec![("FLOCK_TEST_DATASETS_TICK_MS".into(), hour)],
+    );
+    let a = c.addr(1).to_string();
+    c.ctl_ok(&a, &["dataset", "create", "x", "--node", "n1"]);
+    let live1 = mount_path(&dataset(&c, &a, "x"), "n1");
+    fs::write(live1.join("a.bin"), pattern(3, 1 << 20)).unwrap();
+    c.ctl_ok(&a, &["dataset", "snapshot", "x", "--tag", "s1"]);
+    let (events, ok, err) = move_json(&c, &a, "x", "n2");
+    assert!(ok, "move to n2 failed: {err}");
+    assert_eq!(events.last().unwrap()["event"], "done", "{events:?}");
+    let d = dataset(&c, &a, "x");
+    assert_eq!(holder(&d, "n1").unwrap()["role"], "replica", "{d:#}");
+    let live2 = mount_path(&d, "n2");
+
+    // The primary records s2; the replica receives it without waiting for a poll.
+    fs::write(live2.join("b.bin"), pattern(4, 1 << 20)).unwrap();
+    c.ctl_ok(&a, &["dataset", "snapshot", "x", "--tag", "s2"]);
+    wait_latest(&c, &a, "x", "n1", "s2");
+    assert_same_tree(&live1, &live2);
+}

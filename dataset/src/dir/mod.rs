@@ -513,6 +513,7 @@ impl DirBackend {
             create_dir(&snap_dir)?;
             let tree_dir = snap_dir.join("tree");
             create_dir(&tree_dir)?;
+            let started = std::time::Instant::now();
             let applied = stream::apply(
                 stream,
                 &tree_dir,
@@ -524,7 +525,9 @@ impl DirBackend {
                 limit.map(|limit| Limit { limit, start: 0 }),
             )
             .map_err(|e| self.apply_error(ds, e))?;
+            let applied_at = started.elapsed();
             tree::sync_to(&tree_dir, &staging.join("live"), Keep::Nothing)?;
+            let live_at = started.elapsed();
             let meta = SnapshotMeta {
                 format: 1,
                 name: spec.target.to_string(),
@@ -534,6 +537,8 @@ impl DirBackend {
             };
             write_json(&snap_dir.join("info.json"), &meta)?;
             tree::sync_fs(&self.root)?;
+            tracing::debug!(dataset = %ds, stream = ?applied_at, live = ?(live_at - applied_at),
+                sync = ?(started.elapsed() - live_at), "full receive: stream applied, live/ made, synced");
             match tree::rename_noreplace(&staging, &final_dir) {
                 Ok(()) => {}
                 Err(e)
@@ -600,6 +605,7 @@ impl DirBackend {
             create_dir(&snap_dir)?;
             let tree_dir = snap_dir.join("tree");
             let base_tree = latest.tree();
+            let started = std::time::Instant::now();
             tree::link_clone(&base_tree, &tree_dir)?;
             let applied = stream::apply(
                 stream,
@@ -618,6 +624,7 @@ impl DirBackend {
             // copying them again (with `taken_at` read before, every file a receive ever
             // copied was copied again by every later receive). A crash in between leaves the
             // resync marker, and `open` puts live/ back to the base, the latest snapshot.
+            let applied_at = started.elapsed();
             self.mark_resync(&dir)?;
             tree::sync_to(
                 &tree_dir,
@@ -635,7 +642,10 @@ impl DirBackend {
                 taken_at: self.fs_clock(&staging)?,
             };
             write_json(&snap_dir.join("info.json"), &info)?;
+            let live_at = started.elapsed();
             tree::sync_fs(&self.root)?;
+            tracing::debug!(dataset = %ds, stream = ?applied_at, live = ?(live_at - applied_at),
+                sync = ?(started.elapsed() - live_at), "incremental receive: stream applied, live/ updated, synced");
             let final_snap = Self::snap_path(&dir, Self::next_seq(&snaps));
             tree::rename_noreplace(&snap_dir, &final_snap)
                 .map_err(|e| DatasetError::io("commit snapshot", &final_snap, e))?;

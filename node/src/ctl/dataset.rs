@@ -362,9 +362,19 @@ fn datasets_table(ds: &[Dataset]) -> String {
 }
 
 async fn get(api: &mut ApiClient<Channel>, name: &str) -> anyhow::Result<Dataset> {
+    get_as(api, name, false).await
+}
+
+/// The dataset named `name`; with `desired_only`, its desired state alone (no node is asked
+/// for its copies or transfers: cheap enough to ask often).
+async fn get_as(
+    api: &mut ApiClient<Channel>,
+    name: &str,
+    desired_only: bool,
+) -> anyhow::Result<Dataset> {
     api.dataset_list(DatasetListRequest {
         name: name.to_string(),
-        desired_only: false,
+        desired_only,
     })
     .await
     .map_err(status_err)?
@@ -723,8 +733,19 @@ pub async fn follow_move(
     let mut last_error = String::new();
     // Reports of an earlier attempt or an earlier move are never shown as this one's.
     let mut follow = Follow::new();
+    // The progress (every node's report) every PROGRESS_EVERY, whether the move ended (the
+    // desired state alone) every ENDED_POLL: the end is seen within 50 ms, not 200.
+    const ENDED_POLL: Duration = Duration::from_millis(50);
+    const PROGRESS_EVERY: u32 = 4;
+    let mut polls: u32 = 0;
     loop {
-        let d = get(api, name).await?;
+        let full = polls.is_multiple_of(PROGRESS_EVERY);
+        polls = polls.wrapping_add(1);
+        let mut d = get_as(api, name, !full).await?;
+        if !full && d.moving_to.is_empty() && d.primary_name != to {
+            // Ended without reaching `to`: the reports say why.
+            d = get(api, name).await?;
+        }
         let t = d
             .transfers
             .iter()
@@ -802,7 +823,7 @@ pub async fn follow_move(
                 d.primary_name
             );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(ENDED_POLL).await;
     }
 }
 

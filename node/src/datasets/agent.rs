@@ -17,8 +17,10 @@
 //! - A copy this node should not hold (removed dataset, finished move elsewhere) is destroyed,
 //!   unless a receive or push holds it right now.
 //!
-//! The loop looks again when the datasets' desired state changes, when a task ends, and every
-//! few seconds; the backend is listed only then (zfs listings are child processes).
+//! The loop looks again when the datasets' desired state changes (it wakes as soon as an entry
+//! is applied: a replica push starts right after the snapshot is recorded, a move right after
+//! it was asked for), when a task ends, and every few seconds; the backend is listed only then
+//! (zfs listings are child processes).
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -44,7 +46,40 @@ use crate::lease::unix_ms;
 use crate::transfer::push::{push, PushError, Pushed};
 use crate::transfer::Peers;
 
+/// How often the loop asks whether a look is due when nothing wakes it earlier (periodic
+/// snapshots, retries and the full look every [`flock_decide::datasets::FULL_LOOK`] wait for
+/// it; applied entries and finished tasks wake the loop at once).
 const TICK: Duration = Duration::from_millis(300);
+
+/// For tests: the environment variable that replaces [`TICK`] (milliseconds), so that a test
+/// can show that a replica push or a move does not wait for the tick.
+pub const TICK_ENV: &str = "FLOCK_TEST_DATASETS_TICK_MS";
+
+/// The least time between two wake-ups for applied entries.
+const MIN_GAP: Duration = Duration::from_millis(5);
+
+fn tick() -> Duration {
+    std::env::var(TICK_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(TICK, Duration::from_millis)
+}
+
+/// Resolves once Raft's metrics show an applied entry other than `seen` (what the loop looked
+/// at last); never when the metrics go away (shutdown).
+async fn entry_applied(
+    changes: &mut watch::Receiver<flock_raft::types::RaftMetrics>,
+    seen: Option<flock_raft::types::LogId>,
+) {
+    loop {
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if changes.borrow_and_update().last_applied != seen {
+            return;
+        }
+    }
+}
 
 /// This node's monotonic clock as the decisions see it: milliseconds since first asked.
 fn now() -> flock_decide::Instant {
@@ -84,7 +119,12 @@ pub async fn run(
     if !ex.cluster.caught_up(&mut shutdown).await {
         return;
     }
+    let tick = tick();
+    // Every applied entry changes Raft's metrics after the state it applied is readable: the
+    // loop wakes on it, and `due` tells whether the datasets' state changed.
+    let mut applied = ex.cluster.metrics_watch();
     loop {
+        let seen = applied.borrow_and_update().last_applied;
         let due = core.due(&ex.cluster.view.read().cluster, now());
         if due {
             status.running();
@@ -98,7 +138,12 @@ pub async fn run(
         }
         tokio::select! {
             _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep(tick) => {}
+            _ = entry_applied(&mut applied, seen) => {
+                // At most one look per MIN_GAP under a busy log (most entries are not about
+                // datasets: `due` answers those without listing anything).
+                tokio::time::sleep(MIN_GAP).await;
+            }
             Some((job, outcome)) = done_rx.recv() => {
                 let error = match &outcome {
                     JobOutcome::Failed(e) | JobOutcome::NoSpace(e) => e.clone(),
@@ -161,6 +206,9 @@ impl Executor {
             let s = self.cluster.view.read();
             core.decide(&s.cluster, me, &seen, now())
         };
+        if !actions.is_empty() {
+            tracing::debug!(?actions, "datasets: a look decided");
+        }
         for action in actions {
             match action {
                 DatasetAction::Destroy { id, name } => self.destroy(id, &name).await,
@@ -647,6 +695,7 @@ impl Executor {
         if ds.bases.get(&to).map(String::as_str) == Some(snapshot) {
             return JobOutcome::Done;
         }
+        tracing::debug!(dataset = %ds.name, to = %to_name, snapshot, "replica push done, recording the replica's base");
         let cmd = Command::ReplicaHolds {
             dataset: id,
             epoch,

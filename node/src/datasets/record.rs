@@ -44,13 +44,17 @@ impl Datasets {
             .snapshot(ds, tag)
             .await
             .map_err(RecordError::Snapshot)?;
+        tracing::debug!(dataset = %ds.name, snapshot = %record.name, "snapshot taken, recording it");
         let cmd = Command::RecordSnapshot {
             dataset: ds.id,
             epoch: ds.epoch,
             snapshot: record.clone(),
         };
         let refused = match cluster.propose(cmd).await {
-            Ok(CommandResult::SnapshotRecorded) => return Ok(record),
+            Ok(CommandResult::SnapshotRecorded) => {
+                tracing::debug!(dataset = %ds.name, snapshot = %record.name, "snapshot recorded");
+                return Ok(record);
+            }
             Err(e) => {
                 self.record_uncertain(ds.id, &record.name);
                 return Err(RecordError::Unknown(e));

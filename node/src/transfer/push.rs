@@ -233,6 +233,7 @@ async fn push_step(
         reason: e.to_string(),
     };
     let name = backend_name(ds)?;
+    tracing::debug!(dataset = %ds.name, to = to_name, target, "push step: asking what the receiver holds");
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broke(&e))?;
     write_msg(
         &mut send,
@@ -294,6 +295,7 @@ async fn push_step(
         None => None,
     };
     let plan = Plan::from(plan);
+    tracing::debug!(dataset = %ds.name, to = to_name, base = ?plan.base, target = ?plan.target, "push step: plan");
     write_msg(&mut send, &plan).await.map_err(|e| broke(&e))?;
     let mut bytes = 0;
     if let Some(next) = &next {
@@ -334,10 +336,12 @@ async fn push_step(
         }
     }
     let _ = send.finish();
+    tracing::debug!(dataset = %ds.name, to = to_name, bytes, "push step: stream sent, waiting for the outcome");
     let outcome = tokio::time::timeout(Duration::from_secs(600), read_msg::<Outcome>(&mut recv))
         .await
         .map_err(|_| broke(&"no outcome within 600 s of the stream's end"))?
         .map_err(|e| broke(&e))?;
+    tracing::debug!(dataset = %ds.name, to = to_name, ?outcome, "push step: outcome");
     match outcome {
         Outcome::Done { .. } => Ok(Step {
             base: plan.base,
@@ -401,6 +405,7 @@ pub async fn receive(
         tracing::info!(peer, dataset = %name, %reason, "refused a push");
         return refuse(send, reason).await;
     }
+    tracing::debug!(peer, dataset = %name, "push request admitted, taking the dataset's lock");
     let _guard = datasets.lock(dataset).await;
     // The state may have moved on while this push waited for the lock (another push from the
     // same primary held it, and the move it carried has been committed since): admit it again,
@@ -532,6 +537,7 @@ async fn receive_locked(
         .await
         .map_err(stream_err)?
         .into();
+    tracing::debug!(peer = push.peer, dataset = %name, base = ?plan.base, target = ?plan.target, "push plan received");
     if plan.is_nothing() {
         return Ok(None);
     }
@@ -546,12 +552,15 @@ async fn receive_locked(
         let name = name.clone();
         let base = plan.base.clone();
         let has_copy = !ours.is_empty();
+        let latest = ours.last().map(|s| s.name.clone());
         blocking(&datasets.backend, move |b| {
             match base {
                 Some(base) => {
+                    // `ours` was listed under the dataset's lock, which this receive still
+                    // holds: its last entry is the copy's latest snapshot (no second listing:
+                    // on zfs each is a `zfs list`).
                     let base = SnapshotName::new(base)?;
-                    let latest = b.latest_snapshot(&name)?;
-                    if latest.map(|l| l.name) != Some(base.clone()) {
+                    if latest != Some(base.clone()) {
                         b.rollback(&name, &base)?;
                     }
                 }
@@ -565,6 +574,7 @@ async fn receive_locked(
     let Some(target) = plan.target else {
         return Ok(None);
     };
+    tracing::debug!(peer = push.peer, dataset = %name, "at the plan's base, receiving the stream");
     let want = StreamSpec {
         dataset: name.clone(),
         base: plan.base.map(SnapshotName::new).transpose()?,

@@ -85,6 +85,14 @@ struct Args {
     /// Repetitions of the node-to-node comparison (a new cluster each).
     #[arg(long, default_value_t = 2)]
     node_reps: usize,
+    /// RUST_LOG of the flockd processes of the node-to-node comparison (e.g.
+    /// `warn,flock_node=debug` to see each phase of a push with its time).
+    #[arg(long, default_value = "warn,flock_node=info")]
+    node_log: String,
+    /// Keep the flockd logs of the node-to-node comparison in this directory
+    /// (BACKEND-REP-n1.log, ...) instead of removing them with the nodes' data.
+    #[arg(long, value_name = "DIR")]
+    node_logs: Option<PathBuf>,
     /// Where the dir backends and the zfs pool file go [default: a temporary directory].
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
@@ -404,17 +412,27 @@ fn run(args: Args) -> Result<()> {
                     "nodes, {backend}, rep {rep}/{}: starting two flockd",
                     args.node_reps
                 ));
-                let cluster = nodes::Cluster::start(&bin_dir, &dir.0, storage)?;
+                let cluster = nodes::Cluster::start(&bin_dir, &dir.0, storage, &args.node_log)?;
                 let r = cluster
                     .run(full_mib, inc_mib)
-                    .with_context(|| format!("nodes, {backend}"))?;
+                    .with_context(|| format!("nodes, {backend}"));
+                drop(cluster);
+                if let Some(keep) = &args.node_logs {
+                    std::fs::create_dir_all(keep)?;
+                    for n in ["n1", "n2"] {
+                        let from = dir.0.join(format!("{n}.log"));
+                        let to = keep.join(format!("{backend}-{rep}-{n}.log"));
+                        std::fs::copy(&from, &to)
+                            .with_context(|| format!("cannot keep {}", from.display()))?;
+                    }
+                }
+                let r = r?;
                 progress(format_args!(
                     "nodes, {backend}, rep {rep}/{}: move (full push) {:.2} s, replica follows \
                      (incremental push) {:.2} s",
                     args.node_reps, r[0].secs, r[1].secs
                 ));
                 runs.push(r);
-                drop(cluster);
                 drop(pools);
             }
             for (phase, idx, mib, method) in [

@@ -42,11 +42,11 @@ pub struct Pushed {
 
 const FAST: &[&str] = &["--heartbeat-ms", "100", "--election-timeout-ms", "300"];
 
-fn start_node(flockd: &Path, args: &[String], log: &Path) -> Result<Node> {
+fn start_node(flockd: &Path, args: &[String], log: &Path, filter: &str) -> Result<Node> {
     let stderr = std::fs::File::create(log)?;
     let mut child = Command::new(flockd)
         .args(args)
-        .env("RUST_LOG", "warn,flock_node=info")
+        .env("RUST_LOG", filter)
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()
@@ -87,8 +87,13 @@ fn start_node(flockd: &Path, args: &[String], log: &Path) -> Result<Node> {
 
 impl Cluster {
     /// Starts n1 (`init`) and n2 (`join`) with data dirs under `dir`, `storage[i]` as node
-    /// i+1's storage flags.
-    pub fn start(bin_dir: &Path, dir: &Path, storage: [Vec<String>; 2]) -> Result<Cluster> {
+    /// i+1's storage flags, logging to DIR/n1.log and DIR/n2.log under RUST_LOG `log_filter`.
+    pub fn start(
+        bin_dir: &Path,
+        dir: &Path,
+        storage: [Vec<String>; 2],
+        log_filter: &str,
+    ) -> Result<Cluster> {
         let flockd = bin_dir.join("flockd");
         let flockctl = bin_dir.join("flockctl");
         let d1 = dir.join("n1");
@@ -106,7 +111,7 @@ impl Cluster {
         .collect();
         args.extend(FAST.iter().map(|s| s.to_string()));
         args.extend(storage[0].clone());
-        let first = start_node(&flockd, &args, &dir.join("n1.log"))?;
+        let first = start_node(&flockd, &args, &dir.join("n1.log"), log_filter)?;
         let config = d1.join("admin.conf");
         let mut c = Cluster {
             nodes: vec![first],
@@ -138,7 +143,7 @@ impl Cluster {
         args.extend(FAST.iter().map(|s| s.to_string()));
         args.extend(storage[1].clone());
         c.nodes
-            .push(start_node(&flockd, &args, &dir.join("n2.log"))?);
+            .push(start_node(&flockd, &args, &dir.join("n2.log"), log_filter)?);
         Ok(c)
     }
 
@@ -189,8 +194,10 @@ impl Cluster {
         fill(&self.mount_path("n1")?.join("full.bin"), full_mib, 11)?;
         self.ctl(&["dataset", "snapshot", "bench", "--tag", "s1"])?;
 
+        mark("dataset move starts");
         let started = Instant::now();
         let out = self.ctl(&["dataset", "move", "bench", "--to", "n2", "--json"])?;
+        mark("dataset move returned");
         let wall = started.elapsed().as_secs_f64();
         let events: Vec<Value> = out
             .lines()
@@ -211,13 +218,17 @@ impl Cluster {
                 .unwrap_or(0),
         };
 
+        mark("writing the increment");
         fill(&self.mount_path("n2")?.join("inc.bin"), inc_mib, 12)?;
+        mark("dataset snapshot s2 starts");
         self.ctl(&["dataset", "snapshot", "bench", "--tag", "s2"])?;
+        mark("dataset snapshot s2 returned");
         let started = Instant::now();
         let deadline = started + Duration::from_secs(600);
         loop {
             let d = self.dataset()?;
             if Self::holder(&d, "n1").is_some_and(|h| h["latest_snapshot"] == "s2") {
+                mark("dataset ls shows s2 on n1");
                 break;
             }
             if Instant::now() > deadline {
@@ -250,6 +261,14 @@ impl Drop for Cluster {
             let _ = n.child.wait();
         }
     }
+}
+
+/// Prints a step of the run with the wall-clock time, to match against the flockd logs.
+fn mark(what: &str) {
+    eprintln!(
+        "flock-streams: {} nodes: {what}",
+        humantime::format_rfc3339_micros(std::time::SystemTime::now())
+    );
 }
 
 /// Writes `mib` MiB of incompressible bytes to `path` and syncs it.
