@@ -306,7 +306,12 @@ fn m01_a_cluster_scraped_during_a_move_reports_what_flockctl_does() {
     // n1's apps agent counts the stop when its driver's stop returns, which may be just after
     // the move saw the app gone and committed: wait for it (bounded) before the checks below.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while value(&scrape_all()[0], "flock_app_stops_total", &[("app", "counter")]).is_none()
+    while value(
+        &scrape_all()[0],
+        "flock_app_stops_total",
+        &[("app", "counter")],
+    )
+    .is_none()
         && std::time::Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(200));
