@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::backend::{Backend, SnapshotInfo, StreamSpec};
+use crate::backend::{Backend, BackendKind, SnapshotInfo, StreamSpec};
 use crate::error::{DatasetError, StreamError};
 use crate::frame::{
     read_full, write_framed, Encoder, FramedReader, FramedWriteError, StreamHeader, StreamTotals,
@@ -89,6 +89,29 @@ pub fn send_framed(
     Ok(Sent { header, totals })
 }
 
+/// Opens a framed stream: its verified header, refused when it is of another backend kind than
+/// `kind` or when `check` refuses it (before anything is written).
+fn open_checked<'a>(
+    kind: BackendKind,
+    src: &'a mut dyn BufRead,
+    check: &mut dyn FnMut(&StreamHeader) -> Result<(), DatasetError>,
+) -> Result<(FramedReader<&'a mut dyn BufRead>, StreamHeader), DatasetError> {
+    let reader = FramedReader::new(src).map_err(|source| DatasetError::Stream {
+        dataset: "(unknown: unreadable header)".into(),
+        source,
+    })?;
+    let header = reader.header().clone();
+    if header.kind != kind {
+        return Err(DatasetError::KindMismatch {
+            dataset: header.spec.dataset.to_string(),
+            stream: header.kind,
+            backend: kind,
+        });
+    }
+    check(&header)?;
+    Ok((reader, header))
+}
+
 /// Receives one framed stream from `src` into `backend`.
 ///
 /// `check` sees the verified header before anything is written (reject a dataset or snapshot
@@ -99,19 +122,7 @@ pub fn receive_framed(
     src: &mut dyn BufRead,
     check: &mut dyn FnMut(&StreamHeader) -> Result<(), DatasetError>,
 ) -> Result<Received, DatasetError> {
-    let mut reader = FramedReader::new(src).map_err(|source| DatasetError::Stream {
-        dataset: "(unknown: unreadable header)".into(),
-        source,
-    })?;
-    let header = reader.header().clone();
-    if header.kind != backend.kind() {
-        return Err(DatasetError::KindMismatch {
-            dataset: header.spec.dataset.to_string(),
-            stream: header.kind,
-            backend: backend.kind(),
-        });
-    }
-    check(&header)?;
+    let (mut reader, header) = open_checked(backend.kind(), src, check)?;
     let snapshot = backend.receive(&header.spec, header.limit, &mut reader)?;
     if !reader.is_complete() {
         // Backends read their input to the end before committing; this would be a bug.
@@ -283,19 +294,7 @@ fn receive_pipelined(
     src: &mut dyn BufRead,
     check: &mut dyn FnMut(&StreamHeader) -> Result<(), DatasetError>,
 ) -> Result<Received, DatasetError> {
-    let mut reader = FramedReader::new(src).map_err(|source| DatasetError::Stream {
-        dataset: "(unknown: unreadable header)".into(),
-        source,
-    })?;
-    let header = reader.header().clone();
-    if header.kind != backend.kind() {
-        return Err(DatasetError::KindMismatch {
-            dataset: header.spec.dataset.to_string(),
-            stream: header.kind,
-            backend: backend.kind(),
-        });
-    }
-    check(&header)?;
+    let (mut reader, header) = open_checked(backend.kind(), src, check)?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Verified>(4);
     let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
     let writer = {
