@@ -112,6 +112,31 @@ fn open_checked<'a>(
     Ok((reader, header))
 }
 
+/// What a receive returns once the backend committed `snapshot` after reading `wire_bytes`;
+/// an error unless it read the stream to its trailer (`complete`).
+fn received(
+    header: StreamHeader,
+    snapshot: SnapshotInfo,
+    wire_bytes: u64,
+    complete: bool,
+) -> Result<Received, DatasetError> {
+    if !complete {
+        // Backends read their input to the end before committing; this would be a bug.
+        return Err(DatasetError::Stream {
+            dataset: header.spec.dataset.to_string(),
+            source: StreamError::Corrupt {
+                offset: wire_bytes,
+                detail: "the backend stopped reading before the stream's trailer".into(),
+            },
+        });
+    }
+    Ok(Received {
+        header,
+        snapshot,
+        wire_bytes,
+    })
+}
+
 /// Receives one framed stream from `src` into `backend`.
 ///
 /// `check` sees the verified header before anything is written (reject a dataset or snapshot
@@ -124,21 +149,7 @@ pub fn receive_framed(
 ) -> Result<Received, DatasetError> {
     let (mut reader, header) = open_checked(backend.kind(), src, check)?;
     let snapshot = backend.receive(&header.spec, header.limit, &mut reader)?;
-    if !reader.is_complete() {
-        // Backends read their input to the end before committing; this would be a bug.
-        return Err(DatasetError::Stream {
-            dataset: header.spec.dataset.to_string(),
-            source: StreamError::Corrupt {
-                offset: reader.wire_offset(),
-                detail: "the backend stopped reading before the stream's trailer".into(),
-            },
-        });
-    }
-    Ok(Received {
-        header,
-        snapshot,
-        wire_bytes: reader.wire_offset(),
-    })
+    received(header, snapshot, reader.wire_offset(), reader.is_complete())
 }
 
 fn joined<T>(
@@ -339,21 +350,12 @@ fn receive_pipelined(
         Ok(r) => r?,
         Err(panic) => std::panic::resume_unwind(panic),
     };
-    if !consumed_all || !reader.is_complete() {
-        // Backends read their input to the end before committing; this would be a bug.
-        return Err(DatasetError::Stream {
-            dataset: header.spec.dataset.to_string(),
-            source: StreamError::Corrupt {
-                offset: reader.wire_offset(),
-                detail: "the backend stopped reading before the stream's trailer".into(),
-            },
-        });
-    }
-    Ok(Received {
+    received(
         header,
         snapshot,
-        wire_bytes: reader.wire_offset(),
-    })
+        reader.wire_offset(),
+        consumed_all && reader.is_complete(),
+    )
 }
 
 /// The backend's side of [`receive_pipelined`]: verified payload; `Ok(0)` only after the
