@@ -342,6 +342,75 @@ fn rollback_running(c: &TestCluster) {
     c.ctl_ok(c.addr(1), &["app", "rm", "counter"]);
 }
 
+/// An operator's snapshot asked while a move's last snapshot is taken but not yet recorded
+/// (a failpoint holds the move there) waits for that record, so it is recorded after it; the
+/// move then carries it to the new primary, where the app can be rolled back to it. Before the
+/// record order, it was recorded first, the move committed without it, and the new primary
+/// lacked a snapshot the cluster recorded.
+#[test]
+fn r08_a_snapshot_taken_during_a_moves_last_step_reaches_the_new_primary() {
+    // SAFETY: nextest runs each test in its own process, and no other thread reads the
+    // environment here; the flockd processes inherit it.
+    unsafe { std::env::set_var("FLOCK_FAILPOINT_MOVE_HOLD", "final-snapshot:3000") };
+    let c = TestCluster::start(3, &[]);
+    let _end = EndApps(c.dir.path().to_path_buf());
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let files = counter_files(c.dir.path(), port, "n1", "64M", "default");
+    deploy_counter(&c, &files, &addr);
+    for i in 0..10 {
+        let r = ask(&addr, &format!("APPEND before-{i}")).unwrap_or_default();
+        assert!(r.starts_with("OK "), "{r:?}");
+    }
+    c.ctl_ok(
+        c.addr(1),
+        &["app", "move", "counter", "--to", "n2", "--no-wait"],
+    );
+    until(
+        "the move's last snapshot to be taken",
+        Duration::from_secs(60),
+        || {
+            let log = fs::read_to_string(c.log(1, "init")).unwrap_or_default();
+            log.lines()
+                .any(|l| l.contains("failpoint: holding the move") && l.contains("final-snapshot"))
+                .then_some(())
+        },
+    );
+    c.ctl_ok(
+        c.addr(3),
+        &["dataset", "snapshot", "counter", "--tag", "during"],
+    );
+    let moved = until("counter to run on n2", Duration::from_secs(60), || {
+        let a = app(&c, "counter");
+        (a["node"] == "n2" && a["state"] == "running" && ask(&addr, "PING").is_some()).then_some(a)
+    });
+    let d = dataset(&c, "counter");
+    assert!(
+        d["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "during"),
+        "{d:#}"
+    );
+    // The new primary holds it: the app rolls back to it with every append made before.
+    let r = ask(&addr, "APPEND after").unwrap_or_default();
+    assert!(r.starts_with("OK "), "{r:?}");
+    c.ctl_ok(
+        c.addr(2),
+        &["dataset", "rollback", "counter", "during", "--stop-app"],
+    );
+    until("counter to run again", Duration::from_secs(30), || {
+        let a = app(&c, "counter");
+        (a["state"] == "running" && a["id"] != moved["id"] && ask(&addr, "PING").is_some())
+            .then_some(())
+    });
+    let now = read_all(&addr);
+    assert_eq!(now.len(), 10, "{now:?}");
+    assert!(now.iter().all(|v| v.starts_with("before-")), "{now:?}");
+    c.ctl_ok(c.addr(1), &["app", "rm", "counter"]);
+}
+
 /// The dir backend cannot stop writes past a limit: `dataset ls` says the dataset is over it;
 /// a lower limit than the data is refused, a higher one clears it, and the dataset moves.
 #[test]

@@ -82,6 +82,10 @@ pub struct Bugs {
     /// A returning node rolls its diverged copy back without setting its writes aside (what
     /// `dataset drop-diverged --force` does on an operator's word).
     pub roll_back_diverged: bool,
+    /// Snapshots are taken and recorded without the dataset's record order: an operator's
+    /// snapshot taken just after a move's last one may be recorded before it, and the move's
+    /// push, which carries the history up to its last snapshot, never carries it.
+    pub unordered_snapshots: bool,
 }
 
 impl Bugs {
@@ -100,12 +104,13 @@ impl Bugs {
             "down-without-margin" => b.down_without_margin = true,
             "ignore-lease" => b.ignore_lease = true,
             "roll-back-diverged" => b.roll_back_diverged = true,
+            "unordered-snapshots" => b.unordered_snapshots = true,
             _ => return None,
         }
         Some(b)
     }
 
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 12] = [
         "blind-as-empty",
         "children-outlive-stop",
         "start-without-recheck",
@@ -117,6 +122,7 @@ impl Bugs {
         "down-without-margin",
         "ignore-lease",
         "roll-back-diverged",
+        "unordered-snapshots",
     ];
 }
 
@@ -286,6 +292,28 @@ enum Ev {
     },
     /// The fencing watchdog reads the lease.
     Watchdog(NodeId),
+    /// An operator's `flockctl dataset snapshot`, carried out on the node it reached (the
+    /// primary, as its state says): in the record order, take the snapshot.
+    OperatorSnapshot {
+        node: NodeId,
+        gen: u64,
+        ds: DatasetId,
+    },
+    /// ... and propose its record, a moment later.
+    OperatorRecord {
+        node: NodeId,
+        gen: u64,
+        snapshot: SnapshotRecord,
+        ds: DatasetId,
+    },
+}
+
+/// Who holds a dataset's record order on a node (node/src/datasets/mod.rs's `record_order`):
+/// from taking a snapshot until its record's outcome is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Recorder {
+    Move(NodeId),
+    Operator,
 }
 
 /// A push job: for a move (its task continues when it ends) or a replica.
@@ -366,6 +394,10 @@ struct SimNode {
     pushes: BTreeMap<Job, PushTask>,
     /// Start gates held, by dataset: the target of the move attempt that holds it.
     gates: BTreeMap<DatasetId, NodeId>,
+    /// Record orders held, by dataset.
+    recording: BTreeMap<DatasetId, Recorder>,
+    /// An operator's snapshot is under way (it holds the dataset's shared lock).
+    operator_snapshots: BTreeSet<DatasetId>,
     // On disk and in the kernel: these outlive flockd.
     procs: BTreeMap<String, Proc>,
     orphans: Vec<(String, DatasetId)>,
@@ -674,7 +706,9 @@ impl World {
             | Ev::RenewSend { node, .. }
             | Ev::RenewAnswer { node, .. }
             | Ev::RenewApplied { node, .. }
-            | Ev::RenewTimeout { node, .. } => *node,
+            | Ev::RenewTimeout { node, .. }
+            | Ev::OperatorSnapshot { node, .. }
+            | Ev::OperatorRecord { node, .. } => *node,
             Ev::RenewArrive { leader, .. } | Ev::LivenessPropose { leader, .. } => *leader,
             Ev::Write
             | Ev::Fault
@@ -876,6 +910,23 @@ impl World {
                 let at = self.real_ms(id, WATCHDOG_MS);
                 self.at(at, Ev::Watchdog(id));
                 self.watchdog(id);
+                Ok(())
+            }
+            Ev::OperatorSnapshot { node, gen, ds } => {
+                if self.up(node) && self.nodes[&node].gen == gen {
+                    self.operator_snapshot(node, ds);
+                }
+                Ok(())
+            }
+            Ev::OperatorRecord {
+                node,
+                gen,
+                snapshot,
+                ds,
+            } => {
+                if self.up(node) && self.nodes[&node].gen == gen {
+                    self.operator_record(node, ds, snapshot);
+                }
                 Ok(())
             }
         }
@@ -1665,6 +1716,7 @@ impl World {
             .keys()
             .map(|(ds, _)| *ds)
             .chain(n.pushes.values().map(|p| p.ds))
+            .chain(n.operator_snapshots.iter().copied())
             .collect();
         let backend_fails = self.now < n.backend_fails_until;
         let asides = if backend_fails {
@@ -1860,6 +1912,109 @@ impl World {
                 }
             }
         }
+    }
+
+    /// node/src/api/datasets.rs's `dataset_snapshot` on the primary: under the dataset's
+    /// shared lock, a linearizable read says this node is the primary; in the dataset's record
+    /// order (waiting for it), the snapshot is taken, and its record proposed a moment later
+    /// ([`Self::operator_record`]).
+    fn operator_snapshot(&mut self, id: NodeId, ds: DatasetId) {
+        let gen = self.nodes[&id].gen;
+        if !self.quorum(id) {
+            return; // the read fails: the operator is told to try again
+        }
+        let Some(epoch) = self
+            .canonical
+            .datasets
+            .get(&ds)
+            .filter(|d| d.primary == id)
+            .map(|d| d.epoch)
+        else {
+            return; // "moved to another node; try again"
+        };
+        let ordered = !self.cfg.bugs.unordered_snapshots;
+        let now_ms = self.now;
+        let n = self.node(id);
+        n.operator_snapshots.insert(ds);
+        if ordered {
+            if n.recording.contains_key(&ds) {
+                self.at(10, Ev::OperatorSnapshot { node: id, gen, ds });
+                return;
+            }
+            n.recording.insert(ds, Recorder::Operator);
+        }
+        let fails = now_ms < n.backend_fails_until;
+        self.next_id += 1;
+        let guid = self.next_id;
+        let name = format!("snap-{guid}");
+        let n = self.node(id);
+        let taken = match n.copies.get_mut(&ds) {
+            Some(c) if !fails => {
+                let data = c.live.clone();
+                c.snaps.push(Snap {
+                    name: name.clone(),
+                    guid,
+                    data,
+                });
+                true
+            }
+            _ => false,
+        };
+        if !taken {
+            n.operator_snapshots.remove(&ds);
+            if n.recording.get(&ds) == Some(&Recorder::Operator) {
+                n.recording.remove(&ds);
+            }
+            return;
+        }
+        let snapshot = SnapshotRecord {
+            name,
+            guid,
+            created_unix: now_ms / 1000,
+            epoch,
+        };
+        let at = self.rng.range(1, 40);
+        self.at(
+            at,
+            Ev::OperatorRecord {
+                node: id,
+                gen,
+                snapshot,
+                ds,
+            },
+        );
+    }
+
+    /// The operator's snapshot's record is proposed; a definite refusal takes the snapshot
+    /// back (`snapshot_and_record`), then the record order and the lock are let go.
+    fn operator_record(&mut self, id: NodeId, ds: DatasetId, snapshot: SnapshotRecord) {
+        let guid = snapshot.guid;
+        let cmd = Command::RecordSnapshot {
+            dataset: ds,
+            epoch: snapshot.epoch,
+            snapshot: snapshot.clone(),
+        };
+        let before = self.log.len();
+        let recorded = match self.propose(id, cmd) {
+            Ok(CommandResult::SnapshotRecorded) => true,
+            Ok(_) => false,
+            Err(_) => self.log.len() > before,
+        };
+        let n = self.node(id);
+        if !recorded {
+            if let Some(c) = n.copies.get_mut(&ds) {
+                c.snaps.retain(|s| s.guid != guid);
+            }
+        }
+        if n.recording.get(&ds) == Some(&Recorder::Operator) {
+            n.recording.remove(&ds);
+        }
+        n.operator_snapshots.remove(&ds);
+        let what = if recorded { "recorded" } else { "refused" };
+        self.note(format!(
+            "n{id} operator's snapshot {} of {ds} {what}",
+            snapshot.name
+        ));
     }
 
     /// node/src/datasets/agent.rs's `periodic_snapshot`: an `auto-` snapshot of the copy,
@@ -2120,6 +2275,9 @@ impl World {
         if m.gated && n.gates.get(&key.0) == Some(&key.1) {
             n.gates.remove(&key.0);
         }
+        if n.recording.get(&key.0) == Some(&Recorder::Move(key.1)) {
+            n.recording.remove(&key.0);
+        }
         n.pushes.remove(&Job::Move(key.0, key.1));
         let outcome = match &result {
             Ok(()) => JobOutcome::Done,
@@ -2151,6 +2309,7 @@ impl World {
             return;
         };
         let step = m.mv.next(&n.state, id, now);
+        let records = matches!(step, MoveStep::ProposeRecord { .. });
         let answer = match step {
             MoveStep::Connect { .. } => {
                 let ok = self.up(to) && self.reachable(id, to);
@@ -2161,6 +2320,19 @@ impl World {
                 }))
             }
             MoveStep::TakeSnapshot { dataset } => {
+                if !self.cfg.bugs.unordered_snapshots {
+                    let n = self.node(id);
+                    match n.recording.get(&ds) {
+                        Some(r) if *r != Recorder::Move(to) => {
+                            // An operator's snapshot is being recorded: wait for it.
+                            self.at(10, move_step(id, gen, key));
+                            return;
+                        }
+                        _ => {
+                            n.recording.insert(ds, Recorder::Move(to));
+                        }
+                    }
+                }
                 self.next_id += 1;
                 let guid = self.next_id;
                 let now_ms = self.now;
@@ -2241,6 +2413,12 @@ impl World {
             MoveStep::Failed(e) => return self.move_ended(id, key, Err(e)),
         };
         if let Some(answer) = answer {
+            // The record's outcome is known (or the snapshot failed): the order is free.
+            let recorded = records || matches!(answer, MoveInput::Snapshot(Err(_)));
+            let n = self.node(id);
+            if recorded && n.recording.get(&ds) == Some(&Recorder::Move(to)) {
+                n.recording.remove(&ds);
+            }
             if let Some(m) = self.node(id).moves.get_mut(&key) {
                 m.mv.observe(answer);
             }
@@ -2551,6 +2729,22 @@ impl World {
                     };
                     let _ = self.propose(m, cmd);
                 }
+                // And now and then takes a snapshot of a dataset, on its primary, a moment
+                // later (often in the middle of that move).
+                if self.rng.chance(0.5) {
+                    let datasets: Vec<(DatasetId, NodeId)> = self
+                        .canonical
+                        .datasets
+                        .values()
+                        .map(|d| (d.id, d.primary))
+                        .collect();
+                    if !datasets.is_empty() {
+                        let (ds, node) = *self.rng.pick(&datasets);
+                        let gen = self.nodes[&node].gen;
+                        let at = self.rng.range(0, 3000);
+                        self.at(at, Ev::OperatorSnapshot { node, gen, ds });
+                    }
+                }
             }
         }
     }
@@ -2572,6 +2766,8 @@ impl World {
         n.moves.clear();
         n.pushes.clear();
         n.gates.clear();
+        n.recording.clear();
+        n.operator_snapshots.clear();
         n.keeper = Keeper::default();
         n.paused_until = 0;
         // Its applied state survives (the state machine is on disk), and so does the lease

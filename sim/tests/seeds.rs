@@ -183,3 +183,8 @@ fn seeds_fail_over() {
         "{total:?}"
     );
 }
+
+#[test]
+fn catches_an_operator_snapshot_recorded_before_a_moves_last_one() {
+    caught("unordered-snapshots");
+}

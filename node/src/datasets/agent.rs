@@ -39,7 +39,7 @@ use flock_decide::moves::{
 use flock_scheduler::dataset::{aside_name, local_name, DatasetId};
 use flock_scheduler::{Command, CommandResult, NodeId};
 
-use super::{blocking, time_name, Datasets, StartGate, TransferState};
+use super::{blocking, time_name, Datasets, RecordOrder, StartGate, TransferState};
 use crate::cluster::Cluster;
 use crate::driver::{Drivers, Listing, RunState};
 use crate::lease::unix_ms;
@@ -752,11 +752,16 @@ impl Executor {
         let mut conn: Option<(quinn::Connection, String)> = None;
         // Held from the stop check until the attempt ends.
         let mut _gate: Option<StartGate> = None;
+        // Held from taking a snapshot until its record's outcome is known.
+        let mut _order: Option<RecordOrder> = None;
         loop {
             let step = {
                 let s = self.cluster.view.read();
                 mv.next(&s.cluster, me, now())
             };
+            if !matches!(step, MoveStep::ProposeRecord { .. }) {
+                _order = None;
+            }
             if matches!(step, MoveStep::ProposeHandoff { .. }) {
                 failpoint_hold("copied").await;
             }
@@ -776,8 +781,22 @@ impl Executor {
                     mv.observe(MoveInput::Connected(r));
                 }
                 MoveStep::TakeSnapshot { dataset } => {
+                    _order = Some(self.datasets.record_order(id).await);
                     let tag = format!("move-{}", time_name(SystemTime::now()));
                     let r = self.datasets.snapshot(&dataset, Some(&tag)).await;
+                    let handed_off = self
+                        .cluster
+                        .view
+                        .read()
+                        .cluster
+                        .datasets
+                        .get(&id)
+                        .and_then(|d| d.moving.as_ref())
+                        .is_some_and(|m| m.handoff);
+                    if handed_off {
+                        // The last snapshot is taken, not recorded yet.
+                        failpoint_hold("final-snapshot").await;
+                    }
                     mv.observe(MoveInput::Snapshot(r.map_err(|e| e.to_string())));
                 }
                 MoveStep::Push { dataset, snapshot } => {
@@ -1051,8 +1070,9 @@ pub(crate) fn instances_seen(listing: Listing) -> InstancesSeen {
 }
 
 /// The environment variable of a fault-injection point for tests: `STEP:MS` makes a move wait
-/// MS milliseconds after STEP, `copied` (the first phase's last round) or `handoff` (the handoff
-/// recorded, before the app is waited for), so a test can kill a node in that phase.
+/// MS milliseconds after STEP, `copied` (the first phase's last round), `handoff` (the handoff
+/// recorded, before the app is waited for) or `final-snapshot` (the last snapshot taken, not yet
+/// recorded), so a test can kill a node in that phase or act beside it.
 pub const MOVE_HOLD_FAILPOINT: &str = "FLOCK_FAILPOINT_MOVE_HOLD";
 
 async fn failpoint_hold(step: &str) {

@@ -312,6 +312,12 @@ pub struct StartGate {
     _held: tokio::sync::OwnedMutexGuard<()>,
 }
 
+/// Held from taking a snapshot until its record's outcome is known: see
+/// [`Datasets::record_order`].
+pub struct RecordOrder {
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
 /// Marks a dataset held by an operation here (see [`Datasets::holding`]).
 pub struct HoldingGuard {
     datasets: Arc<Datasets>,
@@ -368,6 +374,9 @@ pub struct Datasets {
     pub node_id: NodeId,
     locks: Mutex<HashMap<DatasetId, Arc<tokio::sync::RwLock<()>>>>,
     gates: Mutex<HashMap<DatasetId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per dataset, held from taking a snapshot until the outcome of its record is known:
+    /// see [`Datasets::record_order`].
+    record_orders: Mutex<HashMap<DatasetId, Arc<tokio::sync::Mutex<()>>>>,
     /// Keyed by (dataset, target node): a move and a replica push of one dataset are shown
     /// side by side.
     transfers: Mutex<BTreeMap<(DatasetId, NodeId), TransferState>>,
@@ -406,6 +415,7 @@ impl Datasets {
             node_id,
             locks: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
+            record_orders: Mutex::new(HashMap::new()),
             transfers: Mutex::new(BTreeMap::new()),
             uncertain: Mutex::new(BTreeMap::new()),
             holding: Mutex::new(BTreeSet::new()),
@@ -518,6 +528,26 @@ impl Datasets {
     /// until it ends; the apps agent takes it around its last check of the latest state and
     /// the start of an app of the dataset. So a start either comes before the move's check
     /// (which then sees it run) or sees the handoff (and does not start).
+    /// The dataset's record order, held by whoever takes a snapshot of this primary's copy
+    /// from before it takes it until its record's outcome is known (an operator's, a
+    /// periodic one, a move's). So this copy's snapshots are recorded in the order they were
+    /// taken: a snapshot recorded before a move's last one was taken before it too, and the
+    /// move's push, which carries the history up to its last snapshot, carries it. (Without
+    /// it, an operator's snapshot taken just after the move's last one but recorded before
+    /// it was never carried, and the new primary lacked a recorded snapshot for good.)
+    pub async fn record_order(&self, id: DatasetId) -> RecordOrder {
+        let m = self
+            .record_orders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .clone();
+        RecordOrder {
+            _held: m.lock_owned().await,
+        }
+    }
+
     pub async fn start_gate(&self, id: DatasetId) -> StartGate {
         StartGate {
             _held: self.gate(id).lock_owned().await,

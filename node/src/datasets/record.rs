@@ -32,14 +32,16 @@ pub enum RecordError {
 
 impl Datasets {
     /// Takes snapshot `tag` (or one named after the time) of this primary's copy of `ds` and
-    /// records it under `ds.epoch`. The caller holds the dataset's lock. See the module doc for
-    /// what happens to the snapshot when recording fails.
+    /// records it under `ds.epoch`, in the dataset's record order ([`Datasets::record_order`]).
+    /// The caller holds the dataset's lock. See the module doc for what happens to the
+    /// snapshot when recording fails.
     pub async fn snapshot_and_record(
         &self,
         cluster: &Cluster,
         ds: &Dataset,
         tag: Option<&str>,
     ) -> Result<SnapshotRecord, RecordError> {
+        let _order = self.record_order(ds.id).await;
         let record = self
             .snapshot(ds, tag)
             .await
