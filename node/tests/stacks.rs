@@ -310,3 +310,129 @@ fn s01_a_stack_reaches_its_services_by_name_across_a_move_beside_another_stack()
     });
     drop(c);
 }
+
+/// db's node dies (flockd, its fencing watchdog and its containers at once): db, asking for a
+/// replica in `x-flock`, fails over to it, and web, on a node that lives, keeps reaching it at
+/// `db:PORT` through its service address, with the value db keeps in its volume.
+#[test]
+fn s02_web_keeps_reaching_db_by_name_when_db_s_node_dies() {
+    let mut c = DockerCluster::start(3);
+    let root = tempfile::tempdir().unwrap();
+    let p = Ports {
+        db: free_port_any(),
+        cache: free_port_any(),
+        web: free_port_any(),
+        web_ext: free_port_any(),
+    };
+    let file = write_stack(root.path(), "shop", &p);
+    // db's volume has a replica, snapshotted every second.
+    let text = fs::read_to_string(&file).unwrap();
+    let with_replica = text.replacen(
+        "    restart: always\n    stop_grace_period: 1s\n  cache:",
+        "    restart: always\n    stop_grace_period: 1s\n    x-flock: {replicas: 1, snapshot_interval: 1s}\n  cache:",
+        1,
+    );
+    assert_ne!(
+        text, with_replica,
+        "the compose file's db section changed shape"
+    );
+    fs::write(&file, with_replica).unwrap();
+    c.ctl_ok(c.addr(1), &["deploy", &file]);
+    let expected = "db=shop pw=shop-secret flavour=shop-flavour\ncache=shop\n";
+    c.until("web to reach db and cache", Duration::from_secs(90), |_| {
+        status(p.web_ext).and_then(|(b, _)| {
+            b.starts_with(expected)
+                .then_some(())
+                .ok_or(format!("status: {b:?}"))
+        })
+    });
+
+    // The victim: n2 or n3, not web's node (n1 serves the page and the CLI). db goes there.
+    let web_node = c.app("shop_web")["node"].as_str().unwrap().to_string();
+    let victim = if web_node == "n2" { 3 } else { 2 };
+    let victim_name = format!("n{victim}");
+    if c.app("shop_db")["node"] != victim_name.as_str() {
+        c.ctl_ok(c.addr(1), &["app", "move", "shop_db", "--to", &victim_name]);
+    }
+    // Its replica is on another node and has a snapshot.
+    let dataset = c.app("shop_db")["dataset"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(!dataset.is_empty(), "{:#}", c.app("shop_db"));
+    c.until("db's replica to follow", Duration::from_secs(60), |c| {
+        let out = c.ctl_ok(c.addr(1), &["dataset", "ls", &dataset, "--json"]);
+        let d: Value = serde_json::from_str(&out).unwrap();
+        let d = &d[0];
+        let following = d["primary"] == victim_name.as_str()
+            && d["replicas"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|n| n != victim_name.as_str()))
+            && d["holders"].as_array().is_some_and(|hs| {
+                hs.iter().any(|h| {
+                    h["role"] == "replica" && h["state"] == "ready" && h["latest_snapshot"] != ""
+                })
+            });
+        following.then_some(()).ok_or(format!("{d:#}"))
+    });
+    c.until(
+        "web to reach db on its node",
+        Duration::from_secs(60),
+        |_| {
+            status(p.web_ext).and_then(|(b, _)| {
+                b.starts_with(expected)
+                    .then_some(())
+                    .ok_or(format!("status: {b:?}"))
+            })
+        },
+    );
+    let (_, seq_then) = status(p.web_ext).unwrap();
+
+    // The machine dies.
+    let dog: Option<i32> = fs::read_to_string(c.data_dir(victim).join("fence").join("watch.lock"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let dog = dog.unwrap_or_else(|| panic!("{victim_name}'s fencing watchdog runs"));
+    let on_victim = containers_with(&[format!("flock.node={}", c.node_label(victim))]);
+    c.nodes[victim - 1].kill9();
+    // SAFETY: kill(2) of this test's own process.
+    unsafe { libc::kill(dog, libc::SIGKILL) };
+    for id in &on_victim {
+        let _ = docker(&["kill", id]);
+    }
+
+    let moved = c.until("db to fail over", Duration::from_secs(60), |c| {
+        let a = c.app("shop_db");
+        (a["node"] != victim_name.as_str() && a["state"] == "running")
+            .then_some(a.clone())
+            .ok_or(format!("{a}"))
+    });
+    println!("s02: db failed over to {}", moved["node"]);
+    c.until(
+        "web to reach db by name on the replica's node",
+        Duration::from_secs(60),
+        |_| {
+            status(p.web_ext).and_then(|(b, s)| {
+                (b.starts_with(expected) && s > seq_then + 5)
+                    .then_some(())
+                    .ok_or(format!("seq {s} (was {seq_then}): {b:?}"))
+            })
+        },
+    );
+    c.ctl_ok(c.addr(1), &["stack", "rm", "shop"]);
+    c.until(
+        "the living nodes' containers to go",
+        Duration::from_secs(60),
+        |c| {
+            let left: Vec<String> = [1, 2, 3]
+                .into_iter()
+                .filter(|i| *i != victim)
+                .flat_map(|i| containers_with(&[format!("flock.node={}", c.node_label(i))]))
+                .collect();
+            left.is_empty()
+                .then_some(())
+                .ok_or(format!("left: {left:?}"))
+        },
+    );
+    drop(c);
+}
