@@ -107,8 +107,8 @@ services:
   worker:
     image: worker
     depends_on: [db]
-  db: {image: postgres}
-  cache: {image: redis}
+  db: {image: postgres, expose: [5432]}
+  cache: {image: redis, expose: [6379]}
   init: {image: init}
 ",
     );
@@ -129,6 +129,41 @@ services:
     // into_stack names the siblings' apps.
     let s = into_stack(apps, "shop").unwrap();
     assert_eq!(s.apps["shop_worker"].depends_on, [dep("shop_db", false)]);
+}
+
+#[test]
+fn a_dependency_no_sibling_could_reach_is_warned_once() {
+    let (_, warnings) = parse(
+        "\
+services:
+  web:
+    image: web
+    depends_on: [db, migrate]
+  worker:
+    image: worker
+    depends_on: [db]
+  db: {image: postgres}
+  migrate: {image: migrate}
+  later:
+    image: later
+    depends_on:
+      migrate: {condition: service_completed_successfully}
+",
+    );
+    let reach: Vec<&String> = warnings
+        .iter()
+        .filter(|w| w.contains("cannot reach it by name"))
+        .collect();
+    assert_eq!(reach.len(), 2, "{warnings:#?}");
+    assert!(
+        reach[0].starts_with(
+            "compose.yml:4:18: services.web.depends_on[0]: db has no ports or expose, so web \
+             cannot reach it by name on any port (flock does not read an image's EXPOSE): give \
+             db `expose: [PORT]`"
+        ),
+        "{reach:#?}"
+    );
+    assert!(reach[1].contains("migrate has no ports"), "{reach:#?}");
 }
 
 #[test]

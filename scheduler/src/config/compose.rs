@@ -724,6 +724,8 @@ struct PendingDep {
     healthy: bool,
     /// `required: false`: a service that is not there (not in an active profile) is no error.
     required: bool,
+    /// `condition: service_completed_successfully`: a job that runs first, not a server.
+    job: bool,
     at: Pos,
     path: String,
 }
@@ -762,6 +764,8 @@ fn resolve_links_and_deps(
         None => format!("{:?} is not a service in this file", target),
     };
     let mut graph: BTreeMap<String, Vec<(String, Pos, String)>> = BTreeMap::new();
+    // Services others depend on that no sibling could reach by name: said once each.
+    let mut portless: BTreeSet<String> = BTreeSet::new();
     for (name, links, deps) in pending {
         let mut resolved = Vec::new();
         for link in links {
@@ -808,6 +812,23 @@ fn resolve_links_and_deps(
                     );
                 }
                 continue;
+            }
+            let target = &apps[&dep.target];
+            if !dep.job
+                && target.ports.is_empty()
+                && target.expose.is_empty()
+                && portless.insert(dep.target.clone())
+            {
+                r.warn(
+                    dep.at,
+                    &dep.path,
+                    format!(
+                        "{} has no ports or expose, so {name} cannot reach it by name on any \
+                         port (flock does not read an image's EXPOSE): give {} `expose: [PORT]` \
+                         with the port it listens on",
+                        dep.target, dep.target
+                    ),
+                );
             }
             graph
                 .entry(name.clone())
@@ -2033,6 +2054,7 @@ fn read_depends_on(r: &mut Report, v: &Yaml, path: &str) -> Vec<PendingDep> {
                         target,
                         healthy: false,
                         required: true,
+                        job: false,
                         at: item.at,
                         path: item_path,
                     });
@@ -2047,6 +2069,7 @@ fn read_depends_on(r: &mut Report, v: &Yaml, path: &str) -> Vec<PendingDep> {
                     target,
                     healthy: false,
                     required: true,
+                    job: false,
                     at: k.at,
                     path: item_path.clone(),
                 };
@@ -2069,16 +2092,19 @@ fn read_depends_on(r: &mut Report, v: &Yaml, path: &str) -> Vec<PendingDep> {
                         match c.scalar().unwrap_or_default() {
                             "service_started" => {}
                             "service_healthy" => dep.healthy = true,
-                            "service_completed_successfully" => r.warn(
-                                c.at,
-                                &cpath,
-                                format!(
+                            "service_completed_successfully" => {
+                                dep.job = true;
+                                r.warn(
+                                    c.at,
+                                    &cpath,
+                                    format!(
                                     "service_completed_successfully is taken as service_started: \
                                      flock starts this app once {} has started, not after it \
                                      has exited",
                                     dep.target
                                 ),
-                            ),
+                                );
+                            }
                             other => r.error(
                                 c.at,
                                 &cpath,
