@@ -380,6 +380,13 @@ pub enum Command {
         apps: BTreeMap<String, PlannedApp>,
         secrets: BTreeMap<String, Vec<u8>>,
     },
+    /// Instances of the stateless app `app` that wait go to `nodes`, one each, in order: each
+    /// only if it still fits there and the app still waits for one (see [`crate::scale`]). The
+    /// leader proposes it when room appears (a node joins, a drain ends, an app is removed).
+    PlaceInstances {
+        app: String,
+        nodes: Vec<NodeId>,
+    },
 }
 
 impl Command {
@@ -531,6 +538,11 @@ pub enum CommandResult {
         draining: bool,
     },
     KeptDropped,
+    /// The nodes that got an instance, and those refused with the reason.
+    InstancesPlaced {
+        placed: Vec<NodeId>,
+        refused: Vec<(NodeId, String)>,
+    },
 }
 
 /// Why a command was rejected. Messages name the bad input and what to do.
@@ -1001,6 +1013,7 @@ impl ClusterState {
                 mounts: self.unmount_volume(*dataset, *node, id),
             }),
             Command::ForgetMounts { dataset, node } => self.forget_mounts(*dataset, *node),
+            Command::PlaceInstances { app, nodes } => self.place_instances(app, nodes),
             // `apply` unpacks batches; one reaching here was nested.
             Command::Batch(_) => Err(ApplyError::NestedBatch),
             Command::KvDelete { key } => {
