@@ -11,7 +11,8 @@
 //! The fit rules are [`ClusterState::instance_misfit`]'s, the same as a node back up applies
 //! to the instances that wait (see [`crate::failover`]): the node is ready (not draining or
 //! down), has no instance of the app yet, has the app's internal ports free, and has room
-//! ([`crate::fit::misfit`]). Among the nodes that fit, the least loaded (fewest apps placed)
+//! ([`crate::fit::misfit`]); and, unlike there, it has reported its capacity (a node that
+//! just joined is not taken to fit everything before it said what it offers). Among the nodes that fit, the least loaded (fewest apps placed)
 //! gets the next instance, the lowest id on a tie.
 
 use std::collections::BTreeMap;
@@ -51,6 +52,11 @@ impl ClusterState {
         }
         if app.placed_on(node) {
             return Some("it runs one of the app's instances already".into());
+        }
+        // A node that just joined has not said yet what it offers (memory, cpus, a working
+        // docker): wait for its report rather than guess that everything fits there.
+        if n.capacity.is_none() {
+            return Some("it has not reported its capacity yet".into());
         }
         let ports = internal_ports(&app.spec);
         if let Some((other, p)) = self
@@ -244,9 +250,18 @@ mod tests {
         assert_eq!(why_instances_wait(&s, "web"), None);
     }
 
+    /// `cluster(nodes)` whose nodes all reported room for anything here.
+    fn reported(nodes: u64) -> ClusterState {
+        let mut s = cluster(nodes);
+        for id in 1..=nodes {
+            report(&mut s, id, 1 << 30);
+        }
+        s
+    }
+
     #[test]
     fn an_instance_waiting_after_a_drain_is_placed_when_the_drain_ends() {
-        let mut s = cluster(3);
+        let mut s = reported(3);
         deploy_web(&mut s, 3, None);
         let third = s.apps["web"].more[1];
         drain(&mut s, third, true);
@@ -327,6 +342,15 @@ mod tests {
         s.apply(&Command::deploy_all(apps));
         s.apps.get_mut("web").unwrap().more.clear();
         assert_eq!(waiting_count(&s, "web"), 3);
+        // Not before they said what they offer.
+        assert!(waiting_placements(&s).is_empty());
+        let why = why_instances_wait(&s, "web").unwrap();
+        assert!(
+            why.contains("n3: it has not reported its capacity yet"),
+            "{why}"
+        );
+        report(&mut s, 2, 1 << 30);
+        report(&mut s, 3, 1 << 30);
         let cmds = waiting_placements(&s);
         assert_eq!(
             cmds,
