@@ -2,7 +2,9 @@
 //! once room appears (a node joins, a drain ends, another app is removed or scaled down, a
 //! node reports more capacity). [`flock_scheduler::scale::waiting_placements`] decides from
 //! the applied state; this worker proposes its [`Command::PlaceInstances`], whose apply checks
-//! each node again, so a proposal from a stale view or a retry places nothing twice.
+//! each node again, so a proposal from a stale view or a retry places nothing twice. It
+//! proposes only once every member not down runs a build that applies that command
+//! ([`flock_decide::upgrade`]): during a rolling upgrade, the instances wait for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +16,9 @@ use flock_scheduler::{Command, CommandResult};
 
 use crate::cluster::Cluster;
 use crate::worker::WorkerStatus;
+
+/// The apply level that brought [`Command::PlaceInstances`] ([`flock_scheduler::APPLY_LEVEL`]).
+const PLACE_INSTANCES_LEVEL: u32 = 1;
 
 /// How often the leader looks for instances that wait and a node with room for them.
 const PLACEMENT_TICK: Duration = Duration::from_millis(500);
@@ -34,7 +39,8 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>, sta
             status.idle("not the leader");
             continue;
         }
-        let (cmds, waiting) = {
+        let levels = cluster.leases.recent_levels();
+        let (cmds, waiting, older) = {
             let view = cluster.view.read();
             let state = &view.cluster;
             let waiting: usize = state
@@ -42,7 +48,17 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>, sta
                 .keys()
                 .map(|n| flock_scheduler::scale::waiting_count(state, n))
                 .sum();
-            (flock_scheduler::scale::waiting_placements(state), waiting)
+            let older = flock_decide::upgrade::cannot_apply(
+                state,
+                cluster.node_id,
+                &levels,
+                PLACE_INSTANCES_LEVEL,
+            );
+            (
+                flock_scheduler::scale::waiting_placements(state),
+                waiting,
+                older,
+            )
         };
         if cmds.is_empty() {
             status.idle(if waiting == 0 {
@@ -50,6 +66,15 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>, sta
             } else {
                 format!("leader: {waiting} instance(s) wait, no node has room yet")
             });
+            continue;
+        }
+        // An entry an older member cannot decode would stop its log: wait for its upgrade.
+        if !older.is_empty() {
+            status.idle(format!(
+                "leader: {waiting} instance(s) wait: node(s) {} run a build that cannot apply \
+                 their placement (upgrade them)",
+                older.join(", ")
+            ));
             continue;
         }
         status.running();

@@ -46,5 +46,5 @@ pub use limits::{shown, MAX_COMMAND_BYTES};
 pub use retention::Retention;
 pub use state::{
     hash_join_secret, is_secret_hash, ApplyError, ClusterState, Command, CommandResult, KvEntry,
-    Node, NodeId, NodeState, MAX_KEY_LEN, MAX_VALUE_LEN,
+    Node, NodeId, NodeState, APPLY_LEVEL, MAX_KEY_LEN, MAX_VALUE_LEN,
 };

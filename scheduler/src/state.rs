@@ -433,6 +433,12 @@ impl Command {
     }
 }
 
+/// What this build's [`ClusterState::apply`] knows beyond the commands of the builds before
+/// levels were reported: 1, [`Command::PlaceInstances`]. A node says it in every lease renewal,
+/// and a leader proposes such a command on its own only once every member can apply it
+/// (flock-decide's `upgrade`).
+pub const APPLY_LEVEL: u32 = 1;
+
 /// What applying a [`Command`] did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResult {
