@@ -25,6 +25,8 @@
 //!   moves and replica pushes it starts, and the retry backoff of those jobs.
 //! - [`moves`]: [`moves::Move`], one attempt of a dataset's move away from a node as a state
 //!   machine (copy rounds, handoff, the wait for the users to stop, the last delta, commit).
+//! - [`upgrade`]: whether every member's build applies a command a leader would propose on its
+//!   own ([`upgrade::cannot_apply`]).
 //! - [`retention`]: which recorded snapshots a dataset's retention prunes
 //!   ([`retention::to_prune`]) and which local copies of forgotten ones a holder destroys.
 
@@ -39,5 +41,6 @@ pub mod rollback;
 #[cfg(test)]
 mod testutil;
 pub mod time;
+pub mod upgrade;
 
 pub use time::Instant;

@@ -433,7 +433,10 @@ impl Cluster {
 
     async fn remote_read_index(&self, id: NodeId, addr: &str, deadline: Instant) -> Option<u64> {
         let mut client = self.peer(id, addr).ok()?;
-        let mut req = tonic::Request::new(ReadIndexRequest { lease: false });
+        let mut req = tonic::Request::new(ReadIndexRequest {
+            lease: false,
+            apply_level: flock_scheduler::APPLY_LEVEL,
+        });
         // Reads have no effect: on a silent leader give up early and look for the new one.
         let attempt = deadline
             .saturating_duration_since(Instant::now())

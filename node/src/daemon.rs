@@ -609,6 +609,9 @@ impl RunningNode {
         workers.spawn(Phase::Membership, "liveness", |stop, status| {
             crate::lease::watch(cluster.clone(), stop, status)
         });
+        workers.spawn(Phase::Membership, "placement", |stop, status| {
+            crate::placement::run(cluster.clone(), stop, status)
+        });
         workers.spawn(Phase::Agents, "lease", |stop, status| {
             crate::lease::renew(cluster.clone(), stop, status)
         });

@@ -9,6 +9,7 @@
 //!
 //! Times in the decisions are on this process's monotonic clock, counted from [`Leases::new`].
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -38,6 +39,8 @@ pub struct Leases {
     watchdog: Mutex<Option<(std::path::PathBuf, std::path::PathBuf)>>,
     /// A check that the watchdog runs is under way.
     ensuring: Arc<std::sync::atomic::AtomicBool>,
+    /// The apply level each node's build said in its last read (leader), and when.
+    levels: Mutex<BTreeMap<NodeId, (u32, flock_decide::Instant)>>,
 }
 
 struct Own {
@@ -61,6 +64,7 @@ impl Leases {
             fence: Mutex::new(None),
             watchdog: Mutex::new(None),
             ensuring: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            levels: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -141,6 +145,28 @@ impl Leases {
             .heard(node, now, &self.cfg);
     }
 
+    /// `node`'s build applies commands up to `level` ([`flock_scheduler::APPLY_LEVEL`]).
+    pub fn heard_level(&self, node: NodeId, level: u32) {
+        let now = self.now();
+        self.levels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node, (level, now));
+    }
+
+    /// The apply level of each node heard within the last lease: an older one may be of a
+    /// build since replaced.
+    pub fn recent_levels(&self) -> BTreeMap<NodeId, u32> {
+        let now = self.now();
+        self.levels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, (_, at))| now.saturating_since(*at) <= self.cfg.lease)
+            .map(|(id, (level, _))| (*id, *level))
+            .collect()
+    }
+
     /// Whether `node` may renew its lease now.
     pub fn may_renew(&self, state: &ClusterState, node: NodeId) -> Result<(), String> {
         self.liveness
@@ -194,7 +220,10 @@ async fn attempt(cluster: &Cluster) -> Result<(), String> {
     } else {
         let (id, node) = cluster.leader().ok_or("no leader known")?;
         let mut client = cluster.peer(id, &node.addr).map_err(|e| e.to_string())?;
-        let mut req = tonic::Request::new(ReadIndexRequest { lease: true });
+        let mut req = tonic::Request::new(ReadIndexRequest {
+            lease: true,
+            apply_level: flock_scheduler::APPLY_LEVEL,
+        });
         req.set_timeout(limit);
         match tokio::time::timeout(limit, client.read_index(req)).await {
             Err(_) => {

@@ -19,6 +19,8 @@
 //!   what cannot be observed is reported unknown, never absent.
 //! - [`lease`]: renewing this node's lease through the leader, and the leader's liveness
 //!   worker that declares silent nodes down (failover) and steady ones back up.
+//! - [`placement`]: the leader's worker that places the waiting instances of scaled apps once
+//!   room appears ([`flock_scheduler::scale`] decides).
 //! - [`fence`]: the lease record and the watchdog (`flockd fence-watch`) that kills a node's
 //!   stateful apps once its lease has run out, even when flockd is dead or hung.
 //! - [`datasets`]: the node's storage backend, dataset operations, and the datasets agent,
@@ -47,6 +49,7 @@ pub mod lease;
 pub mod mesh;
 pub mod metrics;
 pub mod pki;
+pub mod placement;
 pub mod plugin;
 pub mod renew;
 pub mod report;

@@ -180,3 +180,101 @@ applications:
         left.iter().all(|p| !pid_alive(p)).then_some(())
     });
 }
+
+/// The detail app ls gives web.
+fn detail(c: &TestCluster) -> String {
+    web(c)["detail"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn sc02_a_waiting_instance_is_placed_when_a_drain_ends_and_when_a_node_joins() {
+    let mut c = TestCluster::start_own_hosts(2);
+    let _end = EndApps(c.dir.path().to_path_buf());
+    let dir = tempfile::tempdir().unwrap();
+    let (port, ext) = (free_on_every_address(), free_on_every_address());
+    let application = dir.path().join("application.yml");
+    fs::write(
+        &application,
+        format!(
+            r#"version: 1
+applications:
+  web:
+    command: ["sh", "-c", "exec {} --listen \"$FLOCK_NODE_HOST:{port}\""]
+    ports:
+      - internal: {port}
+        external: {ext}
+    restart_policy:
+      name: always
+    instances: 3
+"#,
+            testapp().display()
+        ),
+    )
+    .unwrap();
+    c.ctl_ok(c.addr(1), &["deploy", application.to_str().unwrap()]);
+    let running = |c: &TestCluster, n: usize| {
+        let is = instances(c);
+        (is.len() == n && is.iter().all(|(_, s, _)| s == "running")).then_some(is)
+    };
+    until("two running instances", Duration::from_secs(30), || {
+        running(&c, 2)
+    });
+    let why = detail(&c);
+    assert!(why.contains("1 instance(s) wait"), "{why}");
+    assert!(why.contains("already"), "{why}");
+    let at = format!("{}:{ext}", mesh_ip(1));
+
+    // n2 drained: its instance has nowhere else to go, and waits, saying why.
+    c.ctl_ok(c.addr(1), &["node", "drain", "n2"]);
+    let is = until("n2's instance stopped", Duration::from_secs(30), || {
+        running(&c, 1)
+    });
+    assert_eq!(is[0].0, "n1", "{is:?}");
+    let why = detail(&c);
+    assert!(why.contains("2 instance(s) wait"), "{why}");
+    assert!(why.contains("n2: it is draining"), "{why}");
+
+    // The drain ends: the leader places a waiting instance on n2 again, with no deploy or
+    // scale, and it runs and is reached through the mesh.
+    c.ctl_ok(c.addr(1), &["node", "drain", "n2", "--undo"]);
+    let is = until(
+        "an instance placed on n2 after the drain ended",
+        Duration::from_secs(20),
+        || running(&c, 2),
+    );
+    let nodes: BTreeSet<&str> = is.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(nodes, BTreeSet::from(["n1", "n2"]), "{is:?}");
+    until("the mesh reaches both", Duration::from_secs(20), || {
+        (reached(&at, 30).len() == 2).then_some(())
+    });
+    let why = detail(&c);
+    assert!(why.contains("1 instance(s) wait"), "{why}");
+
+    // A node joins: the last waiting instance goes there.
+    let n3 = c.join(3).expect("n3 joins");
+    c.nodes.push(n3);
+    let is = until(
+        "an instance placed on the node that joined",
+        Duration::from_secs(30),
+        || running(&c, 3),
+    );
+    let nodes: BTreeSet<&str> = is.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(nodes, BTreeSet::from(["n1", "n2", "n3"]), "{is:?}");
+    let pids = until(
+        "the mesh reaches all three",
+        Duration::from_secs(20),
+        || {
+            let r = reached(&at, 30);
+            (r.len() == 3).then_some(r)
+        },
+    );
+    let why = detail(&c);
+    assert!(!why.contains("wait"), "{why}");
+    let table = c.ctl_ok(c.addr(1), &["app", "ls"]);
+    assert!(table.contains("running 3/3"), "{table}");
+
+    c.ctl_ok(c.addr(1), &["app", "rm", "web"]);
+    until("web's processes are gone", Duration::from_secs(20), || {
+        pids.iter().all(|p| !pid_alive(p)).then_some(())
+    });
+}

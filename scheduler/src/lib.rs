@@ -16,6 +16,8 @@
 //! - [`retention`]: which snapshots are kept: the policy, and automatic vs. users' snapshots.
 //! - [`failover`]: replication settings, nodes declared down, the failover of their datasets
 //!   and apps, and the diverged copies a failover leaves on the old primary.
+//! - [`scale`]: instances of scaled stateless apps that wait, and the leader's decision to
+//!   place them once room appears ([`Command::PlaceInstances`]).
 //! - [`mount`]: Docker containers' mounts of datasets (the volume plugin), and the rule that a
 //!   dataset is mounted only on its primary and never moves while mounted.
 //!
@@ -33,6 +35,7 @@ pub mod limits;
 pub mod membership;
 pub mod mount;
 pub mod retention;
+pub mod scale;
 pub mod state;
 #[cfg(test)]
 mod testutil;
@@ -43,5 +46,5 @@ pub use limits::{shown, MAX_COMMAND_BYTES};
 pub use retention::Retention;
 pub use state::{
     hash_join_secret, is_secret_hash, ApplyError, ClusterState, Command, CommandResult, KvEntry,
-    Node, NodeId, NodeState, MAX_KEY_LEN, MAX_VALUE_LEN,
+    Node, NodeId, NodeState, APPLY_LEVEL, MAX_KEY_LEN, MAX_VALUE_LEN,
 };

@@ -469,6 +469,17 @@ impl Command {
             Command::MoveApp { app, .. } | Command::CancelAppMove { app } => {
                 len_at_most("app name", app, MAX_APP_NAME_LEN)
             }
+            Command::PlaceInstances { app, nodes } => {
+                len_at_most("app name", app, MAX_APP_NAME_LEN)?;
+                if nodes.len() > MAX_INSTANCES {
+                    return Err(too_large(
+                        "the list of nodes to place instances on".into(),
+                        nodes.len(),
+                        MAX_INSTANCES,
+                    ));
+                }
+                Ok(())
+            }
             Command::ReportNode { labels, .. } => labels.as_ref().map_or(Ok(()), check_labels),
             Command::MountVolume { id, .. } | Command::UnmountVolume { id, .. } => {
                 len_at_most("mount id", id, MAX_MOUNT_ID_LEN)
@@ -837,6 +848,28 @@ mod tests {
             put(MAX_VALUE_LEN),
             put(MAX_VALUE_LEN),
         ]));
+    }
+
+    #[test]
+    fn placing_instances_is_bounded_by_name_and_node_count() {
+        let place = |app: usize, nodes: usize| Command::PlaceInstances {
+            app: long(app),
+            nodes: (1..=nodes as u64).collect(),
+        };
+        assert_eq!(
+            place(MAX_APP_NAME_LEN, MAX_INSTANCES).check_limits(),
+            Ok(())
+        );
+        too_large(&place(MAX_APP_NAME_LEN + 1, 1));
+        let (what, len, max) = too_large(&place(3, MAX_INSTANCES + 1));
+        assert_eq!(
+            (what.as_str(), len, max),
+            (
+                "the list of nodes to place instances on",
+                MAX_INSTANCES + 1,
+                MAX_INSTANCES
+            )
+        );
     }
 
     #[test]

@@ -380,6 +380,13 @@ pub enum Command {
         apps: BTreeMap<String, PlannedApp>,
         secrets: BTreeMap<String, Vec<u8>>,
     },
+    /// Instances of the stateless app `app` that wait go to `nodes`, one each, in order: each
+    /// only if it still fits there and the app still waits for one (see [`crate::scale`]). The
+    /// leader proposes it when room appears (a node joins, a drain ends, an app is removed).
+    PlaceInstances {
+        app: String,
+        nodes: Vec<NodeId>,
+    },
 }
 
 impl Command {
@@ -425,6 +432,12 @@ impl Command {
         }
     }
 }
+
+/// What this build's [`ClusterState::apply`] knows beyond the commands of the builds before
+/// levels were reported: 1, [`Command::PlaceInstances`]. A node says it in every lease renewal,
+/// and a leader proposes such a command on its own only once every member can apply it
+/// (flock-decide's `upgrade`).
+pub const APPLY_LEVEL: u32 = 1;
 
 /// What applying a [`Command`] did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -531,6 +544,11 @@ pub enum CommandResult {
         draining: bool,
     },
     KeptDropped,
+    /// The nodes that got an instance, and those refused with the reason.
+    InstancesPlaced {
+        placed: Vec<NodeId>,
+        refused: Vec<(NodeId, String)>,
+    },
 }
 
 /// Why a command was rejected. Messages name the bad input and what to do.
@@ -1001,6 +1019,7 @@ impl ClusterState {
                 mounts: self.unmount_volume(*dataset, *node, id),
             }),
             Command::ForgetMounts { dataset, node } => self.forget_mounts(*dataset, *node),
+            Command::PlaceInstances { app, nodes } => self.place_instances(app, nodes),
             // `apply` unpacks batches; one reaching here was nested.
             Command::Batch(_) => Err(ApplyError::NestedBatch),
             Command::KvDelete { key } => {

@@ -740,12 +740,9 @@ impl ApiService {
                 if let Some(app) = state.apps.get(&s.name) {
                     s.instances = app.spec.instance_count();
                     s.instance_list = instances_of(&state, &s, app, &reports);
-                    let waiting = (s.instances as usize).saturating_sub(s.instance_list.len());
-                    if waiting > 0 {
-                        let why = format!(
-                            "{waiting} instance(s) wait: one runs per node, and no other ready \
-                             node has room for one"
-                        );
+                    // Why the instances not placed wait, node by node (or that one is being
+                    // placed where room appeared); placed ones not reported yet are not waiting.
+                    if let Some(why) = flock_scheduler::scale::why_instances_wait(&state, &s.name) {
                         s.detail = if s.detail.is_empty() {
                             why
                         } else {

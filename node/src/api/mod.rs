@@ -532,8 +532,10 @@ impl Api for ApiService {
         let caller = self.auth.check_node(&req.peer_certs())?;
         // Any call proves the caller alive; a renewal is also a question: may it hold a lease.
         self.cluster.leases.heard(caller);
+        let req = req.into_inner();
+        self.cluster.leases.heard_level(caller, req.apply_level);
         let index = self.cluster.local_read_index().await?;
-        if req.into_inner().lease {
+        if req.lease {
             let state = self.cluster.view.read();
             self.cluster
                 .leases
