@@ -316,6 +316,9 @@ impl Cluster {
         bytes: usize,
         deadline: Instant,
     ) -> Result<CommandResult, ClusterError> {
+        if let Some(refusal) = self.too_new_for_members(&cmd) {
+            return Ok(CommandResult::Rejected(refusal));
+        }
         let (tx, rx) = oneshot::channel();
         self.proposals
             .send(Proposal { cmd, bytes, tx })
@@ -328,6 +331,22 @@ impl Cluster {
             Ok(Err(_)) => Err(ClusterError::Fatal("the node is shutting down".into())),
             Ok(Ok(r)) => r,
         }
+    }
+
+    /// On the leader: a command some member's build could not decode (a rolling upgrade under
+    /// way) is refused before it reaches the log, where it would stop that member's apply
+    /// ([`flock_decide::upgrade`]). A follower lets it through: its batcher answers
+    /// `NotLeader`, and the leader, which hears every member's level, decides.
+    fn too_new_for_members(&self, cmd: &Command) -> Option<ApplyError> {
+        let level = cmd.apply_level();
+        if level == 0 || !self.is_leader() {
+            return None;
+        }
+        let levels = self.leases.recent_levels();
+        let view = self.view.read();
+        let nodes =
+            flock_decide::upgrade::cannot_apply(&view.cluster, self.node_id, &levels, level);
+        (!nodes.is_empty()).then_some(ApplyError::MembersTooOld { nodes })
     }
 
     async fn forward_propose(

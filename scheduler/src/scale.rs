@@ -206,6 +206,19 @@ mod tests {
     use crate::fit::Capacity;
     use crate::testutil::{cluster, spec};
 
+    #[test]
+    fn place_instances_needs_level_1_also_inside_a_batch() {
+        let place = Command::PlaceInstances {
+            app: "web".into(),
+            nodes: vec![2],
+        };
+        assert_eq!(place.apply_level(), 1);
+        let older = Command::KvDelete { key: "k".into() };
+        assert_eq!(older.apply_level(), 0);
+        assert_eq!(Command::Batch(vec![older.clone()]).apply_level(), 0);
+        assert_eq!(Command::Batch(vec![older, place]).apply_level(), 1);
+    }
+
     /// `web` asking for `instances`, with `mem` of memory each, deployed on `s`.
     fn deploy_web(s: &mut ClusterState, instances: u32, mem: Option<u64>) {
         let mut web = spec("web", Some(8080), false);

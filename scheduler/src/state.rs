@@ -439,6 +439,18 @@ impl Command {
 /// (flock-decide's `upgrade`).
 pub const APPLY_LEVEL: u32 = 1;
 
+impl Command {
+    /// The [`APPLY_LEVEL`] a build needs to decode and apply this command: 0 for the commands
+    /// of the builds before levels, which every member applies.
+    pub fn apply_level(&self) -> u32 {
+        match self {
+            Command::Batch(cmds) => cmds.iter().map(Command::apply_level).max().unwrap_or(0),
+            Command::PlaceInstances { .. } => 1,
+            _ => 0,
+        }
+    }
+}
+
 /// What applying a [`Command`] did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResult {
@@ -707,6 +719,10 @@ pub enum ApplyError {
     DivergedCopy { dataset: String, node: String },
     #[error("node {name:?} is draining: nothing new is placed on it (`flockctl node drain {name} --undo` ends that)")]
     NodeDraining { name: String },
+    /// Refused by the leader before proposing: members run a build that could not decode the
+    /// command. Only ever sent to a build that knows it (older ones never propose such a command).
+    #[error("{} run(s) an older flockd that cannot apply this change; upgrade {} first (or wait for {} to renew its lease)", nodes.join(", "), if nodes.len() == 1 { "it" } else { "them" }, if nodes.len() == 1 { "it" } else { "them" })]
+    MembersTooOld { nodes: Vec<String> },
 }
 
 impl ClusterState {
