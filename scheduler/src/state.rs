@@ -380,6 +380,14 @@ pub enum Command {
         apps: BTreeMap<String, PlannedApp>,
         secrets: BTreeMap<String, Vec<u8>>,
     },
+    /// The health check of app `app`'s instance on `node` changed its verdict (the node's apps
+    /// agent proposes it on transitions only); the mesh routes only to instances that are not
+    /// recorded starting or unhealthy ([`App::serves_on`]).
+    ReportHealth {
+        app: String,
+        node: NodeId,
+        health: crate::app::Health,
+    },
 }
 
 impl Command {
@@ -531,6 +539,10 @@ pub enum CommandResult {
         draining: bool,
     },
     KeptDropped,
+    HealthReported {
+        /// Whether the record changed (a report repeated after a lost answer does not).
+        changed: bool,
+    },
 }
 
 /// Why a command was rejected. Messages name the bad input and what to do.
@@ -689,6 +701,8 @@ pub enum ApplyError {
     DivergedCopy { dataset: String, node: String },
     #[error("node {name:?} is draining: nothing new is placed on it (`flockctl node drain {name} --undo` ends that)")]
     NodeDraining { name: String },
+    #[error("app {app:?} has no instance on node {node}")]
+    NotPlacedOn { app: String, node: NodeId },
 }
 
 impl ClusterState {
@@ -743,7 +757,20 @@ impl ClusterState {
             );
         }
         match self.try_apply(cmd) {
-            Ok(r) => r,
+            Ok(r) => {
+                // Any command that may move, stop or remove an instance drops the health
+                // recorded for it (the key-value namespace and health reports cannot).
+                if !matches!(
+                    cmd,
+                    Command::KvPut { .. }
+                        | Command::KvCas { .. }
+                        | Command::KvDelete { .. }
+                        | Command::ReportHealth { .. }
+                ) {
+                    self.prune_health();
+                }
+                r
+            }
             Err(e) => CommandResult::Rejected(e),
         }
     }
@@ -1001,6 +1028,7 @@ impl ClusterState {
                 mounts: self.unmount_volume(*dataset, *node, id),
             }),
             Command::ForgetMounts { dataset, node } => self.forget_mounts(*dataset, *node),
+            Command::ReportHealth { app, node, health } => self.report_health(app, *node, *health),
             // `apply` unpacks batches; one reaching here was nested.
             Command::Batch(_) => Err(ApplyError::NestedBatch),
             Command::KvDelete { key } => {
