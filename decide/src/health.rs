@@ -44,8 +44,10 @@ fn observed(app: &App, key: &str, seen: &AppsSeen) -> Option<Health> {
 }
 
 /// The reports node `me` proposes now: one per instance placed here whose observed health
-/// differs from its record. An instance that does not run and has no record needs none (it
-/// is routed to nowhere useful either way until it runs).
+/// differs from its record. An instance with a check that does not run yet is reported
+/// starting before it starts (the look that starts it proposes it), so a new instance (after a
+/// move, a failover, a scale-up) gets no connection until its check passes. One without a
+/// check and without a record needs none.
 pub fn reports(state: &ClusterState, me: NodeId, seen: &AppsSeen) -> Vec<Command> {
     let mut out = Vec::new();
     for (name, app) in &state.apps {
@@ -63,15 +65,19 @@ pub fn reports(state: &ClusterState, me: NodeId, seen: &AppsSeen) -> Vec<Command
             continue;
         };
         let recorded = app.health.get(&me).copied();
-        let report = match recorded {
+        let news = match recorded {
             Some(r) => r != health,
-            // Nothing recorded: a running instance's verdict is news; a stopped one's is not.
-            None => seen
-                .instances
-                .get(&key)
-                .is_some_and(|is| is.iter().any(|i| i.state == SeenState::Running)),
+            // Nothing recorded: a running instance's verdict is news, and so is a checked
+            // one that is about to start; an unchecked one that does not run is not.
+            None => {
+                has_check(app)
+                    || seen
+                        .instances
+                        .get(&key)
+                        .is_some_and(|is| is.iter().any(|i| i.state == SeenState::Running))
+            }
         };
-        if report {
+        if news {
             out.push(Command::ReportHealth {
                 app: name.clone(),
                 node: me,
@@ -172,8 +178,11 @@ mod tests {
         assert_eq!(r, [report(2, Health::Unhealthy)]);
         apply(&mut s, &r);
         assert!(reports(&s, 2, &seen).is_empty());
-        // Node 1 runs nothing of it yet: nothing to report; node 3 has no instance.
-        assert!(reports(&s, 1, &AppsSeen::default()).is_empty());
+        // Node 1 runs nothing of it yet: starting, before it starts; node 3 has no instance.
+        assert_eq!(
+            reports(&s, 1, &AppsSeen::default()),
+            [report(1, Health::Starting)]
+        );
         assert!(reports(&s, 3, &running("web")).is_empty());
         // It exited: starting, so its record routes to nothing that does not run.
         let r = reports(&s, 2, &AppsSeen::default());
