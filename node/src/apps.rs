@@ -209,6 +209,33 @@ async fn look(here: &Here<'_>, state: &ClusterState, core: &mut AppsCore) {
         }
     }
     sync_guards(here, state, &seen);
+    report_health(here, state, &seen).await;
+}
+
+/// How long a look waits for a health report to commit; one that does not is proposed again
+/// on the next look (the decision compares with what the state records).
+const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Proposes the health transitions of this node's instances ([`flock_decide::health::reports`])
+/// so the mesh of every node routes by them.
+async fn report_health(here: &Here<'_>, state: &ClusterState, seen: &AppsSeen) {
+    for cmd in flock_decide::health::reports(state, here.cluster.node_id, seen) {
+        let what = format!("{cmd:?}");
+        match tokio::time::timeout(REPORT_TIMEOUT, here.cluster.propose(cmd)).await {
+            Ok(Ok(flock_scheduler::CommandResult::HealthReported { changed })) => {
+                if changed {
+                    tracing::info!(report = %what, "health recorded");
+                }
+            }
+            Ok(Ok(r)) => tracing::debug!(report = %what, result = ?r, "health report not recorded"),
+            Ok(Err(e)) => {
+                tracing::warn!(report = %what, error = %e, "cannot record health; retrying on the next look")
+            }
+            Err(_) => {
+                tracing::warn!(report = %what, "health report not committed in time; retrying on the next look")
+            }
+        }
+    }
 }
 
 /// Guards a started stateful app with the fencing watchdog (its process group, or its
@@ -354,7 +381,12 @@ async fn observe(here: &Here<'_>, state: &ClusterState) -> AppsSeen {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .look(&checked, Instant::now());
-    seen.health.extend(verdicts);
+    for (name, verdict) in verdicts {
+        if verdict.is_none() {
+            seen.starting.insert(name.clone());
+        }
+        seen.health.insert(name, verdict == Some(true));
+    }
     let placed = state
         .apps
         .values()
