@@ -804,7 +804,7 @@ mod tests {
         // Recorded health lives in the apps' JSON: a state without any is written as before
         // it existed (an older build of format 6 reads it), and one with some roundtrips in
         // the same format, no new layout.
-        assert!(!again.windows(6).any(|w| w == b"health"));
+        assert!(!again.windows(9).any(|w| w == b"\"health\":"));
         let mut reported = cluster.clone();
         let report = Command::ReportHealth {
             app: "s_db".into(),
@@ -817,6 +817,7 @@ mod tests {
         );
         let bytes = encode_cluster(&reported);
         assert_eq!(bytes[0], SNAPSHOT_DATA_VERSION);
+        assert!(bytes.windows(9).any(|w| w == b"\"health\":"));
         assert_eq!(decode_cluster(&bytes).unwrap(), reported);
         // The command is a new variant after every older one: their encodings are unchanged
         // (the V5 entry above decoded as it was written).
