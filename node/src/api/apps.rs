@@ -612,6 +612,7 @@ impl ApiService {
                 })
                 .collect(),
             mesh: self.mesh_report(),
+            reads_health_reports: true,
         }
     }
 
