@@ -291,6 +291,9 @@ pub struct AppsSeen {
     pub dependencies: BTreeMap<String, DepSeen>,
     /// The health check's verdict of each instance that has one, by app.
     pub health: BTreeMap<String, bool>,
+    /// The instances of `health` whose check has not given a verdict yet (counted there as not
+    /// healthy): starting.
+    pub starting: std::collections::BTreeSet<String>,
 }
 
 /// An app another depends on, as the node that runs it reported it.
@@ -1103,6 +1106,7 @@ mod tests {
                 dataset: None,
                 vip: None,
                 more: Vec::new(),
+                health: Default::default(),
             },
         );
         let mut core = AppsCore::new();

@@ -14,6 +14,8 @@
 //! - [`apps`]: which app instances to start, stop, update or restart here ([`apps::AppsCore`]),
 //!   restart backoff, the start guard re-checked against the latest state ([`apps::may_start`]),
 //!   the spec an instance runs ([`apps::RunSpec`]) and its link variables.
+//! - [`health`]: which health reports a node proposes ([`health::reports`]): its instances'
+//!   verdicts against what the replicated state records, so only transitions go through Raft.
 //! - [`lease`]: a node's lease ([`lease::Lease`]: it runs stateful apps only while it holds),
 //!   and the leader's [`lease::Liveness`]: when a silent node is declared down, when it is back.
 //! - [`push`]: pushes of snapshots between holders: who may push ([`push::admit`]), each
@@ -33,6 +35,7 @@
 pub mod apps;
 pub mod copies;
 pub mod datasets;
+pub mod health;
 pub mod lease;
 pub mod moves;
 pub mod push;

@@ -115,6 +115,8 @@ struct Here<'a> {
     origin: Instant,
     /// The health checks of process apps (Docker runs its containers').
     health: Mutex<crate::health::Prober>,
+    /// The members known to read health reports, and when the others were last asked.
+    readers: Mutex<(BTreeSet<flock_scheduler::NodeId>, Option<Instant>)>,
 }
 
 impl Here<'_> {
@@ -146,6 +148,7 @@ pub async fn run(
         mesh_host: mesh_host.as_deref(),
         origin: Instant::now(),
         health: Mutex::default(),
+        readers: Mutex::default(),
     };
     let mut core = AppsCore::new();
     let mut changes = cluster.metrics_watch();
@@ -209,6 +212,97 @@ async fn look(here: &Here<'_>, state: &ClusterState, core: &mut AppsCore) {
         }
     }
     sync_guards(here, state, &seen);
+    report_health(here, state, &seen).await;
+}
+
+/// How long a look waits for a health report to commit; one that does not is proposed again
+/// on the next look (the decision compares with what the state records).
+const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Proposes the health transitions of this node's instances ([`flock_decide::health::reports`])
+/// so the mesh of every node routes by them.
+async fn report_health(here: &Here<'_>, state: &ClusterState, seen: &AppsSeen) {
+    let cmds = flock_decide::health::reports(state, here.cluster.node_id, seen);
+    if cmds.is_empty() || !all_read_health_reports(here, state).await {
+        return;
+    }
+    for cmd in cmds {
+        let what = format!("{cmd:?}");
+        match tokio::time::timeout(REPORT_TIMEOUT, here.cluster.propose(cmd)).await {
+            Ok(Ok(flock_scheduler::CommandResult::HealthReported { changed })) => {
+                if changed {
+                    tracing::info!(report = %what, "health recorded");
+                }
+            }
+            Ok(Ok(r)) => tracing::debug!(report = %what, result = ?r, "health report not recorded"),
+            Ok(Err(e)) => {
+                tracing::warn!(report = %what, error = %e, "cannot record health; retrying on the next look")
+            }
+            Err(_) => {
+                tracing::warn!(report = %what, "health report not committed in time; retrying on the next look")
+            }
+        }
+    }
+}
+
+/// How often members not known to read health reports are asked again.
+const READERS_ASK_EVERY: Duration = Duration::from_secs(5);
+
+/// Whether every member that is not down runs a build that reads [`Command::ReportHealth`]
+/// (its `LocalApps` reply says so): a member of an older build could not decode the entry, and
+/// would stop following the log. Until then no health is recorded, and the mesh routes as
+/// before (no record). A member that said so once is not asked again.
+///
+/// [`Command::ReportHealth`]: flock_scheduler::Command::ReportHealth
+async fn all_read_health_reports(here: &Here<'_>, state: &ClusterState) -> bool {
+    let me = here.cluster.node_id;
+    let (missing, due) = {
+        let r = here.readers.lock().unwrap_or_else(|p| p.into_inner());
+        let missing: Vec<(flock_scheduler::NodeId, String)> = state
+            .nodes
+            .values()
+            .filter(|n| n.id != me && n.state != flock_scheduler::NodeState::Down)
+            .filter(|n| !r.0.contains(&n.id))
+            .map(|n| (n.id, n.addr.clone()))
+            .collect();
+        let due = r.1.is_none_or(|at| at.elapsed() >= READERS_ASK_EVERY);
+        (missing, due)
+    };
+    if missing.is_empty() {
+        return true;
+    }
+    if !due {
+        return false;
+    }
+    let answers = futures::future::join_all(missing.iter().map(|(id, addr)| async move {
+        let Ok(mut client) = here.cluster.peer(*id, addr) else {
+            return (*id, false);
+        };
+        let mut req = tonic::Request::new(pb::LocalAppsRequest {});
+        req.set_timeout(DEPENDENCY_TIMEOUT);
+        let reads = matches!(
+            tokio::time::timeout(DEPENDENCY_TIMEOUT, client.local_apps(req)).await,
+            Ok(Ok(r)) if r.get_ref().reads_health_reports
+        );
+        (*id, reads)
+    }))
+    .await;
+    let mut r = here.readers.lock().unwrap_or_else(|p| p.into_inner());
+    r.1 = Some(Instant::now());
+    let mut all = true;
+    for (id, reads) in answers {
+        if reads {
+            r.0.insert(id);
+        } else {
+            all = false;
+        }
+    }
+    if !all {
+        tracing::debug!(
+            "health is not recorded yet: a member runs an older flockd, or did not answer"
+        );
+    }
+    all
 }
 
 /// Guards a started stateful app with the fencing watchdog (its process group, or its
@@ -354,7 +448,12 @@ async fn observe(here: &Here<'_>, state: &ClusterState) -> AppsSeen {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .look(&checked, Instant::now());
-    seen.health.extend(verdicts);
+    for (name, verdict) in verdicts {
+        if verdict.is_none() {
+            seen.starting.insert(name.clone());
+        }
+        seen.health.insert(name, verdict == Some(true));
+    }
     let placed = state
         .apps
         .values()

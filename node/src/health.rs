@@ -101,12 +101,12 @@ pub struct Prober {
 impl Prober {
     /// One look: `apps` are the running process apps with a check (name, instance id, check,
     /// environment); results that came in are counted, due checks started. Returns the
-    /// verdicts (false while starting).
+    /// verdicts (`None` while starting).
     pub fn look(
         &mut self,
         apps: &[(String, String, HealthCheck, BTreeMap<String, String>)],
         now: Instant,
-    ) -> BTreeMap<String, bool> {
+    ) -> BTreeMap<String, Option<bool>> {
         self.verdicts
             .retain(|name, v| apps.iter().any(|(n, id, ..)| n == name && *id == v.id));
         self.running
@@ -133,7 +133,7 @@ impl Prober {
                 self.running
                     .insert(name.clone(), tokio::spawn(run(argv, env, timeout)));
             }
-            out.insert(name.clone(), v.is_healthy());
+            out.insert(name.clone(), v.healthy);
         }
         out
     }
@@ -225,12 +225,12 @@ mod tests {
         ];
         assert_eq!(
             p.look(&apps, t0),
-            BTreeMap::from([("bad".to_string(), false), ("good".to_string(), false)])
+            BTreeMap::from([("bad".to_string(), None), ("good".to_string(), None)])
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
         let seen = p.look(&apps, t0 + Duration::from_millis(300));
-        assert!(seen["good"], "{seen:?}");
-        assert!(!seen["bad"], "{seen:?}");
+        assert_eq!(seen["good"], Some(true), "{seen:?}");
+        assert_eq!(seen["bad"], Some(false), "{seen:?}");
         assert_eq!(p.verdicts["bad"].healthy, Some(false));
         // A new instance starts over.
         let again = vec![(
@@ -239,7 +239,7 @@ mod tests {
             apps[0].2.clone(),
             BTreeMap::new(),
         )];
-        assert!(!p.look(&again, t0 + Duration::from_secs(2))["good"]);
+        assert_eq!(p.look(&again, t0 + Duration::from_secs(2))["good"], None);
         assert!(!p.verdicts.contains_key("bad"));
     }
 }

@@ -801,6 +801,28 @@ mod tests {
         let again = encode_cluster(&cluster);
         assert_eq!(again[0], SNAPSHOT_DATA_VERSION);
         assert_eq!(decode_cluster(&again).unwrap(), cluster);
+        // Recorded health lives in the apps' JSON: a state without any is written as before
+        // it existed (an older build of format 6 reads it), and one with some roundtrips in
+        // the same format, no new layout.
+        assert!(!again.windows(9).any(|w| w == b"\"health\":"));
+        let mut reported = cluster.clone();
+        let report = Command::ReportHealth {
+            app: "s_db".into(),
+            node: 1,
+            health: flock_scheduler::Health::Unhealthy,
+        };
+        assert_eq!(
+            reported.apply(&report),
+            CommandResult::HealthReported { changed: true }
+        );
+        let bytes = encode_cluster(&reported);
+        assert_eq!(bytes[0], SNAPSHOT_DATA_VERSION);
+        assert!(bytes.windows(9).any(|w| w == b"\"health\":"));
+        assert_eq!(decode_cluster(&bytes).unwrap(), reported);
+        // The command is a new variant after every older one: their encodings are unchanged
+        // (the V5 entry above decoded as it was written).
+        let entry = crate::codec::encode(&report);
+        assert_eq!(crate::codec::decode::<Command>(&entry).unwrap(), report);
     }
 
     #[test]

@@ -41,6 +41,33 @@ pub struct App {
     /// other node fits them.
     #[serde(default)]
     pub more: Vec<NodeId>,
+    /// Its instances' health as their nodes reported it ([`Command::ReportHealth`]), by node
+    /// (one instance per node). Only apps with a health check have any; an instance without an
+    /// entry has not been reported on (its node runs a build that does not report, or has not
+    /// looked yet). Entries go when the instance leaves the node or the spec changes (see
+    /// [`ClusterState::prune_health`]), so a verdict never outlives the instance it is about.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub health: BTreeMap<NodeId, Health>,
+}
+
+/// An instance's health check verdict as the replicated state records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Health {
+    /// Its check has not passed yet (or it does not run now).
+    Starting,
+    Healthy,
+    /// Its check failed `retries` times in a row.
+    Unhealthy,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Starting => "starting",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
 }
 
 /// The key instance `index` (1-based) of app `name` runs under on its node, as its driver
@@ -86,6 +113,19 @@ impl App {
             more: Vec::new(),
             ..self.clone()
         })
+    }
+
+    /// Whether the mesh sends new connections to its instance on `node`: not while that
+    /// instance's recorded health is starting or unhealthy (Swarm's rule: an app whose every
+    /// instance is unhealthy gets none, and connections are refused). An instance without a
+    /// record is routed to as before health was recorded: apps without a health check never
+    /// have one, and an instance whose node runs a build that does not report health (a
+    /// rolling upgrade) must keep its traffic rather than lose it for want of a report.
+    pub fn serves_on(&self, node: NodeId) -> bool {
+        !matches!(
+            self.health.get(&node),
+            Some(Health::Starting | Health::Unhealthy)
+        )
     }
 
     /// The app as a deploy names it: its spec and the node it is pinned to.
@@ -188,6 +228,18 @@ fn check_instances(
         }
     }
     Ok(())
+}
+
+/// Whether two specs differ at most in their count of instances.
+fn same_but_count(a: &AppSpec, b: &AppSpec) -> bool {
+    a == b
+        || AppSpec {
+            instances: None,
+            ..a.clone()
+        } == AppSpec {
+            instances: None,
+            ..b.clone()
+        }
 }
 
 fn usable(state: &ClusterState, node: NodeId) -> bool {
@@ -546,6 +598,15 @@ impl ClusterState {
                     dataset,
                     vip: Some(vip),
                     more,
+                    // Verdicts are about the instances that run this spec: an update restarts
+                    // them, and they are starting again (a new count of instances restarts
+                    // none; the ones that went are pruned below).
+                    health: self
+                        .apps
+                        .get(name)
+                        .filter(|old| same_but_count(&old.spec, &app.spec))
+                        .map(|old| old.health.clone())
+                        .unwrap_or_default(),
                 },
             );
         }
@@ -611,6 +672,57 @@ impl ClusterState {
             self.begin_dataset_move(id, node)?;
         }
         Ok(())
+    }
+
+    /// The nodes an instance of `app` may run on now, so may report health from: its
+    /// instances' nodes, and while its dataset moves before the handoff, the primary.
+    fn health_nodes(&self, app: &App) -> BTreeSet<NodeId> {
+        self.app_runs_on(app)
+            .into_iter()
+            .chain(app.instance_nodes())
+            .collect()
+    }
+
+    /// Drops recorded health of instances that are not where it was reported any more (moved,
+    /// stopped, or the node left), so an old "healthy" never routes to a new instance: a new
+    /// one has no record until its node reports it.
+    pub(crate) fn prune_health(&mut self) {
+        let keep: Vec<(String, BTreeSet<NodeId>)> = self
+            .apps
+            .iter()
+            .filter(|(_, a)| !a.health.is_empty())
+            .map(|(n, a)| (n.clone(), self.health_nodes(a)))
+            .collect();
+        for (name, nodes) in keep {
+            if let Some(app) = self.apps.get_mut(&name) {
+                app.health.retain(|n, _| nodes.contains(n));
+            }
+        }
+    }
+
+    /// [`Command::ReportHealth`]: `node` runs an instance of `app`, whose health is `health`.
+    pub(crate) fn report_health(
+        &mut self,
+        app: &str,
+        node: NodeId,
+        health: Health,
+    ) -> Result<CommandResult, ApplyError> {
+        let a = self.apps.get(app).ok_or_else(|| ApplyError::UnknownApp {
+            name: app.to_string(),
+        })?;
+        if !self.health_nodes(a).contains(&node) {
+            return Err(ApplyError::NotPlacedOn {
+                app: app.to_string(),
+                node,
+            });
+        }
+        let before = self
+            .apps
+            .get_mut(app)
+            .and_then(|a| a.health.insert(node, health));
+        Ok(CommandResult::HealthReported {
+            changed: before != Some(health),
+        })
     }
 
     /// Where app `app` may run now: its node, or while its dataset moves, the dataset's
@@ -830,6 +942,148 @@ mod tests {
 
     fn deploy(s: &mut ClusterState, apps: &BTreeMap<String, PlannedApp>) -> CommandResult {
         s.apply(&Command::deploy_all(apps.clone()))
+    }
+
+    fn report(s: &mut ClusterState, app: &str, node: NodeId, health: Health) -> CommandResult {
+        s.apply(&Command::ReportHealth {
+            app: app.into(),
+            node,
+            health,
+        })
+    }
+
+    #[test]
+    fn health_is_recorded_per_instance_and_gates_its_routing() {
+        let mut s = cluster(3);
+        let mut apps = plan(&[("web", None, false, None)]);
+        apps.get_mut("web").unwrap().spec.instances = Some(2);
+        assert!(matches!(
+            deploy(&mut s, &apps),
+            CommandResult::Deployed { .. }
+        ));
+        let nodes: Vec<NodeId> = s.apps["web"].instance_nodes().collect();
+        let (a, b) = (nodes[0], nodes[1]);
+        let idle = (1..=3).find(|n| !nodes.contains(n)).unwrap();
+        // No record: routed, as before health was recorded.
+        assert!(s.apps["web"].serves_on(a) && s.apps["web"].serves_on(b));
+        assert_eq!(
+            report(&mut s, "web", a, Health::Starting),
+            CommandResult::HealthReported { changed: true }
+        );
+        assert_eq!(
+            report(&mut s, "web", b, Health::Healthy),
+            CommandResult::HealthReported { changed: true }
+        );
+        assert_eq!(
+            report(&mut s, "web", b, Health::Healthy),
+            CommandResult::HealthReported { changed: false }
+        );
+        assert!(!s.apps["web"].serves_on(a) && s.apps["web"].serves_on(b));
+        report(&mut s, "web", a, Health::Healthy);
+        report(&mut s, "web", b, Health::Unhealthy);
+        assert!(s.apps["web"].serves_on(a) && !s.apps["web"].serves_on(b));
+        // Only from a node that has an instance, only of an app that exists; a refusal
+        // changes nothing.
+        let before = s.clone();
+        assert_eq!(
+            report(&mut s, "web", idle, Health::Healthy),
+            CommandResult::Rejected(ApplyError::NotPlacedOn {
+                app: "web".into(),
+                node: idle
+            })
+        );
+        assert!(matches!(
+            report(&mut s, "nope", a, Health::Healthy),
+            CommandResult::Rejected(ApplyError::UnknownApp { .. })
+        ));
+        assert_eq!(s, before);
+        // The same deploy again keeps the records; a changed spec restarts the instances,
+        // whose verdicts then start over.
+        deploy(&mut s, &apps);
+        assert_eq!(s.apps["web"].health.len(), 2);
+        apps.get_mut("web").unwrap().spec.environment =
+            BTreeMap::from([("V".to_string(), "2".to_string())]);
+        deploy(&mut s, &apps);
+        assert!(s.apps["web"].health.is_empty());
+        // Scaled down to one: the record of the instance that stopped goes.
+        report(&mut s, "web", a, Health::Healthy);
+        report(&mut s, "web", b, Health::Unhealthy);
+        apps.get_mut("web").unwrap().spec.instances = Some(1);
+        deploy(&mut s, &apps);
+        assert_eq!(s.apps["web"].health, BTreeMap::from([(a, Health::Healthy)]));
+        // Moved: the new instance has no record until its node reports one.
+        assert!(matches!(
+            s.apply(&Command::MoveApp {
+                app: "web".into(),
+                to: idle
+            }),
+            CommandResult::AppMoved { .. }
+        ));
+        assert!(s.apps["web"].health.is_empty());
+        // Key-value writes leave records alone (and do not look at them).
+        report(&mut s, "web", idle, Health::Starting);
+        s.apply(&Command::KvPut {
+            key: "k".into(),
+            value: "v".into(),
+        });
+        assert_eq!(
+            s.apps["web"].health,
+            BTreeMap::from([(idle, Health::Starting)])
+        );
+        // Removed with its app.
+        deploy(&mut s, &BTreeMap::new());
+        assert!(!s.apps.contains_key("web"));
+    }
+
+    #[test]
+    fn a_stateful_app_reports_from_its_primary_until_the_handoff() {
+        let mut s = cluster(2);
+        let apps = plan(&[("db", None, true, Some(1))]);
+        deploy(&mut s, &apps);
+        report(&mut s, "db", 1, Health::Healthy);
+        // Moving to node 2: it runs on node 1 until the handoff, its record stays.
+        assert!(matches!(
+            s.apply(&Command::MoveApp {
+                app: "db".into(),
+                to: 2
+            }),
+            CommandResult::AppMoved { .. }
+        ));
+        assert_eq!(s.apps["db"].node, 2);
+        assert_eq!(s.apps["db"].health, BTreeMap::from([(1, Health::Healthy)]));
+        assert_eq!(
+            report(&mut s, "db", 1, Health::Unhealthy),
+            CommandResult::HealthReported { changed: true }
+        );
+        // The handoff stops it on node 1: nothing recorded runs any more.
+        let ds = s.apps["db"].dataset.unwrap();
+        let epoch = s.datasets[&ds].epoch;
+        assert_eq!(
+            s.apply(&Command::HandoffDatasetMove {
+                dataset: ds,
+                epoch,
+                to: 2
+            }),
+            CommandResult::HandedOff
+        );
+        assert!(s.apps["db"].health.is_empty());
+    }
+
+    #[test]
+    fn app_json_without_health_reads_as_before_and_with_it_roundtrips() {
+        let mut s = cluster(1);
+        deploy(&mut s, &plan(&[("web", None, false, None)]));
+        let app = s.apps["web"].clone();
+        let text = serde_json::to_string(&app).unwrap();
+        // Nothing recorded: the JSON is what builds before health wrote.
+        assert!(!text.contains("health\""), "{text}");
+        let back: App = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, app);
+        let mut with = app.clone();
+        with.health.insert(1, Health::Unhealthy);
+        let text = serde_json::to_string(&with).unwrap();
+        assert!(text.contains("\"health\":{\"1\":\"Unhealthy\"}"), "{text}");
+        assert_eq!(serde_json::from_str::<App>(&text).unwrap(), with);
     }
 
     #[test]

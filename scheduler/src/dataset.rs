@@ -864,6 +864,7 @@ mod tests {
             dataset: Some(1),
             vip: None,
             more: Vec::new(),
+            health: Default::default(),
         };
         assert_eq!(s.app_runs_on(&app), None);
         assert_eq!(

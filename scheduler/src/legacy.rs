@@ -96,6 +96,7 @@ impl From<AppV1> for App {
             dataset: a.dataset,
             vip: None,
             more: Vec::new(),
+            health: BTreeMap::new(),
         }
     }
 }
@@ -213,6 +214,7 @@ impl From<AppV2> for App {
             dataset: a.dataset,
             vip: a.vip,
             more: Vec::new(),
+            health: BTreeMap::new(),
         }
     }
 }

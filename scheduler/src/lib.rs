@@ -40,7 +40,7 @@ pub mod state;
 #[cfg(test)]
 mod testutil;
 
-pub use app::{App, Change};
+pub use app::{App, Change, Health};
 pub use dataset::{Dataset, DatasetId, DatasetMove, SnapshotRecord};
 pub use limits::{shown, MAX_COMMAND_BYTES};
 pub use retention::Retention;

@@ -466,9 +466,9 @@ impl Command {
                 }
                 check_deploy(apps)
             }
-            Command::MoveApp { app, .. } | Command::CancelAppMove { app } => {
-                len_at_most("app name", app, MAX_APP_NAME_LEN)
-            }
+            Command::MoveApp { app, .. }
+            | Command::CancelAppMove { app }
+            | Command::ReportHealth { app, .. } => len_at_most("app name", app, MAX_APP_NAME_LEN),
             Command::PlaceInstances { app, nodes } => {
                 len_at_most("app name", app, MAX_APP_NAME_LEN)?;
                 if nodes.len() > MAX_INSTANCES {
@@ -826,6 +826,23 @@ mod tests {
         let (what, len, max) = too_large(&deploy(apps));
         assert_eq!(what, "the command, encoded,");
         assert!(len > MAX_COMMAND_BYTES && max == MAX_COMMAND_BYTES);
+    }
+
+    #[test]
+    fn health_reports_bound_the_app_name() {
+        let ok = Command::ReportHealth {
+            app: long(MAX_APP_NAME_LEN),
+            node: 1,
+            health: crate::Health::Healthy,
+        };
+        assert_eq!(ok.check_limits(), Ok(()));
+        let (what, len, max) = too_large(&Command::ReportHealth {
+            app: long(MAX_APP_NAME_LEN + 1),
+            node: 1,
+            health: crate::Health::Starting,
+        });
+        assert!(what.starts_with("app name"), "{what}");
+        assert_eq!((len, max), (MAX_APP_NAME_LEN + 1, MAX_APP_NAME_LEN));
     }
 
     #[test]

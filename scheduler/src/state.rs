@@ -387,6 +387,14 @@ pub enum Command {
         app: String,
         nodes: Vec<NodeId>,
     },
+    /// The health check of app `app`'s instance on `node` changed its verdict (the node's apps
+    /// agent proposes it on transitions only); the mesh routes only to instances that are not
+    /// recorded starting or unhealthy ([`App::serves_on`]).
+    ReportHealth {
+        app: String,
+        node: NodeId,
+        health: crate::app::Health,
+    },
 }
 
 impl Command {
@@ -434,7 +442,7 @@ impl Command {
 }
 
 /// What this build's [`ClusterState::apply`] knows beyond the commands of the builds before
-/// levels were reported: 1, [`Command::PlaceInstances`]. A node says it in every lease renewal,
+/// levels were reported: 1, [`Command::PlaceInstances`] and [`Command::ReportHealth`]. A node says it in every lease renewal,
 /// and a leader proposes such a command on its own only once every member can apply it
 /// (flock-decide's `upgrade`).
 pub const APPLY_LEVEL: u32 = 1;
@@ -445,7 +453,7 @@ impl Command {
     pub fn apply_level(&self) -> u32 {
         match self {
             Command::Batch(cmds) => cmds.iter().map(Command::apply_level).max().unwrap_or(0),
-            Command::PlaceInstances { .. } => 1,
+            Command::PlaceInstances { .. } | Command::ReportHealth { .. } => 1,
             _ => 0,
         }
     }
@@ -560,6 +568,10 @@ pub enum CommandResult {
     InstancesPlaced {
         placed: Vec<NodeId>,
         refused: Vec<(NodeId, String)>,
+    },
+    HealthReported {
+        /// Whether the record changed (a report repeated after a lost answer does not).
+        changed: bool,
     },
 }
 
@@ -723,6 +735,8 @@ pub enum ApplyError {
     /// command. Only ever sent to a build that knows it (older ones never propose such a command).
     #[error("{} run(s) an older flockd that cannot apply this change; upgrade {} first (or wait for {} to renew its lease)", nodes.join(", "), if nodes.len() == 1 { "it" } else { "them" }, if nodes.len() == 1 { "it" } else { "them" })]
     MembersTooOld { nodes: Vec<String> },
+    #[error("app {app:?} has no instance on node {node}")]
+    NotPlacedOn { app: String, node: NodeId },
 }
 
 impl ClusterState {
@@ -777,7 +791,20 @@ impl ClusterState {
             );
         }
         match self.try_apply(cmd) {
-            Ok(r) => r,
+            Ok(r) => {
+                // Any command that may move, stop or remove an instance drops the health
+                // recorded for it (the key-value namespace and health reports cannot).
+                if !matches!(
+                    cmd,
+                    Command::KvPut { .. }
+                        | Command::KvCas { .. }
+                        | Command::KvDelete { .. }
+                        | Command::ReportHealth { .. }
+                ) {
+                    self.prune_health();
+                }
+                r
+            }
             Err(e) => CommandResult::Rejected(e),
         }
     }
@@ -1036,6 +1063,7 @@ impl ClusterState {
             }),
             Command::ForgetMounts { dataset, node } => self.forget_mounts(*dataset, *node),
             Command::PlaceInstances { app, nodes } => self.place_instances(app, nodes),
+            Command::ReportHealth { app, node, health } => self.report_health(app, *node, *health),
             // `apply` unpacks batches; one reaching here was nested.
             Command::Batch(_) => Err(ApplyError::NestedBatch),
             Command::KvDelete { key } => {

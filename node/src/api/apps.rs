@@ -79,12 +79,18 @@ fn instances_of(
     app: &flock_scheduler::App,
     reports: &BTreeMap<NodeId, Option<pb::LocalAppsReply>>,
 ) -> Vec<pb::AppInstance> {
+    let recorded = |node: NodeId| {
+        app.health
+            .get(&node)
+            .map_or_else(String::new, |h| h.as_str().to_string())
+    };
     let mut out = vec![pb::AppInstance {
         key: first.name.clone(),
         node: first.node.clone(),
         state: first.state.clone(),
         restarts: first.restarts,
         detail: first.detail.clone(),
+        routed_health: recorded(state.app_runs_on(app).unwrap_or(app.node)),
     }];
     for (i, node) in app.more.iter().enumerate() {
         let key = flock_scheduler::app::instance_key(&first.name, i + 2);
@@ -105,6 +111,7 @@ fn instances_of(
             state: state_word,
             restarts,
             detail,
+            routed_health: recorded(*node),
         });
     }
     out
@@ -605,6 +612,7 @@ impl ApiService {
                 })
                 .collect(),
             mesh: self.mesh_report(),
+            reads_health_reports: true,
         }
     }
 

@@ -402,6 +402,7 @@ fn app_json(a: &AppStatus) -> Value {
         "instance_list": a.instance_list.iter().map(|i| json!({
             "key": i.key, "node": i.node, "state": i.state, "restarts": i.restarts,
             "detail": (!i.detail.is_empty()).then_some(&i.detail),
+            "routed_health": (!i.routed_health.is_empty()).then_some(&i.routed_health),
         })).collect::<Vec<_>>(),
     })
 }
@@ -561,6 +562,23 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
             }
             if !a.health.is_empty() {
                 println!("health          {}", a.health);
+            }
+            // What the mesh routes by: each instance's health as the replicated state records
+            // it (an instance recorded starting or unhealthy gets no new connection).
+            for i in a
+                .instance_list
+                .iter()
+                .filter(|i| !i.routed_health.is_empty())
+            {
+                let routed = if i.routed_health == "healthy" {
+                    "routed"
+                } else {
+                    "not routed"
+                };
+                println!(
+                    "routing         {} on {}: {} ({routed})",
+                    i.key, i.node, i.routed_health
+                );
             }
             // Its failovers and re-placements, from the cluster's events (an older flockd has
             // none to give).

@@ -21,9 +21,13 @@ pub enum Target {
     Nobody,
     /// The app is handed off between nodes: it runs nowhere until the move commits.
     Moving,
-    /// HOST:PORT of the app on each node that runs an instance of it, the first instance's
-    /// first.
+    /// HOST:PORT of the app on each node that runs an instance of it whose recorded health
+    /// lets it serve ([`flock_scheduler::App::serves_on`]), the first instance's first.
     At(Vec<String>),
+    /// Every instance is recorded starting or unhealthy: none gets the connection. While one
+    /// is `starting` (a new instance after a move, a restart) the connection waits for it as
+    /// for a move; when all are unhealthy it is refused at once, as Swarm does.
+    Unready { starting: bool },
 }
 
 /// Where a connection to external `port` goes in `state`.
@@ -38,9 +42,20 @@ pub fn target(state: &ClusterState, port: u16) -> Target {
     let Some(first) = state.app_runs_on(app) else {
         return Target::Moving;
     };
-    let addrs: Vec<String> = std::iter::once(first)
+    let nodes: Vec<_> = std::iter::once(first)
         .chain(app.more.iter().copied())
-        .filter_map(|id| state.nodes.get(&id))
+        .collect();
+    let serving: Vec<_> = nodes.iter().filter(|n| app.serves_on(**n)).collect();
+    if serving.is_empty() {
+        return Target::Unready {
+            starting: nodes
+                .iter()
+                .any(|n| app.health.get(n) == Some(&flock_scheduler::Health::Starting)),
+        };
+    }
+    let addrs: Vec<String> = serving
+        .into_iter()
+        .filter_map(|id| state.nodes.get(id))
         .map(|node| {
             let host = super::host_of(&node.addr);
             if host.contains(':') {
@@ -125,8 +140,8 @@ async fn reach(port: u16, cluster: &Cluster, opts: &MeshOptions) -> Option<TcpSt
         let now = Instant::now();
         let t = target(&cluster.view.read().cluster, port);
         match t {
-            Target::Nobody => return None,
-            Target::Moving => {
+            Target::Nobody | Target::Unready { starting: false } => return None,
+            Target::Moving | Target::Unready { starting: true } => {
                 if now >= start + opts.hold {
                     tracing::info!(
                         port,

@@ -330,6 +330,7 @@ mod tests {
                     dataset: None,
                     vip: None,
                     more: Vec::new(),
+                    health: Default::default(),
                 },
             );
         }

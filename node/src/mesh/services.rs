@@ -23,6 +23,10 @@
 //! While an app is handed off between nodes or its node is down it runs nowhere: its rules go,
 //! and a new connection is refused until it runs again (a client retries, as after any
 //! restart). A connection made before a move keeps its node until it closes.
+//!
+//! Health gates the rules: an instance recorded starting or unhealthy in the replicated state
+//! ([`flock_scheduler::App::health`], reported by its node's apps agent on transitions) gets no
+//! new connection, so after a move the new instance gets traffic once its check passes.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -59,10 +63,15 @@ pub fn routes(state: &ClusterState) -> Vec<Route> {
     for (name, app) in &state.apps {
         let Some(vip) = app.vip else { continue };
         let vip = flock_scheduler::app::service_ip(vip);
+        // Only instances whose recorded health lets them serve: not starting, not unhealthy.
+        // None left (all unhealthy): no rule, and connections are refused, as Swarm does.
+        // An instance without a record (no check, or a node that does not report) is routed
+        // to as before health was recorded (see `App::serves_on`).
         let nodes: Vec<NodeId> = state
             .app_runs_on(app)
             .into_iter()
             .chain(app.more.iter().copied())
+            .filter(|n| app.serves_on(*n))
             .collect();
         let mut ports: Vec<u16> = app.spec.ports.iter().map(|p| p.internal).collect();
         ports.extend(app.spec.expose.iter().copied());
@@ -460,6 +469,67 @@ mod tests {
         // A node whose address is unknown is left out, never sent elsewhere.
         let two = rules(&r, &BTreeMap::from([(1, NodeAt::Here), (3, NodeAt::Here)]));
         assert_eq!(two.iter().filter(|l| l.contains("shop_web")).count(), 2);
+    }
+
+    #[test]
+    fn only_instances_recorded_neither_starting_nor_unhealthy_are_routed_to() {
+        use flock_scheduler::Health;
+        let mut s = deployed();
+        s.apps.get_mut("shop_web").unwrap().more = vec![2, 3];
+        let mut n3 = s.nodes[&2].clone();
+        n3.id = 3;
+        n3.addr = "10.0.0.3:7801".into();
+        s.nodes.insert(3, n3);
+        let web_nodes = |s: &ClusterState| {
+            routes(s)
+                .into_iter()
+                .find(|r| r.app == "shop_web")
+                .unwrap()
+                .nodes
+        };
+        // No record (no check, or a node that does not report): routed as before.
+        assert_eq!(web_nodes(&s), [1, 2, 3]);
+        let set = |s: &mut ClusterState, h: &[(NodeId, Health)]| {
+            s.apps.get_mut("shop_web").unwrap().health = h.iter().copied().collect();
+        };
+        set(&mut s, &[(1, Health::Healthy), (2, Health::Starting)]);
+        assert_eq!(web_nodes(&s), [1, 3]);
+        set(&mut s, &[(1, Health::Unhealthy), (2, Health::Healthy)]);
+        assert_eq!(web_nodes(&s), [2, 3]);
+        // Every instance unhealthy or starting: routed nowhere, so refused.
+        set(
+            &mut s,
+            &[
+                (1, Health::Unhealthy),
+                (2, Health::Unhealthy),
+                (3, Health::Starting),
+            ],
+        );
+        assert!(web_nodes(&s).is_empty());
+        let all = BTreeMap::from([(1, NodeAt::Here), (2, NodeAt::Here), (3, NodeAt::Here)]);
+        assert!(rules(&routes(&s), &all)
+            .iter()
+            .all(|l| !l.contains("shop_web")));
+        // Another app's health changes nothing of this one's.
+        assert_eq!(
+            routes(&s)
+                .iter()
+                .find(|r| r.app == "shop_db")
+                .unwrap()
+                .nodes,
+            [2]
+        );
+        // The published port's forwarder picks the same instances.
+        use crate::mesh::forward::{target, Target};
+        assert_eq!(target(&s, 8080), Target::Unready { starting: true });
+        set(&mut s, &[(1, Health::Unhealthy), (2, Health::Unhealthy)]);
+        assert_eq!(target(&s, 8080), Target::At(vec!["10.0.0.3:80".into()]));
+        s.apps
+            .get_mut("shop_web")
+            .unwrap()
+            .health
+            .insert(3, Health::Unhealthy);
+        assert_eq!(target(&s, 8080), Target::Unready { starting: false });
     }
 
     #[test]
