@@ -63,13 +63,12 @@ fn reached(addr: &str, tries: usize) -> BTreeSet<String> {
         .collect()
 }
 
-#[test]
-fn sc01_instances_spread_over_nodes_the_mesh_reaches_each_and_scale_down_stops_the_rest() {
-    let c = TestCluster::start_own_hosts(3);
-    let _end = EndApps(c.dir.path().to_path_buf());
-    let dir = tempfile::tempdir().unwrap();
+/// application.yml of `web`: flock-testapp listening on its node's host at an internal port,
+/// published at an external one, restarted always, `instances` of it: (the external port,
+/// the file).
+fn web_app(dir: &std::path::Path, instances: u32) -> (u16, std::path::PathBuf) {
     let (port, ext) = (free_on_every_address(), free_on_every_address());
-    let application = dir.path().join("application.yml");
+    let application = dir.join("application.yml");
     fs::write(
         &application,
         format!(
@@ -82,12 +81,21 @@ applications:
         external: {ext}
     restart_policy:
       name: always
-    instances: 5
+    instances: {instances}
 "#,
             testapp().display()
         ),
     )
     .unwrap();
+    (ext, application)
+}
+
+#[test]
+fn sc01_instances_spread_over_nodes_the_mesh_reaches_each_and_scale_down_stops_the_rest() {
+    let c = TestCluster::start_own_hosts(3);
+    let _end = EndApps(c.dir.path().to_path_buf());
+    let dir = tempfile::tempdir().unwrap();
+    let (ext, application) = web_app(dir.path(), 5);
     let out = c.ctl_ok(c.addr(1), &["deploy", application.to_str().unwrap()]);
     assert!(out.contains("web"), "{out}");
 
@@ -191,26 +199,7 @@ fn sc02_a_waiting_instance_is_placed_when_a_drain_ends_and_when_a_node_joins() {
     let mut c = TestCluster::start_own_hosts(2);
     let _end = EndApps(c.dir.path().to_path_buf());
     let dir = tempfile::tempdir().unwrap();
-    let (port, ext) = (free_on_every_address(), free_on_every_address());
-    let application = dir.path().join("application.yml");
-    fs::write(
-        &application,
-        format!(
-            r#"version: 1
-applications:
-  web:
-    command: ["sh", "-c", "exec {} --listen \"$FLOCK_NODE_HOST:{port}\""]
-    ports:
-      - internal: {port}
-        external: {ext}
-    restart_policy:
-      name: always
-    instances: 3
-"#,
-            testapp().display()
-        ),
-    )
-    .unwrap();
+    let (ext, application) = web_app(dir.path(), 3);
     c.ctl_ok(c.addr(1), &["deploy", application.to_str().unwrap()]);
     let running = |c: &TestCluster, n: usize| {
         let is = instances(c);

@@ -44,6 +44,7 @@ fn w01_status_lists_the_workers_and_sigterm_stops_them_in_order() {
         ("mesh", "edge", &["idle"]),
         ("membership", "membership", &["running", "idle"]),
         ("liveness", "membership", &["running", "idle"]),
+        ("placement", "membership", &["running", "idle"]),
         ("transfer", "transfer", &["running", "idle"]),
     ];
     let names: Vec<&str> = list.iter().map(|(n, ..)| n.as_str()).collect();
@@ -103,7 +104,7 @@ fn w01_status_lists_the_workers_and_sigterm_stops_them_in_order() {
         "shutdown: agents stopped",
         "shutdown: stopping edge (services, mesh)",
         "shutdown: edge stopped",
-        "shutdown: stopping membership (membership, liveness)",
+        "shutdown: stopping membership (membership, liveness, placement)",
         "shutdown: membership stopped",
         "shutdown: raft stopped",
         "shutdown: stopping transfer (transfer)",

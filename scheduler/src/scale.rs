@@ -219,6 +219,26 @@ mod tests {
         assert_eq!(Command::Batch(vec![older, place]).apply_level(), 1);
     }
 
+    /// The apps of `s` as planned, and `other` on node 2: a redeploy that adds it there.
+    fn with_other_on_2(
+        s: &ClusterState,
+        other: crate::config::AppSpec,
+    ) -> std::collections::BTreeMap<String, PlannedApp> {
+        let mut apps: std::collections::BTreeMap<String, PlannedApp> = s
+            .apps
+            .iter()
+            .map(|(n, a)| (n.clone(), a.planned()))
+            .collect();
+        apps.insert(
+            "other".into(),
+            PlannedApp {
+                spec: other,
+                node: Some(2),
+            },
+        );
+        apps
+    }
+
     /// `web` asking for `instances`, with `mem` of memory each, deployed on `s`.
     fn deploy_web(s: &mut ClusterState, instances: u32, mem: Option<u64>) {
         let mut web = spec("web", Some(8080), false);
@@ -339,18 +359,7 @@ mod tests {
         }
         let mut other = spec("other", Some(9090), false);
         other.ports[0].internal = 81;
-        let mut apps: std::collections::BTreeMap<String, PlannedApp> = s
-            .apps
-            .iter()
-            .map(|(n, a)| (n.clone(), a.planned()))
-            .collect();
-        apps.insert(
-            "other".into(),
-            PlannedApp {
-                spec: other,
-                node: Some(2),
-            },
-        );
+        let apps = with_other_on_2(&s, other);
         // The redeploy places web's instances too: take them back off to test the decision.
         s.apply(&Command::deploy_all(apps));
         s.apps.get_mut("web").unwrap().more.clear();
@@ -438,18 +447,7 @@ mod tests {
         assert!(s.instance_misfit("web", 1).unwrap().contains("already"));
         let mut other = spec("other", Some(9090), false);
         other.mem_limit = None;
-        let mut apps: std::collections::BTreeMap<String, PlannedApp> = s
-            .apps
-            .iter()
-            .map(|(n, a)| (n.clone(), a.planned()))
-            .collect();
-        apps.insert(
-            "other".into(),
-            PlannedApp {
-                spec: other,
-                node: Some(2),
-            },
-        );
+        let apps = with_other_on_2(&s, other);
         // Internal port 80 is taken on node 2 by `other` now: web's placement there is refused.
         s.apply(&Command::deploy_all(apps));
         assert!(!s.apps["web"].placed_on(2));
