@@ -281,7 +281,14 @@ where
                             return Ok(());
                         }
                         ReplicationError::RPCError(err) => {
-                            tracing::error!(err = display(&err), "RPCError");
+                            // FLOCK-PATCH: a follower that is down or restarting is no error of
+                            // this node's: the replication backs off and retries.
+                            match &err {
+                                RPCError::Unreachable(_) | RPCError::Timeout(_) => {
+                                    tracing::warn!(err = display(&err), "RPCError")
+                                }
+                                _ => tracing::error!(err = display(&err), "RPCError"),
+                            }
 
                             let retry = match &err {
                                 RPCError::Timeout(_) => false,
