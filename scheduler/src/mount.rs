@@ -376,6 +376,19 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn moving_an_apps_dataset_alone_points_to_app_move() {
+        let mut s = cluster(2);
+        let spec = crate::testutil::spec("demo", None, true);
+        let apps: BTreeMap<String, PlannedApp> =
+            [("demo".to_string(), PlannedApp { spec, node: None })].into();
+        s.apply(&Command::deploy_all(apps));
+        let dataset = s.apps["demo"].dataset.expect("demo has a volume");
+        let r = s.apply(&Command::BeginDatasetMove { dataset, to: 2 });
+        let e = rejected(&r).expect("refused").to_string();
+        assert!(e.contains("`flockctl app move demo --to NODE`"), "{e}");
+    }
+
     fn op() -> impl Strategy<Value = Command> {
         let ds = 1..=2u64;
         let node = 1..=3u64;

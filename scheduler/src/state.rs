@@ -663,7 +663,7 @@ pub enum ApplyError {
         count: u32,
         why: String,
     },
-    #[error("dataset {dataset:?} is the volume of app {app:?}; remove the app from the deployment first (its dataset moves with it)")]
+    #[error("dataset {dataset:?} is the volume of app {app:?}: it moves with its app (`flockctl app move {app} --to NODE`), and is removed only after the app (`flockctl app rm {app}`)")]
     DatasetInUse { dataset: String, app: String },
     #[error("node {name:?} is the primary of dataset {dataset:?}; move the dataset away (`flockctl dataset move {dataset} --to NODE`) or remove it first")]
     PrimaryOfDataset { name: String, dataset: String },

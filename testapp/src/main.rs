@@ -145,8 +145,18 @@ fn ask(addr: &str, request: &str) -> ! {
     }
 }
 
+const USAGE: &str = "usage: flock-testapp [--data DIR] [--listen ADDR]
+       flock-testapp --ask HOST:PORT REQUEST
+  DIR:  --data, else $FLOCK_DATASET_PATH, else the working directory
+  ADDR: --listen, else 0.0.0.0:$PORT, else 0.0.0.0:8080
+  an append-only log over TCP: APPEND <text>, COUNT, READ, PING (one request per line)";
+
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
+    if matches!(argv.get(1).map(String::as_str), Some("--help" | "-h")) {
+        println!("{USAGE}");
+        return;
+    }
     if argv.get(1).map(String::as_str) == Some("--ask") {
         match (argv.get(2), argv.get(3)) {
             (Some(addr), Some(req)) => ask(addr, req),
@@ -167,7 +177,7 @@ fn main() {
             ("--data", Some(v)) => data = Some(PathBuf::from(v)),
             ("--listen", Some(v)) => listen = v,
             _ => {
-                eprintln!("usage: flock-testapp [--data DIR] [--listen ADDR]");
+                eprintln!("{USAGE}");
                 std::process::exit(2);
             }
         }

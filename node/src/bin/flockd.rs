@@ -43,6 +43,7 @@ enum Cmd {
     },
     /// Join the cluster that PEER (HOST:PORT of any member) belongs to, and keep running.
     Join {
+        /// HOST:PORT of any member of the cluster (its API address).
         peer: String,
         /// The join token (`flockctl cluster token` prints it).
         #[arg(long, env = "FLOCK_TOKEN")]
@@ -55,6 +56,7 @@ enum Cmd {
     },
     /// Restart the node kept in a data dir, with its identity and state.
     Run {
+        /// The node's data dir, as `flockd init` or `flockd join` made it.
         #[arg(long)]
         data_dir: PathBuf,
         /// Bind this address instead of the one recorded at creation (the advertised address stays).
@@ -325,4 +327,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     node.shutdown().await?;
     println!("flockd: stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every subcommand says what it is in `--help`.
+    #[test]
+    fn every_argument_has_a_help_line() {
+        let missing = flock_node::ctl::args_without_help(&super::Cli::command());
+        assert!(
+            missing.is_empty(),
+            "arguments without a help line: {missing:#?}"
+        );
+    }
 }

@@ -28,12 +28,17 @@ pub enum AppCmd {
     },
     /// Everything about one app, with its last output lines when it failed.
     Show {
+        /// The app (`flockctl app ls` lists them).
         name: String,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Remove an app from the deployment (its dataset stays; `flockctl dataset rm` removes it).
-    Rm { name: String },
+    Rm {
+        /// The app (`flockctl app ls` lists them).
+        name: String,
+    },
     /// Run N instances of a stateless app, each on its own node (as many as fit); the mesh
     /// spreads new connections over them. Scaling down stops the last ones gracefully.
     Scale {
@@ -48,6 +53,7 @@ pub enum AppCmd {
     /// Move an app to another node with its data: the data is copied while the app runs,
     /// then the app stops for the last delta only and starts on the target.
     Move {
+        /// The app (`flockctl app ls` lists them).
         name: String,
         /// The target node (name or id).
         #[arg(long, required_unless_present = "cancel")]
@@ -64,6 +70,7 @@ pub enum AppCmd {
     },
     /// Print an app's output (stdout and stderr), from the node that runs it.
     Logs {
+        /// The app (`flockctl app ls` lists them).
         name: String,
         /// Lines from the end.
         #[arg(long, default_value_t = 100)]
@@ -259,6 +266,15 @@ fn compose_vars(file: &Path, env_file: Option<&Path>) -> anyhow::Result<config::
     Ok(vars)
 }
 
+/// Whether YAML `text` has `key:` at the top level (a line that starts with it), to tell
+/// Flocker's two files apart before parsing them as what they are not.
+fn has_top_key(text: &str, key: &str) -> bool {
+    text.lines().any(|l| {
+        l.strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with(':'))
+    })
+}
+
 /// `flockctl deploy DEPLOYMENT APPLICATION` or `flockctl deploy COMPOSE_FILE`.
 pub async fn deploy(api: &mut ApiClient<Channel>, args: DeployArgs<'_>) -> anyhow::Result<i32> {
     let DeployArgs {
@@ -275,6 +291,13 @@ pub async fn deploy(api: &mut ApiClient<Channel>, args: DeployArgs<'_>) -> anyho
     let plan = match files {
         [app] => {
             let (name, text) = read(app)?;
+            if has_top_key(&text, "nodes") && !has_top_key(&text, "applications") {
+                anyhow::bail!(
+                    "{name} looks like Flocker's deployment.yml (it has nodes:): give its \
+                     application.yml after it: flockctl deploy {} APPLICATION",
+                    app.display()
+                );
+            }
             let vars = compose_vars(app, env_file)?;
             let (apps, w) = match parse_file(app, &name, &text, &vars, profiles) {
                 Ok(parsed) => parsed,
@@ -308,6 +331,15 @@ pub async fn deploy(api: &mut ApiClient<Channel>, args: DeployArgs<'_>) -> anyho
         [deployment, app] => {
             let (dname, dtext) = read(deployment)?;
             let (aname, atext) = read(app)?;
+            if has_top_key(&dtext, "applications") && has_top_key(&atext, "nodes") {
+                anyhow::bail!(
+                    "the files are the wrong way round: {dname} looks like an application.yml \
+                     (it has applications:) and {aname} like a deployment.yml (nodes:); put the \
+                     deployment first: flockctl deploy {} {}",
+                    app.display(),
+                    deployment.display()
+                );
+            }
             let dep = config::parse_deployment(&dname, &dtext)?;
             let vars = compose_vars(app, env_file)?;
             let (apps, w) = match parse_file(app, &aname, &atext, &vars, profiles) {

@@ -41,6 +41,7 @@ pub enum NodeCmd {
     },
     /// Remove a node from the cluster (its Raft membership and its registration).
     Rm {
+        /// The node (`flockctl node ls` lists them).
         name: String,
         /// Remove a voter even if the remaining healthy voters would not form a quorum.
         #[arg(long)]

@@ -19,6 +19,7 @@ use super::progress::{self, Follow};
 pub enum DatasetCmd {
     /// Create a dataset on a node (default: the node flockctl talks to).
     Create {
+        /// The dataset (`flockctl dataset ls` lists them).
         name: String,
         /// The node to create it on (name or id).
         #[arg(long)]
@@ -26,6 +27,7 @@ pub enum DatasetCmd {
         /// Size limit, such as 512M, 10G or 1.5TiB (bytes without a unit); none by default.
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -33,6 +35,7 @@ pub enum DatasetCmd {
     Ls {
         /// Only this dataset.
         name: Option<String>,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -48,12 +51,15 @@ pub enum DatasetCmd {
         /// The snapshot's name (default: the time, such as 2026-11-23T23-15-49.123Z).
         #[arg(long)]
         tag: Option<String>,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// List a dataset's recorded snapshots, oldest first.
     Snapshots {
+        /// The dataset (`flockctl dataset ls` lists them).
         name: String,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -61,17 +67,21 @@ pub enum DatasetCmd {
     /// (pre-rollback-TIME: roll back to it to undo), and every snapshot is kept. A dataset an
     /// app uses is refused unless --stop-app.
     Rollback {
+        /// The dataset (`flockctl dataset ls` lists them).
         name: String,
+        /// The snapshot to go back to (`flockctl dataset snapshots NAME` lists them).
         snapshot: String,
         /// Stop the apps that use the dataset for the rollback and start them again after.
         #[arg(long)]
         stop_app: bool,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Change a dataset's size limit or the retention of its automatic snapshots.
     #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["size", "keep", "replicas", "interval"])))]
     Set {
+        /// The dataset (`flockctl dataset ls` lists them).
         name: String,
         /// The new size limit, such as 512M or 10G, or `none`. A limit below what the dataset
         /// holds is refused.
@@ -91,11 +101,13 @@ pub enum DatasetCmd {
         /// a failover loses at most about this much.
         #[arg(long)]
         interval: Option<String>,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Destroy a dataset on every node that holds it; the name is free again at once.
     Rm {
+        /// The dataset (`flockctl dataset ls` lists them).
         name: String,
         /// Seconds to wait for every holder to confirm.
         #[arg(long, default_value_t = 10)]
@@ -105,6 +117,7 @@ pub enum DatasetCmd {
     /// unmounting (their node died): the dataset may move again. Only with --force, and only
     /// once those containers are known to be stopped.
     Unmount {
+        /// The dataset (`flockctl dataset ls` lists them).
         name: String,
         /// Only the mounts on this node (name or id).
         #[arg(long)]
@@ -117,6 +130,7 @@ pub enum DatasetCmd {
     /// (made after the last snapshot that reached the new primary) are dropped, and the node
     /// becomes a replica again. Copy out what you need first; only with --force.
     DropDiverged {
+        /// The dataset (`flockctl dataset ls` lists them).
         name: String,
         /// The node holding the diverged copy (name or id).
         #[arg(long)]
@@ -127,6 +141,7 @@ pub enum DatasetCmd {
     },
     /// Move a dataset (one no application uses) to another node, with its snapshots.
     Move {
+        /// The dataset (`flockctl dataset ls` lists them).
         name: String,
         /// The node to move it to (name or id).
         #[arg(long, required_unless_present = "cancel", conflicts_with = "cancel")]
@@ -165,7 +180,12 @@ fn transfer_json(t: &Transfer) -> Value {
 pub enum SnapshotCmd {
     /// Remove a recorded snapshot from every holder. The newest, and each replica's base, are
     /// refused: they are what the next pushes start from.
-    Rm { name: String, snapshot: String },
+    Rm {
+        /// The dataset (`flockctl dataset ls` lists them).
+        name: String,
+        /// The snapshot to go back to (`flockctl dataset snapshots NAME` lists them).
+        snapshot: String,
+    },
 }
 
 /// A size limit on the command line: a size, or none.

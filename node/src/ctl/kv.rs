@@ -14,18 +14,26 @@ use super::output::{cell, print_json, status_err, table, EXIT_CAS_FAILED, EXIT_N
 #[derive(Subcommand, Debug)]
 pub enum KvCmd {
     /// Set KEY to VALUE.
-    Put { key: String, value: String },
+    Put {
+        /// The key.
+        key: String,
+        /// The value to set.
+        value: String,
+    },
     /// Print KEY's value (exit code 4 when it does not exist).
     Get {
+        /// The key.
         key: String,
         /// Read this node's replica without asking the leader: fast, possibly old.
         #[arg(long)]
         stale: bool,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Set KEY to VALUE only if it holds OLD now (exit code 3 when it does not).
     Cas {
+        /// The key.
         key: String,
         /// The value KEY must hold.
         #[arg(long, required_unless_present = "absent", conflicts_with = "absent")]
@@ -33,17 +41,25 @@ pub enum KvCmd {
         /// Instead of --expect: KEY must not exist.
         #[arg(long)]
         absent: bool,
+        /// The value to set.
         value: String,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Delete KEY.
-    Rm { key: String },
+    Rm {
+        /// The key.
+        key: String,
+    },
     /// List keys starting with PREFIX (all keys without one).
     Ls {
+        /// Only keys starting with this (all keys when left out).
         prefix: Option<String>,
+        /// Read this node's replica without asking the leader: fast, possibly old.
         #[arg(long)]
         stale: bool,
+        /// Print JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },

@@ -72,6 +72,7 @@ pub enum Cmd {
     /// APPLICATION files (deployment.yml, application.yml), which replace the apps outside
     /// stacks. Deploying the same files again changes nothing.
     Deploy {
+        /// One compose file, or deployment.yml then application.yml.
         #[arg(required = true, num_args = 1..=2, value_name = "FILE")]
         files: Vec<PathBuf>,
         /// Print the changes (start, stop, move, update) without making them.
@@ -120,7 +121,30 @@ fn load_config(cli: &Cli) -> anyhow::Result<ClientConfig> {
             "no client config: give --config FILE or set FLOCK_CONFIG (flockd init wrote DATA_DIR/admin.conf; `flockd dev` prints the export line)"
         )
     })?;
-    Ok(ClientConfig::load(path)?)
+    ClientConfig::load(path).map_err(|e| config_error(path, e))
+}
+
+/// A config that cannot be loaded, said once, with what to do: `{e:#}` of the file error would
+/// print the OS error twice (the path's message, then its source).
+fn config_error(path: &std::path::Path, e: flock_client::ClientError) -> anyhow::Error {
+    use flock_client::ClientError;
+    use flock_tls::pki::PkiError;
+    match e {
+        ClientError::File(PkiError::Io { source, .. }) => {
+            let what = match source.kind() {
+                std::io::ErrorKind::NotFound => "no such file".to_string(),
+                std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+                _ => source.to_string(),
+            };
+            anyhow::anyhow!(
+                "cannot read the client config {}: {what}; give --config FILE or set FLOCK_CONFIG \
+                 to a config that exists (`flockd init` writes DATA_DIR/admin.conf, `flockd dev` \
+                 prints the export line, `flockctl cluster admin-config` makes more)",
+                path.display()
+            )
+        }
+        e => e.into(),
+    }
 }
 
 /// Connects to the first address that answers: --addr, else the config's addresses in order.
@@ -186,4 +210,42 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Ui(_) => unreachable!("served above"),
     }
     Ok(0)
+}
+
+/// The flags and arguments of `cmd` and its subcommands that have no help line ("flockctl kv
+/// ls: stale"): the tests of flockctl and flockd require none.
+pub fn args_without_help(cmd: &clap::Command) -> Vec<String> {
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                missing.push(format!("{path}: {id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(cmd, cmd.get_name(), &mut missing);
+    missing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{args_without_help, Cli};
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every subcommand says what it is in `--help`.
+    #[test]
+    fn every_argument_has_a_help_line() {
+        let missing = args_without_help(&Cli::command());
+        assert!(
+            missing.is_empty(),
+            "arguments without a help line: {missing:#?}"
+        );
+    }
 }
