@@ -8,26 +8,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-
-/// A port free on the meshes' addresses (127.0.0.2..4) and the nodes' (127.0.0.21..23).
-fn free_on_every_address() -> u16 {
-    loop {
-        let p = free_port();
-        let ips = (2..=4).chain(21..=23);
-        if ips
-            .into_iter()
-            .all(|i| TcpListener::bind(format!("127.0.0.{i}:{p}")).is_ok())
-        {
-            return p;
-        }
-    }
-}
 
 /// Each instance of `hc_web` as `app ls` reports it: node name to (state, recorded health).
 fn instances(c: &TestCluster) -> BTreeMap<String, (String, String)> {

@@ -6,25 +6,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::net::TcpListener;
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-
-/// A port free on the meshes' addresses (127.0.0.2..4) and the nodes' (127.0.0.21..23).
-fn free_on_every_address() -> u16 {
-    loop {
-        let p = free_port();
-        let ips = (2..=4).chain(21..=23);
-        if ips
-            .into_iter()
-            .all(|i| TcpListener::bind(format!("127.0.0.{i}:{p}")).is_ok())
-        {
-            return p;
-        }
-    }
-}
 
 fn web(c: &TestCluster) -> Value {
     let all: Value = serde_json::from_str(&c.ctl_ok(c.addr(1), &["app", "ls", "--json"])).unwrap();

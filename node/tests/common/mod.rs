@@ -472,6 +472,21 @@ pub fn mesh_ip(i: usize) -> String {
     format!("127.0.0.{}", i + 1)
 }
 
+/// A port free on the meshes' addresses (127.0.0.2..4) and the nodes' (127.0.0.21..23), for
+/// a cluster started with its own hosts ([`TestCluster::start_own_hosts`]).
+pub fn free_on_every_address() -> u16 {
+    loop {
+        let p = free_port();
+        let ips = (2..=4).chain(21..=23);
+        if ips
+            .into_iter()
+            .all(|i| std::net::TcpListener::bind(format!("127.0.0.{i}:{p}")).is_ok())
+        {
+            return p;
+        }
+    }
+}
+
 /// A free loopback port, for a server a test starts on a port it names; see [`free_ports`].
 pub fn free_port() -> u16 {
     free_ports(1)
