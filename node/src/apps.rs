@@ -435,11 +435,11 @@ async fn observe(here: &Here<'_>, state: &ClusterState) -> AppsSeen {
             })?;
             let app = state.instance_app(name)?;
             let check = app.spec.healthcheck.clone()?;
-            Some((
-                name.clone(),
-                i.id.clone(),
+            Some(crate::health::Checked::of_process(
+                name,
+                &i.id,
                 check,
-                app.spec.environment.clone(),
+                &app.spec.environment,
             ))
         })
         .collect();

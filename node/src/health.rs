@@ -99,20 +99,22 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// One look: `apps` are the running process apps with a check (name, instance id, check,
-    /// environment); results that came in are counted, due checks started. Returns the
-    /// verdicts (`None` while starting).
-    pub fn look(
-        &mut self,
-        apps: &[(String, String, HealthCheck, BTreeMap<String, String>)],
-        now: Instant,
-    ) -> BTreeMap<String, Option<bool>> {
+    /// One look: `apps` are the running process apps with a check; results that came in are
+    /// counted, due checks started. Returns the verdicts (`None` while starting).
+    pub fn look(&mut self, apps: &[Checked], now: Instant) -> BTreeMap<String, Option<bool>> {
         self.verdicts
-            .retain(|name, v| apps.iter().any(|(n, id, ..)| n == name && *id == v.id));
+            .retain(|name, v| apps.iter().any(|c| &c.name == name && c.id == v.id));
         self.running
             .retain(|name, _| self.verdicts.contains_key(name));
         let mut out = BTreeMap::new();
-        for (name, id, check, env) in apps {
+        for Checked {
+            name,
+            id,
+            check,
+            env,
+            cwd,
+        } in apps
+        {
             let Some(argv) = argv(check) else { continue };
             let v = self
                 .verdicts
@@ -129,9 +131,9 @@ impl Prober {
             if !self.running.contains_key(name) && v.due(now) {
                 v.started(check, now);
                 let timeout = ms(check.timeout_ms, DEFAULT_TIMEOUT);
-                let env = env.clone();
+                let (env, cwd) = (env.clone(), cwd.clone());
                 self.running
-                    .insert(name.clone(), tokio::spawn(run(argv, env, timeout)));
+                    .insert(name.clone(), tokio::spawn(run(argv, env, cwd, timeout)));
             }
             out.insert(name.clone(), v.healthy);
         }
@@ -139,9 +141,60 @@ impl Prober {
     }
 }
 
+/// A running process app's check, and where it runs: as Docker runs a container's check inside
+/// it, with the instance's own environment (`FLOCK_NODE_HOST`, `PORT`, `FLOCK_DATASET_PATH`,
+/// the siblings' service hosts...) and in its working directory.
+pub struct Checked {
+    pub name: String,
+    /// The instance it is about (a new instance starts over).
+    pub id: String,
+    pub check: HealthCheck,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<std::path::PathBuf>,
+}
+
+impl Checked {
+    /// The check of the process `pid`: its environment and working directory as /proc shows
+    /// them, or when they cannot be read (it just exited), `spec_env` in flockd's directory.
+    pub fn of_process(
+        name: &str,
+        pid: &str,
+        check: HealthCheck,
+        spec_env: &BTreeMap<String, String>,
+    ) -> Checked {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).ok();
+        let env = match environ {
+            Some(bytes) => bytes
+                .split(|b| *b == 0)
+                .filter_map(|kv| {
+                    let kv = String::from_utf8_lossy(kv);
+                    let (k, v) = kv.split_once('=')?;
+                    Some((k.to_string(), v.to_string()))
+                })
+                .collect(),
+            None => spec_env.clone(),
+        };
+        Checked {
+            name: name.to_string(),
+            id: pid.to_string(),
+            check,
+            env,
+            cwd: std::fs::read_link(format!("/proc/{pid}/cwd")).ok(),
+        }
+    }
+}
+
 /// Runs one check: true when it exits 0 within `timeout` (it is killed otherwise).
-async fn run(argv: Vec<String>, env: BTreeMap<String, String>, timeout: Duration) -> bool {
+async fn run(
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+    cwd: Option<std::path::PathBuf>,
+    timeout: Duration,
+) -> bool {
     let mut cmd = tokio::process::Command::new(&argv[0]);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
     cmd.args(&argv[1..])
         .env_clear()
         .env(
@@ -219,10 +272,14 @@ mod tests {
         ok.test = vec!["CMD".into(), "true".into()];
         let mut bad = check(1, 0);
         bad.test = vec!["CMD-SHELL".into(), "exit 3".into()];
-        let apps = vec![
-            ("good".to_string(), "1".to_string(), ok, BTreeMap::new()),
-            ("bad".to_string(), "2".to_string(), bad, BTreeMap::new()),
-        ];
+        let checked = |name: &str, id: &str, check: HealthCheck| Checked {
+            name: name.into(),
+            id: id.into(),
+            check,
+            env: BTreeMap::new(),
+            cwd: None,
+        };
+        let apps = vec![checked("good", "1", ok.clone()), checked("bad", "2", bad)];
         assert_eq!(
             p.look(&apps, t0),
             BTreeMap::from([("bad".to_string(), None), ("good".to_string(), None)])
@@ -233,13 +290,43 @@ mod tests {
         assert_eq!(seen["bad"], Some(false), "{seen:?}");
         assert_eq!(p.verdicts["bad"].healthy, Some(false));
         // A new instance starts over.
-        let again = vec![(
-            "good".to_string(),
-            "9".to_string(),
-            apps[0].2.clone(),
-            BTreeMap::new(),
-        )];
+        let again = vec![checked("good", "9", ok)];
         assert_eq!(p.look(&again, t0 + Duration::from_secs(2))["good"], None);
         assert!(!p.verdicts.contains_key("bad"));
+    }
+
+    /// A process app's check runs as if inside it: with the instance's environment (where it
+    /// learns its node's host, its port...) and in its working directory.
+    #[tokio::test]
+    async fn a_check_runs_in_the_instances_environment_and_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("marker"), "").unwrap();
+        let mut app = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(dir.path())
+            .env("FLOCK_NODE_HOST", "127.0.0.42")
+            .spawn()
+            .unwrap();
+        let mut c = check(1, 0);
+        c.test = vec![
+            "CMD-SHELL".into(),
+            "test \"$FLOCK_NODE_HOST\" = 127.0.0.42 && test -e marker".into(),
+        ];
+        let pid = app.id().to_string();
+        let apps = vec![Checked::of_process("web", &pid, c, &BTreeMap::new())];
+        let mut p = Prober::default();
+        let t0 = Instant::now();
+        p.look(&apps, t0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let seen = p.look(&apps, t0 + Duration::from_millis(300));
+        let _ = app.kill();
+        let _ = app.wait();
+        assert_eq!(
+            seen["web"],
+            Some(true),
+            "{:?} {:?}",
+            apps[0].env.get("FLOCK_NODE_HOST"),
+            apps[0].cwd
+        );
     }
 }
