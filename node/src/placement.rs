@@ -17,9 +17,6 @@ use flock_scheduler::{Command, CommandResult};
 use crate::cluster::Cluster;
 use crate::worker::WorkerStatus;
 
-/// The apply level that brought [`Command::PlaceInstances`] ([`flock_scheduler::APPLY_LEVEL`]).
-const PLACE_INSTANCES_LEVEL: u32 = 1;
-
 /// How often the leader looks for instances that wait and a node with room for them.
 const PLACEMENT_TICK: Duration = Duration::from_millis(500);
 
@@ -48,17 +45,10 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>, sta
                 .keys()
                 .map(|n| flock_scheduler::scale::waiting_count(state, n))
                 .sum();
-            let older = flock_decide::upgrade::cannot_apply(
-                state,
-                cluster.node_id,
-                &levels,
-                PLACE_INSTANCES_LEVEL,
-            );
-            (
-                flock_scheduler::scale::waiting_placements(state),
-                waiting,
-                older,
-            )
+            let cmds = flock_scheduler::scale::waiting_placements(state);
+            let need = cmds.iter().map(Command::apply_level).max().unwrap_or(0);
+            let older = flock_decide::upgrade::cannot_apply(state, cluster.node_id, &levels, need);
+            (cmds, waiting, older)
         };
         if cmds.is_empty() {
             status.idle(if waiting == 0 {
