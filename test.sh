@@ -110,6 +110,11 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The upgrade test (node/tests/upgrade.rs, issue 21) forms a cluster with the previous landed
+# build of flockd (.ci/upgrade-baseline) and upgrades it node by node to this one: build that
+# baseline from this clone's history (its own target dir; skipped when already built).
+./.ci/build-baseline.sh
+
 # Everything but the Docker volume plugin's test, which runs last (below): the Docker engine
 # keeps every socket volume plugin it has used until dockerd restarts and asks a vanished one on
 # each `docker volume ls` and volume lookup, retrying for about 15 s; so nothing that looks up

@@ -45,8 +45,21 @@ impl Proc {
         log: &Path,
         env: &[(String, String)],
     ) -> Result<Proc, String> {
+        Self::start_bin(Path::new(FLOCKD), args, data_dir, name, log, env)
+    }
+
+    /// As [`start_env`](Self::start_env), with the flockd binary at `bin` (an older build, for
+    /// the upgrade test).
+    pub fn start_bin(
+        bin: &Path,
+        args: &[String],
+        data_dir: &Path,
+        name: &str,
+        log: &Path,
+        env: &[(String, String)],
+    ) -> Result<Proc, String> {
         let stderr = std::fs::File::create(log).expect("log file");
-        let mut child = Command::new(FLOCKD)
+        let mut child = Command::new(bin)
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env(
@@ -188,6 +201,8 @@ pub struct TestCluster {
     /// Each node listens (and is reached) on its own loopback address, 127.0.0.(20+i), as
     /// nodes on separate machines are: apps that bind `$FLOCK_NODE_HOST` run on every node.
     pub own_hosts: bool,
+    /// The flockd binary nodes start (and restart) with: this build's unless a test says.
+    pub flockd: PathBuf,
 }
 
 pub fn s(v: &[&str]) -> Vec<String> {
@@ -221,12 +236,29 @@ impl TestCluster {
         Self::start_full(n, &[], Vec::new(), Vec::new(), true)
     }
 
+    /// [`TestCluster::start`] with the flockd binary at `bin` (an older build: the upgrade
+    /// test); set [`Self::flockd`] to restart nodes with another.
+    pub fn start_bin(n: usize, bin: &Path) -> TestCluster {
+        Self::start_full_bin(n, &[], Vec::new(), Vec::new(), false, bin)
+    }
+
     fn start_full(
         n: usize,
         extra: &[&str],
         node_args: Vec<Vec<String>>,
         env: Vec<(String, String)>,
         own_hosts: bool,
+    ) -> TestCluster {
+        Self::start_full_bin(n, extra, node_args, env, own_hosts, Path::new(FLOCKD))
+    }
+
+    fn start_full_bin(
+        n: usize,
+        extra: &[&str],
+        node_args: Vec<Vec<String>>,
+        env: Vec<(String, String)>,
+        own_hosts: bool,
+        bin: &Path,
     ) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut c = TestCluster {
@@ -237,6 +269,7 @@ impl TestCluster {
             node_args,
             env,
             own_hosts,
+            flockd: bin.to_path_buf(),
         };
         let listen1 = c.listen(1);
         let d1 = c.data_dir(1);
@@ -252,8 +285,8 @@ impl TestCluster {
         args.extend(s(FAST));
         args.extend(c.extra_args.clone());
         args.extend(c.args_of(1));
-        let mut first =
-            Proc::start_env(&args, &d1, "n1", &c.log(1, "init"), &c.env).expect("n1 starts");
+        let mut first = Proc::start_bin(&c.flockd, &args, &d1, "n1", &c.log(1, "init"), &c.env)
+            .expect("n1 starts");
         let tok = first
             .wait_line("flockd: join with token", Duration::from_secs(5))
             .expect("token line");
@@ -325,7 +358,14 @@ impl TestCluster {
         args.extend(s(FAST));
         args.extend(self.extra_args.clone());
         args.extend(self.args_of(i));
-        Proc::start_env(&args, &d, &name, &self.log(i, "join"), &self.env)
+        Proc::start_bin(
+            &self.flockd,
+            &args,
+            &d,
+            &name,
+            &self.log(i, "join"),
+            &self.env,
+        )
     }
 
     /// `flockd run` node `i` (1-based) from its data dir, replacing the dead process.
@@ -335,8 +375,15 @@ impl TestCluster {
         args.extend(s(FAST));
         args.extend(self.extra_args.clone());
         args.extend(self.args_of(i));
-        let p = Proc::start_env(&args, &d, &format!("n{i}"), &self.log(i, "run"), &self.env)
-            .expect("node restarts");
+        let p = Proc::start_bin(
+            &self.flockd,
+            &args,
+            &d,
+            &format!("n{i}"),
+            &self.log(i, "run"),
+            &self.env,
+        )
+        .expect("node restarts");
         assert_eq!(
             p.addr,
             self.nodes[i - 1].addr,
