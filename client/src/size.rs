@@ -21,21 +21,8 @@ pub fn parse_size(s: &str) -> Result<u64, BadSize> {
     }
 }
 
-/// Bytes for people: 1.5 GiB.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+/// Bytes for people: 1.5 GiB (the scheduler's [`flock_scheduler::config::human_size`]).
+pub use flock_scheduler::config::human_size as human;
 
 #[cfg(test)]
 mod tests {

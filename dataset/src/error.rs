@@ -194,6 +194,26 @@ pub enum DatasetError {
 }
 
 impl DatasetError {
+    /// The error with the dataset it names shown as `name`: a backend names a dataset by its
+    /// backend name (`db.3`); people know it by the name they gave it (`db`).
+    pub fn naming(mut self, name: &str) -> Self {
+        use DatasetError as E;
+        match &mut self {
+            E::NotFound { dataset, .. }
+            | E::AlreadyExists { dataset, .. }
+            | E::SnapshotNotFound { dataset, .. }
+            | E::SnapshotExists { dataset, .. }
+            | E::BaseMismatch { dataset, .. }
+            | E::NoSpace { dataset, .. }
+            | E::LimitBelowUse { dataset, .. }
+            | E::Stream { dataset, .. }
+            | E::KindMismatch { dataset, .. }
+            | E::SendFailed { dataset, .. } => *dataset = name.to_string(),
+            _ => {}
+        }
+        self
+    }
+
     pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         DatasetError::Io {
             action,
@@ -295,5 +315,21 @@ impl StreamError {
             return StreamError::Truncated { offset };
         }
         StreamError::Io(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_names_the_dataset_as_people_know_it() {
+        let e = DatasetError::SnapshotNotFound {
+            dataset: "db.3".into(),
+            snapshot: "before".into(),
+        }
+        .naming("db");
+        assert!(e.to_string().contains("dataset db "), "{e}");
+        assert!(!e.to_string().contains("db.3"), "{e}");
     }
 }

@@ -594,7 +594,7 @@ pub enum ApplyError {
     UnknownNode { id: NodeId },
     #[error("invalid key {k}: {reason}", k = shown(.key))]
     InvalidKey { key: String, reason: String },
-    #[error("value for key {k} is {len} bytes; the limit is {max}", k = shown(.key))]
+    #[error("value for key {k} is {len}; the limit is {max}", k = shown(.key), len = sized(*.len), max = sized(*.max))]
     ValueTooLarge { key: String, len: usize, max: usize },
     #[error("a batch cannot contain another batch")]
     NestedBatch,
@@ -705,7 +705,7 @@ pub enum ApplyError {
     InvalidMountId { id: String },
     /// A field (or the whole command) over its size limit (see [`crate::limits`]); `what` names
     /// it, quoting user input only as [`shown`] does.
-    #[error("{what} is {len} bytes; the limit is {max} bytes")]
+    #[error("{what} is {len}; the limit is {max}", len = sized(*.len), max = sized(*.max))]
     TooLarge {
         what: String,
         len: usize,
@@ -737,6 +737,15 @@ pub enum ApplyError {
     MembersTooOld { nodes: Vec<String> },
     #[error("app {app:?} has no instance on node {node}")]
     NotPlacedOn { app: String, node: NodeId },
+}
+
+/// A length in an error, for people: `300 bytes`, `1.5 MiB (1572864 bytes)`.
+fn sized(len: usize) -> String {
+    if len < 1024 {
+        format!("{len} bytes")
+    } else {
+        format!("{} ({len} bytes)", crate::config::human_size(len as u64))
+    }
 }
 
 impl ClusterState {
@@ -1316,6 +1325,28 @@ fn validate_kv(key: &str, value: &str) -> Result<(), ApplyError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn sizes_in_errors_are_for_people() {
+        let e = ApplyError::ValueTooLarge {
+            key: "k".into(),
+            len: 2 << 20,
+            max: 3 << 19,
+        };
+        assert_eq!(
+            e.to_string(),
+            "value for key \"k\" is 2.0 MiB (2097152 bytes); the limit is 1.5 MiB (1572864 bytes)"
+        );
+        let e = ApplyError::TooLarge {
+            what: "node name".into(),
+            len: 300,
+            max: 63,
+        };
+        assert_eq!(
+            e.to_string(),
+            "node name is 300 bytes; the limit is 63 bytes"
+        );
+    }
 
     #[test]
     fn hosts_lose_their_port_and_brackets_and_removed_nodes_keep_a_name() {

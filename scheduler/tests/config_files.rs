@@ -614,7 +614,7 @@ fn application_errors() {
         (
             "an unknown key",
             app_error("services:\n  web:\n    image: nginx\n    depend_on: [db]\n"),
-            "app.yml:4:5: services.web: unknown key \"depend_on\"; did you mean depends_on? a service takes compose's keys (README.md: Compose keys)",
+            "app.yml:4:5: services.web: unknown key \"depend_on\"; did you mean depends_on? a service takes compose's keys (docs/compose.md: Compose keys)",
         ),
         (
             "the host's network",

@@ -478,7 +478,12 @@ impl ApiService {
                 .into(),
             );
         }
-        if datasets.local_copy(&ds).await.map_err(ds_err)?.is_none() {
+        if datasets
+            .local_copy(&ds)
+            .await
+            .map_err(|e| ds_err(e.naming(&ds.name)))?
+            .is_none()
+        {
             return Err(Status::unavailable(format!(
                 "the primary {} has not created {name} yet; try again in a moment",
                 self.cluster.node_name
@@ -496,7 +501,7 @@ impl ApiService {
             Ok(record) => Ok(Response::new(pb::DatasetSnapshotReply {
                 snapshot: Some(snapshot_proto(&record)),
             })),
-            Err(RecordError::Snapshot(e)) => Err(ds_err(e)),
+            Err(RecordError::Snapshot(e)) => Err(ds_err(e.naming(&ds.name))),
             Err(RecordError::Refused(e)) => Err(ClusterError::from(e).into()),
             Err(RecordError::Unexpected(other)) => Err(unexpected(other)),
             Err(RecordError::Unknown(e)) => Err(e.into()),
@@ -607,7 +612,7 @@ impl ApiService {
             .await
         {
             Ok(r) => r.name,
-            Err(RecordError::Snapshot(e)) => return Err(ds_err(e)),
+            Err(RecordError::Snapshot(e)) => return Err(ds_err(e.naming(&ds.name))),
             Err(RecordError::Refused(e)) => return Err(ClusterError::from(e).into()),
             Err(RecordError::Unexpected(other)) => return Err(unexpected(other)),
             Err(RecordError::Unknown(e)) => return Err(e.into()),
@@ -620,8 +625,9 @@ impl ApiService {
         .await
         .map_err(|e| {
             Status::internal(format!(
-                "restoring {}: {e}; its state before is kept as snapshot {kept}",
-                ds.name
+                "restoring {}: {}; its state before is kept as snapshot {kept}",
+                ds.name,
+                e.naming(&ds.name)
             ))
         })?;
         Ok(kept)
@@ -693,7 +699,7 @@ impl ApiService {
                 .datasets
                 .local_copy(&ds)
                 .await
-                .map_err(ds_err)?
+                .map_err(|e| ds_err(e.naming(&ds.name)))?
                 .is_none()
             {
                 return Err(Status::unavailable(format!(
@@ -714,7 +720,7 @@ impl ApiService {
                         flock_client::human(limit)
                     ))
                 }
-                other => ds_err(other),
+                other => ds_err(other.naming(&name)),
             })?;
             let cmd = Command::SetDatasetLimit {
                 dataset: ds.id,

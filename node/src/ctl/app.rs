@@ -153,7 +153,10 @@ fn read_beside(dir: &Path, name: &str) -> Result<Vec<u8>, String> {
         .read_to_end(&mut bytes)
         .map_err(|e| e.to_string())?;
     if bytes.len() as u64 > max {
-        return Err(format!("larger than {max} bytes"));
+        return Err(format!(
+            "larger than {}",
+            flock_scheduler::config::human_size(max)
+        ));
     }
     Ok(bytes)
 }

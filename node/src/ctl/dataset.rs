@@ -159,7 +159,15 @@ pub enum DatasetCmd {
 }
 
 fn snapshot_json(s: &Snapshot) -> Value {
-    json!({"name": s.name, "guid": s.guid, "created_unix": s.created_unix, "epoch": s.epoch})
+    json!({
+        "name": s.name, "guid": s.guid, "created": created(s.created_unix),
+        "created_unix": s.created_unix, "epoch": s.epoch,
+    })
+}
+
+/// A snapshot's creation time for people: RFC 3339 in UTC, to the second.
+fn created(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }
 
 fn transfer_json(t: &Transfer) -> Value {
@@ -559,9 +567,7 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: DatasetCmd) -> anyhow::Resul
                 for s in &d.snapshots {
                     rows.push([
                         s.name.clone(),
-                        crate::datasets::time_name(
-                            std::time::UNIX_EPOCH + Duration::from_secs(s.created_unix),
-                        ),
+                        created(s.created_unix),
                         s.epoch.to_string(),
                         "history".into(),
                     ]);

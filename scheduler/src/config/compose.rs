@@ -31,7 +31,7 @@
 //! the key; it refuses only what would lose data or break the app if run anyway (a writable
 //! host directory, the host's network, a second writable volume...), saying what to do. The
 //! reader goes on after an error, to the next key and the next service, so that one run lists
-//! every problem of the file ([`Report`]). README.md's "Compose keys" lists every key.
+//! every problem of the file ([`Report`]). docs/compose.md's "Compose keys" lists every key.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -975,7 +975,7 @@ fn read_service(
                 k.at,
                 path,
                 format!(
-                    "unknown key {}; {hint}a service takes compose's keys (README.md: Compose \
+                    "unknown key {}; {hint}a service takes compose's keys (docs/compose.md: Compose \
                      keys)",
                     crate::limits::shown(key)
                 ),

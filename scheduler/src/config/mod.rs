@@ -53,9 +53,9 @@ pub use deployment::{resolve, resolve_unpinned, Deployment, DeploymentNode};
 pub use fields::interval_ms;
 pub use render::{flocker_part, to_flocker_yaml};
 pub use spec::{
-    parse_size, AppSpec, Applications, BindMount, Constraint, ConstraintKey, Dependency, Format,
-    HealthCheck, Link, NodeRef, Plan, PlannedApp, PortMap, RestartPolicy, SecretMount, Ulimit,
-    Volume, VolumePolicy, MAX_APP_NAME_LEN, MIN_VOLUME_SIZE,
+    human_size, parse_size, AppSpec, Applications, BindMount, Constraint, ConstraintKey,
+    Dependency, Format, HealthCheck, Link, NodeRef, Plan, PlannedApp, PortMap, RestartPolicy,
+    SecretMount, Ulimit, Volume, VolumePolicy, MAX_APP_NAME_LEN, MIN_VOLUME_SIZE,
 };
 
 use yaml::{Pos, Yaml};

@@ -394,6 +394,22 @@ pub struct PlannedApp {
     pub node: Option<u64>,
 }
 
+/// Bytes for people: `512 B`, `1.5 GiB` (powers of 1024, as [`parse_size`] reads them).
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 /// Parses a size in bytes: a number, optionally with a fraction, and an optional unit. Units
 /// are powers of 1024 and case-insensitive: `K`, `M`, `G`, `T`, `P`, also written `KB`/`KiB`
 /// and so on, and `B` for bytes. A fraction is rounded up to the next byte (Flocker's rule:
