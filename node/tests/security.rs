@@ -236,12 +236,35 @@ fn s07_admin_config_issues_a_working_certificate() {
     );
     assert!(stderr(&o).contains("exists"), "{}", stderr(&o));
     // Without a config flockctl says what to do.
+    let home = tempfile::tempdir().unwrap();
     let o = Command::new(FLOCKCTL)
-        .args(["status"])
+        .args(["status", "--addr", c.addr(1)])
         .env_remove("FLOCK_CONFIG")
+        .env_remove("XDG_CONFIG_HOME")
+        .env("HOME", home.path())
         .output()
         .unwrap();
     assert!(stderr(&o).contains("no client config"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!(
+            "{}/.config/flock/admin.conf",
+            home.path().display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+    // One in the user's config directory is read without being named.
+    let user = home.path().join(".config/flock");
+    std::fs::create_dir_all(&user).unwrap();
+    std::fs::copy(c.config(), user.join("admin.conf")).unwrap();
+    let o = Command::new(FLOCKCTL)
+        .args(["status", "--addr", c.addr(1)])
+        .env_remove("FLOCK_CONFIG")
+        .env_remove("XDG_CONFIG_HOME")
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]

@@ -38,6 +38,7 @@ pub use output::{exit_code, JsonFlag, NotFound, EXIT_CAS_FAILED, EXIT_NOT_FOUND}
 pub struct Cli {
     /// Client config: the cluster's CA, an admin certificate and key, and member addresses.
     /// `flockd init` writes one to DATA_DIR/admin.conf; `flockctl cluster admin-config` makes more.
+    /// Default: ~/.config/flock/admin.conf, else /var/lib/flock/admin.conf.
     #[arg(long, global = true, env = "FLOCK_CONFIG")]
     pub config: Option<PathBuf>,
     /// API address of a node to talk to, instead of the config's addresses.
@@ -114,14 +115,42 @@ pub enum Cmd {
     Ui(ui::UiArgs),
 }
 
-/// Loads the client config named by --config or FLOCK_CONFIG.
+/// Where flockctl looks for a client config when neither --config nor FLOCK_CONFIG names one,
+/// in order: the user's own (`$XDG_CONFIG_HOME/flock/admin.conf`, else
+/// `~/.config/flock/admin.conf`), then the packaged node's (`/var/lib/flock/admin.conf`, which
+/// only root can read), as kubectl reads ~/.kube/config.
+pub fn default_config_paths() -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    let xdg = std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty());
+    match (xdg, std::env::var_os("HOME").filter(|v| !v.is_empty())) {
+        (Some(x), _) => paths.push(PathBuf::from(x).join("flock/admin.conf")),
+        (None, Some(h)) => paths.push(PathBuf::from(h).join(".config/flock/admin.conf")),
+        (None, None) => {}
+    }
+    paths.push(PathBuf::from("/var/lib/flock/admin.conf"));
+    paths
+}
+
+/// Loads the client config named by --config or FLOCK_CONFIG, else the first of
+/// [`default_config_paths`] that exists.
 fn load_config(cli: &Cli) -> anyhow::Result<ClientConfig> {
-    let path = cli.config.as_ref().ok_or_else(|| {
-        anyhow::anyhow!(
-            "no client config: give --config FILE or set FLOCK_CONFIG (flockd init wrote DATA_DIR/admin.conf; `flockd dev` prints the export line)"
-        )
-    })?;
-    ClientConfig::load(path).map_err(|e| config_error(path, e))
+    let path = match &cli.config {
+        Some(p) => p.clone(),
+        None => default_config_paths()
+            .into_iter()
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no client config: give --config FILE or set FLOCK_CONFIG, or put one at {} (flockd init wrote DATA_DIR/admin.conf; `flockd dev` prints the export line)",
+                    default_config_paths()
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                )
+            })?,
+    };
+    ClientConfig::load(&path).map_err(|e| config_error(&path, e))
 }
 
 /// A config that cannot be loaded, said once, with what to do: `{e:#}` of the file error would
