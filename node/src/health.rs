@@ -113,6 +113,7 @@ impl Prober {
             check,
             env,
             cwd,
+            creds,
         } in apps
         {
             let Some(argv) = argv(check) else { continue };
@@ -131,9 +132,11 @@ impl Prober {
             if !self.running.contains_key(name) && v.due(now) {
                 v.started(check, now);
                 let timeout = ms(check.timeout_ms, DEFAULT_TIMEOUT);
-                let (env, cwd) = (env.clone(), cwd.clone());
-                self.running
-                    .insert(name.clone(), tokio::spawn(run(argv, env, cwd, timeout)));
+                let (env, cwd, creds) = (env.clone(), cwd.clone(), *creds);
+                self.running.insert(
+                    name.clone(),
+                    tokio::spawn(run(argv, env, cwd, creds, timeout)),
+                );
             }
             out.insert(name.clone(), v.healthy);
         }
@@ -151,11 +154,30 @@ pub struct Checked {
     pub check: HealthCheck,
     pub env: BTreeMap<String, String>,
     pub cwd: Option<std::path::PathBuf>,
+    /// The uid and gid it runs as: the instance's own (`None`: flockd's, in tests only).
+    pub creds: Option<(u32, u32)>,
 }
 
+/// The effective uid and gid of process `pid`, from /proc/PID/status.
+fn creds_of(pid: &str) -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |key: &str| -> Option<u32> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        // "Uid:\treal\teffective\tsaved\tfs"
+        line.split_whitespace().nth(2)?.parse().ok()
+    };
+    Some((field("Uid:")?, field("Gid:")?))
+}
+
+/// Whom a check runs as when its instance's credentials cannot be read (it just exited):
+/// nobody, never root.
+const NOBODY: (u32, u32) = (65534, 65534);
+
 impl Checked {
-    /// The check of the process `pid`: its environment and working directory as /proc shows
-    /// them, or when they cannot be read (it just exited), `spec_env` in flockd's directory.
+    /// The check of the process `pid`: its environment, working directory and credentials as
+    /// /proc shows them (a check of an app with `user:` runs as that user, as a container's
+    /// runs inside it), or when they cannot be read (it just exited), `spec_env` in flockd's
+    /// directory, as nobody.
     pub fn of_process(
         name: &str,
         pid: &str,
@@ -180,6 +202,7 @@ impl Checked {
             check,
             env,
             cwd: std::fs::read_link(format!("/proc/{pid}/cwd")).ok(),
+            creds: Some(creds_of(pid).unwrap_or(NOBODY)),
         }
     }
 }
@@ -189,11 +212,16 @@ async fn run(
     argv: Vec<String>,
     env: BTreeMap<String, String>,
     cwd: Option<std::path::PathBuf>,
+    creds: Option<(u32, u32)>,
     timeout: Duration,
 ) -> bool {
     let mut cmd = tokio::process::Command::new(&argv[0]);
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
+    }
+    if let Some((uid, gid)) = creds {
+        // std drops root's supplementary groups (setgroups) when it changes the uid.
+        cmd.uid(uid).gid(gid);
     }
     cmd.args(&argv[1..])
         .env_clear()
@@ -278,6 +306,7 @@ mod tests {
             check,
             env: BTreeMap::new(),
             cwd: None,
+            creds: None,
         };
         let apps = vec![checked("good", "1", ok.clone()), checked("bad", "2", bad)];
         assert_eq!(
@@ -293,6 +322,35 @@ mod tests {
         let again = vec![checked("good", "9", ok)];
         assert_eq!(p.look(&again, t0 + Duration::from_secs(2))["good"], None);
         assert!(!p.verdicts.contains_key("bad"));
+    }
+
+    /// A check runs as its instance's user: an app started as nobody (`user: nobody`) is not
+    /// checked as root.
+    #[tokio::test]
+    async fn a_check_runs_as_the_instances_user() {
+        use std::os::unix::process::CommandExt;
+        let mut app = std::process::Command::new("sleep")
+            .arg("30")
+            .uid(65534)
+            .gid(65534)
+            .spawn()
+            .unwrap();
+        let mut c = check(1, 0);
+        c.test = vec![
+            "CMD-SHELL".into(),
+            "test \"$(id -u):$(id -g)\" = 65534:65534".into(),
+        ];
+        let pid = app.id().to_string();
+        let apps = vec![Checked::of_process("web", &pid, c, &BTreeMap::new())];
+        let mut p = Prober::default();
+        let t0 = Instant::now();
+        p.look(&apps, t0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let seen = p.look(&apps, t0 + Duration::from_millis(300));
+        let _ = app.kill();
+        let _ = app.wait();
+        assert_eq!(apps[0].creds, Some((65534, 65534)));
+        assert_eq!(seen["web"], Some(true), "the check did not run as nobody");
     }
 
     /// A process app's check runs as if inside it: with the instance's environment (where it

@@ -480,10 +480,8 @@ impl ProcessDriver {
                 app: app.clone(),
                 reason: format!("user {user}: {detail}"),
             })?;
-            cmd.uid(uid);
-            if let Some(gid) = gid {
-                cmd.gid(gid);
-            }
+            // std drops root's supplementary groups (setgroups) when it changes the uid.
+            cmd.uid(uid).gid(gid);
         }
         if let Some(mask) = crate::datadir::original_umask() {
             // SAFETY: umask is async-signal-safe and touches no memory of the parent.
@@ -701,27 +699,45 @@ pub fn signal_number(name: &str) -> Option<i32> {
     })
 }
 
-/// `USER[:GROUP]` as uid and gid: numbers, or names from the password and group files.
-fn resolve_user(spec: &str) -> Result<(u32, Option<u32>), String> {
+/// The group a process runs as when `user:` names none: the user's primary group in
+/// /etc/passwd, else this one (nogroup). Never root's group, which a uid change alone would keep.
+const NO_GROUP: u32 = 65534;
+
+/// `USER[:GROUP]` as uid and gid: numbers, or names from the password and group files. Without
+/// a group, the user's primary group from /etc/passwd (by name or uid), else [`NO_GROUP`].
+fn resolve_user(spec: &str) -> Result<(u32, u32), String> {
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let uid = match user.parse::<u32>() {
-        Ok(n) => n,
-        Err(_) => lookup("/etc/passwd", user)?,
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    // name:password:uid:gid:...
+    let entry = |pick: &dyn Fn(&str, u32) -> bool| {
+        passwd.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            let (uid, gid) = (f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?);
+            pick(f[0], uid).then_some((uid, gid))
+        })
+    };
+    let (uid, primary) = match user.parse::<u32>() {
+        Ok(n) => (n, entry(&|_, uid| uid == n).map(|(_, g)| g)),
+        Err(_) => {
+            let (uid, gid) = entry(&|name, _| name == user)
+                .ok_or_else(|| format!("no {user} in /etc/passwd"))?;
+            (uid, Some(gid))
+        }
     };
     let gid = match group {
-        None => None,
-        Some(g) => Some(match g.parse::<u32>() {
+        None => primary.unwrap_or(NO_GROUP),
+        Some(g) => match g.parse::<u32>() {
             Ok(n) => n,
             Err(_) => lookup("/etc/group", g)?,
-        }),
+        },
     };
     Ok((uid, gid))
 }
 
-/// The id (third field) of `name` in a colon-separated file such as /etc/passwd.
+/// The id (third field) of `name` in a colon-separated file such as /etc/group.
 fn lookup(file: &str, name: &str) -> Result<u32, String> {
     let text = fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
     text.lines()
@@ -737,6 +753,20 @@ fn lookup(file: &str, name: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `user:` alone runs with the user's own group, never with root's.
+    #[test]
+    fn a_user_without_a_group_gets_its_own_group_not_roots() {
+        assert_eq!(resolve_user("root"), Ok((0, 0)));
+        let nobody = resolve_user("nobody").unwrap();
+        assert_eq!(nobody.0, 65534);
+        assert_ne!(nobody.1, 0, "nobody ran in root's group");
+        // A uid no entry names: nogroup.
+        assert_eq!(resolve_user("4242424"), Ok((4242424, NO_GROUP)));
+        assert_eq!(resolve_user("4242424:7"), Ok((4242424, 7)));
+        assert_eq!(resolve_user("nobody:root"), Ok((65534, 0)));
+        assert!(resolve_user("no-such-user-here").is_err());
+    }
 
     fn spec(app: &str, command: &[&str]) -> RunSpec {
         RunSpec {
