@@ -289,7 +289,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             if let Some((header, plan)) = restore {
                 for line in node.restore(&dd, &header, plan).await? {
-                    if line.starts_with("NOT") || line.starts_with("warning") {
+                    // What was left out is worth a WARN; "NOT restored, ...: none" is not.
+                    let left_out = line.starts_with("NOT") && !line.ends_with(": none");
+                    if left_out || line.starts_with("warning") {
                         tracing::warn!("restore: {line}");
                     } else {
                         tracing::info!("restore: {line}");
