@@ -150,6 +150,11 @@ fn b01_a_backup_restores_keys_and_stateless_apps_into_a_new_cluster() {
     let a = c.addr(1).to_string();
     c.ctl_ok(&a, &["kv", "put", "app/a", "1"]);
     c.ctl_ok(&a, &["kv", "put", "greeting", "hello world"]);
+    // A state over 4 MiB (the largest command), which the backup streams in pieces.
+    let big = |i: usize| format!("{i:03}{}", "x".repeat(100 * 1024));
+    for i in 0..45 {
+        c.ctl_ok(&a, &["kv", "put", &format!("big/{i}"), &big(i)]);
+    }
     // A stateful app (counter, with a volume) and a stateless one (web), from Flocker's files;
     // and a stack with a stateless process app and a secret.
     let files = tempfile::tempdir().unwrap();
@@ -217,7 +222,8 @@ fn b01_a_backup_restores_keys_and_stateless_apps_into_a_new_cluster() {
     ))
     .unwrap();
     assert_eq!(j["holds_secrets"], true, "{j:#}");
-    assert!(j["applied_index"].as_u64().unwrap() > 3, "{j:#}");
+    assert!(j["applied_index"].as_u64().unwrap() > 45, "{j:#}");
+    assert!(j["bytes"].as_u64().unwrap() > 4 << 20, "{j:#}");
     let bytes = fs::read(&file).unwrap();
     let header: Value = serde_json::from_slice(bytes.split(|b| *b == b'\n').next().unwrap())
         .expect("a JSON header line");
@@ -269,7 +275,7 @@ fn b01_a_backup_restores_keys_and_stateless_apps_into_a_new_cluster() {
     args.extend(s(FAST));
     let mut r = Proc::start(&args, &d, "r1", &c.dir.path().join("r1.log")).expect("restores");
     let said = r.drain().join("\n");
-    assert!(said.contains("restored 2 of 2 keys"), "{said}");
+    assert!(said.contains("restored 47 of 47 keys"), "{said}");
     assert!(
         said.contains("deployed the apps outside stacks: web"),
         "{said}"
@@ -302,6 +308,7 @@ fn b01_a_backup_restores_keys_and_stateless_apps_into_a_new_cluster() {
         "hello world"
     );
     assert_eq!(ctl_ok(&conf, &ra, &["kv", "get", "app/a"]), "1");
+    assert_eq!(ctl_ok(&conf, &ra, &["kv", "get", "big/44"]), big(44));
     until("the restored web serves", Duration::from_secs(30), || {
         let ls: Value =
             serde_json::from_str(&ctl_ok(&conf, &ra, &["app", "ls", "--json"])).unwrap();
