@@ -333,3 +333,49 @@ fn b01_a_backup_restores_keys_and_stateless_apps_into_a_new_cluster() {
         serde_json::from_str(&ctl_ok(&conf, &ra, &["dataset", "ls", "--json"])).unwrap();
     assert_eq!(ds, Value::Array(vec![]), "no dataset is restored");
 }
+
+#[test]
+fn f02_another_survivor_started_as_it_was_follows_the_forced_node() {
+    let mut c = TestCluster::start(5, &[]);
+    let _end = EndApps(c.dir.path().to_path_buf());
+    c.ctl_ok(c.addr(1), &["kv", "put", "before", "kept"]);
+    // Three of five voters are lost for good; n1 and n2 survive without a quorum.
+    for i in [3, 4, 5] {
+        c.nodes[i - 1].kill9();
+    }
+    // While they wait, the survivors stand for election again and again.
+    std::thread::sleep(Duration::from_secs(2));
+    for i in [1, 2] {
+        c.nodes[i - 1].signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
+    }
+    let p = force(&c, 1, "force").expect("n1 starts forced");
+    c.nodes[0] = p;
+    let said = c.nodes[0].drain().join("\n");
+    assert!(said.contains("dropped voters: n2 (id 2"), "{said}");
+    let a = c.addr(1).to_string();
+    c.ctl_ok(&a, &["kv", "put", "after", "written"]);
+    // n2 starts with its data dir as it was: it follows n1 as a learner, with n1's log.
+    c.restart(2);
+    until("n2 follows n1", Duration::from_secs(30), || {
+        let st = c.status(&a);
+        let n2 = st["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "n2")?
+            .clone();
+        (n2["role"] == "learner" && n2["health"] == "healthy" && n2["lag"] == 0).then_some(())
+    });
+    assert_eq!(c.ctl_ok(c.addr(2), &["kv", "get", "after"]), "written");
+    assert_eq!(c.status(&a)["leader_name"], "n1");
+    for n in ["n3", "n4", "n5"] {
+        c.ctl_ok(&a, &["node", "rm", n]);
+    }
+    // One more machine, and the cluster has three voters again.
+    let p = c.join(6).expect("a new node joins");
+    c.nodes.push(p);
+    c.wait_voters(3, Duration::from_secs(40));
+    let mut v = voters(&c, &a);
+    v.sort();
+    assert_eq!(v, ["n1", "n2", "n6"]);
+}
