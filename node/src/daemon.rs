@@ -889,12 +889,12 @@ pub fn force_new_cluster(dd: &DataDir) -> anyhow::Result<Vec<String>> {
     let lost: Vec<&str> = f.dropped_voters.values().map(|n| n.name.as_str()).collect();
     if !lost.is_empty() {
         lines.push(format!(
-            "next: for each lost node, `flockctl node rm NAME` ({}; --force for the node that holds the CA); their registrations stay until then, so their stateful apps fail over to replicas once their leases run out (`flockctl events`); a node that is a dataset's primary is refused until its dataset has failed over or moved",
+            "next: for each dropped node lost for good, `flockctl node rm NAME` ({}; --force for the node that holds the CA); their registrations stay until then, so their stateful apps fail over to replicas once their leases run out (`flockctl events`); a node that is a dataset's primary is refused until its dataset has failed over or moved",
             lost.join(", ")
         ));
     }
     lines.push(
-        "next: add machines with `flockd join` (a fresh data dir each); caught-up learners become voters again"
+        "next: start other survivors with `flockd run` (never with --force-new-cluster): they follow this node as learners, with its log; add machines with `flockd join` (a fresh data dir each); caught-up learners become voters again"
             .to_string(),
     );
     lines.push(
