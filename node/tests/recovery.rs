@@ -121,6 +121,21 @@ fn f01_a_survivor_of_a_lost_majority_is_forced_into_a_new_cluster_and_grows_agai
     v.sort();
     assert_eq!(v, ["n1", "n4", "n5"]);
     assert_eq!(c.ctl_ok(c.addr(5), &["kv", "get", "before"]), "kept");
+    // A backup through a follower holds every write acknowledged before it (a read barrier).
+    c.ctl_ok(&a, &["kv", "put", "last", "write"]);
+    let leader_commit = c.status(&a)["commit_index"].as_u64().unwrap();
+    let file = c.dir.path().join("f01.backup");
+    let j: Value = serde_json::from_str(&c.ctl_ok(
+        c.addr(5),
+        &["cluster", "backup", file.to_str().unwrap(), "--json"],
+    ))
+    .unwrap();
+    assert_eq!(j["node"], "n5", "{j:#}");
+    assert_eq!(j["cluster_id"], c.status(&a)["cluster_id"], "{j:#}");
+    assert!(
+        j["applied_index"].as_u64().unwrap() >= leader_commit,
+        "{j:#} (leader's commit index {leader_commit})"
+    );
 }
 
 /// Every file under `dir` whose content is exactly `content`.
