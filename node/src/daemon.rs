@@ -1,5 +1,6 @@
 //! Starting and stopping a node: `init` (a new cluster), `join` (an existing one), `run` (restart
-//! from a data dir). Startup builds everything, then starts the server and the workers (through
+//! from a data dir); `run --force-new-cluster` ([`force_new_cluster`]) and `init --restore`
+//! ([`RunningNode::restore`]) are the ways back from a lost quorum and from a backup. Startup builds everything, then starts the server and the workers (through
 //! [`crate::worker::Workers`]); shutdown stops them in a fixed order: API/Raft server, agents,
 //! mesh and plugin, membership worker, Raft, QUIC transfer server and endpoint, store flush.
 //! Every connection is mutual TLS with the cluster CA's certificates (see [`crate::pki`]).
@@ -829,6 +830,227 @@ impl RunningNode {
             .map_err(|e| anyhow::anyhow!("flushing the raft store: {e}"))?;
         tracing::info!("shutdown: store flushed");
         Ok(())
+    }
+}
+
+/// `flockd run --force-new-cluster`, before the node starts: makes this node the only voter of
+/// its cluster, keeping its state ([`flock_raft::recover`]), and returns what it did and what
+/// the operator must do next, one line each (flockd prints them and logs them at WARN).
+pub fn force_new_cluster(dd: &DataDir) -> anyhow::Result<Vec<String>> {
+    let identity = dd.load_identity()?;
+    let member = MemberNode {
+        name: identity.name.clone(),
+        addr: identity.advertise.clone(),
+    };
+    let f = flock_raft::recover::force_new_cluster(
+        &dd.store_path(),
+        &identity.cluster_id,
+        identity.node_id,
+        member,
+    )?;
+    let named = |nodes: &std::collections::BTreeMap<u64, MemberNode>| {
+        nodes
+            .iter()
+            .map(|(id, n)| format!("{} (id {id}, {})", n.name, n.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let me = &identity.name;
+    let mut lines = vec![format!(
+        "FORCED A NEW CLUSTER: node {me} (id {}) is now the only voter of cluster {}, and its leader in term {} (membership entry at log index {})",
+        identity.node_id, identity.cluster_id, f.log_id.leader_id.term, f.log_id.index
+    )];
+    if !f.dropped_voters.is_empty() {
+        lines.push(format!("dropped voters: {}", named(&f.dropped_voters)));
+    }
+    if !f.dropped_learners.is_empty() {
+        lines.push(format!(
+            "dropped learners (the leader adds the registered ones back as learners): {}",
+            named(&f.dropped_learners)
+        ));
+    }
+    lines.push(match f.last_before {
+        Some(l) => format!(
+            "every entry of {me}'s log, up to index {} (term {}), is now committed; entries the lost voters may have committed after it are lost",
+            l.index, l.leader_id.term
+        ),
+        None => format!("{me}'s log was empty; whatever the lost voters committed is lost"),
+    });
+    if !f.was_voter {
+        lines.push(format!(
+            "{me} was a learner, not a voter: its log may lag well behind what the voters had committed"
+        ));
+    }
+    if !TlsPaths::new(dd.root()).ca_key().exists() {
+        lines.push(format!(
+            "{me} does not hold the cluster CA's key (its first node did): unless that node is still alive, no node can join and no admin config can be issued; take a backup (`flockctl cluster backup`) and start a new cluster from it (`flockd init --restore`)"
+        ));
+    }
+    let lost: Vec<&str> = f.dropped_voters.values().map(|n| n.name.as_str()).collect();
+    if !lost.is_empty() {
+        lines.push(format!(
+            "next: for each dropped node lost for good, `flockctl node rm NAME` ({}; --force for the node that holds the CA); their registrations stay until then, so their stateful apps fail over to replicas once their leases run out (`flockctl events`); a node that is a dataset's primary is refused until its dataset has failed over or moved",
+            lost.join(", ")
+        ));
+    }
+    lines.push(
+        "next: start other survivors with `flockd run` (never with --force-new-cluster): they follow this node as learners, with its log; add machines with `flockd join` (a fresh data dir each); caught-up learners become voters again"
+            .to_string(),
+    );
+    lines.push(
+        "a lost node must NEVER start again with its old data dir: its old voters could elect a leader of their own; wipe it and join it as a new node"
+            .to_string(),
+    );
+    Ok(lines)
+}
+
+impl RunningNode {
+    /// `flockd init --restore`: on the new cluster this node just made, proposes what `plan`
+    /// brings back of a backup, as ordinary commands (so older members apply them too), each
+    /// through the normal size checks: the keys, the revoked admin labels, and the deploys of
+    /// the apps without a dataset, through this node's own API as the new admin (the path of
+    /// `flockctl deploy`, with its preflight). Returns what it did and what it left out, one
+    /// line each; what failed is among them, and fails the whole only when nothing could be
+    /// proposed.
+    pub async fn restore(
+        &self,
+        dd: &DataDir,
+        from: &crate::api::backup::BackupHeader,
+        plan: crate::api::backup::RestorePlan,
+    ) -> anyhow::Result<Vec<String>> {
+        use futures::StreamExt;
+        let mut lines = vec![format!(
+            "restoring the backup of cluster {} (applied index {}, term {}, taken {} on {}) into new cluster {}",
+            from.cluster_id,
+            from.applied_index,
+            from.applied_term,
+            from.time,
+            from.node,
+            self.identity.cluster_id
+        )];
+        let cluster = &self.cluster;
+        let keys = plan.kv.len();
+        let failed: Vec<String> = futures::stream::iter(plan.kv)
+            .map(|(key, value)| async move {
+                let r = cluster
+                    .propose(Command::KvPut {
+                        key: key.clone(),
+                        value,
+                    })
+                    .await;
+                match r {
+                    Ok(CommandResult::KvPut(_)) => None,
+                    Ok(other) => Some(format!("{}: {other:?}", flock_scheduler::shown(&key))),
+                    Err(e) => Some(format!("{}: {e}", flock_scheduler::shown(&key))),
+                }
+            })
+            // Many at once: the leader batches concurrent proposals into one entry each fsync.
+            .buffer_unordered(64)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await;
+        lines.push(format!(
+            "restored {} of {keys} keys (their values; revisions, versions and create revisions start again from 1)",
+            keys - failed.len()
+        ));
+        for f in &failed {
+            lines.push(format!("key not restored: {f}"));
+        }
+        for label in &plan.revoked_admins {
+            match cluster
+                .propose(Command::RevokeAdmin {
+                    label: label.clone(),
+                })
+                .await
+            {
+                Ok(CommandResult::AdminRevoked { .. }) => {}
+                other => lines.push(format!(
+                    "revoked admin label {label:?} not restored: {other:?}"
+                )),
+            }
+        }
+        if !plan.revoked_admins.is_empty() {
+            lines.push(format!(
+                "revoked admin labels again: {}",
+                plan.revoked_admins.join(", ")
+            ));
+        }
+        for label in &plan.kept_labels {
+            lines.push(format!(
+                "not revoked again: label {label:?}, the new admin config's own (DATA_DIR/admin.conf); revoke it once you issued another (`flockctl cluster admin-config --out FILE --label NEW`, then `--revoke {label}` with the new one)"
+            ));
+        }
+        if !plan.deploys.is_empty() {
+            let config = flock_client::ClientConfig::load(&dd.admin_config_path())?;
+            let mut api = flock_client::connect(
+                &self.identity.advertise,
+                &config.identity()?,
+                Duration::from_secs(5),
+            )
+            .await?;
+            for d in plan.deploys {
+                let what = match &d.stack {
+                    Some(s) => format!("stack {s}"),
+                    None => "the apps outside stacks".to_string(),
+                };
+                let names = d.apps.keys().cloned().collect::<Vec<_>>().join(", ");
+                let req = flock_proto::v1::DeployRequest {
+                    plan_json: serde_json::to_string(&d.apps)?,
+                    dry_run: false,
+                    volumes_json: String::new(),
+                    stack: d.stack.clone().unwrap_or_default(),
+                    secrets: d.secrets.into_iter().collect(),
+                    problems_in_reply: true,
+                };
+                match api.deploy(req).await {
+                    Ok(r) if r.get_ref().problems.is_empty() => {
+                        lines.push(format!("deployed {what}: {names}"));
+                        for w in &r.get_ref().warnings {
+                            lines.push(format!("warning: {w}"));
+                        }
+                    }
+                    Ok(r) => lines.push(format!(
+                        "NOT restored, {what} ({names}): {}",
+                        r.get_ref().problems.join("; ")
+                    )),
+                    Err(s) => {
+                        lines.push(format!("NOT restored, {what} ({names}): {}", s.message()))
+                    }
+                }
+            }
+        }
+        if !plan.unpinned.is_empty() {
+            lines.push(format!(
+                "pinned to old nodes, placed anew: {}",
+                plan.unpinned.join(", ")
+            ));
+        }
+        for (app, dep) in &plan.waiting {
+            lines.push(format!(
+                "app {app} depends on {dep}, which was not restored: it waits until {dep} runs"
+            ));
+        }
+        let none = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        lines.push(format!(
+            "NOT restored, apps with a dataset (their data is on the old nodes' disks; deploy them again once their data is in place): {}",
+            none(&plan.stateful_apps)
+        ));
+        lines.push(format!("NOT restored, datasets: {}", none(&plan.datasets)));
+        lines.push(format!(
+            "NOT restored, the old nodes (join new ones with `flockd join`): {}",
+            none(&plan.nodes)
+        ));
+        lines.push(
+            "NOT restored: the old CA, admin configs and certificates; use the new admin config in this data dir (admin.conf)"
+                .to_string(),
+        );
+        Ok(lines)
     }
 }
 

@@ -5,6 +5,8 @@
 //! - [`disk`]: the small [`RaftDisk`](disk::RaftDisk) trait and its redb implementation.
 //! - [`log_store`]: the durable log with group commit; [`state_machine`]: the applied
 //!   [`ClusterState`](flock_scheduler::ClusterState) and snapshots; [`store`] opens both.
+//! - [`recover`]: `flockd run --force-new-cluster`, a survivor made the only voter when a
+//!   majority of voters is lost for good.
 //! - [`network`]: openraft's network over gRPC; [`server`]: the gRPC service that receives it.
 //! - [`tls`]: flock-tls, re-exported (TLS identities, the client that checks a peer is the node
 //!   it meant to reach, the server's accept loop); it lives in its own crate so the client and
@@ -14,6 +16,7 @@ pub mod codec;
 pub mod disk;
 pub mod log_store;
 pub mod network;
+pub mod recover;
 pub mod server;
 pub mod state_machine;
 pub mod store;

@@ -3,9 +3,11 @@
 //! Handlers translate requests into [`Cluster`] operations: writes become scheduler commands
 //! proposed through Raft (forwarded to the leader by [`Cluster::propose`]), reads are served from
 //! the local state machine after a read barrier unless the caller asked for a stale read.
-//! Dataset calls are in [`datasets`].
+//! Dataset calls are in [`datasets`]; the backup file and what a restore brings back, in
+//! [`backup`].
 
 mod apps;
+pub mod backup;
 mod datasets;
 mod events;
 mod join;
@@ -211,6 +213,14 @@ fn push_warnings(
 /// The most bytes of entries one `KvList` reply to a client that does not page (an older
 /// flockctl, which accepts replies up to 64 MiB) holds; a larger list is refused.
 const KV_LIST_UNPAGED_BYTES: usize = 32 << 20;
+
+/// The most state bytes one `ClusterBackup` message carries: far below every client's
+/// message limit, so a state of any size streams.
+const BACKUP_CHUNK: usize = 1 << 20;
+
+/// The stream `ClusterBackup` answers with.
+type BackupStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<ClusterBackupChunk, Status>> + Send>>;
 
 /// The largest certificate signing request a node may send to renew its certificate (a CSR
 /// for flock's keys is well under 1 KiB).
@@ -714,6 +724,61 @@ impl Api for ApiService {
 
     async fn check_apps(&self, req: Request<CheckAppsRequest>) -> Reply<CheckAppsReply> {
         self.do_check_apps(req).await
+    }
+
+    type ClusterBackupStream = BackupStream;
+
+    async fn cluster_backup(
+        &self,
+        req: Request<ClusterBackupRequest>,
+    ) -> Reply<Self::ClusterBackupStream> {
+        // Admins only: the state holds stacks' secrets, and no node needs a copy this way.
+        if !matches!(self.authorize(&req)?, Role::Admin(_)) {
+            return Err(Status::permission_denied(
+                "only an admin may take a backup (it holds stacks' secrets)",
+            ));
+        }
+        // After a read barrier: every write committed before the call is in the copy. The
+        // state is copied under the lock (its key-value map is shared, not copied) and encoded
+        // outside it.
+        let (applied, state) = self
+            .cluster
+            .read(false, |a| (a.last_applied, a.cluster.clone()))
+            .await?;
+        let data = flock_raft::state_machine::encode_cluster(&state);
+        let node_name = flock_scheduler::state::node_name(&state, self.cluster.node_id);
+        let info = ClusterBackupInfo {
+            cluster_id: state.cluster_id.clone(),
+            applied_index: applied.map_or(0, |l| l.index),
+            applied_term: applied.map_or(0, |l| l.leader_id.term),
+            at_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            flock_version: env!("CARGO_PKG_VERSION").to_string(),
+            state_bytes: data.len() as u64,
+            node_name,
+        };
+        tracing::info!(
+            bytes = data.len(),
+            index = info.applied_index,
+            "serving a backup of the replicated state"
+        );
+        let mut chunks: Vec<ClusterBackupChunk> = data
+            .chunks(BACKUP_CHUNK)
+            .map(|c| ClusterBackupChunk {
+                info: None,
+                data: c.to_vec(),
+            })
+            .collect();
+        match chunks.first_mut() {
+            Some(first) => first.info = Some(info),
+            None => chunks.push(ClusterBackupChunk {
+                info: Some(info),
+                data: Vec::new(),
+            }),
+        }
+        let stream = futures::stream::iter(chunks.into_iter().map(Ok));
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

@@ -40,6 +40,12 @@ enum Cmd {
     Init {
         #[command(flatten)]
         node: NewNode,
+        /// Bring back the desired state of a backup (`flockctl cluster backup FILE`) into the
+        /// new cluster: keys, revoked admin labels, and apps without a dataset with their
+        /// stacks' secrets. Not apps with datasets, datasets, old nodes or old admin configs;
+        /// see docs/recovery.md.
+        #[arg(long, value_name = "FILE")]
+        restore: Option<PathBuf>,
     },
     /// Join the cluster that PEER (HOST:PORT of any member) belongs to, and keep running.
     Join {
@@ -62,6 +68,13 @@ enum Cmd {
         /// Bind this address instead of the one recorded at creation (the advertised address stays).
         #[arg(long)]
         listen: Option<String>,
+        /// When a majority of voters is lost for good: make this node the only voter of its
+        /// cluster before it starts, keeping its state (entries the lost voters committed
+        /// beyond this node's log are lost). Then remove the lost nodes (`flockctl node rm`)
+        /// and join new ones; a lost node must never start again with its old data dir. See
+        /// docs/recovery.md.
+        #[arg(long)]
+        force_new_cluster: bool,
         /// Must match what the data dir recorded at creation, if given.
         #[command(flatten)]
         storage: StorageArgs,
@@ -242,7 +255,7 @@ fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = match &cli.command {
-        Cmd::Init { node } | Cmd::Join { node, .. } => node.data_dir.clone(),
+        Cmd::Init { node, .. } | Cmd::Join { node, .. } => node.data_dir.clone(),
         Cmd::Run { data_dir, .. } => data_dir.clone(),
         Cmd::Dev { .. } | Cmd::FenceWatch { .. } => PathBuf::new(),
     };
@@ -261,7 +274,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             return flock_node::dev::run(nodes, port, data_dir, &opts).await;
         }
-        Cmd::Init { node: n } => {
+        Cmd::Init { node: n, restore } => {
+            // A backup is read and checked before anything is made: a bad one leaves no data dir.
+            let restore = restore.map(|f| read_backup(&f)).transpose()?;
             let dd = DataDir::new(&n.data_dir);
             let ep = Endpoint::bind(&n.listen, n.advertise).await?;
             let opts = n.storage.options(&n.raft)?;
@@ -272,6 +287,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "flockd: add a node with: flockd join {} --token {token} --data-dir DIR --listen HOST:PORT",
                 node.identity.advertise
             );
+            if let Some((header, plan)) = restore {
+                for line in node.restore(&dd, &header, plan).await? {
+                    // What was left out is worth a WARN; "NOT restored, ...: none" is not.
+                    let left_out = line.starts_with("NOT") && !line.ends_with(": none");
+                    if left_out || line.starts_with("warning") {
+                        tracing::warn!("restore: {line}");
+                    } else {
+                        tracing::info!("restore: {line}");
+                    }
+                    println!("flockd: {line}");
+                }
+            }
             node
         }
         Cmd::Join {
@@ -299,9 +326,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Run {
             data_dir,
             listen,
+            force_new_cluster,
             storage,
             raft,
-        } => RunningNode::run(&DataDir::new(data_dir), listen, &storage.options(&raft)?).await?,
+        } => {
+            let dd = DataDir::new(data_dir);
+            if force_new_cluster {
+                for line in flock_node::daemon::force_new_cluster(&dd)? {
+                    tracing::warn!("force-new-cluster: {line}");
+                    println!("flockd: {line}");
+                }
+            }
+            RunningNode::run(&dd, listen, &storage.options(&raft)?).await?
+        }
     };
     let id = &node.identity;
     if let Some(addr) = node.metrics_addr {
@@ -327,6 +364,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     node.shutdown().await?;
     println!("flockd: stopped");
     Ok(())
+}
+
+/// Reads and checks the backup `file`, and what restoring it brings back.
+fn read_backup(
+    file: &std::path::Path,
+) -> anyhow::Result<(
+    flock_node::api::backup::BackupHeader,
+    flock_node::api::backup::RestorePlan,
+)> {
+    let bytes = std::fs::read(file)
+        .map_err(|e| anyhow::anyhow!("cannot read the backup {}: {e}", file.display()))?;
+    let (header, state) =
+        flock_node::api::backup::decode_file(&file.display().to_string(), &bytes)?;
+    // The new admin config is labelled "admin" (RunningNode::init).
+    Ok((
+        header,
+        flock_node::api::backup::RestorePlan::of(&state, "admin"),
+    ))
 }
 
 #[cfg(test)]

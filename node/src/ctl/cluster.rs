@@ -72,6 +72,22 @@ pub enum ClusterCmd {
         #[arg(long, value_name = "LABEL")]
         revoke: Option<String>,
     },
+    /// Write a consistent copy of the replicated state into FILE (mode 0600): nodes, apps,
+    /// stacks with their secrets and configs, datasets' records, the key-value namespace,
+    /// revoked admin labels. It holds the stacks' secrets in clear: keep it as you keep them.
+    /// Datasets' data is not in it (it stays on the nodes that hold it). `flockd init --restore
+    /// FILE` starts a new cluster from it; see docs/recovery.md.
+    Backup {
+        /// Where to write the backup (created with mode 0600, atomically; an existing file is
+        /// not overwritten without --force).
+        file: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Print what was written as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Serialize)]
@@ -560,6 +576,98 @@ pub async fn cluster(api: &mut ApiClient<Channel>, cmd: ClusterCmd) -> anyhow::R
         ClusterCmd::AdminConfig { .. } => {
             anyhow::bail!("give --out FILE (a new admin config) or --revoke LABEL")
         }
+        ClusterCmd::Backup { file, force, json } => backup(api, &file, force, json).await?,
+    }
+    Ok(())
+}
+
+/// `flockctl cluster backup FILE`: streams the state from the node, checks it is whole, and
+/// writes the file atomically with mode 0600.
+async fn backup(
+    api: &mut ApiClient<Channel>,
+    file: &std::path::Path,
+    force: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::api::backup::{encode_file, BackupHeader};
+    use futures::StreamExt;
+    if file.exists() && !force {
+        anyhow::bail!(
+            "{} exists; choose another FILE, or give --force to replace it",
+            file.display()
+        );
+    }
+    let mut stream = api
+        .cluster_backup(ClusterBackupRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let mut info = None;
+    let mut state = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(status_err)?;
+        if let Some(i) = chunk.info {
+            state.reserve(i.state_bytes as usize);
+            info = Some(i);
+        }
+        state.extend_from_slice(&chunk.data);
+    }
+    let info = info.ok_or_else(|| anyhow::anyhow!("the node sent no backup (no header)"))?;
+    if state.len() as u64 != info.state_bytes {
+        anyhow::bail!(
+            "the backup stream ended after {} of {} bytes; nothing was written, try again",
+            state.len(),
+            info.state_bytes
+        );
+    }
+    let time = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(info.at_unix_ms),
+    )
+    .to_string();
+    let header = BackupHeader {
+        format: 0,
+        cluster_id: info.cluster_id.clone(),
+        applied_index: info.applied_index,
+        applied_term: info.applied_term,
+        time: time.clone(),
+        flock_version: info.flock_version.clone(),
+        node: info.node_name.clone(),
+        state_bytes: 0,
+        state_sha256: String::new(),
+    };
+    let bytes = encode_file(header, &state);
+    // Checked again just before: a file made meanwhile is not replaced without --force.
+    if file.exists() && !force {
+        anyhow::bail!("{} appeared meanwhile; nothing was written", file.display());
+    }
+    flock_tls::pki::write_private_atomic(file, &bytes)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", file.display()))?;
+    if json {
+        print_json(&serde_json::json!({
+            "file": file.display().to_string(),
+            "cluster_id": info.cluster_id,
+            "applied_index": info.applied_index,
+            "applied_term": info.applied_term,
+            "time": time,
+            "node": info.node_name,
+            "flock_version": info.flock_version,
+            "bytes": bytes.len(),
+            "holds_secrets": true,
+        }))?;
+    } else {
+        println!(
+            "wrote {} (mode 0600, {}): cluster {}, applied index {} (term {}), read on {} at {time}",
+            file.display(),
+            flock_client::human(bytes.len() as u64),
+            info.cluster_id,
+            info.applied_index,
+            info.applied_term,
+            info.node_name
+        );
+        println!(
+            "it holds the stacks' secrets and configs in clear: keep it as you keep them; datasets' data is not in it"
+        );
+        println!("restore with: flockd init --restore {} --data-dir DIR --listen HOST:PORT (see docs/recovery.md)", file.display());
     }
     Ok(())
 }
