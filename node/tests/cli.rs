@@ -106,3 +106,55 @@ fn c04_a_healthy_restart_logs_no_error() {
         assert!(errors.is_empty(), "n{i} logged errors: {errors:#?}");
     }
 }
+
+/// `app move APP --to NODE` back to the node its data is on, while it moves away, cancels that
+/// move and says so, instead of reporting a move "to NODE in 0.0s" that did not happen.
+#[test]
+fn c05_moving_an_app_back_while_it_moves_away_says_the_move_is_cancelled() {
+    // SAFETY: nextest runs each test in its own process, and no other thread reads the
+    // environment here; the flockd processes inherit it.
+    unsafe { std::env::set_var("FLOCK_FAILPOINT_MOVE_HOLD", "copied:20000") };
+    let c = TestCluster::start(2, &[]);
+    let _end = EndApps(c.dir.path().to_path_buf());
+    let port = free_port();
+    let application = c.dir.path().join("application.yml");
+    fs::write(
+        &application,
+        format!("version: 1\napplications:\n{}", counter_app(port, port + 1)),
+    )
+    .unwrap();
+    let deployment = c.dir.path().join("deployment.yml");
+    fs::write(&deployment, "version: 1\nnodes:\n  n1: [counter]\n").unwrap();
+    c.ctl_ok(
+        c.addr(1),
+        &[
+            "deploy",
+            deployment.to_str().unwrap(),
+            application.to_str().unwrap(),
+        ],
+    );
+    let addr = format!("127.0.0.1:{port}");
+    until("counter to answer", Duration::from_secs(30), || {
+        ask(&addr, "PING")
+    });
+    c.ctl_ok(
+        c.addr(1),
+        &["app", "move", "counter", "--to", "n2", "--no-wait"],
+    );
+    until("the move to hold", Duration::from_secs(30), || {
+        let log = fs::read_to_string(c.log(1, "init")).unwrap_or_default();
+        log.lines()
+            .any(|l| l.contains("failpoint: holding the move") && l.contains("copied"))
+            .then_some(())
+    });
+    let out = c.ctl_ok(c.addr(1), &["app", "move", "counter", "--to", "n1"]);
+    assert!(
+        out.contains("counter stays on n1, where its data is: the move it was making is cancelled"),
+        "{out}"
+    );
+    let ds = c.ctl_ok(c.addr(1), &["dataset", "ls", "counter", "--json"]);
+    let ds: serde_json::Value = serde_json::from_str(&ds).unwrap();
+    assert_eq!(ds[0]["primary"], "n1", "{ds}");
+    assert_eq!(ds[0]["epoch"], 1, "{ds}");
+    c.ctl_ok(c.addr(1), &["app", "rm", "counter"]);
+}

@@ -651,6 +651,21 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
             no_wait,
             json,
         } => {
+            // The app's dataset's epoch before: a move that ends where it began changes none.
+            let epoch_before = match api
+                .app_list(AppListRequest { name: name.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .apps
+                .first()
+                .map(|a| a.dataset.clone())
+                .filter(|d| !d.is_empty())
+            {
+                Some(ds) => super::dataset::get(api, &ds).await.ok().map(|d| d.epoch),
+                None => None,
+            };
+            let epoch_before = epoch_before.unwrap_or(u64::MAX);
             let r = api
                 .app_move(AppMoveRequest {
                     name: name.clone(),
@@ -681,6 +696,23 @@ pub async fn run(api: &mut ApiClient<Channel>, cmd: AppCmd) -> anyhow::Result<i3
                     "moving {name} from {} to {} with dataset {}; follow it with `flockctl app ls`",
                     r.from_node, r.to_node, r.dataset
                 );
+                return Ok(0);
+            }
+            // Asked to go back where its data is while it was moving away: the move is
+            // cancelled and it stays; say so rather than report a move that did not happen.
+            let d = super::dataset::get(api, &r.dataset).await?;
+            if d.moving_to.is_empty() && d.primary_name == r.to_node && d.epoch == epoch_before {
+                if json {
+                    println!(
+                        "{}",
+                        json!({"event": "done", "app": name, "to": r.to_node, "cancelled_move": true})
+                    );
+                } else {
+                    println!(
+                        "{name} stays on {}, where its data is: the move it was making is cancelled",
+                        r.to_node
+                    );
+                }
                 return Ok(0);
             }
             return follow_move(api, &r.dataset, &r.to_node, json).await;

@@ -389,7 +389,7 @@ fn datasets_table(ds: &[Dataset]) -> String {
     table(&rows)
 }
 
-async fn get(api: &mut ApiClient<Channel>, name: &str) -> anyhow::Result<Dataset> {
+pub(super) async fn get(api: &mut ApiClient<Channel>, name: &str) -> anyhow::Result<Dataset> {
     get_as(api, name, false).await
 }
 
