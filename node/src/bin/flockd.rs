@@ -136,6 +136,11 @@ struct NewNode {
     storage: StorageArgs,
     #[command(flatten)]
     raft: RaftArgs,
+    /// Create the node, then stop it and exit 0 instead of running it, so that a service
+    /// manager runs it afterwards (`systemctl enable --now flockd`, or `flockd run
+    /// --data-dir DIR`).
+    #[arg(long)]
+    setup_only: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -275,6 +280,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Run { data_dir, .. } => data_dir.clone(),
         Cmd::Dev { .. } | Cmd::FenceWatch { .. } | Cmd::GenDocs { .. } => PathBuf::new(),
     };
+    let setup_only = matches!(&cli.command,
+        Cmd::Init { node, .. } | Cmd::Join { node, .. } if node.setup_only);
     let node = match cli.command {
         Cmd::FenceWatch { .. } | Cmd::GenDocs { .. } => {
             unreachable!("main runs fence-watch and gen-docs without a runtime")
@@ -358,6 +365,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             RunningNode::run(&dd, listen, &storage.options(&raft)?).await?
         }
     };
+    if setup_only {
+        return stop_after_setup(node, &data_dir).await;
+    }
     let id = &node.identity;
     if let Some(addr) = node.metrics_addr {
         println!("flockd: metrics on http://{addr}/metrics");
@@ -400,6 +410,30 @@ fn read_backup(
         header,
         flock_node::api::backup::RestorePlan::of(&state, "admin"),
     ))
+}
+
+/// `--setup-only`: the node exists (a member of its cluster); stop it cleanly and say how to
+/// run it.
+async fn stop_after_setup(node: RunningNode, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let name = node.identity.name.clone();
+    node.shutdown().await?;
+    // The fencing watchdog this run started would outlive it outside the service manager's
+    // control; with nothing to guard (no app started yet) it is ended, and the flockd that runs
+    // the node next starts its own.
+    let unguarded = flock_node::fence::FenceDir::open(data_dir)
+        .and_then(|f| f.guarded())
+        .is_ok_and(|g| g.is_empty());
+    if unguarded {
+        flock_node::fence::stop_watch(data_dir);
+    }
+    // Absolute: the service's FLOCK_DATA_DIR must be.
+    let dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    println!(
+        "flockd: node {name} is set up in {dir} and stopped; start it with `systemctl enable --now flockd` \
+         (the package's service, FLOCK_DATA_DIR={dir} in /etc/default/flock) or `flockd run --data-dir {dir}`",
+        dir = dir.display()
+    );
+    Ok(())
 }
 
 /// `flockd gen-docs --out DIR`: man pages, one per command and subcommand (flockctl-dataset-move.1),
