@@ -377,6 +377,36 @@ fn run_unit(dir: &Path) {
         .env_remove("FLOCK_CONFIG")
         .env_remove("FLOCK_ADDR"));
     assert!(status.contains("leader"), "flockctl status: {status}");
+
+    // A second node joins the one the unit runs, and stops once a member.
+    let token = said
+        .lines()
+        .find_map(|l| l.strip_prefix("flockd: join with token "))
+        .expect("init printed the token")
+        .trim();
+    let joined = run_bounded(
+        Command::new("/usr/bin/flockd")
+            .args([
+                "join",
+                &listen,
+                "--token",
+                token,
+                "--setup-only",
+                "--data-dir",
+            ])
+            .arg(dir.join("node2"))
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .env("FLOCK_NO_PLUGIN", "true"),
+        Duration::from_secs(60),
+    );
+    assert!(
+        joined.status.success()
+            && text(&joined.stdout).contains("systemctl enable --now flockd")
+            && !text(&joined.stdout).contains("flockd: ready"),
+        "flockd join --setup-only: {}",
+        both(&joined)
+    );
+
     let code = node.terminate(Duration::from_secs(60));
     assert_eq!(
         code,
