@@ -96,7 +96,9 @@ mkdir -p "$pkg/DEBIAN" "$pkg/usr/bin" "$pkg/lib/systemd/system" "$pkg/etc/defaul
 deb=$root/packaging/deb
 for b in flockd flockctl; do
     install -m 0755 "$bin_dir/$b" "$pkg/usr/bin/$b"
-    # Debug info stays in the build (target/.../flockd); Debian ships it apart (-dbgsym) too.
+    # Debug info stays in the build (target/.../flockd). The symbol table stays in the binary
+    # (lintian's unstripped-binary-or-object): without it a panic's backtrace in the journal
+    # names no function.
     strip --strip-debug "$pkg/usr/bin/$b"
 done
 install -m 0644 "$deb/flockd.service" "$pkg/lib/systemd/system/flockd.service"
@@ -104,11 +106,21 @@ install -m 0644 "$deb/default" "$pkg/etc/default/flock"
 install -m 0644 "$deb/copyright" "$pkg/usr/share/doc/flock/copyright"
 install -m 0644 "$deb/README" "$pkg/usr/share/doc/flock/README"
 gzip -9n <"$root/README.md" >"$pkg/usr/share/doc/flock/README.md.gz"
-chmod 0644 "$pkg/usr/share/doc/flock/README.md.gz"
+maintainer="${DEBFULLNAME:-flock maintainers} <${DEBEMAIL:-maintainers@users.noreply.h-seed-e3756f8a.example}>"
+# A native package's changelog: one entry, dated by the source's last commit when there is one
+# (the same tree builds the same file).
+when=$(git -C "$root" log -1 --format=%cD 2>/dev/null || date -R)
+{
+    printf 'flock (%s) unstable; urgency=medium\n\n' "$version"
+    printf '  * Built from flock'"'"'s source tree; its history is the tree'"'"'s git log.\n\n'
+    printf ' -- %s  %s\n' "$maintainer" "$when"
+} | gzip -9n >"$pkg/usr/share/doc/flock/changelog.gz"
+chmod 0644 "$pkg/usr/share/doc/flock/README.md.gz" "$pkg/usr/share/doc/flock/changelog.gz"
 
 "$pkg/usr/bin/flockd" gen-docs --out "$work/docs"
 for page in "$work/docs/man"/*.1; do
-    gzip -9n <"$page" >"$pkg/usr/share/man/man1/$(basename "$page").gz"
+    name=$(basename "$page")
+    gzip -9n <"$page" >"$pkg/usr/share/man/man1/$name.gz"
 done
 chmod 0644 "$pkg/usr/share/man/man1"/*
 for b in flockd flockctl; do
@@ -138,22 +150,23 @@ cat >"$pkg/DEBIAN/control" <<EOF
 Package: flock
 Version: $version
 Architecture: $arch
-Maintainer: ${DEBFULLNAME:-flock maintainers} <${DEBEMAIL:-maintainers@users.noreply.h-seed-e3756f8a.example}>
+Maintainer: $maintainer
 Installed-Size: $installed_size
 Depends: $depends
 Recommends: iptables, iproute2, docker.io | docker-ce
 Suggests: zfsutils-linux | zfs-fuse
 Section: admin
 Priority: optional
-Description: stateful apps on a cluster of machines, their data moving with them
- flock runs stateful apps (processes or Docker containers, deployed from compose or
- Flocker's files) on a cluster of machines and moves their data with them: datasets on a
- dir or zfs backend, with snapshots pushed between nodes, follow an app that moves or fails
- over. Every machine runs the same daemon; the daemons replicate the cluster's desired state
- through Raft, so there is no separate control host.
+Description: stateful apps on a cluster of machines, data moving with them
+ flock runs stateful apps (processes or Docker containers, deployed from
+ compose or Flocker's files) on a cluster of machines and moves their data
+ with them: datasets on a dir or zfs backend, with snapshots pushed between
+ nodes, follow an app that moves or fails over. Every machine runs the same
+ daemon; the daemons replicate the cluster's desired state through Raft, so
+ there is no separate control host.
  .
- This package has flockd, the daemon (with a systemd unit, flockd.service, configured in
- /etc/default/flock), and flockctl, the operator's CLI.
+ This package has flockd, the daemon (with a systemd unit, flockd.service,
+ configured in /etc/default/flock), and flockctl, the operator's CLI.
 EOF
 
 mkdir -p "$out"
