@@ -176,6 +176,7 @@ fn check_contents(deb: &Path) {
         (DEFAULTS.into(), "-rw-r--r--"),
         ("/usr/share/doc/flock/copyright".into(), "-rw-r--r--"),
         ("/usr/share/doc/flock/README".into(), "-rw-r--r--"),
+        ("/usr/share/doc/flock/changelog.gz".into(), "-rw-r--r--"),
     ];
     for b in ["flockd", "flockctl"] {
         for f in [
