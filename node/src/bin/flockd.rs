@@ -107,6 +107,15 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Write the man pages (DIR/man/*.1) and the bash, zsh and fish completions
+    /// (DIR/completions/) of flockd and flockctl, from their command-line definitions: for
+    /// packaging/build-deb.sh.
+    #[command(hide = true)]
+    GenDocs {
+        /// The directory to write into (created if absent).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -127,6 +136,11 @@ struct NewNode {
     storage: StorageArgs,
     #[command(flatten)]
     raft: RaftArgs,
+    /// Create the node, then stop it and exit 0 instead of running it, so that a service
+    /// manager runs it afterwards (`systemctl enable --now flockd`, or `flockd run
+    /// --data-dir DIR`).
+    #[arg(long)]
+    setup_only: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -240,6 +254,13 @@ fn main() {
         }
         return;
     }
+    if let Cmd::GenDocs { out } = &cli.command {
+        if let Err(e) = gen_docs(out) {
+            eprintln!("flockd gen-docs: {}: {e}", out.display());
+            std::process::exit(1);
+        }
+        return;
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -257,10 +278,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = match &cli.command {
         Cmd::Init { node, .. } | Cmd::Join { node, .. } => node.data_dir.clone(),
         Cmd::Run { data_dir, .. } => data_dir.clone(),
-        Cmd::Dev { .. } | Cmd::FenceWatch { .. } => PathBuf::new(),
+        Cmd::Dev { .. } | Cmd::FenceWatch { .. } | Cmd::GenDocs { .. } => PathBuf::new(),
     };
+    let setup_only = matches!(&cli.command,
+        Cmd::Init { node, .. } | Cmd::Join { node, .. } if node.setup_only);
     let node = match cli.command {
-        Cmd::FenceWatch { .. } => unreachable!("main runs fence-watch without a runtime"),
+        Cmd::FenceWatch { .. } | Cmd::GenDocs { .. } => {
+            unreachable!("main runs fence-watch and gen-docs without a runtime")
+        }
         Cmd::Dev {
             nodes,
             port,
@@ -340,6 +365,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             RunningNode::run(&dd, listen, &storage.options(&raft)?).await?
         }
     };
+    if setup_only {
+        return stop_after_setup(node, &data_dir).await;
+    }
     let id = &node.identity;
     if let Some(addr) = node.metrics_addr {
         println!("flockd: metrics on http://{addr}/metrics");
@@ -382,6 +410,67 @@ fn read_backup(
         header,
         flock_node::api::backup::RestorePlan::of(&state, "admin"),
     ))
+}
+
+/// `--setup-only`: the node exists (a member of its cluster); stop it cleanly and say how to
+/// run it.
+async fn stop_after_setup(node: RunningNode, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let name = node.identity.name.clone();
+    node.shutdown().await?;
+    // The fencing watchdog this run started would outlive it outside the service manager's
+    // control; with nothing to guard (no app started yet) it is ended, and the flockd that runs
+    // the node next starts its own.
+    let unguarded = flock_node::fence::FenceDir::open(data_dir)
+        .and_then(|f| f.guarded())
+        .is_ok_and(|g| g.is_empty());
+    if unguarded {
+        flock_node::fence::stop_watch(data_dir);
+    }
+    // Absolute: the service's FLOCK_DATA_DIR must be.
+    let dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    println!(
+        "flockd: node {name} is set up in {dir} and stopped; start it with `systemctl enable --now flockd` \
+         (the package's service, FLOCK_DATA_DIR={dir} in /etc/default/flock) or `flockd run --data-dir {dir}`",
+        dir = dir.display()
+    );
+    Ok(())
+}
+
+/// `flockd gen-docs --out DIR`: man pages, one per command and subcommand (flockctl-dataset-move.1),
+/// in DIR/man, and completions in DIR/completions, named as each shell's directory of
+/// completions wants them (bash: the command's name, zsh: _NAME, fish: NAME.fish).
+fn gen_docs(out: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let man = out.join("man");
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    // clap_mangen::generate_to, with flock's version in every page's footer (a subcommand's
+    // would show its own name).
+    fn pages(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            pages(sub.clone(), dir)?;
+        }
+        let source = format!("flock {}", env!("CARGO_PKG_VERSION"));
+        clap_mangen::Man::new(cmd).source(source).generate_to(dir)?;
+        Ok(())
+    }
+    for cmd in [Cli::command(), flock_node::ctl::Cli::command()] {
+        let name = cmd.get_name().to_string();
+        let mut built = cmd.clone().disable_help_subcommand(true);
+        built.build();
+        pages(built, &man)?;
+        for (shell, file) in [
+            (Shell::Bash, name.clone()),
+            (Shell::Zsh, format!("_{name}")),
+            (Shell::Fish, format!("{name}.fish")),
+        ] {
+            let mut f = std::fs::File::create(completions.join(file))?;
+            clap_complete::generate(shell, &mut cmd.clone(), &name, &mut f);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

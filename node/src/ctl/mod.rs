@@ -113,6 +113,13 @@ pub enum Cmd {
     /// Serve a live, read-only status page of the cluster on loopback (nodes, apps, datasets,
     /// moves, events, charts), read with this admin config; prints its URL with a token.
     Ui(ui::UiArgs),
+    /// Print flockctl's completion script for SHELL, for a system without flock's package
+    /// (which installs them), e.g. `flockctl completions bash >
+    /// ~/.local/share/bash-completion/completions/flockctl`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Where flockctl looks for a client config when neither --config nor FLOCK_CONFIG names one,
@@ -202,6 +209,17 @@ async fn connect_any(cli: &Cli, config: &ClientConfig) -> anyhow::Result<ApiClie
 
 /// Runs one flockctl command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    if let Cmd::Completions { shell } = cli.command {
+        // Needs no cluster, so no config either.
+        use clap::CommandFactory;
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "flockctl",
+            &mut std::io::stdout(),
+        );
+        return Ok(0);
+    }
     let config = load_config(&cli)?;
     if let Cmd::Ui(args) = &cli.command {
         // Not one connection: the page asks every node, and shows those that do not answer.
@@ -236,7 +254,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Stack(cmd) => return app::stack(&mut api, cmd).await,
         Cmd::App(cmd) => return app::run(&mut api, cmd).await,
         Cmd::Events { follow, json } => cluster::events(&mut api, follow, json).await?,
-        Cmd::Ui(_) => unreachable!("served above"),
+        Cmd::Ui(_) | Cmd::Completions { .. } => unreachable!("handled above"),
     }
     Ok(0)
 }
