@@ -99,6 +99,13 @@ if ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
     python3 -m pip install -q --break-system-packages prometheus-client
 fi
 
+# The package's test (node/tests/package.rs, issue 21) builds the .deb with dpkg-deb and
+# dpkg-shlibdeps (dpkg-dev, which brings strip), installs it, and renders a man page with groff.
+if ! need dpkg-shlibdeps || ! need groff; then
+  echo "test.sh: installing dpkg-dev and groff-base for the package's test" >&2
+  apt-get update -qq && apt-get install -y -qq dpkg-dev groff-base >/dev/null
+fi
+
 # The status page's test (node/tests/ui.rs, issue 19) loads `flockctl ui` in a headless chromium
 # and fails, never skips, without it.
 if ! need chromium && ! need chromium-browser; then

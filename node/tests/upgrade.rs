@@ -118,9 +118,15 @@ fn u01_rolling_upgrade_from_the_baseline_keeps_apps_and_writes() {
     // would (SIGTERM), start this build's on the same data dir, and check the cluster.
     c.flockd = PathBuf::from(FLOCKD);
     for i in [3, 2, 1] {
+        let t0 = std::time::Instant::now();
         let code = c.nodes[i - 1].signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
         assert_eq!(code, Some(0), "the baseline's n{i} stops cleanly");
+        let stopped = t0.elapsed();
         c.restart(i);
+        eprintln!(
+            "n{i}: stopped in {stopped:?}, this build's flockd ready {:?} after the SIGTERM",
+            t0.elapsed()
+        );
         c.wait_voters(3, Duration::from_secs(30));
         let key = format!("upgraded-n{i}");
         until(
