@@ -324,22 +324,11 @@ mod tests {
         assert!(!p.verdicts.contains_key("bad"));
     }
 
-    /// A check runs as its instance's user: an app started as nobody (`user: nobody`) is not
-    /// checked as root.
-    #[tokio::test]
-    async fn a_check_runs_as_the_instances_user() {
-        use std::os::unix::process::CommandExt;
-        let mut app = std::process::Command::new("sleep")
-            .arg("30")
-            .uid(65534)
-            .gid(65534)
-            .spawn()
-            .unwrap();
+    /// Runs `shell` once as the check of the process `app` (then ended): the verdict, and
+    /// what the check was built from.
+    async fn check_once(mut app: std::process::Child, shell: &str) -> (Option<bool>, Checked) {
         let mut c = check(1, 0);
-        c.test = vec![
-            "CMD-SHELL".into(),
-            "test \"$(id -u):$(id -g)\" = 65534:65534".into(),
-        ];
+        c.test = vec!["CMD-SHELL".into(), shell.into()];
         let pid = app.id().to_string();
         let apps = vec![Checked::of_process("web", &pid, c, &BTreeMap::new())];
         let mut p = Prober::default();
@@ -349,8 +338,24 @@ mod tests {
         let seen = p.look(&apps, t0 + Duration::from_millis(300));
         let _ = app.kill();
         let _ = app.wait();
-        assert_eq!(apps[0].creds, Some((65534, 65534)));
-        assert_eq!(seen["web"], Some(true), "the check did not run as nobody");
+        let checked = apps.into_iter().next().expect("one app");
+        (seen["web"], checked)
+    }
+
+    /// A check runs as its instance's user: an app started as nobody (`user: nobody`) is not
+    /// checked as root.
+    #[tokio::test]
+    async fn a_check_runs_as_the_instances_user() {
+        use std::os::unix::process::CommandExt;
+        let app = std::process::Command::new("sleep")
+            .arg("30")
+            .uid(65534)
+            .gid(65534)
+            .spawn()
+            .unwrap();
+        let (seen, checked) = check_once(app, "test \"$(id -u):$(id -g)\" = 65534:65534").await;
+        assert_eq!(checked.creds, Some((65534, 65534)));
+        assert_eq!(seen, Some(true), "the check did not run as nobody");
     }
 
     /// A process app's check runs as if inside it: with the instance's environment (where it
@@ -359,32 +364,23 @@ mod tests {
     async fn a_check_runs_in_the_instances_environment_and_directory() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("marker"), "").unwrap();
-        let mut app = std::process::Command::new("sleep")
+        let app = std::process::Command::new("sleep")
             .arg("30")
             .current_dir(dir.path())
             .env("FLOCK_NODE_HOST", "127.0.0.42")
             .spawn()
             .unwrap();
-        let mut c = check(1, 0);
-        c.test = vec![
-            "CMD-SHELL".into(),
-            "test \"$FLOCK_NODE_HOST\" = 127.0.0.42 && test -e marker".into(),
-        ];
-        let pid = app.id().to_string();
-        let apps = vec![Checked::of_process("web", &pid, c, &BTreeMap::new())];
-        let mut p = Prober::default();
-        let t0 = Instant::now();
-        p.look(&apps, t0);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let seen = p.look(&apps, t0 + Duration::from_millis(300));
-        let _ = app.kill();
-        let _ = app.wait();
+        let (seen, checked) = check_once(
+            app,
+            "test \"$FLOCK_NODE_HOST\" = 127.0.0.42 && test -e marker",
+        )
+        .await;
         assert_eq!(
-            seen["web"],
+            seen,
             Some(true),
             "{:?} {:?}",
-            apps[0].env.get("FLOCK_NODE_HOST"),
-            apps[0].cwd
+            checked.env.get("FLOCK_NODE_HOST"),
+            checked.cwd
         );
     }
 }

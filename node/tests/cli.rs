@@ -117,21 +117,12 @@ fn c05_moving_an_app_back_while_it_moves_away_says_the_move_is_cancelled() {
     let c = TestCluster::start(2, &[]);
     let _end = EndApps(c.dir.path().to_path_buf());
     let port = free_port();
-    let application = c.dir.path().join("application.yml");
-    fs::write(
-        &application,
-        format!("version: 1\napplications:\n{}", counter_app(port, port + 1)),
-    )
-    .unwrap();
-    let deployment = c.dir.path().join("deployment.yml");
-    fs::write(&deployment, "version: 1\nnodes:\n  n1: [counter]\n").unwrap();
-    c.ctl_ok(
-        c.addr(1),
-        &[
-            "deploy",
-            deployment.to_str().unwrap(),
-            application.to_str().unwrap(),
-        ],
+    deploy_flocker(
+        &c,
+        c.dir.path(),
+        &counter_app(port, port + 1),
+        "n1",
+        "counter",
     );
     let addr = format!("127.0.0.1:{port}");
     until("counter to answer", Duration::from_secs(30), || {

@@ -22,19 +22,8 @@ fn app(c: &TestCluster, at: usize, name: &str) -> Value {
 /// Deploys counter (replicas: 1, a snapshot every 500 ms) on n1; returns the app's address.
 fn deploy_replicated(c: &TestCluster, dir: &Path) -> String {
     let port = free_port();
-    let application = dir.join("application.yml");
     let entry = replicated_counter_app(port, port + 1);
-    fs::write(&application, format!("version: 1\napplications:\n{entry}")).unwrap();
-    let deployment = dir.join("deployment.yml");
-    fs::write(&deployment, "version: 1\nnodes:\n  n1: [counter]\n").unwrap();
-    c.ctl_ok(
-        c.addr(1),
-        &[
-            "deploy",
-            deployment.to_str().unwrap(),
-            application.to_str().unwrap(),
-        ],
-    );
+    deploy_flocker(c, dir, &entry, "n1", "counter");
     let addr = format!("127.0.0.1:{port}");
     until("counter to run on n1", Duration::from_secs(30), || {
         let a = app(c, 1, "counter");
@@ -42,23 +31,6 @@ fn deploy_replicated(c: &TestCluster, dir: &Path) -> String {
     });
     wait_for_replica(c);
     addr
-}
-
-/// Waits until counter's dataset has a replica known to hold a recorded snapshot.
-fn wait_for_replica(c: &TestCluster) {
-    until(
-        "counter's dataset to have a replica holding a snapshot",
-        Duration::from_secs(30),
-        || {
-            let ds: Value =
-                serde_json::from_str(&c.ctl_ok(c.addr(1), &["dataset", "ls", "counter", "--json"]))
-                    .unwrap();
-            ds[0]["bases"]
-                .as_object()
-                .is_some_and(|b| !b.is_empty())
-                .then_some(())
-        },
-    );
 }
 
 /// The pids of the flock-testapp processes working under `dir`.

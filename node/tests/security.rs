@@ -237,13 +237,16 @@ fn s07_admin_config_issues_a_working_certificate() {
     assert!(stderr(&o).contains("exists"), "{}", stderr(&o));
     // Without a config flockctl says what to do.
     let home = tempfile::tempdir().unwrap();
-    let o = Command::new(FLOCKCTL)
-        .args(["status", "--addr", c.addr(1)])
-        .env_remove("FLOCK_CONFIG")
-        .env_remove("XDG_CONFIG_HOME")
-        .env("HOME", home.path())
-        .output()
-        .unwrap();
+    let status_as_user = || {
+        Command::new(FLOCKCTL)
+            .args(["status", "--addr", c.addr(1)])
+            .env_remove("FLOCK_CONFIG")
+            .env_remove("XDG_CONFIG_HOME")
+            .env("HOME", home.path())
+            .output()
+            .unwrap()
+    };
+    let o = status_as_user();
     assert!(stderr(&o).contains("no client config"), "{}", stderr(&o));
     assert!(
         stderr(&o).contains(&format!(
@@ -257,13 +260,7 @@ fn s07_admin_config_issues_a_working_certificate() {
     let user = home.path().join(".config/flock");
     std::fs::create_dir_all(&user).unwrap();
     std::fs::copy(c.config(), user.join("admin.conf")).unwrap();
-    let o = Command::new(FLOCKCTL)
-        .args(["status", "--addr", c.addr(1)])
-        .env_remove("FLOCK_CONFIG")
-        .env_remove("XDG_CONFIG_HOME")
-        .env("HOME", home.path())
-        .output()
-        .unwrap();
+    let o = status_as_user();
     assert!(o.status.success(), "{}", stderr(&o));
 }
 

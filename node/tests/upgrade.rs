@@ -67,43 +67,14 @@ fn u01_rolling_upgrade_from_the_baseline_keeps_apps_and_writes() {
     let _end = EndApps(c.dir.path().to_path_buf());
     let files = tempfile::tempdir().unwrap();
     let port = free_port();
-    let application = files.path().join("application.yml");
-    fs::write(
-        &application,
-        format!(
-            "version: 1\napplications:\n{}",
-            replicated_counter_app(port, port + 1)
-        ),
-    )
-    .unwrap();
-    let deployment = files.path().join("deployment.yml");
-    fs::write(&deployment, "version: 1\nnodes:\n  n1: [counter]\n").unwrap();
-    c.ctl_ok(
-        c.addr(1),
-        &[
-            "deploy",
-            deployment.to_str().unwrap(),
-            application.to_str().unwrap(),
-        ],
-    );
+    let entry = replicated_counter_app(port, port + 1);
+    deploy_flocker(&c, files.path(), &entry, "n1", "counter");
     let addr = format!("127.0.0.1:{port}");
     until("counter to run on n1", Duration::from_secs(30), || {
         let a = app(&c, 1, "counter");
         (a["state"] == "running" && ask(&addr, "PING").is_some()).then_some(())
     });
-    until(
-        "counter's dataset to have a replica holding a snapshot",
-        Duration::from_secs(30),
-        || {
-            let ds: Value =
-                serde_json::from_str(&c.ctl_ok(c.addr(1), &["dataset", "ls", "counter", "--json"]))
-                    .unwrap();
-            ds[0]["bases"]
-                .as_object()
-                .is_some_and(|b| !b.is_empty())
-                .then_some(())
-        },
-    );
+    wait_for_replica(&c);
     let before = app(&c, 1, "counter");
     let pid = before["id"].as_str().unwrap().to_string();
     let restarts = before["restarts"].clone();

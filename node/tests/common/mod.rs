@@ -913,3 +913,46 @@ impl Drop for EndApps {
         }
     }
 }
+
+/// Deploys Flocker files written in `dir`: application.yml with `entries` (application.yml's
+/// `applications:` entries, as [`counter_app`] gives them) and deployment.yml putting `app` on
+/// node `node`, through node 1.
+pub fn deploy_flocker(c: &TestCluster, dir: &Path, entries: &str, node: &str, app: &str) {
+    let application = dir.join("application.yml");
+    std::fs::write(
+        &application,
+        format!("version: 1\napplications:\n{entries}"),
+    )
+    .unwrap();
+    let deployment = dir.join("deployment.yml");
+    std::fs::write(
+        &deployment,
+        format!("version: 1\nnodes:\n  {node}: [{app}]\n"),
+    )
+    .unwrap();
+    c.ctl_ok(
+        c.addr(1),
+        &[
+            "deploy",
+            deployment.to_str().unwrap(),
+            application.to_str().unwrap(),
+        ],
+    );
+}
+
+/// Waits until counter's dataset has a replica known to hold a recorded snapshot.
+pub fn wait_for_replica(c: &TestCluster) {
+    until(
+        "counter's dataset to have a replica holding a snapshot",
+        Duration::from_secs(30),
+        || {
+            let ds: Value =
+                serde_json::from_str(&c.ctl_ok(c.addr(1), &["dataset", "ls", "counter", "--json"]))
+                    .unwrap();
+            ds[0]["bases"]
+                .as_object()
+                .is_some_and(|b| !b.is_empty())
+                .then_some(())
+        },
+    );
+}
