@@ -157,6 +157,13 @@ fn local_proto(c: &LocalCopy) -> pb::LocalDataset {
 }
 
 /// `t` as the API reports it at `now`.
+/// A backend's message about dataset `name` (id `id`) with the dataset named as people know it:
+/// "dataset db", not "dataset db.3" (a zfs command line keeps its full names).
+fn people_named(text: &str, name: &str, id: flock_scheduler::DatasetId) -> String {
+    let local = flock_scheduler::dataset::local_name(name, id);
+    text.replace(&format!("dataset {local}"), &format!("dataset {name}"))
+}
+
 fn transfer_proto(state: &ClusterState, t: &TransferState, now: Instant) -> pb::Transfer {
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     pb::Transfer {
@@ -167,10 +174,18 @@ fn transfer_proto(state: &ClusterState, t: &TransferState, now: Instant) -> pb::
         bytes: t.bytes,
         total: t.total.unwrap_or(0),
         bytes_per_sec: t.rate_at(now),
-        last_error: t.last_error.clone().unwrap_or_default(),
+        last_error: t
+            .last_error
+            .as_deref()
+            .map(|e| people_named(e, &t.dataset, t.id))
+            .unwrap_or_default(),
         attempt: t.attempt,
         retry_in_ms: t.retry_at.map(|at| ms(at.saturating_duration_since(now))),
-        degraded: t.degraded.clone().unwrap_or_default(),
+        degraded: t
+            .degraded
+            .as_deref()
+            .map(|e| people_named(e, &t.dataset, t.id))
+            .unwrap_or_default(),
         // Rounded up: "0 s left" while bytes remain would be wrong.
         eta_secs: t
             .eta_at(now)
@@ -976,6 +991,18 @@ mod tests {
     use super::*;
     use crate::datasets::TransferKind;
     use flock_decide::moves::MovePhase;
+
+    #[test]
+    fn a_push_error_names_the_dataset_as_people_know_it() {
+        assert_eq!(
+            people_named(
+                "sending dataset db.3 failed: `zfs send tank/flock/db.3@a` broke off",
+                "db",
+                3
+            ),
+            "sending dataset db failed: `zfs send tank/flock/db.3@a` broke off"
+        );
+    }
 
     #[test]
     fn a_transfer_reports_its_attempt_retry_and_eta() {
