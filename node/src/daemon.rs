@@ -613,7 +613,7 @@ impl RunningNode {
         workers.spawn(Phase::Membership, "placement", |stop, status| {
             crate::placement::run(cluster.clone(), stop, status)
         });
-        workers.spawn(Phase::Agents, "lease", |stop, status| {
+        workers.spawn(Phase::Membership, "lease", |stop, status| {
             crate::lease::renew(cluster.clone(), stop, status)
         });
         {
@@ -803,13 +803,22 @@ impl RunningNode {
         self.workers.view()
     }
 
-    /// Stops the node in order: the API (no new requests), the agents, the mesh and plugin,
-    /// the membership worker, Raft, the QUIC transfer server and endpoint (closed, then idle),
-    /// and last flushes the store. Each phase has a deadline; a worker that misses it is named
-    /// in the log and aborted, and the shutdown goes on.
+    /// Stops the node in order: the agents, the mesh and plugin, the membership worker and the
+    /// lease renewal, the API (no new requests), Raft, the QUIC transfer server and endpoint
+    /// (closed, then idle), and last flushes the store. Each phase has a deadline; a worker
+    /// that misses it is named in the log and aborted, and the shutdown goes on.
+    ///
+    /// The API (which serves Raft's RPCs and the read index every node renews its lease by)
+    /// stops just before Raft: a leader that stopped it first, then spent seconds stopping its
+    /// agents, left the other nodes unable to renew while it still heartbeat as leader, and
+    /// their stateful apps were fenced. The lease is renewed until then too, so the node's own
+    /// apps keep theirs through a slow shutdown.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        for phase in [Phase::Api, Phase::Agents, Phase::Edge, Phase::Membership] {
+        for phase in [Phase::Agents, Phase::Edge, Phase::Membership, Phase::Api] {
             self.workers.stop(phase).await;
+            if phase == Phase::Agents {
+                shutdown_failpoint().await;
+            }
         }
         if let Err(e) = self.cluster.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
@@ -1052,6 +1061,25 @@ impl RunningNode {
         );
         Ok(lines)
     }
+}
+
+/// The environment variable of a fault-injection point for tests: `MS` makes a shutdown wait MS
+/// milliseconds once its agents have stopped, as a node whose agents are slow to stop (a push
+/// in flight) does.
+pub const SHUTDOWN_HOLD_FAILPOINT: &str = "FLOCK_FAILPOINT_SHUTDOWN_HOLD";
+
+async fn shutdown_failpoint() {
+    let Some(ms) = std::env::var(SHUTDOWN_HOLD_FAILPOINT)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    tracing::warn!(
+        ms,
+        "failpoint: holding the shutdown after the agents stopped"
+    );
+    tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
 /// How long a RESOURCE_EXHAUSTED join refusal asks the caller to wait (1 s when it does not

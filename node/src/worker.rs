@@ -21,18 +21,20 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// When a worker stops, in shutdown order. The node's other teardown steps go between them:
-/// Raft after [`Phase::Membership`], the QUIC endpoint with [`Phase::Transfer`], the store
+/// Raft after [`Phase::Api`], the QUIC endpoint with [`Phase::Transfer`], the store
 /// flush last.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Phase {
-    /// The gRPC server (the API and Raft's RPCs): no new requests.
-    Api,
     /// The apps and datasets agents, the capacity report, certificate renewal.
     Agents,
     /// The routing mesh and the Docker volume plugin.
     Edge,
-    /// The leader's membership worker.
+    /// The leader's membership worker, the liveness watch, placement, and the lease renewal.
     Membership,
+    /// The gRPC server (the API and Raft's RPCs, the read index leases are renewed by): no new
+    /// requests. Last before Raft, so that other nodes renew their leases through a leader
+    /// until it stops.
+    Api,
     /// The QUIC server receiving snapshot streams.
     Transfer,
 }
@@ -40,10 +42,10 @@ pub enum Phase {
 impl Phase {
     /// Every phase, in shutdown order.
     pub const ALL: [Phase; 5] = [
-        Phase::Api,
         Phase::Agents,
         Phase::Edge,
         Phase::Membership,
+        Phase::Api,
         Phase::Transfer,
     ];
 

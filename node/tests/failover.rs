@@ -599,3 +599,60 @@ fn fo07_two_nodes_lost_at_once_both_fail_over() {
     c.ctl_ok(c.addr(3), &["app", "rm", "alpha"]);
     c.ctl_ok(c.addr(3), &["app", "rm", "beta"]);
 }
+
+/// A leader slow to stop (a failpoint holds its shutdown 4 s once its agents stopped, as a
+/// push in flight would) does not fence another node's stateful app: the API, through which
+/// every node renews its lease, stops only just before Raft. Before, it stopped first, the
+/// leader went on heartbeating without answering renewals, and the app was fenced after 2.5 s.
+#[test]
+fn fo08_a_leader_slow_to_stop_fences_no_other_nodes_app() {
+    let mut c = TestCluster::start_env(
+        3,
+        &[],
+        Vec::new(),
+        vec![("FLOCK_FAILPOINT_SHUTDOWN_HOLD".into(), "4000".into())],
+    );
+    let _end = EndApps(c.dir.path().to_path_buf());
+    let leader = c.leader();
+    let on = if leader == 2 { 3 } else { 2 };
+    let files = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let entry = replicated_counter_app(port, port + 1);
+    deploy_flocker(&c, files.path(), &entry, &format!("n{on}"), "counter");
+    let addr = format!("127.0.0.1:{port}");
+    until(
+        &format!("counter to run on n{on}"),
+        Duration::from_secs(30),
+        || {
+            let a = app(&c, on, "counter");
+            (a["state"] == "running" && ask(&addr, "PING").is_some()).then_some(())
+        },
+    );
+    wait_for_replica(&c);
+    let pid = app(&c, on, "counter")["id"].as_str().unwrap().to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        thread::spawn(move || writer(addr, stop))
+    };
+    thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let code = c.nodes[leader - 1].signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
+    assert_eq!(code, Some(0), "the leader n{leader} stops cleanly");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(4),
+        "the failpoint held the shutdown: {:?}",
+        t0.elapsed()
+    );
+    // Longer than a lease after the leader stopped: a fenced app would be gone by now.
+    thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let acked = w.join().unwrap();
+    assert!(
+        pid_alive(&pid),
+        "counter ({pid}) on n{on} was fenced while the leader n{leader} stopped"
+    );
+    let held = read_all(&addr);
+    let missing = acked.iter().filter(|(v, _)| !held.contains(v)).count();
+    assert_eq!(missing, 0, "acknowledged appends lost");
+}

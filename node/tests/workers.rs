@@ -33,10 +33,7 @@ fn w01_status_lists_the_workers_and_sigterm_stops_them_in_order() {
             .then_some(l)
     });
     let expect = [
-        ("api", "api", &["running"][..]),
-        ("metrics", "api", &["idle"]),
-        ("lease", "agents", &["running", "idle"]),
-        ("apps", "agents", &["running", "idle"]),
+        ("apps", "agents", &["running", "idle"][..]),
         ("report", "agents", &["done"]),
         ("renewal", "agents", &["idle"]),
         ("datasets", "agents", &["running", "idle"]),
@@ -45,6 +42,9 @@ fn w01_status_lists_the_workers_and_sigterm_stops_them_in_order() {
         ("membership", "membership", &["running", "idle"]),
         ("liveness", "membership", &["running", "idle"]),
         ("placement", "membership", &["running", "idle"]),
+        ("lease", "membership", &["running", "idle"]),
+        ("api", "api", &["running"]),
+        ("metrics", "api", &["idle"]),
         ("transfer", "transfer", &["running", "idle"]),
     ];
     let names: Vec<&str> = list.iter().map(|(n, ..)| n.as_str()).collect();
@@ -98,14 +98,14 @@ fn w01_status_lists_the_workers_and_sigterm_stops_them_in_order() {
         "a worker was late:\n{log}"
     );
     let steps = [
-        "shutdown: stopping api (api, metrics)",
-        "shutdown: api stopped",
-        "shutdown: stopping agents (lease, apps, report, renewal, datasets)",
+        "shutdown: stopping agents (apps, report, renewal, datasets)",
         "shutdown: agents stopped",
         "shutdown: stopping edge (services, mesh)",
         "shutdown: edge stopped",
-        "shutdown: stopping membership (membership, liveness, placement)",
+        "shutdown: stopping membership (membership, liveness, placement, lease)",
         "shutdown: membership stopped",
+        "shutdown: stopping api (api, metrics)",
+        "shutdown: api stopped",
         "shutdown: raft stopped",
         "shutdown: stopping transfer (transfer)",
         "shutdown: transfer stopped",
