@@ -13,7 +13,15 @@ if [ -x "$out/flockd" ] && [ "$(cat "$out/COMMIT" 2>/dev/null)" = "$commit" ]; t
   exit 0
 fi
 if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
-  echo "build-baseline: commit $commit (.ci/upgrade-baseline) is not in this clone; fetch the history of main (git fetch --unshallow)" >&2
+  # A shallow clone: fetch the history (or just that commit) from where it came.
+  echo "build-baseline: commit $commit is not in this clone; fetching it" >&2
+  if [ "$(git rev-parse --is-shallow-repository 2>/dev/null)" = true ]; then
+    git fetch --quiet --unshallow 2>/dev/null || true
+  fi
+  git cat-file -e "$commit^{commit}" 2>/dev/null || git fetch --quiet origin "$commit" 2>/dev/null || true
+fi
+if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
+  echo "build-baseline: commit $commit (.ci/upgrade-baseline) is not in this clone and could not be fetched; clone main with its history (not --depth)" >&2
   exit 1
 fi
 src=$target/baseline-src
