@@ -188,24 +188,12 @@ fn m01_a_cluster_scraped_during_a_move_reports_what_flockctl_does() {
     // counter (a dataset with a replica) on n1, published through the mesh.
     let port = free_port();
     let ext = free_port();
-    let application = files.path().join("application.yml");
-    fs::write(
-        &application,
-        format!(
-            "version: 1\napplications:\n{}",
-            replicated_counter_app(port, ext)
-        ),
-    )
-    .unwrap();
-    let deployment = files.path().join("deployment.yml");
-    fs::write(&deployment, "version: 1\nnodes:\n  n1: [counter]\n").unwrap();
-    c.ctl_ok(
-        c.addr(1),
-        &[
-            "deploy",
-            deployment.to_str().unwrap(),
-            application.to_str().unwrap(),
-        ],
+    deploy_flocker(
+        &c,
+        files.path(),
+        &replicated_counter_app(port, ext),
+        "n1",
+        "counter",
     );
     let app_addr = format!("127.0.0.1:{port}");
     until("counter to run on n1", Duration::from_secs(30), || {
