@@ -131,8 +131,32 @@ pub fn pem_to_der(pem: &str, what: &str) -> Result<CertificateDer<'static>, PkiE
         .map_err(|e| bad(what, format!("not a PEM certificate: {e:?}")))
 }
 
+/// Roles of the certificates seen lately, by their DER bytes: every RPC is authorized from its
+/// connection's certificate, and parsing X.509 for each one cost 2% of a node's CPU under a write
+/// load (issue 20). A role is a function of the bytes alone; revocation and removal are checked
+/// by the caller on every call, not cached here.
+static ROLES: Mutex<Option<std::collections::HashMap<Box<[u8]>, Role>>> = Mutex::new(None);
+
+/// How many certificates' roles [`ROLES`] keeps; it starts afresh when full (a cluster has a few
+/// nodes and admins, and only certificates of this cluster get past the TLS handshake).
+const ROLES_KEPT: usize = 256;
+
 /// The role named in a DER certificate's common name.
 pub fn role_of(der: &[u8]) -> Result<Role, PkiError> {
+    let mut roles = ROLES.lock().unwrap_or_else(|p| p.into_inner());
+    let roles = roles.get_or_insert_with(Default::default);
+    if let Some(role) = roles.get(der) {
+        return Ok(role.clone());
+    }
+    let role = parse_role(der)?;
+    if roles.len() >= ROLES_KEPT {
+        roles.clear();
+    }
+    roles.insert(der.into(), role.clone());
+    Ok(role)
+}
+
+fn parse_role(der: &[u8]) -> Result<Role, PkiError> {
     let cn = crate::common_name(der).map_err(|e| bad("peer certificate", e))?;
     let cn = cn.as_str();
     if let Some(id) = cn.strip_prefix("node-") {
@@ -541,6 +565,39 @@ mod tests {
             Role::Admin("ops".into())
         );
         assert!(ca.sign_csr("garbage", &Role::Node(1)).is_err());
+    }
+
+    /// Remembered roles come back the same, each certificate its own; a certificate that does
+    /// not parse is refused every time, and nothing grows past ROLES_KEPT.
+    #[test]
+    fn remembered_roles_are_each_certificates_own() {
+        let (ca, _) = CertAuthority::create("c0ffee").unwrap();
+        let (_, csr) = new_key_and_csr().unwrap();
+        let ders: Vec<(Vec<u8>, Role)> = [Role::Node(3), Role::Admin("x".into()), Role::Node(4)]
+            .into_iter()
+            .map(|r| {
+                (
+                    pem_to_der(&ca.sign_csr(&csr, &r).unwrap(), "c")
+                        .unwrap()
+                        .to_vec(),
+                    r,
+                )
+            })
+            .collect();
+        for _ in 0..3 {
+            for (der, role) in &ders {
+                assert_eq!(role_of(der).unwrap(), *role);
+            }
+            assert!(role_of(b"not a certificate").is_err());
+        }
+        for i in 0..(ROLES_KEPT + 10) {
+            let mut der = ders[0].0.clone();
+            der.extend_from_slice(&i.to_le_bytes());
+            // Trailing bytes after the certificate: refused or parsed, never kept past the limit.
+            let _ = role_of(&der);
+        }
+        let kept = ROLES.lock().unwrap().as_ref().map_or(0, |m| m.len());
+        assert!(kept <= ROLES_KEPT, "{kept} roles kept");
     }
 
     #[test]

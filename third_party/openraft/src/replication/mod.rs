@@ -145,7 +145,17 @@ where
     /// Appropriate number of entries to send.
     /// This is only used by AppendEntries RPC.
     entries_hint: ReplicationHint,
+
+    /// FLOCK-PATCH: `next_action` is a heartbeat made only to carry a new commit index (not one
+    /// the core asked for). It waits up to [`COMMIT_COALESCE`] for entries to ride with.
+    commit_only: bool,
 }
+
+/// FLOCK-PATCH: how long an AppendEntries that would only tell a follower the new commit index
+/// waits for the next entries to carry it instead. Under a steady stream of writes the next
+/// entries come within this, and the follower gets one call per write instead of two; an idle
+/// leader sends the commit index after this delay. A heartbeat the core asks for goes at once.
+pub(crate) const COMMIT_COALESCE: Duration = Duration::from_millis(2);
 
 impl<C, N, LS> ReplicationCore<C, N, LS>
 where
@@ -198,6 +208,7 @@ where
             weak_tx_event: tx_event.downgrade(),
             next_action: None,
             entries_hint: Default::default(),
+            commit_only: false,
         };
 
         let join_handle = C::AsyncRuntime::spawn(this.main().instrument(span));
@@ -212,6 +223,7 @@ where
     async fn main(mut self) -> Result<(), ReplicationClosed> {
         loop {
             let action = self.next_action.take();
+            self.commit_only = false;
 
             let Some(d) = action else {
                 self.drain_events_with_backoff().await?;
@@ -646,6 +658,22 @@ where
 
         self.try_drain_events().await?;
 
+        // FLOCK-PATCH: a commit index alone waits a little for entries to carry it.
+        if self.commit_only {
+            let until = C::now() + COMMIT_COALESCE;
+            while self.commit_only {
+                let sleep = C::sleep(until - C::now());
+                select! {
+                    _ = sleep => break,
+                    recv_res = self.rx_event.recv() => {
+                        let event = recv_res.ok_or(ReplicationClosed::new("rx_repl is closed in drain_event()"))?;
+                        self.process_event(event);
+                        self.try_drain_events().await?;
+                    }
+                }
+            }
+        }
+
         Ok(())
     }
 
@@ -689,6 +717,7 @@ where
                 // If there is no action, fill in an heartbeat action to send committed index.
                 if self.next_action.is_none() {
                     self.next_action = Some(Data::new_heartbeat());
+                    self.commit_only = true;
                 }
             }
             Replicate::Heartbeat => {
@@ -696,6 +725,8 @@ where
                 if self.next_action.is_none() {
                     self.next_action = Some(Data::new_heartbeat());
                 }
+                // FLOCK-PATCH: a heartbeat the core asked for goes at once.
+                self.commit_only = false;
             }
             Replicate::Data(d) => {
                 // TODO: Currently there is at most 1 in flight data. But in future RaftCore may send next data
@@ -724,6 +755,7 @@ where
                 }
 
                 self.next_action = Some(d);
+                self.commit_only = false;
             }
         }
     }
