@@ -31,6 +31,18 @@ enum Waiter {
     Nobody,
 }
 
+impl Waiter {
+    fn done(self, result: Result<(), String>) {
+        match self {
+            Waiter::Flushed(cb) => cb.log_io_completed(result.map_err(io::Error::other)),
+            Waiter::Notify(tx) => {
+                let _ = tx.send(result);
+            }
+            Waiter::Nobody => {}
+        }
+    }
+}
+
 struct Job {
     ops: Vec<WriteOp>,
     durable: bool,
@@ -57,13 +69,32 @@ impl DiskWriter {
         let handle = thread::Builder::new()
             .name("raft-disk-writer".into())
             .spawn(move || {
+                // The latest commit index not written yet (see below).
+                let mut held: Option<WriteOp> = None;
                 while let Ok(first) = rx.recv() {
                     let mut jobs = vec![first];
                     while let Ok(more) = rx.try_recv() {
                         jobs.push(more);
                     }
                     let durable = jobs.iter().any(|j| j.durable);
-                    let ops: Vec<WriteOp> = jobs.iter_mut().flat_map(|j| j.ops.drain(..)).collect();
+                    let mut ops: Vec<WriteOp> =
+                        jobs.iter_mut().flat_map(|j| j.ops.drain(..)).collect();
+                    // A commit index alone is not worth a transaction of its own: it is written
+                    // with the next write, or when the writer stops. openraft saves one after
+                    // every commit, and under a single writer that doubled the node's redb
+                    // transactions (issue 20). Nobody waits for it to be durable: it only spares
+                    // re-applying entries after a restart.
+                    if !durable && ops.iter().all(|op| matches!(op, WriteOp::Committed(_))) {
+                        held = ops.pop().or(held);
+                        for job in jobs {
+                            job.waiter.done(Ok(()));
+                        }
+                        continue;
+                    }
+                    if let Some(committed) = held.take() {
+                        // Older than any commit index in `ops`, which therefore wins.
+                        ops.insert(0, committed);
+                    }
                     let began = Instant::now();
                     let result = disk.write(&ops, durable).map_err(|e| e.to_string());
                     if let (true, Ok(()), Some(hook)) = (durable, &result, told.get()) {
@@ -73,15 +104,12 @@ impl DiskWriter {
                         tracing::error!(error = %e, "raft store write failed");
                     }
                     for job in jobs {
-                        match job.waiter {
-                            Waiter::Flushed(cb) => {
-                                cb.log_io_completed(result.clone().map_err(io::Error::other))
-                            }
-                            Waiter::Notify(tx) => {
-                                let _ = tx.send(result.clone());
-                            }
-                            Waiter::Nobody => {}
-                        }
+                        job.waiter.done(result.clone());
+                    }
+                }
+                if let Some(committed) = held {
+                    if let Err(e) = disk.write(&[committed], true) {
+                        tracing::error!(error = %e, "raft store write failed");
                     }
                 }
             })
@@ -217,8 +245,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not fsync'ed on its own: it only spares re-applying entries after a restart, and it
-        // rides along with the next durable write.
+        // Not written on its own: it only spares re-applying entries after a restart, and it
+        // rides along with the next write (or is written when the writer stops).
         self.mem().committed = committed;
         self.writer
             .submit(vec![WriteOp::Committed(committed)], false, Waiter::Nobody)

@@ -90,3 +90,64 @@ fn a_damaged_file_is_refused_not_recreated() {
     assert!(RedbDisk::open(&path).is_err());
     assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; 8192]);
 }
+
+/// A redb disk that records what each write carried.
+struct Recording {
+    inner: RedbDisk,
+    writes: std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>,
+}
+
+impl RaftDisk for Recording {
+    fn load(&self) -> Result<flock_raft::disk::DiskState, flock_raft::disk::DiskError> {
+        self.inner.load()
+    }
+    fn write(&mut self, ops: &[WriteOp], durable: bool) -> Result<(), flock_raft::disk::DiskError> {
+        let kinds = ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Committed(c) => format!("committed {}", c.map_or(0, |c| c.index)),
+                WriteOp::Append(es) => format!("append {}", es[0].log_id.index),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        self.writes.lock().unwrap().push(kinds);
+        self.inner.write(ops, durable)
+    }
+}
+
+/// openraft saves the commit index after every commit; it is written with the next write
+/// instead of in a transaction of its own (issue 20), and the last one when the store closes.
+#[tokio::test]
+async fn a_commit_index_rides_with_the_next_write_and_is_kept_at_close() {
+    use openraft::storage::RaftLogStorage;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.redb");
+    let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let disk = Recording {
+        inner: RedbDisk::open(&path).unwrap(),
+        writes: writes.clone(),
+    };
+    let (mut log, sm, writer, thread) = flock_raft::Store::open_on(disk).unwrap().into_parts();
+    let id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
+    for i in 1..=5u64 {
+        writer
+            .write(vec![WriteOp::Append(vec![entry(1, i)])], true)
+            .await
+            .unwrap();
+        log.save_committed(Some(id(i))).await.unwrap();
+        // Give the writer time to take the commit index alone, as it would between writes.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop((log, sm, writer));
+    thread.join().unwrap();
+    let writes = writes.lock().unwrap().clone();
+    let mut expected: Vec<Vec<String>> = vec![vec!["append 1".into()]];
+    for i in 2..=5 {
+        expected.push(vec![format!("committed {}", i - 1), format!("append {i}")]);
+    }
+    expected.push(vec!["committed 5".into()]);
+    assert_eq!(writes, expected);
+    let back = RedbDisk::open(&path).unwrap().load().unwrap();
+    assert_eq!(back.committed, Some(id(5)));
+    assert_eq!(back.logs.len(), 5);
+}
