@@ -242,6 +242,7 @@ mod tests {
             "/flock.v1.Raft/AppendEntries",
             "/flock.v1.Raft/Vote",
             "/flock.v1.Raft/InstallSnapshot",
+            "/flock.v1.Raft/AppendStream",
             "/flock.v1.Api/Propose",
             "/flock.v1.Api/ReadIndex",
         ] {

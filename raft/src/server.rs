@@ -1,16 +1,20 @@
 //! The gRPC service that receives Raft RPCs from peers and hands them to openraft.
 
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use serde::{de::DeserializeOwned, Serialize};
-use tonic::{Request, Response, Status};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
 
 use flock_proto::v1::raft_server::{self, RaftServer};
 use flock_proto::v1::{RaftReply, RaftRequest};
 use openraft::raft::InstallSnapshotRequest;
 
 use crate::codec::{decode, encode};
-use crate::network::MAX_MESSAGE_BYTES;
+use crate::network::{MAX_MESSAGE_BYTES, STREAM_DEPTH};
 use crate::types::{Raft, TypeConfig};
 
 /// Decides whether the caller of a Raft RPC may make it (from its TLS certificate).
@@ -44,17 +48,29 @@ impl RaftService {
     }
 
     fn open<T: DeserializeOwned>(&self, req: Request<RaftRequest>) -> Result<T, Status> {
-        (self.authorize)(&req)?;
-        let req = req.into_inner();
-        if req.cluster_id != self.cluster_id {
-            return Err(Status::failed_precondition(format!(
-                "this node belongs to cluster {}, not {}",
-                self.cluster_id, req.cluster_id
-            )));
-        }
-        decode(&req.payload).map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
+        open(&self.authorize, &self.cluster_id, req)
     }
 }
+
+/// The openraft request in `req`, once its caller is authorized and it is for `cluster_id`.
+fn open<T: DeserializeOwned>(
+    authorize: &Authorize,
+    cluster_id: &str,
+    req: Request<RaftRequest>,
+) -> Result<T, Status> {
+    authorize(&req)?;
+    let req = req.into_inner();
+    if req.cluster_id != cluster_id {
+        return Err(Status::failed_precondition(format!(
+            "this node belongs to cluster {cluster_id}, not {}",
+            req.cluster_id
+        )));
+    }
+    decode(&req.payload).map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
+}
+
+/// The replies of an [`AppendStream`](raft_server::Raft::append_stream), in request order.
+pub type ReplyStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<RaftReply, Status>> + Send>>;
 
 impl RaftService {
     /// A chunk must start a snapshot (offset 0) or continue the one being received without a
@@ -89,6 +105,44 @@ fn reply<T: Serialize>(result: &T) -> Result<Response<RaftReply>, Status> {
 
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
+    type AppendStreamStream = ReplyStream;
+
+    /// AppendEntries calls on one stream, each answered in turn. Every request is authorized
+    /// as a unary call is (a node removed while its stream is open is refused from then on),
+    /// and the first refusal or bad request ends the stream with its status.
+    async fn append_stream(
+        &self,
+        req: Request<Streaming<RaftRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let (_, extensions, mut incoming) = req.into_parts();
+        let authorize = self.authorize.clone();
+        // A caller that may not make this call learns it at once, not at its first request.
+        authorize(&Request::from_parts(
+            MetadataMap::new(),
+            extensions.clone(),
+            RaftRequest::default(),
+        ))?;
+        let (raft, cluster_id) = (self.raft.clone(), self.cluster_id.clone());
+        let (tx, rx) = mpsc::channel(STREAM_DEPTH);
+        tokio::spawn(async move {
+            // Ends when the caller closes its side or goes away, or at the first refusal.
+            while let Ok(Some(msg)) = incoming.message().await {
+                let req = Request::from_parts(MetadataMap::new(), extensions.clone(), msg);
+                let answer = match open(&authorize, &cluster_id, req) {
+                    Ok(rpc) => Ok(RaftReply {
+                        payload: encode(&raft.append_entries(rpc).await),
+                    }),
+                    Err(status) => Err(status),
+                };
+                let refused = answer.is_err();
+                if tx.send(answer).await.is_err() || refused {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn append_entries(
         &self,
         req: Request<RaftRequest>,
