@@ -111,6 +111,9 @@ pub fn lazy_channel(addr: &str, tls: &TlsIdentity, target: Peer) -> Result<Chann
     peer_channel(addr, tls, target, CONNECT_TIMEOUT)
 }
 
+/// Each peer's AppendEntries stream, by peer id and address.
+type PeerStreams = HashMap<(NodeId, String), Arc<PeerStream>>;
+
 /// Creates a connection per peer; openraft keeps one per replication stream.
 #[derive(Clone)]
 pub struct GrpcNetwork {
@@ -121,7 +124,7 @@ pub struct GrpcNetwork {
     /// a TCP and TLS handshake per read.
     channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
     /// One AppendEntries stream per peer, shared by every connection to it.
-    streams: Arc<Mutex<HashMap<(NodeId, String), Arc<PeerStream>>>>,
+    streams: Arc<Mutex<PeerStreams>>,
 }
 
 impl GrpcNetwork {
@@ -877,7 +880,7 @@ mod tests {
                 calls.push(tokio::spawn(async move {
                     let payload = (round * 1000 + i).to_le_bytes();
                     let reply = stream.call(req(&payload), T).await;
-                    let reply = reply.ok().expect("taken by the stream").unwrap();
+                    let reply = reply.expect("taken by the stream").unwrap();
                     assert_eq!(reply.payload, payload);
                 }));
             }
@@ -900,7 +903,7 @@ mod tests {
     async fn an_older_peer_without_the_stream_gets_unary_calls() {
         let (echo, client) = serve(false).await;
         let stream = Arc::new(PeerStream::new(client.clone()));
-        let back = stream.call(req(b"a"), T).await.err().expect("given back");
+        let back = stream.call(req(b"a"), T).await.expect_err("given back");
         assert_eq!(back.payload, b"a");
         assert!(matches!(*stream.state(), StreamState::Unsupported(_)));
         // Through `send`, as the network makes calls: answered, unary.
