@@ -582,7 +582,12 @@ impl RunningNode {
             Arc::new(NodeTls::grpc_server(&tls_identity)?),
             workers.stop_signal(Phase::Api),
         );
-        let raft_service = RaftService::server(raft, identity.cluster_id.clone(), authorize);
+        let raft_service = RaftService::server(
+            raft,
+            identity.cluster_id.clone(),
+            authorize,
+            workers.stop_signal(Phase::Api),
+        );
         workers.spawn(Phase::Api, "api", |mut stop, status| async move {
             let served = tonic::transport::Server::builder()
                 // Before any service: nothing but Join is read without a member's certificate.

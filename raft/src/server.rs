@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
@@ -28,17 +28,26 @@ pub struct RaftService {
     /// The snapshot being received and how far its bytes reach, so that a chunk cannot make
     /// this node grow its buffer to an arbitrary offset.
     receiving: Mutex<Option<(String, u64)>>,
+    /// True when the server stops: its AppendStreams end, as a graceful shutdown waits for
+    /// every open stream.
+    stop: watch::Receiver<bool>,
 }
 
 impl RaftService {
     /// A tonic service for `raft`, accepting only requests for `cluster_id` from callers that
-    /// `authorize` admits.
-    pub fn server(raft: Raft, cluster_id: String, authorize: Authorize) -> RaftServer<RaftService> {
+    /// `authorize` admits; its streams end when `stop` turns true (or its sender goes).
+    pub fn server(
+        raft: Raft,
+        cluster_id: String,
+        authorize: Authorize,
+        stop: watch::Receiver<bool>,
+    ) -> RaftServer<RaftService> {
         RaftServer::new(RaftService {
             raft,
             cluster_id,
             authorize,
             receiving: Mutex::new(None),
+            stop,
         })
         // Only callers with a node certificate get this far (the pre-authentication layer
         // refuses the rest before reading a body); this bounds what a node may make another
@@ -123,10 +132,19 @@ impl raft_server::Raft for RaftService {
             RaftRequest::default(),
         ))?;
         let (raft, cluster_id) = (self.raft.clone(), self.cluster_id.clone());
+        let mut stop = self.stop.clone();
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
         tokio::spawn(async move {
-            // Ends when the caller closes its side or goes away, or at the first refusal.
-            while let Ok(Some(msg)) = incoming.message().await {
+            // Ends when the caller closes its side or goes away, at the first refusal, or when
+            // the server stops (the caller's next call opens a stream elsewhere or goes unary).
+            loop {
+                let msg = tokio::select! {
+                    msg = incoming.message() => match msg {
+                        Ok(Some(msg)) => msg,
+                        _ => break,
+                    },
+                    _ = stop.wait_for(|stopped| *stopped) => break,
+                };
                 let req = Request::from_parts(MetadataMap::new(), extensions.clone(), msg);
                 let answer = match open(&authorize, &cluster_id, req) {
                     Ok(rpc) => Ok(RaftReply {
