@@ -80,6 +80,11 @@ const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// stream is tried again.
 pub const STREAM_RETRY: Duration = Duration::from_secs(30);
 
+/// After a stream failed to open (the peer is down, or accepts connections and never answers),
+/// how long its calls stay unary before another open: at most one open per peer is pending,
+/// and one starts at most this often.
+pub const STREAM_BACKOFF: Duration = Duration::from_secs(2);
+
 /// An entry's size as it travels and is stored (postcard; counted, not encoded).
 pub fn entry_bytes(e: &Entry) -> usize {
     postcard::experimental::serialized_size(e).unwrap_or(usize::MAX)
@@ -607,10 +612,24 @@ type StreamCall = (RaftRequest, oneshot::Sender<Answer>);
 enum StreamState {
     /// Not open: the next call opens it.
     Idle,
+    /// Being opened: calls queue for its pump task, which sends them once it is open (or gives
+    /// them back to go unary when it does not open).
+    Opening(mpsc::Sender<StreamCall>),
     /// Open: calls go to its pump task.
     Open(mpsc::Sender<StreamCall>),
     /// The peer has no AppendStream (an older build), as found at this time.
     Unsupported(Instant),
+    /// The last open failed at this time ([`STREAM_BACKOFF`]).
+    Failed(Instant),
+}
+
+impl StreamState {
+    fn pump(&self) -> Option<&mpsc::Sender<StreamCall>> {
+        match self {
+            StreamState::Opening(tx) | StreamState::Open(tx) => Some(tx),
+            _ => None,
+        }
+    }
 }
 
 /// One peer's AppendEntries stream: calls are written to it in order and answered in order by
@@ -618,6 +637,8 @@ enum StreamState {
 pub struct PeerStream {
     client: RaftClient<Channel>,
     state: Mutex<StreamState>,
+    /// How many times a stream was opened (started to be).
+    opens: AtomicU32,
 }
 
 impl PeerStream {
@@ -625,6 +646,7 @@ impl PeerStream {
         PeerStream {
             client,
             state: Mutex::new(StreamState::Idle),
+            opens: AtomicU32::new(0),
         }
     }
 
@@ -637,12 +659,16 @@ impl PeerStream {
     fn pump(self: &Arc<Self>) -> Option<mpsc::Sender<StreamCall>> {
         let mut state = self.state();
         match &*state {
-            StreamState::Open(tx) if !tx.is_closed() => return Some(tx.clone()),
+            StreamState::Open(tx) | StreamState::Opening(tx) if !tx.is_closed() => {
+                return Some(tx.clone())
+            }
             StreamState::Unsupported(at) if at.elapsed() < STREAM_RETRY => return None,
+            StreamState::Failed(at) if at.elapsed() < STREAM_BACKOFF => return None,
             _ => {}
         }
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
-        *state = StreamState::Open(tx.clone());
+        *state = StreamState::Opening(tx.clone());
+        self.opens.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(run_pump(
             Arc::downgrade(self),
             self.client.clone(),
@@ -652,10 +678,12 @@ impl PeerStream {
         Some(tx)
     }
 
-    /// Sets the state that follows the pump `tx`, if it is still the stream's pump.
-    fn replace(&self, tx: &mpsc::Sender<StreamCall>, next: StreamState) {
+    /// Sets the state that follows the pump `tx`, if it is still the stream's pump and, when
+    /// `only_open`, open (not still opening).
+    fn replace(&self, tx: &mpsc::Sender<StreamCall>, next: StreamState, only_open: bool) {
         let mut state = self.state();
-        if matches!(&*state, StreamState::Open(open) if open.same_channel(tx)) {
+        let current = state.pump().is_some_and(|p| p.same_channel(tx));
+        if current && !(only_open && matches!(&*state, StreamState::Opening(_))) {
             *state = next;
         }
     }
@@ -685,8 +713,9 @@ impl PeerStream {
             ))),
             Err(_) => {
                 // Unanswered in time: the next call opens a new stream rather than queue
-                // behind a stuck one.
-                self.replace(&tx, StreamState::Idle);
+                // behind a stuck one. Not while it is still opening: that has its own timeout,
+                // and against a peer that never answers every call would start another open.
+                self.replace(&tx, StreamState::Idle, true);
                 Ok(Err(tonic::Status::deadline_exceeded(format!(
                     "no answer within {timeout:?}"
                 ))))
@@ -719,15 +748,19 @@ async fn run_pump(
                 tracing::debug!("peer has no AppendStream; its AppendEntries stay unary");
                 StreamState::Unsupported(Instant::now())
             } else {
-                StreamState::Idle
+                tracing::debug!(error = %status, "the replication stream did not open");
+                StreamState::Failed(Instant::now())
             };
             if let Some(peer) = peer.upgrade() {
-                peer.replace(&tx, next);
+                peer.replace(&tx, next, false);
             }
             give_back(&mut calls);
             return;
         }
     };
+    if let Some(peer) = peer.upgrade() {
+        peer.replace(&tx, StreamState::Open(tx.clone()), false);
+    }
     drop(tx);
     let mut waiting: VecDeque<oneshot::Sender<Answer>> = VecDeque::new();
     let ended = loop {
@@ -923,6 +956,50 @@ mod tests {
         assert!(matches!(r, Ok(AppendEntriesResponse::Success)), "{r:?}");
         assert_eq!(echo.unary.load(Ordering::SeqCst), 1);
         assert_eq!(echo.streamed.load(Ordering::SeqCst), 0);
+    }
+
+    /// A peer that accepts connections and never answers: calls that time out while the
+    /// stream is still opening do not each start another open (one pending open per peer), and
+    /// after the open fails calls go unary for a while instead of opening again at once.
+    #[tokio::test]
+    async fn a_peer_that_never_answers_gets_one_open_at_a_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let stream = Arc::new(PeerStream::new(RaftClient::new(ch)));
+        let began = Instant::now();
+        let (mut timed_out, mut given_back) = (0, 0);
+        while began.elapsed() < STREAM_OPEN_TIMEOUT - Duration::from_secs(1) {
+            match stream.call(req(b"x"), Duration::from_millis(50)).await {
+                Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => timed_out += 1,
+                // The queue of the opening stream is full: the call goes unary.
+                Err(_) => {
+                    given_back += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(other) => panic!("{:?}", other.map(|r| r.payload)),
+            }
+        }
+        assert!(timed_out > 20, "{timed_out} calls timed out");
+        assert_eq!(
+            stream.opens.load(Ordering::Relaxed),
+            1,
+            "{timed_out} calls timed out, {given_back} given back"
+        );
+        // The open gives up; calls then go unary, with no new open for a while.
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        assert!(matches!(*stream.state(), StreamState::Failed(_)));
+        let back = stream.call(req(b"y"), Duration::from_millis(50)).await;
+        assert_eq!(back.expect_err("given back to go unary").payload, b"y");
+        assert_eq!(stream.opens.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
