@@ -31,6 +31,12 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     out
 }
 
+/// Appends `value`, encoded as a versioned record, to `out`.
+pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    out.push(RECORD_VERSION);
+    postcard::to_io(value, &mut *out).expect("postcard encodes plain data");
+}
+
 /// Decodes a versioned record.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     match bytes.split_first() {

@@ -2,7 +2,8 @@
 //!
 //! - [`types`]: the openraft type configuration (commands and results are the scheduler's).
 //! - [`codec`]: versioned postcard records, used on disk and on the wire.
-//! - [`disk`]: the small [`RaftDisk`](disk::RaftDisk) trait and its redb implementation.
+//! - [`disk`]: the small [`RaftDisk`](disk::RaftDisk) trait and its implementation: the log's
+//!   entries in an append-only log ([`wal`]), the rest in redb.
 //! - [`log_store`]: the durable log with group commit; [`state_machine`]: the applied
 //!   [`ClusterState`](flock_scheduler::ClusterState) and snapshots; [`store`] opens both.
 //! - [`recover`]: `flockd run --force-new-cluster`, a survivor made the only voter when a
@@ -21,6 +22,7 @@ pub mod server;
 pub mod state_machine;
 pub mod store;
 pub mod types;
+pub mod wal;
 
 pub use flock_tls as tls;
 pub use store::Store;

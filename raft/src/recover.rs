@@ -20,7 +20,7 @@ use std::path::Path;
 
 use openraft::{CommittedLeaderId, EntryPayload};
 
-use crate::disk::{DiskError, DiskState, RaftDisk, RedbDisk, WriteOp};
+use crate::disk::{DiskError, DiskState, NodeDisk, RaftDisk, WriteOp};
 use crate::types::{Entry, LogId, MemberNode, Membership, NodeId, Vote};
 
 /// Why a store cannot be forced into a one-voter cluster.
@@ -175,7 +175,7 @@ pub fn force_new_cluster(
     if !path.exists() {
         return Err(ForceError::NoRaftState { path: shown });
     }
-    let mut disk = RedbDisk::open(path)?;
+    let mut disk = NodeDisk::open(path)?;
     let state = disk.load()?;
     if let Some(found) = state.cluster_id.as_deref().filter(|c| *c != cluster_id) {
         return Err(ForceError::OtherCluster {
@@ -393,7 +393,7 @@ mod tests {
         ));
         assert!(!path.exists(), "a missing store is not created");
         {
-            let mut disk = RedbDisk::open(&path).unwrap();
+            let mut disk = NodeDisk::open(&path).unwrap();
             let d = three_voters();
             disk.write(
                 &[
@@ -409,7 +409,7 @@ mod tests {
         let e = force_new_cluster(&path, "other", 1, node(1)).unwrap_err();
         assert!(matches!(e, ForceError::OtherCluster { .. }), "{e:?}");
         let f = force_new_cluster(&path, "c", 1, node(1)).unwrap();
-        let back = RedbDisk::open(&path).unwrap().load().unwrap();
+        let back = NodeDisk::open(&path).unwrap().load().unwrap();
         assert_eq!(back.logs.len(), 4);
         assert_eq!(back.logs[3].log_id, f.log_id);
         assert_eq!(back.vote, Some(Vote::new_committed(6, 1)));

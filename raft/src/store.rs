@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::thread::JoinHandle;
 
-use crate::disk::{DiskError, RaftDisk, RedbDisk, WriteOp};
+use crate::disk::{DiskError, NodeDisk, RaftDisk, WriteOp};
 use crate::log_store::{DiskWriter, LogStore};
 use crate::state_machine::StateMachine;
 
@@ -18,9 +18,9 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the redb store at `path`.
+    /// Opens (or creates) the store at `path` (a redb file) and its log beside it.
     pub fn open(path: &Path) -> Result<Store, DiskError> {
-        Self::open_on(RedbDisk::open(path)?)
+        Self::open_on(NodeDisk::open(path)?)
     }
 
     /// Opens a store on any [`RaftDisk`].

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use flock_raft::disk::{DiskError, DiskState, RaftDisk, RedbDisk, WriteOp};
+use flock_raft::disk::{DiskError, DiskState, NodeDisk, RaftDisk, WriteOp};
 use flock_raft::store::Store;
 use flock_raft::types::{MemberNode, NodeId, Raft, TypeConfig};
 use flock_scheduler::Command;
@@ -48,7 +48,7 @@ impl Gate {
 
 /// A redb disk whose durable writes wait while its gate is held.
 struct GatedDisk {
-    inner: RedbDisk,
+    inner: NodeDisk,
     gate: Gate,
 }
 
@@ -171,7 +171,7 @@ async fn three_nodes(dir: &std::path::Path) -> BTreeMap<NodeId, Node> {
     for id in 1..=3u64 {
         let gate = Gate::default();
         let disk = GatedDisk {
-            inner: RedbDisk::open(&dir.join(format!("n{id}.redb"))).unwrap(),
+            inner: NodeDisk::open(&dir.join(format!("n{id}.redb"))).unwrap(),
             gate: gate.clone(),
         };
         let (log, sm, _writer, _thread) = Store::open_on(disk).unwrap().into_parts();
