@@ -187,8 +187,10 @@ struct Scanned {
 /// Replays the segment at `path` into `into`. A torn tail is accepted only when `last`.
 fn scan(path: &Path, bytes: &[u8], last: bool, into: &mut Replayed) -> Result<Scanned, DiskError> {
     if (bytes.len() as u64) < HEADER_LEN || bytes[..HEADER_LEN as usize].iter().all(|b| *b == 0) {
-        // A segment whose header never reached the disk: created just before a crash.
-        if last && bytes.iter().all(|b| *b == 0) {
+        // A segment whose header never reached the disk (or only its first bytes): created
+        // just before a crash.
+        let header_cut = bytes.len() < HEADER_LEN as usize && MAGIC.starts_with(bytes);
+        if last && (header_cut || bytes.iter().all(|b| *b == 0)) {
             return Ok(Scanned {
                 valid_len: 0,
                 torn: true,
