@@ -12,7 +12,9 @@
 //! cargo run --release -p flock-dataset --example dir_incremental -- /var/tmp/dirinc 4096 1 2 --receive
 //! ```
 //! Arguments: work directory (made, and emptied at the end), total MiB, files, cycles,
-//! `--receive` to also receive every stream into a second root, `--keep` to keep the data.
+//! `--receive` to also receive every stream into a second root, `--keep` to keep the data,
+//! `--deltas` to let incremental streams carry a changed file as its changed ranges (version 2,
+//! on a file system with reflinks).
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -122,9 +124,12 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let receive = args.iter().any(|a| a == "--receive");
     let keep = args.iter().any(|a| a == "--keep");
+    let deltas = args.iter().any(|a| a == "--deltas");
     let pos: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     let [work, total, files, cycles] = pos[..] else {
-        eprintln!("usage: dir_incremental WORK_DIR TOTAL_MIB FILES CYCLES [--receive] [--keep]");
+        eprintln!(
+            "usage: dir_incremental WORK_DIR TOTAL_MIB FILES CYCLES [--receive] [--keep] [--deltas]"
+        );
         std::process::exit(2);
     };
     let work = Path::new(work);
@@ -162,11 +167,7 @@ fn main() {
     measure("snapshot 1 (full)", || {
         a.snapshot(&ds, &snap(1)).expect("snapshot")
     });
-    let full = StreamSpec {
-        dataset: ds.clone(),
-        base: None,
-        target: snap(1),
-    };
+    let full = StreamSpec::full(ds.clone(), snap(1));
     let len = measure("send full to a sink", || send_to_sink(&a, &full));
     println!("| (full stream: {} MiB) | | | | | |", mib(len));
     if let Some(b) = &b {
@@ -192,11 +193,7 @@ fn main() {
         measure(&format!("cycle {c}: snapshot {}", c + 1), || {
             a.snapshot(&ds, &snap(c + 1)).expect("snapshot")
         });
-        let inc = StreamSpec {
-            dataset: ds.clone(),
-            base: Some(snap(c)),
-            target: snap(c + 1),
-        };
+        let inc = StreamSpec::incremental(ds.clone(), snap(c), snap(c + 1)).with_deltas(deltas);
         let len = measure(&format!("cycle {c}: send incremental to a sink"), || {
             send_to_sink(&a, &inc)
         });

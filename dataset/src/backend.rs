@@ -147,6 +147,10 @@ pub struct StreamSpec {
     pub base: Option<SnapshotName>,
     /// The snapshot the stream creates on the receiver.
     pub target: SnapshotName,
+    /// The receiver reads the `dir` stream's version 2 (a changed file as the ranges that
+    /// changed, see `dir/stream.rs`): the sender may use it. Not carried on the wire: the sender
+    /// knows it from the connection ([`StreamSpec::with_deltas`]); false by default.
+    pub deltas: bool,
 }
 
 impl StreamSpec {
@@ -156,6 +160,7 @@ impl StreamSpec {
             dataset,
             base: None,
             target,
+            deltas: false,
         }
     }
 
@@ -165,7 +170,16 @@ impl StreamSpec {
             dataset,
             base: Some(base),
             target,
+            deltas: false,
         }
+    }
+
+    /// The same stream, allowed (or not) to send changed files as their changed ranges, where
+    /// the backend can tell them without reading the files (the `dir` backend on a file system
+    /// with reflinks). Only for a receiver known to read them.
+    pub fn with_deltas(mut self, deltas: bool) -> Self {
+        self.deltas = deltas;
+        self
     }
 }
 

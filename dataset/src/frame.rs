@@ -108,6 +108,7 @@ impl StreamHeader {
                 dataset,
                 base,
                 target,
+                deltas: false,
             },
             limit,
             size_hint,

@@ -55,24 +55,41 @@ use flock_tls::pki::{NodeTls, Peer, PkiError, TlsIdentity};
 /// QUIC (quinn) server config: mutual TLS, a client certificate of this CA required;
 /// presents `identity`'s certificate of the moment.
 pub fn quic_server(identity: &TlsIdentity) -> Result<quinn::ServerConfig, PkiError> {
-    let tls = identity
-        .server_config(true, &[QUIC_ALPN])
-        .map_err(quic_tls)?;
+    let tls = identity.server_config(true, QUIC_ALPNS).map_err(quic_tls)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(quic_tls)?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
 }
 
 /// QUIC (quinn) client config: accepts only `peer`, presents `identity`'s certificate.
 pub fn quic_client(identity: &TlsIdentity, peer: Peer) -> Result<quinn::ClientConfig, PkiError> {
-    let tls = identity
-        .client_config(peer, &[QUIC_ALPN])
-        .map_err(quic_tls)?;
+    let tls = identity.client_config(peer, QUIC_ALPNS).map_err(quic_tls)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(quic_tls)?;
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }
 
-/// ALPN of flock's QUIC streams.
+/// ALPN of flock's QUIC streams, as every build speaks them.
 pub const QUIC_ALPN: &[u8] = b"flock-stream/1";
+
+/// ALPN of flock's QUIC streams where the receiver of a dataset push also reads the `dir`
+/// stream's version 2 (changed files as ranges; issue 20).
+pub const QUIC_ALPN_2: &[u8] = b"flock-stream/2";
+
+/// What this build offers and accepts, best first: both sides pick the best they share (the
+/// server takes the first of its own list that the client offered), so a peer of an older
+/// build, which knows only [`QUIC_ALPN`], gets it.
+pub const QUIC_ALPNS: &[&[u8]] = &[QUIC_ALPN_2, QUIC_ALPN];
+
+/// The protocol version a connection agreed on: 2 for [`QUIC_ALPN_2`], else 1.
+pub fn protocol_version(conn: &quinn::Connection) -> u32 {
+    let agreed = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    match agreed.as_deref() {
+        Some(QUIC_ALPN_2) => 2,
+        _ => 1,
+    }
+}
 
 fn quic_tls(e: impl ToString) -> PkiError {
     PkiError::Bad {
@@ -522,5 +539,68 @@ impl quinn::AsyncUdpSocket for GsoSplit {
 
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flock_tls::pki::{new_key_and_csr, CertAuthority, Role};
+
+    /// Connects a client endpoint to a server endpoint, each offering `client` / `server`
+    /// ALPN lists, and returns the version each side agreed on.
+    async fn agreed(client: &[&[u8]], server: &[&[u8]]) -> (u32, u32) {
+        let (ca, _) = CertAuthority::create("alpn-test").unwrap();
+        let tls = |id| {
+            let (key_pem, csr) = new_key_and_csr().unwrap();
+            NodeTls {
+                ca_pem: ca.cert_pem.clone(),
+                cert_pem: ca.sign_csr(&csr, &Role::Node(id)).unwrap(),
+                key_pem,
+            }
+        };
+        let (a, b) = (tls(1), tls(2));
+        let loopback = "127.0.0.1:0".parse().unwrap();
+        let tuning = QuicTuning::default();
+        let srv = tuning.open(loopback, &a, true).unwrap().endpoint;
+        let cli = tuning.open(loopback, &b, false).unwrap().endpoint;
+        let rustls_server = a.identity().unwrap().server_config(true, server).unwrap();
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(rustls_server).unwrap();
+        srv.set_server_config(Some(ServerConfig::with_crypto(Arc::new(crypto))));
+        let rustls_client = b
+            .identity()
+            .unwrap()
+            .client_config(Peer::Node(1), client)
+            .unwrap();
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(rustls_client).unwrap();
+        let config = ClientConfig::new(Arc::new(crypto));
+        let addr = srv.local_addr().unwrap();
+        let (c, s) = tokio::join!(
+            async {
+                cli.connect_with(config, addr, flock_tls::SERVER_NAME)
+                    .unwrap()
+                    .await
+                    .unwrap()
+            },
+            async { srv.accept().await.unwrap().await.unwrap() }
+        );
+        (protocol_version(&c), protocol_version(&s))
+    }
+
+    /// Two builds that speak flock-stream/2 agree on it; a peer of an older build (only
+    /// flock-stream/1), on either side, gets flock-stream/1.
+    #[tokio::test]
+    async fn peers_agree_on_the_best_stream_version_both_speak() {
+        assert_eq!(agreed(QUIC_ALPNS, QUIC_ALPNS).await, (2, 2));
+        assert_eq!(
+            agreed(&[QUIC_ALPN], QUIC_ALPNS).await,
+            (1, 1),
+            "older client"
+        );
+        assert_eq!(
+            agreed(QUIC_ALPNS, &[QUIC_ALPN]).await,
+            (1, 1),
+            "older server"
+        );
     }
 }

@@ -60,6 +60,7 @@
 //! own file), sockets, fifos and device nodes (skipped with a warning). A snapshot of a tree
 //! that is being written is not atomic (zfs's are); stop or quiesce the app for a consistent one.
 
+mod delta;
 mod dirfd;
 mod stream;
 pub(crate) mod tree;
@@ -926,7 +927,8 @@ impl Backend for DirBackend {
             created_unix: target.meta.created_unix,
         };
         let base_tree = base.map(Snap::tree);
-        let (reader, len) = DirSendReader::open(start, base_tree.as_deref(), &target.tree())?;
+        let (reader, len) =
+            DirSendReader::open(start, base_tree.as_deref(), &target.tree(), spec.deltas)?;
         Ok(SendStream::new(Box::new(reader), Some(len)))
     }
 

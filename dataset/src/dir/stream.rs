@@ -1,4 +1,4 @@
-//! The `dir` backend's stream format, version 1.
+//! The `dir` backend's stream format, versions 1 and 2.
 //!
 //! ```text
 //! stream  = header record* end
@@ -8,6 +8,9 @@
 //!         | 'F' path meta size:u64 bytes[size]         regular file (new or changed: whole file)
 //!         | 'L' path meta target:bytes                 symlink
 //!         | 'X' path                                   delete path (recursively) from the base
+//!         | 'P' path meta size:u64 n:u32 (offset:u64 len:u64)*n bytes[sum of len]
+//!                                                      version 2 only: a file of the base,
+//!                                                      these ranges rewritten, cut or grown to size
 //! end     = 'E' records:u64 file_bytes:u64 blake3(every byte before this field):[32]
 //! path    = len:u32 bytes    relative, no "." / ".." / empty components; "" is the root (D only)
 //! meta    = mode:u32 uid:u32 gid:u32 mtime_sec:i64 mtime_nsec:u32
@@ -20,6 +23,15 @@
 //! as in the base snapshot (snapshots hard-link unchanged files, so that comparison is exact),
 //! and new or changed symlinks. Directory metadata is applied after all records, children first.
 //!
+//! Version 2 adds `P`: a changed file as the ranges that changed (issue 20). The sender tells
+//! them from where the two snapshots' copies lie on disk ([`super::delta`]), without reading
+//! them, so on a file system with reflinks a 1 MiB write into a 4 GiB file costs about 1 MiB of
+//! stream; where the copies share nothing, or most of a file changed, the file goes whole (`F`).
+//! A sender writes version 2 only when the stream holds a `P` record, and only for a receiver
+//! known to read it ([`crate::StreamSpec::with_deltas`]); a version 1 receiver refuses a
+//! version 2 stream at its header. The receiver makes the new file from its copy of the base's
+//! (a reflink where it can, else a byte copy), then writes the ranges.
+//!
 //! The stream checks itself (its own BLAKE3) so that a raw stream, outside the network
 //! framing, is verified too.
 
@@ -29,6 +41,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 
 use super::dirfd::vanished;
@@ -36,7 +49,15 @@ use super::tree::{self, Entry, Kind, Meta, Stamp, Tree};
 use crate::error::{DatasetError, StreamError};
 
 const MAGIC: [u8; 8] = *b"FLKDIR\0\0";
+/// The version of a stream without `P` records (what every receiver reads).
 const VERSION: u16 = 1;
+/// The version of a stream with `P` records.
+const VERSION_DELTAS: u16 = 2;
+/// A changed file at least this large is looked at for its changed ranges.
+const DELTA_MIN_FILE: u64 = 1 << 20;
+/// A file with more changed ranges than this, or changed in more than 3/4 of its size, goes
+/// whole.
+const MAX_RANGES: usize = 1 << 16;
 const FLAG_INCREMENTAL: u8 = 1;
 const MAX_PATH: usize = 4096;
 const COPY_CHUNK: usize = 256 << 10;
@@ -62,6 +83,19 @@ enum Record {
     File(PathBuf, Meta, u64),
     Symlink(PathBuf, Meta, PathBuf),
     Delete(PathBuf),
+    /// A file of the base with these ranges `(offset, length)` rewritten, at this size.
+    Patch(PathBuf, Meta, u64, Vec<(u64, u64)>),
+}
+
+impl Record {
+    /// The bytes of file data that follow the record's header.
+    fn data_len(&self) -> u64 {
+        match self {
+            Record::File(_, _, size) => *size,
+            Record::Patch(_, _, _, ranges) => ranges.iter().map(|(_, len)| len).sum(),
+            _ => 0,
+        }
+    }
 }
 
 fn record_for(e: Entry) -> Record {
@@ -77,8 +111,42 @@ fn plan_full(tree: &Path) -> Result<Vec<Record>, DatasetError> {
     Ok(tree::walk(tree)?.into_iter().map(record_for).collect())
 }
 
-/// The records that turn the snapshot tree `base` into `target`.
-fn plan_incremental(base: &Path, target: &Path) -> Result<Vec<Record>, DatasetError> {
+/// The ranges of the file `rel` that changed from the snapshot tree `base` (where it has
+/// `base_size` bytes) to `target` (`size` bytes), when the file system tells them and they are
+/// few enough to be worth sending as ranges; `None`: send the file whole.
+fn delta_of(
+    base: &mut Tree,
+    target: &mut Tree,
+    rel: &Path,
+    base_size: u64,
+    size: u64,
+) -> Result<Option<Vec<(u64, u64)>>, DatasetError> {
+    let open = |tree: &mut Tree| -> Result<Option<Vec<super::delta::Extent>>, DatasetError> {
+        let shown = tree.show(rel);
+        let io = |e| DatasetError::io("map the extents of", &shown, e);
+        let opened = tree
+            .parent(rel)
+            .and_then(|(dir, name)| dir.open_file(name))
+            .map_err(io)?;
+        match opened {
+            Some((file, _)) => super::delta::extents(&file).map_err(io),
+            None => Ok(None),
+        }
+    };
+    let (Some(old), Some(new)) = (open(base)?, open(target)?) else {
+        return Ok(None);
+    };
+    let ranges = super::delta::changed_ranges(&old, base_size, &new, size);
+    let changed: u64 = ranges.iter().map(|(_, len)| len).sum();
+    if ranges.len() > MAX_RANGES || changed > size / 4 * 3 {
+        return Ok(None);
+    }
+    Ok(Some(ranges))
+}
+
+/// The records that turn the snapshot tree `base` into `target`; with `deltas`, a changed
+/// file may be a [`Record::Patch`].
+fn plan_incremental(base: &Path, target: &Path, deltas: bool) -> Result<Vec<Record>, DatasetError> {
     let base_entries = tree::walk(base)?;
     let target_entries = tree::walk(target)?;
     let in_target: HashMap<&Path, &Entry> = target_entries
@@ -101,6 +169,7 @@ fn plan_incremental(base: &Path, target: &Path) -> Result<Vec<Record>, DatasetEr
     }
     let in_base: HashMap<&Path, &Entry> =
         base_entries.iter().map(|e| (e.rel.as_path(), e)).collect();
+    let mut trees: Option<(Tree, Tree)> = None;
     for t in target_entries.iter() {
         let changed = match in_base.get(t.rel.as_path()) {
             None => true,
@@ -111,9 +180,26 @@ fn plan_incremental(base: &Path, target: &Path) -> Result<Vec<Record>, DatasetEr
                 Kind::Symlink { .. } => b.kind != t.kind || b.meta != t.meta,
             },
         };
-        if changed {
-            plan.push(record_for(t.clone()));
+        if !changed {
+            continue;
         }
+        if let (true, Some(b), Kind::File { size }) =
+            (deltas, in_base.get(t.rel.as_path()), &t.kind)
+        {
+            if let (Kind::File { size: base_size }, true) = (&b.kind, *size >= DELTA_MIN_FILE) {
+                let trees = match &mut trees {
+                    Some(t) => t,
+                    None => trees.insert((Tree::open(base)?, Tree::open(target)?)),
+                };
+                if let Some(ranges) =
+                    delta_of(&mut trees.0, &mut trees.1, &t.rel, *base_size, *size)?
+                {
+                    plan.push(Record::Patch(t.rel.clone(), t.meta, *size, ranges));
+                    continue;
+                }
+            }
+        }
+        plan.push(record_for(t.clone()));
     }
     Ok(plan)
 }
@@ -136,10 +222,10 @@ fn put_meta(out: &mut Vec<u8>, m: &Meta) {
     out.extend_from_slice(&m.mtime.nsec.to_be_bytes());
 }
 
-fn encode_start(s: &StreamStart) -> Vec<u8> {
+fn encode_start(s: &StreamStart, version: u16) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_be_bytes());
+    out.extend_from_slice(&version.to_be_bytes());
     out.push(if s.base.is_some() {
         FLAG_INCREMENTAL
     } else {
@@ -178,13 +264,25 @@ fn encode_record(r: &Record, out: &mut Vec<u8>) {
             out.push(b'X');
             put_bytes(out, p.as_os_str().as_bytes());
         }
+        Record::Patch(p, m, size, ranges) => {
+            out.push(b'P');
+            put_bytes(out, p.as_os_str().as_bytes());
+            put_meta(out, m);
+            out.extend_from_slice(&size.to_be_bytes());
+            out.extend_from_slice(&(ranges.len() as u32).to_be_bytes());
+            for (offset, len) in ranges {
+                out.extend_from_slice(&offset.to_be_bytes());
+                out.extend_from_slice(&len.to_be_bytes());
+            }
+        }
     }
 }
 
 struct OpenFile {
     file: fs::File,
     path: PathBuf,
-    remaining: u64,
+    /// What is left to read, `(offset, length)`, in order.
+    ranges: std::collections::VecDeque<(u64, u64)>,
 }
 
 /// A `dir` stream, produced lazily as it is read: record headers from a plan made up front,
@@ -208,21 +306,24 @@ impl DirSendReader {
         start: StreamStart,
         base: Option<&Path>,
         target: &Path,
+        deltas: bool,
     ) -> Result<(Self, u64), DatasetError> {
         let plan = match base {
-            Some(base) => plan_incremental(base, target)?,
+            Some(base) => plan_incremental(base, target, deltas)?,
             None => plan_full(target)?,
         };
-        let head = encode_start(&start);
+        let version = if plan.iter().any(|r| matches!(r, Record::Patch(..))) {
+            VERSION_DELTAS
+        } else {
+            VERSION
+        };
+        let head = encode_start(&start, version);
         let mut len = head.len() as u64 + 1 + 16 + 32;
         let mut scratch = Vec::new();
         for r in &plan {
             scratch.clear();
             encode_record(r, &mut scratch);
-            len += scratch.len() as u64;
-            if let Record::File(_, _, size) = r {
-                len += size;
-            }
+            len += scratch.len() as u64 + r.data_len();
         }
         let mut hasher = blake3::Hasher::new();
         hasher.update(&head);
@@ -254,14 +355,16 @@ impl Read for DirSendReader {
                 return Ok(n);
             }
             if let Some(f) = &mut self.file {
-                if f.remaining == 0 {
+                let Some((offset, left)) = f.ranges.front_mut() else {
                     self.file = None;
                     continue;
+                };
+                if *left == 0 {
+                    f.ranges.pop_front();
+                    continue;
                 }
-                let want = out
-                    .len()
-                    .min(usize::try_from(f.remaining).unwrap_or(usize::MAX));
-                let n = f.file.read(&mut out[..want]).map_err(|e| {
+                let want = out.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                let n = f.file.read_at(&mut out[..want], *offset).map_err(|e| {
                     io::Error::new(e.kind(), format!("reading {}: {e}", f.path.display()))
                 })?;
                 if n == 0 {
@@ -271,7 +374,8 @@ impl Read for DirSendReader {
                     )));
                 }
                 self.hasher.update(&out[..n]);
-                f.remaining -= n as u64;
+                *offset += n as u64;
+                *left -= n as u64;
                 self.file_bytes += n as u64;
                 return Ok(n);
             }
@@ -281,7 +385,11 @@ impl Read for DirSendReader {
                 Some(r) => {
                     encode_record(&r, &mut self.buf);
                     self.records += 1;
-                    if let Record::File(rel, _, size) = &r {
+                    if let Record::File(rel, _, size) | Record::Patch(rel, _, size, _) = &r {
+                        let ranges = match &r {
+                            Record::Patch(_, _, _, ranges) => ranges.iter().copied().collect(),
+                            _ => [(0, *size)].into_iter().collect(),
+                        };
                         let path = self.tree.show(rel);
                         let opened = self
                             .tree
@@ -299,11 +407,7 @@ impl Read for DirSendReader {
                                 )))
                             }
                         };
-                        self.file = Some(OpenFile {
-                            file,
-                            path,
-                            remaining: *size,
-                        });
+                        self.file = Some(OpenFile { file, path, ranges });
                     }
                     self.hasher.update(&self.buf);
                 }
@@ -474,11 +578,11 @@ pub(crate) fn apply(
         return Err(ApplyError::Stream(StreamError::BadMagic { format: "dir" }));
     }
     let version = u16::from_be_bytes(input.array()?);
-    if version != VERSION {
+    if version != VERSION && version != VERSION_DELTAS {
         return Err(ApplyError::Stream(StreamError::UnsupportedVersion {
             format: "dir",
             found: version,
-            supported: VERSION,
+            supported: VERSION_DELTAS,
         }));
     }
     let flags = input.u8()?;
@@ -640,6 +744,79 @@ pub(crate) fn apply(
                 }
                 dir.remove_all(name).map_err(local("remove"))?;
                 out.forget();
+            }
+            b'P' if version >= VERSION_DELTAS && base_tree.is_some() => {
+                let meta = input.meta()?;
+                let size = input.u64()?;
+                let count = input.u32()? as usize;
+                if count > MAX_RANGES {
+                    return Err(input.corrupt(format!("a file changed in {count} ranges")));
+                }
+                let mut ranges = Vec::with_capacity(count);
+                let mut end = 0u64;
+                for _ in 0..count {
+                    let (offset, len) = (input.u64()?, input.u64()?);
+                    match offset.checked_add(len) {
+                        Some(e) if len > 0 && offset >= end && e <= size => end = e,
+                        _ => {
+                            return Err(input.corrupt(format!(
+                                "changed ranges of {} out of order, empty or past its size",
+                                bounded(&rel)
+                            )))
+                        }
+                    }
+                    ranges.push((offset, len));
+                }
+                // The tree is a clone of the base: this name is still the base's file.
+                let base_file = match dir.open_file(name) {
+                    Ok(Some((file, st))) => (file, st.st_size as u64),
+                    Ok(None) => {
+                        return Err(input.corrupt(format!(
+                            "changed ranges for {}, which the base does not hold as a regular file",
+                            bounded(&rel)
+                        )))
+                    }
+                    Err(e) if vanished(&e) => {
+                        return Err(input.corrupt(format!(
+                            "changed ranges for {}, which the base does not hold",
+                            bounded(&rel)
+                        )))
+                    }
+                    Err(e) => return Err(local("open")(e)),
+                };
+                let (old, old_size) = base_file;
+                if let Some(l) = limit {
+                    referenced = referenced.saturating_sub(old_size);
+                    if referenced.saturating_add(size) > l.limit {
+                        return Err(ApplyError::OverLimit {
+                            limit: l.limit,
+                            at_least: referenced.saturating_add(size),
+                        });
+                    }
+                    referenced = referenced.saturating_add(size);
+                }
+                // A new file: the name is a hard link into the base snapshot.
+                dir.remove_all(name).map_err(local("remove"))?;
+                let mut file = dir.create_file(name).map_err(local("create file"))?;
+                out.forget();
+                if !tree::clone_file(&old, &file).map_err(local("reflink"))? {
+                    io::copy(&mut &old, &mut file).map_err(local("copy"))?;
+                }
+                file.set_len(size).map_err(local("resize"))?;
+                for (offset, len) in ranges {
+                    let mut done = 0u64;
+                    while done < len {
+                        let n = usize::try_from(len - done)
+                            .unwrap_or(usize::MAX)
+                            .min(chunk.len());
+                        input.exact(&mut chunk[..n])?;
+                        file.write_all_at(&chunk[..n], offset + done)
+                            .map_err(local("write file"))?;
+                        done += n as u64;
+                        file_bytes += n as u64;
+                    }
+                }
+                tree::set_fd_meta(file.as_fd(), &meta).map_err(local("set metadata of"))?;
             }
             other => return Err(input.corrupt(format!("unknown record tag 0x{other:02x}"))),
         }

@@ -270,6 +270,7 @@ fn generate(u: &mut arbitrary::Unstructured) -> Vec<u8> {
             dataset: ds,
             base,
             target,
+            deltas: false,
         },
         limit: u.arbitrary().unwrap_or(None),
         size_hint: u.arbitrary().unwrap_or(None),

@@ -299,8 +299,11 @@ async fn push_step(
     write_msg(&mut send, &plan).await.map_err(|e| broke(&e))?;
     let mut bytes = 0;
     if let Some(next) = &next {
+        // A receiver that speaks flock-stream/2 reads changed files as their changed ranges.
+        let deltas = flock_transport::quic::protocol_version(conn) >= 2;
         let spec = match &plan.base {
-            Some(base) => StreamSpec::incremental(name, SnapshotName::new(base)?, next.clone()),
+            Some(base) => StreamSpec::incremental(name, SnapshotName::new(base)?, next.clone())
+                .with_deltas(deltas),
             None => StreamSpec::full(name, next.clone()),
         };
         let phase = if plan.base.is_some() {
@@ -579,6 +582,7 @@ async fn receive_locked(
         dataset: name.clone(),
         base: plan.base.map(SnapshotName::new).transpose()?,
         target: SnapshotName::new(target)?,
+        deltas: false,
     };
     let received = receive_framed_async(
         datasets.backend.clone(),
