@@ -210,8 +210,19 @@ fn dir_stream_from(
     records: &[Vec<u8>],
     file_bytes: u64,
 ) -> Vec<u8> {
+    dir_stream_v(1, base, target, records, file_bytes)
+}
+
+/// As [`dir_stream_from`], with the header's `version`.
+fn dir_stream_v(
+    version: u16,
+    base: Option<(&str, u64)>,
+    target: &str,
+    records: &[Vec<u8>],
+    file_bytes: u64,
+) -> Vec<u8> {
     let mut out = b"FLKDIR\0\0".to_vec();
-    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&version.to_be_bytes());
     out.push(u8::from(base.is_some()));
     if let Some((name, guid)) = base {
         out.extend_from_slice(&(name.len() as u16).to_be_bytes());
@@ -1077,4 +1088,103 @@ fn dir_incremental_streams_carry_only_the_changed_ranges_on_btrfs() {
         assert_eq!(v, 1, "copies that share nothing go whole");
         assert!(bytes.len() as u64 > 32 * MIB, "{} bytes", bytes.len());
     }
+}
+
+/// A changed-ranges record (`P`, stream version 2) of `path` at `size`, with `ranges` and their
+/// bytes.
+fn patch_record(path: &str, size: u64, ranges: &[(u64, &[u8])]) -> Vec<u8> {
+    let mut tail = size.to_be_bytes().to_vec();
+    tail.extend_from_slice(&(ranges.len() as u32).to_be_bytes());
+    for (offset, data) in ranges {
+        tail.extend_from_slice(&offset.to_be_bytes());
+        tail.extend_from_slice(&(data.len() as u64).to_be_bytes());
+    }
+    for (_, data) in ranges {
+        tail.extend_from_slice(data);
+    }
+    record(b'P', path, 0o644, &tail)
+}
+
+/// Changed-ranges records are checked like every other input: ranges in order, inside the
+/// file, a file the base holds, and no growth without the bytes (a tiny record may not make a
+/// huge sparse file). A good one writes a new file, never through the base snapshot's copy.
+#[test]
+fn dir_receive_checks_changed_ranges_and_keeps_the_base_intact() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let b = DirBackend::open(tmp.path().join("node")).expect("open");
+    let d = ds("ranges");
+    let full = StreamSpec::full(d.clone(), snap("s1"));
+    let s1 = dir_stream(
+        &[
+            record(b'D', "", 0o755, &[]),
+            record(b'D', "sub", 0o755, &[]),
+            file_record("f", b"0123456789"),
+        ],
+        10,
+    );
+    b.receive(&full, None, &mut &s1[..]).expect("full");
+    let inc = StreamSpec::incremental(d.clone(), snap("s1"), snap("s2"));
+    let refused = |records: Vec<Vec<u8>>, bytes: u64, why: &str| {
+        let stream = dir_stream_v(2, Some(("s1", 42)), "s2", &records, bytes);
+        let e = b
+            .receive(&inc, None, &mut &stream[..])
+            .expect_err("a bad changed-ranges record");
+        assert!(e.to_string().contains(why), "{why}: {e}");
+        assert_eq!(snapshot_names(&b, &d), vec!["s1"]);
+    };
+    refused(
+        vec![patch_record("f", 1 << 40, &[])],
+        0,
+        "grows past its base without the bytes",
+    );
+    refused(
+        vec![patch_record("f", 20, &[(0, b"ab"), (12, b"cd")])],
+        4,
+        "grows past its base without the bytes",
+    );
+    refused(
+        vec![patch_record("f", 10, &[(4, b"ab"), (0, b"cd")])],
+        4,
+        "out of order",
+    );
+    refused(
+        vec![patch_record("f", 10, &[(9, b"ab")])],
+        2,
+        "past its size",
+    );
+    refused(
+        vec![patch_record("sub", 10, &[(0, b"ab")])],
+        2,
+        "does not hold as a regular file",
+    );
+    refused(
+        vec![patch_record("nothere", 10, &[(0, b"ab")])],
+        2,
+        "which the base does not hold",
+    );
+    // In a version 1 stream, no `P` at all.
+    let v1 = dir_stream_from(
+        Some(("s1", 42)),
+        "s2",
+        &[patch_record("f", 10, &[(0, b"ab")])],
+        2,
+    );
+    let e = b.receive(&inc, None, &mut &v1[..]).expect_err("P in v1");
+    assert!(e.to_string().contains("unknown record tag 0x50"), "{e}");
+
+    // A good one: two bytes rewritten, two appended.
+    let good = dir_stream_v(
+        2,
+        Some(("s1", 42)),
+        "s2",
+        &[patch_record("f", 12, &[(2, b"ab"), (10, b"XY")])],
+        4,
+    );
+    b.receive(&inc, None, &mut &good[..])
+        .expect("changed ranges");
+    let live = b.mount_path(&d).expect("mount");
+    assert_eq!(fs::read(live.join("f")).expect("read"), b"01ab456789XY");
+    // s1 still holds what it held: restore it and look.
+    b.restore(&d, &snap("s1")).expect("restore s1");
+    assert_eq!(fs::read(live.join("f")).expect("read"), b"0123456789");
 }

@@ -785,6 +785,14 @@ pub(crate) fn apply(
                     Err(e) => return Err(local("open")(e)),
                 };
                 let (old, old_size) = base_file;
+                // Past the base's end, every byte must come with the stream: a record may not
+                // make a file (sparse or not) larger than the data it carries.
+                if size > old_size && !covers(&ranges, old_size, size) {
+                    return Err(input.corrupt(format!(
+                        "{} grows past its base without the bytes of its new part",
+                        bounded(&rel)
+                    )));
+                }
                 if let Some(l) = limit {
                     referenced = referenced.saturating_sub(old_size);
                     if referenced.saturating_add(size) > l.limit {
@@ -882,6 +890,22 @@ pub(crate) fn apply(
             created_unix,
         },
     })
+}
+
+/// True if the sorted, disjoint `ranges` cover `[from, to)`.
+fn covers(ranges: &[(u64, u64)], from: u64, to: u64) -> bool {
+    let mut reached = from;
+    for (offset, len) in ranges {
+        let end = offset + len;
+        if end <= reached {
+            continue;
+        }
+        if *offset > reached {
+            return false;
+        }
+        reached = end;
+    }
+    reached >= to
 }
 
 /// A path from a stream for a message: at most 100 bytes of it, and its length.
