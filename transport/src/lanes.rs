@@ -679,20 +679,13 @@ async fn read_exact(
 mod tests {
     use super::*;
     use crate::quic::QuicTuning;
-    use flock_tls::pki::{new_key_and_csr, CertAuthority, NodeTls, Role};
+    use flock_tls::pki::CertAuthority;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Two endpoints on loopback with one connection between them: (client side, server side).
     async fn connected() -> (Connection, Connection, quinn::Endpoint, quinn::Endpoint) {
         let (ca, _) = CertAuthority::create("lanes-test").unwrap();
-        let tls = |id| {
-            let (key_pem, csr) = new_key_and_csr().unwrap();
-            NodeTls {
-                ca_pem: ca.cert_pem.clone(),
-                cert_pem: ca.sign_csr(&csr, &Role::Node(id)).unwrap(),
-                key_pem,
-            }
-        };
+        let tls = |id| crate::quic::tests::node_tls(&ca, id);
         let loopback = "127.0.0.1:0".parse().unwrap();
         let tuning = QuicTuning::default();
         let server = tuning.open(loopback, &tls(1), true).unwrap().endpoint;

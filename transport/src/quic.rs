@@ -543,23 +543,25 @@ impl quinn::AsyncUdpSocket for GsoSplit {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use flock_tls::pki::{new_key_and_csr, CertAuthority, Role};
+
+    /// A node's TLS material signed by `ca` (tests of this crate).
+    pub(crate) fn node_tls(ca: &CertAuthority, id: u64) -> NodeTls {
+        let (key_pem, csr) = new_key_and_csr().unwrap();
+        NodeTls {
+            ca_pem: ca.cert_pem.clone(),
+            cert_pem: ca.sign_csr(&csr, &Role::Node(id)).unwrap(),
+            key_pem,
+        }
+    }
 
     /// Connects a client endpoint to a server endpoint, each offering `client` / `server`
     /// ALPN lists, and returns the version each side agreed on.
     async fn agreed(client: &[&[u8]], server: &[&[u8]]) -> (u32, u32) {
         let (ca, _) = CertAuthority::create("alpn-test").unwrap();
-        let tls = |id| {
-            let (key_pem, csr) = new_key_and_csr().unwrap();
-            NodeTls {
-                ca_pem: ca.cert_pem.clone(),
-                cert_pem: ca.sign_csr(&csr, &Role::Node(id)).unwrap(),
-                key_pem,
-            }
-        };
-        let (a, b) = (tls(1), tls(2));
+        let (a, b) = (node_tls(&ca, 1), node_tls(&ca, 2));
         let loopback = "127.0.0.1:0".parse().unwrap();
         let tuning = QuicTuning::default();
         let srv = tuning.open(loopback, &a, true).unwrap().endpoint;
