@@ -59,6 +59,8 @@ pub const SEGMENT_BYTES: u64 = 32 << 20;
 /// larger length read back is a torn or damaged record, not an allocation to make.
 const MAX_RECORD: u32 = 256 << 20;
 const SECTOR: usize = 512;
+/// The write buffer kept between writes, at most.
+const KEEP_BUFFER: usize = 4 << 20;
 
 const KIND_APPEND: u8 = 1;
 const KIND_TRUNCATE: u8 = 2;
@@ -465,7 +467,11 @@ impl Wal {
             }
         }
         let result = self.write_buf(&buf, durable);
-        self.buf = buf;
+        // Keep the buffer for the next write, unless one large write (a move of the whole log
+        // at an upgrade, a big batch) grew it: then let that memory go.
+        if buf.capacity() <= KEEP_BUFFER {
+            self.buf = buf;
+        }
         result.map_err(|e| self.fail(e))
     }
 
