@@ -13,13 +13,7 @@
 //! - [`KIND_TRUNCATE`]: an index as u64 LE: entries from it on are gone;
 //! - [`KIND_COMMITTED`]: the commit index, a versioned record of `Option<LogId>`.
 //!
-//! Replaying every segment in order gives the log.
-//!
-//! A segment is preallocated (`fallocate`) to [`SEGMENT_BYTES`] when it is made, so that an
-//! append writes into blocks the file already has: its `fdatasync` then needs no change of the
-//! file's size (measured on this machine's ext4: 0.11 ms against 0.18 ms at p50 for a 250-byte
-//! append). The unused rest of a segment reads as zeros, which no record starts with (a record
-//! is never empty): zeros to the end of a segment are its end. An append at an index drops any entry at or
+//! Replaying every segment in order gives the log. An append at an index drops any entry at or
 //! after it first, as a truncation would (openraft always truncates first: this only keeps a
 //! replay from ever holding two entries at one index).
 //!
@@ -59,9 +53,8 @@ pub const WAL_FORMAT: u32 = 1;
 const HEADER_LEN: u64 = 12;
 /// A record's length and CRC.
 const RECORD_HEAD: usize = 8;
-/// A new segment is started once the current one holds this much; each is preallocated to
-/// this size.
-pub const SEGMENT_BYTES: u64 = 16 << 20;
+/// A new segment is started once the current one holds this much.
+pub const SEGMENT_BYTES: u64 = 32 << 20;
 /// No record is larger: one entry is bounded well below it by the Raft's command limits, so a
 /// larger length read back is a torn or damaged record, not an allocation to make.
 const MAX_RECORD: u32 = 256 << 20;
@@ -167,13 +160,6 @@ fn put_committed(buf: &mut Vec<u8>, committed: &Option<LogId>) {
     put_record(buf, KIND_COMMITTED, |b| encode_into(committed, b));
 }
 
-/// True if every byte of `bytes` is zero (compared a page at a time: `memcmp`, fast in every
-/// build, over the preallocated rest of a segment).
-fn all_zero(bytes: &[u8]) -> bool {
-    static ZEROS: [u8; 4096] = [0; 4096];
-    bytes.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
-}
-
 /// True when the bad record at `at` looks like a write cut short: it runs past the end of the
 /// file, or an aligned 512-byte sector within it is all zeros.
 fn torn(bytes: &[u8], at: usize, record_end: Option<usize>) -> bool {
@@ -229,8 +215,7 @@ fn scan(path: &Path, bytes: &[u8], last: bool, into: &mut Replayed) -> Result<Sc
     let mut at = HEADER_LEN as usize;
     let mut last_index = None;
     loop {
-        // The end, or the preallocated rest of the segment.
-        if all_zero(&bytes[at..]) {
+        if at == bytes.len() {
             return Ok(Scanned {
                 valid_len: at as u64,
                 torn: false,
@@ -310,29 +295,7 @@ pub fn replay(dir: &Path) -> Result<Replayed, DiskError> {
     Ok(out)
 }
 
-/// Gives `file` blocks up to `bytes` (zeros past its data), where the file system can; a file
-/// system that cannot (EOPNOTSUPP) just grows the file as it is written.
-fn preallocate(file: &File, path: &Path, bytes: u64) -> Result<(), DiskError> {
-    use std::os::fd::AsRawFd;
-    let Ok(len) = libc::off_t::try_from(bytes) else {
-        return Ok(());
-    };
-    // SAFETY: an open descriptor; fallocate only allocates blocks of that file.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
-        _ => Err(DiskError::File {
-            path: path.display().to_string(),
-            source: err,
-        }),
-    }
-}
-
-fn create_segment(dir: &Path, seq: u64, bytes: u64) -> Result<File, DiskError> {
+fn create_segment(dir: &Path, seq: u64) -> Result<File, DiskError> {
     let path = segment_path(dir, seq);
     let mut file = OpenOptions::new()
         .write(true)
@@ -343,7 +306,6 @@ fn create_segment(dir: &Path, seq: u64, bytes: u64) -> Result<File, DiskError> {
     let mut header = MAGIC.to_vec();
     header.extend_from_slice(&WAL_FORMAT.to_le_bytes());
     file.write_all(&header).map_err(io_err(&path))?;
-    preallocate(&file, &path, bytes)?;
     Ok(file)
 }
 
@@ -354,7 +316,7 @@ impl Wal {
             .mode(0o700)
             .create(dir)
             .map_err(io_err(dir))?;
-        let file = create_segment(dir, 1, SEGMENT_BYTES)?;
+        let file = create_segment(dir, 1)?;
         file.sync_data().map_err(io_err(dir))?;
         sync_dir(dir)?;
         if let Some(parent) = dir.parent() {
@@ -385,24 +347,25 @@ impl Wal {
         let mut replayed = Replayed::default();
         let mut segments = Vec::with_capacity(seqs.len());
         let mut last_len = 0;
-        let mut last_torn = false;
         for seq in &seqs {
             let path = segment_path(dir, *seq);
             let bytes = read_segment(&path)?;
             let is_last = *seq == last_seq;
             let s = scan(&path, &bytes, is_last, &mut replayed)?;
             if s.torn {
-                let written = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
                 tracing::warn!(
                     segment = %path.display(),
                     kept = s.valid_len,
-                    dropped = (written as u64).saturating_sub(s.valid_len),
+                    dropped = bytes.len() as u64 - s.valid_len,
                     "raft log: a write cut short by a crash is dropped (it was never acknowledged)"
                 );
             }
             if is_last {
-                last_len = s.valid_len;
-                last_torn = s.torn;
+                last_len = if s.torn {
+                    s.valid_len
+                } else {
+                    bytes.len() as u64
+                };
             }
             segments.push(Segment {
                 seq: *seq,
@@ -421,15 +384,9 @@ impl Wal {
             header.extend_from_slice(&WAL_FORMAT.to_le_bytes());
             file.write_all(&header).map_err(io_err(&path))?;
             last_len = HEADER_LEN;
-            last_torn = true;
         }
-        if last_torn {
-            // Cut the torn write away (appends will not overwrite all of it), and give the
-            // segment its zeroed room again.
-            file.set_len(last_len).map_err(io_err(&path))?;
-            preallocate(&file, &path, SEGMENT_BYTES)?;
-            file.sync_data().map_err(io_err(&path))?;
-        }
+        file.set_len(last_len).map_err(io_err(&path))?;
+        file.sync_data().map_err(io_err(&path))?;
         use std::io::Seek;
         file.seek(io::SeekFrom::Start(last_len))
             .map_err(io_err(&path))?;
@@ -538,7 +495,7 @@ impl Wal {
         self.file
             .sync_data()
             .map_err(io_err(&segment_path(&self.dir, seq - 1)))?;
-        self.file = create_segment(&self.dir, seq, self.segment_bytes)?;
+        self.file = create_segment(&self.dir, seq)?;
         sync_dir(&self.dir)?;
         self.segments.push(Segment {
             seq,

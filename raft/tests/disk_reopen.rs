@@ -162,11 +162,6 @@ fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     v
 }
 
-/// `bytes` without its trailing zeros.
-fn trimmed(bytes: &[u8]) -> &[u8] {
-    &bytes[..bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1)]
-}
-
 fn write_entries(d: &mut NodeDisk, range: std::ops::RangeInclusive<u64>) {
     for i in range {
         d.write(&[WriteOp::Append(vec![entry(1, i)])], true)
@@ -185,42 +180,28 @@ fn a_torn_tail_is_cut_and_the_log_goes_on() {
     write_entries(&mut NodeDisk::open(&path).unwrap(), 1..=5);
     let seg = segments(&wal).pop().unwrap();
     let whole = std::fs::read(&seg).unwrap();
-    // The segment is preallocated: its records, then zeros (the records here end in a byte
-    // that is not zero).
-    let records = trimmed(&whole);
-    assert!(records.len() < whole.len(), "preallocated");
-    for (tail, padded) in [
+    for tail in [
         // A record whose head made it, and the sectors after it did not (zeros).
-        (
-            {
-                let mut t = vec![0xd0u8, 0x07, 0, 0, 1, 2, 3, 4];
-                t.extend_from_slice(&[0; 2000]);
-                t
-            },
-            true,
-        ),
-        // A record whose end is not in the file (a write past the preallocated room).
-        (vec![40u8, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9], false),
-        // A head cut short at the end of the file.
-        (vec![40u8, 0, 0], false),
-        // Nothing written after the records: the preallocated zeros, not a torn write.
-        (Vec::new(), true),
+        {
+            let mut t = vec![0xd0u8, 0x07, 0, 0, 1, 2, 3, 4];
+            t.extend_from_slice(&[0; 2000]);
+            t
+        },
+        // A record whose end is not in the file.
+        vec![40u8, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9],
+        // A head cut short.
+        vec![40u8, 0, 0],
+        // The file was extended but nothing written.
+        vec![0; 1000],
     ] {
-        // Where a crash leaves it: right after the last whole record, then the preallocated
-        // zeros (or the end of the file).
-        let mut torn = records.to_vec();
+        let mut torn = whole.clone();
         torn.extend_from_slice(&tail);
-        if padded {
-            torn.resize(whole.len().max(torn.len()), 0);
-        }
         std::fs::write(&seg, &torn).unwrap();
         let mut d = NodeDisk::open(&path).unwrap();
-        let now = std::fs::read(&seg).unwrap();
-        assert!(
-            trimmed(&now) == records && now.len() == whole.len(),
-            "cut back to the whole records, and preallocated again ({} bytes, {} of records)",
-            now.len(),
-            trimmed(&now).len()
+        assert_eq!(
+            std::fs::read(&seg).unwrap(),
+            whole,
+            "cut back to the whole records"
         );
         assert_eq!(indexes(&d), vec![1, 2, 3, 4, 5]);
         write_entries(&mut d, 6..=6);
