@@ -305,15 +305,42 @@ fn walk_one(
 /// Removes whatever is at `path` (a directory recursively); a missing path is fine. For
 /// flockd's own paths (staging, trash, markers, a whole live directory).
 pub(crate) fn remove_any(path: &Path) -> Result<(), DatasetError> {
-    let res = match fs::symlink_metadata(path) {
+    let remove = || match fs::symlink_metadata(path) {
         Ok(md) if md.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),
         Err(e) => Err(e),
+    };
+    let res = match remove() {
+        // A directory a stream left without permissions for its owner (mode 0 on a received
+        // tree): an unprivileged flockd cannot enter it. Ours to remove: open it up and retry.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            open_up(path);
+            remove()
+        }
+        other => other,
     };
     match res {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(DatasetError::io("remove", path, e)),
+    }
+}
+
+/// Gives every directory under `path` (symlinks not followed) its owner's full permissions,
+/// as far as this process may, so that it can be removed.
+fn open_up(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(md) = fs::symlink_metadata(path) else {
+        return;
+    };
+    if !md.is_dir() {
+        return;
+    }
+    let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o700));
+    if let Ok(entries) = fs::read_dir(path) {
+        for e in entries.flatten() {
+            open_up(&e.path());
+        }
     }
 }
 
